@@ -1,0 +1,534 @@
+//! Sealed requests and sealed replies, shared by the trusted loader and the client.
+//!
+//! * A **request** is one HPKE (RFC 9180) message in base mode with the suite
+//!   DHKEM(P-256, HKDF-SHA256) / HKDF-SHA256 / AES-256-GCM, sealed to a request
+//!   public key. Its header (version, suite, key id) is bound into both the HPKE
+//!   `info` and the AEAD associated data, so changing any header byte makes the
+//!   request fail to open.
+//! * A **reply** is a stream of AES-256-GCM chunks in the STREAM construction
+//!   (`aead-stream`'s big-endian 32-bit counter with a last-chunk flag in the
+//!   nonce), keyed from the request's HPKE exporter secret. Chunks are numbered
+//!   implicitly by the counter, so reordering, replay or dropping a chunk fails
+//!   to authenticate; the stream ends with an authenticated final chunk carrying
+//!   the run's [`ReplyStatus`], so truncation is detected.
+//!
+//! Only the holder of the request private key (an attested loader) and the
+//! client that sealed the request can read or forge reply chunks.
+//!
+//! Errors are deliberately coarse where detail would be an oracle: every
+//! authentication failure is [`EnvelopeError::AuthenticationFailed`].
+#![forbid(unsafe_code)]
+
+use aead_stream::{DecryptorBE32, EncryptorBE32};
+use aes_gcm::{Aes256Gcm, KeyInit};
+use hpke::aead::AesGcm256;
+use hpke::kdf::HkdfSha256;
+use hpke::kem::DhP256HkdfSha256;
+use hpke::{Deserializable, Kem as _, OpModeR, OpModeS, Serializable};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+type Kem = DhP256HkdfSha256;
+
+/// Envelope format version written into every request header.
+pub const REQUEST_VERSION: u8 = 1;
+/// HPKE suite identifiers (RFC 9180 §7): KEM, KDF, AEAD.
+pub const SUITE: [u16; 3] = [0x0010, 0x0001, 0x0002];
+/// Length of an encapsulated P-256 key (uncompressed SEC1 point).
+pub const ENC_LEN: usize = 65;
+/// Length of a serialized request private key (P-256 scalar).
+pub const PRIVATE_KEY_LEN: usize = 32;
+/// Length of a serialized request public key (uncompressed SEC1 point).
+pub const PUBLIC_KEY_LEN: usize = 65;
+/// AES-GCM tag length added to every sealed payload.
+pub const TAG_LEN: usize = 16;
+/// Largest key id accepted in a request header.
+pub const MAX_KEY_ID_LEN: usize = 64;
+
+const INFO_PREFIX: &[u8] = b"cinfer/request/v1";
+const REPLY_KEY_LABEL: &[u8] = b"cinfer/reply/v1 key";
+const REPLY_NONCE_LABEL: &[u8] = b"cinfer/reply/v1 nonce";
+const FRAME_DATA: u8 = 0;
+const FRAME_FINAL: u8 = 1;
+const DEV_KEY_TAG: &str = "cinfer-dev-request-key-v1";
+
+/// Why a request or reply was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EnvelopeError {
+    /// The bytes end before the named field is complete.
+    #[error("sealed message truncated: missing {0}")]
+    Truncated(&'static str),
+    /// The request header names a format version this code does not speak.
+    #[error("unsupported envelope version {0}")]
+    UnsupportedVersion(u8),
+    /// The request header names an HPKE suite other than the one this project uses.
+    #[error("unsupported HPKE suite {0:04x}/{1:04x}/{2:04x}")]
+    UnsupportedSuite(u16, u16, u16),
+    /// The request was sealed to another key than the one offered to open it.
+    #[error("request sealed to key id {found:?}, this key is {expected:?}")]
+    WrongKey {
+        /// Key id in the request header.
+        found: String,
+        /// Key id of the private key at hand.
+        expected: String,
+    },
+    /// The key id in the header is empty, too long or not printable ASCII.
+    #[error("malformed key id in request header")]
+    MalformedKeyId,
+    /// The encapsulated key is not a valid P-256 point.
+    #[error("malformed encapsulated key")]
+    MalformedEncapsulatedKey,
+    /// Key material (a private or public key) has the wrong form.
+    #[error("malformed key: {0}")]
+    MalformedKey(&'static str),
+    /// Decryption failed: the ciphertext, header, frame order or key is wrong.
+    /// Deliberately carries no detail.
+    #[error("authentication failed")]
+    AuthenticationFailed,
+    /// A reply frame has an unknown type byte.
+    #[error("unknown reply frame type {0}")]
+    UnknownFrameType(u8),
+    /// The final reply chunk does not carry a valid status.
+    #[error("malformed reply status")]
+    MalformedStatus,
+    /// A reply frame arrived after the authenticated final chunk.
+    #[error("reply frame after the final chunk")]
+    FrameAfterEnd,
+    /// The reply stream ended without its authenticated final chunk.
+    #[error("reply truncated: no authenticated final chunk")]
+    ReplyTruncated,
+    /// The reply stream is longer than the STREAM counter allows.
+    #[error("reply stream exhausted")]
+    StreamExhausted,
+}
+
+/// A request private key. Its `Debug` output never shows key material.
+#[derive(Clone)]
+pub struct RequestPrivateKey {
+    sk: <Kem as hpke::Kem>::PrivateKey,
+    pk: RequestPublicKey,
+}
+
+impl std::fmt::Debug for RequestPrivateKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestPrivateKey")
+            .field("key_id", &self.pk.key_id())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A request public key, as published for clients.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RequestPublicKey {
+    pk: <Kem as hpke::Kem>::PublicKey,
+}
+
+impl std::fmt::Debug for RequestPublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestPublicKey")
+            .field("key_id", &self.key_id())
+            .finish()
+    }
+}
+
+impl RequestPrivateKey {
+    /// Generates a fresh key pair from the operating system's random source.
+    pub fn generate() -> Self {
+        let (sk, pk) = Kem::gen_keypair();
+        Self {
+            sk,
+            pk: RequestPublicKey { pk },
+        }
+    }
+
+    /// Parses a 32-byte big-endian P-256 scalar.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, EnvelopeError> {
+        if bytes.len() != PRIVATE_KEY_LEN {
+            return Err(EnvelopeError::MalformedKey("private key must be 32 bytes"));
+        }
+        let sk = <Kem as hpke::Kem>::PrivateKey::from_bytes(bytes)
+            .map_err(|_| EnvelopeError::MalformedKey("not a valid P-256 scalar"))?;
+        let pk = Kem::sk_to_pk(&sk);
+        Ok(Self {
+            sk,
+            pk: RequestPublicKey { pk },
+        })
+    }
+
+    /// The scalar, for storing the key. Zeroized on drop.
+    pub fn to_bytes(&self) -> Zeroizing<Vec<u8>> {
+        Zeroizing::new(self.sk.to_bytes().to_vec())
+    }
+
+    /// The matching public key.
+    pub fn public_key(&self) -> &RequestPublicKey {
+        &self.pk
+    }
+
+    /// Parses a development key file written by [`RequestPrivateKey::to_dev_key_file`].
+    pub fn from_dev_key_file(text: &str) -> Result<Self, EnvelopeError> {
+        let line = text
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with('#'))
+            .ok_or(EnvelopeError::MalformedKey("no key line in development key file"))?;
+        let hex_key = line
+            .strip_prefix(DEV_KEY_TAG)
+            .map(str::trim)
+            .ok_or(EnvelopeError::MalformedKey(
+                "development key line must start with cinfer-dev-request-key-v1",
+            ))?;
+        let bytes = Zeroizing::new(
+            hex::decode(hex_key).map_err(|_| EnvelopeError::MalformedKey("key is not hex"))?,
+        );
+        Self::from_bytes(&bytes)
+    }
+
+    /// Serializes the key as a development key file: clearly marked, never for production.
+    pub fn to_dev_key_file(&self) -> Zeroizing<String> {
+        Zeroizing::new(format!(
+            "# cinfer DEVELOPMENT-ONLY request private key (key id {}).\n\
+             # Never use it in production: real request keys are released by the\n\
+             # keyserver to attested loaders only.\n{DEV_KEY_TAG} {}\n",
+            self.pk.key_id(),
+            hex::encode(self.sk.to_bytes())
+        ))
+    }
+}
+
+impl RequestPublicKey {
+    /// Parses an uncompressed SEC1 P-256 point (65 bytes).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, EnvelopeError> {
+        if bytes.len() != PUBLIC_KEY_LEN {
+            return Err(EnvelopeError::MalformedKey("public key must be 65 bytes"));
+        }
+        let pk = <Kem as hpke::Kem>::PublicKey::from_bytes(bytes)
+            .map_err(|_| EnvelopeError::MalformedKey("not a valid P-256 point"))?;
+        Ok(Self { pk })
+    }
+
+    /// The uncompressed SEC1 encoding.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.pk.to_bytes().to_vec()
+    }
+
+    /// Short, stable identifier: hex of the first 8 bytes of SHA-256 of the encoding.
+    pub fn key_id(&self) -> String {
+        hex::encode(&Sha256::digest(self.pk.to_bytes())[..8])
+    }
+}
+
+/// The parsed, still-sealed parts of a request.
+struct RequestParts<'a> {
+    header: &'a [u8],
+    key_id: &'a str,
+    enc: &'a [u8],
+    ciphertext: &'a [u8],
+}
+
+fn take<'a>(
+    bytes: &mut &'a [u8],
+    n: usize,
+    what: &'static str,
+) -> Result<&'a [u8], EnvelopeError> {
+    if bytes.len() < n {
+        return Err(EnvelopeError::Truncated(what));
+    }
+    let (head, tail) = bytes.split_at(n);
+    *bytes = tail;
+    Ok(head)
+}
+
+fn parse_request(sealed: &[u8]) -> Result<RequestParts<'_>, EnvelopeError> {
+    let mut rest = sealed;
+    let version = take(&mut rest, 1, "version")?[0];
+    if version != REQUEST_VERSION {
+        return Err(EnvelopeError::UnsupportedVersion(version));
+    }
+    let suite = take(&mut rest, 6, "suite")?;
+    let ids = [
+        u16::from_be_bytes([suite[0], suite[1]]),
+        u16::from_be_bytes([suite[2], suite[3]]),
+        u16::from_be_bytes([suite[4], suite[5]]),
+    ];
+    if ids != SUITE {
+        return Err(EnvelopeError::UnsupportedSuite(ids[0], ids[1], ids[2]));
+    }
+    let key_id_len = usize::from(take(&mut rest, 1, "key id length")?[0]);
+    if key_id_len == 0 || key_id_len > MAX_KEY_ID_LEN {
+        return Err(EnvelopeError::MalformedKeyId);
+    }
+    let key_id = take(&mut rest, key_id_len, "key id")?;
+    if !key_id.iter().all(|b| b.is_ascii_graphic()) {
+        return Err(EnvelopeError::MalformedKeyId);
+    }
+    let key_id = std::str::from_utf8(key_id).map_err(|_| EnvelopeError::MalformedKeyId)?;
+    let header = &sealed[..sealed.len() - rest.len()];
+    let enc = take(&mut rest, ENC_LEN, "encapsulated key")?;
+    if rest.len() < TAG_LEN {
+        return Err(EnvelopeError::Truncated("ciphertext"));
+    }
+    Ok(RequestParts {
+        header,
+        key_id,
+        enc,
+        ciphertext: rest,
+    })
+}
+
+fn encode_header(key_id: &str) -> Result<Vec<u8>, EnvelopeError> {
+    if key_id.is_empty()
+        || key_id.len() > MAX_KEY_ID_LEN
+        || !key_id.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(EnvelopeError::MalformedKeyId);
+    }
+    let mut header = Vec::with_capacity(8 + key_id.len());
+    header.push(REQUEST_VERSION);
+    for id in SUITE {
+        header.extend_from_slice(&id.to_be_bytes());
+    }
+    header.push(key_id.len() as u8); // checked <= MAX_KEY_ID_LEN above
+    header.extend_from_slice(key_id.as_bytes());
+    Ok(header)
+}
+
+fn info_for(header: &[u8]) -> Vec<u8> {
+    [INFO_PREFIX, header].concat()
+}
+
+fn reply_stream_keys<F>(export: F) -> Result<(Zeroizing<[u8; 32]>, [u8; 7]), EnvelopeError>
+where
+    F: Fn(&[u8], &mut [u8]) -> Result<(), hpke::HpkeError>,
+{
+    let mut key = Zeroizing::new([0u8; 32]);
+    let mut nonce = [0u8; 7];
+    export(REPLY_KEY_LABEL, key.as_mut_slice()).map_err(|_| EnvelopeError::AuthenticationFailed)?;
+    export(REPLY_NONCE_LABEL, &mut nonce).map_err(|_| EnvelopeError::AuthenticationFailed)?;
+    Ok((key, nonce))
+}
+
+fn cipher(key: &[u8; 32]) -> Aes256Gcm {
+    Aes256Gcm::new(key.into())
+}
+
+/// Seals `plaintext` to `public_key`. Returns the sealed request and the state the
+/// client needs to open the reply.
+pub fn seal_request(
+    public_key: &RequestPublicKey,
+    plaintext: &[u8],
+) -> Result<(Vec<u8>, ReplyOpener), EnvelopeError> {
+    let header = encode_header(&public_key.key_id())?;
+    let (enc, mut ctx) = hpke::setup_sender::<AesGcm256, HkdfSha256, Kem>(
+        &OpModeS::Base,
+        &public_key.pk,
+        &info_for(&header),
+    )
+    .map_err(|_| EnvelopeError::MalformedKey("public key rejected by HPKE"))?;
+    let ciphertext = ctx
+        .seal(plaintext, &header)
+        .map_err(|_| EnvelopeError::StreamExhausted)?;
+    let (key, nonce) = reply_stream_keys(|label, out| ctx.export(label, out))?;
+    let mut sealed = header;
+    sealed.extend_from_slice(&enc.to_bytes());
+    sealed.extend_from_slice(&ciphertext);
+    Ok((
+        sealed,
+        ReplyOpener {
+            decryptor: Some(DecryptorBE32::from_aead(cipher(&key), (&nonce).into())),
+            ended: None,
+        },
+    ))
+}
+
+/// Returns the key id a sealed request names, without opening it.
+pub fn request_key_id(sealed: &[u8]) -> Result<&str, EnvelopeError> {
+    parse_request(sealed).map(|p| p.key_id)
+}
+
+/// Opens a sealed request with the private key. Returns the cleartext (zeroized on
+/// drop) and the sealer for the reply stream.
+pub fn open_request(
+    key: &RequestPrivateKey,
+    sealed: &[u8],
+) -> Result<(Zeroizing<Vec<u8>>, ReplySealer), EnvelopeError> {
+    let parts = parse_request(sealed)?;
+    let expected = key.pk.key_id();
+    if parts.key_id != expected {
+        return Err(EnvelopeError::WrongKey {
+            found: parts.key_id.to_owned(),
+            expected,
+        });
+    }
+    let enc = <Kem as hpke::Kem>::EncappedKey::from_bytes(parts.enc)
+        .map_err(|_| EnvelopeError::MalformedEncapsulatedKey)?;
+    let mut ctx = hpke::setup_receiver::<AesGcm256, HkdfSha256, Kem>(
+        &OpModeR::Base,
+        &key.sk,
+        &enc,
+        &info_for(parts.header),
+    )
+    .map_err(|_| EnvelopeError::MalformedEncapsulatedKey)?;
+    let plaintext = Zeroizing::new(
+        ctx.open(parts.ciphertext, parts.header)
+            .map_err(|_| EnvelopeError::AuthenticationFailed)?,
+    );
+    let (stream_key, nonce) = reply_stream_keys(|label, out| ctx.export(label, out))?;
+    Ok((
+        plaintext,
+        ReplySealer {
+            encryptor: EncryptorBE32::from_aead(cipher(&stream_key), (&nonce).into()),
+            chunks: 0,
+        },
+    ))
+}
+
+/// How a run ended, carried authenticated in the final reply chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReplyStatus {
+    /// The program returned success.
+    Completed = 0,
+    /// The program returned an error.
+    ProgramFailed = 1,
+    /// The loader stopped the program (a trap: a limit or policy violation).
+    Aborted = 2,
+}
+
+impl ReplyStatus {
+    fn from_byte(b: u8) -> Option<Self> {
+        match b {
+            0 => Some(Self::Completed),
+            1 => Some(Self::ProgramFailed),
+            2 => Some(Self::Aborted),
+            _ => None,
+        }
+    }
+}
+
+/// Seals reply chunks (loader side).
+pub struct ReplySealer {
+    encryptor: EncryptorBE32<Aes256Gcm>,
+    chunks: u64,
+}
+
+impl std::fmt::Debug for ReplySealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplySealer")
+            .field("chunks", &self.chunks)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReplySealer {
+    /// Seals one data chunk into a frame.
+    pub fn seal_chunk(&mut self, chunk: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
+        let ct = self
+            .encryptor
+            .encrypt_next(chunk)
+            .map_err(|_| EnvelopeError::StreamExhausted)?;
+        self.chunks += 1;
+        let mut frame = Vec::with_capacity(1 + ct.len());
+        frame.push(FRAME_DATA);
+        frame.extend_from_slice(&ct);
+        Ok(frame)
+    }
+
+    /// Seals the final frame, which authenticates the end of the stream and its status.
+    pub fn finish(self, status: ReplyStatus) -> Result<Vec<u8>, EnvelopeError> {
+        let ct = self
+            .encryptor
+            .encrypt_last(&[status as u8][..])
+            .map_err(|_| EnvelopeError::StreamExhausted)?;
+        let mut frame = Vec::with_capacity(1 + ct.len());
+        frame.push(FRAME_FINAL);
+        frame.extend_from_slice(&ct);
+        Ok(frame)
+    }
+
+    /// Number of data chunks sealed so far.
+    pub fn chunks(&self) -> u64 {
+        self.chunks
+    }
+}
+
+/// One opened reply frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ReplyChunk {
+    /// A piece of the reply.
+    Data(Zeroizing<Vec<u8>>),
+    /// The authenticated end of the reply.
+    End(ReplyStatus),
+}
+
+/// Opens reply frames in order (client side).
+pub struct ReplyOpener {
+    decryptor: Option<DecryptorBE32<Aes256Gcm>>,
+    ended: Option<ReplyStatus>,
+}
+
+impl std::fmt::Debug for ReplyOpener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplyOpener")
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReplyOpener {
+    /// Opens the next frame. Frames must be given in the order they were sealed.
+    pub fn open(&mut self, frame: &[u8]) -> Result<ReplyChunk, EnvelopeError> {
+        let (&kind, ct) = frame
+            .split_first()
+            .ok_or(EnvelopeError::Truncated("reply frame type"))?;
+        let decryptor = self
+            .decryptor
+            .as_mut()
+            .ok_or(EnvelopeError::FrameAfterEnd)?;
+        match kind {
+            FRAME_DATA => decryptor
+                .decrypt_next(ct)
+                .map(|pt| ReplyChunk::Data(Zeroizing::new(pt)))
+                .map_err(|_| EnvelopeError::AuthenticationFailed),
+            FRAME_FINAL => {
+                let decryptor = self.decryptor.take().ok_or(EnvelopeError::FrameAfterEnd)?;
+                let pt = match decryptor.decrypt_last(ct) {
+                    Ok(pt) => pt,
+                    Err(_) => return Err(EnvelopeError::AuthenticationFailed),
+                };
+                let status = match pt.as_slice() {
+                    [b] => ReplyStatus::from_byte(*b).ok_or(EnvelopeError::MalformedStatus)?,
+                    _ => return Err(EnvelopeError::MalformedStatus),
+                };
+                self.ended = Some(status);
+                Ok(ReplyChunk::End(status))
+            }
+            other => Err(EnvelopeError::UnknownFrameType(other)),
+        }
+    }
+
+    /// Opens a whole reply; fails unless it ends with the authenticated final chunk.
+    pub fn open_all<'a>(
+        mut self,
+        frames: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<(Zeroizing<Vec<u8>>, ReplyStatus), EnvelopeError> {
+        let mut out = Zeroizing::new(Vec::new());
+        for frame in frames {
+            match self.open(frame)? {
+                ReplyChunk::Data(d) => out.extend_from_slice(&d),
+                ReplyChunk::End(_) => {}
+            }
+        }
+        let status = self.finish()?;
+        Ok((out, status))
+    }
+
+    /// Call when the transport ends: fails if the final chunk never arrived.
+    pub fn finish(&self) -> Result<ReplyStatus, EnvelopeError> {
+        self.ended.ok_or(EnvelopeError::ReplyTruncated)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,172 @@
+use super::*;
+
+fn round_trip_setup(msg: &[u8]) -> (RequestPrivateKey, Vec<u8>, ReplyOpener) {
+    let key = RequestPrivateKey::generate();
+    let (sealed, opener) = seal_request(key.public_key(), msg).expect("seal");
+    (key, sealed, opener)
+}
+
+#[test]
+fn request_and_reply_round_trip() {
+    let (key, sealed, opener) = round_trip_setup(b"hello loader");
+    assert!(!sealed.windows(12).any(|w| w == b"hello loader"));
+    let (pt, mut sealer) = open_request(&key, &sealed).expect("open");
+    assert_eq!(pt.as_slice(), b"hello loader");
+    let frames = vec![
+        sealer.seal_chunk(b"hel").expect("chunk"),
+        sealer.seal_chunk(b"lo").expect("chunk"),
+        sealer.finish(ReplyStatus::Completed).expect("finish"),
+    ];
+    let (reply, status) = opener
+        .open_all(frames.iter().map(Vec::as_slice))
+        .expect("open reply");
+    assert_eq!(reply.as_slice(), b"hello");
+    assert_eq!(status, ReplyStatus::Completed);
+}
+
+#[test]
+fn every_flipped_request_byte_is_refused() {
+    let (key, sealed, _) = round_trip_setup(b"x");
+    for i in 0..sealed.len() {
+        let mut bad = sealed.clone();
+        bad[i] ^= 0x01;
+        assert!(open_request(&key, &bad).is_err(), "flip at byte {i} accepted");
+    }
+}
+
+#[test]
+fn tampered_ciphertext_is_opaque_authentication_failure() {
+    let (key, mut sealed, _) = round_trip_setup(b"secret prompt");
+    let last = sealed.len() - 1;
+    sealed[last] ^= 0x80;
+    assert_eq!(
+        open_request(&key, &sealed).unwrap_err(),
+        EnvelopeError::AuthenticationFailed
+    );
+}
+
+#[test]
+fn wrong_key_is_named() {
+    let (_, sealed, _) = round_trip_setup(b"x");
+    let other = RequestPrivateKey::generate();
+    assert!(matches!(
+        open_request(&other, &sealed),
+        Err(EnvelopeError::WrongKey { .. })
+    ));
+}
+
+#[test]
+fn header_errors_are_typed() {
+    let (key, sealed, _) = round_trip_setup(b"x");
+    let mut v = sealed.clone();
+    v[0] = 9;
+    assert_eq!(open_request(&key, &v).unwrap_err(), EnvelopeError::UnsupportedVersion(9));
+    let mut s = sealed.clone();
+    s[2] = 0x20;
+    assert!(matches!(open_request(&key, &s), Err(EnvelopeError::UnsupportedSuite(0x0020, 1, 2))));
+    assert_eq!(open_request(&key, &sealed[..5]).unwrap_err(), EnvelopeError::Truncated("suite"));
+    assert_eq!(open_request(&key, &[]).unwrap_err(), EnvelopeError::Truncated("version"));
+    // Cut inside the ciphertext's tag.
+    let cut = &sealed[..sealed.len() - 17 + 1];
+    assert!(open_request(&key, cut).is_err());
+}
+
+fn sealed_reply(n: usize) -> (ReplyOpener, Vec<Vec<u8>>) {
+    let (key, sealed, opener) = round_trip_setup(b"x");
+    let (_, mut sealer) = open_request(&key, &sealed).expect("open");
+    let mut frames: Vec<Vec<u8>> = (0..n)
+        .map(|i| sealer.seal_chunk(format!("chunk{i}").as_bytes()).expect("seal"))
+        .collect();
+    frames.push(sealer.finish(ReplyStatus::Completed).expect("finish"));
+    (opener, frames)
+}
+
+#[test]
+fn reordered_reply_is_refused() {
+    let (opener, mut frames) = sealed_reply(3);
+    frames.swap(0, 1);
+    assert_eq!(
+        opener.open_all(frames.iter().map(Vec::as_slice)).unwrap_err(),
+        EnvelopeError::AuthenticationFailed
+    );
+}
+
+#[test]
+fn replayed_reply_chunk_is_refused() {
+    let (opener, mut frames) = sealed_reply(2);
+    let first = frames[0].clone();
+    frames.insert(1, first);
+    assert_eq!(
+        opener.open_all(frames.iter().map(Vec::as_slice)).unwrap_err(),
+        EnvelopeError::AuthenticationFailed
+    );
+}
+
+#[test]
+fn truncated_reply_is_refused() {
+    let (opener, mut frames) = sealed_reply(2);
+    frames.pop();
+    assert_eq!(
+        opener.open_all(frames.iter().map(Vec::as_slice)).unwrap_err(),
+        EnvelopeError::ReplyTruncated
+    );
+}
+
+#[test]
+fn final_flag_flip_is_refused() {
+    // Marking a data chunk as final (to cut the stream short) fails authentication.
+    let (opener, mut frames) = sealed_reply(2);
+    frames[1][0] = 1;
+    frames.truncate(2);
+    assert_eq!(
+        opener.open_all(frames.iter().map(Vec::as_slice)).unwrap_err(),
+        EnvelopeError::AuthenticationFailed
+    );
+}
+
+#[test]
+fn frame_after_end_is_refused() {
+    let (mut opener, frames) = sealed_reply(1);
+    for f in &frames {
+        opener.open(f).expect("in order");
+    }
+    assert_eq!(opener.open(&frames[0]).unwrap_err(), EnvelopeError::FrameAfterEnd);
+}
+
+#[test]
+fn reply_for_another_request_is_refused() {
+    let (opener_a, _) = sealed_reply(1);
+    let (_, frames_b) = sealed_reply(1);
+    assert_eq!(
+        opener_a.open_all(frames_b.iter().map(Vec::as_slice)).unwrap_err(),
+        EnvelopeError::AuthenticationFailed
+    );
+}
+
+#[test]
+fn dev_key_file_round_trip_and_debug_hides_key() {
+    let key = RequestPrivateKey::generate();
+    let file = key.to_dev_key_file();
+    assert!(file.contains("DEVELOPMENT-ONLY"));
+    let back = RequestPrivateKey::from_dev_key_file(&file).expect("parse");
+    assert_eq!(back.public_key(), key.public_key());
+    let scalar = hex::encode(key.to_bytes().as_slice());
+    assert!(!format!("{key:?}").contains(&scalar));
+    assert!(matches!(
+        RequestPrivateKey::from_dev_key_file("# nothing\n"),
+        Err(EnvelopeError::MalformedKey(_))
+    ));
+    assert!(matches!(
+        RequestPrivateKey::from_dev_key_file("cinfer-dev-request-key-v1 zz"),
+        Err(EnvelopeError::MalformedKey("key is not hex"))
+    ));
+}
+
+#[test]
+fn public_key_round_trip() {
+    let key = RequestPrivateKey::generate();
+    let pk = RequestPublicKey::from_bytes(&key.public_key().to_bytes()).expect("pk");
+    assert_eq!(&pk, key.public_key());
+    assert_eq!(pk.key_id().len(), 16);
+    assert!(RequestPublicKey::from_bytes(&[4u8; 65]).is_err());
+}
