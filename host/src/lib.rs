@@ -1,1 +1,36 @@
-pub fn x(){}
+//! `cinfer-host`: the trusted loader.
+//!
+//! This crate is the only place where request cleartext exists. It is a
+//! wasmtime host that
+//!
+//! 1. **admits** a program (a Wasm component) only if a [`Policy`] lists its
+//!    digest and every import the program makes lies inside the capability
+//!    world the policy grants it ([`admission`]);
+//! 2. **runs** an admitted program once per sealed request, in a fresh
+//!    [`wasmtime::Store`] with the policy's memory limit, wall-clock deadline
+//!    and egress budget ([`loader`]);
+//! 3. gives the program nothing but the four capabilities of
+//!    `wit/loader.wit`, one module each under [`caps`]: `crypto` (the opened
+//!    request), `accelerator` (tensors and a fixed op set, [`backend`]),
+//!    `model` (sealed weights straight into accelerator memory) and `output`
+//!    (reply chunks, sealed here before they leave).
+//!
+//! What it trusts: its own binary, the policy files it was started with, the
+//! request private key it holds. What it does not trust: the program bytes
+//! (admission checks them), the sealed request and everything the untrusted
+//! inference server sends. No WASI is linked; the crate forbids `unsafe`.
+#![forbid(unsafe_code)]
+
+pub mod admission;
+pub mod backend;
+mod bindings;
+pub mod caps;
+pub mod loader;
+pub mod policy;
+
+pub use admission::{AdmissionError, AdmittedProgram};
+pub use loader::{AbortReason, Loader, LoaderConfig, LoaderError, RequestError, RunOutcome, RunReport};
+pub use policy::{Capabilities, Capability, Limits, Policy, PolicyError};
+
+/// The loader's WIT package, embedded so the binary measures what it enforces.
+pub const LOADER_WIT: &str = include_str!("../../wit/loader.wit");

@@ -1,1 +1,198 @@
-fn main(){}
+//! `trusted-loader`: the command-line face of the trusted loader.
+#![forbid(unsafe_code)]
+
+use anyhow::{Context, Result, bail};
+use cinfer_envelope::{RequestPrivateKey, seal_request};
+use cinfer_host::{Loader, LoaderConfig, Policy, RunOutcome};
+use clap::{Parser, Subcommand};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// The cinfer trusted loader: admits signed Wasm programs under a policy and
+/// runs them with only decrypt, accelerator and encrypt capabilities.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Checks whether a program would be admitted under a policy and prints
+    /// the verdict: granted capabilities and limits, or the refusal reason.
+    /// Exits 1 on refusal.
+    Check {
+        /// Policy TOML file (its worlds WIT file is read from the same directory).
+        #[arg(long)]
+        policy: PathBuf,
+        /// Program component (.wasm).
+        #[arg(long)]
+        program: PathBuf,
+    },
+    /// Runs one request in DEVELOPMENT mode: seals INPUT to the key in
+    /// --request-key as a client would, runs the program on the sealed
+    /// request, opens the sealed reply and prints it to stdout. The outcome
+    /// goes to stderr; exits 1 unless the program completed.
+    Run {
+        /// Policy TOML file.
+        #[arg(long)]
+        policy: PathBuf,
+        /// Program component (.wasm).
+        #[arg(long)]
+        program: PathBuf,
+        /// DEVELOPMENT-ONLY request private key file (from `dev-keygen`).
+        /// Real request keys come from the keyserver to attested loaders.
+        #[arg(long)]
+        request_key: PathBuf,
+        /// The request's cleartext (a file; `-` reads standard input).
+        #[arg(long)]
+        input: PathBuf,
+    },
+    /// Writes a new DEVELOPMENT-ONLY request private key file and prints its
+    /// key id and public key.
+    DevKeygen {
+        /// Where to write the private key (refuses to overwrite).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// Reads a file named on the command line through a capability handle on its
+/// directory (the loader's only ambient file access happens here, at start).
+fn read_arg_file(path: &Path) -> Result<Vec<u8>> {
+    if path == Path::new("-") {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
+        return Ok(buf);
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().context("not a file path")?;
+    let dir = cap_std::fs::Dir::open_ambient_dir(parent, cap_std::ambient_authority())
+        .with_context(|| format!("opening directory {}", parent.display()))?;
+    dir.read(name)
+        .with_context(|| format!("reading {}", path.display()))
+}
+
+fn check(policy: &Path, program: &Path) -> Result<ExitCode> {
+    let policy = Policy::load_path(policy).context("loading the policy")?;
+    let bytes = read_arg_file(program)?;
+    let loader = Loader::new(policy, LoaderConfig::default())?;
+    println!("program:  {}", program.display());
+    println!("sha256:   {}", hex::encode(cinfer_host::admission::digest(&bytes)));
+    match loader.admit(&bytes) {
+        Ok(p) => {
+            let g = p.grant();
+            println!("verdict:  ADMITTED as `{}` in world `{}`", g.name, g.world);
+            println!("granted:  {}", g.capabilities);
+            println!(
+                "imports:  {}",
+                if p.imports().is_empty() { "(none)".to_owned() } else { p.imports().join(", ") }
+            );
+            println!(
+                "limits:   memory {} B, deadline {} ms, egress {} B, accelerator {} B, request {} B",
+                g.limits.memory_bytes,
+                g.limits.deadline.as_millis(),
+                g.limits.egress_bytes,
+                g.limits.accelerator_bytes,
+                g.limits.request_bytes
+            );
+            if !g.models.is_empty() {
+                println!("models:   {}", g.models.join(", "));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!("verdict:  REFUSED: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn run(policy: &Path, program: &Path, key: &Path, input: &Path) -> Result<ExitCode> {
+    let policy = Policy::load_path(policy).context("loading the policy")?;
+    let key_text = zeroize::Zeroizing::new(
+        String::from_utf8(read_arg_file(key)?).context("request key file is not UTF-8")?,
+    );
+    let key = RequestPrivateKey::from_dev_key_file(&key_text).context("parsing the request key")?;
+    let bytes = read_arg_file(program)?;
+    let request = zeroize::Zeroizing::new(read_arg_file(input)?);
+    let loader = Loader::new(policy, LoaderConfig::default())?;
+    let admitted = loader.admit(&bytes).context("admission refused")?;
+
+    // Client side (development mode only): seal the input to the request key.
+    let (sealed, opener) = seal_request(key.public_key(), &request)?;
+    drop(request);
+    // Loader side: only sealed bytes cross this line, in both directions.
+    let report = loader.run(&admitted, &sealed, &key)?;
+    // Client side again: open the sealed reply.
+    let (reply, status) = opener
+        .open_all(report.frames.iter().map(Vec::as_slice))
+        .context("opening the sealed reply")?;
+    std::io::stdout().write_all(&reply)?;
+    std::io::stdout().flush()?;
+    eprintln!(
+        "outcome: {:?} (reply status {status:?}), {} sealed frames, {} egress bytes, {} accelerator launches, {:?}",
+        report.outcome,
+        report.frames.len(),
+        report.egress_bytes,
+        report.accelerator_launches,
+        report.elapsed
+    );
+    Ok(if report.outcome == RunOutcome::Completed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn dev_keygen(out: &Path) -> Result<ExitCode> {
+    if out.exists() {
+        bail!("{} exists; refusing to overwrite a key", out.display());
+    }
+    let key = RequestPrivateKey::generate();
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts
+        .open(out)
+        .with_context(|| format!("creating {}", out.display()))?;
+    f.write_all(key.to_dev_key_file().as_bytes())?;
+    println!("key id:     {}", key.public_key().key_id());
+    println!("public key: {}", hex::encode(key.public_key().to_bytes()));
+    eprintln!("wrote DEVELOPMENT-ONLY request key to {}", out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CINFER_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Check { policy, program } => check(policy, program),
+        Command::Run {
+            policy,
+            program,
+            request_key,
+            input,
+        } => run(policy, program, request_key, input),
+        Command::DevKeygen { out } => dev_keygen(out),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! One module per capability interface of `wit/loader.wit`, each implemented
+//! on a narrow context that holds only that capability's state and checks
+//! its own limits.
+//!
+//! Guest-visible failures are the WIT error variants; policy violations
+//! (a [`PolicyViolation`]) and host bugs are traps.
+
+pub mod accelerator;
+pub mod crypto;
+pub mod model;
+pub mod output;
+
+/// A limit the program crossed: the run is trapped with this as the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyViolation {
+    /// Linear memory (or a table) would grow past the policy's limit.
+    #[error("memory limit of {limit} bytes exceeded")]
+    MemoryLimit {
+        /// The limit.
+        limit: u64,
+    },
+    /// The reply would exceed the policy's egress budget.
+    #[error("egress budget of {budget} bytes exceeded")]
+    EgressBudget {
+        /// The budget.
+        budget: u64,
+    },
+    /// A handle the guest passed does not name a live host object.
+    #[error("invalid {0} handle")]
+    BadHandle(&'static str),
+}

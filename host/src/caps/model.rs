@@ -1,0 +1,141 @@
+//! `cinfer:loader/model`: sealed models, opened by id, whose weights are
+//! decrypted straight into accelerator memory.
+//!
+//! A program may open only the model ids its policy entry lists. Tensors
+//! loaded from a model are marked not downloadable, so weight cleartext never
+//! enters guest memory. Model sources (sealed GGUF files) plug in through
+//! [`ModelSource`]; the sealed-model format arrives with the model issue, so
+//! today the loader's [`ModelStore`] starts empty and `open` answers
+//! `not-permitted` or `not-found`.
+
+use super::PolicyViolation;
+use super::accelerator::{AccelCtx, Tensor};
+use crate::backend::DeviceBuffer;
+use crate::bindings::accelerator::{AccelError, Dtype};
+use crate::bindings::model::{Host, HostSealedModel, ModelError};
+use std::collections::HashMap;
+use std::sync::Arc;
+use wasmtime::component::{Resource, ResourceTable};
+
+/// A model the loader can serve: metadata and tensors, decrypted on demand.
+pub trait ModelSource: Send + Sync + std::fmt::Debug {
+    /// The non-weight metadata (GGUF key/value section).
+    fn metadata(&self) -> Result<Vec<u8>, ModelError>;
+    /// Shape of the named tensor (as f32 elements).
+    fn tensor_shape(&self, name: &str) -> Result<Vec<u32>, ModelError>;
+    /// Decrypts the named tensor into device memory on `backend`.
+    fn load_tensor(
+        &self,
+        name: &str,
+        backend: &dyn crate::backend::Backend,
+    ) -> Result<DeviceBuffer, ModelError>;
+}
+
+/// The models this loader holds, by id.
+#[derive(Debug, Default, Clone)]
+pub struct ModelStore {
+    models: HashMap<String, Arc<dyn ModelSource>>,
+}
+
+impl ModelStore {
+    /// Adds (or replaces) a model.
+    pub fn insert(&mut self, id: impl Into<String>, source: Arc<dyn ModelSource>) {
+        self.models.insert(id.into(), source);
+    }
+}
+
+/// An opened model (the guest's `sealed-model` resource).
+#[derive(Debug)]
+pub struct OpenModel {
+    source: Arc<dyn ModelSource>,
+}
+
+/// The model state of one run.
+#[derive(Debug)]
+pub struct ModelCtx {
+    allowed: Arc<[String]>,
+    store: Arc<ModelStore>,
+    table: ResourceTable,
+}
+
+impl ModelCtx {
+    /// A context that may open the `allowed` ids of `store`.
+    pub fn new(allowed: Arc<[String]>, store: Arc<ModelStore>) -> Self {
+        ModelCtx {
+            allowed,
+            store,
+            table: ResourceTable::new(),
+        }
+    }
+}
+
+/// The view the model capability works on: its own state plus the
+/// accelerator, where loaded tensors go.
+#[derive(Debug)]
+pub struct ModelView<'a> {
+    /// Model state.
+    pub model: &'a mut ModelCtx,
+    /// Accelerator state.
+    pub accel: &'a mut AccelCtx,
+}
+
+impl ModelView<'_> {
+    fn get(&self, m: &Resource<OpenModel>) -> wasmtime::Result<&OpenModel> {
+        self.model
+            .table
+            .get(m)
+            .map_err(|_| wasmtime::Error::new(PolicyViolation::BadHandle("sealed-model")))
+    }
+}
+
+impl HostSealedModel for ModelView<'_> {
+    fn open(&mut self, id: String) -> wasmtime::Result<Result<Resource<OpenModel>, ModelError>> {
+        if !self.model.allowed.iter().any(|a| *a == id) {
+            return Ok(Err(ModelError::NotPermitted));
+        }
+        let Some(source) = self.model.store.models.get(&id).cloned() else {
+            return Ok(Err(ModelError::NotFound));
+        };
+        Ok(Ok(self.model.table.push(OpenModel { source })?))
+    }
+
+    fn metadata(&mut self, m: Resource<OpenModel>) -> wasmtime::Result<Result<Vec<u8>, ModelError>> {
+        Ok(self.get(&m)?.source.metadata())
+    }
+
+    fn load_tensor(
+        &mut self,
+        m: Resource<OpenModel>,
+        name: String,
+    ) -> wasmtime::Result<Result<Resource<Tensor>, ModelError>> {
+        let source = self.get(&m)?.source.clone();
+        let shape = match source.tensor_shape(&name) {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(e)),
+        };
+        match self.accel.check_alloc(&shape, Dtype::F32) {
+            Ok(()) => {}
+            Err(AccelError::OutOfMemory) => return Ok(Err(ModelError::OutOfMemory)),
+            Err(_) => return Ok(Err(ModelError::Corrupt)),
+        }
+        let buf = match source.load_tensor(&name, self.accel.backend().as_ref()) {
+            Ok(b) => b,
+            Err(e) => return Ok(Err(e)),
+        };
+        Ok(match self.accel.insert(shape, Dtype::F32, buf, false)? {
+            Ok(t) => Ok(t),
+            Err(AccelError::OutOfMemory) => Err(ModelError::OutOfMemory),
+            Err(_) => Err(ModelError::Corrupt),
+        })
+    }
+
+    fn drop(&mut self, m: Resource<OpenModel>) -> wasmtime::Result<()> {
+        self.model
+            .table
+            .delete(m)
+            .map_err(|_| wasmtime::Error::new(PolicyViolation::BadHandle("sealed-model")))?;
+        Ok(())
+    }
+}
+
+impl Host for ModelView<'_> {}

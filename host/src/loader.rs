@@ -1,0 +1,500 @@
+//! The loader: one wasmtime engine, admitted programs cached by digest, and
+//! one fresh [`Store`] per run with the policy's limits.
+//!
+//! * Components are compiled once per digest and instantiated from an
+//!   `InstancePre` on a pooling allocator, so a run costs microseconds.
+//! * Every run has a memory limit ([`wasmtime::ResourceLimiter`]; growing past
+//!   it traps), a wall-clock deadline (epoch interruption, one tick per
+//!   millisecond from a ticker thread; there is always a deadline), a stack
+//!   limit, an egress budget and an accelerator memory budget.
+//! * A trap ends only that run: the store is dropped and the next run starts
+//!   clean.
+
+use crate::admission::{self, AdmissionError, AdmittedProgram};
+use crate::backend::{Backend, CpuBackend};
+use crate::bindings::ProgramPre;
+use crate::caps::PolicyViolation;
+use crate::caps::accelerator::AccelCtx;
+use crate::caps::crypto::CryptoCtx;
+use crate::caps::model::{ModelCtx, ModelStore, ModelView};
+use crate::caps::output::{FrameSink, OutputCtx};
+use crate::policy::{Capabilities, Capability, Limits, Policy, ceilings};
+use cinfer_envelope::{EnvelopeError, ReplyStatus, RequestPrivateKey};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+use wasmtime::component::{Component, HasData, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+
+/// Epoch tick: the deadline's granularity.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// Engine-wide settings (the policy sets per-program limits below these).
+#[derive(Debug, Clone)]
+pub struct LoaderConfig {
+    /// Concurrent runs the instance pool holds.
+    pub max_concurrent_runs: u32,
+    /// Wasm stack per run, in bytes.
+    pub max_wasm_stack: usize,
+    /// The accelerator backend.
+    pub backend: Arc<dyn Backend>,
+    /// The models this loader serves.
+    pub models: ModelStore,
+}
+
+impl Default for LoaderConfig {
+    fn default() -> Self {
+        LoaderConfig {
+            max_concurrent_runs: 32,
+            max_wasm_stack: 512 << 10,
+            backend: Arc::new(CpuBackend::default()),
+            models: ModelStore::default(),
+        }
+    }
+}
+
+/// The loader could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoaderError {
+    /// wasmtime refused the engine configuration.
+    #[error("engine configuration: {0}")]
+    Engine(String),
+}
+
+/// A request refused before any program code ran. Nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// The sealed request is larger than the program's policy allows.
+    #[error("sealed request of {len} bytes exceeds the limit of {limit}")]
+    TooLarge {
+        /// Its size.
+        len: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The envelope did not open (tampered, wrong key, malformed).
+    #[error("sealed request refused: {0}")]
+    Envelope(#[from] EnvelopeError),
+    /// No instance slot is free (the pool is exhausted) or instantiation failed.
+    #[error("could not instantiate the program: {0}")]
+    Instantiate(String),
+}
+
+/// Why the loader stopped a run.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AbortReason {
+    /// The wall-clock deadline passed.
+    #[error("deadline of {0:?} exceeded")]
+    Deadline(Duration),
+    /// A policy limit was crossed (memory, egress) or a bad handle passed.
+    #[error("{0}")]
+    Policy(PolicyViolation),
+    /// The Wasm call stack overflowed.
+    #[error("wasm stack exhausted")]
+    StackExhausted,
+    /// Another Wasm trap (unreachable, out-of-bounds access, ...).
+    #[error("wasm trap: {0}")]
+    Trap(String),
+    /// A host-side failure.
+    #[error("host error: {0}")]
+    Host(String),
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// `run` returned `ok`.
+    Completed,
+    /// `run` returned `err`; the program told the requester why (sealed).
+    ProgramFailed,
+    /// The loader stopped the program.
+    Aborted(AbortReason),
+}
+
+impl RunOutcome {
+    fn status(&self) -> ReplyStatus {
+        match self {
+            RunOutcome::Completed => ReplyStatus::Completed,
+            RunOutcome::ProgramFailed => ReplyStatus::ProgramFailed,
+            RunOutcome::Aborted(_) => ReplyStatus::Aborted,
+        }
+    }
+}
+
+/// What a run produced: sealed frames and metadata safe to show the untrusted side.
+#[derive(Debug)]
+pub struct RunReport {
+    /// Sealed reply frames, the last one the authenticated end (when collected).
+    pub frames: Vec<Vec<u8>>,
+    /// How the run ended.
+    pub outcome: RunOutcome,
+    /// Sealed bytes emitted (excluding the final frame).
+    pub egress_bytes: u64,
+    /// Accelerator op launches.
+    pub accelerator_launches: u64,
+    /// Wall-clock time of instantiate + run.
+    pub elapsed: Duration,
+}
+
+/// The per-run store data: one narrow context per capability.
+pub struct RunState {
+    crypto: CryptoCtx,
+    accel: AccelCtx,
+    model: ModelCtx,
+    output: OutputCtx,
+    limiter: MemoryLimiter,
+}
+
+impl std::fmt::Debug for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunState").finish_non_exhaustive()
+    }
+}
+
+/// Memory limits of one run: growing past them traps with the reason.
+#[derive(Debug)]
+struct MemoryLimiter {
+    memory_bytes: u64,
+}
+
+/// Table elements a run may hold (tables are not large in our programs).
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+impl wasmtime::ResourceLimiter for MemoryLimiter {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        if desired as u64 > self.memory_bytes {
+            return Err(wasmtime::Error::new(PolicyViolation::MemoryLimit {
+                limit: self.memory_bytes,
+            }));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > MAX_TABLE_ELEMENTS {
+            return Err(wasmtime::Error::new(PolicyViolation::MemoryLimit {
+                limit: self.memory_bytes,
+            }));
+        }
+        Ok(true)
+    }
+}
+
+struct CryptoCap;
+impl HasData for CryptoCap {
+    type Data<'a> = &'a mut CryptoCtx;
+}
+struct AccelCap;
+impl HasData for AccelCap {
+    type Data<'a> = &'a mut AccelCtx;
+}
+struct ModelCap;
+impl HasData for ModelCap {
+    type Data<'a> = ModelView<'a>;
+}
+struct OutputCap;
+impl HasData for OutputCap {
+    type Data<'a> = &'a mut OutputCtx;
+}
+
+/// Builds a linker with exactly the granted capabilities (and never WASI).
+fn linker_for(engine: &Engine, caps: Capabilities) -> wasmtime::Result<Linker<RunState>> {
+    use crate::bindings::{accelerator, crypto, model, output};
+    let mut linker = Linker::new(engine);
+    for cap in caps.iter() {
+        match cap {
+            Capability::Crypto => crypto::add_to_linker::<RunState, CryptoCap>(&mut linker, |s: &mut RunState| &mut s.crypto)?,
+            Capability::Accelerator => {
+                accelerator::add_to_linker::<RunState, AccelCap>(&mut linker, |s: &mut RunState| &mut s.accel)?
+            }
+            Capability::Model => model::add_to_linker::<RunState, ModelCap>(&mut linker, |s: &mut RunState| ModelView {
+                model: &mut s.model,
+                accel: &mut s.accel,
+            })?,
+            Capability::Output => output::add_to_linker::<RunState, OutputCap>(&mut linker, |s: &mut RunState| &mut s.output)?,
+        }
+    }
+    Ok(linker)
+}
+
+/// Increments the engine's epoch every [`EPOCH_TICK`] until dropped.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        std::thread::Builder::new()
+            .name("cinfer-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .map(|_| ())
+            .unwrap_or_else(|e| tracing::error!("epoch ticker did not start: {e}"));
+        EpochTicker { stop }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The trusted loader: admits programs under one policy and runs requests.
+pub struct Loader {
+    engine: Engine,
+    policy: Policy,
+    backend: Arc<dyn Backend>,
+    models: Arc<ModelStore>,
+    linkers: Mutex<HashMap<Capabilities, Arc<Linker<RunState>>>>,
+    admitted: Mutex<HashMap<[u8; 32], Arc<AdmittedProgram>>>,
+    _ticker: EpochTicker,
+}
+
+impl std::fmt::Debug for Loader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loader")
+            .field("policy", &hex::encode(self.policy.digest()))
+            .field("backend", &self.backend.name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Loader {
+    /// Starts a loader enforcing `policy`.
+    pub fn new(policy: Policy, config: LoaderConfig) -> Result<Self, LoaderError> {
+        let mut pool = PoolingAllocationConfig::default();
+        let n = config.max_concurrent_runs.max(1);
+        pool.total_component_instances(n)
+            .total_core_instances(n * 8)
+            .total_memories(n * 2)
+            .total_tables(n * 8)
+            .max_memory_size(ceilings::MEMORY_BYTES as usize);
+        let mut cfg = Config::new();
+        cfg.wasm_component_model(true)
+            .epoch_interruption(true)
+            .max_wasm_stack(config.max_wasm_stack)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&cfg).map_err(|e| LoaderError::Engine(format!("{e:#}")))?;
+        Ok(Loader {
+            _ticker: EpochTicker::start(engine.clone()),
+            engine,
+            policy,
+            backend: config.backend,
+            models: Arc::new(config.models),
+            linkers: Mutex::new(HashMap::new()),
+            admitted: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The policy this loader enforces.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    fn linker(&self, caps: Capabilities) -> Result<Arc<Linker<RunState>>, AdmissionError> {
+        let mut linkers = self.linkers.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(l) = linkers.get(&caps) {
+            return Ok(l.clone());
+        }
+        let linker = Arc::new(linker_for(&self.engine, caps).map_err(|e| AdmissionError::ImportMismatch {
+            reason: format!("building the linker: {e:#}"),
+        })?);
+        linkers.insert(caps, linker.clone());
+        Ok(linker)
+    }
+
+    /// Admits component bytes (see [`crate::admission`]). Cached by digest:
+    /// admitting the same bytes again costs a hash.
+    pub fn admit(&self, bytes: &[u8]) -> Result<Arc<AdmittedProgram>, AdmissionError> {
+        admission::check_preamble(bytes)?;
+        let digest = admission::digest(bytes);
+        if let Some(p) = self
+            .admitted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&digest)
+        {
+            return Ok(p.clone());
+        }
+        let program = Arc::new(self.compile(bytes, &digest)?);
+        self.admitted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(digest, program.clone());
+        tracing::info!(program = %program.grant.name, digest = %hex::encode(digest), world = %program.grant.world, "admitted");
+        Ok(program)
+    }
+
+    /// Admission without the cache (a cold compile every time; for benchmarks).
+    pub fn admit_uncached(&self, bytes: &[u8]) -> Result<AdmittedProgram, AdmissionError> {
+        admission::check_preamble(bytes)?;
+        self.compile(bytes, &admission::digest(bytes))
+    }
+
+    fn compile(&self, bytes: &[u8], digest: &[u8; 32]) -> Result<AdmittedProgram, AdmissionError> {
+        let grant = self
+            .policy
+            .grant_for(digest)
+            .ok_or_else(|| AdmissionError::UnknownDigest {
+                digest: hex::encode(digest),
+            })?
+            .clone();
+        let component = Component::new(&self.engine, bytes).map_err(|e| AdmissionError::InvalidComponent {
+            reason: format!("{e:#}"),
+        })?;
+        let imports = admission::check_imports(&self.engine, &component, &grant)?;
+        let linker = self.linker(grant.capabilities)?;
+        let instance_pre = linker
+            .instantiate_pre(&component)
+            .map_err(|e| AdmissionError::ImportMismatch {
+                reason: format!("{e:#}"),
+            })?;
+        if component.get_export_index(None, "run").is_none() {
+            return Err(AdmissionError::MissingRun);
+        }
+        let pre = ProgramPre::new(instance_pre).map_err(|e| AdmissionError::MistypedRun {
+            reason: format!("{e:#}"),
+        })?;
+        Ok(AdmittedProgram { grant, pre, imports })
+    }
+
+    /// Runs one sealed request and collects the sealed reply frames.
+    pub fn run(
+        &self,
+        program: &AdmittedProgram,
+        sealed_request: &[u8],
+        key: &RequestPrivateKey,
+    ) -> Result<RunReport, RequestError> {
+        let frames = Arc::new(Mutex::new(Vec::new()));
+        let sink_frames = frames.clone();
+        let sink: FrameSink = Box::new(move |f| {
+            sink_frames.lock().unwrap_or_else(PoisonError::into_inner).push(f)
+        });
+        let mut report = self.run_streaming(program, sealed_request, key, sink)?;
+        report.frames = std::mem::take(&mut *frames.lock().unwrap_or_else(PoisonError::into_inner));
+        Ok(report)
+    }
+
+    /// Runs one sealed request, handing each sealed frame to `sink` as soon as
+    /// it exists; the last frame is the authenticated end of the reply.
+    pub fn run_streaming(
+        &self,
+        program: &AdmittedProgram,
+        sealed_request: &[u8],
+        key: &RequestPrivateKey,
+        sink: FrameSink,
+    ) -> Result<RunReport, RequestError> {
+        let limits = &program.grant.limits;
+        let len = sealed_request.len() as u64;
+        if len > limits.request_bytes {
+            return Err(RequestError::TooLarge {
+                len,
+                limit: limits.request_bytes,
+            });
+        }
+        let (cleartext, sealer) = cinfer_envelope::open_request(key, sealed_request)?;
+        self.execute(program, Some(cleartext), Some(sealer), sink)
+    }
+
+    /// Runs a program with no request (a warm-up or a benchmark of the bare
+    /// instantiate + call path); output is counted but not sealed anywhere.
+    pub fn run_without_request(&self, program: &AdmittedProgram) -> Result<RunReport, RequestError> {
+        self.execute(program, None, None, Box::new(|_| {}))
+    }
+
+    fn execute(
+        &self,
+        program: &AdmittedProgram,
+        request: Option<zeroize::Zeroizing<Vec<u8>>>,
+        sealer: Option<cinfer_envelope::ReplySealer>,
+        sink: FrameSink,
+    ) -> Result<RunReport, RequestError> {
+        let limits: &Limits = &program.grant.limits;
+        let start = Instant::now();
+        let state = RunState {
+            crypto: CryptoCtx::new(request),
+            accel: AccelCtx::new(self.backend.clone(), limits.accelerator_bytes),
+            model: ModelCtx::new(program.grant.models.clone().into(), self.models.clone()),
+            output: OutputCtx::new(sealer, sink, limits.egress_bytes),
+            limiter: MemoryLimiter {
+                memory_bytes: limits.memory_bytes,
+            },
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        let ticks = u64::try_from(limits.deadline.as_millis()).unwrap_or(u64::MAX).max(1);
+        store.set_epoch_deadline(ticks);
+        store.epoch_deadline_trap();
+
+        let outcome = match program.pre.instantiate(&mut store) {
+            Ok(instance) => match instance.call_run(&mut store) {
+                Ok(Ok(())) => RunOutcome::Completed,
+                Ok(Err(())) => RunOutcome::ProgramFailed,
+                Err(e) => RunOutcome::Aborted(abort_reason(&e, limits)),
+            },
+            Err(e) => match classify_instantiate(&e, limits) {
+                Some(reason) => RunOutcome::Aborted(reason),
+                None => return Err(RequestError::Instantiate(format!("{e}"))),
+            },
+        };
+        let elapsed = start.elapsed();
+        let state = store.into_data();
+        let egress_bytes = state.output.used();
+        let accelerator_launches = state.accel.launches();
+        let (sealer, mut sink) = state.output.finish();
+        if let Some(sealer) = sealer {
+            match sealer.finish(outcome.status()) {
+                Ok(frame) => sink(frame),
+                Err(e) => tracing::error!("sealing the final reply frame failed: {e}"),
+            }
+        }
+        match &outcome {
+            RunOutcome::Aborted(reason) => {
+                tracing::warn!(program = %program.grant.name, %reason, "run aborted")
+            }
+            other => tracing::debug!(program = %program.grant.name, outcome = ?other, ?elapsed, "run finished"),
+        }
+        Ok(RunReport {
+            frames: Vec::new(),
+            outcome,
+            egress_bytes,
+            accelerator_launches,
+            elapsed,
+        })
+    }
+}
+
+/// Maps a trap to its reason. Messages carry no guest data: wasmtime's trap
+/// codes and our own [`PolicyViolation`]s only.
+fn abort_reason(e: &wasmtime::Error, limits: &Limits) -> AbortReason {
+    if let Some(v) = e.downcast_ref::<PolicyViolation>() {
+        return AbortReason::Policy(v.clone());
+    }
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => AbortReason::Deadline(limits.deadline),
+        Some(Trap::StackOverflow) => AbortReason::StackExhausted,
+        Some(t) => AbortReason::Trap(t.to_string()),
+        None => AbortReason::Host(e.to_string()),
+    }
+}
+
+/// A limit hit while instantiating (e.g. an initial memory above the limit)
+/// is the program's fault; anything else (pool exhausted) is the loader's.
+fn classify_instantiate(e: &wasmtime::Error, limits: &Limits) -> Option<AbortReason> {
+    if e.downcast_ref::<PolicyViolation>().is_some() || e.downcast_ref::<Trap>().is_some() {
+        Some(abort_reason(e, limits))
+    } else {
+        None
+    }
+}

@@ -1,0 +1,540 @@
+//! Policies: which programs may run, with which capabilities and limits.
+//!
+//! A policy is a TOML file plus a WIT file of capability *worlds* (package
+//! `cinfer:policies`). Each world imports a subset of the `cinfer:loader`
+//! interfaces; a program entry binds a program (for now by name and SHA-256
+//! digest of its component bytes) to one world and to limits.
+//!
+//! ```toml
+//! worlds = "worlds.wit"          # relative to the policy file, inside its directory
+//!
+//! [limits]                       # defaults for every program
+//! memory-bytes = 67108864
+//! deadline-ms = 5000
+//!
+//! [[program]]
+//! name = "echo"
+//! sha256 = "91133f70…"
+//! world = "request-reply"
+//! limits = { egress-bytes = 65536 }
+//! ```
+//!
+//! Files are read through a `cap_std` directory handle: a policy can only name
+//! files beside it or below it, never `..` or an absolute path.
+
+use crate::LOADER_WIT;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+/// The package the policy worlds must import from.
+const LOADER_PACKAGE_PREFIX: &str = "cinfer:loader/";
+
+/// One capability of the program world.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Capability {
+    /// `cinfer:loader/crypto`: the opened request.
+    Crypto,
+    /// `cinfer:loader/accelerator`: tensors and the op set.
+    Accelerator,
+    /// `cinfer:loader/model`: sealed models.
+    Model,
+    /// `cinfer:loader/output`: the sealed reply.
+    Output,
+}
+
+impl Capability {
+    /// Every capability, in WIT order.
+    pub const ALL: [Capability; 4] = [
+        Capability::Crypto,
+        Capability::Accelerator,
+        Capability::Model,
+        Capability::Output,
+    ];
+
+    /// The fully qualified interface name a component imports.
+    pub fn interface(self) -> &'static str {
+        match self {
+            Capability::Crypto => "cinfer:loader/crypto@0.1.0",
+            Capability::Accelerator => "cinfer:loader/accelerator@0.1.0",
+            Capability::Model => "cinfer:loader/model@0.1.0",
+            Capability::Output => "cinfer:loader/output@0.1.0",
+        }
+    }
+
+    /// The capability a fully qualified interface name denotes, if any.
+    pub fn from_interface(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.interface() == name)
+    }
+}
+
+/// A set of capabilities (a policy world).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Capabilities {
+    bits: u8,
+}
+
+impl Capabilities {
+    /// The empty set.
+    pub const NONE: Capabilities = Capabilities { bits: 0 };
+
+    fn bit(c: Capability) -> u8 {
+        1 << (c as u8)
+    }
+
+    /// Adds a capability.
+    #[must_use]
+    pub fn with(mut self, c: Capability) -> Self {
+        self.bits |= Self::bit(c);
+        self
+    }
+
+    /// Whether the set holds `c`.
+    pub fn contains(self, c: Capability) -> bool {
+        self.bits & Self::bit(c) != 0
+    }
+
+    /// The capabilities in the set.
+    pub fn iter(self) -> impl Iterator<Item = Capability> {
+        Capability::ALL.into_iter().filter(move |c| self.contains(*c))
+    }
+}
+
+impl fmt::Display for Capabilities {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.iter().map(Capability::interface).collect();
+        if names.is_empty() {
+            f.write_str("(none)")
+        } else {
+            f.write_str(&names.join(", "))
+        }
+    }
+}
+
+/// Resource limits for one run of a program.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest linear memory (and table) a run may grow to, in bytes.
+    pub memory_bytes: u64,
+    /// Wall-clock deadline for one run (always set).
+    pub deadline: Duration,
+    /// Sealed reply bytes a run may emit (chunk length + 17 bytes of framing each).
+    pub egress_bytes: u64,
+    /// Accelerator memory a run may hold at once, in bytes.
+    pub accelerator_bytes: u64,
+    /// Largest sealed request accepted for this program, in bytes.
+    pub request_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_bytes: 64 << 20,
+            deadline: Duration::from_secs(5),
+            egress_bytes: 1 << 20,
+            accelerator_bytes: 256 << 20,
+            request_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Hard ceilings no policy can exceed.
+pub mod ceilings {
+    /// Linear memory per run: the pooling allocator's slot size.
+    pub const MEMORY_BYTES: u64 = 1 << 30;
+    /// Deadline per run.
+    pub const DEADLINE_MS: u64 = 10 * 60 * 1000;
+    /// Accelerator memory per run.
+    pub const ACCELERATOR_BYTES: u64 = 16 << 30;
+    /// Sealed request size.
+    pub const REQUEST_BYTES: u64 = 64 << 20;
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct LimitsToml {
+    memory_bytes: Option<u64>,
+    deadline_ms: Option<u64>,
+    egress_bytes: Option<u64>,
+    accelerator_bytes: Option<u64>,
+    request_bytes: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct ProgramToml {
+    name: String,
+    sha256: String,
+    world: String,
+    #[serde(default)]
+    limits: LimitsToml,
+    #[serde(default)]
+    models: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct PolicyToml {
+    worlds: String,
+    #[serde(default)]
+    limits: LimitsToml,
+    #[serde(default, rename = "program")]
+    programs: Vec<ProgramToml>,
+}
+
+/// Why a policy was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    /// A policy file could not be read.
+    #[error("cannot read policy file {path}: {source}")]
+    Read {
+        /// The file, relative to the policy directory.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown fields.
+    #[error("malformed policy TOML: {0}")]
+    Toml(String),
+    /// The worlds WIT file does not parse or resolve.
+    #[error("malformed policy worlds WIT {path}: {reason}")]
+    Wit {
+        /// The WIT file.
+        path: String,
+        /// The parser's message.
+        reason: String,
+    },
+    /// A policy world imports something other than a `cinfer:loader` interface.
+    #[error("policy world `{world}` imports `{import}`, which is not a cinfer:loader capability")]
+    ForeignImport {
+        /// The world.
+        world: String,
+        /// The offending import.
+        import: String,
+    },
+    /// A program entry names a world the WIT file does not define.
+    #[error("program `{program}` names unknown world `{world}`")]
+    UnknownWorld {
+        /// The program entry.
+        program: String,
+        /// The missing world.
+        world: String,
+    },
+    /// A digest is not 64 lowercase hex characters.
+    #[error("program `{program}`: sha256 must be 64 lowercase hex characters")]
+    BadDigest {
+        /// The program entry.
+        program: String,
+    },
+    /// Two entries pin the same digest.
+    #[error("programs `{first}` and `{second}` pin the same digest")]
+    DuplicateDigest {
+        /// First entry.
+        first: String,
+        /// Second entry.
+        second: String,
+    },
+    /// A limit is zero or above its ceiling.
+    #[error("limit `{limit}` = {value} is out of range (1 to {max})")]
+    LimitOutOfRange {
+        /// The limit's TOML name.
+        limit: &'static str,
+        /// The value given.
+        value: u64,
+        /// The ceiling.
+        max: u64,
+    },
+}
+
+/// What the policy grants one program.
+#[derive(Debug, Clone)]
+pub struct ProgramGrant {
+    /// The program's name (for logs and verdicts).
+    pub name: String,
+    /// SHA-256 of the component bytes.
+    pub digest: [u8; 32],
+    /// The policy world granted.
+    pub world: String,
+    /// The capabilities in that world.
+    pub capabilities: Capabilities,
+    /// Limits for each run.
+    pub limits: Limits,
+    /// Model ids the program may open.
+    pub models: Vec<String>,
+}
+
+/// A parsed, validated policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    worlds: BTreeMap<String, Capabilities>,
+    programs: Vec<ProgramGrant>,
+    digest: [u8; 32],
+}
+
+fn check_limit(limit: &'static str, value: u64, max: u64) -> Result<u64, PolicyError> {
+    if value == 0 || value > max {
+        return Err(PolicyError::LimitOutOfRange { limit, value, max });
+    }
+    Ok(value)
+}
+
+fn apply_limits(base: &Limits, t: &LimitsToml) -> Result<Limits, PolicyError> {
+    let mut l = base.clone();
+    if let Some(v) = t.memory_bytes {
+        l.memory_bytes = check_limit("memory-bytes", v, ceilings::MEMORY_BYTES)?;
+    }
+    if let Some(v) = t.deadline_ms {
+        l.deadline = Duration::from_millis(check_limit("deadline-ms", v, ceilings::DEADLINE_MS)?);
+    }
+    if let Some(v) = t.egress_bytes {
+        l.egress_bytes = check_limit("egress-bytes", v, u64::MAX)?;
+    }
+    if let Some(v) = t.accelerator_bytes {
+        l.accelerator_bytes = check_limit("accelerator-bytes", v, ceilings::ACCELERATOR_BYTES)?;
+    }
+    if let Some(v) = t.request_bytes {
+        l.request_bytes = check_limit("request-bytes", v, ceilings::REQUEST_BYTES)?;
+    }
+    Ok(l)
+}
+
+/// Parses the policy worlds WIT (package `cinfer:policies`) against the loader's WIT.
+fn parse_worlds(path: &str, text: &str) -> Result<BTreeMap<String, Capabilities>, PolicyError> {
+    let wit_err = |e: anyhow::Error| PolicyError::Wit {
+        path: path.to_owned(),
+        reason: format!("{e:#}"),
+    };
+    let mut resolve = wit_parser::Resolve::new();
+    resolve
+        .push_str("loader.wit", LOADER_WIT)
+        .map_err(wit_err)?;
+    let pkg = resolve.push_str(path, text).map_err(wit_err)?;
+    let mut worlds = BTreeMap::new();
+    for (_, world) in resolve.worlds.iter().filter(|(_, w)| w.package == Some(pkg)) {
+        let mut caps = Capabilities::NONE;
+        for key in world.imports.keys() {
+            let name = resolve.name_world_key(key);
+            match Capability::from_interface(&name) {
+                Some(c) if name.starts_with(LOADER_PACKAGE_PREFIX) => caps = caps.with(c),
+                _ => {
+                    return Err(PolicyError::ForeignImport {
+                        world: world.name.clone(),
+                        import: name,
+                    });
+                }
+            }
+        }
+        worlds.insert(world.name.clone(), caps);
+    }
+    Ok(worlds)
+}
+
+fn parse_digest(program: &str, hex_digest: &str) -> Result<[u8; 32], PolicyError> {
+    let bad = || PolicyError::BadDigest {
+        program: program.to_owned(),
+    };
+    if hex_digest.len() != 64 || hex_digest.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(bad());
+    }
+    let bytes = hex::decode(hex_digest).map_err(|_| bad())?;
+    bytes.try_into().map_err(|_| bad())
+}
+
+impl Policy {
+    /// Parses a policy from the TOML text and the text of the worlds file it names.
+    /// `worlds_text` is looked up by the caller (see [`Policy::load`]).
+    pub fn parse(
+        toml_text: &str,
+        load_worlds: impl FnOnce(&str) -> Result<String, PolicyError>,
+    ) -> Result<Self, PolicyError> {
+        let doc: PolicyToml =
+            toml::from_str(toml_text).map_err(|e| PolicyError::Toml(e.message().to_owned()))?;
+        let worlds_text = load_worlds(&doc.worlds)?;
+        let worlds = parse_worlds(&doc.worlds, &worlds_text)?;
+        let defaults = apply_limits(&Limits::default(), &doc.limits)?;
+        let mut programs: Vec<ProgramGrant> = Vec::with_capacity(doc.programs.len());
+        for p in &doc.programs {
+            let capabilities = *worlds.get(&p.world).ok_or_else(|| PolicyError::UnknownWorld {
+                program: p.name.clone(),
+                world: p.world.clone(),
+            })?;
+            let digest = parse_digest(&p.name, &p.sha256)?;
+            if let Some(other) = programs.iter().find(|g| g.digest == digest) {
+                return Err(PolicyError::DuplicateDigest {
+                    first: other.name.clone(),
+                    second: p.name.clone(),
+                });
+            }
+            programs.push(ProgramGrant {
+                name: p.name.clone(),
+                digest,
+                world: p.world.clone(),
+                capabilities,
+                limits: apply_limits(&defaults, &p.limits)?,
+                models: p.models.clone(),
+            });
+        }
+        let mut h = Sha256::new();
+        h.update((toml_text.len() as u64).to_be_bytes());
+        h.update(toml_text.as_bytes());
+        h.update(worlds_text.as_bytes());
+        Ok(Policy {
+            worlds,
+            programs,
+            digest: h.finalize().into(),
+        })
+    }
+
+    /// Loads `file` (a policy TOML) from `dir`; the worlds file it names is
+    /// read from the same directory handle, so it cannot escape it.
+    pub fn load(dir: &cap_std::fs::Dir, file: &str) -> Result<Self, PolicyError> {
+        let read = |path: &str| {
+            dir.read_to_string(path).map_err(|source| PolicyError::Read {
+                path: path.to_owned(),
+                source,
+            })
+        };
+        let toml_text = read(file)?;
+        Self::parse(&toml_text, read)
+    }
+
+    /// Opens the directory of `path` with ambient authority (the one place the
+    /// loader does so, at start-up) and loads the policy from it.
+    pub fn load_path(path: &std::path::Path) -> Result<Self, PolicyError> {
+        let display = path.display().to_string();
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => std::path::Path::new("."),
+        };
+        let file = path
+            .file_name()
+            .and_then(|f| f.to_str())
+            .ok_or_else(|| PolicyError::Read {
+                path: display.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
+            })?;
+        let dir = cap_std::fs::Dir::open_ambient_dir(parent, cap_std::ambient_authority())
+            .map_err(|source| PolicyError::Read {
+                path: display,
+                source,
+            })?;
+        Self::load(&dir, file)
+    }
+
+    /// The grant for a component with this digest, if the policy lists it.
+    pub fn grant_for(&self, digest: &[u8; 32]) -> Option<&ProgramGrant> {
+        self.programs.iter().find(|g| &g.digest == digest)
+    }
+
+    /// Every program entry.
+    pub fn programs(&self) -> &[ProgramGrant] {
+        &self.programs
+    }
+
+    /// The capability worlds the policy defines.
+    pub fn worlds(&self) -> &BTreeMap<String, Capabilities> {
+        &self.worlds
+    }
+
+    /// SHA-256 over the policy TOML and worlds WIT (what the loader measures).
+    pub fn digest(&self) -> [u8; 32] {
+        self.digest
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WORLDS: &str = r#"
+        package cinfer:policies;
+        world request-reply {
+            import cinfer:loader/crypto@0.1.0;
+            import cinfer:loader/output@0.1.0;
+        }
+        world inference {
+            import cinfer:loader/crypto@0.1.0;
+            import cinfer:loader/model@0.1.0;
+            import cinfer:loader/output@0.1.0;
+        }
+    "#;
+
+    fn parse(toml_text: &str) -> Result<Policy, PolicyError> {
+        Policy::parse(toml_text, |_| Ok(WORLDS.to_owned()))
+    }
+
+    const D: &str = "0000000000000000000000000000000000000000000000000000000000000001";
+
+    #[test]
+    fn worlds_resolve_to_capabilities() {
+        let p = parse(&format!(
+            "worlds = \"w.wit\"\n[[program]]\nname = \"a\"\nsha256 = \"{D}\"\nworld = \"inference\"\n"
+        ))
+        .expect("policy");
+        let rr = p.worlds()["request-reply"];
+        assert!(rr.contains(Capability::Crypto) && rr.contains(Capability::Output));
+        assert!(!rr.contains(Capability::Model) && !rr.contains(Capability::Accelerator));
+        // `model` uses accelerator types, so granting it brings `accelerator` along.
+        assert!(p.worlds()["inference"].contains(Capability::Accelerator));
+        assert_eq!(p.programs()[0].limits, Limits::default());
+    }
+
+    #[test]
+    fn limits_override_and_validate() {
+        let p = parse(&format!(
+            "worlds = \"w\"\n[limits]\ndeadline-ms = 100\n[[program]]\nname = \"a\"\nsha256 = \"{D}\"\nworld = \"request-reply\"\nlimits = {{ egress-bytes = 10 }}\n"
+        ))
+        .expect("policy");
+        let l = &p.programs()[0].limits;
+        assert_eq!(l.deadline, Duration::from_millis(100));
+        assert_eq!(l.egress_bytes, 10);
+        let err = parse("worlds = \"w\"\n[limits]\ndeadline-ms = 0\n").unwrap_err();
+        assert!(matches!(err, PolicyError::LimitOutOfRange { limit: "deadline-ms", .. }), "{err}");
+        let err = parse("worlds = \"w\"\n[limits]\nmemory-bytes = 99999999999\n").unwrap_err();
+        assert!(matches!(err, PolicyError::LimitOutOfRange { limit: "memory-bytes", .. }), "{err}");
+    }
+
+    #[test]
+    fn refusals_name_the_reason() {
+        let err = parse("worlds = \"w\"\nbogus = 1\n").unwrap_err();
+        assert!(matches!(err, PolicyError::Toml(ref m) if m.contains("bogus")), "{err}");
+        let err = parse(&format!(
+            "worlds = \"w\"\n[[program]]\nname = \"a\"\nsha256 = \"{D}\"\nworld = \"nope\"\n"
+        ))
+        .unwrap_err();
+        assert!(matches!(err, PolicyError::UnknownWorld { ref world, .. } if world == "nope"));
+        let err = parse("worlds = \"w\"\n[[program]]\nname = \"a\"\nsha256 = \"xyz\"\nworld = \"inference\"\n")
+            .unwrap_err();
+        assert!(matches!(err, PolicyError::BadDigest { .. }));
+        let err = parse(&format!(
+            "worlds = \"w\"\n[[program]]\nname = \"a\"\nsha256 = \"{D}\"\nworld = \"inference\"\n[[program]]\nname = \"b\"\nsha256 = \"{D}\"\nworld = \"inference\"\n"
+        ))
+        .unwrap_err();
+        assert!(matches!(err, PolicyError::DuplicateDigest { .. }));
+    }
+
+    #[test]
+    fn foreign_imports_in_a_world_are_refused() {
+        let worlds = "package cinfer:policies;\ninterface fs { read: func(); }\nworld w { import fs; }\n";
+        let err = Policy::parse("worlds = \"w\"\n", |_| Ok(worlds.to_owned())).unwrap_err();
+        assert!(
+            matches!(err, PolicyError::ForeignImport { ref import, .. } if import.contains("fs")),
+            "{err}"
+        );
+        let err = Policy::parse("worlds = \"w\"\n", |_| Ok("package x:y; world".to_owned())).unwrap_err();
+        assert!(matches!(err, PolicyError::Wit { .. }));
+    }
+
+    #[test]
+    fn policy_files_cannot_escape_their_directory() {
+        let tmp = std::env::temp_dir().join(format!("cinfer-policy-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).expect("tmp");
+        std::fs::write(tmp.join("p.toml"), "worlds = \"../outside.wit\"\n").expect("write");
+        let err = Policy::load_path(&tmp.join("p.toml")).unwrap_err();
+        assert!(matches!(err, PolicyError::Read { ref path, .. } if path == "../outside.wit"), "{err}");
+        std::fs::remove_dir_all(&tmp).ok();
+    }
+}
