@@ -172,13 +172,15 @@ impl RequestPrivateKey {
             .lines()
             .map(str::trim)
             .find(|l| !l.is_empty() && !l.starts_with('#'))
-            .ok_or(EnvelopeError::MalformedKey("no key line in development key file"))?;
-        let hex_key = line
-            .strip_prefix(DEV_KEY_TAG)
-            .map(str::trim)
             .ok_or(EnvelopeError::MalformedKey(
-                "development key line must start with cinfer-dev-request-key-v1",
+                "no key line in development key file",
             ))?;
+        let hex_key =
+            line.strip_prefix(DEV_KEY_TAG)
+                .map(str::trim)
+                .ok_or(EnvelopeError::MalformedKey(
+                    "development key line must start with cinfer-dev-request-key-v1",
+                ))?;
         let bytes = Zeroizing::new(
             hex::decode(hex_key).map_err(|_| EnvelopeError::MalformedKey("key is not hex"))?,
         );
@@ -227,11 +229,7 @@ struct RequestParts<'a> {
     ciphertext: &'a [u8],
 }
 
-fn take<'a>(
-    bytes: &mut &'a [u8],
-    n: usize,
-    what: &'static str,
-) -> Result<&'a [u8], EnvelopeError> {
+fn take<'a>(bytes: &mut &'a [u8], n: usize, what: &'static str) -> Result<&'a [u8], EnvelopeError> {
     if bytes.len() < n {
         return Err(EnvelopeError::Truncated(what));
     }

@@ -12,7 +12,7 @@ fn request_and_reply_round_trip() {
     assert!(!sealed.windows(12).any(|w| w == b"hello loader"));
     let (pt, mut sealer) = open_request(&key, &sealed).expect("open");
     assert_eq!(pt.as_slice(), b"hello loader");
-    let frames = vec![
+    let frames = [
         sealer.seal_chunk(b"hel").expect("chunk"),
         sealer.seal_chunk(b"lo").expect("chunk"),
         sealer.finish(ReplyStatus::Completed).expect("finish"),
@@ -30,7 +30,10 @@ fn every_flipped_request_byte_is_refused() {
     for i in 0..sealed.len() {
         let mut bad = sealed.clone();
         bad[i] ^= 0x01;
-        assert!(open_request(&key, &bad).is_err(), "flip at byte {i} accepted");
+        assert!(
+            open_request(&key, &bad).is_err(),
+            "flip at byte {i} accepted"
+        );
     }
 }
 
@@ -60,12 +63,24 @@ fn header_errors_are_typed() {
     let (key, sealed, _) = round_trip_setup(b"x");
     let mut v = sealed.clone();
     v[0] = 9;
-    assert_eq!(open_request(&key, &v).unwrap_err(), EnvelopeError::UnsupportedVersion(9));
+    assert_eq!(
+        open_request(&key, &v).unwrap_err(),
+        EnvelopeError::UnsupportedVersion(9)
+    );
     let mut s = sealed.clone();
     s[2] = 0x20;
-    assert!(matches!(open_request(&key, &s), Err(EnvelopeError::UnsupportedSuite(0x0020, 1, 2))));
-    assert_eq!(open_request(&key, &sealed[..5]).unwrap_err(), EnvelopeError::Truncated("suite"));
-    assert_eq!(open_request(&key, &[]).unwrap_err(), EnvelopeError::Truncated("version"));
+    assert!(matches!(
+        open_request(&key, &s),
+        Err(EnvelopeError::UnsupportedSuite(0x0020, 1, 2))
+    ));
+    assert_eq!(
+        open_request(&key, &sealed[..5]).unwrap_err(),
+        EnvelopeError::Truncated("suite")
+    );
+    assert_eq!(
+        open_request(&key, &[]).unwrap_err(),
+        EnvelopeError::Truncated("version")
+    );
     // Cut inside the ciphertext's tag.
     let cut = &sealed[..sealed.len() - 17 + 1];
     assert!(open_request(&key, cut).is_err());
@@ -75,7 +90,11 @@ fn sealed_reply(n: usize) -> (ReplyOpener, Vec<Vec<u8>>) {
     let (key, sealed, opener) = round_trip_setup(b"x");
     let (_, mut sealer) = open_request(&key, &sealed).expect("open");
     let mut frames: Vec<Vec<u8>> = (0..n)
-        .map(|i| sealer.seal_chunk(format!("chunk{i}").as_bytes()).expect("seal"))
+        .map(|i| {
+            sealer
+                .seal_chunk(format!("chunk{i}").as_bytes())
+                .expect("seal")
+        })
         .collect();
     frames.push(sealer.finish(ReplyStatus::Completed).expect("finish"));
     (opener, frames)
@@ -86,7 +105,9 @@ fn reordered_reply_is_refused() {
     let (opener, mut frames) = sealed_reply(3);
     frames.swap(0, 1);
     assert_eq!(
-        opener.open_all(frames.iter().map(Vec::as_slice)).unwrap_err(),
+        opener
+            .open_all(frames.iter().map(Vec::as_slice))
+            .unwrap_err(),
         EnvelopeError::AuthenticationFailed
     );
 }
@@ -97,7 +118,9 @@ fn replayed_reply_chunk_is_refused() {
     let first = frames[0].clone();
     frames.insert(1, first);
     assert_eq!(
-        opener.open_all(frames.iter().map(Vec::as_slice)).unwrap_err(),
+        opener
+            .open_all(frames.iter().map(Vec::as_slice))
+            .unwrap_err(),
         EnvelopeError::AuthenticationFailed
     );
 }
@@ -107,7 +130,9 @@ fn truncated_reply_is_refused() {
     let (opener, mut frames) = sealed_reply(2);
     frames.pop();
     assert_eq!(
-        opener.open_all(frames.iter().map(Vec::as_slice)).unwrap_err(),
+        opener
+            .open_all(frames.iter().map(Vec::as_slice))
+            .unwrap_err(),
         EnvelopeError::ReplyTruncated
     );
 }
@@ -119,7 +144,9 @@ fn final_flag_flip_is_refused() {
     frames[1][0] = 1;
     frames.truncate(2);
     assert_eq!(
-        opener.open_all(frames.iter().map(Vec::as_slice)).unwrap_err(),
+        opener
+            .open_all(frames.iter().map(Vec::as_slice))
+            .unwrap_err(),
         EnvelopeError::AuthenticationFailed
     );
 }
@@ -130,7 +157,10 @@ fn frame_after_end_is_refused() {
     for f in &frames {
         opener.open(f).expect("in order");
     }
-    assert_eq!(opener.open(&frames[0]).unwrap_err(), EnvelopeError::FrameAfterEnd);
+    assert_eq!(
+        opener.open(&frames[0]).unwrap_err(),
+        EnvelopeError::FrameAfterEnd
+    );
 }
 
 #[test]
@@ -138,7 +168,9 @@ fn reply_for_another_request_is_refused() {
     let (opener_a, _) = sealed_reply(1);
     let (_, frames_b) = sealed_reply(1);
     assert_eq!(
-        opener_a.open_all(frames_b.iter().map(Vec::as_slice)).unwrap_err(),
+        opener_a
+            .open_all(frames_b.iter().map(Vec::as_slice))
+            .unwrap_err(),
         EnvelopeError::AuthenticationFailed
     );
 }

@@ -42,8 +42,8 @@ pub mod bindings {
 
 use bindings::cinfer::loader::{accelerator as raw_accel, crypto, model as raw_model};
 
-pub use raw_accel::{AccelError, Dtype};
 pub use crypto::CryptoError;
+pub use raw_accel::{AccelError, Dtype};
 pub use raw_model::ModelError;
 
 /// Any failure a program can see.

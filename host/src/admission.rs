@@ -154,9 +154,18 @@ mod tests {
     #[test]
     fn preamble_kinds() {
         assert_eq!(check_preamble(b""), Err(AdmissionError::NotWasm));
-        assert_eq!(check_preamble(b"hello world!"), Err(AdmissionError::NotWasm));
-        assert_eq!(check_preamble(b"\0asm\x01\0\0\0"), Err(AdmissionError::CoreModule));
+        assert_eq!(
+            check_preamble(b"hello world!"),
+            Err(AdmissionError::NotWasm)
+        );
+        assert_eq!(
+            check_preamble(b"\0asm\x01\0\0\0"),
+            Err(AdmissionError::CoreModule)
+        );
         assert_eq!(check_preamble(b"\0asm\x0d\0\x01\0"), Ok(()));
-        assert_eq!(check_preamble(b"\0asm\x0d\0\x07\0"), Err(AdmissionError::NotWasm));
+        assert_eq!(
+            check_preamble(b"\0asm\x0d\0\x07\0"),
+            Err(AdmissionError::NotWasm)
+        );
     }
 }

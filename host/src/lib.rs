@@ -29,7 +29,9 @@ pub mod loader;
 pub mod policy;
 
 pub use admission::{AdmissionError, AdmittedProgram};
-pub use loader::{AbortReason, Loader, LoaderConfig, LoaderError, RequestError, RunOutcome, RunReport};
+pub use loader::{
+    AbortReason, Loader, LoaderConfig, LoaderError, RequestError, RunOutcome, RunReport,
+};
 pub use policy::{Capabilities, Capability, Limits, Policy, PolicyError};
 
 /// The loader's WIT package, embedded so the binary measures what it enforces.

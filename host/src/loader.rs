@@ -165,7 +165,12 @@ struct MemoryLimiter {
 const MAX_TABLE_ELEMENTS: usize = 100_000;
 
 impl wasmtime::ResourceLimiter for MemoryLimiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired as u64 > self.memory_bytes {
             return Err(wasmtime::Error::new(PolicyViolation::MemoryLimit {
                 limit: self.memory_bytes,
@@ -174,7 +179,12 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
         Ok(true)
     }
 
-    fn table_growing(&mut self, _current: usize, desired: usize, _max: Option<usize>) -> wasmtime::Result<bool> {
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
         if desired > MAX_TABLE_ELEMENTS {
             return Err(wasmtime::Error::new(PolicyViolation::MemoryLimit {
                 limit: self.memory_bytes,
@@ -207,15 +217,28 @@ fn linker_for(engine: &Engine, caps: Capabilities) -> wasmtime::Result<Linker<Ru
     let mut linker = Linker::new(engine);
     for cap in caps.iter() {
         match cap {
-            Capability::Crypto => crypto::add_to_linker::<RunState, CryptoCap>(&mut linker, |s: &mut RunState| &mut s.crypto)?,
-            Capability::Accelerator => {
-                accelerator::add_to_linker::<RunState, AccelCap>(&mut linker, |s: &mut RunState| &mut s.accel)?
+            Capability::Crypto => {
+                crypto::add_to_linker::<RunState, CryptoCap>(&mut linker, |s: &mut RunState| {
+                    &mut s.crypto
+                })?
             }
-            Capability::Model => model::add_to_linker::<RunState, ModelCap>(&mut linker, |s: &mut RunState| ModelView {
-                model: &mut s.model,
-                accel: &mut s.accel,
-            })?,
-            Capability::Output => output::add_to_linker::<RunState, OutputCap>(&mut linker, |s: &mut RunState| &mut s.output)?,
+            Capability::Accelerator => accelerator::add_to_linker::<RunState, AccelCap>(
+                &mut linker,
+                |s: &mut RunState| &mut s.accel,
+            )?,
+            Capability::Model => {
+                model::add_to_linker::<RunState, ModelCap>(&mut linker, |s: &mut RunState| {
+                    ModelView {
+                        model: &mut s.model,
+                        accel: &mut s.accel,
+                    }
+                })?
+            }
+            Capability::Output => {
+                output::add_to_linker::<RunState, OutputCap>(&mut linker, |s: &mut RunState| {
+                    &mut s.output
+                })?
+            }
         }
     }
     Ok(linker)
@@ -307,8 +330,10 @@ impl Loader {
         if let Some(l) = linkers.get(&caps) {
             return Ok(l.clone());
         }
-        let linker = Arc::new(linker_for(&self.engine, caps).map_err(|e| AdmissionError::ImportMismatch {
-            reason: format!("building the linker: {e:#}"),
+        let linker = Arc::new(linker_for(&self.engine, caps).map_err(|e| {
+            AdmissionError::ImportMismatch {
+                reason: format!("building the linker: {e:#}"),
+            }
         })?);
         linkers.insert(caps, linker.clone());
         Ok(linker)
@@ -350,23 +375,29 @@ impl Loader {
                 digest: hex::encode(digest),
             })?
             .clone();
-        let component = Component::new(&self.engine, bytes).map_err(|e| AdmissionError::InvalidComponent {
-            reason: format!("{e:#}"),
-        })?;
-        let imports = admission::check_imports(&self.engine, &component, &grant)?;
-        let linker = self.linker(grant.capabilities)?;
-        let instance_pre = linker
-            .instantiate_pre(&component)
-            .map_err(|e| AdmissionError::ImportMismatch {
+        let component =
+            Component::new(&self.engine, bytes).map_err(|e| AdmissionError::InvalidComponent {
                 reason: format!("{e:#}"),
             })?;
+        let imports = admission::check_imports(&self.engine, &component, &grant)?;
+        let linker = self.linker(grant.capabilities)?;
+        let instance_pre =
+            linker
+                .instantiate_pre(&component)
+                .map_err(|e| AdmissionError::ImportMismatch {
+                    reason: format!("{e:#}"),
+                })?;
         if component.get_export_index(None, "run").is_none() {
             return Err(AdmissionError::MissingRun);
         }
         let pre = ProgramPre::new(instance_pre).map_err(|e| AdmissionError::MistypedRun {
             reason: format!("{e:#}"),
         })?;
-        Ok(AdmittedProgram { grant, pre, imports })
+        Ok(AdmittedProgram {
+            grant,
+            pre,
+            imports,
+        })
     }
 
     /// Runs one sealed request and collects the sealed reply frames.
@@ -379,7 +410,10 @@ impl Loader {
         let frames = Arc::new(Mutex::new(Vec::new()));
         let sink_frames = frames.clone();
         let sink: FrameSink = Box::new(move |f| {
-            sink_frames.lock().unwrap_or_else(PoisonError::into_inner).push(f)
+            sink_frames
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(f)
         });
         let mut report = self.run_streaming(program, sealed_request, key, sink)?;
         report.frames = std::mem::take(&mut *frames.lock().unwrap_or_else(PoisonError::into_inner));
@@ -409,7 +443,10 @@ impl Loader {
 
     /// Runs a program with no request (a warm-up or a benchmark of the bare
     /// instantiate + call path); output is counted but not sealed anywhere.
-    pub fn run_without_request(&self, program: &AdmittedProgram) -> Result<RunReport, RequestError> {
+    pub fn run_without_request(
+        &self,
+        program: &AdmittedProgram,
+    ) -> Result<RunReport, RequestError> {
         self.execute(program, None, None, Box::new(|_| {}))
     }
 
@@ -433,7 +470,9 @@ impl Loader {
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
-        let ticks = u64::try_from(limits.deadline.as_millis()).unwrap_or(u64::MAX).max(1);
+        let ticks = u64::try_from(limits.deadline.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
         store.set_epoch_deadline(ticks);
         store.epoch_deadline_trap();
 
@@ -463,7 +502,9 @@ impl Loader {
             RunOutcome::Aborted(reason) => {
                 tracing::warn!(program = %program.grant.name, %reason, "run aborted")
             }
-            other => tracing::debug!(program = %program.grant.name, outcome = ?other, ?elapsed, "run finished"),
+            other => {
+                tracing::debug!(program = %program.grant.name, outcome = ?other, ?elapsed, "run finished")
+            }
         }
         Ok(RunReport {
             frames: Vec::new(),

@@ -83,7 +83,10 @@ fn check(policy: &Path, program: &Path) -> Result<ExitCode> {
     let bytes = read_arg_file(program)?;
     let loader = Loader::new(policy, LoaderConfig::default())?;
     println!("program:  {}", program.display());
-    println!("sha256:   {}", hex::encode(cinfer_host::admission::digest(&bytes)));
+    println!(
+        "sha256:   {}",
+        hex::encode(cinfer_host::admission::digest(&bytes))
+    );
     match loader.admit(&bytes) {
         Ok(p) => {
             let g = p.grant();
@@ -91,7 +94,11 @@ fn check(policy: &Path, program: &Path) -> Result<ExitCode> {
             println!("granted:  {}", g.capabilities);
             println!(
                 "imports:  {}",
-                if p.imports().is_empty() { "(none)".to_owned() } else { p.imports().join(", ") }
+                if p.imports().is_empty() {
+                    "(none)".to_owned()
+                } else {
+                    p.imports().join(", ")
+                }
             );
             println!(
                 "limits:   memory {} B, deadline {} ms, egress {} B, accelerator {} B, request {} B",

@@ -98,7 +98,9 @@ impl Capabilities {
 
     /// The capabilities in the set.
     pub fn iter(self) -> impl Iterator<Item = Capability> {
-        Capability::ALL.into_iter().filter(move |c| self.contains(*c))
+        Capability::ALL
+            .into_iter()
+            .filter(move |c| self.contains(*c))
     }
 }
 
@@ -313,7 +315,11 @@ fn parse_worlds(path: &str, text: &str) -> Result<BTreeMap<String, Capabilities>
         .map_err(wit_err)?;
     let pkg = resolve.push_str(path, text).map_err(wit_err)?;
     let mut worlds = BTreeMap::new();
-    for (_, world) in resolve.worlds.iter().filter(|(_, w)| w.package == Some(pkg)) {
+    for (_, world) in resolve
+        .worlds
+        .iter()
+        .filter(|(_, w)| w.package == Some(pkg))
+    {
         let mut caps = Capabilities::NONE;
         for key in world.imports.keys() {
             let name = resolve.name_world_key(key);
@@ -357,10 +363,12 @@ impl Policy {
         let defaults = apply_limits(&Limits::default(), &doc.limits)?;
         let mut programs: Vec<ProgramGrant> = Vec::with_capacity(doc.programs.len());
         for p in &doc.programs {
-            let capabilities = *worlds.get(&p.world).ok_or_else(|| PolicyError::UnknownWorld {
-                program: p.name.clone(),
-                world: p.world.clone(),
-            })?;
+            let capabilities = *worlds
+                .get(&p.world)
+                .ok_or_else(|| PolicyError::UnknownWorld {
+                    program: p.name.clone(),
+                    world: p.world.clone(),
+                })?;
             let digest = parse_digest(&p.name, &p.sha256)?;
             if let Some(other) = programs.iter().find(|g| g.digest == digest) {
                 return Err(PolicyError::DuplicateDigest {
@@ -392,10 +400,11 @@ impl Policy {
     /// read from the same directory handle, so it cannot escape it.
     pub fn load(dir: &cap_std::fs::Dir, file: &str) -> Result<Self, PolicyError> {
         let read = |path: &str| {
-            dir.read_to_string(path).map_err(|source| PolicyError::Read {
-                path: path.to_owned(),
-                source,
-            })
+            dir.read_to_string(path)
+                .map_err(|source| PolicyError::Read {
+                    path: path.to_owned(),
+                    source,
+                })
         };
         let toml_text = read(file)?;
         Self::parse(&toml_text, read)
@@ -492,22 +501,45 @@ mod tests {
         assert_eq!(l.deadline, Duration::from_millis(100));
         assert_eq!(l.egress_bytes, 10);
         let err = parse("worlds = \"w\"\n[limits]\ndeadline-ms = 0\n").unwrap_err();
-        assert!(matches!(err, PolicyError::LimitOutOfRange { limit: "deadline-ms", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                PolicyError::LimitOutOfRange {
+                    limit: "deadline-ms",
+                    ..
+                }
+            ),
+            "{err}"
+        );
         let err = parse("worlds = \"w\"\n[limits]\nmemory-bytes = 99999999999\n").unwrap_err();
-        assert!(matches!(err, PolicyError::LimitOutOfRange { limit: "memory-bytes", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                PolicyError::LimitOutOfRange {
+                    limit: "memory-bytes",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
     fn refusals_name_the_reason() {
         let err = parse("worlds = \"w\"\nbogus = 1\n").unwrap_err();
-        assert!(matches!(err, PolicyError::Toml(ref m) if m.contains("bogus")), "{err}");
+        assert!(
+            matches!(err, PolicyError::Toml(ref m) if m.contains("bogus")),
+            "{err}"
+        );
         let err = parse(&format!(
             "worlds = \"w\"\n[[program]]\nname = \"a\"\nsha256 = \"{D}\"\nworld = \"nope\"\n"
         ))
         .unwrap_err();
         assert!(matches!(err, PolicyError::UnknownWorld { ref world, .. } if world == "nope"));
-        let err = parse("worlds = \"w\"\n[[program]]\nname = \"a\"\nsha256 = \"xyz\"\nworld = \"inference\"\n")
-            .unwrap_err();
+        let err = parse(
+            "worlds = \"w\"\n[[program]]\nname = \"a\"\nsha256 = \"xyz\"\nworld = \"inference\"\n",
+        )
+        .unwrap_err();
         assert!(matches!(err, PolicyError::BadDigest { .. }));
         let err = parse(&format!(
             "worlds = \"w\"\n[[program]]\nname = \"a\"\nsha256 = \"{D}\"\nworld = \"inference\"\n[[program]]\nname = \"b\"\nsha256 = \"{D}\"\nworld = \"inference\"\n"
@@ -518,13 +550,15 @@ mod tests {
 
     #[test]
     fn foreign_imports_in_a_world_are_refused() {
-        let worlds = "package cinfer:policies;\ninterface fs { read: func(); }\nworld w { import fs; }\n";
+        let worlds =
+            "package cinfer:policies;\ninterface fs { read: func(); }\nworld w { import fs; }\n";
         let err = Policy::parse("worlds = \"w\"\n", |_| Ok(worlds.to_owned())).unwrap_err();
         assert!(
             matches!(err, PolicyError::ForeignImport { ref import, .. } if import.contains("fs")),
             "{err}"
         );
-        let err = Policy::parse("worlds = \"w\"\n", |_| Ok("package x:y; world".to_owned())).unwrap_err();
+        let err =
+            Policy::parse("worlds = \"w\"\n", |_| Ok("package x:y; world".to_owned())).unwrap_err();
         assert!(matches!(err, PolicyError::Wit { .. }));
     }
 
@@ -534,7 +568,10 @@ mod tests {
         std::fs::create_dir_all(&tmp).expect("tmp");
         std::fs::write(tmp.join("p.toml"), "worlds = \"../outside.wit\"\n").expect("write");
         let err = Policy::load_path(&tmp.join("p.toml")).unwrap_err();
-        assert!(matches!(err, PolicyError::Read { ref path, .. } if path == "../outside.wit"), "{err}");
+        assert!(
+            matches!(err, PolicyError::Read { ref path, .. } if path == "../outside.wit"),
+            "{err}"
+        );
         std::fs::remove_dir_all(&tmp).ok();
     }
 }

@@ -237,8 +237,12 @@ mod tests {
     fn matmul_matches_naive_sum_serial_and_parallel() {
         let cpu = CpuBackend::default();
         for &(m, k, n) in &[(1, 3, 2), (3, 17, 5), (64, 130, 200)] {
-            let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
-            let w: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0).collect();
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0)
+                .collect();
             let mut want = vec![0f32; m * n];
             for i in 0..m {
                 for j in 0..n {
@@ -254,8 +258,16 @@ mod tests {
     fn elementwise_and_broadcast() {
         let cpu = CpuBackend::default();
         let a = buf(&[1.0, 2.0, 3.0, 4.0]);
-        assert_eq!(get(cpu.binary(BinaryOp::Add, &a, &buf(&[10.0, 20.0]), 2).expect("add")), [11.0, 22.0, 13.0, 24.0]);
-        assert_eq!(get(cpu.binary(BinaryOp::Mul, &a, &a, 2).expect("mul")), [1.0, 4.0, 9.0, 16.0]);
+        assert_eq!(
+            get(cpu
+                .binary(BinaryOp::Add, &a, &buf(&[10.0, 20.0]), 2)
+                .expect("add")),
+            [11.0, 22.0, 13.0, 24.0]
+        );
+        assert_eq!(
+            get(cpu.binary(BinaryOp::Mul, &a, &a, 2).expect("mul")),
+            [1.0, 4.0, 9.0, 16.0]
+        );
         let s = get(cpu.silu(&buf(&[0.0, 1.0])).expect("silu"));
         close(&s, &[0.0, 0.731_058_6], 1e-6);
     }
@@ -263,22 +275,40 @@ mod tests {
     #[test]
     fn rmsnorm_softmax_argmax() {
         let cpu = CpuBackend::default();
-        let r = get(cpu.rmsnorm(&buf(&[3.0, 4.0]), &buf(&[1.0, 2.0]), 2, 0.0).expect("rmsnorm"));
+        let r = get(cpu
+            .rmsnorm(&buf(&[3.0, 4.0]), &buf(&[1.0, 2.0]), 2, 0.0)
+            .expect("rmsnorm"));
         let rms = (12.5f32).sqrt();
         close(&r, &[3.0 / rms, 8.0 / rms], 1e-6);
-        let sm = get(cpu.softmax(&buf(&[1000.0, 1000.0, 0.0, f32::NEG_INFINITY]), 2).expect("softmax"));
+        let sm = get(cpu
+            .softmax(&buf(&[1000.0, 1000.0, 0.0, f32::NEG_INFINITY]), 2)
+            .expect("softmax"));
         close(&sm, &[0.5, 0.5, 1.0, 0.0], 1e-6);
-        assert_eq!(cpu.argmax(&buf(&[1.0, 3.0, 3.0, f32::NAN, -1.0, -2.0]), 3).expect("argmax"), [1, 1]);
+        assert_eq!(
+            cpu.argmax(&buf(&[1.0, 3.0, 3.0, f32::NAN, -1.0, -2.0]), 3)
+                .expect("argmax"),
+            [1, 1]
+        );
     }
 
     #[test]
     fn rope_rotates_adjacent_pairs() {
         let cpu = CpuBackend::default();
         // One row, one head, head_dim 4: pair 0 rotates by pos, pair 1 by pos / theta^(1/2).
-        let out = get(cpu.rope(&buf(&[1.0, 0.0, 1.0, 0.0]), 1, 4, 2, 100.0).expect("rope"));
-        close(&out, &[2f32.cos(), 2f32.sin(), 0.2f32.cos(), 0.2f32.sin()], 1e-6);
+        let out = get(cpu
+            .rope(&buf(&[1.0, 0.0, 1.0, 0.0]), 1, 4, 2, 100.0)
+            .expect("rope"));
+        close(
+            &out,
+            &[2f32.cos(), 2f32.sin(), 0.2f32.cos(), 0.2f32.sin()],
+            1e-6,
+        );
         // Position 0 is the identity.
         let x = [0.3, -0.7, 1.5, 2.0];
-        close(&get(cpu.rope(&buf(&x), 1, 4, 0, 10000.0).expect("rope")), &x, 0.0);
+        close(
+            &get(cpu.rope(&buf(&x), 1, 4, 0, 10000.0).expect("rope")),
+            &x,
+            0.0,
+        );
     }
 }

@@ -8,7 +8,8 @@
 
 use super::PolicyViolation;
 use crate::backend::{Backend, BackendError, BinaryOp, DeviceBuffer};
-use crate::bindings::accelerator::{AccelError, Dtype, Host, HostTensor};
+pub use crate::bindings::accelerator::{AccelError, Dtype};
+use crate::bindings::accelerator::{Host, HostTensor};
 use std::sync::Arc;
 use wasmtime::component::{Resource, ResourceTable};
 
@@ -65,7 +66,9 @@ type OpResult<T> = wasmtime::Result<Result<T, AccelError>>;
 fn backend_err<T>(e: BackendError) -> OpResult<T> {
     match e {
         BackendError::OutOfMemory => Ok(Err(AccelError::OutOfMemory)),
-        other => Err(wasmtime::Error::msg(format!("accelerator backend failure: {other}"))),
+        other => Err(wasmtime::Error::msg(format!(
+            "accelerator backend failure: {other}"
+        ))),
     }
 }
 
@@ -174,7 +177,12 @@ impl AccelCtx {
         Ok(Ok(t.shape.clone()))
     }
 
-    fn binary(&mut self, op: BinaryOp, a: Resource<Tensor>, b: Resource<Tensor>) -> OpResult<Resource<Tensor>> {
+    fn binary(
+        &mut self,
+        op: BinaryOp,
+        a: Resource<Tensor>,
+        b: Resource<Tensor>,
+    ) -> OpResult<Resource<Tensor>> {
         let sa = guest_try!(self.f32_operand(&a)?);
         let sb = guest_try!(self.f32_operand(&b)?);
         let cols = last_dim(&sa);
@@ -275,7 +283,12 @@ impl Host for AccelCtx {
         self.binary(BinaryOp::Mul, a, b)
     }
 
-    fn rmsnorm(&mut self, x: Resource<Tensor>, weight: Resource<Tensor>, eps: f32) -> OpResult<Resource<Tensor>> {
+    fn rmsnorm(
+        &mut self,
+        x: Resource<Tensor>,
+        weight: Resource<Tensor>,
+        eps: f32,
+    ) -> OpResult<Resource<Tensor>> {
         let sx = guest_try!(self.f32_operand(&x)?);
         let sw = guest_try!(self.f32_operand(&weight)?);
         let cols = last_dim(&sx);
@@ -362,21 +375,57 @@ mod tests {
         let mut c = ctx(1 << 20);
         let a = t(&mut c, &[2, 3], &[1.0; 6]);
         let b = t(&mut c, &[2, 2], &[1.0; 4]);
-        assert_eq!(guest_err(c.matmul(borrow(&a), borrow(&b))), AccelError::ShapeMismatch);
-        assert_eq!(guest_err(c.add(borrow(&a), borrow(&b))), AccelError::ShapeMismatch);
-        assert_eq!(guest_err(c.rmsnorm(borrow(&a), borrow(&b), 1e-5)), AccelError::ShapeMismatch);
-        assert_eq!(guest_err(c.rope(borrow(&a), 0, 10000.0)), AccelError::ShapeMismatch);
+        assert_eq!(
+            guest_err(c.matmul(borrow(&a), borrow(&b))),
+            AccelError::ShapeMismatch
+        );
+        assert_eq!(
+            guest_err(c.add(borrow(&a), borrow(&b))),
+            AccelError::ShapeMismatch
+        );
+        assert_eq!(
+            guest_err(c.rmsnorm(borrow(&a), borrow(&b), 1e-5)),
+            AccelError::ShapeMismatch
+        );
+        assert_eq!(
+            guest_err(c.rope(borrow(&a), 0, 10000.0)),
+            AccelError::ShapeMismatch
+        );
         let odd = t(&mut c, &[1, 1, 3], &[1.0; 3]);
-        assert_eq!(guest_err(c.rope(borrow(&odd), 0, 10000.0)), AccelError::ShapeMismatch);
+        assert_eq!(
+            guest_err(c.rope(borrow(&odd), 0, 10000.0)),
+            AccelError::ShapeMismatch
+        );
         let even = t(&mut c, &[1, 1, 2], &[1.0; 2]);
-        assert_eq!(guest_err(c.rope(borrow(&even), u32::MAX, 10000.0)), AccelError::InvalidArgument);
-        assert_eq!(guest_err(c.rope(borrow(&even), 0, f32::NAN)), AccelError::InvalidArgument);
+        assert_eq!(
+            guest_err(c.rope(borrow(&even), u32::MAX, 10000.0)),
+            AccelError::InvalidArgument
+        );
+        assert_eq!(
+            guest_err(c.rope(borrow(&even), 0, f32::NAN)),
+            AccelError::InvalidArgument
+        );
         let w = t(&mut c, &[3], &[1.0; 3]);
-        assert_eq!(guest_err(c.rmsnorm(borrow(&a), borrow(&w), -1.0)), AccelError::InvalidArgument);
-        assert_eq!(guest_err(c.upload(vec![2, 2], vec![1.0; 3])), AccelError::LengthMismatch);
-        assert_eq!(guest_err(c.upload(vec![], vec![])), AccelError::InvalidShape);
-        assert_eq!(guest_err(c.upload(vec![0, 4], vec![])), AccelError::InvalidShape);
-        assert_eq!(guest_err(c.zeros(Dtype::F32, vec![1, 1, 1, 1, 1])), AccelError::InvalidShape);
+        assert_eq!(
+            guest_err(c.rmsnorm(borrow(&a), borrow(&w), -1.0)),
+            AccelError::InvalidArgument
+        );
+        assert_eq!(
+            guest_err(c.upload(vec![2, 2], vec![1.0; 3])),
+            AccelError::LengthMismatch
+        );
+        assert_eq!(
+            guest_err(c.upload(vec![], vec![])),
+            AccelError::InvalidShape
+        );
+        assert_eq!(
+            guest_err(c.upload(vec![0, 4], vec![])),
+            AccelError::InvalidShape
+        );
+        assert_eq!(
+            guest_err(c.zeros(Dtype::F32, vec![1, 1, 1, 1, 1])),
+            AccelError::InvalidShape
+        );
         assert_eq!(
             guest_err(c.zeros(Dtype::F32, vec![u32::MAX, u32::MAX, u32::MAX])),
             AccelError::InvalidShape
@@ -388,7 +437,10 @@ mod tests {
         let mut c = ctx(64);
         let a = ok(c.zeros(Dtype::F32, vec![16]));
         assert_eq!(c.bytes_in_use(), 64);
-        assert_eq!(guest_err(c.zeros(Dtype::F32, vec![1])), AccelError::OutOfMemory);
+        assert_eq!(
+            guest_err(c.zeros(Dtype::F32, vec![1])),
+            AccelError::OutOfMemory
+        );
         assert_eq!(guest_err(c.silu(borrow(&a))), AccelError::OutOfMemory);
         c.drop(a).expect("drop");
         assert_eq!(c.bytes_in_use(), 0);
@@ -400,7 +452,10 @@ mod tests {
         let mut c = ctx(u64::MAX);
         let x = ok(c.zeros(Dtype::F32, vec![4096, 4096]));
         let w = ok(c.zeros(Dtype::F32, vec![4096, 4096]));
-        assert_eq!(guest_err(c.matmul(borrow(&x), borrow(&w))), AccelError::InvalidArgument);
+        assert_eq!(
+            guest_err(c.matmul(borrow(&x), borrow(&w))),
+            AccelError::InvalidArgument
+        );
     }
 
     #[test]
@@ -418,8 +473,16 @@ mod tests {
     #[test]
     fn weights_cannot_be_downloaded() {
         let mut c = ctx(1 << 20);
-        let w = ok(c.insert(vec![2], Dtype::F32, DeviceBuffer::Host(vec![0.5, 0.25]), false));
-        assert_eq!(guest_err(c.download(borrow(&w))), AccelError::NotDownloadable);
+        let w = ok(c.insert(
+            vec![2],
+            Dtype::F32,
+            DeviceBuffer::Host(vec![0.5, 0.25]),
+            false,
+        ));
+        assert_eq!(
+            guest_err(c.download(borrow(&w))),
+            AccelError::NotDownloadable
+        );
         // Ops on weights still work, and their results are activations.
         let y = ok(c.silu(borrow(&w)));
         assert_eq!(ok(c.download(borrow(&y))).len(), 2);
@@ -432,6 +495,9 @@ mod tests {
         let stale = borrow(&a);
         c.drop(a).expect("drop");
         let err = c.silu(stale).unwrap_err();
-        assert_eq!(err.downcast_ref::<PolicyViolation>(), Some(&PolicyViolation::BadHandle("tensor")));
+        assert_eq!(
+            err.downcast_ref::<PolicyViolation>(),
+            Some(&PolicyViolation::BadHandle("tensor"))
+        );
     }
 }

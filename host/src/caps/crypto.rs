@@ -15,7 +15,9 @@ pub struct CryptoCtx {
 
 impl std::fmt::Debug for CryptoCtx {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CryptoCtx").field("len", &self.len).finish_non_exhaustive()
+        f.debug_struct("CryptoCtx")
+            .field("len", &self.len)
+            .finish_non_exhaustive()
     }
 }
 

@@ -12,7 +12,8 @@ use super::PolicyViolation;
 use super::accelerator::{AccelCtx, Tensor};
 use crate::backend::DeviceBuffer;
 use crate::bindings::accelerator::{AccelError, Dtype};
-use crate::bindings::model::{Host, HostSealedModel, ModelError};
+pub use crate::bindings::model::ModelError;
+use crate::bindings::model::{Host, HostSealedModel};
 use std::collections::HashMap;
 use std::sync::Arc;
 use wasmtime::component::{Resource, ResourceTable};
@@ -90,7 +91,7 @@ impl ModelView<'_> {
 
 impl HostSealedModel for ModelView<'_> {
     fn open(&mut self, id: String) -> wasmtime::Result<Result<Resource<OpenModel>, ModelError>> {
-        if !self.model.allowed.iter().any(|a| *a == id) {
+        if !self.model.allowed.contains(&id) {
             return Ok(Err(ModelError::NotPermitted));
         }
         let Some(source) = self.model.store.models.get(&id).cloned() else {
@@ -99,7 +100,10 @@ impl HostSealedModel for ModelView<'_> {
         Ok(Ok(self.model.table.push(OpenModel { source })?))
     }
 
-    fn metadata(&mut self, m: Resource<OpenModel>) -> wasmtime::Result<Result<Vec<u8>, ModelError>> {
+    fn metadata(
+        &mut self,
+        m: Resource<OpenModel>,
+    ) -> wasmtime::Result<Result<Vec<u8>, ModelError>> {
         Ok(self.get(&m)?.source.metadata())
     }
 

@@ -9,6 +9,9 @@
 //! 3. WAT fixtures under `tests/fixtures/*.wat` (negative programs) are
 //!    assembled as they are, malformed ones included.
 //!
+//! With `--update-policies`, the digests pinned in `policies/*.toml` are
+//! rewritten to match (entries are matched by `name`).
+//!
 //! Output: `target/programs/NAME.wasm`, `target/programs/fixtures/NAME.wasm`,
 //! and `target/programs/digests.txt` (`sha256  path`).
 use anyhow::{Context, Result, bail};
@@ -47,13 +50,21 @@ fn main() -> Result<()> {
         .current_dir(root.join("programs"))
         .env("RUSTFLAGS", rustflags)
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .args(["build", "--release", "--locked", "--target", "wasm32-unknown-unknown"])
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            "wasm32-unknown-unknown",
+        ])
         .arg("--target-dir")
         .arg(&wasm_target)
         .status()
         .context("running cargo for the programs workspace")?;
     if !status.success() {
-        bail!("building programs failed ({status}); is the wasm32-unknown-unknown target installed? (rustup target add wasm32-unknown-unknown)");
+        bail!(
+            "building programs failed ({status}); is the wasm32-unknown-unknown target installed? (rustup target add wasm32-unknown-unknown)"
+        );
     }
 
     let mut digests = Vec::new();
@@ -91,7 +102,12 @@ fn main() -> Result<()> {
             .file_stem()
             .and_then(|s| s.to_str())
             .context("fixture name is not UTF-8")?;
-        write(&out.join("fixtures").join(format!("{stem}.wasm")), &bytes, &root, &mut digests)?;
+        write(
+            &out.join("fixtures").join(format!("{stem}.wasm")),
+            &bytes,
+            &root,
+            &mut digests,
+        )?;
     }
     // A component header followed by garbage: must be refused as malformed.
     write(
@@ -109,6 +125,58 @@ fn main() -> Result<()> {
     )?;
 
     std::fs::write(out.join("digests.txt"), digests.join(""))?;
+    if std::env::args().any(|a| a == "--update-policies") {
+        update_policies(&root.join("policies"), &digests)?;
+    }
+    Ok(())
+}
+
+/// Rewrites the `sha256 = "..."` line of each `[[program]]` entry in
+/// `policies/*.toml` whose `name` matches a built artifact's name. Text-based,
+/// so comments and layout survive.
+fn update_policies(dir: &Path, digests: &[String]) -> Result<()> {
+    let by_name: std::collections::HashMap<String, String> = digests
+        .iter()
+        .filter_map(|line| {
+            let (digest, path) = line.trim_end().split_once("  ")?;
+            let name = Path::new(path).file_stem()?.to_str()?.to_owned();
+            Some((name, digest.to_owned()))
+        })
+        .collect();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_none_or(|x| x != "toml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path)?;
+        let mut current: Option<String> = None;
+        let mut changed = 0;
+        let mut out = String::with_capacity(text.len());
+        for line in text.lines() {
+            let trimmed = line.trim_start();
+            if let Some(v) = trimmed.strip_prefix("name = ") {
+                current = Some(v.trim().trim_matches('"').to_owned());
+            }
+            match (
+                trimmed.starts_with("sha256 = "),
+                current.as_ref().and_then(|n| by_name.get(n)),
+            ) {
+                (true, Some(d)) => {
+                    let new = format!("sha256 = \"{d}\"");
+                    if trimmed != new {
+                        changed += 1;
+                    }
+                    out.push_str(&new);
+                }
+                _ => out.push_str(line),
+            }
+            out.push('\n');
+        }
+        if changed > 0 {
+            std::fs::write(&path, out)?;
+        }
+        println!("updated {changed} digest(s) in {}", path.display());
+    }
     Ok(())
 }
 

@@ -1,0 +1,513 @@
+//! Integration tests of the trusted loader on real components: the programs
+//! and negative fixtures built by `cargo run --release -p build-programs`.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::type_complexity)]
+
+use cinfer_envelope::{EnvelopeError, ReplyStatus, RequestPrivateKey, seal_request};
+use cinfer_host::caps::PolicyViolation;
+use cinfer_host::caps::model::{ModelSource, ModelStore};
+use cinfer_host::{
+    AbortReason, AdmissionError, Capability, Loader, LoaderConfig, Policy, RequestError, RunOutcome,
+};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Bytes of a built program, e.g. `echo` or `fixtures/memory-bomb`.
+fn program(name: &str) -> Vec<u8> {
+    let path = root().join("target/programs").join(format!("{name}.wasm"));
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}. Build the programs first: cargo run --release -p build-programs",
+            path.display()
+        )
+    })
+}
+
+fn hex_digest(bytes: &[u8]) -> String {
+    hex::encode(cinfer_host::admission::digest(bytes))
+}
+
+fn worlds() -> String {
+    std::fs::read_to_string(root().join("policies/worlds.wit")).expect("policies/worlds.wit")
+}
+
+/// A policy with one entry per (program, world, extra TOML) triple.
+fn policy_for(entries: &[(&str, &str, &str)]) -> Policy {
+    let mut toml_text = String::from("worlds = \"worlds.wit\"\n[limits]\ndeadline-ms = 300\n");
+    for (name, world, extra) in entries {
+        toml_text.push_str(&format!(
+            "[[program]]\nname = \"{name}\"\nsha256 = \"{}\"\nworld = \"{world}\"\n{extra}\n",
+            hex_digest(&program(name))
+        ));
+    }
+    Policy::parse(&toml_text, |_| Ok(worlds())).expect("test policy")
+}
+
+fn loader(policy: Policy) -> Loader {
+    Loader::new(policy, LoaderConfig::default()).expect("loader")
+}
+
+/// Seals `msg`, runs it, opens the reply.
+fn round_trip(
+    loader: &Loader,
+    name: &str,
+    key: &RequestPrivateKey,
+    msg: &[u8],
+) -> (
+    RunOutcome,
+    Result<(Vec<u8>, ReplyStatus), EnvelopeError>,
+    Vec<Vec<u8>>,
+) {
+    let admitted = loader.admit(&program(name)).expect("admitted");
+    let (sealed, opener) = seal_request(key.public_key(), msg).expect("seal");
+    let report = loader.run(&admitted, &sealed, key).expect("run");
+    let opened = opener
+        .open_all(report.frames.iter().map(Vec::as_slice))
+        .map(|(r, s)| (r.to_vec(), s));
+    (report.outcome, opened, report.frames)
+}
+
+#[test]
+fn committed_policies_admit_the_built_programs() {
+    let dev = Policy::load_path(&root().join("policies/dev.toml")).expect("policies/dev.toml");
+    let l = loader(dev);
+    for name in ["echo", "vector-ops"] {
+        let p = l.admit(&program(name)).unwrap_or_else(|e| {
+            panic!("{name} refused by policies/dev.toml: {e} (digests stale? run: cargo run --release -p build-programs -- --update-policies)")
+        });
+        assert_eq!(p.grant().name, name);
+    }
+    let echo = l.admit(&program("echo")).expect("echo");
+    assert!(!echo.grant().capabilities.contains(Capability::Accelerator));
+    assert!(!echo.grant().capabilities.contains(Capability::Model));
+    // The fixtures policy must list every fixture (its digests are in sync too).
+    let fixtures =
+        Policy::load_path(&root().join("policies/fixtures.toml")).expect("fixtures.toml");
+    for name in [
+        "infinite-loop",
+        "memory-bomb",
+        "deep-recursion",
+        "egress-bomb",
+        "model-user",
+        "wasi-filesystem",
+    ] {
+        let digest = cinfer_host::admission::digest(&program(&format!("fixtures/{name}")));
+        assert!(
+            fixtures.grant_for(&digest).is_some(),
+            "{name} not pinned in policies/fixtures.toml"
+        );
+    }
+}
+
+#[test]
+fn echo_round_trips_through_the_sealed_path() {
+    let l = loader(policy_for(&[("echo", "request-reply", "")]));
+    let key = RequestPrivateKey::generate();
+    let msg = b"the quick brown fox asks a confidential question";
+    let (outcome, opened, frames) = round_trip(&l, "echo", &key, msg);
+    assert_eq!(outcome, RunOutcome::Completed);
+    let (reply, status) = opened.expect("reply opens");
+    assert_eq!(reply, msg);
+    assert_eq!(status, ReplyStatus::Completed);
+    for f in &frames {
+        assert!(
+            !f.windows(5).any(|w| w == b"quick"),
+            "cleartext in a sealed frame"
+        );
+    }
+    // Empty requests are fine too.
+    let (outcome, opened, _) = round_trip(&l, "echo", &key, b"");
+    assert_eq!(outcome, RunOutcome::Completed);
+    assert_eq!(opened.expect("reply").0, b"");
+}
+
+/// Reference for programs/vector-ops (same deterministic weights, naive loops).
+fn vector_ops_reference(x: &[f32]) -> (Vec<f32>, Vec<f32>, usize) {
+    fn weights(n: usize, seed: u32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+    let d = x.len();
+    let rms = (x.iter().map(|v| v * v).sum::<f32>() / d as f32 + 1e-6).sqrt();
+    let xn: Vec<f32> = x.iter().map(|v| v / rms).collect();
+    let (w1, b1, w2) = (weights(16 * d, 1), weights(16, 2), weights(4 * 16, 3));
+    let h: Vec<f32> = (0..16)
+        .map(|j| {
+            let z = (0..d).map(|i| xn[i] * w1[j * d + i]).sum::<f32>() + b1[j];
+            z / (1.0 + (-z).exp())
+        })
+        .collect();
+    let logits: Vec<f32> = (0..4)
+        .map(|j| (0..16).map(|i| h[i] * w2[j * 16 + i]).sum())
+        .collect();
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let e: Vec<f32> = logits.iter().map(|v| (v - max).exp()).collect();
+    let s: f32 = e.iter().sum();
+    let p: Vec<f32> = e.iter().map(|v| v / s).collect();
+    let best = (0..4).fold(0, |b, i| if p[i] > p[b] { i } else { b });
+    (h, p, best)
+}
+
+fn parse_row(line: &str, label: &str) -> Vec<f32> {
+    line.strip_prefix(label)
+        .unwrap_or_else(|| panic!("expected `{label}` in {line:?}"))
+        .split_whitespace()
+        .map(|v| v.parse().expect("number"))
+        .collect()
+}
+
+#[test]
+fn vector_ops_runs_an_mlp_on_the_accelerator() {
+    let l = loader(policy_for(&[("vector-ops", "compute", "")]));
+    let key = RequestPrivateKey::generate();
+    for input in [vec![1.0f32, 2.0, 3.0, 4.0], vec![-0.5; 64], vec![7.25]] {
+        let text: Vec<String> = input.iter().map(|v| v.to_string()).collect();
+        let (outcome, opened, _) = round_trip(&l, "vector-ops", &key, text.join(" ").as_bytes());
+        assert_eq!(outcome, RunOutcome::Completed);
+        let reply = String::from_utf8(opened.expect("reply").0).expect("utf-8");
+        let lines: Vec<&str> = reply.lines().collect();
+        let (h, p, best) = vector_ops_reference(&input);
+        for (got, want) in parse_row(lines[0], "hidden")
+            .iter()
+            .zip(&h)
+            .chain(parse_row(lines[1], "probs").iter().zip(&p))
+        {
+            assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+        }
+        assert_eq!(lines[2], format!("argmax {best}"));
+    }
+    // A malformed request: the program fails, telling the requester why (sealed).
+    let (outcome, opened, _) = round_trip(&l, "vector-ops", &key, b"not numbers");
+    assert_eq!(outcome, RunOutcome::ProgramFailed);
+    let (reply, status) = opened.expect("reply");
+    assert_eq!(status, ReplyStatus::ProgramFailed);
+    assert!(String::from_utf8_lossy(&reply).starts_with("error:"));
+}
+
+#[test]
+fn admission_refusals_name_the_reason() {
+    let l = loader(policy_for(&[
+        ("fixtures/wasi-filesystem", "inference", ""),
+        ("fixtures/model-user", "request-reply", ""),
+        ("vector-ops", "request-reply", ""),
+        ("fixtures/mistyped-import", "request-reply", ""),
+        ("fixtures/no-run-export", "request-reply", ""),
+        ("fixtures/mistyped-run", "request-reply", ""),
+        ("fixtures/truncated-component", "request-reply", ""),
+    ]));
+    let refuse = |name: &str| l.admit(&program(name)).expect_err(name);
+
+    assert_eq!(refuse("fixtures/not-wasm"), AdmissionError::NotWasm);
+    assert_eq!(refuse("fixtures/core-module"), AdmissionError::CoreModule);
+    assert!(matches!(
+        refuse("fixtures/truncated-component"),
+        AdmissionError::InvalidComponent { .. }
+    ));
+    assert!(matches!(
+        refuse("fixtures/wasi-filesystem"),
+        AdmissionError::ImportNotGranted { ref import, .. } if import == "wasi:filesystem/types@0.2.0"
+    ));
+    assert!(matches!(
+        refuse("fixtures/model-user"),
+        AdmissionError::ImportNotGranted { ref import, .. } if import == "cinfer:loader/model@0.1.0"
+    ));
+    // vector-ops needs the accelerator; under request-reply it is refused.
+    assert!(matches!(
+        refuse("vector-ops"),
+        AdmissionError::ImportNotGranted { ref import, ref world, .. }
+            if import == "cinfer:loader/accelerator@0.1.0" && world == "request-reply"
+    ));
+    assert!(matches!(
+        refuse("fixtures/mistyped-import"),
+        AdmissionError::ImportMismatch { ref reason } if reason.contains("emit")
+    ));
+    assert_eq!(refuse("fixtures/no-run-export"), AdmissionError::MissingRun);
+    assert!(matches!(
+        refuse("fixtures/mistyped-run"),
+        AdmissionError::MistypedRun { .. }
+    ));
+    // Not in the policy at all.
+    assert!(
+        matches!(refuse("echo"), AdmissionError::UnknownDigest { ref digest } if *digest == hex_digest(&program("echo")))
+    );
+    // One changed byte is another program.
+    let mut tampered = program("fixtures/no-run-export");
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    assert!(matches!(
+        l.admit(&tampered),
+        Err(AdmissionError::UnknownDigest { .. })
+    ));
+}
+
+#[test]
+fn runtime_violations_are_trapped_and_the_engine_runs_the_next_program() {
+    let l = loader(policy_for(&[
+        ("fixtures/infinite-loop", "request-reply", ""),
+        (
+            "fixtures/memory-bomb",
+            "request-reply",
+            "limits = { memory-bytes = 8388608 }",
+        ),
+        ("fixtures/deep-recursion", "request-reply", ""),
+        (
+            "fixtures/egress-bomb",
+            "request-reply",
+            "limits = { egress-bytes = 100000 }",
+        ),
+        ("echo", "request-reply", ""),
+    ]));
+    let key = RequestPrivateKey::generate();
+    let cases: [(&str, AbortReason); 4] = [
+        (
+            "fixtures/infinite-loop",
+            AbortReason::Deadline(Duration::from_millis(300)),
+        ),
+        (
+            "fixtures/memory-bomb",
+            AbortReason::Policy(PolicyViolation::MemoryLimit { limit: 8 << 20 }),
+        ),
+        ("fixtures/deep-recursion", AbortReason::StackExhausted),
+        (
+            "fixtures/egress-bomb",
+            AbortReason::Policy(PolicyViolation::EgressBudget { budget: 100_000 }),
+        ),
+    ];
+    for (name, want) in cases {
+        let (outcome, opened, _) = round_trip(&l, name, &key, b"payload");
+        assert_eq!(outcome, RunOutcome::Aborted(want), "{name}");
+        // The requester learns, authenticated, that the run was aborted.
+        let (_, status) = opened.expect("reply of an aborted run still opens");
+        assert_eq!(status, ReplyStatus::Aborted, "{name}");
+        // The same engine runs a good program normally right after.
+        let (outcome, opened, _) = round_trip(&l, "echo", &key, b"still alive");
+        assert_eq!(outcome, RunOutcome::Completed, "echo after {name}");
+        assert_eq!(opened.expect("echo reply").0, b"still alive");
+    }
+}
+
+#[test]
+fn deadline_stops_a_loop_on_time() {
+    let l = loader(policy_for(&[(
+        "fixtures/infinite-loop",
+        "request-reply",
+        "",
+    )]));
+    let p = l.admit(&program("fixtures/infinite-loop")).expect("admit");
+    let report = l.run_without_request(&p).expect("run");
+    assert_eq!(
+        report.outcome,
+        RunOutcome::Aborted(AbortReason::Deadline(Duration::from_millis(300)))
+    );
+    assert!(
+        report.elapsed >= Duration::from_millis(300),
+        "{:?}",
+        report.elapsed
+    );
+    assert!(
+        report.elapsed < Duration::from_millis(1300),
+        "deadline overshot: {:?}",
+        report.elapsed
+    );
+}
+
+#[test]
+fn bad_requests_are_refused_before_any_program_code_runs() {
+    let l = loader(policy_for(&[(
+        "echo",
+        "request-reply",
+        "limits = { request-bytes = 4096 }",
+    )]));
+    let p = l.admit(&program("echo")).expect("admit");
+    let key = RequestPrivateKey::generate();
+    let (mut sealed, _) = seal_request(key.public_key(), b"hello").expect("seal");
+    let last = sealed.len() - 1;
+    sealed[last] ^= 1;
+    assert_eq!(
+        l.run(&p, &sealed, &key).unwrap_err(),
+        RequestError::Envelope(EnvelopeError::AuthenticationFailed)
+    );
+    let other = RequestPrivateKey::generate();
+    let (sealed, _) = seal_request(other.public_key(), b"hello").expect("seal");
+    assert!(matches!(
+        l.run(&p, &sealed, &key),
+        Err(RequestError::Envelope(EnvelopeError::WrongKey { .. }))
+    ));
+    let (big, _) = seal_request(key.public_key(), &vec![0u8; 5000]).expect("seal");
+    assert!(matches!(
+        l.run(&p, &big, &key),
+        Err(RequestError::TooLarge { limit: 4096, .. })
+    ));
+    assert!(matches!(
+        l.run(&p, b"\x01\x00\x10", &key),
+        Err(RequestError::Envelope(EnvelopeError::Truncated("suite")))
+    ));
+}
+
+#[derive(Debug)]
+struct TestModel {
+    metadata: Vec<u8>,
+}
+
+impl ModelSource for TestModel {
+    fn metadata(&self) -> Result<Vec<u8>, cinfer_host::caps::model::ModelError> {
+        Ok(self.metadata.clone())
+    }
+    fn tensor_shape(&self, _: &str) -> Result<Vec<u32>, cinfer_host::caps::model::ModelError> {
+        Err(cinfer_host::caps::model::ModelError::NoSuchTensor)
+    }
+    fn load_tensor(
+        &self,
+        _: &str,
+        _: &dyn cinfer_host::backend::Backend,
+    ) -> Result<cinfer_host::backend::DeviceBuffer, cinfer_host::caps::model::ModelError> {
+        Err(cinfer_host::caps::model::ModelError::NoSuchTensor)
+    }
+}
+
+#[test]
+fn models_open_only_when_the_policy_lists_them() {
+    let policy = policy_for(&[(
+        "fixtures/model-user",
+        "inference",
+        "models = [\"smollm2-135m-instruct\"]",
+    )]);
+    let mut models = ModelStore::default();
+    let key = RequestPrivateKey::generate();
+    // Listed but not loaded: not-found, so the program fails.
+    let l = Loader::new(policy.clone(), LoaderConfig::default()).expect("loader");
+    let (outcome, _, _) = round_trip(&l, "fixtures/model-user", &key, b"");
+    assert_eq!(outcome, RunOutcome::ProgramFailed);
+    // Loaded: the program reads the metadata and emits it.
+    models.insert(
+        "smollm2-135m-instruct",
+        Arc::new(TestModel {
+            metadata: b"GGUF kv".to_vec(),
+        }),
+    );
+    let l = Loader::new(
+        policy,
+        LoaderConfig {
+            models: models.clone(),
+            ..LoaderConfig::default()
+        },
+    )
+    .expect("loader");
+    let (outcome, opened, _) = round_trip(&l, "fixtures/model-user", &key, b"");
+    assert_eq!(outcome, RunOutcome::Completed);
+    assert_eq!(opened.expect("reply").0, b"GGUF kv");
+    // Loaded, but this program's policy entry does not list it: not permitted.
+    let policy = policy_for(&[("fixtures/model-user", "inference", "models = [\"other\"]")]);
+    let l = Loader::new(
+        policy,
+        LoaderConfig {
+            models,
+            ..LoaderConfig::default()
+        },
+    )
+    .expect("loader");
+    let (outcome, _, _) = round_trip(&l, "fixtures/model-user", &key, b"");
+    assert_eq!(outcome, RunOutcome::ProgramFailed);
+}
+
+#[test]
+fn concurrent_runs_share_one_admitted_program() {
+    let l = Arc::new(loader(policy_for(&[("echo", "request-reply", "")])));
+    let key = Arc::new(RequestPrivateKey::generate());
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let (l, key) = (l.clone(), key.clone());
+            std::thread::spawn(move || {
+                for i in 0..50 {
+                    let msg = format!("thread {t} request {i}");
+                    let (outcome, opened, _) = round_trip(&l, "echo", &key, msg.as_bytes());
+                    assert_eq!(outcome, RunOutcome::Completed);
+                    assert_eq!(opened.expect("reply").0, msg.as_bytes());
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("thread");
+    }
+}
+
+/// A `tracing` writer that keeps every log line in memory.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn request_cleartext_never_reaches_logs_errors_or_frames() {
+    let canary = "CANARY-7f3a9c-do-not-leak";
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let l = loader(policy_for(&[
+        ("echo", "request-reply", ""),
+        ("vector-ops", "compute", ""),
+        ("fixtures/infinite-loop", "request-reply", ""),
+        ("fixtures/memory-bomb", "request-reply", ""),
+        ("fixtures/deep-recursion", "request-reply", ""),
+        ("fixtures/egress-bomb", "request-reply", ""),
+    ]));
+    let key = RequestPrivateKey::generate();
+    let mut seen = String::new();
+    for name in [
+        "echo",
+        "vector-ops",
+        "fixtures/infinite-loop",
+        "fixtures/memory-bomb",
+        "fixtures/deep-recursion",
+        "fixtures/egress-bomb",
+    ] {
+        let p = l.admit(&program(name)).expect("admit");
+        let (sealed, _) = seal_request(key.public_key(), canary.as_bytes()).expect("seal");
+        let report = l.run(&p, &sealed, &key).expect("run");
+        seen.push_str(&format!("{report:?} {:?}\n", report.outcome));
+        for f in &report.frames {
+            assert!(
+                !f.windows(canary.len()).any(|w| w == canary.as_bytes()),
+                "{name}: canary in a frame"
+            );
+        }
+        // A tampered copy of the same request: the error must not carry it either.
+        let mut bad = sealed.clone();
+        bad[20] ^= 0xff;
+        let err = l.run(&p, &bad, &key).expect_err("tampered");
+        seen.push_str(&format!("{err} {err:?}\n"));
+    }
+    seen.push_str(&format!("{key:?} {l:?}"));
+    let logs = String::from_utf8_lossy(&logs.0.lock().expect("lock")).into_owned();
+    assert!(logs.contains("admitted"), "the log capture works: {logs}");
+    assert!(!logs.contains(canary), "canary in logs");
+    assert!(!seen.contains(canary), "canary in a report or error");
+    let scalar = hex::encode(key.to_bytes().as_slice());
+    assert!(
+        !logs.contains(&scalar) && !seen.contains(&scalar),
+        "private key leaked"
+    );
+}
