@@ -441,6 +441,20 @@ impl Loader {
         self.execute(program, Some(cleartext), Some(sealer), sink)
     }
 
+    /// Runs a request whose envelope is already open: `request` is its
+    /// cleartext, `sealer` seals the reply. This is the instantiate + run +
+    /// reply-sealing path without the HPKE key agreement (the benchmark uses it
+    /// to report the two costs separately).
+    pub fn run_opened(
+        &self,
+        program: &AdmittedProgram,
+        request: zeroize::Zeroizing<Vec<u8>>,
+        sealer: cinfer_envelope::ReplySealer,
+        sink: FrameSink,
+    ) -> Result<RunReport, RequestError> {
+        self.execute(program, Some(request), Some(sealer), sink)
+    }
+
     /// Runs a program with no request (a warm-up or a benchmark of the bare
     /// instantiate + call path); output is counted but not sealed anywhere.
     pub fn run_without_request(

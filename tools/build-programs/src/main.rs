@@ -1,8 +1,8 @@
 //! Builds every program under `programs/` into a Wasm component.
 //!
 //! 1. `cargo build --release --target wasm32-unknown-unknown` in the programs
-//!    workspace, with source paths remapped so the bytes (and so the digests a
-//!    policy pins) do not depend on where the repository or cargo home live.
+//!    workspace, with registry paths remapped, so the bytes (and so the digests
+//!    a policy pins) do not depend on where the repository lives.
 //! 2. Each core module is encoded into a component with `wit-component`
 //!    (the `program` world's type information is embedded by wit-bindgen).
 //!    Building for `wasm32-unknown-unknown` keeps WASI out entirely.
@@ -23,6 +23,7 @@ use std::process::Command;
 const CRATES: &[(&str, &str, bool)] = &[
     ("echo", "echo", false),
     ("vector-ops", "vector-ops", false),
+    ("op-loop", "op-loop", false),
     ("fixtures/egress-bomb", "egress-bomb", true),
     ("fixtures/model-user", "model-user", true),
 ];
@@ -40,11 +41,11 @@ fn main() -> Result<()> {
         .map(PathBuf::from)
         .or_else(|_| std::env::var("HOME").map(|h| PathBuf::from(h).join(".cargo")))
         .context("neither CARGO_HOME nor HOME is set")?;
-    let rustflags = format!(
-        "--remap-path-prefix={}=/cinfer --remap-path-prefix={}=/cargo",
-        root.display(),
-        cargo_home.display()
-    );
+    // Workspace paths reach rustc relative to programs/ (guest-sdk is a
+    // member too), so only the registry sources need remapping. The flag must
+    // not name the checkout: cargo hashes RUSTFLAGS into every crate's
+    // metadata, and so into the code layout.
+    let rustflags = format!("--remap-path-prefix={}=/cargo", cargo_home.display());
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(root.join("programs"))
