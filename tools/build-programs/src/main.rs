@@ -1,7 +1,7 @@
 //! Builds every program under `programs/` into a Wasm component.
 //!
-//! 1. `cargo build --release --target wasm32-unknown-unknown` in the programs
-//!    workspace, with registry paths remapped, so the bytes (and so the digests
+//! 1. `cargo build --profile programs --target wasm32-unknown-unknown` of the
+//!    program crates, with registry paths remapped, so the bytes (and so the digests
 //!    a policy pins) do not depend on where the repository lives.
 //! 2. Each core module is encoded into a component with `wit-component`
 //!    (the `program` world's type information is embedded by wit-bindgen).
@@ -18,6 +18,9 @@ use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// The cargo profile programs are built with (see the root Cargo.toml).
+const PROFILE: &str = "programs";
 
 /// Programs built from crates: (crate directory under programs/, output name, is fixture).
 const CRATES: &[(&str, &str, bool)] = &[
@@ -41,27 +44,23 @@ fn main() -> Result<()> {
         .map(PathBuf::from)
         .or_else(|_| std::env::var("HOME").map(|h| PathBuf::from(h).join(".cargo")))
         .context("neither CARGO_HOME nor HOME is set")?;
-    // Workspace paths reach rustc relative to programs/ (guest-sdk is a
-    // member too), so only the registry sources need remapping. The flag must
-    // not name the checkout: cargo hashes RUSTFLAGS into every crate's
-    // metadata, and so into the code layout.
+    // Programs and the guest SDK are members of the root workspace, so their
+    // paths reach rustc relative to it (cargo also hashes a path package's
+    // location into its metadata, and so into the code layout, unless it lies
+    // inside the workspace); only registry sources need remapping.
     let rustflags = format!("--remap-path-prefix={}=/cargo", cargo_home.display());
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(root.join("programs"))
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(&root)
         .env("RUSTFLAGS", rustflags)
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "--target",
-            "wasm32-unknown-unknown",
-        ])
+        .args(["build", "--profile", PROFILE, "--locked", "--target", "wasm32-unknown-unknown"])
         .arg("--target-dir")
-        .arg(&wasm_target)
-        .status()
-        .context("running cargo for the programs workspace")?;
+        .arg(&wasm_target);
+    for (dir, _, _) in CRATES {
+        cmd.arg("-p").arg(Path::new(dir).file_name().context("crate dir")?);
+    }
+    let status = cmd.status().context("running cargo for the programs")?;
     if !status.success() {
         bail!(
             "building programs failed ({status}); is the wasm32-unknown-unknown target installed? (rustup target add wasm32-unknown-unknown)"
@@ -71,7 +70,7 @@ fn main() -> Result<()> {
     let mut digests = Vec::new();
     for &(dir, name, fixture) in CRATES {
         let file = wasm_target
-            .join("wasm32-unknown-unknown/release")
+            .join("wasm32-unknown-unknown").join(PROFILE)
             .join(format!("{}.wasm", name.replace('-', "_")));
         let module = std::fs::read(&file)
             .with_context(|| format!("reading {} (built from programs/{dir})", file.display()))?;
