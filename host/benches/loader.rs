@@ -11,8 +11,15 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 fn program(name: &str) -> Vec<u8> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/programs").join(format!("{name}.wasm"));
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}; run cargo run --release -p build-programs", path.display()))
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/programs")
+        .join(format!("{name}.wasm"));
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; run cargo run --release -p build-programs",
+            path.display()
+        )
+    })
 }
 
 /// Median and 90th percentile of `iters` timed calls (after `iters / 10` warm-ups).
@@ -32,13 +39,20 @@ fn measure(iters: usize, mut f: impl FnMut()) -> (Duration, Duration) {
 }
 
 fn row(name: &str, (median, p90): (Duration, Duration), note: &str) {
-    println!("| {name:<44} | {:>10.2} | {:>10.2} | {note}", median.as_secs_f64() * 1e6, p90.as_secs_f64() * 1e6);
+    println!(
+        "| {name:<44} | {:>10.2} | {:>10.2} | {note}",
+        median.as_secs_f64() * 1e6,
+        p90.as_secs_f64() * 1e6
+    );
 }
 
 fn main() {
     let echo = program("echo");
     let op_loop = program("op-loop");
-    let worlds = std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies/worlds.wit")).expect("worlds");
+    let worlds = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies/worlds.wit"),
+    )
+    .expect("worlds");
     let toml_text = format!(
         "worlds = \"worlds.wit\"\n[[program]]\nname = \"echo\"\nsha256 = \"{}\"\nworld = \"request-reply\"\n[[program]]\nname = \"op-loop\"\nsha256 = \"{}\"\nworld = \"compute\"\n",
         hex::encode(cinfer_host::admission::digest(&echo)),
@@ -52,9 +66,13 @@ fn main() {
     println!("| benchmark                                    | median µs  | p90 µs     | note");
     println!("|----------------------------------------------|-----------:|-----------:|-----");
 
-    row("cold compile + admit `echo` (no cache)", measure(20, || {
-        loader.admit_uncached(&echo).expect("admit");
-    }), &format!("{} B component", echo.len()));
+    row(
+        "cold compile + admit `echo` (no cache)",
+        measure(20, || {
+            loader.admit_uncached(&echo).expect("admit");
+        }),
+        &format!("{} B component", echo.len()),
+    );
 
     let admitted = loader.admit(&echo).expect("admit");
     let (sealed, _) = seal_request(key.public_key(), &msg).expect("seal");
@@ -65,7 +83,9 @@ fn main() {
     for i in 0..2200 {
         let (request, sealer) = open_request(&key, &sealed).expect("open");
         let start = Instant::now();
-        let report = loader.run_opened(&admitted, request, sealer, Box::new(|_| {})).expect("run");
+        let report = loader
+            .run_opened(&admitted, request, sealer, Box::new(|_| {}))
+            .expect("run");
         let d = start.elapsed();
         assert_eq!(report.outcome, RunOutcome::Completed);
         if i >= 200 {
@@ -73,18 +93,34 @@ fn main() {
         }
     }
     inner.sort();
-    row("instantiate + `echo` run + seal reply", (inner[inner.len() / 2], inner[inner.len() * 9 / 10]), "256 B request, goal: median < 50 µs");
+    row(
+        "instantiate + `echo` run + seal reply",
+        (inner[inner.len() / 2], inner[inner.len() * 9 / 10]),
+        "256 B request, goal: median < 50 µs",
+    );
 
-    row("HPKE seal request (client)", measure(500, || {
-        std::hint::black_box(seal_request(key.public_key(), &msg).expect("seal"));
-    }), "DHKEM(P-256) encap + AES-256-GCM, pure Rust");
-    row("HPKE open request (loader)", measure(500, || {
-        std::hint::black_box(open_request(&key, &sealed).expect("open"));
-    }), "DHKEM(P-256) decap + AES-256-GCM, pure Rust");
-    row("full sealed round trip (`Loader::run`)", measure(500, || {
-        let report = loader.run(&admitted, &sealed, &key).expect("run");
-        assert_eq!(report.outcome, RunOutcome::Completed);
-    }), "HPKE open + instantiate + run + seal");
+    row(
+        "HPKE seal request (client)",
+        measure(500, || {
+            std::hint::black_box(seal_request(key.public_key(), &msg).expect("seal"));
+        }),
+        "DHKEM(P-256) encap + AES-256-GCM, pure Rust",
+    );
+    row(
+        "HPKE open request (loader)",
+        measure(500, || {
+            std::hint::black_box(open_request(&key, &sealed).expect("open"));
+        }),
+        "DHKEM(P-256) decap + AES-256-GCM, pure Rust",
+    );
+    row(
+        "full sealed round trip (`Loader::run`)",
+        measure(500, || {
+            let report = loader.run(&admitted, &sealed, &key).expect("run");
+            assert_eq!(report.outcome, RunOutcome::Completed);
+        }),
+        "HPKE open + instantiate + run + seal",
+    );
 
     // Accelerator op launch overhead: N tiny adds minus zero adds.
     let ops = loader.admit(&op_loop).expect("admit op-loop");
@@ -93,12 +129,18 @@ fn main() {
         let (s, _) = seal_request(key.public_key(), n.to_string().as_bytes()).expect("seal");
         move || {
             let (request, sealer) = open_request(key, &s).expect("open");
-            let r = loader.run_opened(ops, request, sealer, Box::new(|_| {})).expect("run");
+            let r = loader
+                .run_opened(ops, request, sealer, Box::new(|_| {}))
+                .expect("run");
             assert_eq!(r.outcome, RunOutcome::Completed);
         }
     };
     let base = measure(100, run_n(0)).0;
     let many = measure(20, run_n(10_000)).0;
     let per_launch = many.saturating_sub(base) / 10_000;
-    row("accelerator op launch (`add` on [1], host call)", (per_launch, per_launch), "(median(10000 launches) - median(0)) / 10000");
+    row(
+        "accelerator op launch (`add` on [1], host call)",
+        (per_launch, per_launch),
+        "(median(10000 launches) - median(0)) / 10000",
+    );
 }

@@ -54,11 +54,19 @@ fn main() -> Result<()> {
     cmd.current_dir(&root)
         .env("RUSTFLAGS", rustflags)
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .args(["build", "--profile", PROFILE, "--locked", "--target", "wasm32-unknown-unknown"])
+        .args([
+            "build",
+            "--profile",
+            PROFILE,
+            "--locked",
+            "--target",
+            "wasm32-unknown-unknown",
+        ])
         .arg("--target-dir")
         .arg(&wasm_target);
     for (dir, _, _) in CRATES {
-        cmd.arg("-p").arg(Path::new(dir).file_name().context("crate dir")?);
+        cmd.arg("-p")
+            .arg(Path::new(dir).file_name().context("crate dir")?);
     }
     let status = cmd.status().context("running cargo for the programs")?;
     if !status.success() {
@@ -70,7 +78,8 @@ fn main() -> Result<()> {
     let mut digests = Vec::new();
     for &(dir, name, fixture) in CRATES {
         let file = wasm_target
-            .join("wasm32-unknown-unknown").join(PROFILE)
+            .join("wasm32-unknown-unknown")
+            .join(PROFILE)
             .join(format!("{}.wasm", name.replace('-', "_")));
         let module = std::fs::read(&file)
             .with_context(|| format!("reading {} (built from programs/{dir})", file.display()))?;
