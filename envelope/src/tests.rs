@@ -202,3 +202,51 @@ fn public_key_round_trip() {
     assert_eq!(pk.key_id().len(), 16);
     assert!(RequestPublicKey::from_bytes(&[4u8; 65]).is_err());
 }
+
+/// xorshift64*: deterministic pseudo-random bytes without a dependency.
+fn random_bytes(state: &mut u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            *state ^= *state >> 12;
+            *state ^= *state << 25;
+            *state ^= *state >> 27;
+            (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8
+        })
+        .collect()
+}
+
+#[test]
+fn arbitrary_bytes_never_panic_and_never_open() {
+    // The corpus/property test that CI runs; `fuzz/` has the coverage-guided twin.
+    let key = RequestPrivateKey::generate();
+    let (valid, _) = seal_request(key.public_key(), b"seed").expect("seal");
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    for i in 0..3000 {
+        let len = (i % 200) + (i % 7) * 13;
+        let mut input = random_bytes(&mut state, len);
+        // Half the inputs keep a valid header so the parser gets past it.
+        if i % 2 == 0 && input.len() > 8 {
+            let n = 8 + key.public_key().key_id().len();
+            let cut = n.min(input.len());
+            input[..cut].copy_from_slice(&valid[..cut]);
+        }
+        assert!(
+            open_request(&key, &input).is_err(),
+            "random input {i} opened"
+        );
+        let (_, mut opener) = seal_request(key.public_key(), b"x").expect("seal");
+        assert!(opener.open(&input).is_err(), "random frame {i} opened");
+    }
+}
+
+#[test]
+fn every_truncation_of_a_reply_frame_is_refused() {
+    let frame_len = sealed_reply(1).1[0].len();
+    for cut in 0..frame_len {
+        let (mut fresh, frames) = sealed_reply(1);
+        assert!(
+            fresh.open(&frames[0][..cut]).is_err(),
+            "cut at {cut} opened"
+        );
+    }
+}

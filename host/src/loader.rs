@@ -115,6 +115,16 @@ pub enum RunOutcome {
     Aborted(AbortReason),
 }
 
+impl std::fmt::Display for RunOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunOutcome::Completed => f.write_str("completed"),
+            RunOutcome::ProgramFailed => f.write_str("program failed"),
+            RunOutcome::Aborted(reason) => write!(f, "aborted: {reason}"),
+        }
+    }
+}
+
 impl RunOutcome {
     fn status(&self) -> ReplyStatus {
         match self {

@@ -143,7 +143,7 @@ fn run(policy: &Path, program: &Path, key: &Path, input: &Path) -> Result<ExitCo
     std::io::stdout().write_all(&reply)?;
     std::io::stdout().flush()?;
     eprintln!(
-        "outcome: {:?} (reply status {status:?}), {} sealed frames, {} egress bytes, {} accelerator launches, {:?}",
+        "outcome: {} (reply status {status:?}), {} sealed frames, {} egress bytes, {} accelerator launches, {:?}",
         report.outcome,
         report.frames.len(),
         report.egress_bytes,
