@@ -26,6 +26,7 @@ pub mod backend;
 mod bindings;
 pub mod caps;
 pub mod loader;
+pub mod models;
 pub mod policy;
 
 pub use admission::{AdmissionError, AdmittedProgram};

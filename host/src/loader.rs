@@ -48,7 +48,7 @@ impl Default for LoaderConfig {
         LoaderConfig {
             max_concurrent_runs: 32,
             max_wasm_stack: 512 << 10,
-            backend: Arc::new(CpuBackend::default()),
+            backend: Arc::new(CpuBackend),
             models: ModelStore::default(),
         }
     }

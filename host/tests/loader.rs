@@ -362,7 +362,10 @@ impl ModelSource for TestModel {
     fn metadata(&self) -> Result<Vec<u8>, cinfer_host::caps::model::ModelError> {
         Ok(self.metadata.clone())
     }
-    fn tensor_shape(&self, _: &str) -> Result<Vec<u32>, cinfer_host::caps::model::ModelError> {
+    fn tensor_shape(
+        &self,
+        _: &str,
+    ) -> Result<(Vec<u32>, cinfer_host::backend::ElemType), cinfer_host::caps::model::ModelError> {
         Err(cinfer_host::caps::model::ModelError::NoSuchTensor)
     }
     fn load_tensor(

@@ -397,6 +397,15 @@ pub trait ReadAt: Send + Sync {
     fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SealError>;
 }
 
+impl<T: ReadAt + ?Sized> ReadAt for Box<T> {
+    fn len(&self) -> u64 {
+        (**self).len()
+    }
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SealError> {
+        (**self).read_exact_at(offset, buf)
+    }
+}
+
 impl ReadAt for Vec<u8> {
     fn len(&self) -> u64 {
         self.as_slice().len() as u64

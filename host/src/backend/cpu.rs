@@ -1,32 +1,26 @@
 //! The CPU backend: the reference implementation of every kernel.
 //!
-//! Plain safe Rust. The matmul inner product keeps eight independent partial
-//! sums so the compiler can vectorise it without reassociating a single sum;
-//! large matmuls split rows of the output across threads. The quantised,
-//! SIMD-tuned kernels for real models arrive with the model issue.
+//! Safe Rust, vectorised by the compiler (the crate is built for x86-64-v3:
+//! AVX2, FMA, F16C; see `.cargo/config.toml`). Matmuls and attention split
+//! work across cores with rayon. Quantized matmuls quantize the activations
+//! per 32-block and use integer dot products, like llama.cpp.
 
-use super::{Backend, BackendError, BinaryOp, DeviceBuffer};
+use super::quant::{self, BlockQ8_0, BlockQ8_1};
+use super::{AttentionShape, Backend, BackendError, BinaryOp, DeviceBuffer, ElemType};
+use half::f16;
+use rayon::prelude::*;
 
-/// Below this many multiply-adds a matmul stays on the calling thread.
-const PARALLEL_MIN_WORK: usize = 1 << 20;
+/// Weight rows per rayon task in a matmul.
+const ROWS_PER_TASK: usize = 16;
 
 /// The CPU backend.
-#[derive(Debug, Clone)]
-pub struct CpuBackend {
-    threads: usize,
-}
+#[derive(Debug, Clone, Default)]
+pub struct CpuBackend;
 
-impl Default for CpuBackend {
-    fn default() -> Self {
-        CpuBackend {
-            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        }
-    }
-}
-
-fn host(buf: &DeviceBuffer) -> Result<&[f32], BackendError> {
+fn f32s(buf: &DeviceBuffer) -> Result<&[f32], BackendError> {
     match buf {
-        DeviceBuffer::Host(v) => Ok(v),
+        DeviceBuffer::F32(v) => Ok(v),
+        other => Err(BackendError::Unsupported(other.elem_type())),
     }
 }
 
@@ -36,7 +30,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (cb, rb) = b.as_chunks::<8>();
     for (x, y) in ca.iter().zip(cb) {
         for i in 0..8 {
-            acc[i] += x[i] * y[i];
+            acc[i] = x[i].mul_add(y[i], acc[i]);
         }
     }
     let mut sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
@@ -46,12 +40,68 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     sum
 }
 
-fn matmul_rows(x: &[f32], w: &[f32], k: usize, n: usize, out: &mut [f32]) {
-    for (xr, or) in x.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
-        for (o, wr) in or.iter_mut().zip(w.chunks_exact(k)) {
-            *o = dot(xr, wr);
-        }
+fn f16_to_f32(bits: &[u16], out: &mut [f32]) {
+    for (o, b) in out.iter_mut().zip(bits) {
+        *o = f16::from_bits(*b).to_f32();
     }
+}
+
+/// Activations prepared for one weight type.
+enum Prepared {
+    F32(Vec<f32>),
+    Q8_1(Vec<BlockQ8_1>),
+    Q8_0(Vec<BlockQ8_0>),
+}
+
+/// `out[j][i] = dot(w_row_j, x_row_i)` computed as [n, m], in parallel over weight rows.
+fn matmul_transposed(x: &Prepared, w: &DeviceBuffer, m: usize, k: usize, n: usize) -> Result<Vec<f32>, BackendError> {
+    let mut out_t = vec![0f32; n * m];
+    let kb = k / quant::QK;
+    match (w, x) {
+        (DeviceBuffer::F32(w), Prepared::F32(x)) => {
+            out_t.par_chunks_mut(m * ROWS_PER_TASK).enumerate().for_each(|(t, chunk)| {
+                for (r, o) in chunk.chunks_mut(m).enumerate() {
+                    let wr = &w[(t * ROWS_PER_TASK + r) * k..][..k];
+                    for (i, oi) in o.iter_mut().enumerate() {
+                        *oi = dot(wr, &x[i * k..][..k]);
+                    }
+                }
+            });
+        }
+        (DeviceBuffer::F16(w), Prepared::F32(x)) => {
+            out_t.par_chunks_mut(m * ROWS_PER_TASK).enumerate().for_each(|(t, chunk)| {
+                let mut wr = vec![0f32; k];
+                for (r, o) in chunk.chunks_mut(m).enumerate() {
+                    f16_to_f32(&w[(t * ROWS_PER_TASK + r) * k..][..k], &mut wr);
+                    for (i, oi) in o.iter_mut().enumerate() {
+                        *oi = dot(&wr, &x[i * k..][..k]);
+                    }
+                }
+            });
+        }
+        (DeviceBuffer::Q4_1(w), Prepared::Q8_1(x)) => {
+            out_t.par_chunks_mut(m * ROWS_PER_TASK).enumerate().for_each(|(t, chunk)| {
+                for (r, o) in chunk.chunks_mut(m).enumerate() {
+                    let wr = &w[(t * ROWS_PER_TASK + r) * kb..][..kb];
+                    for (i, oi) in o.iter_mut().enumerate() {
+                        *oi = quant::dot_q4_1_q8_1(wr, &x[i * kb..][..kb]);
+                    }
+                }
+            });
+        }
+        (DeviceBuffer::Q8_0(w), Prepared::Q8_0(x)) => {
+            out_t.par_chunks_mut(m * ROWS_PER_TASK).enumerate().for_each(|(t, chunk)| {
+                for (r, o) in chunk.chunks_mut(m).enumerate() {
+                    let wr = &w[(t * ROWS_PER_TASK + r) * kb..][..kb];
+                    for (i, oi) in o.iter_mut().enumerate() {
+                        *oi = quant::dot_q8_0_q8_0(wr, &x[i * kb..][..kb]);
+                    }
+                }
+            });
+        }
+        (w, _) => return Err(BackendError::Unsupported(w.elem_type())),
+    }
+    Ok(out_t)
 }
 
 impl Backend for CpuBackend {
@@ -59,16 +109,40 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
-    fn zeros(&self, len: usize) -> Result<DeviceBuffer, BackendError> {
-        Ok(DeviceBuffer::Host(vec![0.0; len]))
+    fn zeros(&self, ty: ElemType, len: usize) -> Result<DeviceBuffer, BackendError> {
+        match ty {
+            ElemType::F32 => Ok(DeviceBuffer::F32(vec![0.0; len])),
+            ElemType::F16 => Ok(DeviceBuffer::F16(vec![0; len])),
+            other => Err(BackendError::Unsupported(other)),
+        }
     }
 
     fn upload(&self, data: &[f32]) -> Result<DeviceBuffer, BackendError> {
-        Ok(DeviceBuffer::Host(data.to_vec()))
+        Ok(DeviceBuffer::F32(data.to_vec()))
+    }
+
+    fn upload_buffer(&self, buf: DeviceBuffer) -> Result<DeviceBuffer, BackendError> {
+        Ok(buf)
     }
 
     fn download(&self, buf: &DeviceBuffer) -> Result<Vec<f32>, BackendError> {
-        Ok(host(buf)?.to_vec())
+        match buf {
+            DeviceBuffer::F32(v) => Ok(v.clone()),
+            DeviceBuffer::F16(v) => {
+                let mut out = vec![0f32; v.len()];
+                f16_to_f32(v, &mut out);
+                Ok(out)
+            }
+            other => Err(BackendError::Unsupported(other.elem_type())),
+        }
+    }
+
+    fn copy_range(&self, buf: &DeviceBuffer, range: std::ops::Range<usize>) -> Result<DeviceBuffer, BackendError> {
+        match buf {
+            DeviceBuffer::F32(v) => Ok(DeviceBuffer::F32(v[range].to_vec())),
+            DeviceBuffer::F16(v) => Ok(DeviceBuffer::F16(v[range].to_vec())),
+            other => Err(BackendError::Unsupported(other.elem_type())),
+        }
     }
 
     fn matmul(
@@ -79,20 +153,41 @@ impl Backend for CpuBackend {
         k: usize,
         n: usize,
     ) -> Result<DeviceBuffer, BackendError> {
-        let (x, w) = (host(x)?, host(w)?);
-        let mut out = vec![0f32; m * n];
-        let threads = self.threads.min(m);
-        if threads <= 1 || m * n * k < PARALLEL_MIN_WORK {
-            matmul_rows(x, w, k, n, &mut out);
-        } else {
-            let rows_per = m.div_ceil(threads);
-            std::thread::scope(|s| {
-                for (xc, oc) in x.chunks(rows_per * k).zip(out.chunks_mut(rows_per * n)) {
-                    s.spawn(move || matmul_rows(xc, w, k, n, oc));
-                }
-            });
+        let x = f32s(x)?;
+        let prepared = match w {
+            DeviceBuffer::F32(_) | DeviceBuffer::F16(_) => Prepared::F32(match w {
+                // f16 weights: llama.cpp rounds the activations to f16 too.
+                DeviceBuffer::F16(_) => x.iter().map(|v| quant::round_f16(*v)).collect(),
+                _ => x.to_vec(),
+            }),
+            DeviceBuffer::Q4_1(_) => Prepared::Q8_1(x.chunks_exact(k).flat_map(quant::quantize_q8_1).collect()),
+            DeviceBuffer::Q8_0(_) => Prepared::Q8_0(x.chunks_exact(k).flat_map(quant::quantize_q8_0).collect()),
+        };
+        let out_t = matmul_transposed(&prepared, w, m, k, n)?;
+        if m == 1 {
+            return Ok(DeviceBuffer::F32(out_t));
         }
-        Ok(DeviceBuffer::Host(out))
+        let mut out = vec![0f32; m * n];
+        for (j, col) in out_t.chunks_exact(m).enumerate() {
+            for (i, v) in col.iter().enumerate() {
+                out[i * n + j] = *v;
+            }
+        }
+        Ok(DeviceBuffer::F32(out))
+    }
+
+    fn embedding(&self, table: &DeviceBuffer, d: usize, ids: &[u32]) -> Result<DeviceBuffer, BackendError> {
+        let mut out = Vec::with_capacity(ids.len() * d);
+        for &id in ids {
+            let r = id as usize;
+            match table {
+                DeviceBuffer::F32(t) => out.extend_from_slice(&t[r * d..][..d]),
+                DeviceBuffer::F16(t) => out.extend(t[r * d..][..d].iter().map(|b| f16::from_bits(*b).to_f32())),
+                DeviceBuffer::Q4_1(t) => quant::dequant_q4_1(&t[r * d / 32..][..d / 32], &mut out),
+                DeviceBuffer::Q8_0(t) => quant::dequant_q8_0(&t[r * d / 32..][..d / 32], &mut out),
+            }
+        }
+        Ok(DeviceBuffer::F32(out))
     }
 
     fn binary(
@@ -102,7 +197,7 @@ impl Backend for CpuBackend {
         b: &DeviceBuffer,
         cols: usize,
     ) -> Result<DeviceBuffer, BackendError> {
-        let (a, b) = (host(a)?, host(b)?);
+        let (a, b) = (f32s(a)?, f32s(b)?);
         let f = match op {
             BinaryOp::Add => |x: f32, y: f32| x + y,
             BinaryOp::Mul => |x: f32, y: f32| x * y,
@@ -114,7 +209,7 @@ impl Backend for CpuBackend {
                 .flat_map(|row| row.iter().zip(b).map(|(x, y)| f(*x, *y)))
                 .collect()
         };
-        Ok(DeviceBuffer::Host(out))
+        Ok(DeviceBuffer::F32(out))
     }
 
     fn rmsnorm(
@@ -124,41 +219,30 @@ impl Backend for CpuBackend {
         cols: usize,
         eps: f32,
     ) -> Result<DeviceBuffer, BackendError> {
-        let (x, w) = (host(x)?, host(w)?);
+        let (x, w) = (f32s(x)?, f32s(w)?);
         let mut out = Vec::with_capacity(x.len());
         for row in x.chunks_exact(cols) {
-            let mean_sq = dot(row, row) / cols as f32;
-            let scale = 1.0 / (mean_sq + eps).sqrt();
-            out.extend(row.iter().zip(w).map(|(v, g)| v * scale * g));
+            // Sum of squares in f64, as ggml does.
+            let sum: f64 = row.iter().map(|v| f64::from(*v) * f64::from(*v)).sum();
+            let mean = (sum / cols as f64) as f32;
+            let scale = 1.0 / (mean + eps).sqrt();
+            out.extend(row.iter().zip(w).map(|(v, g)| (v * scale) * g));
         }
-        Ok(DeviceBuffer::Host(out))
+        Ok(DeviceBuffer::F32(out))
     }
 
     fn softmax(&self, x: &DeviceBuffer, cols: usize) -> Result<DeviceBuffer, BackendError> {
-        let x = host(x)?;
-        let mut out = Vec::with_capacity(x.len());
-        for row in x.chunks_exact(cols) {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let start = out.len();
-            let mut sum = 0.0;
-            for v in row {
-                let e = (v - max).exp();
-                sum += e;
-                out.push(e);
-            }
-            let inv = 1.0 / sum;
-            for v in &mut out[start..] {
-                *v *= inv;
-            }
+        let x = f32s(x)?;
+        let mut out = x.to_vec();
+        for row in out.chunks_exact_mut(cols) {
+            softmax_in_place(row);
         }
-        Ok(DeviceBuffer::Host(out))
+        Ok(DeviceBuffer::F32(out))
     }
 
     fn silu(&self, x: &DeviceBuffer) -> Result<DeviceBuffer, BackendError> {
-        let x = host(x)?;
-        Ok(DeviceBuffer::Host(
-            x.iter().map(|v| v / (1.0 + (-v).exp())).collect(),
-        ))
+        let x = f32s(x)?;
+        Ok(DeviceBuffer::F32(x.iter().map(|v| v / (1.0 + (-v).exp())).collect()))
     }
 
     fn rope(
@@ -169,22 +253,17 @@ impl Backend for CpuBackend {
         pos: u32,
         theta: f32,
     ) -> Result<DeviceBuffer, BackendError> {
-        let x = host(x)?;
-        let mut out = x.to_vec();
-        let half = head_dim / 2;
-        // Frequencies per pair, shared by every row and head.
-        let freqs: Vec<f64> = (0..half)
-            .map(|i| f64::from(theta).powf(-2.0 * i as f64 / head_dim as f64))
-            .collect();
+        let mut out = f32s(x)?.to_vec();
+        // As ggml: theta_i = p · base^(-2i/d), built by repeated multiplication in f32.
+        let theta_scale = theta.powf(-2.0 / head_dim as f32);
         for (s, row) in out.chunks_exact_mut(heads * head_dim).enumerate() {
-            let p = f64::from(pos) + s as f64;
-            let rot: Vec<(f32, f32)> = freqs
-                .iter()
-                .map(|f| {
-                    let a = p * f;
-                    (a.cos() as f32, a.sin() as f32)
-                })
-                .collect();
+            let p = pos as f32 + s as f32;
+            let mut rot = Vec::with_capacity(head_dim / 2);
+            let mut t = p;
+            for _ in 0..head_dim / 2 {
+                rot.push((t.cos(), t.sin()));
+                t *= theta_scale;
+            }
             for head in row.chunks_exact_mut(head_dim) {
                 for (pair, (c, sn)) in head.chunks_exact_mut(2).zip(&rot) {
                     let (a, b) = (pair[0], pair[1]);
@@ -193,11 +272,69 @@ impl Backend for CpuBackend {
                 }
             }
         }
-        Ok(DeviceBuffer::Host(out))
+        Ok(DeviceBuffer::F32(out))
+    }
+
+    fn attention(
+        &self,
+        q: &DeviceBuffer,
+        k: &DeviceBuffer,
+        v: &DeviceBuffer,
+        k_cache: &mut DeviceBuffer,
+        v_cache: &mut DeviceBuffer,
+        s: AttentionShape,
+    ) -> Result<DeviceBuffer, BackendError> {
+        let (q, k, v) = (f32s(q)?, f32s(k)?, f32s(v)?);
+        let row = s.kv_heads * s.head_dim;
+        let start = s.pos * row;
+        // Append to the caches (rounding to f16 for f16 caches, as llama.cpp's F16 KV cache).
+        for (cache, new) in [(&mut *k_cache, k), (&mut *v_cache, v)] {
+            match cache {
+                DeviceBuffer::F32(c) => c[start..start + s.seq * row].copy_from_slice(new),
+                DeviceBuffer::F16(c) => {
+                    for (dst, src) in c[start..start + s.seq * row].iter_mut().zip(new) {
+                        *dst = f16::from_f32(*src).to_bits();
+                    }
+                }
+                other => return Err(BackendError::Unsupported(other.elem_type())),
+            }
+        }
+        let (kc, vc): (&DeviceBuffer, &DeviceBuffer) = (k_cache, v_cache);
+        let f16_cache = matches!(kc, DeviceBuffer::F16(_));
+        let group = s.heads / s.kv_heads;
+        let scale = 1.0 / (s.head_dim as f32).sqrt();
+        let hd = s.head_dim;
+        let mut out = vec![0f32; s.seq * s.heads * hd];
+        // One task per (query row, head).
+        out.par_chunks_mut(hd).enumerate().for_each(|(task, o)| {
+            let (i, h) = (task / s.heads, task % s.heads);
+            let kvh = h / group;
+            let mut qv: Vec<f32> = q[(i * s.heads + h) * hd..][..hd].to_vec();
+            if f16_cache {
+                // llama.cpp converts Q to f16 for the K·Q product with an f16 cache.
+                qv.iter_mut().for_each(|x| *x = quant::round_f16(*x));
+            }
+            let visible = s.pos + i + 1;
+            let mut tmp = vec![0f32; hd];
+            let mut scores: Vec<f32> = (0..visible)
+                .map(|t| dot(&qv, cache_row(kc, t * row + kvh * hd, &mut tmp)) * scale)
+                .collect();
+            softmax_in_place(&mut scores);
+            if f16_cache {
+                scores.iter_mut().for_each(|x| *x = quant::round_f16(*x));
+            }
+            for (t, p) in scores.iter().enumerate() {
+                let vr = cache_row(vc, t * row + kvh * hd, &mut tmp);
+                for (oj, vj) in o.iter_mut().zip(vr) {
+                    *oj = p.mul_add(*vj, *oj);
+                }
+            }
+        });
+        Ok(DeviceBuffer::F32(out))
     }
 
     fn argmax(&self, x: &DeviceBuffer, cols: usize) -> Result<Vec<u32>, BackendError> {
-        let x = host(x)?;
+        let x = f32s(x)?;
         Ok(x.chunks_exact(cols)
             .map(|row| {
                 let mut best = 0usize;
@@ -212,6 +349,52 @@ impl Backend for CpuBackend {
             })
             .collect())
     }
+
+    fn top_k(&self, x: &DeviceBuffer, cols: usize, k: usize) -> Result<Vec<(u32, f32)>, BackendError> {
+        let x = f32s(x)?;
+        let last = &x[x.len() - cols..];
+        let mut idx: Vec<(u32, f32)> = last
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| !v.is_nan())
+            .map(|(i, v)| (i as u32, *v))
+            .collect();
+        let k = k.min(idx.len());
+        if k == 0 {
+            return Ok(Vec::new());
+        }
+        let by_value = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        idx.select_nth_unstable_by(k - 1, by_value);
+        idx.truncate(k);
+        idx.sort_by(by_value);
+        Ok(idx)
+    }
+}
+
+/// `tmp.len()` elements of a cache from `offset`, as f32 (converted into `tmp` for f16).
+fn cache_row<'a>(cache: &'a DeviceBuffer, offset: usize, tmp: &'a mut [f32]) -> &'a [f32] {
+    match cache {
+        DeviceBuffer::F32(c) => &c[offset..offset + tmp.len()],
+        DeviceBuffer::F16(c) => {
+            f16_to_f32(&c[offset..offset + tmp.len()], tmp);
+            tmp
+        }
+        // Validated by the caller: caches are f32 or f16.
+        _ => &[],
+    }
+}
+
+fn softmax_in_place(row: &mut [f32]) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f64;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += f64::from(*v);
+    }
+    let inv = (1.0 / sum) as f32;
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
 }
 
 #[cfg(test)]
@@ -219,11 +402,12 @@ mod tests {
     use super::*;
 
     fn buf(v: &[f32]) -> DeviceBuffer {
-        DeviceBuffer::Host(v.to_vec())
+        DeviceBuffer::F32(v.to_vec())
     }
     fn get(b: DeviceBuffer) -> Vec<f32> {
         match b {
-            DeviceBuffer::Host(v) => v,
+            DeviceBuffer::F32(v) => v,
+            other => panic!("expected f32, got {other:?}"),
         }
     }
     fn close(a: &[f32], b: &[f32], tol: f32) {
@@ -232,83 +416,119 @@ mod tests {
             assert!((x - y).abs() <= tol * (1.0 + y.abs()), "at {i}: {x} vs {y}");
         }
     }
+    fn naive(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut want = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                want[i * n + j] = (0..k).map(|t| x[i * k + t] * w[j * k + t]).sum();
+            }
+        }
+        want
+    }
 
     #[test]
-    fn matmul_matches_naive_sum_serial_and_parallel() {
-        let cpu = CpuBackend::default();
+    fn matmul_f32_matches_naive() {
+        let cpu = CpuBackend;
         for &(m, k, n) in &[(1, 3, 2), (3, 17, 5), (64, 130, 200)] {
-            let x: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
-                .collect();
-            let w: Vec<f32> = (0..n * k)
-                .map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0)
-                .collect();
-            let mut want = vec![0f32; m * n];
-            for i in 0..m {
-                for j in 0..n {
-                    want[i * n + j] = (0..k).map(|t| x[i * k + t] * w[j * k + t]).sum();
-                }
-            }
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0).collect();
             let got = get(cpu.matmul(&buf(&x), &buf(&w), m, k, n).expect("matmul"));
-            close(&got, &want, 1e-4);
+            close(&got, &naive(&x, &w, m, k, n), 1e-4);
         }
     }
 
     #[test]
+    fn quantized_matmuls_track_the_dequantized_product() {
+        let cpu = CpuBackend;
+        let (m, k, n) = (3, 64, 40);
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 29) as f32 - 14.0) / 9.0).collect();
+        // Q8_0 weights from a quantized f32 matrix.
+        let wf: Vec<f32> = (0..n * k).map(|i| ((i * 13 % 31) as f32 - 15.0) / 20.0).collect();
+        let wq = quant::quantize_q8_0(&wf);
+        let mut wd = Vec::new();
+        quant::dequant_q8_0(&wq, &mut wd);
+        let got = get(cpu.matmul(&buf(&x), &DeviceBuffer::Q8_0(wq), m, k, n).expect("q8_0"));
+        close(&got, &naive(&x, &wd, m, k, n), 0.03);
+        // Q4_1 weights: arbitrary blocks.
+        let blocks: Vec<quant::BlockQ4_1> = (0..n * k / 32)
+            .map(|b| quant::BlockQ4_1 {
+                d: 0.01 * (1 + b % 5) as f32,
+                m: -0.05 * (b % 3) as f32,
+                qs: core::array::from_fn(|j| ((j * 37 + b * 11) % 256) as u8),
+            })
+            .collect();
+        let mut wd = Vec::new();
+        quant::dequant_q4_1(&blocks, &mut wd);
+        let got = get(cpu.matmul(&buf(&x), &DeviceBuffer::Q4_1(blocks), m, k, n).expect("q4_1"));
+        close(&got, &naive(&x, &wd, m, k, n), 0.03);
+    }
+
+    #[test]
     fn elementwise_and_broadcast() {
-        let cpu = CpuBackend::default();
+        let cpu = CpuBackend;
         let a = buf(&[1.0, 2.0, 3.0, 4.0]);
         assert_eq!(
-            get(cpu
-                .binary(BinaryOp::Add, &a, &buf(&[10.0, 20.0]), 2)
-                .expect("add")),
+            get(cpu.binary(BinaryOp::Add, &a, &buf(&[10.0, 20.0]), 2).expect("add")),
             [11.0, 22.0, 13.0, 24.0]
         );
-        assert_eq!(
-            get(cpu.binary(BinaryOp::Mul, &a, &a, 2).expect("mul")),
-            [1.0, 4.0, 9.0, 16.0]
-        );
+        assert_eq!(get(cpu.binary(BinaryOp::Mul, &a, &a, 2).expect("mul")), [1.0, 4.0, 9.0, 16.0]);
         let s = get(cpu.silu(&buf(&[0.0, 1.0])).expect("silu"));
         close(&s, &[0.0, 0.731_058_6], 1e-6);
     }
 
     #[test]
-    fn rmsnorm_softmax_argmax() {
-        let cpu = CpuBackend::default();
-        let r = get(cpu
-            .rmsnorm(&buf(&[3.0, 4.0]), &buf(&[1.0, 2.0]), 2, 0.0)
-            .expect("rmsnorm"));
+    fn rmsnorm_softmax_argmax_topk() {
+        let cpu = CpuBackend;
+        let r = get(cpu.rmsnorm(&buf(&[3.0, 4.0]), &buf(&[1.0, 2.0]), 2, 0.0).expect("rmsnorm"));
         let rms = (12.5f32).sqrt();
         close(&r, &[3.0 / rms, 8.0 / rms], 1e-6);
-        let sm = get(cpu
-            .softmax(&buf(&[1000.0, 1000.0, 0.0, f32::NEG_INFINITY]), 2)
-            .expect("softmax"));
+        let sm = get(cpu.softmax(&buf(&[1000.0, 1000.0, 0.0, f32::NEG_INFINITY]), 2).expect("softmax"));
         close(&sm, &[0.5, 0.5, 1.0, 0.0], 1e-6);
-        assert_eq!(
-            cpu.argmax(&buf(&[1.0, 3.0, 3.0, f32::NAN, -1.0, -2.0]), 3)
-                .expect("argmax"),
-            [1, 1]
-        );
+        assert_eq!(cpu.argmax(&buf(&[1.0, 3.0, 3.0, f32::NAN, -1.0, -2.0]), 3).expect("argmax"), [1, 1]);
+        let tk = cpu.top_k(&buf(&[9.0, 0.0, 5.0, 1.0, 5.0, f32::NAN]), 5, 2).expect("top-k");
+        // The last row of [rows, 5] is [0, 5, 1, 5, NaN]: ties keep the lower index first.
+        assert_eq!(tk, vec![(1, 5.0), (3, 5.0)]);
     }
 
     #[test]
     fn rope_rotates_adjacent_pairs() {
-        let cpu = CpuBackend::default();
-        // One row, one head, head_dim 4: pair 0 rotates by pos, pair 1 by pos / theta^(1/2).
-        let out = get(cpu
-            .rope(&buf(&[1.0, 0.0, 1.0, 0.0]), 1, 4, 2, 100.0)
-            .expect("rope"));
-        close(
-            &out,
-            &[2f32.cos(), 2f32.sin(), 0.2f32.cos(), 0.2f32.sin()],
-            1e-6,
-        );
-        // Position 0 is the identity.
+        let cpu = CpuBackend;
+        let out = get(cpu.rope(&buf(&[1.0, 0.0, 1.0, 0.0]), 1, 4, 2, 100.0).expect("rope"));
+        close(&out, &[2f32.cos(), 2f32.sin(), 0.2f32.cos(), 0.2f32.sin()], 1e-5);
         let x = [0.3, -0.7, 1.5, 2.0];
-        close(
-            &get(cpu.rope(&buf(&x), 1, 4, 0, 10000.0).expect("rope")),
-            &x,
-            0.0,
-        );
+        close(&get(cpu.rope(&buf(&x), 1, 4, 0, 10000.0).expect("rope")), &x, 0.0);
+    }
+
+    #[test]
+    fn attention_matches_a_direct_computation_and_is_causal() {
+        let cpu = CpuBackend;
+        let (heads, kv_heads, hd) = (4, 2, 8);
+        let ctx = 6;
+        let mut kc = cpu.zeros(ElemType::F32, ctx * kv_heads * hd).expect("k cache");
+        let mut vc = cpu.zeros(ElemType::F32, ctx * kv_heads * hd).expect("v cache");
+        let data = |n: usize, s: usize| -> Vec<f32> { (0..n).map(|i| (((i + s) * 17 % 23) as f32 - 11.0) / 7.0).collect() };
+        // Prefill 3 positions, then decode 1: the same as prefilling 4.
+        let (q3, k3, v3) = (data(3 * heads * hd, 1), data(3 * kv_heads * hd, 2), data(3 * kv_heads * hd, 3));
+        let shape = |seq, pos| AttentionShape { seq, heads, kv_heads, head_dim: hd, pos };
+        let a = get(cpu.attention(&buf(&q3), &buf(&k3), &buf(&v3), &mut kc, &mut vc, shape(3, 0)).expect("prefill"));
+        let (q1, k1, v1) = (data(heads * hd, 4), data(kv_heads * hd, 5), data(kv_heads * hd, 6));
+        let b = get(cpu.attention(&buf(&q1), &buf(&k1), &buf(&v1), &mut kc, &mut vc, shape(1, 3)).expect("decode"));
+        // Direct computation for the decode row: head h uses kv head h / 2 over 4 positions.
+        let kall: Vec<f32> = k3.iter().chain(&k1).copied().collect();
+        let vall: Vec<f32> = v3.iter().chain(&v1).copied().collect();
+        for h in 0..heads {
+            let kvh = h / 2;
+            let qh = &q1[h * hd..][..hd];
+            let mut s: Vec<f32> = (0..4)
+                .map(|t| qh.iter().zip(&kall[(t * kv_heads + kvh) * hd..][..hd]).map(|(a, b)| a * b).sum::<f32>() / (hd as f32).sqrt())
+                .collect();
+            softmax_in_place(&mut s);
+            let want: Vec<f32> = (0..hd).map(|j| (0..4).map(|t| s[t] * vall[(t * kv_heads + kvh) * hd + j]).sum()).collect();
+            close(&b[h * hd..][..hd], &want, 1e-4);
+        }
+        // Row 0 of the prefill sees only position 0: its output is v at position 0.
+        for h in 0..heads {
+            close(&a[h * hd..][..hd], &v3[(h / 2) * hd..][..hd], 1e-6);
+        }
     }
 }

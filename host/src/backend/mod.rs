@@ -7,23 +7,81 @@
 //! implement the same trait.
 
 mod cpu;
+pub mod quant;
 
 pub use cpu::CpuBackend;
+pub use quant::{BlockQ4_1, BlockQ8_0};
+
+/// Element types of device buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ElemType {
+    /// f32
+    F32,
+    /// IEEE half (stored as bits)
+    F16,
+    /// GGUF Q4_1 blocks of 32
+    Q4_1,
+    /// GGUF Q8_0 blocks of 32
+    Q8_0,
+}
+
+impl ElemType {
+    /// Bytes of `elems` elements (quantized types: whole blocks of 32).
+    pub fn bytes(self, elems: u64) -> u64 {
+        match self {
+            ElemType::F32 => elems * 4,
+            ElemType::F16 => elems * 2,
+            ElemType::Q4_1 => elems.div_ceil(32) * 20,
+            ElemType::Q8_0 => elems.div_ceil(32) * 34,
+        }
+    }
+
+    /// Whether element counts must be multiples of 32.
+    pub fn is_quantized(self) -> bool {
+        matches!(self, ElemType::Q4_1 | ElemType::Q8_0)
+    }
+}
 
 /// Accelerator memory holding one tensor's elements.
 #[derive(Clone)]
 #[non_exhaustive]
 pub enum DeviceBuffer {
-    /// Host memory (CPU backend).
-    Host(Vec<f32>),
+    /// f32 elements in host memory (CPU backend).
+    F32(Vec<f32>),
+    /// f16 bits in host memory.
+    F16(Vec<u16>),
+    /// Q4_1 blocks in host memory.
+    Q4_1(Vec<BlockQ4_1>),
+    /// Q8_0 blocks in host memory.
+    Q8_0(Vec<BlockQ8_0>),
+}
+
+impl DeviceBuffer {
+    /// The element type.
+    pub fn elem_type(&self) -> ElemType {
+        match self {
+            DeviceBuffer::F32(_) => ElemType::F32,
+            DeviceBuffer::F16(_) => ElemType::F16,
+            DeviceBuffer::Q4_1(_) => ElemType::Q4_1,
+            DeviceBuffer::Q8_0(_) => ElemType::Q8_0,
+        }
+    }
+
+    /// Number of elements.
+    pub fn elems(&self) -> usize {
+        match self {
+            DeviceBuffer::F32(v) => v.len(),
+            DeviceBuffer::F16(v) => v.len(),
+            DeviceBuffer::Q4_1(v) => v.len() * 32,
+            DeviceBuffer::Q8_0(v) => v.len() * 32,
+        }
+    }
 }
 
 impl std::fmt::Debug for DeviceBuffer {
     // Never print contents: tensors may hold weights or activations.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DeviceBuffer::Host(v) => write!(f, "DeviceBuffer::Host({} elements)", v.len()),
-        }
+        write!(f, "DeviceBuffer({:?}, {} elements)", self.elem_type(), self.elems())
     }
 }
 
@@ -36,6 +94,21 @@ pub enum BinaryOp {
     Mul,
 }
 
+/// Shape of an attention launch (validated by the caller).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    /// New positions (rows of q, k, v).
+    pub seq: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (divides `heads`).
+    pub kv_heads: usize,
+    /// Elements per head.
+    pub head_dim: usize,
+    /// Position of the first new row.
+    pub pos: usize,
+}
+
 /// A backend failure that is not the guest's fault.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -43,9 +116,9 @@ pub enum BackendError {
     /// The device could not allocate memory.
     #[error("device out of memory")]
     OutOfMemory,
-    /// A buffer belongs to another backend.
-    #[error("buffer from another backend")]
-    ForeignBuffer,
+    /// An operand has an element type this kernel does not take (a validation bug).
+    #[error("kernel does not take {0:?} operands")]
+    Unsupported(ElemType),
 }
 
 /// Kernels of the op set. Operand shapes are validated by the caller; a
@@ -53,13 +126,17 @@ pub enum BackendError {
 pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Short name for logs ("cpu", "cuda").
     fn name(&self) -> &'static str;
-    /// `len` zeros.
-    fn zeros(&self, len: usize) -> Result<DeviceBuffer, BackendError>;
-    /// Copies host data to the device.
+    /// `len` zeros of type `ty` (f32 or f16).
+    fn zeros(&self, ty: ElemType, len: usize) -> Result<DeviceBuffer, BackendError>;
+    /// Copies host f32 data to the device.
     fn upload(&self, data: &[f32]) -> Result<DeviceBuffer, BackendError>;
-    /// Copies device data to the host.
+    /// Moves a host-built buffer (decrypted weights) to the device.
+    fn upload_buffer(&self, buf: DeviceBuffer) -> Result<DeviceBuffer, BackendError>;
+    /// Copies an f32 or f16 buffer to the host as f32.
     fn download(&self, buf: &DeviceBuffer) -> Result<Vec<f32>, BackendError>;
-    /// `x` [m, k] · `w` [n, k]ᵀ → [m, n].
+    /// Copies elements `range` of an f32 or f16 buffer.
+    fn copy_range(&self, buf: &DeviceBuffer, range: std::ops::Range<usize>) -> Result<DeviceBuffer, BackendError>;
+    /// `x` f32 [m, k] · `w` [n, k]ᵀ → f32 [m, n]; `w` of any element type.
     fn matmul(
         &self,
         x: &DeviceBuffer,
@@ -68,6 +145,8 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         k: usize,
         n: usize,
     ) -> Result<DeviceBuffer, BackendError>;
+    /// Rows `ids` of `table` [.., d] as f32 [len(ids), d].
+    fn embedding(&self, table: &DeviceBuffer, d: usize, ids: &[u32]) -> Result<DeviceBuffer, BackendError>;
     /// Elementwise `a op b`; if `b` has `cols` elements it is broadcast over each row of `a`.
     fn binary(
         &self,
@@ -97,6 +176,20 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         pos: u32,
         theta: f32,
     ) -> Result<DeviceBuffer, BackendError>;
+    /// Writes `k`, `v` into the caches at rows `pos..pos+seq` and returns causal
+    /// attention of `q` over cache rows `0..=pos+i` (see the WIT docs).
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        q: &DeviceBuffer,
+        k: &DeviceBuffer,
+        v: &DeviceBuffer,
+        k_cache: &mut DeviceBuffer,
+        v_cache: &mut DeviceBuffer,
+        shape: AttentionShape,
+    ) -> Result<DeviceBuffer, BackendError>;
     /// Index of the largest element in each row of `x` [rows, cols] (first on ties; NaN never wins).
     fn argmax(&self, x: &DeviceBuffer, cols: usize) -> Result<Vec<u32>, BackendError>;
+    /// The `k` largest (index, value) of the last row of `x` [rows, cols], largest first.
+    fn top_k(&self, x: &DeviceBuffer, cols: usize, k: usize) -> Result<Vec<(u32, f32)>, BackendError>;
 }

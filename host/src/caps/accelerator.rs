@@ -5,26 +5,32 @@
 //! the work of one launch (host calls are not interrupted by the epoch
 //! deadline, so one launch must stay short). A bad launch is a guest-visible
 //! [`AccelError`], never a host panic.
+//!
+//! Weight tensors (loaded by the model capability) are never downloadable and
+//! never writable (they cannot serve as a KV cache). Activations computed from
+//! them are ordinary tensors: a signed program that deliberately reconstructs
+//! weights through ops (an identity matmul, an embedding of every row) is
+//! stopped by review and signing, not by this layer.
 
 use super::PolicyViolation;
-use crate::backend::{Backend, BackendError, BinaryOp, DeviceBuffer};
-pub use crate::bindings::accelerator::{AccelError, Dtype};
+use crate::backend::{AttentionShape, Backend, BackendError, BinaryOp, DeviceBuffer, ElemType};
 use crate::bindings::accelerator::{Host, HostTensor};
+pub use crate::bindings::accelerator::{AccelError, Dtype};
 use std::sync::Arc;
 use wasmtime::component::{Resource, ResourceTable};
 
 /// Largest tensor rank.
 pub const MAX_RANK: usize = 4;
-/// Most multiply-adds one matmul launch may do (about 1–3 s on one CPU core).
-pub const MAX_MATMUL_WORK: u64 = 1 << 33;
+/// Most multiply-adds one matmul or attention launch may do (a few seconds on one core).
+pub const MAX_LAUNCH_WORK: u64 = 1 << 34;
 /// Most live tensors per run.
 pub const MAX_TENSORS: usize = 1 << 16;
 
-/// A tensor: shape, element type and device memory.
+/// A tensor: shape, device memory (which knows its element type), and whether
+/// the guest may read it back.
 #[derive(Debug)]
 pub struct Tensor {
     shape: Vec<u32>,
-    dtype: Dtype,
     buf: DeviceBuffer,
     bytes: u64,
     downloadable: bool,
@@ -41,18 +47,34 @@ pub struct AccelCtx {
     launches: u64,
 }
 
-fn dtype_size(_: Dtype) -> u64 {
-    4
+/// WIT dtype ↔ backend element type.
+pub fn elem_type(d: Dtype) -> ElemType {
+    match d {
+        Dtype::F32 => ElemType::F32,
+        Dtype::F16 => ElemType::F16,
+        Dtype::Q41 => ElemType::Q4_1,
+        Dtype::Q80 => ElemType::Q8_0,
+    }
+}
+
+fn dtype(e: ElemType) -> Dtype {
+    match e {
+        ElemType::F32 => Dtype::F32,
+        ElemType::F16 => Dtype::F16,
+        ElemType::Q4_1 => Dtype::Q41,
+        ElemType::Q8_0 => Dtype::Q80,
+    }
 }
 
 /// Validates a shape and returns its element count.
-fn numel(shape: &[u32]) -> Result<usize, AccelError> {
+pub(crate) fn numel(shape: &[u32]) -> Result<usize, AccelError> {
     if shape.is_empty() || shape.len() > MAX_RANK || shape.contains(&0) {
         return Err(AccelError::InvalidShape);
     }
     shape
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d as usize))
+        .filter(|n| (*n as u64) < (1u64 << 40))
         .ok_or(AccelError::InvalidShape)
 }
 
@@ -66,9 +88,7 @@ type OpResult<T> = wasmtime::Result<Result<T, AccelError>>;
 fn backend_err<T>(e: BackendError) -> OpResult<T> {
     match e {
         BackendError::OutOfMemory => Ok(Err(AccelError::OutOfMemory)),
-        other => Err(wasmtime::Error::msg(format!(
-            "accelerator backend failure: {other}"
-        ))),
+        other => Err(wasmtime::Error::msg(format!("accelerator backend failure: {other}"))),
     }
 }
 
@@ -78,6 +98,16 @@ macro_rules! guest_try {
         match $e {
             Ok(v) => v,
             Err(e) => return Ok(Err(e)),
+        }
+    };
+}
+
+/// Evaluates a backend call inside an `OpResult` function.
+macro_rules! backend_try {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => return backend_err(e),
         }
     };
 }
@@ -111,6 +141,12 @@ impl AccelCtx {
             .map_err(|_| wasmtime::Error::new(PolicyViolation::BadHandle("tensor")))
     }
 
+    fn get_mut(&mut self, t: &Resource<Tensor>) -> wasmtime::Result<&mut Tensor> {
+        self.table
+            .get_mut(t)
+            .map_err(|_| wasmtime::Error::new(PolicyViolation::BadHandle("tensor")))
+    }
+
     /// Checks that `bytes` more fit in the budget.
     fn reserve(&self, bytes: u64) -> Result<(), AccelError> {
         if self.live >= MAX_TENSORS || self.in_use.saturating_add(bytes) > self.limit {
@@ -119,20 +155,31 @@ impl AccelCtx {
         Ok(())
     }
 
-    /// Registers a new tensor (the caller reserved its bytes before computing it).
+    /// Validates `shape` for element type `ty` and checks room for it.
+    pub(crate) fn check_alloc(&self, shape: &[u32], ty: ElemType) -> Result<(), AccelError> {
+        let elems = numel(shape)? as u64;
+        if ty.is_quantized() && last_dim(shape) % 32 != 0 {
+            return Err(AccelError::ShapeMismatch);
+        }
+        self.reserve(ty.bytes(elems))
+    }
+
+    /// Registers a new tensor. `buf` must hold exactly `shape`'s elements.
     pub(crate) fn insert(
         &mut self,
         shape: Vec<u32>,
-        dtype: Dtype,
         buf: DeviceBuffer,
         downloadable: bool,
     ) -> wasmtime::Result<Result<Resource<Tensor>, AccelError>> {
-        let elems = guest_try!(numel(&shape)) as u64;
-        let bytes = elems * dtype_size(dtype);
-        guest_try!(self.reserve(bytes));
+        let ty = buf.elem_type();
+        guest_try!(self.check_alloc(&shape, ty));
+        let elems = numel(&shape).unwrap_or(0);
+        if buf.elems() != elems {
+            return Err(wasmtime::Error::msg("accelerator: buffer does not match its shape"));
+        }
+        let bytes = ty.bytes(elems as u64);
         let res = self.table.push(Tensor {
             shape,
-            dtype,
             buf,
             bytes,
             downloadable,
@@ -142,57 +189,67 @@ impl AccelCtx {
         Ok(Ok(res))
     }
 
-    /// Validates `shape` and reserves room for a tensor of it (for producers outside
-    /// this module, such as the model capability, before they do the work).
-    pub(crate) fn check_alloc(&self, shape: &[u32], dtype: Dtype) -> Result<(), AccelError> {
-        let elems = numel(shape)? as u64;
-        self.reserve(elems * dtype_size(dtype))
-    }
-
     pub(crate) fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend
     }
 
-    /// Runs an op producing a tensor of `shape`: reserves, computes, registers.
+    /// Runs an op producing an f32 tensor of `shape`: reserves, computes, registers.
     fn produce(
         &mut self,
         shape: Vec<u32>,
-        compute: impl FnOnce(&dyn Backend) -> Result<DeviceBuffer, BackendError>,
+        compute: impl FnOnce(&Self) -> Result<DeviceBuffer, BackendError>,
     ) -> OpResult<Resource<Tensor>> {
-        guest_try!(self.check_alloc(&shape, Dtype::F32));
-        self.launches += 1;
-        let buf = match compute(self.backend.as_ref()) {
-            Ok(b) => b,
-            Err(e) => return backend_err(e),
-        };
-        self.insert(shape, Dtype::F32, buf, true)
+        self.produce_as(shape, ElemType::F32, true, compute)
     }
 
-    /// Shape of an f32 operand, or the guest error.
-    fn f32_operand(&self, t: &Resource<Tensor>) -> wasmtime::Result<Result<Vec<u32>, AccelError>> {
+    fn produce_as(
+        &mut self,
+        shape: Vec<u32>,
+        ty: ElemType,
+        downloadable: bool,
+        compute: impl FnOnce(&Self) -> Result<DeviceBuffer, BackendError>,
+    ) -> OpResult<Resource<Tensor>> {
+        guest_try!(self.check_alloc(&shape, ty));
+        self.launches += 1;
+        let buf = backend_try!(compute(self));
+        self.insert(shape, buf, downloadable)
+    }
+
+    /// Shape of an operand of one of the element types `allowed`, or the guest error.
+    fn operand(&self, t: &Resource<Tensor>, allowed: &[ElemType]) -> wasmtime::Result<Result<(Vec<u32>, ElemType), AccelError>> {
         let t = self.get(t)?;
-        if t.dtype != Dtype::F32 {
+        let ty = t.buf.elem_type();
+        if !allowed.contains(&ty) {
             return Ok(Err(AccelError::DtypeMismatch));
         }
-        Ok(Ok(t.shape.clone()))
+        Ok(Ok((t.shape.clone(), ty)))
     }
 
-    fn binary(
-        &mut self,
-        op: BinaryOp,
-        a: Resource<Tensor>,
-        b: Resource<Tensor>,
-    ) -> OpResult<Resource<Tensor>> {
+    fn f32_operand(&self, t: &Resource<Tensor>) -> wasmtime::Result<Result<Vec<u32>, AccelError>> {
+        Ok(self.operand(t, &[ElemType::F32])?.map(|(s, _)| s))
+    }
+
+    fn binary(&mut self, op: BinaryOp, a: Resource<Tensor>, b: Resource<Tensor>) -> OpResult<Resource<Tensor>> {
         let sa = guest_try!(self.f32_operand(&a)?);
         let sb = guest_try!(self.f32_operand(&b)?);
         let cols = last_dim(&sa);
         if sb != sa && sb != [cols as u32] {
             return Ok(Err(AccelError::ShapeMismatch));
         }
-        guest_try!(self.check_alloc(&sa, Dtype::F32));
-        let (ta, tb) = (self.get(&a)?, self.get(&b)?);
-        let out = self.backend.binary(op, &ta.buf, &tb.buf, cols);
-        self.produce(sa, |_| out)
+        let (a, b) = (a.rep(), b.rep());
+        self.produce(sa, |c| {
+            let (ta, tb) = (c.buf_by_rep(a), c.buf_by_rep(b));
+            c.backend.binary(op, ta, tb, cols)
+        })
+    }
+
+    /// The buffer of a live tensor by handle number (validated by the caller).
+    fn buf_by_rep(&self, rep: u32) -> &DeviceBuffer {
+        match self.table.get(&Resource::<Tensor>::new_borrow(rep)) {
+            Ok(t) => &t.buf,
+            // Unreachable: every caller looked the handle up first.
+            Err(_) => &EMPTY,
+        }
     }
 
     fn unary(
@@ -201,12 +258,13 @@ impl AccelCtx {
         f: impl FnOnce(&dyn Backend, &DeviceBuffer, usize) -> Result<DeviceBuffer, BackendError>,
     ) -> OpResult<Resource<Tensor>> {
         let shape = guest_try!(self.f32_operand(&x)?);
-        guest_try!(self.check_alloc(&shape, Dtype::F32));
         let cols = last_dim(&shape);
-        let out = f(self.backend.as_ref(), &self.get(&x)?.buf, cols);
-        self.produce(shape, |_| out)
+        let rep = x.rep();
+        self.produce(shape, |c| f(c.backend.as_ref(), c.buf_by_rep(rep), cols))
     }
 }
+
+static EMPTY: DeviceBuffer = DeviceBuffer::F32(Vec::new());
 
 impl HostTensor for AccelCtx {
     fn shape(&mut self, t: Resource<Tensor>) -> wasmtime::Result<Vec<u32>> {
@@ -214,7 +272,7 @@ impl HostTensor for AccelCtx {
     }
 
     fn dtype(&mut self, t: Resource<Tensor>) -> wasmtime::Result<Dtype> {
-        Ok(self.get(&t)?.dtype)
+        Ok(dtype(self.get(&t)?.buf.elem_type()))
     }
 
     fn drop(&mut self, t: Resource<Tensor>) -> wasmtime::Result<()> {
@@ -230,9 +288,12 @@ impl HostTensor for AccelCtx {
 
 impl Host for AccelCtx {
     fn zeros(&mut self, ty: Dtype, shape: Vec<u32>) -> OpResult<Resource<Tensor>> {
-        guest_try!(self.check_alloc(&shape, ty));
+        let ty = elem_type(ty);
+        if ty.is_quantized() {
+            return Ok(Err(AccelError::DtypeMismatch));
+        }
         let n = guest_try!(numel(&shape));
-        self.produce(shape, |b| b.zeros(n))
+        self.produce_as(shape, ty, true, |c| c.backend.zeros(ty, n))
     }
 
     fn upload(&mut self, shape: Vec<u32>, data: Vec<f32>) -> OpResult<Resource<Tensor>> {
@@ -240,39 +301,130 @@ impl Host for AccelCtx {
         if n != data.len() {
             return Ok(Err(AccelError::LengthMismatch));
         }
-        self.produce(shape, |b| b.upload(&data))
+        self.produce(shape, |c| c.backend.upload(&data))
     }
 
     fn download(&mut self, t: Resource<Tensor>) -> OpResult<Vec<f32>> {
-        let t = self.get(&t)?;
-        if !t.downloadable {
+        let tensor = self.get(&t)?;
+        if !tensor.downloadable {
             return Ok(Err(AccelError::NotDownloadable));
         }
-        match self.backend.download(&t.buf) {
-            Ok(v) => Ok(Ok(v)),
-            Err(e) => backend_err(e),
+        guest_try!(self.operand(&t, &[ElemType::F32, ElemType::F16])?);
+        Ok(Ok(backend_try!(self.backend.download(&self.get(&t)?.buf))))
+    }
+
+    fn reshape(&mut self, x: Resource<Tensor>, shape: Vec<u32>) -> OpResult<Resource<Tensor>> {
+        let (sx, ty) = guest_try!(self.operand(&x, &[ElemType::F32, ElemType::F16])?);
+        let n = guest_try!(numel(&shape));
+        if n != numel(&sx).unwrap_or(0) {
+            return Ok(Err(AccelError::ShapeMismatch));
         }
+        let downloadable = self.get(&x)?.downloadable;
+        let rep = x.rep();
+        self.produce_as(shape, ty, downloadable, |c| c.backend.copy_range(c.buf_by_rep(rep), 0..n))
+    }
+
+    fn rows(&mut self, x: Resource<Tensor>, start: u32, count: u32) -> OpResult<Resource<Tensor>> {
+        let (sx, ty) = guest_try!(self.operand(&x, &[ElemType::F32, ElemType::F16])?);
+        let cols = last_dim(&sx);
+        let total_rows = numel(&sx).unwrap_or(0) / cols;
+        if count == 0 || (start as usize).saturating_add(count as usize) > total_rows {
+            return Ok(Err(AccelError::InvalidArgument));
+        }
+        let downloadable = self.get(&x)?.downloadable;
+        let range = start as usize * cols..(start + count) as usize * cols;
+        let rep = x.rep();
+        self.produce_as(vec![count, cols as u32], ty, downloadable, |c| {
+            c.backend.copy_range(c.buf_by_rep(rep), range)
+        })
     }
 
     fn matmul(&mut self, x: Resource<Tensor>, w: Resource<Tensor>) -> OpResult<Resource<Tensor>> {
         let sx = guest_try!(self.f32_operand(&x)?);
-        let sw = guest_try!(self.f32_operand(&w)?);
+        let (sw, wty) = guest_try!(self.operand(&w, &[ElemType::F32, ElemType::F16, ElemType::Q4_1, ElemType::Q8_0])?);
         let ([m, k], [n, kw]) = (sx.as_slice(), sw.as_slice()) else {
             return Ok(Err(AccelError::ShapeMismatch));
         };
-        if k != kw {
+        if k != kw || (wty.is_quantized() && k % 32 != 0) {
             return Ok(Err(AccelError::ShapeMismatch));
         }
         let (m, k, n) = (*m as usize, *k as usize, *n as usize);
-        if (m as u64) * (k as u64) * (n as u64) > MAX_MATMUL_WORK {
+        if (m as u64) * (k as u64) * (n as u64) > MAX_LAUNCH_WORK {
             return Ok(Err(AccelError::InvalidArgument));
         }
-        let out_shape = vec![m as u32, n as u32];
-        guest_try!(self.check_alloc(&out_shape, Dtype::F32));
-        let out = self
-            .backend
-            .matmul(&self.get(&x)?.buf, &self.get(&w)?.buf, m, k, n);
-        self.produce(out_shape, |_| out)
+        let (xr, wr) = (x.rep(), w.rep());
+        self.produce(vec![m as u32, n as u32], |c| {
+            c.backend.matmul(c.buf_by_rep(xr), c.buf_by_rep(wr), m, k, n)
+        })
+    }
+
+    fn embedding(&mut self, table: Resource<Tensor>, ids: Vec<u32>) -> OpResult<Resource<Tensor>> {
+        let (st, _) = guest_try!(self.operand(&table, &[ElemType::F32, ElemType::F16, ElemType::Q4_1, ElemType::Q8_0])?);
+        let [rows, d] = st.as_slice() else {
+            return Ok(Err(AccelError::ShapeMismatch));
+        };
+        if ids.is_empty() || ids.len() > u32::MAX as usize || ids.iter().any(|i| i >= rows) {
+            return Ok(Err(AccelError::InvalidArgument));
+        }
+        let (d, tr) = (*d as usize, table.rep());
+        self.produce(vec![ids.len() as u32, d as u32], |c| c.backend.embedding(c.buf_by_rep(tr), d, &ids))
+    }
+
+    fn attention(
+        &mut self,
+        q: Resource<Tensor>,
+        k: Resource<Tensor>,
+        v: Resource<Tensor>,
+        k_cache: Resource<Tensor>,
+        v_cache: Resource<Tensor>,
+        pos: u32,
+    ) -> OpResult<Resource<Tensor>> {
+        let sq = guest_try!(self.f32_operand(&q)?);
+        let sk = guest_try!(self.f32_operand(&k)?);
+        let sv = guest_try!(self.f32_operand(&v)?);
+        let (skc, kty) = guest_try!(self.operand(&k_cache, &[ElemType::F32, ElemType::F16])?);
+        let (svc, vty) = guest_try!(self.operand(&v_cache, &[ElemType::F32, ElemType::F16])?);
+        let ([seq, heads, hd], [kseq, kvh, khd], [ctx, ckvh, chd]) = (sq.as_slice(), sk.as_slice(), skc.as_slice()) else {
+            return Ok(Err(AccelError::ShapeMismatch));
+        };
+        if sv != sk || svc != skc || kty != vty || kseq != seq || khd != hd || chd != hd || ckvh != kvh || heads % kvh != 0 {
+            return Ok(Err(AccelError::ShapeMismatch));
+        }
+        let reps = [q.rep(), k.rep(), v.rep(), k_cache.rep(), v_cache.rep()];
+        let caches_aliased = reps[3] == reps[4] || reps[..3].contains(&reps[3]) || reps[..3].contains(&reps[4]);
+        let caches_writable = self.get(&k_cache)?.downloadable && self.get(&v_cache)?.downloadable;
+        if caches_aliased || !caches_writable || pos.checked_add(*seq).is_none_or(|end| end > *ctx) {
+            return Ok(Err(AccelError::InvalidArgument));
+        }
+        let shape = AttentionShape {
+            seq: *seq as usize,
+            heads: *heads as usize,
+            kv_heads: *kvh as usize,
+            head_dim: *hd as usize,
+            pos: pos as usize,
+        };
+        let work = (shape.seq as u64) * u64::from(pos + seq) * u64::from(*heads) * u64::from(*hd) * 2;
+        if work > MAX_LAUNCH_WORK {
+            return Ok(Err(AccelError::InvalidArgument));
+        }
+        let out_shape = sq.clone();
+        guest_try!(self.check_alloc(&out_shape, ElemType::F32));
+        // Take the caches out of the table while the kernel writes them.
+        let mut kc = std::mem::replace(&mut self.get_mut(&k_cache)?.buf, DeviceBuffer::F32(Vec::new()));
+        let mut vc = std::mem::replace(&mut self.get_mut(&v_cache)?.buf, DeviceBuffer::F32(Vec::new()));
+        self.launches += 1;
+        let result = self.backend.attention(
+            self.buf_by_rep(reps[0]),
+            self.buf_by_rep(reps[1]),
+            self.buf_by_rep(reps[2]),
+            &mut kc,
+            &mut vc,
+            shape,
+        );
+        self.get_mut(&k_cache)?.buf = kc;
+        self.get_mut(&v_cache)?.buf = vc;
+        let out = backend_try!(result);
+        self.insert(out_shape, out, true)
     }
 
     fn add(&mut self, a: Resource<Tensor>, b: Resource<Tensor>) -> OpResult<Resource<Tensor>> {
@@ -283,12 +435,7 @@ impl Host for AccelCtx {
         self.binary(BinaryOp::Mul, a, b)
     }
 
-    fn rmsnorm(
-        &mut self,
-        x: Resource<Tensor>,
-        weight: Resource<Tensor>,
-        eps: f32,
-    ) -> OpResult<Resource<Tensor>> {
+    fn rmsnorm(&mut self, x: Resource<Tensor>, weight: Resource<Tensor>, eps: f32) -> OpResult<Resource<Tensor>> {
         let sx = guest_try!(self.f32_operand(&x)?);
         let sw = guest_try!(self.f32_operand(&weight)?);
         let cols = last_dim(&sx);
@@ -298,11 +445,8 @@ impl Host for AccelCtx {
         if !eps.is_finite() || eps < 0.0 {
             return Ok(Err(AccelError::InvalidArgument));
         }
-        guest_try!(self.check_alloc(&sx, Dtype::F32));
-        let out = self
-            .backend
-            .rmsnorm(&self.get(&x)?.buf, &self.get(&weight)?.buf, cols, eps);
-        self.produce(sx, |_| out)
+        let (xr, wr) = (x.rep(), weight.rep());
+        self.produce(sx, |c| c.backend.rmsnorm(c.buf_by_rep(xr), c.buf_by_rep(wr), cols, eps))
     }
 
     fn softmax(&mut self, x: Resource<Tensor>) -> OpResult<Resource<Tensor>> {
@@ -331,10 +475,16 @@ impl Host for AccelCtx {
     fn argmax(&mut self, x: Resource<Tensor>) -> OpResult<Vec<u32>> {
         let sx = guest_try!(self.f32_operand(&x)?);
         self.launches += 1;
-        match self.backend.argmax(&self.get(&x)?.buf, last_dim(&sx)) {
-            Ok(v) => Ok(Ok(v)),
-            Err(e) => backend_err(e),
+        Ok(Ok(backend_try!(self.backend.argmax(&self.get(&x)?.buf, last_dim(&sx)))))
+    }
+
+    fn top_k(&mut self, x: Resource<Tensor>, k: u32) -> OpResult<Vec<(u32, f32)>> {
+        let sx = guest_try!(self.f32_operand(&x)?);
+        if k == 0 {
+            return Ok(Err(AccelError::InvalidArgument));
         }
+        self.launches += 1;
+        Ok(Ok(backend_try!(self.backend.top_k(&self.get(&x)?.buf, last_dim(&sx), k as usize))))
     }
 }
 
@@ -344,7 +494,7 @@ mod tests {
     use crate::backend::CpuBackend;
 
     fn ctx(limit: u64) -> AccelCtx {
-        AccelCtx::new(Arc::new(CpuBackend::default()), limit)
+        AccelCtx::new(Arc::new(CpuBackend), limit)
     }
 
     fn ok<T>(r: OpResult<T>) -> T {
@@ -473,12 +623,7 @@ mod tests {
     #[test]
     fn weights_cannot_be_downloaded() {
         let mut c = ctx(1 << 20);
-        let w = ok(c.insert(
-            vec![2],
-            Dtype::F32,
-            DeviceBuffer::Host(vec![0.5, 0.25]),
-            false,
-        ));
+        let w = ok(c.insert(vec![2], DeviceBuffer::F32(vec![0.5, 0.25]), false));
         assert_eq!(
             guest_err(c.download(borrow(&w))),
             AccelError::NotDownloadable

@@ -10,8 +10,8 @@
 
 use super::PolicyViolation;
 use super::accelerator::{AccelCtx, Tensor};
-use crate::backend::DeviceBuffer;
-use crate::bindings::accelerator::{AccelError, Dtype};
+use crate::backend::{DeviceBuffer, ElemType};
+use crate::bindings::accelerator::AccelError;
 pub use crate::bindings::model::ModelError;
 use crate::bindings::model::{Host, HostSealedModel};
 use std::collections::HashMap;
@@ -22,8 +22,8 @@ use wasmtime::component::{Resource, ResourceTable};
 pub trait ModelSource: Send + Sync + std::fmt::Debug {
     /// The non-weight metadata (GGUF key/value section).
     fn metadata(&self) -> Result<Vec<u8>, ModelError>;
-    /// Shape of the named tensor (as f32 elements).
-    fn tensor_shape(&self, name: &str) -> Result<Vec<u32>, ModelError>;
+    /// Shape (outermost dimension first) and element type of the named tensor.
+    fn tensor_shape(&self, name: &str) -> Result<(Vec<u32>, ElemType), ModelError>;
     /// Decrypts the named tensor into device memory on `backend`.
     fn load_tensor(
         &self,
@@ -113,11 +113,11 @@ impl HostSealedModel for ModelView<'_> {
         name: String,
     ) -> wasmtime::Result<Result<Resource<Tensor>, ModelError>> {
         let source = self.get(&m)?.source.clone();
-        let shape = match source.tensor_shape(&name) {
+        let (shape, ty) = match source.tensor_shape(&name) {
             Ok(s) => s,
             Err(e) => return Ok(Err(e)),
         };
-        match self.accel.check_alloc(&shape, Dtype::F32) {
+        match self.accel.check_alloc(&shape, ty) {
             Ok(()) => {}
             Err(AccelError::OutOfMemory) => return Ok(Err(ModelError::OutOfMemory)),
             Err(_) => return Ok(Err(ModelError::Corrupt)),
@@ -126,7 +126,10 @@ impl HostSealedModel for ModelView<'_> {
             Ok(b) => b,
             Err(e) => return Ok(Err(e)),
         };
-        Ok(match self.accel.insert(shape, Dtype::F32, buf, false)? {
+        if buf.elem_type() != ty {
+            return Ok(Err(ModelError::Corrupt));
+        }
+        Ok(match self.accel.insert(shape, buf, false)? {
             Ok(t) => Ok(t),
             Err(AccelError::OutOfMemory) => Err(ModelError::OutOfMemory),
             Err(_) => Err(ModelError::Corrupt),

@@ -1,0 +1,133 @@
+//! Sealed GGUF models as a [`ModelSource`].
+//!
+//! At registration the loader decrypts only the GGUF header (metadata and
+//! tensor infos, a few MB for a tokenizer-carrying model); each `load-tensor`
+//! then decrypts just the chunks covering that tensor, parses the blocks and
+//! hands them to the backend. The sealed file is read with positional reads,
+//! never loaded whole, so peak memory is the decrypted weights plus one chunk.
+
+use crate::backend::{Backend, DeviceBuffer, ElemType, quant};
+use crate::caps::model::{ModelError, ModelSource};
+use cinfer_gguf::{GgmlType, GgufError, TensorInfo};
+use cinfer_sealed_model::{ModelKey, Opened, ReadAt, SealError};
+use std::collections::HashMap;
+use zeroize::Zeroizing;
+
+/// Why a sealed model could not be registered.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelLoadError {
+    /// The sealed container was refused.
+    #[error("sealed model: {0}")]
+    Sealed(#[from] SealError),
+    /// The decrypted bytes are not a usable GGUF file.
+    #[error("GGUF: {0}")]
+    Gguf(#[from] GgufError),
+    /// A tensor lies outside the file or has an impossible shape.
+    #[error("tensor `{0}` lies outside the model data or has an unusable shape")]
+    BadTensor(String),
+}
+
+/// A sealed GGUF model.
+pub struct SealedGguf {
+    opened: Opened<Box<dyn ReadAt>>,
+    metadata: Zeroizing<Vec<u8>>,
+    tensors: HashMap<String, TensorInfo>,
+    data_offset: u64,
+}
+
+impl std::fmt::Debug for SealedGguf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedGguf")
+            .field("header", self.opened.header())
+            .field("tensors", &self.tensors.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn elem_type(t: GgmlType) -> ElemType {
+    match t {
+        GgmlType::F32 => ElemType::F32,
+        GgmlType::F16 => ElemType::F16,
+        GgmlType::Q4_1 => ElemType::Q4_1,
+        GgmlType::Q8_0 => ElemType::Q8_0,
+    }
+}
+
+impl SealedGguf {
+    /// Opens a sealed model and decrypts its GGUF header.
+    pub fn open(source: Box<dyn ReadAt>, key: &ModelKey) -> Result<Self, ModelLoadError> {
+        let opened = Opened::open(source, key)?;
+        let total = opened.header().plaintext_len;
+        let mut len = u64::from(opened.header().chunk_size).min(total);
+        // Grow the decrypted prefix until the whole GGUF header fits.
+        let (metadata, tensors, data_offset) = loop {
+            let mut prefix = Zeroizing::new(vec![0u8; len as usize]);
+            opened.read_plain(0, &mut prefix)?;
+            match cinfer_gguf::parse(&prefix) {
+                Ok(g) => {
+                    let mut tensors = HashMap::with_capacity(g.tensors.len());
+                    for t in &g.tensors {
+                        let end = g.data_offset.checked_add(t.offset).and_then(|o| o.checked_add(t.size));
+                        if end.is_none_or(|e| e > total) || t.dims.iter().any(|d| *d > u64::from(u32::MAX)) {
+                            return Err(ModelLoadError::BadTensor(t.name.clone()));
+                        }
+                        tensors.insert(t.name.clone(), t.clone());
+                    }
+                    break (Zeroizing::new(prefix[..g.kv_end].to_vec()), tensors, g.data_offset);
+                }
+                Err(GgufError::Truncated(_)) if len < total => len = (len * 2).min(total),
+                Err(e) => return Err(e.into()),
+            }
+        };
+        Ok(SealedGguf {
+            opened,
+            metadata,
+            tensors,
+            data_offset,
+        })
+    }
+
+    /// The model id in the sealed header.
+    pub fn model_id(&self) -> &str {
+        &self.opened.header().model_id
+    }
+
+    /// SHA-256 of the plaintext GGUF (from the authenticated header).
+    pub fn plaintext_sha256(&self) -> [u8; 32] {
+        self.opened.header().plaintext_sha256
+    }
+
+    /// Tensor names.
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+}
+
+impl ModelSource for SealedGguf {
+    fn metadata(&self) -> Result<Vec<u8>, ModelError> {
+        Ok(self.metadata.to_vec())
+    }
+
+    fn tensor_shape(&self, name: &str) -> Result<(Vec<u32>, ElemType), ModelError> {
+        let t = self.tensors.get(name).ok_or(ModelError::NoSuchTensor)?;
+        // GGUF lists dimensions innermost first; tensors here are outermost first.
+        let shape = t.dims.iter().rev().map(|d| *d as u32).collect();
+        Ok((shape, elem_type(t.ty)))
+    }
+
+    fn load_tensor(&self, name: &str, backend: &dyn Backend) -> Result<DeviceBuffer, ModelError> {
+        let t = self.tensors.get(name).ok_or(ModelError::NoSuchTensor)?;
+        let mut bytes = Zeroizing::new(vec![0u8; t.size as usize]);
+        self.opened
+            .read_plain(self.data_offset + t.offset, &mut bytes)
+            .map_err(|_| ModelError::Corrupt)?;
+        let buf = match t.ty {
+            GgmlType::F32 => DeviceBuffer::F32(quant::parse_f32(&bytes)),
+            GgmlType::F16 => DeviceBuffer::F16(quant::parse_f16(&bytes)),
+            GgmlType::Q4_1 => DeviceBuffer::Q4_1(quant::parse_q4_1(&bytes)),
+            GgmlType::Q8_0 => DeviceBuffer::Q8_0(quant::parse_q8_0(&bytes)),
+        };
+        backend.upload_buffer(buf).map_err(|_| ModelError::OutOfMemory)
+    }
+}
