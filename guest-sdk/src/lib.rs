@@ -151,6 +151,11 @@ pub mod accel {
             raw_accel::zeros(Dtype::F32, shape).map(Tensor)
         }
 
+        /// A zero-filled tensor of `ty` (f32 or f16; f16 suits KV caches).
+        pub fn zeros_of(ty: Dtype, shape: &[u32]) -> Result<Self, AccelError> {
+            raw_accel::zeros(ty, shape).map(Tensor)
+        }
+
         /// Uploads row-major f32 data.
         pub fn from_f32(shape: &[u32], data: &[f32]) -> Result<Self, AccelError> {
             raw_accel::upload(shape, data).map(Tensor)
@@ -174,6 +179,39 @@ pub mod accel {
         /// Reads the tensor back. Refused for model weights.
         pub fn to_vec(&self) -> Result<Vec<f32>, AccelError> {
             raw_accel::download(&self.0)
+        }
+
+        /// A copy with another shape of the same element count.
+        pub fn reshape(&self, shape: &[u32]) -> Result<Tensor, AccelError> {
+            raw_accel::reshape(&self.0, shape).map(Tensor)
+        }
+
+        /// Rows `start .. start + count` of the tensor viewed as [rows, last dimension].
+        pub fn rows(&self, start: u32, count: u32) -> Result<Tensor, AccelError> {
+            raw_accel::rows(&self.0, start, count).map(Tensor)
+        }
+
+        /// Rows `ids` of this table (any dtype) as f32 [len(ids), d].
+        pub fn embedding(&self, ids: &[u32]) -> Result<Tensor, AccelError> {
+            raw_accel::embedding(&self.0, ids).map(Tensor)
+        }
+
+        /// Causal GQA attention of `self` (q [seq, heads, hd]) with new keys and
+        /// values [seq, kv-heads, hd], appended to the caches at `pos`.
+        pub fn attention(
+            &self,
+            k: &Tensor,
+            v: &Tensor,
+            k_cache: &Tensor,
+            v_cache: &Tensor,
+            pos: u32,
+        ) -> Result<Tensor, AccelError> {
+            raw_accel::attention(&self.0, &k.0, &v.0, &k_cache.0, &v_cache.0, pos).map(Tensor)
+        }
+
+        /// The `k` largest (index, value) pairs of the last row, largest first.
+        pub fn top_k(&self, k: u32) -> Result<Vec<(u32, f32)>, AccelError> {
+            raw_accel::top_k(&self.0, k)
         }
 
         /// `self` [m, k] times `w` [n, k] transposed: [m, n].

@@ -3,11 +3,15 @@
 
 use anyhow::{Context, Result, bail};
 use cinfer_envelope::{RequestPrivateKey, seal_request};
+use cinfer_host::caps::model::ModelStore;
+use cinfer_host::models::SealedGguf;
 use cinfer_host::{Loader, LoaderConfig, Policy, RunOutcome};
+use cinfer_sealed_model::ModelKey;
 use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 /// The cinfer trusted loader: admits signed Wasm programs under a policy and
 /// runs them with only decrypt, accelerator and encrypt capabilities.
@@ -49,6 +53,13 @@ enum Command {
         /// The request's cleartext (a file; `-` reads standard input).
         #[arg(long)]
         input: PathBuf,
+        /// A sealed model to serve, as ID=PATH (repeatable). The id must match
+        /// the one sealed into the file.
+        #[arg(long = "model", value_name = "ID=PATH")]
+        models: Vec<String>,
+        /// DEVELOPMENT-ONLY model data key file (`cinfer dev-model-key`), for --model.
+        #[arg(long)]
+        model_key: Option<PathBuf>,
     },
     /// Writes a new DEVELOPMENT-ONLY request private key file and prints its
     /// key id and public key.
@@ -59,14 +70,9 @@ enum Command {
     },
 }
 
-/// Reads a file named on the command line through a capability handle on its
+/// Opens a file named on the command line through a capability handle on its
 /// directory (the loader's only ambient file access happens here, at start).
-fn read_arg_file(path: &Path) -> Result<Vec<u8>> {
-    if path == Path::new("-") {
-        let mut buf = Vec::new();
-        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
-        return Ok(buf);
-    }
+fn open_arg_file(path: &Path) -> Result<std::fs::File> {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -74,8 +80,23 @@ fn read_arg_file(path: &Path) -> Result<Vec<u8>> {
     let name = path.file_name().context("not a file path")?;
     let dir = cap_std::fs::Dir::open_ambient_dir(parent, cap_std::ambient_authority())
         .with_context(|| format!("opening directory {}", parent.display()))?;
-    dir.read(name)
-        .with_context(|| format!("reading {}", path.display()))
+    Ok(dir
+        .open(name)
+        .with_context(|| format!("opening {}", path.display()))?
+        .into_std())
+}
+
+/// Reads a file named on the command line (see [`open_arg_file`]); `-` is standard input.
+fn read_arg_file(path: &Path) -> Result<Vec<u8>> {
+    if path == Path::new("-") {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
+        return Ok(buf);
+    }
+    let mut buf = Vec::new();
+    std::io::Read::read_to_end(&mut open_arg_file(path)?, &mut buf)
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok(buf)
 }
 
 fn check(policy: &Path, program: &Path) -> Result<ExitCode> {
@@ -120,15 +141,53 @@ fn check(policy: &Path, program: &Path) -> Result<ExitCode> {
     }
 }
 
-fn run(policy: &Path, program: &Path, key: &Path, input: &Path) -> Result<ExitCode> {
+/// Opens each `ID=PATH` sealed model with the data key.
+fn model_store(models: &[String], model_key: Option<&Path>) -> Result<ModelStore> {
+    let mut store = ModelStore::default();
+    if models.is_empty() {
+        return Ok(store);
+    }
+    let key_path = model_key.context("--model needs --model-key")?;
+    let key_text = zeroize::Zeroizing::new(
+        String::from_utf8(read_arg_file(key_path)?).context("model key file is not UTF-8")?,
+    );
+    let key = ModelKey::from_key_file(&key_text).context("parsing the model key")?;
+    for spec in models {
+        let (id, path) = spec.split_once('=').context("--model takes ID=PATH")?;
+        let file = open_arg_file(Path::new(path))?;
+        let model = SealedGguf::open(Box::new(file), &key)
+            .with_context(|| format!("opening sealed model {path}"))?;
+        if model.model_id() != id {
+            bail!("{path} holds model `{}`, not `{id}`", model.model_id());
+        }
+        store.insert(id, Arc::new(model));
+    }
+    Ok(store)
+}
+
+fn run(
+    policy: &Path,
+    program: &Path,
+    key: &Path,
+    input: &Path,
+    models: &[String],
+    model_key: Option<&Path>,
+) -> Result<ExitCode> {
     let policy = Policy::load_path(policy).context("loading the policy")?;
+    let models = model_store(models, model_key)?;
     let key_text = zeroize::Zeroizing::new(
         String::from_utf8(read_arg_file(key)?).context("request key file is not UTF-8")?,
     );
     let key = RequestPrivateKey::from_dev_key_file(&key_text).context("parsing the request key")?;
     let bytes = read_arg_file(program)?;
     let request = zeroize::Zeroizing::new(read_arg_file(input)?);
-    let loader = Loader::new(policy, LoaderConfig::default())?;
+    let loader = Loader::new(
+        policy,
+        LoaderConfig {
+            models,
+            ..LoaderConfig::default()
+        },
+    )?;
     let admitted = loader.admit(&bytes).context("admission refused")?;
 
     // Client side (development mode only): seal the input to the request key.
@@ -192,7 +251,16 @@ fn main() -> ExitCode {
             program,
             request_key,
             input,
-        } => run(policy, program, request_key, input),
+            models,
+            model_key,
+        } => run(
+            policy,
+            program,
+            request_key,
+            input,
+            models,
+            model_key.as_deref(),
+        ),
         Command::DevKeygen { out } => dev_keygen(out),
     };
     match result {

@@ -68,13 +68,22 @@ impl SealedGguf {
                 Ok(g) => {
                     let mut tensors = HashMap::with_capacity(g.tensors.len());
                     for t in &g.tensors {
-                        let end = g.data_offset.checked_add(t.offset).and_then(|o| o.checked_add(t.size));
-                        if end.is_none_or(|e| e > total) || t.dims.iter().any(|d| *d > u64::from(u32::MAX)) {
+                        let end = g
+                            .data_offset
+                            .checked_add(t.offset)
+                            .and_then(|o| o.checked_add(t.size));
+                        if end.is_none_or(|e| e > total)
+                            || t.dims.iter().any(|d| *d > u64::from(u32::MAX))
+                        {
                             return Err(ModelLoadError::BadTensor(t.name.clone()));
                         }
                         tensors.insert(t.name.clone(), t.clone());
                     }
-                    break (Zeroizing::new(prefix[..g.kv_end].to_vec()), tensors, g.data_offset);
+                    break (
+                        Zeroizing::new(prefix[..g.kv_end].to_vec()),
+                        tensors,
+                        g.data_offset,
+                    );
                 }
                 Err(GgufError::Truncated(_)) if len < total => len = (len * 2).min(total),
                 Err(e) => return Err(e.into()),
@@ -128,6 +137,8 @@ impl ModelSource for SealedGguf {
             GgmlType::Q4_1 => DeviceBuffer::Q4_1(quant::parse_q4_1(&bytes)),
             GgmlType::Q8_0 => DeviceBuffer::Q8_0(quant::parse_q8_0(&bytes)),
         };
-        backend.upload_buffer(buf).map_err(|_| ModelError::OutOfMemory)
+        backend
+            .upload_buffer(buf)
+            .map_err(|_| ModelError::OutOfMemory)
     }
 }

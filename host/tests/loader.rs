@@ -365,7 +365,8 @@ impl ModelSource for TestModel {
     fn tensor_shape(
         &self,
         _: &str,
-    ) -> Result<(Vec<u32>, cinfer_host::backend::ElemType), cinfer_host::caps::model::ModelError> {
+    ) -> Result<(Vec<u32>, cinfer_host::backend::ElemType), cinfer_host::caps::model::ModelError>
+    {
         Err(cinfer_host::caps::model::ModelError::NoSuchTensor)
     }
     fn load_tensor(

@@ -54,50 +54,68 @@ enum Prepared {
 }
 
 /// `out[j][i] = dot(w_row_j, x_row_i)` computed as [n, m], in parallel over weight rows.
-fn matmul_transposed(x: &Prepared, w: &DeviceBuffer, m: usize, k: usize, n: usize) -> Result<Vec<f32>, BackendError> {
+fn matmul_transposed(
+    x: &Prepared,
+    w: &DeviceBuffer,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Result<Vec<f32>, BackendError> {
     let mut out_t = vec![0f32; n * m];
     let kb = k / quant::QK;
     match (w, x) {
         (DeviceBuffer::F32(w), Prepared::F32(x)) => {
-            out_t.par_chunks_mut(m * ROWS_PER_TASK).enumerate().for_each(|(t, chunk)| {
-                for (r, o) in chunk.chunks_mut(m).enumerate() {
-                    let wr = &w[(t * ROWS_PER_TASK + r) * k..][..k];
-                    for (i, oi) in o.iter_mut().enumerate() {
-                        *oi = dot(wr, &x[i * k..][..k]);
+            out_t
+                .par_chunks_mut(m * ROWS_PER_TASK)
+                .enumerate()
+                .for_each(|(t, chunk)| {
+                    for (r, o) in chunk.chunks_mut(m).enumerate() {
+                        let wr = &w[(t * ROWS_PER_TASK + r) * k..][..k];
+                        for (i, oi) in o.iter_mut().enumerate() {
+                            *oi = dot(wr, &x[i * k..][..k]);
+                        }
                     }
-                }
-            });
+                });
         }
         (DeviceBuffer::F16(w), Prepared::F32(x)) => {
-            out_t.par_chunks_mut(m * ROWS_PER_TASK).enumerate().for_each(|(t, chunk)| {
-                let mut wr = vec![0f32; k];
-                for (r, o) in chunk.chunks_mut(m).enumerate() {
-                    f16_to_f32(&w[(t * ROWS_PER_TASK + r) * k..][..k], &mut wr);
-                    for (i, oi) in o.iter_mut().enumerate() {
-                        *oi = dot(&wr, &x[i * k..][..k]);
+            out_t
+                .par_chunks_mut(m * ROWS_PER_TASK)
+                .enumerate()
+                .for_each(|(t, chunk)| {
+                    let mut wr = vec![0f32; k];
+                    for (r, o) in chunk.chunks_mut(m).enumerate() {
+                        f16_to_f32(&w[(t * ROWS_PER_TASK + r) * k..][..k], &mut wr);
+                        for (i, oi) in o.iter_mut().enumerate() {
+                            *oi = dot(&wr, &x[i * k..][..k]);
+                        }
                     }
-                }
-            });
+                });
         }
         (DeviceBuffer::Q4_1(w), Prepared::Q8_1(x)) => {
-            out_t.par_chunks_mut(m * ROWS_PER_TASK).enumerate().for_each(|(t, chunk)| {
-                for (r, o) in chunk.chunks_mut(m).enumerate() {
-                    let wr = &w[(t * ROWS_PER_TASK + r) * kb..][..kb];
-                    for (i, oi) in o.iter_mut().enumerate() {
-                        *oi = quant::dot_q4_1_q8_1(wr, &x[i * kb..][..kb]);
+            out_t
+                .par_chunks_mut(m * ROWS_PER_TASK)
+                .enumerate()
+                .for_each(|(t, chunk)| {
+                    for (r, o) in chunk.chunks_mut(m).enumerate() {
+                        let wr = &w[(t * ROWS_PER_TASK + r) * kb..][..kb];
+                        for (i, oi) in o.iter_mut().enumerate() {
+                            *oi = quant::dot_q4_1_q8_1(wr, &x[i * kb..][..kb]);
+                        }
                     }
-                }
-            });
+                });
         }
         (DeviceBuffer::Q8_0(w), Prepared::Q8_0(x)) => {
-            out_t.par_chunks_mut(m * ROWS_PER_TASK).enumerate().for_each(|(t, chunk)| {
-                for (r, o) in chunk.chunks_mut(m).enumerate() {
-                    let wr = &w[(t * ROWS_PER_TASK + r) * kb..][..kb];
-                    for (i, oi) in o.iter_mut().enumerate() {
-                        *oi = quant::dot_q8_0_q8_0(wr, &x[i * kb..][..kb]);
+            out_t
+                .par_chunks_mut(m * ROWS_PER_TASK)
+                .enumerate()
+                .for_each(|(t, chunk)| {
+                    for (r, o) in chunk.chunks_mut(m).enumerate() {
+                        let wr = &w[(t * ROWS_PER_TASK + r) * kb..][..kb];
+                        for (i, oi) in o.iter_mut().enumerate() {
+                            *oi = quant::dot_q8_0_q8_0(wr, &x[i * kb..][..kb]);
+                        }
                     }
-                }
-            });
+                });
         }
         (w, _) => return Err(BackendError::Unsupported(w.elem_type())),
     }
@@ -137,7 +155,11 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn copy_range(&self, buf: &DeviceBuffer, range: std::ops::Range<usize>) -> Result<DeviceBuffer, BackendError> {
+    fn copy_range(
+        &self,
+        buf: &DeviceBuffer,
+        range: std::ops::Range<usize>,
+    ) -> Result<DeviceBuffer, BackendError> {
         match buf {
             DeviceBuffer::F32(v) => Ok(DeviceBuffer::F32(v[range].to_vec())),
             DeviceBuffer::F16(v) => Ok(DeviceBuffer::F16(v[range].to_vec())),
@@ -160,8 +182,12 @@ impl Backend for CpuBackend {
                 DeviceBuffer::F16(_) => x.iter().map(|v| quant::round_f16(*v)).collect(),
                 _ => x.to_vec(),
             }),
-            DeviceBuffer::Q4_1(_) => Prepared::Q8_1(x.chunks_exact(k).flat_map(quant::quantize_q8_1).collect()),
-            DeviceBuffer::Q8_0(_) => Prepared::Q8_0(x.chunks_exact(k).flat_map(quant::quantize_q8_0).collect()),
+            DeviceBuffer::Q4_1(_) => {
+                Prepared::Q8_1(x.chunks_exact(k).flat_map(quant::quantize_q8_1).collect())
+            }
+            DeviceBuffer::Q8_0(_) => {
+                Prepared::Q8_0(x.chunks_exact(k).flat_map(quant::quantize_q8_0).collect())
+            }
         };
         let out_t = matmul_transposed(&prepared, w, m, k, n)?;
         if m == 1 {
@@ -176,13 +202,20 @@ impl Backend for CpuBackend {
         Ok(DeviceBuffer::F32(out))
     }
 
-    fn embedding(&self, table: &DeviceBuffer, d: usize, ids: &[u32]) -> Result<DeviceBuffer, BackendError> {
+    fn embedding(
+        &self,
+        table: &DeviceBuffer,
+        d: usize,
+        ids: &[u32],
+    ) -> Result<DeviceBuffer, BackendError> {
         let mut out = Vec::with_capacity(ids.len() * d);
         for &id in ids {
             let r = id as usize;
             match table {
                 DeviceBuffer::F32(t) => out.extend_from_slice(&t[r * d..][..d]),
-                DeviceBuffer::F16(t) => out.extend(t[r * d..][..d].iter().map(|b| f16::from_bits(*b).to_f32())),
+                DeviceBuffer::F16(t) => {
+                    out.extend(t[r * d..][..d].iter().map(|b| f16::from_bits(*b).to_f32()))
+                }
                 DeviceBuffer::Q4_1(t) => quant::dequant_q4_1(&t[r * d / 32..][..d / 32], &mut out),
                 DeviceBuffer::Q8_0(t) => quant::dequant_q8_0(&t[r * d / 32..][..d / 32], &mut out),
             }
@@ -242,7 +275,9 @@ impl Backend for CpuBackend {
 
     fn silu(&self, x: &DeviceBuffer) -> Result<DeviceBuffer, BackendError> {
         let x = f32s(x)?;
-        Ok(DeviceBuffer::F32(x.iter().map(|v| v / (1.0 + (-v).exp())).collect()))
+        Ok(DeviceBuffer::F32(
+            x.iter().map(|v| v / (1.0 + (-v).exp())).collect(),
+        ))
     }
 
     fn rope(
@@ -350,7 +385,12 @@ impl Backend for CpuBackend {
             .collect())
     }
 
-    fn top_k(&self, x: &DeviceBuffer, cols: usize, k: usize) -> Result<Vec<(u32, f32)>, BackendError> {
+    fn top_k(
+        &self,
+        x: &DeviceBuffer,
+        cols: usize,
+        k: usize,
+    ) -> Result<Vec<(u32, f32)>, BackendError> {
         let x = f32s(x)?;
         let last = &x[x.len() - cols..];
         let mut idx: Vec<(u32, f32)> = last
@@ -430,8 +470,12 @@ mod tests {
     fn matmul_f32_matches_naive() {
         let cpu = CpuBackend;
         for &(m, k, n) in &[(1, 3, 2), (3, 17, 5), (64, 130, 200)] {
-            let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
-            let w: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0).collect();
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0)
+                .collect();
             let got = get(cpu.matmul(&buf(&x), &buf(&w), m, k, n).expect("matmul"));
             close(&got, &naive(&x, &w, m, k, n), 1e-4);
         }
@@ -441,13 +485,19 @@ mod tests {
     fn quantized_matmuls_track_the_dequantized_product() {
         let cpu = CpuBackend;
         let (m, k, n) = (3, 64, 40);
-        let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 29) as f32 - 14.0) / 9.0).collect();
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7 % 29) as f32 - 14.0) / 9.0)
+            .collect();
         // Q8_0 weights from a quantized f32 matrix.
-        let wf: Vec<f32> = (0..n * k).map(|i| ((i * 13 % 31) as f32 - 15.0) / 20.0).collect();
+        let wf: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 13 % 31) as f32 - 15.0) / 20.0)
+            .collect();
         let wq = quant::quantize_q8_0(&wf);
         let mut wd = Vec::new();
         quant::dequant_q8_0(&wq, &mut wd);
-        let got = get(cpu.matmul(&buf(&x), &DeviceBuffer::Q8_0(wq), m, k, n).expect("q8_0"));
+        let got = get(cpu
+            .matmul(&buf(&x), &DeviceBuffer::Q8_0(wq), m, k, n)
+            .expect("q8_0"));
         close(&got, &naive(&x, &wd, m, k, n), 0.03);
         // Q4_1 weights: arbitrary blocks.
         let blocks: Vec<quant::BlockQ4_1> = (0..n * k / 32)
@@ -459,7 +509,9 @@ mod tests {
             .collect();
         let mut wd = Vec::new();
         quant::dequant_q4_1(&blocks, &mut wd);
-        let got = get(cpu.matmul(&buf(&x), &DeviceBuffer::Q4_1(blocks), m, k, n).expect("q4_1"));
+        let got = get(cpu
+            .matmul(&buf(&x), &DeviceBuffer::Q4_1(blocks), m, k, n)
+            .expect("q4_1"));
         close(&got, &naive(&x, &wd, m, k, n), 0.03);
     }
 
@@ -468,10 +520,15 @@ mod tests {
         let cpu = CpuBackend;
         let a = buf(&[1.0, 2.0, 3.0, 4.0]);
         assert_eq!(
-            get(cpu.binary(BinaryOp::Add, &a, &buf(&[10.0, 20.0]), 2).expect("add")),
+            get(cpu
+                .binary(BinaryOp::Add, &a, &buf(&[10.0, 20.0]), 2)
+                .expect("add")),
             [11.0, 22.0, 13.0, 24.0]
         );
-        assert_eq!(get(cpu.binary(BinaryOp::Mul, &a, &a, 2).expect("mul")), [1.0, 4.0, 9.0, 16.0]);
+        assert_eq!(
+            get(cpu.binary(BinaryOp::Mul, &a, &a, 2).expect("mul")),
+            [1.0, 4.0, 9.0, 16.0]
+        );
         let s = get(cpu.silu(&buf(&[0.0, 1.0])).expect("silu"));
         close(&s, &[0.0, 0.731_058_6], 1e-6);
     }
@@ -479,13 +536,23 @@ mod tests {
     #[test]
     fn rmsnorm_softmax_argmax_topk() {
         let cpu = CpuBackend;
-        let r = get(cpu.rmsnorm(&buf(&[3.0, 4.0]), &buf(&[1.0, 2.0]), 2, 0.0).expect("rmsnorm"));
+        let r = get(cpu
+            .rmsnorm(&buf(&[3.0, 4.0]), &buf(&[1.0, 2.0]), 2, 0.0)
+            .expect("rmsnorm"));
         let rms = (12.5f32).sqrt();
         close(&r, &[3.0 / rms, 8.0 / rms], 1e-6);
-        let sm = get(cpu.softmax(&buf(&[1000.0, 1000.0, 0.0, f32::NEG_INFINITY]), 2).expect("softmax"));
+        let sm = get(cpu
+            .softmax(&buf(&[1000.0, 1000.0, 0.0, f32::NEG_INFINITY]), 2)
+            .expect("softmax"));
         close(&sm, &[0.5, 0.5, 1.0, 0.0], 1e-6);
-        assert_eq!(cpu.argmax(&buf(&[1.0, 3.0, 3.0, f32::NAN, -1.0, -2.0]), 3).expect("argmax"), [1, 1]);
-        let tk = cpu.top_k(&buf(&[9.0, 0.0, 5.0, 1.0, 5.0, f32::NAN]), 5, 2).expect("top-k");
+        assert_eq!(
+            cpu.argmax(&buf(&[1.0, 3.0, 3.0, f32::NAN, -1.0, -2.0]), 3)
+                .expect("argmax"),
+            [1, 1]
+        );
+        let tk = cpu
+            .top_k(&buf(&[9.0, 0.0, 5.0, 1.0, 5.0, f32::NAN]), 5, 2)
+            .expect("top-k");
         // The last row of [rows, 5] is [0, 5, 1, 5, NaN]: ties keep the lower index first.
         assert_eq!(tk, vec![(1, 5.0), (3, 5.0)]);
     }
@@ -493,10 +560,20 @@ mod tests {
     #[test]
     fn rope_rotates_adjacent_pairs() {
         let cpu = CpuBackend;
-        let out = get(cpu.rope(&buf(&[1.0, 0.0, 1.0, 0.0]), 1, 4, 2, 100.0).expect("rope"));
-        close(&out, &[2f32.cos(), 2f32.sin(), 0.2f32.cos(), 0.2f32.sin()], 1e-5);
+        let out = get(cpu
+            .rope(&buf(&[1.0, 0.0, 1.0, 0.0]), 1, 4, 2, 100.0)
+            .expect("rope"));
+        close(
+            &out,
+            &[2f32.cos(), 2f32.sin(), 0.2f32.cos(), 0.2f32.sin()],
+            1e-5,
+        );
         let x = [0.3, -0.7, 1.5, 2.0];
-        close(&get(cpu.rope(&buf(&x), 1, 4, 0, 10000.0).expect("rope")), &x, 0.0);
+        close(
+            &get(cpu.rope(&buf(&x), 1, 4, 0, 10000.0).expect("rope")),
+            &x,
+            0.0,
+        );
     }
 
     #[test]
@@ -504,15 +581,55 @@ mod tests {
         let cpu = CpuBackend;
         let (heads, kv_heads, hd) = (4, 2, 8);
         let ctx = 6;
-        let mut kc = cpu.zeros(ElemType::F32, ctx * kv_heads * hd).expect("k cache");
-        let mut vc = cpu.zeros(ElemType::F32, ctx * kv_heads * hd).expect("v cache");
-        let data = |n: usize, s: usize| -> Vec<f32> { (0..n).map(|i| (((i + s) * 17 % 23) as f32 - 11.0) / 7.0).collect() };
+        let mut kc = cpu
+            .zeros(ElemType::F32, ctx * kv_heads * hd)
+            .expect("k cache");
+        let mut vc = cpu
+            .zeros(ElemType::F32, ctx * kv_heads * hd)
+            .expect("v cache");
+        let data = |n: usize, s: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| (((i + s) * 17 % 23) as f32 - 11.0) / 7.0)
+                .collect()
+        };
         // Prefill 3 positions, then decode 1: the same as prefilling 4.
-        let (q3, k3, v3) = (data(3 * heads * hd, 1), data(3 * kv_heads * hd, 2), data(3 * kv_heads * hd, 3));
-        let shape = |seq, pos| AttentionShape { seq, heads, kv_heads, head_dim: hd, pos };
-        let a = get(cpu.attention(&buf(&q3), &buf(&k3), &buf(&v3), &mut kc, &mut vc, shape(3, 0)).expect("prefill"));
-        let (q1, k1, v1) = (data(heads * hd, 4), data(kv_heads * hd, 5), data(kv_heads * hd, 6));
-        let b = get(cpu.attention(&buf(&q1), &buf(&k1), &buf(&v1), &mut kc, &mut vc, shape(1, 3)).expect("decode"));
+        let (q3, k3, v3) = (
+            data(3 * heads * hd, 1),
+            data(3 * kv_heads * hd, 2),
+            data(3 * kv_heads * hd, 3),
+        );
+        let shape = |seq, pos| AttentionShape {
+            seq,
+            heads,
+            kv_heads,
+            head_dim: hd,
+            pos,
+        };
+        let a = get(cpu
+            .attention(
+                &buf(&q3),
+                &buf(&k3),
+                &buf(&v3),
+                &mut kc,
+                &mut vc,
+                shape(3, 0),
+            )
+            .expect("prefill"));
+        let (q1, k1, v1) = (
+            data(heads * hd, 4),
+            data(kv_heads * hd, 5),
+            data(kv_heads * hd, 6),
+        );
+        let b = get(cpu
+            .attention(
+                &buf(&q1),
+                &buf(&k1),
+                &buf(&v1),
+                &mut kc,
+                &mut vc,
+                shape(1, 3),
+            )
+            .expect("decode"));
         // Direct computation for the decode row: head h uses kv head h / 2 over 4 positions.
         let kall: Vec<f32> = k3.iter().chain(&k1).copied().collect();
         let vall: Vec<f32> = v3.iter().chain(&v1).copied().collect();
@@ -520,10 +637,22 @@ mod tests {
             let kvh = h / 2;
             let qh = &q1[h * hd..][..hd];
             let mut s: Vec<f32> = (0..4)
-                .map(|t| qh.iter().zip(&kall[(t * kv_heads + kvh) * hd..][..hd]).map(|(a, b)| a * b).sum::<f32>() / (hd as f32).sqrt())
+                .map(|t| {
+                    qh.iter()
+                        .zip(&kall[(t * kv_heads + kvh) * hd..][..hd])
+                        .map(|(a, b)| a * b)
+                        .sum::<f32>()
+                        / (hd as f32).sqrt()
+                })
                 .collect();
             softmax_in_place(&mut s);
-            let want: Vec<f32> = (0..hd).map(|j| (0..4).map(|t| s[t] * vall[(t * kv_heads + kvh) * hd + j]).sum()).collect();
+            let want: Vec<f32> = (0..hd)
+                .map(|j| {
+                    (0..4)
+                        .map(|t| s[t] * vall[(t * kv_heads + kvh) * hd + j])
+                        .sum()
+                })
+                .collect();
             close(&b[h * hd..][..hd], &want, 1e-4);
         }
         // Row 0 of the prefill sees only position 0: its output is v at position 0.

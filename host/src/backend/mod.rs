@@ -81,7 +81,12 @@ impl DeviceBuffer {
 impl std::fmt::Debug for DeviceBuffer {
     // Never print contents: tensors may hold weights or activations.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "DeviceBuffer({:?}, {} elements)", self.elem_type(), self.elems())
+        write!(
+            f,
+            "DeviceBuffer({:?}, {} elements)",
+            self.elem_type(),
+            self.elems()
+        )
     }
 }
 
@@ -135,7 +140,11 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Copies an f32 or f16 buffer to the host as f32.
     fn download(&self, buf: &DeviceBuffer) -> Result<Vec<f32>, BackendError>;
     /// Copies elements `range` of an f32 or f16 buffer.
-    fn copy_range(&self, buf: &DeviceBuffer, range: std::ops::Range<usize>) -> Result<DeviceBuffer, BackendError>;
+    fn copy_range(
+        &self,
+        buf: &DeviceBuffer,
+        range: std::ops::Range<usize>,
+    ) -> Result<DeviceBuffer, BackendError>;
     /// `x` f32 [m, k] · `w` [n, k]ᵀ → f32 [m, n]; `w` of any element type.
     fn matmul(
         &self,
@@ -146,7 +155,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         n: usize,
     ) -> Result<DeviceBuffer, BackendError>;
     /// Rows `ids` of `table` [.., d] as f32 [len(ids), d].
-    fn embedding(&self, table: &DeviceBuffer, d: usize, ids: &[u32]) -> Result<DeviceBuffer, BackendError>;
+    fn embedding(
+        &self,
+        table: &DeviceBuffer,
+        d: usize,
+        ids: &[u32],
+    ) -> Result<DeviceBuffer, BackendError>;
     /// Elementwise `a op b`; if `b` has `cols` elements it is broadcast over each row of `a`.
     fn binary(
         &self,
@@ -191,5 +205,10 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Index of the largest element in each row of `x` [rows, cols] (first on ties; NaN never wins).
     fn argmax(&self, x: &DeviceBuffer, cols: usize) -> Result<Vec<u32>, BackendError>;
     /// The `k` largest (index, value) of the last row of `x` [rows, cols], largest first.
-    fn top_k(&self, x: &DeviceBuffer, cols: usize, k: usize) -> Result<Vec<(u32, f32)>, BackendError>;
+    fn top_k(
+        &self,
+        x: &DeviceBuffer,
+        cols: usize,
+        k: usize,
+    ) -> Result<Vec<(u32, f32)>, BackendError>;
 }

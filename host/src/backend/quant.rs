@@ -78,14 +78,20 @@ pub fn parse_q8_0(bytes: &[u8]) -> Vec<BlockQ8_0> {
             for (q, byte) in qs.iter_mut().zip(&b[2..34]) {
                 *q = *byte as i8;
             }
-            BlockQ8_0 { d: h([b[0], b[1]]), qs }
+            BlockQ8_0 {
+                d: h([b[0], b[1]]),
+                qs,
+            }
         })
         .collect()
 }
 
 /// Parses f16 bytes into bits.
 pub fn parse_f16(bytes: &[u8]) -> Vec<u16> {
-    bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect()
+    bytes
+        .chunks_exact(2)
+        .map(|b| u16::from_le_bytes([b[0], b[1]]))
+        .collect()
 }
 
 /// Parses f32 bytes.
@@ -127,7 +133,10 @@ pub fn quantize_q8_0(x: &[f32]) -> Vec<BlockQ8_0> {
     x.chunks_exact(QK)
         .map(|b| {
             let (d, qs) = quantize_block(b);
-            BlockQ8_0 { d: round_f16(d), qs }
+            BlockQ8_0 {
+                d: round_f16(d),
+                qs,
+            }
         })
         .collect()
 }
@@ -205,7 +214,10 @@ mod tests {
         let x: Vec<f32> = (0..32).map(|i| (i as f32 - 16.0) / 8.0).collect();
         let exact: f32 = wf.iter().zip(&x).map(|(a, b)| a * b).sum();
         let q = dot_q4_1_q8_1(&w, &quantize_q8_1(&x));
-        assert!((q - exact).abs() < 0.05 * exact.abs().max(1.0), "{q} vs {exact}");
+        assert!(
+            (q - exact).abs() < 0.05 * exact.abs().max(1.0),
+            "{q} vs {exact}"
+        );
     }
 
     #[test]

@@ -14,8 +14,8 @@
 
 use super::PolicyViolation;
 use crate::backend::{AttentionShape, Backend, BackendError, BinaryOp, DeviceBuffer, ElemType};
-use crate::bindings::accelerator::{Host, HostTensor};
 pub use crate::bindings::accelerator::{AccelError, Dtype};
+use crate::bindings::accelerator::{Host, HostTensor};
 use std::sync::Arc;
 use wasmtime::component::{Resource, ResourceTable};
 
@@ -88,7 +88,9 @@ type OpResult<T> = wasmtime::Result<Result<T, AccelError>>;
 fn backend_err<T>(e: BackendError) -> OpResult<T> {
     match e {
         BackendError::OutOfMemory => Ok(Err(AccelError::OutOfMemory)),
-        other => Err(wasmtime::Error::msg(format!("accelerator backend failure: {other}"))),
+        other => Err(wasmtime::Error::msg(format!(
+            "accelerator backend failure: {other}"
+        ))),
     }
 }
 
@@ -175,7 +177,9 @@ impl AccelCtx {
         guest_try!(self.check_alloc(&shape, ty));
         let elems = numel(&shape).unwrap_or(0);
         if buf.elems() != elems {
-            return Err(wasmtime::Error::msg("accelerator: buffer does not match its shape"));
+            return Err(wasmtime::Error::msg(
+                "accelerator: buffer does not match its shape",
+            ));
         }
         let bytes = ty.bytes(elems as u64);
         let res = self.table.push(Tensor {
@@ -216,7 +220,11 @@ impl AccelCtx {
     }
 
     /// Shape of an operand of one of the element types `allowed`, or the guest error.
-    fn operand(&self, t: &Resource<Tensor>, allowed: &[ElemType]) -> wasmtime::Result<Result<(Vec<u32>, ElemType), AccelError>> {
+    fn operand(
+        &self,
+        t: &Resource<Tensor>,
+        allowed: &[ElemType],
+    ) -> wasmtime::Result<Result<(Vec<u32>, ElemType), AccelError>> {
         let t = self.get(t)?;
         let ty = t.buf.elem_type();
         if !allowed.contains(&ty) {
@@ -229,7 +237,12 @@ impl AccelCtx {
         Ok(self.operand(t, &[ElemType::F32])?.map(|(s, _)| s))
     }
 
-    fn binary(&mut self, op: BinaryOp, a: Resource<Tensor>, b: Resource<Tensor>) -> OpResult<Resource<Tensor>> {
+    fn binary(
+        &mut self,
+        op: BinaryOp,
+        a: Resource<Tensor>,
+        b: Resource<Tensor>,
+    ) -> OpResult<Resource<Tensor>> {
         let sa = guest_try!(self.f32_operand(&a)?);
         let sb = guest_try!(self.f32_operand(&b)?);
         let cols = last_dim(&sa);
@@ -321,7 +334,9 @@ impl Host for AccelCtx {
         }
         let downloadable = self.get(&x)?.downloadable;
         let rep = x.rep();
-        self.produce_as(shape, ty, downloadable, |c| c.backend.copy_range(c.buf_by_rep(rep), 0..n))
+        self.produce_as(shape, ty, downloadable, |c| {
+            c.backend.copy_range(c.buf_by_rep(rep), 0..n)
+        })
     }
 
     fn rows(&mut self, x: Resource<Tensor>, start: u32, count: u32) -> OpResult<Resource<Tensor>> {
@@ -341,7 +356,10 @@ impl Host for AccelCtx {
 
     fn matmul(&mut self, x: Resource<Tensor>, w: Resource<Tensor>) -> OpResult<Resource<Tensor>> {
         let sx = guest_try!(self.f32_operand(&x)?);
-        let (sw, wty) = guest_try!(self.operand(&w, &[ElemType::F32, ElemType::F16, ElemType::Q4_1, ElemType::Q8_0])?);
+        let (sw, wty) = guest_try!(self.operand(
+            &w,
+            &[ElemType::F32, ElemType::F16, ElemType::Q4_1, ElemType::Q8_0]
+        )?);
         let ([m, k], [n, kw]) = (sx.as_slice(), sw.as_slice()) else {
             return Ok(Err(AccelError::ShapeMismatch));
         };
@@ -354,12 +372,16 @@ impl Host for AccelCtx {
         }
         let (xr, wr) = (x.rep(), w.rep());
         self.produce(vec![m as u32, n as u32], |c| {
-            c.backend.matmul(c.buf_by_rep(xr), c.buf_by_rep(wr), m, k, n)
+            c.backend
+                .matmul(c.buf_by_rep(xr), c.buf_by_rep(wr), m, k, n)
         })
     }
 
     fn embedding(&mut self, table: Resource<Tensor>, ids: Vec<u32>) -> OpResult<Resource<Tensor>> {
-        let (st, _) = guest_try!(self.operand(&table, &[ElemType::F32, ElemType::F16, ElemType::Q4_1, ElemType::Q8_0])?);
+        let (st, _) = guest_try!(self.operand(
+            &table,
+            &[ElemType::F32, ElemType::F16, ElemType::Q4_1, ElemType::Q8_0]
+        )?);
         let [rows, d] = st.as_slice() else {
             return Ok(Err(AccelError::ShapeMismatch));
         };
@@ -367,7 +389,9 @@ impl Host for AccelCtx {
             return Ok(Err(AccelError::InvalidArgument));
         }
         let (d, tr) = (*d as usize, table.rep());
-        self.produce(vec![ids.len() as u32, d as u32], |c| c.backend.embedding(c.buf_by_rep(tr), d, &ids))
+        self.produce(vec![ids.len() as u32, d as u32], |c| {
+            c.backend.embedding(c.buf_by_rep(tr), d, &ids)
+        })
     }
 
     fn attention(
@@ -384,16 +408,28 @@ impl Host for AccelCtx {
         let sv = guest_try!(self.f32_operand(&v)?);
         let (skc, kty) = guest_try!(self.operand(&k_cache, &[ElemType::F32, ElemType::F16])?);
         let (svc, vty) = guest_try!(self.operand(&v_cache, &[ElemType::F32, ElemType::F16])?);
-        let ([seq, heads, hd], [kseq, kvh, khd], [ctx, ckvh, chd]) = (sq.as_slice(), sk.as_slice(), skc.as_slice()) else {
+        let ([seq, heads, hd], [kseq, kvh, khd], [ctx, ckvh, chd]) =
+            (sq.as_slice(), sk.as_slice(), skc.as_slice())
+        else {
             return Ok(Err(AccelError::ShapeMismatch));
         };
-        if sv != sk || svc != skc || kty != vty || kseq != seq || khd != hd || chd != hd || ckvh != kvh || heads % kvh != 0 {
+        if sv != sk
+            || svc != skc
+            || kty != vty
+            || kseq != seq
+            || khd != hd
+            || chd != hd
+            || ckvh != kvh
+            || heads % kvh != 0
+        {
             return Ok(Err(AccelError::ShapeMismatch));
         }
         let reps = [q.rep(), k.rep(), v.rep(), k_cache.rep(), v_cache.rep()];
-        let caches_aliased = reps[3] == reps[4] || reps[..3].contains(&reps[3]) || reps[..3].contains(&reps[4]);
+        let caches_aliased =
+            reps[3] == reps[4] || reps[..3].contains(&reps[3]) || reps[..3].contains(&reps[4]);
         let caches_writable = self.get(&k_cache)?.downloadable && self.get(&v_cache)?.downloadable;
-        if caches_aliased || !caches_writable || pos.checked_add(*seq).is_none_or(|end| end > *ctx) {
+        if caches_aliased || !caches_writable || pos.checked_add(*seq).is_none_or(|end| end > *ctx)
+        {
             return Ok(Err(AccelError::InvalidArgument));
         }
         let shape = AttentionShape {
@@ -403,15 +439,22 @@ impl Host for AccelCtx {
             head_dim: *hd as usize,
             pos: pos as usize,
         };
-        let work = (shape.seq as u64) * u64::from(pos + seq) * u64::from(*heads) * u64::from(*hd) * 2;
+        let work =
+            (shape.seq as u64) * u64::from(pos + seq) * u64::from(*heads) * u64::from(*hd) * 2;
         if work > MAX_LAUNCH_WORK {
             return Ok(Err(AccelError::InvalidArgument));
         }
         let out_shape = sq.clone();
         guest_try!(self.check_alloc(&out_shape, ElemType::F32));
         // Take the caches out of the table while the kernel writes them.
-        let mut kc = std::mem::replace(&mut self.get_mut(&k_cache)?.buf, DeviceBuffer::F32(Vec::new()));
-        let mut vc = std::mem::replace(&mut self.get_mut(&v_cache)?.buf, DeviceBuffer::F32(Vec::new()));
+        let mut kc = std::mem::replace(
+            &mut self.get_mut(&k_cache)?.buf,
+            DeviceBuffer::F32(Vec::new()),
+        );
+        let mut vc = std::mem::replace(
+            &mut self.get_mut(&v_cache)?.buf,
+            DeviceBuffer::F32(Vec::new()),
+        );
         self.launches += 1;
         let result = self.backend.attention(
             self.buf_by_rep(reps[0]),
@@ -435,7 +478,12 @@ impl Host for AccelCtx {
         self.binary(BinaryOp::Mul, a, b)
     }
 
-    fn rmsnorm(&mut self, x: Resource<Tensor>, weight: Resource<Tensor>, eps: f32) -> OpResult<Resource<Tensor>> {
+    fn rmsnorm(
+        &mut self,
+        x: Resource<Tensor>,
+        weight: Resource<Tensor>,
+        eps: f32,
+    ) -> OpResult<Resource<Tensor>> {
         let sx = guest_try!(self.f32_operand(&x)?);
         let sw = guest_try!(self.f32_operand(&weight)?);
         let cols = last_dim(&sx);
@@ -446,7 +494,10 @@ impl Host for AccelCtx {
             return Ok(Err(AccelError::InvalidArgument));
         }
         let (xr, wr) = (x.rep(), weight.rep());
-        self.produce(sx, |c| c.backend.rmsnorm(c.buf_by_rep(xr), c.buf_by_rep(wr), cols, eps))
+        self.produce(sx, |c| {
+            c.backend
+                .rmsnorm(c.buf_by_rep(xr), c.buf_by_rep(wr), cols, eps)
+        })
     }
 
     fn softmax(&mut self, x: Resource<Tensor>) -> OpResult<Resource<Tensor>> {
@@ -475,7 +526,9 @@ impl Host for AccelCtx {
     fn argmax(&mut self, x: Resource<Tensor>) -> OpResult<Vec<u32>> {
         let sx = guest_try!(self.f32_operand(&x)?);
         self.launches += 1;
-        Ok(Ok(backend_try!(self.backend.argmax(&self.get(&x)?.buf, last_dim(&sx)))))
+        Ok(Ok(backend_try!(
+            self.backend.argmax(&self.get(&x)?.buf, last_dim(&sx))
+        )))
     }
 
     fn top_k(&mut self, x: Resource<Tensor>, k: u32) -> OpResult<Vec<(u32, f32)>> {
@@ -484,7 +537,11 @@ impl Host for AccelCtx {
             return Ok(Err(AccelError::InvalidArgument));
         }
         self.launches += 1;
-        Ok(Ok(backend_try!(self.backend.top_k(&self.get(&x)?.buf, last_dim(&sx), k as usize))))
+        Ok(Ok(backend_try!(self.backend.top_k(
+            &self.get(&x)?.buf,
+            last_dim(&sx),
+            k as usize
+        ))))
     }
 }
 

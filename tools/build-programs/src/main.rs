@@ -27,6 +27,7 @@ const CRATES: &[(&str, &str, bool)] = &[
     ("echo", "echo", false),
     ("vector-ops", "vector-ops", false),
     ("op-loop", "op-loop", false),
+    ("llama-chat", "llama-chat", false),
     ("fixtures/egress-bomb", "egress-bomb", true),
     ("fixtures/model-user", "model-user", true),
 ];

@@ -1,0 +1,327 @@
+//! `llama-chat`: chat with a llama-architecture GGUF model on the virtual
+//! accelerator. Weights are loaded from a sealed model straight into
+//! accelerator memory; this program only ever sees activations, logits and
+//! token ids.
+//!
+//! Request (JSON):
+//! ```json
+//! {"model": "smollm2-135m-instruct",
+//!  "messages": [{"role": "user", "content": "What is the capital of France?"}],
+//!  "max_tokens": 64, "temperature": 0.0, "top_k": 40, "top_p": 0.95, "seed": 1}
+//! ```
+//! or `"prompt": "raw text"` instead of `messages` (tokenized as is, special
+//! tokens parsed). `"format": "ids"` emits generated token ids (decimal,
+//! space-separated) instead of text; `"ignore_eos": true` keeps generating past
+//! end-of-generation tokens; `"default_system": false` leaves out the chat
+//! template's default system turn.
+//!
+//! Every hyperparameter comes from the GGUF metadata (`{arch}.block_count`,
+//! `.embedding_length`, `.attention.head_count[_kv]`, `.rope.freq_base`,
+//! `.attention.layer_norm_rms_epsilon`, `.context_length`), so other llama
+//! models run too.
+
+use cinfer_gguf::Gguf;
+use cinfer_guest::accel::Tensor;
+use cinfer_guest::model::Model;
+use cinfer_guest::{Dtype, Error, Program, output, request};
+use cinfer_tokenizer::{Tokenizer, Utf8Stream};
+use serde::Deserialize;
+
+mod sampling;
+pub mod template;
+
+use sampling::{Rng, Sampling};
+
+#[derive(Debug, Deserialize)]
+struct Message {
+    role: String,
+    content: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Request {
+    #[serde(default = "default_model")]
+    model: String,
+    #[serde(default)]
+    messages: Option<Vec<Message>>,
+    #[serde(default)]
+    prompt: Option<String>,
+    #[serde(default = "default_max_tokens")]
+    max_tokens: u32,
+    #[serde(default)]
+    temperature: f32,
+    #[serde(default = "default_top_k")]
+    top_k: u32,
+    #[serde(default = "default_top_p")]
+    top_p: f32,
+    #[serde(default)]
+    seed: u64,
+    #[serde(default)]
+    ignore_eos: bool,
+    #[serde(default = "default_true")]
+    default_system: bool,
+    #[serde(default)]
+    format: Format,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Format {
+    #[default]
+    Text,
+    Ids,
+}
+
+fn default_model() -> String {
+    "smollm2-135m-instruct".into()
+}
+fn default_max_tokens() -> u32 {
+    128
+}
+fn default_top_k() -> u32 {
+    40
+}
+fn default_top_p() -> f32 {
+    0.95
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Hyperparameters read from the metadata.
+#[derive(Debug, Clone)]
+pub struct Hparams {
+    /// Transformer blocks.
+    pub layers: u32,
+    /// Embedding width.
+    pub dim: u32,
+    /// Query heads.
+    pub heads: u32,
+    /// Key/value heads.
+    pub kv_heads: u32,
+    /// RoPE base.
+    pub rope_theta: f32,
+    /// RMSNorm epsilon.
+    pub eps: f32,
+    /// Training context length.
+    pub context: u32,
+}
+
+impl Hparams {
+    /// Reads the llama hyperparameters of `g`.
+    pub fn from_gguf(g: &Gguf<'_>) -> Result<Self, String> {
+        let arch = g.str("general.architecture").map_err(|e| e.to_string())?;
+        if arch != "llama" {
+            return Err(format!(
+                "unsupported architecture `{arch}` (this program runs llama models)"
+            ));
+        }
+        let u = |k: &str| -> Result<u32, String> {
+            let v = g.u64(&format!("{arch}.{k}")).map_err(|e| e.to_string())?;
+            u32::try_from(v).map_err(|_| format!("{arch}.{k} out of range"))
+        };
+        let heads = u("attention.head_count")?;
+        let dim = u("embedding_length")?;
+        let hp = Hparams {
+            layers: u("block_count")?,
+            dim,
+            heads,
+            kv_heads: u("attention.head_count_kv").unwrap_or(heads),
+            rope_theta: g.f32(&format!("{arch}.rope.freq_base")).unwrap_or(10000.0),
+            eps: g
+                .f32(&format!("{arch}.attention.layer_norm_rms_epsilon"))
+                .map_err(|e| e.to_string())?,
+            context: u("context_length")?,
+        };
+        if hp.heads == 0
+            || hp.kv_heads == 0
+            || hp.heads % hp.kv_heads != 0
+            || hp.dim % hp.heads != 0
+        {
+            return Err("inconsistent head counts".into());
+        }
+        if let Ok(rot) = u("rope.dimension_count")
+            && rot != hp.dim / hp.heads
+        {
+            return Err(format!(
+                "partial rotary embeddings ({rot} of {} dims) are not supported",
+                hp.dim / hp.heads
+            ));
+        }
+        Ok(hp)
+    }
+
+    fn head_dim(&self) -> u32 {
+        self.dim / self.heads
+    }
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    wq: Tensor,
+    wk: Tensor,
+    wv: Tensor,
+    wo: Tensor,
+    ffn_norm: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+}
+
+struct Llama {
+    hp: Hparams,
+    embd: Tensor,
+    out_norm: Tensor,
+    output: Option<Tensor>,
+    layers: Vec<Layer>,
+}
+
+impl Llama {
+    fn load(model: &Model, hp: Hparams, ctx: u32) -> Result<Self, Error> {
+        let t = |name: &str| model.load_tensor(name);
+        let kv_shape = [ctx, hp.kv_heads, hp.head_dim()];
+        let layers = (0..hp.layers)
+            .map(|i| {
+                let p = |n: &str| t(&format!("blk.{i}.{n}.weight"));
+                Ok(Layer {
+                    attn_norm: p("attn_norm")?,
+                    wq: p("attn_q")?,
+                    wk: p("attn_k")?,
+                    wv: p("attn_v")?,
+                    wo: p("attn_output")?,
+                    ffn_norm: p("ffn_norm")?,
+                    gate: p("ffn_gate")?,
+                    up: p("ffn_up")?,
+                    down: p("ffn_down")?,
+                    k_cache: Tensor::zeros_of(Dtype::F16, &kv_shape)?,
+                    v_cache: Tensor::zeros_of(Dtype::F16, &kv_shape)?,
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok(Llama {
+            embd: t("token_embd.weight")?,
+            out_norm: t("output_norm.weight")?,
+            // Tied embeddings: no output.weight means the head is token_embd.
+            output: t("output.weight").ok(),
+            layers,
+            hp,
+        })
+    }
+
+    /// Runs `ids` at positions `pos..`, returns the logits of the last one [1, vocab].
+    fn forward(&self, ids: &[u32], pos: u32) -> Result<Tensor, Error> {
+        let hp = &self.hp;
+        let (seq, hd) = (ids.len() as u32, hp.head_dim());
+        let mut x = self.embd.embedding(ids)?;
+        for l in &self.layers {
+            let h = x.rmsnorm(&l.attn_norm, hp.eps)?;
+            let q = h
+                .matmul(&l.wq)?
+                .reshape(&[seq, hp.heads, hd])?
+                .rope(pos, hp.rope_theta)?;
+            let k = h
+                .matmul(&l.wk)?
+                .reshape(&[seq, hp.kv_heads, hd])?
+                .rope(pos, hp.rope_theta)?;
+            let v = h.matmul(&l.wv)?.reshape(&[seq, hp.kv_heads, hd])?;
+            let a = q
+                .attention(&k, &v, &l.k_cache, &l.v_cache, pos)?
+                .reshape(&[seq, hp.dim])?;
+            x = x.add(&a.matmul(&l.wo)?)?;
+            let h = x.rmsnorm(&l.ffn_norm, hp.eps)?;
+            let f = h.matmul(&l.gate)?.silu()?.mul(&h.matmul(&l.up)?)?;
+            x = x.add(&f.matmul(&l.down)?)?;
+        }
+        let last = x.rows(seq - 1, 1)?.rmsnorm(&self.out_norm, hp.eps)?;
+        Ok(last.matmul(self.output.as_ref().unwrap_or(&self.embd))?)
+    }
+}
+
+fn fail(msg: &str) -> Error {
+    output::emit_str(&format!("error: {msg}\n"));
+    Error::BadRequest
+}
+
+/// Tokens of the request's prompt (ChatML for `messages`, as is for `prompt`).
+fn prompt_ids(req: &Request, tok: &Tokenizer, g: &Gguf<'_>) -> Result<Vec<u32>, Error> {
+    let text = match (&req.messages, &req.prompt) {
+        (Some(msgs), None) => {
+            let tmpl = g.str("tokenizer.chat_template").unwrap_or("");
+            let turns: Vec<(&str, &str)> = msgs
+                .iter()
+                .map(|m| (m.role.as_str(), m.content.as_str()))
+                .collect();
+            template::apply(tmpl, &turns, req.default_system).map_err(|e| fail(&e))?
+        }
+        (None, Some(p)) => p.clone(),
+        _ => return Err(fail("give exactly one of `messages` and `prompt`")),
+    };
+    let mut ids = tok.encode(&text, true);
+    if tok.add_bos()
+        && let Some(b) = tok.bos()
+        && ids.first() != Some(&b)
+    {
+        ids.insert(0, b);
+    }
+    Ok(ids)
+}
+
+struct LlamaChat;
+
+impl Program for LlamaChat {
+    fn run() -> Result<(), Error> {
+        let body = request::open()?;
+        let req: Request =
+            serde_json::from_slice(&body).map_err(|e| fail(&format!("bad request JSON: {e}")))?;
+        drop(body);
+        let model = Model::open(&req.model)?;
+        let meta = model.metadata()?;
+        let g = cinfer_gguf::parse_metadata(&meta)
+            .map_err(|e| fail(&format!("model metadata: {e}")))?;
+        let hp = Hparams::from_gguf(&g).map_err(|e| fail(&e))?;
+        let tok = Tokenizer::from_gguf(&g).map_err(|e| fail(&format!("tokenizer: {e}")))?;
+        let ids = prompt_ids(&req, &tok, &g)?;
+        if ids.is_empty() {
+            return Err(fail("empty prompt"));
+        }
+        let ctx = (ids.len() as u64 + u64::from(req.max_tokens)).min(u64::from(hp.context)) as u32;
+        if ids.len() as u32 >= ctx {
+            return Err(fail("prompt does not fit the model's context"));
+        }
+        let llama = Llama::load(&model, hp, ctx)?;
+        let sampling = Sampling::new(req.temperature, req.top_k, req.top_p);
+        let mut rng = Rng::new(req.seed);
+        let mut text = Utf8Stream::new();
+        let mut logits = llama.forward(&ids, 0)?;
+        let mut pos = ids.len() as u32;
+        for step in 0..req.max_tokens {
+            let next = sampling.pick(&logits, &mut rng, |id| req.ignore_eos && tok.is_eog(id))?;
+            let eog = tok.is_eog(next);
+            match req.format {
+                Format::Ids => output::emit_str(&format!("{next} ")),
+                Format::Text if !eog => {
+                    let piece = text.push(&tok.token_bytes(next, false));
+                    if !piece.is_empty() {
+                        output::emit_str(&piece);
+                    }
+                }
+                Format::Text => {}
+            }
+            if (eog && !req.ignore_eos) || step + 1 == req.max_tokens || pos >= ctx {
+                break;
+            }
+            logits = llama.forward(&[next], pos)?;
+            pos += 1;
+        }
+        let rest = text.finish();
+        if !rest.is_empty() {
+            output::emit_str(&rest);
+        }
+        Ok(())
+    }
+}
+
+cinfer_guest::program!(LlamaChat);
