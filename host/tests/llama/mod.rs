@@ -1,0 +1,278 @@
+//! Sealed models and the `llama-chat` program.
+//!
+//! Tests on tiny generated GGUF files always run. Tests on the real
+//! SmolLM2-135M-Instruct model need it fetched (`scripts/fetch-model`): they
+//! are skipped with a printed reason locally when it is missing, and fail in
+//! CI (`CI` set), which fetches it.
+
+use super::{hex_digest, program, worlds};
+use cinfer_envelope::RequestPrivateKey;
+use cinfer_gguf::GgmlType;
+use cinfer_gguf::write::{Val, gguf};
+use cinfer_host::backend::{CpuBackend, DeviceBuffer};
+use cinfer_host::caps::model::{ModelError, ModelSource, ModelStore};
+use cinfer_host::models::{ModelLoadError, SealedGguf};
+use cinfer_host::{Loader, LoaderConfig, Policy, RunOutcome};
+use cinfer_sealed_model::{ModelKey, SealError, seal_bytes};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+const MODEL_ID: &str = "smollm2-135m-instruct";
+
+fn tiny_gguf() -> Vec<u8> {
+    let mut q8 = Vec::new();
+    for row in 0..2u8 {
+        q8.extend_from_slice(&half_bits(0.5));
+        q8.extend((0..32).map(|i| (i as i8 - 16 + row as i8) as u8));
+    }
+    gguf(
+        &[("general.architecture", Val::Str("llama".into())), ("general.name", Val::Str("tiny".into()))],
+        &[
+            ("w", vec![32, 2], GgmlType::Q8_0, q8),
+            ("norm", vec![32], GgmlType::F32, (0..32).flat_map(|i| (i as f32).to_le_bytes()).collect()),
+        ],
+    )
+}
+
+fn half_bits(x: f32) -> [u8; 2] {
+    // 0.5 in IEEE half: sign 0, exponent 14, mantissa 0.
+    assert_eq!(x, 0.5);
+    0x3800u16.to_le_bytes()
+}
+
+#[test]
+fn sealed_gguf_serves_metadata_and_tensors_and_refuses_tampering() {
+    let plain = tiny_gguf();
+    let key = ModelKey::generate().expect("key");
+    let sealed = seal_bytes(&key, "tiny", "k1", 4096, &plain).expect("seal");
+    let m = SealedGguf::open(Box::new(sealed.clone()), &key).expect("open");
+    assert_eq!(m.model_id(), "tiny");
+    let g = cinfer_gguf::parse(&plain).expect("parse");
+    assert_eq!(m.metadata().expect("metadata"), plain[..g.kv_end]);
+    let (shape, _) = m.tensor_shape("w").expect("shape");
+    assert_eq!(shape, vec![2, 32]);
+    match m.load_tensor("w", &CpuBackend).expect("load") {
+        DeviceBuffer::Q8_0(blocks) => {
+            assert_eq!(blocks.len(), 2);
+            assert_eq!(blocks[1].d, 0.5);
+            assert_eq!(blocks[1].qs[0], -15);
+        }
+        other => panic!("expected Q8_0, got {other:?}"),
+    }
+    match m.load_tensor("norm", &CpuBackend).expect("load") {
+        DeviceBuffer::F32(v) => assert_eq!(v[31], 31.0),
+        other => panic!("expected F32, got {other:?}"),
+    }
+    assert_eq!(m.load_tensor("nope", &CpuBackend).unwrap_err(), ModelError::NoSuchTensor);
+    // A flipped ciphertext byte: the header chunk fails to authenticate.
+    let mut bad = sealed.clone();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    assert!(matches!(
+        SealedGguf::open(Box::new(bad), &key),
+        Err(ModelLoadError::Sealed(SealError::ChunkAuthentication(0)))
+    ));
+    // The wrong key.
+    let other = ModelKey::generate().expect("key");
+    assert!(matches!(
+        SealedGguf::open(Box::new(sealed), &other),
+        Err(ModelLoadError::Sealed(SealError::ChunkAuthentication(0)))
+    ));
+    // Sealed bytes that are not a GGUF inside.
+    let junk = seal_bytes(&key, "junk", "k1", 4096, b"not a gguf at all").expect("seal");
+    assert!(matches!(SealedGguf::open(Box::new(junk), &key), Err(ModelLoadError::Gguf(_))));
+}
+
+#[test]
+fn model_user_reads_sealed_metadata_through_the_capability() {
+    let plain = tiny_gguf();
+    let key = ModelKey::generate().expect("key");
+    let sealed = seal_bytes(&key, "smollm2-135m-instruct", "k1", 4096, &plain).expect("seal");
+    let mut models = ModelStore::default();
+    models.insert("smollm2-135m-instruct", Arc::new(SealedGguf::open(Box::new(sealed), &key).expect("open")));
+    let policy = super::policy_for(&[("fixtures/model-user", "inference", "models = [\"smollm2-135m-instruct\"]")]);
+    let l = Loader::new(policy, LoaderConfig { models, ..LoaderConfig::default() }).expect("loader");
+    let rk = RequestPrivateKey::generate();
+    let (outcome, opened, _) = super::round_trip(&l, "fixtures/model-user", &rk, b"");
+    assert_eq!(outcome, RunOutcome::Completed);
+    let g = cinfer_gguf::parse(&plain).expect("parse");
+    assert_eq!(opened.expect("reply").0, plain[..g.kv_end]);
+}
+
+/// The real model's path, or None (with the reason printed) when it is not fetched.
+fn real_model() -> Option<PathBuf> {
+    let path = std::env::var_os("CINFER_MODEL").map(PathBuf::from).unwrap_or_else(|| {
+        let dir = std::env::var_os("CINFER_MODEL_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/cinfer/models"));
+        dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    if path.exists() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{} is missing: CI must run scripts/fetch-model",
+        path.display()
+    );
+    println!("skipped: {} not found; run scripts/fetch-model", path.display());
+    None
+}
+
+struct Chat {
+    loader: Loader,
+    key: RequestPrivateKey,
+}
+
+/// One loader serving the sealed real model to llama-chat, shared by the tests.
+fn chat() -> Option<&'static Chat> {
+    static CHAT: OnceLock<Option<Chat>> = OnceLock::new();
+    CHAT.get_or_init(|| {
+        let path = real_model()?;
+        let plain = std::fs::read(&path).expect("model");
+        let key = ModelKey::generate().expect("key");
+        let sealed = seal_bytes(&key, MODEL_ID, "test-key", 1 << 20, &plain).expect("seal");
+        drop(plain);
+        let mut models = ModelStore::default();
+        models.insert(MODEL_ID, Arc::new(SealedGguf::open(Box::new(sealed), &key).expect("open")));
+        let toml_text = format!(
+            "worlds = \"worlds.wit\"\n[[program]]\nname = \"llama-chat\"\nsha256 = \"{}\"\nworld = \"inference\"\nmodels = [\"{MODEL_ID}\"]\nlimits = {{ memory-bytes = 268435456, deadline-ms = 300000, accelerator-bytes = 1073741824 }}\n",
+            hex_digest(&program("llama-chat"))
+        );
+        let policy = Policy::parse(&toml_text, |_| Ok(worlds())).expect("policy");
+        let loader = Loader::new(policy, LoaderConfig { models, ..LoaderConfig::default() }).expect("loader");
+        Some(Chat {
+            loader,
+            key: RequestPrivateKey::generate(),
+        })
+    })
+    .as_ref()
+}
+
+impl Chat {
+    fn ask(&self, request: &Value) -> (RunOutcome, String) {
+        let (outcome, opened, _) = super::round_trip(&self.loader, "llama-chat", &self.key, request.to_string().as_bytes());
+        let text = String::from_utf8(opened.expect("reply opens").0).expect("utf-8 reply");
+        (outcome, text)
+    }
+}
+
+fn reference(name: &str) -> Vec<Value> {
+    let path = super::root().join("../shared/reference").join(name);
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}
+
+/// Largest top-1/top-2 log-probability margin (nats) at which our first
+/// divergence from llama.cpp's greedy sequence is accepted. Justification
+/// (BENCHMARKS.md / issue note): on the first position of "Once upon a time",
+/// an exact f32 forward pass differs from llama.cpp's logprobs by 0.11 RMS
+/// (0.38 max) over the top-100 tokens, and this implementation (llama.cpp's
+/// Q8_1/Q8_0 activation quantization plus an f16 KV cache) by 0.17 RMS; the
+/// model is that sensitive to rounding. A step whose margin is below 0.25 can
+/// therefore flip between two correct implementations; every divergence seen
+/// here was at a margin of 0.04–0.11.
+const NEAR_TIE_NATS: f64 = 0.25;
+
+#[test]
+fn greedy_generation_matches_llama_cpp_up_to_near_ties() {
+    let Some(chat) = chat() else { return };
+    let margins: Vec<Value> = reference("smollm2-greedy-top10-logprobs.jsonl");
+    let mut complete_cases = 0;
+    for case in reference("smollm2-greedy.jsonl") {
+        let name = case["case"].as_str().expect("case");
+        let want: Vec<u64> = case["generated_token_ids"].as_array().expect("ids").iter().filter_map(Value::as_u64).collect();
+        let request = serde_json::json!({
+            "prompt": case["prompt"],
+            "max_tokens": want.len(),
+            "format": "ids",
+            "ignore_eos": case["mode"] == "raw_ignore_eos",
+        });
+        let (outcome, text) = chat.ask(&request);
+        assert_eq!(outcome, RunOutcome::Completed, "{name}");
+        let got: Vec<u64> = text.split_whitespace().map(|t| t.parse().expect("id")).collect();
+        let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
+        if same < want.len() {
+            let steps = margins
+                .iter()
+                .find(|m| m["case"] == name)
+                .and_then(|m| m["steps"].as_array())
+                .expect("margins for the case");
+            let margin = steps[same]["top1_top2_margin"].as_f64().expect("margin");
+            println!("{name}: first divergence at step {same} of {} (reference margin {margin:.4})", want.len());
+            assert!(
+                margin < NEAR_TIE_NATS,
+                "{name}: diverged at step {same} where llama.cpp's top-1/top-2 margin is {margin:.4} nats (got {:?}, want {:?})",
+                &got[same..],
+                &want[same..]
+            );
+        } else {
+            assert_eq!(got.len(), want.len(), "{name}: generated more tokens than the reference");
+            println!("{name}: all {} tokens match", want.len());
+            complete_cases += 1;
+        }
+    }
+    assert!(complete_cases >= 1, "no case reproduced its whole reference sequence");
+}
+
+#[test]
+fn first_position_logprobs_match_llama_cpp() {
+    let Some(chat) = chat() else { return };
+    let path = super::root().join("../shared/reference/smollm2-once-upon-first-pos.json");
+    let reference: Value = serde_json::from_str(&std::fs::read_to_string(path).expect("reference")).expect("json");
+    let request = serde_json::json!({"prompt": "Once upon a time", "max_tokens": 1, "format": "logprobs"});
+    let (outcome, text) = chat.ask(&request);
+    assert_eq!(outcome, RunOutcome::Completed);
+    let line: Value = serde_json::from_str(text.trim()).expect("logprobs line");
+    assert_eq!(line["id"], reference["argmax_id"], "argmax differs");
+    let full = &reference["full_logprobs_by_id"];
+    for pair in line["top"].as_array().expect("top") {
+        let id = pair[0].as_u64().expect("id");
+        let ours = pair[1].as_f64().expect("logprob");
+        let theirs = full[id.to_string()].as_f64().or_else(|| full[id as usize].as_f64()).expect("reference logprob");
+        // Tolerance: see NEAR_TIE_NATS; 0.3 nats covers the 0.17 RMS / 0.27 max
+        // deviation measured on these ten tokens.
+        assert!((ours - theirs).abs() < 0.3, "token {id}: {ours:.4} vs llama.cpp {theirs:.4}");
+    }
+}
+
+#[test]
+fn chat_answers_with_the_chatml_template() {
+    let Some(chat) = chat() else { return };
+    let request = serde_json::json!({
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 24,
+        "default_system": false,
+    });
+    let (outcome, text) = chat.ask(&request);
+    assert_eq!(outcome, RunOutcome::Completed);
+    assert!(text.contains("Paris"), "{text:?}");
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let Some(chat) = chat() else { return };
+    let ask = |seed: u64| {
+        chat.ask(&serde_json::json!({"prompt": "The weather today is", "max_tokens": 12, "temperature": 0.9, "top_k": 40, "top_p": 0.95, "seed": seed, "format": "ids"})).1
+    };
+    let a = ask(7);
+    assert_eq!(a, ask(7), "same seed, same tokens");
+    assert_ne!(a, ask(8), "another seed, other tokens (12 sampled steps)");
+}
+
+#[test]
+fn llama_chat_refuses_bad_requests_with_a_reason() {
+    let Some(chat) = chat() else { return };
+    let (outcome, text) = chat.ask(&serde_json::json!({"prompt": "x", "messages": []}));
+    assert_eq!(outcome, RunOutcome::ProgramFailed);
+    assert!(text.contains("exactly one of"), "{text}");
+    let (outcome, text) = chat.ask(&serde_json::json!({"prompt": "x", "bogus": 1}));
+    assert_eq!(outcome, RunOutcome::ProgramFailed);
+    assert!(text.contains("unknown field"), "{text}");
+    let (outcome, _) = chat.ask(&serde_json::json!({"prompt": "x", "model": "other-model"}));
+    assert_eq!(outcome, RunOutcome::ProgramFailed, "a model the policy does not list");
+}
