@@ -10,7 +10,9 @@ use crate::backend::{Backend, DeviceBuffer, ElemType, quant};
 use crate::caps::model::{ModelError, ModelSource};
 use cinfer_gguf::{GgmlType, GgufError, TensorInfo};
 use cinfer_sealed_model::{ModelKey, Opened, ReadAt, SealError};
+use rayon::prelude::*;
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use zeroize::Zeroizing;
 
 /// Why a sealed model could not be registered.
@@ -28,9 +30,15 @@ pub enum ModelLoadError {
     BadTensor(String),
 }
 
+/// Decrypted chunks kept for reuse: small tensors share chunks with their
+/// neighbours, so loading a model tensor by tensor would otherwise decrypt
+/// many chunks more than once.
+const CHUNK_CACHE: usize = 8;
+
 /// A sealed GGUF model.
 pub struct SealedGguf {
     opened: Opened<Box<dyn ReadAt>>,
+    recent: Mutex<Vec<(u64, Arc<Zeroizing<Vec<u8>>>)>>,
     metadata: Zeroizing<Vec<u8>>,
     tensors: HashMap<String, TensorInfo>,
     data_offset: u64,
@@ -91,6 +99,7 @@ impl SealedGguf {
         };
         Ok(SealedGguf {
             opened,
+            recent: Mutex::new(Vec::new()),
             metadata,
             tensors,
             data_offset,
@@ -105,6 +114,53 @@ impl SealedGguf {
     /// SHA-256 of the plaintext GGUF (from the authenticated header).
     pub fn plaintext_sha256(&self) -> [u8; 32] {
         self.opened.header().plaintext_sha256
+    }
+
+    /// Decrypts plaintext `[offset, offset + out.len())`: the chunks it spans
+    /// are decrypted in parallel (reusing recently decrypted ones).
+    fn read_plain(&self, offset: u64, out: &mut [u8]) -> Result<(), SealError> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        let cs = u64::from(self.opened.header().chunk_size);
+        let (first, last) = (offset / cs, (offset + out.len() as u64 - 1) / cs);
+        let cached: Vec<(u64, Arc<Zeroizing<Vec<u8>>>)> = self
+            .recent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let chunks: Vec<(u64, Arc<Zeroizing<Vec<u8>>>)> = (first..=last)
+            .into_par_iter()
+            .map(|i| {
+                if let Some((_, c)) = cached.iter().find(|(j, _)| *j == i) {
+                    return Ok((i, c.clone()));
+                }
+                let mut buf = Zeroizing::new(Vec::new());
+                self.opened.decrypt_chunk(i, &mut buf)?;
+                Ok((i, Arc::new(buf)))
+            })
+            .collect::<Result<_, SealError>>()?;
+        let mut done = 0usize;
+        for (i, chunk) in &chunks {
+            let start = if *i == first {
+                (offset - first * cs) as usize
+            } else {
+                0
+            };
+            let n = (chunk.len() - start).min(out.len() - done);
+            out[done..done + n].copy_from_slice(&chunk[start..start + n]);
+            done += n;
+        }
+        // Keep the edge chunks: neighbouring tensors start or end in them.
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        for c in [chunks.first(), chunks.last()].into_iter().flatten() {
+            if !recent.iter().any(|(j, _)| *j == c.0) {
+                recent.push(c.clone());
+            }
+        }
+        let excess = recent.len().saturating_sub(CHUNK_CACHE);
+        recent.drain(..excess);
+        Ok(())
     }
 
     /// Tensor names.
@@ -128,8 +184,7 @@ impl ModelSource for SealedGguf {
     fn load_tensor(&self, name: &str, backend: &dyn Backend) -> Result<DeviceBuffer, ModelError> {
         let t = self.tensors.get(name).ok_or(ModelError::NoSuchTensor)?;
         let mut bytes = Zeroizing::new(vec![0u8; t.size as usize]);
-        self.opened
-            .read_plain(self.data_offset + t.offset, &mut bytes)
+        self.read_plain(self.data_offset + t.offset, &mut bytes)
             .map_err(|_| ModelError::Corrupt)?;
         let buf = match t.ty {
             GgmlType::F32 => DeviceBuffer::F32(quant::parse_f32(&bytes)),

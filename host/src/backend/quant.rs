@@ -8,6 +8,7 @@
 //! for Q8_1 the block sum `s = scale · Σq` rounded to f16.
 
 use half::f16;
+use rayon::prelude::*;
 
 /// Elements per block.
 pub const QK: usize = 32;
@@ -56,7 +57,7 @@ pub fn round_f16(x: f32) -> f32 {
 /// Parses GGUF Q4_1 bytes (20 per block). The length must be a multiple of 20.
 pub fn parse_q4_1(bytes: &[u8]) -> Vec<BlockQ4_1> {
     bytes
-        .chunks_exact(20)
+        .par_chunks_exact(20)
         .map(|b| {
             let mut qs = [0u8; 16];
             qs.copy_from_slice(&b[4..20]);
@@ -72,7 +73,7 @@ pub fn parse_q4_1(bytes: &[u8]) -> Vec<BlockQ4_1> {
 /// Parses GGUF Q8_0 bytes (34 per block).
 pub fn parse_q8_0(bytes: &[u8]) -> Vec<BlockQ8_0> {
     bytes
-        .chunks_exact(34)
+        .par_chunks_exact(34)
         .map(|b| {
             let mut qs = [0i8; 32];
             for (q, byte) in qs.iter_mut().zip(&b[2..34]) {

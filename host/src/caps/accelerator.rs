@@ -31,7 +31,8 @@ pub const MAX_TENSORS: usize = 1 << 16;
 #[derive(Debug)]
 pub struct Tensor {
     shape: Vec<u32>,
-    buf: DeviceBuffer,
+    /// Shared for weights (one resident copy serves every run), unique otherwise.
+    buf: Arc<DeviceBuffer>,
     bytes: u64,
     downloadable: bool,
 }
@@ -171,6 +172,16 @@ impl AccelCtx {
         &mut self,
         shape: Vec<u32>,
         buf: DeviceBuffer,
+        downloadable: bool,
+    ) -> wasmtime::Result<Result<Resource<Tensor>, AccelError>> {
+        self.insert_shared(shape, Arc::new(buf), downloadable)
+    }
+
+    /// Registers a tensor over a buffer that may be shared (resident weights).
+    pub(crate) fn insert_shared(
+        &mut self,
+        shape: Vec<u32>,
+        buf: Arc<DeviceBuffer>,
         downloadable: bool,
     ) -> wasmtime::Result<Result<Resource<Tensor>, AccelError>> {
         let ty = buf.elem_type();
@@ -446,22 +457,18 @@ impl Host for AccelCtx {
         }
         let out_shape = sq.clone();
         guest_try!(self.check_alloc(&out_shape, ElemType::F32));
-        // Take the caches out of the table while the kernel writes them.
-        let mut kc = std::mem::replace(
-            &mut self.get_mut(&k_cache)?.buf,
-            DeviceBuffer::F32(Vec::new()),
-        );
-        let mut vc = std::mem::replace(
-            &mut self.get_mut(&v_cache)?.buf,
-            DeviceBuffer::F32(Vec::new()),
-        );
+        // Take the caches out of the table while the kernel writes them
+        // (they are activations, never shared, so make_mut does not copy).
+        let empty = || Arc::new(DeviceBuffer::F32(Vec::new()));
+        let mut kc = std::mem::replace(&mut self.get_mut(&k_cache)?.buf, empty());
+        let mut vc = std::mem::replace(&mut self.get_mut(&v_cache)?.buf, empty());
         self.launches += 1;
         let result = self.backend.attention(
             self.buf_by_rep(reps[0]),
             self.buf_by_rep(reps[1]),
             self.buf_by_rep(reps[2]),
-            &mut kc,
-            &mut vc,
+            Arc::make_mut(&mut kc),
+            Arc::make_mut(&mut vc),
             shape,
         );
         self.get_mut(&k_cache)?.buf = kc;

@@ -15,7 +15,7 @@ use crate::bindings::accelerator::AccelError;
 pub use crate::bindings::model::ModelError;
 use crate::bindings::model::{Host, HostSealedModel};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use wasmtime::component::{Resource, ResourceTable};
 
 /// A model the loader can serve: metadata and tensors, decrypted on demand.
@@ -32,23 +32,38 @@ pub trait ModelSource: Send + Sync + std::fmt::Debug {
     ) -> Result<DeviceBuffer, ModelError>;
 }
 
+/// A model and its resident (already decrypted) tensors.
+#[derive(Debug)]
+struct ModelEntry {
+    source: Arc<dyn ModelSource>,
+    /// Weights decrypted by an earlier run, shared read-only by later runs,
+    /// like weights kept resident in GPU memory.
+    resident: Mutex<HashMap<String, Arc<DeviceBuffer>>>,
+}
+
 /// The models this loader holds, by id.
 #[derive(Debug, Default, Clone)]
 pub struct ModelStore {
-    models: HashMap<String, Arc<dyn ModelSource>>,
+    models: HashMap<String, Arc<ModelEntry>>,
 }
 
 impl ModelStore {
     /// Adds (or replaces) a model.
     pub fn insert(&mut self, id: impl Into<String>, source: Arc<dyn ModelSource>) {
-        self.models.insert(id.into(), source);
+        self.models.insert(
+            id.into(),
+            Arc::new(ModelEntry {
+                source,
+                resident: Mutex::new(HashMap::new()),
+            }),
+        );
     }
 }
 
 /// An opened model (the guest's `sealed-model` resource).
 #[derive(Debug)]
 pub struct OpenModel {
-    source: Arc<dyn ModelSource>,
+    entry: Arc<ModelEntry>,
 }
 
 /// The model state of one run.
@@ -94,17 +109,17 @@ impl HostSealedModel for ModelView<'_> {
         if !self.model.allowed.contains(&id) {
             return Ok(Err(ModelError::NotPermitted));
         }
-        let Some(source) = self.model.store.models.get(&id).cloned() else {
+        let Some(entry) = self.model.store.models.get(&id).cloned() else {
             return Ok(Err(ModelError::NotFound));
         };
-        Ok(Ok(self.model.table.push(OpenModel { source })?))
+        Ok(Ok(self.model.table.push(OpenModel { entry })?))
     }
 
     fn metadata(
         &mut self,
         m: Resource<OpenModel>,
     ) -> wasmtime::Result<Result<Vec<u8>, ModelError>> {
-        Ok(self.get(&m)?.source.metadata())
+        Ok(self.get(&m)?.entry.source.metadata())
     }
 
     fn load_tensor(
@@ -112,8 +127,8 @@ impl HostSealedModel for ModelView<'_> {
         m: Resource<OpenModel>,
         name: String,
     ) -> wasmtime::Result<Result<Resource<Tensor>, ModelError>> {
-        let source = self.get(&m)?.source.clone();
-        let (shape, ty) = match source.tensor_shape(&name) {
+        let entry = self.get(&m)?.entry.clone();
+        let (shape, ty) = match entry.source.tensor_shape(&name) {
             Ok(s) => s,
             Err(e) => return Ok(Err(e)),
         };
@@ -122,14 +137,34 @@ impl HostSealedModel for ModelView<'_> {
             Err(AccelError::OutOfMemory) => return Ok(Err(ModelError::OutOfMemory)),
             Err(_) => return Ok(Err(ModelError::Corrupt)),
         }
-        let buf = match source.load_tensor(&name, self.accel.backend().as_ref()) {
-            Ok(b) => b,
-            Err(e) => return Ok(Err(e)),
+        let cached = entry
+            .resident
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&name)
+            .cloned();
+        let buf = match cached {
+            Some(b) => b,
+            None => {
+                let b = match entry
+                    .source
+                    .load_tensor(&name, self.accel.backend().as_ref())
+                {
+                    Ok(b) => Arc::new(b),
+                    Err(e) => return Ok(Err(e)),
+                };
+                if b.elem_type() != ty {
+                    return Ok(Err(ModelError::Corrupt));
+                }
+                entry
+                    .resident
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(name, b.clone());
+                b
+            }
         };
-        if buf.elem_type() != ty {
-            return Ok(Err(ModelError::Corrupt));
-        }
-        Ok(match self.accel.insert(shape, buf, false)? {
+        Ok(match self.accel.insert_shared(shape, buf, false)? {
             Ok(t) => Ok(t),
             Err(AccelError::OutOfMemory) => Err(ModelError::OutOfMemory),
             Err(_) => Err(ModelError::Corrupt),

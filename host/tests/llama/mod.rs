@@ -27,10 +27,18 @@ fn tiny_gguf() -> Vec<u8> {
         q8.extend((0..32).map(|i| (i as i8 - 16 + row as i8) as u8));
     }
     gguf(
-        &[("general.architecture", Val::Str("llama".into())), ("general.name", Val::Str("tiny".into()))],
+        &[
+            ("general.architecture", Val::Str("llama".into())),
+            ("general.name", Val::Str("tiny".into())),
+        ],
         &[
             ("w", vec![32, 2], GgmlType::Q8_0, q8),
-            ("norm", vec![32], GgmlType::F32, (0..32).flat_map(|i| (i as f32).to_le_bytes()).collect()),
+            (
+                "norm",
+                vec![32],
+                GgmlType::F32,
+                (0..32).flat_map(|i| (i as f32).to_le_bytes()).collect(),
+            ),
         ],
     )
 }
@@ -64,7 +72,10 @@ fn sealed_gguf_serves_metadata_and_tensors_and_refuses_tampering() {
         DeviceBuffer::F32(v) => assert_eq!(v[31], 31.0),
         other => panic!("expected F32, got {other:?}"),
     }
-    assert_eq!(m.load_tensor("nope", &CpuBackend).unwrap_err(), ModelError::NoSuchTensor);
+    assert_eq!(
+        m.load_tensor("nope", &CpuBackend).unwrap_err(),
+        ModelError::NoSuchTensor
+    );
     // A flipped ciphertext byte: the header chunk fails to authenticate.
     let mut bad = sealed.clone();
     let last = bad.len() - 1;
@@ -81,7 +92,10 @@ fn sealed_gguf_serves_metadata_and_tensors_and_refuses_tampering() {
     ));
     // Sealed bytes that are not a GGUF inside.
     let junk = seal_bytes(&key, "junk", "k1", 4096, b"not a gguf at all").expect("seal");
-    assert!(matches!(SealedGguf::open(Box::new(junk), &key), Err(ModelLoadError::Gguf(_))));
+    assert!(matches!(
+        SealedGguf::open(Box::new(junk), &key),
+        Err(ModelLoadError::Gguf(_))
+    ));
 }
 
 #[test]
@@ -90,9 +104,23 @@ fn model_user_reads_sealed_metadata_through_the_capability() {
     let key = ModelKey::generate().expect("key");
     let sealed = seal_bytes(&key, "smollm2-135m-instruct", "k1", 4096, &plain).expect("seal");
     let mut models = ModelStore::default();
-    models.insert("smollm2-135m-instruct", Arc::new(SealedGguf::open(Box::new(sealed), &key).expect("open")));
-    let policy = super::policy_for(&[("fixtures/model-user", "inference", "models = [\"smollm2-135m-instruct\"]")]);
-    let l = Loader::new(policy, LoaderConfig { models, ..LoaderConfig::default() }).expect("loader");
+    models.insert(
+        "smollm2-135m-instruct",
+        Arc::new(SealedGguf::open(Box::new(sealed), &key).expect("open")),
+    );
+    let policy = super::policy_for(&[(
+        "fixtures/model-user",
+        "inference",
+        "models = [\"smollm2-135m-instruct\"]",
+    )]);
+    let l = Loader::new(
+        policy,
+        LoaderConfig {
+            models,
+            ..LoaderConfig::default()
+        },
+    )
+    .expect("loader");
     let rk = RequestPrivateKey::generate();
     let (outcome, opened, _) = super::round_trip(&l, "fixtures/model-user", &rk, b"");
     assert_eq!(outcome, RunOutcome::Completed);
@@ -102,12 +130,17 @@ fn model_user_reads_sealed_metadata_through_the_capability() {
 
 /// The real model's path, or None (with the reason printed) when it is not fetched.
 fn real_model() -> Option<PathBuf> {
-    let path = std::env::var_os("CINFER_MODEL").map(PathBuf::from).unwrap_or_else(|| {
-        let dir = std::env::var_os("CINFER_MODEL_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/cinfer/models"));
-        dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")
-    });
+    let path = std::env::var_os("CINFER_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let dir = std::env::var_os("CINFER_MODEL_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                        .join(".cache/cinfer/models")
+                });
+            dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
     if path.exists() {
         return Some(path);
     }
@@ -116,7 +149,10 @@ fn real_model() -> Option<PathBuf> {
         "{} is missing: CI must run scripts/fetch-model",
         path.display()
     );
-    println!("skipped: {} not found; run scripts/fetch-model", path.display());
+    println!(
+        "skipped: {} not found; run scripts/fetch-model",
+        path.display()
+    );
     None
 }
 
@@ -152,7 +188,12 @@ fn chat() -> Option<&'static Chat> {
 
 impl Chat {
     fn ask(&self, request: &Value) -> (RunOutcome, String) {
-        let (outcome, opened, _) = super::round_trip(&self.loader, "llama-chat", &self.key, request.to_string().as_bytes());
+        let (outcome, opened, _) = super::round_trip(
+            &self.loader,
+            "llama-chat",
+            &self.key,
+            request.to_string().as_bytes(),
+        );
         let text = String::from_utf8(opened.expect("reply opens").0).expect("utf-8 reply");
         (outcome, text)
     }
@@ -185,7 +226,12 @@ fn greedy_generation_matches_llama_cpp_up_to_near_ties() {
     let mut complete_cases = 0;
     for case in reference("smollm2-greedy.jsonl") {
         let name = case["case"].as_str().expect("case");
-        let want: Vec<u64> = case["generated_token_ids"].as_array().expect("ids").iter().filter_map(Value::as_u64).collect();
+        let want: Vec<u64> = case["generated_token_ids"]
+            .as_array()
+            .expect("ids")
+            .iter()
+            .filter_map(Value::as_u64)
+            .collect();
         let request = serde_json::json!({
             "prompt": case["prompt"],
             "max_tokens": want.len(),
@@ -194,7 +240,10 @@ fn greedy_generation_matches_llama_cpp_up_to_near_ties() {
         });
         let (outcome, text) = chat.ask(&request);
         assert_eq!(outcome, RunOutcome::Completed, "{name}");
-        let got: Vec<u64> = text.split_whitespace().map(|t| t.parse().expect("id")).collect();
+        let got: Vec<u64> = text
+            .split_whitespace()
+            .map(|t| t.parse().expect("id"))
+            .collect();
         let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
         if same < want.len() {
             let steps = margins
@@ -203,7 +252,10 @@ fn greedy_generation_matches_llama_cpp_up_to_near_ties() {
                 .and_then(|m| m["steps"].as_array())
                 .expect("margins for the case");
             let margin = steps[same]["top1_top2_margin"].as_f64().expect("margin");
-            println!("{name}: first divergence at step {same} of {} (reference margin {margin:.4})", want.len());
+            println!(
+                "{name}: first divergence at step {same} of {} (reference margin {margin:.4})",
+                want.len()
+            );
             assert!(
                 margin < NEAR_TIE_NATS,
                 "{name}: diverged at step {same} where llama.cpp's top-1/top-2 margin is {margin:.4} nats (got {:?}, want {:?})",
@@ -211,20 +263,29 @@ fn greedy_generation_matches_llama_cpp_up_to_near_ties() {
                 &want[same..]
             );
         } else {
-            assert_eq!(got.len(), want.len(), "{name}: generated more tokens than the reference");
+            assert_eq!(
+                got.len(),
+                want.len(),
+                "{name}: generated more tokens than the reference"
+            );
             println!("{name}: all {} tokens match", want.len());
             complete_cases += 1;
         }
     }
-    assert!(complete_cases >= 1, "no case reproduced its whole reference sequence");
+    assert!(
+        complete_cases >= 1,
+        "no case reproduced its whole reference sequence"
+    );
 }
 
 #[test]
 fn first_position_logprobs_match_llama_cpp() {
     let Some(chat) = chat() else { return };
     let path = super::root().join("../shared/reference/smollm2-once-upon-first-pos.json");
-    let reference: Value = serde_json::from_str(&std::fs::read_to_string(path).expect("reference")).expect("json");
-    let request = serde_json::json!({"prompt": "Once upon a time", "max_tokens": 1, "format": "logprobs"});
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("reference")).expect("json");
+    let request =
+        serde_json::json!({"prompt": "Once upon a time", "max_tokens": 1, "format": "logprobs"});
     let (outcome, text) = chat.ask(&request);
     assert_eq!(outcome, RunOutcome::Completed);
     let line: Value = serde_json::from_str(text.trim()).expect("logprobs line");
@@ -233,10 +294,16 @@ fn first_position_logprobs_match_llama_cpp() {
     for pair in line["top"].as_array().expect("top") {
         let id = pair[0].as_u64().expect("id");
         let ours = pair[1].as_f64().expect("logprob");
-        let theirs = full[id.to_string()].as_f64().or_else(|| full[id as usize].as_f64()).expect("reference logprob");
+        let theirs = full[id.to_string()]
+            .as_f64()
+            .or_else(|| full[id as usize].as_f64())
+            .expect("reference logprob");
         // Tolerance: see NEAR_TIE_NATS; 0.3 nats covers the 0.17 RMS / 0.27 max
         // deviation measured on these ten tokens.
-        assert!((ours - theirs).abs() < 0.3, "token {id}: {ours:.4} vs llama.cpp {theirs:.4}");
+        assert!(
+            (ours - theirs).abs() < 0.3,
+            "token {id}: {ours:.4} vs llama.cpp {theirs:.4}"
+        );
     }
 }
 
@@ -274,5 +341,9 @@ fn llama_chat_refuses_bad_requests_with_a_reason() {
     assert_eq!(outcome, RunOutcome::ProgramFailed);
     assert!(text.contains("unknown field"), "{text}");
     let (outcome, _) = chat.ask(&serde_json::json!({"prompt": "x", "model": "other-model"}));
-    assert_eq!(outcome, RunOutcome::ProgramFailed, "a model the policy does not list");
+    assert_eq!(
+        outcome,
+        RunOutcome::ProgramFailed,
+        "a model the policy does not list"
+    );
 }

@@ -1,0 +1,123 @@
+//! SmolLM2 benchmarks through the confidential path (sealed weights, Wasm
+//! program, sealed request and reply); prints a table. Needs the model
+//! (`scripts/fetch-model`) and the programs (`cargo run --release -p build-programs`):
+//!
+//! ```sh
+//! cargo bench -p cinfer-host --bench llama
+//! ```
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use cinfer_envelope::{RequestPrivateKey, seal_request};
+use cinfer_host::backend::CpuBackend;
+use cinfer_host::caps::model::{ModelSource, ModelStore};
+use cinfer_host::models::SealedGguf;
+use cinfer_host::{Loader, LoaderConfig, Policy, RunOutcome};
+use cinfer_sealed_model::{ModelKey, seal_bytes};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn main() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let model_path = std::env::var_os("CINFER_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/cinfer/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
+    let Ok(plain) = std::fs::read(&model_path) else {
+        println!(
+            "skipped: {} not found; run scripts/fetch-model",
+            model_path.display()
+        );
+        return;
+    };
+    let program = std::fs::read(root.join("target/programs/llama-chat.wasm"))
+        .expect("build the programs first");
+    let key = ModelKey::generate().expect("key");
+    let sealed = seal_bytes(&key, "smollm2-135m-instruct", "bench", 1 << 20, &plain).expect("seal");
+    let size = plain.len() as f64;
+    drop(plain);
+
+    // Sealed model load: open (decrypt the GGUF header) + decrypt and parse every tensor.
+    let mut load_times = Vec::new();
+    for _ in 0..5 {
+        let copy = Box::new(sealed.clone());
+        let start = Instant::now();
+        let m = SealedGguf::open(copy, &key).expect("open");
+        let names: Vec<String> = m.tensor_names().map(str::to_owned).collect();
+        for n in &names {
+            std::hint::black_box(m.load_tensor(n, &CpuBackend).expect("load"));
+        }
+        load_times.push(start.elapsed());
+    }
+    load_times.sort();
+    let load = load_times[2];
+
+    let mut models = ModelStore::default();
+    models.insert(
+        "smollm2-135m-instruct",
+        Arc::new(SealedGguf::open(Box::new(sealed), &key).expect("open")),
+    );
+    let worlds = std::fs::read_to_string(root.join("policies/worlds.wit")).expect("worlds");
+    let toml_text = format!(
+        "worlds = \"worlds.wit\"\n[[program]]\nname = \"llama-chat\"\nsha256 = \"{}\"\nworld = \"inference\"\nmodels = [\"smollm2-135m-instruct\"]\nlimits = {{ memory-bytes = 268435456, deadline-ms = 600000, accelerator-bytes = 1073741824, egress-bytes = 16777216 }}\n",
+        hex::encode(cinfer_host::admission::digest(&program))
+    );
+    let policy = Policy::parse(&toml_text, |_| Ok(worlds.clone())).expect("policy");
+    let loader = Loader::new(
+        policy,
+        LoaderConfig {
+            models,
+            ..LoaderConfig::default()
+        },
+    )
+    .expect("loader");
+    let admitted = loader.admit(&program).expect("admit");
+    let rk = RequestPrivateKey::generate();
+    let run = |req: String| -> Duration {
+        let (s, _) = seal_request(rk.public_key(), req.as_bytes()).expect("seal");
+        let r = loader.run(&admitted, &s, &rk).expect("run");
+        assert_eq!(r.outcome, RunOutcome::Completed);
+        r.elapsed
+    };
+    let median = |f: &dyn Fn() -> Duration, n: usize| {
+        let mut t: Vec<Duration> = (0..n).map(|_| f()).collect();
+        t.sort();
+        t[n / 2]
+    };
+    // 128 prompt tokens: "a" repeated with spaces tokenizes to one token per " a".
+    let long_prompt = format!("a{}", " a".repeat(127));
+    let req = |prompt: &str, n: u32| {
+        format!(
+            "{{\"prompt\": {}, \"max_tokens\": {n}, \"ignore_eos\": true, \"format\": \"ids\"}}",
+            serde_json_string(prompt)
+        )
+    };
+    let t_short_1 = median(&|| run(req("Once", 1)), 5);
+    let t_short_65 = median(&|| run(req("Once", 65)), 3);
+    let t_long_1 = median(&|| run(req(&long_prompt, 1)), 3);
+    let decode = 64.0 / (t_short_65 - t_short_1).as_secs_f64();
+    let prefill = 127.0 / (t_long_1 - t_short_1).as_secs_f64();
+
+    println!("| benchmark (SmolLM2-135M Q4_1, CPU backend) | value | note");
+    println!("|---|---:|---");
+    println!(
+        "| sealed model load (decrypt + parse all 272 tensors) | {:.2} GB/s | {:.0} ms for {:.1} MB, median of 5",
+        size / load.as_secs_f64() / 1e9,
+        load.as_secs_f64() * 1e3,
+        size / 1e6
+    );
+    println!(
+        "| request with a 1-token prompt and 1 new token | {:.0} ms | metadata + tokenizer setup in the program, resident weights, 1 step |",
+        t_short_1.as_secs_f64() * 1e3
+    );
+    println!("| decode (tg64) | {decode:.1} tok/s | (t(65 new) - t(1 new)) / 64 |");
+    println!(
+        "| prompt processing (pp128) | {prefill:.1} tok/s | (t(128-token prompt) - t(1-token prompt)) / 127 |"
+    );
+}
+
+fn serde_json_string(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
