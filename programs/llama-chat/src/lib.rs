@@ -71,6 +71,27 @@ enum Format {
     #[default]
     Text,
     Ids,
+    /// One JSON line per step: the chosen id and the top-10 log-probabilities
+    /// (log-softmax over the whole vocabulary, before sampling).
+    Logprobs,
+}
+
+/// `{"id": ID, "top": [[id, logprob], ...]}` for one step.
+fn logprob_line(logits: &Tensor, chosen: u32) -> Result<String, Error> {
+    let all = logits.to_vec()?;
+    let max = all.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = f64::from(max)
+        + all
+            .iter()
+            .map(|l| f64::from(l - max).exp())
+            .sum::<f64>()
+            .ln();
+    let top: Vec<String> = logits
+        .top_k(10)?
+        .iter()
+        .map(|(id, l)| format!("[{id},{:.6}]", f64::from(*l) - lse))
+        .collect();
+    Ok(format!("{{\"id\":{chosen},\"top\":[{}]}}\n", top.join(",")))
 }
 
 fn default_model() -> String {
@@ -302,6 +323,7 @@ impl Program for LlamaChat {
             let eog = tok.is_eog(next);
             match req.format {
                 Format::Ids => output::emit_str(&format!("{next} ")),
+                Format::Logprobs => output::emit_str(&logprob_line(&logits, next)?),
                 Format::Text if !eog => {
                     let piece = text.push(&tok.token_bytes(next, false));
                     if !piece.is_empty() {
