@@ -202,7 +202,7 @@ fn run(
     std::io::stdout().write_all(&reply)?;
     std::io::stdout().flush()?;
     eprintln!(
-        "outcome: {} (reply status {status:?}), {} sealed frames, {} egress bytes, {} accelerator launches, {:?}",
+        "\noutcome: {} (reply status {status:?}), {} sealed frames, {} egress bytes, {} accelerator launches, {:?}",
         report.outcome,
         report.frames.len(),
         report.egress_bytes,
