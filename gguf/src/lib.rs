@@ -110,7 +110,8 @@ impl GgmlType {
 
     /// Bytes of a row of `n` elements, if `n` is a whole number of blocks.
     pub fn row_bytes(self, n: u64) -> Option<u64> {
-        (n % self.block_elems() == 0).then(|| n / self.block_elems() * self.block_bytes())
+        n.is_multiple_of(self.block_elems())
+            .then(|| n / self.block_elems() * self.block_bytes())
     }
 }
 
@@ -395,7 +396,7 @@ fn parse_inner(bytes: &[u8], with_tensors: bool) -> Result<Gguf<'_>, GgufError> 
             .ok_or(GgufError::OutOfRange("tensor size"))?;
         let size = ty
             .row_bytes(elems)
-            .filter(|_| dims[0] % ty.block_elems() == 0)
+            .filter(|_| dims[0].is_multiple_of(ty.block_elems()))
             .ok_or(GgufError::OutOfRange("tensor size"))?;
         gguf.tensors.push(TensorInfo {
             name,

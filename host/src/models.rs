@@ -35,10 +35,13 @@ pub enum ModelLoadError {
 /// many chunks more than once.
 const CHUNK_CACHE: usize = 8;
 
+/// A decrypted chunk, by index (zeroized when the last reference goes).
+type Chunk = (u64, Arc<Zeroizing<Vec<u8>>>);
+
 /// A sealed GGUF model.
 pub struct SealedGguf {
     opened: Opened<Box<dyn ReadAt>>,
-    recent: Mutex<Vec<(u64, Arc<Zeroizing<Vec<u8>>>)>>,
+    recent: Mutex<Vec<Chunk>>,
     metadata: Zeroizing<Vec<u8>>,
     tensors: HashMap<String, TensorInfo>,
     data_offset: u64,
@@ -124,12 +127,12 @@ impl SealedGguf {
         }
         let cs = u64::from(self.opened.header().chunk_size);
         let (first, last) = (offset / cs, (offset + out.len() as u64 - 1) / cs);
-        let cached: Vec<(u64, Arc<Zeroizing<Vec<u8>>>)> = self
+        let cached: Vec<Chunk> = self
             .recent
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        let chunks: Vec<(u64, Arc<Zeroizing<Vec<u8>>>)> = (first..=last)
+        let chunks: Vec<Chunk> = (first..=last)
             .into_par_iter()
             .map(|i| {
                 if let Some((_, c)) = cached.iter().find(|(j, _)| *j == i) {

@@ -344,7 +344,9 @@ impl Tokenizer {
         let mut add_eos = false;
 
         // Tokens.
-        let raw = m.strings(K_TOKENS)?.ok_or(TokenizerError::MissingKey(K_TOKENS))?;
+        let raw = m
+            .strings(K_TOKENS)?
+            .ok_or(TokenizerError::MissingKey(K_TOKENS))?;
         let n = raw.len();
         if n == 0 {
             return Err(TokenizerError::EmptyVocabulary);
@@ -401,7 +403,9 @@ impl Tokenizer {
 
         // Merges: "left right", split at the first space after the first byte; the first
         // occurrence of a pair sets its rank.
-        let merges = m.strings(K_MERGES)?.ok_or(TokenizerError::MissingKey(K_MERGES))?;
+        let merges = m
+            .strings(K_MERGES)?
+            .ok_or(TokenizerError::MissingKey(K_MERGES))?;
         let mut ranks: HashMap<(u32, u32), u32> = HashMap::with_capacity(merges.len());
         for (index, line) in merges.iter().enumerate() {
             let split = line
@@ -430,7 +434,11 @@ impl Tokenizer {
             match m.id(key)? {
                 None => Ok(None),
                 Some(id) if id < n as u64 => Ok(Some(id as u32)),
-                Some(id) => Err(TokenizerError::IdOutOfRange { key, id, n_vocab: n }),
+                Some(id) => Err(TokenizerError::IdOutOfRange {
+                    key,
+                    id,
+                    n_vocab: n,
+                }),
             }
         };
         let lenient = |key: &'static str| -> Result<Option<u32>, TokenizerError> {
@@ -466,8 +474,13 @@ impl Tokenizer {
 
         // Tokens recognised by their text become control tokens. llama.cpp takes the first one
         // its hash map yields; this takes the lowest id (the same when there is one candidate).
-        let lowest = |cands: &[&str]| cands.iter().filter_map(|t| strings.get(*t)).min().copied();
-        let lowest = |cands: &[&str]| lowest(cands).filter(|&id| (id as usize) < n);
+        let lowest = |cands: &[&str]| {
+            cands
+                .iter()
+                .filter_map(|t| strings.get(*t).copied())
+                .filter(|&id| (id as usize) < n)
+                .min()
+        };
         if eot.is_none() {
             eot = lowest(&EOT_TEXTS);
             if let Some(id) = eot {

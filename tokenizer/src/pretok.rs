@@ -74,12 +74,7 @@ impl PreTokenizer {
     fn passes(self) -> &'static [Pass] {
         use Pass::*;
         match self {
-            PreTokenizer::Default => &[
-                PunctRuns("$+<=>^~|"),
-                Gpt2,
-                NumberRuns,
-                AsciiDigitTriples,
-            ],
+            PreTokenizer::Default => &[PunctRuns("$+<=>^~|"), Gpt2, NumberRuns, AsciiDigitTriples],
             PreTokenizer::Gpt2 => &[Gpt2],
             PreTokenizer::DigitsThenGpt2 => &[EachNumber, Gpt2],
             PreTokenizer::Falcon => &[PunctRuns("$+<=>^~|`"), Gpt2, AsciiDigitTriples],
@@ -89,7 +84,7 @@ impl PreTokenizer {
     }
 
     /// Splits `text` into words (non-empty, in order, covering all of `text`).
-    pub(crate) fn split<'t>(self, text: &'t str) -> Vec<&'t str> {
+    pub(crate) fn split(self, text: &str) -> Vec<&str> {
         let mut offsets = Vec::with_capacity(text.len() + 1);
         let mut chars = Vec::with_capacity(text.len());
         for (i, c) in text.char_indices() {
@@ -217,7 +212,10 @@ impl Text<'_> {
                     continue;
                 }
                 if pos + 2 < end
-                    && matches!((c1, self.chars[pos + 2]), ('r', 'e') | ('v', 'e') | ('l', 'l'))
+                    && matches!(
+                        (c1, self.chars[pos + 2]),
+                        ('r', 'e') | ('v', 'e') | ('l', 'l')
+                    )
                 {
                     pos += 3;
                     sink.cut(pos);
@@ -286,8 +284,7 @@ impl Text<'_> {
                 }
             }
             // [^\r\n\p{L}\p{N}]?\p{L}+
-            if !(cr_lf(c) || f.number()) && (f.letter() || at(pos + 1).is_some_and(Flags::letter))
-            {
+            if !(cr_lf(c) || f.number()) && (f.letter() || at(pos + 1).is_some_and(Flags::letter)) {
                 pos += 1;
                 while at(pos).is_some_and(Flags::letter) {
                     pos += 1;
@@ -407,7 +404,10 @@ mod tests {
 
     #[test]
     fn names() {
-        assert_eq!(PreTokenizer::from_name(Some("smollm")), Some(DigitsThenGpt2));
+        assert_eq!(
+            PreTokenizer::from_name(Some("smollm")),
+            Some(DigitsThenGpt2)
+        );
         assert_eq!(PreTokenizer::from_name(None), Some(Default));
         assert_eq!(PreTokenizer::from_name(Some("deepseek-llm")), None);
     }

@@ -131,7 +131,10 @@ fn unmerged_chars_fall_back_to_byte_tokens() {
     assert_eq!(got.len(), 4);
     let expected: Vec<u32> = "😀"
         .bytes()
-        .map(|b| t.token_id(&unicode::byte_to_char(b).to_string()).expect("byte token"))
+        .map(|b| {
+            t.token_id(&unicode::byte_to_char(b).to_string())
+                .expect("byte token")
+        })
         .collect();
     assert_eq!(got, expected);
     assert_eq!(t.decode(&got, false), "😀".as_bytes());
@@ -309,7 +312,10 @@ fn malformed_metadata() {
 
     let mut v = Vocab::new();
     v.merges.insert(3, "nospace".into());
-    assert_eq!(v.build().unwrap_err(), TokenizerError::BadMerge { index: 3 });
+    assert_eq!(
+        v.build().unwrap_err(),
+        TokenizerError::BadMerge { index: 3 }
+    );
     let mut v = Vocab::new();
     v.merges.push(" x".into()); // the space must come after the first byte
     assert!(matches!(v.build(), Err(TokenizerError::BadMerge { .. })));
@@ -349,7 +355,10 @@ fn malformed_metadata() {
     ));
 
     let mut v = Vocab::new();
-    v.set("tokenizer.ggml.token_type", Val::F32s(vec![1.0; 3]));
+    v.set(
+        "tokenizer.ggml.token_type",
+        Val::F32s(vec![1.0; v.tokens.len()]),
+    );
     assert!(matches!(
         v.build(),
         Err(TokenizerError::WrongType {

@@ -91,35 +91,72 @@ fn matmul_transposed(
                     }
                 });
         }
-        (DeviceBuffer::Q4_1(w), Prepared::Q8_1(x)) => {
+        (DeviceBuffer::Q4_1(w), Prepared::Q8_1(x)) if m == 1 => {
             out_t
-                .par_chunks_mut(m * ROWS_PER_TASK)
+                .par_chunks_mut(ROWS_PER_TASK)
                 .enumerate()
                 .for_each(|(t, chunk)| {
-                    for (r, o) in chunk.chunks_mut(m).enumerate() {
-                        let wr = &w[(t * ROWS_PER_TASK + r) * kb..][..kb];
-                        for (i, oi) in o.iter_mut().enumerate() {
-                            *oi = quant::dot_q4_1_q8_1(wr, &x[i * kb..][..kb]);
-                        }
+                    for (r, o) in chunk.iter_mut().enumerate() {
+                        *o = quant::dot_q4_1_q8_1(&w[(t * ROWS_PER_TASK + r) * kb..][..kb], x);
                     }
                 });
         }
-        (DeviceBuffer::Q8_0(w), Prepared::Q8_0(x)) => {
+        (DeviceBuffer::Q8_0(w), Prepared::Q8_0(x)) if m == 1 => {
             out_t
-                .par_chunks_mut(m * ROWS_PER_TASK)
+                .par_chunks_mut(ROWS_PER_TASK)
                 .enumerate()
                 .for_each(|(t, chunk)| {
-                    for (r, o) in chunk.chunks_mut(m).enumerate() {
-                        let wr = &w[(t * ROWS_PER_TASK + r) * kb..][..kb];
-                        for (i, oi) in o.iter_mut().enumerate() {
-                            *oi = quant::dot_q8_0_q8_0(wr, &x[i * kb..][..kb]);
-                        }
+                    for (r, o) in chunk.iter_mut().enumerate() {
+                        *o = quant::dot_q8_0_q8_0(&w[(t * ROWS_PER_TASK + r) * kb..][..kb], x);
                     }
                 });
+        }
+        // Several activation rows (prompt processing): each task unpacks a
+        // tile of weight rows once (it stays in L2) and streams every
+        // activation row past it.
+        (DeviceBuffer::Q4_1(w), Prepared::Q8_1(x)) => {
+            let xs: Vec<quant::PreparedRow> = x
+                .chunks_exact(kb)
+                .map(quant::PreparedRow::from_q8_1)
+                .collect();
+            tiled(&mut out_t, m, &xs, |r| {
+                quant::UnpackedRow::from_q4_1(&w[r * kb..][..kb])
+            });
+        }
+        (DeviceBuffer::Q8_0(w), Prepared::Q8_0(x)) => {
+            let xs: Vec<quant::PreparedRow> = x
+                .chunks_exact(kb)
+                .map(quant::PreparedRow::from_q8_0)
+                .collect();
+            tiled(&mut out_t, m, &xs, |r| {
+                quant::UnpackedRow::from_q8_0(&w[r * kb..][..kb])
+            });
         }
         (w, _) => return Err(BackendError::Unsupported(w.elem_type())),
     }
     Ok(out_t)
+}
+
+/// `out_t[r][i] = unpack(r) · xs[i]`, in parallel over tiles of weight rows.
+fn tiled(
+    out_t: &mut [f32],
+    m: usize,
+    xs: &[quant::PreparedRow],
+    unpack: impl Fn(usize) -> quant::UnpackedRow + Sync,
+) {
+    out_t
+        .par_chunks_mut(m * ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(t, chunk)| {
+            let rows: Vec<quant::UnpackedRow> = (0..chunk.len() / m)
+                .map(|r| unpack(t * ROWS_PER_TASK + r))
+                .collect();
+            for (i, xi) in xs.iter().enumerate() {
+                for (r, row) in rows.iter().enumerate() {
+                    chunk[r * m + i] = row.dot(xi);
+                }
+            }
+        });
 }
 
 impl Backend for CpuBackend {
@@ -502,8 +539,8 @@ mod tests {
         // Q4_1 weights: arbitrary blocks.
         let blocks: Vec<quant::BlockQ4_1> = (0..n * k / 32)
             .map(|b| quant::BlockQ4_1 {
-                d: 0.01 * (1 + b % 5) as f32,
-                m: -0.05 * (b % 3) as f32,
+                d: half::f16::from_f32(0.01 * (1 + b % 5) as f32).to_bits(),
+                m: half::f16::from_f32(-0.05 * (b % 3) as f32).to_bits(),
                 qs: core::array::from_fn(|j| ((j * 37 + b * 11) % 256) as u8),
             })
             .collect();

@@ -14,24 +14,46 @@ use rayon::prelude::*;
 pub const QK: usize = 32;
 
 /// A Q4_1 block: `x = d · q + m`, q in 0..16 (low nibbles: elements 0..16,
-/// high nibbles: 16..32).
+/// high nibbles: 16..32). Scales stay f16 as in the file (20 bytes a block:
+/// decode is memory-bound, so the block size is the speed).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BlockQ4_1 {
-    /// Scale.
-    pub d: f32,
-    /// Minimum.
-    pub m: f32,
+    /// Scale (f16 bits).
+    pub d: u16,
+    /// Minimum (f16 bits).
+    pub m: u16,
     /// Packed 4-bit values.
     pub qs: [u8; 16],
+}
+
+impl BlockQ4_1 {
+    /// The scale.
+    #[inline]
+    pub fn d(&self) -> f32 {
+        f16::from_bits(self.d).to_f32()
+    }
+    /// The minimum.
+    #[inline]
+    pub fn m(&self) -> f32 {
+        f16::from_bits(self.m).to_f32()
+    }
 }
 
 /// A Q8_0 block: `x = d · q`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BlockQ8_0 {
-    /// Scale.
-    pub d: f32,
+    /// Scale (f16 bits).
+    pub d: u16,
     /// Values.
     pub qs: [i8; 32],
+}
+
+impl BlockQ8_0 {
+    /// The scale.
+    #[inline]
+    pub fn d(&self) -> f32 {
+        f16::from_bits(self.d).to_f32()
+    }
 }
 
 /// A Q8_1 activation block: `x ≈ d · q`, with `s = d · Σq`.
@@ -43,10 +65,6 @@ pub struct BlockQ8_1 {
     pub s: f32,
     /// Values.
     pub qs: [i8; 32],
-}
-
-fn h(bytes: [u8; 2]) -> f32 {
-    f16::from_le_bytes(bytes).to_f32()
 }
 
 /// Rounds an f32 through f16 (what storing it in an f16 field does).
@@ -62,8 +80,8 @@ pub fn parse_q4_1(bytes: &[u8]) -> Vec<BlockQ4_1> {
             let mut qs = [0u8; 16];
             qs.copy_from_slice(&b[4..20]);
             BlockQ4_1 {
-                d: h([b[0], b[1]]),
-                m: h([b[2], b[3]]),
+                d: u16::from_le_bytes([b[0], b[1]]),
+                m: u16::from_le_bytes([b[2], b[3]]),
                 qs,
             }
         })
@@ -80,7 +98,7 @@ pub fn parse_q8_0(bytes: &[u8]) -> Vec<BlockQ8_0> {
                 *q = *byte as i8;
             }
             BlockQ8_0 {
-                d: h([b[0], b[1]]),
+                d: u16::from_le_bytes([b[0], b[1]]),
                 qs,
             }
         })
@@ -135,11 +153,40 @@ pub fn quantize_q8_0(x: &[f32]) -> Vec<BlockQ8_0> {
         .map(|b| {
             let (d, qs) = quantize_block(b);
             BlockQ8_0 {
-                d: round_f16(d),
+                d: f16::from_f32(d).to_bits(),
                 qs,
             }
         })
         .collect()
+}
+
+/// Integer dot product of 32 i16 pairs, written as adjacent-pair sums so the
+/// compiler emits `vpmaddwd`.
+#[inline]
+fn dot32_i16(a: &[i16; 32], b: &[i16; 32]) -> i32 {
+    let mut s = [0i32; 16];
+    for j in 0..16 {
+        s[j] = i32::from(a[2 * j]) * i32::from(b[2 * j])
+            + i32::from(a[2 * j + 1]) * i32::from(b[2 * j + 1]);
+    }
+    s.iter().sum()
+}
+
+/// The 32 values of a Q4_1 block as i16 (0..16).
+#[inline]
+pub fn unpack_q4_1(b: &BlockQ4_1) -> [i16; 32] {
+    let mut a = [0i16; 32];
+    for j in 0..16 {
+        a[j] = i16::from(b.qs[j] & 0x0f);
+        a[j + 16] = i16::from(b.qs[j] >> 4);
+    }
+    a
+}
+
+/// The 32 values of an i8 block as i16.
+#[inline]
+pub fn widen(q: &[i8; 32]) -> [i16; 32] {
+    core::array::from_fn(|j| i16::from(q[j]))
 }
 
 /// Σ over blocks of the Q4_1 · Q8_1 dot product.
@@ -148,14 +195,9 @@ pub fn dot_q4_1_q8_1(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
     let mut acc = 0f32;
     let mut mins = 0f32;
     for (wb, xb) in w.iter().zip(x) {
-        let mut sumi = 0i32;
-        for j in 0..16 {
-            let lo = i32::from(wb.qs[j] & 0x0f);
-            let hi = i32::from(wb.qs[j] >> 4);
-            sumi += lo * i32::from(xb.qs[j]) + hi * i32::from(xb.qs[j + 16]);
-        }
-        acc += (wb.d * xb.d) * sumi as f32;
-        mins += wb.m * xb.s;
+        let sumi = dot32_i16(&unpack_q4_1(wb), &widen(&xb.qs));
+        acc += (wb.d() * xb.d) * sumi as f32;
+        mins += wb.m() * xb.s;
     }
     acc + mins
 }
@@ -165,13 +207,82 @@ pub fn dot_q4_1_q8_1(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
 pub fn dot_q8_0_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0]) -> f32 {
     let mut acc = 0f32;
     for (wb, xb) in w.iter().zip(x) {
-        let mut sumi = 0i32;
-        for j in 0..32 {
-            sumi += i32::from(wb.qs[j]) * i32::from(xb.qs[j]);
-        }
-        acc += (wb.d * xb.d) * sumi as f32;
+        let sumi = dot32_i16(&widen(&wb.qs), &widen(&xb.qs));
+        acc += (wb.d() * xb.d()) * sumi as f32;
     }
     acc
+}
+
+/// A weight row unpacked once for many activation rows (prompt processing):
+/// values as i16 blocks plus per-block scale and minimum.
+#[derive(Debug)]
+pub struct UnpackedRow {
+    vals: Vec<[i16; 32]>,
+    d: Vec<f32>,
+    m: Vec<f32>,
+}
+
+impl UnpackedRow {
+    /// Unpacks a Q4_1 row.
+    pub fn from_q4_1(row: &[BlockQ4_1]) -> Self {
+        UnpackedRow {
+            vals: row.iter().map(unpack_q4_1).collect(),
+            d: row.iter().map(BlockQ4_1::d).collect(),
+            m: row.iter().map(BlockQ4_1::m).collect(),
+        }
+    }
+
+    /// Unpacks a Q8_0 row.
+    pub fn from_q8_0(row: &[BlockQ8_0]) -> Self {
+        UnpackedRow {
+            vals: row.iter().map(|b| widen(&b.qs)).collect(),
+            d: row.iter().map(BlockQ8_0::d).collect(),
+            m: vec![0.0; row.len()],
+        }
+    }
+
+    /// Dot with an activation row prepared by [`PreparedRow::new`].
+    #[inline]
+    pub fn dot(&self, x: &PreparedRow) -> f32 {
+        let mut acc = 0f32;
+        let mut mins = 0f32;
+        let blocks = self.vals.iter().zip(&x.vals);
+        let scales = self.d.iter().zip(&self.m).zip(x.d.iter().zip(&x.s));
+        for ((wv, xv), ((wd, wm), (xd, xs))) in blocks.zip(scales) {
+            let sumi = dot32_i16(wv, xv);
+            acc += (wd * xd) * sumi as f32;
+            mins += wm * xs;
+        }
+        acc + mins
+    }
+}
+
+/// A quantized activation row widened to i16 for [`UnpackedRow::dot`].
+#[derive(Debug)]
+pub struct PreparedRow {
+    vals: Vec<[i16; 32]>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+}
+
+impl PreparedRow {
+    /// From Q8_1 blocks.
+    pub fn from_q8_1(x: &[BlockQ8_1]) -> Self {
+        PreparedRow {
+            vals: x.iter().map(|b| widen(&b.qs)).collect(),
+            d: x.iter().map(|b| b.d).collect(),
+            s: x.iter().map(|b| b.s).collect(),
+        }
+    }
+
+    /// From Q8_0 blocks.
+    pub fn from_q8_0(x: &[BlockQ8_0]) -> Self {
+        PreparedRow {
+            vals: x.iter().map(|b| widen(&b.qs)).collect(),
+            d: x.iter().map(BlockQ8_0::d).collect(),
+            s: vec![0.0; x.len()],
+        }
+    }
 }
 
 /// Dequantizes Q4_1 blocks into `out` (32 per block).
@@ -179,9 +290,10 @@ pub fn dequant_q4_1(blocks: &[BlockQ4_1], out: &mut Vec<f32>) {
     for b in blocks {
         let start = out.len();
         out.resize(start + 32, 0.0);
+        let (d, m) = (b.d(), b.m());
         for j in 0..16 {
-            out[start + j] = f32::from(b.qs[j] & 0x0f) * b.d + b.m;
-            out[start + j + 16] = f32::from(b.qs[j] >> 4) * b.d + b.m;
+            out[start + j] = f32::from(b.qs[j] & 0x0f) * d + m;
+            out[start + j + 16] = f32::from(b.qs[j] >> 4) * d + m;
         }
     }
 }
@@ -189,7 +301,8 @@ pub fn dequant_q4_1(blocks: &[BlockQ4_1], out: &mut Vec<f32>) {
 /// Dequantizes Q8_0 blocks into `out`.
 pub fn dequant_q8_0(blocks: &[BlockQ8_0], out: &mut Vec<f32>) {
     for b in blocks {
-        out.extend(b.qs.iter().map(|q| f32::from(*q) * b.d));
+        let d = b.d();
+        out.extend(b.qs.iter().map(|q| f32::from(*q) * d));
     }
 }
 
@@ -236,5 +349,12 @@ mod tests {
         // An all-zero block quantizes to zeros with scale 0.
         let z = quantize_q8_1(&[0.0; 32]);
         assert_eq!((z[0].d, z[0].s), (0.0, 0.0));
+        // The unpacked-row path gives the same numbers as the block dot.
+        let xq = quantize_q8_0(&x);
+        let row = UnpackedRow::from_q8_0(&q);
+        assert_eq!(
+            row.dot(&PreparedRow::from_q8_0(&xq)),
+            dot_q8_0_q8_0(&q, &xq)
+        );
     }
 }

@@ -161,7 +161,7 @@ impl AccelCtx {
     /// Validates `shape` for element type `ty` and checks room for it.
     pub(crate) fn check_alloc(&self, shape: &[u32], ty: ElemType) -> Result<(), AccelError> {
         let elems = numel(shape)? as u64;
-        if ty.is_quantized() && last_dim(shape) % 32 != 0 {
+        if ty.is_quantized() && !last_dim(shape).is_multiple_of(32) {
             return Err(AccelError::ShapeMismatch);
         }
         self.reserve(ty.bytes(elems))

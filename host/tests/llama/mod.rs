@@ -63,7 +63,7 @@ fn sealed_gguf_serves_metadata_and_tensors_and_refuses_tampering() {
     match m.load_tensor("w", &CpuBackend).expect("load") {
         DeviceBuffer::Q8_0(blocks) => {
             assert_eq!(blocks.len(), 2);
-            assert_eq!(blocks[1].d, 0.5);
+            assert_eq!(blocks[1].d(), 0.5);
             assert_eq!(blocks[1].qs[0], -15);
         }
         other => panic!("expected Q8_0, got {other:?}"),

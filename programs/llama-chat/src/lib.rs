@@ -157,8 +157,8 @@ impl Hparams {
         };
         if hp.heads == 0
             || hp.kv_heads == 0
-            || hp.heads % hp.kv_heads != 0
-            || hp.dim % hp.heads != 0
+            || !hp.heads.is_multiple_of(hp.kv_heads)
+            || !hp.dim.is_multiple_of(hp.heads)
         {
             return Err("inconsistent head counts".into());
         }
@@ -317,8 +317,8 @@ impl Program for LlamaChat {
         let mut rng = Rng::new(req.seed);
         let mut text = Utf8Stream::new();
         let mut logits = llama.forward(&ids, 0)?;
-        let mut pos = ids.len() as u32;
-        for step in 0..req.max_tokens {
+        // `pos` is the position the sampled token will occupy.
+        for (step, pos) in (0..req.max_tokens).zip(ids.len() as u32..) {
             let next = sampling.pick(&logits, &mut rng, |id| req.ignore_eos && tok.is_eog(id))?;
             let eog = tok.is_eog(next);
             match req.format {
@@ -336,7 +336,6 @@ impl Program for LlamaChat {
                 break;
             }
             logits = llama.forward(&[next], pos)?;
-            pos += 1;
         }
         let rest = text.finish();
         if !rest.is_empty() {
