@@ -199,8 +199,21 @@ impl Chat {
     }
 }
 
+/// `$CINFER_REFERENCE_DIR`, else `../shared/reference` beside the checkout
+/// when present (it may hold more cases), else the copy in `tests/reference`.
+fn reference_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("CINFER_REFERENCE_DIR") {
+        return d.into();
+    }
+    let shared = super::root().join("../shared/reference");
+    if shared.is_dir() {
+        return shared;
+    }
+    super::root().join("tests/reference")
+}
+
 fn reference(name: &str) -> Vec<Value> {
-    let path = super::root().join("../shared/reference").join(name);
+    let path = reference_dir().join(name);
     std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
         .lines()
@@ -281,7 +294,7 @@ fn greedy_generation_matches_llama_cpp_up_to_near_ties() {
 #[test]
 fn first_position_logprobs_match_llama_cpp() {
     let Some(chat) = chat() else { return };
-    let path = super::root().join("../shared/reference/smollm2-once-upon-first-pos.json");
+    let path = reference_dir().join("smollm2-once-upon-first-pos.json");
     let reference: Value =
         serde_json::from_str(&std::fs::read_to_string(path).expect("reference")).expect("json");
     let request =
