@@ -54,11 +54,10 @@ fn main() {
     load_times.sort();
     let load = load_times[2];
 
+    let sealed_model = Arc::new(SealedGguf::open(Box::new(sealed), &key).expect("open"));
+    let native = Native::new(&sealed_model);
     let mut models = ModelStore::default();
-    models.insert(
-        "smollm2-135m-instruct",
-        Arc::new(SealedGguf::open(Box::new(sealed), &key).expect("open")),
-    );
+    models.insert("smollm2-135m-instruct", sealed_model);
     let worlds = std::fs::read_to_string(root.join("policies/worlds.wit")).expect("worlds");
     let toml_text = format!(
         "worlds = \"worlds.wit\"\n[[program]]\nname = \"llama-chat\"\nsha256 = \"{}\"\nworld = \"inference\"\nmodels = [\"smollm2-135m-instruct\"]\nlimits = {{ memory-bytes = 268435456, deadline-ms = 600000, accelerator-bytes = 1073741824, egress-bytes = 16777216 }}\n",
