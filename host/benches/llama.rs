@@ -45,7 +45,7 @@ fn main() {
         let copy = Box::new(sealed.clone());
         let start = Instant::now();
         let m = SealedGguf::open(copy, &key).expect("open");
-        let names: Vec<String> = m.tensor_names().map(str::to_owned).collect();
+        let names: Vec<String> = m.tensor_names().into_iter().map(str::to_owned).collect();
         for n in &names {
             std::hint::black_box(m.load_tensor(n, &CpuBackend).expect("load"));
         }

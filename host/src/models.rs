@@ -126,39 +126,49 @@ impl SealedGguf {
             return Ok(());
         }
         let cs = u64::from(self.opened.header().chunk_size);
-        let (first, last) = (offset / cs, (offset + out.len() as u64 - 1) / cs);
+        // Split `out` at chunk boundaries: (chunk index, offset within it, piece).
+        let mut pieces = Vec::new();
+        let (mut rest, mut pos) = (out, offset);
+        while !rest.is_empty() {
+            let (index, within) = (pos / cs, (pos % cs) as usize);
+            let n = rest.len().min(cs as usize - within);
+            let (piece, tail) = rest.split_at_mut(n);
+            pieces.push((index, within, piece));
+            rest = tail;
+            pos += n as u64;
+        }
+        let edges = [pieces[0].0, pieces[pieces.len() - 1].0];
         let cached: Vec<Chunk> = self
             .recent
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        let chunks: Vec<Chunk> = (first..=last)
+        // Decrypt in parallel; each worker reuses one scratch buffer. Edge
+        // chunks (shared with neighbouring tensors) are kept for reuse.
+        let kept: Vec<Chunk> = pieces
             .into_par_iter()
-            .map(|i| {
-                if let Some((_, c)) = cached.iter().find(|(j, _)| *j == i) {
-                    return Ok((i, c.clone()));
-                }
-                let mut buf = Zeroizing::new(Vec::new());
-                self.opened.decrypt_chunk(i, &mut buf)?;
-                Ok((i, Arc::new(buf)))
-            })
-            .collect::<Result<_, SealError>>()?;
-        let mut done = 0usize;
-        for (i, chunk) in &chunks {
-            let start = if *i == first {
-                (offset - first * cs) as usize
-            } else {
-                0
-            };
-            let n = (chunk.len() - start).min(out.len() - done);
-            out[done..done + n].copy_from_slice(&chunk[start..start + n]);
-            done += n;
-        }
-        // Keep the edge chunks: neighbouring tensors start or end in them.
+            .map_init(
+                || Zeroizing::new(Vec::new()),
+                |scratch, (index, within, piece)| -> Result<Option<Chunk>, SealError> {
+                    if let Some((_, c)) = cached.iter().find(|(j, _)| *j == index) {
+                        piece.copy_from_slice(&c[within..within + piece.len()]);
+                        return Ok(None);
+                    }
+                    self.opened.decrypt_chunk(index, scratch)?;
+                    piece.copy_from_slice(&scratch[within..within + piece.len()]);
+                    Ok(edges
+                        .contains(&index)
+                        .then(|| (index, Arc::new(scratch.clone()))))
+                },
+            )
+            .collect::<Result<Vec<_>, SealError>>()?
+            .into_iter()
+            .flatten()
+            .collect();
         let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
-        for c in [chunks.first(), chunks.last()].into_iter().flatten() {
+        for c in kept {
             if !recent.iter().any(|(j, _)| *j == c.0) {
-                recent.push(c.clone());
+                recent.push(c);
             }
         }
         let excess = recent.len().saturating_sub(CHUNK_CACHE);
@@ -166,9 +176,11 @@ impl SealedGguf {
         Ok(())
     }
 
-    /// Tensor names.
-    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
-        self.tensors.keys().map(String::as_str)
+    /// Tensor names, in file order (the order that decrypts each chunk once).
+    pub fn tensor_names(&self) -> Vec<&str> {
+        let mut infos: Vec<&TensorInfo> = self.tensors.values().collect();
+        infos.sort_by_key(|t| t.offset);
+        infos.into_iter().map(|t| t.name.as_str()).collect()
     }
 }
 
