@@ -360,3 +360,342 @@ fn llama_chat_refuses_bad_requests_with_a_reason() {
         "a model the policy does not list"
     );
 }
+
+/// GPT-2's byte → printable character map (how byte-level BPE vocabularies spell bytes).
+fn byte_char(b: u8) -> char {
+    let printable =
+        |c: u32| (33..=126).contains(&c) || (161..=172).contains(&c) || (174..=255).contains(&c);
+    if printable(u32::from(b)) {
+        return char::from(b);
+    }
+    let shift = (0..u32::from(b)).filter(|c| !printable(*c)).count() as u32;
+    char::from_u32(256 + shift).expect("valid char")
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*).
+fn noise(seed: &mut u64, n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|_| {
+            *seed ^= *seed >> 12;
+            *seed ^= *seed << 25;
+            *seed ^= *seed >> 27;
+            (seed.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8
+        })
+        .collect()
+}
+
+/// Random weights of `ty` for a [rows, cols] matrix, in GGUF encoding.
+fn random_weights(seed: &mut u64, ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
+    let h = |x: f32| half::f16::from_f32(x).to_le_bytes();
+    let blocks = rows * cols / 32;
+    match ty {
+        GgmlType::Q4_1 => (0..blocks)
+            .flat_map(|_| [h(0.02).to_vec(), h(-0.15).to_vec(), noise(seed, 16)].concat())
+            .collect(),
+        GgmlType::Q8_0 => (0..blocks)
+            .flat_map(|_| [h(0.004).to_vec(), noise(seed, 32)].concat())
+            .collect(),
+        GgmlType::F16 => noise(seed, rows * cols)
+            .iter()
+            .flat_map(|b| h((f32::from(*b) - 127.5) / 600.0))
+            .collect(),
+        GgmlType::F32 => noise(seed, rows * cols)
+            .iter()
+            .flat_map(|b| ((f32::from(*b) - 127.5) / 600.0).to_le_bytes())
+            .collect(),
+    }
+}
+
+/// A tiny random llama: 2 layers, dim 64, ffn 96, `heads` query and `kv_heads` key/value heads,
+/// matrices of type `ty`, a byte-level vocabulary of 256 + 3 special tokens.
+fn tiny_llama(heads: u32, kv_heads: u32, ty: GgmlType, tied: bool) -> Vec<u8> {
+    let (dim, ffn, vocab) = (64usize, 96usize, 259usize);
+    let kv_dim = kv_heads as usize * (dim / heads as usize);
+    let mut seed = 0x1234_5678_9abc_def1u64 ^ u64::from(heads * 31 + kv_heads);
+    let mut tokens: Vec<String> = (0..=255u8).map(|b| byte_char(b).to_string()).collect();
+    tokens.extend(["<|endoftext|>", "<|im_start|>", "<|im_end|>"].map(String::from));
+    let mut types = vec![1i32; 256];
+    types.extend([3, 3, 3]);
+    let norm = |seed: &mut u64| {
+        noise(seed, dim)
+            .iter()
+            .flat_map(|b| (0.8 + f32::from(*b) / 640.0).to_le_bytes())
+            .collect::<Vec<u8>>()
+    };
+    let mut tensors: Vec<(String, Vec<u64>, GgmlType, Vec<u8>)> = vec![
+        (
+            "token_embd.weight".into(),
+            vec![dim as u64, vocab as u64],
+            GgmlType::Q8_0,
+            random_weights(&mut seed, GgmlType::Q8_0, vocab, dim),
+        ),
+        (
+            "output_norm.weight".into(),
+            vec![dim as u64],
+            GgmlType::F32,
+            norm(&mut seed),
+        ),
+    ];
+    if !tied {
+        tensors.push((
+            "output.weight".into(),
+            vec![dim as u64, vocab as u64],
+            ty,
+            random_weights(&mut seed, ty, vocab, dim),
+        ));
+    }
+    for l in 0..2 {
+        let mut mat = |name: &str, rows: usize, cols: usize| {
+            (
+                format!("blk.{l}.{name}.weight"),
+                vec![cols as u64, rows as u64],
+                ty,
+                random_weights(&mut seed, ty, rows, cols),
+            )
+        };
+        let layer = [
+            mat("attn_q", dim, dim),
+            mat("attn_k", kv_dim, dim),
+            mat("attn_v", kv_dim, dim),
+            mat("attn_output", dim, dim),
+            mat("ffn_gate", ffn, dim),
+            mat("ffn_up", ffn, dim),
+            mat("ffn_down", dim, ffn),
+        ];
+        tensors.extend(layer);
+        tensors.push((
+            format!("blk.{l}.attn_norm.weight"),
+            vec![dim as u64],
+            GgmlType::F32,
+            norm(&mut seed),
+        ));
+        tensors.push((
+            format!("blk.{l}.ffn_norm.weight"),
+            vec![dim as u64],
+            GgmlType::F32,
+            norm(&mut seed),
+        ));
+    }
+    let refs: Vec<(&str, Vec<u64>, GgmlType, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, d, t, b)| (n.as_str(), d.clone(), *t, b.clone()))
+        .collect();
+    gguf(
+        &[
+            ("general.architecture", Val::Str("llama".into())),
+            ("llama.block_count", Val::U32(2)),
+            ("llama.embedding_length", Val::U32(dim as u32)),
+            ("llama.feed_forward_length", Val::U32(ffn as u32)),
+            ("llama.attention.head_count", Val::U32(heads)),
+            ("llama.attention.head_count_kv", Val::U32(kv_heads)),
+            ("llama.rope.freq_base", Val::F32(10000.0)),
+            ("llama.attention.layer_norm_rms_epsilon", Val::F32(1e-5)),
+            ("llama.context_length", Val::U32(64)),
+            ("tokenizer.ggml.model", Val::Str("gpt2".into())),
+            ("tokenizer.ggml.pre", Val::Str("smollm".into())),
+            ("tokenizer.ggml.tokens", Val::Strs(tokens)),
+            ("tokenizer.ggml.token_type", Val::I32s(types)),
+            ("tokenizer.ggml.merges", Val::Strs(Vec::new())),
+            ("tokenizer.ggml.bos_token_id", Val::U32(257)),
+            ("tokenizer.ggml.eos_token_id", Val::U32(258)),
+            ("tokenizer.ggml.add_bos_token", Val::Bool(false)),
+        ],
+        &refs,
+    )
+}
+
+/// Greedy decoding driven natively through the backend, in the same op order
+/// as `llama-chat` (prompt as one batch, then one token at a time), never
+/// choosing an `excluded` id (as llama-chat's `ignore_eos`).
+fn native_greedy(
+    model: &SealedGguf,
+    prompt: &[u32],
+    n: usize,
+    excluded: impl Fn(u32) -> bool,
+) -> Vec<u32> {
+    use cinfer_host::backend::{AttentionShape, Backend, BinaryOp, ElemType};
+    let b = CpuBackend;
+    let meta = model.metadata().expect("metadata");
+    let g = cinfer_gguf::parse_metadata(&meta).expect("gguf");
+    let u = |k: &str| g.u64(&format!("llama.{k}")).expect("hparam") as usize;
+    let (dim, heads, kvh, ffn, layers) = (
+        u("embedding_length"),
+        u("attention.head_count"),
+        u("attention.head_count_kv"),
+        u("feed_forward_length"),
+        u("block_count"),
+    );
+    let (hd, theta, eps) = (
+        dim / heads,
+        g.f32("llama.rope.freq_base").expect("theta"),
+        g.f32("llama.attention.layer_norm_rms_epsilon")
+            .expect("eps"),
+    );
+    let t = |name: &str| model.load_tensor(name, &b).expect(name);
+    let embd = t("token_embd.weight");
+    let out = model
+        .tensor_shape("output.weight")
+        .map(|_| t("output.weight"))
+        .unwrap_or_else(|_| embd.clone());
+    let vocab = model.tensor_shape("token_embd.weight").expect("embd").0[0] as usize;
+    let ctx = prompt.len() + n;
+    let mut caches: Vec<(DeviceBuffer, DeviceBuffer)> = (0..layers)
+        .map(|_| {
+            (
+                b.zeros(ElemType::F16, ctx * kvh * hd).expect("k"),
+                b.zeros(ElemType::F16, ctx * kvh * hd).expect("v"),
+            )
+        })
+        .collect();
+    let w: Vec<Vec<DeviceBuffer>> = (0..layers)
+        .map(|l| {
+            [
+                "attn_norm",
+                "attn_q",
+                "attn_k",
+                "attn_v",
+                "attn_output",
+                "ffn_norm",
+                "ffn_gate",
+                "ffn_up",
+                "ffn_down",
+            ]
+            .iter()
+            .map(|n| t(&format!("blk.{l}.{n}.weight")))
+            .collect()
+        })
+        .collect();
+    let mut ids: Vec<u32> = prompt.to_vec();
+    let (mut pos, mut generated) = (0usize, Vec::new());
+    while generated.len() < n {
+        let seq = ids.len();
+        let mut x = b.embedding(&embd, dim, &ids).expect("embd");
+        for (l, (kc, vc)) in w.iter().zip(caches.iter_mut()) {
+            let h = b.rmsnorm(&x, &l[0], dim, eps).expect("norm");
+            let q = b
+                .rope(
+                    &b.matmul(&h, &l[1], seq, dim, dim).expect("q"),
+                    heads,
+                    hd,
+                    pos as u32,
+                    theta,
+                )
+                .expect("rope");
+            let k = b
+                .rope(
+                    &b.matmul(&h, &l[2], seq, dim, kvh * hd).expect("k"),
+                    kvh,
+                    hd,
+                    pos as u32,
+                    theta,
+                )
+                .expect("rope");
+            let v = b.matmul(&h, &l[3], seq, dim, kvh * hd).expect("v");
+            let shape = AttentionShape {
+                seq,
+                heads,
+                kv_heads: kvh,
+                head_dim: hd,
+                pos,
+            };
+            let a = b.attention(&q, &k, &v, kc, vc, shape).expect("attention");
+            x = b
+                .binary(
+                    BinaryOp::Add,
+                    &x,
+                    &b.matmul(&a, &l[4], seq, dim, dim).expect("o"),
+                    dim,
+                )
+                .expect("add");
+            let h = b.rmsnorm(&x, &l[5], dim, eps).expect("norm");
+            let gate = b
+                .silu(&b.matmul(&h, &l[6], seq, dim, ffn).expect("gate"))
+                .expect("silu");
+            let f = b
+                .binary(
+                    BinaryOp::Mul,
+                    &gate,
+                    &b.matmul(&h, &l[7], seq, dim, ffn).expect("up"),
+                    ffn,
+                )
+                .expect("mul");
+            x = b
+                .binary(
+                    BinaryOp::Add,
+                    &x,
+                    &b.matmul(&f, &l[8], seq, ffn, dim).expect("down"),
+                    dim,
+                )
+                .expect("add");
+        }
+        let last = b
+            .copy_range(&x, (seq - 1) * dim..seq * dim)
+            .expect("last row");
+        let h = b
+            .rmsnorm(&last, &t("output_norm.weight"), dim, eps)
+            .expect("norm");
+        let logits = b.matmul(&h, &out, 1, dim, vocab).expect("logits");
+        let top = b.top_k(&logits, vocab, 16).expect("top-k");
+        let next = top
+            .iter()
+            .map(|(id, _)| *id)
+            .find(|id| !excluded(*id))
+            .expect("a non-excluded token");
+        generated.push(next);
+        pos += seq;
+        ids = vec![next];
+    }
+    generated
+}
+
+/// llama-chat reads every dimension from the metadata: on tiny random models
+/// of several shapes and weight types it produces exactly the tokens the same
+/// forward pass gives when driven natively. Runs without the model download.
+#[test]
+fn llama_chat_matches_a_native_forward_on_tiny_random_models() {
+    let configs = [
+        (4, 2, GgmlType::Q4_1, true), // GQA, quantized, tied head (like SmolLM2)
+        (4, 4, GgmlType::Q8_0, false), // multi-head, Q8_0, separate output.weight
+        (4, 1, GgmlType::F16, false), // multi-query, f16 weights
+        (2, 2, GgmlType::F32, true),  // f32 weights, head_dim 32
+    ];
+    for (heads, kv_heads, ty, tied) in configs {
+        let plain = tiny_llama(heads, kv_heads, ty, tied);
+        let key = ModelKey::generate().expect("key");
+        let sealed = seal_bytes(&key, "tiny-llama", "k", 4096, &plain).expect("seal");
+        let model = Arc::new(SealedGguf::open(Box::new(sealed), &key).expect("open"));
+        let tok =
+            cinfer_tokenizer::Tokenizer::from_gguf(&cinfer_gguf::parse(&plain).expect("gguf"))
+                .expect("tokenizer");
+        let prompt = tok.encode("hello, tiny model", true);
+        assert_eq!(prompt.len(), 17, "byte-level tokens, no merges");
+        let want = native_greedy(&model, &prompt, 12, |id| tok.is_eog(id));
+
+        let mut models = ModelStore::default();
+        models.insert("tiny-llama", model);
+        let policy = super::policy_for(&[(
+            "llama-chat",
+            "inference",
+            "models = [\"tiny-llama\"]\nlimits = { memory-bytes = 268435456 }",
+        )]);
+        let l = Loader::new(
+            policy,
+            LoaderConfig {
+                models,
+                ..LoaderConfig::default()
+            },
+        )
+        .expect("loader");
+        let request = serde_json::json!({"model": "tiny-llama", "prompt": "hello, tiny model", "max_tokens": 12, "format": "ids", "ignore_eos": true});
+        let rk = RequestPrivateKey::generate();
+        let (outcome, opened, _) =
+            super::round_trip(&l, "llama-chat", &rk, request.to_string().as_bytes());
+        assert_eq!(outcome, RunOutcome::Completed, "{heads}/{kv_heads} {ty:?}");
+        let text = String::from_utf8(opened.expect("reply").0).expect("utf-8");
+        let got: Vec<u32> = text
+            .split_whitespace()
+            .map(|t| t.parse().expect("id"))
+            .collect();
+        assert_eq!(got, want, "{heads}/{kv_heads} {ty:?} tied={tied}");
+    }
+}
