@@ -7,8 +7,11 @@
 //! ```
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+#[path = "../tests/common/native_llama.rs"]
+mod native_llama;
+
 use cinfer_envelope::{RequestPrivateKey, seal_request};
-use cinfer_host::backend::{AttentionShape, Backend, BinaryOp, CpuBackend, DeviceBuffer, ElemType};
+use cinfer_host::backend::CpuBackend;
 use cinfer_host::caps::model::{ModelSource, ModelStore};
 use cinfer_host::models::SealedGguf;
 use cinfer_host::{Loader, LoaderConfig, Policy, RunOutcome};
@@ -55,7 +58,7 @@ fn main() {
     let load = load_times[2];
 
     let sealed_model = Arc::new(SealedGguf::open(Box::new(sealed), &key).expect("open"));
-    let native = Native::new(&sealed_model);
+    let native = native_llama::NativeLlama::new(&sealed_model);
     let mut models = ModelStore::default();
     models.insert("smollm2-135m-instruct", sealed_model);
     let worlds = std::fs::read_to_string(root.join("policies/worlds.wit")).expect("worlds");
@@ -97,8 +100,13 @@ fn main() {
     let t_short_65 = median(&|| run(req("Once", 65)), 3);
     let t_long_1 = median(&|| run(req(&long_prompt, 1)), 3);
     let decode = 64.0 / (t_short_65 - t_short_1).as_secs_f64();
-    let native_1 = median(&|| native.decode(0), 5);
-    let native_65 = median(&|| native.decode(64), 3);
+    let native_decode_time = |n: usize| {
+        let start = Instant::now();
+        std::hint::black_box(native.generate(&[6403], n, |_| false));
+        start.elapsed()
+    };
+    let native_1 = median(&|| native_decode_time(1), 5);
+    let native_65 = median(&|| native_decode_time(65), 3);
     let native_decode = 64.0 / (native_65 - native_1).as_secs_f64();
     let prefill = 127.0 / (t_long_1 - t_short_1).as_secs_f64();
 
@@ -124,143 +132,6 @@ fn main() {
     println!(
         "| prompt processing (pp128) | {prefill:.1} tok/s | (t(128-token prompt) - t(1-token prompt)) / 127 |"
     );
-}
-
-/// The same forward pass as `programs/llama-chat`, driven natively from Rust
-/// on the same backend: the baseline for the cost of the confidential path
-/// (Wasm program + host calls + per-launch validation).
-struct Native {
-    layers: Vec<[DeviceBuffer; 9]>,
-    embd: DeviceBuffer,
-    out_norm: DeviceBuffer,
-    n_layers: usize,
-    dim: usize,
-    heads: usize,
-    kv_heads: usize,
-    ffn: usize,
-    vocab: usize,
-    theta: f32,
-    eps: f32,
-}
-
-impl Native {
-    fn new(m: &SealedGguf) -> Self {
-        let meta = m.metadata().expect("metadata");
-        let g = cinfer_gguf::parse_metadata(&meta).expect("gguf");
-        let u = |k: &str| g.u64(&format!("llama.{k}")).expect("hparam") as usize;
-        let t = |n: &str| m.load_tensor(n, &CpuBackend).expect("tensor");
-        let names = [
-            "attn_norm",
-            "attn_q",
-            "attn_k",
-            "attn_v",
-            "attn_output",
-            "ffn_norm",
-            "ffn_gate",
-            "ffn_up",
-            "ffn_down",
-        ];
-        let n_layers = u("block_count");
-        Native {
-            layers: (0..n_layers)
-                .map(|i| names.map(|n| t(&format!("blk.{i}.{n}.weight"))))
-                .collect(),
-            embd: t("token_embd.weight"),
-            out_norm: t("output_norm.weight"),
-            n_layers,
-            dim: u("embedding_length"),
-            heads: u("attention.head_count"),
-            kv_heads: u("attention.head_count_kv"),
-            ffn: u("feed_forward_length"),
-            vocab: g.array("tokenizer.ggml.tokens").expect("tokens").len(),
-            theta: g.f32("llama.rope.freq_base").expect("theta"),
-            eps: g
-                .f32("llama.attention.layer_norm_rms_epsilon")
-                .expect("eps"),
-        }
-    }
-
-    /// Greedy-decodes `n` tokens after the one-token prompt; returns the time.
-    fn decode(&self, n: usize) -> Duration {
-        let b = CpuBackend;
-        let (d, hd) = (self.dim, self.dim / self.heads);
-        let kvd = self.kv_heads * hd;
-        let ctx = n + 2;
-        let mut caches: Vec<(DeviceBuffer, DeviceBuffer)> = (0..self.n_layers)
-            .map(|_| {
-                (
-                    b.zeros(ElemType::F16, ctx * kvd).unwrap(),
-                    b.zeros(ElemType::F16, ctx * kvd).unwrap(),
-                )
-            })
-            .collect();
-        let start = Instant::now();
-        let mut token = 6403u32; // "Once"
-        for pos in 0..=n {
-            let mut x = b.embedding(&self.embd, d, &[token]).unwrap();
-            for (l, (kc, vc)) in self.layers.iter().zip(caches.iter_mut()) {
-                let h = b.rmsnorm(&x, &l[0], d, self.eps).unwrap();
-                let q = b
-                    .rope(
-                        &b.matmul(&h, &l[1], 1, d, d).unwrap(),
-                        self.heads,
-                        hd,
-                        pos as u32,
-                        self.theta,
-                    )
-                    .unwrap();
-                let k = b
-                    .rope(
-                        &b.matmul(&h, &l[2], 1, d, kvd).unwrap(),
-                        self.kv_heads,
-                        hd,
-                        pos as u32,
-                        self.theta,
-                    )
-                    .unwrap();
-                let v = b.matmul(&h, &l[3], 1, d, kvd).unwrap();
-                let shape = AttentionShape {
-                    seq: 1,
-                    heads: self.heads,
-                    kv_heads: self.kv_heads,
-                    head_dim: hd,
-                    pos,
-                };
-                let a = b.attention(&q, &k, &v, kc, vc, shape).unwrap();
-                x = b
-                    .binary(BinaryOp::Add, &x, &b.matmul(&a, &l[4], 1, d, d).unwrap(), d)
-                    .unwrap();
-                let h = b.rmsnorm(&x, &l[5], d, self.eps).unwrap();
-                let gate = b
-                    .silu(&b.matmul(&h, &l[6], 1, d, self.ffn).unwrap())
-                    .unwrap();
-                let f = b
-                    .binary(
-                        BinaryOp::Mul,
-                        &gate,
-                        &b.matmul(&h, &l[7], 1, d, self.ffn).unwrap(),
-                        self.ffn,
-                    )
-                    .unwrap();
-                x = b
-                    .binary(
-                        BinaryOp::Add,
-                        &x,
-                        &b.matmul(&f, &l[8], 1, self.ffn, d).unwrap(),
-                        d,
-                    )
-                    .unwrap();
-            }
-            let h = b.rmsnorm(&x, &self.out_norm, d, self.eps).unwrap();
-            token = b
-                .argmax(
-                    &b.matmul(&h, &self.embd, 1, d, self.vocab).unwrap(),
-                    self.vocab,
-                )
-                .unwrap()[0];
-        }
-        start.elapsed()
-    }
 }
 
 fn serde_json_string(s: &str) -> String {

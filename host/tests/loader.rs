@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 mod llama;
+#[path = "common/native_llama.rs"]
+mod native_llama;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -50,7 +52,19 @@ fn policy_for(entries: &[(&str, &str, &str)]) -> Policy {
 }
 
 fn loader(policy: Policy) -> Loader {
-    Loader::new(policy, LoaderConfig::default()).expect("loader")
+    loader_with(policy, ModelStore::default())
+}
+
+/// A loader serving `models`.
+fn loader_with(policy: Policy, models: ModelStore) -> Loader {
+    Loader::new(
+        policy,
+        LoaderConfig {
+            models,
+            ..LoaderConfig::default()
+        },
+    )
+    .expect("loader")
 }
 
 /// Seals `msg`, runs it, opens the reply.
@@ -390,7 +404,7 @@ fn models_open_only_when_the_policy_lists_them() {
     let mut models = ModelStore::default();
     let key = RequestPrivateKey::generate();
     // Listed but not loaded: not-found, so the program fails.
-    let l = Loader::new(policy.clone(), LoaderConfig::default()).expect("loader");
+    let l = loader(policy.clone());
     let (outcome, _, _) = round_trip(&l, "fixtures/model-user", &key, b"");
     assert_eq!(outcome, RunOutcome::ProgramFailed);
     // Loaded: the program reads the metadata and emits it.
@@ -400,27 +414,13 @@ fn models_open_only_when_the_policy_lists_them() {
             metadata: b"GGUF kv".to_vec(),
         }),
     );
-    let l = Loader::new(
-        policy,
-        LoaderConfig {
-            models: models.clone(),
-            ..LoaderConfig::default()
-        },
-    )
-    .expect("loader");
+    let l = loader_with(policy, models.clone());
     let (outcome, opened, _) = round_trip(&l, "fixtures/model-user", &key, b"");
     assert_eq!(outcome, RunOutcome::Completed);
     assert_eq!(opened.expect("reply").0, b"GGUF kv");
     // Loaded, but this program's policy entry does not list it: not permitted.
     let policy = policy_for(&[("fixtures/model-user", "inference", "models = [\"other\"]")]);
-    let l = Loader::new(
-        policy,
-        LoaderConfig {
-            models,
-            ..LoaderConfig::default()
-        },
-    )
-    .expect("loader");
+    let l = loader_with(policy, models);
     let (outcome, _, _) = round_trip(&l, "fixtures/model-user", &key, b"");
     assert_eq!(outcome, RunOutcome::ProgramFailed);
 }

@@ -12,7 +12,7 @@ use cinfer_gguf::write::{Val, gguf};
 use cinfer_host::backend::{CpuBackend, DeviceBuffer};
 use cinfer_host::caps::model::{ModelError, ModelSource, ModelStore};
 use cinfer_host::models::{ModelLoadError, SealedGguf};
-use cinfer_host::{Loader, LoaderConfig, Policy, RunOutcome};
+use cinfer_host::{Loader, Policy, RunOutcome};
 use cinfer_sealed_model::{ModelKey, SealError, seal_bytes};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -113,14 +113,7 @@ fn model_user_reads_sealed_metadata_through_the_capability() {
         "inference",
         "models = [\"smollm2-135m-instruct\"]",
     )]);
-    let l = Loader::new(
-        policy,
-        LoaderConfig {
-            models,
-            ..LoaderConfig::default()
-        },
-    )
-    .expect("loader");
+    let l = super::loader_with(policy, models);
     let rk = RequestPrivateKey::generate();
     let (outcome, opened, _) = super::round_trip(&l, "fixtures/model-user", &rk, b"");
     assert_eq!(outcome, RunOutcome::Completed);
@@ -177,7 +170,7 @@ fn chat() -> Option<&'static Chat> {
             hex_digest(&program("llama-chat"))
         );
         let policy = Policy::parse(&toml_text, |_| Ok(worlds())).expect("policy");
-        let loader = Loader::new(policy, LoaderConfig { models, ..LoaderConfig::default() }).expect("loader");
+        let loader = super::loader_with(policy, models);
         Some(Chat {
             loader,
             key: RequestPrivateKey::generate(),
@@ -504,150 +497,6 @@ fn tiny_llama(heads: u32, kv_heads: u32, ty: GgmlType, tied: bool) -> Vec<u8> {
     )
 }
 
-/// Greedy decoding driven natively through the backend, in the same op order
-/// as `llama-chat` (prompt as one batch, then one token at a time), never
-/// choosing an `excluded` id (as llama-chat's `ignore_eos`).
-fn native_greedy(
-    model: &SealedGguf,
-    prompt: &[u32],
-    n: usize,
-    excluded: impl Fn(u32) -> bool,
-) -> Vec<u32> {
-    use cinfer_host::backend::{AttentionShape, Backend, BinaryOp, ElemType};
-    let b = CpuBackend;
-    let meta = model.metadata().expect("metadata");
-    let g = cinfer_gguf::parse_metadata(&meta).expect("gguf");
-    let u = |k: &str| g.u64(&format!("llama.{k}")).expect("hparam") as usize;
-    let (dim, heads, kvh, ffn, layers) = (
-        u("embedding_length"),
-        u("attention.head_count"),
-        u("attention.head_count_kv"),
-        u("feed_forward_length"),
-        u("block_count"),
-    );
-    let (hd, theta, eps) = (
-        dim / heads,
-        g.f32("llama.rope.freq_base").expect("theta"),
-        g.f32("llama.attention.layer_norm_rms_epsilon")
-            .expect("eps"),
-    );
-    let t = |name: &str| model.load_tensor(name, &b).expect(name);
-    let embd = t("token_embd.weight");
-    let out = model
-        .tensor_shape("output.weight")
-        .map(|_| t("output.weight"))
-        .unwrap_or_else(|_| embd.clone());
-    let vocab = model.tensor_shape("token_embd.weight").expect("embd").0[0] as usize;
-    let ctx = prompt.len() + n;
-    let mut caches: Vec<(DeviceBuffer, DeviceBuffer)> = (0..layers)
-        .map(|_| {
-            (
-                b.zeros(ElemType::F16, ctx * kvh * hd).expect("k"),
-                b.zeros(ElemType::F16, ctx * kvh * hd).expect("v"),
-            )
-        })
-        .collect();
-    let w: Vec<Vec<DeviceBuffer>> = (0..layers)
-        .map(|l| {
-            [
-                "attn_norm",
-                "attn_q",
-                "attn_k",
-                "attn_v",
-                "attn_output",
-                "ffn_norm",
-                "ffn_gate",
-                "ffn_up",
-                "ffn_down",
-            ]
-            .iter()
-            .map(|n| t(&format!("blk.{l}.{n}.weight")))
-            .collect()
-        })
-        .collect();
-    let mut ids: Vec<u32> = prompt.to_vec();
-    let (mut pos, mut generated) = (0usize, Vec::new());
-    while generated.len() < n {
-        let seq = ids.len();
-        let mut x = b.embedding(&embd, dim, &ids).expect("embd");
-        for (l, (kc, vc)) in w.iter().zip(caches.iter_mut()) {
-            let h = b.rmsnorm(&x, &l[0], dim, eps).expect("norm");
-            let q = b
-                .rope(
-                    &b.matmul(&h, &l[1], seq, dim, dim).expect("q"),
-                    heads,
-                    hd,
-                    pos as u32,
-                    theta,
-                )
-                .expect("rope");
-            let k = b
-                .rope(
-                    &b.matmul(&h, &l[2], seq, dim, kvh * hd).expect("k"),
-                    kvh,
-                    hd,
-                    pos as u32,
-                    theta,
-                )
-                .expect("rope");
-            let v = b.matmul(&h, &l[3], seq, dim, kvh * hd).expect("v");
-            let shape = AttentionShape {
-                seq,
-                heads,
-                kv_heads: kvh,
-                head_dim: hd,
-                pos,
-            };
-            let a = b.attention(&q, &k, &v, kc, vc, shape).expect("attention");
-            x = b
-                .binary(
-                    BinaryOp::Add,
-                    &x,
-                    &b.matmul(&a, &l[4], seq, dim, dim).expect("o"),
-                    dim,
-                )
-                .expect("add");
-            let h = b.rmsnorm(&x, &l[5], dim, eps).expect("norm");
-            let gate = b
-                .silu(&b.matmul(&h, &l[6], seq, dim, ffn).expect("gate"))
-                .expect("silu");
-            let f = b
-                .binary(
-                    BinaryOp::Mul,
-                    &gate,
-                    &b.matmul(&h, &l[7], seq, dim, ffn).expect("up"),
-                    ffn,
-                )
-                .expect("mul");
-            x = b
-                .binary(
-                    BinaryOp::Add,
-                    &x,
-                    &b.matmul(&f, &l[8], seq, ffn, dim).expect("down"),
-                    dim,
-                )
-                .expect("add");
-        }
-        let last = b
-            .copy_range(&x, (seq - 1) * dim..seq * dim)
-            .expect("last row");
-        let h = b
-            .rmsnorm(&last, &t("output_norm.weight"), dim, eps)
-            .expect("norm");
-        let logits = b.matmul(&h, &out, 1, dim, vocab).expect("logits");
-        let top = b.top_k(&logits, vocab, 16).expect("top-k");
-        let next = top
-            .iter()
-            .map(|(id, _)| *id)
-            .find(|id| !excluded(*id))
-            .expect("a non-excluded token");
-        generated.push(next);
-        pos += seq;
-        ids = vec![next];
-    }
-    generated
-}
-
 /// llama-chat reads every dimension from the metadata: on tiny random models
 /// of several shapes and weight types it produces exactly the tokens the same
 /// forward pass gives when driven natively. Runs without the model download.
@@ -669,7 +518,8 @@ fn llama_chat_matches_a_native_forward_on_tiny_random_models() {
                 .expect("tokenizer");
         let prompt = tok.encode("hello, tiny model", true);
         assert_eq!(prompt.len(), 17, "byte-level tokens, no merges");
-        let want = native_greedy(&model, &prompt, 12, |id| tok.is_eog(id));
+        let want = super::native_llama::NativeLlama::new(&model)
+            .generate(&prompt, 12, |id| tok.is_eog(id));
 
         let mut models = ModelStore::default();
         models.insert("tiny-llama", model);
@@ -678,14 +528,7 @@ fn llama_chat_matches_a_native_forward_on_tiny_random_models() {
             "inference",
             "models = [\"tiny-llama\"]\nlimits = { memory-bytes = 268435456 }",
         )]);
-        let l = Loader::new(
-            policy,
-            LoaderConfig {
-                models,
-                ..LoaderConfig::default()
-            },
-        )
-        .expect("loader");
+        let l = super::loader_with(policy, models);
         let request = serde_json::json!({"model": "tiny-llama", "prompt": "hello, tiny model", "max_tokens": 12, "format": "ids", "ignore_eos": true});
         let rk = RequestPrivateKey::generate();
         let (outcome, opened, _) =

@@ -1,0 +1,146 @@
+//! The llama forward pass driven natively through the backend, in the same op
+//! order as `programs/llama-chat` (prompt as one batch, then one token at a
+//! time). Shared by the tests (a token-for-token reference for the program)
+//! and the benchmark (the native baseline of the confidential path).
+
+use cinfer_host::backend::{AttentionShape, Backend, BinaryOp, CpuBackend, DeviceBuffer, ElemType};
+use cinfer_host::caps::model::ModelSource;
+use cinfer_host::models::SealedGguf;
+
+const LAYER_TENSORS: [&str; 9] = [
+    "attn_norm",
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_norm",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+];
+
+/// A model's weights and hyperparameters, loaded for native use.
+pub struct NativeLlama {
+    layers: Vec<Vec<DeviceBuffer>>,
+    embd: DeviceBuffer,
+    out_norm: DeviceBuffer,
+    output: DeviceBuffer,
+    dim: usize,
+    heads: usize,
+    kv_heads: usize,
+    ffn: usize,
+    vocab: usize,
+    theta: f32,
+    eps: f32,
+}
+
+impl NativeLlama {
+    /// Loads every tensor of `model` (reads hyperparameters from its metadata).
+    pub fn new(model: &SealedGguf) -> Self {
+        let meta = model.metadata().expect("metadata");
+        let g = cinfer_gguf::parse_metadata(&meta).expect("gguf");
+        let u = |k: &str| g.u64(&format!("llama.{k}")).expect("hparam") as usize;
+        let t = |name: &str| model.load_tensor(name, &CpuBackend).expect(name);
+        let embd = t("token_embd.weight");
+        NativeLlama {
+            layers: (0..u("block_count"))
+                .map(|l| {
+                    LAYER_TENSORS
+                        .iter()
+                        .map(|n| t(&format!("blk.{l}.{n}.weight")))
+                        .collect()
+                })
+                .collect(),
+            output: model
+                .tensor_shape("output.weight")
+                .map(|_| t("output.weight"))
+                .unwrap_or_else(|_| embd.clone()),
+            vocab: model.tensor_shape("token_embd.weight").expect("embd").0[0] as usize,
+            embd,
+            out_norm: t("output_norm.weight"),
+            dim: u("embedding_length"),
+            heads: u("attention.head_count"),
+            kv_heads: u("attention.head_count_kv"),
+            ffn: u("feed_forward_length"),
+            theta: g.f32("llama.rope.freq_base").expect("theta"),
+            eps: g
+                .f32("llama.attention.layer_norm_rms_epsilon")
+                .expect("eps"),
+        }
+    }
+
+    /// Greedily generates `n` tokens after `prompt`, never choosing an
+    /// `excluded` id (as llama-chat's `ignore_eos`).
+    pub fn generate(&self, prompt: &[u32], n: usize, excluded: impl Fn(u32) -> bool) -> Vec<u32> {
+        let b = CpuBackend;
+        let (dim, ffn, eps, theta) = (self.dim, self.ffn, self.eps, self.theta);
+        let (heads, kvh, hd) = (self.heads, self.kv_heads, self.dim / self.heads);
+        let ctx = prompt.len() + n;
+        let mut caches: Vec<(DeviceBuffer, DeviceBuffer)> = (0..self.layers.len())
+            .map(|_| {
+                let zeros = || b.zeros(ElemType::F16, ctx * kvh * hd).expect("cache");
+                (zeros(), zeros())
+            })
+            .collect();
+        let mut ids: Vec<u32> = prompt.to_vec();
+        let (mut pos, mut generated) = (0usize, Vec::with_capacity(n));
+        while generated.len() < n {
+            let seq = ids.len();
+            let mm = |x: &DeviceBuffer, w: &DeviceBuffer, k: usize, n: usize| {
+                b.matmul(x, w, seq, k, n).expect("matmul")
+            };
+            let mut x = b.embedding(&self.embd, dim, &ids).expect("embedding");
+            for (l, (kc, vc)) in self.layers.iter().zip(caches.iter_mut()) {
+                let h = b.rmsnorm(&x, &l[0], dim, eps).expect("norm");
+                let q = b
+                    .rope(&mm(&h, &l[1], dim, dim), heads, hd, pos as u32, theta)
+                    .expect("rope");
+                let k = b
+                    .rope(&mm(&h, &l[2], dim, kvh * hd), kvh, hd, pos as u32, theta)
+                    .expect("rope");
+                let v = mm(&h, &l[3], dim, kvh * hd);
+                let shape = AttentionShape {
+                    seq,
+                    heads,
+                    kv_heads: kvh,
+                    head_dim: hd,
+                    pos,
+                };
+                let a = b.attention(&q, &k, &v, kc, vc, shape).expect("attention");
+                x = b
+                    .binary(BinaryOp::Add, &x, &mm(&a, &l[4], dim, dim), dim)
+                    .expect("add");
+                let h = b.rmsnorm(&x, &l[5], dim, eps).expect("norm");
+                let gate = b.silu(&mm(&h, &l[6], dim, ffn)).expect("silu");
+                let f = b
+                    .binary(BinaryOp::Mul, &gate, &mm(&h, &l[7], dim, ffn), ffn)
+                    .expect("mul");
+                x = b
+                    .binary(BinaryOp::Add, &x, &mm(&f, &l[8], ffn, dim), dim)
+                    .expect("add");
+            }
+            let last = b
+                .copy_range(&x, (seq - 1) * dim..seq * dim)
+                .expect("last row");
+            let h = b.rmsnorm(&last, &self.out_norm, dim, eps).expect("norm");
+            let logits = b
+                .matmul(&h, &self.output, 1, dim, self.vocab)
+                .expect("logits");
+            // As llama-chat's greedy pick: the argmax, or the best allowed among the top 16.
+            let best = b.argmax(&logits, self.vocab).expect("argmax")[0];
+            let next = if excluded(best) {
+                let top = b.top_k(&logits, self.vocab, 16).expect("top-k");
+                top.iter()
+                    .map(|(id, _)| *id)
+                    .find(|id| !excluded(*id))
+                    .expect("an allowed token")
+            } else {
+                best
+            };
+            generated.push(next);
+            pos += seq;
+            ids = vec![next];
+        }
+        generated
+    }
+}
