@@ -338,16 +338,17 @@ impl Host for AccelCtx {
     }
 
     fn reshape(&mut self, x: Resource<Tensor>, shape: Vec<u32>) -> OpResult<Resource<Tensor>> {
-        let (sx, ty) = guest_try!(self.operand(&x, &[ElemType::F32, ElemType::F16])?);
+        let (sx, _) = guest_try!(self.operand(&x, &[ElemType::F32, ElemType::F16])?);
         let n = guest_try!(numel(&shape));
         if n != numel(&sx).unwrap_or(0) {
             return Ok(Err(AccelError::ShapeMismatch));
         }
-        let downloadable = self.get(&x)?.downloadable;
-        let rep = x.rep();
-        self.produce_as(shape, ty, downloadable, |c| {
-            c.backend.copy_range(c.buf_by_rep(rep), 0..n)
-        })
+        // Row-major data does not move: the new tensor shares the buffer
+        // (copy-on-write: an attention cache write copies a shared buffer first).
+        let src = self.get(&x)?;
+        let (buf, downloadable) = (src.buf.clone(), src.downloadable);
+        self.launches += 1;
+        self.insert_shared(shape, buf, downloadable)
     }
 
     fn rows(&mut self, x: Resource<Tensor>, start: u32, count: u32) -> OpResult<Resource<Tensor>> {
@@ -695,6 +696,56 @@ mod tests {
         // Ops on weights still work, and their results are activations.
         let y = ok(c.silu(borrow(&w)));
         assert_eq!(ok(c.download(borrow(&y))).len(), 2);
+    }
+
+    #[test]
+    fn reshape_shares_data_but_cache_writes_do_not_leak_into_views() {
+        let mut c = ctx(1 << 20);
+        let kc = ok(c.zeros(Dtype::F16, vec![4, 1, 2]));
+        let vc = ok(c.zeros(Dtype::F16, vec![4, 1, 2]));
+        let view = ok(c.reshape(borrow(&kc), vec![8]));
+        let q = t(&mut c, &[1, 1, 2], &[1.0, 0.0]);
+        let k = t(&mut c, &[1, 1, 2], &[0.5, 0.5]);
+        let v = t(&mut c, &[1, 1, 2], &[2.0, 3.0]);
+        let out = ok(c.attention(
+            borrow(&q),
+            borrow(&k),
+            borrow(&v),
+            borrow(&kc),
+            borrow(&vc),
+            0,
+        ));
+        assert_eq!(ok(c.download(borrow(&out))), vec![2.0, 3.0]);
+        assert_eq!(ok(c.download(borrow(&kc)))[..2], [0.5, 0.5]);
+        assert_eq!(
+            ok(c.download(borrow(&view))),
+            vec![0.0; 8],
+            "the view kept the old data"
+        );
+        // A cache aliased with an input, or two aliased caches, is refused.
+        assert_eq!(
+            guest_err(c.attention(
+                borrow(&q),
+                borrow(&k),
+                borrow(&v),
+                borrow(&kc),
+                borrow(&kc),
+                1
+            )),
+            AccelError::InvalidArgument
+        );
+        assert_eq!(
+            guest_err(c.attention(
+                borrow(&q),
+                borrow(&k),
+                borrow(&v),
+                borrow(&kc),
+                borrow(&vc),
+                4
+            )),
+            AccelError::InvalidArgument,
+            "position past the cache"
+        );
     }
 
     #[test]
