@@ -257,6 +257,31 @@ impl UnpackedRow {
     }
 }
 
+/// Q4_1 row · prepared activation row, unpacking the weights on the fly
+/// (decode: each weight row is used once, the activation row every time).
+#[inline]
+pub fn dot_q4_1_prepared(w: &[BlockQ4_1], x: &PreparedRow) -> f32 {
+    let mut acc = 0f32;
+    let mut mins = 0f32;
+    let scales = x.d.iter().zip(&x.s);
+    for ((wb, xv), (xd, xs)) in w.iter().zip(&x.vals).zip(scales) {
+        let sumi = dot32_i16(&unpack_q4_1(wb), xv);
+        acc += (wb.d() * xd) * sumi as f32;
+        mins += wb.m() * xs;
+    }
+    acc + mins
+}
+
+/// Q8_0 row · prepared activation row.
+#[inline]
+pub fn dot_q8_0_prepared(w: &[BlockQ8_0], x: &PreparedRow) -> f32 {
+    let mut acc = 0f32;
+    for ((wb, xv), xd) in w.iter().zip(&x.vals).zip(&x.d) {
+        acc += (wb.d() * xd) * dot32_i16(&widen(&wb.qs), xv) as f32;
+    }
+    acc
+}
+
 /// A quantized activation row widened to i16 for [`UnpackedRow::dot`].
 #[derive(Debug)]
 pub struct PreparedRow {
