@@ -10,8 +10,30 @@ use super::{AttentionShape, Backend, BackendError, BinaryOp, DeviceBuffer, ElemT
 use half::f16;
 use rayon::prelude::*;
 
-/// Weight rows per rayon task in a matmul.
+/// Weight rows per task in a matmul.
 const ROWS_PER_TASK: usize = 16;
+
+/// Below this many multiply-adds a launch runs on the calling thread: handing
+/// work to the pool and waiting for it costs more than it saves (decode has
+/// ~240 launches per token, most of them small).
+const PAR_MIN_WORK: usize = 1 << 20;
+
+/// `f(index, chunk)` over `out.chunks_mut(chunk)`, on the rayon pool only when
+/// `work` is worth it.
+fn for_each_chunk(
+    out: &mut [f32],
+    chunk: usize,
+    work: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync + Send,
+) {
+    if work >= PAR_MIN_WORK {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    } else {
+        out.chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
+    }
+}
 
 /// The CPU backend.
 #[derive(Debug, Clone, Default)]
@@ -65,51 +87,39 @@ fn matmul_transposed(
     let kb = k / quant::QK;
     match (w, x) {
         (DeviceBuffer::F32(w), Prepared::F32(x)) => {
-            out_t
-                .par_chunks_mut(m * ROWS_PER_TASK)
-                .enumerate()
-                .for_each(|(t, chunk)| {
-                    for (r, o) in chunk.chunks_mut(m).enumerate() {
-                        let wr = &w[(t * ROWS_PER_TASK + r) * k..][..k];
-                        for (i, oi) in o.iter_mut().enumerate() {
-                            *oi = dot(wr, &x[i * k..][..k]);
-                        }
+            for_each_chunk(&mut out_t, m * ROWS_PER_TASK, m * k * n, |t, chunk| {
+                for (r, o) in chunk.chunks_mut(m).enumerate() {
+                    let wr = &w[(t * ROWS_PER_TASK + r) * k..][..k];
+                    for (i, oi) in o.iter_mut().enumerate() {
+                        *oi = dot(wr, &x[i * k..][..k]);
                     }
-                });
+                }
+            });
         }
         (DeviceBuffer::F16(w), Prepared::F32(x)) => {
-            out_t
-                .par_chunks_mut(m * ROWS_PER_TASK)
-                .enumerate()
-                .for_each(|(t, chunk)| {
-                    let mut wr = vec![0f32; k];
-                    for (r, o) in chunk.chunks_mut(m).enumerate() {
-                        f16_to_f32(&w[(t * ROWS_PER_TASK + r) * k..][..k], &mut wr);
-                        for (i, oi) in o.iter_mut().enumerate() {
-                            *oi = dot(&wr, &x[i * k..][..k]);
-                        }
+            for_each_chunk(&mut out_t, m * ROWS_PER_TASK, m * k * n, |t, chunk| {
+                let mut wr = vec![0f32; k];
+                for (r, o) in chunk.chunks_mut(m).enumerate() {
+                    f16_to_f32(&w[(t * ROWS_PER_TASK + r) * k..][..k], &mut wr);
+                    for (i, oi) in o.iter_mut().enumerate() {
+                        *oi = dot(&wr, &x[i * k..][..k]);
                     }
-                });
+                }
+            });
         }
         (DeviceBuffer::Q4_1(w), Prepared::Q8_1(x)) if m == 1 => {
-            out_t
-                .par_chunks_mut(ROWS_PER_TASK)
-                .enumerate()
-                .for_each(|(t, chunk)| {
-                    for (r, o) in chunk.iter_mut().enumerate() {
-                        *o = quant::dot_q4_1_q8_1(&w[(t * ROWS_PER_TASK + r) * kb..][..kb], x);
-                    }
-                });
+            for_each_chunk(&mut out_t, ROWS_PER_TASK, m * k * n, |t, chunk| {
+                for (r, o) in chunk.iter_mut().enumerate() {
+                    *o = quant::dot_q4_1_q8_1(&w[(t * ROWS_PER_TASK + r) * kb..][..kb], x);
+                }
+            });
         }
         (DeviceBuffer::Q8_0(w), Prepared::Q8_0(x)) if m == 1 => {
-            out_t
-                .par_chunks_mut(ROWS_PER_TASK)
-                .enumerate()
-                .for_each(|(t, chunk)| {
-                    for (r, o) in chunk.iter_mut().enumerate() {
-                        *o = quant::dot_q8_0_q8_0(&w[(t * ROWS_PER_TASK + r) * kb..][..kb], x);
-                    }
-                });
+            for_each_chunk(&mut out_t, ROWS_PER_TASK, m * k * n, |t, chunk| {
+                for (r, o) in chunk.iter_mut().enumerate() {
+                    *o = quant::dot_q8_0_q8_0(&w[(t * ROWS_PER_TASK + r) * kb..][..kb], x);
+                }
+            });
         }
         // Several activation rows (prompt processing): each task unpacks a
         // tile of weight rows once (it stays in L2) and streams every
@@ -119,7 +129,7 @@ fn matmul_transposed(
                 .chunks_exact(kb)
                 .map(quant::PreparedRow::from_q8_1)
                 .collect();
-            tiled(&mut out_t, m, &xs, |r| {
+            tiled(&mut out_t, m, m * k * n, &xs, |r| {
                 quant::UnpackedRow::from_q4_1(&w[r * kb..][..kb])
             });
         }
@@ -128,7 +138,7 @@ fn matmul_transposed(
                 .chunks_exact(kb)
                 .map(quant::PreparedRow::from_q8_0)
                 .collect();
-            tiled(&mut out_t, m, &xs, |r| {
+            tiled(&mut out_t, m, m * k * n, &xs, |r| {
                 quant::UnpackedRow::from_q8_0(&w[r * kb..][..kb])
             });
         }
@@ -141,22 +151,20 @@ fn matmul_transposed(
 fn tiled(
     out_t: &mut [f32],
     m: usize,
+    work: usize,
     xs: &[quant::PreparedRow],
     unpack: impl Fn(usize) -> quant::UnpackedRow + Sync,
 ) {
-    out_t
-        .par_chunks_mut(m * ROWS_PER_TASK)
-        .enumerate()
-        .for_each(|(t, chunk)| {
-            let rows: Vec<quant::UnpackedRow> = (0..chunk.len() / m)
-                .map(|r| unpack(t * ROWS_PER_TASK + r))
-                .collect();
-            for (i, xi) in xs.iter().enumerate() {
-                for (r, row) in rows.iter().enumerate() {
-                    chunk[r * m + i] = row.dot(xi);
-                }
+    for_each_chunk(out_t, m * ROWS_PER_TASK, work, |t, chunk| {
+        let rows: Vec<quant::UnpackedRow> = (0..chunk.len() / m)
+            .map(|r| unpack(t * ROWS_PER_TASK + r))
+            .collect();
+        for (i, xi) in xs.iter().enumerate() {
+            for (r, row) in rows.iter().enumerate() {
+                chunk[r * m + i] = row.dot(xi);
             }
-        });
+        }
+    });
 }
 
 impl Backend for CpuBackend {
@@ -378,7 +386,8 @@ impl Backend for CpuBackend {
         let hd = s.head_dim;
         let mut out = vec![0f32; s.seq * s.heads * hd];
         // One task per (query row, head).
-        out.par_chunks_mut(hd).enumerate().for_each(|(task, o)| {
+        let work = s.seq * s.heads * (s.pos + s.seq) * hd * 2;
+        for_each_chunk(&mut out, hd, work, |task, o| {
             let (i, h) = (task / s.heads, task % s.heads);
             let kvh = h / group;
             let mut qv: Vec<f32> = q[(i * s.heads + h) * hd..][..hd].to_vec();
