@@ -110,8 +110,10 @@ impl GgmlType {
 
     /// Bytes of a row of `n` elements, if `n` is a whole number of blocks.
     pub fn row_bytes(self, n: u64) -> Option<u64> {
-        n.is_multiple_of(self.block_elems())
-            .then(|| n / self.block_elems() * self.block_bytes())
+        if !n.is_multiple_of(self.block_elems()) {
+            return None;
+        }
+        (n / self.block_elems()).checked_mul(self.block_bytes())
     }
 }
 
@@ -677,6 +679,13 @@ mod tests {
         for cut in 0..g.kv_end {
             assert!(parse(&bytes[..cut]).is_err(), "cut {cut}");
         }
+    }
+
+    #[test]
+    fn tensor_sizes_do_not_overflow() {
+        assert_eq!(GgmlType::F32.row_bytes(1 << 62), None);
+        assert_eq!(GgmlType::Q4_1.row_bytes(33), None);
+        assert_eq!(GgmlType::Q8_0.row_bytes(64), Some(68));
     }
 
     #[test]

@@ -485,7 +485,11 @@ impl Loader {
         let start = Instant::now();
         let state = RunState {
             crypto: CryptoCtx::new(request),
-            accel: AccelCtx::new(self.backend.clone(), limits.accelerator_bytes),
+            accel: AccelCtx::new(
+                self.backend.clone(),
+                limits.accelerator_bytes,
+                limits.memory_bytes,
+            ),
             model: ModelCtx::new(program.grant.models.clone().into(), self.models.clone()),
             output: OutputCtx::new(sealer, sink, limits.egress_bytes),
             limiter: MemoryLimiter {
@@ -501,10 +505,15 @@ impl Loader {
         store.epoch_deadline_trap();
 
         let outcome = match program.pre.instantiate(&mut store) {
-            Ok(instance) => match instance.call_run(&mut store) {
-                Ok(Ok(())) => RunOutcome::Completed,
-                Ok(Err(())) => RunOutcome::ProgramFailed,
-                Err(e) => RunOutcome::Aborted(abort_reason(&e, limits)),
+            // A panic in a host function is a loader bug; catch it so it ends
+            // this run (sealed as aborted), not the loader.
+            Ok(instance) => match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                instance.call_run(&mut store)
+            })) {
+                Ok(Ok(Ok(()))) => RunOutcome::Completed,
+                Ok(Ok(Err(()))) => RunOutcome::ProgramFailed,
+                Ok(Err(e)) => RunOutcome::Aborted(abort_reason(&e, limits)),
+                Err(_) => RunOutcome::Aborted(AbortReason::Host("host function panicked".into())),
             },
             Err(e) => match classify_instantiate(&e, limits) {
                 Some(reason) => RunOutcome::Aborted(reason),

@@ -125,6 +125,18 @@ impl SealedGguf {
         if out.is_empty() {
             return Ok(());
         }
+        let plaintext_len = self.opened.header().plaintext_len;
+        let len = out.len() as u64;
+        if offset
+            .checked_add(len)
+            .is_none_or(|end| end > plaintext_len)
+        {
+            return Err(SealError::Range {
+                offset,
+                len,
+                plaintext_len,
+            });
+        }
         let cs = u64::from(self.opened.header().chunk_size);
         // Split `out` at chunk boundaries: (chunk index, offset within it, piece).
         let mut pieces = Vec::new();

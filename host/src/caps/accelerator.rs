@@ -25,6 +25,9 @@ pub const MAX_RANK: usize = 4;
 pub const MAX_LAUNCH_WORK: u64 = 1 << 34;
 /// Most live tensors per run.
 pub const MAX_TENSORS: usize = 1 << 16;
+/// Longest attention context (positions); bounds the kernel's per-task
+/// scratch (4 bytes a position) and the length of one launch.
+pub const MAX_CONTEXT: u32 = 1 << 20;
 
 /// A tensor: shape, device memory (which knows its element type), and whether
 /// the guest may read it back.
@@ -45,6 +48,7 @@ pub struct AccelCtx {
     live: usize,
     in_use: u64,
     limit: u64,
+    guest_memory_bytes: u64,
     launches: u64,
 }
 
@@ -116,14 +120,16 @@ macro_rules! backend_try {
 }
 
 impl AccelCtx {
-    /// A context on `backend` allowing `limit` bytes of live tensors.
-    pub fn new(backend: Arc<dyn Backend>, limit: u64) -> Self {
+    /// A context on `backend` allowing `limit` bytes of live tensors, for a
+    /// guest whose linear memory is limited to `guest_memory_bytes`.
+    pub fn new(backend: Arc<dyn Backend>, limit: u64, guest_memory_bytes: u64) -> Self {
         AccelCtx {
             backend,
             table: ResourceTable::new(),
             live: 0,
             in_use: 0,
             limit,
+            guest_memory_bytes,
             launches: 0,
         }
     }
@@ -333,7 +339,13 @@ impl Host for AccelCtx {
         if !tensor.downloadable {
             return Ok(Err(AccelError::NotDownloadable));
         }
-        guest_try!(self.operand(&t, &[ElemType::F32, ElemType::F16])?);
+        let (shape, _) = guest_try!(self.operand(&t, &[ElemType::F32, ElemType::F16])?);
+        // The copy lands in guest memory: refuse before building it on the host
+        // when it cannot fit there.
+        let bytes = numel(&shape).unwrap_or(0) as u64 * 4;
+        if bytes > self.guest_memory_bytes {
+            return Ok(Err(AccelError::OutOfMemory));
+        }
         Ok(Ok(backend_try!(self.backend.download(&self.get(&t)?.buf))))
     }
 
@@ -359,7 +371,7 @@ impl Host for AccelCtx {
             return Ok(Err(AccelError::InvalidArgument));
         }
         let downloadable = self.get(&x)?.downloadable;
-        let range = start as usize * cols..(start + count) as usize * cols;
+        let range = start as usize * cols..(start as usize + count as usize) * cols;
         let rep = x.rep();
         self.produce_as(vec![count, cols as u32], ty, downloadable, |c| {
             c.backend.copy_range(c.buf_by_rep(rep), range)
@@ -440,7 +452,10 @@ impl Host for AccelCtx {
         let caches_aliased =
             reps[3] == reps[4] || reps[..3].contains(&reps[3]) || reps[..3].contains(&reps[4]);
         let caches_writable = self.get(&k_cache)?.downloadable && self.get(&v_cache)?.downloadable;
-        if caches_aliased || !caches_writable || pos.checked_add(*seq).is_none_or(|end| end > *ctx)
+        let visible = pos.checked_add(*seq);
+        if caches_aliased
+            || !caches_writable
+            || visible.is_none_or(|end| end > *ctx || end > MAX_CONTEXT)
         {
             return Ok(Err(AccelError::InvalidArgument));
         }
@@ -451,9 +466,13 @@ impl Host for AccelCtx {
             head_dim: *hd as usize,
             pos: pos as usize,
         };
-        let work =
-            (shape.seq as u64) * u64::from(pos + seq) * u64::from(*heads) * u64::from(*hd) * 2;
-        if work > MAX_LAUNCH_WORK {
+        // Per visible row: a dot product and a weighted sum of head_dim each,
+        // plus a constant for the softmax and conversions.
+        let work = u128::from(*seq)
+            * u128::from(pos + seq)
+            * u128::from(*heads)
+            * (2 * u128::from(*hd) + 16);
+        if work > u128::from(MAX_LAUNCH_WORK) {
             return Ok(Err(AccelError::InvalidArgument));
         }
         let out_shape = sq.clone();
@@ -559,7 +578,7 @@ mod tests {
     use crate::backend::CpuBackend;
 
     fn ctx(limit: u64) -> AccelCtx {
-        AccelCtx::new(Arc::new(CpuBackend), limit)
+        AccelCtx::new(Arc::new(CpuBackend), limit, 1 << 30)
     }
 
     fn ok<T>(r: OpResult<T>) -> T {
@@ -746,6 +765,52 @@ mod tests {
             AccelError::InvalidArgument,
             "position past the cache"
         );
+    }
+
+    #[test]
+    fn rows_at_the_end_of_a_huge_tensor_do_not_overflow() {
+        // 2^32 rows (8 GiB of f16, reserved lazily): start + count == 2^32.
+        let mut c = ctx(16 << 30);
+        let big = ok(c.zeros(Dtype::F16, vec![65536, 65536, 1]));
+        let last = ok(c.rows(borrow(&big), u32::MAX, 1));
+        assert_eq!(ok(c.shape(borrow(&last)).map(Ok)), vec![1, 1]);
+        assert_eq!(
+            guest_err(c.rows(borrow(&big), u32::MAX, 2)),
+            AccelError::InvalidArgument
+        );
+        // Downloading it could never fit in guest memory: refused before any copy.
+        assert_eq!(guest_err(c.download(borrow(&big))), AccelError::OutOfMemory);
+    }
+
+    #[test]
+    fn attention_context_and_work_are_bounded() {
+        let mut c = ctx(4 << 30);
+        let n = MAX_CONTEXT + 1;
+        let kc = ok(c.zeros(Dtype::F16, vec![n, 1, 2]));
+        let vc = ok(c.zeros(Dtype::F16, vec![n, 1, 2]));
+        let q = t(&mut c, &[1, 1, 2], &[1.0, 0.0]);
+        let k = t(&mut c, &[1, 1, 2], &[0.5, 0.5]);
+        let v = t(&mut c, &[1, 1, 2], &[2.0, 3.0]);
+        assert_eq!(
+            guest_err(c.attention(
+                borrow(&q),
+                borrow(&k),
+                borrow(&v),
+                borrow(&kc),
+                borrow(&vc),
+                MAX_CONTEXT
+            )),
+            AccelError::InvalidArgument,
+            "a context past MAX_CONTEXT"
+        );
+        ok(c.attention(
+            borrow(&q),
+            borrow(&k),
+            borrow(&v),
+            borrow(&kc),
+            borrow(&vc),
+            MAX_CONTEXT - 1,
+        ));
     }
 
     #[test]

@@ -35,7 +35,9 @@ impl Host for CryptoCtx {
             return Ok(Err(CryptoError::NoRequest));
         };
         Ok(match self.request.take() {
-            // Copied into guest memory by the canonical ABI; our copy is zeroized here.
+            // Copied into guest memory by the canonical ABI. The zeroizing
+            // original is wiped here; the transient Vec handed to wasmtime is
+            // freed by it without wiping (a known gap: no API to hook that).
             Some(req) => {
                 debug_assert_eq!(req.len() as u64, len);
                 Ok(req.to_vec())
