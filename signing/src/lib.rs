@@ -1,0 +1,1 @@
+//! Offline verification of signed programs (work in progress).
