@@ -1,0 +1,238 @@
+//! The trust root: `trusted_root.json` (protobuf-specs `TrustedRoot`, JSON mapping).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use rustls_pki_types::CertificateDer;
+use sigstore::bundle::verify::Verifier;
+use sigstore::trust::ManualTrustRoot;
+use sigstore_protobuf_specs::dev::sigstore::common::v1::TimeRange;
+use sigstore_protobuf_specs::dev::sigstore::trustroot::v1::{
+    TransparencyLogInstance, TrustedRoot as ProtoTrustedRoot,
+};
+
+use crate::SigningError;
+
+/// A validity window in Unix seconds; `None` = open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Window {
+    start: Option<i64>,
+    end: Option<i64>,
+}
+
+impl Window {
+    fn from_proto(range: Option<&TimeRange>) -> Self {
+        Self {
+            start: range.and_then(|r| r.start.as_ref()).map(|t| t.seconds),
+            end: range.and_then(|r| r.end.as_ref()).map(|t| t.seconds),
+        }
+    }
+
+    /// Whether `t` (Unix seconds) lies in the window.
+    pub(crate) fn contains(&self, t: i64) -> bool {
+        self.start.is_none_or(|s| s <= t) && self.end.is_none_or(|e| t <= e)
+    }
+}
+
+/// One certificate authority: its DER chain (leaf-most first, root last).
+#[derive(Debug, Clone)]
+struct Ca {
+    chain: Vec<Vec<u8>>,
+    valid_for: Window,
+}
+
+/// A transparency log (Rekor) or CT log: key ID, DER SubjectPublicKeyInfo, validity.
+#[derive(Debug, Clone)]
+pub(crate) struct Log {
+    pub(crate) log_id: Vec<u8>,
+    pub(crate) spki: Vec<u8>,
+    pub(crate) valid_for: Window,
+    pub(crate) base_url: String,
+}
+
+/// What a verifier trusts: certificate authorities, Rekor logs and CT logs, each with its
+/// validity window, parsed from a `trusted_root.json`.
+#[derive(Debug, Clone)]
+pub struct TrustRoot {
+    cas: Vec<Ca>,
+    tlogs: Vec<Log>,
+    ctlogs: Vec<Log>,
+    verifiers: VerifierCache,
+}
+
+/// sigstore-rs verifiers, one per set of CAs / CT logs valid at a signing time (in practice one
+/// or two per trust root). Building one costs tens of milliseconds (it builds an HTTP client
+/// for its unused Rekor configuration), verifying with it well under one.
+#[derive(Clone, Default)]
+struct VerifierCache(Arc<Mutex<HashMap<Vec<bool>, Arc<Verifier>>>>);
+
+impl std::fmt::Debug for VerifierCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("VerifierCache")
+    }
+}
+
+const MEDIA_TYPE_PREFIX: &str = "application/vnd.dev.sigstore.trustedroot";
+
+impl TrustRoot {
+    /// Parses a `trusted_root.json` (media type
+    /// `application/vnd.dev.sigstore.trustedroot+json;version=0.1` or later).
+    ///
+    /// Refuses a root without a certificate authority or without a Rekor log, and any log
+    /// without a key or log ID. Timestamp authorities are ignored (not used by this crate).
+    pub fn from_json(json: &[u8]) -> Result<Self, SigningError> {
+        let root: ProtoTrustedRoot = serde_json::from_slice(json)
+            .map_err(|e| SigningError::MalformedTrustRoot(format!("not a TrustedRoot: {e}")))?;
+        if !root.media_type.starts_with(MEDIA_TYPE_PREFIX) {
+            return Err(SigningError::MalformedTrustRoot(format!(
+                "unexpected media type {:?}",
+                root.media_type
+            )));
+        }
+        let mut cas = Vec::new();
+        for (i, ca) in root.certificate_authorities.iter().enumerate() {
+            let chain: Vec<Vec<u8>> = ca
+                .cert_chain
+                .as_ref()
+                .map(|c| c.certificates.iter().map(|c| c.raw_bytes.clone()).collect())
+                .unwrap_or_default();
+            if chain.is_empty() {
+                return Err(SigningError::MalformedTrustRoot(format!(
+                    "certificateAuthorities[{i}] has no certificate"
+                )));
+            }
+            cas.push(Ca {
+                chain,
+                valid_for: Window::from_proto(ca.valid_for.as_ref()),
+            });
+        }
+        let tlogs = logs(&root.tlogs, "tlogs")?;
+        let ctlogs = logs(&root.ctlogs, "ctlogs")?;
+        if cas.is_empty() {
+            return Err(SigningError::MalformedTrustRoot(
+                "no certificate authority".to_owned(),
+            ));
+        }
+        if tlogs.is_empty() {
+            return Err(SigningError::MalformedTrustRoot(
+                "no transparency log".to_owned(),
+            ));
+        }
+        Ok(Self {
+            cas,
+            tlogs,
+            ctlogs,
+            verifiers: VerifierCache::default(),
+        })
+    }
+
+    /// The Rekor log with this log ID, if trusted.
+    pub(crate) fn tlog(&self, log_id: &[u8]) -> Option<&Log> {
+        self.tlogs.iter().find(|l| l.log_id == log_id)
+    }
+
+    /// A sigstore-rs verifier over the trust material valid at `t` (Unix seconds): CA
+    /// certificates and CT log keys whose `validFor` contains `t`. (sigstore-rs has no notion
+    /// of these windows, so they are applied here.) Cached per set of valid entries.
+    pub(crate) fn verifier_at(&self, t: i64) -> Result<Arc<Verifier>, SigningError> {
+        let key: Vec<bool> = self
+            .cas
+            .iter()
+            .map(|c| c.valid_for.contains(t))
+            .chain(self.ctlogs.iter().map(|l| l.valid_for.contains(t)))
+            .collect();
+        let mut cache = self
+            .verifiers
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(v) = cache.get(&key) {
+            return Ok(Arc::clone(v));
+        }
+        let verifier = Verifier::new(Default::default(), self.at(t))
+            .map(Arc::new)
+            .map_err(|e| SigningError::MalformedTrustRoot(e.to_string()))?;
+        cache.insert(key, Arc::clone(&verifier));
+        Ok(verifier)
+    }
+
+    fn at(&self, t: i64) -> ManualTrustRoot<'static> {
+        let fulcio_certs = self
+            .cas
+            .iter()
+            .filter(|ca| ca.valid_for.contains(t))
+            .flat_map(|ca| ca.chain.iter())
+            .map(|der| CertificateDer::from(der.clone()))
+            .collect();
+        let ctfe_keys = self
+            .ctlogs
+            .iter()
+            .filter(|l| l.valid_for.contains(t))
+            .map(|l| (hex::encode(&l.log_id), l.spki.clone()))
+            .collect();
+        let rekor_keys = self
+            .tlogs
+            .iter()
+            .filter(|l| l.valid_for.contains(t))
+            .map(|l| (hex::encode(&l.log_id), l.spki.clone()))
+            .collect();
+        ManualTrustRoot {
+            fulcio_certs,
+            rekor_keys,
+            ctfe_keys,
+        }
+    }
+}
+
+fn logs(list: &[TransparencyLogInstance], what: &str) -> Result<Vec<Log>, SigningError> {
+    list.iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let key = l.public_key.as_ref();
+            let spki = key.and_then(|k| k.raw_bytes.clone()).ok_or_else(|| {
+                SigningError::MalformedTrustRoot(format!("{what}[{i}] has no public key"))
+            })?;
+            let log_id = l
+                .log_id
+                .as_ref()
+                .map(|id| id.key_id.clone())
+                .filter(|id| !id.is_empty())
+                .ok_or_else(|| {
+                    SigningError::MalformedTrustRoot(format!("{what}[{i}] has no log ID"))
+                })?;
+            sigstore::crypto::CosignVerificationKey::try_from_der(&spki).map_err(|e| {
+                SigningError::MalformedTrustRoot(format!("{what}[{i}] key unusable: {e}"))
+            })?;
+            Ok(Log {
+                log_id,
+                spki,
+                valid_for: Window::from_proto(key.and_then(|k| k.valid_for.as_ref())),
+                base_url: l.base_url.clone(),
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Window;
+
+    #[test]
+    fn windows_are_inclusive_and_may_be_open() {
+        let w = Window {
+            start: Some(10),
+            end: Some(20),
+        };
+        assert!(!w.contains(9) && w.contains(10) && w.contains(20) && !w.contains(21));
+        let open = Window {
+            start: Some(10),
+            end: None,
+        };
+        assert!(open.contains(i64::MAX) && !open.contains(9));
+        let all = Window {
+            start: None,
+            end: None,
+        };
+        assert!(all.contains(0));
+    }
+}

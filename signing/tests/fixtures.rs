@@ -1,0 +1,531 @@
+//! Every fixture of `tests/sigstore/fixtures/manifest.json` gets the expected verdict, and every
+//! refusal the expected reason (matched on the error variant).
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::path::PathBuf;
+
+use cinfer_signing::{
+    CertValidity, IdentityRule, Matcher, SigningError, TransparencyError, TrustRoot, verify_bundle,
+    verify_detached, verify_key_bundle,
+};
+use serde_json::Value;
+
+const ISSUER: &str = "https://token.actions.githubusercontent.com";
+const SUBJECT: &str =
+    "https://github.com/cinfer/cinfer/.github/workflows/release.yml@refs/heads/main";
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/sigstore/fixtures")
+}
+
+fn read(name: &str) -> Vec<u8> {
+    std::fs::read(dir().join(name)).unwrap_or_else(|e| panic!("read {name}: {e}"))
+}
+
+fn trust() -> TrustRoot {
+    TrustRoot::from_json(&read("trusted_root.json")).expect("trusted_root.json")
+}
+
+fn manifest() -> Value {
+    serde_json::from_slice(&read("manifest.json")).expect("manifest.json")
+}
+
+/// Whether `err` is the refusal the manifest names for `file`.
+fn reason_matches(reason: &str, kind: &str, file: &str, err: &SigningError) -> bool {
+    use SigningError as E;
+    use TransparencyError as T;
+    match (reason, kind) {
+        ("transparency-proof-invalid", _) => match file {
+            "tampered-integrated-time.sigstore.json" | "tampered-log-index.sigstore.json" => {
+                matches!(err, E::TransparencyProofInvalid(T::SignedEntryTimestamp))
+            }
+            "tampered-inclusion-proof.sigstore.json" => {
+                matches!(err, E::TransparencyProofInvalid(T::InclusionProof))
+            }
+            // The index check runs before the Merkle path (which would fail too).
+            "tampered-proof-log-index.sigstore.json" => matches!(
+                err,
+                E::TransparencyProofInvalid(T::LogIndexMismatch {
+                    entry: 1337,
+                    proof: 1338
+                })
+            ),
+            "tampered-checkpoint.sigstore.json" => {
+                matches!(err, E::TransparencyProofInvalid(T::CheckpointSignature))
+            }
+            "untrusted-rekor.sigstore.json" => {
+                matches!(err, E::TransparencyProofInvalid(T::UntrustedLog { .. }))
+            }
+            _ => matches!(err, E::TransparencyProofInvalid(_)),
+        },
+        // ECDSA cannot tell "other key" from "other bytes": one reason for both.
+        ("signature-mismatch" | "identity-not-in-policy", "detached-signature") => {
+            matches!(err, E::KeySignatureInvalid)
+        }
+        ("signature-mismatch", _) => matches!(err, E::SignatureMismatch),
+        ("untrusted-ca", _) => matches!(err, E::UntrustedCa),
+        ("identity-not-in-policy", "key-bundle") => matches!(err, E::KeyNotTrusted { .. }),
+        ("identity-not-in-policy", _) => matches!(err, E::IdentityNotAllowed { .. }),
+        ("cert-expired-at-signing-time", _) => matches!(
+            err,
+            E::CertificateNotValidAtSigningTime {
+                kind: CertValidity::Expired,
+                ..
+            }
+        ),
+        ("cert-not-yet-valid-at-signing-time", _) => matches!(
+            err,
+            E::CertificateNotValidAtSigningTime {
+                kind: CertValidity::NotYetValid,
+                ..
+            }
+        ),
+        ("sct-invalid", _) => matches!(err, E::SctInvalid),
+        _ => false,
+    }
+}
+
+#[test]
+fn every_manifest_fixture_gets_its_verdict_and_reason() {
+    let trust = trust();
+    let manifest = manifest();
+    let fixtures = manifest["fixtures"].as_array().expect("fixtures");
+    assert!(fixtures.len() >= 20, "only {} fixtures", fixtures.len());
+    let mut failures = Vec::new();
+    for f in fixtures {
+        let file = f["file"].as_str().unwrap();
+        let kind = f["type"].as_str().unwrap();
+        let expect = f["expect"].as_str().unwrap();
+        let reason = f["reason"].as_str().unwrap();
+        let artifact = read(f["artifact"].as_str().unwrap());
+        let policy = &f["policy"];
+        let result: Result<(), SigningError> = match kind {
+            "keyless-bundle" => {
+                let rule = IdentityRule::exact(
+                    policy["issuer"].as_str().unwrap(),
+                    policy["subject"].as_str().unwrap(),
+                );
+                verify_bundle(&artifact, &read(file), &trust, &[rule]).map(|_| ())
+            }
+            "key-bundle" => {
+                let key = read(policy["publicKey"].as_str().unwrap());
+                verify_key_bundle(&artifact, &read(file), &trust, &key).map(|_| ())
+            }
+            "detached-signature" => {
+                let key = read(policy["publicKey"].as_str().unwrap());
+                verify_detached(&artifact, &read(file), &key)
+            }
+            other => panic!("unknown fixture type {other}"),
+        };
+        let verdict = match (&result, expect) {
+            (Ok(()), "accept") => Ok(()),
+            (Err(e), "refuse") if reason_matches(reason, kind, file, e) => Ok(()),
+            (r, _) => Err(format!("{file}: expected {expect} ({reason}), got {r:?}")),
+        };
+        println!(
+            "{file:45} {kind:19} expect {expect:6} {reason:36} got {}",
+            match &result {
+                Ok(()) => "accept".to_owned(),
+                Err(e) => format!("refuse: {e}"),
+            }
+        );
+        if let Err(msg) = verdict {
+            failures.push(msg);
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[test]
+fn good_bundles_v03_and_v02_report_the_signer() {
+    let trust = trust();
+    let artifact = read("artifact.bin");
+    let rule = IdentityRule::exact(ISSUER, SUBJECT);
+    let mut log_id = None;
+    for file in ["artifact.sigstore.json", "artifact.v02.sigstore.json"] {
+        let s = verify_bundle(&artifact, &read(file), &trust, std::slice::from_ref(&rule))
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(s.issuer, ISSUER);
+        assert_eq!(s.subject, SUBJECT);
+        assert_eq!(s.integrated_time, 1_748_858_403, "2025-06-02T10:00:03Z");
+        assert_eq!(s.log_index, 1337);
+        assert_eq!(s.log_url, "https://rekor.cinfer.test");
+        assert_eq!(
+            hex::encode(s.artifact_sha256),
+            "d39c76452537d4e2d2cdf57a4d4840282f3c71d13e43d5386dec3ffd26449709"
+        );
+        log_id.get_or_insert(s.log_id.clone());
+        assert_eq!(
+            s.log_id,
+            "cb609c76527b0e04c2916239e8a3c76ed72fc8b8a3fcc988027a2c591fe3fc90"
+        );
+    }
+}
+
+#[test]
+fn regex_identity_rules_are_anchored() {
+    let trust = trust();
+    let artifact = read("artifact.bin");
+    let bundle = read("artifact.sigstore.json");
+    let ok = |rules: &[IdentityRule]| verify_bundle(&artifact, &bundle, &trust, rules);
+
+    // A regex over the whole workflow reference matches.
+    let rule = IdentityRule::new(
+        Matcher::regex(r"https://token\.actions\.githubusercontent\.com").unwrap(),
+        Matcher::regex(
+            r"https://github\.com/cinfer/cinfer/\.github/workflows/[a-z]+\.yml@refs/heads/main",
+        )
+        .unwrap(),
+    );
+    let s = ok(&[rule]).expect("regex rule");
+    assert_eq!(s.subject, SUBJECT);
+
+    // Not anchored by the caller: a prefix of the subject must not match the longer subject,
+    // nor a suffix, nor a substring.
+    for pattern in [
+        r"https://github\.com/cinfer/cinfer/\.github/workflows/release\.yml",
+        r"release\.yml@refs/heads/main",
+        r"cinfer/cinfer",
+    ] {
+        let rule = IdentityRule::new(Matcher::exact(ISSUER), Matcher::regex(pattern).unwrap());
+        match ok(&[rule]) {
+            Err(SigningError::IdentityNotAllowed { issuer, subject }) => {
+                assert_eq!(issuer, ISSUER);
+                assert_eq!(subject, SUBJECT);
+            }
+            other => panic!("{pattern}: {other:?}"),
+        }
+    }
+    // Alternation inside the anchors stays anchored: `a|b` is `^(?:a|b)$`, not `^a|b$`.
+    let rule = IdentityRule::new(
+        Matcher::exact(ISSUER),
+        Matcher::regex(r"nothing|refs/heads/main").unwrap(),
+    );
+    assert!(matches!(
+        ok(&[rule]),
+        Err(SigningError::IdentityNotAllowed { .. })
+    ));
+
+    // Issuer regex that does not match the whole issuer.
+    let rule = IdentityRule::new(
+        Matcher::regex(r"https://token").unwrap(),
+        Matcher::exact(SUBJECT),
+    );
+    assert!(matches!(
+        ok(&[rule]),
+        Err(SigningError::IdentityNotAllowed { .. })
+    ));
+
+    // An invalid regex is refused when the rule is built.
+    assert!(matches!(
+        Matcher::regex("("),
+        Err(SigningError::InvalidIdentityRule(_))
+    ));
+
+    // Any one of several rules suffices; none → refused.
+    let other = IdentityRule::exact(ISSUER, "https://example.test/other");
+    assert!(ok(&[other.clone(), IdentityRule::exact(ISSUER, SUBJECT)]).is_ok());
+    assert!(matches!(
+        ok(&[other]),
+        Err(SigningError::IdentityNotAllowed { .. })
+    ));
+    assert!(matches!(
+        ok(&[]),
+        Err(SigningError::IdentityNotAllowed { .. })
+    ));
+}
+
+#[test]
+fn identity_refusal_names_the_identity_found() {
+    let trust = trust();
+    let artifact = read("artifact.bin");
+    let rule = IdentityRule::exact(ISSUER, SUBJECT);
+    match verify_bundle(
+        &artifact,
+        &read("other-identity.sigstore.json"),
+        &trust,
+        std::slice::from_ref(&rule),
+    ) {
+        Err(SigningError::IdentityNotAllowed { issuer, subject }) => {
+            assert_eq!(issuer, ISSUER);
+            assert_eq!(
+                subject,
+                "https://github.com/attacker/cinfer/.github/workflows/release.yml@refs/heads/main"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    match verify_bundle(
+        &artifact,
+        &read("other-issuer.sigstore.json"),
+        &trust,
+        &[rule],
+    ) {
+        Err(SigningError::IdentityNotAllowed { issuer, subject }) => {
+            assert_eq!(issuer, "https://gitlab.com");
+            assert_eq!(subject, SUBJECT);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn malformed_and_unsigned_bundles() {
+    let trust = trust();
+    let artifact = read("artifact.bin");
+    let rules = [IdentityRule::exact(ISSUER, SUBJECT)];
+    for junk in [&b""[..], b"{", b"[]", b"{\"mediaType\": 3}"] {
+        assert!(
+            matches!(
+                verify_bundle(&artifact, junk, &trust, &rules),
+                Err(SigningError::MalformedBundle(_))
+            ),
+            "{junk:?}"
+        );
+    }
+    // No signature.
+    let mut bundle: Value = serde_json::from_slice(&read("artifact.sigstore.json")).unwrap();
+    bundle["messageSignature"]["signature"] = Value::String(String::new());
+    let json = serde_json::to_vec(&bundle).unwrap();
+    let r = verify_bundle(&artifact, &json, &trust, &rules);
+    assert!(matches!(r, Err(SigningError::Unsigned)), "{r:?}");
+    bundle.as_object_mut().unwrap().remove("messageSignature");
+    let json = serde_json::to_vec(&bundle).unwrap();
+    let r = verify_bundle(&artifact, &json, &trust, &rules);
+    assert!(matches!(r, Err(SigningError::Unsigned)), "{r:?}");
+
+    // A key-based bundle is not a keyless one, and vice versa.
+    let r = verify_bundle(
+        &artifact,
+        &read("artifact.key.sigstore.json"),
+        &trust,
+        &rules,
+    );
+    assert!(matches!(r, Err(SigningError::MalformedBundle(_))), "{r:?}");
+    let r = verify_key_bundle(
+        &artifact,
+        &read("artifact.sigstore.json"),
+        &trust,
+        &read("cosign.pub"),
+    );
+    assert!(matches!(r, Err(SigningError::MalformedBundle(_))), "{r:?}");
+
+    // No tlog entry.
+    let mut bundle: Value = serde_json::from_slice(&read("artifact.sigstore.json")).unwrap();
+    bundle["verificationMaterial"]["tlogEntries"] = Value::Array(vec![]);
+    let r = verify_bundle(
+        &artifact,
+        &serde_json::to_vec(&bundle).unwrap(),
+        &trust,
+        &rules,
+    );
+    assert!(
+        matches!(
+            r,
+            Err(SigningError::TransparencyProofInvalid(
+                TransparencyError::Malformed(_)
+            ))
+        ),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn wrong_artifact_and_other_artifact() {
+    let trust = trust();
+    let rules = [IdentityRule::exact(ISSUER, SUBJECT)];
+    // wrong-artifact.sigstore.json is a valid bundle for other-artifact.bin.
+    let s = verify_bundle(
+        &read("other-artifact.bin"),
+        &read("wrong-artifact.sigstore.json"),
+        &trust,
+        &rules,
+    )
+    .expect("valid for other-artifact.bin");
+    assert_eq!(
+        hex::encode(s.artifact_sha256),
+        "738763eb4a32f0fc6a2abb4d5af383305aa4295d80a3338b997cf02b41f18840"
+    );
+    let r = verify_bundle(
+        &read("other-artifact.bin"),
+        &read("artifact.sigstore.json"),
+        &trust,
+        &rules,
+    );
+    assert!(matches!(r, Err(SigningError::SignatureMismatch)), "{r:?}");
+}
+
+#[test]
+fn key_based_paths() {
+    let artifact = read("artifact.bin");
+    let key = read("cosign.pub");
+    verify_detached(&artifact, &read("artifact.bin.sig"), &key).expect("detached");
+    // Signatures by other-key verify under other-key.pub.
+    verify_detached(
+        &artifact,
+        &read("key-untrusted.sig"),
+        &read("other-key.pub"),
+    )
+    .expect("other key");
+    verify_key_bundle(
+        &artifact,
+        &read("key-untrusted.sigstore.json"),
+        &trust(),
+        &read("other-key.pub"),
+    )
+    .expect("other key bundle");
+    let s = verify_key_bundle(
+        &artifact,
+        &read("artifact.key.sigstore.json"),
+        &trust(),
+        &key,
+    )
+    .expect("key bundle");
+    assert!(s.issuer.is_empty());
+    assert_eq!(s.subject.len(), 64);
+    // Over other bytes.
+    let r = verify_detached(b"something else", &read("artifact.bin.sig"), &key);
+    assert!(matches!(r, Err(SigningError::KeySignatureInvalid)), "{r:?}");
+    let r = verify_key_bundle(
+        &read("other-artifact.bin"),
+        &read("artifact.key.sigstore.json"),
+        &trust(),
+        &key,
+    );
+    assert!(matches!(r, Err(SigningError::SignatureMismatch)), "{r:?}");
+    // Malformed inputs.
+    assert!(matches!(
+        verify_detached(&artifact, b"", &key),
+        Err(SigningError::Unsigned)
+    ));
+    assert!(matches!(
+        verify_detached(&artifact, b"!!not base64!!", &key),
+        Err(SigningError::MalformedSignature(_))
+    ));
+    assert!(matches!(
+        verify_detached(&artifact, &read("artifact.bin.sig"), b"not a key"),
+        Err(SigningError::MalformedKey(_))
+    ));
+    // A certificate is not a P-256 public key PEM.
+    assert!(matches!(
+        verify_detached(
+            &artifact,
+            &read("artifact.bin.sig"),
+            &read("fulcio_root.pem")
+        ),
+        Err(SigningError::MalformedKey(_))
+    ));
+}
+
+#[test]
+fn trust_root_is_validated() {
+    assert!(matches!(
+        TrustRoot::from_json(b"{"),
+        Err(SigningError::MalformedTrustRoot(_))
+    ));
+    let mut root: Value = serde_json::from_slice(&read("trusted_root.json")).unwrap();
+    root["mediaType"] = Value::String("application/json".to_owned());
+    assert!(matches!(
+        TrustRoot::from_json(&serde_json::to_vec(&root).unwrap()),
+        Err(SigningError::MalformedTrustRoot(_))
+    ));
+    let mut root: Value = serde_json::from_slice(&read("trusted_root.json")).unwrap();
+    root["tlogs"] = Value::Array(vec![]);
+    assert!(matches!(
+        TrustRoot::from_json(&serde_json::to_vec(&root).unwrap()),
+        Err(SigningError::MalformedTrustRoot(_))
+    ));
+    let mut root: Value = serde_json::from_slice(&read("trusted_root.json")).unwrap();
+    root["certificateAuthorities"] = Value::Array(vec![]);
+    assert!(matches!(
+        TrustRoot::from_json(&serde_json::to_vec(&root).unwrap()),
+        Err(SigningError::MalformedTrustRoot(_))
+    ));
+}
+
+#[test]
+fn validity_windows_of_the_trust_root_apply_at_signing_time() {
+    let artifact = read("artifact.bin");
+    let bundle = read("artifact.sigstore.json");
+    let rules = [IdentityRule::exact(ISSUER, SUBJECT)];
+    // CA valid only until before the signing time → the chain has no trusted CA.
+    let mut root: Value = serde_json::from_slice(&read("trusted_root.json")).unwrap();
+    root["certificateAuthorities"][0]["validFor"]["end"] =
+        Value::String("2025-06-01T00:00:00Z".to_owned());
+    let trust = TrustRoot::from_json(&serde_json::to_vec(&root).unwrap()).unwrap();
+    let r = verify_bundle(&artifact, &bundle, &trust, &rules);
+    assert!(matches!(r, Err(SigningError::UntrustedCa)), "{r:?}");
+    // Rekor key valid only from after the signing time.
+    let mut root: Value = serde_json::from_slice(&read("trusted_root.json")).unwrap();
+    root["tlogs"][0]["publicKey"]["validFor"]["start"] =
+        Value::String("2025-07-01T00:00:00Z".to_owned());
+    let trust = TrustRoot::from_json(&serde_json::to_vec(&root).unwrap()).unwrap();
+    let r = verify_bundle(&artifact, &bundle, &trust, &rules);
+    assert!(
+        matches!(
+            r,
+            Err(SigningError::TransparencyProofInvalid(
+                TransparencyError::LogNotValidAtSigningTime(_)
+            ))
+        ),
+        "{r:?}"
+    );
+    // CT log key expired before the signing time → no trusted SCT.
+    let mut root: Value = serde_json::from_slice(&read("trusted_root.json")).unwrap();
+    root["ctlogs"][0]["publicKey"]["validFor"]["end"] =
+        Value::String("2025-06-01T00:00:00Z".to_owned());
+    let trust = TrustRoot::from_json(&serde_json::to_vec(&root).unwrap()).unwrap();
+    let r = verify_bundle(&artifact, &bundle, &trust, &rules);
+    assert!(matches!(r, Err(SigningError::SctInvalid)), "{r:?}");
+}
+
+#[test]
+fn error_messages_do_not_carry_artifact_bytes() {
+    let trust = trust();
+    let artifact = read("artifact.bin");
+    let text = String::from_utf8_lossy(&artifact).into_owned();
+    let needle = text.lines().next().unwrap();
+    let rules = [IdentityRule::exact(ISSUER, SUBJECT)];
+    for f in manifest()["fixtures"].as_array().unwrap() {
+        let file = f["file"].as_str().unwrap();
+        if !file.ends_with(".sigstore.json") || f["type"] != "keyless-bundle" {
+            continue;
+        }
+        if let Err(e) = verify_bundle(&artifact, &read(file), &trust, &rules) {
+            let msg = format!("{e} {e:?}");
+            assert!(!msg.contains(needle), "{file}: {msg}");
+        }
+    }
+}
+
+/// Timing of one keyless verification (signature + identity + transparency), median of 200.
+/// `cargo test --release -p cinfer-signing -- --ignored --nocapture timing`
+#[test]
+#[ignore = "timing, not a check"]
+fn timing_keyless_bundle() {
+    let trust = trust();
+    let artifact = read("artifact.bin");
+    let bundle = read("artifact.sigstore.json");
+    let rules = [IdentityRule::exact(ISSUER, SUBJECT)];
+    let mut times: Vec<std::time::Duration> = (0..200)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            verify_bundle(&artifact, &bundle, &trust, &rules).unwrap();
+            t.elapsed()
+        })
+        .collect();
+    times.sort();
+    println!(
+        "verify_bundle median {:?}, p90 {:?}",
+        times[100], times[180]
+    );
+}
+
+#[test]
+fn trust_root_is_shareable_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<TrustRoot>();
+    assert_send_sync::<IdentityRule>();
+    assert_send_sync::<SigningError>();
+}
