@@ -58,6 +58,17 @@ pub enum AdmissionError {
         /// The linker's message.
         reason: String,
     },
+    /// The program is presented with a signature but the policy names no trust root.
+    #[error("the policy has no trust root for signed programs")]
+    NoTrustRoot,
+    /// The signature bundle was refused (see [`SignatureRefusal`]).
+    #[error("signature refused ({refusal:?}): {detail}")]
+    Signature {
+        /// Why, as a matchable kind.
+        refusal: SignatureRefusal,
+        /// The verifier's message (names identities and log entries, never bytes).
+        detail: String,
+    },
     /// The component has no `run` export.
     #[error("missing export `run` (the program world exports `run: func() -> result`)")]
     MissingRun,
@@ -69,10 +80,53 @@ pub enum AdmissionError {
     },
 }
 
+/// Why a signature was refused (the kinds of [`cinfer_signing::SigningError`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SignatureRefusal {
+    /// The bundle does not parse or is not a supported kind.
+    Malformed,
+    /// No signature in the bundle.
+    Unsigned,
+    /// The signature does not match the component bytes.
+    SignatureMismatch,
+    /// The certificate does not chain to a trusted CA.
+    UntrustedCa,
+    /// The certificate was not valid at the signing time.
+    NotValidAtSigningTime,
+    /// The certificate's SCT does not verify against a trusted CT log.
+    SctInvalid,
+    /// The signer's identity is not one the policy lists.
+    IdentityNotAllowed,
+    /// The transparency-log entry, its SET, inclusion proof or checkpoint is invalid.
+    TransparencyProofInvalid,
+    /// Another refusal.
+    Other,
+}
+
+impl SignatureRefusal {
+    /// The kind of a verifier error.
+    pub fn of(e: &cinfer_signing::SigningError) -> Self {
+        use cinfer_signing::SigningError as E;
+        match e {
+            E::MalformedBundle(_) => Self::Malformed,
+            E::Unsigned => Self::Unsigned,
+            E::SignatureMismatch => Self::SignatureMismatch,
+            E::UntrustedCa => Self::UntrustedCa,
+            E::CertificateNotValidAtSigningTime { .. } => Self::NotValidAtSigningTime,
+            E::SctInvalid => Self::SctInvalid,
+            E::IdentityNotAllowed { .. } => Self::IdentityNotAllowed,
+            E::TransparencyProofInvalid(_) => Self::TransparencyProofInvalid,
+            _ => Self::Other,
+        }
+    }
+}
+
 /// A component that passed admission: compiled, linked and ready to
 /// instantiate in microseconds.
 pub struct AdmittedProgram {
     pub(crate) grant: ProgramGrant,
+    pub(crate) signer: Option<cinfer_signing::VerifiedSigner>,
     pub(crate) pre: ProgramPre<RunState>,
     pub(crate) imports: Vec<String>,
 }
@@ -91,6 +145,11 @@ impl AdmittedProgram {
     /// The policy entry that admitted it.
     pub fn grant(&self) -> &ProgramGrant {
         &self.grant
+    }
+
+    /// Who signed it, when and where it is logged (for signed admissions).
+    pub fn signer(&self) -> Option<&cinfer_signing::VerifiedSigner> {
+        self.signer.as_ref()
     }
 
     /// The interfaces the component actually imports.

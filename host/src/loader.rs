@@ -18,7 +18,7 @@ use crate::caps::accelerator::AccelCtx;
 use crate::caps::crypto::CryptoCtx;
 use crate::caps::model::{ModelCtx, ModelStore, ModelView};
 use crate::caps::output::{FrameSink, OutputCtx};
-use crate::policy::{Capabilities, Capability, Limits, Policy, ceilings};
+use crate::policy::{Capabilities, Capability, Limits, Policy, ProgramGrant, ceilings};
 use cinfer_envelope::{EnvelopeError, ReplyStatus, RequestPrivateKey};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -283,6 +283,9 @@ impl Drop for EpochTicker {
     }
 }
 
+/// A signed admission's cache key: component digest and signer entry name.
+type SignedKey = ([u8; 32], String);
+
 /// The trusted loader: admits programs under one policy and runs requests.
 pub struct Loader {
     engine: Engine,
@@ -291,6 +294,8 @@ pub struct Loader {
     models: Arc<ModelStore>,
     linkers: Mutex<HashMap<Capabilities, Arc<Linker<RunState>>>>,
     admitted: Mutex<HashMap<[u8; 32], Arc<AdmittedProgram>>>,
+    /// Signed admissions, by (digest, signer entry).
+    admitted_signed: Mutex<HashMap<SignedKey, Arc<AdmittedProgram>>>,
     _ticker: EpochTicker,
 }
 
@@ -327,6 +332,7 @@ impl Loader {
             models: Arc::new(config.models),
             linkers: Mutex::new(HashMap::new()),
             admitted: Mutex::new(HashMap::new()),
+            admitted_signed: Mutex::new(HashMap::new()),
         })
     }
 
@@ -371,6 +377,69 @@ impl Loader {
         Ok(program)
     }
 
+    /// Admits component bytes signed by a Sigstore bundle: the signature must
+    /// verify offline against the policy's trust root (certificate chain at the
+    /// signing time, SCT, Rekor SET, inclusion proof and checkpoint) and the
+    /// signer's identity must be one a `[[signer]]` entry lists; that entry's
+    /// world and limits are granted, and the usual import/export checks follow.
+    pub fn admit_signed(
+        &self,
+        bytes: &[u8],
+        bundle_json: &[u8],
+    ) -> Result<Arc<AdmittedProgram>, AdmissionError> {
+        admission::check_preamble(bytes)?;
+        let trust = self
+            .policy
+            .trust_root()
+            .ok_or(AdmissionError::NoTrustRoot)?;
+        let rules: Vec<cinfer_signing::IdentityRule> = self
+            .policy
+            .signers()
+            .iter()
+            .map(|s| s.identity.clone())
+            .collect();
+        let signer =
+            cinfer_signing::verify_bundle(bytes, bundle_json, trust, &rules).map_err(|e| {
+                AdmissionError::Signature {
+                    refusal: admission::SignatureRefusal::of(&e),
+                    detail: e.to_string(),
+                }
+            })?;
+        let entry = self
+            .policy
+            .signers()
+            .iter()
+            .find(|s| {
+                s.identity.issuer.matches(&signer.issuer)
+                    && s.identity.subject.matches(&signer.subject)
+            })
+            .ok_or_else(|| AdmissionError::Signature {
+                refusal: admission::SignatureRefusal::IdentityNotAllowed,
+                detail: format!("no signer entry for {} / {}", signer.issuer, signer.subject),
+            })?;
+        let digest = admission::digest(bytes);
+        let key = (digest, entry.name.clone());
+        if let Some(p) = self
+            .admitted_signed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+        {
+            return Ok(p.clone());
+        }
+        let mut grant = entry.grant.clone();
+        grant.digest = digest;
+        let mut program = self.compile_with(bytes, grant)?;
+        tracing::info!(signer = %entry.name, subject = %signer.subject, log_index = signer.log_index, digest = %hex::encode(digest), "admitted signed program");
+        program.signer = Some(signer);
+        let program = Arc::new(program);
+        self.admitted_signed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key, program.clone());
+        Ok(program)
+    }
+
     /// Admission without the cache (a cold compile every time; for benchmarks).
     pub fn admit_uncached(&self, bytes: &[u8]) -> Result<AdmittedProgram, AdmissionError> {
         admission::check_preamble(bytes)?;
@@ -385,6 +454,14 @@ impl Loader {
                 digest: hex::encode(digest),
             })?
             .clone();
+        self.compile_with(bytes, grant)
+    }
+
+    fn compile_with(
+        &self,
+        bytes: &[u8],
+        grant: ProgramGrant,
+    ) -> Result<AdmittedProgram, AdmissionError> {
         let component =
             Component::new(&self.engine, bytes).map_err(|e| AdmissionError::InvalidComponent {
                 reason: format!("{e:#}"),
@@ -405,6 +482,7 @@ impl Loader {
         })?;
         Ok(AdmittedProgram {
             grant,
+            signer: None,
             pre,
             imports,
         })

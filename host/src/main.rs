@@ -34,6 +34,10 @@ enum Command {
         /// Program component (.wasm).
         #[arg(long)]
         program: PathBuf,
+        /// Sigstore bundle (JSON) signing the program: admit it by signer
+        /// identity (`[[signer]]` entries) instead of by digest.
+        #[arg(long)]
+        bundle: Option<PathBuf>,
     },
     /// Runs one request in DEVELOPMENT mode: seals INPUT to the key in
     /// --request-key as a client would, runs the program on the sealed
@@ -99,7 +103,7 @@ fn read_arg_file(path: &Path) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-fn check(policy: &Path, program: &Path) -> Result<ExitCode> {
+fn check(policy: &Path, program: &Path, bundle: Option<&Path>) -> Result<ExitCode> {
     let policy = Policy::load_path(policy).context("loading the policy")?;
     let bytes = read_arg_file(program)?;
     let loader = Loader::new(policy, LoaderConfig::default())?;
@@ -108,8 +112,20 @@ fn check(policy: &Path, program: &Path) -> Result<ExitCode> {
         "sha256:   {}",
         hex::encode(cinfer_host::admission::digest(&bytes))
     );
-    match loader.admit(&bytes) {
+    let verdict = match bundle {
+        Some(b) => loader.admit_signed(&bytes, &read_arg_file(b)?),
+        None => loader.admit(&bytes),
+    };
+    match verdict {
         Ok(p) => {
+            if let Some(s) = p.signer() {
+                println!("signer:   {} (issuer {})", s.subject, s.issuer);
+                println!(
+                    "signed:   {} (Unix time, Rekor integratedTime)",
+                    s.integrated_time
+                );
+                println!("log:      index {} of log {}", s.log_index, s.log_id);
+            }
             let g = p.grant();
             println!("verdict:  ADMITTED as `{}` in world `{}`", g.name, g.world);
             println!("granted:  {}", g.capabilities);
@@ -245,7 +261,11 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match &cli.command {
-        Command::Check { policy, program } => check(policy, program),
+        Command::Check {
+            policy,
+            program,
+            bundle,
+        } => check(policy, program, bundle.as_deref()),
         Command::Run {
             policy,
             program,

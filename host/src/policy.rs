@@ -178,12 +178,29 @@ struct ProgramToml {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct SignerToml {
+    name: String,
+    issuer: String,
+    subject: Option<String>,
+    subject_regex: Option<String>,
+    world: String,
+    #[serde(default)]
+    limits: LimitsToml,
+    #[serde(default)]
+    models: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct PolicyToml {
     worlds: String,
+    trust_root: Option<String>,
     #[serde(default)]
     limits: LimitsToml,
     #[serde(default, rename = "program")]
     programs: Vec<ProgramToml>,
+    #[serde(default, rename = "signer")]
+    signers: Vec<SignerToml>,
 }
 
 /// Why a policy was refused.
@@ -239,6 +256,17 @@ pub enum PolicyError {
         /// Second entry.
         second: String,
     },
+    /// A signer entry is malformed (no or two subject forms, a bad regex).
+    #[error("signer `{signer}`: {reason}")]
+    BadSigner {
+        /// The signer entry.
+        signer: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Signers are listed but no `trust-root` is given, or it does not parse.
+    #[error("trust root: {0}")]
+    TrustRoot(String),
     /// A limit is zero or above its ceiling.
     #[error("limit `{limit}` = {value} is out of range (1 to {max})")]
     LimitOutOfRange {
@@ -268,11 +296,24 @@ pub struct ProgramGrant {
     pub models: Vec<String>,
 }
 
+/// What the policy grants programs signed by one identity.
+#[derive(Debug, Clone)]
+pub struct SignerGrant {
+    /// The signer's policy name.
+    pub name: String,
+    /// The identity (OIDC issuer + certificate subject) it stands for.
+    pub identity: cinfer_signing::IdentityRule,
+    /// The world, capabilities, limits and models granted.
+    pub grant: ProgramGrant,
+}
+
 /// A parsed, validated policy.
 #[derive(Debug, Clone)]
 pub struct Policy {
     worlds: BTreeMap<String, Capabilities>,
     programs: Vec<ProgramGrant>,
+    signers: Vec<SignerGrant>,
+    trust_root: Option<std::sync::Arc<cinfer_signing::TrustRoot>>,
     digest: [u8; 32],
 }
 
@@ -354,11 +395,11 @@ impl Policy {
     /// `worlds_text` is looked up by the caller (see [`Policy::load`]).
     pub fn parse(
         toml_text: &str,
-        load_worlds: impl FnOnce(&str) -> Result<String, PolicyError>,
+        read: impl Fn(&str) -> Result<String, PolicyError>,
     ) -> Result<Self, PolicyError> {
         let doc: PolicyToml =
             toml::from_str(toml_text).map_err(|e| PolicyError::Toml(e.message().to_owned()))?;
-        let worlds_text = load_worlds(&doc.worlds)?;
+        let worlds_text = read(&doc.worlds)?;
         let worlds = parse_worlds(&doc.worlds, &worlds_text)?;
         let defaults = apply_limits(&Limits::default(), &doc.limits)?;
         let mut programs: Vec<ProgramGrant> = Vec::with_capacity(doc.programs.len());
@@ -385,13 +426,76 @@ impl Policy {
                 models: p.models.clone(),
             });
         }
+        let mut signers = Vec::with_capacity(doc.signers.len());
+        for sg in &doc.signers {
+            let bad = |reason: String| PolicyError::BadSigner {
+                signer: sg.name.clone(),
+                reason,
+            };
+            let subject = match (&sg.subject, &sg.subject_regex) {
+                (Some(s), None) => cinfer_signing::Matcher::exact(s.clone()),
+                (None, Some(r)) => {
+                    cinfer_signing::Matcher::regex(r).map_err(|e| bad(e.to_string()))?
+                }
+                _ => {
+                    return Err(bad(
+                        "give exactly one of `subject` and `subject-regex`".into()
+                    ));
+                }
+            };
+            let capabilities = *worlds
+                .get(&sg.world)
+                .ok_or_else(|| PolicyError::UnknownWorld {
+                    program: sg.name.clone(),
+                    world: sg.world.clone(),
+                })?;
+            signers.push(SignerGrant {
+                name: sg.name.clone(),
+                identity: cinfer_signing::IdentityRule::new(
+                    cinfer_signing::Matcher::exact(sg.issuer.clone()),
+                    subject,
+                ),
+                grant: ProgramGrant {
+                    name: sg.name.clone(),
+                    digest: [0; 32],
+                    world: sg.world.clone(),
+                    capabilities,
+                    limits: apply_limits(&defaults, &sg.limits)?,
+                    models: sg.models.clone(),
+                },
+            });
+        }
+        let trust_text = match &doc.trust_root {
+            Some(path) => Some(read(path)?),
+            None if signers.is_empty() => None,
+            None => {
+                return Err(PolicyError::TrustRoot(
+                    "signers are listed but no `trust-root` file is given".into(),
+                ));
+            }
+        };
+        let trust_root = trust_text
+            .as_deref()
+            .map(|t| cinfer_signing::TrustRoot::from_json(t.as_bytes()).map(std::sync::Arc::new))
+            .transpose()
+            .map_err(|e| PolicyError::TrustRoot(e.to_string()))?;
         let mut h = Sha256::new();
-        h.update((toml_text.len() as u64).to_be_bytes());
-        h.update(toml_text.as_bytes());
-        h.update(worlds_text.as_bytes());
+        for part in [
+            Some(toml_text),
+            Some(worlds_text.as_str()),
+            trust_text.as_deref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part.as_bytes());
+        }
         Ok(Policy {
             worlds,
             programs,
+            signers,
+            trust_root,
             digest: h.finalize().into(),
         })
     }
@@ -443,12 +547,22 @@ impl Policy {
         &self.programs
     }
 
+    /// Every signer entry.
+    pub fn signers(&self) -> &[SignerGrant] {
+        &self.signers
+    }
+
+    /// The Sigstore trust root signatures are verified against, if the policy names one.
+    pub fn trust_root(&self) -> Option<&cinfer_signing::TrustRoot> {
+        self.trust_root.as_deref()
+    }
+
     /// The capability worlds the policy defines.
     pub fn worlds(&self) -> &BTreeMap<String, Capabilities> {
         &self.worlds
     }
 
-    /// SHA-256 over the policy TOML and worlds WIT (what the loader measures).
+    /// SHA-256 over the policy TOML, worlds WIT and trust root (what the loader measures).
     pub fn digest(&self) -> [u8; 32] {
         self.digest
     }

@@ -3,6 +3,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::type_complexity)]
 
 use cinfer_envelope::{EnvelopeError, ReplyStatus, RequestPrivateKey, seal_request};
+use cinfer_host::admission::SignatureRefusal;
 use cinfer_host::caps::PolicyViolation;
 use cinfer_host::caps::model::{ModelSource, ModelStore};
 use cinfer_host::{
@@ -517,5 +518,153 @@ fn request_cleartext_never_reaches_logs_errors_or_frames() {
     assert!(
         !logs.contains(&scalar) && !seen.contains(&scalar),
         "private key leaked"
+    );
+}
+
+fn sigstore_file(rel: &str) -> Vec<u8> {
+    std::fs::read(root().join("tests/sigstore").join(rel)).expect(rel)
+}
+
+/// A policy admitting programs by signer identity against the test Sigstore instance.
+fn signed_policy(signers: &str) -> Policy {
+    let toml_text =
+        format!("worlds = \"worlds.wit\"\ntrust-root = \"trusted_root.json\"\n{signers}");
+    Policy::parse(&toml_text, |name| match name {
+        "trusted_root.json" => {
+            Ok(String::from_utf8(sigstore_file("fixtures/trusted_root.json")).expect("utf-8"))
+        }
+        _ => Ok(worlds()),
+    })
+    .expect("signed policy")
+}
+
+const RELEASE: &str =
+    "https://github.com/cinfer/cinfer/.github/workflows/release.yml@refs/heads/main";
+const ACTIONS: &str = "https://token.actions.githubusercontent.com";
+
+fn refusal(e: AdmissionError) -> SignatureRefusal {
+    match e {
+        AdmissionError::Signature { refusal, .. } => refusal,
+        other => panic!("expected a signature refusal, got {other}"),
+    }
+}
+
+#[test]
+fn signed_programs_are_admitted_by_identity_and_run() {
+    let l = loader(signed_policy(&format!(
+        "[[signer]]\nname = \"ci-release\"\nissuer = \"{ACTIONS}\"\nsubject = \"{RELEASE}\"\nworld = \"request-reply\"\n"
+    )));
+    let echo = program("echo");
+    let p = l
+        .admit_signed(&echo, &sigstore_file("programs/echo.wasm.sigstore.json"))
+        .expect("signed echo admitted");
+    let signer = p.signer().expect("signer recorded");
+    assert_eq!(signer.subject, RELEASE);
+    assert_eq!(p.grant().name, "ci-release");
+    assert!(!p.grant().capabilities.contains(Capability::Accelerator));
+    let key = RequestPrivateKey::generate();
+    let (sealed, opener) = seal_request(key.public_key(), b"signed hello").expect("seal");
+    let report = l.run(&p, &sealed, &key).expect("run");
+    assert_eq!(report.outcome, RunOutcome::Completed);
+    let (reply, _) = opener
+        .open_all(report.frames.iter().map(Vec::as_slice))
+        .expect("reply");
+    assert_eq!(reply.as_slice(), b"signed hello");
+}
+
+#[test]
+fn signature_refusals_name_the_reason() {
+    let l = loader(signed_policy(&format!(
+        "[[signer]]\nname = \"ci-release\"\nissuer = \"{ACTIONS}\"\nsubject = \"{RELEASE}\"\nworld = \"compute\"\n"
+    )));
+    let echo = program("echo");
+    let bundle = sigstore_file("programs/echo.wasm.sigstore.json");
+    // Another identity (the review workflow) is not listed.
+    let review = sigstore_file("programs/echo.review.sigstore.json");
+    assert_eq!(
+        refusal(l.admit_signed(&echo, &review).unwrap_err()),
+        SignatureRefusal::IdentityNotAllowed
+    );
+    // The bundle signs other bytes.
+    assert_eq!(
+        refusal(l.admit_signed(&program("vector-ops"), &bundle).unwrap_err()),
+        SignatureRefusal::SignatureMismatch
+    );
+    // A tampered log entry time breaks the signed entry timestamp.
+    let mut doc: serde_json::Value = serde_json::from_slice(&bundle).expect("json");
+    let entry = &mut doc["verificationMaterial"]["tlogEntries"][0];
+    let t: i64 = entry["integratedTime"]
+        .as_str()
+        .expect("time")
+        .parse()
+        .expect("int");
+    entry["integratedTime"] = serde_json::Value::String((t + 1).to_string());
+    let tampered = serde_json::to_vec(&doc).expect("json");
+    assert_eq!(
+        refusal(l.admit_signed(&echo, &tampered).unwrap_err()),
+        SignatureRefusal::TransparencyProofInvalid
+    );
+    // An empty bundle carries no signature; bytes that are not JSON are malformed.
+    assert_eq!(
+        refusal(l.admit_signed(&echo, b"{}").unwrap_err()),
+        SignatureRefusal::Unsigned
+    );
+    assert_eq!(
+        refusal(l.admit_signed(&echo, b"not json").unwrap_err()),
+        SignatureRefusal::Malformed
+    );
+    // A digest-only policy has no trust root.
+    let plain = loader(policy_for(&[("echo", "request-reply", "")]));
+    assert_eq!(
+        plain.admit_signed(&echo, &bundle).unwrap_err(),
+        AdmissionError::NoTrustRoot
+    );
+}
+
+#[test]
+fn signer_rules_match_exact_or_anchored_regex() {
+    let l = loader(signed_policy(&format!(
+        "[[signer]]\nname = \"workflows\"\nissuer = \"{ACTIONS}\"\nsubject-regex = 'https://github\\.com/cinfer/cinfer/\\.github/workflows/(release|review)\\.yml@refs/heads/main'\nworld = \"request-reply\"\n"
+    )));
+    let echo = program("echo");
+    for b in [
+        "programs/echo.wasm.sigstore.json",
+        "programs/echo.review.sigstore.json",
+    ] {
+        let p = l.admit_signed(&echo, &sigstore_file(b)).expect(b);
+        assert_eq!(p.grant().name, "workflows");
+    }
+    // An unanchored-looking pattern still has to match the whole subject.
+    let prefix = loader(signed_policy(&format!(
+        "[[signer]]\nname = \"prefix\"\nissuer = \"{ACTIONS}\"\nsubject-regex = 'https://github\\.com/cinfer'\nworld = \"request-reply\"\n"
+    )));
+    assert_eq!(
+        refusal(
+            prefix
+                .admit_signed(&echo, &sigstore_file("programs/echo.wasm.sigstore.json"))
+                .unwrap_err()
+        ),
+        SignatureRefusal::IdentityNotAllowed
+    );
+    // Policy errors: both subject forms, and signers without a trust root.
+    let both = format!(
+        "worlds = \"w\"\ntrust-root = \"t\"\n[[signer]]\nname = \"x\"\nissuer = \"{ACTIONS}\"\nsubject = \"a\"\nsubject-regex = \"b\"\nworld = \"request-reply\"\n"
+    );
+    let err = Policy::parse(&both, |n| match n {
+        "t" => Ok(String::from_utf8(sigstore_file("fixtures/trusted_root.json")).expect("utf-8")),
+        _ => Ok(worlds()),
+    })
+    .unwrap_err();
+    assert!(
+        matches!(err, cinfer_host::PolicyError::BadSigner { .. }),
+        "{err}"
+    );
+    let no_root = format!(
+        "worlds = \"w\"\n[[signer]]\nname = \"x\"\nissuer = \"{ACTIONS}\"\nsubject = \"a\"\nworld = \"request-reply\"\n"
+    );
+    let err = Policy::parse(&no_root, |_| Ok(worlds())).unwrap_err();
+    assert!(
+        matches!(err, cinfer_host::PolicyError::TrustRoot(_)),
+        "{err}"
     );
 }
