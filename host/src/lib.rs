@@ -35,5 +35,21 @@ pub use loader::{
 };
 pub use policy::{Capabilities, Capability, Limits, Policy, PolicyError};
 
+/// Opens the directory holding `path` with ambient authority and returns it with
+/// the file's name inside it. The loader's only ambient file access (its
+/// command-line files, at start-up) goes through here; everything after is
+/// relative to the returned capability, which cannot reach outside it.
+pub fn open_parent_dir(path: &std::path::Path) -> std::io::Result<(cap_std::fs::Dir, &str)> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    let name = path.file_name().and_then(|f| f.to_str()).ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a UTF-8 file path")
+    })?;
+    let dir = cap_std::fs::Dir::open_ambient_dir(parent, cap_std::ambient_authority())?;
+    Ok((dir, name))
+}
+
 /// The loader's WIT package, embedded so the binary measures what it enforces.
 pub const LOADER_WIT: &str = include_str!("../../wit/loader.wit");

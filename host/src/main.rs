@@ -77,13 +77,8 @@ enum Command {
 /// Opens a file named on the command line through a capability handle on its
 /// directory (the loader's only ambient file access happens here, at start).
 fn open_arg_file(path: &Path) -> Result<std::fs::File> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let name = path.file_name().context("not a file path")?;
-    let dir = cap_std::fs::Dir::open_ambient_dir(parent, cap_std::ambient_authority())
-        .with_context(|| format!("opening directory {}", parent.display()))?;
+    let (dir, name) = cinfer_host::open_parent_dir(path)
+        .with_context(|| format!("opening the directory of {}", path.display()))?;
     Ok(dir
         .open(name)
         .with_context(|| format!("opening {}", path.display()))?

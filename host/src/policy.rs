@@ -208,7 +208,7 @@ struct PolicyToml {
 #[non_exhaustive]
 pub enum PolicyError {
     /// A policy file could not be read.
-    #[error("cannot read policy file {path}: {source}")]
+    #[error("cannot read policy file {path}")]
     Read {
         /// The file, relative to the policy directory.
         path: String,
@@ -517,23 +517,10 @@ impl Policy {
     /// Opens the directory of `path` with ambient authority (the one place the
     /// loader does so, at start-up) and loads the policy from it.
     pub fn load_path(path: &std::path::Path) -> Result<Self, PolicyError> {
-        let display = path.display().to_string();
-        let parent = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => std::path::Path::new("."),
-        };
-        let file = path
-            .file_name()
-            .and_then(|f| f.to_str())
-            .ok_or_else(|| PolicyError::Read {
-                path: display.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
-            })?;
-        let dir = cap_std::fs::Dir::open_ambient_dir(parent, cap_std::ambient_authority())
-            .map_err(|source| PolicyError::Read {
-                path: display,
-                source,
-            })?;
+        let (dir, file) = crate::open_parent_dir(path).map_err(|source| PolicyError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
         Self::load(&dir, file)
     }
 
