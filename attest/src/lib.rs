@@ -12,7 +12,27 @@
 //!
 //! Wire form: [`Evidence`] as JSON (byte strings in lowercase hex), the same bytes
 //! over HTTP to the keyserver and over the loader's framed channel.
+//!
+//! Verification ([`verify::verify`]) is pure Rust and reads no clock; the
+//! keyserver's answers ([`release::KeyRelease`], [`release::SignedRequestKey`])
+//! are defined here too, so the loader and clients parse what the keyserver
+//! writes.
+//!
+//! This crate trusts nothing it parses: every byte of evidence is checked
+//! against the reference values it is given.
 #![forbid(unsafe_code)]
+
+pub mod release;
+pub mod verify;
+
+#[cfg(any(test, feature = "test-fixtures"))]
+pub mod fixture;
+
+pub use release::{
+    KEY_RELEASE_VERSION, KeyRelease, ReleasedKey, ReleasedKeyKind, RequestKeyStatement,
+    SignedRequestKey, StatementError, release_context,
+};
+pub use verify::{EvidenceError, ReferenceValues, Verified, verify};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -41,6 +61,24 @@ pub enum EventKind {
     Policy,
     /// A Sigstore trust root (`trusted_root.json`) named by a policy.
     TrustRoot,
+}
+
+impl EventKind {
+    /// The kebab-case name used in JSON, TOML and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::LoaderBinary => "loader-binary",
+            Self::Config => "config",
+            Self::Policy => "policy",
+            Self::TrustRoot => "trust-root",
+        }
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// One entry of the loader's event log: what was extended into which PCR.

@@ -1,0 +1,241 @@
+//! What the keyserver sends back: wrapped keys after verified evidence
+//! ([`KeyRelease`]), and its published request key signed by its identity key
+//! ([`SignedRequestKey`]). Shared by the keyserver, the loader and clients.
+
+use p256::ecdsa::signature::{Signer as _, Verifier as _};
+use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+/// Version of the key-release format written by this code.
+pub const KEY_RELEASE_VERSION: u32 = 1;
+/// Version of the request-key statement written by this code.
+pub const REQUEST_KEY_STATEMENT_VERSION: u32 = 1;
+/// The HPKE suite of request keys, as named in a [`RequestKeyStatement`].
+pub const REQUEST_KEY_SUITE: &str = "DHKEM(P-256,HKDF-SHA256)/HKDF-SHA256/AES-256-GCM";
+/// `type` of a [`RequestKeyStatement`]: keeps these signatures apart from
+/// anything else an identity key might ever sign.
+pub const REQUEST_KEY_STATEMENT_TYPE: &str = "cinfer/request-key/v1";
+
+/// Which kind of secret a [`ReleasedKey`] carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReleasedKeyKind {
+    /// A model data key (32-byte AES-256 key of a sealed model).
+    Model,
+    /// A request private key (32-byte P-256 scalar).
+    Request,
+}
+
+impl ReleasedKeyKind {
+    /// The wire name (`model`, `request`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Model => "model",
+            Self::Request => "request",
+        }
+    }
+}
+
+impl std::fmt::Display for ReleasedKeyKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One secret, wrapped (HPKE, `cinfer_envelope::keywrap`) to the evidence's
+/// HPKE public key with context [`release_context`]`(kind, id)` and the
+/// release's nonce as associated data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleasedKey {
+    /// What the secret is.
+    pub kind: ReleasedKeyKind,
+    /// Model id, or request key id.
+    pub id: String,
+    /// HPKE encapsulated key.
+    #[serde(with = "hex::serde")]
+    pub enc: Vec<u8>,
+    /// The wrapped secret.
+    #[serde(with = "hex::serde")]
+    pub ciphertext: Vec<u8>,
+}
+
+/// The keyserver's answer to verified evidence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRelease {
+    /// [`KEY_RELEASE_VERSION`].
+    pub version: u32,
+    /// The nonce the evidence answered (also the wrapping AAD).
+    #[serde(with = "hex::serde")]
+    pub nonce: Vec<u8>,
+    /// The wrapped secrets.
+    pub keys: Vec<ReleasedKey>,
+}
+
+/// The wrapping context of a released key: `kind || 0x00 || id`, so a secret
+/// unwraps only as what it was released as.
+pub fn release_context(kind: ReleasedKeyKind, id: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(kind.as_str().len() + 1 + id.len());
+    out.extend_from_slice(kind.as_str().as_bytes());
+    out.push(0);
+    out.extend_from_slice(id.as_bytes());
+    out
+}
+
+/// What the keyserver states about its request key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestKeyStatement {
+    /// [`REQUEST_KEY_STATEMENT_TYPE`].
+    #[serde(rename = "type")]
+    pub statement_type: String,
+    /// `cinfer_envelope::RequestPublicKey::key_id` of the key.
+    pub key_id: String,
+    /// [`REQUEST_KEY_SUITE`].
+    pub suite: String,
+    /// The public key: uncompressed SEC1 P-256 point.
+    #[serde(with = "hex::serde")]
+    pub public_key: Vec<u8>,
+    /// Valid from (Unix seconds).
+    pub not_before: u64,
+    /// Valid until (Unix seconds).
+    pub not_after: u64,
+}
+
+impl RequestKeyStatement {
+    /// Whether `now` (Unix seconds) lies in the validity window.
+    pub fn is_valid_at(&self, now: u64) -> bool {
+        self.not_before <= now && now <= self.not_after
+    }
+}
+
+/// A request key statement signed by the keyserver's identity key. The
+/// signature covers the exact bytes of `statement_json` (ECDSA P-256, SHA-256),
+/// so clients verify bytes, never a re-serialization.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedRequestKey {
+    /// The [`RequestKeyStatement`] as JSON.
+    pub statement_json: String,
+    /// ECDSA P-256 signature over `statement_json`, `r || s` (64 bytes), hex.
+    #[serde(with = "hex::serde")]
+    pub signature: Vec<u8>,
+}
+
+/// Why a signed request key was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StatementError {
+    /// The identity public key is not a P-256 point.
+    #[error("identity public key is not a P-256 point")]
+    BadIdentityKey,
+    /// The signature does not verify under the identity key.
+    #[error("request key statement signature does not verify")]
+    BadSignature,
+    /// The signed bytes are not a statement of this format.
+    #[error("malformed request key statement: {0}")]
+    Malformed(String),
+}
+
+impl SignedRequestKey {
+    /// Signs `statement` with `identity`.
+    pub fn sign(statement: &RequestKeyStatement, identity: &SigningKey) -> Self {
+        // Serializing this plain struct cannot fail.
+        let statement_json = serde_json::to_string(statement).unwrap_or_default();
+        let signature: Signature = identity.sign(statement_json.as_bytes());
+        Self {
+            statement_json,
+            signature: signature.to_bytes().to_vec(),
+        }
+    }
+
+    /// Verifies the signature under `identity_public_key` (SEC1, as printed by
+    /// `keyserver public-identity`) and returns the statement. The caller
+    /// still checks the validity window ([`RequestKeyStatement::is_valid_at`]).
+    pub fn verify(
+        &self,
+        identity_public_key: &[u8],
+    ) -> Result<RequestKeyStatement, StatementError> {
+        let key = VerifyingKey::from_sec1_bytes(identity_public_key)
+            .map_err(|_| StatementError::BadIdentityKey)?;
+        let signature =
+            Signature::from_slice(&self.signature).map_err(|_| StatementError::BadSignature)?;
+        key.verify(self.statement_json.as_bytes(), &signature)
+            .map_err(|_| StatementError::BadSignature)?;
+        let statement: RequestKeyStatement = serde_json::from_str(&self.statement_json)
+            .map_err(|e| StatementError::Malformed(e.to_string()))?;
+        if statement.statement_type != REQUEST_KEY_STATEMENT_TYPE {
+            return Err(StatementError::Malformed(format!(
+                "type {:?}",
+                statement.statement_type
+            )));
+        }
+        if statement.suite != REQUEST_KEY_SUITE {
+            return Err(StatementError::Malformed(format!(
+                "suite {:?}",
+                statement.suite
+            )));
+        }
+        Ok(statement)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixture::{public_bytes, test_key};
+
+    fn statement() -> RequestKeyStatement {
+        RequestKeyStatement {
+            statement_type: REQUEST_KEY_STATEMENT_TYPE.into(),
+            key_id: "0011223344556677".into(),
+            suite: REQUEST_KEY_SUITE.into(),
+            public_key: public_bytes(&test_key(3)),
+            not_before: 100,
+            not_after: 200,
+        }
+    }
+
+    #[test]
+    fn signed_statement_verifies_and_refuses_tampering() {
+        let identity = test_key(9);
+        let signed = SignedRequestKey::sign(&statement(), &identity);
+        let got = signed.verify(&public_bytes(&identity)).unwrap();
+        assert_eq!(got, statement());
+        assert!(got.is_valid_at(150) && !got.is_valid_at(201) && !got.is_valid_at(99));
+
+        let mut tampered = signed.clone();
+        tampered.statement_json = tampered.statement_json.replace("200", "900");
+        assert_eq!(
+            tampered.verify(&public_bytes(&identity)),
+            Err(StatementError::BadSignature)
+        );
+        assert_eq!(
+            signed.verify(&public_bytes(&test_key(10))),
+            Err(StatementError::BadSignature)
+        );
+        assert_eq!(signed.verify(&[4; 65]), Err(StatementError::BadIdentityKey));
+    }
+
+    #[test]
+    fn statement_of_another_type_is_refused() {
+        let identity = test_key(9);
+        let mut s = statement();
+        s.statement_type = "something-else".into();
+        let signed = SignedRequestKey::sign(&s, &identity);
+        assert!(matches!(
+            signed.verify(&public_bytes(&identity)),
+            Err(StatementError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn release_context_separates_kind_and_id() {
+        assert_eq!(
+            release_context(ReleasedKeyKind::Model, "m1"),
+            b"model\0m1".to_vec()
+        );
+        assert_ne!(
+            release_context(ReleasedKeyKind::Model, "x"),
+            release_context(ReleasedKeyKind::Request, "x")
+        );
+    }
+}
