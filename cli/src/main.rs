@@ -10,6 +10,8 @@ use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+mod signing;
+
 /// cinfer: confidential inference tools.
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -55,6 +57,53 @@ enum Command {
         /// Where to write it.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Makes an ECDSA P-256 signing key pair for `cinfer sign` (PKCS#8 PEM
+    /// private key, mode 0600; SubjectPublicKeyInfo PEM public key for the
+    /// policy's `public-key`). Teams with an HSM or KMS keep the key there and
+    /// sign with `cosign sign-blob --key`, which makes the same signatures.
+    Keygen {
+        /// Where to write the private key (refuses to overwrite).
+        #[arg(long)]
+        private: PathBuf,
+        /// Where to write the public key (refuses to overwrite).
+        #[arg(long)]
+        public: PathBuf,
+    },
+    /// Signs a file (a program component) with an ECDSA P-256 key: writes a
+    /// detached signature, base64 of the DER ECDSA-SHA256 signature, the
+    /// format of `cosign sign-blob --key` (and `cosign verify-blob --key`
+    /// checks it). Nothing is logged anywhere: the key path has no
+    /// transparency log unless the team uploads the entry itself.
+    Sign {
+        /// The file to sign.
+        file: PathBuf,
+        /// PKCS#8 PEM private key (from `cinfer keygen`).
+        #[arg(long)]
+        key: PathBuf,
+        /// Where to write the signature [default: FILE.sig].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Checks a program the way the trusted loader admits it: its signatures
+    /// (Sigstore bundles or detached key signatures, verified offline) against
+    /// a policy, then its imports against the granted world. Prints who
+    /// signed, when, which log entry, and the verdict; exits 1 if refused.
+    Verify {
+        /// The program component (.wasm).
+        program: PathBuf,
+        /// Policy TOML (signers, quorums, trust root).
+        #[arg(long)]
+        policy: PathBuf,
+        /// A signature file (repeatable): bundle JSON or detached signature.
+        #[arg(long = "bundle", visible_alias = "signature", value_name = "FILE")]
+        bundles: Vec<PathBuf>,
+    },
+    /// Prints a component's digest, size, imports and exports (nothing is run
+    /// or compiled).
+    Inspect {
+        /// The component (.wasm).
+        program: PathBuf,
     },
 }
 
@@ -164,6 +213,100 @@ fn dev_model_key(out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Creates `path` for writing; never overwrites, mode 0600 on Unix.
+fn create_new(path: &Path, private: bool) -> Result<std::fs::File> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    if private {
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    opts.open(path)
+        .with_context(|| format!("creating {} (refusing to overwrite)", path.display()))
+}
+
+fn keygen(private: &Path, public: &Path) -> Result<()> {
+    let (private_pem, public_pem) = signing::generate()?;
+    create_new(private, true)?.write_all(private_pem.as_bytes())?;
+    create_new(public, false)?.write_all(public_pem.as_bytes())?;
+    println!(
+        "wrote private key {} and public key {} (sha256 of key: {})",
+        private.display(),
+        public.display(),
+        signing::fingerprint(&public_pem)?
+    );
+    Ok(())
+}
+
+fn sign(file: &Path, key: &Path, out: Option<&Path>) -> Result<()> {
+    let pem = zeroize::Zeroizing::new(
+        std::fs::read_to_string(key).with_context(|| format!("reading {}", key.display()))?,
+    );
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let sig = signing::sign(&pem, &bytes)?;
+    let out = out.map_or_else(
+        || {
+            let mut p = file.as_os_str().to_owned();
+            p.push(".sig");
+            PathBuf::from(p)
+        },
+        Path::to_path_buf,
+    );
+    create_new(&out, false)?.write_all(sig.as_bytes())?;
+    println!(
+        "signed {} (sha256 {}) -> {}",
+        file.display(),
+        hex::encode(Sha256::digest(&bytes)),
+        out.display()
+    );
+    Ok(())
+}
+
+fn verify(program: &Path, policy: &Path, bundles: &[PathBuf]) -> Result<bool> {
+    let policy = cinfer_host::Policy::load_path(policy).context("loading the policy")?;
+    let bytes = std::fs::read(program).with_context(|| format!("reading {}", program.display()))?;
+    let sigs = bundles
+        .iter()
+        .map(|b| std::fs::read(b).with_context(|| format!("reading {}", b.display())))
+        .collect::<Result<Vec<_>>>()?;
+    let refs: Vec<&[u8]> = sigs.iter().map(Vec::as_slice).collect();
+    let loader = cinfer_host::Loader::new(policy, cinfer_host::LoaderConfig::default())?;
+    println!("program:  {}", program.display());
+    let (admitted, report) = cinfer_host::report::admission(&loader, &bytes, &refs);
+    print!("{report}");
+    Ok(admitted)
+}
+
+fn inspect(program: &Path) -> Result<()> {
+    let bytes = std::fs::read(program).with_context(|| format!("reading {}", program.display()))?;
+    println!("file:     {}", program.display());
+    println!("size:     {} bytes", bytes.len());
+    println!("sha256:   {}", hex::encode(Sha256::digest(&bytes)));
+    cinfer_host::admission::check_preamble(&bytes).context("not a WebAssembly component")?;
+    let decoded = wit_component::decode(&bytes).context("not a WebAssembly component")?;
+    let wit_component::DecodedWasm::Component(resolve, world) = &decoded else {
+        bail!("a WIT package, not a component");
+    };
+    let world = &resolve.worlds[*world];
+    for (label, items) in [("imports", &world.imports), ("exports", &world.exports)] {
+        println!("{label}:");
+        if items.is_empty() {
+            println!("  (none)");
+        }
+        for (key, item) in items {
+            let kind = match item {
+                wit_parser::WorldItem::Interface { .. } => "interface",
+                wit_parser::WorldItem::Function(_) => "func",
+                wit_parser::WorldItem::Type { .. } => "type",
+            };
+            println!("  {kind} {}", resolve.name_world_key(key));
+        }
+    }
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let r = match &cli.command {
@@ -177,6 +320,18 @@ fn main() -> std::process::ExitCode {
         } => seal_model(model, model_id, key_id, key, out, *chunk_size),
         Command::UnsealCheck { sealed, key } => unseal_check(sealed, key),
         Command::DevModelKey { out } => dev_model_key(out),
+        Command::Keygen { private, public } => keygen(private, public),
+        Command::Sign { file, key, out } => sign(file, key, out.as_deref()),
+        Command::Verify {
+            program,
+            policy,
+            bundles,
+        } => match verify(program, policy, bundles) {
+            Ok(true) => Ok(()),
+            Ok(false) => return std::process::ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
+        Command::Inspect { program } => inspect(program),
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -100,6 +100,11 @@ pub enum SignatureRefusal {
     IdentityNotAllowed,
     /// The transparency-log entry, its SET, inclusion proof or checkpoint is invalid.
     TransparencyProofInvalid,
+    /// A key-based signature does not verify under any key the policy lists
+    /// (for a detached ECDSA signature, other bytes and another key look alike).
+    KeySignatureInvalid,
+    /// Listed signers signed, but fewer than any grant naming them requires (N of M).
+    QuorumNotMet,
     /// Another refusal.
     Other,
 }
@@ -109,7 +114,7 @@ impl SignatureRefusal {
     pub fn of(e: &cinfer_signing::SigningError) -> Self {
         use cinfer_signing::SigningError as E;
         match e {
-            E::MalformedBundle(_) => Self::Malformed,
+            E::MalformedBundle(_) | E::MalformedSignature(_) => Self::Malformed,
             E::Unsigned => Self::Unsigned,
             E::SignatureMismatch => Self::SignatureMismatch,
             E::UntrustedCa => Self::UntrustedCa,
@@ -117,6 +122,8 @@ impl SignatureRefusal {
             E::SctInvalid => Self::SctInvalid,
             E::IdentityNotAllowed { .. } => Self::IdentityNotAllowed,
             E::TransparencyProofInvalid(_) => Self::TransparencyProofInvalid,
+            E::KeySignatureInvalid => Self::KeySignatureInvalid,
+            E::KeyNotTrusted { .. } => Self::IdentityNotAllowed,
             _ => Self::Other,
         }
     }
@@ -126,7 +133,7 @@ impl SignatureRefusal {
 /// instantiate in microseconds.
 pub struct AdmittedProgram {
     pub(crate) grant: ProgramGrant,
-    pub(crate) signer: Option<cinfer_signing::VerifiedSigner>,
+    pub(crate) signatures: Vec<crate::signatures::VerifiedSignature>,
     pub(crate) pre: ProgramPre<RunState>,
     pub(crate) imports: Vec<String>,
 }
@@ -147,9 +154,10 @@ impl AdmittedProgram {
         &self.grant
     }
 
-    /// Who signed it, when and where it is logged (for signed admissions).
-    pub fn signer(&self) -> Option<&cinfer_signing::VerifiedSigner> {
-        self.signer.as_ref()
+    /// The signatures that earned a signed admission: who signed, when and
+    /// where it is logged (empty for admission by digest).
+    pub fn signatures(&self) -> &[crate::signatures::VerifiedSignature] {
+        &self.signatures
     }
 
     /// The interfaces the component actually imports.

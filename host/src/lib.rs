@@ -28,6 +28,8 @@ pub mod caps;
 pub mod loader;
 pub mod models;
 pub mod policy;
+pub mod report;
+pub mod signatures;
 
 pub use admission::{AdmissionError, AdmittedProgram};
 pub use loader::{

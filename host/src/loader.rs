@@ -20,6 +20,7 @@ use crate::caps::model::{ModelCtx, ModelStore, ModelView};
 use crate::caps::output::{FrameSink, OutputCtx};
 use crate::policy::{Capabilities, Capability, Limits, Policy, ProgramGrant, ceilings};
 use cinfer_envelope::{EnvelopeError, ReplyStatus, RequestPrivateKey};
+use sha2::{Digest as _, Sha256};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -283,8 +284,9 @@ impl Drop for EpochTicker {
     }
 }
 
-/// A signed admission's cache key: component digest and signer entry name.
-type SignedKey = ([u8; 32], String);
+/// A signed admission's cache key: SHA-256 over the component digest and every
+/// signature presented (length-prefixed, in order).
+type SignedKey = [u8; 32];
 
 /// The trusted loader: admits programs under one policy and runs requests.
 pub struct Loader {
@@ -294,7 +296,8 @@ pub struct Loader {
     models: Arc<ModelStore>,
     linkers: Mutex<HashMap<Capabilities, Arc<Linker<RunState>>>>,
     admitted: Mutex<HashMap<[u8; 32], Arc<AdmittedProgram>>>,
-    /// Signed admissions, by (digest, signer entry).
+    /// Signed admissions, by digest and signatures: the same bytes with the
+    /// same signatures are verified once.
     admitted_signed: Mutex<HashMap<SignedKey, Arc<AdmittedProgram>>>,
     _ticker: EpochTicker,
 }
@@ -377,48 +380,41 @@ impl Loader {
         Ok(program)
     }
 
-    /// Admits component bytes signed by a Sigstore bundle: the signature must
-    /// verify offline against the policy's trust root (certificate chain at the
-    /// signing time, SCT, Rekor SET, inclusion proof and checkpoint) and the
-    /// signer's identity must be one a `[[signer]]` entry lists; that entry's
-    /// world and limits are granted, and the usual import/export checks follow.
+    /// Admits component bytes signed by one Sigstore bundle or detached
+    /// signature; see [`Loader::admit_signatures`].
     pub fn admit_signed(
         &self,
         bytes: &[u8],
-        bundle_json: &[u8],
+        signature: &[u8],
+    ) -> Result<Arc<AdmittedProgram>, AdmissionError> {
+        self.admit_signatures(bytes, &[signature])
+    }
+
+    /// Admits component bytes by who signed them. Each signature is a Sigstore
+    /// bundle (keyless: certificate chain at the signing time, SCT, Rekor SET,
+    /// inclusion proof and checkpoint, all offline against the policy's trust
+    /// root; or key-based with the same log checks) or a detached
+    /// `cosign sign-blob --key` signature. Every signature must verify; the
+    /// signers the policy lists are then matched against its signed grants
+    /// (N-of-M quorums first) and the first satisfied grant's world and limits
+    /// are granted, followed by the usual import/export checks. The same bytes
+    /// with the same signatures are verified once and then served from a cache.
+    pub fn admit_signatures(
+        &self,
+        bytes: &[u8],
+        signatures: &[&[u8]],
     ) -> Result<Arc<AdmittedProgram>, AdmissionError> {
         admission::check_preamble(bytes)?;
-        let trust = self
-            .policy
-            .trust_root()
-            .ok_or(AdmissionError::NoTrustRoot)?;
-        let rules: Vec<cinfer_signing::IdentityRule> = self
-            .policy
-            .signers()
-            .iter()
-            .map(|s| s.identity.clone())
-            .collect();
-        let signer =
-            cinfer_signing::verify_bundle(bytes, bundle_json, trust, &rules).map_err(|e| {
-                AdmissionError::Signature {
-                    refusal: admission::SignatureRefusal::of(&e),
-                    detail: e.to_string(),
-                }
-            })?;
-        let entry = self
-            .policy
-            .signers()
-            .iter()
-            .find(|s| {
-                s.identity.issuer.matches(&signer.issuer)
-                    && s.identity.subject.matches(&signer.subject)
-            })
-            .ok_or_else(|| AdmissionError::Signature {
-                refusal: admission::SignatureRefusal::IdentityNotAllowed,
-                detail: format!("no signer entry for {} / {}", signer.issuer, signer.subject),
-            })?;
         let digest = admission::digest(bytes);
-        let key = (digest, entry.name.clone());
+        let key: SignedKey = {
+            let mut h = Sha256::new();
+            h.update(digest);
+            for s in signatures {
+                h.update((s.len() as u64).to_be_bytes());
+                h.update(s);
+            }
+            h.finalize().into()
+        };
         if let Some(p) = self
             .admitted_signed
             .lock()
@@ -427,11 +423,14 @@ impl Loader {
         {
             return Ok(p.clone());
         }
-        let mut grant = entry.grant.clone();
+        let (signed, verified) = crate::signatures::admit(&self.policy, bytes, signatures)?;
+        let mut grant = signed.grant;
         grant.digest = digest;
         let mut program = self.compile_with(bytes, grant)?;
-        tracing::info!(signer = %entry.name, subject = %signer.subject, log_index = signer.log_index, digest = %hex::encode(digest), "admitted signed program");
-        program.signer = Some(signer);
+        for v in &verified {
+            tracing::info!(grant = %program.grant.name, signer = %v.signer, identity = %v.identity, log_index = v.log.as_ref().map(|l| l.log_index), digest = %hex::encode(digest), "admitted signed program");
+        }
+        program.signatures = verified;
         let program = Arc::new(program);
         self.admitted_signed
             .lock()
@@ -482,7 +481,7 @@ impl Loader {
         })?;
         Ok(AdmittedProgram {
             grant,
-            signer: None,
+            signatures: Vec::new(),
             pre,
             imports,
         })

@@ -34,10 +34,12 @@ enum Command {
         /// Program component (.wasm).
         #[arg(long)]
         program: PathBuf,
-        /// Sigstore bundle (JSON) signing the program: admit it by signer
-        /// identity (`[[signer]]` entries) instead of by digest.
-        #[arg(long)]
-        bundle: Option<PathBuf>,
+        /// A signature over the program (repeatable): a Sigstore bundle (JSON,
+        /// keyless or key-based) or a detached `cosign sign-blob --key`
+        /// signature. With any, the program is admitted by who signed it
+        /// (`[[signer]]` / `[[quorum]]` entries) instead of by digest.
+        #[arg(long = "bundle", visible_alias = "signature", value_name = "FILE")]
+        bundles: Vec<PathBuf>,
     },
     /// Runs one request in DEVELOPMENT mode: seals INPUT to the key in
     /// --request-key as a client would, runs the program on the sealed
@@ -98,7 +100,7 @@ fn read_arg_file(path: &Path) -> Result<Vec<u8>> {
     Ok(buf)
 }
 
-fn check(policy: &Path, program: &Path, bundle: Option<&Path>) -> Result<ExitCode> {
+fn check(policy: &Path, program: &Path, bundles: &[PathBuf]) -> Result<ExitCode> {
     let policy = Policy::load_path(policy).context("loading the policy")?;
     let bytes = read_arg_file(program)?;
     let loader = Loader::new(policy, LoaderConfig::default())?;
@@ -107,49 +109,18 @@ fn check(policy: &Path, program: &Path, bundle: Option<&Path>) -> Result<ExitCod
         "sha256:   {}",
         hex::encode(cinfer_host::admission::digest(&bytes))
     );
-    let verdict = match bundle {
-        Some(b) => loader.admit_signed(&bytes, &read_arg_file(b)?),
-        None => loader.admit(&bytes),
-    };
-    match verdict {
-        Ok(p) => {
-            if let Some(s) = p.signer() {
-                println!("signer:   {} (issuer {})", s.subject, s.issuer);
-                println!(
-                    "signed:   {} (Unix time, Rekor integratedTime)",
-                    s.integrated_time
-                );
-                println!("log:      index {} of log {}", s.log_index, s.log_id);
-            }
-            let g = p.grant();
-            println!("verdict:  ADMITTED as `{}` in world `{}`", g.name, g.world);
-            println!("granted:  {}", g.capabilities);
-            println!(
-                "imports:  {}",
-                if p.imports().is_empty() {
-                    "(none)".to_owned()
-                } else {
-                    p.imports().join(", ")
-                }
-            );
-            println!(
-                "limits:   memory {} B, deadline {} ms, egress {} B, accelerator {} B, request {} B",
-                g.limits.memory_bytes,
-                g.limits.deadline.as_millis(),
-                g.limits.egress_bytes,
-                g.limits.accelerator_bytes,
-                g.limits.request_bytes
-            );
-            if !g.models.is_empty() {
-                println!("models:   {}", g.models.join(", "));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(e) => {
-            println!("verdict:  REFUSED: {e}");
-            Ok(ExitCode::FAILURE)
-        }
-    }
+    let signatures = bundles
+        .iter()
+        .map(|b| read_arg_file(b))
+        .collect::<Result<Vec<_>>>()?;
+    let refs: Vec<&[u8]> = signatures.iter().map(Vec::as_slice).collect();
+    let (admitted, report) = cinfer_host::report::admission(&loader, &bytes, &refs);
+    print!("{report}");
+    Ok(if admitted {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// Opens each `ID=PATH` sealed model with the data key.
@@ -259,8 +230,8 @@ fn main() -> ExitCode {
         Command::Check {
             policy,
             program,
-            bundle,
-        } => check(policy, program, bundle.as_deref()),
+            bundles,
+        } => check(policy, program, bundles),
         Command::Run {
             policy,
             program,

@@ -180,9 +180,23 @@ struct ProgramToml {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct SignerToml {
     name: String,
-    issuer: String,
+    issuer: Option<String>,
     subject: Option<String>,
     subject_regex: Option<String>,
+    public_key: Option<String>,
+    world: Option<String>,
+    #[serde(default)]
+    limits: LimitsToml,
+    #[serde(default)]
+    models: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct QuorumToml {
+    name: String,
+    signers: Vec<String>,
+    threshold: Option<usize>,
     world: String,
     #[serde(default)]
     limits: LimitsToml,
@@ -201,6 +215,8 @@ struct PolicyToml {
     programs: Vec<ProgramToml>,
     #[serde(default, rename = "signer")]
     signers: Vec<SignerToml>,
+    #[serde(default, rename = "quorum")]
+    quorums: Vec<QuorumToml>,
 }
 
 /// Why a policy was refused.
@@ -296,15 +312,51 @@ pub struct ProgramGrant {
     pub models: Vec<String>,
 }
 
-/// What the policy grants programs signed by one identity.
+/// How a signer proves itself.
 #[derive(Debug, Clone)]
-pub struct SignerGrant {
+pub enum SignerKind {
+    /// A Sigstore keyless identity: OIDC issuer + certificate subject.
+    Keyless(cinfer_signing::IdentityRule),
+    /// A public key (ECDSA P-256): key-based Sigstore bundles and detached
+    /// `cosign sign-blob --key` signatures.
+    Key {
+        /// The key, SubjectPublicKeyInfo PEM.
+        public_key_pem: Vec<u8>,
+        /// Hex SHA-256 of the key's DER SubjectPublicKeyInfo.
+        fingerprint: String,
+    },
+}
+
+/// A signer the policy knows: a name and how it proves itself.
+#[derive(Debug, Clone)]
+pub struct Signer {
     /// The signer's policy name.
     pub name: String,
-    /// The identity (OIDC issuer + certificate subject) it stands for.
-    pub identity: cinfer_signing::IdentityRule,
+    /// Its identity or key.
+    pub kind: SignerKind,
+}
+
+/// What the policy grants programs carrying valid signatures from at least
+/// `threshold` of `signers` (N of M). A `[[signer]]` entry with a `world` is a
+/// grant of its own with threshold 1; a `[[quorum]]` entry names several.
+#[derive(Debug, Clone)]
+pub struct SignedGrant {
+    /// Names of the signers that count towards the threshold.
+    pub signers: Vec<String>,
+    /// How many distinct signers of `signers` must have signed.
+    pub threshold: usize,
     /// The world, capabilities, limits and models granted.
     pub grant: ProgramGrant,
+}
+
+/// A file the policy was built from, with its SHA-256 (what the loader measures).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyFile {
+    /// The name the policy gives it (relative to the policy directory); the
+    /// policy TOML itself is named by [`Policy::load`], or `policy.toml` by [`Policy::parse`].
+    pub name: String,
+    /// SHA-256 of its bytes.
+    pub sha256: [u8; 32],
 }
 
 /// A parsed, validated policy.
@@ -312,8 +364,10 @@ pub struct SignerGrant {
 pub struct Policy {
     worlds: BTreeMap<String, Capabilities>,
     programs: Vec<ProgramGrant>,
-    signers: Vec<SignerGrant>,
+    signers: Vec<Signer>,
+    signed_grants: Vec<SignedGrant>,
     trust_root: Option<std::sync::Arc<cinfer_signing::TrustRoot>>,
+    files: Vec<PolicyFile>,
     digest: [u8; 32],
 }
 
@@ -426,76 +480,168 @@ impl Policy {
                 models: p.models.clone(),
             });
         }
-        let mut signers = Vec::with_capacity(doc.signers.len());
+        let mut files = vec![
+            PolicyFile {
+                name: "policy.toml".to_owned(),
+                sha256: Sha256::digest(toml_text.as_bytes()).into(),
+            },
+            PolicyFile {
+                name: doc.worlds.clone(),
+                sha256: Sha256::digest(worlds_text.as_bytes()).into(),
+            },
+        ];
+        let world_caps = |entry: &str, world: &str| {
+            worlds
+                .get(world)
+                .copied()
+                .ok_or_else(|| PolicyError::UnknownWorld {
+                    program: entry.to_owned(),
+                    world: world.to_owned(),
+                })
+        };
+        let mut signers: Vec<Signer> = Vec::with_capacity(doc.signers.len());
+        let mut single: Vec<SignedGrant> = Vec::new();
         for sg in &doc.signers {
             let bad = |reason: String| PolicyError::BadSigner {
                 signer: sg.name.clone(),
                 reason,
             };
-            let subject = match (&sg.subject, &sg.subject_regex) {
-                (Some(s), None) => cinfer_signing::Matcher::exact(s.clone()),
-                (None, Some(r)) => {
-                    cinfer_signing::Matcher::regex(r).map_err(|e| bad(e.to_string()))?
+            if signers.iter().any(|s| s.name == sg.name) {
+                return Err(bad("two signers have this name".into()));
+            }
+            let kind = match (&sg.issuer, &sg.subject, &sg.subject_regex, &sg.public_key) {
+                (Some(issuer), subject, regex, None) => {
+                    let subject = match (subject, regex) {
+                        (Some(s), None) => cinfer_signing::Matcher::exact(s.clone()),
+                        (None, Some(r)) => {
+                            cinfer_signing::Matcher::regex(r).map_err(|e| bad(e.to_string()))?
+                        }
+                        _ => {
+                            return Err(bad(
+                                "give exactly one of `subject` and `subject-regex`".into()
+                            ));
+                        }
+                    };
+                    SignerKind::Keyless(cinfer_signing::IdentityRule::new(
+                        cinfer_signing::Matcher::exact(issuer.clone()),
+                        subject,
+                    ))
+                }
+                (None, None, None, Some(path)) => {
+                    let pem = read(path)?;
+                    let fingerprint = cinfer_signing::key_fingerprint(pem.as_bytes())
+                        .map_err(|e| bad(format!("public-key {path}: {e}")))?;
+                    files.push(PolicyFile {
+                        name: path.clone(),
+                        sha256: Sha256::digest(pem.as_bytes()).into(),
+                    });
+                    SignerKind::Key {
+                        public_key_pem: pem.into_bytes(),
+                        fingerprint,
+                    }
                 }
                 _ => {
                     return Err(bad(
-                        "give exactly one of `subject` and `subject-regex`".into()
+                        "give either `issuer` with `subject`/`subject-regex` (keyless) or `public-key` (key-based)".into(),
                     ));
                 }
             };
-            let capabilities = *worlds
-                .get(&sg.world)
-                .ok_or_else(|| PolicyError::UnknownWorld {
-                    program: sg.name.clone(),
-                    world: sg.world.clone(),
-                })?;
-            signers.push(SignerGrant {
+            signers.push(Signer {
                 name: sg.name.clone(),
-                identity: cinfer_signing::IdentityRule::new(
-                    cinfer_signing::Matcher::exact(sg.issuer.clone()),
-                    subject,
-                ),
+                kind,
+            });
+            if let Some(world) = &sg.world {
+                single.push(SignedGrant {
+                    signers: vec![sg.name.clone()],
+                    threshold: 1,
+                    grant: ProgramGrant {
+                        name: sg.name.clone(),
+                        digest: [0; 32],
+                        world: world.clone(),
+                        capabilities: world_caps(&sg.name, world)?,
+                        limits: apply_limits(&defaults, &sg.limits)?,
+                        models: sg.models.clone(),
+                    },
+                });
+            } else if !sg.models.is_empty() {
+                return Err(bad(
+                    "`models` needs a `world` (or belongs on a quorum)".into()
+                ));
+            }
+        }
+        // Quorums are tried before single-signer grants: a program signed by the
+        // whole quorum gets the quorum's (usually wider) grant.
+        let mut signed_grants = Vec::with_capacity(doc.quorums.len() + single.len());
+        for q in &doc.quorums {
+            let bad = |reason: String| PolicyError::BadSigner {
+                signer: q.name.clone(),
+                reason,
+            };
+            let mut names: Vec<String> = Vec::with_capacity(q.signers.len());
+            for n in &q.signers {
+                if !signers.iter().any(|s| &s.name == n) {
+                    return Err(bad(format!("quorum names unknown signer `{n}`")));
+                }
+                if names.contains(n) {
+                    return Err(bad(format!("quorum names signer `{n}` twice")));
+                }
+                names.push(n.clone());
+            }
+            let threshold = q.threshold.unwrap_or(names.len());
+            if threshold == 0 || threshold > names.len() {
+                return Err(bad(format!(
+                    "threshold {threshold} must be between 1 and the {} signers listed",
+                    names.len()
+                )));
+            }
+            signed_grants.push(SignedGrant {
+                signers: names,
+                threshold,
                 grant: ProgramGrant {
-                    name: sg.name.clone(),
+                    name: q.name.clone(),
                     digest: [0; 32],
-                    world: sg.world.clone(),
-                    capabilities,
-                    limits: apply_limits(&defaults, &sg.limits)?,
-                    models: sg.models.clone(),
+                    world: q.world.clone(),
+                    capabilities: world_caps(&q.name, &q.world)?,
+                    limits: apply_limits(&defaults, &q.limits)?,
+                    models: q.models.clone(),
                 },
             });
         }
-        let trust_text = match &doc.trust_root {
-            Some(path) => Some(read(path)?),
-            None if signers.is_empty() => None,
-            None => {
+        signed_grants.extend(single);
+        let needs_trust_root = signers
+            .iter()
+            .any(|s| matches!(s.kind, SignerKind::Keyless(_)));
+        let trust_root = match &doc.trust_root {
+            Some(path) => {
+                let text = read(path)?;
+                files.push(PolicyFile {
+                    name: path.clone(),
+                    sha256: Sha256::digest(text.as_bytes()).into(),
+                });
+                Some(
+                    cinfer_signing::TrustRoot::from_json(text.as_bytes())
+                        .map(std::sync::Arc::new)
+                        .map_err(|e| PolicyError::TrustRoot(e.to_string()))?,
+                )
+            }
+            None if needs_trust_root => {
                 return Err(PolicyError::TrustRoot(
-                    "signers are listed but no `trust-root` file is given".into(),
+                    "keyless signers are listed but no `trust-root` file is given".into(),
                 ));
             }
+            None => None,
         };
-        let trust_root = trust_text
-            .as_deref()
-            .map(|t| cinfer_signing::TrustRoot::from_json(t.as_bytes()).map(std::sync::Arc::new))
-            .transpose()
-            .map_err(|e| PolicyError::TrustRoot(e.to_string()))?;
         let mut h = Sha256::new();
-        for part in [
-            Some(toml_text),
-            Some(worlds_text.as_str()),
-            trust_text.as_deref(),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            h.update((part.len() as u64).to_be_bytes());
-            h.update(part.as_bytes());
+        for f in &files {
+            h.update(f.sha256);
         }
         Ok(Policy {
             worlds,
             programs,
             signers,
+            signed_grants,
             trust_root,
+            files,
             digest: h.finalize().into(),
         })
     }
@@ -511,7 +657,11 @@ impl Policy {
                 })
         };
         let toml_text = read(file)?;
-        Self::parse(&toml_text, read)
+        let mut policy = Self::parse(&toml_text, read)?;
+        if let Some(first) = policy.files.first_mut() {
+            file.clone_into(&mut first.name);
+        }
+        Ok(policy)
     }
 
     /// Opens the directory of `path` with ambient authority (the one place the
@@ -534,9 +684,21 @@ impl Policy {
         &self.programs
     }
 
-    /// Every signer entry.
-    pub fn signers(&self) -> &[SignerGrant] {
+    /// Every signer the policy knows.
+    pub fn signers(&self) -> &[Signer] {
         &self.signers
+    }
+
+    /// Grants for signed programs, in the order admission tries them (quorums
+    /// first, then single-signer grants, each in file order).
+    pub fn signed_grants(&self) -> &[SignedGrant] {
+        &self.signed_grants
+    }
+
+    /// The files the policy was built from (TOML, worlds WIT, trust root, signer
+    /// keys), in the order they were read, with their SHA-256.
+    pub fn files(&self) -> &[PolicyFile] {
+        &self.files
     }
 
     /// The Sigstore trust root signatures are verified against, if the policy names one.
@@ -549,7 +711,8 @@ impl Policy {
         &self.worlds
     }
 
-    /// SHA-256 over the policy TOML, worlds WIT and trust root (what the loader measures).
+    /// SHA-256 over the SHA-256 of each of [`Policy::files`], in order: one value
+    /// naming everything the policy was built from.
     pub fn digest(&self) -> [u8; 32] {
         self.digest
     }

@@ -533,6 +533,9 @@ fn signed_policy(signers: &str) -> Policy {
         "trusted_root.json" => {
             Ok(String::from_utf8(sigstore_file("fixtures/trusted_root.json")).expect("utf-8"))
         }
+        "cosign.pub" | "other-key.pub" => {
+            Ok(String::from_utf8(sigstore_file(&format!("fixtures/{name}"))).expect("utf-8"))
+        }
         _ => Ok(worlds()),
     })
     .expect("signed policy")
@@ -558,8 +561,12 @@ fn signed_programs_are_admitted_by_identity_and_run() {
     let p = l
         .admit_signed(&echo, &sigstore_file("programs/echo.wasm.sigstore.json"))
         .expect("signed echo admitted");
-    let signer = p.signer().expect("signer recorded");
-    assert_eq!(signer.subject, RELEASE);
+    let [signature] = p.signatures() else {
+        panic!("one signature recorded")
+    };
+    assert_eq!(signature.signer, "ci-release");
+    assert_eq!(signature.identity, format!("{ACTIONS} / {RELEASE}"));
+    assert_eq!(signature.log.as_ref().expect("logged").subject, RELEASE);
     assert_eq!(p.grant().name, "ci-release");
     assert!(!p.grant().capabilities.contains(Capability::Accelerator));
     let key = RequestPrivateKey::generate();
@@ -667,4 +674,210 @@ fn signer_rules_match_exact_or_anchored_regex() {
         matches!(err, cinfer_host::PolicyError::TrustRoot(_)),
         "{err}"
     );
+}
+
+const REVIEW: &str =
+    "https://github.com/cinfer/cinfer/.github/workflows/review.yml@refs/heads/main";
+
+/// Signers: the release and review workflows (keyless) and the release key; the
+/// quorum grants the accelerator world only to programs both workflows signed.
+fn quorum_policy(extra: &str) -> Policy {
+    signed_policy(&format!(
+        "[[signer]]\nname = \"ci-build\"\nissuer = \"{ACTIONS}\"\nsubject = \"{RELEASE}\"\n\
+         [[signer]]\nname = \"review\"\nissuer = \"{ACTIONS}\"\nsubject = \"{REVIEW}\"\n\
+         [[signer]]\nname = \"release-key\"\npublic-key = \"cosign.pub\"\nworld = \"request-reply\"\n\
+         [[quorum]]\nname = \"built-and-reviewed\"\nsigners = [\"ci-build\", \"review\"]\nworld = \"compute\"\n{extra}"
+    ))
+}
+
+#[test]
+fn key_signed_programs_are_admitted_by_key_detached_or_logged() {
+    let l = loader(quorum_policy(""));
+    let echo = program("echo");
+    // A detached `cosign sign-blob --key` signature: no transparency log.
+    let p = l
+        .admit_signed(&echo, &sigstore_file("programs/echo.wasm.sig"))
+        .expect("detached key signature");
+    assert_eq!(p.grant().name, "release-key");
+    assert_eq!(p.grant().world, "request-reply");
+    let [sig] = p.signatures() else {
+        panic!("one signature")
+    };
+    assert_eq!(sig.signer, "release-key");
+    assert!(sig.log.is_none());
+    // A key-based bundle with a Rekor entry: logged, with its index.
+    let p = l
+        .admit_signed(&echo, &sigstore_file("programs/echo.key.sigstore.json"))
+        .expect("key bundle");
+    assert_eq!(p.grant().name, "release-key");
+    assert!(
+        p.signatures()[0]
+            .log
+            .as_ref()
+            .is_some_and(|l| l.integrated_time > 0)
+    );
+    // Over other bytes, or with a key the policy does not list.
+    assert_eq!(
+        refusal(
+            l.admit_signed(
+                &program("vector-ops"),
+                &sigstore_file("programs/echo.wasm.sig")
+            )
+            .unwrap_err()
+        ),
+        SignatureRefusal::KeySignatureInvalid
+    );
+    let other_key = loader(signed_policy(
+        "[[signer]]\nname = \"other\"\npublic-key = \"other-key.pub\"\nworld = \"request-reply\"\n",
+    ));
+    assert_eq!(
+        refusal(
+            other_key
+                .admit_signed(&echo, &sigstore_file("programs/echo.wasm.sig"))
+                .unwrap_err()
+        ),
+        SignatureRefusal::KeySignatureInvalid
+    );
+    assert_eq!(
+        refusal(
+            other_key
+                .admit_signed(&echo, &sigstore_file("programs/echo.key.sigstore.json"))
+                .unwrap_err()
+        ),
+        SignatureRefusal::IdentityNotAllowed
+    );
+    // A key signer alone needs no trust root; a bad key file is a policy error.
+    Policy::parse(
+        "worlds = \"w\"\n[[signer]]\nname = \"k\"\npublic-key = \"k.pub\"\nworld = \"compute\"\n",
+        |n| match n {
+            "k.pub" => Ok(String::from_utf8(sigstore_file("fixtures/cosign.pub")).expect("utf-8")),
+            _ => Ok(worlds()),
+        },
+    )
+    .expect("key-only policy");
+    let err = Policy::parse(
+        "worlds = \"w\"\n[[signer]]\nname = \"k\"\npublic-key = \"k.pub\"\nworld = \"compute\"\n",
+        |n| match n {
+            "k.pub" => {
+                Ok("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n".to_owned())
+            }
+            _ => Ok(worlds()),
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&err, cinfer_host::PolicyError::BadSigner { signer, .. } if signer == "k"),
+        "{err}"
+    );
+}
+
+#[test]
+fn quorums_need_n_of_m_distinct_signers() {
+    let l = loader(quorum_policy(""));
+    let echo = program("echo");
+    let build = sigstore_file("programs/echo.wasm.sigstore.json");
+    let review = sigstore_file("programs/echo.review.sigstore.json");
+    // Both workflows: the quorum's grant.
+    let p = l
+        .admit_signatures(&echo, &[&build, &review])
+        .expect("built and reviewed");
+    assert_eq!(p.grant().name, "built-and-reviewed");
+    assert_eq!(p.grant().world, "compute");
+    let mut who: Vec<&str> = p.signatures().iter().map(|s| s.signer.as_str()).collect();
+    who.sort_unstable();
+    assert_eq!(who, ["ci-build", "review"]);
+    // One of two, or the same signature twice, is not a quorum.
+    for sigs in [
+        vec![&build[..]],
+        vec![&build[..], &build[..]],
+        vec![&review[..]],
+    ] {
+        let e = l.admit_signatures(&echo, &sigs).unwrap_err();
+        assert!(
+            e.to_string().contains("needs 2 of [ci-build, review]"),
+            "{e}"
+        );
+        assert_eq!(refusal(e), SignatureRefusal::QuorumNotMet);
+    }
+    // The release key alone earns its own (narrower) grant.
+    let key_sig = sigstore_file("programs/echo.wasm.sig");
+    assert_eq!(
+        l.admit_signatures(&echo, &[&build, &key_sig])
+            .expect("key grant")
+            .grant()
+            .name,
+        "release-key"
+    );
+    // A bad signature is never ignored, even beside a full quorum.
+    let wrong = sigstore_file("fixtures/wrong-artifact.sigstore.json");
+    assert_eq!(
+        refusal(
+            l.admit_signatures(&echo, &[&build, &review, &wrong])
+                .unwrap_err()
+        ),
+        SignatureRefusal::SignatureMismatch
+    );
+    // No signatures at all.
+    assert_eq!(
+        refusal(l.admit_signatures(&echo, &[]).unwrap_err()),
+        SignatureRefusal::Unsigned
+    );
+    // 1-of-2 quorums and policy errors in quorums.
+    let one_of_two = loader(signed_policy(&format!(
+        "[[signer]]\nname = \"a\"\nissuer = \"{ACTIONS}\"\nsubject = \"{RELEASE}\"\n\
+         [[signer]]\nname = \"b\"\nissuer = \"{ACTIONS}\"\nsubject = \"{REVIEW}\"\n\
+         [[quorum]]\nname = \"either\"\nsigners = [\"a\", \"b\"]\nthreshold = 1\nworld = \"request-reply\"\n"
+    )));
+    assert_eq!(
+        one_of_two
+            .admit_signed(&echo, &review)
+            .expect("1 of 2")
+            .grant()
+            .name,
+        "either"
+    );
+    for (bad, why) in [
+        (
+            "signers = [\"ci-build\", \"nobody\"]",
+            "unknown signer `nobody`",
+        ),
+        ("signers = [\"ci-build\", \"ci-build\"]", "twice"),
+        ("signers = [\"ci-build\"]\nthreshold = 2", "threshold 2"),
+    ] {
+        let text = format!(
+            "worlds = \"w\"\ntrust-root = \"t\"\n[[signer]]\nname = \"ci-build\"\nissuer = \"{ACTIONS}\"\nsubject = \"{RELEASE}\"\n[[quorum]]\nname = \"q\"\n{bad}\nworld = \"compute\"\n"
+        );
+        let err = Policy::parse(&text, |n| match n {
+            "t" => {
+                Ok(String::from_utf8(sigstore_file("fixtures/trusted_root.json")).expect("utf-8"))
+            }
+            _ => Ok(worlds()),
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains(why), "{err}");
+    }
+}
+
+#[test]
+fn a_verified_program_is_served_from_the_cache() {
+    let l = loader(quorum_policy(""));
+    let echo = program("echo");
+    let build = sigstore_file("programs/echo.wasm.sigstore.json");
+    let review = sigstore_file("programs/echo.review.sigstore.json");
+    let first = l
+        .admit_signatures(&echo, &[&build, &review])
+        .expect("first");
+    let t = std::time::Instant::now();
+    let again = l
+        .admit_signatures(&echo, &[&build, &review])
+        .expect("again");
+    let cached = t.elapsed();
+    assert!(Arc::ptr_eq(&first, &again), "same admitted program");
+    // Another signature set is verified afresh and gets its own grant.
+    let key = l
+        .admit_signed(&echo, &sigstore_file("programs/echo.wasm.sig"))
+        .expect("key");
+    assert!(!Arc::ptr_eq(&first, &key));
+    assert_eq!(key.grant().name, "release-key");
+    eprintln!("cached admission took {cached:?}");
 }

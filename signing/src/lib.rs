@@ -258,15 +258,52 @@ pub fn verify_detached(
     public_key_pem: &[u8],
 ) -> Result<(), SigningError> {
     let (key, _) = parse_p256_key(public_key_pem)?;
+    let sig = parse_detached(signature_b64_der)?;
+    key.verify_signature(Signature::Raw(&sig), artifact)
+        .map_err(|_| SigningError::KeySignatureInvalid)
+}
+
+/// What a signature file is, judged from its bytes alone (nothing is verified).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignatureKind {
+    /// A Sigstore bundle with a signing certificate (keyless): [`verify_bundle`].
+    KeylessBundle,
+    /// A Sigstore bundle with a public-key hint: [`verify_key_bundle`].
+    KeyBundle,
+    /// Anything else is taken as a detached `cosign sign-blob --key` signature:
+    /// [`verify_detached`].
+    Detached,
+}
+
+/// Tells keyless bundles, key-based bundles and detached signatures apart. A JSON object
+/// that does not parse as a bundle is refused as malformed rather than guessed at.
+pub fn signature_kind(bytes: &[u8]) -> Result<SignatureKind, SigningError> {
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        return Ok(SignatureKind::Detached);
+    }
+    let bundle = parse_bundle(bytes)?;
+    Ok(match bundle.verification_material.and_then(|m| m.content) {
+        Some(verification_material::Content::PublicKey(_)) => SignatureKind::KeyBundle,
+        _ => SignatureKind::KeylessBundle,
+    })
+}
+
+/// Hex SHA-256 of a P-256 public key's DER SubjectPublicKeyInfo: how key-based signers are
+/// named in verdicts and logs (the same value [`VerifiedSigner::subject`] holds for them).
+pub fn key_fingerprint(public_key_pem: &[u8]) -> Result<String, SigningError> {
+    let (_, spki) = parse_p256_key(public_key_pem)?;
+    Ok(hex::encode(Sha256::digest(&spki)))
+}
+
+/// Decodes a detached signature file (base64 of DER, surrounding whitespace allowed) without
+/// verifying it: [`SigningError::Unsigned`] when empty, `MalformedSignature` when not base64.
+pub fn parse_detached(signature_b64_der: &[u8]) -> Result<Vec<u8>, SigningError> {
     let trimmed = signature_b64_der.trim_ascii();
     if trimmed.is_empty() {
         return Err(SigningError::Unsigned);
     }
-    let sig = B64
-        .decode(trimmed)
-        .map_err(|e| SigningError::MalformedSignature(format!("not base64: {e}")))?;
-    key.verify_signature(Signature::Raw(&sig), artifact)
-        .map_err(|_| SigningError::KeySignatureInvalid)
+    B64.decode(trimmed)
+        .map_err(|e| SigningError::MalformedSignature(format!("not base64: {e}")))
 }
 
 fn parse_bundle(json: &[u8]) -> Result<Bundle, SigningError> {

@@ -1,0 +1,199 @@
+//! Admission by signature: which policy signers signed these component bytes,
+//! and which signed grant (single signer or N-of-M quorum) that earns.
+//!
+//! Every presented signature must verify: one that is malformed, does not match
+//! the bytes, or fails a chain, SCT or transparency-log check refuses the
+//! program with that reason, even when other signatures are fine (a bad
+//! signature attached to a program is never ignored). A *valid* signature by
+//! someone the policy does not list is ignored; if no grant is then satisfied
+//! the refusal is `IdentityNotAllowed` (nobody listed signed) or `QuorumNotMet`
+//! (some listed signers did, not enough).
+
+use crate::admission::{AdmissionError, SignatureRefusal};
+use crate::policy::{Policy, SignedGrant, SignerKind};
+use cinfer_signing::{SignatureKind, SigningError};
+
+/// One signature that verified and belongs to a policy signer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedSignature {
+    /// The policy signer it counts for.
+    pub signer: String,
+    /// `issuer / subject` for keyless signatures, `key sha256:<fingerprint>` for keys.
+    pub identity: String,
+    /// Signing time, log index and log for signatures with a transparency-log
+    /// entry (keyless and key-based bundles); `None` for detached signatures.
+    pub log: Option<cinfer_signing::VerifiedSigner>,
+}
+
+fn refused(e: &SigningError) -> AdmissionError {
+    AdmissionError::Signature {
+        refusal: SignatureRefusal::of(e),
+        detail: e.to_string(),
+    }
+}
+
+/// What one signature proves: the policy signers it counts for (empty when it is
+/// valid but by nobody the policy lists).
+fn verify_one(
+    policy: &Policy,
+    bytes: &[u8],
+    sig: &[u8],
+) -> Result<Vec<VerifiedSignature>, AdmissionError> {
+    let keys = || {
+        policy.signers().iter().filter_map(|s| match &s.kind {
+            SignerKind::Key {
+                public_key_pem,
+                fingerprint,
+            } => Some((
+                s.name.as_str(),
+                public_key_pem.as_slice(),
+                fingerprint.as_str(),
+            )),
+            SignerKind::Keyless(_) => None,
+        })
+    };
+    match cinfer_signing::signature_kind(sig).map_err(|e| refused(&e))? {
+        SignatureKind::KeylessBundle => {
+            let trust = policy.trust_root().ok_or(AdmissionError::NoTrustRoot)?;
+            let listed: Vec<_> = policy
+                .signers()
+                .iter()
+                .filter_map(|s| match &s.kind {
+                    SignerKind::Keyless(rule) => Some((s.name.as_str(), rule)),
+                    SignerKind::Key { .. } => None,
+                })
+                .collect();
+            let rules: Vec<_> = listed.iter().map(|(_, r)| (*r).clone()).collect();
+            match cinfer_signing::verify_bundle(bytes, sig, trust, &rules) {
+                Ok(v) => Ok(listed
+                    .iter()
+                    .filter(|(_, r)| r.issuer.matches(&v.issuer) && r.subject.matches(&v.subject))
+                    .map(|(name, _)| VerifiedSignature {
+                        signer: (*name).to_owned(),
+                        identity: format!("{} / {}", v.issuer, v.subject),
+                        log: Some(v.clone()),
+                    })
+                    .collect()),
+                Err(SigningError::IdentityNotAllowed { .. }) => Ok(Vec::new()),
+                Err(e) => Err(refused(&e)),
+            }
+        }
+        SignatureKind::KeyBundle => {
+            let trust = policy.trust_root().ok_or(AdmissionError::NoTrustRoot)?;
+            let mut found = Vec::new();
+            for (name, pem, fingerprint) in keys() {
+                match cinfer_signing::verify_key_bundle(bytes, sig, trust, pem) {
+                    Ok(v) => found.push(VerifiedSignature {
+                        signer: name.to_owned(),
+                        identity: format!("key sha256:{fingerprint}"),
+                        log: Some(v),
+                    }),
+                    // Logged under another key: not this signer.
+                    Err(SigningError::KeyNotTrusted { .. }) => {}
+                    Err(e) => return Err(refused(&e)),
+                }
+            }
+            Ok(found)
+        }
+        SignatureKind::Detached => {
+            // A detached ECDSA signature names no key: it is valid for a listed
+            // key or it is not (over other bytes and by another key look alike).
+            cinfer_signing::parse_detached(sig).map_err(|e| refused(&e))?;
+            let mut found = Vec::new();
+            let mut listed_keys = 0;
+            for (name, pem, fingerprint) in keys() {
+                listed_keys += 1;
+                match cinfer_signing::verify_detached(bytes, sig, pem) {
+                    Ok(()) => found.push(VerifiedSignature {
+                        signer: name.to_owned(),
+                        identity: format!("key sha256:{fingerprint}"),
+                        log: None,
+                    }),
+                    Err(SigningError::KeySignatureInvalid) => {}
+                    Err(e) => return Err(refused(&e)),
+                }
+            }
+            if listed_keys == 0 {
+                return Err(AdmissionError::Signature {
+                    refusal: SignatureRefusal::IdentityNotAllowed,
+                    detail: "a detached key signature, but the policy lists no signer keys".into(),
+                });
+            }
+            if found.is_empty() {
+                return Err(AdmissionError::Signature {
+                    refusal: SignatureRefusal::KeySignatureInvalid,
+                    detail: format!(
+                        "the detached signature does not verify over these bytes under any of the policy's {listed_keys} signer key(s)"
+                    ),
+                });
+            }
+            Ok(found)
+        }
+    }
+}
+
+/// Verifies every signature over `bytes` and returns the first grant (in
+/// [`Policy::signed_grants`] order) whose threshold the verified signers meet,
+/// with the signatures that count.
+pub(crate) fn admit(
+    policy: &Policy,
+    bytes: &[u8],
+    signatures: &[&[u8]],
+) -> Result<(SignedGrant, Vec<VerifiedSignature>), AdmissionError> {
+    if signatures.is_empty() {
+        return Err(AdmissionError::Signature {
+            refusal: SignatureRefusal::Unsigned,
+            detail: "no signature presented".into(),
+        });
+    }
+    let mut verified: Vec<VerifiedSignature> = Vec::new();
+    for sig in signatures {
+        for v in verify_one(policy, bytes, sig)? {
+            if !verified.iter().any(|o| o.signer == v.signer) {
+                verified.push(v);
+            }
+        }
+    }
+    for g in policy.signed_grants() {
+        let counted: Vec<VerifiedSignature> = verified
+            .iter()
+            .filter(|v| g.signers.contains(&v.signer))
+            .cloned()
+            .collect();
+        if counted.len() >= g.threshold {
+            return Ok((g.clone(), counted));
+        }
+    }
+    let have: Vec<&str> = verified.iter().map(|v| v.signer.as_str()).collect();
+    if have.is_empty() {
+        return Err(AdmissionError::Signature {
+            refusal: SignatureRefusal::IdentityNotAllowed,
+            detail: "the signatures are valid but none is by a signer the policy lists".into(),
+        });
+    }
+    let needs: Vec<String> = policy
+        .signed_grants()
+        .iter()
+        .filter(|g| g.signers.iter().any(|s| have.contains(&s.as_str())))
+        .map(|g| {
+            format!(
+                "`{}` needs {} of [{}]",
+                g.grant.name,
+                g.threshold,
+                g.signers.join(", ")
+            )
+        })
+        .collect();
+    Err(AdmissionError::Signature {
+        refusal: SignatureRefusal::QuorumNotMet,
+        detail: format!(
+            "signed by [{}] only; {}",
+            have.join(", "),
+            if needs.is_empty() {
+                "no grant names these signers".to_owned()
+            } else {
+                needs.join("; ")
+            }
+        ),
+    })
+}

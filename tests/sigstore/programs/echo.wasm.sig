@@ -1,0 +1,1 @@
+MEUCIQCQ9oxt3uA9g2zEcrsYORkDg72wIYncxotUKUIERwDgmwIgcXbKqCl1Gc7+e7faUygBLp7bq+Xug98TSxvQIXnNVEU=
