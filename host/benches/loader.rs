@@ -74,6 +74,27 @@ fn main() {
         &format!("{} B component", echo.len()),
     );
 
+    // Admission of a signed program a second time: same bytes, same bundle.
+    let sigstore = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/sigstore");
+    let signed_policy = Policy::load_path(
+        &PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../policies/signed-dev.toml"),
+    )
+    .expect("signed-dev policy");
+    let signed_loader = Loader::new(signed_policy, LoaderConfig::default()).expect("loader");
+    let bundle = std::fs::read(sigstore.join("programs/echo.wasm.sigstore.json")).expect("bundle");
+    signed_loader
+        .admit_signed(&echo, &bundle)
+        .expect("signed echo");
+    row(
+        "signed `echo` admitted again (cached)",
+        measure(2000, || {
+            signed_loader
+                .admit_signed(&echo, &bundle)
+                .expect("signed echo");
+        }),
+        "SHA-256 of bytes + bundle, no re-verification (cold: cargo bench -p cinfer-signing)",
+    );
+
     let admitted = loader.admit(&echo).expect("admit");
     let (sealed, _) = seal_request(key.public_key(), &msg).expect("seal");
 

@@ -105,10 +105,6 @@ fn check(policy: &Path, program: &Path, bundles: &[PathBuf]) -> Result<ExitCode>
     let bytes = read_arg_file(program)?;
     let loader = Loader::new(policy, LoaderConfig::default())?;
     println!("program:  {}", program.display());
-    println!(
-        "sha256:   {}",
-        hex::encode(cinfer_host::admission::digest(&bytes))
-    );
     let signatures = bundles
         .iter()
         .map(|b| read_arg_file(b))
