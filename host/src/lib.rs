@@ -29,6 +29,7 @@ pub mod loader;
 pub mod models;
 pub mod policy;
 pub mod report;
+pub mod serve;
 pub mod signatures;
 
 pub use admission::{AdmissionError, AdmittedProgram};

@@ -67,6 +67,31 @@ enum Command {
         #[arg(long)]
         model_key: Option<PathBuf>,
     },
+    /// Serves: measures the binary, this configuration and the policy into the
+    /// TPM, then listens on the configured endpoint for one peer at a time,
+    /// answering attestation requests and installing released keys. Never
+    /// opens a connection itself.
+    Serve {
+        /// Serve configuration TOML (listen, tpm, policy, pcr, quote-pcrs,
+        /// max-frame-bytes); it is measured byte for byte.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Prints the event log and PCR value a loader with this binary,
+    /// configuration and policy produces, and the keyserver reference values
+    /// to pin them (no TPM needed). With --tpm, also pins that TPM's AK.
+    Measure {
+        /// Serve configuration TOML.
+        #[arg(long)]
+        config: PathBuf,
+        /// The loader binary to measure [default: this executable].
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        /// TCTI of the TPM whose attestation key to include (e.g.
+        /// swtpm:host=127.0.0.1,port=2321).
+        #[arg(long)]
+        tpm: Option<String>,
+    },
     /// Writes a new DEVELOPMENT-ONLY request private key file and prints its
     /// key id and public key.
     DevKeygen {
@@ -213,6 +238,118 @@ fn dev_keygen(out: &Path) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Reads the serve configuration and its policy (through the configuration's
+/// directory) and computes the event log.
+fn measured(
+    config: &Path,
+    binary: Option<&Path>,
+) -> Result<(
+    cinfer_host::serve::ServeConfig,
+    Policy,
+    Vec<cinfer_attest::Event>,
+)> {
+    let (dir, name) = cinfer_host::open_parent_dir(config)
+        .with_context(|| format!("opening {}", config.display()))?;
+    let config_bytes = dir
+        .read(name)
+        .with_context(|| format!("reading {}", config.display()))?;
+    let cfg = cinfer_host::serve::ServeConfig::parse(
+        std::str::from_utf8(&config_bytes).context("configuration is not UTF-8")?,
+    )?;
+    let policy = Policy::load(&dir, &cfg.policy).context("loading the policy")?;
+    let binary = match binary {
+        Some(b) => read_arg_file(b)?,
+        None => std::fs::read(std::env::current_exe().context("locating this executable")?)
+            .context("reading this executable")?,
+    };
+    let events = cinfer_host::serve::measurements(cfg.pcr, &binary, name, &config_bytes, &policy);
+    Ok((cfg, policy, events))
+}
+
+fn measure(config: &Path, binary: Option<&Path>, tpm: Option<&str>) -> Result<ExitCode> {
+    let (cfg, _, events) = measured(config, binary)?;
+    println!("# event log (PCR {}, SHA-256 bank, from reset):", cfg.pcr);
+    for e in &events {
+        println!(
+            "#   {:<14} {} {}",
+            e.kind.as_str(),
+            hex::encode(e.digest),
+            e.name
+        );
+    }
+    println!(
+        "# PCR {} after measurement: {}",
+        cfg.pcr,
+        hex::encode(cinfer_attest::replay(&events, cfg.pcr))
+    );
+    let mut refs = cinfer_attest::ReferenceValues {
+        trusted_aks: Vec::new(),
+        measured_pcr: cfg.pcr,
+        events: Default::default(),
+        pcrs: Default::default(),
+    };
+    for e in &events {
+        refs.events.entry(e.kind).or_default().insert(e.digest);
+    }
+    if let Some(tcti) = tpm {
+        let t = cinfer_tpm::Tpm::open(tcti)?;
+        refs.trusted_aks.push(t.ak_public().to_vec());
+    } else {
+        println!("# no --tpm: add the AK of each TPM to trust to trusted-aks");
+    }
+    println!("# keyserver reference values:");
+    print!(
+        "{}",
+        toml::to_string(&refs).context("rendering the reference values")?
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn serve(config: &Path) -> Result<ExitCode> {
+    let (cfg, policy, events) = measured(config, None)?;
+    // The policy must load in a loader before anything is measured or served.
+    let _loader = Loader::new(policy, LoaderConfig::default())?;
+    let tpm = cinfer_tpm::Tpm::open(&cfg.tpm)?;
+    let mut attestor =
+        cinfer_host::serve::Attestor::measure(tpm, cfg.pcr, events, cfg.quote_pcrs.clone())?;
+    tracing::info!(events = attestor.events().len(), pcr = cfg.pcr, "measured");
+    let endpoint: cinfer_channel::Endpoint =
+        cfg.listen.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+    let mut serve_one = |stream: &mut dyn ReadWrite| {
+        if let Err(e) = attestor.serve_connection(stream, cfg.max_frame_bytes) {
+            tracing::warn!(error = %e, "connection closed");
+        }
+    };
+    match &endpoint {
+        cinfer_channel::Endpoint::Tcp(addr) => {
+            let listener = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("listening on {endpoint}"))?;
+            eprintln!("listening on tcp:{}", listener.local_addr()?);
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(mut s) => serve_one(&mut s),
+                    Err(e) => tracing::warn!(error = %e, "accept failed"),
+                }
+            }
+        }
+        cinfer_channel::Endpoint::Unix(path) => {
+            let listener = std::os::unix::net::UnixListener::bind(path)
+                .with_context(|| format!("listening on {endpoint}"))?;
+            eprintln!("listening on {endpoint}");
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(mut s) => serve_one(&mut s),
+                    Err(e) => tracing::warn!(error = %e, "accept failed"),
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+trait ReadWrite: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -244,6 +381,12 @@ fn main() -> ExitCode {
             model_key.as_deref(),
         ),
         Command::DevKeygen { out } => dev_keygen(out),
+        Command::Serve { config } => serve(config),
+        Command::Measure {
+            config,
+            binary,
+            tpm,
+        } => measure(config, binary.as_deref(), tpm.as_deref()),
     };
     match result {
         Ok(code) => code,

@@ -349,9 +349,24 @@ pub struct SignedGrant {
     pub grant: ProgramGrant,
 }
 
+/// What a policy file is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyFileRole {
+    /// The policy TOML.
+    Policy,
+    /// The capability worlds WIT.
+    Worlds,
+    /// A Sigstore trust root.
+    TrustRoot,
+    /// A key-based signer's public key.
+    SignerKey,
+}
+
 /// A file the policy was built from, with its SHA-256 (what the loader measures).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyFile {
+    /// What it is.
+    pub role: PolicyFileRole,
     /// The name the policy gives it (relative to the policy directory); the
     /// policy TOML itself is named by [`Policy::load`], or `policy.toml` by [`Policy::parse`].
     pub name: String,
@@ -482,10 +497,12 @@ impl Policy {
         }
         let mut files = vec![
             PolicyFile {
+                role: PolicyFileRole::Policy,
                 name: "policy.toml".to_owned(),
                 sha256: Sha256::digest(toml_text.as_bytes()).into(),
             },
             PolicyFile {
+                role: PolicyFileRole::Worlds,
                 name: doc.worlds.clone(),
                 sha256: Sha256::digest(worlds_text.as_bytes()).into(),
             },
@@ -532,6 +549,7 @@ impl Policy {
                     let fingerprint = cinfer_signing::key_fingerprint(pem.as_bytes())
                         .map_err(|e| bad(format!("public-key {path}: {e}")))?;
                     files.push(PolicyFile {
+                        role: PolicyFileRole::SignerKey,
                         name: path.clone(),
                         sha256: Sha256::digest(pem.as_bytes()).into(),
                     });
@@ -615,6 +633,7 @@ impl Policy {
             Some(path) => {
                 let text = read(path)?;
                 files.push(PolicyFile {
+                    role: PolicyFileRole::TrustRoot,
                     name: path.clone(),
                     sha256: Sha256::digest(text.as_bytes()).into(),
                 });
