@@ -28,6 +28,8 @@ use hpke::{Deserializable, Kem as _, OpModeR, OpModeS, Serializable};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+pub mod keywrap;
+
 type Kem = DhP256HkdfSha256;
 
 /// Envelope format version written into every request header.

@@ -1,0 +1,315 @@
+//! The keyserver's configuration file (TOML).
+//!
+//! ```toml
+//! listen = "127.0.0.1:8740"              # default
+//! state-dir = "/var/lib/cinfer-keyserver" # required: encrypted key files
+//! kek-file = "/run/credentials/cinfer-keyserver.service/kek" # required (or --kek / $CINFER_KEYSERVER_KEK_FILE)
+//! audit-log = "/var/log/cinfer-keyserver/audit.jsonl"        # required
+//! nonce-ttl-secs = 60                     # default
+//! max-outstanding-nonces = 10000          # default
+//! max-body-bytes = 262144                 # default (256 KiB)
+//! request-timeout-secs = 10               # default: whole request, headers and body
+//! request-key-validity-secs = 604800      # default (7 days): window of the signed request-key statement
+//!
+//! reference-file = "reference.toml"       # reference values, or inline as [reference]
+//!
+//! [release]
+//! models = ["smollm2-135m"]               # default: every stored model key
+//! request-key = true                      # default
+//! ```
+//!
+//! Relative paths are relative to the configuration file's directory.
+
+use cinfer_attest::ReferenceValues;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8740";
+/// Default nonce lifetime, seconds.
+pub const DEFAULT_NONCE_TTL_SECS: u64 = 60;
+/// Default bound on nonces issued and not yet expired.
+pub const DEFAULT_MAX_OUTSTANDING_NONCES: usize = 10_000;
+/// Default largest request body, bytes.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 256 * 1024;
+/// Default time allowed for one whole request, seconds.
+pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 10;
+/// Default validity of the signed request-key statement, seconds.
+pub const DEFAULT_REQUEST_KEY_VALIDITY_SECS: u64 = 7 * 24 * 3600;
+
+/// Where the reference values come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReferenceSource {
+    /// Inline `[reference]` table.
+    Inline(ReferenceValues),
+    /// A separate TOML file.
+    File(PathBuf),
+}
+
+/// Which keys a verified loader gets.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ReleasePolicy {
+    /// Model ids whose data keys are released; `None`: every stored model key.
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+    /// Whether the request private key is released.
+    #[serde(default = "yes")]
+    pub request_key: bool,
+}
+
+impl Default for ReleasePolicy {
+    fn default() -> Self {
+        Self {
+            models: None,
+            request_key: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The parsed configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Directory of encrypted key files.
+    pub state_dir: PathBuf,
+    /// File holding the key-encryption key.
+    pub kek_file: PathBuf,
+    /// Append-only JSON-lines audit log.
+    pub audit_log: PathBuf,
+    /// Nonce lifetime, seconds.
+    pub nonce_ttl_secs: u64,
+    /// Bound on nonces issued and not yet expired.
+    pub max_outstanding_nonces: usize,
+    /// Largest request body, bytes.
+    pub max_body_bytes: usize,
+    /// Time allowed for one whole request, seconds.
+    pub request_timeout_secs: u64,
+    /// Validity window of the signed request-key statement, seconds.
+    pub request_key_validity_secs: u64,
+    /// Reference values the evidence is checked against.
+    pub reference: ReferenceSource,
+    /// Which keys are released.
+    pub release: ReleasePolicy,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_listen")]
+    listen: SocketAddr,
+    state_dir: PathBuf,
+    kek_file: Option<PathBuf>,
+    audit_log: PathBuf,
+    #[serde(default = "default_ttl")]
+    nonce_ttl_secs: u64,
+    #[serde(default = "default_max_nonces")]
+    max_outstanding_nonces: usize,
+    #[serde(default = "default_max_body")]
+    max_body_bytes: usize,
+    #[serde(default = "default_timeout")]
+    request_timeout_secs: u64,
+    #[serde(default = "default_validity")]
+    request_key_validity_secs: u64,
+    reference: Option<ReferenceValues>,
+    reference_file: Option<PathBuf>,
+    #[serde(default)]
+    release: ReleasePolicy,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8740))
+}
+fn default_ttl() -> u64 {
+    DEFAULT_NONCE_TTL_SECS
+}
+fn default_max_nonces() -> usize {
+    DEFAULT_MAX_OUTSTANDING_NONCES
+}
+fn default_max_body() -> usize {
+    DEFAULT_MAX_BODY_BYTES
+}
+fn default_timeout() -> u64 {
+    DEFAULT_REQUEST_TIMEOUT_SECS
+}
+fn default_validity() -> u64 {
+    DEFAULT_REQUEST_KEY_VALIDITY_SECS
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML does not parse or has unknown keys.
+    #[error("parsing {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// A value is out of range or missing.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, base).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses configuration text; relative paths are taken relative to `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
+        let abs = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let reference = match (raw.reference, raw.reference_file) {
+            (Some(r), None) => ReferenceSource::Inline(r),
+            (None, Some(f)) => ReferenceSource::File(abs(f)),
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "give reference values either inline ([reference]) or as reference-file, exactly one".into(),
+                ));
+            }
+        };
+        if raw.nonce_ttl_secs == 0 || raw.max_outstanding_nonces == 0 || raw.max_body_bytes == 0 {
+            return Err(ConfigError::Invalid(
+                "nonce-ttl-secs, max-outstanding-nonces and max-body-bytes must be positive".into(),
+            ));
+        }
+        Ok(Self {
+            listen: raw.listen,
+            state_dir: abs(raw.state_dir),
+            kek_file: raw.kek_file.map(abs).unwrap_or_default(),
+            audit_log: abs(raw.audit_log),
+            nonce_ttl_secs: raw.nonce_ttl_secs,
+            max_outstanding_nonces: raw.max_outstanding_nonces,
+            max_body_bytes: raw.max_body_bytes,
+            request_timeout_secs: raw.request_timeout_secs.max(1),
+            request_key_validity_secs: raw.request_key_validity_secs,
+            reference,
+            release: raw.release,
+        })
+    }
+
+    /// A configuration with every default, for tests and embedding.
+    pub fn new(
+        state_dir: PathBuf,
+        kek_file: PathBuf,
+        audit_log: PathBuf,
+        reference: ReferenceValues,
+    ) -> Self {
+        Self {
+            listen: default_listen(),
+            state_dir,
+            kek_file,
+            audit_log,
+            nonce_ttl_secs: DEFAULT_NONCE_TTL_SECS,
+            max_outstanding_nonces: DEFAULT_MAX_OUTSTANDING_NONCES,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            request_timeout_secs: DEFAULT_REQUEST_TIMEOUT_SECS,
+            request_key_validity_secs: DEFAULT_REQUEST_KEY_VALIDITY_SECS,
+            reference: ReferenceSource::Inline(reference),
+            release: ReleasePolicy::default(),
+        }
+    }
+
+    /// The reference values (reading the separate file if configured), checked.
+    pub fn reference_values(&self) -> Result<ReferenceValues, ConfigError> {
+        let refs = match &self.reference {
+            ReferenceSource::Inline(r) => r.clone(),
+            ReferenceSource::File(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?
+            }
+        };
+        refs.check()
+            .map_err(|e| ConfigError::Invalid(format!("reference values: {e}")))?;
+        Ok(refs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AK: &str = "046b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c2964fe342e2fe1a7f9b8ee7eb4a7c0f9e162bce33576b315ececbb6406837bf51f5";
+
+    fn reference() -> String {
+        let d = "11".repeat(32);
+        format!(
+            "[reference]\ntrusted-aks = [\"{AK}\"]\n[reference.events]\nloader-binary = [\"{d}\"]\nconfig = [\"{d}\"]\npolicy = [\"{d}\"]\n"
+        )
+    }
+
+    #[test]
+    fn defaults_and_relative_paths() {
+        let text = format!(
+            "state-dir = \"state\"\nkek-file = \"/run/kek\"\naudit-log = \"audit.jsonl\"\n{}",
+            reference()
+        );
+        let c = Config::parse(&text, Path::new("/etc/ks")).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.state_dir, Path::new("/etc/ks/state"));
+        assert_eq!(c.kek_file, Path::new("/run/kek"));
+        assert_eq!(c.audit_log, Path::new("/etc/ks/audit.jsonl"));
+        assert_eq!(c.nonce_ttl_secs, 60);
+        assert_eq!(c.max_body_bytes, 256 * 1024);
+        assert_eq!(c.release, ReleasePolicy::default());
+        let refs = c.reference_values().unwrap();
+        assert_eq!(refs.measured_pcr, 23);
+    }
+
+    #[test]
+    fn refuses_unknown_keys_and_missing_reference() {
+        let base = "state-dir = \"s\"\naudit-log = \"a\"\n";
+        assert!(matches!(
+            Config::parse(base, Path::new(".")),
+            Err(ConfigError::Invalid(_))
+        ));
+        let typo = format!("{base}nonce-ttl = 5\n{}", reference());
+        assert!(matches!(
+            Config::parse(&typo, Path::new(".")),
+            Err(ConfigError::Parse { .. })
+        ));
+        let both = format!("{base}reference-file = \"r.toml\"\n{}", reference());
+        assert!(matches!(
+            Config::parse(&both, Path::new(".")),
+            Err(ConfigError::Invalid(_))
+        ));
+    }
+}

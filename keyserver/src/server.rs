@@ -1,0 +1,439 @@
+//! The HTTP API (HTTP/1.1, JSON):
+//!
+//! | request | answer |
+//! |---|---|
+//! | `POST /v1/nonce` | `{"nonce": hex, "expires_at": unix seconds}` |
+//! | `POST /v1/attest` (body: `Evidence` JSON) | `KeyRelease` JSON; 403 `{"error": reason}` if refused, 400 if malformed, 413 if too large |
+//! | `GET /v1/request-key` | `SignedRequestKey` JSON |
+//! | `GET /healthz` | `{"status": "ok"}` |
+//!
+//! Anything else is 404, or 405 for a known path with the wrong method.
+
+use crate::audit::{AuditLog, AuditRecord};
+use crate::clock::Clock;
+use crate::config::{Config, ConfigError};
+use crate::nonce::{NonceError, NonceStore};
+use crate::state::{Keys, StateDir, StateError};
+use cinfer_attest::release::{REQUEST_KEY_STATEMENT_TYPE, REQUEST_KEY_SUITE};
+use cinfer_attest::{
+    Evidence, EvidenceError, KEY_RELEASE_VERSION, KeyRelease, ReferenceValues, ReleasedKey,
+    ReleasedKeyKind, RequestKeyStatement, SignedRequestKey, release_context,
+};
+use cinfer_envelope::RequestPublicKey;
+use cinfer_envelope::keywrap::wrap_key;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Body, Bytes, Incoming};
+use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why the keyserver could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyServerError {
+    /// The configuration or reference values are unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The state directory or KEK is unusable (e.g. the wrong KEK).
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The audit log cannot be opened.
+    #[error("opening audit log {path}: {source}")]
+    Audit {
+        /// The audit file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A model configured for release has no key in the state directory.
+    #[error("model {0:?} is configured for release but has no key in the state directory")]
+    MissingModelKey(String),
+}
+
+/// A running keyserver's state; cheap to clone (shared).
+#[derive(Clone)]
+pub struct KeyServer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    clock: Arc<dyn Clock>,
+    refs: ReferenceValues,
+    keys: Keys,
+    release_models: Vec<String>,
+    nonces: Mutex<NonceStore>,
+    audit: AuditLog,
+    signed_request_key: Bytes,
+}
+
+impl std::fmt::Debug for KeyServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyServer")
+            .field("config", &self.inner.config)
+            .field("keys", &self.inner.keys)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyServer {
+    /// Loads the reference values, decrypts the state with the KEK, opens the
+    /// audit log and signs the request-key statement (valid from now).
+    pub fn new(config: Config, clock: Arc<dyn Clock>) -> Result<Self, KeyServerError> {
+        let refs = config.reference_values()?;
+        let keys = StateDir::open(&config.state_dir, &config.kek_file)?.load()?;
+        let release_models = match &config.release.models {
+            None => keys.models.keys().cloned().collect(),
+            Some(ids) => {
+                for id in ids {
+                    if !keys.models.contains_key(id) {
+                        return Err(KeyServerError::MissingModelKey(id.clone()));
+                    }
+                }
+                ids.clone()
+            }
+        };
+        let audit = AuditLog::open(&config.audit_log).map_err(|source| KeyServerError::Audit {
+            path: config.audit_log.clone(),
+            source,
+        })?;
+        let now = clock.now_unix();
+        let public = keys.request.public_key();
+        let statement = RequestKeyStatement {
+            statement_type: REQUEST_KEY_STATEMENT_TYPE.into(),
+            key_id: public.key_id(),
+            suite: REQUEST_KEY_SUITE.into(),
+            public_key: public.to_bytes(),
+            not_before: now,
+            not_after: now.saturating_add(config.request_key_validity_secs),
+        };
+        let signed = SignedRequestKey::sign(&statement, &keys.identity);
+        let signed_request_key = Bytes::from(serde_json::to_vec(&signed).unwrap_or_default());
+        let nonces = Mutex::new(NonceStore::new(
+            config.nonce_ttl_secs,
+            config.max_outstanding_nonces,
+        ));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                clock,
+                refs,
+                keys,
+                release_models,
+                nonces,
+                audit,
+                signed_request_key,
+            }),
+        })
+    }
+
+    /// The identity public key (uncompressed SEC1) clients pin.
+    pub fn identity_public_key(&self) -> Vec<u8> {
+        identity_public_key(&self.inner.keys)
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Answers one request from `peer`.
+    pub async fn handle<B>(&self, req: Request<B>, peer: SocketAddr) -> Response<Full<Bytes>>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        let path = req.uri().path();
+        match (req.method(), path) {
+            (&Method::GET, "/healthz") => {
+                json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+            }
+            (&Method::POST, "/v1/nonce") => self.issue_nonce(),
+            (&Method::POST, "/v1/attest") => self.attest(req, peer).await,
+            (&Method::GET, "/v1/request-key") => {
+                respond(StatusCode::OK, self.inner.signed_request_key.clone())
+            }
+            (_, "/healthz" | "/v1/request-key") => method_not_allowed("GET"),
+            (_, "/v1/nonce" | "/v1/attest") => method_not_allowed("POST"),
+            _ => error(StatusCode::NOT_FOUND, "not found"),
+        }
+    }
+
+    fn issue_nonce(&self) -> Response<Full<Bytes>> {
+        let now = self.inner.clock.now_unix();
+        let issued = match self.inner.nonces.lock() {
+            Ok(mut store) => store.issue(now),
+            Err(_) => Err(NonceError::NoRandomness),
+        };
+        match issued {
+            Ok((nonce, expires_at)) => json(
+                StatusCode::OK,
+                &serde_json::json!({"nonce": hex::encode(nonce), "expires_at": expires_at}),
+            ),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        }
+    }
+
+    async fn attest<B>(&self, req: Request<B>, peer: SocketAddr) -> Response<Full<Bytes>>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        let refuse =
+            |status: StatusCode, reason: String, nonce: Option<&[u8]>, ak: Option<String>| {
+                self.inner.audit.record(&AuditRecord {
+                    time: self.inner.clock.now_unix(),
+                    peer: peer.to_string(),
+                    outcome: "refused",
+                    reason: Some(reason.clone()),
+                    nonce: nonce.map(hex::encode),
+                    ak_fingerprint: ak,
+                    measured_pcr_value: None,
+                    tpm_reset_count: None,
+                    tpm_clock: None,
+                    keys: Vec::new(),
+                });
+                error(status, &reason)
+            };
+
+        let body = match self.read_body(req).await {
+            Ok(b) => b,
+            Err((status, reason)) => return refuse(status, reason, None, None),
+        };
+        let evidence = match Evidence::from_json(&body) {
+            Ok(e) => e,
+            Err(e) => {
+                return refuse(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "malformed evidence JSON at line {} column {}",
+                        e.line(),
+                        e.column()
+                    ),
+                    None,
+                    None,
+                );
+            }
+        };
+        let nonce = evidence.nonce.as_slice();
+        let ak = Some(cinfer_attest::verify::ak_fingerprint(&evidence.ak_public));
+
+        // The nonce is spent before anything else is looked at: a second try
+        // with the same nonce is refused whatever happened to the first.
+        let consumed = match self.inner.nonces.lock() {
+            Ok(mut store) => store.consume(nonce, self.inner.clock.now_unix()),
+            Err(_) => Err(NonceError::Unknown),
+        };
+        if let Err(e) = consumed {
+            return refuse(StatusCode::FORBIDDEN, e.to_string(), Some(nonce), ak);
+        }
+
+        let verified = match cinfer_attest::verify(&evidence, nonce, &self.inner.refs) {
+            Ok(v) => v,
+            Err(e) => {
+                let status = match e {
+                    EvidenceError::Malformed { .. } => StatusCode::BAD_REQUEST,
+                    _ => StatusCode::FORBIDDEN,
+                };
+                return refuse(status, e.to_string(), Some(nonce), ak);
+            }
+        };
+
+        let release = match self.wrap_keys(&evidence) {
+            Ok(r) => r,
+            Err(reason) => return refuse(StatusCode::BAD_REQUEST, reason, Some(nonce), ak),
+        };
+        self.inner.audit.record(&AuditRecord {
+            time: self.inner.clock.now_unix(),
+            peer: peer.to_string(),
+            outcome: "released",
+            reason: None,
+            nonce: Some(hex::encode(nonce)),
+            ak_fingerprint: Some(verified.ak_fingerprint),
+            measured_pcr_value: Some(hex::encode(verified.measured_value)),
+            tpm_reset_count: Some(verified.clock_info.reset_count),
+            tpm_clock: Some(verified.clock_info.clock),
+            keys: release
+                .keys
+                .iter()
+                .map(|k| format!("{}:{}", k.kind, k.id))
+                .collect(),
+        });
+        json(StatusCode::OK, &release)
+    }
+
+    /// Wraps every released key to the evidence's HPKE key, AAD = the nonce.
+    fn wrap_keys(&self, evidence: &Evidence) -> Result<KeyRelease, String> {
+        let recipient = RequestPublicKey::from_bytes(&evidence.hpke_public_key)
+            .map_err(|e| format!("HPKE public key: {e}"))?;
+        let keys = &self.inner.keys;
+        let mut secrets: Vec<(ReleasedKeyKind, String, zeroize::Zeroizing<Vec<u8>>)> = self
+            .inner
+            .release_models
+            .iter()
+            .filter_map(|id| {
+                keys.models.get(id).map(|k| {
+                    (
+                        ReleasedKeyKind::Model,
+                        id.clone(),
+                        zeroize::Zeroizing::new(k.to_vec()),
+                    )
+                })
+            })
+            .collect();
+        if self.inner.config.release.request_key {
+            secrets.push((
+                ReleasedKeyKind::Request,
+                keys.request.public_key().key_id(),
+                keys.request.to_bytes(),
+            ));
+        }
+        let mut released = Vec::with_capacity(secrets.len());
+        for (kind, id, secret) in secrets {
+            let wrapped = wrap_key(
+                &recipient,
+                &release_context(kind, &id),
+                &evidence.nonce,
+                &secret,
+            )
+            .map_err(|e| format!("wrapping to the HPKE key: {e}"))?;
+            released.push(ReleasedKey {
+                kind,
+                id,
+                enc: wrapped.enc,
+                ciphertext: wrapped.ciphertext,
+            });
+        }
+        Ok(KeyRelease {
+            version: KEY_RELEASE_VERSION,
+            nonce: evidence.nonce.clone(),
+            keys: released,
+        })
+    }
+
+    /// Reads a body of at most `max-body-bytes` within the request timeout.
+    async fn read_body<B>(&self, req: Request<B>) -> Result<Bytes, (StatusCode, String)>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<BoxError>,
+    {
+        let max = self.inner.config.max_body_bytes;
+        let too_large = || {
+            (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body larger than {max} bytes"),
+            )
+        };
+        let declared = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > max as u64) {
+            return Err(too_large());
+        }
+        let timeout = Duration::from_secs(self.inner.config.request_timeout_secs);
+        match tokio::time::timeout(timeout, Limited::new(req.into_body(), max).collect()).await {
+            Err(_) => Err((
+                StatusCode::REQUEST_TIMEOUT,
+                "request body not received in time".into(),
+            )),
+            Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+            Ok(Err(_)) => Err((StatusCode::BAD_REQUEST, "reading the request body".into())),
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        }
+    }
+}
+
+/// The identity public key (uncompressed SEC1) of a set of keys.
+pub fn identity_public_key(keys: &Keys) -> Vec<u8> {
+    keys.identity
+        .verifying_key()
+        .to_sec1_point(false)
+        .as_bytes()
+        .to_vec()
+}
+
+fn respond(status: StatusCode, body: Bytes) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn json(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {
+    respond(
+        status,
+        Bytes::from(serde_json::to_vec(value).unwrap_or_default()),
+    )
+}
+
+fn error(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
+    json(status, &serde_json::json!({ "error": reason }))
+}
+
+fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    resp.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    resp
+}
+
+/// Serves HTTP/1.1 on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, server: KeyServer) {
+    serve_until(listener, server, std::future::pending()).await;
+}
+
+/// Serves HTTP/1.1 on `listener` until `shutdown` completes (then stops
+/// accepting; connections in progress finish on their own tasks).
+pub async fn serve_until(
+    listener: TcpListener,
+    server: KeyServer,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let header_timeout = Duration::from_secs(server.inner.config.request_timeout_secs);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, don't spin.
+                    tracing::warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let server = server.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let server = server.clone();
+                async move { Ok::<_, Infallible>(server.handle(req, peer).await) }
+            });
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            if let Err(e) = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!("connection from {peer}: {e}");
+            }
+        });
+    }
+}

@@ -1,0 +1,422 @@
+//! Keys at rest.
+//!
+//! The state directory holds every secret the keyserver has, each in its own
+//! file, encrypted with AES-256-GCM under a key-encryption key (KEK):
+//!
+//! ```text
+//! STATE/identity.key.enc        ECDSA P-256 identity key (signs the published request key)
+//! STATE/request.key.enc         the request private key (HPKE, P-256 scalar)
+//! STATE/models/<id>.key.enc     model data keys (32-byte AES-256 keys), by model id
+//! ```
+//!
+//! A file is `"CKS1" || nonce(12) || AES-256-GCM(KEK, nonce, secret, aad)` with
+//! `aad = "cinfer-keyserver/state/v1" || 0x00 || name` (`identity`, `request`,
+//! `model/<id>`): a file copied over another (say, one model's key put under
+//! another model's name) fails to decrypt instead of being served as the wrong key.
+//!
+//! The KEK is read from a file named by the configuration, never kept in the
+//! state directory. In production it comes from a KMS or `systemd-creds`
+//! (`LoadCredentialEncrypted=`, sealed to the host's TPM): a copy of the state
+//! directory (a backup, a stolen disk) is useless without it, and AES-GCM
+//! detects any change to a key file.
+
+use aes_gcm::aead::Aead;
+use aes_gcm::aead::Payload;
+use aes_gcm::{Aes256Gcm, KeyInit};
+use cinfer_envelope::RequestPrivateKey;
+use p256::ecdsa::SigningKey;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use zeroize::Zeroizing;
+
+const FILE_MAGIC: &[u8; 4] = b"CKS1";
+const AAD_PREFIX: &[u8] = b"cinfer-keyserver/state/v1\0";
+const NONCE_LEN: usize = 12;
+const IDENTITY_FILE: &str = "identity.key.enc";
+const REQUEST_FILE: &str = "request.key.enc";
+const MODELS_DIR: &str = "models";
+const MODEL_SUFFIX: &str = ".key.enc";
+/// The tag of a model key file written by `cinfer dev-model-key`.
+const MODEL_KEY_FILE_TAG: &str = "cinfer-dev-model-key-v1";
+/// Longest model id.
+pub const MAX_MODEL_ID_LEN: usize = 64;
+
+/// Why the state could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The KEK file is not 32 bytes (raw) or 64 hex digits.
+    #[error("KEK file {0}: expected 32 raw bytes or 64 hex digits")]
+    BadKek(PathBuf),
+    /// A key file does not decrypt: the KEK is wrong or the file was changed.
+    #[error("cannot decrypt {0}: wrong KEK, or the file was tampered with")]
+    Decrypt(PathBuf),
+    /// A key file decrypts to something that is not a key of its kind.
+    #[error("{0}: decrypted contents are not a valid key")]
+    BadKey(PathBuf),
+    /// The state directory has no identity key.
+    #[error("{0} is not initialized (run keyserver init)")]
+    NotInitialized(PathBuf),
+    /// `init` found an existing identity key.
+    #[error("{0} is already initialized")]
+    AlreadyInitialized(PathBuf),
+    /// The KEK would sit inside the state directory.
+    #[error("the KEK file must not be inside the state directory")]
+    KekInsideState,
+    /// A model id is empty, too long, or has characters outside `[A-Za-z0-9._-]`.
+    #[error("invalid model id {0:?}")]
+    BadModelId(String),
+    /// A model key file is not in the `cinfer dev-model-key` format.
+    #[error("model key file: {0}")]
+    BadModelKeyFile(&'static str),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
+    move |source| StateError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The key-encryption key.
+pub struct Kek(Aes256Gcm);
+
+impl std::fmt::Debug for Kek {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Kek(..)")
+    }
+}
+
+impl Kek {
+    /// Reads a KEK file: 32 raw bytes, or 64 hex digits (surrounding whitespace ignored).
+    pub fn read(path: &Path) -> Result<Self, StateError> {
+        let bytes = Zeroizing::new(std::fs::read(path).map_err(io(path))?);
+        let key = Zeroizing::new(if bytes.len() == 32 {
+            bytes.to_vec()
+        } else {
+            let text = std::str::from_utf8(&bytes).map_err(|_| StateError::BadKek(path.into()))?;
+            hex::decode(text.trim()).map_err(|_| StateError::BadKek(path.into()))?
+        });
+        Self::from_bytes(&key).ok_or_else(|| StateError::BadKek(path.into()))
+    }
+
+    fn from_bytes(key: &[u8]) -> Option<Self> {
+        let key: &[u8; 32] = key.try_into().ok()?;
+        Some(Self(Aes256Gcm::new(key.into())))
+    }
+
+    /// Writes a fresh random KEK (hex, mode 0600) to `path` unless it exists.
+    /// Returns whether one was written.
+    pub fn create_if_absent(path: &Path) -> Result<bool, StateError> {
+        if path.exists() {
+            return Ok(false);
+        }
+        let key = random::<32>()?;
+        let text = Zeroizing::new(format!("{}\n", hex::encode(key.as_slice())));
+        write_new(path, text.as_bytes())?;
+        Ok(true)
+    }
+
+    fn seal(&self, name: &str, secret: &[u8]) -> Result<Vec<u8>, StateError> {
+        let nonce = random::<NONCE_LEN>()?;
+        let aad = [AAD_PREFIX, name.as_bytes()].concat();
+        let ct = self
+            .0
+            .encrypt(
+                (&*nonce).into(),
+                Payload {
+                    msg: secret,
+                    aad: &aad,
+                },
+            )
+            .map_err(|_| StateError::BadKey(PathBuf::from(name)))?;
+        Ok([FILE_MAGIC.as_slice(), nonce.as_slice(), &ct].concat())
+    }
+
+    fn open(
+        &self,
+        name: &str,
+        path: &Path,
+        bytes: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, StateError> {
+        let body = bytes
+            .strip_prefix(FILE_MAGIC.as_slice())
+            .filter(|b| b.len() >= NONCE_LEN)
+            .ok_or_else(|| StateError::Decrypt(path.into()))?;
+        let (nonce, ct) = body.split_at(NONCE_LEN);
+        let nonce: &[u8; NONCE_LEN] = nonce
+            .try_into()
+            .map_err(|_| StateError::Decrypt(path.into()))?;
+        let aad = [AAD_PREFIX, name.as_bytes()].concat();
+        self.0
+            .decrypt(nonce.into(), Payload { msg: ct, aad: &aad })
+            .map(Zeroizing::new)
+            .map_err(|_| StateError::Decrypt(path.into()))
+    }
+}
+
+fn random<const N: usize>() -> Result<Zeroizing<[u8; N]>, StateError> {
+    let mut out = Zeroizing::new([0u8; N]);
+    getrandom::fill(out.as_mut_slice()).map_err(|e| StateError::Io {
+        path: PathBuf::from("<os random source>"),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(out)
+}
+
+/// Creates `path` (mode 0600), refusing to overwrite, and writes `bytes`.
+fn write_new(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(path).map_err(io(path))?;
+    f.write_all(bytes).map_err(io(path))?;
+    f.sync_all().map_err(io(path))
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename (no torn files).
+fn write_replace(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    write_new(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// Checks a model id: 1..=64 characters of `[A-Za-z0-9._-]`, not starting with `.`.
+pub fn check_model_id(id: &str) -> Result<(), StateError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_MODEL_ID_LEN
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(StateError::BadModelId(id.to_owned()))
+    }
+}
+
+/// Parses a model data key file as written by `cinfer dev-model-key`
+/// (`cinfer-dev-model-key-v1 <64 hex digits>`, `#` comments).
+pub fn parse_model_key_file(text: &str) -> Result<Zeroizing<[u8; 32]>, StateError> {
+    let line = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .ok_or(StateError::BadModelKeyFile("no key line"))?;
+    let hex_key = line
+        .strip_prefix(MODEL_KEY_FILE_TAG)
+        .ok_or(StateError::BadModelKeyFile(
+            "key line must start with cinfer-dev-model-key-v1",
+        ))?
+        .trim();
+    let mut key = Zeroizing::new([0u8; 32]);
+    hex::decode_to_slice(hex_key, key.as_mut_slice())
+        .map_err(|_| StateError::BadModelKeyFile("key must be 64 hex digits"))?;
+    Ok(key)
+}
+
+/// Every key the keyserver holds, decrypted.
+pub struct Keys {
+    /// Signs the published request key.
+    pub identity: SigningKey,
+    /// The request private key released to attested loaders.
+    pub request: RequestPrivateKey,
+    /// Model data keys, by model id.
+    pub models: BTreeMap<String, Zeroizing<[u8; 32]>>,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keys")
+            .field("request", &self.request)
+            .field("models", &self.models.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The state directory, opened with its KEK.
+#[derive(Debug)]
+pub struct StateDir {
+    dir: PathBuf,
+    kek: Kek,
+}
+
+impl StateDir {
+    /// Opens `dir` with the KEK in `kek_file`.
+    pub fn open(dir: &Path, kek_file: &Path) -> Result<Self, StateError> {
+        Ok(Self {
+            dir: dir.to_owned(),
+            kek: Kek::read(kek_file)?,
+        })
+    }
+
+    /// `keyserver init`: creates the KEK file if absent, the state directory,
+    /// an identity key and a request key. Refuses an initialized directory.
+    pub fn init(dir: &Path, kek_file: &Path) -> Result<Self, StateError> {
+        std::fs::create_dir_all(dir.join(MODELS_DIR)).map_err(io(dir))?;
+        let kek_dir = kek_file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if let (Ok(state), Ok(kek)) = (dir.canonicalize(), kek_dir.canonicalize())
+            && kek.starts_with(&state)
+        {
+            return Err(StateError::KekInsideState);
+        }
+        if dir.join(IDENTITY_FILE).exists() {
+            return Err(StateError::AlreadyInitialized(dir.to_owned()));
+        }
+        Kek::create_if_absent(kek_file)?;
+        let state = Self::open(dir, kek_file)?;
+        let identity = generate_signing_key()?;
+        state.write(IDENTITY_FILE, "identity", &identity.to_bytes())?;
+        let request = RequestPrivateKey::generate();
+        state.write(REQUEST_FILE, "request", &request.to_bytes())?;
+        Ok(state)
+    }
+
+    fn write(&self, file: &str, name: &str, secret: &[u8]) -> Result<(), StateError> {
+        let sealed = self.kek.seal(name, secret)?;
+        write_replace(&self.dir.join(file), &sealed)
+    }
+
+    fn read(&self, file: &Path, name: &str) -> Result<Zeroizing<Vec<u8>>, StateError> {
+        let bytes = std::fs::read(file).map_err(io(file))?;
+        self.kek.open(name, file, &bytes)
+    }
+
+    /// Stores (or replaces) a model data key.
+    pub fn add_model_key(&self, id: &str, key: &[u8; 32]) -> Result<(), StateError> {
+        check_model_id(id)?;
+        if !self.dir.join(IDENTITY_FILE).exists() {
+            return Err(StateError::NotInitialized(self.dir.clone()));
+        }
+        let file = format!("{MODELS_DIR}/{id}{MODEL_SUFFIX}");
+        self.write(&file, &format!("model/{id}"), key)
+    }
+
+    /// Decrypts every key. Fails on the first file that does not decrypt.
+    pub fn load(&self) -> Result<Keys, StateError> {
+        let identity_path = self.dir.join(IDENTITY_FILE);
+        if !identity_path.exists() {
+            return Err(StateError::NotInitialized(self.dir.clone()));
+        }
+        let identity = SigningKey::from_slice(&self.read(&identity_path, "identity")?)
+            .map_err(|_| StateError::BadKey(identity_path.clone()))?;
+        let request_path = self.dir.join(REQUEST_FILE);
+        let request = RequestPrivateKey::from_bytes(&self.read(&request_path, "request")?)
+            .map_err(|_| StateError::BadKey(request_path.clone()))?;
+        let mut models = BTreeMap::new();
+        let models_dir = self.dir.join(MODELS_DIR);
+        let entries = match std::fs::read_dir(&models_dir) {
+            Ok(e) => e.collect::<Result<Vec<_>, _>>().map_err(io(&models_dir))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(io(&models_dir)(e)),
+        };
+        for entry in entries {
+            let path = entry.path();
+            let Some(id) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(MODEL_SUFFIX))
+            else {
+                continue; // not a key file (e.g. a leftover .tmp)
+            };
+            check_model_id(id)?;
+            let secret = self.read(&path, &format!("model/{id}"))?;
+            let key: [u8; 32] = secret
+                .as_slice()
+                .try_into()
+                .map_err(|_| StateError::BadKey(path.clone()))?;
+            models.insert(id.to_owned(), Zeroizing::new(key));
+        }
+        Ok(Keys {
+            identity,
+            request,
+            models,
+        })
+    }
+}
+
+fn generate_signing_key() -> Result<SigningKey, StateError> {
+    loop {
+        // A random 32-byte string is a valid scalar except with probability ~2^-32.
+        if let Ok(key) = SigningKey::from_slice(random::<32>()?.as_slice()) {
+            return Ok(key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "cinfer-keyserver-state-{name}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn init_load_and_model_keys() {
+        let root = tmp("init");
+        let (state_dir, kek) = (root.join("state"), root.join("kek"));
+        let state = StateDir::init(&state_dir, &kek).unwrap();
+        state.add_model_key("m-1.q4", &[7; 32]).unwrap();
+        let keys = StateDir::open(&state_dir, &kek).unwrap().load().unwrap();
+        assert_eq!(*keys.models["m-1.q4"], [7; 32]);
+        assert!(matches!(
+            StateDir::init(&state_dir, &kek),
+            Err(StateError::AlreadyInitialized(_))
+        ));
+        // A key file moved to another model's name does not decrypt.
+        std::fs::copy(
+            state_dir.join("models/m-1.q4.key.enc"),
+            state_dir.join("models/other.key.enc"),
+        )
+        .unwrap();
+        assert!(matches!(
+            StateDir::open(&state_dir, &kek).unwrap().load(),
+            Err(StateError::Decrypt(_))
+        ));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn kek_inside_state_is_refused() {
+        let root = tmp("kekinside");
+        assert!(matches!(
+            StateDir::init(&root, &root.join("kek")),
+            Err(StateError::KekInsideState)
+        ));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn model_ids_and_key_files() {
+        for bad in ["", ".hidden", "a/b", "../x", "a b", &"x".repeat(65)] {
+            assert!(check_model_id(bad).is_err(), "{bad:?}");
+        }
+        check_model_id("SmolLM2-135M.Q4_1").unwrap();
+        let text = format!("# comment\ncinfer-dev-model-key-v1 {}\n", "ab".repeat(32));
+        assert_eq!(*parse_model_key_file(&text).unwrap(), [0xab; 32]);
+        assert!(parse_model_key_file("cinfer-dev-request-key-v1 00").is_err());
+        assert!(parse_model_key_file("cinfer-dev-model-key-v1 abcd").is_err());
+    }
+}

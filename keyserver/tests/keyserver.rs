@@ -1,0 +1,564 @@
+//! The keyserver over real HTTP on loopback, with evidence signed by a software
+//! key standing in for the TPM's attestation key (`cinfer-attest` fixtures).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use cinfer_attest::fixture::Fixture;
+use cinfer_attest::{
+    Evidence, KeyRelease, ReleasedKeyKind, SignedRequestKey, StatementError, release_context,
+};
+use cinfer_envelope::RequestPrivateKey;
+use cinfer_envelope::keywrap::{WrappedSecret, unwrap_key};
+use cinfer_keyserver::config::Config;
+use cinfer_keyserver::{Clock, KeyServer, KeyServerError, ManualClock, StateDir, StateError};
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper::body::Bytes;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const MODEL_KEY: [u8; 32] = [0xc3; 32];
+const START: u64 = 1_700_000_000;
+
+struct Harness {
+    root: PathBuf,
+    addr: SocketAddr,
+    clock: ManualClock,
+    server: KeyServer,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+fn temp_root() -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let root = std::env::temp_dir().join(format!(
+        "cinfer-keyserver-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    root
+}
+
+/// Reference values accepting `Fixture` evidence (they do not depend on the
+/// nonce or the HPKE key).
+fn fixture_config(root: &Path) -> Config {
+    let refs = Fixture::new(&[0; 32], &[]).reference_values();
+    Config::new(
+        root.join("state"),
+        root.join("kek"),
+        root.join("audit.jsonl"),
+        refs,
+    )
+}
+
+async fn start_with(edit: impl FnOnce(&mut Config)) -> Harness {
+    let root = temp_root();
+    let mut config = fixture_config(&root);
+    edit(&mut config);
+    let state = StateDir::init(&config.state_dir, &config.kek_file).unwrap();
+    state.add_model_key("m1", &MODEL_KEY).unwrap();
+    let clock = ManualClock::new(START);
+    let server = KeyServer::new(config, Arc::new(clock.clone())).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(cinfer_keyserver::serve(listener, server.clone()));
+    Harness {
+        root,
+        addr,
+        clock,
+        server,
+    }
+}
+
+async fn start() -> Harness {
+    start_with(|_| {}).await
+}
+
+/// One HTTP/1.1 request on a fresh connection; returns status and body.
+async fn http(addr: SocketAddr, head: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("{head}\r\nHost: keyserver\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("response head");
+    let head = String::from_utf8_lossy(&response[..split]).to_string();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status code");
+    (status, response[split + 4..].to_vec())
+}
+
+async fn post(addr: SocketAddr, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    http(
+        addr,
+        &format!("POST {path} HTTP/1.1\r\nContent-Length: {}", body.len()),
+        body,
+    )
+    .await
+}
+
+async fn get(addr: SocketAddr, path: &str) -> (u16, Vec<u8>) {
+    http(addr, &format!("GET {path} HTTP/1.1"), b"").await
+}
+
+fn json(body: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(body).unwrap()
+}
+
+fn error_of(body: &[u8]) -> String {
+    json(body)["error"].as_str().unwrap().to_owned()
+}
+
+async fn nonce(h: &Harness) -> Vec<u8> {
+    let (status, body) = post(h.addr, "/v1/nonce", b"").await;
+    assert_eq!(status, 200);
+    let v = json(&body);
+    assert_eq!(v["expires_at"].as_u64(), Some(h.clock.now_unix() + 60));
+    hex::decode(v["nonce"].as_str().unwrap()).unwrap()
+}
+
+/// Fresh evidence for a fresh nonce, and the loader's ephemeral private key.
+async fn evidence(h: &Harness) -> (Evidence, RequestPrivateKey) {
+    let loader_key = RequestPrivateKey::generate();
+    let nonce = nonce(h).await;
+    let ev = Fixture::new(&nonce, &loader_key.public_key().to_bytes()).evidence();
+    (ev, loader_key)
+}
+
+fn audit_text(h: &Harness) -> String {
+    std::fs::read_to_string(h.root.join("audit.jsonl")).unwrap()
+}
+
+fn audit_lines(h: &Harness) -> Vec<serde_json::Value> {
+    audit_text(h)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn all_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            all_files(&path, out);
+        } else {
+            out.push(path);
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test]
+async fn release_unwraps_with_the_ephemeral_key() {
+    let h = start().await;
+    let (ev, loader_key) = evidence(&h).await;
+    let (status, body) = post(h.addr, "/v1/attest", &ev.to_json()).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let release: KeyRelease = serde_json::from_slice(&body).unwrap();
+    assert_eq!(release.version, 1);
+    assert_eq!(release.nonce, ev.nonce);
+    assert_eq!(release.keys.len(), 2);
+
+    let unwrap = |kind: ReleasedKeyKind| {
+        let k = release.keys.iter().find(|k| k.kind == kind).unwrap();
+        let secret = unwrap_key(
+            &loader_key,
+            &release_context(kind, &k.id),
+            &release.nonce,
+            &WrappedSecret {
+                enc: k.enc.clone(),
+                ciphertext: k.ciphertext.clone(),
+            },
+        )
+        .unwrap();
+        (k.id.clone(), secret)
+    };
+    let (model_id, model_key) = unwrap(ReleasedKeyKind::Model);
+    assert_eq!(model_id, "m1");
+    assert_eq!(model_key.as_slice(), MODEL_KEY);
+    let (request_id, request_secret) = unwrap(ReleasedKeyKind::Request);
+    let request_key = RequestPrivateKey::from_bytes(&request_secret).unwrap();
+    assert_eq!(request_key.public_key().key_id(), request_id);
+
+    // The released request key is the one the keyserver publishes.
+    let (status, body) = get(h.addr, "/v1/request-key").await;
+    assert_eq!(status, 200);
+    let signed: SignedRequestKey = serde_json::from_slice(&body).unwrap();
+    let statement = signed.verify(&h.server.identity_public_key()).unwrap();
+    assert_eq!(statement.public_key, request_key.public_key().to_bytes());
+    assert_eq!(statement.key_id, request_id);
+
+    // Another loader key cannot unwrap (the model key is bound to the evidence's key).
+    let k = &release.keys[0];
+    assert!(
+        unwrap_key(
+            &RequestPrivateKey::generate(),
+            &release_context(k.kind, &k.id),
+            &release.nonce,
+            &WrappedSecret {
+                enc: k.enc.clone(),
+                ciphertext: k.ciphertext.clone()
+            },
+        )
+        .is_err()
+    );
+
+    // Audit: one released line naming the keys, and no key material anywhere.
+    let lines = audit_lines(&h);
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["outcome"], "released");
+    assert_eq!(
+        lines[0]["peer"].as_str().unwrap().split(':').next(),
+        Some("127.0.0.1")
+    );
+    assert_eq!(
+        lines[0]["keys"],
+        serde_json::json!(["model:m1", format!("request:{request_id}")])
+    );
+    assert_eq!(
+        lines[0]["ak_fingerprint"].as_str().unwrap(),
+        cinfer_attest::verify::ak_fingerprint(&ev.ak_public)
+    );
+    let audit = audit_text(&h);
+    for secret in [model_key.as_slice(), request_secret.as_slice()] {
+        assert!(!audit.contains(&hex::encode(secret)));
+        assert!(!contains(audit.as_bytes(), secret));
+    }
+
+    // Keys at rest are encrypted: neither secret appears in any state file.
+    let mut files = Vec::new();
+    all_files(&h.root.join("state"), &mut files);
+    assert!(files.len() >= 3, "{files:?}");
+    for file in files {
+        let bytes = std::fs::read(&file).unwrap();
+        for secret in [model_key.as_slice(), request_secret.as_slice()] {
+            assert!(!contains(&bytes, secret), "{} holds a key", file.display());
+            assert!(!contains(&bytes, hex::encode(secret).as_bytes()));
+        }
+    }
+}
+
+#[tokio::test]
+async fn replayed_nonce_is_refused() {
+    let h = start().await;
+    let (ev, _) = evidence(&h).await;
+    assert_eq!(post(h.addr, "/v1/attest", &ev.to_json()).await.0, 200);
+    let (status, body) = post(h.addr, "/v1/attest", &ev.to_json()).await;
+    assert_eq!(
+        (status, error_of(&body).as_str()),
+        (403, "nonce already used")
+    );
+
+    // A failed first use also spends the nonce.
+    let (ev, _) = evidence(&h).await;
+    let mut bad = ev.clone();
+    bad.pcrs.insert(0, [0xee; 32]);
+    assert_eq!(post(h.addr, "/v1/attest", &bad.to_json()).await.0, 403);
+    let (status, body) = post(h.addr, "/v1/attest", &ev.to_json()).await;
+    assert_eq!(
+        (status, error_of(&body).as_str()),
+        (403, "nonce already used")
+    );
+
+    let outcomes: Vec<_> = audit_lines(&h)
+        .iter()
+        .map(|l| l["outcome"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(outcomes, ["released", "refused", "refused", "refused"]);
+}
+
+#[tokio::test]
+async fn expired_nonce_is_refused() {
+    let h = start_with(|c| c.nonce_ttl_secs = 5).await;
+    let loader_key = RequestPrivateKey::generate();
+    let (_, body) = post(h.addr, "/v1/nonce", b"").await;
+    let n = hex::decode(json(&body)["nonce"].as_str().unwrap()).unwrap();
+    let ev = Fixture::new(&n, &loader_key.public_key().to_bytes()).evidence();
+    h.clock.advance(6);
+    let (status, body) = post(h.addr, "/v1/attest", &ev.to_json()).await;
+    assert_eq!((status, error_of(&body).as_str()), (403, "nonce expired"));
+}
+
+#[tokio::test]
+async fn unknown_nonce_is_refused() {
+    let h = start().await;
+    let loader_key = RequestPrivateKey::generate();
+    let ev = Fixture::new(&[0x77; 32], &loader_key.public_key().to_bytes()).evidence();
+    let (status, body) = post(h.addr, "/v1/attest", &ev.to_json()).await;
+    assert_eq!((status, error_of(&body).as_str()), (403, "unknown nonce"));
+    let line = &audit_lines(&h)[0];
+    assert_eq!(line["outcome"], "refused");
+    assert_eq!(line["reason"], "unknown nonce");
+    assert_eq!(line["nonce"], hex::encode([0x77; 32]));
+}
+
+#[tokio::test]
+async fn tampered_evidence_is_refused_with_its_reason() {
+    let h = start().await;
+
+    let (ev, _) = evidence(&h).await;
+    let mut bad = ev.clone();
+    bad.pcrs.insert(7, [0x71; 32]);
+    let (status, body) = post(h.addr, "/v1/attest", &bad.to_json()).await;
+    assert_eq!(status, 403);
+    assert_eq!(
+        error_of(&body),
+        "PCR values do not match the quote's pcrDigest"
+    );
+
+    let (ev, _) = evidence(&h).await;
+    let mut bad = ev.clone();
+    bad.hpke_public_key = RequestPrivateKey::generate().public_key().to_bytes();
+    let (status, body) = post(h.addr, "/v1/attest", &bad.to_json()).await;
+    assert_eq!(status, 403);
+    assert_eq!(
+        error_of(&body),
+        "quote extraData does not bind the nonce and the HPKE public key"
+    );
+
+    // Signed by a key that is not pinned.
+    let loader_key = RequestPrivateKey::generate();
+    let n = nonce(&h).await;
+    let mut f = Fixture::new(&n, &loader_key.public_key().to_bytes());
+    f.ak = cinfer_attest::fixture::test_key(99);
+    let (status, body) = post(h.addr, "/v1/attest", &f.evidence().to_json()).await;
+    assert_eq!(status, 403);
+    assert!(error_of(&body).contains("is not trusted"));
+
+    // A structurally broken quote is a bad request.
+    let (ev, _) = evidence(&h).await;
+    let mut bad = ev.clone();
+    bad.attest.truncate(10);
+    let (status, body) = post(h.addr, "/v1/attest", &bad.to_json()).await;
+    assert_eq!(status, 400);
+    assert!(error_of(&body).starts_with("malformed evidence"));
+
+    // Not evidence at all.
+    let (status, body) = post(h.addr, "/v1/attest", b"{\"version\": 1").await;
+    assert_eq!(status, 400);
+    assert!(error_of(&body).starts_with("malformed evidence JSON"));
+
+    let reasons: Vec<_> = audit_lines(&h)
+        .iter()
+        .map(|l| l["reason"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(reasons.len(), 5);
+    assert!(reasons[2].contains("is not trusted"));
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_refused() {
+    let h = start_with(|c| c.max_body_bytes = 4096).await;
+    // Declared too large: refused before any of it is read.
+    let (status, body) = http(
+        h.addr,
+        "POST /v1/attest HTTP/1.1\r\nContent-Length: 10000000",
+        b"",
+    )
+    .await;
+    assert_eq!(status, 413);
+    assert_eq!(error_of(&body), "request body larger than 4096 bytes");
+
+    // No length declared (chunked): refused once the limit is passed.
+    let request = Request::post("/v1/attest")
+        .body(Full::new(Bytes::from(vec![b' '; 4097])))
+        .unwrap();
+    let response = h
+        .server
+        .handle(request, "127.0.0.1:1".parse().unwrap())
+        .await;
+    assert_eq!(response.status(), 413);
+    // At the limit it is read (and refused as not JSON).
+    let request = Request::post("/v1/attest")
+        .body(Full::new(Bytes::from(vec![b' '; 4096])))
+        .unwrap();
+    let response = h
+        .server
+        .handle(request, "127.0.0.1:1".parse().unwrap())
+        .await;
+    assert_eq!(response.status(), 400);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(error_of(&body).starts_with("malformed evidence JSON"));
+}
+
+#[tokio::test]
+async fn request_key_signature_verifies_and_tampering_fails() {
+    let h = start().await;
+    let (status, body) = get(h.addr, "/v1/request-key").await;
+    assert_eq!(status, 200);
+    let signed: SignedRequestKey = serde_json::from_slice(&body).unwrap();
+    let identity = h.server.identity_public_key();
+    let statement = signed.verify(&identity).unwrap();
+    assert_eq!(
+        statement.suite,
+        "DHKEM(P-256,HKDF-SHA256)/HKDF-SHA256/AES-256-GCM"
+    );
+    assert!(statement.is_valid_at(START) && statement.is_valid_at(START + 7 * 24 * 3600));
+    assert!(!statement.is_valid_at(START + 7 * 24 * 3600 + 1));
+    assert_eq!(statement.public_key.len(), 65);
+
+    let mut tampered = signed.clone();
+    let other = RequestPrivateKey::generate().public_key().to_bytes();
+    tampered.statement_json = tampered
+        .statement_json
+        .replace(&hex::encode(&statement.public_key), &hex::encode(other));
+    assert_ne!(tampered.statement_json, signed.statement_json);
+    assert_eq!(
+        tampered.verify(&identity),
+        Err(StatementError::BadSignature)
+    );
+    let mut tampered = signed.clone();
+    tampered.signature[10] ^= 1;
+    assert_eq!(
+        tampered.verify(&identity),
+        Err(StatementError::BadSignature)
+    );
+}
+
+#[tokio::test]
+async fn routes_methods_and_health() {
+    let h = start().await;
+    let (status, body) = get(h.addr, "/healthz").await;
+    assert_eq!((status, json(&body)["status"].as_str()), (200, Some("ok")));
+    assert_eq!(get(h.addr, "/nope").await.0, 404);
+    assert_eq!(get(h.addr, "/v1/attest").await.0, 405);
+    assert_eq!(get(h.addr, "/v1/nonce").await.0, 405);
+    assert_eq!(post(h.addr, "/v1/request-key", b"").await.0, 405);
+    // Nonces are fresh.
+    assert_ne!(nonce(&h).await, nonce(&h).await);
+}
+
+#[tokio::test]
+async fn nonce_store_is_bounded() {
+    let h = start_with(|c| c.max_outstanding_nonces = 2).await;
+    nonce(&h).await;
+    nonce(&h).await;
+    assert_eq!(post(h.addr, "/v1/nonce", b"").await.0, 503);
+    h.clock.advance(61);
+    nonce(&h).await;
+}
+
+#[test]
+fn wrong_kek_is_a_clear_startup_error() {
+    let root = temp_root();
+    let config = fixture_config(&root);
+    StateDir::init(&config.state_dir, &config.kek_file).unwrap();
+    let mut wrong = config.clone();
+    wrong.kek_file = root.join("other-kek");
+    std::fs::write(&wrong.kek_file, hex::encode([9u8; 32])).unwrap();
+    let err = KeyServer::new(wrong, Arc::new(ManualClock::new(START))).unwrap_err();
+    assert!(
+        matches!(err, KeyServerError::State(StateError::Decrypt(_))),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("wrong KEK"), "{err}");
+
+    // A KEK of the wrong form is named as such.
+    std::fs::write(root.join("short-kek"), "abcd").unwrap();
+    let mut short = config.clone();
+    short.kek_file = root.join("short-kek");
+    let err = KeyServer::new(short, Arc::new(ManualClock::new(START))).unwrap_err();
+    assert!(matches!(err, KeyServerError::State(StateError::BadKek(_))));
+
+    // A model configured for release but never stored is refused at startup.
+    let mut missing = config.clone();
+    missing.release.models = Some(vec!["absent".into()]);
+    let err = KeyServer::new(missing, Arc::new(ManualClock::new(START))).unwrap_err();
+    assert!(matches!(err, KeyServerError::MissingModelKey(_)));
+
+    // A tampered key file is refused too.
+    let identity = config.state_dir.join("identity.key.enc");
+    let mut bytes = std::fs::read(&identity).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&identity, bytes).unwrap();
+    let err = KeyServer::new(config, Arc::new(ManualClock::new(START))).unwrap_err();
+    assert!(matches!(err, KeyServerError::State(StateError::Decrypt(_))));
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
+#[test]
+fn cli_init_import_and_identity() {
+    let root = temp_root();
+    let bin = env!("CARGO_BIN_EXE_keyserver");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(bin)
+            .args(args)
+            .env_remove("CINFER_KEYSERVER_KEK_FILE")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let help = run(&["--help"]);
+    for cmd in ["init", "add-model-key", "public-identity", "serve"] {
+        assert!(help.contains(cmd), "{help}");
+    }
+    let state = root.join("state");
+    let kek = root.join("kek");
+    let (state, kek) = (state.to_str().unwrap(), kek.to_str().unwrap());
+    let identity = run(&["init", "--state", state, "--kek", kek]);
+    let key_file = root.join("model.key");
+    std::fs::write(
+        &key_file,
+        format!(
+            "# cinfer DEVELOPMENT-ONLY model data key.\ncinfer-dev-model-key-v1 {}\n",
+            hex::encode(MODEL_KEY)
+        ),
+    )
+    .unwrap();
+    run(&[
+        "--state",
+        state,
+        "--kek",
+        kek,
+        "add-model-key",
+        "--id",
+        "smollm2",
+        "--key-file",
+        key_file.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        run(&["--state", state, "--kek", kek, "public-identity"]),
+        identity
+    );
+    let keys = StateDir::open(Path::new(state), Path::new(kek))
+        .unwrap()
+        .load()
+        .unwrap();
+    assert_eq!(*keys.models["smollm2"], MODEL_KEY);
+
+    // Serving needs a config; a config with a reference-file loads.
+    let refs = Fixture::new(&[0; 32], &[]).reference_values();
+    std::fs::write(root.join("reference.toml"), toml::to_string(&refs).unwrap()).unwrap();
+    std::fs::write(
+        root.join("keyserver.toml"),
+        "state-dir = \"state\"\nkek-file = \"kek\"\naudit-log = \"audit.jsonl\"\nreference-file = \"reference.toml\"\n[release]\nmodels = [\"smollm2\"]\n",
+    )
+    .unwrap();
+    let config = Config::load(&root.join("keyserver.toml")).unwrap();
+    KeyServer::new(config, Arc::new(ManualClock::new(START))).unwrap();
+    std::fs::remove_dir_all(&root).unwrap();
+}
