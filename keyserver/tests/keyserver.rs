@@ -13,115 +13,25 @@ use cinfer_keyserver::{Clock, KeyServer, KeyServerError, ManualClock, StateDir, 
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper::body::Bytes;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const MODEL_KEY: [u8; 32] = [0xc3; 32];
-const START: u64 = 1_700_000_000;
-
-struct Harness {
-    root: PathBuf,
-    addr: SocketAddr,
-    clock: ManualClock,
-    server: KeyServer,
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.root);
-    }
-}
-
-fn temp_root() -> PathBuf {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    let root = std::env::temp_dir().join(format!(
-        "cinfer-keyserver-test-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::SeqCst)
-    ));
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).unwrap();
-    root
-}
+mod common;
+use common::{Harness, MODEL_KEY, START, error_of, get, http, json, post, temp_root};
 
 /// Reference values accepting `Fixture` evidence (they do not depend on the
 /// nonce or the HPKE key).
 fn fixture_config(root: &Path) -> Config {
     let refs = Fixture::new(&[0; 32], &[]).reference_values();
-    Config::new(
-        root.join("state"),
-        root.join("kek"),
-        root.join("audit.jsonl"),
-        refs,
-    )
+    common::config_with(root, refs)
 }
 
 async fn start_with(edit: impl FnOnce(&mut Config)) -> Harness {
-    let root = temp_root();
-    let mut config = fixture_config(&root);
-    edit(&mut config);
-    let state = StateDir::init(&config.state_dir, &config.kek_file).unwrap();
-    state.add_model_key("m1", &MODEL_KEY).unwrap();
-    let clock = ManualClock::new(START);
-    let server = KeyServer::new(config, Arc::new(clock.clone())).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(cinfer_keyserver::serve(listener, server.clone()));
-    Harness {
-        root,
-        addr,
-        clock,
-        server,
-    }
+    common::start_server(Fixture::new(&[0; 32], &[]).reference_values(), edit).await
 }
 
 async fn start() -> Harness {
     start_with(|_| {}).await
-}
-
-/// One HTTP/1.1 request on a fresh connection; returns status and body.
-async fn http(addr: SocketAddr, head: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let request = format!("{head}\r\nHost: keyserver\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    stream.write_all(body).await.unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.unwrap();
-    let split = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("response head");
-    let head = String::from_utf8_lossy(&response[..split]).to_string();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status code");
-    (status, response[split + 4..].to_vec())
-}
-
-async fn post(addr: SocketAddr, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    http(
-        addr,
-        &format!("POST {path} HTTP/1.1\r\nContent-Length: {}", body.len()),
-        body,
-    )
-    .await
-}
-
-async fn get(addr: SocketAddr, path: &str) -> (u16, Vec<u8>) {
-    http(addr, &format!("GET {path} HTTP/1.1"), b"").await
-}
-
-fn json(body: &[u8]) -> serde_json::Value {
-    serde_json::from_slice(body).unwrap()
-}
-
-fn error_of(body: &[u8]) -> String {
-    json(body)["error"].as_str().unwrap().to_owned()
 }
 
 async fn nonce(h: &Harness) -> Vec<u8> {

@@ -1,0 +1,474 @@
+//! The keyserver against evidence from a real software TPM: each test starts
+//! its own `swtpm` (through `cinfer_tpm::swtpm`) and its own keyserver on
+//! 127.0.0.1:0, measures test files into PCR 23 with `cinfer_tpm`, quotes with
+//! the keyserver's nonce, and posts the evidence over HTTP. Refusals are
+//! checked by their exact reason. The last test makes the quote with
+//! tpm2-tools instead of `cinfer_tpm`.
+//!
+//! Skipped (with a printed reason) where swtpm or tpm2-tools are missing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use cinfer_attest::verify::ak_fingerprint;
+use cinfer_attest::{
+    EVIDENCE_VERSION, Event, EventKind, Evidence, EvidenceError, KeyRelease, ReferenceValues,
+    ReleasedKeyKind, SignedRequestKey, binding, replay,
+};
+use cinfer_envelope::RequestPrivateKey;
+use cinfer_keyserver::config::Config;
+use cinfer_tpm::Tpm;
+use cinfer_tpm::swtpm::{Swtpm, SwtpmError};
+use common::{Harness, MODEL_KEY, error_of, fresh_nonce, get, post, unwrap_released};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Command;
+
+const PCR: u8 = 23;
+
+/// The test loader's files: binary, config, policy, trust root.
+const LOADER: &[u8] = b"\x7fELF trusted-loader test binary v1";
+const CONFIG: &[u8] = b"accelerator = \"cpu\"\nmeasured-pcr = 23\n";
+const POLICY: &[u8] = b"[[program]]\nname = \"echo\"\nworld = \"request-reply\"\n";
+const TRUST_ROOT: &[u8] = b"{\"mediaType\": \"application/vnd.dev.sigstore.trustedroot+json\"}";
+
+/// A software TPM, or `None` (after printing why) where swtpm is missing.
+fn swtpm() -> Option<Swtpm> {
+    match Swtpm::start() {
+        Ok(sw) => Some(sw),
+        Err(SwtpmError::NotInstalled) => {
+            println!("SKIPPED: swtpm is not installed (apt-get install swtpm swtpm-tools)");
+            None
+        }
+        Err(e) => panic!("starting swtpm: {e}"),
+    }
+}
+
+/// What the loader measures, in order, with `policy` as its policy file.
+fn events_with_policy(policy: &[u8]) -> Vec<Event> {
+    vec![
+        Event::measure(PCR, EventKind::LoaderBinary, "trusted-loader", LOADER),
+        Event::measure(PCR, EventKind::Config, "loader.toml", CONFIG),
+        Event::measure(PCR, EventKind::Policy, "policy.toml", policy),
+        Event::measure(PCR, EventKind::TrustRoot, "trusted_root.json", TRUST_ROOT),
+    ]
+}
+
+fn good_events() -> Vec<Event> {
+    events_with_policy(POLICY)
+}
+
+/// Reference values pinning `ak` and allowing exactly the digests of `events`.
+fn reference(ak: &[u8], events: &[Event]) -> ReferenceValues {
+    let mut allowed: BTreeMap<EventKind, BTreeSet<[u8; 32]>> = BTreeMap::new();
+    for e in events {
+        allowed.entry(e.kind).or_default().insert(e.digest);
+    }
+    let refs = ReferenceValues {
+        trusted_aks: vec![ak.to_vec()],
+        measured_pcr: PCR,
+        events: allowed,
+        pcrs: BTreeMap::new(),
+    };
+    refs.check().unwrap();
+    refs
+}
+
+/// One test's world: a swtpm with a `Tpm` open on it that has measured the
+/// good events, and a keyserver trusting that TPM's AK and those events.
+struct Setup {
+    tpm: Tpm,
+    h: Harness,
+    // Dropped last: the TPM client goes before the process.
+    _sw: Swtpm,
+}
+
+async fn setup_with(edit: impl FnOnce(&mut Config)) -> Option<Setup> {
+    let sw = swtpm()?;
+    let mut tpm = Tpm::open(&sw.tcti()).unwrap();
+    let events = good_events();
+    tpm.measure(PCR, &events).unwrap();
+    let h = common::start_server(reference(tpm.ak_public(), &events), edit).await;
+    Some(Setup { tpm, h, _sw: sw })
+}
+
+async fn setup() -> Option<Setup> {
+    setup_with(|_| {}).await
+}
+
+/// A fresh nonce, a fresh ephemeral key, and the TPM's quote over PCR 23
+/// bound to both, carrying `event_log`.
+async fn quote(s: &mut Setup, event_log: &[Event]) -> (Evidence, RequestPrivateKey) {
+    let nonce = fresh_nonce(s.h.addr).await;
+    let loader_key = RequestPrivateKey::generate();
+    let ev = s
+        .tpm
+        .quote(
+            &[PCR],
+            &nonce,
+            &loader_key.public_key().to_bytes(),
+            event_log,
+        )
+        .unwrap();
+    (ev, loader_key)
+}
+
+/// Posts `ev` and asserts it is refused (403) with exactly `reason`.
+async fn assert_refused(h: &Harness, ev: &Evidence, reason: &str) {
+    let (status, body) = post(h.addr, "/v1/attest", &ev.to_json()).await;
+    let text = String::from_utf8_lossy(&body);
+    assert_eq!(status, 403, "{text}");
+    assert_eq!(error_of(&body), reason, "{text}");
+    let audit = std::fs::read_to_string(h.root.join("audit.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(audit.lines().last().unwrap()).unwrap();
+    assert_eq!(last["outcome"], "refused");
+    assert_eq!(last["reason"], reason);
+}
+
+/// Posts `ev`, expects a release, and checks every released key unwraps with
+/// `loader_key` and is what the keyserver holds or publishes.
+async fn assert_released(h: &Harness, ev: &Evidence, loader_key: &RequestPrivateKey) {
+    let (status, body) = post(h.addr, "/v1/attest", &ev.to_json()).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let release: KeyRelease = serde_json::from_slice(&body).unwrap();
+    assert_eq!(release.nonce, ev.nonce);
+    assert_eq!(release.keys.len(), 2);
+
+    let (model_id, model_key) = unwrap_released(&release, loader_key, ReleasedKeyKind::Model);
+    assert_eq!(
+        (model_id.as_str(), model_key.as_slice()),
+        ("m1", &MODEL_KEY[..])
+    );
+    let (request_id, request_secret) =
+        unwrap_released(&release, loader_key, ReleasedKeyKind::Request);
+    let request_key = RequestPrivateKey::from_bytes(&request_secret).unwrap();
+    assert_eq!(request_key.public_key().key_id(), request_id);
+
+    // The released request key is the one the keyserver publishes, signed by
+    // its identity key.
+    let (status, body) = get(h.addr, "/v1/request-key").await;
+    assert_eq!(status, 200);
+    let signed: SignedRequestKey = serde_json::from_slice(&body).unwrap();
+    let statement = signed.verify(&h.server.identity_public_key()).unwrap();
+    assert_eq!(statement.key_id, request_id);
+    assert_eq!(statement.public_key, request_key.public_key().to_bytes());
+
+    // Audited with the TPM's AK and the replayed PCR value.
+    let audit = std::fs::read_to_string(h.root.join("audit.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(audit.lines().last().unwrap()).unwrap();
+    assert_eq!(last["outcome"], "released");
+    assert_eq!(last["ak_fingerprint"], ak_fingerprint(&ev.ak_public));
+    assert_eq!(
+        last["measured_pcr_value"],
+        hex::encode(replay(&ev.event_log, PCR))
+    );
+}
+
+#[tokio::test]
+async fn correctly_measured_loader_gets_its_keys() {
+    let Some(mut s) = setup().await else { return };
+    let (ev, loader_key) = quote(&mut s, &good_events()).await;
+    assert_eq!(ev.ak_public, s.tpm.ak_public());
+    assert_eq!(ev.pcrs[&PCR], replay(&good_events(), PCR));
+    assert_released(&s.h, &ev, &loader_key).await;
+
+    // Another ephemeral key cannot unwrap what was released to this one.
+    let (ev, loader_key) = quote(&mut s, &good_events()).await;
+    let (status, body) = post(s.h.addr, "/v1/attest", &ev.to_json()).await;
+    assert_eq!(status, 200);
+    let release: KeyRelease = serde_json::from_slice(&body).unwrap();
+    let k = &release.keys[0];
+    let other = RequestPrivateKey::generate();
+    assert!(
+        cinfer_envelope::keywrap::unwrap_key(
+            &other,
+            &cinfer_attest::release_context(k.kind, &k.id),
+            &release.nonce,
+            &cinfer_envelope::keywrap::WrappedSecret {
+                enc: k.enc.clone(),
+                ciphertext: k.ciphertext.clone(),
+            },
+        )
+        .is_err()
+    );
+    drop(loader_key);
+}
+
+#[tokio::test]
+async fn changed_policy_file_is_refused() {
+    let Some(mut s) = setup().await else { return };
+    // The loader now runs with an edited policy file: PCR 23 and the log both
+    // say so, truthfully, and the keyserver does not allow that digest.
+    let changed = events_with_policy(b"[[program]]\nname = \"anything\"\nworld = \"compute\"\n");
+    s.tpm.measure(PCR, &changed).unwrap();
+    let (ev, _) = quote(&mut s, &changed).await;
+    let reason = EvidenceError::EventNotAllowed {
+        kind: EventKind::Policy,
+        digest: hex::encode(changed[2].digest),
+    }
+    .to_string();
+    assert!(reason.contains("policy event digest"), "{reason}");
+    assert_refused(&s.h, &ev, &reason).await;
+
+    // Claiming the old policy in the log does not help: the log no longer
+    // replays to the quoted PCR.
+    let (ev, _) = quote(&mut s, &good_events()).await;
+    assert_refused(
+        &s.h,
+        &ev,
+        &EvidenceError::EventLogReplayMismatch { pcr: PCR }.to_string(),
+    )
+    .await;
+
+    // Measured back to the reference files, it is released again.
+    s.tpm.measure(PCR, &good_events()).unwrap();
+    let (ev, loader_key) = quote(&mut s, &good_events()).await;
+    assert_released(&s.h, &ev, &loader_key).await;
+}
+
+#[tokio::test]
+async fn replayed_nonce_is_refused() {
+    let Some(mut s) = setup().await else { return };
+    let (ev, loader_key) = quote(&mut s, &good_events()).await;
+    assert_released(&s.h, &ev, &loader_key).await;
+    assert_refused(&s.h, &ev, "nonce already used").await;
+}
+
+#[tokio::test]
+async fn expired_nonce_is_refused() {
+    let Some(mut s) = setup_with(|c| c.nonce_ttl_secs = 30).await else {
+        return;
+    };
+    let (ev, _) = quote(&mut s, &good_events()).await;
+    s.h.clock.advance(31);
+    assert_refused(&s.h, &ev, "nonce expired").await;
+
+    // At the TTL exactly it is still good.
+    let (ev, loader_key) = quote(&mut s, &good_events()).await;
+    s.h.clock.advance(30);
+    assert_released(&s.h, &ev, &loader_key).await;
+}
+
+#[tokio::test]
+async fn tampered_quote_byte_is_refused() {
+    let Some(mut s) = setup().await else { return };
+    let (ev, _) = quote(&mut s, &good_events()).await;
+    let mut bad = ev.clone();
+    // TPMS_ATTEST: magic (4), type (2), qualifiedSigner TPM2B_NAME (2 + 34):
+    // byte 20 is inside the signer's name digest, signed, and parses the same.
+    bad.attest[20] ^= 0x01;
+    assert_refused(&s.h, &bad, &EvidenceError::BadSignature.to_string()).await;
+
+    // A flipped byte of the signature itself (inside s).
+    let (ev, _) = quote(&mut s, &good_events()).await;
+    let mut bad = ev.clone();
+    let last = bad.signature.len() - 1;
+    bad.signature[last] ^= 0x01;
+    assert_refused(&s.h, &bad, &EvidenceError::BadSignature.to_string()).await;
+}
+
+#[tokio::test]
+async fn quote_from_an_untrusted_ak_is_refused() {
+    let Some(s) = setup().await else { return };
+    // A second TPM measuring the very same files: fresh seeds, another AK.
+    let Some(other_sw) = swtpm() else { return };
+    let mut other = Tpm::open(&other_sw.tcti()).unwrap();
+    assert_ne!(other.ak_public(), s.tpm.ak_public());
+    other.measure(PCR, &good_events()).unwrap();
+
+    let nonce = fresh_nonce(s.h.addr).await;
+    let loader_key = RequestPrivateKey::generate();
+    let ev = other
+        .quote(
+            &[PCR],
+            &nonce,
+            &loader_key.public_key().to_bytes(),
+            &good_events(),
+        )
+        .unwrap();
+    let reason = EvidenceError::UntrustedAk {
+        fingerprint: ak_fingerprint(other.ak_public()),
+    }
+    .to_string();
+    assert!(reason.contains("is not trusted"), "{reason}");
+    assert_refused(&s.h, &ev, &reason).await;
+
+    // Presenting it under the trusted AK's name: the signature does not verify.
+    let nonce = fresh_nonce(s.h.addr).await;
+    let mut ev = other
+        .quote(
+            &[PCR],
+            &nonce,
+            &loader_key.public_key().to_bytes(),
+            &good_events(),
+        )
+        .unwrap();
+    ev.ak_public = s.tpm.ak_public().to_vec();
+    assert_refused(&s.h, &ev, &EvidenceError::BadSignature.to_string()).await;
+}
+
+#[tokio::test]
+async fn wrong_extra_data_binding_is_refused() {
+    let Some(mut s) = setup().await else { return };
+    // Quoted over binding(nonce, pk1); the evidence carries pk2 (a key whose
+    // private half the attacker holds).
+    let (ev, _) = quote(&mut s, &good_events()).await;
+    let mut bad = ev.clone();
+    bad.hpke_public_key = RequestPrivateKey::generate().public_key().to_bytes();
+    assert_ne!(bad.hpke_public_key, ev.hpke_public_key);
+    assert_refused(&s.h, &bad, &EvidenceError::BindingMismatch.to_string()).await;
+}
+
+#[tokio::test]
+async fn event_log_that_does_not_replay_is_refused() {
+    let Some(mut s) = setup().await else { return };
+    let reason = EvidenceError::EventLogReplayMismatch { pcr: PCR }.to_string();
+
+    // Two events swapped after quoting.
+    let (ev, _) = quote(&mut s, &good_events()).await;
+    let mut bad = ev.clone();
+    bad.event_log.swap(1, 2);
+    assert_refused(&s.h, &bad, &reason).await;
+
+    // One event dropped (the trust root: not a required kind).
+    let (ev, _) = quote(&mut s, &good_events()).await;
+    let mut bad = ev.clone();
+    bad.event_log.pop();
+    assert_refused(&s.h, &bad, &reason).await;
+}
+
+// ---- tpm2-tools cross-check --------------------------------------------------
+
+/// The DER prefix of a SubjectPublicKeyInfo of an uncompressed P-256 point.
+const P256_SPKI_PREFIX: [u8; 26] = [
+    0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
+    0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+];
+
+/// Runs one tpm2-tools command against `tcti` in `dir`; panics with its
+/// stderr if it fails.
+fn tpm2(dir: &Path, tcti: &str, tool: &str, args: &[&str]) {
+    let out = Command::new(tool)
+        .current_dir(dir)
+        .env("TPM2TOOLS_TCTI", tcti)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{tool}: {e}"));
+    assert!(
+        out.status.success(),
+        "{tool} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn tpm2_quote_is_accepted() {
+    if Command::new("tpm2_quote").arg("-v").output().is_err() {
+        println!("SKIPPED: tpm2_quote not installed (apt-get install tpm2-tools)");
+        return;
+    }
+    let Some(sw) = swtpm() else { return };
+    let tcti = sw.tcti();
+    // cinfer_tpm's AK, for comparison; the Tpm is dropped (its AK flushed)
+    // before tpm2-tools connect: swtpm serves one client at a time.
+    let cinfer_ak = Tpm::open(&tcti).unwrap().ak_public().to_vec();
+
+    let dir = common::temp_root();
+    let d = dir.as_path();
+    // The AK: an ECC P-256 restricted signing primary in the endorsement
+    // hierarchy (the template cinfer_tpm uses).
+    tpm2(
+        d,
+        &tcti,
+        "tpm2_createprimary",
+        &[
+            "-C",
+            "e",
+            "-g",
+            "sha256",
+            "-G",
+            "ecc256:ecdsa-sha256:null",
+            "-a",
+            "restricted|sign|fixedtpm|fixedparent|sensitivedataorigin|userwithauth",
+            "-c",
+            "ak.ctx",
+        ],
+    );
+    tpm2(
+        d,
+        &tcti,
+        "tpm2_readpublic",
+        &["-c", "ak.ctx", "-f", "der", "-o", "ak.der"],
+    );
+    let der = std::fs::read(d.join("ak.der")).unwrap();
+    assert_eq!(der.len(), 91);
+    assert_eq!(der[..26], P256_SPKI_PREFIX);
+    let ak = der[26..].to_vec();
+    assert_eq!(
+        ak, cinfer_ak,
+        "same template, same endorsement seed: the same AK"
+    );
+
+    let events = good_events();
+    let h = common::start_server(reference(&ak, &events), |_| {}).await;
+    let nonce = fresh_nonce(h.addr).await;
+    let loader_key = RequestPrivateKey::generate();
+    let hpke = loader_key.public_key().to_bytes();
+
+    tpm2(d, &tcti, "tpm2_pcrreset", &["23"]);
+    for e in &events {
+        let arg = format!("23:sha256={}", hex::encode(e.digest));
+        tpm2(d, &tcti, "tpm2_pcrextend", &[&arg]);
+    }
+    let qualification = hex::encode(binding(&nonce, &hpke));
+    tpm2(
+        d,
+        &tcti,
+        "tpm2_quote",
+        &[
+            "-c",
+            "ak.ctx",
+            "-l",
+            "sha256:23",
+            "-q",
+            &qualification,
+            "-g",
+            "sha256",
+            "-m",
+            "msg.bin",
+            "-s",
+            "sig.bin",
+            "-o",
+            "pcrs.bin",
+            "--pcrs_format",
+            "values",
+        ],
+    );
+    tpm2(d, &tcti, "tpm2_flushcontext", &["-t"]);
+
+    let pcr23: [u8; 32] = std::fs::read(d.join("pcrs.bin"))
+        .unwrap()
+        .try_into()
+        .unwrap();
+    assert_eq!(pcr23, replay(&events, PCR));
+    let ev = Evidence {
+        version: EVIDENCE_VERSION,
+        nonce: nonce.clone(),
+        hpke_public_key: hpke,
+        ak_public: ak,
+        // TPMS_ATTEST as the TPM marshalled it, and the marshalled
+        // TPMT_SIGNATURE (tpm2-tools' default "tss" signature format).
+        attest: std::fs::read(d.join("msg.bin")).unwrap(),
+        signature: std::fs::read(d.join("sig.bin")).unwrap(),
+        pcrs: BTreeMap::from([(PCR, pcr23)]),
+        event_log: events,
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // The verifier alone, then the keyserver over HTTP.
+    let verified =
+        cinfer_attest::verify(&ev, &nonce, &reference(&ev.ak_public, &ev.event_log)).unwrap();
+    assert_eq!(verified.measured_value, pcr23);
+    assert_eq!(verified.quoted_pcrs, BTreeSet::from([PCR]));
+    assert_released(&h, &ev, &loader_key).await;
+}
