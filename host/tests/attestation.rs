@@ -1,0 +1,331 @@
+//! `trusted-loader serve` end to end on loopback: a real swtpm, the keyserver, the
+//! loader binary, and a small relay of the test's own standing in for the untrusted
+//! inference server. The relay carries the keyserver's nonce to the loader, the
+//! loader's evidence to the keyserver and the wrapped keys back — and sees only
+//! ciphertext.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use cinfer_attest::{Evidence, KeyRelease, ReferenceValues, SignedRequestKey};
+use cinfer_channel::{Frame, Kind};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
+const MODEL_ID: &str = "smollm2-135m-instruct";
+const MODEL_KEY: [u8; 32] = [0x5a; 32];
+const MAX: u32 = cinfer_channel::DEFAULT_MAX_PAYLOAD;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cinfer-attest-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A loader configuration directory: the dev policy, its worlds, and loader.toml.
+fn loader_dir(dir: &Path, tcti: &str, policy_suffix: &str) -> PathBuf {
+    let policy = std::fs::read_to_string(root().join("policies/dev.toml")).unwrap();
+    std::fs::write(dir.join("dev.toml"), format!("{policy}{policy_suffix}")).unwrap();
+    std::fs::copy(root().join("policies/worlds.wit"), dir.join("worlds.wit")).unwrap();
+    let config = dir.join("loader.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"tcp:127.0.0.1:0\"\ntpm = \"{tcti}\"\npolicy = \"dev.toml\"\npcr = 23\nquote-pcrs = [23]\n"
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn loader_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_trusted-loader")
+}
+
+/// `trusted-loader measure --tpm`: the operator's reference values.
+fn reference_values(config: &Path, tcti: &str) -> ReferenceValues {
+    let out = Command::new(loader_bin())
+        .args(["measure", "--config"])
+        .arg(config)
+        .args(["--tpm", tcti])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let toml_part = text
+        .split_once("# keyserver reference values:\n")
+        .expect("reference values in the output")
+        .1;
+    toml::from_str(toml_part).unwrap()
+}
+
+struct Served(Child, SocketAddr);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(config: &Path) -> Served {
+    let mut child = Command::new(loader_bin())
+        .args(["serve", "--config"])
+        .arg(config)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("loader exited before listening")
+            .unwrap();
+        if let Some(a) = line.strip_prefix("listening on tcp:") {
+            break a.parse().unwrap();
+        }
+    };
+    // Keep draining stderr so the loader never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Served(child, addr)
+}
+
+struct KeyServer {
+    addr: SocketAddr,
+    identity: Vec<u8>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+fn keyserver(dir: &Path, refs: ReferenceValues) -> KeyServer {
+    let config = cinfer_keyserver::Config::new(
+        dir.join("state"),
+        dir.join("kek"),
+        dir.join("audit.jsonl"),
+        refs,
+    );
+    let state = cinfer_keyserver::StateDir::init(&config.state_dir, &config.kek_file).unwrap();
+    state.add_model_key(MODEL_ID, &MODEL_KEY).unwrap();
+    let server =
+        cinfer_keyserver::KeyServer::new(config, Arc::new(cinfer_keyserver::SystemClock)).unwrap();
+    let identity = server.identity_public_key();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    runtime.spawn(cinfer_keyserver::serve(listener, server));
+    KeyServer {
+        addr,
+        identity,
+        _runtime: runtime,
+    }
+}
+
+/// One HTTP/1.1 exchange (the relay's keyserver client); returns status and body.
+fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: keyserver\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut response = Vec::new();
+    s.read_to_end(&mut response).unwrap();
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let status = String::from_utf8_lossy(&response[..split])
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    (status, response[split + 4..].to_vec())
+}
+
+/// The relay's side of the loader channel.
+struct Relay {
+    stream: TcpStream,
+    /// Every byte the relay saw from either side (the untrusted side's view).
+    seen: Vec<u8>,
+}
+
+impl Relay {
+    fn connect(addr: SocketAddr) -> (Self, serde_json::Value) {
+        let stream = TcpStream::connect(addr).unwrap();
+        let mut relay = Relay {
+            stream,
+            seen: Vec::new(),
+        };
+        let hello = relay.read();
+        assert_eq!(hello.kind, Kind::Hello);
+        let v = serde_json::from_slice(&hello.payload).unwrap();
+        (relay, v)
+    }
+
+    fn read(&mut self) -> Frame {
+        let f = cinfer_channel::read_frame(&mut self.stream, MAX)
+            .unwrap()
+            .expect("a frame");
+        self.seen.extend_from_slice(&f.payload);
+        f
+    }
+
+    fn ask(&mut self, kind: Kind, payload: &[u8]) -> Frame {
+        cinfer_channel::write_frame(&mut self.stream, kind, payload, MAX).unwrap();
+        self.read()
+    }
+
+    /// Nonce from the keyserver → evidence from the loader → keyserver verdict.
+    fn attest(&mut self, ks: SocketAddr) -> (u16, Vec<u8>) {
+        let (status, body) = http(ks, "POST", "/v1/nonce", b"");
+        assert_eq!(status, 200);
+        self.seen.extend_from_slice(&body);
+        let nonce: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let nonce = hex::decode(nonce["nonce"].as_str().unwrap()).unwrap();
+        let evidence = self.ask(Kind::AttestRequest, &nonce);
+        assert_eq!(
+            evidence.kind,
+            Kind::Evidence,
+            "{}",
+            String::from_utf8_lossy(&evidence.payload)
+        );
+        Evidence::from_json(&evidence.payload).expect("evidence JSON");
+        let (status, body) = http(ks, "POST", "/v1/attest", &evidence.payload);
+        self.seen.extend_from_slice(&body);
+        (status, body)
+    }
+}
+
+fn error_of(frame: &Frame) -> String {
+    assert_eq!(frame.kind, Kind::Error);
+    let v: serde_json::Value = serde_json::from_slice(&frame.payload).unwrap();
+    v["error"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn an_attested_loader_gets_its_keys_through_a_relay_that_learns_nothing() {
+    let swtpm = match cinfer_tpm::swtpm::Swtpm::start() {
+        Ok(s) => s,
+        Err(e) => panic!("swtpm is required (scripts/setup installs it): {e}"),
+    };
+    let dir = scratch("release");
+    let config = loader_dir(&dir, &swtpm.tcti(), "");
+    let refs = reference_values(&config, &swtpm.tcti());
+    assert_eq!(refs.trusted_aks.len(), 1);
+    let ks = keyserver(&dir, refs.clone());
+    let loader = serve(&config);
+
+    let (mut relay, hello) = Relay::connect(loader.1);
+    assert_eq!(hello["ak_public"], hex::encode(&refs.trusted_aks[0]));
+    let (status, body) = relay.attest(ks.addr);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let release: KeyRelease = serde_json::from_slice(&body).unwrap();
+    assert_eq!(release.keys.len(), 2, "model key and request key");
+
+    let installed = relay.ask(Kind::KeyRelease, &body);
+    assert_eq!(
+        installed.kind,
+        Kind::KeysInstalled,
+        "{}",
+        String::from_utf8_lossy(&installed.payload)
+    );
+    let installed: serde_json::Value = serde_json::from_slice(&installed.payload).unwrap();
+    assert_eq!(installed["models"], serde_json::json!([MODEL_ID]));
+
+    // The request key the keyserver publishes (signed by its identity) is the one
+    // the loader now holds: the loader derived this key id from the unwrapped scalar.
+    let (status, body) = http(ks.addr, "GET", "/v1/request-key", b"");
+    assert_eq!(status, 200);
+    let statement = serde_json::from_slice::<SignedRequestKey>(&body)
+        .unwrap()
+        .verify(&ks.identity)
+        .unwrap();
+    assert_eq!(
+        installed["request_keys"],
+        serde_json::json!([statement.key_id])
+    );
+
+    // The relay saw only wrapped keys.
+    let seen = relay.seen.clone();
+    assert!(
+        !seen.windows(32).any(|w| w == MODEL_KEY),
+        "model key in clear"
+    );
+    assert!(
+        !String::from_utf8_lossy(&seen).contains(&hex::encode(MODEL_KEY)),
+        "model key in hex"
+    );
+
+    // Replaying the same release: the attestation's key was used once.
+    let replay = relay.ask(Kind::KeyRelease, &serde_json::to_vec(&release).unwrap());
+    assert!(error_of(&replay).contains("without a pending attestation"));
+    // A release tampered in transit does not unwrap, and installs nothing.
+    let (status, body) = relay.attest(ks.addr);
+    assert_eq!(status, 200);
+    let mut tampered: KeyRelease = serde_json::from_slice(&body).unwrap();
+    tampered.keys[0].ciphertext[0] ^= 1;
+    let refused = relay.ask(Kind::KeyRelease, &serde_json::to_vec(&tampered).unwrap());
+    assert!(
+        error_of(&refused).contains("does not unwrap"),
+        "{}",
+        error_of(&refused)
+    );
+    // Frames the loader never accepts, and a nonce of the wrong size.
+    assert!(error_of(&relay.ask(Kind::Evidence, b"{}")).contains("unexpected Evidence frame"));
+    assert!(error_of(&relay.ask(Kind::AttestRequest, &[0; 8])).contains("nonce of 8 bytes"));
+
+    // An oversized frame closes that connection only; the loader serves the next.
+    // (One peer at a time: the relay hangs up first.)
+    drop(relay);
+    let mut raw = TcpStream::connect(loader.1).unwrap();
+    cinfer_channel::read_frame(&mut raw, MAX).unwrap();
+    raw.write_all(&[1, 2, 0, 0, 0xff, 0xff, 0xff, 0xff])
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = raw.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "nothing answered to an oversized frame");
+    let (mut again, _) = Relay::connect(loader.1);
+    let (status, _) = again.attest(ks.addr);
+    assert_eq!(status, 200, "the loader still attests after a bad peer");
+    drop(again);
+    drop(loader);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_loader_with_a_changed_policy_is_refused() {
+    let swtpm = cinfer_tpm::swtpm::Swtpm::start().expect("swtpm (scripts/setup installs it)");
+    let dir = scratch("changed");
+    let config = loader_dir(&dir, &swtpm.tcti(), "");
+    let refs = reference_values(&config, &swtpm.tcti());
+    let ks = keyserver(&dir, refs);
+    // Same binary and TPM, one more line in the policy file.
+    let changed = loader_dir(&dir, &swtpm.tcti(), "\n# one more line\n");
+    let loader = serve(&changed);
+    let (mut relay, _) = Relay::connect(loader.1);
+    let (status, body) = relay.attest(ks.addr);
+    let reason = String::from_utf8_lossy(&body).to_string();
+    assert_eq!(status, 403, "{reason}");
+    assert!(
+        reason.contains("policy") && reason.contains("not allowed"),
+        "{reason}"
+    );
+    drop(relay);
+    drop(loader);
+    let _ = std::fs::remove_dir_all(&dir);
+}
