@@ -29,8 +29,9 @@ pub mod verify;
 pub mod fixture;
 
 pub use release::{
-    KEY_RELEASE_VERSION, KeyRelease, ReleasedKey, ReleasedKeyKind, RequestKeyStatement,
-    SignedRequestKey, StatementError, release_context,
+    KEY_RELEASE_VERSION, KeyRelease, RECEIPT_KEY_ID, RECEIPT_TYPE, Receipt, ReleasedKey,
+    ReleasedKeyKind, RequestKeyStatement, SignedReceipt, SignedRequestKey, StatementError,
+    release_context, reply_digest,
 };
 pub use verify::{EvidenceError, ReferenceValues, Verified, verify};
 

@@ -24,7 +24,13 @@ pub enum ReleasedKeyKind {
     Model,
     /// A request private key (32-byte P-256 scalar).
     Request,
+    /// The receipt signing key (32-byte P-256 scalar), id [`RECEIPT_KEY_ID`];
+    /// released with the request key.
+    Receipt,
 }
+
+/// The id the receipt signing key is released under.
+pub const RECEIPT_KEY_ID: &str = "receipt";
 
 impl ReleasedKeyKind {
     /// The wire name (`model`, `request`).
@@ -32,6 +38,7 @@ impl ReleasedKeyKind {
         match self {
             Self::Model => "model",
             Self::Request => "request",
+            Self::Receipt => "receipt",
         }
     }
 }
@@ -99,6 +106,10 @@ pub struct RequestKeyStatement {
     pub not_before: u64,
     /// Valid until (Unix seconds).
     pub not_after: u64,
+    /// The receipt public key (uncompressed SEC1 P-256 point) whose private
+    /// half only attested loaders receive: receipts verify under it.
+    #[serde(default, with = "hex::serde")]
+    pub receipt_public_key: Vec<u8>,
 }
 
 impl RequestKeyStatement {
@@ -191,6 +202,7 @@ mod tests {
             public_key: public_bytes(&test_key(3)),
             not_before: 100,
             not_after: 200,
+            receipt_public_key: public_bytes(&test_key(4)),
         }
     }
 
@@ -236,6 +248,127 @@ mod tests {
         assert_ne!(
             release_context(ReleasedKeyKind::Model, "x"),
             release_context(ReleasedKeyKind::Request, "x")
+        );
+    }
+}
+
+/// `type` of a [`Receipt`].
+pub const RECEIPT_TYPE: &str = "cinfer/receipt/v1";
+
+/// What an attested loader states about one request it ran. Digests are hex
+/// SHA-256. Names no cleartext: only digests of sealed bytes and of the code,
+/// policy and model that ran.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Receipt {
+    /// [`RECEIPT_TYPE`].
+    #[serde(rename = "type")]
+    pub receipt_type: String,
+    /// SHA-256 of the sealed request bytes as the loader received them.
+    pub request_sha256: String,
+    /// SHA-256 of the program component that ran.
+    pub program_sha256: String,
+    /// `Policy::digest` of the loader's policy.
+    pub policy_sha256: String,
+    /// Plaintext SHA-256 of every model the program was allowed to open, by id.
+    pub model_sha256: std::collections::BTreeMap<String, String>,
+    /// SHA-256 over the sealed reply frames in order (each length-prefixed,
+    /// u32 big-endian), the final frame included.
+    pub reply_sha256: String,
+    /// Number of sealed reply frames.
+    pub reply_frames: u64,
+    /// How the run ended: `completed`, `program-failed` or `aborted`.
+    pub outcome: String,
+}
+
+/// A [`Receipt`] signed (ECDSA P-256 over the exact `receipt_json` bytes) with
+/// the receipt key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedReceipt {
+    /// The receipt as JSON.
+    pub receipt_json: String,
+    /// `r || s`, hex.
+    #[serde(with = "hex::serde")]
+    pub signature: Vec<u8>,
+}
+
+impl SignedReceipt {
+    /// Signs `receipt` with the receipt key.
+    pub fn sign(receipt: &Receipt, key: &SigningKey) -> Self {
+        let receipt_json = serde_json::to_string(receipt).unwrap_or_default();
+        let signature: Signature = key.sign(receipt_json.as_bytes());
+        Self {
+            receipt_json,
+            signature: signature.to_bytes().to_vec(),
+        }
+    }
+
+    /// Verifies the signature under `receipt_public_key` (from a verified
+    /// [`RequestKeyStatement`]) and returns the receipt.
+    pub fn verify(&self, receipt_public_key: &[u8]) -> Result<Receipt, StatementError> {
+        let key = VerifyingKey::from_sec1_bytes(receipt_public_key)
+            .map_err(|_| StatementError::BadIdentityKey)?;
+        let signature =
+            Signature::from_slice(&self.signature).map_err(|_| StatementError::BadSignature)?;
+        key.verify(self.receipt_json.as_bytes(), &signature)
+            .map_err(|_| StatementError::BadSignature)?;
+        let receipt: Receipt = serde_json::from_str(&self.receipt_json)
+            .map_err(|e| StatementError::Malformed(e.to_string()))?;
+        if receipt.receipt_type != RECEIPT_TYPE {
+            return Err(StatementError::Malformed(format!(
+                "type {:?}",
+                receipt.receipt_type
+            )));
+        }
+        Ok(receipt)
+    }
+}
+
+/// SHA-256 over sealed reply frames, each prefixed by its length (u32 BE): the
+/// `reply_sha256` of a [`Receipt`].
+pub fn reply_digest<'a>(frames: impl IntoIterator<Item = &'a [u8]>) -> [u8; 32] {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    for f in frames {
+        h.update((f.len() as u32).to_be_bytes());
+        h.update(f);
+    }
+    h.finalize().into()
+}
+
+#[cfg(test)]
+mod receipt_tests {
+    use super::*;
+
+    #[test]
+    fn receipts_verify_only_untampered_under_the_receipt_key() {
+        let key = SigningKey::from_slice(&[7; 32]).unwrap();
+        let public = key.verifying_key().to_sec1_point(false).as_bytes().to_vec();
+        let r = Receipt {
+            receipt_type: RECEIPT_TYPE.into(),
+            request_sha256: "aa".into(),
+            program_sha256: "bb".into(),
+            policy_sha256: "cc".into(),
+            model_sha256: Default::default(),
+            reply_sha256: hex::encode(reply_digest([&b"x"[..]])),
+            reply_frames: 1,
+            outcome: "completed".into(),
+        };
+        let signed = SignedReceipt::sign(&r, &key);
+        assert_eq!(signed.verify(&public).unwrap(), r);
+        let mut t = signed.clone();
+        t.receipt_json = t.receipt_json.replace("completed", "aborted");
+        assert_eq!(t.verify(&public), Err(StatementError::BadSignature));
+        let other = SigningKey::from_slice(&[8; 32]).unwrap();
+        let other_pub = other
+            .verifying_key()
+            .to_sec1_point(false)
+            .as_bytes()
+            .to_vec();
+        assert_eq!(signed.verify(&other_pub), Err(StatementError::BadSignature));
+        assert_ne!(
+            reply_digest([&b"ab"[..], b"c"]),
+            reply_digest([&b"a"[..], b"bc"])
         );
     }
 }

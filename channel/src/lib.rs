@@ -44,6 +44,18 @@ pub enum Kind {
     KeysInstalled,
     /// loader → peer: JSON `{"error": "<reason>"}`; never carries secrets.
     Error,
+    /// peer → loader: run a sealed request. Payload: [`Submit`] encoding
+    /// (`request id u64 | program name len u16 | name | sealed request`).
+    Submit,
+    /// loader → peer: one sealed reply frame of a request
+    /// (`request id u64 | sealed frame`), in order.
+    Reply,
+    /// loader → peer: the request finished; its last `Reply` was the sealed final
+    /// frame (`request id u64 | receipt JSON`).
+    Done,
+    /// loader → peer: the request was refused before it ran
+    /// (`request id u64 | {"error": "<reason>"}`).
+    Refused,
 }
 
 impl Kind {
@@ -56,6 +68,10 @@ impl Kind {
             Kind::KeyRelease => 4,
             Kind::KeysInstalled => 5,
             Kind::Error => 6,
+            Kind::Submit => 7,
+            Kind::Reply => 8,
+            Kind::Done => 9,
+            Kind::Refused => 10,
         }
     }
 
@@ -68,6 +84,10 @@ impl Kind {
             4 => Kind::KeyRelease,
             5 => Kind::KeysInstalled,
             6 => Kind::Error,
+            7 => Kind::Submit,
+            8 => Kind::Reply,
+            9 => Kind::Done,
+            10 => Kind::Refused,
             _ => return None,
         })
     }
@@ -109,6 +129,65 @@ pub enum FrameError {
     /// The stream ended inside a frame.
     #[error("channel closed inside a frame")]
     Truncated,
+}
+
+/// A request id prefix (`u64`, big-endian) and the rest of a payload, for the
+/// request-scoped kinds (`Reply`, `Done`, `Refused`).
+pub fn split_request_id(payload: &[u8]) -> Option<(u64, &[u8])> {
+    let (id, rest) = payload.split_first_chunk::<8>()?;
+    Some((u64::from_be_bytes(*id), rest))
+}
+
+/// `request id || bytes`.
+pub fn with_request_id(id: u64, bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + bytes.len());
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(bytes);
+    out
+}
+
+/// A `Submit` payload: which program runs which sealed request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submit {
+    /// Chosen by the peer; echoed in every answer.
+    pub request_id: u64,
+    /// The program's policy name.
+    pub program: String,
+    /// The HPKE-sealed request.
+    pub sealed: Vec<u8>,
+}
+
+impl Submit {
+    /// Largest program name.
+    pub const MAX_PROGRAM_LEN: usize = 128;
+
+    /// Encodes the payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let name = self.program.as_bytes();
+        let len = u16::try_from(name.len()).unwrap_or(u16::MAX);
+        let mut out = Vec::with_capacity(10 + name.len() + self.sealed.len());
+        out.extend_from_slice(&self.request_id.to_be_bytes());
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&name[..usize::from(len)]);
+        out.extend_from_slice(&self.sealed);
+        out
+    }
+
+    /// Decodes a payload; `None` if it is malformed (short, name too long or not UTF-8).
+    pub fn decode(payload: &[u8]) -> Option<Self> {
+        let (request_id, rest) = split_request_id(payload)?;
+        let (len, rest) = rest.split_first_chunk::<2>()?;
+        let len = usize::from(u16::from_be_bytes(*len));
+        if len == 0 || len > Self::MAX_PROGRAM_LEN || rest.len() < len {
+            return None;
+        }
+        let program = std::str::from_utf8(&rest[..len]).ok()?.to_owned();
+        Some(Submit {
+            request_id,
+            program,
+            sealed: rest[len..].to_vec(),
+        })
+    }
 }
 
 /// Parses a header: the kind and payload length, checked against `max_payload`.
@@ -338,6 +417,30 @@ mod tests {
             }
             let _ = read_frame(&mut buf.as_slice(), MAX);
         }
+    }
+
+    #[test]
+    fn submit_round_trips_and_refuses_malformed() {
+        let s = Submit {
+            request_id: 7,
+            program: "llama-chat".into(),
+            sealed: vec![1, 2, 3],
+        };
+        assert_eq!(Submit::decode(&s.encode()), Some(s.clone()));
+        let bytes = s.encode();
+        for cut in 0..10 {
+            assert_eq!(Submit::decode(&bytes[..cut]), None, "cut at {cut}");
+        }
+        let mut long = with_request_id(1, &200u16.to_be_bytes());
+        long.extend_from_slice(&[b'a'; 200]);
+        assert_eq!(Submit::decode(&long), None);
+        let mut bad_utf8 = with_request_id(1, &1u16.to_be_bytes());
+        bad_utf8.push(0xff);
+        assert_eq!(Submit::decode(&bad_utf8), None);
+        assert_eq!(
+            split_request_id(&with_request_id(9, b"x")),
+            Some((9, &b"x"[..]))
+        );
     }
 
     #[test]

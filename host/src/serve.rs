@@ -160,6 +160,8 @@ pub struct InstalledKeys {
     pub request: BTreeMap<String, RequestPrivateKey>,
     /// Model data keys, by model id.
     pub models: BTreeMap<String, ModelKey>,
+    /// The receipt signing key, once released.
+    pub receipt: Option<p256::ecdsa::SigningKey>,
 }
 
 impl std::fmt::Debug for InstalledKeys {
@@ -167,6 +169,7 @@ impl std::fmt::Debug for InstalledKeys {
         f.debug_struct("InstalledKeys")
             .field("request", &self.request.keys().collect::<Vec<_>>())
             .field("models", &self.models.keys().collect::<Vec<_>>())
+            .field("receipt", &self.receipt.is_some())
             .finish()
     }
 }
@@ -338,10 +341,18 @@ impl Attestor {
                     let key = ModelKey::from_bytes(&secret).map_err(|e| bad(e.to_string()))?;
                     keys.models.insert(k.id.clone(), key);
                 }
+                ReleasedKeyKind::Receipt => {
+                    let key = p256::ecdsa::SigningKey::from_slice(&secret)
+                        .map_err(|_| bad("not a P-256 scalar".into()))?;
+                    keys.receipt = Some(key);
+                }
             }
         }
         self.keys.request.append(&mut keys.request);
         self.keys.models.append(&mut keys.models);
+        if keys.receipt.is_some() {
+            self.keys.receipt = keys.receipt;
+        }
         tracing::info!(keys = ?self.keys, "keys installed");
         Ok(Frame {
             kind: Kind::KeysInstalled,

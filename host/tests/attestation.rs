@@ -235,7 +235,7 @@ fn an_attested_loader_gets_its_keys_through_a_relay_that_learns_nothing() {
     let (status, body) = relay.attest(ks.addr);
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     let release: KeyRelease = serde_json::from_slice(&body).unwrap();
-    assert_eq!(release.keys.len(), 2, "model key and request key");
+    assert_eq!(release.keys.len(), 3, "model key, request key, receipt key");
 
     let installed = relay.ask(Kind::KeyRelease, &body);
     assert_eq!(

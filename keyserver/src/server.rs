@@ -117,6 +117,12 @@ impl KeyServer {
             public_key: public.to_bytes(),
             not_before: now,
             not_after: now.saturating_add(config.request_key_validity_secs),
+            receipt_public_key: keys
+                .receipt
+                .verifying_key()
+                .to_sec1_point(false)
+                .as_bytes()
+                .to_vec(),
         };
         let signed = SignedRequestKey::sign(&statement, &keys.identity);
         let signed_request_key = Bytes::from(serde_json::to_vec(&signed).unwrap_or_default());
@@ -297,6 +303,11 @@ impl KeyServer {
                 ReleasedKeyKind::Request,
                 keys.request.public_key().key_id(),
                 keys.request.to_bytes(),
+            ));
+            secrets.push((
+                ReleasedKeyKind::Receipt,
+                cinfer_attest::RECEIPT_KEY_ID.to_owned(),
+                zeroize::Zeroizing::new(keys.receipt.to_bytes().to_vec()),
             ));
         }
         let mut released = Vec::with_capacity(secrets.len());

@@ -35,6 +35,7 @@ const AAD_PREFIX: &[u8] = b"cinfer-keyserver/state/v1\0";
 const NONCE_LEN: usize = 12;
 const IDENTITY_FILE: &str = "identity.key.enc";
 const REQUEST_FILE: &str = "request.key.enc";
+const RECEIPT_FILE: &str = "receipt.key.enc";
 const MODELS_DIR: &str = "models";
 const MODEL_SUFFIX: &str = ".key.enc";
 /// The tag of a model key file written by `cinfer dev-model-key`.
@@ -233,6 +234,10 @@ pub struct Keys {
     pub identity: SigningKey,
     /// The request private key released to attested loaders.
     pub request: RequestPrivateKey,
+    /// The receipt signing key released to attested loaders: a receipt signed
+    /// with it comes from an attested loader (or this keyserver). Its public
+    /// half is in the signed request-key statement.
+    pub receipt: SigningKey,
     /// Model data keys, by model id.
     pub models: BTreeMap<String, Zeroizing<[u8; 32]>>,
 }
@@ -284,6 +289,8 @@ impl StateDir {
         state.write(IDENTITY_FILE, "identity", &identity.to_bytes())?;
         let request = RequestPrivateKey::generate();
         state.write(REQUEST_FILE, "request", &request.to_bytes())?;
+        let receipt = generate_signing_key()?;
+        state.write(RECEIPT_FILE, "receipt", &receipt.to_bytes())?;
         Ok(state)
     }
 
@@ -318,6 +325,9 @@ impl StateDir {
         let request_path = self.dir.join(REQUEST_FILE);
         let request = RequestPrivateKey::from_bytes(&self.read(&request_path, "request")?)
             .map_err(|_| StateError::BadKey(request_path.clone()))?;
+        let receipt_path = self.dir.join(RECEIPT_FILE);
+        let receipt = SigningKey::from_slice(&self.read(&receipt_path, "receipt")?)
+            .map_err(|_| StateError::BadKey(receipt_path.clone()))?;
         let mut models = BTreeMap::new();
         let models_dir = self.dir.join(MODELS_DIR);
         let entries = match std::fs::read_dir(&models_dir) {
@@ -345,6 +355,7 @@ impl StateDir {
         Ok(Keys {
             identity,
             request,
+            receipt,
             models,
         })
     }

@@ -85,7 +85,7 @@ async fn release_unwraps_with_the_ephemeral_key() {
     let release: KeyRelease = serde_json::from_slice(&body).unwrap();
     assert_eq!(release.version, 1);
     assert_eq!(release.nonce, ev.nonce);
-    assert_eq!(release.keys.len(), 2);
+    assert_eq!(release.keys.len(), 3, "model, request and receipt keys");
 
     let unwrap = |kind: ReleasedKeyKind| {
         let k = release.keys.iter().find(|k| k.kind == kind).unwrap();
@@ -115,6 +115,14 @@ async fn release_unwraps_with_the_ephemeral_key() {
     let statement = signed.verify(&h.server.identity_public_key()).unwrap();
     assert_eq!(statement.public_key, request_key.public_key().to_bytes());
     assert_eq!(statement.key_id, request_id);
+    // The receipt key released is the one whose public half the statement names.
+    let (receipt_id, receipt_secret) = unwrap(ReleasedKeyKind::Receipt);
+    assert_eq!(receipt_id, cinfer_attest::RECEIPT_KEY_ID);
+    let receipt_key = p256::ecdsa::SigningKey::from_slice(&receipt_secret).unwrap();
+    assert_eq!(
+        receipt_key.verifying_key().to_sec1_point(false).as_bytes(),
+        statement.receipt_public_key.as_slice()
+    );
 
     // Another loader key cannot unwrap (the model key is bound to the evidence's key).
     let k = &release.keys[0];
@@ -141,7 +149,11 @@ async fn release_unwraps_with_the_ephemeral_key() {
     );
     assert_eq!(
         lines[0]["keys"],
-        serde_json::json!(["model:m1", format!("request:{request_id}")])
+        serde_json::json!([
+            "model:m1",
+            format!("request:{request_id}"),
+            "receipt:receipt"
+        ])
     );
     assert_eq!(
         lines[0]["ak_fingerprint"].as_str().unwrap(),

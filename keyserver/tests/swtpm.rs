@@ -132,7 +132,7 @@ async fn assert_released(h: &Harness, ev: &Evidence, loader_key: &RequestPrivate
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     let release: KeyRelease = serde_json::from_slice(&body).unwrap();
     assert_eq!(release.nonce, ev.nonce);
-    assert_eq!(release.keys.len(), 2);
+    assert_eq!(release.keys.len(), 3);
 
     let (model_id, model_key) = unwrap_released(&release, loader_key, ReleasedKeyKind::Model);
     assert_eq!(
