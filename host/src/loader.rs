@@ -293,7 +293,7 @@ pub struct Loader {
     engine: Engine,
     policy: Policy,
     backend: Arc<dyn Backend>,
-    models: Arc<ModelStore>,
+    models: std::sync::RwLock<Arc<ModelStore>>,
     linkers: Mutex<HashMap<Capabilities, Arc<Linker<RunState>>>>,
     admitted: Mutex<HashMap<[u8; 32], Arc<AdmittedProgram>>>,
     /// Signed admissions, by digest and signatures: the same bytes with the
@@ -332,7 +332,7 @@ impl Loader {
             engine,
             policy,
             backend: config.backend,
-            models: Arc::new(config.models),
+            models: std::sync::RwLock::new(Arc::new(config.models)),
             linkers: Mutex::new(HashMap::new()),
             admitted: Mutex::new(HashMap::new()),
             admitted_signed: Mutex::new(HashMap::new()),
@@ -437,6 +437,12 @@ impl Loader {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(key, program.clone());
         Ok(program)
+    }
+
+    /// Replaces the models this loader serves (a serving loader gets its model
+    /// keys only after attesting). Runs in progress keep the store they started with.
+    pub fn set_models(&self, models: ModelStore) {
+        *self.models.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(models);
     }
 
     /// Admission without the cache (a cold compile every time; for benchmarks).
@@ -567,7 +573,13 @@ impl Loader {
                 limits.accelerator_bytes,
                 limits.memory_bytes,
             ),
-            model: ModelCtx::new(program.grant.models.clone().into(), self.models.clone()),
+            model: ModelCtx::new(
+                program.grant.models.clone().into(),
+                self.models
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone(),
+            ),
             output: OutputCtx::new(sealer, sink, limits.egress_bytes),
             limiter: MemoryLimiter {
                 memory_bytes: limits.memory_bytes,

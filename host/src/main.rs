@@ -307,16 +307,17 @@ fn measure(config: &Path, binary: Option<&Path>, tpm: Option<&str>) -> Result<Ex
 
 fn serve(config: &Path) -> Result<ExitCode> {
     let (cfg, policy, events) = measured(config, None)?;
-    // The policy must load in a loader before anything is measured or served.
-    let _loader = Loader::new(policy, LoaderConfig::default())?;
+    let (dir, _) = cinfer_host::open_parent_dir(config)?;
     let tpm = cinfer_tpm::Tpm::open(&cfg.tpm)?;
-    let mut attestor =
+    let attestor =
         cinfer_host::serve::Attestor::measure(tpm, cfg.pcr, events, cfg.quote_pcrs.clone())?;
     tracing::info!(events = attestor.events().len(), pcr = cfg.pcr, "measured");
+    // Programs are admitted (and a bad policy refused) before anything is served.
+    let mut service = cinfer_host::serve::Service::new(attestor, policy, &cfg, &dir)?;
     let endpoint: cinfer_channel::Endpoint =
         cfg.listen.parse().map_err(|e: String| anyhow::anyhow!(e))?;
-    let mut serve_one = |stream: &mut dyn ReadWrite| {
-        if let Err(e) = attestor.serve_connection(stream, cfg.max_frame_bytes) {
+    let mut serve_one = |reader: Box<dyn std::io::Read>, writer: Box<dyn Write + Send>| {
+        if let Err(e) = service.serve_connection(reader, writer) {
             tracing::warn!(error = %e, "connection closed");
         }
     };
@@ -326,8 +327,11 @@ fn serve(config: &Path) -> Result<ExitCode> {
                 .with_context(|| format!("listening on {endpoint}"))?;
             eprintln!("listening on tcp:{}", listener.local_addr()?);
             for stream in listener.incoming() {
-                match stream {
-                    Ok(mut s) => serve_one(&mut s),
+                match stream.and_then(|s| Ok((s.try_clone()?, s))) {
+                    Ok((r, w)) => {
+                        let _ = w.set_nodelay(true);
+                        serve_one(Box::new(r), Box::new(w));
+                    }
                     Err(e) => tracing::warn!(error = %e, "accept failed"),
                 }
             }
@@ -337,8 +341,8 @@ fn serve(config: &Path) -> Result<ExitCode> {
                 .with_context(|| format!("listening on {endpoint}"))?;
             eprintln!("listening on {endpoint}");
             for stream in listener.incoming() {
-                match stream {
-                    Ok(mut s) => serve_one(&mut s),
+                match stream.and_then(|s| Ok((s.try_clone()?, s))) {
+                    Ok((r, w)) => serve_one(Box::new(r), Box::new(w)),
                     Err(e) => tracing::warn!(error = %e, "accept failed"),
                 }
             }
@@ -346,9 +350,6 @@ fn serve(config: &Path) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
-
-trait ReadWrite: std::io::Read + std::io::Write {}
-impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()

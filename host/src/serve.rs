@@ -12,16 +12,25 @@
 //! the relay sees ciphertext. The ephemeral key is used once (a replayed release
 //! finds no pending attestation), and a release is installed all or nothing.
 
-use crate::Policy;
+use crate::caps::model::ModelStore;
+use crate::caps::output::FrameSink;
+use crate::models::SealedGguf;
 use crate::policy::PolicyFileRole;
+use crate::{AdmittedProgram, Loader, LoaderConfig, Policy, RunOutcome};
 use cinfer_attest::{Event, EventKind, Evidence, KeyRelease, ReleasedKeyKind, release_context};
+use cinfer_attest::{Receipt, SignedReceipt};
+use cinfer_channel::Submit;
 use cinfer_channel::{Frame, FrameError, Kind};
 use cinfer_envelope::RequestPrivateKey;
 use cinfer_envelope::keywrap::{WrappedSecret, unwrap_key};
 use cinfer_sealed_model::ModelKey;
 use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 /// Shortest and longest keyserver nonce accepted.
 const NONCE_LEN: std::ops::RangeInclusive<usize> = 16..=64;
@@ -46,6 +55,43 @@ pub struct ServeConfig {
     /// Largest frame payload accepted on the channel.
     #[serde(default = "default_max_frame")]
     pub max_frame_bytes: u32,
+    /// Requests running at once; more are refused as busy.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Programs served, admitted at start (by signature when `signatures` are
+    /// given, else by digest). Not measured: the policy decides what runs.
+    #[serde(default, rename = "program")]
+    pub programs: Vec<ProgramConfig>,
+    /// Sealed models served; each is opened when the keyserver releases its key.
+    #[serde(default, rename = "model")]
+    pub models: Vec<ModelConfig>,
+}
+
+/// A program a serving loader offers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ProgramConfig {
+    /// Name requests use [default: the file name without `.wasm`].
+    pub name: Option<String>,
+    /// The component, relative to the configuration's directory.
+    pub path: String,
+    /// Signature files (Sigstore bundles or detached key signatures).
+    #[serde(default)]
+    pub signatures: Vec<String>,
+}
+
+/// A sealed model a serving loader offers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ModelConfig {
+    /// Model id (as sealed, and as the keyserver releases its key).
+    pub id: String,
+    /// The sealed model, relative to the configuration's directory.
+    pub path: String,
+}
+
+fn default_max_in_flight() -> usize {
+    8
 }
 
 fn default_pcr() -> u8 {
@@ -206,6 +252,18 @@ struct Hello<'a> {
     #[serde(with = "hex::serde")]
     ak_public: &'a [u8],
     pcr: u8,
+    programs: &'a [ProgramInfo],
+}
+
+/// A served program as the peer sees it (`Hello`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProgramInfo {
+    /// The name requests use.
+    pub name: String,
+    /// SHA-256 of the component.
+    pub sha256: String,
+    /// The capability world it was granted.
+    pub world: String,
 }
 
 #[derive(serde::Serialize)]
@@ -243,7 +301,7 @@ impl Attestor {
     }
 
     /// The first frame on a new connection.
-    pub fn hello(&self) -> Frame {
+    pub fn hello(&self, programs: &[ProgramInfo]) -> Frame {
         let pcr = self
             .events
             .first()
@@ -255,6 +313,7 @@ impl Attestor {
                 loader: env!("CARGO_PKG_VERSION"),
                 ak_public: self.tpm.ak_public(),
                 pcr,
+                programs,
             })
             .unwrap_or_default(),
         }
@@ -363,27 +422,302 @@ impl Attestor {
             .unwrap_or_default(),
         })
     }
+}
 
-    /// Serves one connection until the peer closes it or sends a malformed frame.
-    /// A refused frame is answered with an `Error` frame and the connection goes on.
+/// A serving loader: the attestor, the wasmtime loader, the admitted programs and
+/// the sealed models waiting for their keys.
+pub struct Service {
+    attestor: Attestor,
+    loader: Arc<Loader>,
+    policy_sha256: String,
+    programs: HashMap<String, Arc<AdmittedProgram>>,
+    program_list: Vec<ProgramInfo>,
+    sealed_models: Vec<(String, std::fs::File)>,
+    model_sha256: Arc<RwLock<BTreeMap<String, String>>>,
+    max_frame: u32,
+    max_in_flight: usize,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl std::fmt::Debug for Service {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Service")
+            .field("attestor", &self.attestor)
+            .field("programs", &self.program_list)
+            .finish_non_exhaustive()
+    }
+}
+
+type SharedWriter = Arc<Mutex<Box<dyn Write + Send>>>;
+
+fn send(w: &SharedWriter, kind: Kind, payload: &[u8], max: u32) -> Result<(), FrameError> {
+    let mut w = w.lock().unwrap_or_else(PoisonError::into_inner);
+    cinfer_channel::write_frame(&mut *w, kind, payload, max)
+}
+
+fn error_json(e: &impl std::fmt::Display) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "error": e.to_string() })).unwrap_or_default()
+}
+
+fn outcome_name(o: &RunOutcome) -> &'static str {
+    match o {
+        RunOutcome::Completed => "completed",
+        RunOutcome::ProgramFailed => "program-failed",
+        RunOutcome::Aborted(_) => "aborted",
+    }
+}
+
+impl Service {
+    /// Admits the configured programs (read through `dir`, the configuration's
+    /// directory) and opens the sealed model files. Fails on the first program
+    /// the policy refuses.
+    pub fn new(
+        attestor: Attestor,
+        policy: Policy,
+        config: &ServeConfig,
+        dir: &cap_std::fs::Dir,
+    ) -> Result<Self, ServeError> {
+        let policy_sha256 = hex::encode(policy.digest());
+        let loader = Arc::new(
+            Loader::new(policy, LoaderConfig::default())
+                .map_err(|e| ServeError::Config(e.to_string()))?,
+        );
+        let read = |path: &str| {
+            dir.read(path)
+                .map_err(|e| ServeError::Config(format!("reading {path}: {e}")))
+        };
+        let mut programs = HashMap::new();
+        let mut program_list = Vec::new();
+        for p in &config.programs {
+            let name = p.name.clone().unwrap_or_else(|| {
+                p.path
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or(&p.path)
+                    .trim_end_matches(".wasm")
+                    .to_owned()
+            });
+            let bytes = read(&p.path)?;
+            let sigs = p
+                .signatures
+                .iter()
+                .map(|s| read(s))
+                .collect::<Result<Vec<_>, _>>()?;
+            let admitted = if sigs.is_empty() {
+                loader.admit(&bytes)
+            } else {
+                let refs: Vec<&[u8]> = sigs.iter().map(Vec::as_slice).collect();
+                loader.admit_signatures(&bytes, &refs)
+            }
+            .map_err(|e| ServeError::Config(format!("program {name}: {e}")))?;
+            program_list.push(ProgramInfo {
+                name: name.clone(),
+                sha256: hex::encode(admitted.grant().digest),
+                world: admitted.grant().world.clone(),
+            });
+            if programs.insert(name.clone(), admitted).is_some() {
+                return Err(ServeError::Config(format!("two programs are named {name}")));
+            }
+        }
+        let mut sealed_models = Vec::new();
+        for m in &config.models {
+            let f = dir
+                .open(&m.path)
+                .map_err(|e| ServeError::Config(format!("opening model {}: {e}", m.path)))?;
+            sealed_models.push((m.id.clone(), f.into_std()));
+        }
+        Ok(Self {
+            attestor,
+            loader,
+            policy_sha256,
+            programs,
+            program_list,
+            sealed_models,
+            model_sha256: Arc::default(),
+            max_frame: config.max_frame_bytes,
+            max_in_flight: config.max_in_flight,
+            in_flight: Arc::default(),
+        })
+    }
+
+    /// The attestation side.
+    pub fn attestor(&self) -> &Attestor {
+        &self.attestor
+    }
+
+    /// Opens every configured model whose key has arrived and serves the set.
+    fn open_models(&mut self) -> Result<(), ServeError> {
+        let mut store = ModelStore::default();
+        let mut digests = BTreeMap::new();
+        for (id, file) in &self.sealed_models {
+            let Some(key) = self.attestor.keys.models.get(id) else {
+                continue;
+            };
+            let source = file
+                .try_clone()
+                .map_err(|e| ServeError::Config(format!("model {id}: {e}")))?;
+            let model =
+                SealedGguf::open(Box::new(source), key).map_err(|e| ServeError::BadKey {
+                    kind: ReleasedKeyKind::Model,
+                    id: id.clone(),
+                    reason: e.to_string(),
+                })?;
+            if model.model_id() != id {
+                return Err(ServeError::BadKey {
+                    kind: ReleasedKeyKind::Model,
+                    id: id.clone(),
+                    reason: format!("the sealed file is model {}", model.model_id()),
+                });
+            }
+            digests.insert(id.clone(), hex::encode(model.plaintext_sha256()));
+            store.insert(id.clone(), Arc::new(model));
+        }
+        self.loader.set_models(store);
+        *self
+            .model_sha256
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = digests;
+        Ok(())
+    }
+
+    /// Serves one peer until it hangs up or sends a malformed frame. Requests run
+    /// on their own threads; their frames interleave with other answers.
     pub fn serve_connection(
         &mut self,
-        mut stream: impl Read + Write,
-        max_frame: u32,
+        mut reader: impl Read,
+        writer: Box<dyn Write + Send>,
     ) -> Result<(), ServeError> {
-        let hello = self.hello();
-        cinfer_channel::write_frame(&mut stream, hello.kind, &hello.payload, max_frame)?;
-        while let Some(frame) = cinfer_channel::read_frame(&mut stream, max_frame)? {
-            let answer = self.handle(&frame).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "frame refused");
-                Frame {
-                    kind: Kind::Error,
-                    payload: serde_json::to_vec(&serde_json::json!({ "error": e.to_string() }))
-                        .unwrap_or_default(),
+        let writer: SharedWriter = Arc::new(Mutex::new(writer));
+        let max = self.max_frame;
+        let hello = self.attestor.hello(&self.program_list);
+        send(&writer, hello.kind, &hello.payload, max)?;
+        while let Some(frame) = cinfer_channel::read_frame(&mut reader, max)? {
+            match frame.kind {
+                Kind::Submit => self.submit(&frame.payload, &writer),
+                _ => {
+                    let mut answer = self.attestor.handle(&frame);
+                    if frame.kind == Kind::KeyRelease && answer.is_ok() {
+                        if let Err(e) = self.open_models() {
+                            answer = Err(e);
+                        }
+                    }
+                    let answer = answer.unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, "frame refused");
+                        Frame {
+                            kind: Kind::Error,
+                            payload: error_json(&e),
+                        }
+                    });
+                    send(&writer, answer.kind, &answer.payload, max)?;
                 }
-            });
-            cinfer_channel::write_frame(&mut stream, answer.kind, &answer.payload, max_frame)?;
+            }
         }
         Ok(())
+    }
+
+    fn submit(&self, payload: &[u8], writer: &SharedWriter) {
+        let max = self.max_frame;
+        let Some(submit) = Submit::decode(payload) else {
+            let _ = send(
+                writer,
+                Kind::Error,
+                &error_json(&"malformed Submit frame"),
+                max,
+            );
+            return;
+        };
+        let id = submit.request_id;
+        let refuse = |why: String| {
+            tracing::info!(request = id, reason = %why, "request refused");
+            let _ = send(
+                writer,
+                Kind::Refused,
+                &cinfer_channel::with_request_id(id, &error_json(&why)),
+                max,
+            );
+        };
+        let Some(program) = self.programs.get(&submit.program).cloned() else {
+            return refuse(format!("unknown program {:?}", submit.program));
+        };
+        let key_id = match cinfer_envelope::request_key_id(&submit.sealed) {
+            Ok(k) => k.to_owned(),
+            Err(e) => return refuse(format!("malformed request: {e}")),
+        };
+        let Some(key) = self.attestor.keys.request.get(&key_id).cloned() else {
+            return refuse(format!(
+                "no request key {key_id} (not attested yet, or sealed to another keyserver's key)"
+            ));
+        };
+        let Some(receipt_key) = self.attestor.keys.receipt.clone() else {
+            return refuse("no receipt key released yet".into());
+        };
+        if self.in_flight.fetch_add(1, Ordering::SeqCst) >= self.max_in_flight {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return refuse(format!("busy: {} requests in flight", self.max_in_flight));
+        }
+        let (loader, writer) = (self.loader.clone(), writer.clone());
+        let in_flight = self.in_flight.clone();
+        let models = self.model_sha256.clone();
+        let policy_sha256 = self.policy_sha256.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("request-{id}"))
+            .spawn(move || {
+                let hasher = Arc::new(Mutex::new((Sha256::new(), 0u64)));
+                let (h, w) = (hasher.clone(), writer.clone());
+                let sink: FrameSink = Box::new(move |frame: Vec<u8>| {
+                    {
+                        let mut h = h.lock().unwrap_or_else(PoisonError::into_inner);
+                        h.0.update((frame.len() as u32).to_be_bytes());
+                        h.0.update(&frame);
+                        h.1 += 1;
+                    }
+                    let _ = send(&w, Kind::Reply, &cinfer_channel::with_request_id(id, &frame), max);
+                });
+                let answer = match loader.run_streaming(&program, &submit.sealed, &key, sink) {
+                    Ok(report) => {
+                        let (digest, frames) = {
+                            let h = hasher.lock().unwrap_or_else(PoisonError::into_inner);
+                            (h.0.clone().finalize(), h.1)
+                        };
+                        let model_digests = models.read().unwrap_or_else(PoisonError::into_inner);
+                        let receipt = Receipt {
+                            receipt_type: cinfer_attest::RECEIPT_TYPE.into(),
+                            request_sha256: hex::encode(Sha256::digest(&submit.sealed)),
+                            program_sha256: hex::encode(program.grant().digest),
+                            policy_sha256,
+                            model_sha256: program
+                                .grant()
+                                .models
+                                .iter()
+                                .filter_map(|m| model_digests.get(m).map(|d| (m.clone(), d.clone())))
+                                .collect(),
+                            reply_sha256: hex::encode(digest),
+                            reply_frames: frames,
+                            outcome: outcome_name(&report.outcome).into(),
+                        };
+                        tracing::info!(request = id, outcome = %report.outcome, frames, elapsed = ?report.elapsed, "request done");
+                        let signed = SignedReceipt::sign(&receipt, &receipt_key);
+                        (
+                            Kind::Done,
+                            serde_json::to_vec(&signed).unwrap_or_default(),
+                        )
+                    }
+                    Err(e) => {
+                        tracing::info!(request = id, reason = %e, "request refused");
+                        (Kind::Refused, error_json(&e))
+                    }
+                };
+                let _ = send(
+                    &writer,
+                    answer.0,
+                    &cinfer_channel::with_request_id(id, &answer.1),
+                    max,
+                );
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            refuse(format!("cannot start a worker: {e}"));
+        }
     }
 }

@@ -7,6 +7,7 @@
 
 use cinfer_attest::{Evidence, KeyRelease, ReferenceValues, SignedRequestKey};
 use cinfer_channel::{Frame, Kind};
+use sha2::Digest as _;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -33,11 +34,16 @@ fn loader_dir(dir: &Path, tcti: &str, policy_suffix: &str) -> PathBuf {
     let policy = std::fs::read_to_string(root().join("policies/dev.toml")).unwrap();
     std::fs::write(dir.join("dev.toml"), format!("{policy}{policy_suffix}")).unwrap();
     std::fs::copy(root().join("policies/worlds.wit"), dir.join("worlds.wit")).unwrap();
+    std::fs::copy(
+        root().join("target/programs/echo.wasm"),
+        dir.join("echo.wasm"),
+    )
+    .expect("target/programs/echo.wasm: run cargo run --release -p build-programs");
     let config = dir.join("loader.toml");
     std::fs::write(
         &config,
         format!(
-            "listen = \"tcp:127.0.0.1:0\"\ntpm = \"{tcti}\"\npolicy = \"dev.toml\"\npcr = 23\nquote-pcrs = [23]\n"
+            "listen = \"tcp:127.0.0.1:0\"\ntpm = \"{tcti}\"\npolicy = \"dev.toml\"\npcr = 23\nquote-pcrs = [23]\n[[program]]\npath = \"echo.wasm\"\n"
         ),
     )
     .unwrap();
@@ -260,7 +266,88 @@ fn an_attested_loader_gets_its_keys_through_a_relay_that_learns_nothing() {
         serde_json::json!([statement.key_id])
     );
 
-    // The relay saw only wrapped keys.
+    // A request sealed by a client to the published key runs, streams sealed
+    // frames and ends with a receipt signed by the released receipt key.
+    assert_eq!(hello["programs"][0]["name"], "echo");
+    let canary = b"canary-7f3a9 confidential prompt";
+    let request_key = cinfer_envelope::RequestPublicKey::from_bytes(&statement.public_key).unwrap();
+    let (sealed, mut opener) = cinfer_envelope::seal_request(&request_key, canary).unwrap();
+    let submit = cinfer_channel::Submit {
+        request_id: 42,
+        program: "echo".into(),
+        sealed: sealed.clone(),
+    };
+    cinfer_channel::write_frame(&mut relay.stream, Kind::Submit, &submit.encode(), MAX).unwrap();
+    let mut frames = Vec::new();
+    let done = loop {
+        let f = relay.read();
+        let (id, rest) = cinfer_channel::split_request_id(&f.payload).unwrap();
+        assert_eq!(id, 42);
+        match f.kind {
+            Kind::Reply => frames.push(rest.to_vec()),
+            Kind::Done => break rest.to_vec(),
+            other => panic!("{other:?}: {}", String::from_utf8_lossy(rest)),
+        }
+    };
+    let mut text = Vec::new();
+    for f in &frames {
+        if let cinfer_envelope::ReplyChunk::Data(d) = opener.open(f).unwrap() {
+            text.extend_from_slice(&d);
+        }
+    }
+    assert_eq!(text, canary);
+    let receipt = serde_json::from_slice::<cinfer_attest::SignedReceipt>(&done)
+        .unwrap()
+        .verify(&statement.receipt_public_key)
+        .unwrap();
+    assert_eq!(receipt.outcome, "completed");
+    assert_eq!(
+        receipt.request_sha256,
+        hex::encode(sha2::Sha256::digest(&sealed))
+    );
+    assert_eq!(
+        receipt.reply_sha256,
+        hex::encode(cinfer_attest::reply_digest(
+            frames.iter().map(Vec::as_slice)
+        ))
+    );
+    assert_eq!(receipt.reply_frames, frames.len() as u64);
+    let echo = std::fs::read(root().join("target/programs/echo.wasm")).unwrap();
+    assert_eq!(
+        receipt.program_sha256,
+        hex::encode(sha2::Sha256::digest(&echo))
+    );
+    // Unknown programs and requests sealed to another key are refused, not run.
+    for (program, key) in [
+        ("nope", request_key.clone()),
+        (
+            "echo",
+            cinfer_envelope::RequestPrivateKey::generate()
+                .public_key()
+                .clone(),
+        ),
+    ] {
+        let (sealed, _) = cinfer_envelope::seal_request(&key, b"x").unwrap();
+        let s = cinfer_channel::Submit {
+            request_id: 7,
+            program: program.into(),
+            sealed,
+        };
+        let f = relay.ask(Kind::Submit, &s.encode());
+        assert_eq!(f.kind, Kind::Refused);
+        let (_, why) = cinfer_channel::split_request_id(&f.payload).unwrap();
+        let why = String::from_utf8_lossy(why);
+        assert!(
+            why.contains("unknown program") || why.contains("no request key"),
+            "{why}"
+        );
+    }
+
+    // The relay saw only wrapped keys, sealed requests and sealed replies.
+    assert!(
+        !relay.seen.windows(canary.len()).any(|w| w == canary),
+        "canary in clear"
+    );
     let seen = relay.seen.clone();
     assert!(
         !seen.windows(32).any(|w| w == MODEL_KEY),
