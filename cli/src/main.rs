@@ -10,6 +10,8 @@ use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+mod chat;
+mod proxy;
 mod signing;
 
 /// cinfer: confidential inference tools.
@@ -105,6 +107,14 @@ enum Command {
         /// The component (.wasm).
         program: PathBuf,
     },
+    /// Sends one chat request to llama-chat on an inference server, sealed to
+    /// the keyserver-signed request key; prints the answer as it streams, then
+    /// verifies the attested loader's receipt (exits 1 if anything fails).
+    Chat(chat::ChatArgs),
+    /// Serves an OpenAI-compatible API (`/v1/chat/completions`, `/v1/models`)
+    /// on a local address, sending each request sealed through the client
+    /// library and answering only with verified replies.
+    Proxy(proxy::ProxyArgs),
 }
 
 fn bar(len: u64, what: &str) -> ProgressBar {
@@ -332,6 +342,8 @@ fn main() -> std::process::ExitCode {
             Err(e) => Err(e),
         },
         Command::Inspect { program } => inspect(program),
+        Command::Chat(args) => chat::run(args),
+        Command::Proxy(args) => proxy::run(args),
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,178 @@
+//! `cinfer chat`: one sealed llama-chat request, streamed to stdout as it is
+//! generated, then the receipt verified (and shown with `--show-receipt`).
+
+use anyhow::{Context, Result, bail};
+use cinfer_client::{ChatResult, Client, ReplyStatus};
+use std::io::Write;
+use std::path::PathBuf;
+
+/// Where the server is and which keyserver identity to trust.
+#[derive(Debug, clap::Args)]
+pub struct ServerArgs {
+    /// Inference server base URL (plain http:// only: local development).
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+}
+
+/// The pinned keyserver identity key (hex of its SEC1 point, as
+/// `keyserver public-identity` prints it).
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct IdentityArgs {
+    /// Keyserver identity public key, hex.
+    #[arg(long, value_name = "HEX")]
+    pub keyserver_identity: Option<String>,
+    /// File holding the keyserver identity public key, hex.
+    #[arg(long, value_name = "FILE")]
+    pub keyserver_identity_file: Option<PathBuf>,
+}
+
+impl ServerArgs {
+    /// A client of the server pinned to the identity.
+    pub fn client(&self) -> Result<Client> {
+        let text = match (
+            &self.identity.keyserver_identity,
+            &self.identity.keyserver_identity_file,
+        ) {
+            (Some(hex), _) => hex.clone(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?,
+            (None, None) => bail!("--keyserver-identity or --keyserver-identity-file is required"),
+        };
+        let key = hex::decode(text.trim()).context("the keyserver identity is not hex")?;
+        Ok(Client::new(&self.server, key)?)
+    }
+}
+
+/// `cinfer chat` arguments.
+#[derive(Debug, clap::Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Program to run.
+    #[arg(long, default_value = "llama-chat")]
+    pub program: String,
+    /// Model id (llama-chat's default when left out).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: u32,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Top-k sampling (llama-chat's default when left out).
+    #[arg(long)]
+    pub top_k: Option<u32>,
+    /// Top-p sampling (llama-chat's default when left out).
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Sampling seed.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// A system message before the prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Print the verified receipt (to stderr) after the answer.
+    #[arg(long)]
+    pub show_receipt: bool,
+    /// The user message.
+    pub prompt: String,
+}
+
+/// The llama-chat request for these arguments.
+pub fn request_json(args: &ChatArgs) -> serde_json::Value {
+    let mut messages = Vec::new();
+    if let Some(system) = &args.system {
+        messages.push(serde_json::json!({"role": "system", "content": system}));
+    }
+    messages.push(serde_json::json!({"role": "user", "content": args.prompt}));
+    let mut req = serde_json::json!({
+        "messages": messages,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "format": "text",
+    });
+    let obj = req.as_object_mut();
+    if let Some(obj) = obj {
+        if let Some(m) = &args.model {
+            obj.insert("model".into(), m.clone().into());
+        }
+        if let Some(k) = args.top_k {
+            obj.insert("top_k".into(), k.into());
+        }
+        if let Some(p) = args.top_p {
+            obj.insert("top_p".into(), p.into());
+        }
+        if let Some(s) = args.seed {
+            obj.insert("seed".into(), s.into());
+        }
+    }
+    req
+}
+
+/// The lines `--show-receipt` prints.
+pub fn receipt_report(client: &Client, program: &str, result: &ChatResult) -> String {
+    let r = &result.receipt;
+    let mut out = format!(
+        "receipt: verified (signed by an attested loader's receipt key; keyserver identity {})\n",
+        client.identity_fingerprint()
+    );
+    out.push_str(&format!(
+        "  program:      {program} (sha256 {})\n",
+        r.program_sha256
+    ));
+    out.push_str(&format!("  policy:       sha256 {}\n", r.policy_sha256));
+    if r.model_sha256.is_empty() {
+        out.push_str("  models:       (none)\n");
+    }
+    for (id, digest) in &r.model_sha256 {
+        out.push_str(&format!("  model:        {id} (sha256 {digest})\n"));
+    }
+    out.push_str(&format!("  request:      sha256 {}\n", r.request_sha256));
+    out.push_str(&format!(
+        "  reply:        sha256 {} ({} frames)\n",
+        r.reply_sha256, r.reply_frames
+    ));
+    out.push_str(&format!("  outcome:      {}\n", r.outcome));
+    out.push_str(&format!(
+        "  request key:  {} (valid {}..={}, Unix seconds)\n",
+        result.statement.key_id, result.statement.not_before, result.statement.not_after
+    ));
+    out
+}
+
+/// Runs `cinfer chat`.
+pub fn run(args: &ChatArgs) -> Result<()> {
+    let client = args.server.client()?;
+    let request = serde_json::to_vec(&request_json(args))?;
+    let mut stdout = std::io::stdout().lock();
+    let mut write_failed = None;
+    let result = client.chat(&args.program, &request, |chunk| {
+        if write_failed.is_none()
+            && let Err(e) = stdout.write_all(chunk).and_then(|()| stdout.flush())
+        {
+            write_failed = Some(e);
+        }
+    });
+    // End the answer's line whatever happened.
+    let _ = writeln!(stdout);
+    let _ = stdout.flush();
+    drop(stdout);
+    let result = result.context("chat request failed")?;
+    if let Some(e) = write_failed {
+        return Err(e).context("writing to stdout");
+    }
+    if args.show_receipt {
+        eprint!("{}", receipt_report(&client, &args.program, &result));
+    }
+    if result.status != ReplyStatus::Completed {
+        bail!(
+            "the program did not complete: {} (receipt verified)",
+            cinfer_client::outcome_name(result.status)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,653 @@
+//! The cinfer client: talks to an (untrusted) inference server and trusts
+//! only what it can verify.
+//!
+//! 1. [`Client::request_key`] fetches `GET {server}/v1/request-key`, verifies the
+//!    keyserver-signed statement under the keyserver identity key the client
+//!    pins, checks its validity window against the system clock and that it
+//!    names a receipt key, and caches it.
+//! 2. [`Client::chat`] seals the request to that key (HPKE), posts it to
+//!    `POST {server}/v1/requests?program=NAME`, reads the reply stream record
+//!    by record *as it arrives*, opens every sealed frame in order (each is
+//!    authenticated: only an attested loader holding the request key, or this
+//!    client, can produce one) and hands data chunks to the caller at once.
+//!    It requires the authenticated final frame, then verifies the receipt:
+//!    signature under the statement's receipt key, the digest of the sealed
+//!    request it sent, the digest and count of the sealed frames it received,
+//!    and the outcome carried by the final frame.
+//!
+//! Transport: a small blocking HTTP/1.1 client over plain `http://` only —
+//! meant for a server on localhost or a trusted network hop in development.
+//! Confidentiality and integrity of requests and replies do not depend on the
+//! transport (sealing and receipts do), but metadata (program name, sizes,
+//! timing) is visible on the wire; put TLS in front for anything else.
+//!
+//! Errors never carry request or reply plaintext.
+#![forbid(unsafe_code)]
+
+mod http;
+
+pub use cinfer_attest::{
+    Receipt, RequestKeyStatement, SignedReceipt, SignedRequestKey, StatementError,
+};
+pub use cinfer_envelope::{EnvelopeError, ReplyStatus};
+use cinfer_envelope::{ReplyChunk, RequestPublicKey};
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub use cinfer_attest::reply_digest;
+
+/// Content type of a reply stream.
+pub const REPLY_STREAM_CONTENT_TYPE: &str = "application/vnd.cinfer.reply-stream";
+/// Record type: one sealed reply frame.
+pub const RECORD_FRAME: u8 = 1;
+/// Record type: the `SignedReceipt` JSON (last record of a completed request).
+pub const RECORD_RECEIPT: u8 = 2;
+/// Record type: JSON `{"error": "..."}` (the stream failed after it started).
+pub const RECORD_ERROR: u8 = 3;
+
+/// Largest sealed reply frame record accepted (the loader's frame limit is 16 MiB).
+pub const MAX_FRAME_RECORD: usize = 16 * 1024 * 1024 + 64;
+/// Largest receipt or error record accepted.
+pub const MAX_JSON_RECORD: usize = 1024 * 1024;
+/// Largest small JSON response (request key, models, error bodies) accepted.
+pub const MAX_JSON_RESPONSE: usize = 1024 * 1024;
+/// How much of a server's error text is kept in a [`ClientError`].
+const MAX_ERROR_TEXT: usize = 512;
+
+/// Everything that can go wrong. No variant carries request or reply plaintext.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The server URL is not a supported `http://` URL.
+    #[error("invalid server URL {0}")]
+    InvalidUrl(String),
+    /// The program name is not a plain name (letters, digits, `.`, `_`, `-`).
+    #[error("invalid program name {0:?}")]
+    InvalidProgram(String),
+    /// The pinned keyserver identity key is not a P-256 point.
+    #[error("the keyserver identity key is not a P-256 public key")]
+    BadIdentityKey,
+    /// Connecting, sending or receiving failed.
+    #[error("transport: {0}")]
+    Io(String),
+    /// The server's response is not well-formed HTTP/1.1.
+    #[error("malformed HTTP response: {0}")]
+    Http(String),
+    /// No attested loader is available (`503`): keyserver down, loader
+    /// reconnecting, or keys not installed yet.
+    #[error("no attested loader available (503): {0}")]
+    NoAttestedLoader(String),
+    /// The server refused the request with an HTTP error; `message` is the
+    /// server's JSON `error` text (or a prefix of its body).
+    #[error("server error {status}: {message}")]
+    Server {
+        /// HTTP status.
+        status: u16,
+        /// The server's error text.
+        message: String,
+    },
+    /// A response body is not what the API specifies.
+    #[error("malformed server response: {0}")]
+    MalformedResponse(String),
+    /// The request-key statement's signature does not verify under the pinned identity.
+    #[error("request-key statement is not signed by the pinned keyserver identity")]
+    StatementSignature,
+    /// The signed statement is not a well-formed request-key statement.
+    #[error("malformed request-key statement: {0}")]
+    StatementMalformed(String),
+    /// The statement is outside its validity window at the client's clock.
+    #[error(
+        "request-key statement not valid now (valid {not_before}..={not_after}, now {now}; Unix seconds)"
+    )]
+    StatementNotValid {
+        /// Valid from.
+        not_before: u64,
+        /// Valid until.
+        not_after: u64,
+        /// The client's clock.
+        now: u64,
+    },
+    /// The statement names no receipt key, so replies could not be verified.
+    #[error(
+        "request-key statement names no receipt key; refusing (receipts could not be verified)"
+    )]
+    NoReceiptKey,
+    /// Sealing the request failed.
+    #[error("sealing the request: {0}")]
+    Seal(EnvelopeError),
+    /// The reply is not a reply stream.
+    #[error("unexpected reply content type {0:?}")]
+    UnexpectedContentType(Option<String>),
+    /// A sealed reply frame failed to authenticate: tampered, reordered,
+    /// replayed, or from another request.
+    #[error("reply frame {index} failed authentication (tampered, reordered, replayed or foreign)")]
+    ReplyAuthentication {
+        /// 0-based index of the frame in the stream.
+        index: u64,
+    },
+    /// A sealed reply frame is malformed (unknown type, bad status, ...).
+    #[error("reply frame {index} is malformed: {error}")]
+    ReplyFrame {
+        /// 0-based index of the frame.
+        index: u64,
+        /// Why.
+        error: EnvelopeError,
+    },
+    /// A frame arrived after the authenticated final frame.
+    #[error("reply frame after the authenticated final frame")]
+    FrameAfterEnd,
+    /// The reply stream ended (or the receipt came) without the authenticated final frame.
+    #[error("reply truncated: no authenticated final frame")]
+    Truncated,
+    /// The reply ended after the final frame but without a receipt.
+    #[error("reply ended without a receipt")]
+    MissingReceipt,
+    /// The server reported that the stream failed after it started.
+    #[error("the server reported a failure mid-stream: {0}")]
+    StreamFailed(String),
+    /// A record of an unknown type.
+    #[error("unknown reply-stream record type {0}")]
+    UnknownRecord(u8),
+    /// Anything after the receipt.
+    #[error("data after the receipt (the receipt must be the last record)")]
+    RecordAfterReceipt,
+    /// The receipt's signature does not verify under the statement's receipt key.
+    #[error("receipt is not signed by the attested loaders' receipt key")]
+    ReceiptSignature,
+    /// The receipt is not well-formed (or the receipt key is not a P-256 point).
+    #[error("malformed receipt: {0}")]
+    ReceiptMalformed(String),
+    /// A verified receipt does not match what the client sent or received.
+    #[error("receipt does not match this exchange: {field}")]
+    ReceiptMismatch {
+        /// Which field disagrees (`request_sha256`, `reply_sha256`,
+        /// `reply_frames`, `outcome`).
+        field: &'static str,
+    },
+}
+
+impl ClientError {
+    /// Whether the error means something failed verification (as opposed to
+    /// transport trouble or the server refusing).
+    pub fn is_verification_failure(&self) -> bool {
+        matches!(
+            self,
+            Self::StatementSignature
+                | Self::StatementMalformed(_)
+                | Self::StatementNotValid { .. }
+                | Self::NoReceiptKey
+                | Self::ReplyAuthentication { .. }
+                | Self::ReplyFrame { .. }
+                | Self::FrameAfterEnd
+                | Self::Truncated
+                | Self::MissingReceipt
+                | Self::RecordAfterReceipt
+                | Self::UnknownRecord(_)
+                | Self::ReceiptSignature
+                | Self::ReceiptMalformed(_)
+                | Self::ReceiptMismatch { .. }
+        )
+    }
+}
+
+/// The outcome of a verified exchange.
+#[derive(Debug, Clone)]
+pub struct ChatResult {
+    /// How the run ended (authenticated by the final frame, and equal to the
+    /// receipt's outcome).
+    pub status: ReplyStatus,
+    /// The verified receipt.
+    pub receipt: Receipt,
+    /// The receipt as received (signed bytes and signature), for keeping.
+    pub signed_receipt: SignedReceipt,
+    /// The verified request-key statement the request was sealed under.
+    pub statement: RequestKeyStatement,
+}
+
+/// The receipt's `outcome` string for a status.
+pub fn outcome_name(status: ReplyStatus) -> &'static str {
+    match status {
+        ReplyStatus::Completed => "completed",
+        ReplyStatus::ProgramFailed => "program-failed",
+        ReplyStatus::Aborted => "aborted",
+        _ => "unknown",
+    }
+}
+
+/// A client of one inference server, pinned to one keyserver identity.
+#[derive(Debug)]
+pub struct Client {
+    base: http::BaseUrl,
+    identity: Vec<u8>,
+    timeouts: http::Timeouts,
+    cached: Mutex<Option<RequestKeyStatement>>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Keeps printable characters of untrusted server text, bounded.
+fn sanitize(text: &str) -> String {
+    let mut out: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(MAX_ERROR_TEXT)
+        .collect();
+    if text.chars().count() > MAX_ERROR_TEXT {
+        out.push('…');
+    }
+    out
+}
+
+/// The `error` text of a JSON error body, or a prefix of the body.
+fn error_text(body: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct E {
+        error: serde_json::Value,
+    }
+    match serde_json::from_slice::<E>(body) {
+        Ok(E {
+            error: serde_json::Value::String(s),
+        }) => sanitize(&s),
+        Ok(E { error }) => sanitize(&error.to_string()),
+        Err(_) => sanitize(&String::from_utf8_lossy(body)),
+    }
+}
+
+fn server_error(mut resp: http::Response) -> ClientError {
+    let body = resp
+        .body
+        .read_limited(MAX_JSON_RESPONSE)
+        .unwrap_or_default();
+    let message = error_text(&body);
+    if resp.status == 503 {
+        ClientError::NoAttestedLoader(message)
+    } else {
+        ClientError::Server {
+            status: resp.status,
+            message,
+        }
+    }
+}
+
+/// Reads one record; `Ok(None)` at a clean end between records.
+fn read_record(r: &mut impl Read) -> std::io::Result<Option<(u8, Vec<u8>)>> {
+    let mut head = [0u8; 5];
+    let mut got = 0;
+    while got < head.len() {
+        match r.read(&mut head[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "stream ended inside a record header",
+                ));
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let kind = head[0];
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    let max = if kind == RECORD_FRAME {
+        MAX_FRAME_RECORD
+    } else {
+        MAX_JSON_RECORD
+    };
+    if len > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("record of {len} bytes over the {max}-byte limit"),
+        ));
+    }
+    let mut bytes = vec![0u8; len];
+    r.read_exact(&mut bytes)?;
+    Ok(Some((kind, bytes)))
+}
+
+fn valid_program(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+impl Client {
+    /// A client of the server at `server_base_url` (`http://host:port`, plain
+    /// HTTP only), trusting request keys signed by the keyserver identity
+    /// `keyserver_identity_sec1` (the SEC1 point `keyserver public-identity`
+    /// prints, hex-decoded).
+    pub fn new(
+        server_base_url: &str,
+        keyserver_identity_sec1: Vec<u8>,
+    ) -> Result<Self, ClientError> {
+        let base = http::BaseUrl::parse(server_base_url)?;
+        // Refuse a malformed pin up front (the statement check would refuse anyway).
+        let probe = SignedRequestKey {
+            statement_json: String::new(),
+            signature: vec![0; 64],
+        };
+        if matches!(
+            probe.verify(&keyserver_identity_sec1),
+            Err(StatementError::BadIdentityKey)
+        ) {
+            return Err(ClientError::BadIdentityKey);
+        }
+        Ok(Self {
+            base,
+            identity: keyserver_identity_sec1,
+            timeouts: http::Timeouts {
+                connect: Duration::from_secs(10),
+                io: Duration::from_secs(300),
+            },
+            cached: Mutex::new(None),
+        })
+    }
+
+    /// Sets the connect timeout and the read/write inactivity timeout
+    /// (defaults 10 s and 300 s: generation may pause between tokens).
+    pub fn with_timeouts(mut self, connect: Duration, io: Duration) -> Self {
+        self.timeouts = http::Timeouts { connect, io };
+        self
+    }
+
+    /// The server base URL.
+    pub fn server(&self) -> String {
+        self.base.to_string()
+    }
+
+    /// `sha256:` and the hex SHA-256 of the pinned identity key's SEC1 bytes.
+    pub fn identity_fingerprint(&self) -> String {
+        fingerprint(&self.identity)
+    }
+
+    fn get_json(&self, path: &str) -> Result<Vec<u8>, ClientError> {
+        let mut resp = http::send(&self.base, self.timeouts, "GET", path, None)?;
+        if resp.status != 200 {
+            return Err(server_error(resp));
+        }
+        resp.body
+            .read_limited(MAX_JSON_RESPONSE)
+            .map_err(|e| ClientError::Io(format!("{}{path}: {e}", self.base)))
+    }
+
+    /// Fetches, verifies and caches the request-key statement (always asks the server).
+    pub fn request_key(&self) -> Result<RequestKeyStatement, ClientError> {
+        let body = self.get_json("/v1/request-key")?;
+        let signed: SignedRequestKey = serde_json::from_slice(&body).map_err(|e| {
+            ClientError::MalformedResponse(format!(
+                "/v1/request-key is not a SignedRequestKey: {e}"
+            ))
+        })?;
+        let statement = verify_statement(&signed, &self.identity, unix_now())?;
+        if let Ok(mut c) = self.cached.lock() {
+            *c = Some(statement.clone());
+        }
+        Ok(statement)
+    }
+
+    /// The cached statement while it is valid, else a freshly fetched one.
+    fn current_statement(&self) -> Result<RequestKeyStatement, ClientError> {
+        let cached = self.cached.lock().ok().and_then(|c| c.clone());
+        match cached {
+            Some(s) if s.is_valid_at(unix_now()) => Ok(s),
+            _ => self.request_key(),
+        }
+    }
+
+    /// The model ids the server's attested loader holds keys for (`GET /v1/models`;
+    /// the server's word, not verified — receipts name the models that ran).
+    pub fn models(&self) -> Result<Vec<String>, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct Models {
+            models: Vec<String>,
+        }
+        let body = self.get_json("/v1/models")?;
+        let m: Models = serde_json::from_slice(&body)
+            .map_err(|e| ClientError::MalformedResponse(format!("/v1/models: {e}")))?;
+        Ok(m.models)
+    }
+
+    /// Runs `program` on `request` (sealed to the verified request key) and
+    /// streams the reply: `on_chunk` gets each authenticated data chunk as it
+    /// arrives. Returns only after the final frame and the receipt verified;
+    /// on error, chunks already delivered came from authenticated frames but
+    /// the exchange as a whole is not vouched for.
+    pub fn chat(
+        &self,
+        program: &str,
+        request: &[u8],
+        mut on_chunk: impl FnMut(&[u8]),
+    ) -> Result<ChatResult, ClientError> {
+        if !valid_program(program) {
+            return Err(ClientError::InvalidProgram(sanitize(program)));
+        }
+        let statement = self.current_statement()?;
+        let public = RequestPublicKey::from_bytes(&statement.public_key)
+            .map_err(|e| ClientError::StatementMalformed(e.to_string()))?;
+        let (sealed, mut opener) =
+            cinfer_envelope::seal_request(&public, request).map_err(ClientError::Seal)?;
+        let request_sha256 = hex::encode(Sha256::digest(&sealed));
+        let path = format!("/v1/requests?program={program}");
+        let resp = http::send(
+            &self.base,
+            self.timeouts,
+            "POST",
+            &path,
+            Some(("application/octet-stream", &sealed)),
+        )?;
+        if resp.status != 200 {
+            return Err(server_error(resp));
+        }
+        let ok_type = resp.content_type.as_deref().is_some_and(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case(REPLY_STREAM_CONTENT_TYPE))
+        });
+        if !ok_type {
+            return Err(ClientError::UnexpectedContentType(
+                resp.content_type.as_deref().map(sanitize),
+            ));
+        }
+        let mut body = resp.body;
+        let mut digest = Sha256::new();
+        let mut frames = 0u64;
+        let mut ended: Option<ReplyStatus> = None;
+        loop {
+            let record = match read_record(&mut body) {
+                Ok(r) => r,
+                Err(e) if ended.is_none() => {
+                    // A cut stream before the final frame is truncation,
+                    // whatever the transport says.
+                    let _ = e;
+                    return Err(ClientError::Truncated);
+                }
+                Err(e) => return Err(ClientError::Io(format!("reading the receipt: {e}"))),
+            };
+            let Some((kind, bytes)) = record else {
+                return Err(if ended.is_none() {
+                    ClientError::Truncated
+                } else {
+                    ClientError::MissingReceipt
+                });
+            };
+            match kind {
+                RECORD_FRAME => {
+                    let index = frames;
+                    digest.update((bytes.len() as u32).to_be_bytes());
+                    digest.update(&bytes);
+                    frames += 1;
+                    match opener.open(&bytes) {
+                        Ok(ReplyChunk::Data(d)) => on_chunk(&d),
+                        Ok(ReplyChunk::End(s)) => ended = Some(s),
+                        Err(EnvelopeError::AuthenticationFailed) => {
+                            return Err(ClientError::ReplyAuthentication { index });
+                        }
+                        Err(EnvelopeError::FrameAfterEnd) => {
+                            return Err(ClientError::FrameAfterEnd);
+                        }
+                        Err(error) => return Err(ClientError::ReplyFrame { index, error }),
+                    }
+                }
+                RECORD_RECEIPT => {
+                    let status = opener.finish().map_err(|_| ClientError::Truncated)?;
+                    // The receipt is the last record: the body must end here.
+                    let mut probe = [0u8; 1];
+                    match body.read(&mut probe) {
+                        Ok(0) => {}
+                        Ok(_) => return Err(ClientError::RecordAfterReceipt),
+                        Err(e) => {
+                            return Err(ClientError::Io(format!("after the receipt: {e}")));
+                        }
+                    }
+                    let signed: SignedReceipt = serde_json::from_slice(&bytes)
+                        .map_err(|e| ClientError::ReceiptMalformed(e.to_string()))?;
+                    let receipt = verify_receipt(
+                        &signed,
+                        &statement,
+                        &request_sha256,
+                        &hex::encode(digest.finalize()),
+                        frames,
+                        status,
+                    )?;
+                    return Ok(ChatResult {
+                        status,
+                        receipt,
+                        signed_receipt: signed,
+                        statement,
+                    });
+                }
+                RECORD_ERROR => return Err(ClientError::StreamFailed(error_text(&bytes))),
+                other => return Err(ClientError::UnknownRecord(other)),
+            }
+        }
+    }
+}
+
+/// `sha256:` and the hex SHA-256 of a key's bytes.
+pub fn fingerprint(key: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(key)))
+}
+
+/// Verifies a signed request-key statement under the pinned identity at time
+/// `now` (Unix seconds): signature, format, validity window, receipt key, and
+/// that `key_id` names `public_key`.
+pub fn verify_statement(
+    signed: &SignedRequestKey,
+    identity: &[u8],
+    now: u64,
+) -> Result<RequestKeyStatement, ClientError> {
+    let statement = signed.verify(identity).map_err(|e| match e {
+        StatementError::BadIdentityKey => ClientError::BadIdentityKey,
+        StatementError::BadSignature => ClientError::StatementSignature,
+        StatementError::Malformed(m) => ClientError::StatementMalformed(m),
+        other => ClientError::StatementMalformed(other.to_string()),
+    })?;
+    if !statement.is_valid_at(now) {
+        return Err(ClientError::StatementNotValid {
+            not_before: statement.not_before,
+            not_after: statement.not_after,
+            now,
+        });
+    }
+    if statement.receipt_public_key.is_empty() {
+        return Err(ClientError::NoReceiptKey);
+    }
+    let public = RequestPublicKey::from_bytes(&statement.public_key)
+        .map_err(|e| ClientError::StatementMalformed(e.to_string()))?;
+    if public.key_id() != statement.key_id {
+        return Err(ClientError::StatementMalformed(
+            "key_id does not name public_key".into(),
+        ));
+    }
+    Ok(statement)
+}
+
+/// Verifies a receipt for one exchange: signature under the statement's
+/// receipt key, then every digest and count against what the client saw.
+pub fn verify_receipt(
+    signed: &SignedReceipt,
+    statement: &RequestKeyStatement,
+    request_sha256: &str,
+    reply_sha256: &str,
+    reply_frames: u64,
+    status: ReplyStatus,
+) -> Result<Receipt, ClientError> {
+    let receipt = signed
+        .verify(&statement.receipt_public_key)
+        .map_err(|e| match e {
+            StatementError::BadSignature => ClientError::ReceiptSignature,
+            StatementError::BadIdentityKey => {
+                ClientError::ReceiptMalformed("the receipt key is not a P-256 point".into())
+            }
+            StatementError::Malformed(m) => ClientError::ReceiptMalformed(m),
+            other => ClientError::ReceiptMalformed(other.to_string()),
+        })?;
+    if !receipt.request_sha256.eq_ignore_ascii_case(request_sha256) {
+        return Err(ClientError::ReceiptMismatch {
+            field: "request_sha256",
+        });
+    }
+    if !receipt.reply_sha256.eq_ignore_ascii_case(reply_sha256) {
+        return Err(ClientError::ReceiptMismatch {
+            field: "reply_sha256",
+        });
+    }
+    if receipt.reply_frames != reply_frames {
+        return Err(ClientError::ReceiptMismatch {
+            field: "reply_frames",
+        });
+    }
+    if receipt.outcome != outcome_name(status) {
+        return Err(ClientError::ReceiptMismatch { field: "outcome" });
+    }
+    Ok(receipt)
+}
+
+impl From<std::io::Error> for ClientError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_parse_and_bound() {
+        let mut bytes = vec![1, 0, 0, 0, 2, b'h', b'i', 2, 0, 0, 0, 0];
+        let mut r = &bytes[..];
+        assert_eq!(read_record(&mut r).unwrap(), Some((1, b"hi".to_vec())));
+        assert_eq!(read_record(&mut r).unwrap(), Some((2, vec![])));
+        assert_eq!(read_record(&mut r).unwrap(), None);
+        bytes.truncate(3);
+        assert!(read_record(&mut &bytes[..]).is_err());
+        let huge = [2u8, 0xff, 0xff, 0xff, 0xff];
+        assert!(read_record(&mut &huge[..]).is_err());
+    }
+
+    #[test]
+    fn error_text_is_the_json_error_or_a_bounded_prefix() {
+        assert_eq!(
+            error_text(br#"{"error":"no attested loader"}"#),
+            "no attested loader"
+        );
+        assert_eq!(error_text(b"plain\ntext"), "plain text");
+        assert!(error_text(&[b'x'; 5000]).chars().count() <= MAX_ERROR_TEXT + 1);
+    }
+
+    #[test]
+    fn program_names_are_plain() {
+        assert!(valid_program("llama-chat"));
+        assert!(!valid_program("a&b=c"));
+        assert!(!valid_program(""));
+    }
+}
