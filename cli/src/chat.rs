@@ -150,15 +150,19 @@ pub fn run(args: &ChatArgs) -> Result<()> {
     let request = serde_json::to_vec(&request_json(args))?;
     let mut stdout = std::io::stdout().lock();
     let mut write_failed = None;
+    let mut printed = false;
     let result = client.chat(&args.program, &request, |chunk| {
+        printed = true;
         if write_failed.is_none()
             && let Err(e) = stdout.write_all(chunk).and_then(|()| stdout.flush())
         {
             write_failed = Some(e);
         }
     });
-    // End the answer's line whatever happened.
-    let _ = writeln!(stdout);
+    // End the answer's line (on failure only if part of an answer was printed).
+    if result.is_ok() || printed {
+        let _ = writeln!(stdout);
+    }
     let _ = stdout.flush();
     drop(stdout);
     let result = result.context("chat request failed")?;
