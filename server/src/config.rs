@@ -1,0 +1,300 @@
+//! The inference server's configuration file (TOML). Every key is optional.
+//!
+//! ```toml
+//! listen = "127.0.0.1:8080"               # default: HTTP API address
+//! loader = "tcp:127.0.0.1:7300"           # default: the trusted loader's channel (tcp:HOST:PORT or unix:PATH)
+//! keyservers = ["http://127.0.0.1:8740"]  # default: keyserver base URLs, tried in order (plain http:// only)
+//! max-request-bytes = 1048576             # default (1 MiB): largest sealed request body
+//! ready-timeout-ms = 5000                 # default: how long a request waits for an attested loader before 503
+//! reconnect-backoff-ms = 200              # default: first retry delay (loader, keyservers); doubles, capped at 5 s
+//! max-frame-bytes = 16777216              # default (16 MiB): largest channel frame payload, both directions
+//! request-timeout-ms = 120000             # default: whole request, from submission to the last record
+//! keyserver-timeout-ms = 5000             # default: one keyserver HTTP call, connect to last body byte
+//! loader-timeout-ms = 30000               # default: the loader's answer to Hello/AttestRequest/KeyRelease
+//! shutdown-grace-ms = 10000               # default: how long requests in progress may run on after SIGINT/SIGTERM
+//! ```
+//!
+//! Keyservers are reached over plain HTTP in this version (no TLS): what travels
+//! is public (nonces, evidence, the signed request key) or HPKE-wrapped to the
+//! attested loader (key releases), so the transport adds no confidentiality;
+//! put TLS in front if the network needs it.
+
+use cinfer_channel::Endpoint;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Default HTTP listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Default loader endpoint (the development loader configuration's).
+pub const DEFAULT_LOADER: &str = "tcp:127.0.0.1:7300";
+/// Default keyserver.
+pub const DEFAULT_KEYSERVER: &str = "http://127.0.0.1:8740";
+/// Default largest request body: 1 MiB.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1 << 20;
+/// Default wait for readiness, milliseconds.
+pub const DEFAULT_READY_TIMEOUT_MS: u64 = 5_000;
+/// Default first reconnect delay, milliseconds.
+pub const DEFAULT_RECONNECT_BACKOFF_MS: u64 = 200;
+/// Longest reconnect delay.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Default request deadline, milliseconds.
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 120_000;
+/// Default keyserver call deadline, milliseconds.
+pub const DEFAULT_KEYSERVER_TIMEOUT_MS: u64 = 5_000;
+/// Default deadline for the loader's answers during attestation, milliseconds.
+pub const DEFAULT_LOADER_TIMEOUT_MS: u64 = 30_000;
+/// Default shutdown grace, milliseconds.
+pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
+/// Bytes a `Submit` adds around the sealed request (id, name length, longest name).
+pub const SUBMIT_OVERHEAD: usize = 8 + 2 + cinfer_channel::Submit::MAX_PROGRAM_LEN;
+
+/// The parsed configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// HTTP API address.
+    pub listen: SocketAddr,
+    /// The trusted loader's channel endpoint.
+    pub loader: Endpoint,
+    /// Keyserver base URLs (`http://host:port`, no trailing slash).
+    pub keyservers: Vec<String>,
+    /// Largest sealed request body.
+    pub max_request_bytes: usize,
+    /// How long a request waits for an attested loader.
+    pub ready_timeout: Duration,
+    /// First reconnect / re-attest delay (doubles up to [`MAX_BACKOFF`]).
+    pub reconnect_backoff: Duration,
+    /// Largest channel frame payload.
+    pub max_frame_bytes: u32,
+    /// Deadline of one request, submission to last record.
+    pub request_timeout: Duration,
+    /// Deadline of one keyserver HTTP call.
+    pub keyserver_timeout: Duration,
+    /// Deadline for the loader's answer to a handshake or attestation frame.
+    pub loader_timeout: Duration,
+    /// How long requests in progress may run on after shutdown is requested.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<SocketAddr>,
+    loader: Option<String>,
+    keyservers: Option<Vec<String>>,
+    max_request_bytes: Option<usize>,
+    ready_timeout_ms: Option<u64>,
+    reconnect_backoff_ms: Option<u64>,
+    max_frame_bytes: Option<u32>,
+    request_timeout_ms: Option<u64>,
+    keyserver_timeout_ms: Option<u64>,
+    loader_timeout_ms: Option<u64>,
+    shutdown_grace_ms: Option<u64>,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML does not parse or has unknown keys.
+    #[error("parsing {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// A value is out of range or malformed.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            loader: Endpoint::Tcp("127.0.0.1:7300".into()),
+            keyservers: vec![DEFAULT_KEYSERVER.into()],
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            ready_timeout: Duration::from_millis(DEFAULT_READY_TIMEOUT_MS),
+            reconnect_backoff: Duration::from_millis(DEFAULT_RECONNECT_BACKOFF_MS),
+            max_frame_bytes: cinfer_channel::DEFAULT_MAX_PAYLOAD,
+            request_timeout: Duration::from_millis(DEFAULT_REQUEST_TIMEOUT_MS),
+            keyserver_timeout: Duration::from_millis(DEFAULT_KEYSERVER_TIMEOUT_MS),
+            loader_timeout: Duration::from_millis(DEFAULT_LOADER_TIMEOUT_MS),
+            shutdown_grace: Duration::from_millis(DEFAULT_SHUTDOWN_GRACE_MS),
+        }
+    }
+}
+
+/// Checks a keyserver base URL: `http://host[:port][/prefix]`, returned without a
+/// trailing slash.
+pub fn check_keyserver_url(url: &str) -> Result<String, ConfigError> {
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e| ConfigError::Invalid(format!("keyserver {url:?}: {e}")))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(ConfigError::Invalid(format!(
+                "keyserver {url:?}: https is not supported in this version; use http:// (what travels is public or wrapped to the loader)"
+            )));
+        }
+        _ => {
+            return Err(ConfigError::Invalid(format!(
+                "keyserver {url:?}: expected http://HOST:PORT"
+            )));
+        }
+    }
+    if uri.host().is_none_or(str::is_empty) || uri.query().is_some() {
+        return Err(ConfigError::Invalid(format!(
+            "keyserver {url:?}: expected http://HOST:PORT"
+        )));
+    }
+    Ok(url.trim_end_matches('/').to_owned())
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses configuration text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.message().to_owned(),
+        })?;
+        let d = Config::default();
+        let ms = Duration::from_millis;
+        let config = Self {
+            listen: raw.listen.unwrap_or(d.listen),
+            loader: match raw.loader {
+                Some(s) => s.parse().map_err(ConfigError::Invalid)?,
+                None => d.loader,
+            },
+            keyservers: raw.keyservers.unwrap_or(d.keyservers),
+            max_request_bytes: raw.max_request_bytes.unwrap_or(d.max_request_bytes),
+            ready_timeout: raw.ready_timeout_ms.map_or(d.ready_timeout, ms),
+            reconnect_backoff: raw.reconnect_backoff_ms.map_or(d.reconnect_backoff, ms),
+            max_frame_bytes: raw.max_frame_bytes.unwrap_or(d.max_frame_bytes),
+            request_timeout: raw.request_timeout_ms.map_or(d.request_timeout, ms),
+            keyserver_timeout: raw.keyserver_timeout_ms.map_or(d.keyserver_timeout, ms),
+            loader_timeout: raw.loader_timeout_ms.map_or(d.loader_timeout, ms),
+            shutdown_grace: raw.shutdown_grace_ms.map_or(d.shutdown_grace, ms),
+        };
+        config.check()
+    }
+
+    /// Checks values (also for configurations built in code) and normalises the
+    /// keyserver URLs.
+    pub fn check(mut self) -> Result<Self, ConfigError> {
+        if self.keyservers.is_empty() {
+            return Err(ConfigError::Invalid(
+                "keyservers: at least one keyserver is needed".into(),
+            ));
+        }
+        self.keyservers = self
+            .keyservers
+            .iter()
+            .map(|k| check_keyserver_url(k))
+            .collect::<Result<_, _>>()?;
+        if self.max_request_bytes == 0 {
+            return Err(ConfigError::Invalid(
+                "max-request-bytes must be positive".into(),
+            ));
+        }
+        if self.max_request_bytes.saturating_add(SUBMIT_OVERHEAD) > self.max_frame_bytes as usize {
+            return Err(ConfigError::Invalid(format!(
+                "max-request-bytes ({}) plus {SUBMIT_OVERHEAD} bytes of Submit header must fit max-frame-bytes ({})",
+                self.max_request_bytes, self.max_frame_bytes
+            )));
+        }
+        for (name, d) in [
+            ("ready-timeout-ms", self.ready_timeout),
+            ("reconnect-backoff-ms", self.reconnect_backoff),
+            ("request-timeout-ms", self.request_timeout),
+            ("keyserver-timeout-ms", self.keyserver_timeout),
+            ("loader-timeout-ms", self.loader_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::Invalid(format!("{name} must be positive")));
+            }
+        }
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_every_key() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.loader.to_string(), DEFAULT_LOADER);
+        let c = Config::parse(
+            r#"
+listen = "0.0.0.0:9000"
+loader = "unix:/run/l.sock"
+keyservers = ["http://a:1/", "http://b:2"]
+max-request-bytes = 10
+ready-timeout-ms = 1
+reconnect-backoff-ms = 2
+max-frame-bytes = 1000
+request-timeout-ms = 3
+keyserver-timeout-ms = 4
+loader-timeout-ms = 5
+shutdown-grace-ms = 6
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.loader, Endpoint::Unix("/run/l.sock".into()));
+        assert_eq!(c.keyservers, ["http://a:1", "http://b:2"]);
+        assert_eq!(c.request_timeout, Duration::from_millis(3));
+        assert_eq!(c.loader_timeout, Duration::from_millis(5));
+        assert_eq!(c.shutdown_grace, Duration::from_millis(6));
+    }
+
+    #[test]
+    fn refusals() {
+        for bad in [
+            "nope = 1",
+            "loader = \"http://x\"",
+            "keyservers = []",
+            "keyservers = [\"https://k:1\"]",
+            "keyservers = [\"k:1\"]",
+            "max-request-bytes = 0",
+            "max-frame-bytes = 100",
+            "ready-timeout-ms = 0",
+        ] {
+            assert!(Config::parse(bad).is_err(), "{bad}");
+        }
+        let e = Config::parse("keyservers = [\"https://k:1\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("https is not supported"), "{e}");
+    }
+}

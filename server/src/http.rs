@@ -1,0 +1,690 @@
+//! The HTTP API (HTTP/1.1) — see `docs/protocol.md`:
+//!
+//! | request | answer |
+//! |---|---|
+//! | `POST /v1/requests?program=NAME` (body: sealed request) | 200 `application/vnd.cinfer.reply-stream`, chunked records `type u8 \| len u32 BE \| bytes` (1 reply frame, 2 receipt, 3 `{"error"}`); 400 no/unknown program or refused by the loader; 413 body too large; 503 no attested loader within `ready-timeout`; 504 no first reply within `request-timeout` |
+//! | `GET /v1/request-key` | the first reachable keyserver's answer, verbatim |
+//! | `GET /v1/models`, `GET /v1/programs` | `{"models": [ids]}`, `{"programs": [{name, sha256, world}]}` |
+//! | `GET /healthz`, `GET /readyz`, `GET /metrics` | liveness; 200 only with an attested loader holding keys; Prometheus text |
+//!
+//! Anything else is 404, or 405 for a known path with the wrong method.
+//!
+//! The response head of `POST /v1/requests` is sent when the loader's first
+//! answer arrives: a `Refused` (always before any `Reply`) becomes a 400 with the
+//! loader's reason, so a client sees a refusal as a status, not as a stream.
+//! From the first `Reply` on, records are written as frames arrive; a failure
+//! after that (loader lost, deadline) ends the stream with an error record.
+
+use crate::config::{Config, ConfigError};
+use crate::keyclient::KeyserverClient;
+use crate::link::{Event, Link, Ticket};
+use crate::metrics::{Metrics, RequestOutcome};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
+use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+/// Content type of the reply stream.
+pub const REPLY_STREAM_TYPE: &str = "application/vnd.cinfer.reply-stream";
+/// Record types of the reply stream.
+pub const RECORD_FRAME: u8 = 1;
+/// The receipt (last record of a completed request).
+pub const RECORD_RECEIPT: u8 = 2;
+/// `{"error": …}` (last record of a failed stream).
+pub const RECORD_ERROR: u8 = 3;
+/// Records buffered per response before the pump waits for the client.
+const STREAM_BUFFER: usize = 16;
+
+/// A response body: whole, or records from a channel as they come.
+#[derive(Debug)]
+pub enum ApiBody {
+    /// A complete body (taken when sent).
+    Full(Option<Bytes>),
+    /// Chunks from a request's pump; ends when the pump drops its sender.
+    Stream(mpsc::Receiver<Bytes>),
+}
+
+impl Body for ApiBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            ApiBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ApiBody::Stream(rx) => rx.poll_recv(cx).map(|c| c.map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, ApiBody::Full(None))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ApiBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            ApiBody::Full(None) => SizeHint::with_exact(0),
+            ApiBody::Stream(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// One reply-stream record.
+pub fn record(kind: u8, bytes: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(5 + bytes.len());
+    out.push(kind);
+    out.extend_from_slice(&u32::try_from(bytes.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(bytes);
+    Bytes::from(out)
+}
+
+fn error_json(reason: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "error": reason })).unwrap_or_default()
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<ApiBody> {
+    let mut resp = Response::new(ApiBody::Full(Some(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<ApiBody> {
+    respond(
+        status,
+        "application/json",
+        Bytes::from(serde_json::to_vec(value).unwrap_or_default()),
+    )
+}
+
+fn error(status: StatusCode, reason: &str) -> Response<ApiBody> {
+    respond(status, "application/json", Bytes::from(error_json(reason)))
+}
+
+fn method_not_allowed(allow: &'static str) -> Response<ApiBody> {
+    let mut resp = error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    resp.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    resp
+}
+
+/// `%XX`-decodes a query value (`+` is a space); `None` if malformed or not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The `program` query parameter.
+fn program_param(query: Option<&str>) -> Result<String, &'static str> {
+    let value = query
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == "program")
+        .map(|(_, v)| v)
+        .ok_or("missing ?program=NAME")?;
+    let name = percent_decode(value).ok_or("malformed program name")?;
+    if name.is_empty()
+        || name.len() > cinfer_channel::Submit::MAX_PROGRAM_LEN
+        || name.chars().any(char::is_control)
+    {
+        return Err("malformed program name");
+    }
+    Ok(name)
+}
+
+/// The inference server; cheap to clone (shared).
+#[derive(Clone, Debug)]
+pub struct Server {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Arc<Config>,
+    link: Arc<Link>,
+    keyservers: KeyserverClient,
+    metrics: Arc<Metrics>,
+}
+
+impl Server {
+    /// Checks `config` and builds the server; nothing runs until [`serve`].
+    pub fn new(config: Config) -> Result<Self, ConfigError> {
+        let config = Arc::new(config.check()?);
+        let keyservers =
+            KeyserverClient::new(config.keyserver_timeout, config.max_frame_bytes as usize);
+        let metrics = Arc::new(Metrics::default());
+        let link = Arc::new(Link::new(
+            config.clone(),
+            keyservers.clone(),
+            metrics.clone(),
+        ));
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                link,
+                keyservers,
+                metrics,
+            }),
+        })
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The loader link (status, for tests and operators).
+    pub fn link(&self) -> &Arc<Link> {
+        &self.inner.link
+    }
+
+    /// The metrics in Prometheus text.
+    pub fn metrics_text(&self) -> String {
+        let status = self.inner.link.status();
+        self.inner.metrics.render(status.connected, status.ready())
+    }
+
+    /// Answers one request.
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<ApiBody>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let path = req.uri().path();
+        match (req.method(), path) {
+            (&Method::POST, "/v1/requests") => self.inference(req).await,
+            (&Method::GET, "/v1/request-key") => self.request_key().await,
+            (&Method::GET, "/v1/models") => {
+                let models = self.inner.link.status().models;
+                json(StatusCode::OK, &serde_json::json!({ "models": *models }))
+            }
+            (&Method::GET, "/v1/programs") => {
+                let programs = self.inner.link.status().programs.unwrap_or_default();
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "programs": *programs }),
+                )
+            }
+            (&Method::GET, "/healthz") => {
+                json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+            }
+            (&Method::GET, "/readyz") => {
+                let status = self.inner.link.status();
+                if status.ready() {
+                    json(StatusCode::OK, &serde_json::json!({"status": "ready"}))
+                } else {
+                    let reason = status.last_error.unwrap_or_else(|| "not ready".into());
+                    json(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &serde_json::json!({
+                            "error": format!("no attested loader: {reason}"),
+                            "loader_connected": status.connected,
+                        }),
+                    )
+                }
+            }
+            (&Method::GET, "/metrics") => respond(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                Bytes::from(self.metrics_text()),
+            ),
+            (_, "/v1/requests") => method_not_allowed("POST"),
+            (
+                _,
+                "/v1/request-key" | "/v1/models" | "/v1/programs" | "/healthz" | "/readyz"
+                | "/metrics",
+            ) => method_not_allowed("GET"),
+            _ => error(StatusCode::NOT_FOUND, "not found"),
+        }
+    }
+
+    async fn request_key(&self) -> Response<ApiBody> {
+        let mut first_answer = None;
+        let mut errors = Vec::new();
+        for ks in &self.inner.config.keyservers {
+            match self.inner.keyservers.request_key(ks).await {
+                Ok(r) if r.status == StatusCode::OK => {
+                    first_answer = Some(r);
+                    break;
+                }
+                Ok(r) => {
+                    tracing::warn!(keyserver = %ks, status = r.status.as_u16(), "request-key: keyserver answered an error");
+                    first_answer.get_or_insert(r);
+                }
+                Err(e) => {
+                    tracing::warn!(keyserver = %ks, error = %e, "request-key: keyserver unreachable");
+                    errors.push(e.to_string());
+                }
+            }
+        }
+        match first_answer {
+            Some(r) => {
+                let mut resp = Response::new(ApiBody::Full(Some(r.body)));
+                *resp.status_mut() = r.status;
+                if let Some(ct) = r.content_type {
+                    resp.headers_mut().insert(CONTENT_TYPE, ct);
+                }
+                resp
+            }
+            None => error(
+                StatusCode::BAD_GATEWAY,
+                &format!("no keyserver reachable: {}", errors.join("; ")),
+            ),
+        }
+    }
+
+    /// Reads a body of at most `max-request-bytes` within the request timeout.
+    async fn read_body<B>(
+        &self,
+        req: Request<B>,
+    ) -> Result<Bytes, (StatusCode, RequestOutcome, String)>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let max = self.inner.config.max_request_bytes;
+        let too_large = || {
+            (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                RequestOutcome::TooLarge,
+                format!("request body larger than {max} bytes"),
+            )
+        };
+        let declared = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > max as u64) {
+            return Err(too_large());
+        }
+        let timeout = self.inner.config.request_timeout;
+        match tokio::time::timeout(timeout, Limited::new(req.into_body(), max).collect()).await {
+            Err(_) => Err((
+                StatusCode::REQUEST_TIMEOUT,
+                RequestOutcome::BadRequest,
+                "request body not received in time".into(),
+            )),
+            Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+            Ok(Err(_)) => Err((
+                StatusCode::BAD_REQUEST,
+                RequestOutcome::BadRequest,
+                "reading the request body".into(),
+            )),
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        }
+    }
+
+    async fn inference<B>(&self, req: Request<B>) -> Response<ApiBody>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let started = Instant::now();
+        let metrics = &self.inner.metrics;
+        let in_flight = metrics.in_flight();
+        let finish = |outcome: RequestOutcome, status: StatusCode, reason: &str| {
+            metrics.request(outcome);
+            tracing::info!(
+                status = status.as_u16(),
+                outcome = outcome.as_str(),
+                duration_ms = started.elapsed().as_millis() as u64,
+                reason,
+                "request not served"
+            );
+            error(status, reason)
+        };
+        let program = match program_param(req.uri().query()) {
+            Ok(p) => p,
+            Err(reason) => {
+                return finish(RequestOutcome::BadRequest, StatusCode::BAD_REQUEST, reason);
+            }
+        };
+        let body = match self.read_body(req).await {
+            Ok(b) => b,
+            Err((status, outcome, reason)) => return finish(outcome, status, &reason),
+        };
+        let deadline = tokio::time::Instant::now() + self.inner.config.request_timeout;
+
+        let (conn, status) = match self
+            .inner
+            .link
+            .wait_ready(self.inner.config.ready_timeout)
+            .await
+        {
+            Ok(c) => c,
+            Err(reason) => {
+                return finish(
+                    RequestOutcome::Unavailable,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("no attested loader available: {reason}"),
+                );
+            }
+        };
+        if let Some(programs) = &status.programs
+            && !programs.iter().any(|p| p.name == program)
+        {
+            return finish(
+                RequestOutcome::BadRequest,
+                StatusCode::BAD_REQUEST,
+                &format!("unknown program {program:?}"),
+            );
+        }
+        let id = self.inner.link.next_id();
+        let span = tracing::info_span!("request", request_id = id, program = %program);
+        let run = Submitted {
+            server: self,
+            conn,
+            id,
+            program: &program,
+            body,
+            deadline,
+            started,
+            in_flight,
+            span: span.clone(),
+        };
+        run.run().instrument(span).await
+    }
+}
+
+/// A request about to be submitted (runs inside its span).
+struct Submitted<'a> {
+    server: &'a Server,
+    conn: Arc<crate::link::Conn>,
+    id: u64,
+    program: &'a str,
+    body: Bytes,
+    deadline: tokio::time::Instant,
+    started: Instant,
+    in_flight: crate::metrics::InFlight,
+    span: tracing::Span,
+}
+
+impl Submitted<'_> {
+    async fn run(self) -> Response<ApiBody> {
+        let Submitted {
+            server,
+            conn,
+            id,
+            program,
+            body,
+            deadline,
+            started,
+            in_flight,
+            span,
+        } = self;
+        let metrics = &server.inner.metrics;
+        let finish = |outcome: RequestOutcome, status: StatusCode, reason: &str| {
+            metrics.request(outcome);
+            tracing::info!(
+                status = status.as_u16(),
+                outcome = outcome.as_str(),
+                duration_ms = started.elapsed().as_millis() as u64,
+                reason,
+                "request not served"
+            );
+            error(status, reason)
+        };
+        let request_bytes = body.len();
+        let mut ticket = match conn.submit(id, program, body.to_vec()).await {
+            Ok(t) => t,
+            Err(e) => {
+                return finish(
+                    RequestOutcome::Unavailable,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("no attested loader available: {e}"),
+                );
+            }
+        };
+        drop(body);
+        tracing::info!(request_bytes, "request submitted");
+
+        let first = match tokio::time::timeout_at(deadline, ticket.events.recv()).await {
+            Err(_) => {
+                return finish(
+                    RequestOutcome::Timeout,
+                    StatusCode::GATEWAY_TIMEOUT,
+                    &format!(
+                        "no reply within {} ms",
+                        server.inner.config.request_timeout.as_millis()
+                    ),
+                );
+            }
+            Ok(None) => Event::Lost("the loader connection was lost".into()),
+            Ok(Some(e)) => e,
+        };
+        match first {
+            Event::Refused(reason) => finish(
+                RequestOutcome::Refused,
+                StatusCode::BAD_REQUEST,
+                &format!("refused by the loader: {reason}"),
+            ),
+            Event::Lost(reason) => finish(
+                RequestOutcome::Unavailable,
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("the loader connection was lost before the request ran: {reason}"),
+            ),
+            first @ (Event::Reply(_) | Event::Done(_)) => {
+                let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+                let pump = Pump {
+                    metrics: metrics.clone(),
+                    timeout_ms: server.inner.config.request_timeout.as_millis(),
+                    deadline,
+                    started,
+                    tx,
+                };
+                tokio::spawn(
+                    async move {
+                        let _in_flight = in_flight;
+                        pump.run(first, ticket).await;
+                    }
+                    .instrument(span),
+                );
+                let mut resp = Response::new(ApiBody::Stream(rx));
+                resp.headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static(REPLY_STREAM_TYPE));
+                resp
+            }
+        }
+    }
+}
+
+/// Moves one request's events into its response body.
+struct Pump {
+    metrics: Arc<Metrics>,
+    timeout_ms: u128,
+    deadline: tokio::time::Instant,
+    started: Instant,
+    tx: mpsc::Sender<Bytes>,
+}
+
+impl Pump {
+    async fn run(self, first: Event, mut ticket: Ticket) {
+        let mut frames = 0u64;
+        let mut reply_bytes = 0u64;
+        let mut next = Some(first);
+        let outcome = loop {
+            let event = match next.take() {
+                Some(e) => e,
+                None => {
+                    tokio::select! {
+                        biased;
+                        e = tokio::time::timeout_at(self.deadline, ticket.events.recv()) => match e {
+                            Err(_) => {
+                                let reason = format!("request timed out after {} ms", self.timeout_ms);
+                                let _ = self.tx.send(record(RECORD_ERROR, &error_json(&reason))).await;
+                                tracing::warn!(reason, "stream failed");
+                                break RequestOutcome::StreamError;
+                            }
+                            Ok(None) => Event::Lost("the loader connection was lost".into()),
+                            Ok(Some(e)) => e,
+                        },
+                        () = self.tx.closed() => break RequestOutcome::ClientGone,
+                    }
+                }
+            };
+            let (rec, outcome) = match event {
+                Event::Reply(frame) => {
+                    frames += 1;
+                    reply_bytes += frame.len() as u64;
+                    self.metrics.reply_frame(frame.len());
+                    (record(RECORD_FRAME, &frame), None)
+                }
+                Event::Done(receipt) => (
+                    record(RECORD_RECEIPT, &receipt),
+                    Some(RequestOutcome::Completed),
+                ),
+                Event::Refused(reason) => {
+                    tracing::warn!(reason, "refused after the stream started");
+                    (
+                        record(
+                            RECORD_ERROR,
+                            &error_json(&format!("refused by the loader: {reason}")),
+                        ),
+                        Some(RequestOutcome::StreamError),
+                    )
+                }
+                Event::Lost(reason) => {
+                    tracing::warn!(reason, "stream failed: loader connection lost");
+                    (
+                        record(
+                            RECORD_ERROR,
+                            &error_json(&format!("the loader connection was lost: {reason}")),
+                        ),
+                        Some(RequestOutcome::StreamError),
+                    )
+                }
+            };
+            if self.tx.send(rec).await.is_err() {
+                break RequestOutcome::ClientGone;
+            }
+            if let Some(o) = outcome {
+                break o;
+            }
+        };
+        self.metrics.request(outcome);
+        tracing::info!(
+            outcome = outcome.as_str(),
+            reply_frames = frames,
+            reply_bytes,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            "request finished"
+        );
+    }
+}
+
+/// Serves HTTP/1.1 on `listener` and runs the loader link until `shutdown`
+/// completes; then stops accepting, lets connections in progress finish for
+/// up to `grace`, and stops the link.
+pub async fn serve(
+    listener: TcpListener,
+    server: Server,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) {
+    tokio::pin!(shutdown);
+    let link = tokio::spawn(server.inner.link.clone().run());
+    let header_timeout = server
+        .inner
+        .config
+        .request_timeout
+        .min(Duration::from_secs(30));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    loop {
+        while connections.try_join_next().is_some() {}
+        let (stream, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let server = server.clone();
+        let mut stop = stop_rx.clone();
+        connections.spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let server = server.clone();
+                async move { Ok::<_, Infallible>(server.handle(req).await) }
+            });
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                () = async { let _ = stop.wait_for(|s| *s).await; } => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!("connection from {peer}: {e}");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!(
+        connections = connections.len(),
+        grace_ms = grace.as_millis() as u64,
+        "shutting down: no new connections"
+    );
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        tracing::warn!(
+            connections = connections.len(),
+            "grace period over: closing connections"
+        );
+    }
+    connections.abort_all();
+    link.abort();
+    let _ = link.await;
+}

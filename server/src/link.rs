@@ -1,0 +1,571 @@
+//! The link to the trusted loader: one connection, attestation through every
+//! keyserver, and requests multiplexed over it.
+//!
+//! The link task connects (retrying with capped exponential backoff), reads
+//! `Hello`, then for each configured keyserver: `POST /v1/nonce` →
+//! `AttestRequest(nonce)` → `Evidence` → `POST /v1/attest` (evidence verbatim) →
+//! `KeyRelease` (the keyserver's body verbatim) → `KeysInstalled`. The loader is
+//! *ready* once at least one keyserver released keys; if none did, the round is
+//! retried after a backoff. When the connection drops, every request in flight
+//! gets [`Event::Lost`], the link reconnects and attests again (a restarted
+//! loader holds no keys).
+//!
+//! On one connection three futures run together: a writer draining an mpsc of
+//! encoded frames, a reader dispatching `Reply`/`Done`/`Refused` by request id
+//! to per-request channels (and attestation answers to the attester), and the
+//! attester. The first to end ends the connection.
+
+use crate::config::{Config, MAX_BACKOFF};
+use crate::frames::read_frame;
+use crate::keyclient::KeyserverClient;
+use crate::metrics::{AttestOutcome, Metrics};
+use cinfer_channel::{Endpoint, Frame, Kind, Submit, encode, split_request_id};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+
+/// A program the loader serves, from its `Hello`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Program {
+    /// Policy name (what `?program=` names).
+    #[serde(default)]
+    pub name: String,
+    /// Component digest, hex.
+    #[serde(default)]
+    pub sha256: String,
+    /// Capability world.
+    #[serde(default)]
+    pub world: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct Hello {
+    #[serde(default)]
+    loader: Option<String>,
+    /// Absent from loaders that do not list programs yet: then the server does
+    /// not check names and the loader refuses unknown ones.
+    #[serde(default)]
+    programs: Option<Vec<Program>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Installed {
+    #[serde(default)]
+    models: Vec<String>,
+}
+
+/// What the link knows now.
+#[derive(Debug, Clone, Default)]
+pub struct LinkStatus {
+    /// Connected and `Hello` received.
+    pub connected: bool,
+    /// The connection requests go to; `Some` exactly when ready (attested, keys held).
+    pub conn: Option<Arc<Conn>>,
+    /// Programs from `Hello` (`None`: not connected, or the loader does not list them).
+    pub programs: Option<Arc<Vec<Program>>>,
+    /// Model ids from the last `KeysInstalled`.
+    pub models: Arc<Vec<String>>,
+    /// Why the link is not ready, for `/readyz` and 503 answers (no payloads).
+    pub last_error: Option<String>,
+}
+
+impl LinkStatus {
+    /// Attested, with keys installed.
+    pub fn ready(&self) -> bool {
+        self.conn.is_some()
+    }
+}
+
+/// What a request hears from the loader.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// One sealed reply frame.
+    Reply(Vec<u8>),
+    /// The request finished; the receipt JSON.
+    Done(Vec<u8>),
+    /// The loader refused it before it ran; its reason.
+    Refused(String),
+    /// The loader connection was lost; why.
+    Lost(String),
+}
+
+type Pending = HashMap<u64, mpsc::UnboundedSender<Event>>;
+
+/// One loader connection: where frames are written and who waits for answers.
+#[derive(Debug)]
+pub struct Conn {
+    writer: mpsc::Sender<Vec<u8>>,
+    /// `None` once the connection is gone.
+    pending: Mutex<Option<Pending>>,
+    max_frame: u32,
+}
+
+/// A submitted request: its id and its answers. Dropping it forgets the id.
+#[derive(Debug)]
+pub struct Ticket {
+    /// The request id on the channel.
+    pub id: u64,
+    /// `Reply`…`Done`, `Refused` or `Lost`.
+    pub events: mpsc::UnboundedReceiver<Event>,
+    conn: Arc<Conn>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.conn.pending.lock()
+            && let Some(p) = p.as_mut()
+        {
+            p.remove(&self.id);
+        }
+    }
+}
+
+/// Why a request could not be submitted.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SubmitError {
+    /// The connection went away.
+    #[error("the loader connection was lost")]
+    Lost,
+    /// The frame could not be built (too large).
+    #[error("{0}")]
+    Frame(#[from] cinfer_channel::FrameError),
+}
+
+impl Conn {
+    fn new(writer: mpsc::Sender<Vec<u8>>, max_frame: u32) -> Self {
+        Self {
+            writer,
+            pending: Mutex::new(Some(HashMap::new())),
+            max_frame,
+        }
+    }
+
+    async fn send(&self, kind: Kind, payload: &[u8]) -> Result<(), SubmitError> {
+        let bytes = encode(kind, payload, self.max_frame)?;
+        self.writer.send(bytes).await.map_err(|_| SubmitError::Lost)
+    }
+
+    /// Registers `id`, then sends its `Submit`.
+    pub async fn submit(
+        self: &Arc<Self>,
+        id: u64,
+        program: &str,
+        sealed: Vec<u8>,
+    ) -> Result<Ticket, SubmitError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        {
+            let mut pending = self.pending.lock().map_err(|_| SubmitError::Lost)?;
+            pending.as_mut().ok_or(SubmitError::Lost)?.insert(id, tx);
+        }
+        let ticket = Ticket {
+            id,
+            events: rx,
+            conn: self.clone(),
+        };
+        let payload = Submit {
+            request_id: id,
+            program: program.to_owned(),
+            sealed,
+        }
+        .encode();
+        self.send(Kind::Submit, &payload).await?;
+        Ok(ticket)
+    }
+
+    /// Routes a request-scoped frame; `false` if it is malformed.
+    fn dispatch(&self, kind: Kind, payload: &[u8]) -> bool {
+        let Some((id, rest)) = split_request_id(payload) else {
+            return false;
+        };
+        let event = match kind {
+            Kind::Reply => Event::Reply(rest.to_vec()),
+            Kind::Done => Event::Done(rest.to_vec()),
+            _ => Event::Refused(error_text(rest)),
+        };
+        let last = !matches!(event, Event::Reply(_));
+        let Ok(mut pending) = self.pending.lock() else {
+            return true;
+        };
+        let Some(pending) = pending.as_mut() else {
+            return true;
+        };
+        let delivered = if last {
+            pending.remove(&id).map(|tx| tx.send(event).is_ok())
+        } else {
+            pending.get(&id).map(|tx| tx.send(event).is_ok())
+        };
+        if delivered != Some(true) {
+            // The client went away (or the id is unknown): nothing to do.
+            tracing::debug!(request_id = id, kind = ?kind, "frame for no waiting request");
+        }
+        true
+    }
+
+    /// Fails every waiting request and refuses new ones.
+    fn close(&self, reason: &str) -> usize {
+        let taken = self.pending.lock().ok().and_then(|mut p| p.take());
+        let n = taken.as_ref().map_or(0, HashMap::len);
+        for (_, tx) in taken.into_iter().flatten() {
+            let _ = tx.send(Event::Lost(reason.to_owned()));
+        }
+        n
+    }
+}
+
+/// `{"error": "…"}` → its text (printable, truncated); anything else → a placeholder.
+fn error_text(json: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(json)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+        .map(|s| s.chars().filter(|c| !c.is_control()).take(200).collect())
+        .unwrap_or_else(|| "(no reason given)".into())
+}
+
+/// Shared by the link task and the HTTP handlers.
+#[derive(Debug)]
+pub struct Link {
+    config: Arc<Config>,
+    keyservers: KeyserverClient,
+    metrics: Arc<Metrics>,
+    status: watch::Sender<LinkStatus>,
+    next_id: AtomicU64,
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+async fn connect(endpoint: &Endpoint) -> std::io::Result<Box<dyn Stream>> {
+    Ok(match endpoint {
+        Endpoint::Tcp(addr) => {
+            let s = tokio::net::TcpStream::connect(addr.as_str()).await?;
+            s.set_nodelay(true)?;
+            Box::new(s)
+        }
+        #[cfg(unix)]
+        Endpoint::Unix(path) => Box::new(tokio::net::UnixStream::connect(path).await?),
+        #[cfg(not(unix))]
+        Endpoint::Unix(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "unix sockets are not available on this platform",
+            ));
+        }
+    })
+}
+
+/// Why one attestation round failed.
+enum AttestError {
+    /// The keyserver refused or could not be reached: try the next one, later again.
+    Keyserver(String),
+    /// The loader answered with an `Error` frame: the connection goes on.
+    LoaderRefused(String),
+    /// The loader broke the exchange (timeout, wrong frame, gone): reconnect.
+    Loader(String),
+}
+
+impl Link {
+    /// A link for `config` (nothing runs until [`Link::run`]).
+    pub fn new(config: Arc<Config>, keyservers: KeyserverClient, metrics: Arc<Metrics>) -> Self {
+        let (status, _) = watch::channel(LinkStatus {
+            last_error: Some("not connected to the loader yet".into()),
+            ..LinkStatus::default()
+        });
+        Self {
+            config,
+            keyservers,
+            metrics,
+            status,
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// The current status.
+    pub fn status(&self) -> LinkStatus {
+        self.status.borrow().clone()
+    }
+
+    /// A fresh request id.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Waits at most `timeout` for an attested loader; its connection, or why not.
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<(Arc<Conn>, LinkStatus), String> {
+        let mut rx = self.status.subscribe();
+        let waited = tokio::time::timeout(timeout, rx.wait_for(LinkStatus::ready)).await;
+        match waited {
+            Ok(Ok(status)) => match &status.conn {
+                Some(conn) => Ok((conn.clone(), status.clone())),
+                None => Err("no attested loader".into()),
+            },
+            Ok(Err(_)) => Err("the server is shutting down".into()),
+            Err(_) => Err(self
+                .status
+                .borrow()
+                .last_error
+                .clone()
+                .unwrap_or_else(|| "no attested loader".into())),
+        }
+    }
+
+    fn set_error(&self, reason: String) {
+        self.status.send_modify(|s| s.last_error = Some(reason));
+    }
+
+    /// Runs forever: connect, attest, serve, reconnect.
+    pub async fn run(self: Arc<Self>) {
+        let first = self.config.reconnect_backoff;
+        let mut backoff = first;
+        loop {
+            match connect(&self.config.loader).await {
+                Ok(stream) => {
+                    tracing::info!(loader = %self.config.loader, "connected to the loader");
+                    let (reason, handshook) = self.run_connection(stream).await;
+                    tracing::warn!(loader = %self.config.loader, %reason, "loader connection closed");
+                    self.set_error(format!("loader connection lost: {reason}"));
+                    if handshook {
+                        backoff = first;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(loader = %self.config.loader, error = %e, retry_ms = backoff.as_millis() as u64, "cannot connect to the loader");
+                    self.set_error(format!(
+                        "cannot connect to the loader at {}: {e}",
+                        self.config.loader
+                    ));
+                }
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Serves one connection until it fails; why, and whether `Hello` arrived.
+    async fn run_connection(&self, stream: Box<dyn Stream>) -> (String, bool) {
+        let max = self.config.max_frame_bytes;
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let hello = match tokio::time::timeout(self.config.loader_timeout, read_frame(&mut rd, max))
+            .await
+        {
+            Err(_) => return ("no Hello within loader-timeout".into(), false),
+            Ok(Err(e)) => return (format!("reading Hello: {e}"), false),
+            Ok(Ok(None)) => return ("closed before Hello".into(), false),
+            Ok(Ok(Some(f))) if f.kind != Kind::Hello => {
+                return (format!("first frame is {:?}, not Hello", f.kind), false);
+            }
+            Ok(Ok(Some(f))) => match serde_json::from_slice::<Hello>(&f.payload) {
+                Ok(h) => h,
+                Err(e) => return (format!("malformed Hello: {e}"), false),
+            },
+        };
+        tracing::info!(
+            loader_version = hello.loader.as_deref().unwrap_or("?"),
+            programs = hello.programs.as_ref().map(Vec::len),
+            "loader hello"
+        );
+        self.status.send_modify(|s| {
+            s.connected = true;
+            s.conn = None;
+            s.programs = hello.programs.map(Arc::new);
+            s.models = Arc::default();
+            s.last_error = Some("loader connected, attesting".into());
+        });
+
+        let (wtx, mut wrx) = mpsc::channel::<Vec<u8>>(64);
+        let (ctl_tx, mut ctl_rx) = mpsc::channel::<Frame>(4);
+        let conn = Arc::new(Conn::new(wtx, max));
+
+        let writer = async move {
+            while let Some(bytes) = wrx.recv().await {
+                if let Err(e) = async {
+                    wr.write_all(&bytes).await?;
+                    wr.flush().await
+                }
+                .await
+                {
+                    return format!("writing to the loader: {e}");
+                }
+            }
+            "writer closed".to_owned()
+        };
+        let reader = async {
+            loop {
+                let frame = match read_frame(&mut rd, max).await {
+                    Ok(Some(f)) => f,
+                    Ok(None) => return "closed by the loader".to_owned(),
+                    Err(e) => return format!("reading from the loader: {e}"),
+                };
+                match frame.kind {
+                    Kind::Reply | Kind::Done | Kind::Refused => {
+                        if !conn.dispatch(frame.kind, &frame.payload) {
+                            return format!("malformed {:?} frame", frame.kind);
+                        }
+                    }
+                    Kind::Evidence | Kind::KeysInstalled | Kind::Error => {
+                        if ctl_tx.try_send(frame).is_err() {
+                            return "unsolicited attestation frames".to_owned();
+                        }
+                    }
+                    other => return format!("unexpected {other:?} frame from the loader"),
+                }
+            }
+        };
+        let attester = async {
+            let reason = self.attest_all(&conn, &mut ctl_rx).await;
+            // Stop answering: pending requests are failed below.
+            reason
+        };
+        let reason = tokio::select! {
+            r = writer => r,
+            r = reader => r,
+            r = attester => r,
+        };
+        self.status.send_modify(|s| {
+            s.connected = false;
+            s.conn = None;
+            s.programs = None;
+            s.models = Arc::default();
+        });
+        let failed = conn.close(&reason);
+        if failed > 0 {
+            tracing::warn!(
+                requests = failed,
+                "requests in flight failed: loader connection lost"
+            );
+        }
+        (reason, true)
+    }
+
+    /// Attests through every keyserver until at least one released keys, then
+    /// waits; returns only if the loader broke the exchange.
+    async fn attest_all(&self, conn: &Arc<Conn>, ctl: &mut mpsc::Receiver<Frame>) -> String {
+        let mut backoff = self.config.reconnect_backoff;
+        loop {
+            let mut models = None;
+            let mut errors = Vec::new();
+            for ks in &self.config.keyservers {
+                let started = Instant::now();
+                let result = self.attest_one(ks, conn, ctl).await;
+                let ms = started.elapsed().as_millis() as u64;
+                match result {
+                    Ok(m) => {
+                        self.metrics.attestation(AttestOutcome::Released);
+                        tracing::info!(keyserver = %ks, models = m.len(), duration_ms = ms, outcome = "released", "attested");
+                        models = Some(m);
+                    }
+                    Err(AttestError::Keyserver(e)) => {
+                        self.metrics.attestation(AttestOutcome::KeyserverError);
+                        tracing::warn!(keyserver = %ks, duration_ms = ms, outcome = "keyserver_error", error = %e, "attestation failed");
+                        errors.push(e);
+                    }
+                    Err(AttestError::LoaderRefused(e)) => {
+                        self.metrics.attestation(AttestOutcome::LoaderError);
+                        tracing::warn!(keyserver = %ks, duration_ms = ms, outcome = "loader_error", error = %e, "loader refused the attestation frame");
+                        errors.push(format!("loader refused: {e}"));
+                    }
+                    Err(AttestError::Loader(e)) => {
+                        self.metrics.attestation(AttestOutcome::LoaderError);
+                        tracing::warn!(keyserver = %ks, duration_ms = ms, outcome = "loader_error", error = %e, "attestation failed");
+                        return e;
+                    }
+                }
+            }
+            if let Some(models) = models {
+                self.status.send_modify(|s| {
+                    s.conn = Some(conn.clone());
+                    s.models = Arc::new(models);
+                    s.last_error = None;
+                });
+                tracing::info!("loader ready");
+                return std::future::pending().await;
+            }
+            self.set_error(format!(
+                "no keyserver released keys to the loader: {}",
+                errors.join("; ")
+            ));
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    async fn loader_answer(
+        &self,
+        ctl: &mut mpsc::Receiver<Frame>,
+        want: Kind,
+    ) -> Result<Vec<u8>, AttestError> {
+        match tokio::time::timeout(self.config.loader_timeout, ctl.recv()).await {
+            Err(_) => Err(AttestError::Loader(format!(
+                "no {want:?} within loader-timeout"
+            ))),
+            Ok(None) => Err(AttestError::Loader("connection closed".into())),
+            Ok(Some(f)) if f.kind == want => Ok(f.payload),
+            Ok(Some(f)) if f.kind == Kind::Error => {
+                Err(AttestError::LoaderRefused(error_text(&f.payload)))
+            }
+            Ok(Some(f)) => Err(AttestError::Loader(format!(
+                "expected {want:?}, got {:?}",
+                f.kind
+            ))),
+        }
+    }
+
+    async fn attest_one(
+        &self,
+        ks: &str,
+        conn: &Arc<Conn>,
+        ctl: &mut mpsc::Receiver<Frame>,
+    ) -> Result<Vec<String>, AttestError> {
+        let lost = |_| AttestError::Loader("connection closed".into());
+        let nonce = self
+            .keyservers
+            .nonce(ks)
+            .await
+            .map_err(|e| AttestError::Keyserver(e.to_string()))?;
+        conn.send(Kind::AttestRequest, &nonce).await.map_err(lost)?;
+        let evidence = self.loader_answer(ctl, Kind::Evidence).await?;
+        tracing::debug!(keyserver = %ks, evidence_bytes = evidence.len(), "evidence received");
+        let release = self
+            .keyservers
+            .attest(ks, evidence)
+            .await
+            .map_err(|e| AttestError::Keyserver(e.to_string()))?;
+        tracing::debug!(keyserver = %ks, release_bytes = release.len(), "key release received");
+        conn.send(Kind::KeyRelease, &release).await.map_err(lost)?;
+        let installed = self.loader_answer(ctl, Kind::KeysInstalled).await?;
+        let installed: Installed = serde_json::from_slice(&installed)
+            .map_err(|e| AttestError::Loader(format!("malformed KeysInstalled: {e}")))?;
+        Ok(installed.models)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn dispatch_and_close() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let conn = Arc::new(Conn::new(tx, 1 << 20));
+        let mut a = conn.submit(1, "p", b"x".to_vec()).await.unwrap();
+        let b = conn.submit(2, "p", b"y".to_vec()).await.unwrap();
+        let sent = rx.recv().await.unwrap();
+        assert_eq!(sent[1], Kind::Submit.to_byte());
+        assert!(conn.dispatch(Kind::Reply, &cinfer_channel::with_request_id(1, b"r")));
+        assert!(conn.dispatch(Kind::Done, &cinfer_channel::with_request_id(1, b"{}")));
+        assert!(conn.dispatch(Kind::Reply, &cinfer_channel::with_request_id(9, b"r")));
+        assert!(!conn.dispatch(Kind::Reply, b"short"));
+        assert_eq!(a.events.recv().await, Some(Event::Reply(b"r".to_vec())));
+        assert_eq!(a.events.recv().await, Some(Event::Done(b"{}".to_vec())));
+        drop(b);
+        assert_eq!(conn.close("gone"), 0, "b forgot its id when dropped");
+        assert!(matches!(
+            conn.submit(3, "p", Vec::new()).await,
+            Err(SubmitError::Lost)
+        ));
+    }
+}

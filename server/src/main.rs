@@ -1,0 +1,130 @@
+//! `inference-server`: the untrusted relay between clients, the trusted loader
+//! and keyservers.
+//!
+//! ```sh
+//! inference-server --config server.toml
+//! ```
+//!
+//! Configuration keys and defaults (all optional; plain `http://` keyservers only
+//! in this version):
+//!
+//! ```toml
+//! listen = "127.0.0.1:8080"
+//! loader = "tcp:127.0.0.1:7300"           # or unix:/run/cinfer/loader.sock
+//! keyservers = ["http://127.0.0.1:8740"]
+//! max-request-bytes = 1048576
+//! ready-timeout-ms = 5000
+//! reconnect-backoff-ms = 200              # doubles, capped at 5 s
+//! max-frame-bytes = 16777216
+//! request-timeout-ms = 120000
+//! keyserver-timeout-ms = 5000
+//! loader-timeout-ms = 30000
+//! shutdown-grace-ms = 10000
+//! ```
+//!
+//! Logs go to stderr (`RUST_LOG`, default `info`); SIGINT/SIGTERM stop accepting
+//! and let requests in progress finish for up to the grace period.
+
+use anyhow::{Context, Result};
+use cinfer_server::{Config, Server};
+use clap::Parser;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "inference-server",
+    version,
+    about = "cinfer inference server: relays sealed requests to the trusted loader and sealed replies back",
+    long_about = "cinfer inference server: relays sealed requests to the trusted loader and sealed replies back; \
+relays the loader's attestation to keyservers. It never sees cleartext.\n\n\
+Configuration (TOML, every key optional):\n  \
+listen = \"127.0.0.1:8080\"              HTTP API address\n  \
+loader = \"tcp:127.0.0.1:7300\"          loader channel: tcp:HOST:PORT or unix:PATH\n  \
+keyservers = [\"http://127.0.0.1:8740\"] keyserver base URLs, tried in order (plain http only in this version)\n  \
+max-request-bytes = 1048576            largest sealed request body (413 above)\n  \
+ready-timeout-ms = 5000                how long a request waits for an attested loader before 503\n  \
+reconnect-backoff-ms = 200             first retry delay (loader, keyservers); doubles, capped at 5 s\n  \
+max-frame-bytes = 16777216             largest channel frame payload\n  \
+request-timeout-ms = 120000            per request; on expiry the stream ends with an error record\n  \
+keyserver-timeout-ms = 5000            one keyserver HTTP call, connect to last byte\n  \
+loader-timeout-ms = 30000              the loader's answer to Hello/AttestRequest/KeyRelease\n  \
+shutdown-grace-ms = 10000              how long requests in progress may run on after SIGINT/SIGTERM"
+)]
+struct Cli {
+    /// Configuration file (TOML); without it every default applies.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!("waiting for SIGINT: {e}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!("waiting for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutdown requested");
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    let config = match &cli.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    let listen = config.listen;
+    let grace = config.shutdown_grace;
+    let server = Server::new(config).context("configuration")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("listening on {listen}"))?;
+        tracing::info!(
+            listen = %listener.local_addr()?,
+            loader = %server.config().loader,
+            keyservers = ?server.config().keyservers,
+            "inference server listening"
+        );
+        cinfer_server::serve(listener, server, shutdown_signal(), grace).await;
+        Ok(())
+    })
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

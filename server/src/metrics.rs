@@ -1,0 +1,189 @@
+//! Counters and gauges, rendered in the Prometheus text format by hand.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+/// How a `POST /v1/requests` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestOutcome {
+    /// The loader sent `Done`: every record and the receipt were streamed.
+    Completed,
+    /// Refused by the loader before it ran (400).
+    Refused,
+    /// No or unknown program, or an unreadable body (400).
+    BadRequest,
+    /// Body over `max-request-bytes` (413).
+    TooLarge,
+    /// No attested loader within `ready-timeout` (503).
+    Unavailable,
+    /// The request deadline passed before the first record (504).
+    Timeout,
+    /// The stream started and then failed (loader lost, deadline): an error record.
+    StreamError,
+    /// The client went away before the end.
+    ClientGone,
+}
+
+impl RequestOutcome {
+    const ALL: [RequestOutcome; 8] = [
+        RequestOutcome::Completed,
+        RequestOutcome::Refused,
+        RequestOutcome::BadRequest,
+        RequestOutcome::TooLarge,
+        RequestOutcome::Unavailable,
+        RequestOutcome::Timeout,
+        RequestOutcome::StreamError,
+        RequestOutcome::ClientGone,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestOutcome::Completed => "completed",
+            RequestOutcome::Refused => "refused",
+            RequestOutcome::BadRequest => "bad_request",
+            RequestOutcome::TooLarge => "too_large",
+            RequestOutcome::Unavailable => "unavailable",
+            RequestOutcome::Timeout => "timeout",
+            RequestOutcome::StreamError => "stream_error",
+            RequestOutcome::ClientGone => "client_gone",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// How one attestation round with one keyserver ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttestOutcome {
+    /// The keyserver released keys and the loader installed them.
+    Released,
+    /// The keyserver refused, failed or was unreachable.
+    KeyserverError,
+    /// The loader refused, failed or went away.
+    LoaderError,
+}
+
+impl AttestOutcome {
+    const ALL: [AttestOutcome; 3] = [
+        AttestOutcome::Released,
+        AttestOutcome::KeyserverError,
+        AttestOutcome::LoaderError,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttestOutcome::Released => "released",
+            AttestOutcome::KeyserverError => "keyserver_error",
+            AttestOutcome::LoaderError => "loader_error",
+        }
+    }
+}
+
+/// The server's metrics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    requests: [AtomicU64; 8],
+    reply_frames: AtomicU64,
+    reply_bytes: AtomicU64,
+    attestations: [AtomicU64; 3],
+    in_flight: AtomicI64,
+}
+
+/// Decrements `requests_in_flight` when dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<Metrics>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Metrics {
+    /// Counts a finished request.
+    pub fn request(&self, outcome: RequestOutcome) {
+        self.requests[outcome.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts one relayed reply frame of `len` bytes.
+    pub fn reply_frame(&self, len: usize) {
+        self.reply_frames.fetch_add(1, Ordering::Relaxed);
+        self.reply_bytes.fetch_add(len as u64, Ordering::Relaxed);
+    }
+
+    /// Counts an attestation round.
+    pub fn attestation(&self, outcome: AttestOutcome) {
+        self.attestations[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a request in flight until the guard is dropped.
+    pub fn in_flight(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// Requests in flight now.
+    pub fn requests_in_flight(&self) -> i64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self, loader_connected: bool, loader_ready: bool) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP cinfer_server_requests_total Inference requests by outcome.\n# TYPE cinfer_server_requests_total counter"
+        );
+        for o in RequestOutcome::ALL {
+            let _ = writeln!(
+                out,
+                "cinfer_server_requests_total{{outcome=\"{}\"}} {}",
+                o.as_str(),
+                self.requests[o.index()].load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP cinfer_server_reply_frames_total Sealed reply frames relayed.\n# TYPE cinfer_server_reply_frames_total counter\ncinfer_server_reply_frames_total {}",
+            self.reply_frames.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP cinfer_server_reply_bytes_total Bytes of sealed reply frames relayed.\n# TYPE cinfer_server_reply_bytes_total counter\ncinfer_server_reply_bytes_total {}",
+            self.reply_bytes.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP cinfer_server_attestations_total Attestation rounds (one loader, one keyserver) by outcome.\n# TYPE cinfer_server_attestations_total counter"
+        );
+        for o in AttestOutcome::ALL {
+            let _ = writeln!(
+                out,
+                "cinfer_server_attestations_total{{outcome=\"{}\"}} {}",
+                o.as_str(),
+                self.attestations[o as usize].load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP cinfer_server_requests_in_flight Requests being served.\n# TYPE cinfer_server_requests_in_flight gauge\ncinfer_server_requests_in_flight {}",
+            self.requests_in_flight()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP cinfer_server_loader_connected Whether the loader channel is connected.\n# TYPE cinfer_server_loader_connected gauge\ncinfer_server_loader_connected {}",
+            u8::from(loader_connected)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP cinfer_server_loader_ready Whether the loader is attested and holds keys.\n# TYPE cinfer_server_loader_ready gauge\ncinfer_server_loader_ready {}",
+            u8::from(loader_ready)
+        );
+        out
+    }
+}

@@ -1,0 +1,386 @@
+//! The inference server in process on loopback, against a fake loader (the
+//! channel protocol over TCP) and a fake keyserver (HTTP). The real loader's end
+//! to end test lives elsewhere.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+mod common;
+use common::*;
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn expected_frame(body: &[u8], i: usize) -> Vec<u8> {
+    let mut f = body.to_vec();
+    f.extend_from_slice(format!("#{i}").as_bytes());
+    f
+}
+
+/// Checks a completed stream: `FRAMES` frames of `body` in order, then the receipt.
+fn assert_completed(body: &[u8], records: &[(u8, Vec<u8>)]) {
+    assert_eq!(records.len(), FRAMES + 1, "{records:?}");
+    for (i, (kind, bytes)) in records[..FRAMES].iter().enumerate() {
+        assert_eq!(*kind, 1);
+        assert_eq!(bytes, &expected_frame(body, i));
+    }
+    assert_eq!(records[FRAMES].0, 2, "receipt last");
+    assert_eq!(json(&records[FRAMES].1)["receipt"], "fake");
+}
+
+#[tokio::test]
+async fn a_request_streams_records_in_order_as_they_arrive() {
+    let h = start().await;
+    wait_ready(h.addr).await;
+    let loader = h.loader.as_ref().unwrap();
+    let body = b"gated sealed request";
+    let mut reply = post_request(h.addr, "echo", body).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply.header("content-type").as_deref(),
+        Some("application/vnd.cinfer.reply-stream")
+    );
+    assert_eq!(
+        reply.header("transfer-encoding").as_deref(),
+        Some("chunked")
+    );
+    // The first record arrives while the loader is still holding the rest back.
+    let first = reply.next_record().await.unwrap();
+    assert_eq!(first, (1, expected_frame(body, 0)));
+    assert_eq!(loader.stats.frames_sent.load(Ordering::SeqCst), 1);
+    loader.gate.add_permits(1);
+    let mut records = vec![first];
+    records.extend(reply.records().await);
+    assert_completed(body, &records);
+}
+
+#[tokio::test]
+async fn concurrent_requests_get_their_own_frames() {
+    let h = start().await;
+    wait_ready(h.addr).await;
+    let loader = h.loader.as_ref().unwrap();
+    let (a, b) = (b"gated request A".as_slice(), b"gated request B".as_slice());
+    let mut ra = post_request(h.addr, "echo", a).await;
+    let mut rb = post_request(h.addr, "echo", b).await;
+    // Both are in flight on the one loader connection at once.
+    let fa = ra.next_record().await.unwrap();
+    let fb = rb.next_record().await.unwrap();
+    assert_eq!(loader.stats.submits.load(Ordering::SeqCst), 2);
+    loader.gate.add_permits(2);
+    let (rest_a, rest_b) = tokio::join!(ra.records(), rb.records());
+    let mut all_a = vec![fa];
+    all_a.extend(rest_a);
+    let mut all_b = vec![fb];
+    all_b.extend(rest_b);
+    assert_completed(a, &all_a);
+    assert_completed(b, &all_b);
+}
+
+#[tokio::test]
+async fn unknown_programs_and_refusals_are_400_and_wrong_routes_404_405() {
+    let h = start().await;
+    wait_ready(h.addr).await;
+    // Not in the loader's Hello: refused here, never submitted.
+    let r = post_request(h.addr, "nope", b"x").await;
+    assert_eq!(r.status, 400);
+    assert!(error_of(&r.body().await).contains("unknown program \"nope\""));
+    // Listed, but refused by the loader (e.g. the request does not open).
+    let r = post_request(h.addr, "refuse-me", b"x").await;
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        error_of(&r.body().await),
+        "refused by the loader: request does not open"
+    );
+    assert_eq!(
+        h.loader
+            .as_ref()
+            .unwrap()
+            .stats
+            .submits
+            .load(Ordering::SeqCst),
+        1
+    );
+    // No program at all.
+    let r = Reply::send(
+        h.addr,
+        "POST /v1/requests HTTP/1.1\r\nContent-Length: 1",
+        b"x",
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    assert!(error_of(&r.body().await).contains("program"));
+    let r = Reply::send(h.addr, "GET /v1/requests?program=echo HTTP/1.1", b"").await;
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow").as_deref(), Some("POST"));
+    let r = Reply::send(h.addr, "POST /readyz HTTP/1.1\r\nContent-Length: 0", b"").await;
+    assert_eq!(r.status, 405);
+    assert_eq!(get(h.addr, "/v2/whatever").await.0, 404);
+    // The server still serves.
+    let mut r = post_request(h.addr, "echo", b"after").await;
+    assert_completed(b"after", &r.records().await);
+}
+
+#[tokio::test]
+async fn keyserver_down_means_503_quickly_never_a_hang() {
+    capture_logs();
+    let refused = closed_port_url().await;
+    let hung = black_hole_url().await;
+    let h = start_with(|c| {
+        c.keyservers = vec![refused.clone(), hung.clone()];
+        c.keyserver_timeout = Duration::from_millis(300);
+        c.ready_timeout = Duration::from_millis(800);
+    })
+    .await;
+    // Let the link connect and fail at least one round.
+    let t = Instant::now();
+    loop {
+        let m = get(h.addr, "/metrics").await.1;
+        let m = String::from_utf8(m).unwrap();
+        if metric(
+            &m,
+            "cinfer_server_attestations_total{outcome=\"keyserver_error\"}",
+        ) >= 2
+        {
+            assert!(m.contains("cinfer_server_loader_connected 1"), "{m}");
+            assert!(m.contains("cinfer_server_loader_ready 0"), "{m}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "{m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = get(h.addr, "/readyz").await;
+    assert_eq!(status, 503);
+    let reason = error_of(&body);
+    assert!(reason.contains("no keyserver released keys"), "{reason}");
+    assert!(
+        reason.contains(&refused) && reason.contains("unreachable"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains(&hung) && reason.contains("no answer within 300 ms"),
+        "{reason}"
+    );
+
+    let t = Instant::now();
+    let r = post_request(h.addr, "echo", b"sealed").await;
+    let waited = t.elapsed();
+    assert_eq!(r.status, 503);
+    let reason = error_of(&r.body().await);
+    assert!(
+        reason.starts_with("no attested loader available"),
+        "{reason}"
+    );
+    assert!(reason.contains("keyserver"), "{reason}");
+    assert!(
+        waited >= Duration::from_millis(700) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    assert_eq!(
+        h.loader
+            .as_ref()
+            .unwrap()
+            .stats
+            .submits
+            .load(Ordering::SeqCst),
+        0
+    );
+    // Nothing relayable either.
+    let (status, body) = get(h.addr, "/v1/request-key").await;
+    assert_eq!(status, 502);
+    assert!(error_of(&body).contains("no keyserver reachable"));
+}
+
+#[tokio::test]
+async fn a_restarted_loader_is_reconnected_and_attested_again() {
+    let mut h = start().await;
+    wait_ready(h.addr).await;
+    assert_eq!(h.ks.attests.load(Ordering::SeqCst), 1);
+    let loader = h.loader.take().unwrap();
+    let addr = loader.addr;
+    // A request in flight when the loader goes away ends with an error record.
+    let body = b"gated in flight";
+    let mut r = post_request(h.addr, "echo", body).await;
+    assert_eq!(r.next_record().await.unwrap(), (1, expected_frame(body, 0)));
+    loader.stop().await;
+    let rest = r.records().await;
+    assert_eq!(rest.len(), 1, "{rest:?}");
+    assert_eq!(rest[0].0, 3);
+    assert!(
+        error_of(&rest[0].1).contains("loader connection was lost"),
+        "{rest:?}"
+    );
+    // Meanwhile: not ready; requests get a 503.
+    let (status, _) = get(h.addr, "/readyz").await;
+    assert_eq!(status, 503);
+
+    // The loader comes back on the same port, holding no keys.
+    let loader = FakeLoader::start(addr).await;
+    wait_ready(h.addr).await;
+    assert_eq!(h.ks.attests.load(Ordering::SeqCst), 2, "attested again");
+    assert_eq!(loader.stats.attest_requests.load(Ordering::SeqCst), 1);
+    assert_eq!(loader.stats.connections.load(Ordering::SeqCst), 1);
+    let mut r = post_request(h.addr, "echo", b"after restart").await;
+    assert_eq!(r.status, 200);
+    assert_completed(b"after restart", &r.records().await);
+    h.loader = Some(loader);
+    let m = String::from_utf8(get(h.addr, "/metrics").await.1).unwrap();
+    assert!(
+        m.contains("cinfer_server_requests_total{outcome=\"stream_error\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("cinfer_server_attestations_total{outcome=\"released\"} 2"),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_413() {
+    let h = start().await;
+    wait_ready(h.addr).await;
+    let big = vec![7u8; 4097];
+    let r = post_request(h.addr, "echo", &big).await;
+    assert_eq!(r.status, 413);
+    assert!(error_of(&r.body().await).contains("larger than 4096 bytes"));
+    // Chunked, no Content-Length: counted as it arrives.
+    let mut chunked = format!("{:x}\r\n", big.len()).into_bytes();
+    chunked.extend_from_slice(&big);
+    chunked.extend_from_slice(b"\r\n0\r\n\r\n");
+    let r = Reply::send(
+        h.addr,
+        "POST /v1/requests?program=echo HTTP/1.1\r\nTransfer-Encoding: chunked",
+        &chunked,
+    )
+    .await;
+    assert_eq!(r.status, 413);
+    // Exactly the limit is fine.
+    let mut r = post_request(h.addr, "echo", &big[..4096]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.records().await.len(), FRAMES + 1);
+    assert_eq!(
+        h.loader
+            .as_ref()
+            .unwrap()
+            .stats
+            .submits
+            .load(Ordering::SeqCst),
+        1
+    );
+}
+
+#[tokio::test]
+async fn metrics_models_programs_request_key_and_health() {
+    let refused = closed_port_url().await;
+    let h = start_with(|_| {}).await;
+    // A second server whose first keyserver is down: request-key comes from the next.
+    let h2 = start_with(|c| c.keyservers = vec![refused.clone(), h.ks.url()]).await;
+    wait_ready(h.addr).await;
+    wait_ready(h2.addr).await;
+
+    let mut r = post_request(h.addr, "echo", b"counted").await;
+    assert_completed(b"counted", &r.records().await);
+    assert_eq!(post_request(h.addr, "nope", b"x").await.status, 400);
+
+    let (status, m) = get(h.addr, "/metrics").await;
+    assert_eq!(status, 200);
+    let m = String::from_utf8(m).unwrap();
+    for line in [
+        "cinfer_server_requests_total{outcome=\"completed\"} 1",
+        "cinfer_server_requests_total{outcome=\"bad_request\"} 1",
+        "cinfer_server_requests_total{outcome=\"unavailable\"} 0",
+        "cinfer_server_reply_frames_total 3",
+        &format!(
+            "cinfer_server_reply_bytes_total {}",
+            3 * (b"counted".len() + 2)
+        ),
+        "cinfer_server_attestations_total{outcome=\"released\"} 1",
+        "cinfer_server_attestations_total{outcome=\"keyserver_error\"} 0",
+        "cinfer_server_requests_in_flight 0",
+        "cinfer_server_loader_connected 1",
+        "cinfer_server_loader_ready 1",
+        "# TYPE cinfer_server_requests_total counter",
+        "# TYPE cinfer_server_loader_ready gauge",
+    ] {
+        assert!(m.lines().any(|l| l == line), "{line} missing from\n{m}");
+    }
+
+    let (status, body) = get(h.addr, "/v1/models").await;
+    assert_eq!(
+        (status, json(&body)),
+        (200, serde_json::json!({"models": ["m1"]}))
+    );
+    let (status, body) = get(h.addr, "/v1/programs").await;
+    assert_eq!(status, 200);
+    let programs = json(&body);
+    assert_eq!(programs["programs"][0]["name"], "echo");
+    assert_eq!(programs["programs"][0]["sha256"], "aa");
+    assert_eq!(programs["programs"][0]["world"], "request-reply");
+    assert_eq!(get(h.addr, "/healthz").await.0, 200);
+    assert_eq!(get(h.addr, "/readyz").await.0, 200);
+
+    for addr in [h.addr, h2.addr] {
+        let r = Reply::send(addr, "GET /v1/request-key HTTP/1.1", b"").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.header("content-type").as_deref(),
+            Some("application/json")
+        );
+        assert_eq!(r.body().await, REQUEST_KEY.as_bytes(), "relayed verbatim");
+    }
+    // The evidence reached the keyserver verbatim.
+    let evidence = h.ks.evidence.lock().unwrap().clone();
+    assert!(evidence.iter().all(|e| json(e)["fake"] == "evidence"));
+}
+
+#[tokio::test]
+async fn logs_never_contain_request_or_reply_bytes() {
+    let h = start().await;
+    wait_ready(h.addr).await;
+    let canary = b"CANARY-5e1f-sealed-request-bytes";
+    let mut r = post_request(h.addr, "echo", canary).await;
+    assert_completed(canary, &r.records().await);
+    let r = post_request(h.addr, "refuse-me", canary).await;
+    assert_eq!(r.status, 400);
+    let r = post_request(h.addr, "nope", canary).await;
+    assert_eq!(r.status, 400);
+    let logs = logs();
+    let text = String::from_utf8_lossy(&logs);
+    assert!(text.contains("request finished"), "logs captured");
+    assert!(text.contains("request_id="), "logs carry the request id");
+    assert!(text.contains("request_bytes=32"), "and sizes");
+    assert!(!contains(&logs, b"CANARY"), "payload bytes in the logs");
+    assert!(!contains(&logs, hex::encode(canary).as_bytes()));
+    assert!(!contains(&logs, hex::encode_upper(canary).as_bytes()));
+    assert!(
+        !contains(&logs, RELEASE.as_bytes()),
+        "key release in the logs"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_stops_accepting_and_lets_streams_finish() {
+    let mut h = start().await;
+    wait_ready(h.addr).await;
+    let body = b"gated during shutdown";
+    let mut r = post_request(h.addr, "echo", body).await;
+    let first = r.next_record().await.unwrap();
+    h.shutdown.take().unwrap().send(()).unwrap();
+    // New connections are refused once the listener is gone.
+    let t = Instant::now();
+    while tokio::net::TcpStream::connect(h.addr).await.is_ok() {
+        assert!(t.elapsed() < Duration::from_secs(5), "still accepting");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    h.loader.as_ref().unwrap().gate.add_permits(1);
+    let mut records = vec![first];
+    records.extend(r.records().await);
+    assert_completed(body, &records);
+    tokio::time::timeout(Duration::from_secs(5), h.serve.take().unwrap())
+        .await
+        .expect("serve returns after the last stream")
+        .unwrap();
+}
