@@ -596,10 +596,11 @@ impl Service {
                 Kind::Submit => self.submit(&frame.payload, &writer),
                 _ => {
                     let mut answer = self.attestor.handle(&frame);
-                    if frame.kind == Kind::KeyRelease && answer.is_ok() {
-                        if let Err(e) = self.open_models() {
-                            answer = Err(e);
-                        }
+                    if frame.kind == Kind::KeyRelease
+                        && answer.is_ok()
+                        && let Err(e) = self.open_models()
+                    {
+                        answer = Err(e);
                     }
                     let answer = answer.unwrap_or_else(|e| {
                         tracing::warn!(error = %e, "frame refused");
