@@ -415,11 +415,8 @@ impl Link {
                 }
             }
         };
-        let attester = async {
-            let reason = self.attest_all(&conn, &mut ctl_rx).await;
-            // Stop answering: pending requests are failed below.
-            reason
-        };
+        // Returns only if the loader broke an attestation exchange.
+        let attester = self.attest_all(&conn, &mut ctl_rx);
         let reason = tokio::select! {
             r = writer => r,
             r = reader => r,
