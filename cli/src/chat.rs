@@ -94,6 +94,9 @@ pub fn request_json(args: &ChatArgs) -> serde_json::Value {
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
         "format": "text",
+        // No implicit system turn: the template's default one ("You are a helpful AI
+        // assistant named SmolLM…") derails the 135M model; --system sets one.
+        "default_system": false,
     });
     let obj = req.as_object_mut();
     if let Some(obj) = obj {

@@ -182,7 +182,8 @@ fn llama_request(req: &CompletionRequest) -> Result<Value, String> {
         };
         messages.push(json!({"role": role, "content": content}));
     }
-    let mut out = json!({"messages": messages, "format": "text"});
+    // As `cinfer chat`: only the system turns the client sends.
+    let mut out = json!({"messages": messages, "format": "text", "default_system": false});
     if let Some(obj) = out.as_object_mut() {
         if let Some(model) = req.model.as_deref().filter(|m| !m.is_empty()) {
             obj.insert("model".into(), model.into());
@@ -590,7 +591,7 @@ mod tests {
                     {"role": "system", "content": "be brief"},
                     {"role": "user", "content": "hi"}
                 ],
-                "format": "text", "model": "smollm2-135m-instruct",
+                "format": "text", "default_system": false, "model": "smollm2-135m-instruct",
                 "max_tokens": 7, "temperature": 0.5, "top_p": 0.9f32, "seed": 3
             })
         );

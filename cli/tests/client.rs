@@ -526,7 +526,7 @@ fn chat_command_prints_the_answer_and_the_receipt() {
                 {"role": "system", "content": "be brief"},
                 {"role": "user", "content": "hi there"}
             ],
-            "max_tokens": 16, "temperature": 0.0, "seed": 7, "format": "text"
+            "max_tokens": 16, "temperature": 0.0, "seed": 7, "format": "text", "default_system": false
         })
     );
 
@@ -686,7 +686,7 @@ fn proxy_serves_the_openai_client() {
                 {"role": "system", "content": "be brief"},
                 {"role": "user", "content": "hi"}
             ],
-            "model": MODEL, "max_tokens": 5, "temperature": 0.0, "seed": 1, "format": "text"
+            "model": MODEL, "max_tokens": 5, "temperature": 0.0, "seed": 1, "format": "text", "default_system": false
         })
     );
 }
