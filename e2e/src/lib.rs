@@ -1,0 +1,619 @@
+//! The whole system on loopback, started from the release binaries the workspace
+//! builds (`trusted-loader`, `keyserver`, `inference-server`, `cinfer`), with a
+//! software TPM, and with a **recording relay** on every link that touches the
+//! untrusted side:
+//!
+//! ```text
+//! client ──rec──▶ inference-server ──rec/hostile──▶ trusted-loader ── swtpm
+//!                        └──────────rec──────────▶ keyserver
+//! ```
+//!
+//! Everything the untrusted side sees — bytes in both directions on each of its
+//! links, its log, its working directory — can then be searched for secrets. The
+//! loader link relay can also turn hostile ([`Hostile`]) and tamper with, replay,
+//! reorder or truncate the loader's frames, as a compromised server would.
+#![forbid(unsafe_code)]
+#![allow(clippy::expect_used)]
+
+use cinfer_channel::{Frame, Kind};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The model id served.
+pub const MODEL_ID: &str = "smollm2-135m-instruct";
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A release binary of the workspace.
+pub fn bin(name: &str) -> PathBuf {
+    let p = root().join("target/release").join(name);
+    assert!(
+        p.exists(),
+        "{} missing: build the workspace (cargo build --release --bins)",
+        p.display()
+    );
+    p
+}
+
+/// The SmolLM2 GGUF `scripts/fetch-model` downloads.
+pub fn model_path() -> PathBuf {
+    let p = std::env::var_os("CINFER_MODEL").map_or_else(
+        || {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME"))
+                .join(".cache/cinfer/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        },
+        PathBuf::from,
+    );
+    assert!(
+        p.exists(),
+        "{} missing: run scripts/fetch-model",
+        p.display()
+    );
+    p
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run a workspace binary");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A sealed copy of the model, made once per process (sealing takes a second).
+fn sealed_model() -> &'static (PathBuf, PathBuf) {
+    static SEALED: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    SEALED.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("cinfer-e2e-model-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("model dir");
+        let (key, sealed) = (dir.join("model.key"), dir.join("smollm2.sealed"));
+        run(Command::new(bin("cinfer"))
+            .args(["dev-model-key", "--out"])
+            .arg(&key));
+        run(Command::new(bin("cinfer"))
+            .arg("seal-model")
+            .arg(model_path())
+            .args(["--model-id", MODEL_ID, "--key-id", "e2e-1", "--key"])
+            .arg(&key)
+            .arg("--out")
+            .arg(&sealed));
+        (key, sealed)
+    })
+}
+
+/// What the relay on the loader link does to the loader's frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hostile {
+    /// Relays faithfully.
+    Honest,
+    /// Flips a byte in the second `Reply` frame of each request.
+    TamperReply,
+    /// Swaps the first two `Reply` frames of each request.
+    ReorderReplies,
+    /// Drops the last `Reply` frame (the sealed final frame) of each request.
+    Truncate,
+    /// Replaces the first `Reply` of each request with the first `Reply` of the
+    /// previous request.
+    ReplayReply,
+    /// Flips a byte in the receipt carried by `Done`.
+    TamperReceipt,
+    /// Flips a byte in the sealed request of each `Submit`.
+    TamperRequest,
+}
+
+/// Everything that crossed one link, per direction.
+#[derive(Debug, Default)]
+pub struct Recording {
+    /// Bytes towards the trusted side (client → server, server → loader/keyserver).
+    pub inbound: Vec<u8>,
+    /// Bytes back.
+    pub outbound: Vec<u8>,
+}
+
+/// A byte-level recording relay (client ⇄ server, server ⇄ keyserver).
+fn tcp_relay(target: SocketAddr, rec: Arc<Mutex<Recording>>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("relay listen");
+    let addr = listener.local_addr().expect("relay addr");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(a) = conn else { continue };
+            let Ok(b) = TcpStream::connect(target) else {
+                continue;
+            };
+            for (mut from, mut to, inbound) in [
+                (
+                    a.try_clone().expect("clone"),
+                    b.try_clone().expect("clone"),
+                    true,
+                ),
+                (b, a, false),
+            ] {
+                let rec = rec.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16384];
+                    while let Ok(n) = from.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        {
+                            let mut r = rec.lock().unwrap_or_else(|e| e.into_inner());
+                            let side = if inbound {
+                                &mut r.inbound
+                            } else {
+                                &mut r.outbound
+                            };
+                            side.extend_from_slice(&buf[..n]);
+                        }
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        }
+    });
+    addr
+}
+
+/// The frame-level relay on the loader link: records, and misbehaves on demand.
+fn loader_relay(
+    target: SocketAddr,
+    rec: Arc<Mutex<Recording>>,
+    mode: Arc<Mutex<Hostile>>,
+) -> SocketAddr {
+    const MAX: u32 = cinfer_channel::DEFAULT_MAX_PAYLOAD;
+    let listener = TcpListener::bind("127.0.0.1:0").expect("relay listen");
+    let addr = listener.local_addr().expect("relay addr");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(server) = conn else { continue };
+            let Ok(loader) = TcpStream::connect(target) else {
+                continue;
+            };
+            // server → loader
+            {
+                let (mut from, mut to) = (
+                    server.try_clone().expect("clone"),
+                    loader.try_clone().expect("clone"),
+                );
+                let (rec, mode) = (rec.clone(), mode.clone());
+                std::thread::spawn(move || {
+                    while let Ok(Some(mut f)) = cinfer_channel::read_frame(&mut from, MAX) {
+                        let m = *mode.lock().unwrap_or_else(|e| e.into_inner());
+                        if f.kind == Kind::Submit && m == Hostile::TamperRequest {
+                            if let Some(last) = f.payload.last_mut() {
+                                *last ^= 1;
+                            }
+                        }
+                        record(&rec, true, &f);
+                        if cinfer_channel::write_frame(&mut to, f.kind, &f.payload, MAX).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            }
+            // loader → server
+            let (mut from, mut to) = (loader, server);
+            let (rec, mode) = (rec.clone(), mode.clone());
+            std::thread::spawn(move || {
+                let mut state = RequestTamper::default();
+                while let Ok(Some(f)) = cinfer_channel::read_frame(&mut from, MAX) {
+                    let m = *mode.lock().unwrap_or_else(|e| e.into_inner());
+                    for f in state.apply(m, f) {
+                        record(&rec, false, &f);
+                        if cinfer_channel::write_frame(&mut to, f.kind, &f.payload, MAX).is_err() {
+                            return;
+                        }
+                    }
+                }
+                let _ = to.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    addr
+}
+
+fn record(rec: &Mutex<Recording>, inbound: bool, f: &Frame) {
+    let bytes = cinfer_channel::encode(f.kind, &f.payload, u32::MAX).unwrap_or_default();
+    let mut r = rec.lock().unwrap_or_else(|e| e.into_inner());
+    if inbound {
+        r.inbound.extend_from_slice(&bytes);
+    } else {
+        r.outbound.extend_from_slice(&bytes);
+    }
+}
+
+/// Per-request state of a hostile loader-link relay.
+#[derive(Default)]
+struct RequestTamper {
+    /// Reply frames of the request in flight, held back where the mode needs it.
+    held: Vec<Frame>,
+    replies_seen: usize,
+    previous_first: Option<Vec<u8>>,
+    current_first: Option<Vec<u8>>,
+}
+
+impl RequestTamper {
+    fn apply(&mut self, mode: Hostile, mut f: Frame) -> Vec<Frame> {
+        match f.kind {
+            Kind::Reply => {
+                self.replies_seen += 1;
+                let n = self.replies_seen;
+                if n == 1 {
+                    self.current_first =
+                        cinfer_channel::split_request_id(&f.payload).map(|(_, b)| b.to_vec());
+                }
+                match mode {
+                    Hostile::TamperReply if n == 2 => {
+                        if let Some(last) = f.payload.last_mut() {
+                            *last ^= 1;
+                        }
+                        vec![f]
+                    }
+                    Hostile::ReorderReplies if n == 1 => {
+                        self.held.push(f);
+                        vec![]
+                    }
+                    Hostile::ReorderReplies if n == 2 => {
+                        let mut out = vec![f];
+                        out.append(&mut self.held);
+                        out
+                    }
+                    Hostile::Truncate => {
+                        // Hold each frame back until the next one shows it was not the last.
+                        let out = std::mem::take(&mut self.held);
+                        self.held.push(f);
+                        out
+                    }
+                    Hostile::ReplayReply if n == 1 => match (
+                        &self.previous_first,
+                        cinfer_channel::split_request_id(&f.payload),
+                    ) {
+                        (Some(prev), Some((id, _))) => vec![Frame {
+                            kind: Kind::Reply,
+                            payload: cinfer_channel::with_request_id(id, prev),
+                        }],
+                        _ => vec![f],
+                    },
+                    _ => vec![f],
+                }
+            }
+            Kind::Done => {
+                self.replies_seen = 0;
+                self.previous_first = self.current_first.take();
+                let mut out = std::mem::take(&mut self.held);
+                if mode == Hostile::Truncate {
+                    out.clear(); // the sealed final frame never arrives
+                }
+                if mode == Hostile::TamperReceipt {
+                    // Flip a hex digit of the signature (stays valid JSON).
+                    if let Some(pos) = f.payload.iter().rposition(|b| b.is_ascii_hexdigit()) {
+                        f.payload[pos] = if f.payload[pos] == b'0' { b'1' } else { b'0' };
+                    }
+                }
+                out.push(f);
+                out
+            }
+            _ => vec![f],
+        }
+    }
+}
+
+/// The running system.
+pub struct System {
+    /// The inference server as clients reach it (through the client relay).
+    pub server_url: String,
+    /// The keyserver identity clients pin.
+    pub identity: Vec<u8>,
+    /// client ⇄ server bytes.
+    pub client_link: Arc<Mutex<Recording>>,
+    /// server ⇄ loader frames.
+    pub loader_link: Arc<Mutex<Recording>>,
+    /// server ⇄ keyserver bytes.
+    pub keyserver_link: Arc<Mutex<Recording>>,
+    /// What the loader-link relay does.
+    pub hostile: Arc<Mutex<Hostile>>,
+    /// The inference server's working directory (its files on disk).
+    pub server_dir: PathBuf,
+    /// The inference server's log (stderr, at trace level).
+    pub server_log: PathBuf,
+    /// The inference server's direct address (no relay; for benchmarks).
+    pub server_direct: SocketAddr,
+    dir: PathBuf,
+    children: Vec<Child>,
+    _swtpm: cinfer_tpm::swtpm::Swtpm,
+}
+
+impl std::fmt::Debug for System {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("System")
+            .field("server_url", &self.server_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for System {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl System {
+    /// Starts everything and waits until the server reports an attested loader.
+    pub fn start(name: &str) -> System {
+        let dir = std::env::temp_dir().join(format!("cinfer-e2e-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (loader_dir, server_dir) = (dir.join("loader"), dir.join("server"));
+        std::fs::create_dir_all(&loader_dir).expect("dirs");
+        std::fs::create_dir_all(&server_dir).expect("dirs");
+        let (model_key, sealed) = sealed_model();
+
+        // Keyserver state: the model key goes in, encrypted under the KEK.
+        let (state, kek) = (dir.join("ks-state"), dir.join("ks-kek"));
+        let ks = |args: &[&str]| {
+            run(Command::new(bin("keyserver"))
+                .arg("--state")
+                .arg(&state)
+                .arg("--kek")
+                .arg(&kek)
+                .args(args))
+        };
+        ks(&["init"]);
+        ks(&[
+            "add-model-key",
+            "--id",
+            MODEL_ID,
+            "--key-file",
+            model_key.to_str().expect("utf-8"),
+        ]);
+        let identity = hex::decode(ks(&["public-identity"]).trim()).expect("identity hex");
+
+        // The program, signed with a fresh team key; a policy admitting that key.
+        let l = &loader_dir;
+        run(Command::new(bin("cinfer"))
+            .arg("keygen")
+            .arg("--private")
+            .arg(dir.join("team.key"))
+            .arg("--public")
+            .arg(l.join("team.pub")));
+        std::fs::copy(
+            root().join("target/programs/llama-chat.wasm"),
+            l.join("llama-chat.wasm"),
+        )
+        .expect("target/programs/llama-chat.wasm: run cargo run --release -p build-programs");
+        run(Command::new(bin("cinfer"))
+            .arg("sign")
+            .arg(l.join("llama-chat.wasm"))
+            .arg("--key")
+            .arg(dir.join("team.key")));
+        std::fs::copy(root().join("policies/worlds.wit"), l.join("worlds.wit")).expect("worlds");
+        if std::fs::hard_link(sealed, l.join("smollm2.sealed")).is_err() {
+            std::fs::copy(sealed, l.join("smollm2.sealed")).expect("model copy");
+        }
+        std::fs::write(
+            l.join("policy.toml"),
+            format!(
+                "worlds = \"worlds.wit\"\n[[signer]]\nname = \"team\"\npublic-key = \"team.pub\"\nworld = \"inference\"\nmodels = [\"{MODEL_ID}\"]\nlimits = {{ memory-bytes = 268435456, deadline-ms = 120000, accelerator-bytes = 1073741824 }}\n"
+            ),
+        )
+        .expect("policy");
+        let swtpm = cinfer_tpm::swtpm::Swtpm::start().expect("swtpm (scripts/setup installs it)");
+        std::fs::write(
+            l.join("loader.toml"),
+            format!(
+                "listen = \"tcp:127.0.0.1:0\"\ntpm = \"{}\"\npolicy = \"policy.toml\"\nmax-in-flight = 8\n[[program]]\npath = \"llama-chat.wasm\"\nsignatures = [\"llama-chat.wasm.sig\"]\n[[model]]\nid = \"{MODEL_ID}\"\npath = \"smollm2.sealed\"\n",
+                swtpm.tcti()
+            ),
+        )
+        .expect("loader config");
+
+        // Reference values, as an operator computes them.
+        let measured = run(Command::new(bin("trusted-loader"))
+            .arg("measure")
+            .arg("--config")
+            .arg(l.join("loader.toml"))
+            .args(["--tpm", &swtpm.tcti()]));
+        let reference = measured
+            .split_once("# keyserver reference values:\n")
+            .expect("reference values")
+            .1;
+        std::fs::write(dir.join("reference.toml"), reference).expect("reference");
+        let ks_port = free_port();
+        std::fs::write(
+            dir.join("keyserver.toml"),
+            format!(
+                "listen = \"127.0.0.1:{ks_port}\"\nstate-dir = \"{}\"\nkek-file = \"{}\"\naudit-log = \"{}\"\nreference-file = \"{}\"\n",
+                state.display(),
+                kek.display(),
+                dir.join("audit.jsonl").display(),
+                dir.join("reference.toml").display()
+            ),
+        )
+        .expect("keyserver config");
+        let mut children = Vec::new();
+        children.push(
+            Command::new(bin("keyserver"))
+                .arg("--config")
+                .arg(dir.join("keyserver.toml"))
+                .arg("serve")
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("keyserver"),
+        );
+
+        let mut loader = Command::new(bin("trusted-loader"))
+            .arg("serve")
+            .arg("--config")
+            .arg(l.join("loader.toml"))
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("trusted-loader");
+        let mut lines = BufReader::new(loader.stderr.take().expect("stderr")).lines();
+        let loader_addr: SocketAddr = loop {
+            let line = lines
+                .next()
+                .expect("loader exited before listening")
+                .expect("line");
+            if let Some(a) = line.strip_prefix("listening on tcp:") {
+                break a.parse().expect("addr");
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        children.push(loader);
+
+        let loader_link = Arc::new(Mutex::new(Recording::default()));
+        let keyserver_link = Arc::new(Mutex::new(Recording::default()));
+        let client_link = Arc::new(Mutex::new(Recording::default()));
+        let hostile = Arc::new(Mutex::new(Hostile::Honest));
+        let loader_relay = loader_relay(loader_addr, loader_link.clone(), hostile.clone());
+        let ks_relay = tcp_relay(
+            SocketAddr::from(([127, 0, 0, 1], ks_port)),
+            keyserver_link.clone(),
+        );
+        let server_port = free_port();
+        std::fs::write(
+            server_dir.join("server.toml"),
+            format!(
+                "listen = \"127.0.0.1:{server_port}\"\nloader = \"tcp:{loader_relay}\"\nkeyservers = [\"http://{ks_relay}\"]\n"
+            ),
+        )
+        .expect("server config");
+        let server_log = dir.join("server.log");
+        children.push(
+            Command::new(bin("inference-server"))
+                .args(["--config", "server.toml"])
+                .current_dir(&server_dir)
+                .env("RUST_LOG", "trace")
+                .stderr(std::fs::File::create(&server_log).expect("log"))
+                .spawn()
+                .expect("inference-server"),
+        );
+        let server_direct = SocketAddr::from(([127, 0, 0, 1], server_port));
+        let client_relay = tcp_relay(server_direct, client_link.clone());
+        let system = System {
+            server_url: format!("http://{client_relay}"),
+            identity,
+            client_link,
+            loader_link,
+            keyserver_link,
+            hostile,
+            server_dir,
+            server_log,
+            server_direct,
+            dir,
+            children,
+            _swtpm: swtpm,
+        };
+        system.wait_ready();
+        system
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(mut s) = TcpStream::connect(self.server_direct) {
+                let _ =
+                    s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                let mut r = String::new();
+                let _ = s.read_to_string(&mut r);
+                if r.starts_with("HTTP/1.1 200") {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the inference server never became ready: {}",
+                std::fs::read_to_string(&self.server_log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// A client of this system (through the recording client relay).
+    pub fn client(&self) -> cinfer_client::Client {
+        cinfer_client::Client::new(&self.server_url, self.identity.clone()).expect("client")
+    }
+
+    /// A client that talks to the server directly (no relay; for benchmarks).
+    pub fn direct_client(&self) -> cinfer_client::Client {
+        cinfer_client::Client::new(
+            &format!("http://{}", self.server_direct),
+            self.identity.clone(),
+        )
+        .expect("client")
+    }
+
+    /// Sets what the loader-link relay does from now on.
+    pub fn set_hostile(&self, mode: Hostile) {
+        *self.hostile.lock().unwrap_or_else(|e| e.into_inner()) = mode;
+    }
+
+    /// Every byte the untrusted side saw or wrote: both directions of its three
+    /// links, its log, and every file under its working directory.
+    pub fn untrusted_bytes(&self) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        for (name, rec) in [
+            ("client link", &self.client_link),
+            ("loader link", &self.loader_link),
+            ("keyserver link", &self.keyserver_link),
+        ] {
+            let r = rec.lock().unwrap_or_else(|e| e.into_inner());
+            out.push((format!("{name} (in)"), r.inbound.clone()));
+            out.push((format!("{name} (out)"), r.outbound.clone()));
+        }
+        out.push((
+            "server log".into(),
+            std::fs::read(&self.server_log).unwrap_or_default(),
+        ));
+        let mut stack = vec![self.server_dir.clone()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    out.push((
+                        p.display().to_string(),
+                        std::fs::read(&p).unwrap_or_default(),
+                    ));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A llama-chat request.
+pub fn chat_request(prompt: &str, max_tokens: u32) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "default_system": false,
+        "format": "text",
+    }))
+    .expect("json")
+}
