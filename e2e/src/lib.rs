@@ -198,10 +198,11 @@ fn loader_relay(
                 std::thread::spawn(move || {
                     while let Ok(Some(mut f)) = cinfer_channel::read_frame(&mut from, MAX) {
                         let m = *mode.lock().unwrap_or_else(|e| e.into_inner());
-                        if f.kind == Kind::Submit && m == Hostile::TamperRequest {
-                            if let Some(last) = f.payload.last_mut() {
-                                *last ^= 1;
-                            }
+                        if f.kind == Kind::Submit
+                            && m == Hostile::TamperRequest
+                            && let Some(last) = f.payload.last_mut()
+                        {
+                            *last ^= 1;
                         }
                         record(&rec, true, &f);
                         if cinfer_channel::write_frame(&mut to, f.kind, &f.payload, MAX).is_err() {
