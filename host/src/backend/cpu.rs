@@ -42,8 +42,20 @@ pub struct CpuBackend;
 fn f32s(buf: &DeviceBuffer) -> Result<&[f32], BackendError> {
     match buf {
         DeviceBuffer::F32(v) => Ok(v),
-        other => Err(BackendError::Unsupported(other.elem_type())),
+        other => Err(refuse(other)),
     }
+}
+
+/// The error for an operand this backend does not take: a CUDA buffer is
+/// another backend's, anything else an element type the kernel does not take.
+fn refuse(buf: &DeviceBuffer) -> BackendError {
+    #[cfg(feature = "cuda")]
+    if let DeviceBuffer::Cuda(_) = buf {
+        return BackendError::WrongBackend(
+            "a CUDA tensor given to the CPU backend (download it first)",
+        );
+    }
+    BackendError::Unsupported(buf.elem_type())
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -142,7 +154,7 @@ fn matmul_transposed(
                 quant::UnpackedRow::from_q8_0(&w[r * kb..][..kb])
             });
         }
-        (w, _) => return Err(BackendError::Unsupported(w.elem_type())),
+        (w, _) => return Err(refuse(w)),
     }
     Ok(out_t)
 }
@@ -185,6 +197,10 @@ impl Backend for CpuBackend {
     }
 
     fn upload_buffer(&self, buf: DeviceBuffer) -> Result<DeviceBuffer, BackendError> {
+        #[cfg(feature = "cuda")]
+        if let DeviceBuffer::Cuda(_) = buf {
+            return Err(refuse(&buf));
+        }
         Ok(buf)
     }
 
@@ -196,7 +212,7 @@ impl Backend for CpuBackend {
                 f16_to_f32(v, &mut out);
                 Ok(out)
             }
-            other => Err(BackendError::Unsupported(other.elem_type())),
+            other => Err(refuse(other)),
         }
     }
 
@@ -208,7 +224,7 @@ impl Backend for CpuBackend {
         match buf {
             DeviceBuffer::F32(v) => Ok(DeviceBuffer::F32(v[range].to_vec())),
             DeviceBuffer::F16(v) => Ok(DeviceBuffer::F16(v[range].to_vec())),
-            other => Err(BackendError::Unsupported(other.elem_type())),
+            other => Err(refuse(other)),
         }
     }
 
@@ -233,6 +249,8 @@ impl Backend for CpuBackend {
             DeviceBuffer::Q8_0(_) => {
                 Prepared::Q8_0(x.chunks_exact(k).flat_map(quant::quantize_q8_0).collect())
             }
+            #[cfg(feature = "cuda")]
+            other @ DeviceBuffer::Cuda(_) => return Err(refuse(other)),
         };
         let out_t = matmul_transposed(&prepared, w, m, k, n)?;
         if m == 1 {
@@ -263,6 +281,8 @@ impl Backend for CpuBackend {
                 }
                 DeviceBuffer::Q4_1(t) => quant::dequant_q4_1(&t[r * d / 32..][..d / 32], &mut out),
                 DeviceBuffer::Q8_0(t) => quant::dequant_q8_0(&t[r * d / 32..][..d / 32], &mut out),
+                #[cfg(feature = "cuda")]
+                other @ DeviceBuffer::Cuda(_) => return Err(refuse(other)),
             }
         }
         Ok(DeviceBuffer::F32(out))
@@ -376,7 +396,7 @@ impl Backend for CpuBackend {
                         *dst = f16::from_f32(*src).to_bits();
                     }
                 }
-                other => return Err(BackendError::Unsupported(other.elem_type())),
+                other => return Err(refuse(other)),
             }
         }
         let (kc, vc): (&DeviceBuffer, &DeviceBuffer) = (k_cache, v_cache);

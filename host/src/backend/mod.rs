@@ -3,13 +3,46 @@
 //! The `accelerator` capability ([`crate::caps::accelerator`]) validates every
 //! launch (shapes, dtypes, memory) once, for all backends; a backend only
 //! implements kernels on operands that are already known to fit. The CPU
-//! backend is always present and is the reference; a CUDA backend will
-//! implement the same trait.
+//! backend is always present and is the reference; the CUDA backend (feature
+//! `cuda`, crate `cinfer-cuda`) implements the same trait with the same
+//! semantics. [`backend_from_name`] picks one by configuration.
 
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod quant;
 
 pub use cpu::CpuBackend;
+#[cfg(feature = "cuda")]
+pub use cuda::{CudaBackend, CudaBuffer};
+use std::sync::Arc;
+
+/// The backend configured by name: `"cpu"`, or `"cuda"` (device 0). A CUDA
+/// backend in a build without the `cuda` feature, or on a machine without the
+/// driver, NVRTC or cuBLAS, is a clear configuration error, never a panic.
+pub fn backend_from_name(name: &str) -> Result<Arc<dyn Backend>, BackendError> {
+    match name {
+        "cpu" => Ok(Arc::new(CpuBackend)),
+        "cuda" => cuda_backend(),
+        other => Err(BackendError::NotAvailable(format!(
+            "unknown backend {other:?} (expected \"cpu\" or \"cuda\")"
+        ))),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_backend() -> Result<Arc<dyn Backend>, BackendError> {
+    Ok(Arc::new(CudaBackend::open(0)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_backend() -> Result<Arc<dyn Backend>, BackendError> {
+    Err(BackendError::NotAvailable(
+        "backend \"cuda\": this loader was built without the cuda feature \
+         (cargo build --release -p cinfer-host --features cuda)"
+            .into(),
+    ))
+}
 pub use quant::{BlockQ4_1, BlockQ8_0};
 
 /// Element types of device buffers.
@@ -54,6 +87,9 @@ pub enum DeviceBuffer {
     Q4_1(Vec<BlockQ4_1>),
     /// Q8_0 blocks in host memory.
     Q8_0(Vec<BlockQ8_0>),
+    /// A tensor in CUDA device memory (CUDA backend).
+    #[cfg(feature = "cuda")]
+    Cuda(CudaBuffer),
 }
 
 impl DeviceBuffer {
@@ -64,6 +100,8 @@ impl DeviceBuffer {
             DeviceBuffer::F16(_) => ElemType::F16,
             DeviceBuffer::Q4_1(_) => ElemType::Q4_1,
             DeviceBuffer::Q8_0(_) => ElemType::Q8_0,
+            #[cfg(feature = "cuda")]
+            DeviceBuffer::Cuda(t) => t.elem_type(),
         }
     }
 
@@ -74,6 +112,8 @@ impl DeviceBuffer {
             DeviceBuffer::F16(v) => v.len(),
             DeviceBuffer::Q4_1(v) => v.len() * 32,
             DeviceBuffer::Q8_0(v) => v.len() * 32,
+            #[cfg(feature = "cuda")]
+            DeviceBuffer::Cuda(t) => t.elems(),
         }
     }
 }
@@ -124,6 +164,15 @@ pub enum BackendError {
     /// An operand has an element type this kernel does not take (a validation bug).
     #[error("kernel does not take {0:?} operands")]
     Unsupported(ElemType),
+    /// The configured backend cannot run here (a configuration error).
+    #[error("accelerator backend not available: {0}")]
+    NotAvailable(String),
+    /// An operand lives on another backend's device (a configuration bug).
+    #[error("buffer belongs to another backend: {0}")]
+    WrongBackend(&'static str),
+    /// The device failed.
+    #[error("device error: {0}")]
+    Device(String),
 }
 
 /// Kernels of the op set. Operand shapes are validated by the caller; a
