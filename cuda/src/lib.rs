@@ -206,24 +206,43 @@ fn no_panic<T>(
     }
 }
 
+/// NVRTC compilation of the kernels for `compute_{major}{minor}`.
+fn compile(arch: (i32, i32)) -> Result<cudarc::nvrtc::Ptx, String> {
+    let opts = cudarc::nvrtc::CompileOptions {
+        // No contraction: the arithmetic follows the CPU backend (fmaf where it uses mul_add).
+        fmad: Some(false),
+        prec_div: Some(true),
+        prec_sqrt: Some(true),
+        ftz: Some(false),
+        use_fast_math: Some(false),
+        options: vec![format!("--gpu-architecture=compute_{}{}", arch.0, arch.1)],
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(KERNELS_CU, opts).map_err(|e| format!("{e:?}"))
+}
+
+/// Compiles the kernels with NVRTC for `compute_{major}{minor}` without a
+/// device (a check for machines with NVRTC but no GPU); the PTX size.
+pub fn check_kernels_compile(arch: (i32, i32)) -> Result<usize, CudaError> {
+    if !ffi::nvrtc_present() {
+        return Err(CudaError::NotAvailable {
+            what: "NVRTC (libnvrtc.so.13)",
+            hint: "LD_LIBRARY_PATH must reach it".into(),
+        });
+    }
+    no_panic("NVRTC", || {
+        compile(arch)
+            .map(|p| p.to_src().len())
+            .map_err(CudaError::Compile)
+    })
+}
+
 /// The kernels' PTX, compiled once per process (for the first device's architecture).
 fn ptx(arch: (i32, i32)) -> Result<cudarc::nvrtc::Ptx, CudaError> {
     static PTX: OnceLock<Result<cudarc::nvrtc::Ptx, String>> = OnceLock::new();
-    PTX.get_or_init(|| {
-        let opts = cudarc::nvrtc::CompileOptions {
-            // No contraction: the arithmetic follows the CPU backend (fmaf where it uses mul_add).
-            fmad: Some(false),
-            prec_div: Some(true),
-            prec_sqrt: Some(true),
-            ftz: Some(false),
-            use_fast_math: Some(false),
-            options: vec![format!("--gpu-architecture=compute_{}{}", arch.0, arch.1)],
-            ..Default::default()
-        };
-        cudarc::nvrtc::compile_ptx_with_opts(KERNELS_CU, opts).map_err(|e| format!("{e:?}"))
-    })
-    .clone()
-    .map_err(CudaError::Compile)
+    PTX.get_or_init(|| compile(arch))
+        .clone()
+        .map_err(CudaError::Compile)
 }
 
 /// One CUDA device: context, stream, kernels, cuBLAS handle, staging buffers.
@@ -824,5 +843,27 @@ impl Device {
 impl DType {
     fn is_quantized(self) -> bool {
         matches!(self, DType::Q4_1 | DType::Q8_0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_libraries_are_a_clear_error_and_kernels_compile_where_nvrtc_is() {
+        match Device::open(0) {
+            Ok(d) => println!("device: {}", d.name()),
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(msg.contains("not available"), "{msg}");
+                println!("no device: {msg}");
+            }
+        }
+        match check_kernels_compile((9, 0)) {
+            Ok(bytes) => assert!(bytes > 1000),
+            Err(CudaError::NotAvailable { .. }) => println!("skipped: NVRTC not found"),
+            Err(e) => panic!("{e}"),
+        }
     }
 }
