@@ -43,7 +43,9 @@ impl std::fmt::Debug for CudaBuffer {
 fn err(e: CudaError) -> BackendError {
     match e {
         CudaError::OutOfMemory => BackendError::OutOfMemory,
-        CudaError::NotAvailable { .. } => BackendError::NotAvailable(e.to_string()),
+        CudaError::NotAvailable { what, hint } => {
+            BackendError::NotAvailable(format!("cuda: {what} is missing ({hint})"))
+        }
         CudaError::Unsupported(t) => BackendError::Unsupported(elem(t)),
         other => BackendError::Device(other.to_string()),
     }

@@ -261,3 +261,27 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         k: usize,
     ) -> Result<Vec<(u32, f32)>, BackendError>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backends_are_chosen_by_name_and_a_missing_cuda_is_a_clear_error() {
+        assert_eq!(backend_from_name("cpu").expect("cpu").name(), "cpu");
+        let e = backend_from_name("tpu").expect_err("unknown");
+        assert!(e.to_string().contains("unknown backend"), "{e}");
+        match backend_from_name("cuda") {
+            Ok(b) => assert_eq!(b.name(), "cuda"),
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(matches!(e, BackendError::NotAvailable(_)), "{msg}");
+                if cfg!(feature = "cuda") {
+                    assert!(msg.contains("missing"), "{msg}");
+                } else {
+                    assert!(msg.contains("built without the cuda feature"), "{msg}");
+                }
+            }
+        }
+    }
+}
