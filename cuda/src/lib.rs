@@ -9,7 +9,7 @@
 //! kernels (`kernels.cu`, embedded and compiled by NVRTC once per process),
 //! the cuBLAS handle, and one safe function per op of the accelerator's op
 //! set with the CPU backend's semantics (see `cinfer-host`'s
-//! `backend/cpu.rs`). `unsafe` is denied everywhere but in [`ffi`]-private
+//! `backend/cpu.rs`). `unsafe` is denied everywhere but in the private
 //! code (module `ffi`), where every block carries a `// SAFETY:` comment.
 #![deny(unsafe_code)]
 
