@@ -58,6 +58,11 @@ pub struct ServeConfig {
     /// Requests running at once; more are refused as busy.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
+    /// Accelerator backend: `cpu`, or `cuda` (a loader built with the `cuda`
+    /// feature, on a machine with the NVIDIA driver). Measured with the rest of
+    /// this file, so the keyserver knows which one runs.
+    #[serde(default = "default_backend")]
+    pub backend: String,
     /// Programs served, admitted at start (by signature when `signatures` are
     /// given, else by digest). Not measured: the policy decides what runs.
     #[serde(default, rename = "program")]
@@ -88,6 +93,10 @@ pub struct ModelConfig {
     pub id: String,
     /// The sealed model, relative to the configuration's directory.
     pub path: String,
+}
+
+fn default_backend() -> String {
+    "cpu".to_owned()
 }
 
 fn default_max_in_flight() -> usize {
@@ -478,9 +487,17 @@ impl Service {
         dir: &cap_std::fs::Dir,
     ) -> Result<Self, ServeError> {
         let policy_sha256 = hex::encode(policy.digest());
+        let backend = crate::backend::backend_from_name(&config.backend)
+            .map_err(|e| ServeError::Config(format!("backend: {e}")))?;
         let loader = Arc::new(
-            Loader::new(policy, LoaderConfig::default())
-                .map_err(|e| ServeError::Config(e.to_string()))?,
+            Loader::new(
+                policy,
+                LoaderConfig {
+                    backend,
+                    ..LoaderConfig::default()
+                },
+            )
+            .map_err(|e| ServeError::Config(e.to_string()))?,
         );
         let read = |path: &str| {
             dir.read(path)
