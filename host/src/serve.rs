@@ -446,6 +446,34 @@ pub struct Service {
     max_frame: u32,
     max_in_flight: usize,
     in_flight: Arc<AtomicUsize>,
+    seen: SeenRequests,
+}
+
+/// SHA-256 of the sealed requests run lately. Every honest request carries a
+/// fresh HPKE encapsulation, so a sealed request seen twice is a replay (by the
+/// untrusted side) and is refused. Bounded: the oldest digests are forgotten.
+#[derive(Default)]
+struct SeenRequests {
+    order: std::collections::VecDeque<[u8; 32]>,
+    set: std::collections::HashSet<[u8; 32]>,
+}
+
+impl SeenRequests {
+    const CAPACITY: usize = 1 << 16;
+
+    /// Records `digest`; false if it was already there.
+    fn insert(&mut self, digest: [u8; 32]) -> bool {
+        if !self.set.insert(digest) {
+            return false;
+        }
+        self.order.push_back(digest);
+        if self.order.len() > Self::CAPACITY
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        true
+    }
 }
 
 impl std::fmt::Debug for Service {
@@ -554,6 +582,7 @@ impl Service {
             max_frame: config.max_frame_bytes,
             max_in_flight: config.max_in_flight,
             in_flight: Arc::default(),
+            seen: SeenRequests::default(),
         })
     }
 
@@ -633,7 +662,7 @@ impl Service {
         Ok(())
     }
 
-    fn submit(&self, payload: &[u8], writer: &SharedWriter) {
+    fn submit(&mut self, payload: &[u8], writer: &SharedWriter) {
         let max = self.max_frame;
         let Some(submit) = Submit::decode(payload) else {
             let _ = send(
@@ -669,6 +698,10 @@ impl Service {
         let Some(receipt_key) = self.attestor.keys.receipt.clone() else {
             return refuse("no receipt key released yet".into());
         };
+        let request_sha256: [u8; 32] = Sha256::digest(&submit.sealed).into();
+        if !self.seen.insert(request_sha256) {
+            return refuse("replayed request: this sealed request was already run".into());
+        }
         if self.in_flight.fetch_add(1, Ordering::SeqCst) >= self.max_in_flight {
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
             return refuse(format!("busy: {} requests in flight", self.max_in_flight));
@@ -700,7 +733,7 @@ impl Service {
                         let model_digests = models.read().unwrap_or_else(PoisonError::into_inner);
                         let receipt = Receipt {
                             receipt_type: cinfer_attest::RECEIPT_TYPE.into(),
-                            request_sha256: hex::encode(Sha256::digest(&submit.sealed)),
+                            request_sha256: hex::encode(request_sha256),
                             program_sha256: hex::encode(program.grant().digest),
                             policy_sha256,
                             model_sha256: program

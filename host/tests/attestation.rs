@@ -317,6 +317,21 @@ fn an_attested_loader_gets_its_keys_through_a_relay_that_learns_nothing() {
         receipt.program_sha256,
         hex::encode(sha2::Sha256::digest(&echo))
     );
+    // The same sealed request again (a replay by the untrusted side) never runs twice.
+    let replayed = cinfer_channel::Submit {
+        request_id: 43,
+        program: "echo".into(),
+        sealed: sealed.clone(),
+    };
+    let f = relay.ask(Kind::Submit, &replayed.encode());
+    assert_eq!(f.kind, Kind::Refused);
+    let (id, why) = cinfer_channel::split_request_id(&f.payload).unwrap();
+    assert_eq!(id, 43);
+    assert!(
+        String::from_utf8_lossy(why).contains("replayed request"),
+        "{}",
+        String::from_utf8_lossy(why)
+    );
     // Unknown programs and requests sealed to another key are refused, not run.
     for (program, key) in [
         ("nope", request_key.clone()),
