@@ -76,6 +76,63 @@ pub struct KeyRelease {
     pub nonce: Vec<u8>,
     /// The wrapped secrets.
     pub keys: Vec<ReleasedKey>,
+    /// The releasing keyserver's identity public key (uncompressed SEC1), so a
+    /// loader that pins keyservers knows which one answered.
+    #[serde(default, with = "hex::serde")]
+    pub identity: Vec<u8>,
+    /// ECDSA P-256 signature (`r || s`) by that identity over
+    /// [`KeyRelease::signed_digest`]; empty when unsigned.
+    #[serde(default, with = "hex::serde")]
+    pub signature: Vec<u8>,
+}
+
+impl KeyRelease {
+    /// What the keyserver signs: SHA-256 over a domain label, the version, the
+    /// nonce and every key's kind, id, `enc` and ciphertext, each length-prefixed.
+    pub fn signed_digest(&self) -> [u8; 32] {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        let mut field = |b: &[u8]| {
+            h.update((b.len() as u64).to_be_bytes());
+            h.update(b);
+        };
+        field(b"cinfer/key-release/v1 signature");
+        field(&self.version.to_be_bytes());
+        field(&self.nonce);
+        field(&self.identity);
+        for k in &self.keys {
+            field(k.kind.as_str().as_bytes());
+            field(k.id.as_bytes());
+            field(&k.enc);
+            field(&k.ciphertext);
+        }
+        h.finalize().into()
+    }
+
+    /// Signs the release with the keyserver identity key (setting `identity`).
+    pub fn sign(&mut self, identity: &SigningKey) {
+        self.identity = identity
+            .verifying_key()
+            .to_sec1_point(false)
+            .as_bytes()
+            .to_vec();
+        let signature: Signature = identity.sign(&self.signed_digest());
+        self.signature = signature.to_bytes().to_vec();
+    }
+
+    /// Checks that one of the `pinned` keyserver identities (SEC1) signed this
+    /// release, exactly as it is.
+    pub fn verify(&self, pinned: &[Vec<u8>]) -> Result<(), StatementError> {
+        if !pinned.iter().any(|p| p == &self.identity) {
+            return Err(StatementError::BadIdentityKey);
+        }
+        let key = VerifyingKey::from_sec1_bytes(&self.identity)
+            .map_err(|_| StatementError::BadIdentityKey)?;
+        let signature =
+            Signature::from_slice(&self.signature).map_err(|_| StatementError::BadSignature)?;
+        key.verify(&self.signed_digest(), &signature)
+            .map_err(|_| StatementError::BadSignature)
+    }
 }
 
 /// The wrapping context of a released key: `kind || 0x00 || id`, so a secret
@@ -339,6 +396,49 @@ pub fn reply_digest<'a>(frames: impl IntoIterator<Item = &'a [u8]>) -> [u8; 32] 
 #[cfg(test)]
 mod receipt_tests {
     use super::*;
+
+    #[test]
+    fn releases_verify_only_as_signed_by_a_pinned_identity() {
+        let ks = SigningKey::from_slice(&[5; 32]).unwrap();
+        let other = SigningKey::from_slice(&[6; 32]).unwrap();
+        let sec1 = |k: &SigningKey| k.verifying_key().to_sec1_point(false).as_bytes().to_vec();
+        let mut r = KeyRelease {
+            version: KEY_RELEASE_VERSION,
+            nonce: vec![1; 32],
+            keys: vec![ReleasedKey {
+                kind: ReleasedKeyKind::Model,
+                id: "m".into(),
+                enc: vec![4; 65],
+                ciphertext: vec![9; 48],
+            }],
+            identity: Vec::new(),
+            signature: Vec::new(),
+        };
+        assert_eq!(
+            r.verify(&[sec1(&ks)]),
+            Err(StatementError::BadIdentityKey),
+            "unsigned"
+        );
+        r.sign(&ks);
+        r.verify(&[sec1(&other), sec1(&ks)]).unwrap();
+        assert_eq!(
+            r.verify(&[sec1(&other)]),
+            Err(StatementError::BadIdentityKey),
+            "not pinned"
+        );
+        let json = serde_json::to_vec(&r).unwrap();
+        let back: KeyRelease = serde_json::from_slice(&json).unwrap();
+        back.verify(&[sec1(&ks)]).unwrap();
+        let mut t = back.clone();
+        t.keys[0].ciphertext[0] ^= 1;
+        assert_eq!(t.verify(&[sec1(&ks)]), Err(StatementError::BadSignature));
+        let mut t = back.clone();
+        t.keys[0].id = "n".into();
+        assert_eq!(t.verify(&[sec1(&ks)]), Err(StatementError::BadSignature));
+        let mut t = back;
+        t.nonce[0] ^= 1;
+        assert_eq!(t.verify(&[sec1(&ks)]), Err(StatementError::BadSignature));
+    }
 
     #[test]
     fn receipts_verify_only_untampered_under_the_receipt_key() {

@@ -425,8 +425,9 @@ impl System {
         std::fs::write(
             l.join("loader.toml"),
             format!(
-                "listen = \"tcp:127.0.0.1:0\"\ntpm = \"{}\"\npolicy = \"policy.toml\"\nmax-in-flight = 8\n[[program]]\npath = \"llama-chat.wasm\"\nsignatures = [\"llama-chat.wasm.sig\"]\n[[model]]\nid = \"{MODEL_ID}\"\npath = \"smollm2.sealed\"\n",
-                swtpm.tcti()
+                "listen = \"tcp:127.0.0.1:0\"\ntpm = \"{}\"\npolicy = \"policy.toml\"\nmax-in-flight = 8\nkeyservers = [\"{}\"]\n[[program]]\npath = \"llama-chat.wasm\"\nsignatures = [\"llama-chat.wasm.sig\"]\n[[model]]\nid = \"{MODEL_ID}\"\npath = \"smollm2.sealed\"\n",
+                swtpm.tcti(),
+                hex::encode(&identity)
             ),
         )
         .expect("loader config");

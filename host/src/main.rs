@@ -310,8 +310,14 @@ fn serve(config: &Path) -> Result<ExitCode> {
     let (dir, _) = cinfer_host::open_parent_dir(config)?;
     let tpm = cinfer_tpm::Tpm::open(&cfg.tpm)?;
     let attestor =
-        cinfer_host::serve::Attestor::measure(tpm, cfg.pcr, events, cfg.quote_pcrs.clone())?;
+        cinfer_host::serve::Attestor::measure(tpm, cfg.pcr, events, cfg.quote_pcrs.clone())?
+            .pin_keyservers(cfg.pinned_keyservers()?);
     tracing::info!(events = attestor.events().len(), pcr = cfg.pcr, "measured");
+    if cfg.keyservers.is_empty() {
+        tracing::warn!(
+            "no keyservers pinned: any key release that unwraps is installed (development only)"
+        );
+    }
     // Programs are admitted (and a bad policy refused) before anything is served.
     let mut service = cinfer_host::serve::Service::new(attestor, policy, &cfg, &dir)?;
     let endpoint: cinfer_channel::Endpoint =

@@ -63,6 +63,12 @@ pub struct ServeConfig {
     /// this file, so the keyserver knows which one runs.
     #[serde(default = "default_backend")]
     pub backend: String,
+    /// Keyserver identities (hex SEC1, `keyserver public-identity`) whose key
+    /// releases this loader installs. Empty: any release that unwraps is
+    /// installed (development only: a hostile relay could then install keys of
+    /// its own — never read the real ones). Measured with this file.
+    #[serde(default)]
+    pub keyservers: Vec<String>,
     /// Programs served, admitted at start (by signature when `signatures` are
     /// given, else by digest). Not measured: the policy decides what runs.
     #[serde(default, rename = "program")]
@@ -127,7 +133,25 @@ impl ServeConfig {
         c.listen
             .parse::<cinfer_channel::Endpoint>()
             .map_err(ServeError::Config)?;
+        c.pinned_keyservers()?;
         Ok(c)
+    }
+
+    /// The pinned keyserver identities, decoded.
+    pub fn pinned_keyservers(&self) -> Result<Vec<Vec<u8>>, ServeError> {
+        self.keyservers
+            .iter()
+            .map(|k| {
+                hex::decode(k)
+                    .ok()
+                    .filter(|b| b.len() == 65 && b[0] == 4)
+                    .ok_or_else(|| {
+                        ServeError::Config(format!(
+                            "keyservers: {k:?} is not a hex uncompressed P-256 key"
+                        ))
+                    })
+            })
+            .collect()
     }
 }
 
@@ -150,6 +174,9 @@ pub enum ServeError {
     /// The nonce to attest to is too short or too long.
     #[error("nonce of {0} bytes (16 to 64 accepted)")]
     BadNonce(usize),
+    /// The key release is not signed by a keyserver this loader pins.
+    #[error("key release not signed by a pinned keyserver: {0}")]
+    UntrustedRelease(cinfer_attest::StatementError),
     /// A key release arrived with no attestation waiting for it (or a second time).
     #[error("key release without a pending attestation (each attestation's key is used once)")]
     NoPendingAttestation,
@@ -242,6 +269,7 @@ pub struct Attestor {
     quote_pcrs: Vec<u8>,
     pending: Option<Pending>,
     keys: InstalledKeys,
+    pinned: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Attestor {
@@ -296,7 +324,14 @@ impl Attestor {
             quote_pcrs,
             pending: None,
             keys: InstalledKeys::default(),
+            pinned: Vec::new(),
         })
+    }
+
+    /// Installs only releases signed by one of these keyserver identities (SEC1).
+    pub fn pin_keyservers(mut self, identities: Vec<Vec<u8>>) -> Self {
+        self.pinned = identities;
+        self
     }
 
     /// The event log.
@@ -366,6 +401,11 @@ impl Attestor {
                 "version {}",
                 release.version
             )));
+        }
+        if !self.pinned.is_empty() {
+            release
+                .verify(&self.pinned)
+                .map_err(ServeError::UntrustedRelease)?;
         }
         // The attestation's key is spent whatever happens next.
         let pending = self

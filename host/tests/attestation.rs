@@ -30,7 +30,7 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 /// A loader configuration directory: the dev policy, its worlds, and loader.toml.
-fn loader_dir(dir: &Path, tcti: &str, policy_suffix: &str) -> PathBuf {
+fn loader_dir(dir: &Path, tcti: &str, policy_suffix: &str, pinned: &[&[u8]]) -> PathBuf {
     let policy = std::fs::read_to_string(root().join("policies/dev.toml")).unwrap();
     std::fs::write(dir.join("dev.toml"), format!("{policy}{policy_suffix}")).unwrap();
     std::fs::copy(root().join("policies/worlds.wit"), dir.join("worlds.wit")).unwrap();
@@ -43,7 +43,12 @@ fn loader_dir(dir: &Path, tcti: &str, policy_suffix: &str) -> PathBuf {
     std::fs::write(
         &config,
         format!(
-            "listen = \"tcp:127.0.0.1:0\"\ntpm = \"{tcti}\"\npolicy = \"dev.toml\"\npcr = 23\nquote-pcrs = [23]\n[[program]]\npath = \"echo.wasm\"\n"
+            "listen = \"tcp:127.0.0.1:0\"\ntpm = \"{tcti}\"\npolicy = \"dev.toml\"\npcr = 23\nquote-pcrs = [23]\nkeyservers = [{}]\n[[program]]\npath = \"echo.wasm\"\n",
+            pinned
+                .iter()
+                .map(|k| format!("\"{}\"", hex::encode(k)))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     )
     .unwrap();
@@ -112,15 +117,23 @@ struct KeyServer {
     _runtime: tokio::runtime::Runtime,
 }
 
-fn keyserver(dir: &Path, refs: ReferenceValues) -> KeyServer {
+/// Creates a keyserver's state (identity, request, receipt and model keys) in
+/// `dir/name`; returns its identity public key.
+fn keyserver_state(dir: &Path, name: &str) -> Vec<u8> {
+    let state = cinfer_keyserver::StateDir::init(&dir.join(name), &dir.join(format!("{name}.kek")))
+        .unwrap();
+    state.add_model_key(MODEL_ID, &MODEL_KEY).unwrap();
+    cinfer_keyserver::server::identity_public_key(&state.load().unwrap())
+}
+
+/// Serves the keyserver whose state `keyserver_state(dir, name)` made.
+fn keyserver(dir: &Path, name: &str, refs: ReferenceValues) -> KeyServer {
     let config = cinfer_keyserver::Config::new(
-        dir.join("state"),
-        dir.join("kek"),
-        dir.join("audit.jsonl"),
+        dir.join(name),
+        dir.join(format!("{name}.kek")),
+        dir.join(format!("{name}-audit.jsonl")),
         refs,
     );
-    let state = cinfer_keyserver::StateDir::init(&config.state_dir, &config.kek_file).unwrap();
-    state.add_model_key(MODEL_ID, &MODEL_KEY).unwrap();
     let server =
         cinfer_keyserver::KeyServer::new(config, Arc::new(cinfer_keyserver::SystemClock)).unwrap();
     let identity = server.identity_public_key();
@@ -230,14 +243,27 @@ fn an_attested_loader_gets_its_keys_through_a_relay_that_learns_nothing() {
         Err(e) => panic!("swtpm is required (scripts/setup installs it): {e}"),
     };
     let dir = scratch("release");
-    let config = loader_dir(&dir, &swtpm.tcti(), "");
+    let pinned = keyserver_state(&dir, "ks");
+    keyserver_state(&dir, "other-ks");
+    let config = loader_dir(&dir, &swtpm.tcti(), "", &[&pinned]);
     let refs = reference_values(&config, &swtpm.tcti());
     assert_eq!(refs.trusted_aks.len(), 1);
-    let ks = keyserver(&dir, refs.clone());
+    let ks = keyserver(&dir, "ks", refs.clone());
+    // A keyserver the loader does not pin (it verifies the same evidence fine).
+    let other = keyserver(&dir, "other-ks", refs.clone());
     let loader = serve(&config);
 
     let (mut relay, hello) = Relay::connect(loader.1);
     assert_eq!(hello["ak_public"], hex::encode(&refs.trusted_aks[0]));
+    // Keys released by a keyserver the loader does not pin are not installed.
+    let (status, body) = relay.attest(other.addr);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let refused = relay.ask(Kind::KeyRelease, &body);
+    assert!(
+        error_of(&refused).contains("not signed by a pinned keyserver"),
+        "{}",
+        error_of(&refused)
+    );
     let (status, body) = relay.attest(ks.addr);
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     let release: KeyRelease = serde_json::from_slice(&body).unwrap();
@@ -376,14 +402,15 @@ fn an_attested_loader_gets_its_keys_through_a_relay_that_learns_nothing() {
     // Replaying the same release: the attestation's key was used once.
     let replay = relay.ask(Kind::KeyRelease, &serde_json::to_vec(&release).unwrap());
     assert!(error_of(&replay).contains("without a pending attestation"));
-    // A release tampered in transit does not unwrap, and installs nothing.
+    // A release tampered in transit fails the keyserver's signature, and installs nothing.
     let (status, body) = relay.attest(ks.addr);
     assert_eq!(status, 200);
     let mut tampered: KeyRelease = serde_json::from_slice(&body).unwrap();
     tampered.keys[0].ciphertext[0] ^= 1;
     let refused = relay.ask(Kind::KeyRelease, &serde_json::to_vec(&tampered).unwrap());
     assert!(
-        error_of(&refused).contains("does not unwrap"),
+        error_of(&refused).contains("not signed by a pinned keyserver")
+            && error_of(&refused).contains("signature does not verify"),
         "{}",
         error_of(&refused)
     );
@@ -413,11 +440,12 @@ fn an_attested_loader_gets_its_keys_through_a_relay_that_learns_nothing() {
 fn a_loader_with_a_changed_policy_is_refused() {
     let swtpm = cinfer_tpm::swtpm::Swtpm::start().expect("swtpm (scripts/setup installs it)");
     let dir = scratch("changed");
-    let config = loader_dir(&dir, &swtpm.tcti(), "");
+    let config = loader_dir(&dir, &swtpm.tcti(), "", &[]);
     let refs = reference_values(&config, &swtpm.tcti());
-    let ks = keyserver(&dir, refs);
+    keyserver_state(&dir, "ks");
+    let ks = keyserver(&dir, "ks", refs);
     // Same binary and TPM, one more line in the policy file.
-    let changed = loader_dir(&dir, &swtpm.tcti(), "\n# one more line\n");
+    let changed = loader_dir(&dir, &swtpm.tcti(), "\n# one more line\n", &[]);
     let loader = serve(&changed);
     let (mut relay, _) = Relay::connect(loader.1);
     let (status, body) = relay.attest(ks.addr);

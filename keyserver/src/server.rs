@@ -326,11 +326,16 @@ impl KeyServer {
                 ciphertext: wrapped.ciphertext,
             });
         }
-        Ok(KeyRelease {
+        let mut release = KeyRelease {
             version: KEY_RELEASE_VERSION,
             nonce: evidence.nonce.clone(),
             keys: released,
-        })
+            identity: Vec::new(),
+            signature: Vec::new(),
+        };
+        // Signed, so a loader that pins keyservers installs only what they released.
+        release.sign(&keys.identity);
+        Ok(release)
     }
 
     /// Reads a body of at most `max-body-bytes` within the request timeout.
