@@ -238,16 +238,18 @@ fn dev_keygen(out: &Path) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What a serving loader starts from: its configuration, the policy and the
+/// directory both were read through, and the event log they measure to.
+struct Measured {
+    cfg: cinfer_host::serve::ServeConfig,
+    policy: Policy,
+    dir: cap_std::fs::Dir,
+    events: Vec<cinfer_attest::Event>,
+}
+
 /// Reads the serve configuration and its policy (through the configuration's
 /// directory) and computes the event log.
-fn measured(
-    config: &Path,
-    binary: Option<&Path>,
-) -> Result<(
-    cinfer_host::serve::ServeConfig,
-    Policy,
-    Vec<cinfer_attest::Event>,
-)> {
+fn measured(config: &Path, binary: Option<&Path>) -> Result<Measured> {
     let (dir, name) = cinfer_host::open_parent_dir(config)
         .with_context(|| format!("opening {}", config.display()))?;
     let config_bytes = dir
@@ -263,11 +265,16 @@ fn measured(
             .context("reading this executable")?,
     };
     let events = cinfer_host::serve::measurements(cfg.pcr, &binary, name, &config_bytes, &policy);
-    Ok((cfg, policy, events))
+    Ok(Measured {
+        cfg,
+        policy,
+        dir,
+        events,
+    })
 }
 
 fn measure(config: &Path, binary: Option<&Path>, tpm: Option<&str>) -> Result<ExitCode> {
-    let (cfg, _, events) = measured(config, binary)?;
+    let Measured { cfg, events, .. } = measured(config, binary)?;
     println!("# event log (PCR {}, SHA-256 bank, from reset):", cfg.pcr);
     for e in &events {
         println!(
@@ -306,8 +313,12 @@ fn measure(config: &Path, binary: Option<&Path>, tpm: Option<&str>) -> Result<Ex
 }
 
 fn serve(config: &Path) -> Result<ExitCode> {
-    let (cfg, policy, events) = measured(config, None)?;
-    let (dir, _) = cinfer_host::open_parent_dir(config)?;
+    let Measured {
+        cfg,
+        policy,
+        dir,
+        events,
+    } = measured(config, None)?;
     let tpm = cinfer_tpm::Tpm::open(&cfg.tpm)?;
     let attestor =
         cinfer_host::serve::Attestor::measure(tpm, cfg.pcr, events, cfg.quote_pcrs.clone())?
