@@ -56,6 +56,11 @@ pub enum Kind {
     /// loader → peer: the request was refused before it ran
     /// (`request id u64 | {"error": "<reason>"}`).
     Refused,
+    /// peer → loader: a program to admit ([`ProgramUpload`]); answered by
+    /// `Admitted` or `Error` (the policy decides, exactly as for configured programs).
+    Program,
+    /// loader → peer: JSON `{"name","sha256","world"}` of the program now served.
+    Admitted,
 }
 
 impl Kind {
@@ -72,6 +77,8 @@ impl Kind {
             Kind::Reply => 8,
             Kind::Done => 9,
             Kind::Refused => 10,
+            Kind::Program => 11,
+            Kind::Admitted => 12,
         }
     }
 
@@ -88,6 +95,8 @@ impl Kind {
             8 => Kind::Reply,
             9 => Kind::Done,
             10 => Kind::Refused,
+            11 => Kind::Program,
+            12 => Kind::Admitted,
             _ => return None,
         })
     }
@@ -186,6 +195,82 @@ impl Submit {
             request_id,
             program,
             sealed: rest[len..].to_vec(),
+        })
+    }
+}
+
+/// A `Program` payload: a component the peer stores and asks the loader to
+/// admit, with its signatures (Sigstore bundles or detached key signatures).
+/// Encoding: `name len u16 | name | component len u32 | component |
+/// signature count u16 | (len u32 | signature)*`, nothing after.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgramUpload {
+    /// The name requests will use.
+    pub name: String,
+    /// The component bytes.
+    pub component: Vec<u8>,
+    /// Signature files.
+    pub signatures: Vec<Vec<u8>>,
+}
+
+impl ProgramUpload {
+    /// Most signatures one upload may carry.
+    pub const MAX_SIGNATURES: usize = 16;
+
+    /// Encodes the payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let name = self.name.as_bytes();
+        let mut out = Vec::with_capacity(12 + name.len() + self.component.len());
+        out.extend_from_slice(&(name.len().min(usize::from(u16::MAX)) as u16).to_be_bytes());
+        out.extend_from_slice(&name[..name.len().min(usize::from(u16::MAX))]);
+        out.extend_from_slice(&(self.component.len() as u32).to_be_bytes());
+        out.extend_from_slice(&self.component);
+        out.extend_from_slice(&(self.signatures.len() as u16).to_be_bytes());
+        for s in &self.signatures {
+            out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+            out.extend_from_slice(s);
+        }
+        out
+    }
+
+    /// Decodes a payload; `None` if malformed (short, trailing bytes, a bad
+    /// name, too many signatures).
+    pub fn decode(payload: &[u8]) -> Option<Self> {
+        fn take<'a>(rest: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+            if rest.len() < n {
+                return None;
+            }
+            let (head, tail) = rest.split_at(n);
+            *rest = tail;
+            Some(head)
+        }
+        fn u16_at(rest: &mut &[u8]) -> Option<usize> {
+            take(rest, 2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+        }
+        fn u32_at(rest: &mut &[u8]) -> Option<usize> {
+            take(rest, 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        }
+        let mut rest = payload;
+        let name_len = u16_at(&mut rest)?;
+        if name_len == 0 || name_len > Submit::MAX_PROGRAM_LEN {
+            return None;
+        }
+        let name = std::str::from_utf8(take(&mut rest, name_len)?).ok()?.to_owned();
+        let component_len = u32_at(&mut rest)?;
+        let component = take(&mut rest, component_len)?.to_vec();
+        let count = u16_at(&mut rest)?;
+        if count > Self::MAX_SIGNATURES {
+            return None;
+        }
+        let mut signatures = Vec::with_capacity(count);
+        for _ in 0..count {
+            let len = u32_at(&mut rest)?;
+            signatures.push(take(&mut rest, len)?.to_vec());
+        }
+        rest.is_empty().then_some(Self {
+            name,
+            component,
+            signatures,
         })
     }
 }
@@ -441,6 +526,28 @@ mod tests {
             split_request_id(&with_request_id(9, b"x")),
             Some((9, &b"x"[..]))
         );
+    }
+
+    #[test]
+    fn program_upload_round_trips_and_refuses_malformed() {
+        let p = ProgramUpload {
+            name: "llama-chat".into(),
+            component: b"\0asm component".to_vec(),
+            signatures: vec![b"sig one".to_vec(), b"{}".to_vec()],
+        };
+        let bytes = p.encode();
+        assert_eq!(ProgramUpload::decode(&bytes), Some(p.clone()));
+        for cut in 0..bytes.len() {
+            assert_eq!(ProgramUpload::decode(&bytes[..cut]), None, "cut at {cut}");
+        }
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert_eq!(ProgramUpload::decode(&trailing), None);
+        let many = ProgramUpload {
+            signatures: vec![Vec::new(); 17],
+            ..p
+        };
+        assert_eq!(ProgramUpload::decode(&many.encode()), None);
     }
 
     #[test]

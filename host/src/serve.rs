@@ -168,6 +168,9 @@ pub enum ServeError {
     /// The channel failed or a frame was malformed (the connection is closed).
     #[error(transparent)]
     Frame(#[from] FrameError),
+    /// A program submitted by the peer was malformed or refused by the policy.
+    #[error("{0}")]
+    Program(String),
     /// A frame of a kind the loader does not accept from its peer.
     #[error("unexpected {0:?} frame from the peer")]
     UnexpectedFrame(Kind),
@@ -680,6 +683,22 @@ impl Service {
         while let Some(frame) = cinfer_channel::read_frame(&mut reader, max)? {
             match frame.kind {
                 Kind::Submit => self.submit(&frame.payload, &writer),
+                Kind::Program => {
+                    let answer = match self.upload(&frame.payload) {
+                        Ok(info) => Frame {
+                            kind: Kind::Admitted,
+                            payload: serde_json::to_vec(&info).unwrap_or_default(),
+                        },
+                        Err(e) => {
+                            tracing::warn!(error = %e, "program refused");
+                            Frame {
+                                kind: Kind::Error,
+                                payload: error_json(&e),
+                            }
+                        }
+                    };
+                    send(&writer, answer.kind, &answer.payload, max)?;
+                }
                 _ => {
                     let mut answer = self.attestor.handle(&frame);
                     if frame.kind == Kind::KeyRelease
@@ -700,6 +719,31 @@ impl Service {
             }
         }
         Ok(())
+    }
+
+    /// Admits a program the peer stores and submits (`Program` frame): the
+    /// policy decides, as for configured programs (by its signatures, else by
+    /// digest). A later upload under the same name replaces the earlier one.
+    fn upload(&mut self, payload: &[u8]) -> Result<ProgramInfo, ServeError> {
+        let p = cinfer_channel::ProgramUpload::decode(payload)
+            .ok_or_else(|| ServeError::Program("malformed Program frame".into()))?;
+        let admitted = if p.signatures.is_empty() {
+            self.loader.admit(&p.component)
+        } else {
+            let refs: Vec<&[u8]> = p.signatures.iter().map(Vec::as_slice).collect();
+            self.loader.admit_signatures(&p.component, &refs)
+        }
+        .map_err(|e| ServeError::Program(format!("program {:?} refused: {e}", p.name)))?;
+        let info = ProgramInfo {
+            name: p.name.clone(),
+            sha256: hex::encode(admitted.grant().digest),
+            world: admitted.grant().world.clone(),
+        };
+        tracing::info!(program = %p.name, sha256 = %info.sha256, world = %info.world, "program admitted from the peer");
+        self.program_list.retain(|i| i.name != p.name);
+        self.program_list.push(info.clone());
+        self.programs.insert(p.name, admitted);
+        Ok(info)
     }
 
     fn submit(&mut self, payload: &[u8], writer: &SharedWriter) {

@@ -343,6 +343,57 @@ fn an_attested_loader_gets_its_keys_through_a_relay_that_learns_nothing() {
         receipt.program_sha256,
         hex::encode(sha2::Sha256::digest(&echo))
     );
+    // Programs the untrusted side stores and submits: admitted only as the policy says.
+    let upload = |name: &str, file: &str| cinfer_channel::ProgramUpload {
+        name: name.into(),
+        component: std::fs::read(root().join("target/programs").join(file)).unwrap(),
+        signatures: Vec::new(),
+    };
+    let admitted = relay.ask(
+        Kind::Program,
+        &upload("vector-ops", "vector-ops.wasm").encode(),
+    );
+    assert_eq!(
+        admitted.kind,
+        Kind::Admitted,
+        "{}",
+        String::from_utf8_lossy(&admitted.payload)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&admitted.payload).unwrap();
+    assert_eq!(
+        (info["name"].as_str(), info["world"].as_str()),
+        (Some("vector-ops"), Some("compute"))
+    );
+    let refused = relay.ask(
+        Kind::Program,
+        &upload("bomb", "fixtures/egress-bomb.wasm").encode(),
+    );
+    assert!(
+        error_of(&refused).contains("is not listed in the policy"),
+        "{}",
+        error_of(&refused)
+    );
+    let signed_by_nobody = cinfer_channel::ProgramUpload {
+        signatures: vec![b"MEUCIQDfake".to_vec()],
+        ..upload("echo2", "echo.wasm")
+    };
+    let refused = relay.ask(Kind::Program, &signed_by_nobody.encode());
+    assert!(
+        error_of(&refused).contains("signature refused"),
+        "{}",
+        error_of(&refused)
+    );
+    assert!(error_of(&relay.ask(Kind::Program, b"\0\0")).contains("malformed Program frame"));
+    // A refused upload is not served.
+    let (sealed_bomb, _) = cinfer_envelope::seal_request(&request_key, b"x").unwrap();
+    let s = cinfer_channel::Submit {
+        request_id: 44,
+        program: "bomb".into(),
+        sealed: sealed_bomb,
+    };
+    let f = relay.ask(Kind::Submit, &s.encode());
+    assert_eq!(f.kind, Kind::Refused);
+
     // The same sealed request again (a replay by the untrusted side) never runs twice.
     let replayed = cinfer_channel::Submit {
         request_id: 43,
