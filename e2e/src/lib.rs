@@ -400,16 +400,35 @@ impl System {
             .arg(dir.join("team.key"))
             .arg("--public")
             .arg(l.join("team.pub")));
+        // The server stores the signed program and submits it to the loader, with
+        // a second one signed by a key the policy does not know (refused).
+        let sd = &server_dir;
         std::fs::copy(
             root().join("target/programs/llama-chat.wasm"),
-            l.join("llama-chat.wasm"),
+            sd.join("llama-chat.wasm"),
         )
         .expect("target/programs/llama-chat.wasm: run cargo run --release -p build-programs");
         run(Command::new(bin("cinfer"))
             .arg("sign")
-            .arg(l.join("llama-chat.wasm"))
+            .arg(sd.join("llama-chat.wasm"))
             .arg("--key")
             .arg(dir.join("team.key")));
+        std::fs::copy(
+            root().join("target/programs/fixtures/egress-bomb.wasm"),
+            sd.join("evil.wasm"),
+        )
+        .expect("fixtures");
+        run(Command::new(bin("cinfer"))
+            .arg("keygen")
+            .arg("--private")
+            .arg(dir.join("evil.key"))
+            .arg("--public")
+            .arg(dir.join("evil.pub")));
+        run(Command::new(bin("cinfer"))
+            .arg("sign")
+            .arg(sd.join("evil.wasm"))
+            .arg("--key")
+            .arg(dir.join("evil.key")));
         std::fs::copy(root().join("policies/worlds.wit"), l.join("worlds.wit")).expect("worlds");
         if std::fs::hard_link(sealed, l.join("smollm2.sealed")).is_err() {
             std::fs::copy(sealed, l.join("smollm2.sealed")).expect("model copy");
@@ -425,7 +444,7 @@ impl System {
         std::fs::write(
             l.join("loader.toml"),
             format!(
-                "listen = \"tcp:127.0.0.1:0\"\ntpm = \"{}\"\npolicy = \"policy.toml\"\nmax-in-flight = 8\nkeyservers = [\"{}\"]\n[[program]]\npath = \"llama-chat.wasm\"\nsignatures = [\"llama-chat.wasm.sig\"]\n[[model]]\nid = \"{MODEL_ID}\"\npath = \"smollm2.sealed\"\n",
+                "listen = \"tcp:127.0.0.1:0\"\ntpm = \"{}\"\npolicy = \"policy.toml\"\nmax-in-flight = 8\nkeyservers = [\"{}\"]\n[[model]]\nid = \"{MODEL_ID}\"\npath = \"smollm2.sealed\"\n",
                 swtpm.tcti(),
                 hex::encode(&identity)
             ),
@@ -499,7 +518,7 @@ impl System {
         std::fs::write(
             server_dir.join("server.toml"),
             format!(
-                "listen = \"127.0.0.1:{server_port}\"\nloader = \"tcp:{loader_relay}\"\nkeyservers = [\"http://{ks_relay}\"]\n"
+                "listen = \"127.0.0.1:{server_port}\"\nloader = \"tcp:{loader_relay}\"\nkeyservers = [\"http://{ks_relay}\"]\n[[program]]\npath = \"llama-chat.wasm\"\nsignatures = [\"llama-chat.wasm.sig\"]\n[[program]]\npath = \"evil.wasm\"\nsignatures = [\"evil.wasm.sig\"]\n"
             ),
         )
         .expect("server config");

@@ -157,6 +157,14 @@ fn a_hostile_server_is_detected_and_refused() {
     assert!(e.to_string().contains("refused by the loader"), "{e}");
     assert!(text.is_empty());
 
+    // A program the server stores but no policy signer signed was refused by
+    // the loader when the server submitted it: it is not served.
+    let r = client.chat("evil", &chat_request("hi", 4), |_| {});
+    assert!(
+        matches!(&r, Err(ClientError::Server { status: 400, .. })),
+        "{r:?}"
+    );
+
     // Back to honest: the system still serves.
     system.set_hostile(Hostile::Honest);
     ask("Name a tree.").0.expect("honest at the end");

@@ -75,6 +75,39 @@ pub struct Config {
     pub loader_timeout: Duration,
     /// How long requests in progress may run on after shutdown is requested.
     pub shutdown_grace: Duration,
+    /// Programs this server stores and submits to the loader on every
+    /// (re)connection, before attesting; the loader admits them under its policy.
+    pub programs: Vec<StoredProgram>,
+}
+
+/// A program the server stores: its bytes and signature files, read at start.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredProgram {
+    /// The name requests use.
+    pub name: String,
+    /// The component.
+    pub component: Vec<u8>,
+    /// Signature files (Sigstore bundles or detached key signatures).
+    pub signatures: Vec<Vec<u8>>,
+}
+
+impl std::fmt::Debug for StoredProgram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredProgram")
+            .field("name", &self.name)
+            .field("bytes", &self.component.len())
+            .field("signatures", &self.signatures.len())
+            .finish()
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct RawProgram {
+    name: Option<String>,
+    path: PathBuf,
+    #[serde(default)]
+    signatures: Vec<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -91,6 +124,8 @@ struct RawConfig {
     keyserver_timeout_ms: Option<u64>,
     loader_timeout_ms: Option<u64>,
     shutdown_grace_ms: Option<u64>,
+    #[serde(default, rename = "program")]
+    programs: Vec<RawProgram>,
 }
 
 /// Why a configuration was refused.
@@ -132,6 +167,7 @@ impl Default for Config {
             keyserver_timeout: Duration::from_millis(DEFAULT_KEYSERVER_TIMEOUT_MS),
             loader_timeout: Duration::from_millis(DEFAULT_LOADER_TIMEOUT_MS),
             shutdown_grace: Duration::from_millis(DEFAULT_SHUTDOWN_GRACE_MS),
+            programs: Vec::new(),
         }
     }
 }
@@ -163,6 +199,41 @@ pub fn check_keyserver_url(url: &str) -> Result<String, ConfigError> {
     Ok(url.trim_end_matches('/').to_owned())
 }
 
+fn read_program(base: &Path, p: &RawProgram) -> Result<StoredProgram, ConfigError> {
+    let read = |rel: &Path| {
+        let path = base.join(rel);
+        std::fs::read(&path).map_err(|source| ConfigError::Read { path, source })
+    };
+    let name = match &p.name {
+        Some(n) => n.clone(),
+        None => p
+            .path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .map(str::to_owned)
+            .ok_or_else(|| ConfigError::Invalid(format!("program {:?}: no name", p.path)))?,
+    };
+    if name.is_empty()
+        || name.len() > cinfer_channel::Submit::MAX_PROGRAM_LEN
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(ConfigError::Invalid(format!(
+            "program name {name:?}: letters, digits, - _ . only"
+        )));
+    }
+    Ok(StoredProgram {
+        name,
+        component: read(&p.path)?,
+        signatures: p
+            .signatures
+            .iter()
+            .map(|s| read(s))
+            .collect::<Result<_, _>>()?,
+    })
+}
+
 impl Config {
     /// Reads and checks a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -170,7 +241,8 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text).map_err(|e| match e {
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse_in(&text, base).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
                 path: path.to_owned(),
                 message,
@@ -181,6 +253,11 @@ impl Config {
 
     /// Parses configuration text.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        Self::parse_in(text, Path::new("."))
+    }
+
+    /// Parses a configuration whose program paths are relative to `base`.
+    pub fn parse_in(text: &str, base: &Path) -> Result<Self, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::new(),
             message: e.message().to_owned(),
@@ -202,6 +279,11 @@ impl Config {
             keyserver_timeout: raw.keyserver_timeout_ms.map_or(d.keyserver_timeout, ms),
             loader_timeout: raw.loader_timeout_ms.map_or(d.loader_timeout, ms),
             shutdown_grace: raw.shutdown_grace_ms.map_or(d.shutdown_grace, ms),
+            programs: raw
+                .programs
+                .iter()
+                .map(|p| read_program(base, p))
+                .collect::<Result<_, _>>()?,
         };
         config.check()
     }
@@ -248,6 +330,35 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stored_programs_are_read_relative_to_the_configuration() {
+        let dir = std::env::temp_dir().join(format!("cinfer-server-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("p.wasm"), b"component").unwrap();
+        std::fs::write(dir.join("p.wasm.sig"), b"sig").unwrap();
+        let c = Config::parse_in(
+            "[[program]]\npath = \"p.wasm\"\nsignatures = [\"p.wasm.sig\"]\n[[program]]\nname = \"q\"\npath = \"p.wasm\"\n",
+            &dir,
+        )
+        .unwrap();
+        assert_eq!(c.programs.len(), 2);
+        assert_eq!(
+            (
+                c.programs[0].name.as_str(),
+                c.programs[0].component.as_slice()
+            ),
+            ("p", &b"component"[..])
+        );
+        assert_eq!(c.programs[0].signatures, vec![b"sig".to_vec()]);
+        assert_eq!(c.programs[1].name, "q");
+        let missing = Config::parse_in("[[program]]\npath = \"nope.wasm\"\n", &dir).unwrap_err();
+        assert!(missing.to_string().contains("nope.wasm"), "{missing}");
+        let bad =
+            Config::parse_in("[[program]]\nname = \"a b\"\npath = \"p.wasm\"\n", &dir).unwrap_err();
+        assert!(bad.to_string().contains("letters, digits"), "{bad}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn defaults_and_every_key() {

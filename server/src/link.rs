@@ -406,7 +406,7 @@ impl Link {
                             return format!("malformed {:?} frame", frame.kind);
                         }
                     }
-                    Kind::Evidence | Kind::KeysInstalled | Kind::Error => {
+                    Kind::Evidence | Kind::KeysInstalled | Kind::Admitted | Kind::Error => {
                         if ctl_tx.try_send(frame).is_err() {
                             return "unsolicited attestation frames".to_owned();
                         }
@@ -438,9 +438,52 @@ impl Link {
         (reason, true)
     }
 
-    /// Attests through every keyserver until at least one released keys, then
-    /// waits; returns only if the loader broke the exchange.
+    /// Submits every stored program; the loader admits or refuses each under
+    /// its policy. A refused program is logged and not served; returns an error
+    /// only if the loader broke the exchange.
+    async fn upload_all(
+        &self,
+        conn: &Arc<Conn>,
+        ctl: &mut mpsc::Receiver<Frame>,
+    ) -> Result<(), String> {
+        for p in &self.config.programs {
+            let upload = cinfer_channel::ProgramUpload {
+                name: p.name.clone(),
+                component: p.component.clone(),
+                signatures: p.signatures.clone(),
+            };
+            conn.send(Kind::Program, &upload.encode())
+                .await
+                .map_err(|_| "connection closed".to_owned())?;
+            match self.loader_answer(ctl, Kind::Admitted).await {
+                Ok(info) => {
+                    let info: Program = serde_json::from_slice(&info)
+                        .map_err(|e| format!("malformed Admitted: {e}"))?;
+                    tracing::info!(program = %info.name, sha256 = %info.sha256, world = %info.world, "program admitted by the loader");
+                    self.status.send_modify(|s| {
+                        let mut list: Vec<Program> =
+                            s.programs.as_deref().cloned().unwrap_or_default();
+                        list.retain(|q| q.name != info.name);
+                        list.push(info);
+                        s.programs = Some(Arc::new(list));
+                    });
+                }
+                Err(AttestError::LoaderRefused(e)) => {
+                    tracing::warn!(program = %p.name, error = %e, "the loader refused a stored program");
+                }
+                Err(AttestError::Loader(e) | AttestError::Keyserver(e)) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Submits the stored programs, then attests through every keyserver until
+    /// at least one released keys, then waits; returns only if the loader broke
+    /// an exchange.
     async fn attest_all(&self, conn: &Arc<Conn>, ctl: &mut mpsc::Receiver<Frame>) -> String {
+        if let Err(e) = self.upload_all(conn, ctl).await {
+            return e;
+        }
         let mut backoff = self.config.reconnect_backoff;
         loop {
             let mut models = None;
