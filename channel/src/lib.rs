@@ -255,7 +255,9 @@ impl ProgramUpload {
         if name_len == 0 || name_len > Submit::MAX_PROGRAM_LEN {
             return None;
         }
-        let name = std::str::from_utf8(take(&mut rest, name_len)?).ok()?.to_owned();
+        let name = std::str::from_utf8(take(&mut rest, name_len)?)
+            .ok()?
+            .to_owned();
         let component_len = u32_at(&mut rest)?;
         let component = take(&mut rest, component_len)?.to_vec();
         let count = u16_at(&mut rest)?;
