@@ -176,7 +176,9 @@ async fn keyserver_down_means_503_quickly_never_a_hang() {
     );
     assert!(reason.contains("keyserver"), "{reason}");
     assert!(
-        waited >= Duration::from_millis(700) && waited < Duration::from_secs(3),
+        // Bounded by the ready-timeout (0.8 s), not the request timeout (120 s);
+        // the upper bound leaves room for a loaded CI machine.
+        waited >= Duration::from_millis(700) && waited < Duration::from_secs(10),
         "{waited:?}"
     );
     assert_eq!(
