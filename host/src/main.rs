@@ -331,6 +331,24 @@ fn serve(config: &Path) -> Result<ExitCode> {
     }
     // Programs are admitted (and a bad policy refused) before anything is served.
     let mut service = cinfer_host::serve::Service::new(attestor, policy, &cfg, &dir)?;
+    // SIGTERM/SIGINT: refuse new requests, let running ones finish (up to 30 s), exit.
+    let drain = service.drain_handle();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .context("installing signal handlers")?;
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            tracing::info!(signal = sig, "shutting down: draining requests");
+            let left = drain.drain(std::time::Duration::from_secs(30));
+            if left > 0 {
+                tracing::warn!(requests = left, "grace period over, requests abandoned");
+            }
+            eprintln!("trusted-loader: shut down");
+            std::process::exit(0);
+        }
+    });
     let endpoint: cinfer_channel::Endpoint =
         cfg.listen.parse().map_err(|e: String| anyhow::anyhow!(e))?;
     let mut serve_one = |reader: Box<dyn std::io::Read>, writer: Box<dyn Write + Send>| {

@@ -29,7 +29,7 @@ use sha2::{Digest as _, Sha256};
 use std::collections::BTreeMap;
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 /// Shortest and longest keyserver nonce accepted.
@@ -489,7 +489,32 @@ pub struct Service {
     max_frame: u32,
     max_in_flight: usize,
     in_flight: Arc<AtomicUsize>,
+    draining: Arc<AtomicBool>,
     seen: SeenRequests,
+}
+
+/// Lets another thread stop a [`Service`] taking requests and wait for the
+/// ones running to finish (graceful shutdown).
+#[derive(Debug, Clone)]
+pub struct DrainHandle {
+    draining: Arc<AtomicBool>,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl DrainHandle {
+    /// Refuses new requests from now on, then waits until none is running or
+    /// `grace` has passed; returns how many were still running.
+    pub fn drain(&self, grace: std::time::Duration) -> usize {
+        self.draining.store(true, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + grace;
+        loop {
+            let running = self.in_flight.load(Ordering::SeqCst);
+            if running == 0 || std::time::Instant::now() >= deadline {
+                return running;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
 }
 
 /// SHA-256 of the sealed requests run lately. Every honest request carries a
@@ -625,8 +650,17 @@ impl Service {
             max_frame: config.max_frame_bytes,
             max_in_flight: config.max_in_flight,
             in_flight: Arc::default(),
+            draining: Arc::default(),
             seen: SeenRequests::default(),
         })
+    }
+
+    /// A handle for graceful shutdown.
+    pub fn drain_handle(&self) -> DrainHandle {
+        DrainHandle {
+            draining: self.draining.clone(),
+            in_flight: self.in_flight.clone(),
+        }
     }
 
     /// The attestation side.
@@ -782,6 +816,9 @@ impl Service {
         let Some(receipt_key) = self.attestor.keys.receipt.clone() else {
             return refuse("no receipt key released yet".into());
         };
+        if self.draining.load(Ordering::SeqCst) {
+            return refuse("shutting down: not taking new requests".into());
+        }
         let request_sha256: [u8; 32] = Sha256::digest(&submit.sealed).into();
         if !self.seen.insert(request_sha256) {
             return refuse("replayed request: this sealed request was already run".into());

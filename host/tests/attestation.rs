@@ -483,6 +483,15 @@ fn an_attested_loader_gets_its_keys_through_a_relay_that_learns_nothing() {
     let (status, _) = again.attest(ks.addr);
     assert_eq!(status, 200, "the loader still attests after a bad peer");
     drop(again);
+    // SIGTERM: a graceful shutdown (drain, then exit 0), not death by signal.
+    let mut loader = loader;
+    let term = Command::new("kill")
+        .args(["-TERM", &loader.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = loader.0.wait().unwrap();
+    assert!(status.success(), "exit after SIGTERM: {status:?}");
     drop(loader);
     let _ = std::fs::remove_dir_all(&dir);
 }
