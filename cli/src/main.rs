@@ -35,7 +35,8 @@ enum Command {
         /// Id of the data key (recorded in the header; the keyserver releases keys by id).
         #[arg(long)]
         key_id: String,
-        /// Data key file (DEVELOPMENT-ONLY until the keyserver releases keys).
+        /// Data key file (`cinfer dev-model-key`); import it into the keyserver
+        /// (`keyserver add-model-key`), which releases it to attested loaders only.
         #[arg(long)]
         key: PathBuf,
         /// Output file.

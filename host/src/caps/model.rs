@@ -3,10 +3,10 @@
 //!
 //! A program may open only the model ids its policy entry lists. Tensors
 //! loaded from a model are marked not downloadable, so weight cleartext never
-//! enters guest memory. Model sources (sealed GGUF files) plug in through
-//! [`ModelSource`]; the sealed-model format arrives with the model issue, so
-//! today the loader's [`ModelStore`] starts empty and `open` answers
-//! `not-permitted` or `not-found`.
+//! enters guest memory. Model sources plug in through [`ModelSource`]
+//! (sealed GGUF files: `crate::models::SealedGguf`); a serving loader's
+//! [`ModelStore`] is filled as the keyserver releases model keys, and until
+//! then `open` answers `not-found`.
 
 use super::PolicyViolation;
 use super::accelerator::{AccelCtx, Tensor};
