@@ -48,8 +48,12 @@ pub const TAG_LEN: usize = 16;
 pub const MAX_KEY_ID_LEN: usize = 64;
 
 const INFO_PREFIX: &[u8] = b"cinfer/request/v1";
-const REPLY_KEY_LABEL: &[u8] = b"cinfer/reply/v1 key";
-const REPLY_NONCE_LABEL: &[u8] = b"cinfer/reply/v1 nonce";
+const REPLY_SECRET_LABEL: &[u8] = b"cinfer/reply/v2 secret";
+const REPLY_KEY_LABEL: &[u8] = b"cinfer/reply/v2 key";
+const REPLY_NONCE_LABEL: &[u8] = b"cinfer/reply/v2 nonce";
+/// Length of the per-run salt the loader draws and sends (in clear, bound by the
+/// key it derives) at the front of a reply's first frame.
+pub const REPLY_SALT_LEN: usize = 32;
 const FRAME_DATA: u8 = 0;
 const FRAME_FINAL: u8 = 1;
 const DEV_KEY_TAG: &str = "cinfer-dev-request-key-v1";
@@ -94,6 +98,9 @@ pub enum EnvelopeError {
     /// The final reply chunk does not carry a valid status.
     #[error("malformed reply status")]
     MalformedStatus,
+    /// The system's random number generator failed.
+    #[error("no system randomness")]
+    NoRandomness,
     /// A reply frame arrived after the authenticated final chunk.
     #[error("reply frame after the final chunk")]
     FrameAfterEnd,
@@ -298,15 +305,38 @@ fn info_for(header: &[u8]) -> Vec<u8> {
     [INFO_PREFIX, header].concat()
 }
 
-fn reply_stream_keys<F>(export: F) -> Result<(Zeroizing<[u8; 32]>, [u8; 7]), EnvelopeError>
+/// The request's reply secret, from the HPKE exporter.
+fn reply_secret<F>(export: F) -> Result<Zeroizing<[u8; 32]>, EnvelopeError>
 where
     F: Fn(&[u8], &mut [u8]) -> Result<(), hpke::HpkeError>,
 {
-    let mut key = Zeroizing::new([0u8; 32]);
+    let mut secret = Zeroizing::new([0u8; 32]);
+    export(REPLY_SECRET_LABEL, secret.as_mut_slice())
+        .map_err(|_| EnvelopeError::AuthenticationFailed)?;
+    Ok(secret)
+}
+
+/// The reply stream's key and nonce prefix for one run: the request's secret
+/// mixed with the run's salt. The loader draws a fresh salt for every run, so
+/// running the same sealed request twice (a replay by the untrusted side) never
+/// reuses a key and nonce. SHA-256 over labelled, fixed-length inputs with a
+/// uniformly random 32-byte secret is the key derivation here (the `hkdf`
+/// crate in the tree is built for another `digest` version than `sha2` 0.10).
+fn reply_stream_keys(
+    secret: &[u8; 32],
+    salt: &[u8; REPLY_SALT_LEN],
+) -> (Zeroizing<[u8; 32]>, [u8; 7]) {
+    let derive = |label: &[u8]| -> Zeroizing<[u8; 32]> {
+        let mut h = Sha256::new();
+        h.update(label);
+        h.update(secret);
+        h.update(salt);
+        Zeroizing::new(h.finalize().into())
+    };
+    let key = derive(REPLY_KEY_LABEL);
     let mut nonce = [0u8; 7];
-    export(REPLY_KEY_LABEL, key.as_mut_slice()).map_err(|_| EnvelopeError::AuthenticationFailed)?;
-    export(REPLY_NONCE_LABEL, &mut nonce).map_err(|_| EnvelopeError::AuthenticationFailed)?;
-    Ok((key, nonce))
+    nonce.copy_from_slice(&derive(REPLY_NONCE_LABEL)[..7]);
+    (key, nonce)
 }
 
 fn cipher(key: &[u8; 32]) -> Aes256Gcm {
@@ -329,14 +359,16 @@ pub fn seal_request(
     let ciphertext = ctx
         .seal(plaintext, &header)
         .map_err(|_| EnvelopeError::StreamExhausted)?;
-    let (key, nonce) = reply_stream_keys(|label, out| ctx.export(label, out))?;
+    let secret = reply_secret(|label, out| ctx.export(label, out))?;
     let mut sealed = header;
     sealed.extend_from_slice(&enc.to_bytes());
     sealed.extend_from_slice(&ciphertext);
     Ok((
         sealed,
         ReplyOpener {
-            decryptor: Some(DecryptorBE32::from_aead(cipher(&key), (&nonce).into())),
+            secret,
+            decryptor: None,
+            started: false,
             ended: None,
         },
     ))
@@ -374,11 +406,15 @@ pub fn open_request(
         ctx.open(parts.ciphertext, parts.header)
             .map_err(|_| EnvelopeError::AuthenticationFailed)?,
     );
-    let (stream_key, nonce) = reply_stream_keys(|label, out| ctx.export(label, out))?;
+    let secret = reply_secret(|label, out| ctx.export(label, out))?;
+    let mut salt = [0u8; REPLY_SALT_LEN];
+    getrandom::fill(&mut salt).map_err(|_| EnvelopeError::NoRandomness)?;
+    let (stream_key, nonce) = reply_stream_keys(&secret, &salt);
     Ok((
         plaintext,
         ReplySealer {
             encryptor: EncryptorBE32::from_aead(cipher(&stream_key), (&nonce).into()),
+            salt: Some(salt),
             chunks: 0,
         },
     ))
@@ -410,6 +446,8 @@ impl ReplyStatus {
 /// Seals reply chunks (loader side).
 pub struct ReplySealer {
     encryptor: EncryptorBE32<Aes256Gcm>,
+    /// The run's salt, until the first frame carries it.
+    salt: Option<[u8; REPLY_SALT_LEN]>,
     chunks: u64,
 }
 
@@ -429,22 +467,33 @@ impl ReplySealer {
             .encrypt_next(chunk)
             .map_err(|_| EnvelopeError::StreamExhausted)?;
         self.chunks += 1;
-        let mut frame = Vec::with_capacity(1 + ct.len());
-        frame.push(FRAME_DATA);
-        frame.extend_from_slice(&ct);
-        Ok(frame)
+        Ok(self.frame(FRAME_DATA, &ct))
     }
 
     /// Seals the final frame, which authenticates the end of the stream and its status.
     pub fn finish(self, status: ReplyStatus) -> Result<Vec<u8>, EnvelopeError> {
-        let ct = self
-            .encryptor
+        let ReplySealer {
+            encryptor, salt, ..
+        } = self;
+        let ct = encryptor
             .encrypt_last(&[status as u8][..])
             .map_err(|_| EnvelopeError::StreamExhausted)?;
-        let mut frame = Vec::with_capacity(1 + ct.len());
-        frame.push(FRAME_FINAL);
-        frame.extend_from_slice(&ct);
-        Ok(frame)
+        Ok(Self::frame_with(salt, FRAME_FINAL, &ct))
+    }
+
+    /// `type || [salt, first frame only] || ciphertext`.
+    fn frame(&mut self, kind: u8, ct: &[u8]) -> Vec<u8> {
+        Self::frame_with(self.salt.take(), kind, ct)
+    }
+
+    fn frame_with(salt: Option<[u8; REPLY_SALT_LEN]>, kind: u8, ct: &[u8]) -> Vec<u8> {
+        let mut frame = Vec::with_capacity(1 + REPLY_SALT_LEN + ct.len());
+        frame.push(kind);
+        if let Some(salt) = salt {
+            frame.extend_from_slice(&salt);
+        }
+        frame.extend_from_slice(ct);
+        frame
     }
 
     /// Number of data chunks sealed so far.
@@ -464,7 +513,10 @@ pub enum ReplyChunk {
 
 /// Opens reply frames in order (client side).
 pub struct ReplyOpener {
+    secret: Zeroizing<[u8; 32]>,
     decryptor: Option<DecryptorBE32<Aes256Gcm>>,
+    /// Whether the first frame (with the run's salt) was seen.
+    started: bool,
     ended: Option<ReplyStatus>,
 }
 
@@ -479,9 +531,22 @@ impl std::fmt::Debug for ReplyOpener {
 impl ReplyOpener {
     /// Opens the next frame. Frames must be given in the order they were sealed.
     pub fn open(&mut self, frame: &[u8]) -> Result<ReplyChunk, EnvelopeError> {
-        let (&kind, ct) = frame
+        let (&kind, mut ct) = frame
             .split_first()
             .ok_or(EnvelopeError::Truncated("reply frame type"))?;
+        if self.ended.is_some() {
+            return Err(EnvelopeError::FrameAfterEnd);
+        }
+        if !self.started {
+            let (salt, rest) = ct
+                .split_first_chunk::<REPLY_SALT_LEN>()
+                // A frame too short to be a first frame: one from elsewhere in the stream.
+                .ok_or(EnvelopeError::AuthenticationFailed)?;
+            let (key, nonce) = reply_stream_keys(&self.secret, salt);
+            self.decryptor = Some(DecryptorBE32::from_aead(cipher(&key), (&nonce).into()));
+            self.started = true;
+            ct = rest;
+        }
         let decryptor = self
             .decryptor
             .as_mut()

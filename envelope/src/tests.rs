@@ -250,3 +250,31 @@ fn every_truncation_of_a_reply_frame_is_refused() {
         );
     }
 }
+
+#[test]
+fn the_same_request_run_twice_gets_a_fresh_reply_key() {
+    // A replay by the untrusted side: the loader opens the same sealed request
+    // twice. Each run draws its own salt, so the two streams share no key and
+    // nonce (the same plaintext seals to different bytes), and a frame from one
+    // run never opens in the other's stream.
+    let key = RequestPrivateKey::generate();
+    let (sealed, opener) = seal_request(key.public_key(), b"hi").unwrap();
+    let (_, mut a) = open_request(&key, &sealed).unwrap();
+    let (_, mut b) = open_request(&key, &sealed).unwrap();
+    let fa = a.seal_chunk(b"same reply").unwrap();
+    let fb = b.seal_chunk(b"same reply").unwrap();
+    assert_ne!(fa, fb);
+    assert_ne!(
+        fa[1 + REPLY_SALT_LEN..],
+        fb[1 + REPLY_SALT_LEN..],
+        "no keystream reuse"
+    );
+    let final_b = b.finish(ReplyStatus::Completed).unwrap();
+    // The client opens run a's first frame, then run b's final frame: refused.
+    let mut opener = opener;
+    assert!(matches!(opener.open(&fa).unwrap(), ReplyChunk::Data(_)));
+    assert_eq!(
+        opener.open(&final_b),
+        Err(EnvelopeError::AuthenticationFailed)
+    );
+}
