@@ -288,6 +288,9 @@ impl Drop for EpochTicker {
 /// signature presented (length-prefixed, in order).
 type SignedKey = [u8; 32];
 
+/// Signed admissions kept in the cache.
+const MAX_SIGNED_ADMISSIONS: usize = 1024;
+
 /// The trusted loader: admits programs under one policy and runs requests.
 pub struct Loader {
     engine: Engine,
@@ -406,6 +409,12 @@ impl Loader {
     ) -> Result<Arc<AdmittedProgram>, AdmissionError> {
         admission::check_preamble(bytes)?;
         let digest = admission::digest(bytes);
+        // The same signatures in another order, or repeated, are the same
+        // admission (and one cache entry).
+        let mut signatures = signatures.to_vec();
+        signatures.sort_unstable();
+        signatures.dedup();
+        let signatures = signatures.as_slice();
         let key: SignedKey = {
             let mut h = Sha256::new();
             h.update(digest);
@@ -432,10 +441,15 @@ impl Loader {
         }
         program.signatures = verified;
         let program = Arc::new(program);
-        self.admitted_signed
+        let mut cache = self
+            .admitted_signed
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(key, program.clone());
+            .unwrap_or_else(PoisonError::into_inner);
+        // Bounded: valid signature sets are few; a flood of variants starts it afresh.
+        if cache.len() >= MAX_SIGNED_ADMISSIONS {
+            cache.clear();
+        }
+        cache.insert(key, program.clone());
         Ok(program)
     }
 

@@ -493,6 +493,29 @@ pub struct Service {
     seen: SeenRequests,
 }
 
+/// One running request's slot in the in-flight count, given back on drop.
+struct InFlight {
+    counter: Arc<AtomicUsize>,
+    /// The count including this request.
+    count: usize,
+}
+
+impl InFlight {
+    fn take(counter: &Arc<AtomicUsize>) -> Self {
+        let count = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        Self {
+            counter: counter.clone(),
+            count,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Lets another thread stop a [`Service`] taking requests and wait for the
 /// ones running to finish (graceful shutdown).
 #[derive(Debug, Clone)]
@@ -816,24 +839,31 @@ impl Service {
         let Some(receipt_key) = self.attestor.keys.receipt.clone() else {
             return refuse("no receipt key released yet".into());
         };
+        // Counted before the drain check, so a drain never sees 0 while one starts;
+        // the guard gives the slot back however the worker ends.
+        let slot = InFlight::take(&self.in_flight);
         if self.draining.load(Ordering::SeqCst) {
             return refuse("shutting down: not taking new requests".into());
+        }
+        if slot.count > self.max_in_flight {
+            return refuse(format!("busy: {} requests in flight", self.max_in_flight));
         }
         let request_sha256: [u8; 32] = Sha256::digest(&submit.sealed).into();
         if !self.seen.insert(request_sha256) {
             return refuse("replayed request: this sealed request was already run".into());
         }
-        if self.in_flight.fetch_add(1, Ordering::SeqCst) >= self.max_in_flight {
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
-            return refuse(format!("busy: {} requests in flight", self.max_in_flight));
-        }
         let (loader, writer) = (self.loader.clone(), writer.clone());
-        let in_flight = self.in_flight.clone();
-        let models = self.model_sha256.clone();
+        // The model digests the receipt names, as they are when the run starts.
+        let model_digests = self
+            .model_sha256
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         let policy_sha256 = self.policy_sha256.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("request-{id}"))
             .spawn(move || {
+                let _slot = slot;
                 let hasher = Arc::new(Mutex::new((Sha256::new(), 0u64)));
                 let (h, w) = (hasher.clone(), writer.clone());
                 let sink: FrameSink = Box::new(move |frame: Vec<u8>| {
@@ -851,7 +881,6 @@ impl Service {
                             let h = hasher.lock().unwrap_or_else(PoisonError::into_inner);
                             (h.0.clone().finalize(), h.1)
                         };
-                        let model_digests = models.read().unwrap_or_else(PoisonError::into_inner);
                         let receipt = Receipt {
                             receipt_type: cinfer_attest::RECEIPT_TYPE.into(),
                             request_sha256: hex::encode(request_sha256),
@@ -885,10 +914,8 @@ impl Service {
                     &cinfer_channel::with_request_id(id, &answer.1),
                     max,
                 );
-                in_flight.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
-            self.in_flight.fetch_sub(1, Ordering::SeqCst);
             refuse(format!("cannot start a worker: {e}"));
         }
     }

@@ -155,11 +155,14 @@ pub(crate) fn admit(
         }
     }
     for g in policy.signed_grants() {
-        let counted: Vec<VerifiedSignature> = verified
-            .iter()
-            .filter(|v| g.signers.contains(&v.signer))
-            .cloned()
-            .collect();
+        // Distinct identities, not names: one key or certificate identity listed
+        // under two signer names counts once towards a quorum.
+        let mut counted: Vec<VerifiedSignature> = Vec::new();
+        for v in verified.iter().filter(|v| g.signers.contains(&v.signer)) {
+            if !counted.iter().any(|c| c.identity == v.identity) {
+                counted.push(v.clone());
+            }
+        }
         if counted.len() >= g.threshold {
             return Ok((g.clone(), counted));
         }

@@ -822,6 +822,26 @@ fn quorums_need_n_of_m_distinct_signers() {
         refusal(l.admit_signatures(&echo, &[]).unwrap_err()),
         SignatureRefusal::Unsigned
     );
+    // One key listed under two signer names is still one signer of a 2-of-2 quorum.
+    let same_key_twice = loader(signed_policy(
+        "[[signer]]\nname = \"k1\"\npublic-key = \"cosign.pub\"\n[[signer]]\nname = \"k2\"\npublic-key = \"cosign.pub\"\n[[quorum]]\nname = \"two\"\nsigners = [\"k1\", \"k2\"]\nworld = \"compute\"\n",
+    ));
+    assert_eq!(
+        refusal(
+            same_key_twice
+                .admit_signed(&echo, &sigstore_file("programs/echo.wasm.sig"))
+                .unwrap_err()
+        ),
+        SignatureRefusal::QuorumNotMet
+    );
+    // Reordered or repeated signatures are the same admission.
+    let a = l
+        .admit_signatures(&echo, &[&review, &build])
+        .expect("reordered");
+    let b = l
+        .admit_signatures(&echo, &[&build, &review, &build])
+        .expect("repeated");
+    assert!(Arc::ptr_eq(&a, &b));
     // 1-of-2 quorums and policy errors in quorums.
     let one_of_two = loader(signed_policy(&format!(
         "[[signer]]\nname = \"a\"\nissuer = \"{ACTIONS}\"\nsubject = \"{RELEASE}\"\n\
