@@ -54,6 +54,11 @@ pub struct ChatArgs {
     /// Program to run.
     #[arg(long, default_value = "llama-chat")]
     pub program: String,
+    /// The component digest (hex SHA-256) that must have run: the receipt must
+    /// name it, or the answer is refused (a server that ran another admitted
+    /// program is caught). E.g. `sha256sum llama-chat.wasm` of the signed release.
+    #[arg(long, value_name = "HEX")]
+    pub program_sha256: Option<String>,
     /// Model id (llama-chat's default when left out).
     #[arg(long)]
     pub model: Option<String>,
@@ -149,7 +154,10 @@ pub fn receipt_report(client: &Client, program: &str, result: &ChatResult) -> St
 
 /// Runs `cinfer chat`.
 pub fn run(args: &ChatArgs) -> Result<()> {
-    let client = args.server.client()?;
+    let mut client = args.server.client()?;
+    if let Some(pin) = &args.program_sha256 {
+        client = client.with_program_pin(&args.program, pin);
+    }
     let request = serde_json::to_vec(&request_json(args))?;
     let mut stdout = std::io::stdout().lock();
     let mut write_failed = None;

@@ -690,3 +690,42 @@ fn proxy_serves_the_openai_client() {
         })
     );
 }
+
+#[test]
+fn a_receipt_for_another_program_than_the_pinned_one_is_refused() {
+    // The fake loader's receipts name component "ab…ab".
+    let fake = Fake::start(Mode::Honest, StatementMode::Good, None);
+    let request = br#"{"messages":[{"role":"user","content":"hi"}]}"#;
+    let pinned = fake
+        .client()
+        .with_program_pin("llama-chat", &"AB".repeat(32));
+    pinned
+        .chat("llama-chat", request, |_| {})
+        .expect("the pinned component ran");
+    let other = fake
+        .client()
+        .with_program_pin("llama-chat", &"cd".repeat(32));
+    let r = other.chat("llama-chat", request, |_| {});
+    assert!(
+        matches!(
+            r,
+            Err(ClientError::ReceiptMismatch {
+                field: "program_sha256"
+            })
+        ),
+        "{r:?}"
+    );
+    // The CLI flag does the same and exits 1.
+    let out = cinfer()
+        .args(["chat", "--server", &fake.url(), "--keyserver-identity"])
+        .arg(fake.identity_hex())
+        .args(["--program-sha256", &"cd".repeat(32), "hi"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("program_sha256"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

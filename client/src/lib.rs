@@ -223,6 +223,8 @@ pub struct Client {
     identity: Vec<u8>,
     timeouts: http::Timeouts,
     cached: Mutex<Option<RequestKeyStatement>>,
+    /// Expected component digests (hex), by program name.
+    program_pins: std::collections::BTreeMap<String, String>,
 }
 
 fn unix_now() -> u64 {
@@ -348,7 +350,18 @@ impl Client {
                 io: Duration::from_secs(300),
             },
             cached: Mutex::new(None),
+            program_pins: std::collections::BTreeMap::new(),
         })
+    }
+
+    /// Pins the component digest (hex SHA-256, e.g. of the signed release) that
+    /// must have run for `program`: a receipt naming any other component — a
+    /// server that ran the prompt on another admitted program — fails `chat`
+    /// with `ReceiptMismatch { field: "program_sha256" }`.
+    pub fn with_program_pin(mut self, program: &str, sha256_hex: &str) -> Self {
+        self.program_pins
+            .insert(program.to_owned(), sha256_hex.to_ascii_lowercase());
+        self
     }
 
     /// Sets the connect timeout and the read/write inactivity timeout
@@ -517,6 +530,13 @@ impl Client {
                         frames,
                         status,
                     )?;
+                    if let Some(pin) = self.program_pins.get(program)
+                        && !receipt.program_sha256.eq_ignore_ascii_case(pin)
+                    {
+                        return Err(ClientError::ReceiptMismatch {
+                            field: "program_sha256",
+                        });
+                    }
                     return Ok(ChatResult {
                         status,
                         receipt,
