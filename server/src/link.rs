@@ -93,7 +93,12 @@ pub enum Event {
     Lost(String),
 }
 
-type Pending = HashMap<u64, mpsc::UnboundedSender<Event>>;
+type Pending = HashMap<u64, mpsc::Sender<Event>>;
+
+/// Reply frames buffered for one request whose HTTP client reads too slowly;
+/// past this the request is dropped (its stream ends with an error record)
+/// rather than buffered without bound.
+const MAX_BUFFERED_FRAMES: usize = 1024;
 
 /// One loader connection: where frames are written and who waits for answers.
 #[derive(Debug)]
@@ -110,7 +115,7 @@ pub struct Ticket {
     /// The request id on the channel.
     pub id: u64,
     /// `Reply`…`Done`, `Refused` or `Lost`.
-    pub events: mpsc::UnboundedReceiver<Event>,
+    pub events: mpsc::Receiver<Event>,
     conn: Arc<Conn>,
 }
 
@@ -157,7 +162,7 @@ impl Conn {
         program: &str,
         sealed: Vec<u8>,
     ) -> Result<Ticket, SubmitError> {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(MAX_BUFFERED_FRAMES);
         {
             let mut pending = self.pending.lock().map_err(|_| SubmitError::Lost)?;
             pending.as_mut().ok_or(SubmitError::Lost)?.insert(id, tx);
@@ -195,9 +200,20 @@ impl Conn {
             return true;
         };
         let delivered = if last {
-            pending.remove(&id).map(|tx| tx.send(event).is_ok())
+            pending.remove(&id).map(|tx| tx.try_send(event).is_ok())
         } else {
-            pending.get(&id).map(|tx| tx.send(event).is_ok())
+            match pending.get(&id).map(|tx| tx.try_send(event)) {
+                Some(Err(mpsc::error::TrySendError::Full(_))) => {
+                    // Dropping the sender ends the request's stream (error record).
+                    pending.remove(&id);
+                    tracing::warn!(
+                        request_id = id,
+                        "client too slow: {MAX_BUFFERED_FRAMES} frames buffered, request dropped"
+                    );
+                    Some(false)
+                }
+                other => other.map(|r| r.is_ok()),
+            }
         };
         if delivered != Some(true) {
             // The client went away (or the id is unknown): nothing to do.
@@ -211,7 +227,7 @@ impl Conn {
         let taken = self.pending.lock().ok().and_then(|mut p| p.take());
         let n = taken.as_ref().map_or(0, HashMap::len);
         for (_, tx) in taken.into_iter().flatten() {
-            let _ = tx.send(Event::Lost(reason.to_owned()));
+            let _ = tx.try_send(Event::Lost(reason.to_owned()));
         }
         n
     }
