@@ -277,6 +277,18 @@ impl ProgramUpload {
     }
 }
 
+impl FrameError {
+    /// The error of a failed payload read: the stream ending early is
+    /// [`FrameError::Truncated`] (for blocking and async readers alike).
+    pub fn reading_payload(e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            FrameError::Truncated
+        } else {
+            FrameError::Io(e)
+        }
+    }
+}
+
 /// Parses a header: the kind and payload length, checked against `max_payload`.
 pub fn decode_header(
     header: &[u8; HEADER_LEN],
@@ -350,13 +362,8 @@ pub fn read_frame(r: &mut impl Read, max_payload: u32) -> Result<Option<Frame>, 
     }
     let (kind, len) = decode_header(&header, max_payload)?;
     let mut payload = vec![0u8; len as usize];
-    r.read_exact(&mut payload).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            FrameError::Truncated
-        } else {
-            FrameError::Io(e)
-        }
-    })?;
+    r.read_exact(&mut payload)
+        .map_err(FrameError::reading_payload)?;
     Ok(Some(Frame { kind, payload }))
 }
 

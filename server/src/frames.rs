@@ -21,13 +21,9 @@ pub async fn read_frame(
     }
     let (kind, len) = decode_header(&header, max_payload)?;
     let mut payload = vec![0u8; len as usize];
-    r.read_exact(&mut payload).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            FrameError::Truncated
-        } else {
-            FrameError::Io(e)
-        }
-    })?;
+    r.read_exact(&mut payload)
+        .await
+        .map_err(FrameError::reading_payload)?;
     Ok(Some(Frame { kind, payload }))
 }
 

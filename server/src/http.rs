@@ -113,6 +113,26 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<ApiBody> {
     )
 }
 
+/// Counts and logs a request answered with an error before (or instead of)
+/// streaming, and builds that answer.
+fn not_served(
+    metrics: &Metrics,
+    started: Instant,
+    outcome: RequestOutcome,
+    status: StatusCode,
+    reason: &str,
+) -> Response<ApiBody> {
+    metrics.request(outcome);
+    tracing::info!(
+        status = status.as_u16(),
+        outcome = outcome.as_str(),
+        duration_ms = started.elapsed().as_millis() as u64,
+        reason,
+        "request not served"
+    );
+    error(status, reason)
+}
+
 fn error(status: StatusCode, reason: &str) -> Response<ApiBody> {
     respond(status, "application/json", Bytes::from(error_json(reason)))
 }
@@ -360,15 +380,7 @@ impl Server {
         let metrics = &self.inner.metrics;
         let in_flight = metrics.in_flight();
         let finish = |outcome: RequestOutcome, status: StatusCode, reason: &str| {
-            metrics.request(outcome);
-            tracing::info!(
-                status = status.as_u16(),
-                outcome = outcome.as_str(),
-                duration_ms = started.elapsed().as_millis() as u64,
-                reason,
-                "request not served"
-            );
-            error(status, reason)
+            not_served(metrics, started, outcome, status, reason)
         };
         let program = match program_param(req.uri().query()) {
             Ok(p) => p,
@@ -451,15 +463,7 @@ impl Submitted<'_> {
         } = self;
         let metrics = &server.inner.metrics;
         let finish = |outcome: RequestOutcome, status: StatusCode, reason: &str| {
-            metrics.request(outcome);
-            tracing::info!(
-                status = status.as_u16(),
-                outcome = outcome.as_str(),
-                duration_ms = started.elapsed().as_millis() as u64,
-                reason,
-                "request not served"
-            );
-            error(status, reason)
+            not_served(metrics, started, outcome, status, reason)
         };
         let request_bytes = body.len();
         let mut ticket = match conn.submit(id, program, body.to_vec()).await {

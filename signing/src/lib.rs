@@ -107,20 +107,9 @@ pub fn verify_bundle(
     let digest: [u8; 32] = Sha256::digest(artifact).into();
 
     // Our own pre-reading: signature present, certificate, identity for the refusal message.
-    let message = match &bundle.content {
-        Some(bundle::Content::MessageSignature(m)) if !m.signature.is_empty() => m,
-        Some(bundle::Content::MessageSignature(_)) | None => return Err(SigningError::Unsigned),
-        Some(bundle::Content::DsseEnvelope(_)) => {
-            return Err(SigningError::MalformedBundle(
-                "DSSE envelopes are not accepted for programs".to_owned(),
-            ));
-        }
-    };
+    let message = message_signature(&bundle)?;
     check_message_digest(message, &digest)?;
-    let material = bundle
-        .verification_material
-        .as_ref()
-        .ok_or_else(|| SigningError::MalformedBundle("no verificationMaterial".to_owned()))?;
+    let material = verification_material(&bundle)?;
     let leaf_der = match &material.content {
         Some(verification_material::Content::Certificate(c)) => c.raw_bytes.as_slice(),
         Some(verification_material::Content::X509CertificateChain(ch)) => ch
@@ -140,13 +129,7 @@ pub fn verify_bundle(
     let found = FoundIdentity::from_cert(&leaf);
 
     // Transparency log first: it authenticates integratedTime, which every time check uses.
-    let [entry] = material.tlog_entries.as_slice() else {
-        return Err(TransparencyError::Malformed(format!(
-            "need exactly 1 tlog entry, got {}",
-            material.tlog_entries.len()
-        ))
-        .into());
-    };
+    let entry = single_tlog_entry(material)?;
     let checked = tlog::check_entry(entry, trust)?;
 
     // Everything sigstore-rs checks, with the trust material valid at the signing time.
@@ -191,19 +174,8 @@ pub fn verify_key_bundle(
     let (key, spki) = parse_p256_key(public_key_pem)?;
     let bundle = parse_bundle(bundle_json)?;
     let digest: [u8; 32] = Sha256::digest(artifact).into();
-    let message = match &bundle.content {
-        Some(bundle::Content::MessageSignature(m)) if !m.signature.is_empty() => m,
-        Some(bundle::Content::MessageSignature(_)) | None => return Err(SigningError::Unsigned),
-        Some(bundle::Content::DsseEnvelope(_)) => {
-            return Err(SigningError::MalformedBundle(
-                "DSSE envelopes are not accepted for programs".to_owned(),
-            ));
-        }
-    };
-    let material = bundle
-        .verification_material
-        .as_ref()
-        .ok_or_else(|| SigningError::MalformedBundle("no verificationMaterial".to_owned()))?;
+    let message = message_signature(&bundle)?;
+    let material = verification_material(&bundle)?;
     if !matches!(
         material.content,
         Some(verification_material::Content::PublicKey(_))
@@ -212,13 +184,7 @@ pub fn verify_key_bundle(
             "not a key-based bundle: use verify_bundle".to_owned(),
         ));
     }
-    let [entry] = material.tlog_entries.as_slice() else {
-        return Err(TransparencyError::Malformed(format!(
-            "need exactly 1 tlog entry, got {}",
-            material.tlog_entries.len()
-        ))
-        .into());
-    };
+    let entry = single_tlog_entry(material)?;
     let checked = tlog::check_entry(entry, trust)?;
 
     // The logged body (authenticated by the SET) names the key, signature and digest.
@@ -304,6 +270,44 @@ pub fn parse_detached(signature_b64_der: &[u8]) -> Result<Vec<u8>, SigningError>
     }
     B64.decode(trimmed)
         .map_err(|e| SigningError::MalformedSignature(format!("not base64: {e}")))
+}
+
+/// The bundle's message signature over the artifact (programs are never DSSE envelopes).
+fn message_signature(
+    bundle: &Bundle,
+) -> Result<&sigstore_protobuf_specs::dev::sigstore::common::v1::MessageSignature, SigningError> {
+    match &bundle.content {
+        Some(bundle::Content::MessageSignature(m)) if !m.signature.is_empty() => Ok(m),
+        Some(bundle::Content::MessageSignature(_)) | None => Err(SigningError::Unsigned),
+        Some(bundle::Content::DsseEnvelope(_)) => Err(SigningError::MalformedBundle(
+            "DSSE envelopes are not accepted for programs".to_owned(),
+        )),
+    }
+}
+
+fn verification_material(
+    bundle: &Bundle,
+) -> Result<&sigstore_protobuf_specs::dev::sigstore::bundle::v1::VerificationMaterial, SigningError>
+{
+    bundle
+        .verification_material
+        .as_ref()
+        .ok_or_else(|| SigningError::MalformedBundle("no verificationMaterial".to_owned()))
+}
+
+/// The bundle's one transparency-log entry.
+fn single_tlog_entry(
+    material: &sigstore_protobuf_specs::dev::sigstore::bundle::v1::VerificationMaterial,
+) -> Result<&sigstore_protobuf_specs::dev::sigstore::rekor::v1::TransparencyLogEntry, SigningError>
+{
+    match material.tlog_entries.as_slice() {
+        [entry] => Ok(entry),
+        other => Err(TransparencyError::Malformed(format!(
+            "need exactly 1 tlog entry, got {}",
+            other.len()
+        ))
+        .into()),
+    }
 }
 
 fn parse_bundle(json: &[u8]) -> Result<Bundle, SigningError> {
