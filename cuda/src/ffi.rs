@@ -213,7 +213,7 @@ impl std::fmt::Debug for Kernels {
     }
 }
 
-const NAMES: [&str; 15] = [
+pub(crate) const KERNEL_NAMES: [&str; 15] = [
     "quantize_act",
     "dequant_act",
     "round_f16_f32",
@@ -235,7 +235,7 @@ impl Kernels {
     pub(crate) fn load(ctx: &Arc<CudaContext>, ptx: cudarc::nvrtc::Ptx) -> Result<Self, CudaError> {
         let module = ctx.load_module(ptx).map_err(CudaError::driver)?;
         let mut f = std::collections::HashMap::new();
-        for n in NAMES {
+        for n in KERNEL_NAMES {
             f.insert(n, module.load_function(n).map_err(CudaError::driver)?);
         }
         Ok(Kernels { f })
