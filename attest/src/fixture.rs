@@ -133,6 +133,7 @@ impl Fixture {
             measured_pcr: self.measured_pcr,
             events,
             pcrs: self.other_pcrs.clone(),
+            allow_resettable_pcrs_only: false,
         }
     }
 }

@@ -33,7 +33,9 @@ pub use release::{
     ReleasedKeyKind, RequestKeyStatement, SignedReceipt, SignedRequestKey, StatementError,
     release_context, reply_digest,
 };
-pub use verify::{EvidenceError, ReferenceValues, Verified, verify};
+pub use verify::{
+    EvidenceError, RESETTABLE_PCRS, ReferenceError, ReferenceValues, Verified, verify,
+};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};

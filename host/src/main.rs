@@ -294,15 +294,36 @@ fn measure(config: &Path, binary: Option<&Path>, tpm: Option<&str>) -> Result<Ex
         measured_pcr: cfg.pcr,
         events: Default::default(),
         pcrs: Default::default(),
+        allow_resettable_pcrs_only: false,
     };
     for e in &events {
         refs.events.entry(e.kind).or_default().insert(e.digest);
     }
+    // The other quoted PCRs (the boot PCRs), as this TPM holds them now: run
+    // on the machine (VM image) the loader will run on.
+    let others: Vec<u8> = cfg
+        .quote_pcrs()
+        .into_iter()
+        .filter(|p| *p != cfg.pcr)
+        .collect();
     if let Some(tcti) = tpm {
-        let t = cinfer_tpm::Tpm::open(tcti)?;
+        let mut t = cinfer_tpm::Tpm::open(tcti)?;
         refs.trusted_aks.push(t.ak_public().to_vec());
+        refs.pcrs = t.read_pcrs(&others)?;
     } else {
         println!("# no --tpm: add the AK of each TPM to trust to trusted-aks");
+        if !others.is_empty() {
+            println!("# no --tpm: add the expected values of PCRs {others:?} to [pcrs]");
+        }
+    }
+    if !others
+        .iter()
+        .any(|p| !cinfer_attest::RESETTABLE_PCRS.contains(p))
+    {
+        println!(
+            "# quote-pcrs holds no boot PCR: a keyserver refuses these values unless \
+             allow-resettable-pcrs-only = true (development)"
+        );
     }
     println!("# keyserver reference values:");
     print!(
@@ -320,9 +341,8 @@ fn serve(config: &Path) -> Result<ExitCode> {
         events,
     } = measured(config, None)?;
     let tpm = cinfer_tpm::Tpm::open(&cfg.tpm)?;
-    let attestor =
-        cinfer_host::serve::Attestor::measure(tpm, cfg.pcr, events, cfg.quote_pcrs.clone())?
-            .pin_keyservers(cfg.pinned_keyservers()?);
+    let attestor = cinfer_host::serve::Attestor::measure(tpm, cfg.pcr, events, cfg.quote_pcrs())?
+        .pin_keyservers(cfg.pinned_keyservers()?);
     tracing::info!(events = attestor.events().len(), pcr = cfg.pcr, "measured");
     if cfg.keyservers.is_empty() {
         tracing::warn!(

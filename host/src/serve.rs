@@ -48,10 +48,12 @@ pub struct ServeConfig {
     /// PCR the loader resets and measures into (16 or 23).
     #[serde(default = "default_pcr")]
     pub pcr: u8,
-    /// PCRs the quote covers (SHA-256 bank); must include `pcr`. In a VM add the
-    /// boot PCRs the keyserver pins (e.g. 0–7).
-    #[serde(default = "default_quote_pcrs")]
-    pub quote_pcrs: Vec<u8>,
+    /// PCRs the quote covers (SHA-256 bank); must include `pcr` [default: the
+    /// boot PCRs 0–7 and `pcr`]. The keyserver pins some PCR software cannot
+    /// reset (a boot PCR) unless it runs with a development flag; see
+    /// [`ServeConfig::quote_pcrs`].
+    #[serde(default, rename = "quote-pcrs")]
+    quote_pcrs_configured: Option<Vec<u8>>,
     /// Largest frame payload accepted on the channel.
     #[serde(default = "default_max_frame")]
     pub max_frame_bytes: u32,
@@ -112,9 +114,9 @@ fn default_max_in_flight() -> usize {
 fn default_pcr() -> u8 {
     cinfer_attest::DEFAULT_PCR
 }
-fn default_quote_pcrs() -> Vec<u8> {
-    vec![cinfer_attest::DEFAULT_PCR]
-}
+/// The boot PCRs quoted by default (firmware, boot loader, kernel and their
+/// configuration in a measured-boot VM).
+pub const DEFAULT_BOOT_PCRS: std::ops::RangeInclusive<u8> = 0..=7;
 fn default_max_frame() -> u32 {
     cinfer_channel::DEFAULT_MAX_PAYLOAD
 }
@@ -124,10 +126,16 @@ impl ServeConfig {
     pub fn parse(text: &str) -> Result<Self, ServeError> {
         let c: ServeConfig =
             toml::from_str(text).map_err(|e| ServeError::Config(e.message().to_owned()))?;
-        if !c.quote_pcrs.contains(&c.pcr) {
+        let quote_pcrs = c.quote_pcrs();
+        if !quote_pcrs.contains(&c.pcr) {
             return Err(ServeError::Config(format!(
-                "quote-pcrs {:?} must include the measured pcr {}",
-                c.quote_pcrs, c.pcr
+                "quote-pcrs {quote_pcrs:?} must include the measured pcr {}",
+                c.pcr
+            )));
+        }
+        if let Some(bad) = quote_pcrs.iter().find(|p| **p > 23) {
+            return Err(ServeError::Config(format!(
+                "quote-pcrs: {bad} is not a PCR (0..=23)"
             )));
         }
         c.listen
@@ -135,6 +143,18 @@ impl ServeConfig {
             .map_err(ServeError::Config)?;
         c.pinned_keyservers()?;
         Ok(c)
+    }
+
+    /// The PCRs each quote covers, sorted: `quote-pcrs` as configured, else the
+    /// boot PCRs 0–7 and the measured one.
+    pub fn quote_pcrs(&self) -> Vec<u8> {
+        let mut pcrs = match &self.quote_pcrs_configured {
+            Some(p) => p.clone(),
+            None => DEFAULT_BOOT_PCRS.chain([self.pcr]).collect(),
+        };
+        pcrs.sort_unstable();
+        pcrs.dedup();
+        pcrs
     }
 
     /// The pinned keyserver identities, decoded.

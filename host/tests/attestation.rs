@@ -43,7 +43,7 @@ fn loader_dir(dir: &Path, tcti: &str, policy_suffix: &str, pinned: &[&[u8]]) -> 
     std::fs::write(
         &config,
         format!(
-            "listen = \"tcp:127.0.0.1:0\"\ntpm = \"{tcti}\"\npolicy = \"dev.toml\"\npcr = 23\nquote-pcrs = [23]\nkeyservers = [{}]\n[[program]]\npath = \"echo.wasm\"\n",
+            "listen = \"tcp:127.0.0.1:0\"\ntpm = \"{tcti}\"\npolicy = \"dev.toml\"\npcr = 23\nquote-pcrs = [0, 7, 23]\nkeyservers = [{}]\n[[program]]\npath = \"echo.wasm\"\n",
             pinned
                 .iter()
                 .map(|k| format!("\"{}\"", hex::encode(k)))

@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 
 const PCR: u8 = 23;
 const ROUNDS: usize = 50;
+/// Boot PCRs pinned and quoted beside the measured one (a VM's 0–7).
+const BOOT_PCRS: [u8; 8] = [0, 1, 2, 3, 4, 5, 6, 7];
+const QUOTED: [u8; 9] = [0, 1, 2, 3, 4, 5, 6, 7, PCR];
 
 fn stats(mut t: Vec<Duration>) -> (Duration, Duration) {
     t.sort();
@@ -67,7 +70,9 @@ fn main() {
         trusted_aks: vec![tpm.ak_public().to_vec()],
         measured_pcr: PCR,
         events: allowed,
-        pcrs: BTreeMap::new(),
+        // The boot PCRs pinned as a real deployment does (a VM's 0–7).
+        pcrs: tpm.read_pcrs(&BOOT_PCRS).unwrap(),
+        allow_resettable_pcrs_only: false,
     };
 
     // The keyserver runs on its own worker threads; the client (and the
@@ -89,7 +94,12 @@ fn main() {
         let t1 = Instant::now();
         let loader_key = RequestPrivateKey::generate();
         let ev = tpm
-            .quote(&[PCR], &nonce, &loader_key.public_key().to_bytes(), &events)
+            .quote(
+                &QUOTED,
+                &nonce,
+                &loader_key.public_key().to_bytes(),
+                &events,
+            )
             .unwrap();
         let t2 = Instant::now();
         let (status, body) = rt.block_on(common::post(h.addr, "/v1/attest", &ev.to_json()));

@@ -272,7 +272,7 @@ mod tests {
     fn reference() -> String {
         let d = "11".repeat(32);
         format!(
-            "[reference]\ntrusted-aks = [\"{AK}\"]\n[reference.events]\nloader-binary = [\"{d}\"]\nconfig = [\"{d}\"]\npolicy = [\"{d}\"]\n"
+            "[reference]\ntrusted-aks = [\"{AK}\"]\n[reference.events]\nloader-binary = [\"{d}\"]\nconfig = [\"{d}\"]\npolicy = [\"{d}\"]\n[reference.pcrs]\n0 = \"{d}\"\n"
         )
     }
 
@@ -292,6 +292,18 @@ mod tests {
         assert_eq!(c.release, ReleasePolicy::default());
         let refs = c.reference_values().unwrap();
         assert_eq!(refs.measured_pcr, 23);
+
+        // Values pinning no boot PCR are refused at startup, with the reason.
+        let unpinned = text.replace("[reference.pcrs]\n0 = ", "[reference.pcrs]\n16 = ");
+        let c = Config::parse(&unpinned, Path::new("/etc/ks")).unwrap();
+        let err = c.reference_values().unwrap_err().to_string();
+        assert!(err.contains("no boot PCR is pinned"), "{err}");
+        let dev = unpinned.replace(
+            "[reference.events]",
+            "allow-resettable-pcrs-only = true\n[reference.events]",
+        );
+        let c = Config::parse(&dev, Path::new("/etc/ks")).unwrap();
+        assert!(c.reference_values().unwrap().allow_resettable_pcrs_only);
     }
 
     #[test]

@@ -92,6 +92,16 @@ impl KeyServer {
     /// audit log and signs the request-key statement (valid from now).
     pub fn new(config: Config, clock: Arc<dyn Clock>) -> Result<Self, KeyServerError> {
         let refs = config.reference_values()?;
+        if refs.allow_resettable_pcrs_only
+            && !refs
+                .pcrs
+                .keys()
+                .any(|p| !cinfer_attest::RESETTABLE_PCRS.contains(p))
+        {
+            tracing::warn!(
+                "reference values pin no boot PCR (allow-resettable-pcrs-only): root on the loader's host could replay the event log (development only)"
+            );
+        }
         let keys = StateDir::open(&config.state_dir, &config.kek_file)?.load()?;
         let release_models = match &config.release.models {
             None => keys.models.keys().cloned().collect(),

@@ -58,8 +58,12 @@ fn good_events() -> Vec<Event> {
     events_with_policy(POLICY)
 }
 
-/// Reference values pinning `ak` and allowing exactly the digests of `events`.
-fn reference(ak: &[u8], events: &[Event]) -> ReferenceValues {
+/// The boot PCRs the tests quote and pin beside the measured one.
+const BOOT_PCRS: [u8; 2] = [0, 7];
+
+/// Reference values pinning `ak`, the boot PCRs as `boot` and allowing exactly
+/// the digests of `events`.
+fn reference(ak: &[u8], boot: BTreeMap<u8, [u8; 32]>, events: &[Event]) -> ReferenceValues {
     let mut allowed: BTreeMap<EventKind, BTreeSet<[u8; 32]>> = BTreeMap::new();
     for e in events {
         allowed.entry(e.kind).or_default().insert(e.digest);
@@ -68,7 +72,8 @@ fn reference(ak: &[u8], events: &[Event]) -> ReferenceValues {
         trusted_aks: vec![ak.to_vec()],
         measured_pcr: PCR,
         events: allowed,
-        pcrs: BTreeMap::new(),
+        pcrs: boot,
+        allow_resettable_pcrs_only: false,
     };
     refs.check().unwrap();
     refs
@@ -88,7 +93,8 @@ async fn setup_with(edit: impl FnOnce(&mut Config)) -> Option<Setup> {
     let mut tpm = Tpm::open(&sw.tcti()).unwrap();
     let events = good_events();
     tpm.measure(PCR, &events).unwrap();
-    let h = common::start_server(reference(tpm.ak_public(), &events), edit).await;
+    let boot = tpm.read_pcrs(&BOOT_PCRS).unwrap();
+    let h = common::start_server(reference(tpm.ak_public(), boot, &events), edit).await;
     Some(Setup { tpm, h, _sw: sw })
 }
 
@@ -96,15 +102,15 @@ async fn setup() -> Option<Setup> {
     setup_with(|_| {}).await
 }
 
-/// A fresh nonce, a fresh ephemeral key, and the TPM's quote over PCR 23
-/// bound to both, carrying `event_log`.
+/// A fresh nonce, a fresh ephemeral key, and the TPM's quote over the boot
+/// PCRs and PCR 23 bound to both, carrying `event_log`.
 async fn quote(s: &mut Setup, event_log: &[Event]) -> (Evidence, RequestPrivateKey) {
     let nonce = fresh_nonce(s.h.addr).await;
     let loader_key = RequestPrivateKey::generate();
     let ev = s
         .tpm
         .quote(
-            &[PCR],
+            &[BOOT_PCRS[0], BOOT_PCRS[1], PCR],
             &nonce,
             &loader_key.public_key().to_bytes(),
             event_log,
@@ -371,7 +377,10 @@ async fn tpm2_quote_is_accepted() {
     let tcti = sw.tcti();
     // cinfer_tpm's AK, for comparison; the Tpm is dropped (its AK flushed)
     // before tpm2-tools connect: swtpm serves one client at a time.
-    let cinfer_ak = Tpm::open(&tcti).unwrap().ak_public().to_vec();
+    let (cinfer_ak, boot) = {
+        let mut t = Tpm::open(&tcti).unwrap();
+        (t.ak_public().to_vec(), t.read_pcrs(&BOOT_PCRS).unwrap())
+    };
 
     let dir = common::temp_root();
     let d = dir.as_path();
@@ -410,7 +419,7 @@ async fn tpm2_quote_is_accepted() {
     );
 
     let events = good_events();
-    let h = common::start_server(reference(&ak, &events), |_| {}).await;
+    let h = common::start_server(reference(&ak, boot.clone(), &events), |_| {}).await;
     let nonce = fresh_nonce(h.addr).await;
     let loader_key = RequestPrivateKey::generate();
     let hpke = loader_key.public_key().to_bytes();
@@ -429,7 +438,7 @@ async fn tpm2_quote_is_accepted() {
             "-c",
             "ak.ctx",
             "-l",
-            "sha256:23",
+            "sha256:0,7,23",
             "-q",
             &qualification,
             "-g",
@@ -446,11 +455,13 @@ async fn tpm2_quote_is_accepted() {
     );
     tpm2(d, &tcti, "tpm2_flushcontext", &["-t"]);
 
-    let pcr23: [u8; 32] = std::fs::read(d.join("pcrs.bin"))
-        .unwrap()
-        .try_into()
-        .unwrap();
+    // The quoted values, in selection order: PCR 0, 7, 23.
+    let values = std::fs::read(d.join("pcrs.bin")).unwrap();
+    assert_eq!(values.len(), 3 * 32);
+    let value = |i: usize| -> [u8; 32] { values[i * 32..(i + 1) * 32].try_into().unwrap() };
+    let pcr23 = value(2);
     assert_eq!(pcr23, replay(&events, PCR));
+    assert_eq!((value(0), value(1)), (boot[&0], boot[&7]));
     let ev = Evidence {
         version: EVIDENCE_VERSION,
         nonce: nonce.clone(),
@@ -460,15 +471,15 @@ async fn tpm2_quote_is_accepted() {
         // TPMT_SIGNATURE (tpm2-tools' default "tss" signature format).
         attest: std::fs::read(d.join("msg.bin")).unwrap(),
         signature: std::fs::read(d.join("sig.bin")).unwrap(),
-        pcrs: BTreeMap::from([(PCR, pcr23)]),
+        pcrs: BTreeMap::from([(0, value(0)), (7, value(1)), (PCR, pcr23)]),
         event_log: events,
     };
     let _ = std::fs::remove_dir_all(&dir);
 
     // The verifier alone, then the keyserver over HTTP.
     let verified =
-        cinfer_attest::verify(&ev, &nonce, &reference(&ev.ak_public, &ev.event_log)).unwrap();
+        cinfer_attest::verify(&ev, &nonce, &reference(&ev.ak_public, boot, &ev.event_log)).unwrap();
     assert_eq!(verified.measured_value, pcr23);
-    assert_eq!(verified.quoted_pcrs, BTreeSet::from([PCR]));
+    assert_eq!(verified.quoted_pcrs, BTreeSet::from([0, 7, PCR]));
     assert_released(&h, &ev, &loader_key).await;
 }

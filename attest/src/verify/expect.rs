@@ -27,9 +27,15 @@ pub const REQUIRED_EVENT_KINDS: [EventKind; 3] = [
 /// config = ["…"]
 /// policy = ["…", "…"]
 /// trust-root = ["…"]                      # optional kind
-/// [pcrs]                                  # optional exact values of other PCRs
+/// [pcrs]                                  # exact values of other PCRs (boot PCRs)
 /// 0 = "…"
 /// ```
+///
+/// At least one pinned PCR must be one software cannot reset (anything but 16
+/// and 23): the measured PCR alone proves nothing against root on the host,
+/// who can reset PCR 23, replay the public event log into it and have the TPM
+/// quote it for a key of their own. `allow-resettable-pcrs-only = true` lifts
+/// this for development (a software TPM, where nothing measured the boot).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ReferenceValues {
@@ -47,7 +53,14 @@ pub struct ReferenceValues {
     /// image). Each must be in the quote's selection.
     #[serde(default, with = "crate::hex_map")]
     pub pcrs: BTreeMap<u8, Digest32>,
+    /// Accept values that pin no PCR software cannot reset (development only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_resettable_pcrs_only: bool,
 }
+
+/// PCRs that software at locality 0 can reset (PC Client platform profile):
+/// 16 (debug) and 23 (application).
+pub const RESETTABLE_PCRS: [u8; 2] = [16, 23];
 
 fn default_pcr() -> u8 {
     DEFAULT_PCR
@@ -69,6 +82,14 @@ pub enum ReferenceError {
     /// A required event kind has no allowed digest: nothing could ever verify.
     #[error("no allowed digests for required event kind {0}")]
     NoAllowedDigests(EventKind),
+    /// Only resettable PCRs would be checked: root on the host could reset the
+    /// measured PCR and replay the event log.
+    #[error(
+        "no boot PCR is pinned: PCRs 16 and 23 can be reset by root on the host, who could replay the event log; \
+         pin boot PCRs in [pcrs] (and quote them: quote-pcrs in the loader configuration) \
+         or set allow-resettable-pcrs-only = true for development"
+    )]
+    OnlyResettablePcrs,
 }
 
 impl ReferenceValues {
@@ -90,6 +111,10 @@ impl ReferenceValues {
             if self.events.get(&kind).is_none_or(BTreeSet::is_empty) {
                 return Err(ReferenceError::NoAllowedDigests(kind));
             }
+        }
+        let boot_pinned = self.pcrs.keys().any(|p| !RESETTABLE_PCRS.contains(p));
+        if !boot_pinned && !self.allow_resettable_pcrs_only {
+            return Err(ReferenceError::OnlyResettablePcrs);
         }
         Ok(())
     }

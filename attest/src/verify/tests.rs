@@ -538,10 +538,38 @@ fn reference_values_check() {
     let mut r = good.clone();
     r.measured_pcr = 24;
     assert_eq!(r.check(), Err(ReferenceError::MeasuredPcrOutOfRange(24)));
-    let mut r = good;
+    let mut r = good.clone();
     r.events.remove(&EventKind::Policy);
     assert_eq!(
         r.check(),
         Err(ReferenceError::NoAllowedDigests(EventKind::Policy))
     );
+
+    // Pinning only resettable PCRs (the measured one, 16) is refused, with or
+    // without PCR 16 pinned, unless the development flag says otherwise.
+    let mut r = good.clone();
+    r.pcrs.clear();
+    assert_eq!(r.check(), Err(ReferenceError::OnlyResettablePcrs));
+    r.pcrs.insert(16, [0; 32]);
+    assert_eq!(r.check(), Err(ReferenceError::OnlyResettablePcrs));
+    assert!(
+        ReferenceError::OnlyResettablePcrs
+            .to_string()
+            .contains("allow-resettable-pcrs-only")
+    );
+    r.allow_resettable_pcrs_only = true;
+    r.check().unwrap();
+    // One boot PCR (here 7 alone) is enough.
+    let mut r = good;
+    r.pcrs.retain(|p, _| *p == 7);
+    r.check().unwrap();
+
+    // The flag round-trips through TOML and is left out when false.
+    let mut r = fixture().reference_values();
+    assert!(!toml::to_string(&r).unwrap().contains("allow-resettable"));
+    r.pcrs.clear();
+    r.allow_resettable_pcrs_only = true;
+    let text = toml::to_string(&r).unwrap();
+    assert!(text.contains("allow-resettable-pcrs-only = true"), "{text}");
+    assert_eq!(toml::from_str::<ReferenceValues>(&text).unwrap(), r);
 }
