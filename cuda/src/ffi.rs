@@ -156,9 +156,10 @@ fn grid(n: u64, block: u32) -> Result<LaunchConfig, CudaError> {
     })
 }
 
+/// One block per row; callers return before launching zero rows.
 fn rows_cfg(rows: u32, block: u32, smem: u32) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (rows.max(1), 1, 1),
+        grid_dim: (rows, 1, 1),
         block_dim: (block, 1, 1),
         shared_mem_bytes: smem,
     }
@@ -346,6 +347,10 @@ impl Kernels {
         need(xd, mm * kbb, "gemv xd")?;
         need(xs, mm * kbb, "gemv xs")?;
         need(out, mm * nn, "gemv out")?;
+        if m == 0 || n == 0 {
+            // Nothing to compute (a one-block grid would read row 0 of empty inputs).
+            return Ok(());
+        }
         let f = self.get("gemv_q")?;
         let mut l = s.launch_builder(f);
         l.arg(w)
@@ -357,7 +362,7 @@ impl Kernels {
             .arg(&n)
             .arg(&kb);
         let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(8).max(1), m.max(1), 1),
+            grid_dim: (n.div_ceil(8), m, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -606,6 +611,10 @@ impl Kernels {
         need(scratch, seq * heads * (pos + seq), "attention scratch")?;
         let tasks = u32::try_from(seq * heads)
             .map_err(|_| CudaError::Shape("attention too large".into()))?;
+        if tasks == 0 {
+            // No query rows (or no heads: the kernel divides by heads).
+            return Ok(());
+        }
         let f16 = u32::from(kc.is_f16());
         let f = self.get("attention")?;
         let mut l = s.launch_builder(f);

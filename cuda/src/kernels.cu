@@ -91,12 +91,15 @@ __device__ u64 block_max_u64(u64 v, u64* sh) {
 
 // One warp per 32-block of x: q = round_ties_even(x * 127/amax), d = f16(amax/127),
 // s = f16(amax/127 * sum q), exactly as quant::quantize_q8_1 / quantize_q8_0.
+// (blockDim.x is a multiple of 32, so the early return is warp-uniform.)
 extern "C" __global__ void quantize_act(const float* x, i8* q, float* d, float* s, u32 blocks) {
-    u32 b = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    u64 b = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
     if (b >= blocks) return;
-    float v = x[(u64)b * 32 + lane];
-    float amax = warp_max(fabsf(v));
+    float v = x[b * 32 + lane];
+    // Starting from 0 as the CPU's fold: fmaxf drops NaN, so an all-NaN block
+    // gets amax 0 (d = s = 0), not NaN.
+    float amax = warp_max(fmaxf(0.0f, fabsf(v)));
     float dd = amax / 127.0f;
     float id = amax != 0.0f ? 127.0f / amax : 0.0f;
     float r = rintf(v * id);
@@ -399,7 +402,7 @@ extern "C" __global__ void argmax_rows(const float* x, u32* out, u32 cols) {
 
 // One block: the k largest non-NaN entries of `row` by (total order desc, index asc),
 // k rounds of a max below the previous winner. out_n gets how many were found.
-extern "C" __global__ void top_k(const float* row, u32 cols, u32 k, u32* out_idx, float* out_val,
+extern "C" __global__ void __launch_bounds__(1024) top_k(const float* row, u32 cols, u32 k, u32* out_idx, float* out_val,
                                  u32* out_n) {
     __shared__ u64 sh[32];
     u64 last = ~0ull;

@@ -274,6 +274,58 @@ fn matmuls_of_every_weight_type_match() {
             close(&format!("matmul {ty:?} {m}x{k}x{n}"), &got, &want, tol);
         }
     }
+    // Quantized activations with NaN: an all-NaN 32-block quantizes to zero
+    // (scale 0) and a NaN element to q = 0, as on the CPU; the result is finite.
+    for ty in [ElemType::Q4_1, ElemType::Q8_0] {
+        let (m, k, n) = (2, 128, 40);
+        let (w, x, want) = nan_activations(&mut rng, ty, (m, k, n));
+        let got = down(
+            &cuda,
+            &cuda
+                .matmul(&cuda.upload(&x).unwrap(), &up(&cuda, &w), m, k, n)
+                .unwrap(),
+        );
+        close(
+            &format!("matmul {ty:?} with NaN activations"),
+            &got,
+            &want,
+            0.0,
+        );
+    }
+}
+
+/// Weights of `ty`, activations with an all-NaN 32-block and a lone NaN, and
+/// the CPU's product (finite: NaN quantizes to 0).
+fn nan_activations(
+    rng: &mut Rng,
+    ty: ElemType,
+    (m, k, n): (usize, usize, usize),
+) -> (DeviceBuffer, Vec<f32>, Vec<f32>) {
+    let w = weights(rng, ty, n, k);
+    let mut x = rng.vec(m * k, 2.0);
+    x[32..64].fill(f32::NAN);
+    x[(m - 1) * k + 69] = f32::NAN;
+    let want = f32s(
+        &CpuBackend
+            .matmul(&DeviceBuffer::F32(x.clone()), &w, m, k, n)
+            .unwrap(),
+    );
+    assert!(
+        want.iter().all(|v| v.is_finite()),
+        "{ty:?}: CPU product finite"
+    );
+    (w, x, want)
+}
+
+/// The CPU side of the NaN parity check holds on machines without a GPU too.
+#[test]
+fn cpu_quantized_matmul_of_nan_activations_is_finite() {
+    let mut rng = Rng(12);
+    for ty in [ElemType::Q4_1, ElemType::Q8_0] {
+        for shape in [(1, 128, 40), (2, 128, 40), (9, 128, 40)] {
+            nan_activations(&mut rng, ty, shape);
+        }
+    }
 }
 
 #[test]
@@ -457,7 +509,8 @@ const LAYER_TENSORS: [&str; 9] = [
 
 /// The llama forward pass of `tests/common/native_llama.rs` over any backend:
 /// greedy tokens, and per step the top-1/top-2 logit margin.
-fn generate(b: &dyn Backend, model: &SealedGguf, prompt: &[u32], n: usize) -> Vec<(u32, f32)> {
+/// Greedy generation: per step (token, top-1 − top-2 logit gap, top-1 logit).
+fn generate(b: &dyn Backend, model: &SealedGguf, prompt: &[u32], n: usize) -> Vec<(u32, f32, f32)> {
     let meta = model.metadata().expect("metadata");
     let g = cinfer_gguf::parse_metadata(&meta).expect("gguf");
     let u = |k: &str| g.u64(&format!("llama.{k}")).expect("hparam") as usize;
@@ -536,15 +589,21 @@ fn generate(b: &dyn Backend, model: &SealedGguf, prompt: &[u32], n: usize) -> Ve
         let next = b.argmax(&logits, vocab).expect("argmax")[0];
         let top = b.top_k(&logits, vocab, 2).expect("top-2");
         assert_eq!(top[0].0, next, "top-1 is the argmax");
-        out.push((next, top[0].1 - top[1].1));
+        out.push((next, top[0].1 - top[1].1, top[0].1));
         pos += seq;
         ids = vec![next];
     }
     out
 }
 
-/// Logit gap under which a divergence is a near tie, not a bug.
+/// Logit gap under which a divergence is always a near tie, not a bug.
 const NEAR_TIE_LOGITS: f32 = 1e-3;
+/// A divergence is also a near tie where the CPU's gap is within this many
+/// times the largest top-1 logit difference seen on the identical contexts
+/// before it: prompts go through cuBLAS (summation order differs, ≈1e-6
+/// relative per matmul) and f16 KV rounding can flip on a 1-ulp difference, so
+/// over 30 layers the logits drift by a measured amount, not by zero.
+const NEAR_TIE_DRIFTS: f32 = 4.0;
 
 #[test]
 fn smollm2_greedy_generation_gives_the_cpu_tokens() {
@@ -573,16 +632,23 @@ fn smollm2_greedy_generation_gives_the_cpu_tokens() {
             .zip(&want)
             .take_while(|(a, b)| a.0 == b.0)
             .count();
+        // Largest top-1 logit difference on the equal prefix (the same token
+        // after the same context on both backends).
+        let drift = got[..same]
+            .iter()
+            .zip(&want[..same])
+            .map(|(g, w)| (g.2 - w.2).abs())
+            .fold(0.0f32, f32::max);
         println!(
-            "{p:?}: {same}/{} tokens equal ({} prompt tokens)",
+            "{p:?}: {same}/{} tokens equal ({} prompt tokens), top-1 logit drift {drift:e}",
             want.len(),
             ids.len()
         );
         if same < want.len() {
             let margin = want[same].1;
             assert!(
-                margin < NEAR_TIE_LOGITS,
-                "{p:?}: CUDA diverged at step {same} where the CPU's top-1/top-2 gap is {margin} logits (cuda {:?}, cpu {:?})",
+                margin < NEAR_TIE_LOGITS.max(NEAR_TIE_DRIFTS * drift),
+                "{p:?}: CUDA diverged at step {same} where the CPU's top-1/top-2 gap is {margin} logits, drift {drift} (cuda {:?}, cpu {:?})",
                 got[same..].iter().map(|t| t.0).collect::<Vec<_>>(),
                 want[same..].iter().map(|t| t.0).collect::<Vec<_>>()
             );
