@@ -259,14 +259,32 @@ pub fn measurements(
 }
 
 /// Keys received from keyservers, by id. Never printed.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct InstalledKeys {
-    /// Request private keys, by key id.
-    pub request: BTreeMap<String, RequestPrivateKey>,
+    /// Request private keys, by key id, each with the receipt signing key of
+    /// the release (so of the keyserver) it came with: a request sealed to a
+    /// keyserver's request key gets a receipt that keyserver's clients verify.
+    pub request: BTreeMap<String, RequestKeys>,
     /// Model data keys, by model id.
     pub models: BTreeMap<String, ModelKey>,
-    /// The receipt signing key, once released.
-    pub receipt: Option<p256::ecdsa::SigningKey>,
+}
+
+/// A request key and the receipt key released with it. Its `Debug` output
+/// shows no key material.
+#[derive(Clone)]
+pub struct RequestKeys {
+    /// Opens requests sealed to this key id.
+    pub request: RequestPrivateKey,
+    /// Signs the receipts of those requests.
+    pub receipt: p256::ecdsa::SigningKey,
+}
+
+impl std::fmt::Debug for RequestKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestKeys")
+            .field("key_id", &self.request.public_key().key_id())
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for InstalledKeys {
@@ -274,8 +292,28 @@ impl std::fmt::Debug for InstalledKeys {
         f.debug_struct("InstalledKeys")
             .field("request", &self.request.keys().collect::<Vec<_>>())
             .field("models", &self.models.keys().collect::<Vec<_>>())
-            .field("receipt", &self.receipt.is_some())
             .finish()
+    }
+}
+
+/// A key release verified and unwrapped, not installed yet
+/// ([`Attestor::stage`], [`Attestor::commit`]). Never printed.
+pub struct StagedRelease {
+    keys: InstalledKeys,
+}
+
+impl std::fmt::Debug for StagedRelease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StagedRelease")
+            .field("keys", &self.keys)
+            .finish()
+    }
+}
+
+impl StagedRelease {
+    /// The keys it would install.
+    pub fn keys(&self) -> &InstalledKeys {
+        &self.keys
     }
 }
 
@@ -386,11 +424,16 @@ impl Attestor {
         }
     }
 
-    /// Handles one frame from the peer and returns the answer.
+    /// Handles one frame from the peer and returns the answer (a key release
+    /// is staged and committed at once: see [`Service`] for the serving path,
+    /// which opens the models in between).
     pub fn handle(&mut self, frame: &Frame) -> Result<Frame, ServeError> {
         match frame.kind {
             Kind::AttestRequest => self.attest(&frame.payload),
-            Kind::KeyRelease => self.install(&frame.payload),
+            Kind::KeyRelease => {
+                let staged = self.stage(&frame.payload)?;
+                Ok(self.commit(staged))
+            }
             other => Err(ServeError::UnexpectedFrame(other)),
         }
     }
@@ -416,7 +459,9 @@ impl Attestor {
         })
     }
 
-    fn install(&mut self, payload: &[u8]) -> Result<Frame, ServeError> {
+    /// Verifies and unwraps a key release without installing anything: the
+    /// attestation's ephemeral key is spent whatever the outcome.
+    pub fn stage(&mut self, payload: &[u8]) -> Result<StagedRelease, ServeError> {
         let release: KeyRelease = serde_json::from_slice(payload)
             .map_err(|e| ServeError::MalformedRelease(e.to_string()))?;
         if release.version != cinfer_attest::KEY_RELEASE_VERSION {
@@ -438,6 +483,8 @@ impl Attestor {
         if release.nonce != pending.nonce {
             return Err(ServeError::NonceMismatch);
         }
+        let mut requests = BTreeMap::new();
+        let mut receipt = None;
         let mut keys = InstalledKeys::default();
         for k in &release.keys {
             let secret = unwrap_key(
@@ -466,7 +513,7 @@ impl Attestor {
                     if key_id != k.id {
                         return Err(bad(format!("its key id is {key_id}")));
                     }
-                    keys.request.insert(k.id.clone(), key);
+                    requests.insert(k.id.clone(), key);
                 }
                 ReleasedKeyKind::Model => {
                     let key = ModelKey::from_bytes(&secret).map_err(|e| bad(e.to_string()))?;
@@ -475,24 +522,40 @@ impl Attestor {
                 ReleasedKeyKind::Receipt => {
                     let key = p256::ecdsa::SigningKey::from_slice(&secret)
                         .map_err(|_| bad("not a P-256 scalar".into()))?;
-                    keys.receipt = Some(key);
+                    receipt = Some(key);
                 }
             }
         }
+        if !requests.is_empty() {
+            // A request key is usable only with its keyserver's receipt key.
+            let receipt = receipt.ok_or_else(|| {
+                ServeError::MalformedRelease("request keys without a receipt key".into())
+            })?;
+            keys.request = requests
+                .into_iter()
+                .map(|(id, request)| {
+                    let receipt = receipt.clone();
+                    (id, RequestKeys { request, receipt })
+                })
+                .collect();
+        }
+        Ok(StagedRelease { keys })
+    }
+
+    /// Installs a staged release (later keys with the same id replace earlier ones).
+    pub fn commit(&mut self, staged: StagedRelease) -> Frame {
+        let mut keys = staged.keys;
         self.keys.request.append(&mut keys.request);
         self.keys.models.append(&mut keys.models);
-        if keys.receipt.is_some() {
-            self.keys.receipt = keys.receipt;
-        }
         tracing::info!(keys = ?self.keys, "keys installed");
-        Ok(Frame {
+        Frame {
             kind: Kind::KeysInstalled,
             payload: serde_json::to_vec(&Installed {
                 models: self.keys.models.keys().map(String::as_str).collect(),
                 request_keys: self.keys.request.keys().map(String::as_str).collect(),
             })
             .unwrap_or_default(),
-        })
+        }
     }
 }
 
@@ -711,12 +774,39 @@ impl Service {
         &self.attestor
     }
 
-    /// Opens every configured model whose key has arrived and serves the set.
-    fn open_models(&mut self) -> Result<(), ServeError> {
+    /// Installs a key release all or nothing: verified and unwrapped first,
+    /// then every configured model whose key is installed or arriving is
+    /// opened; only when all open are the keys installed and the models served.
+    fn install_release(&mut self, payload: &[u8]) -> Result<Frame, ServeError> {
+        let staged = self.attestor.stage(payload)?;
+        let mut models = self.attestor.keys.models.clone();
+        models.extend(
+            staged
+                .keys()
+                .models
+                .iter()
+                .map(|(id, k)| (id.clone(), k.clone())),
+        );
+        let (store, digests) = self.open_models(&models)?;
+        let answer = self.attestor.commit(staged);
+        self.loader.set_models(store);
+        *self
+            .model_sha256
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = digests;
+        Ok(answer)
+    }
+
+    /// Opens every configured model whose key is in `keys`.
+    #[allow(clippy::type_complexity)]
+    fn open_models(
+        &self,
+        keys: &BTreeMap<String, ModelKey>,
+    ) -> Result<(ModelStore, BTreeMap<String, String>), ServeError> {
         let mut store = ModelStore::default();
         let mut digests = BTreeMap::new();
         for (id, file) in &self.sealed_models {
-            let Some(key) = self.attestor.keys.models.get(id) else {
+            let Some(key) = keys.get(id) else {
                 continue;
             };
             let source = file
@@ -738,12 +828,7 @@ impl Service {
             digests.insert(id.clone(), hex::encode(model.plaintext_sha256()));
             store.insert(id.clone(), Arc::new(model));
         }
-        self.loader.set_models(store);
-        *self
-            .model_sha256
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = digests;
-        Ok(())
+        Ok((store, digests))
     }
 
     /// Serves one peer until it hangs up or sends a malformed frame. Requests run
@@ -777,13 +862,11 @@ impl Service {
                     send(&writer, answer.kind, &answer.payload, max)?;
                 }
                 _ => {
-                    let mut answer = self.attestor.handle(&frame);
-                    if frame.kind == Kind::KeyRelease
-                        && answer.is_ok()
-                        && let Err(e) = self.open_models()
-                    {
-                        answer = Err(e);
-                    }
+                    let answer = if frame.kind == Kind::KeyRelease {
+                        self.install_release(&frame.payload)
+                    } else {
+                        self.attestor.handle(&frame)
+                    };
                     let answer = answer.unwrap_or_else(|e| {
                         tracing::warn!(error = %e, "frame refused");
                         Frame {
@@ -851,13 +934,14 @@ impl Service {
             Ok(k) => k.to_owned(),
             Err(e) => return refuse(format!("malformed request: {e}")),
         };
-        let Some(key) = self.attestor.keys.request.get(&key_id).cloned() else {
+        let Some(RequestKeys {
+            request: key,
+            receipt: receipt_key,
+        }) = self.attestor.keys.request.get(&key_id).cloned()
+        else {
             return refuse(format!(
                 "no request key {key_id} (not attested yet, or sealed to another keyserver's key)"
             ));
-        };
-        let Some(receipt_key) = self.attestor.keys.receipt.clone() else {
-            return refuse("no receipt key released yet".into());
         };
         // Counted before the drain check, so a drain never sees 0 while one starts;
         // the guard gives the slot back however the worker ends.

@@ -519,3 +519,145 @@ fn a_loader_with_a_changed_policy_is_refused() {
     drop(loader);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Seals `prompt` to the request key `ks` publishes, submits it to echo and
+/// returns the echoed text and the signed receipt (unverified), with the
+/// keyserver's statement.
+fn echo_through(
+    relay: &mut Relay,
+    ks: &KeyServer,
+    request_id: u64,
+    prompt: &[u8],
+) -> (
+    Vec<u8>,
+    cinfer_attest::SignedReceipt,
+    cinfer_attest::RequestKeyStatement,
+) {
+    let (status, body) = http(ks.addr, "GET", "/v1/request-key", b"");
+    assert_eq!(status, 200);
+    let statement = serde_json::from_slice::<SignedRequestKey>(&body)
+        .unwrap()
+        .verify(&ks.identity)
+        .unwrap();
+    let key = cinfer_envelope::RequestPublicKey::from_bytes(&statement.public_key).unwrap();
+    let (sealed, mut opener) = cinfer_envelope::seal_request(&key, prompt).unwrap();
+    let submit = cinfer_channel::Submit {
+        request_id,
+        program: "echo".into(),
+        sealed,
+    };
+    cinfer_channel::write_frame(&mut relay.stream, Kind::Submit, &submit.encode(), MAX).unwrap();
+    let mut text = Vec::new();
+    loop {
+        let f = relay.read();
+        let (id, rest) = cinfer_channel::split_request_id(&f.payload).unwrap();
+        assert_eq!(id, request_id);
+        match f.kind {
+            Kind::Reply => {
+                if let cinfer_envelope::ReplyChunk::Data(d) = opener.open(rest).unwrap() {
+                    text.extend_from_slice(&d);
+                }
+            }
+            Kind::Done => {
+                let receipt = serde_json::from_slice(rest).unwrap();
+                return (text, receipt, statement);
+            }
+            other => panic!("{other:?}: {}", String::from_utf8_lossy(rest)),
+        }
+    }
+}
+
+/// A loader pinning two keyservers holds both request keys; each request's
+/// receipt is signed with the receipt key released by the keyserver whose
+/// request key opened it, so each keyserver's clients verify their receipts
+/// (and a receipt does not verify under the other keyserver's key).
+#[test]
+fn each_keyservers_clients_get_receipts_signed_by_that_keyservers_receipt_key() {
+    let swtpm = cinfer_tpm::swtpm::Swtpm::start().expect("swtpm (scripts/setup installs it)");
+    let dir = scratch("two-keyservers");
+    let a = keyserver_state(&dir, "ks-a");
+    let b = keyserver_state(&dir, "ks-b");
+    let config = loader_dir(&dir, &swtpm.tcti(), "", &[&a, &b]);
+    let refs = reference_values(&config, &swtpm.tcti());
+    let (ks_a, ks_b) = (
+        keyserver(&dir, "ks-a", refs.clone()),
+        keyserver(&dir, "ks-b", refs),
+    );
+    let loader = serve(&config);
+    let (mut relay, _) = Relay::connect(loader.1);
+    for ks in [&ks_a, &ks_b] {
+        let (status, body) = relay.attest(ks.addr);
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let installed = relay.ask(Kind::KeyRelease, &body);
+        assert_eq!(installed.kind, Kind::KeysInstalled);
+    }
+    let (text_a, receipt_a, statement_a) = echo_through(&mut relay, &ks_a, 1, b"for a");
+    let (text_b, receipt_b, statement_b) = echo_through(&mut relay, &ks_b, 2, b"for b");
+    assert_eq!((&text_a[..], &text_b[..]), (&b"for a"[..], &b"for b"[..]));
+    assert_ne!(
+        statement_a.receipt_public_key,
+        statement_b.receipt_public_key
+    );
+    // The receipt key installed last (b's) must not sign a's receipts.
+    receipt_a.verify(&statement_a.receipt_public_key).unwrap();
+    receipt_b.verify(&statement_b.receipt_public_key).unwrap();
+    assert!(receipt_a.verify(&statement_b.receipt_public_key).is_err());
+    assert!(receipt_b.verify(&statement_a.receipt_public_key).is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A release is installed all or nothing: when its model key does not open the
+/// configured sealed model, the loader answers with the reason and installs
+/// none of its keys — a request sealed to the released request key is refused.
+#[test]
+fn a_release_whose_model_key_fails_installs_no_key() {
+    let swtpm = cinfer_tpm::swtpm::Swtpm::start().expect("swtpm (scripts/setup installs it)");
+    let dir = scratch("all-or-nothing");
+    let pinned = keyserver_state(&dir, "ks");
+    let config = loader_dir(&dir, &swtpm.tcti(), "", &[&pinned]);
+    // The model file is sealed under another key than the keyserver holds.
+    let other_key = cinfer_sealed_model::ModelKey::from_bytes(&[0x11; 32]).unwrap();
+    let sealed =
+        cinfer_sealed_model::seal_bytes(&other_key, MODEL_ID, "k", 4096, b"not the key").unwrap();
+    std::fs::write(dir.join("model.sealed"), sealed).unwrap();
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "[[model]]\nid = \"{MODEL_ID}\"\npath = \"model.sealed\"\n"
+    ));
+    std::fs::write(&config, text).unwrap();
+    let refs = reference_values(&config, &swtpm.tcti());
+    let ks = keyserver(&dir, "ks", refs);
+    let loader = serve(&config);
+    let (mut relay, _) = Relay::connect(loader.1);
+    let (status, body) = relay.attest(ks.addr);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let answer = relay.ask(Kind::KeyRelease, &body);
+    let why = error_of(&answer);
+    assert!(why.contains(MODEL_ID), "{why}");
+
+    // The request key of that release was not installed.
+    let (_, body) = http(ks.addr, "GET", "/v1/request-key", b"");
+    let statement = serde_json::from_slice::<SignedRequestKey>(&body)
+        .unwrap()
+        .verify(&ks.identity)
+        .unwrap();
+    let key = cinfer_envelope::RequestPublicKey::from_bytes(&statement.public_key).unwrap();
+    let (sealed, _) = cinfer_envelope::seal_request(&key, b"hello").unwrap();
+    let submit = cinfer_channel::Submit {
+        request_id: 7,
+        program: "echo".into(),
+        sealed,
+    };
+    let refused = relay.ask(Kind::Submit, &submit.encode());
+    assert_eq!(refused.kind, Kind::Refused);
+    let (_, rest) = cinfer_channel::split_request_id(&refused.payload).unwrap();
+    let why: serde_json::Value = serde_json::from_slice(rest).unwrap();
+    assert!(
+        why["error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("no request key {}", statement.key_id)),
+        "{why}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
