@@ -94,7 +94,9 @@ fn classify(e: &ClientError) -> (StatusCode, &'static str) {
     }
     match e {
         ClientError::NoAttestedLoader(_) => (StatusCode::SERVICE_UNAVAILABLE, "cinfer_unavailable"),
-        ClientError::InvalidProgram(_) => (StatusCode::BAD_REQUEST, "invalid_request_error"),
+        ClientError::InvalidProgram(_) | ClientError::InvalidProgramPin(_) => {
+            (StatusCode::BAD_REQUEST, "invalid_request_error")
+        }
         ClientError::Server { status, .. } if (400..500).contains(status) => (
             StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY),
             "invalid_request_error",

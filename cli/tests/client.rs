@@ -66,6 +66,8 @@ struct Fake {
     identity: Vec<u8>,
     /// Request plaintexts the fake opened (to check what clients send).
     requests: Arc<Mutex<Vec<Vec<u8>>>>,
+    /// The program each sealed request was bound to (None: unbound).
+    bound: Arc<Mutex<Vec<Option<[u8; 32]>>>>,
     /// Set when the gate timed out (the client did not see the first chunk
     /// before the body ended).
     gate_timed_out: Arc<Mutex<bool>>,
@@ -118,6 +120,7 @@ impl Fake {
         let signed_statement =
             serde_json::to_string(&SignedRequestKey::sign(&statement, &signer)).unwrap();
         let requests = Arc::new(Mutex::new(Vec::new()));
+        let bound = Arc::new(Mutex::new(Vec::new()));
         let gate_timed_out = Arc::new(Mutex::new(false));
         let ctx = Arc::new(ServerCtx {
             mode,
@@ -126,6 +129,7 @@ impl Fake {
             receipt_key,
             gate: Mutex::new(gate),
             requests: requests.clone(),
+            bound: bound.clone(),
             gate_timed_out: gate_timed_out.clone(),
         });
         std::thread::spawn(move || {
@@ -141,6 +145,7 @@ impl Fake {
             addr,
             identity: public(&identity),
             requests,
+            bound,
             gate_timed_out,
         }
     }
@@ -153,6 +158,7 @@ struct ServerCtx {
     receipt_key: SigningKey,
     gate: Mutex<Option<mpsc::Receiver<()>>>,
     requests: Arc<Mutex<Vec<Vec<u8>>>>,
+    bound: Arc<Mutex<Vec<Option<[u8; 32]>>>>,
     gate_timed_out: Arc<Mutex<bool>>,
 }
 
@@ -234,6 +240,10 @@ fn serve(ctx: &ServerCtx, mut conn: TcpStream) -> std::io::Result<()> {
                 }
             };
             ctx.requests.lock().unwrap().push(plain.to_vec());
+            ctx.bound
+                .lock()
+                .unwrap()
+                .push(cinfer_envelope::request_program(&body).unwrap());
             let mut frames = vec![
                 sealer.seal_chunk(b"Hello").unwrap(),
                 sealer.seal_chunk(b" world").unwrap(),
@@ -702,6 +712,21 @@ fn a_receipt_for_another_program_than_the_pinned_one_is_refused() {
     pinned
         .chat("llama-chat", request, |_| {})
         .expect("the pinned component ran");
+    // The pinned request was sealed bound to that component; an unpinned one is not.
+    fake.client()
+        .chat("llama-chat", request, |_| {})
+        .expect("unpinned");
+    assert_eq!(*fake.bound.lock().unwrap(), [Some([0xab; 32]), None]);
+    // A pin that is not a SHA-256 is refused before anything is sent.
+    let r =
+        fake.client()
+            .with_program_pin("llama-chat", "abcd")
+            .chat("llama-chat", request, |_| {});
+    assert!(
+        matches!(&r, Err(ClientError::InvalidProgramPin(p)) if p == "llama-chat"),
+        "{r:?}"
+    );
+    assert_eq!(fake.bound.lock().unwrap().len(), 2, "nothing sent");
     let other = fake
         .client()
         .with_program_pin("llama-chat", &"cd".repeat(32));

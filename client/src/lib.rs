@@ -66,6 +66,9 @@ pub enum ClientError {
     /// The program name is not a plain name (letters, digits, `.`, `_`, `-`).
     #[error("invalid program name {0:?}")]
     InvalidProgram(String),
+    /// A program pin is not a hex SHA-256 (64 hex digits).
+    #[error("the pinned digest of program {0:?} is not a hex SHA-256")]
+    InvalidProgramPin(String),
     /// The pinned keyserver identity key is not a P-256 point.
     #[error("the keyserver identity key is not a P-256 public key")]
     BadIdentityKey,
@@ -355,9 +358,11 @@ impl Client {
     }
 
     /// Pins the component digest (hex SHA-256, e.g. of the signed release) that
-    /// must have run for `program`: a receipt naming any other component — a
-    /// server that ran the prompt on another admitted program — fails `chat`
-    /// with `ReceiptMismatch { field: "program_sha256" }`.
+    /// must run `program`. The request is sealed bound to it (envelope header
+    /// version 2), so a loader asked by the server to run it with any other
+    /// component refuses before opening it; and a receipt naming any other
+    /// component fails `chat` with `ReceiptMismatch { field: "program_sha256" }`.
+    /// A pin that is not 64 hex digits fails `chat` with `InvalidProgramPin`.
     pub fn with_program_pin(mut self, program: &str, sha256_hex: &str) -> Self {
         self.program_pins
             .insert(program.to_owned(), sha256_hex.to_ascii_lowercase());
@@ -445,8 +450,17 @@ impl Client {
         let statement = self.current_statement()?;
         let public = RequestPublicKey::from_bytes(&statement.public_key)
             .map_err(|e| ClientError::StatementMalformed(e.to_string()))?;
-        let (sealed, mut opener) =
-            cinfer_envelope::seal_request(&public, request).map_err(ClientError::Seal)?;
+        let (sealed, mut opener) = match self.program_pins.get(program) {
+            Some(pin) => {
+                let digest: [u8; 32] = hex::decode(pin)
+                    .ok()
+                    .and_then(|d| d.try_into().ok())
+                    .ok_or_else(|| ClientError::InvalidProgramPin(program.to_owned()))?;
+                cinfer_envelope::seal_request_for_program(&public, &digest, request)
+            }
+            None => cinfer_envelope::seal_request(&public, request),
+        }
+        .map_err(ClientError::Seal)?;
         let request_sha256 = hex::encode(Sha256::digest(&sealed));
         let path = format!("/v1/requests?program={program}");
         let resp = http::send(

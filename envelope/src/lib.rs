@@ -4,7 +4,11 @@
 //!   DHKEM(P-256, HKDF-SHA256) / HKDF-SHA256 / AES-256-GCM, sealed to a request
 //!   public key. Its header (version, suite, key id) is bound into both the HPKE
 //!   `info` and the AEAD associated data, so changing any header byte makes the
-//!   request fail to open.
+//!   request fail to open. A request may be **bound to a program**
+//!   ([`seal_request_for_program`], header version 2): the header then carries
+//!   the SHA-256 of the one component allowed to run it, which the loader
+//!   compares with the program it was asked to run before opening anything
+//!   ([`request_program`]); the untrusted side cannot strip or change it.
 //! * A **reply** is a stream of AES-256-GCM chunks in the STREAM construction
 //!   (`aead-stream`'s big-endian 32-bit counter with a last-chunk flag in the
 //!   nonce), keyed from the request's HPKE exporter secret. Chunks are numbered
@@ -32,8 +36,11 @@ pub mod keywrap;
 
 type Kem = DhP256HkdfSha256;
 
-/// Envelope format version written into every request header.
+/// Envelope format version of a request header without a program binding.
 pub const REQUEST_VERSION: u8 = 1;
+/// Envelope format version of a request header bound to a program: version 1's
+/// header followed by the component's SHA-256.
+pub const REQUEST_VERSION_BOUND: u8 = 2;
 /// HPKE suite identifiers (RFC 9180 §7): KEM, KDF, AEAD.
 pub const SUITE: [u16; 3] = [0x0010, 0x0001, 0x0002];
 /// Length of an encapsulated P-256 key (uncompressed SEC1 point).
@@ -234,6 +241,7 @@ impl RequestPublicKey {
 struct RequestParts<'a> {
     header: &'a [u8],
     key_id: &'a str,
+    program: Option<[u8; 32]>,
     enc: &'a [u8],
     ciphertext: &'a [u8],
 }
@@ -250,7 +258,7 @@ fn take<'a>(bytes: &mut &'a [u8], n: usize, what: &'static str) -> Result<&'a [u
 fn parse_request(sealed: &[u8]) -> Result<RequestParts<'_>, EnvelopeError> {
     let mut rest = sealed;
     let version = take(&mut rest, 1, "version")?[0];
-    if version != REQUEST_VERSION {
+    if version != REQUEST_VERSION && version != REQUEST_VERSION_BOUND {
         return Err(EnvelopeError::UnsupportedVersion(version));
     }
     let suite = take(&mut rest, 6, "suite")?;
@@ -271,6 +279,14 @@ fn parse_request(sealed: &[u8]) -> Result<RequestParts<'_>, EnvelopeError> {
         return Err(EnvelopeError::MalformedKeyId);
     }
     let key_id = std::str::from_utf8(key_id).map_err(|_| EnvelopeError::MalformedKeyId)?;
+    let program = if version == REQUEST_VERSION_BOUND {
+        let d = take(&mut rest, 32, "program digest")?;
+        let mut digest = [0u8; 32];
+        digest.copy_from_slice(d);
+        Some(digest)
+    } else {
+        None
+    };
     let header = &sealed[..sealed.len() - rest.len()];
     let enc = take(&mut rest, ENC_LEN, "encapsulated key")?;
     if rest.len() < TAG_LEN {
@@ -279,25 +295,33 @@ fn parse_request(sealed: &[u8]) -> Result<RequestParts<'_>, EnvelopeError> {
     Ok(RequestParts {
         header,
         key_id,
+        program,
         enc,
         ciphertext: rest,
     })
 }
 
-fn encode_header(key_id: &str) -> Result<Vec<u8>, EnvelopeError> {
+fn encode_header(key_id: &str, program: Option<&[u8; 32]>) -> Result<Vec<u8>, EnvelopeError> {
     if key_id.is_empty()
         || key_id.len() > MAX_KEY_ID_LEN
         || !key_id.bytes().all(|b| b.is_ascii_graphic())
     {
         return Err(EnvelopeError::MalformedKeyId);
     }
-    let mut header = Vec::with_capacity(8 + key_id.len());
-    header.push(REQUEST_VERSION);
+    let mut header = Vec::with_capacity(8 + key_id.len() + 32);
+    header.push(if program.is_some() {
+        REQUEST_VERSION_BOUND
+    } else {
+        REQUEST_VERSION
+    });
     for id in SUITE {
         header.extend_from_slice(&id.to_be_bytes());
     }
     header.push(key_id.len() as u8); // checked <= MAX_KEY_ID_LEN above
     header.extend_from_slice(key_id.as_bytes());
+    if let Some(digest) = program {
+        header.extend_from_slice(digest);
+    }
     Ok(header)
 }
 
@@ -349,7 +373,26 @@ pub fn seal_request(
     public_key: &RequestPublicKey,
     plaintext: &[u8],
 ) -> Result<(Vec<u8>, ReplyOpener), EnvelopeError> {
-    let header = encode_header(&public_key.key_id())?;
+    seal(public_key, None, plaintext)
+}
+
+/// Seals `plaintext` to `public_key` for one program only: the component whose
+/// SHA-256 is `program_sha256`. A loader asked to run it with any other
+/// program refuses before opening it ([`request_program`]).
+pub fn seal_request_for_program(
+    public_key: &RequestPublicKey,
+    program_sha256: &[u8; 32],
+    plaintext: &[u8],
+) -> Result<(Vec<u8>, ReplyOpener), EnvelopeError> {
+    seal(public_key, Some(program_sha256), plaintext)
+}
+
+fn seal(
+    public_key: &RequestPublicKey,
+    program: Option<&[u8; 32]>,
+    plaintext: &[u8],
+) -> Result<(Vec<u8>, ReplyOpener), EnvelopeError> {
+    let header = encode_header(&public_key.key_id(), program)?;
     let (enc, mut ctx) = hpke::setup_sender::<AesGcm256, HkdfSha256, Kem>(
         &OpModeS::Base,
         &public_key.pk,
@@ -377,6 +420,13 @@ pub fn seal_request(
 /// Returns the key id a sealed request names, without opening it.
 pub fn request_key_id(sealed: &[u8]) -> Result<&str, EnvelopeError> {
     parse_request(sealed).map(|p| p.key_id)
+}
+
+/// Returns the SHA-256 of the program a sealed request is bound to, if any,
+/// without opening it. The header is authenticated when the request is opened:
+/// a request whose binding was changed or removed fails to open.
+pub fn request_program(sealed: &[u8]) -> Result<Option<[u8; 32]>, EnvelopeError> {
+    parse_request(sealed).map(|p| p.program)
 }
 
 /// Opens a sealed request with the private key. Returns the cleartext (zeroized on

@@ -278,3 +278,55 @@ fn the_same_request_run_twice_gets_a_fresh_reply_key() {
         Err(EnvelopeError::AuthenticationFailed)
     );
 }
+
+#[test]
+fn a_request_bound_to_a_program_names_it_and_the_binding_cannot_be_changed() {
+    let key = RequestPrivateKey::generate();
+    let program = [0x42u8; 32];
+    let (sealed, opener) =
+        seal_request_for_program(key.public_key(), &program, b"for one program").expect("seal");
+    assert_eq!(sealed[0], REQUEST_VERSION_BOUND);
+    assert_eq!(request_program(&sealed).expect("parse"), Some(program));
+    assert_eq!(
+        request_key_id(&sealed).expect("parse"),
+        key.public_key().key_id()
+    );
+    let (pt, sealer) = open_request(&key, &sealed).expect("open");
+    assert_eq!(pt.as_slice(), b"for one program");
+    let (reply, _) = opener
+        .open_all(
+            [sealer.finish(ReplyStatus::Completed).expect("finish")]
+                .iter()
+                .map(Vec::as_slice),
+        )
+        .expect("reply");
+    assert!(reply.is_empty());
+
+    // An unbound request names no program.
+    let (_, plain, _) = round_trip_setup(b"x");
+    assert_eq!(request_program(&plain).expect("parse"), None);
+
+    // The untrusted side rebinds it to another program: it no longer opens.
+    let digest_at = 1 + 6 + 1 + key.public_key().key_id().len();
+    let mut rebound = sealed.clone();
+    rebound[digest_at..digest_at + 32].copy_from_slice(&[0x43; 32]);
+    assert_eq!(request_program(&rebound).expect("parse"), Some([0x43; 32]));
+    assert!(matches!(
+        open_request(&key, &rebound),
+        Err(EnvelopeError::AuthenticationFailed)
+    ));
+    // ... or strips the binding (version 1, digest removed): it no longer opens.
+    let mut stripped = sealed.clone();
+    stripped[0] = REQUEST_VERSION;
+    stripped.drain(digest_at..digest_at + 32);
+    assert_eq!(request_program(&stripped).expect("parse"), None);
+    assert!(matches!(
+        open_request(&key, &stripped),
+        Err(EnvelopeError::AuthenticationFailed)
+    ));
+    // A truncated binding is a typed error.
+    assert!(matches!(
+        request_program(&sealed[..digest_at + 10]),
+        Err(EnvelopeError::Truncated("program digest"))
+    ));
+}

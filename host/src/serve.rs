@@ -934,6 +934,20 @@ impl Service {
             Ok(k) => k.to_owned(),
             Err(e) => return refuse(format!("malformed request: {e}")),
         };
+        // A request the client bound to one component runs on that one only
+        // (the binding is authenticated when the request opens).
+        match cinfer_envelope::request_program(&submit.sealed) {
+            Ok(Some(bound)) if bound != program.grant().digest => {
+                return refuse(format!(
+                    "the request is bound to program sha256 {}, not to {:?} (sha256 {})",
+                    hex::encode(bound),
+                    submit.program,
+                    hex::encode(program.grant().digest)
+                ));
+            }
+            Ok(_) => {}
+            Err(e) => return refuse(format!("malformed request: {e}")),
+        }
         let Some(RequestKeys {
             request: key,
             receipt: receipt_key,

@@ -520,27 +520,37 @@ fn a_loader_with_a_changed_policy_is_refused() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Seals `prompt` to the request key `ks` publishes, submits it to echo and
-/// returns the echoed text and the signed receipt (unverified), with the
-/// keyserver's statement.
+/// The request-key statement `ks` publishes, verified.
+fn statement_of(ks: &KeyServer) -> cinfer_attest::RequestKeyStatement {
+    let (status, body) = http(ks.addr, "GET", "/v1/request-key", b"");
+    assert_eq!(status, 200);
+    serde_json::from_slice::<SignedRequestKey>(&body)
+        .unwrap()
+        .verify(&ks.identity)
+        .unwrap()
+}
+
+/// Seals `prompt` to the request key `ks` publishes (bound to the component
+/// `bind` when given), submits it to echo and returns the echoed text and the
+/// signed receipt (unverified), with the keyserver's statement.
 fn echo_through(
     relay: &mut Relay,
     ks: &KeyServer,
     request_id: u64,
     prompt: &[u8],
+    bind: Option<[u8; 32]>,
 ) -> (
     Vec<u8>,
     cinfer_attest::SignedReceipt,
     cinfer_attest::RequestKeyStatement,
 ) {
-    let (status, body) = http(ks.addr, "GET", "/v1/request-key", b"");
-    assert_eq!(status, 200);
-    let statement = serde_json::from_slice::<SignedRequestKey>(&body)
-        .unwrap()
-        .verify(&ks.identity)
-        .unwrap();
+    let statement = statement_of(ks);
     let key = cinfer_envelope::RequestPublicKey::from_bytes(&statement.public_key).unwrap();
-    let (sealed, mut opener) = cinfer_envelope::seal_request(&key, prompt).unwrap();
+    let (sealed, mut opener) = match bind {
+        Some(d) => cinfer_envelope::seal_request_for_program(&key, &d, prompt),
+        None => cinfer_envelope::seal_request(&key, prompt),
+    }
+    .unwrap();
     let submit = cinfer_channel::Submit {
         request_id,
         program: "echo".into(),
@@ -591,8 +601,8 @@ fn each_keyservers_clients_get_receipts_signed_by_that_keyservers_receipt_key() 
         let installed = relay.ask(Kind::KeyRelease, &body);
         assert_eq!(installed.kind, Kind::KeysInstalled);
     }
-    let (text_a, receipt_a, statement_a) = echo_through(&mut relay, &ks_a, 1, b"for a");
-    let (text_b, receipt_b, statement_b) = echo_through(&mut relay, &ks_b, 2, b"for b");
+    let (text_a, receipt_a, statement_a) = echo_through(&mut relay, &ks_a, 1, b"for a", None);
+    let (text_b, receipt_b, statement_b) = echo_through(&mut relay, &ks_b, 2, b"for b", None);
     assert_eq!((&text_a[..], &text_b[..]), (&b"for a"[..], &b"for b"[..]));
     assert_ne!(
         statement_a.receipt_public_key,
@@ -603,6 +613,35 @@ fn each_keyservers_clients_get_receipts_signed_by_that_keyservers_receipt_key() 
     receipt_b.verify(&statement_b.receipt_public_key).unwrap();
     assert!(receipt_a.verify(&statement_b.receipt_public_key).is_err());
     assert!(receipt_b.verify(&statement_a.receipt_public_key).is_err());
+
+    // A request bound to echo's component runs on echo; one bound to another
+    // component is refused before it is opened, with the reason.
+    let echo: [u8; 32] =
+        sha2::Sha256::digest(std::fs::read(root().join("target/programs/echo.wasm")).unwrap())
+            .into();
+    let (text, receipt, statement) = echo_through(&mut relay, &ks_a, 3, b"bound", Some(echo));
+    assert_eq!(text, b"bound");
+    let receipt = receipt.verify(&statement.receipt_public_key).unwrap();
+    assert_eq!(receipt.program_sha256, hex::encode(echo));
+    let key = cinfer_envelope::RequestPublicKey::from_bytes(&statement_a.public_key).unwrap();
+    let (sealed, _) = cinfer_envelope::seal_request_for_program(&key, &[0x42; 32], b"x").unwrap();
+    let submit = cinfer_channel::Submit {
+        request_id: 4,
+        program: "echo".into(),
+        sealed,
+    };
+    let refused = relay.ask(Kind::Submit, &submit.encode());
+    assert_eq!(refused.kind, Kind::Refused);
+    let (_, rest) = cinfer_channel::split_request_id(&refused.payload).unwrap();
+    let why: serde_json::Value = serde_json::from_slice(rest).unwrap();
+    assert_eq!(
+        why["error"],
+        format!(
+            "the request is bound to program sha256 {}, not to \"echo\" (sha256 {})",
+            "42".repeat(32),
+            hex::encode(echo)
+        )
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -636,11 +675,7 @@ fn a_release_whose_model_key_fails_installs_no_key() {
     assert!(why.contains(MODEL_ID), "{why}");
 
     // The request key of that release was not installed.
-    let (_, body) = http(ks.addr, "GET", "/v1/request-key", b"");
-    let statement = serde_json::from_slice::<SignedRequestKey>(&body)
-        .unwrap()
-        .verify(&ks.identity)
-        .unwrap();
+    let statement = statement_of(&ks);
     let key = cinfer_envelope::RequestPublicKey::from_bytes(&statement.public_key).unwrap();
     let (sealed, _) = cinfer_envelope::seal_request(&key, b"hello").unwrap();
     let submit = cinfer_channel::Submit {
