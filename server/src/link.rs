@@ -96,8 +96,10 @@ pub enum Event {
 type Pending = HashMap<u64, mpsc::Sender<Event>>;
 
 /// Reply frames buffered for one request whose HTTP client reads too slowly;
-/// past this the request is dropped (its stream ends with an error record)
-/// rather than buffered without bound.
+/// past this the request is dropped (its stream ends with an error record
+/// saying so) rather than buffered without bound. One more slot is kept for
+/// the request's last event (`Done`, `Refused` or that error), so it is never
+/// lost to a full buffer.
 const MAX_BUFFERED_FRAMES: usize = 1024;
 
 /// One loader connection: where frames are written and who waits for answers.
@@ -162,7 +164,7 @@ impl Conn {
         program: &str,
         sealed: Vec<u8>,
     ) -> Result<Ticket, SubmitError> {
-        let (tx, rx) = mpsc::channel(MAX_BUFFERED_FRAMES);
+        let (tx, rx) = mpsc::channel(MAX_BUFFERED_FRAMES + 1);
         {
             let mut pending = self.pending.lock().map_err(|_| SubmitError::Lost)?;
             pending.as_mut().ok_or(SubmitError::Lost)?.insert(id, tx);
@@ -202,9 +204,12 @@ impl Conn {
         let delivered = if last {
             pending.remove(&id).map(|tx| tx.try_send(event).is_ok())
         } else {
-            match pending.get(&id).map(|tx| tx.try_send(event)) {
-                Some(Err(mpsc::error::TrySendError::Full(_))) => {
-                    // Dropping the sender ends the request's stream (error record).
+            match pending.get(&id) {
+                Some(tx) if tx.capacity() <= 1 => {
+                    // The last slot is the terminal event's: end the stream.
+                    let _ = tx.try_send(Event::Lost(format!(
+                        "the client read too slowly: {MAX_BUFFERED_FRAMES} reply frames buffered, request dropped"
+                    )));
                     pending.remove(&id);
                     tracing::warn!(
                         request_id = id,
@@ -212,7 +217,8 @@ impl Conn {
                     );
                     Some(false)
                 }
-                other => other.map(|r| r.is_ok()),
+                Some(tx) => Some(tx.try_send(event).is_ok()),
+                None => None,
             }
         };
         if delivered != Some(true) {
@@ -623,5 +629,55 @@ mod tests {
             conn.submit(3, "p", Vec::new()).await,
             Err(SubmitError::Lost)
         ));
+    }
+
+    /// A request whose client does not read gets at most MAX_BUFFERED_FRAMES
+    /// frames buffered; the next one drops the request (its stream ends without
+    /// Done, which the HTTP side turns into an error record) and later frames
+    /// for it go nowhere. Other requests are unaffected.
+    #[tokio::test]
+    async fn a_slow_client_has_a_bounded_buffer_then_its_request_is_dropped() {
+        let (tx, _rx) = mpsc::channel(8);
+        let conn = Arc::new(Conn::new(tx, 1 << 20));
+        let mut slow = conn.submit(1, "p", b"x".to_vec()).await.unwrap();
+        let mut other = conn.submit(2, "p", b"y".to_vec()).await.unwrap();
+        for i in 0..=MAX_BUFFERED_FRAMES {
+            let frame = cinfer_channel::with_request_id(1, &(i as u32).to_be_bytes());
+            assert!(conn.dispatch(Kind::Reply, &frame));
+        }
+        // Dropped: the id is no longer pending...
+        assert!(
+            !conn
+                .pending
+                .lock()
+                .unwrap()
+                .as_ref()
+                .unwrap()
+                .contains_key(&1)
+        );
+        assert!(conn.dispatch(Kind::Done, &cinfer_channel::with_request_id(1, b"{}")));
+        // ...the client reads exactly the frames buffered, in order, then why
+        // the request ended, then nothing (no Done after the drop).
+        for i in 0..MAX_BUFFERED_FRAMES {
+            assert_eq!(
+                slow.events.recv().await,
+                Some(Event::Reply((i as u32).to_be_bytes().to_vec()))
+            );
+        }
+        assert!(matches!(
+            slow.events.recv().await,
+            Some(Event::Lost(why)) if why.contains("read too slowly")
+        ));
+        assert_eq!(slow.events.recv().await, None);
+        // The other request, with a full buffer, still gets its Done (the
+        // reserved slot) after its frames.
+        for _ in 0..MAX_BUFFERED_FRAMES {
+            assert!(conn.dispatch(Kind::Reply, &cinfer_channel::with_request_id(2, b"r")));
+        }
+        assert!(conn.dispatch(Kind::Done, &cinfer_channel::with_request_id(2, b"{}")));
+        for _ in 0..MAX_BUFFERED_FRAMES {
+            assert_eq!(other.events.recv().await, Some(Event::Reply(b"r".to_vec())));
+        }
+        assert_eq!(other.events.recv().await, Some(Event::Done(b"{}".to_vec())));
     }
 }
