@@ -61,6 +61,10 @@ pub enum Kind {
     Program,
     /// loader → peer: JSON `{"name","sha256","world"}` of the program now served.
     Admitted,
+    /// peer → loader: stop a running request (`request id u64`), e.g. because
+    /// its client went away. No answer of its own: the request ends as usual
+    /// (`Done`, outcome `cancelled`) unless it had finished already.
+    Cancel,
 }
 
 impl Kind {
@@ -79,6 +83,7 @@ impl Kind {
             Kind::Refused => 10,
             Kind::Program => 11,
             Kind::Admitted => 12,
+            Kind::Cancel => 13,
         }
     }
 
@@ -97,6 +102,7 @@ impl Kind {
             10 => Kind::Refused,
             11 => Kind::Program,
             12 => Kind::Admitted,
+            13 => Kind::Cancel,
             _ => return None,
         })
     }

@@ -31,6 +31,16 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 /// Epoch tick: the deadline's granularity.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 
+/// Ticks between two looks at a run's cancellation flag (and its remaining
+/// deadline): a cancelled run stops within about this many milliseconds of
+/// Wasm execution (a host call in progress finishes first).
+const CHECK_TICKS: u64 = 10;
+
+/// The error that ends a cancelled run (mapped to [`AbortReason::Cancelled`]).
+#[derive(Debug, thiserror::Error)]
+#[error("run cancelled")]
+struct RunCancelled;
+
 /// Engine-wide settings (the policy sets per-program limits below these).
 #[derive(Debug, Clone)]
 pub struct LoaderConfig {
@@ -91,6 +101,9 @@ pub enum AbortReason {
     /// The wall-clock deadline passed.
     #[error("deadline of {0:?} exceeded")]
     Deadline(Duration),
+    /// The peer cancelled the request (its client went away).
+    #[error("cancelled by the peer")]
+    Cancelled,
     /// A policy limit was crossed (memory, egress) or a bad handle passed.
     #[error("{0}")]
     Policy(PolicyViolation),
@@ -536,6 +549,31 @@ impl Loader {
         key: &RequestPrivateKey,
         sink: FrameSink,
     ) -> Result<RunReport, RequestError> {
+        self.open_and_execute(program, sealed_request, key, sink, None)
+    }
+
+    /// As [`Loader::run_streaming`], and the run stops (aborted,
+    /// [`AbortReason::Cancelled`]; the final frame is still sealed) soon after
+    /// `cancel` is set.
+    pub fn run_streaming_cancellable(
+        &self,
+        program: &AdmittedProgram,
+        sealed_request: &[u8],
+        key: &RequestPrivateKey,
+        sink: FrameSink,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<RunReport, RequestError> {
+        self.open_and_execute(program, sealed_request, key, sink, Some(cancel))
+    }
+
+    fn open_and_execute(
+        &self,
+        program: &AdmittedProgram,
+        sealed_request: &[u8],
+        key: &RequestPrivateKey,
+        sink: FrameSink,
+        cancel: Option<Arc<AtomicBool>>,
+    ) -> Result<RunReport, RequestError> {
         let limits = &program.grant.limits;
         let len = sealed_request.len() as u64;
         if len > limits.request_bytes {
@@ -545,7 +583,7 @@ impl Loader {
             });
         }
         let (cleartext, sealer) = cinfer_envelope::open_request(key, sealed_request)?;
-        self.execute(program, Some(cleartext), Some(sealer), sink)
+        self.execute(program, Some(cleartext), Some(sealer), sink, cancel)
     }
 
     /// Runs a request whose envelope is already open: `request` is its
@@ -559,7 +597,7 @@ impl Loader {
         sealer: cinfer_envelope::ReplySealer,
         sink: FrameSink,
     ) -> Result<RunReport, RequestError> {
-        self.execute(program, Some(request), Some(sealer), sink)
+        self.execute(program, Some(request), Some(sealer), sink, None)
     }
 
     /// Runs a program with no request (a warm-up or a benchmark of the bare
@@ -568,7 +606,7 @@ impl Loader {
         &self,
         program: &AdmittedProgram,
     ) -> Result<RunReport, RequestError> {
-        self.execute(program, None, None, Box::new(|_| {}))
+        self.execute(program, None, None, Box::new(|_| {}), None)
     }
 
     fn execute(
@@ -577,6 +615,7 @@ impl Loader {
         request: Option<zeroize::Zeroizing<Vec<u8>>>,
         sealer: Option<cinfer_envelope::ReplySealer>,
         sink: FrameSink,
+        cancel: Option<Arc<AtomicBool>>,
     ) -> Result<RunReport, RequestError> {
         let limits: &Limits = &program.grant.limits;
         let start = Instant::now();
@@ -604,8 +643,22 @@ impl Loader {
         let ticks = u64::try_from(limits.deadline.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
-        store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
+        // The deadline in steps of CHECK_TICKS, looking at the cancellation
+        // flag at each step; Interrupt (Trap::Interrupt) once it is used up.
+        let first = ticks.min(CHECK_TICKS);
+        let mut remaining = ticks - first;
+        store.set_epoch_deadline(first);
+        store.epoch_deadline_callback(move |_| {
+            if cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+                return Err(wasmtime::Error::new(RunCancelled));
+            }
+            if remaining == 0 {
+                return Ok(wasmtime::UpdateDeadline::Interrupt);
+            }
+            let step = remaining.min(CHECK_TICKS);
+            remaining -= step;
+            Ok(wasmtime::UpdateDeadline::Continue(step))
+        });
 
         let outcome = match program.pre.instantiate(&mut store) {
             // A panic in a host function is a loader bug; catch it so it ends
@@ -657,6 +710,9 @@ impl Loader {
 fn abort_reason(e: &wasmtime::Error, limits: &Limits) -> AbortReason {
     if let Some(v) = e.downcast_ref::<PolicyViolation>() {
         return AbortReason::Policy(v.clone());
+    }
+    if e.downcast_ref::<RunCancelled>().is_some() {
+        return AbortReason::Cancelled;
     }
     match e.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => AbortReason::Deadline(limits.deadline),

@@ -16,7 +16,7 @@ use crate::caps::model::ModelStore;
 use crate::caps::output::FrameSink;
 use crate::models::SealedGguf;
 use crate::policy::PolicyFileRole;
-use crate::{AdmittedProgram, Loader, LoaderConfig, Policy, RunOutcome};
+use crate::{AbortReason, AdmittedProgram, Loader, LoaderConfig, Policy, RunOutcome};
 use cinfer_attest::{Event, EventKind, Evidence, KeyRelease, ReleasedKeyKind, release_context};
 use cinfer_attest::{Receipt, SignedReceipt};
 use cinfer_channel::Submit;
@@ -574,6 +574,45 @@ pub struct Service {
     in_flight: Arc<AtomicUsize>,
     draining: Arc<AtomicBool>,
     seen: SeenRequests,
+    running: Running,
+}
+
+/// The cancellation flags of the requests running now, by request id.
+type Running = Arc<Mutex<HashMap<u64, Arc<AtomicBool>>>>;
+
+/// A running request's entry in [`Running`], removed on drop.
+struct RunningEntry {
+    running: Running,
+    id: u64,
+    flag: Arc<AtomicBool>,
+}
+
+impl RunningEntry {
+    fn register(running: &Running, id: u64) -> Self {
+        let flag = Arc::new(AtomicBool::new(false));
+        running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, flag.clone());
+        Self {
+            running: running.clone(),
+            id,
+            flag,
+        }
+    }
+}
+
+impl Drop for RunningEntry {
+    fn drop(&mut self) {
+        let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        // Only this run's entry (a peer may reuse an id once it finished).
+        if running
+            .get(&self.id)
+            .is_some_and(|f| Arc::ptr_eq(f, &self.flag))
+        {
+            running.remove(&self.id);
+        }
+    }
 }
 
 /// One running request's slot in the in-flight count, given back on drop.
@@ -674,6 +713,7 @@ fn outcome_name(o: &RunOutcome) -> &'static str {
     match o {
         RunOutcome::Completed => "completed",
         RunOutcome::ProgramFailed => "program-failed",
+        RunOutcome::Aborted(AbortReason::Cancelled) => "cancelled",
         RunOutcome::Aborted(_) => "aborted",
     }
 }
@@ -758,6 +798,7 @@ impl Service {
             in_flight: Arc::default(),
             draining: Arc::default(),
             seen: SeenRequests::default(),
+            running: Arc::default(),
         })
     }
 
@@ -842,9 +883,50 @@ impl Service {
         let max = self.max_frame;
         let hello = self.attestor.hello(&self.program_list);
         send(&writer, hello.kind, &hello.payload, max)?;
-        while let Some(frame) = cinfer_channel::read_frame(&mut reader, max)? {
+        let served = self.serve_frames(&mut reader, &writer);
+        // The peer is gone: nobody can receive what running requests produce.
+        let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        for flag in running.values() {
+            flag.store(true, Ordering::Relaxed);
+        }
+        if !running.is_empty() {
+            tracing::info!(
+                requests = running.len(),
+                "peer gone: running requests cancelled"
+            );
+        }
+        served
+    }
+
+    fn serve_frames(
+        &mut self,
+        reader: &mut impl Read,
+        writer: &SharedWriter,
+    ) -> Result<(), ServeError> {
+        let max = self.max_frame;
+        while let Some(frame) = cinfer_channel::read_frame(&mut *reader, max)? {
             match frame.kind {
-                Kind::Submit => self.submit(&frame.payload, &writer),
+                Kind::Submit => self.submit(&frame.payload, writer),
+                Kind::Cancel => {
+                    let Ok(id) = <[u8; 8]>::try_from(frame.payload.as_slice()) else {
+                        send(
+                            writer,
+                            Kind::Error,
+                            &error_json(&"malformed Cancel frame"),
+                            max,
+                        )?;
+                        continue;
+                    };
+                    let id = u64::from_be_bytes(id);
+                    let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+                    match running.get(&id) {
+                        Some(flag) => {
+                            flag.store(true, Ordering::Relaxed);
+                            tracing::info!(request = id, "request cancelled by the peer");
+                        }
+                        None => tracing::debug!(request = id, "cancel for no running request"),
+                    }
+                }
                 Kind::Program => {
                     let answer = match self.upload(&frame.payload) {
                         Ok(info) => Frame {
@@ -859,7 +941,7 @@ impl Service {
                             }
                         }
                     };
-                    send(&writer, answer.kind, &answer.payload, max)?;
+                    send(writer, answer.kind, &answer.payload, max)?;
                 }
                 _ => {
                     let answer = if frame.kind == Kind::KeyRelease {
@@ -874,7 +956,7 @@ impl Service {
                             payload: error_json(&e),
                         }
                     });
-                    send(&writer, answer.kind, &answer.payload, max)?;
+                    send(writer, answer.kind, &answer.payload, max)?;
                 }
             }
         }
@@ -971,6 +1053,7 @@ impl Service {
             return refuse("replayed request: this sealed request was already run".into());
         }
         let (loader, writer) = (self.loader.clone(), writer.clone());
+        let entry = RunningEntry::register(&self.running, id);
         // The model digests the receipt names, as they are when the run starts.
         let model_digests = self
             .model_sha256
@@ -982,6 +1065,8 @@ impl Service {
             .name(format!("request-{id}"))
             .spawn(move || {
                 let _slot = slot;
+                let cancel = entry.flag.clone();
+                let _entry = entry;
                 let hasher = Arc::new(Mutex::new((Sha256::new(), 0u64)));
                 let (h, w) = (hasher.clone(), writer.clone());
                 let sink: FrameSink = Box::new(move |frame: Vec<u8>| {
@@ -993,7 +1078,7 @@ impl Service {
                     }
                     let _ = send(&w, Kind::Reply, &cinfer_channel::with_request_id(id, &frame), max);
                 });
-                let answer = match loader.run_streaming(&program, &submit.sealed, &key, sink) {
+                let answer = match loader.run_streaming_cancellable(&program, &submit.sealed, &key, sink, cancel) {
                     Ok(report) => {
                         let (digest, frames) = {
                             let h = hasher.lock().unwrap_or_else(PoisonError::into_inner);

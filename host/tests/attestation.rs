@@ -696,3 +696,87 @@ fn a_release_whose_model_key_fails_installs_no_key() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The peer cancels a running request (its client went away): the run stops
+/// within milliseconds, long before its deadline, and ends as usual with the
+/// sealed final frame and a receipt whose outcome is `cancelled`. A malformed
+/// Cancel is answered with an error.
+#[test]
+fn a_cancelled_request_stops_long_before_its_deadline() {
+    let swtpm = cinfer_tpm::swtpm::Swtpm::start().expect("swtpm (scripts/setup installs it)");
+    let dir = scratch("cancel");
+    let pinned = keyserver_state(&dir, "ks");
+    let op_loop = std::fs::read(root().join("target/programs/op-loop.wasm")).unwrap();
+    let suffix = format!(
+        "\n[[program]]\nname = \"op-loop\"\nsha256 = \"{}\"\nworld = \"compute\"\nlimits = {{ deadline-ms = 60000 }}\n",
+        hex::encode(sha2::Sha256::digest(&op_loop))
+    );
+    let config = loader_dir(&dir, &swtpm.tcti(), &suffix, &[&pinned]);
+    let refs = reference_values(&config, &swtpm.tcti());
+    let ks = keyserver(&dir, "ks", refs);
+    let loader = serve(&config);
+    let (mut relay, _) = Relay::connect(loader.1);
+    let (status, body) = relay.attest(ks.addr);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(relay.ask(Kind::KeyRelease, &body).kind, Kind::KeysInstalled);
+    let upload = cinfer_channel::ProgramUpload {
+        name: "op-loop".into(),
+        component: op_loop,
+        signatures: Vec::new(),
+    };
+    let admitted = relay.ask(Kind::Program, &upload.encode());
+    assert_eq!(
+        admitted.kind,
+        Kind::Admitted,
+        "{}",
+        String::from_utf8_lossy(&admitted.payload)
+    );
+
+    let bad = relay.ask(Kind::Cancel, b"abc");
+    assert_eq!(error_of(&bad), "malformed Cancel frame");
+
+    // About four billion accelerator ops: far longer than the 60 s deadline.
+    let statement = statement_of(&ks);
+    let key = cinfer_envelope::RequestPublicKey::from_bytes(&statement.public_key).unwrap();
+    let (sealed, mut opener) = cinfer_envelope::seal_request(&key, b"4000000000").unwrap();
+    let submit = cinfer_channel::Submit {
+        request_id: 5,
+        program: "op-loop".into(),
+        sealed,
+    };
+    let started = std::time::Instant::now();
+    cinfer_channel::write_frame(&mut relay.stream, Kind::Submit, &submit.encode(), MAX).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    cinfer_channel::write_frame(&mut relay.stream, Kind::Cancel, &5u64.to_be_bytes(), MAX).unwrap();
+    let done = loop {
+        let f = relay.read();
+        let (id, rest) = cinfer_channel::split_request_id(&f.payload).unwrap();
+        assert_eq!(id, 5);
+        match f.kind {
+            Kind::Reply => {
+                opener.open(rest).unwrap();
+            }
+            Kind::Done => break rest.to_vec(),
+            other => panic!("{other:?}: {}", String::from_utf8_lossy(rest)),
+        }
+    };
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < std::time::Duration::from_secs(10),
+        "stopped after {elapsed:?}"
+    );
+    assert_eq!(
+        opener.finish().unwrap(),
+        cinfer_envelope::ReplyStatus::Aborted
+    );
+    let receipt = serde_json::from_slice::<cinfer_attest::SignedReceipt>(&done)
+        .unwrap()
+        .verify(&statement.receipt_public_key)
+        .unwrap();
+    assert_eq!(receipt.outcome, "cancelled");
+    // A Cancel for a request no longer running changes nothing.
+    cinfer_channel::write_frame(&mut relay.stream, Kind::Cancel, &5u64.to_be_bytes(), MAX).unwrap();
+    let (echoed, _, _) = echo_through(&mut relay, &ks, 6, b"still serving", None);
+    assert_eq!(echoed, b"still serving");
+    let _ = std::fs::remove_dir_all(&dir);
+}

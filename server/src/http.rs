@@ -504,6 +504,11 @@ impl Submitted<'_> {
                 StatusCode::SERVICE_UNAVAILABLE,
                 &format!("the loader connection was lost before the request ran: {reason}"),
             ),
+            Event::Dropped(reason) => finish(
+                RequestOutcome::Unavailable,
+                StatusCode::SERVICE_UNAVAILABLE,
+                &reason,
+            ),
             first @ (Event::Reply(_) | Event::Done(_)) => {
                 let (tx, rx) = mpsc::channel(STREAM_BUFFER);
                 let pump = Pump {
@@ -581,6 +586,13 @@ impl Pump {
                             RECORD_ERROR,
                             &error_json(&format!("refused by the loader: {reason}")),
                         ),
+                        Some(RequestOutcome::StreamError),
+                    )
+                }
+                Event::Dropped(reason) => {
+                    tracing::warn!(reason, "stream dropped");
+                    (
+                        record(RECORD_ERROR, &error_json(&reason)),
                         Some(RequestOutcome::StreamError),
                     )
                 }

@@ -91,6 +91,8 @@ pub enum Event {
     Refused(String),
     /// The loader connection was lost; why.
     Lost(String),
+    /// The server dropped the request (its client read too slowly); why.
+    Dropped(String),
 }
 
 type Pending = HashMap<u64, mpsc::Sender<Event>>;
@@ -122,11 +124,18 @@ pub struct Ticket {
 }
 
 impl Drop for Ticket {
+    /// Forgets the id; a request still running (no last event yet: its client
+    /// went away, or it was dropped as too slow) is cancelled on the loader.
     fn drop(&mut self) {
-        if let Ok(mut p) = self.conn.pending.lock()
-            && let Some(p) = p.as_mut()
-        {
-            p.remove(&self.id);
+        let unfinished = self
+            .conn
+            .pending
+            .lock()
+            .ok()
+            .and_then(|mut p| p.as_mut().map(|p| p.remove(&self.id).is_some()))
+            .unwrap_or(false);
+        if unfinished {
+            self.conn.cancel(self.id);
         }
     }
 }
@@ -149,6 +158,19 @@ impl Conn {
             writer,
             pending: Mutex::new(Some(HashMap::new())),
             max_frame,
+        }
+    }
+
+    /// Asks the loader to stop request `id` (best effort: a full write queue
+    /// drops the Cancel, and the request runs to its end).
+    fn cancel(&self, id: u64) {
+        match encode(Kind::Cancel, &id.to_be_bytes(), self.max_frame) {
+            Ok(bytes) => {
+                if self.writer.try_send(bytes).is_err() {
+                    tracing::debug!(request_id = id, "cancel not sent (connection busy or gone)");
+                }
+            }
+            Err(e) => tracing::warn!(request_id = id, error = %e, "cancel frame"),
         }
     }
 
@@ -207,7 +229,7 @@ impl Conn {
             match pending.get(&id) {
                 Some(tx) if tx.capacity() <= 1 => {
                     // The last slot is the terminal event's: end the stream.
-                    let _ = tx.try_send(Event::Lost(format!(
+                    let _ = tx.try_send(Event::Dropped(format!(
                         "the client read too slowly: {MAX_BUFFERED_FRAMES} reply frames buffered, request dropped"
                     )));
                     pending.remove(&id);
@@ -215,6 +237,7 @@ impl Conn {
                         request_id = id,
                         "client too slow: {MAX_BUFFERED_FRAMES} frames buffered, request dropped"
                     );
+                    self.cancel(id);
                     Some(false)
                 }
                 Some(tx) => Some(tx.try_send(event).is_ok()),
@@ -623,7 +646,14 @@ mod tests {
         assert!(!conn.dispatch(Kind::Reply, b"short"));
         assert_eq!(a.events.recv().await, Some(Event::Reply(b"r".to_vec())));
         assert_eq!(a.events.recv().await, Some(Event::Done(b"{}".to_vec())));
+        assert_eq!(rx.recv().await.unwrap()[1], Kind::Submit.to_byte());
+        drop(a);
         drop(b);
+        // a had finished; b had not: only b is cancelled on the loader.
+        let cancel = rx.recv().await.unwrap();
+        assert_eq!(cancel[1], Kind::Cancel.to_byte());
+        assert_eq!(cancel[8..], 2u64.to_be_bytes());
+        assert!(rx.try_recv().is_err(), "one Cancel only");
         assert_eq!(conn.close("gone"), 0, "b forgot its id when dropped");
         assert!(matches!(
             conn.submit(3, "p", Vec::new()).await,
@@ -637,7 +667,7 @@ mod tests {
     /// for it go nowhere. Other requests are unaffected.
     #[tokio::test]
     async fn a_slow_client_has_a_bounded_buffer_then_its_request_is_dropped() {
-        let (tx, _rx) = mpsc::channel(8);
+        let (tx, mut rx) = mpsc::channel(8);
         let conn = Arc::new(Conn::new(tx, 1 << 20));
         let mut slow = conn.submit(1, "p", b"x".to_vec()).await.unwrap();
         let mut other = conn.submit(2, "p", b"y".to_vec()).await.unwrap();
@@ -666,9 +696,16 @@ mod tests {
         }
         assert!(matches!(
             slow.events.recv().await,
-            Some(Event::Lost(why)) if why.contains("read too slowly")
+            Some(Event::Dropped(why)) if why.contains("read too slowly")
         ));
         assert_eq!(slow.events.recv().await, None);
+        // ...and the loader is asked to stop it.
+        for _ in 0..2 {
+            assert_eq!(rx.recv().await.unwrap()[1], Kind::Submit.to_byte());
+        }
+        let cancel = rx.recv().await.unwrap();
+        assert_eq!(cancel[1], Kind::Cancel.to_byte());
+        assert_eq!(cancel[8..], 1u64.to_be_bytes());
         // The other request, with a full buffer, still gets its Done (the
         // reserved slot) after its frames.
         for _ in 0..MAX_BUFFERED_FRAMES {

@@ -386,3 +386,43 @@ async fn shutdown_stops_accepting_and_lets_streams_finish() {
         .expect("serve returns after the last stream")
         .unwrap();
 }
+
+/// A client that hangs up mid-stream gets its request cancelled on the loader
+/// (a Cancel frame with its id); a request that finished is not cancelled.
+#[tokio::test]
+async fn a_client_that_hangs_up_gets_its_request_cancelled_on_the_loader() {
+    let h = start().await;
+    wait_ready(h.addr).await;
+    let loader = h.loader.as_ref().unwrap();
+    // A request that completes: no Cancel.
+    let done = post_request(h.addr, "echo", b"plain request").await;
+    assert_eq!(done.status, 200);
+    let _ = done.body().await;
+    // A request whose client goes away after the first record.
+    let mut reply = post_request(h.addr, "echo", b"gated request").await;
+    assert_eq!(reply.status, 200);
+    assert!(reply.next_record().await.is_some());
+    drop(reply);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let cancelled = loader.stats.cancelled.lock().unwrap().clone();
+        if !cancelled.is_empty() {
+            assert_eq!(
+                cancelled.len(),
+                1,
+                "only the unfinished request: {cancelled:?}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no Cancel reached the loader"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // The connection stays up: the next request is served.
+    loader.gate.add_permits(1);
+    let next = post_request(h.addr, "echo", b"after the cancel").await;
+    assert_eq!(next.status, 200);
+    assert_eq!(loader.stats.connections.load(Ordering::SeqCst), 1);
+}

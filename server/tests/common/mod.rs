@@ -163,6 +163,8 @@ pub struct LoaderStats {
     pub attest_requests: AtomicUsize,
     pub submits: AtomicUsize,
     pub frames_sent: AtomicUsize,
+    /// Request ids the server cancelled (Cancel frames), in order.
+    pub cancelled: std::sync::Mutex<Vec<u64>>,
 }
 
 /// A fake trusted loader on one TCP port. Requests whose sealed body starts
@@ -250,6 +252,10 @@ async fn serve_loader_connection(
                 stats.submits.fetch_add(1, Ordering::SeqCst);
                 let s = Submit::decode(&frame.payload).unwrap();
                 requests.spawn(run_request(w.clone(), s, gate.clone(), stats.clone()));
+            }
+            Kind::Cancel => {
+                let id = u64::from_be_bytes(frame.payload.as_slice().try_into().unwrap());
+                stats.cancelled.lock().unwrap().push(id);
             }
             _ => break,
         }
