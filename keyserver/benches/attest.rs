@@ -132,7 +132,11 @@ fn main() {
         stats(quote),
         "includes HPKE keygen",
     );
-    row("POST /v1/attest (verify + wrap 2 keys)", stats(attest), "");
+    row(
+        "POST /v1/attest (verify, wrap 3 keys, sign)",
+        stats(attest),
+        "",
+    );
     row("unwrap 2 released keys (HPKE open)", stats(unwrap), "");
     let total = stats(total);
     row(
