@@ -23,6 +23,7 @@ typedef unsigned long long u64;
 
 #define INFINITY __int_as_float(0x7f800000)
 
+#ifndef CINFER_CUDA_EMU
 __device__ __forceinline__ float h2f(unsigned short b) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(b));
@@ -34,6 +35,10 @@ __device__ __forceinline__ unsigned short f2h(float x) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(b) : "f"(x));
     return b;
 }
+#define DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
+// (Under CINFER_CUDA_EMU, the CPU emulator of the tests, cuda/emu/, provides
+// h2f, f2h and DYNAMIC_SHARED instead; nothing else differs.)
 __device__ __forceinline__ float round_f16(float x) { return h2f(f2h(x)); }
 __device__ __forceinline__ bool is_nan(float x) { return x != x; }
 __device__ __forceinline__ unsigned short ld_u16(const u8* p) {
@@ -344,7 +349,7 @@ __device__ float cpu_dot(const float* a, const void* kc, u32 f16, u64 off, u32 n
 extern "C" __global__ void attention(const float* q, const void* kc, const void* vc, u32 f16,
                                      float* out, float* scratch, u32 seq, u32 heads, u32 kv_heads,
                                      u32 hd, u32 pos, float scale) {
-    extern __shared__ float qs[];
+    DYNAMIC_SHARED(float, qs);
     __shared__ float shf[32];
     __shared__ double shd[32];
     u32 task = blockIdx.x;

@@ -43,18 +43,31 @@ use cinfer_host::caps::model::ModelSource;
 use cinfer_host::models::SealedGguf;
 use std::path::PathBuf;
 
-/// The CUDA backend with poisoned outputs, or None with the reason printed.
+/// The CUDA backend with poisoned outputs, or None with the reason printed
+/// (a failure instead where `CINFER_REQUIRE_CUDA=1`: CI's run on the CPU
+/// emulator of the driver, cuda/emu, may not skip).
 fn gpu() -> Option<CudaBackend> {
     match CudaBackend::open(0) {
         Ok(b) => {
+            println!("device: {}", b.device_name());
             b.set_poison_outputs(true);
             Some(b)
+        }
+        Err(e) if std::env::var_os("CINFER_REQUIRE_CUDA").is_some_and(|v| v == "1") => {
+            panic!("CINFER_REQUIRE_CUDA=1 but no CUDA device: {e}")
         }
         Err(e) => {
             println!("skipped: {e}");
             None
         }
     }
+}
+
+/// Whether the device is the CPU emulator of the tests (cuda/emu), where the
+/// transcendental functions are the CPU's own: there the decode path must
+/// match the CPU backend bit for bit.
+fn emulated(b: &CudaBackend) -> bool {
+    b.device_name().contains("CPU emulator")
 }
 
 struct Rng(u64);
@@ -600,9 +613,12 @@ fn generate(b: &dyn Backend, model: &SealedGguf, prompt: &[u32], n: usize) -> Ve
 const NEAR_TIE_LOGITS: f32 = 1e-3;
 /// A divergence is also a near tie where the CPU's gap is within this many
 /// times the largest top-1 logit difference seen on the identical contexts
-/// before it: prompts go through cuBLAS (summation order differs, ≈1e-6
-/// relative per matmul) and f16 KV rounding can flip on a 1-ulp difference, so
-/// over 30 layers the logits drift by a measured amount, not by zero.
+/// before it: prompts of more than 8 tokens go through cuBLAS on dequantized
+/// values (per-element products rounded, where the CPU sums integers per
+/// block), f16 KV rounding then flips on some of those differences, and over
+/// 30 layers the logits drift by a measured amount, not by zero. On the CPU
+/// emulator (cuda/emu) that drift was 0.34 and 0.68 logits for the 13- and
+/// 16-token prompts, and exactly 0 for the 6-token one (GEMV path throughout).
 const NEAR_TIE_DRIFTS: f32 = 4.0;
 
 #[test]
@@ -644,6 +660,16 @@ fn smollm2_greedy_generation_gives_the_cpu_tokens() {
             want.len(),
             ids.len()
         );
+        if emulated(&cuda) && ids.len() <= 8 {
+            // Prompt and decode both took the GEMV path (m ≤ 8), which computes
+            // the CPU's block sums in the CPU's order; with the CPU's expf,
+            // sinf and cosf nothing may differ at all.
+            assert_eq!(
+                (same, drift),
+                (want.len(), 0.0),
+                "{p:?}: the emulated exact path drifted"
+            );
+        }
         if same < want.len() {
             let margin = want[same].1;
             assert!(
