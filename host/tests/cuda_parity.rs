@@ -681,3 +681,77 @@ fn smollm2_greedy_generation_gives_the_cpu_tokens() {
         }
     }
 }
+
+/// The model id `llama-chat` serves (as in the dev policy).
+const MODEL_ID: &str = "smollm2-135m-instruct";
+
+/// The production path on the CUDA backend: the signed-program world's
+/// `llama-chat` Wasm component, run by the `Loader` through the accelerator
+/// capability over the sealed SmolLM2, answers a sealed chat request as it
+/// does on the CPU backend.
+#[test]
+fn llama_chat_runs_on_the_cuda_backend_through_the_loader() {
+    let Some(cuda) = gpu() else { return };
+    let Some(path) = real_model() else { return };
+    cuda.set_poison_outputs(false);
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let component = std::fs::read(root.join("target/programs/llama-chat.wasm"))
+        .expect("target/programs/llama-chat.wasm: cargo run --release -p build-programs");
+    let worlds = std::fs::read_to_string(root.join("policies/worlds.wit")).expect("worlds");
+    let plain = std::fs::read(&path).expect("model");
+    let key = cinfer_sealed_model::ModelKey::generate().expect("key");
+    let sealed =
+        cinfer_sealed_model::seal_bytes(&key, MODEL_ID, "k", 1 << 20, &plain).expect("seal");
+    drop(plain);
+    let model = std::sync::Arc::new(SealedGguf::open(Box::new(sealed), &key).expect("open"));
+    let policy_text = format!(
+        "worlds = \"worlds.wit\"\n[[program]]\nname = \"llama-chat\"\nsha256 = \"{}\"\nworld = \"inference\"\nmodels = [\"{MODEL_ID}\"]\nlimits = {{ memory-bytes = 268435456, deadline-ms = 600000, accelerator-bytes = 1073741824 }}\n",
+        hex::encode(cinfer_host::admission::digest(&component))
+    );
+    let request = serde_json::json!({
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 12,
+        "default_system": false,
+    })
+    .to_string();
+    let run = |backend: std::sync::Arc<dyn Backend>| {
+        let policy =
+            cinfer_host::Policy::parse(&policy_text, |_| Ok(worlds.clone())).expect("policy");
+        let mut models = cinfer_host::caps::model::ModelStore::default();
+        models.insert(MODEL_ID, model.clone());
+        let loader = cinfer_host::Loader::new(
+            policy,
+            cinfer_host::LoaderConfig {
+                models,
+                backend,
+                ..cinfer_host::LoaderConfig::default()
+            },
+        )
+        .expect("loader");
+        let admitted = loader.admit(&component).expect("admitted");
+        let request_key = cinfer_envelope::RequestPrivateKey::generate();
+        let (sealed, opener) =
+            cinfer_envelope::seal_request(request_key.public_key(), request.as_bytes())
+                .expect("seal");
+        let report = loader.run(&admitted, &sealed, &request_key).expect("run");
+        let (text, status) = opener
+            .open_all(report.frames.iter().map(Vec::as_slice))
+            .expect("reply opens");
+        (
+            report.outcome,
+            status,
+            String::from_utf8(text.to_vec()).expect("utf-8"),
+            report.accelerator_launches,
+        )
+    };
+    let (cpu_outcome, _, cpu_text, _) = run(std::sync::Arc::new(CpuBackend));
+    let (outcome, status, text, launches) = run(std::sync::Arc::new(cuda));
+    println!("cpu: {cpu_text:?}\ncuda: {text:?} ({launches} accelerator launches)");
+    assert_eq!(cpu_outcome, cinfer_host::RunOutcome::Completed);
+    assert_eq!(outcome, cinfer_host::RunOutcome::Completed);
+    assert_eq!(status, cinfer_envelope::ReplyStatus::Completed);
+    assert!(launches > 100, "the program ran its ops on the backend");
+    assert!(text.contains("Paris"), "{text:?}");
+    // A confident answer: no near tie for the backends' rounding to flip.
+    assert_eq!(text, cpu_text);
+}
