@@ -694,10 +694,22 @@ fn llama_chat_runs_on_the_cuda_backend_through_the_loader() {
     let Some(cuda) = gpu() else { return };
     let Some(path) = real_model() else { return };
     cuda.set_poison_outputs(false);
+    // $CINFER_PROGRAM_DIR (a device bundle's programs/), else the checkout's.
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let component = std::fs::read(root.join("target/programs/llama-chat.wasm"))
-        .expect("target/programs/llama-chat.wasm: cargo run --release -p build-programs");
-    let worlds = std::fs::read_to_string(root.join("policies/worlds.wit")).expect("worlds");
+    let (wasm, wit) = match std::env::var_os("CINFER_PROGRAM_DIR").map(PathBuf::from) {
+        Some(d) => (d.join("llama-chat.wasm"), d.join("worlds.wit")),
+        None => (
+            root.join("target/programs/llama-chat.wasm"),
+            root.join("policies/worlds.wit"),
+        ),
+    };
+    let component = std::fs::read(&wasm).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (cargo run --release -p build-programs)",
+            wasm.display()
+        )
+    });
+    let worlds = std::fs::read_to_string(&wit).expect("worlds.wit");
     let plain = std::fs::read(&path).expect("model");
     let key = cinfer_sealed_model::ModelKey::generate().expect("key");
     let sealed =
