@@ -230,6 +230,37 @@ impl Relay {
     }
 }
 
+impl Relay {
+    /// Attests to `ks` and installs its release; asserts both succeed.
+    fn attest_and_install(&mut self, ks: &KeyServer) {
+        let (status, body) = self.attest(ks.addr);
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let installed = self.ask(Kind::KeyRelease, &body);
+        assert_eq!(
+            installed.kind,
+            Kind::KeysInstalled,
+            "{}",
+            String::from_utf8_lossy(&installed.payload)
+        );
+    }
+
+    /// Submits `sealed` for `program` as request 7 and returns the reason of
+    /// the refusal it must get.
+    fn submit_refused(&mut self, program: &str, sealed: Vec<u8>) -> String {
+        let submit = cinfer_channel::Submit {
+            request_id: 7,
+            program: program.into(),
+            sealed,
+        };
+        let refused = self.ask(Kind::Submit, &submit.encode());
+        assert_eq!(refused.kind, Kind::Refused);
+        let (id, rest) = cinfer_channel::split_request_id(&refused.payload).unwrap();
+        assert_eq!(id, 7);
+        let why: serde_json::Value = serde_json::from_slice(rest).unwrap();
+        why["error"].as_str().unwrap().to_owned()
+    }
+}
+
 fn error_of(frame: &Frame) -> String {
     assert_eq!(frame.kind, Kind::Error);
     let v: serde_json::Value = serde_json::from_slice(&frame.payload).unwrap();
@@ -595,12 +626,8 @@ fn each_keyservers_clients_get_receipts_signed_by_that_keyservers_receipt_key() 
     );
     let loader = serve(&config);
     let (mut relay, _) = Relay::connect(loader.1);
-    for ks in [&ks_a, &ks_b] {
-        let (status, body) = relay.attest(ks.addr);
-        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-        let installed = relay.ask(Kind::KeyRelease, &body);
-        assert_eq!(installed.kind, Kind::KeysInstalled);
-    }
+    relay.attest_and_install(&ks_a);
+    relay.attest_and_install(&ks_b);
     let (text_a, receipt_a, statement_a) = echo_through(&mut relay, &ks_a, 1, b"for a", None);
     let (text_b, receipt_b, statement_b) = echo_through(&mut relay, &ks_b, 2, b"for b", None);
     assert_eq!((&text_a[..], &text_b[..]), (&b"for a"[..], &b"for b"[..]));
@@ -625,17 +652,8 @@ fn each_keyservers_clients_get_receipts_signed_by_that_keyservers_receipt_key() 
     assert_eq!(receipt.program_sha256, hex::encode(echo));
     let key = cinfer_envelope::RequestPublicKey::from_bytes(&statement_a.public_key).unwrap();
     let (sealed, _) = cinfer_envelope::seal_request_for_program(&key, &[0x42; 32], b"x").unwrap();
-    let submit = cinfer_channel::Submit {
-        request_id: 4,
-        program: "echo".into(),
-        sealed,
-    };
-    let refused = relay.ask(Kind::Submit, &submit.encode());
-    assert_eq!(refused.kind, Kind::Refused);
-    let (_, rest) = cinfer_channel::split_request_id(&refused.payload).unwrap();
-    let why: serde_json::Value = serde_json::from_slice(rest).unwrap();
     assert_eq!(
-        why["error"],
+        relay.submit_refused("echo", sealed),
         format!(
             "the request is bound to program sha256 {}, not to \"echo\" (sha256 {})",
             "42".repeat(32),
@@ -678,20 +696,9 @@ fn a_release_whose_model_key_fails_installs_no_key() {
     let statement = statement_of(&ks);
     let key = cinfer_envelope::RequestPublicKey::from_bytes(&statement.public_key).unwrap();
     let (sealed, _) = cinfer_envelope::seal_request(&key, b"hello").unwrap();
-    let submit = cinfer_channel::Submit {
-        request_id: 7,
-        program: "echo".into(),
-        sealed,
-    };
-    let refused = relay.ask(Kind::Submit, &submit.encode());
-    assert_eq!(refused.kind, Kind::Refused);
-    let (_, rest) = cinfer_channel::split_request_id(&refused.payload).unwrap();
-    let why: serde_json::Value = serde_json::from_slice(rest).unwrap();
+    let why = relay.submit_refused("echo", sealed);
     assert!(
-        why["error"]
-            .as_str()
-            .unwrap()
-            .contains(&format!("no request key {}", statement.key_id)),
+        why.contains(&format!("no request key {}", statement.key_id)),
         "{why}"
     );
     let _ = std::fs::remove_dir_all(&dir);
@@ -716,9 +723,7 @@ fn a_cancelled_request_stops_long_before_its_deadline() {
     let ks = keyserver(&dir, "ks", refs);
     let loader = serve(&config);
     let (mut relay, _) = Relay::connect(loader.1);
-    let (status, body) = relay.attest(ks.addr);
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    assert_eq!(relay.ask(Kind::KeyRelease, &body).kind, Kind::KeysInstalled);
+    relay.attest_and_install(&ks);
     let upload = cinfer_channel::ProgramUpload {
         name: "op-loop".into(),
         component: op_loop,
