@@ -72,6 +72,14 @@ pub enum LoaderError {
     /// wasmtime refused the engine configuration.
     #[error("engine configuration: {0}")]
     Engine(String),
+    /// The policy pins another accelerator backend than the one configured.
+    #[error("the policy pins backend {pinned:?}, the loader is configured with {configured:?}")]
+    BackendNotPinned {
+        /// The policy's `backend`.
+        pinned: String,
+        /// The backend the loader was given.
+        configured: String,
+    },
 }
 
 /// A request refused before any program code ran. Nothing was changed.
@@ -330,6 +338,14 @@ impl std::fmt::Debug for Loader {
 impl Loader {
     /// Starts a loader enforcing `policy`.
     pub fn new(policy: Policy, config: LoaderConfig) -> Result<Self, LoaderError> {
+        if let Some(pinned) = policy.backend()
+            && pinned != config.backend.name()
+        {
+            return Err(LoaderError::BackendNotPinned {
+                pinned: pinned.to_owned(),
+                configured: config.backend.name().to_owned(),
+            });
+        }
         let mut pool = PoolingAllocationConfig::default();
         let n = config.max_concurrent_runs.max(1);
         pool.total_component_instances(n)

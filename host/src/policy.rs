@@ -209,6 +209,8 @@ struct QuorumToml {
 struct PolicyToml {
     worlds: String,
     trust_root: Option<String>,
+    /// The accelerator backend the loader must run ("cpu" or "cuda").
+    backend: Option<String>,
     #[serde(default)]
     limits: LimitsToml,
     #[serde(default, rename = "program")]
@@ -283,6 +285,9 @@ pub enum PolicyError {
     /// Signers are listed but no `trust-root` is given, or it does not parse.
     #[error("trust root: {0}")]
     TrustRoot(String),
+    /// `backend` names no backend this loader knows.
+    #[error("unknown backend {0:?} (known: \"cpu\", \"cuda\")")]
+    UnknownBackend(String),
     /// A limit is zero or above its ceiling.
     #[error("limit `{limit}` = {value} is out of range (1 to {max})")]
     LimitOutOfRange {
@@ -377,6 +382,7 @@ pub struct PolicyFile {
 /// A parsed, validated policy.
 #[derive(Debug, Clone)]
 pub struct Policy {
+    backend: Option<String>,
     worlds: BTreeMap<String, Capabilities>,
     programs: Vec<ProgramGrant>,
     signers: Vec<Signer>,
@@ -468,6 +474,11 @@ impl Policy {
     ) -> Result<Self, PolicyError> {
         let doc: PolicyToml =
             toml::from_str(toml_text).map_err(|e| PolicyError::Toml(e.message().to_owned()))?;
+        if let Some(b) = &doc.backend
+            && !crate::backend::BACKEND_NAMES.contains(&b.as_str())
+        {
+            return Err(PolicyError::UnknownBackend(b.clone()));
+        }
         let worlds_text = read(&doc.worlds)?;
         let worlds = parse_worlds(&doc.worlds, &worlds_text)?;
         let defaults = apply_limits(&Limits::default(), &doc.limits)?;
@@ -655,6 +666,7 @@ impl Policy {
             h.update(f.sha256);
         }
         Ok(Policy {
+            backend: doc.backend,
             worlds,
             programs,
             signers,
@@ -718,6 +730,12 @@ impl Policy {
     /// keys), in the order they were read, with their SHA-256.
     pub fn files(&self) -> &[PolicyFile] {
         &self.files
+    }
+
+    /// The accelerator backend the policy pins (`backend = "cuda"`), if any:
+    /// a loader running another refuses to start ([`crate::Loader::new`]).
+    pub fn backend(&self) -> Option<&str> {
+        self.backend.as_deref()
     }
 
     /// The Sigstore trust root signatures are verified against, if the policy names one.

@@ -7,7 +7,8 @@ use cinfer_host::admission::SignatureRefusal;
 use cinfer_host::caps::PolicyViolation;
 use cinfer_host::caps::model::{ModelSource, ModelStore};
 use cinfer_host::{
-    AbortReason, AdmissionError, Capability, Loader, LoaderConfig, Policy, RequestError, RunOutcome,
+    AbortReason, AdmissionError, Capability, Loader, LoaderConfig, LoaderError, Policy,
+    PolicyError, RequestError, RunOutcome,
 };
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -900,4 +901,40 @@ fn a_verified_program_is_served_from_the_cache() {
     assert!(!Arc::ptr_eq(&first, &key));
     assert_eq!(key.grant().name, "release-key");
     eprintln!("cached admission took {cached:?}");
+}
+
+/// A policy may pin the accelerator backend: a loader configured with another
+/// refuses to start, naming both; an unknown backend name is a policy error.
+#[test]
+fn a_policy_pins_the_accelerator_backend() {
+    let with = |backend: &str| {
+        Policy::parse(
+            &format!("worlds = \"worlds.wit\"\nbackend = \"{backend}\"\n"),
+            |_| Ok(worlds()),
+        )
+    };
+    let cpu = with("cpu").expect("cpu pinned");
+    assert_eq!(cpu.backend(), Some("cpu"));
+    Loader::new(cpu, LoaderConfig::default()).expect("the default backend is the CPU");
+    let cuda = with("cuda").expect("cuda pinned");
+    let err = Loader::new(cuda, LoaderConfig::default()).unwrap_err();
+    assert!(
+        matches!(&err, LoaderError::BackendNotPinned { pinned, configured } if pinned == "cuda" && configured == "cpu"),
+        "{err}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "the policy pins backend \"cuda\", the loader is configured with \"cpu\""
+    );
+    let err = with("tpu").unwrap_err();
+    assert!(
+        matches!(&err, PolicyError::UnknownBackend(b) if b == "tpu"),
+        "{err}"
+    );
+    assert_eq!(
+        Policy::parse("worlds = \"worlds.wit\"\n", |_| Ok(worlds()))
+            .expect("no pin")
+            .backend(),
+        None
+    );
 }

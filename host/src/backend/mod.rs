@@ -17,6 +17,9 @@ pub use cpu::CpuBackend;
 pub use cuda::{CudaBackend, CudaBuffer};
 use std::sync::Arc;
 
+/// The backend names a configuration or a policy may give.
+pub const BACKEND_NAMES: [&str; 2] = ["cpu", "cuda"];
+
 /// The backend configured by name: `"cpu"`, or `"cuda"` (device 0). A CUDA
 /// backend in a build without the `cuda` feature, or on a machine without the
 /// driver, NVRTC or cuBLAS, is a clear configuration error, never a panic.
