@@ -334,7 +334,9 @@ pub struct Receipt {
     pub reply_sha256: String,
     /// Number of sealed reply frames.
     pub reply_frames: u64,
-    /// How the run ended: `completed`, `program-failed` or `aborted`.
+    /// How the run ended: `completed`, `program-failed`, `aborted`, or
+    /// `cancelled` (aborted because the peer cancelled it; the final reply
+    /// frame says aborted).
     pub outcome: String,
 }
 

@@ -639,7 +639,11 @@ pub fn verify_receipt(
             field: "reply_frames",
         });
     }
-    if receipt.outcome != outcome_name(status) {
+    // A run the loader stopped because the server cancelled it (its client
+    // went away, or a hostile server) is an authenticated abort: the receipt
+    // says `cancelled`, the final frame `Aborted`.
+    let cancelled = status == ReplyStatus::Aborted && receipt.outcome == "cancelled";
+    if receipt.outcome != outcome_name(status) && !cancelled {
         return Err(ClientError::ReceiptMismatch { field: "outcome" });
     }
     Ok(receipt)
@@ -676,6 +680,44 @@ mod tests {
         );
         assert_eq!(error_text(b"plain\ntext"), "plain text");
         assert!(error_text(&[b'x'; 5000]).chars().count() <= MAX_ERROR_TEXT + 1);
+    }
+
+    /// A receipt saying `cancelled` verifies with an aborted final frame (the
+    /// loader stopped the run when the server cancelled it), and only then.
+    #[test]
+    fn a_cancelled_receipt_matches_an_aborted_reply_only() {
+        let key = p256::ecdsa::SigningKey::from_slice(&[0x22; 32]).unwrap();
+        let statement = RequestKeyStatement {
+            statement_type: String::new(),
+            key_id: String::new(),
+            suite: String::new(),
+            public_key: Vec::new(),
+            not_before: 0,
+            not_after: 0,
+            receipt_public_key: key.verifying_key().to_sec1_point(false).as_bytes().to_vec(),
+        };
+        let receipt = |outcome: &str| Receipt {
+            receipt_type: cinfer_attest::RECEIPT_TYPE.into(),
+            request_sha256: "aa".into(),
+            program_sha256: "bb".into(),
+            policy_sha256: "cc".into(),
+            model_sha256: Default::default(),
+            reply_sha256: "dd".into(),
+            reply_frames: 3,
+            outcome: outcome.into(),
+        };
+        let check = |outcome: &str, status: ReplyStatus| {
+            let signed = SignedReceipt::sign(&receipt(outcome), &key);
+            verify_receipt(&signed, &statement, "aa", "dd", 3, status)
+        };
+        assert!(check("cancelled", ReplyStatus::Aborted).is_ok());
+        assert!(check("aborted", ReplyStatus::Aborted).is_ok());
+        for status in [ReplyStatus::Completed, ReplyStatus::ProgramFailed] {
+            assert!(matches!(
+                check("cancelled", status),
+                Err(ClientError::ReceiptMismatch { field: "outcome" })
+            ));
+        }
     }
 
     #[test]

@@ -169,3 +169,85 @@ fn a_hostile_server_is_detected_and_refused() {
     system.set_hostile(Hostile::Honest);
     ask("Name a tree.").0.expect("honest at the end");
 }
+
+/// A client that hangs up mid-generation stops the work on the trusted side:
+/// the server sends the loader a Cancel for that request, and the loader ends
+/// the run early with a receipt whose outcome is `cancelled` — long before the
+/// 2000 tokens asked for could have been generated.
+#[test]
+fn a_client_that_hangs_up_stops_its_generation_on_the_loader() {
+    use std::io::Write;
+    let system = System::start("hangup");
+    let statement = system.client().request_key().unwrap();
+    let key = cinfer_envelope::RequestPublicKey::from_bytes(&statement.public_key).unwrap();
+    let request = serde_json::to_vec(&serde_json::json!({
+        "prompt": "Once upon a time",
+        "max_tokens": 2000,
+        "temperature": 0.0,
+        "format": "text",
+        "ignore_eos": true,
+    }))
+    .unwrap();
+    let (sealed, _) = cinfer_envelope::seal_request(&key, &request).unwrap();
+    let started = std::time::Instant::now();
+    let url = system.server_url.trim_start_matches("http://").to_owned();
+    let mut conn = std::net::TcpStream::connect(&url).unwrap();
+    write!(
+        conn,
+        "POST /v1/requests?program=llama-chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        sealed.len()
+    )
+    .unwrap();
+    conn.write_all(&sealed).unwrap();
+    // Wait for the response head and the first streamed bytes, then hang up.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !contains(&got, b"\r\n\r\n") || got.len() < 512 {
+        let n = conn.read(&mut buf).unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    drop(conn);
+
+    // The loader's receipt for it says `cancelled`, and a Cancel frame
+    // (version 1, kind 13, 8-byte request id) went from the server to the loader.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (inbound, outbound) = {
+            let r = system.loader_link.lock().unwrap();
+            (r.inbound.clone(), r.outbound.clone())
+        };
+        // (The receipt is a JSON string inside the signed receipt: quotes escaped.)
+        if contains(&outbound, br#"\"outcome\":\"cancelled\""#) {
+            assert!(
+                contains(&inbound, &[1, 13, 0, 0, 0, 0, 0, 8]),
+                "no Cancel frame"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the loader did not cancel the run"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let elapsed = started.elapsed();
+    // 2000 tokens at ~100 tok/s would take ~20 s.
+    assert!(elapsed < std::time::Duration::from_secs(10), "{elapsed:?}");
+    // The system still serves.
+    let mut text = Vec::new();
+    system
+        .client()
+        .chat(
+            "llama-chat",
+            &chat_request("What is the capital of France?", 12),
+            |c| text.extend_from_slice(c),
+        )
+        .unwrap();
+    assert!(String::from_utf8_lossy(&text).contains("Paris"));
+}
