@@ -34,7 +34,8 @@ pub use release::{
     release_context, reply_digest,
 };
 pub use verify::{
-    EvidenceError, RESETTABLE_PCRS, ReferenceError, ReferenceValues, Verified, verify,
+    EvidenceError, RESETTABLE_PCRS, ReferenceError, ReferenceValues, Verified, is_reset_value,
+    verify,
 };
 
 use serde::{Deserialize, Serialize};

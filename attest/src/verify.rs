@@ -21,7 +21,9 @@ pub mod extract;
 #[cfg(test)]
 mod tests;
 
-pub use expect::{REQUIRED_EVENT_KINDS, RESETTABLE_PCRS, ReferenceError, ReferenceValues};
+pub use expect::{
+    REQUIRED_EVENT_KINDS, RESETTABLE_PCRS, ReferenceError, ReferenceValues, is_reset_value,
+};
 pub use extract::{ClockInfo, EcdsaSignature, PcrSelection, Quote, TPM_ALG_SHA256};
 
 use crate::{Digest32, EVIDENCE_VERSION, EventKind, Evidence, binding, pcr_digest, replay};

@@ -72,14 +72,6 @@ pub enum LoaderError {
     /// wasmtime refused the engine configuration.
     #[error("engine configuration: {0}")]
     Engine(String),
-    /// The policy pins another accelerator backend than the one configured.
-    #[error("the policy pins backend {pinned:?}, the loader is configured with {configured:?}")]
-    BackendNotPinned {
-        /// The policy's `backend`.
-        pinned: String,
-        /// The backend the loader was given.
-        configured: String,
-    },
 }
 
 /// A request refused before any program code ran. Nothing was changed.
@@ -97,6 +89,15 @@ pub enum RequestError {
     /// The envelope did not open (tampered, wrong key, malformed).
     #[error("sealed request refused: {0}")]
     Envelope(#[from] EnvelopeError),
+    /// The request is bound to another program component than the one asked
+    /// to run it (nothing was opened).
+    #[error("the request is bound to program sha256 {bound}, not to {program:?}")]
+    WrongProgram {
+        /// The component digest the request names (hex).
+        bound: String,
+        /// The program asked to run it.
+        program: String,
+    },
     /// No instance slot is free (the pool is exhausted) or instantiation failed.
     #[error("could not instantiate the program: {0}")]
     Instantiate(String),
@@ -338,14 +339,6 @@ impl std::fmt::Debug for Loader {
 impl Loader {
     /// Starts a loader enforcing `policy`.
     pub fn new(policy: Policy, config: LoaderConfig) -> Result<Self, LoaderError> {
-        if let Some(pinned) = policy.backend()
-            && pinned != config.backend.name()
-        {
-            return Err(LoaderError::BackendNotPinned {
-                pinned: pinned.to_owned(),
-                configured: config.backend.name().to_owned(),
-            });
-        }
         let mut pool = PoolingAllocationConfig::default();
         let n = config.max_concurrent_runs.max(1);
         pool.total_component_instances(n)
@@ -598,6 +591,16 @@ impl Loader {
                 limit: limits.request_bytes,
             });
         }
+        // A request bound to one component runs on that one only; the binding
+        // is authenticated when the request opens.
+        if let Some(bound) = cinfer_envelope::request_program(sealed_request)?
+            && bound != program.grant.digest
+        {
+            return Err(RequestError::WrongProgram {
+                bound: hex::encode(bound),
+                program: program.grant.name.clone(),
+            });
+        }
         let (cleartext, sealer) = cinfer_envelope::open_request(key, sealed_request)?;
         self.execute(program, Some(cleartext), Some(sealer), sink, cancel)
     }
@@ -656,24 +659,30 @@ impl Loader {
         };
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limiter);
-        let ticks = u64::try_from(limits.deadline.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1);
-        // The deadline in steps of CHECK_TICKS, looking at the cancellation
-        // flag at each step; Interrupt (Trap::Interrupt) once it is used up.
-        let first = ticks.min(CHECK_TICKS);
-        let mut remaining = ticks - first;
-        store.set_epoch_deadline(first);
+        // The deadline is a wall-clock instant: at every check (each
+        // CHECK_TICKS epochs, or later when a host call ran long) the run is
+        // stopped if it was cancelled or the instant has passed; otherwise the
+        // next check is at most CHECK_TICKS away and never past the deadline.
+        // (Counting ticks per step instead would not charge the time a host
+        // call spends between two checks.)
+        let end = start + limits.deadline;
+        let ticks_until = move |now: Instant| -> u64 {
+            let left = end.saturating_duration_since(now);
+            let ticks = left.as_nanos().div_ceil(EPOCH_TICK.as_nanos());
+            u64::try_from(ticks)
+                .unwrap_or(u64::MAX)
+                .clamp(1, CHECK_TICKS)
+        };
+        store.set_epoch_deadline(ticks_until(Instant::now()));
         store.epoch_deadline_callback(move |_| {
             if cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
                 return Err(wasmtime::Error::new(RunCancelled));
             }
-            if remaining == 0 {
+            let now = Instant::now();
+            if now >= end {
                 return Ok(wasmtime::UpdateDeadline::Interrupt);
             }
-            let step = remaining.min(CHECK_TICKS);
-            remaining -= step;
-            Ok(wasmtime::UpdateDeadline::Continue(step))
+            Ok(wasmtime::UpdateDeadline::Continue(ticks_until(now)))
         });
 
         let outcome = match program.pre.instantiate(&mut store) {
@@ -741,7 +750,10 @@ fn abort_reason(e: &wasmtime::Error, limits: &Limits) -> AbortReason {
 /// A limit hit while instantiating (e.g. an initial memory above the limit)
 /// is the program's fault; anything else (pool exhausted) is the loader's.
 fn classify_instantiate(e: &wasmtime::Error, limits: &Limits) -> Option<AbortReason> {
-    if e.downcast_ref::<PolicyViolation>().is_some() || e.downcast_ref::<Trap>().is_some() {
+    if e.downcast_ref::<PolicyViolation>().is_some()
+        || e.downcast_ref::<Trap>().is_some()
+        || e.downcast_ref::<RunCancelled>().is_some()
+    {
         Some(abort_reason(e, limits))
     } else {
         None

@@ -324,6 +324,16 @@ fn measure(config: &Path, binary: Option<&Path>, tpm: Option<&str>) -> Result<Ex
             "# quote-pcrs holds no boot PCR: a keyserver refuses these values unless \
              allow-resettable-pcrs-only = true (development)"
         );
+    } else if tpm.is_some()
+        && !refs
+            .pcrs
+            .iter()
+            .any(|(p, v)| !cinfer_attest::is_reset_value(*p, v))
+    {
+        println!(
+            "# every quoted boot PCR holds its reset value (nothing measured this boot): \
+             a keyserver refuses these values unless allow-resettable-pcrs-only = true (development)"
+        );
     }
     println!("# keyserver reference values:");
     print!(

@@ -288,6 +288,14 @@ pub enum PolicyError {
     /// `backend` names no backend this loader knows.
     #[error("unknown backend {0:?} (known: \"cpu\", \"cuda\")")]
     UnknownBackend(String),
+    /// The policy pins another accelerator backend than the one configured.
+    #[error("the policy pins backend {pinned:?}, the loader is configured with {configured:?}")]
+    BackendNotPinned {
+        /// The policy's `backend`.
+        pinned: String,
+        /// The backend the serving loader is configured with.
+        configured: String,
+    },
     /// A limit is zero or above its ceiling.
     #[error("limit `{limit}` = {value} is out of range (1 to {max})")]
     LimitOutOfRange {
@@ -732,10 +740,23 @@ impl Policy {
         &self.files
     }
 
-    /// The accelerator backend the policy pins (`backend = "cuda"`), if any:
-    /// a loader running another refuses to start ([`crate::Loader::new`]).
+    /// The accelerator backend the policy pins (`backend = "cuda"`), if any.
     pub fn backend(&self) -> Option<&str> {
         self.backend.as_deref()
+    }
+
+    /// Whether a loader configured with backend `configured` may serve under
+    /// this policy: a serving loader checks before it opens the backend and
+    /// refuses to start otherwise. (Admission tools — `trusted-loader check`,
+    /// `cinfer verify` — decide admission only and do not check it.)
+    pub fn check_backend(&self, configured: &str) -> Result<(), PolicyError> {
+        match self.backend() {
+            Some(pinned) if pinned != configured => Err(PolicyError::BackendNotPinned {
+                pinned: pinned.to_owned(),
+                configured: configured.to_owned(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// The Sigstore trust root signatures are verified against, if the policy names one.

@@ -729,6 +729,9 @@ impl Service {
         dir: &cap_std::fs::Dir,
     ) -> Result<Self, ServeError> {
         let policy_sha256 = hex::encode(policy.digest());
+        policy
+            .check_backend(&config.backend)
+            .map_err(|e| ServeError::Config(e.to_string()))?;
         let backend = crate::backend::backend_from_name(&config.backend)
             .map_err(|e| ServeError::Config(format!("backend: {e}")))?;
         let loader = Arc::new(
@@ -1047,6 +1050,15 @@ impl Service {
         }
         if slot.count > self.max_in_flight {
             return refuse(format!("busy: {} requests in flight", self.max_in_flight));
+        }
+        if self
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(&id)
+        {
+            // Two runs under one id could not be told apart (replies, Cancel).
+            return refuse(format!("request id {id} is already running"));
         }
         let request_sha256: [u8; 32] = Sha256::digest(&submit.sealed).into();
         if !self.seen.insert(request_sha256) {

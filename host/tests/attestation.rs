@@ -751,6 +751,23 @@ fn a_cancelled_request_stops_long_before_its_deadline() {
     };
     let started = std::time::Instant::now();
     cinfer_channel::write_frame(&mut relay.stream, Kind::Submit, &submit.encode(), MAX).unwrap();
+    // A second request under the id of the running one is refused (replies
+    // and Cancels could not tell the two apart).
+    let (other, _) = cinfer_envelope::seal_request(&key, b"1").unwrap();
+    let again = cinfer_channel::Submit {
+        request_id: 5,
+        program: "op-loop".into(),
+        sealed: other,
+    };
+    let refused = relay.ask(Kind::Submit, &again.encode());
+    assert_eq!(refused.kind, Kind::Refused);
+    let (id, why) = cinfer_channel::split_request_id(&refused.payload).unwrap();
+    assert_eq!(id, 5);
+    assert!(
+        String::from_utf8_lossy(why).contains("request id 5 is already running"),
+        "{}",
+        String::from_utf8_lossy(why)
+    );
     std::thread::sleep(std::time::Duration::from_millis(300));
     cinfer_channel::write_frame(&mut relay.stream, Kind::Cancel, &5u64.to_be_bytes(), MAX).unwrap();
     let done = loop {

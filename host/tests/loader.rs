@@ -7,8 +7,8 @@ use cinfer_host::admission::SignatureRefusal;
 use cinfer_host::caps::PolicyViolation;
 use cinfer_host::caps::model::{ModelSource, ModelStore};
 use cinfer_host::{
-    AbortReason, AdmissionError, Capability, Loader, LoaderConfig, LoaderError, Policy,
-    PolicyError, RequestError, RunOutcome,
+    AbortReason, AdmissionError, Capability, Loader, LoaderConfig, Policy, PolicyError,
+    RequestError, RunOutcome,
 };
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -903,8 +903,10 @@ fn a_verified_program_is_served_from_the_cache() {
     eprintln!("cached admission took {cached:?}");
 }
 
-/// A policy may pin the accelerator backend: a loader configured with another
-/// refuses to start, naming both; an unknown backend name is a policy error.
+/// A policy may pin the accelerator backend: a serving loader configured with
+/// another refuses to start, naming both (the check `trusted-loader serve`
+/// makes before opening the backend); an unknown backend name is a policy
+/// error; admission alone ignores the pin.
 #[test]
 fn a_policy_pins_the_accelerator_backend() {
     let with = |backend: &str| {
@@ -915,13 +917,15 @@ fn a_policy_pins_the_accelerator_backend() {
     };
     let cpu = with("cpu").expect("cpu pinned");
     assert_eq!(cpu.backend(), Some("cpu"));
-    Loader::new(cpu, LoaderConfig::default()).expect("the default backend is the CPU");
+    cpu.check_backend("cpu").expect("the pinned backend");
     let cuda = with("cuda").expect("cuda pinned");
-    let err = Loader::new(cuda, LoaderConfig::default()).unwrap_err();
+    let err = cuda.check_backend("cpu").unwrap_err();
     assert!(
-        matches!(&err, LoaderError::BackendNotPinned { pinned, configured } if pinned == "cuda" && configured == "cpu"),
+        matches!(&err, PolicyError::BackendNotPinned { pinned, configured } if pinned == "cuda" && configured == "cpu"),
         "{err}"
     );
+    // Admission tools run a CPU loader under any policy.
+    Loader::new(cuda, LoaderConfig::default()).expect("admission ignores the pin");
     assert_eq!(
         err.to_string(),
         "the policy pins backend \"cuda\", the loader is configured with \"cpu\""
@@ -937,4 +941,29 @@ fn a_policy_pins_the_accelerator_backend() {
             .backend(),
         None
     );
+}
+
+/// The `Loader` itself refuses a request bound to another component, before
+/// opening it (not only the serving path's early check).
+#[test]
+fn a_request_bound_to_another_component_is_refused_by_the_loader() {
+    let l = loader(policy_for(&[("echo", "request-reply", "")]));
+    let admitted = l.admit(&program("echo")).expect("admitted");
+    let key = RequestPrivateKey::generate();
+    let (sealed, _) =
+        cinfer_envelope::seal_request_for_program(key.public_key(), &[0x42; 32], b"hi").unwrap();
+    let err = l.run(&admitted, &sealed, &key).unwrap_err();
+    assert!(
+        matches!(&err, RequestError::WrongProgram { bound, program } if *bound == "42".repeat(32) && program == "echo"),
+        "{err}"
+    );
+    // Bound to echo itself, it runs.
+    let digest = cinfer_host::admission::digest(&program("echo"));
+    let (sealed, opener) =
+        cinfer_envelope::seal_request_for_program(key.public_key(), &digest, b"hi").unwrap();
+    let report = l.run(&admitted, &sealed, &key).expect("runs");
+    let (text, _) = opener
+        .open_all(report.frames.iter().map(Vec::as_slice))
+        .unwrap();
+    assert_eq!(&text[..], b"hi");
 }

@@ -297,7 +297,7 @@ mod tests {
         let unpinned = text.replace("[reference.pcrs]\n0 = ", "[reference.pcrs]\n16 = ");
         let c = Config::parse(&unpinned, Path::new("/etc/ks")).unwrap();
         let err = c.reference_values().unwrap_err().to_string();
-        assert!(err.contains("no boot PCR is pinned"), "{err}");
+        assert!(err.contains("no measured boot PCR is pinned"), "{err}");
         let dev = unpinned.replace(
             "[reference.events]",
             "allow-resettable-pcrs-only = true\n[reference.events]",

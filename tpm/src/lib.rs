@@ -324,6 +324,15 @@ impl Tpm {
         Ok(())
     }
 
+    /// Extends `pcr` (SHA-256 bank) with `digest` once, as firmware does for
+    /// the boot PCRs (the test harness plays that part: [`swtpm`]).
+    pub fn extend_sha256(&mut self, pcr: u8, digest: &Digest32) -> Result<(), TpmError> {
+        let handle = pcr_handle(pcr)?;
+        let mut values = DigestValues::new();
+        values.set(HashingAlgorithm::Sha256, self.digest(digest)?);
+        self.authorized("PCR_Extend", |ctx| ctx.pcr_extend(handle, values))
+    }
+
     /// Quotes the SHA-256 bank of `pcrs` with the AK, bound to
     /// `binding(nonce, hpke_public_key)`, and returns the evidence (with the PCR
     /// values read and `event_log` as given).

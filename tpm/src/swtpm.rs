@@ -16,6 +16,18 @@ use std::time::{Duration, Instant};
 
 /// How many port pairs to try before giving up.
 const ATTEMPTS: usize = 5;
+
+/// The boot PCRs the harness measures at start.
+pub const BOOT_PCRS: std::ops::RangeInclusive<u8> = 0..=7;
+
+/// What the harness extends boot PCR `pcr` with: SHA-256 of a fixed label.
+pub fn boot_stand_in_digest(pcr: u8) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(format!(
+        "cinfer swtpm harness: stands in for the firmware measuring PCR {pcr}"
+    ))
+    .into()
+}
 /// How long swtpm may take to accept connections.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -110,7 +122,7 @@ impl Swtpm {
                 }
             };
             let mut swtpm = Swtpm { child, port, state };
-            match swtpm.wait_ready() {
+            match swtpm.wait_ready().and_then(|()| swtpm.measure_boot()) {
                 Ok(()) => return Ok(swtpm),
                 Err(why) => {
                     let mut stderr = String::new();
@@ -135,6 +147,19 @@ impl Swtpm {
     }
 
     /// Waits until both ports accept and the process is still ours and alive.
+    /// Plays the firmware of a measured boot: extends each of PCRs 0–7 once
+    /// with [`boot_stand_in_digest`], as OVMF/shim/the kernel would in a VM,
+    /// so the boot PCRs hold measured values (not their reset value) that
+    /// reference values can pin.
+    fn measure_boot(&mut self) -> Result<(), String> {
+        let mut tpm = crate::Tpm::open(&self.tcti()).map_err(|e| e.to_string())?;
+        for pcr in BOOT_PCRS {
+            tpm.extend_sha256(pcr, &boot_stand_in_digest(pcr))
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
     fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + START_TIMEOUT;
         for port in [self.port + 1, self.port] {

@@ -32,10 +32,11 @@ pub const REQUIRED_EVENT_KINDS: [EventKind; 3] = [
 /// ```
 ///
 /// At least one pinned PCR must be one software cannot reset (anything but 16
-/// and 23): the measured PCR alone proves nothing against root on the host,
-/// who can reset PCR 23, replay the public event log into it and have the TPM
-/// quote it for a key of their own. `allow-resettable-pcrs-only = true` lifts
-/// this for development (a software TPM, where nothing measured the boot).
+/// and 23) holding a measured value (not its reset value: all zeros, or all
+/// ones for 17–22): the measured PCR alone proves nothing against root on the
+/// host, who can reset PCR 23, replay the public event log into it and have
+/// the TPM quote it for a key of their own. `allow-resettable-pcrs-only =
+/// true` lifts this for development (a TPM where nothing measured the boot).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct ReferenceValues {
@@ -82,14 +83,19 @@ pub enum ReferenceError {
     /// A required event kind has no allowed digest: nothing could ever verify.
     #[error("no allowed digests for required event kind {0}")]
     NoAllowedDigests(EventKind),
-    /// Only resettable PCRs would be checked: root on the host could reset the
-    /// measured PCR and replay the event log.
+    /// Only resettable PCRs, or boot PCRs at their reset value, would be
+    /// checked: root on the host could reset the measured PCR and replay the
+    /// event log.
     #[error(
-        "no boot PCR is pinned: PCRs 16 and 23 can be reset by root on the host, who could replay the event log; \
-         pin boot PCRs in [pcrs] (and quote them: quote-pcrs in the loader configuration) \
+        "no measured boot PCR is pinned: PCRs 16 and 23 can be reset by root on the host, who could replay the event log, \
+         and a boot PCR at its reset value shows nothing was measured; \
+         pin measured boot PCRs in [pcrs] (and quote them: quote-pcrs in the loader configuration) \
          or set allow-resettable-pcrs-only = true for development"
     )]
     OnlyResettablePcrs,
+    /// A pinned PCR index is not a PCR of a PC-client TPM.
+    #[error("pinned PCR {0} out of range (0..=23)")]
+    PcrOutOfRange(u8),
 }
 
 impl ReferenceValues {
@@ -112,12 +118,24 @@ impl ReferenceValues {
                 return Err(ReferenceError::NoAllowedDigests(kind));
             }
         }
-        let boot_pinned = self.pcrs.keys().any(|p| !RESETTABLE_PCRS.contains(p));
+        if let Some(p) = self.pcrs.keys().find(|p| **p > 23) {
+            return Err(ReferenceError::PcrOutOfRange(*p));
+        }
+        let boot_pinned = self
+            .pcrs
+            .iter()
+            .any(|(p, v)| !RESETTABLE_PCRS.contains(p) && !is_reset_value(*p, v));
         if !boot_pinned && !self.allow_resettable_pcrs_only {
             return Err(ReferenceError::OnlyResettablePcrs);
         }
         Ok(())
     }
+}
+
+/// Whether `value` is what PCR `pcr` holds before anything is measured into
+/// it: zeros, or (the DRTM PCRs 17–22 at TPM startup) all ones.
+pub fn is_reset_value(pcr: u8, value: &Digest32) -> bool {
+    *value == [0; 32] || ((17..=22).contains(&pcr) && *value == [0xff; 32])
 }
 
 /// Whether `bytes` is an uncompressed SEC1 encoding of a point on P-256.

@@ -559,10 +559,20 @@ fn reference_values_check() {
     );
     r.allow_resettable_pcrs_only = true;
     r.check().unwrap();
-    // One boot PCR (here 7 alone) is enough.
-    let mut r = good;
+    // One measured boot PCR (here 7 alone) is enough...
+    let mut r = good.clone();
     r.pcrs.retain(|p, _| *p == 7);
     r.check().unwrap();
+    // ...but not boot PCRs at their reset value (nothing was measured).
+    let mut r = good.clone();
+    r.pcrs = std::collections::BTreeMap::from([(0, [0; 32]), (7, [0; 32]), (17, [0xff; 32])]);
+    assert_eq!(r.check(), Err(ReferenceError::OnlyResettablePcrs));
+    r.pcrs.insert(17, [0x17; 32]);
+    r.check().unwrap();
+    // A pinned index past 23 is refused (no quote could ever select it).
+    let mut r = good;
+    r.pcrs.insert(24, [1; 32]);
+    assert_eq!(r.check(), Err(ReferenceError::PcrOutOfRange(24)));
 
     // The flag round-trips through TOML and is left out when false.
     let mut r = fixture().reference_values();
