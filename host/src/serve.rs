@@ -460,7 +460,8 @@ impl Attestor {
     }
 
     /// Verifies and unwraps a key release without installing anything: the
-    /// attestation's ephemeral key is spent whatever the outcome.
+    /// attestation's ephemeral key is spent once the release passed its
+    /// format and signature checks, whatever happens next.
     pub fn stage(&mut self, payload: &[u8]) -> Result<StagedRelease, ServeError> {
         let release: KeyRelease = serde_json::from_slice(payload)
             .map_err(|e| ServeError::MalformedRelease(e.to_string()))?;

@@ -118,7 +118,7 @@ pub struct Conn {
 pub struct Ticket {
     /// The request id on the channel.
     pub id: u64,
-    /// `Reply`…`Done`, `Refused` or `Lost`.
+    /// `Reply`…`Done`, `Refused`, `Lost` or `Dropped`.
     pub events: mpsc::Receiver<Event>,
     conn: Arc<Conn>,
 }
