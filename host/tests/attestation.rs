@@ -802,3 +802,44 @@ fn a_cancelled_request_stops_long_before_its_deadline() {
     assert_eq!(echoed, b"still serving");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A release (signed by a pinned keyserver) that carries a request key but no
+/// receipt key is refused with the reason and installs nothing: requests
+/// under that key could not get a receipt its clients verify.
+#[test]
+fn a_release_without_a_receipt_key_is_refused_and_installs_nothing() {
+    let swtpm = cinfer_tpm::swtpm::Swtpm::start().expect("swtpm (scripts/setup installs it)");
+    let dir = scratch("no-receipt-key");
+    let pinned = keyserver_state(&dir, "ks");
+    let config = loader_dir(&dir, &swtpm.tcti(), "", &[&pinned]);
+    let refs = reference_values(&config, &swtpm.tcti());
+    let ks = keyserver(&dir, "ks", refs);
+    let loader = serve(&config);
+    let (mut relay, _) = Relay::connect(loader.1);
+    let (status, body) = relay.attest(ks.addr);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    // The keyserver's own release, its receipt key taken out and re-signed
+    // with the keyserver's identity (so only the missing key is wrong).
+    let mut release: KeyRelease = serde_json::from_slice(&body).unwrap();
+    release
+        .keys
+        .retain(|k| k.kind != cinfer_attest::ReleasedKeyKind::Receipt);
+    let identity = cinfer_keyserver::StateDir::open(&dir.join("ks"), &dir.join("ks.kek"))
+        .unwrap()
+        .load()
+        .unwrap()
+        .identity;
+    release.sign(&identity);
+    let answer = relay.ask(Kind::KeyRelease, &serde_json::to_vec(&release).unwrap());
+    let why = error_of(&answer);
+    assert!(why.contains("request keys without a receipt key"), "{why}");
+    let statement = statement_of(&ks);
+    let key = cinfer_envelope::RequestPublicKey::from_bytes(&statement.public_key).unwrap();
+    let (sealed, _) = cinfer_envelope::seal_request(&key, b"hello").unwrap();
+    let why = relay.submit_refused("echo", sealed);
+    assert!(
+        why.contains(&format!("no request key {}", statement.key_id)),
+        "{why}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
