@@ -561,6 +561,55 @@ fn statement_of(ks: &KeyServer) -> cinfer_attest::RequestKeyStatement {
         .unwrap()
 }
 
+/// One test's world: a swtpm, the keyserver `ks` (state in `dir`) and a loader
+/// pinning it, serving `dir/loader.toml` (the dev policy plus `policy_suffix`,
+/// then `edit(dir, config)`), with a relay connected. Drop removes `dir`.
+struct World {
+    relay: Relay,
+    ks: KeyServer,
+    dir: PathBuf,
+    _loader: Served,
+    _swtpm: cinfer_tpm::swtpm::Swtpm,
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn world(name: &str, policy_suffix: &str, edit: impl FnOnce(&Path, &Path)) -> World {
+    let swtpm = cinfer_tpm::swtpm::Swtpm::start().expect("swtpm (scripts/setup installs it)");
+    let dir = scratch(name);
+    let pinned = keyserver_state(&dir, "ks");
+    let config = loader_dir(&dir, &swtpm.tcti(), policy_suffix, &[&pinned]);
+    edit(&dir, &config);
+    let refs = reference_values(&config, &swtpm.tcti());
+    let ks = keyserver(&dir, "ks", refs);
+    let loader = serve(&config);
+    let (relay, _) = Relay::connect(loader.1);
+    World {
+        relay,
+        ks,
+        dir,
+        _loader: loader,
+        _swtpm: swtpm,
+    }
+}
+
+/// Asserts the request key `ks` publishes is not installed: a request sealed
+/// to it is refused for that reason.
+fn assert_request_key_not_installed(relay: &mut Relay, ks: &KeyServer) {
+    let statement = statement_of(ks);
+    let key = cinfer_envelope::RequestPublicKey::from_bytes(&statement.public_key).unwrap();
+    let (sealed, _) = cinfer_envelope::seal_request(&key, b"hello").unwrap();
+    let why = relay.submit_refused("echo", sealed);
+    assert!(
+        why.contains(&format!("no request key {}", statement.key_id)),
+        "{why}"
+    );
+}
+
 /// Seals `prompt` to the request key `ks` publishes (bound to the component
 /// `bind` when given), submits it to echo and returns the echoed text and the
 /// signed receipt (unverified), with the keyserver's statement.
@@ -668,40 +717,26 @@ fn each_keyservers_clients_get_receipts_signed_by_that_keyservers_receipt_key() 
 /// none of its keys — a request sealed to the released request key is refused.
 #[test]
 fn a_release_whose_model_key_fails_installs_no_key() {
-    let swtpm = cinfer_tpm::swtpm::Swtpm::start().expect("swtpm (scripts/setup installs it)");
-    let dir = scratch("all-or-nothing");
-    let pinned = keyserver_state(&dir, "ks");
-    let config = loader_dir(&dir, &swtpm.tcti(), "", &[&pinned]);
-    // The model file is sealed under another key than the keyserver holds.
-    let other_key = cinfer_sealed_model::ModelKey::from_bytes(&[0x11; 32]).unwrap();
-    let sealed =
-        cinfer_sealed_model::seal_bytes(&other_key, MODEL_ID, "k", 4096, b"not the key").unwrap();
-    std::fs::write(dir.join("model.sealed"), sealed).unwrap();
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str(&format!(
-        "[[model]]\nid = \"{MODEL_ID}\"\npath = \"model.sealed\"\n"
-    ));
-    std::fs::write(&config, text).unwrap();
-    let refs = reference_values(&config, &swtpm.tcti());
-    let ks = keyserver(&dir, "ks", refs);
-    let loader = serve(&config);
-    let (mut relay, _) = Relay::connect(loader.1);
+    let World { relay, ks, .. } = &mut world("all-or-nothing", "", |dir, config| {
+        // The model file is sealed under another key than the keyserver holds.
+        let other_key = cinfer_sealed_model::ModelKey::from_bytes(&[0x11; 32]).unwrap();
+        let sealed =
+            cinfer_sealed_model::seal_bytes(&other_key, MODEL_ID, "k", 4096, b"not the key")
+                .unwrap();
+        std::fs::write(dir.join("model.sealed"), sealed).unwrap();
+        let mut text = std::fs::read_to_string(config).unwrap();
+        text.push_str(&format!(
+            "[[model]]\nid = \"{MODEL_ID}\"\npath = \"model.sealed\"\n"
+        ));
+        std::fs::write(config, text).unwrap();
+    });
     let (status, body) = relay.attest(ks.addr);
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     let answer = relay.ask(Kind::KeyRelease, &body);
     let why = error_of(&answer);
     assert!(why.contains(MODEL_ID), "{why}");
-
     // The request key of that release was not installed.
-    let statement = statement_of(&ks);
-    let key = cinfer_envelope::RequestPublicKey::from_bytes(&statement.public_key).unwrap();
-    let (sealed, _) = cinfer_envelope::seal_request(&key, b"hello").unwrap();
-    let why = relay.submit_refused("echo", sealed);
-    assert!(
-        why.contains(&format!("no request key {}", statement.key_id)),
-        "{why}"
-    );
-    let _ = std::fs::remove_dir_all(&dir);
+    assert_request_key_not_installed(relay, ks);
 }
 
 /// The peer cancels a running request (its client went away): the run stops
@@ -710,20 +745,13 @@ fn a_release_whose_model_key_fails_installs_no_key() {
 /// Cancel is answered with an error.
 #[test]
 fn a_cancelled_request_stops_long_before_its_deadline() {
-    let swtpm = cinfer_tpm::swtpm::Swtpm::start().expect("swtpm (scripts/setup installs it)");
-    let dir = scratch("cancel");
-    let pinned = keyserver_state(&dir, "ks");
     let op_loop = std::fs::read(root().join("target/programs/op-loop.wasm")).unwrap();
     let suffix = format!(
         "\n[[program]]\nname = \"op-loop\"\nsha256 = \"{}\"\nworld = \"compute\"\nlimits = {{ deadline-ms = 60000 }}\n",
         hex::encode(sha2::Sha256::digest(&op_loop))
     );
-    let config = loader_dir(&dir, &swtpm.tcti(), &suffix, &[&pinned]);
-    let refs = reference_values(&config, &swtpm.tcti());
-    let ks = keyserver(&dir, "ks", refs);
-    let loader = serve(&config);
-    let (mut relay, _) = Relay::connect(loader.1);
-    relay.attest_and_install(&ks);
+    let World { relay, ks, .. } = &mut world("cancel", &suffix, |_, _| {});
+    relay.attest_and_install(ks);
     let upload = cinfer_channel::ProgramUpload {
         name: "op-loop".into(),
         component: op_loop,
@@ -798,9 +826,8 @@ fn a_cancelled_request_stops_long_before_its_deadline() {
     assert_eq!(receipt.outcome, "cancelled");
     // A Cancel for a request no longer running changes nothing.
     cinfer_channel::write_frame(&mut relay.stream, Kind::Cancel, &5u64.to_be_bytes(), MAX).unwrap();
-    let (echoed, _, _) = echo_through(&mut relay, &ks, 6, b"still serving", None);
+    let (echoed, _, _) = echo_through(relay, ks, 6, b"still serving", None);
     assert_eq!(echoed, b"still serving");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A release (signed by a pinned keyserver) that carries a request key but no
@@ -808,14 +835,7 @@ fn a_cancelled_request_stops_long_before_its_deadline() {
 /// under that key could not get a receipt its clients verify.
 #[test]
 fn a_release_without_a_receipt_key_is_refused_and_installs_nothing() {
-    let swtpm = cinfer_tpm::swtpm::Swtpm::start().expect("swtpm (scripts/setup installs it)");
-    let dir = scratch("no-receipt-key");
-    let pinned = keyserver_state(&dir, "ks");
-    let config = loader_dir(&dir, &swtpm.tcti(), "", &[&pinned]);
-    let refs = reference_values(&config, &swtpm.tcti());
-    let ks = keyserver(&dir, "ks", refs);
-    let loader = serve(&config);
-    let (mut relay, _) = Relay::connect(loader.1);
+    let World { relay, ks, dir, .. } = &mut world("no-receipt-key", "", |_, _| {});
     let (status, body) = relay.attest(ks.addr);
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     // The keyserver's own release, its receipt key taken out and re-signed
@@ -833,13 +853,5 @@ fn a_release_without_a_receipt_key_is_refused_and_installs_nothing() {
     let answer = relay.ask(Kind::KeyRelease, &serde_json::to_vec(&release).unwrap());
     let why = error_of(&answer);
     assert!(why.contains("request keys without a receipt key"), "{why}");
-    let statement = statement_of(&ks);
-    let key = cinfer_envelope::RequestPublicKey::from_bytes(&statement.public_key).unwrap();
-    let (sealed, _) = cinfer_envelope::seal_request(&key, b"hello").unwrap();
-    let why = relay.submit_refused("echo", sealed);
-    assert!(
-        why.contains(&format!("no request key {}", statement.key_id)),
-        "{why}"
-    );
-    let _ = std::fs::remove_dir_all(&dir);
+    assert_request_key_not_installed(relay, ks);
 }
