@@ -769,7 +769,7 @@ fn a_cancelled_request_stops_long_before_its_deadline() {
     assert_eq!(error_of(&bad), "malformed Cancel frame");
 
     // About four billion accelerator ops: far longer than the 60 s deadline.
-    let statement = statement_of(&ks);
+    let statement = statement_of(ks);
     let key = cinfer_envelope::RequestPublicKey::from_bytes(&statement.public_key).unwrap();
     let (sealed, mut opener) = cinfer_envelope::seal_request(&key, b"4000000000").unwrap();
     let submit = cinfer_channel::Submit {
