@@ -116,8 +116,9 @@ pub enum TransparencyError {
     /// does not verify under the log's key.
     #[error("signed entry timestamp (SET) does not verify")]
     SignedEntryTimestamp,
-    /// `logIndex` differs from `inclusionProof.logIndex`.
-    #[error("logIndex {entry} differs from inclusionProof.logIndex {proof}")]
+    /// `inclusionProof.logIndex` (the index in the log shard's tree) is negative or greater than
+    /// `logIndex` (the global index, the shard's offset plus the index in the shard).
+    #[error("inclusionProof.logIndex {proof} cannot be the shard-local index of logIndex {entry}")]
     LogIndexMismatch {
         /// `tlogEntries[0].logIndex`.
         entry: i64,

@@ -31,7 +31,8 @@
 //!   logIndex, under the trusted log key named by the entry's log ID (untrusted log → refused);
 //! - the Merkle inclusion proof (RFC 6962) and the checkpoint: signature under the log key,
 //!   root hash and tree size equal to the proof's — through sigstore-rs's `InclusionProof`;
-//! - `logIndex == inclusionProof.logIndex`, and a checkpoint signature whose key hint is the
+//! - `inclusionProof.logIndex <= logIndex` (public Rekor v1 is sharded: the first is the index
+//!   in the shard, the second the global one), and a checkpoint signature whose key hint is the
 //!   first 4 bytes of the log ID;
 //! - `validFor` windows of CAs, CT logs and Rekor logs at the signing time (sigstore-rs ignores
 //!   them);

@@ -11,8 +11,18 @@
 //! - SET: sigstore-rs has no function for it, so it is written here: the Rekor key's signature
 //!   over the RFC 8785 canonical JSON of `{body, integratedTime, logID, logIndex}` (body as
 //!   base64, logID as hex), verified with [`CosignVerificationKey`].
-//! - `logIndex == inclusionProof.logIndex` (one unsharded log), the log's `validFor` window at
-//!   `integratedTime`, and the checkpoint key hint: written here, a few lines each.
+//! - `inclusionProof.logIndex <= logIndex`, the log's `validFor` window at `integratedTime`, and
+//!   the checkpoint key hint: written here, a few lines each.
+//!
+//! # Sharded logs
+//!
+//! Public Rekor v1 is sharded: `logIndex` is the entry's *global* index (the shard's offset plus
+//! its index in the shard) and is what the SET signs; `inclusionProof.logIndex` is its index in
+//! the shard's Merkle tree, which the inclusion proof and the signed checkpoint authenticate. The
+//! two are equal only in the first shard, and the shard offsets are not in the trust root, so
+//! the only relation that can be checked offline is `inclusionProof.logIndex <= logIndex`
+//! (sigstore-python and sigstore-js check no more). Each index is authenticated on its own: the
+//! global one by the SET, the shard-local one by the Merkle path to the signed root.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -86,7 +96,8 @@ pub(crate) fn check_entry(
         .inclusion_proof
         .as_ref()
         .ok_or_else(|| T::Malformed("inclusionProof".to_owned()))?;
-    if proof.log_index != entry.log_index {
+    // Shard-local index ≤ global index (see "Sharded logs" above); equal on an unsharded log.
+    if proof.log_index < 0 || proof.log_index > entry.log_index {
         return Err(T::LogIndexMismatch {
             entry: entry.log_index,
             proof: proof.log_index,

@@ -529,3 +529,184 @@ fn trust_root_is_shareable_across_threads() {
     assert_send_sync::<IdentityRule>();
     assert_send_sync::<SigningError>();
 }
+
+/// Real bundles from the public-good instance (`tests/sigstore/public-good/`, see its
+/// README): public Rekor v1 is sharded, so `logIndex` (global) and `inclusionProof.logIndex`
+/// (per shard) differ, and both reference clients accept these bundles offline.
+mod public_good {
+    use super::*;
+
+    fn read(name: &str) -> Vec<u8> {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/sigstore/public-good")
+            .join(name);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+    }
+
+    fn trust() -> TrustRoot {
+        TrustRoot::from_json(&read("trusted_root.json")).expect("public-good trusted_root.json")
+    }
+
+    const REKOR_LOG_ID: &str = "c0d23d6ad406973f9559f3ba2d1ca01f84147d8ffc5b8445c224f98b9591801d";
+    const GHA: &str = "https://token.actions.githubusercontent.com";
+    const RFC8785_RELEASE: &str =
+        "https://github.com/trailofbits/rfc8785.py/.github/workflows/release.yml@refs/tags/v0.1.2";
+
+    #[test]
+    fn sharded_log_bundle_from_sigstore_python_verifies() {
+        let trust = trust();
+        let bundle = read("bundle_v3_github.whl.sigstore");
+        // The shard-local index really differs from the global one in this bundle.
+        let json: Value = serde_json::from_slice(&bundle).unwrap();
+        let entry = &json["verificationMaterial"]["tlogEntries"][0];
+        assert_eq!(entry["logIndex"], "79605083");
+        assert_eq!(entry["inclusionProof"]["logIndex"], "75441652");
+
+        let s = verify_bundle(
+            &read("bundle_v3_github.whl"),
+            &bundle,
+            &trust,
+            &[IdentityRule::exact(GHA, RFC8785_RELEASE)],
+        )
+        .unwrap_or_else(|e| panic!("public-good bundle refused: {e}"));
+        assert_eq!(s.issuer, GHA);
+        assert_eq!(s.subject, RFC8785_RELEASE);
+        assert_eq!(s.log_index, 79_605_083, "the global index is reported");
+        assert_eq!(s.integrated_time, 1_710_888_076);
+        assert_eq!(s.log_id, REKOR_LOG_ID);
+        assert_eq!(s.log_url, "https://rekor.sigstore.dev");
+    }
+
+    #[test]
+    fn sharded_log_bundle_v02_from_sigstore_js_verifies() {
+        let s = verify_bundle(
+            &read("hello.txt"),
+            &read("hello.txt.v02.sigstore.json"),
+            &trust(),
+            &[IdentityRule::exact(
+                "https://github.com/login/oauth",
+                "brian@dehamer.com",
+            )],
+        )
+        .unwrap_or_else(|e| panic!("public-good bundle refused: {e}"));
+        assert_eq!(s.issuer, "https://github.com/login/oauth");
+        assert_eq!(s.subject, "brian@dehamer.com");
+        assert_eq!(s.log_index, 6_757_503, "global index (shard-local 2594072)");
+        assert_eq!(s.integrated_time, 1_667_957_590);
+        assert_eq!(s.log_id, REKOR_LOG_ID);
+    }
+
+    #[test]
+    fn sharded_log_bundle_v03_from_sigstore_conformance_verifies() {
+        const BEACON: &str = "https://github.com/sigstore-conformance/extremely-dangerous-public-oidc-beacon/.github/workflows/extremely-dangerous-oidc-beacon.yml@refs/heads/main";
+        let s = verify_bundle(
+            &read("a.txt"),
+            &read("a.txt.v03.sigstore.json"),
+            &trust(),
+            &[IdentityRule::exact(GHA, BEACON)],
+        )
+        .unwrap_or_else(|e| panic!("public-good bundle refused: {e}"));
+        assert_eq!(s.subject, BEACON);
+        assert_eq!(
+            s.log_index, 79_571_823,
+            "global index (shard-local 75408392)"
+        );
+        assert_eq!(s.integrated_time, 1_710_869_186);
+        assert_eq!(s.log_id, REKOR_LOG_ID);
+    }
+
+    #[test]
+    fn public_good_bundle_refusals_keep_their_reasons() {
+        let trust = trust();
+        let artifact = read("bundle_v3_github.whl");
+        let bundle = read("bundle_v3_github.whl.sigstore");
+        let rules = [IdentityRule::exact(GHA, RFC8785_RELEASE)];
+
+        // Another workflow of the same repository is another identity.
+        let r = verify_bundle(
+            &artifact,
+            &bundle,
+            &trust,
+            &[IdentityRule::exact(
+                GHA,
+                "https://github.com/trailofbits/rfc8785.py/.github/workflows/ci.yml@refs/tags/v0.1.2",
+            )],
+        );
+        match r {
+            Err(SigningError::IdentityNotAllowed { issuer, subject }) => {
+                assert_eq!(issuer, GHA);
+                assert_eq!(subject, RFC8785_RELEASE);
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // Other bytes.
+        let r = verify_bundle(&read("a.txt"), &bundle, &trust, &rules);
+        assert!(matches!(r, Err(SigningError::SignatureMismatch)), "{r:?}");
+
+        // A shard-local index above the global one cannot come from a sharded log (the global
+        // index is the shard's offset plus the local one): refused before the Merkle path.
+        let mut json: Value = serde_json::from_slice(&bundle).unwrap();
+        json["verificationMaterial"]["tlogEntries"][0]["inclusionProof"]["logIndex"] =
+            Value::String("79605084".to_owned());
+        let r = verify_bundle(
+            &artifact,
+            &serde_json::to_vec(&json).unwrap(),
+            &trust,
+            &rules,
+        );
+        assert!(
+            matches!(
+                r,
+                Err(SigningError::TransparencyProofInvalid(
+                    TransparencyError::LogIndexMismatch {
+                        entry: 79_605_083,
+                        proof: 79_605_084
+                    }
+                ))
+            ),
+            "{r:?}"
+        );
+
+        // Another shard-local index below the global one: the Merkle path does not lead to
+        // the checkpoint's root.
+        let mut json: Value = serde_json::from_slice(&bundle).unwrap();
+        json["verificationMaterial"]["tlogEntries"][0]["inclusionProof"]["logIndex"] =
+            Value::String("75441653".to_owned());
+        let r = verify_bundle(
+            &artifact,
+            &serde_json::to_vec(&json).unwrap(),
+            &trust,
+            &rules,
+        );
+        assert!(
+            matches!(
+                r,
+                Err(SigningError::TransparencyProofInvalid(
+                    TransparencyError::InclusionProof
+                ))
+            ),
+            "{r:?}"
+        );
+
+        // The global index is covered by the SET.
+        let mut json: Value = serde_json::from_slice(&bundle).unwrap();
+        json["verificationMaterial"]["tlogEntries"][0]["logIndex"] =
+            Value::String("79605082".to_owned());
+        let r = verify_bundle(
+            &artifact,
+            &serde_json::to_vec(&json).unwrap(),
+            &trust,
+            &rules,
+        );
+        assert!(
+            matches!(
+                r,
+                Err(SigningError::TransparencyProofInvalid(
+                    TransparencyError::SignedEntryTimestamp
+                ))
+            ),
+            "{r:?}"
+        );
+    }
+}
