@@ -22,11 +22,15 @@ pub enum SigningError {
         "untrusted certificate authority: the signing certificate does not chain to a trusted CA"
     )]
     UntrustedCa,
-    /// The signing certificate was not valid at the signing time (the log's `integratedTime`).
+    /// A certificate of the path — the signing certificate, or an intermediate or root of the
+    /// trust root's CA chain above it — was not valid at the signing time (the log's
+    /// `integratedTime`).
     #[error(
-        "certificate {kind} at signing time {signing_time} (valid {not_before} .. {not_after}, Unix seconds)"
+        "{certificate} {kind} at signing time {signing_time} (valid {not_before} .. {not_after}, Unix seconds)"
     )]
     CertificateNotValidAtSigningTime {
+        /// Which certificate of the path.
+        certificate: ChainCert,
         /// Expired or not yet valid.
         kind: CertValidity,
         /// `integratedTime` of the log entry (Unix seconds).
@@ -75,6 +79,28 @@ pub enum SigningError {
     /// An identity rule could not be built (bad regular expression).
     #[error("invalid identity rule: {0}")]
     InvalidIdentityRule(String),
+}
+
+/// A certificate of the path from the signing certificate to the trust root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ChainCert {
+    /// The signing (leaf) certificate from the bundle.
+    Signing,
+    /// A certificate of a trust-root CA chain (intermediate or root).
+    Ca {
+        /// Its subject (RFC 4514 string).
+        subject: String,
+    },
+}
+
+impl std::fmt::Display for ChainCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChainCert::Signing => f.write_str("signing certificate"),
+            ChainCert::Ca { subject } => write!(f, "CA certificate {subject:?}"),
+        }
+    }
 }
 
 /// Which side of its validity window the certificate was on at signing time.

@@ -21,7 +21,8 @@
 //!
 //! Done by sigstore-rs 0.15 (`sigstore::bundle::verify::Verifier`, driven here without a
 //! runtime): bundle shape (media type, one tlog entry, inclusion proof with checkpoint for
-//! v0.2/v0.3), leaf certificate chain to a trusted CA (webpki, at the certificate's `notBefore`),
+//! v0.2/v0.3), leaf certificate chain to a trusted CA (webpki, at the certificate's `notBefore`;
+//! every trust-root certificate is a webpki anchor, whose dates webpki does not check),
 //! the embedded SCT under a trusted CT log key, the identity policy hook, the signature over the
 //! artifact digest with the certificate key, the `hashedrekord` body against certificate,
 //! signature and digest, and `integratedTime` within the certificate's validity.
@@ -36,6 +37,10 @@
 //!   first 4 bytes of the log ID;
 //! - `validFor` windows of CAs, CT logs and Rekor logs at the signing time (sigstore-rs ignores
 //!   them);
+//! - the validity of every certificate of the trust root's CA chains at the signing time: a
+//!   certificate is offered as an anchor only if it and every certificate above it in its chain
+//!   are valid then (see `TrustRoot::verifier_at`), so a leaf under an intermediate or root that
+//!   had expired, or was not yet valid, is refused and the refusal names that certificate;
 //! - the bundle's `messageDigest` equal to the artifact's SHA-256;
 //! - identity rules with an anchored regex, and a refusal that names the identity found;
 //! - telling "expired" from "not yet valid" at signing time.
@@ -69,7 +74,7 @@ use sigstore_protobuf_specs::dev::sigstore::bundle::v1::{bundle, verification_ma
 use x509_cert::Certificate;
 use x509_cert::der::Decode;
 
-pub use error::{CertValidity, SigningError, TransparencyError};
+pub use error::{CertValidity, ChainCert, SigningError, TransparencyError};
 pub use identity::{IdentityRule, Matcher};
 pub use trust::TrustRoot;
 
@@ -140,6 +145,7 @@ pub fn verify_bundle(
     if let Err(e) = result {
         return Err(map_verification_error(
             e,
+            trust,
             &leaf,
             checked.integrated_time,
             &found,
@@ -393,6 +399,7 @@ impl HashedRekord {
 /// Maps sigstore-rs's refusal to ours.
 fn map_verification_error(
     e: VerificationError,
+    trust: &TrustRoot,
     leaf: &Certificate,
     signing_time: i64,
     found: &FoundIdentity,
@@ -409,6 +416,7 @@ fn map_verification_error(
             let not_before = secs(validity.not_before);
             let not_after = secs(validity.not_after);
             SigningError::CertificateNotValidAtSigningTime {
+                certificate: ChainCert::Signing,
                 kind: if signing_time < not_before {
                     CertValidity::NotYetValid
                 } else {
@@ -423,7 +431,11 @@ fn map_verification_error(
         VerificationError::Certificate(CertificateErrorKind::Malformed(e)) => {
             SigningError::MalformedBundle(format!("certificate: {e}"))
         }
-        VerificationError::Certificate(_) => SigningError::UntrustedCa,
+        // No path to a CA certificate valid at the signing time: name the CA certificate that
+        // was out of its dates, if the leaf names one as its issuer; else the CA is unknown.
+        VerificationError::Certificate(_) => trust
+            .ca_not_valid_at(leaf, signing_time)
+            .unwrap_or(SigningError::UntrustedCa),
         VerificationError::Signature(SignatureErrorKind::VerificationFailed(_)) => {
             SigningError::SignatureMismatch
         }

@@ -11,7 +11,11 @@ use sigstore_protobuf_specs::dev::sigstore::trustroot::v1::{
     TransparencyLogInstance, TrustedRoot as ProtoTrustedRoot,
 };
 
-use crate::SigningError;
+use x509_cert::Certificate;
+use x509_cert::der::Decode;
+use x509_cert::ext::pkix::{AuthorityKeyIdentifier, SubjectKeyIdentifier};
+
+use crate::{CertValidity, ChainCert, SigningError};
 
 /// A validity window in Unix seconds; `None` = open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,11 +38,104 @@ impl Window {
     }
 }
 
-/// One certificate authority: its DER chain (leaf-most first, root last).
+/// One certificate of a CA chain, with what the chain checks need from it.
+#[derive(Debug, Clone)]
+struct CaCert {
+    der: Vec<u8>,
+    cert: Certificate,
+    not_before: i64,
+    not_after: i64,
+}
+
+impl CaCert {
+    fn parse(der: Vec<u8>) -> Result<Self, String> {
+        let cert = Certificate::from_der(&der).map_err(|e| e.to_string())?;
+        let validity = cert.tbs_certificate().validity();
+        let secs = |t: x509_cert::time::Time| {
+            i64::try_from(t.to_unix_duration().as_secs()).unwrap_or(i64::MAX)
+        };
+        let (not_before, not_after) = (secs(validity.not_before), secs(validity.not_after));
+        Ok(Self {
+            der,
+            cert,
+            not_before,
+            not_after,
+        })
+    }
+
+    /// Whether `t` (Unix seconds) lies in `notBefore ..= notAfter`.
+    fn valid_at(&self, t: i64) -> bool {
+        self.not_before <= t && t <= self.not_after
+    }
+
+    /// Whether this certificate may be the issuer of `leaf`: same name, and the same key
+    /// identifier where both name one. (A hint for naming a refusal, not a signature check.)
+    fn may_have_issued(&self, leaf: &Certificate) -> bool {
+        if self.cert.tbs_certificate().subject() != leaf.tbs_certificate().issuer() {
+            return false;
+        }
+        let aki = leaf
+            .tbs_certificate()
+            .get_extension::<AuthorityKeyIdentifier>()
+            .ok()
+            .flatten()
+            .and_then(|(_, a)| a.key_identifier);
+        let ski = self
+            .cert
+            .tbs_certificate()
+            .get_extension::<SubjectKeyIdentifier>()
+            .ok()
+            .flatten()
+            .map(|(_, s)| s.0);
+        match (aki, ski) {
+            (Some(a), Some(s)) => a == s,
+            _ => true,
+        }
+    }
+
+    fn refusal(&self, t: i64) -> SigningError {
+        SigningError::CertificateNotValidAtSigningTime {
+            certificate: ChainCert::Ca {
+                subject: self.cert.tbs_certificate().subject().to_string(),
+            },
+            kind: if t < self.not_before {
+                CertValidity::NotYetValid
+            } else {
+                CertValidity::Expired
+            },
+            signing_time: t,
+            not_before: self.not_before,
+            not_after: self.not_after,
+        }
+    }
+}
+
+/// One certificate authority: its chain (leaf-most first, root last) and `validFor` window.
 #[derive(Debug, Clone)]
 struct Ca {
-    chain: Vec<Vec<u8>>,
+    chain: Vec<CaCert>,
     valid_for: Window,
+}
+
+impl Ca {
+    /// The certificates of this CA that may anchor a leaf signed at `t`: none outside the CA's
+    /// `validFor`; else each certificate that is valid at `t` together with every certificate
+    /// above it in the chain (its path to the root) — the longest such tail of the chain.
+    ///
+    /// sigstore-rs hands every trust-root certificate to webpki as a trust anchor, so a leaf
+    /// chains to whichever of them issued it, and webpki never checks an anchor's dates. Offering
+    /// only these certificates makes every certificate of the path valid at the signing time.
+    fn anchors_at(&self, t: i64) -> &[CaCert] {
+        if !self.valid_for.contains(t) {
+            return &[];
+        }
+        let first = self
+            .chain
+            .iter()
+            .rposition(|c| !c.valid_at(t))
+            .map_or(0, |i| i + 1);
+        &self.chain[first..]
+    }
 }
 
 /// A transparency log (Rekor) or CT log: key ID, DER SubjectPublicKeyInfo, validity.
@@ -64,7 +161,7 @@ pub struct TrustRoot {
 /// or two per trust root). Building one costs tens of milliseconds (it builds an HTTP client
 /// for its unused Rekor configuration), verifying with it well under one.
 #[derive(Clone, Default)]
-struct VerifierCache(Arc<Mutex<HashMap<Vec<bool>, Arc<Verifier>>>>);
+struct VerifierCache(Arc<Mutex<HashMap<Vec<usize>, Arc<Verifier>>>>);
 
 impl std::fmt::Debug for VerifierCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -91,11 +188,21 @@ impl TrustRoot {
         }
         let mut cas = Vec::new();
         for (i, ca) in root.certificate_authorities.iter().enumerate() {
-            let chain: Vec<Vec<u8>> = ca
+            let chain: Vec<CaCert> = ca
                 .cert_chain
                 .as_ref()
-                .map(|c| c.certificates.iter().map(|c| c.raw_bytes.clone()).collect())
-                .unwrap_or_default();
+                .map(|c| c.certificates.as_slice())
+                .unwrap_or_default()
+                .iter()
+                .enumerate()
+                .map(|(j, c)| {
+                    CaCert::parse(c.raw_bytes.clone()).map_err(|e| {
+                        SigningError::MalformedTrustRoot(format!(
+                            "certificateAuthorities[{i}].certChain[{j}]: {e}"
+                        ))
+                    })
+                })
+                .collect::<Result<_, _>>()?;
             if chain.is_empty() {
                 return Err(SigningError::MalformedTrustRoot(format!(
                     "certificateAuthorities[{i}] has no certificate"
@@ -132,14 +239,20 @@ impl TrustRoot {
     }
 
     /// A sigstore-rs verifier over the trust material valid at `t` (Unix seconds): CA
-    /// certificates and CT log keys whose `validFor` contains `t`. (sigstore-rs has no notion
-    /// of these windows, so they are applied here.) Cached per set of valid entries.
+    /// certificates of CAs whose `validFor` contains `t` that are valid at `t` with every
+    /// certificate above them ([`Ca::anchors_at`]), and CT log keys whose `validFor` contains
+    /// `t`. (sigstore-rs has no notion of these windows and checks no anchor's dates, so they
+    /// are applied here.) Cached per set of valid entries.
     pub(crate) fn verifier_at(&self, t: i64) -> Result<Arc<Verifier>, SigningError> {
-        let key: Vec<bool> = self
+        let key: Vec<usize> = self
             .cas
             .iter()
-            .map(|c| c.valid_for.contains(t))
-            .chain(self.ctlogs.iter().map(|l| l.valid_for.contains(t)))
+            .map(|c| c.anchors_at(t).len())
+            .chain(
+                self.ctlogs
+                    .iter()
+                    .map(|l| usize::from(l.valid_for.contains(t))),
+            )
             .collect();
         let mut cache = self
             .verifiers
@@ -156,13 +269,26 @@ impl TrustRoot {
         Ok(verifier)
     }
 
+    /// Why `leaf` found no anchor at `t`, when a CA certificate (of a CA whose `validFor`
+    /// contains `t`) names itself as the leaf's issuer but it, or one above it in its chain, was
+    /// not valid at `t`: that certificate's refusal. `None` when no such certificate exists.
+    pub(crate) fn ca_not_valid_at(&self, leaf: &Certificate, t: i64) -> Option<SigningError> {
+        self.cas
+            .iter()
+            .filter(|ca| ca.valid_for.contains(t))
+            .find_map(|ca| {
+                let issuer = ca.chain.iter().position(|c| c.may_have_issued(leaf))?;
+                ca.chain[issuer..].iter().find(|c| !c.valid_at(t))
+            })
+            .map(|c| c.refusal(t))
+    }
+
     fn at(&self, t: i64) -> ManualTrustRoot<'static> {
         let fulcio_certs = self
             .cas
             .iter()
-            .filter(|ca| ca.valid_for.contains(t))
-            .flat_map(|ca| ca.chain.iter())
-            .map(|der| CertificateDer::from(der.clone()))
+            .flat_map(|ca| ca.anchors_at(t))
+            .map(|c| CertificateDer::from(c.der.clone()))
             .collect();
         let ctfe_keys = self
             .ctlogs

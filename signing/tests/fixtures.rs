@@ -710,3 +710,80 @@ mod public_good {
         );
     }
 }
+
+/// The trust root's CA is an intermediate under an outer root, both listed in the trust root
+/// (`tests/sigstore/ca-chain/`, made by its `generate.py`): the same leaf, SCT and Rekor entry
+/// as `artifact.sigstore.json`, only the CA certificates' validity differs. Every certificate of
+/// the path must be valid at the signing time (2025-06-02T10:00:03Z), the trust root's too.
+mod ca_chain {
+    use super::*;
+    use cinfer_signing::ChainCert;
+
+    /// 2025-05-01T00:00:00Z, 2025-07-01T00:00:00Z.
+    const MAY_1: i64 = 1_746_057_600;
+    const JULY_1: i64 = 1_751_328_000;
+    const SIGNING_TIME: i64 = 1_748_858_403;
+
+    fn verify(trust_root: &str) -> Result<cinfer_signing::VerifiedSigner, SigningError> {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/sigstore/ca-chain")
+            .join(format!("trusted_root.{trust_root}.json"));
+        let json = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let trust = TrustRoot::from_json(&json).expect(trust_root);
+        verify_bundle(
+            &read("artifact.bin"),
+            &read("artifact.sigstore.json"),
+            &trust,
+            &[IdentityRule::exact(ISSUER, SUBJECT)],
+        )
+    }
+
+    #[test]
+    fn leaf_under_an_intermediate_valid_at_signing_time_is_accepted() {
+        let s = verify("valid-intermediate").expect("valid intermediate and root");
+        assert_eq!(s.subject, SUBJECT);
+        assert_eq!(s.integrated_time, SIGNING_TIME);
+    }
+
+    #[test]
+    fn leaf_under_an_intermediate_expired_at_signing_time_is_refused() {
+        match verify("expired-intermediate") {
+            Err(SigningError::CertificateNotValidAtSigningTime {
+                certificate: ChainCert::Ca { subject },
+                kind: CertValidity::Expired,
+                signing_time: SIGNING_TIME,
+                not_after: MAY_1,
+                ..
+            }) => assert_eq!(subject, "O=sigstore.mock,CN=sigstore"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn leaf_under_an_intermediate_not_yet_valid_at_signing_time_is_refused() {
+        match verify("not-yet-valid-intermediate") {
+            Err(SigningError::CertificateNotValidAtSigningTime {
+                certificate: ChainCert::Ca { subject },
+                kind: CertValidity::NotYetValid,
+                not_before: JULY_1,
+                ..
+            }) => assert_eq!(subject, "O=sigstore.mock,CN=sigstore"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn intermediate_under_a_root_expired_at_signing_time_is_refused() {
+        // sigstore-python 4.5.1 accepts this one (it stops at the first trusted certificate);
+        // the root is part of the path and is checked like the others here.
+        match verify("expired-root") {
+            Err(SigningError::CertificateNotValidAtSigningTime {
+                certificate: ChainCert::Ca { subject },
+                kind: CertValidity::Expired,
+                not_after: MAY_1,
+                ..
+            }) => assert_eq!(subject, "O=sigstore.mock,CN=cinfer test outer root"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
