@@ -136,20 +136,16 @@ impl FoundIdentity {
     }
 }
 
-/// The identity rules as a sigstore-rs [`VerificationPolicy`](sigstore::bundle::verify::VerificationPolicy):
-/// any one rule must allow the certificate's identity.
-pub(crate) struct AnyRule<'a>(pub(crate) &'a [IdentityRule]);
+/// A sigstore-rs [`VerificationPolicy`](sigstore::bundle::verify::VerificationPolicy) that
+/// allows every identity. sigstore-rs calls its policy before it checks the signature, the log
+/// body and the certificate's validity at `integratedTime`, so identity rules are applied by the
+/// caller after the whole bundle verified (an invalid bundle by an unlisted signer must be
+/// refused as invalid, not as "another signer").
+pub(crate) struct AnyIdentity;
 
-impl sigstore::bundle::verify::VerificationPolicy for AnyRule<'_> {
-    fn verify(&self, cert: &Certificate) -> sigstore::bundle::verify::policy::PolicyResult {
-        let found = FoundIdentity::from_cert(cert);
-        if self.0.iter().any(|r| r.allows(&found)) {
-            Ok(())
-        } else {
-            Err(sigstore::bundle::verify::PolicyError::AnyOf {
-                total: self.0.len(),
-            })
-        }
+impl sigstore::bundle::verify::VerificationPolicy for AnyIdentity {
+    fn verify(&self, _cert: &Certificate) -> sigstore::bundle::verify::policy::PolicyResult {
+        Ok(())
     }
 }
 

@@ -23,7 +23,7 @@
 //! runtime): bundle shape (media type, one tlog entry, inclusion proof with checkpoint for
 //! v0.2/v0.3), leaf certificate chain to a trusted CA (webpki, at the certificate's `notBefore`;
 //! every trust-root certificate is a webpki anchor, whose dates webpki does not check),
-//! the embedded SCT under a trusted CT log key, the identity policy hook, the signature over the
+//! the embedded SCT under a trusted CT log key, the signature over the
 //! artifact digest with the certificate key, the `hashedrekord` body against certificate,
 //! signature and digest, and `integratedTime` within the certificate's validity.
 //!
@@ -42,7 +42,10 @@
 //!   are valid then (see `TrustRoot::verifier_at`), so a leaf under an intermediate or root that
 //!   had expired, or was not yet valid, is refused and the refusal names that certificate;
 //! - the bundle's `messageDigest` equal to the artifact's SHA-256;
-//! - identity rules with an anchored regex, and a refusal that names the identity found;
+//! - identity rules with an anchored regex, and a refusal that names the identity found; the
+//!   rules are applied after every other check (sigstore-rs's policy hook runs before its
+//!   signature check, so it is handed an allow-all policy), and key-based bundles are verified
+//!   under their logged key before that key is compared with the caller's;
 //! - telling "expired" from "not yet valid" at signing time.
 //!
 //! Not checked: the checkpoint's origin line against the log's URL; RFC 3161 timestamps (an
@@ -78,7 +81,7 @@ pub use error::{CertValidity, ChainCert, SigningError, TransparencyError};
 pub use identity::{IdentityRule, Matcher};
 pub use trust::TrustRoot;
 
-use identity::{AnyRule, FoundIdentity};
+use identity::{AnyIdentity, FoundIdentity};
 
 /// Who signed, when, and where it was logged — the result of a successful verification.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,6 +106,10 @@ pub struct VerifiedSigner {
 
 /// Verifies a keyless Sigstore bundle over `artifact` against `trust`, and that the signer is
 /// allowed by one of `identities`.
+///
+/// The identity is looked at last, after every cryptographic and log check passed: an invalid
+/// bundle is refused for what is wrong with it, and [`SigningError::IdentityNotAllowed`] means a
+/// valid bundle by a signer no rule allows.
 pub fn verify_bundle(
     artifact: &[u8],
     bundle_json: &[u8],
@@ -138,10 +145,12 @@ pub fn verify_bundle(
     let entry = single_tlog_entry(material)?;
     let checked = tlog::check_entry(entry, trust)?;
 
-    // Everything sigstore-rs checks, with the trust material valid at the signing time.
+    // Everything sigstore-rs checks, with the trust material valid at the signing time. Its
+    // policy hook runs before the signature, log-body and validity checks, so it is given no
+    // identity rule: the identity is looked at only once the whole bundle verified, and an
+    // invalid bundle is refused for what is wrong with it whoever signed it.
     let verifier = trust.verifier_at(checked.integrated_time)?;
-    let policy = AnyRule(identities);
-    let result = block_on(verifier.verify_digest_with(digest.into(), bundle, &policy, true));
+    let result = block_on(verifier.verify_digest_with(digest.into(), bundle, &AnyIdentity, true));
     if let Err(e) = result {
         return Err(map_verification_error(
             e,
@@ -150,6 +159,9 @@ pub fn verify_bundle(
             checked.integrated_time,
             &found,
         ));
+    }
+    if !identities.iter().any(|r| r.allows(&found)) {
+        return Err(found.refusal());
     }
 
     let subject = found
@@ -172,13 +184,38 @@ pub fn verify_bundle(
 /// Verifies a key-based v0.3 bundle (public-key hint, message signature, `hashedrekord` entry)
 /// over `artifact` with `public_key_pem` (the policy's key; the bundle's hint is ignored), with
 /// the same transparency-log checks as [`verify_bundle`].
+///
+/// The bundle is verified completely under the key its log entry records
+/// ([`verify_logged_key_bundle`]) before that key is compared with `public_key_pem`: an invalid
+/// bundle is refused for what is wrong with it, and [`SigningError::KeyNotTrusted`] means a
+/// valid bundle by another key.
 pub fn verify_key_bundle(
     artifact: &[u8],
     bundle_json: &[u8],
     trust: &TrustRoot,
     public_key_pem: &[u8],
 ) -> Result<VerifiedSigner, SigningError> {
-    let (key, spki) = parse_p256_key(public_key_pem)?;
+    let (_, spki) = parse_p256_key(public_key_pem)?;
+    let signer = verify_logged_key_bundle(artifact, bundle_json, trust)?;
+    if signer.subject != hex::encode(Sha256::digest(&spki)) {
+        return Err(SigningError::KeyNotTrusted {
+            found_key_sha256: signer.subject,
+        });
+    }
+    Ok(signer)
+}
+
+/// Verifies a key-based v0.3 bundle over `artifact` under the key its `hashedrekord` log entry
+/// records (authenticated by the SET; the bundle's hint is ignored), with the same
+/// transparency-log checks as [`verify_bundle`], **without deciding whether that key is
+/// trusted**: the caller must compare [`VerifiedSigner::subject`] (the hex SHA-256 of the key's
+/// DER SubjectPublicKeyInfo, as [`key_fingerprint`] gives it) with the keys it trusts. For
+/// callers that hold several keys, or none, and must still refuse an invalid bundle.
+pub fn verify_logged_key_bundle(
+    artifact: &[u8],
+    bundle_json: &[u8],
+    trust: &TrustRoot,
+) -> Result<VerifiedSigner, SigningError> {
     let bundle = parse_bundle(bundle_json)?;
     let digest: [u8; 32] = Sha256::digest(artifact).into();
     let message = message_signature(&bundle)?;
@@ -196,11 +233,6 @@ pub fn verify_key_bundle(
 
     // The logged body (authenticated by the SET) names the key, signature and digest.
     let body = HashedRekord::parse(&entry.canonicalized_body)?;
-    if body.spki != spki {
-        return Err(SigningError::KeyNotTrusted {
-            found_key_sha256: hex::encode(Sha256::digest(&body.spki)),
-        });
-    }
     if body.signature != message.signature {
         return Err(TransparencyError::BodyMismatch.into());
     }
@@ -208,12 +240,14 @@ pub fn verify_key_bundle(
     if body.sha256 != digest {
         return Err(SigningError::SignatureMismatch);
     }
+    let key = CosignVerificationKey::try_from_der(&body.spki)
+        .map_err(|_| TransparencyError::Malformed("hashedrekord body: publicKey".to_owned()))?;
     key.verify_signature(Signature::Raw(&message.signature), artifact)
         .map_err(|_| SigningError::SignatureMismatch)?;
 
     Ok(VerifiedSigner {
         issuer: String::new(),
-        subject: hex::encode(Sha256::digest(&spki)),
+        subject: hex::encode(Sha256::digest(&body.spki)),
         integrated_time: checked.integrated_time,
         log_index: checked.log_index,
         log_id: hex::encode(&checked.log_id),

@@ -787,3 +787,137 @@ mod ca_chain {
         }
     }
 }
+
+/// Every signature is verified before the signer's identity or key is looked at: an invalid
+/// bundle by an identity or key the caller does not list is refused for what is wrong with it,
+/// not reported as "another signer" (which callers skip).
+mod invalid_before_identity {
+    use super::*;
+    use cinfer_signing::{key_fingerprint, verify_logged_key_bundle};
+
+    /// `bundle` with its message signature replaced by another valid-looking one (the good
+    /// bundle's, by another certificate key).
+    fn with_foreign_signature(bundle: &str) -> Vec<u8> {
+        let good: Value = serde_json::from_slice(&read("artifact.sigstore.json")).unwrap();
+        let mut b: Value = serde_json::from_slice(&read(bundle)).unwrap();
+        assert_ne!(
+            b["messageSignature"]["signature"],
+            good["messageSignature"]["signature"]
+        );
+        b["messageSignature"]["signature"] = good["messageSignature"]["signature"].clone();
+        serde_json::to_vec(&b).unwrap()
+    }
+
+    #[test]
+    fn invalid_keyless_bundle_by_an_unlisted_identity_is_refused_as_invalid() {
+        let trust = trust();
+        let artifact = read("artifact.bin");
+        // Valid as is: refused only for its identity, which names the attacker.
+        let r = verify_bundle(
+            &artifact,
+            &read("other-identity.sigstore.json"),
+            &trust,
+            &[IdentityRule::exact(ISSUER, SUBJECT)],
+        );
+        assert!(
+            matches!(r, Err(SigningError::IdentityNotAllowed { .. })),
+            "{r:?}"
+        );
+        // With a signature that does not verify under its certificate: refused as such,
+        // whether rules are listed or none are.
+        let bad = with_foreign_signature("other-identity.sigstore.json");
+        for rules in [&[IdentityRule::exact(ISSUER, SUBJECT)][..], &[]] {
+            let r = verify_bundle(&artifact, &bad, &trust, rules);
+            assert!(matches!(r, Err(SigningError::SignatureMismatch)), "{r:?}");
+        }
+        // The same for an unlisted issuer, and for a certificate that had expired at signing
+        // time under a rule that does not list it.
+        let bad = with_foreign_signature("other-issuer.sigstore.json");
+        let r = verify_bundle(
+            &artifact,
+            &bad,
+            &trust,
+            &[IdentityRule::exact(ISSUER, SUBJECT)],
+        );
+        assert!(matches!(r, Err(SigningError::SignatureMismatch)), "{r:?}");
+        let r = verify_bundle(
+            &artifact,
+            &read("expired-cert.sigstore.json"),
+            &trust,
+            &[IdentityRule::exact(
+                ISSUER,
+                "https://example.test/someone-else",
+            )],
+        );
+        assert!(
+            matches!(
+                r,
+                Err(SigningError::CertificateNotValidAtSigningTime {
+                    kind: CertValidity::Expired,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn invalid_key_bundle_by_an_unlisted_key_is_refused_as_invalid() {
+        let trust = trust();
+        let policy_key = read("cosign.pub");
+        // key-untrusted.sigstore.json is a valid bundle by other-key, over artifact.bin.
+        let bundle = read("key-untrusted.sigstore.json");
+        let r = verify_key_bundle(&read("artifact.bin"), &bundle, &trust, &policy_key);
+        assert!(
+            matches!(r, Err(SigningError::KeyNotTrusted { .. })),
+            "{r:?}"
+        );
+        // Over other bytes it is invalid: that is the refusal, not "another key".
+        let r = verify_key_bundle(&read("other-artifact.bin"), &bundle, &trust, &policy_key);
+        assert!(matches!(r, Err(SigningError::SignatureMismatch)), "{r:?}");
+        // A signature the log did not record for it.
+        let mut b: Value = serde_json::from_slice(&bundle).unwrap();
+        let good: Value = serde_json::from_slice(&read("artifact.key.sigstore.json")).unwrap();
+        b["messageSignature"]["signature"] = good["messageSignature"]["signature"].clone();
+        let r = verify_key_bundle(
+            &read("artifact.bin"),
+            &serde_json::to_vec(&b).unwrap(),
+            &trust,
+            &policy_key,
+        );
+        assert!(
+            matches!(
+                r,
+                Err(SigningError::TransparencyProofInvalid(
+                    TransparencyError::BodyMismatch
+                ))
+            ),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn key_bundle_verifies_under_its_logged_key_without_a_policy_key() {
+        let trust = trust();
+        let s = verify_logged_key_bundle(
+            &read("artifact.bin"),
+            &read("key-untrusted.sigstore.json"),
+            &trust,
+        )
+        .expect("valid bundle by other-key");
+        assert_eq!(s.subject, key_fingerprint(&read("other-key.pub")).unwrap());
+        assert!(s.issuer.is_empty());
+        let r = verify_logged_key_bundle(
+            &read("other-artifact.bin"),
+            &read("key-untrusted.sigstore.json"),
+            &trust,
+        );
+        assert!(matches!(r, Err(SigningError::SignatureMismatch)), "{r:?}");
+        let r = verify_logged_key_bundle(
+            &read("artifact.bin"),
+            &read("artifact.sigstore.json"),
+            &trust,
+        );
+        assert!(matches!(r, Err(SigningError::MalformedBundle(_))), "{r:?}");
+    }
+}
