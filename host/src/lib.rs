@@ -22,7 +22,8 @@
 #![forbid(unsafe_code)]
 
 pub mod admission;
-pub mod backend;
+/// The virtual accelerator (crate `cinfer-accel`): kernels live there, validation here.
+pub use cinfer_accel as backend;
 mod bindings;
 pub mod caps;
 pub mod loader;

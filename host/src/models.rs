@@ -219,8 +219,11 @@ impl ModelSource for SealedGguf {
             GgmlType::Q4_1 => DeviceBuffer::Q4_1(quant::parse_q4_1(&bytes)),
             GgmlType::Q8_0 => DeviceBuffer::Q8_0(quant::parse_q8_0(&bytes)),
         };
+        // GGUF dims are innermost first: a matrix is [rows = the rest, cols = dims[0]].
+        let cols = t.dims.first().map_or(1, |d| *d as usize);
+        let rows = t.dims.iter().skip(1).map(|d| *d as usize).product::<usize>();
         backend
-            .upload_buffer(buf)
+            .upload_weights(buf, rows, cols)
             .map_err(|_| ModelError::OutOfMemory)
     }
 }

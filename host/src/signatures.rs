@@ -80,20 +80,18 @@ fn verify_one(
         }
         SignatureKind::KeyBundle => {
             let trust = policy.trust_root().ok_or(AdmissionError::NoTrustRoot)?;
-            let mut found = Vec::new();
-            for (name, pem, fingerprint) in keys() {
-                match cinfer_signing::verify_key_bundle(bytes, sig, trust, pem) {
-                    Ok(v) => found.push(VerifiedSignature {
-                        signer: name.to_owned(),
-                        identity: format!("key sha256:{fingerprint}"),
-                        log: Some(v),
-                    }),
-                    // Logged under another key: not this signer.
-                    Err(SigningError::KeyNotTrusted { .. }) => {}
-                    Err(e) => return Err(refused(&e)),
-                }
-            }
-            Ok(found)
+            // Verified under the key its log entry records before any policy key is
+            // looked at: an invalid bundle refuses even when no listed key made it.
+            let v = cinfer_signing::verify_logged_key_bundle(bytes, sig, trust)
+                .map_err(|e| refused(&e))?;
+            Ok(keys()
+                .filter(|(_, _, fingerprint)| *fingerprint == v.subject)
+                .map(|(name, _, fingerprint)| VerifiedSignature {
+                    signer: name.to_owned(),
+                    identity: format!("key sha256:{fingerprint}"),
+                    log: Some(v.clone()),
+                })
+                .collect())
         }
         SignatureKind::Detached => {
             // A detached ECDSA signature names no key: it is valid for a listed
@@ -199,4 +197,96 @@ pub(crate) fn admit(
             }
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use std::path::PathBuf;
+
+    const ACTIONS: &str = "https://token.actions.githubusercontent.com";
+    const RELEASE: &str =
+        "https://github.com/cinfer/cinfer/.github/workflows/release.yml@refs/heads/main";
+
+    fn repo(rel: &str) -> Vec<u8> {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(rel);
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    fn fixture(name: &str) -> Vec<u8> {
+        repo(&format!("tests/sigstore/fixtures/{name}"))
+    }
+
+    /// A policy that lists the release workflow (keyless) and no key.
+    fn keyless_policy() -> Policy {
+        let toml_text = format!(
+            "worlds = \"worlds.wit\"\ntrust-root = \"trusted_root.json\"\n\
+             [[signer]]\nname = \"ci-release\"\nissuer = \"{ACTIONS}\"\nsubject = \"{RELEASE}\"\nworld = \"request-reply\"\n"
+        );
+        Policy::parse(&toml_text, |name| {
+            let bytes = match name {
+                "trusted_root.json" => fixture(name),
+                _ => repo("policies/worlds.wit"),
+            };
+            Ok(String::from_utf8(bytes).unwrap())
+        })
+        .expect("policy")
+    }
+
+    /// `bundle` with its message signature taken from `donor` (valid-looking, wrong).
+    fn with_signature_of(bundle: &str, donor: &str) -> Vec<u8> {
+        let donor: serde_json::Value = serde_json::from_slice(&fixture(donor)).unwrap();
+        let mut b: serde_json::Value = serde_json::from_slice(&fixture(bundle)).unwrap();
+        b["messageSignature"]["signature"] = donor["messageSignature"]["signature"].clone();
+        serde_json::to_vec(&b).unwrap()
+    }
+
+    fn refusal(
+        r: Result<(SignedGrant, Vec<VerifiedSignature>), AdmissionError>,
+    ) -> SignatureRefusal {
+        match r {
+            Err(AdmissionError::Signature { refusal, .. }) => refusal,
+            Err(other) => panic!("expected a signature refusal, got {other}"),
+            Ok((g, _)) => panic!("admitted under {}", g.grant.name),
+        }
+    }
+
+    #[test]
+    fn an_invalid_signature_by_an_unlisted_signer_refuses_the_program() {
+        let policy = keyless_policy();
+        let artifact = fixture("artifact.bin");
+        let good = fixture("artifact.sigstore.json");
+        admit(&policy, &artifact, &[&good]).expect("the good bundle alone");
+
+        // Keyless, by an identity the policy does not list, signature not over these bytes.
+        let bad_keyless =
+            with_signature_of("other-identity.sigstore.json", "artifact.sigstore.json");
+        // Key-based, by a key the policy does not list (it lists none), signature not the
+        // logged one.
+        let bad_key =
+            with_signature_of("key-untrusted.sigstore.json", "artifact.key.sigstore.json");
+
+        for (bad, reason) in [
+            (&bad_keyless, SignatureRefusal::SignatureMismatch),
+            (&bad_key, SignatureRefusal::TransparencyProofInvalid),
+        ] {
+            // Beside a good signature, in either order, and alone.
+            assert_eq!(refusal(admit(&policy, &artifact, &[&good, bad])), reason);
+            assert_eq!(refusal(admit(&policy, &artifact, &[bad, &good])), reason);
+            assert_eq!(refusal(admit(&policy, &artifact, &[bad])), reason);
+        }
+
+        // Valid signatures by unlisted signers are still only ignored.
+        let other = fixture("other-identity.sigstore.json");
+        let other_key = fixture("key-untrusted.sigstore.json");
+        admit(&policy, &artifact, &[&good, &other, &other_key]).expect("valid, unlisted: ignored");
+        assert_eq!(
+            refusal(admit(&policy, &artifact, &[&other, &other_key])),
+            SignatureRefusal::IdentityNotAllowed
+        );
+    }
 }

@@ -60,13 +60,16 @@ fn sealed_gguf_serves_metadata_and_tensors_and_refuses_tampering() {
     assert_eq!(m.metadata().expect("metadata"), plain[..g.kv_end]);
     let (shape, _) = m.tensor_shape("w").expect("shape");
     assert_eq!(shape, vec![2, 32]);
+    // The CPU backend keeps a [2, 32] Q8_0 matrix in its grouped SIMD layout.
     match m.load_tensor("w", &CpuBackend).expect("load") {
-        DeviceBuffer::Q8_0(blocks) => {
+        DeviceBuffer::PackedQ8_0(p) => {
+            assert_eq!((p.rows(), p.blocks_per_row()), (2, 1));
+            let blocks = p.unpack();
             assert_eq!(blocks.len(), 2);
             assert_eq!(blocks[1].d(), 0.5);
             assert_eq!(blocks[1].qs[0], -15);
         }
-        other => panic!("expected Q8_0, got {other:?}"),
+        other => panic!("expected a packed Q8_0 matrix, got {other:?}"),
     }
     match m.load_tensor("norm", &CpuBackend).expect("load") {
         DeviceBuffer::F32(v) => assert_eq!(v[31], 31.0),

@@ -1,16 +1,25 @@
-//! The virtual accelerator's backends.
+//! `cinfer-accel`: the virtual accelerator.
 //!
-//! The `accelerator` capability ([`crate::caps::accelerator`]) validates every
-//! launch (shapes, dtypes, memory) once, for all backends; a backend only
-//! implements kernels on operands that are already known to fit. The CPU
-//! backend is always present and is the reference; the CUDA backend (feature
-//! `cuda`, crate `cinfer-cuda`) implements the same trait with the same
-//! semantics. [`backend_from_name`] picks one by configuration.
+//! The loader's `accelerator` capability (`cinfer-host`, module
+//! `caps::accelerator`) validates every launch (shapes, dtypes, memory) once,
+//! for all backends; a backend only implements kernels on operands that are
+//! already known to fit. The CPU backend ([`CpuBackend`]) is always present
+//! and is the reference; its hot kernels are SIMD (AVX-512 VNNI or AVX2,
+//! chosen at run time by [`simd`], with a portable path everywhere else). The
+//! CUDA backend (feature `cuda`, over crate `cinfer-cuda`) implements the same
+//! trait with the same semantics. [`backend_from_name`] picks one by
+//! configuration.
+//!
+//! `unsafe` is denied in this crate except in module [`simd`], where entering
+//! a `#[target_feature]` kernel after run-time feature detection needs it
+//! (one `// SAFETY:` comment per call).
 
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub mod pack;
 pub mod quant;
+pub mod simd;
 
 pub use cpu::CpuBackend;
 #[cfg(feature = "cuda")]
@@ -90,6 +99,10 @@ pub enum DeviceBuffer {
     Q4_1(Vec<BlockQ4_1>),
     /// Q8_0 blocks in host memory.
     Q8_0(Vec<BlockQ8_0>),
+    /// A Q4_1 weight matrix in the CPU kernels' grouped layout ([`pack`]).
+    PackedQ4_1(pack::PackedQ4_1),
+    /// A Q8_0 weight matrix in the CPU kernels' grouped layout ([`pack`]).
+    PackedQ8_0(pack::PackedQ8_0),
     /// A tensor in CUDA device memory (CUDA backend).
     #[cfg(feature = "cuda")]
     Cuda(CudaBuffer),
@@ -103,6 +116,8 @@ impl DeviceBuffer {
             DeviceBuffer::F16(_) => ElemType::F16,
             DeviceBuffer::Q4_1(_) => ElemType::Q4_1,
             DeviceBuffer::Q8_0(_) => ElemType::Q8_0,
+            DeviceBuffer::PackedQ4_1(_) => ElemType::Q4_1,
+            DeviceBuffer::PackedQ8_0(_) => ElemType::Q8_0,
             #[cfg(feature = "cuda")]
             DeviceBuffer::Cuda(t) => t.elem_type(),
         }
@@ -115,6 +130,8 @@ impl DeviceBuffer {
             DeviceBuffer::F16(v) => v.len(),
             DeviceBuffer::Q4_1(v) => v.len() * 32,
             DeviceBuffer::Q8_0(v) => v.len() * 32,
+            DeviceBuffer::PackedQ4_1(p) => p.rows() * p.blocks_per_row() * 32,
+            DeviceBuffer::PackedQ8_0(p) => p.rows() * p.blocks_per_row() * 32,
             #[cfg(feature = "cuda")]
             DeviceBuffer::Cuda(t) => t.elems(),
         }
@@ -189,6 +206,19 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn upload(&self, data: &[f32]) -> Result<DeviceBuffer, BackendError>;
     /// Moves a host-built buffer (decrypted weights) to the device.
     fn upload_buffer(&self, buf: DeviceBuffer) -> Result<DeviceBuffer, BackendError>;
+    /// Moves a host-built weight matrix `[rows, cols]` to the device; a
+    /// backend may lay it out for its kernels (the CPU backend groups
+    /// quantized rows for its SIMD kernels). Every op still sees the same
+    /// elements. The default is [`Backend::upload_buffer`].
+    fn upload_weights(
+        &self,
+        buf: DeviceBuffer,
+        rows: usize,
+        cols: usize,
+    ) -> Result<DeviceBuffer, BackendError> {
+        let _ = (rows, cols);
+        self.upload_buffer(buf)
+    }
     /// Copies an f32 or f16 buffer to the host as f32.
     fn download(&self, buf: &DeviceBuffer) -> Result<Vec<f32>, BackendError>;
     /// Copies elements `range` of an f32 or f16 buffer.

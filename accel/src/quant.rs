@@ -67,6 +67,61 @@ pub struct BlockQ8_1 {
     pub qs: [i8; 32],
 }
 
+/// A quantized activation block as the SIMD kernels take it: the Q8_1
+/// fields (`s` is 0 for Q8_0 activations) and the exact sum of the values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ActBlock {
+    /// Scale (the exact f32 of an f16).
+    pub d: f32,
+    /// Q8_1: `d · Σq` rounded to f16; Q8_0: 0.
+    pub s: f32,
+    /// Σq.
+    pub sum: i32,
+    /// Values.
+    pub qs: [i8; 32],
+}
+
+/// Quantizes activation rows (length a multiple of 32) for Q4_1 weights:
+/// the numbers of [`quantize_q8_1`].
+pub fn act_q8_1(x: &[f32]) -> Vec<ActBlock> {
+    let level = crate::simd::level();
+    par_blocks(x, |b| {
+        let (d, qs) = crate::simd::quantize_block(level, b);
+        let sum: i32 = qs.iter().map(|q| i32::from(*q)).sum();
+        ActBlock {
+            d: round_f16(d),
+            s: round_f16(d * sum as f32),
+            sum,
+            qs,
+        }
+    })
+}
+
+/// Quantizes activation rows for Q8_0 weights: the numbers of [`quantize_q8_0`].
+pub fn act_q8_0(x: &[f32]) -> Vec<ActBlock> {
+    let level = crate::simd::level();
+    par_blocks(x, |b| {
+        let (d, qs) = crate::simd::quantize_block(level, b);
+        ActBlock {
+            d: round_f16(d),
+            s: 0.0,
+            sum: qs.iter().map(|q| i32::from(*q)).sum(),
+            qs,
+        }
+    })
+}
+
+/// `f` over the 32-blocks of `x`, in order; on the rayon pool for long inputs
+/// (prompt processing), on this thread otherwise.
+fn par_blocks(x: &[f32], f: impl Fn(&[f32; QK]) -> ActBlock + Sync + Send) -> Vec<ActBlock> {
+    let blocks = x.as_chunks::<QK>().0;
+    if blocks.len() >= 256 {
+        blocks.par_iter().map(f).collect()
+    } else {
+        blocks.iter().map(f).collect()
+    }
+}
+
 /// Rounds an f32 through f16 (what storing it in an f16 field does).
 pub fn round_f16(x: f32) -> f32 {
     f16::from_f32(x).to_f32()
@@ -121,7 +176,8 @@ pub fn parse_f32(bytes: &[u8]) -> Vec<f32> {
         .collect()
 }
 
-fn quantize_block(x: &[f32]) -> (f32, [i8; 32]) {
+/// The scalar reference of activation quantization (one block of 32).
+pub fn quantize_block(x: &[f32]) -> (f32, [i8; 32]) {
     let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
     let d = amax / 127.0;
     let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };

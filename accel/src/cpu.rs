@@ -1,11 +1,15 @@
 //! The CPU backend: the reference implementation of every kernel.
 //!
-//! Safe Rust, vectorised by the compiler (the crate is built for x86-64-v3:
-//! AVX2, FMA, F16C; see `.cargo/config.toml`). Matmuls and attention split
-//! work across cores with rayon. Quantized matmuls quantize the activations
-//! per 32-block and use integer dot products, like llama.cpp.
+//! Quantized weight matrices loaded through [`Backend::upload_weights`] are
+//! repacked ([`crate::pack`]) and multiplied by the SIMD kernels of
+//! [`crate::simd`] (AVX-512 VNNI, AVX2 or portable, chosen at run time);
+//! everything else is safe Rust vectorised by the compiler. Matmuls and
+//! attention split work across cores with rayon. Quantized matmuls quantize
+//! the activations per 32-block and use integer dot products, like llama.cpp.
 
+use super::pack::{GROUP, PackedQ4_1, PackedQ8_0};
 use super::quant::{self, BlockQ8_0, BlockQ8_1};
+use super::simd;
 use super::{AttentionShape, Backend, BackendError, BinaryOp, DeviceBuffer, ElemType};
 use half::f16;
 use rayon::prelude::*;
@@ -85,6 +89,31 @@ enum Prepared {
     F32(Vec<f32>),
     Q8_1(Vec<BlockQ8_1>),
     Q8_0(Vec<BlockQ8_0>),
+}
+
+/// `x` [m, k] · a packed `w` [n, k]ᵀ → [m, n], in parallel over groups of
+/// 16 weight rows; `kernel(g, out)` fills `out[i · 16 + r]` for row `16g + r`.
+fn grouped(
+    m: usize,
+    k: usize,
+    n: usize,
+    groups: usize,
+    kernel: impl Fn(usize, &mut [f32]) + Sync + Send,
+) -> Vec<f32> {
+    let mut og = vec![0f32; groups * m * GROUP];
+    for_each_chunk(&mut og, m * GROUP, m * k * n, kernel);
+    if m == 1 {
+        og.truncate(n);
+        return og;
+    }
+    let mut out = vec![0f32; m * n];
+    for (g, tile) in og.chunks_exact(m * GROUP).enumerate() {
+        let cols = (n - g * GROUP).min(GROUP);
+        for (i, row) in tile.chunks_exact(GROUP).enumerate() {
+            out[i * n + g * GROUP..][..cols].copy_from_slice(&row[..cols]);
+        }
+    }
+    out
 }
 
 /// `out[j][i] = dot(w_row_j, x_row_i)` computed as [n, m], in parallel over weight rows.
@@ -204,6 +233,28 @@ impl Backend for CpuBackend {
         Ok(buf)
     }
 
+    fn upload_weights(
+        &self,
+        buf: DeviceBuffer,
+        rows: usize,
+        cols: usize,
+    ) -> Result<DeviceBuffer, BackendError> {
+        let buf = self.upload_buffer(buf)?;
+        if cols == 0 || cols % quant::QK != 0 {
+            return Ok(buf);
+        }
+        let kb = cols / quant::QK;
+        Ok(match buf {
+            DeviceBuffer::Q4_1(b) if b.len() == rows * kb => {
+                DeviceBuffer::PackedQ4_1(PackedQ4_1::new(&b, rows, kb))
+            }
+            DeviceBuffer::Q8_0(b) if b.len() == rows * kb => {
+                DeviceBuffer::PackedQ8_0(PackedQ8_0::new(&b, rows, kb))
+            }
+            other => other,
+        })
+    }
+
     fn download(&self, buf: &DeviceBuffer) -> Result<Vec<f32>, BackendError> {
         match buf {
             DeviceBuffer::F32(v) => Ok(v.clone()),
@@ -237,7 +288,28 @@ impl Backend for CpuBackend {
         n: usize,
     ) -> Result<DeviceBuffer, BackendError> {
         let x = f32s(x)?;
+        let level = simd::level();
         let prepared = match w {
+            DeviceBuffer::PackedQ4_1(p) if p.rows() == n && p.blocks_per_row() * quant::QK == k => {
+                let acts = quant::act_q8_1(x);
+                return Ok(DeviceBuffer::F32(grouped(m, k, n, p.groups(), |g, out| {
+                    simd::q4_1_group(level, p, g, &acts, m, out)
+                })));
+            }
+            DeviceBuffer::PackedQ8_0(p) if p.rows() == n && p.blocks_per_row() * quant::QK == k => {
+                let acts = quant::act_q8_0(x);
+                return Ok(DeviceBuffer::F32(grouped(m, k, n, p.groups(), |g, out| {
+                    simd::q8_0_group(level, p, g, &acts, m, out)
+                })));
+            }
+            // A view of a packed matrix under another shape (a reshape):
+            // the reference kernels on the blocks in GGUF order.
+            DeviceBuffer::PackedQ4_1(_) => {
+                Prepared::Q8_1(x.chunks_exact(k).flat_map(quant::quantize_q8_1).collect())
+            }
+            DeviceBuffer::PackedQ8_0(_) => {
+                Prepared::Q8_0(x.chunks_exact(k).flat_map(quant::quantize_q8_0).collect())
+            }
             DeviceBuffer::F32(_) | DeviceBuffer::F16(_) => Prepared::F32(match w {
                 // f16 weights: llama.cpp rounds the activations to f16 too.
                 DeviceBuffer::F16(_) => x.iter().map(|v| quant::round_f16(*v)).collect(),
@@ -251,6 +323,18 @@ impl Backend for CpuBackend {
             }
             #[cfg(feature = "cuda")]
             other @ DeviceBuffer::Cuda(_) => return Err(refuse(other)),
+        };
+        let unpacked;
+        let w = match w {
+            DeviceBuffer::PackedQ4_1(p) => {
+                unpacked = DeviceBuffer::Q4_1(p.unpack());
+                &unpacked
+            }
+            DeviceBuffer::PackedQ8_0(p) => {
+                unpacked = DeviceBuffer::Q8_0(p.unpack());
+                &unpacked
+            }
+            w => w,
         };
         let out_t = matmul_transposed(&prepared, w, m, k, n)?;
         if m == 1 {
@@ -281,6 +365,16 @@ impl Backend for CpuBackend {
                 }
                 DeviceBuffer::Q4_1(t) => quant::dequant_q4_1(&t[r * d / 32..][..d / 32], &mut out),
                 DeviceBuffer::Q8_0(t) => quant::dequant_q8_0(&t[r * d / 32..][..d / 32], &mut out),
+                DeviceBuffer::PackedQ4_1(t) => {
+                    let blocks: Vec<_> =
+                        (r * d / 32..(r + 1) * d / 32).map(|i| t.block(i)).collect();
+                    quant::dequant_q4_1(&blocks, &mut out)
+                }
+                DeviceBuffer::PackedQ8_0(t) => {
+                    let blocks: Vec<_> =
+                        (r * d / 32..(r + 1) * d / 32).map(|i| t.block(i)).collect();
+                    quant::dequant_q8_0(&blocks, &mut out)
+                }
                 #[cfg(feature = "cuda")]
                 other @ DeviceBuffer::Cuda(_) => return Err(refuse(other)),
             }

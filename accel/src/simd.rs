@@ -1,0 +1,350 @@
+//! Run-time SIMD dispatch: the one module of this crate with `unsafe`.
+//!
+//! The kernels (`avx512`, `avx2`) are safe `#[target_feature]` functions
+//! (no `unsafe` inside: loads go through `bytemuck` casts of fixed-size
+//! arrays). Calling one from code compiled without those features is what
+//! needs `unsafe`: the caller promises the CPU has them. Every such call is
+//! here, behind a check of [`detected`] in the same `match` arm, so a wrong
+//! [`Level`] passed in cannot reach an instruction the CPU lacks: it falls
+//! back to the portable path.
+//!
+//! [`level`] is the level the CPU backend uses: the best one [`detected`],
+//! unless `CINFER_SIMD` (`portable`, `avx2`, `avx512`) asks for a lower one
+//! (for benchmarks and tests; a higher one than the CPU has is ignored).
+#![allow(unsafe_code)]
+
+use crate::pack::{GROUP, PackedQ4_1, PackedQ8_0};
+use crate::quant::ActBlock;
+use std::sync::OnceLock;
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod portable;
+
+/// A family of kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Level {
+    /// Plain Rust, any CPU.
+    Portable,
+    /// x86-64 AVX2 + F16C (`vpmaddubsw`).
+    Avx2,
+    /// x86-64 AVX-512 F/BW with VNNI (`vpdpbusd` on 512 bits).
+    Avx512Vnni,
+}
+
+impl Level {
+    /// Short name for logs and benchmark tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Portable => "portable",
+            Level::Avx2 => "avx2",
+            Level::Avx512Vnni => "avx512-vnni",
+        }
+    }
+}
+
+/// The best level this CPU supports (detected once).
+pub fn detected() -> Level {
+    static DETECTED: OnceLock<Level> = OnceLock::new();
+    *DETECTED.get_or_init(detect)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> Level {
+    if std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vnni")
+    {
+        Level::Avx512Vnni
+    } else if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("f16c")
+    {
+        Level::Avx2
+    } else {
+        Level::Portable
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> Level {
+    Level::Portable
+}
+
+/// The level the CPU backend runs: [`detected`], lowered by `CINFER_SIMD`.
+pub fn level() -> Level {
+    static LEVEL: OnceLock<Level> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let wanted = match std::env::var("CINFER_SIMD").as_deref() {
+            Ok("portable") => Level::Portable,
+            Ok("avx2") => Level::Avx2,
+            _ => Level::Avx512Vnni,
+        };
+        wanted.min(detected())
+    })
+}
+
+/// Every level this CPU can run, lowest first (for parity tests).
+pub fn available() -> Vec<Level> {
+    [Level::Portable, Level::Avx2, Level::Avx512Vnni]
+        .into_iter()
+        .filter(|l| *l <= detected())
+        .collect()
+}
+
+/// One activation block: `(amax / 127, round(x · 127 / amax))`, bit for bit
+/// the scalar [`crate::quant::quantize_block`].
+pub(crate) fn quantize_block(level: Level, x: &[f32; 32]) -> (f32, [i8; 32]) {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512Vnni if detected() >= Level::Avx512Vnni => {
+            // SAFETY: `detected()` found avx512f, avx512bw and avx512vnni,
+            // the features `avx512::quantize_block` is compiled with.
+            unsafe { avx512::quantize_block(x) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 | Level::Avx512Vnni if detected() >= Level::Avx2 => {
+            // SAFETY: `detected()` found avx2 and f16c, the features
+            // `avx2::quantize_block` is compiled with.
+            unsafe { avx2::quantize_block(x) }
+        }
+        _ => portable::quantize_block(x),
+    }
+}
+
+/// Rows `16g..16g+16` of `w` times the `m` activation rows `x` (`m · kb`
+/// blocks): `out[i · 16 + r]` = row `16g + r` · activation row `i`
+/// (padding rows give 0). `out.len() == m · 16`.
+pub(crate) fn q4_1_group(
+    level: Level,
+    w: &PackedQ4_1,
+    g: usize,
+    x: &[ActBlock],
+    m: usize,
+    out: &mut [f32],
+) {
+    debug_assert_eq!(out.len(), m * GROUP);
+    debug_assert_eq!(x.len(), m * w.blocks_per_row());
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512Vnni if detected() >= Level::Avx512Vnni => {
+            // SAFETY: `detected()` found avx512f, avx512bw and avx512vnni on
+            // this CPU, the features `avx512::q4_1_group` is compiled with.
+            unsafe { avx512::q4_1_group(w, g, x, m, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 | Level::Avx512Vnni if detected() >= Level::Avx2 => {
+            // SAFETY: `detected()` found avx2 and f16c, the features
+            // `avx2::q4_1_group` is compiled with.
+            unsafe { avx2::q4_1_group(w, g, x, m, out) }
+        }
+        _ => portable::q4_1_group(w, g, x, m, out),
+    }
+}
+
+/// [`q4_1_group`] for Q8_0 weights.
+pub(crate) fn q8_0_group(
+    level: Level,
+    w: &PackedQ8_0,
+    g: usize,
+    x: &[ActBlock],
+    m: usize,
+    out: &mut [f32],
+) {
+    debug_assert_eq!(out.len(), m * GROUP);
+    debug_assert_eq!(x.len(), m * w.blocks_per_row());
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512Vnni if detected() >= Level::Avx512Vnni => {
+            // SAFETY: `detected()` found avx512f, avx512bw and avx512vnni,
+            // the features `avx512::q8_0_group` is compiled with.
+            unsafe { avx512::q8_0_group(w, g, x, m, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 | Level::Avx512Vnni if detected() >= Level::Avx2 => {
+            // SAFETY: `detected()` found avx2 and f16c, the features
+            // `avx2::q8_0_group` is compiled with.
+            unsafe { avx2::q8_0_group(w, g, x, m, out) }
+        }
+        _ => portable::q8_0_group(w, g, x, m, out),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{self, BlockQ4_1, BlockQ8_0};
+    use half::f16;
+    use rand::{Rng, SeedableRng, rngs::StdRng};
+
+    /// An f16 scale: mostly ordinary, sometimes 0, subnormal, inf or NaN.
+    fn scale(rng: &mut StdRng) -> u16 {
+        match rng.random_range(0..40) {
+            0 => 0,
+            1 => 0x0001, // smallest subnormal
+            2 => f16::INFINITY.to_bits(),
+            3 => f16::NEG_INFINITY.to_bits(),
+            4 => f16::NAN.to_bits(),
+            _ => f16::from_f32(rng.random_range(-0.05f32..0.05)).to_bits(),
+        }
+    }
+
+    fn q4_1_blocks(rng: &mut StdRng, n: usize) -> Vec<BlockQ4_1> {
+        (0..n)
+            .map(|_| BlockQ4_1 {
+                d: scale(rng),
+                m: scale(rng),
+                qs: core::array::from_fn(|_| rng.random()),
+            })
+            .collect()
+    }
+
+    fn q8_0_blocks(rng: &mut StdRng, n: usize) -> Vec<BlockQ8_0> {
+        (0..n)
+            .map(|_| BlockQ8_0 {
+                d: scale(rng),
+                // Files may hold -128 although quantization never makes it.
+                qs: core::array::from_fn(|_| rng.random()),
+            })
+            .collect()
+    }
+
+    /// Activations with some all-zero, NaN, inf and huge blocks.
+    fn activations(rng: &mut StdRng, len: usize) -> Vec<f32> {
+        let mut x: Vec<f32> = (0..len).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+        for block in x.chunks_exact_mut(32) {
+            match rng.random_range(0..12) {
+                0 => block.fill(0.0),
+                1 => block[rng.random_range(0..32)] = f32::NAN,
+                2 => block[rng.random_range(0..32)] = f32::INFINITY,
+                3 => block.fill(f32::NAN),
+                4 => block[rng.random_range(0..32)] = 3.0e38,
+                _ => {}
+            }
+        }
+        x
+    }
+
+    /// Equal bit for bit, any NaN equal to any NaN.
+    fn same(a: f32, b: f32) -> bool {
+        a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
+    }
+
+    const SHAPES: [(usize, usize, usize); 7] = [
+        // (activation rows m, weight rows n, blocks per row kb)
+        (1, 1, 1),
+        (1, 17, 3),
+        (2, 16, 18),
+        (3, 40, 5),
+        (4, 33, 2),
+        (5, 15, 7),
+        (9, 48, 4),
+    ];
+
+    #[test]
+    fn activation_blocks_are_the_reference_quantization() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let x = activations(&mut rng, 32 * 64);
+        let (a1, r1) = (quant::act_q8_1(&x), quant::quantize_q8_1(&x));
+        let (a0, r0) = (quant::act_q8_0(&x), quant::quantize_q8_0(&x));
+        for ((a, r), (b, s)) in a1.iter().zip(&r1).zip(a0.iter().zip(&r0)) {
+            assert_eq!(
+                (a.qs, a.d.to_bits(), a.s.to_bits()),
+                (r.qs, r.d.to_bits(), r.s.to_bits())
+            );
+            assert_eq!((b.qs, b.d.to_bits()), (s.qs, s.d().to_bits()));
+            let sum: i32 = r.qs.iter().map(|q| i32::from(*q)).sum();
+            assert_eq!((a.sum, b.sum), (sum, sum));
+        }
+    }
+
+    #[test]
+    fn simd_quantization_is_the_scalar_one_bit_for_bit() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut x = activations(&mut rng, 32 * 400);
+        // Tiny blocks whose 127 / amax overflows to inf, and -0.0.
+        x[..32].fill(1.0e-45);
+        x[32..64]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = if i % 2 == 0 { -1.0e-44 } else { -0.0 });
+        for &level in &available() {
+            for b in x.as_chunks::<32>().0 {
+                let (d, q) = quantize_block(level, b);
+                let (rd, rq) = quant::quantize_block(b);
+                assert_eq!((d.to_bits(), q), (rd.to_bits(), rq), "{level:?} on {b:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn packing_keeps_every_block() {
+        let mut rng = StdRng::seed_from_u64(2);
+        for (_, n, kb) in SHAPES {
+            let w = q4_1_blocks(&mut rng, n * kb);
+            assert_eq!(crate::pack::PackedQ4_1::new(&w, n, kb).unpack(), w);
+            let w = q8_0_blocks(&mut rng, n * kb);
+            assert_eq!(crate::pack::PackedQ8_0::new(&w, n, kb).unpack(), w);
+        }
+    }
+
+    #[test]
+    fn every_level_matches_the_scalar_reference_bit_for_bit() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let levels = available();
+        eprintln!("levels on this CPU: {levels:?}");
+        for (m, n, kb) in SHAPES {
+            let x = activations(&mut rng, m * kb * 32);
+            let (a1, r1) = (quant::act_q8_1(&x), quant::quantize_q8_1(&x));
+            let (a0, r0) = (quant::act_q8_0(&x), quant::quantize_q8_0(&x));
+            let w4 = q4_1_blocks(&mut rng, n * kb);
+            let w8 = q8_0_blocks(&mut rng, n * kb);
+            let (p4, p8) = (
+                crate::pack::PackedQ4_1::new(&w4, n, kb),
+                crate::pack::PackedQ8_0::new(&w8, n, kb),
+            );
+            for &level in &levels {
+                for g in 0..n.div_ceil(GROUP) {
+                    let mut o4 = vec![0f32; m * GROUP];
+                    let mut o8 = vec![0f32; m * GROUP];
+                    q4_1_group(level, &p4, g, &a1, m, &mut o4);
+                    q8_0_group(level, &p8, g, &a0, m, &mut o8);
+                    for r in 0..GROUP.min(n - g * GROUP) {
+                        let row = g * GROUP + r;
+                        for i in 0..m {
+                            let want4 =
+                                quant::dot_q4_1_q8_1(&w4[row * kb..][..kb], &r1[i * kb..][..kb]);
+                            let want8 =
+                                quant::dot_q8_0_q8_0(&w8[row * kb..][..kb], &r0[i * kb..][..kb]);
+                            let (got4, got8) = (o4[i * GROUP + r], o8[i * GROUP + r]);
+                            assert!(
+                                same(got4, want4),
+                                "{level:?} q4_1 m={m} n={n} kb={kb} row {row} x {i}: {got4} vs {want4}"
+                            );
+                            assert!(
+                                same(got8, want8),
+                                "{level:?} q8_0 m={m} n={n} kb={kb} row {row} x {i}: {got8} vs {want8}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_level_the_cpu_lacks_falls_back_instead_of_faulting() {
+        // Whatever this CPU has, asking for the highest level is safe and
+        // gives the reference numbers.
+        let mut rng = StdRng::seed_from_u64(4);
+        let w = q4_1_blocks(&mut rng, 16 * 2);
+        let x = activations(&mut rng, 64);
+        let p = crate::pack::PackedQ4_1::new(&w, 16, 2);
+        let (mut hi, mut lo) = (vec![0f32; 16], vec![0f32; 16]);
+        q4_1_group(Level::Avx512Vnni, &p, 0, &quant::act_q8_1(&x), 1, &mut hi);
+        q4_1_group(Level::Portable, &p, 0, &quant::act_q8_1(&x), 1, &mut lo);
+        assert!(hi.iter().zip(&lo).all(|(a, b)| same(*a, *b)));
+        assert!(level() <= detected());
+    }
+}

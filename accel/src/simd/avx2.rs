@@ -1,0 +1,175 @@
+//! AVX2 kernels over the grouped layout (see [`crate::pack`]): a group's 16
+//! lanes are two halves of 8 rows; `vpmaddubsw` multiplies 4 values of 8
+//! rows by 4 broadcast activation values into 16-bit pair sums. No `unsafe`
+//! here: loads are `bytemuck` casts of fixed arrays.
+
+use crate::pack::{GROUP, PackedQ4_1, PackedQ8_0};
+use crate::quant::ActBlock;
+use bytemuck::must_cast;
+use core::arch::x86_64::*;
+
+/// Rows of a half group.
+const HALF: usize = GROUP / 2;
+/// Activation rows computed together against one unpacked weight block.
+const TILE: usize = 2;
+
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn load_half(a: &[u8; 64], h: usize) -> __m256i {
+    let halves: [[u8; 32]; 2] = must_cast(*a);
+    must_cast(halves[h])
+}
+
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn f16x8(a: &[u16; GROUP], h: usize) -> __m256 {
+    let halves: [[u16; 8]; 2] = must_cast(*a);
+    _mm256_cvtph_ps(must_cast::<[u16; 8], __m128i>(halves[h]))
+}
+
+#[target_feature(enable = "avx2,f16c")]
+pub(super) fn q4_1_group(w: &PackedQ4_1, g: usize, x: &[ActBlock], m: usize, out: &mut [f32]) {
+    let kb = w.blocks_per_row();
+    for h in 0..2 {
+        let mut i = 0;
+        while i + TILE <= m {
+            q4_1_tile::<TILE>(w, g, h, &x[i * kb..], &mut out[i * GROUP..]);
+            i += TILE;
+        }
+        while i < m {
+            q4_1_tile::<1>(w, g, h, &x[i * kb..], &mut out[i * GROUP..]);
+            i += 1;
+        }
+    }
+}
+
+/// Half `h` of a group against `N` activation rows. The 16-bit sums of the
+/// 8 pair products per lane stay below 8 · 2 · 15 · 127 = 30480: exact.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn q4_1_tile<const N: usize>(w: &PackedQ4_1, g: usize, h: usize, x: &[ActBlock], out: &mut [f32]) {
+    let kb = w.blocks_per_row();
+    let low = _mm256_set1_epi8(0x0f);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut mins = [_mm256_setzero_ps(); N];
+    for b in 0..kb {
+        let v = w.qs_of(g, b).as_chunks::<64>().0;
+        let mut wv = [_mm256_setzero_si256(); 8];
+        for c in 0..4 {
+            let t = load_half(&v[c], h);
+            wv[c] = _mm256_and_si256(t, low);
+            wv[c + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(t), low);
+        }
+        let dw = f16x8(w.d_of(g, b), h);
+        let mw = f16x8(w.m_of(g, b), h);
+        for n in 0..N {
+            let xb = &x[n * kb + b];
+            let xw: [i32; 8] = must_cast(xb.qs);
+            let mut s16 = _mm256_maddubs_epi16(wv[0], _mm256_set1_epi32(xw[0]));
+            for c in 1..8 {
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(wv[c], _mm256_set1_epi32(xw[c])));
+            }
+            let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+            let scale = _mm256_mul_ps(dw, _mm256_set1_ps(xb.d));
+            acc[n] = _mm256_add_ps(acc[n], _mm256_mul_ps(scale, s));
+            mins[n] = _mm256_add_ps(mins[n], _mm256_mul_ps(mw, _mm256_set1_ps(xb.s)));
+        }
+    }
+    for n in 0..N {
+        let r: [f32; HALF] = must_cast(_mm256_add_ps(acc[n], mins[n]));
+        out[n * GROUP + h * HALF..][..HALF].copy_from_slice(&r);
+    }
+}
+
+#[target_feature(enable = "avx2,f16c")]
+pub(super) fn q8_0_group(w: &PackedQ8_0, g: usize, x: &[ActBlock], m: usize, out: &mut [f32]) {
+    let kb = w.blocks_per_row();
+    for h in 0..2 {
+        let mut i = 0;
+        while i + TILE <= m {
+            q8_0_tile::<TILE>(w, g, h, &x[i * kb..], &mut out[i * GROUP..]);
+            i += TILE;
+        }
+        while i < m {
+            q8_0_tile::<1>(w, g, h, &x[i * kb..], &mut out[i * GROUP..]);
+            i += 1;
+        }
+    }
+}
+
+/// Q8_0: the stored `q + 128` is turned back into `q`; `vpmaddubsw` of
+/// `|q|` and `x` with `q`'s sign stays below 2 · 128 · 127 per pair: exact.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+fn q8_0_tile<const N: usize>(w: &PackedQ8_0, g: usize, h: usize, x: &[ActBlock], out: &mut [f32]) {
+    let kb = w.blocks_per_row();
+    let flip = _mm256_set1_epi8(-128);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); N];
+    for b in 0..kb {
+        let v = w.qs_of(g, b).as_chunks::<64>().0;
+        let mut wq = [_mm256_setzero_si256(); 8];
+        let mut wa = [_mm256_setzero_si256(); 8];
+        for c in 0..8 {
+            wq[c] = _mm256_xor_si256(load_half(&v[c], h), flip);
+            wa[c] = _mm256_abs_epi8(wq[c]);
+        }
+        let dw = f16x8(w.d_of(g, b), h);
+        for n in 0..N {
+            let xb = &x[n * kb + b];
+            let xw: [i32; 8] = must_cast(xb.qs);
+            let mut s = _mm256_setzero_si256();
+            for c in 0..8 {
+                let xs = _mm256_sign_epi8(_mm256_set1_epi32(xw[c]), wq[c]);
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(wa[c], xs), ones));
+            }
+            let scale = _mm256_mul_ps(dw, _mm256_set1_ps(xb.d));
+            acc[n] = _mm256_add_ps(acc[n], _mm256_mul_ps(scale, _mm256_cvtepi32_ps(s)));
+        }
+    }
+    for n in 0..N {
+        let r: [f32; HALF] = must_cast(acc[n]);
+        out[n * GROUP + h * HALF..][..HALF].copy_from_slice(&r);
+    }
+}
+
+/// One activation block quantized bit for bit as the scalar code does (see
+/// the AVX-512 version).
+#[target_feature(enable = "avx2,f16c")]
+pub(super) fn quantize_block(x: &[f32; 32]) -> (f32, [i8; 32]) {
+    let parts: [[f32; 8]; 4] = must_cast(*x);
+    let v: [__m256; 4] = [
+        must_cast(parts[0]),
+        must_cast(parts[1]),
+        must_cast(parts[2]),
+        must_cast(parts[3]),
+    ];
+    let mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+    let mut amax = _mm256_setzero_ps();
+    for p in v {
+        // maxps returns its second operand when either is NaN.
+        amax = _mm256_max_ps(_mm256_and_ps(p, mask), amax);
+    }
+    let lanes: [f32; 8] = must_cast(amax);
+    let amax = lanes.iter().fold(0f32, |a, b| a.max(*b));
+    let d = amax / 127.0;
+    let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+    let mut q = [_mm256_setzero_si256(); 4];
+    for (qi, p) in q.iter_mut().zip(v) {
+        let p = _mm256_mul_ps(p, id);
+        let ordered = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_ORD_Q>(p, p));
+        let c = _mm256_min_ps(
+            _mm256_max_ps(p, _mm256_set1_ps(-128.0)),
+            _mm256_set1_ps(127.0),
+        );
+        *qi = _mm256_and_si256(_mm256_cvtps_epi32(c), ordered);
+    }
+    let w16 = _mm256_packs_epi16(
+        _mm256_packs_epi32(q[0], q[1]),
+        _mm256_packs_epi32(q[2], q[3]),
+    );
+    // packs work per 128-bit lane: put the 4-byte groups back in order.
+    let ordered = _mm256_permutevar8x32_epi32(w16, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    (d, must_cast(ordered))
+}
