@@ -22,6 +22,9 @@ const ROWS_PER_TASK: usize = 16;
 /// ~240 launches per token, most of them small).
 const PAR_MIN_WORK: usize = 1 << 20;
 
+/// Fewest groups of 16 weight rows for which a packed matmul uses the pool.
+const PACKED_PAR_MIN_GROUPS: usize = 8;
+
 /// `f(index, chunk)` over `out.chunks_mut(chunk)`, on the rayon pool only when
 /// `work` is worth it.
 fn for_each_chunk(
@@ -95,13 +98,22 @@ enum Prepared {
 /// 16 weight rows; `kernel(g, out)` fills `out[i · 16 + r]` for row `16g + r`.
 fn grouped(
     m: usize,
-    k: usize,
     n: usize,
     groups: usize,
     kernel: impl Fn(usize, &mut [f32]) + Sync + Send,
 ) -> Vec<f32> {
     let mut og = vec![0f32; groups * m * GROUP];
-    for_each_chunk(&mut og, m * GROUP, m * k * n, kernel);
+    // The packed kernels stream weights at memory speed: from a few groups on,
+    // two cores stream twice the bytes of one, which pays for the hand-off.
+    if groups >= PACKED_PAR_MIN_GROUPS {
+        og.par_chunks_mut(m * GROUP)
+            .enumerate()
+            .for_each(|(g, c)| kernel(g, c));
+    } else {
+        og.chunks_mut(m * GROUP)
+            .enumerate()
+            .for_each(|(g, c)| kernel(g, c));
+    }
     if m == 1 {
         og.truncate(n);
         return og;
@@ -292,13 +304,13 @@ impl Backend for CpuBackend {
         let prepared = match w {
             DeviceBuffer::PackedQ4_1(p) if p.rows() == n && p.blocks_per_row() * quant::QK == k => {
                 let acts = quant::act_q8_1(x);
-                return Ok(DeviceBuffer::F32(grouped(m, k, n, p.groups(), |g, out| {
+                return Ok(DeviceBuffer::F32(grouped(m, n, p.groups(), |g, out| {
                     simd::q4_1_group(level, p, g, &acts, m, out)
                 })));
             }
             DeviceBuffer::PackedQ8_0(p) if p.rows() == n && p.blocks_per_row() * quant::QK == k => {
                 let acts = quant::act_q8_0(x);
-                return Ok(DeviceBuffer::F32(grouped(m, k, n, p.groups(), |g, out| {
+                return Ok(DeviceBuffer::F32(grouped(m, n, p.groups(), |g, out| {
                     simd::q8_0_group(level, p, g, &acts, m, out)
                 })));
             }

@@ -14,6 +14,7 @@
 //! a `#[target_feature]` kernel after run-time feature detection needs it
 //! (one `// SAFETY:` comment per call).
 
+pub mod batch;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -40,6 +41,20 @@ pub fn backend_from_name(name: &str) -> Result<Arc<dyn Backend>, BackendError> {
             "unknown backend {other:?} (expected \"cpu\" or \"cuda\")"
         ))),
     }
+}
+
+/// The backend configured by name, with cross-request batching of matmuls on
+/// shared weights ([`batch::Batching`]) when `batch_window` is not zero.
+pub fn backend_from_config(
+    name: &str,
+    batch_window: std::time::Duration,
+) -> Result<Arc<dyn Backend>, BackendError> {
+    let inner = backend_from_name(name)?;
+    Ok(if batch_window.is_zero() {
+        inner
+    } else {
+        Arc::new(batch::Batching::new(inner, batch_window))
+    })
 }
 
 #[cfg(feature = "cuda")]
@@ -200,6 +215,11 @@ pub enum BackendError {
 pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Short name for logs ("cpu", "cuda").
     fn name(&self) -> &'static str;
+    /// A run starts launching on this backend (the loader calls it once per
+    /// run; [`batch::Batching`] waits for company only while runs overlap).
+    fn run_started(&self) {}
+    /// A run that called [`Backend::run_started`] is over.
+    fn run_ended(&self) {}
     /// `len` zeros of type `ty` (f32 or f16).
     fn zeros(&self, ty: ElemType, len: usize) -> Result<DeviceBuffer, BackendError>;
     /// Copies host f32 data to the device.

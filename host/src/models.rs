@@ -221,7 +221,12 @@ impl ModelSource for SealedGguf {
         };
         // GGUF dims are innermost first: a matrix is [rows = the rest, cols = dims[0]].
         let cols = t.dims.first().map_or(1, |d| *d as usize);
-        let rows = t.dims.iter().skip(1).map(|d| *d as usize).product::<usize>();
+        let rows = t
+            .dims
+            .iter()
+            .skip(1)
+            .map(|d| *d as usize)
+            .product::<usize>();
         backend
             .upload_weights(buf, rows, cols)
             .map_err(|_| ModelError::OutOfMemory)

@@ -65,6 +65,12 @@ pub struct ServeConfig {
     /// this file, so the keyserver knows which one runs.
     #[serde(default = "default_backend")]
     pub backend: String,
+    /// Cross-request batching: how long (µs) a matmul on shared weights may
+    /// wait for concurrent runs' launches on the same weights, to run them as
+    /// one (see `cinfer_accel::batch`); 0 turns batching off. A run alone
+    /// never waits. Measured with this file.
+    #[serde(default = "default_batch_window_us", rename = "batch-window-us")]
+    pub batch_window_us: u32,
     /// Keyserver identities (hex SEC1, `keyserver public-identity`) whose key
     /// releases this loader installs. Empty: any release that unwraps is
     /// installed (development only: a hostile relay could then install keys of
@@ -105,6 +111,10 @@ pub struct ModelConfig {
 
 fn default_backend() -> String {
     "cpu".to_owned()
+}
+
+fn default_batch_window_us() -> u32 {
+    300
 }
 
 fn default_max_in_flight() -> usize {
@@ -733,7 +743,8 @@ impl Service {
         policy
             .check_backend(&config.backend)
             .map_err(|e| ServeError::Config(e.to_string()))?;
-        let backend = crate::backend::backend_from_name(&config.backend)
+        let window = std::time::Duration::from_micros(u64::from(config.batch_window_us));
+        let backend = crate::backend::backend_from_config(&config.backend, window)
             .map_err(|e| ServeError::Config(format!("backend: {e}")))?;
         let loader = Arc::new(
             Loader::new(

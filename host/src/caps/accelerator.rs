@@ -43,6 +43,7 @@ pub struct Tensor {
 /// The accelerator state of one run.
 #[derive(Debug)]
 pub struct AccelCtx {
+    _run: RunOnBackend,
     backend: Arc<dyn Backend>,
     table: ResourceTable,
     live: usize,
@@ -119,11 +120,35 @@ macro_rules! backend_try {
     };
 }
 
+/// Tells the backend a run is on it from creation until drop (batching
+/// waits for company only while runs overlap).
+struct RunOnBackend(Arc<dyn Backend>);
+
+impl std::fmt::Debug for RunOnBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RunOnBackend")
+    }
+}
+
+impl RunOnBackend {
+    fn new(backend: Arc<dyn Backend>) -> Self {
+        backend.run_started();
+        RunOnBackend(backend)
+    }
+}
+
+impl Drop for RunOnBackend {
+    fn drop(&mut self) {
+        self.0.run_ended();
+    }
+}
+
 impl AccelCtx {
     /// A context on `backend` allowing `limit` bytes of live tensors, for a
     /// guest whose linear memory is limited to `guest_memory_bytes`.
     pub fn new(backend: Arc<dyn Backend>, limit: u64, guest_memory_bytes: u64) -> Self {
         AccelCtx {
+            _run: RunOnBackend::new(backend.clone()),
             backend,
             table: ResourceTable::new(),
             live: 0,
