@@ -3,53 +3,54 @@
 //!
 //! Decode multiplies one activation row by every weight matrix in turn, so
 //! its speed is the speed at which weights stream through the cores. When
-//! several runs decode at once, [`Batching`] lets the first `matmul` on a
-//! weight buffer (the leader) wait a short *window* for the others: every
-//! launch on the same buffer, with the same `k` and `n`, that arrives in the
-//! window adds its rows; the leader then runs one matmul over all rows
-//! (weights streamed once) and hands each run its own rows back.
+//! several runs decode at once, [`Batching`] queues each `matmul` by weight
+//! buffer and lets one of the runs waiting on that buffer execute every
+//! queued launch as one matmul over all their rows (weights streamed once);
+//! each run gets its own rows back. This is flat combining: no timer and no
+//! window. The first launch on a buffer runs at once, alone; launches that
+//! arrive while it runs queue up and go together in the next round, so runs
+//! that decode side by side fall into step by themselves.
 //!
 //! - **Same numbers.** Every output row of the CPU kernels depends only on
 //!   its own activation row and the weights: batched and unbatched results
 //!   are bit for bit equal (tested).
 //! - **Isolation.** Rows are copied in and copied out; no run holds another
-//!   run's tensor, and the fused launch is only a computation.
-//! - **Timing.** A launch may wait up to the window (default 300 µs) for
-//!   company, and only while another run is active on this backend
-//!   ([`Backend::run_started`]); it stops waiting as soon as every active run
-//!   has joined. A run alone never waits. What a run can learn from the
-//!   timing is that other runs exist, which the loader's throughput shows
-//!   anyway; it learns nothing of their content.
+//!   run's tensor, and the fused launch is only a computation. The run that
+//!   executes a batch reads the weights through its own reference (a batch
+//!   only ever holds launches on the one buffer it holds).
+//! - **Timing.** A launch waits at most for the round in progress on the
+//!   same weights (one matmul) plus its own round; a run alone never waits.
+//!   What a run can learn from the timing is that other runs exist, which the
+//!   loader's throughput shows anyway; it learns nothing of their content.
 //!
 //! Launches whose operands are not host f32 activations (a CUDA backend's
 //! tensors) go straight to the inner backend.
 
 use super::{AttentionShape, Backend, BackendError, BinaryOp, DeviceBuffer, ElemType};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, OnceLock};
 
-/// Rows one fused launch takes at most (bounds the copy and the wait).
+/// Rows one fused launch takes at most (bounds the copy).
 pub const MAX_BATCH_ROWS: usize = 64;
 
-/// A joined launch: its rows and where its result goes.
-struct Member {
+type Reply = Arc<OnceLock<Result<Vec<f32>, BackendError>>>;
+
+/// A queued launch: its rows and where its result goes.
+struct Launch {
     x: Vec<f32>,
     m: usize,
-    reply: mpsc::Sender<Result<Vec<f32>, BackendError>>,
-}
-
-/// A batch being gathered by its leader.
-struct Open {
-    id: u64,
-    /// Address of the weight buffer: equal addresses while both launches
-    /// hold a reference are the same buffer.
-    weights: usize,
     k: usize,
     n: usize,
-    rows: usize,
-    members: Vec<Member>,
+    reply: Reply,
+}
+
+/// The launches queued on one weight buffer.
+#[derive(Default)]
+struct Queue {
+    pending: Vec<Launch>,
+    /// A run is executing a round on this buffer.
+    executing: bool,
 }
 
 /// Counts of what the batcher did (for benchmarks and tests).
@@ -57,18 +58,17 @@ struct Open {
 pub struct BatchStats {
     /// Fused launches that carried rows of more than one run.
     pub fused: u64,
-    /// Launches that joined another run's batch.
+    /// Launches executed by another run than their own.
     pub joined: u64,
 }
 
 /// A [`Backend`] that coalesces concurrent matmuls on shared weights.
 pub struct Batching {
     inner: Arc<dyn Backend>,
-    window: Duration,
     runs: AtomicUsize,
-    next_id: AtomicU64,
-    open: Mutex<Vec<Open>>,
-    joined_cv: Condvar,
+    /// Per weight buffer (its address: equal while both launches hold a
+    /// reference means the same buffer).
+    queues: Mutex<HashMap<usize, Queue>>,
     fused: AtomicU64,
     joined: AtomicU64,
 }
@@ -77,21 +77,17 @@ impl std::fmt::Debug for Batching {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Batching")
             .field("inner", &self.inner)
-            .field("window", &self.window)
             .finish_non_exhaustive()
     }
 }
 
 impl Batching {
-    /// Batches launches on `inner`, a leader waiting at most `window`.
-    pub fn new(inner: Arc<dyn Backend>, window: Duration) -> Self {
+    /// Batches launches on `inner`.
+    pub fn new(inner: Arc<dyn Backend>) -> Self {
         Batching {
             inner,
-            window,
             runs: AtomicUsize::new(0),
-            next_id: AtomicU64::new(0),
-            open: Mutex::new(Vec::new()),
-            joined_cv: Condvar::new(),
+            queues: Mutex::new(HashMap::new()),
             fused: AtomicU64::new(0),
             joined: AtomicU64::new(0),
         }
@@ -105,9 +101,9 @@ impl Batching {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Open>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, Queue>> {
         // A panic while holding the lock leaves only plain data behind.
-        self.open.lock().unwrap_or_else(|p| p.into_inner())
+        self.queues.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn batched_matmul(
@@ -119,95 +115,105 @@ impl Batching {
         n: usize,
     ) -> Result<DeviceBuffer, BackendError> {
         let key = std::ptr::from_ref(w) as usize;
-        let mut open = self.lock();
-        // Join a batch another run is gathering on these weights.
-        if let Some(b) = open
-            .iter_mut()
-            .find(|b| b.weights == key && b.k == k && b.n == n && b.rows + m <= MAX_BATCH_ROWS)
-        {
-            let (reply, result) = mpsc::channel();
-            b.rows += m;
-            b.members.push(Member {
-                x: x.to_vec(),
-                m,
-                reply,
-            });
-            drop(open);
-            self.joined_cv.notify_all();
-            self.joined.fetch_add(1, Ordering::Relaxed);
-            return match result.recv() {
-                Ok(r) => r.map(DeviceBuffer::F32),
-                Err(_) => Err(BackendError::Device(
-                    "the batched launch this run joined failed".into(),
-                )),
-            };
-        }
-        // Lead a new batch: wait for company while other runs are active.
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        open.push(Open {
-            id,
-            weights: key,
+        let reply: Reply = Arc::new(OnceLock::new());
+        self.lock().entry(key).or_default().pending.push(Launch {
+            x: x.to_vec(),
+            m,
             k,
             n,
-            rows: m,
-            members: Vec::new(),
+            reply: reply.clone(),
         });
-        let deadline = Instant::now() + self.window;
         loop {
-            let others = self.runs.load(Ordering::Relaxed).saturating_sub(1);
-            let b = open.iter().find(|b| b.id == id);
-            let (joined, rows) = b.map_or((0, 0), |b| (b.members.len(), b.rows));
-            let now = Instant::now();
-            if joined >= others || rows >= MAX_BATCH_ROWS || now >= deadline {
-                break;
+            if let Some(r) = reply.get() {
+                return r.clone().map(DeviceBuffer::F32);
             }
-            open = self
-                .joined_cv
-                .wait_timeout(open, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
-        let pos = open.iter().position(|b| b.id == id);
-        let batch = pos.map(|p| open.swap_remove(p));
-        drop(open);
-        let members = batch.map(|b| b.members).unwrap_or_default();
-        if members.is_empty() {
-            return self
-                .inner
-                .matmul(&DeviceBuffer::F32(x.to_vec()), w, m, k, n);
-        }
-        let total: usize = m + members.iter().map(|mb| mb.m).sum::<usize>();
-        let mut stacked = Vec::with_capacity(total * k);
-        stacked.extend_from_slice(x);
-        for mb in &members {
-            stacked.extend_from_slice(&mb.x);
-        }
-        self.fused.fetch_add(1, Ordering::Relaxed);
-        match self
-            .inner
-            .matmul(&DeviceBuffer::F32(stacked), w, total, k, n)
-        {
-            Ok(DeviceBuffer::F32(out)) => {
-                let mut rest = &out[m * n..];
-                for mb in members {
-                    let (mine, tail) = rest.split_at(mb.m * n);
-                    rest = tail;
-                    // A member that went away (its run ended) drops its receiver.
-                    let _ = mb.reply.send(Ok(mine.to_vec()));
+            // Execute a round if nobody is executing on these weights. The
+            // queue holds only launches on `w`, which this call holds.
+            let round = {
+                let mut queues = self.lock();
+                let q = queues.entry(key).or_default();
+                if q.executing || q.pending.is_empty() {
+                    None
+                } else {
+                    q.executing = true;
+                    Some(take_round(&mut q.pending, k, n))
                 }
-                Ok(DeviceBuffer::F32(out[..m * n].to_vec()))
-            }
-            Ok(other) => Ok(other), // not reached: x was host f32
-            Err(e) => {
-                for mb in members {
-                    let _ = mb.reply.send(Err(BackendError::Device(format!(
-                        "batched launch failed: {e}"
-                    ))));
+            };
+            match round {
+                Some(round) => {
+                    self.execute(round, w, &reply);
+                    let mut queues = self.lock();
+                    if let Some(q) = queues.get_mut(&key) {
+                        q.executing = false;
+                        if q.pending.is_empty() {
+                            queues.remove(&key);
+                        }
+                    }
                 }
-                Err(e)
+                // Another run is executing a round on these weights: yield the
+                // core (sleeping and being woken costs an interrupt on a VM).
+                None => std::thread::yield_now(),
             }
         }
     }
+
+    /// Runs one round: all its rows in one matmul, each launch's rows back.
+    fn execute(&self, round: Vec<Launch>, w: &DeviceBuffer, mine: &Reply) {
+        let (k, n) = (round[0].k, round[0].n);
+        let total: usize = round.iter().map(|l| l.m).sum();
+        let result = if round.len() == 1 {
+            self.inner
+                .matmul(&DeviceBuffer::F32(round[0].x.clone()), w, total, k, n)
+        } else {
+            let mut stacked = Vec::with_capacity(total * k);
+            for l in &round {
+                stacked.extend_from_slice(&l.x);
+            }
+            self.fused.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .matmul(&DeviceBuffer::F32(stacked), w, total, k, n)
+        };
+        let others = round
+            .iter()
+            .filter(|l| !Arc::ptr_eq(&l.reply, mine))
+            .count();
+        self.joined.fetch_add(others as u64, Ordering::Relaxed);
+        match result {
+            Ok(DeviceBuffer::F32(out)) => {
+                let mut rest = out.as_slice();
+                for l in round {
+                    let (rows, tail) = rest.split_at(l.m * n);
+                    rest = tail;
+                    let _ = l.reply.set(Ok(rows.to_vec()));
+                }
+            }
+            Ok(other) => {
+                let e = BackendError::Unsupported(other.elem_type());
+                round.into_iter().for_each(|l| {
+                    let _ = l.reply.set(Err(e.clone()));
+                });
+            }
+            Err(e) => round.into_iter().for_each(|l| {
+                let _ = l.reply.set(Err(e.clone()));
+            }),
+        }
+    }
+}
+
+/// The launches of the next round: the oldest pending ones with the same
+/// `k` and `n`, up to [`MAX_BATCH_ROWS`] rows (at least one).
+fn take_round(pending: &mut Vec<Launch>, k: usize, n: usize) -> Vec<Launch> {
+    let (mut round, mut rest, mut rows) = (Vec::new(), Vec::new(), 0);
+    for l in pending.drain(..) {
+        if l.k == k && l.n == n && (round.is_empty() || rows + l.m <= MAX_BATCH_ROWS) {
+            rows += l.m;
+            round.push(l);
+        } else {
+            rest.push(l);
+        }
+    }
+    *pending = rest;
+    round
 }
 
 impl Backend for Batching {
@@ -223,8 +229,6 @@ impl Backend for Batching {
             .runs
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| r.checked_sub(1));
         self.inner.run_ended();
-        // A leader waiting for this run stops waiting.
-        self.joined_cv.notify_all();
     }
     fn zeros(&self, ty: ElemType, len: usize) -> Result<DeviceBuffer, BackendError> {
         self.inner.zeros(ty, len)
@@ -263,9 +267,7 @@ impl Backend for Batching {
     ) -> Result<DeviceBuffer, BackendError> {
         match x {
             DeviceBuffer::F32(xs)
-                if !self.window.is_zero()
-                    && m <= MAX_BATCH_ROWS / 2
-                    && self.runs.load(Ordering::Relaxed) > 1 =>
+                if m <= MAX_BATCH_ROWS / 2 && self.runs.load(Ordering::Relaxed) > 1 =>
             {
                 self.batched_matmul(xs, w, m, k, n)
             }
@@ -343,6 +345,7 @@ mod tests {
     use super::*;
     use crate::CpuBackend;
     use crate::quant::BlockQ4_1;
+    use std::time::Instant;
 
     fn weights(n: usize, k: usize) -> DeviceBuffer {
         let blocks: Vec<BlockQ4_1> = (0..n * k / 32)
@@ -367,10 +370,7 @@ mod tests {
     fn concurrent_runs_share_launches_and_get_their_own_rows_bit_for_bit() {
         let (n, k, runs) = (80, 96, 6);
         let w = weights(n, k);
-        let batching = Arc::new(Batching::new(
-            Arc::new(CpuBackend),
-            Duration::from_millis(50),
-        ));
+        let batching = Arc::new(Batching::new(Arc::new(CpuBackend)));
         let want: Vec<Vec<f32>> = (0..runs)
             .map(|r| {
                 match CpuBackend
@@ -385,13 +385,17 @@ mod tests {
         for _ in 0..runs {
             batching.run_started();
         }
+        // Runs in lock step, as decoding runs are: each step every run
+        // launches on the same weights.
+        let step = std::sync::Barrier::new(runs);
         let got: Vec<Vec<f32>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..runs)
                 .map(|r| {
-                    let (b, w) = (&batching, &w);
+                    let (b, w, step) = (&batching, &w, &step);
                     s.spawn(move || {
                         let mut last = Vec::new();
                         for _ in 0..20 {
+                            step.wait();
                             match b.matmul(&DeviceBuffer::F32(row(k, r)), w, 1, k, n) {
                                 Ok(DeviceBuffer::F32(v)) => last = v,
                                 other => panic!("{other:?}"),
@@ -421,7 +425,7 @@ mod tests {
     fn a_run_alone_never_waits() {
         let (n, k) = (32, 64);
         let w = weights(n, k);
-        let batching = Batching::new(Arc::new(CpuBackend), Duration::from_secs(5));
+        let batching = Batching::new(Arc::new(CpuBackend));
         batching.run_started();
         let start = Instant::now();
         for _ in 0..10 {
@@ -430,7 +434,7 @@ mod tests {
                 .expect("matmul");
         }
         assert!(
-            start.elapsed() < Duration::from_secs(1),
+            start.elapsed() < std::time::Duration::from_secs(1),
             "a lone run waited"
         );
         assert_eq!(batching.stats(), BatchStats::default());

@@ -13,6 +13,7 @@ use super::simd;
 use super::{AttentionShape, Backend, BackendError, BinaryOp, DeviceBuffer, ElemType};
 use half::f16;
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// Weight rows per task in a matmul.
 const ROWS_PER_TASK: usize = 16;
@@ -22,8 +23,17 @@ const ROWS_PER_TASK: usize = 16;
 /// ~240 launches per token, most of them small).
 const PAR_MIN_WORK: usize = 1 << 20;
 
-/// Fewest groups of 16 weight rows for which a packed matmul uses the pool.
-const PACKED_PAR_MIN_GROUPS: usize = 8;
+/// Fewest (group of 16 rows × block × activation row) steps for which a
+/// packed matmul uses the pool (env `CINFER_PAR_MIN_WORK` overrides, for tuning).
+fn packed_par_min_work() -> usize {
+    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MIN.get_or_init(|| {
+        std::env::var("CINFER_PAR_MIN_WORK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(256)
+    })
+}
 
 /// `f(index, chunk)` over `out.chunks_mut(chunk)`, on the rayon pool only when
 /// `work` is worth it.
@@ -46,6 +56,9 @@ fn for_each_chunk(
 #[derive(Debug, Clone, Default)]
 pub struct CpuBackend;
 
+/// Runs on CPU backends in this process ([`Backend::run_started`]).
+static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 fn f32s(buf: &DeviceBuffer) -> Result<&[f32], BackendError> {
     match buf {
         DeviceBuffer::F32(v) => Ok(v),
@@ -65,26 +78,13 @@ fn refuse(buf: &DeviceBuffer) -> BackendError {
     BackendError::Unsupported(buf.elem_type())
 }
 
+/// Σ a·b (8 fused lanes; the SIMD level's kernel, bit for bit the scalar one).
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, ra) = a.as_chunks::<8>();
-    let (cb, rb) = b.as_chunks::<8>();
-    for (x, y) in ca.iter().zip(cb) {
-        for i in 0..8 {
-            acc[i] = x[i].mul_add(y[i], acc[i]);
-        }
-    }
-    let mut sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (x, y) in ra.iter().zip(rb) {
-        sum += x * y;
-    }
-    sum
+    simd::dot(simd::level(), a, b)
 }
 
 fn f16_to_f32(bits: &[u16], out: &mut [f32]) {
-    for (o, b) in out.iter_mut().zip(bits) {
-        *o = f16::from_bits(*b).to_f32();
-    }
+    simd::f16_to_f32(simd::level(), bits, out)
 }
 
 /// Activations prepared for one weight type.
@@ -94,27 +94,39 @@ enum Prepared {
     Q8_0(Vec<BlockQ8_0>),
 }
 
-/// `x` [m, k] · a packed `w` [n, k]ᵀ → [m, n], in parallel over groups of
-/// 16 weight rows; `kernel(g, out)` fills `out[i · 16 + r]` for row `16g + r`.
+/// `x` [m, k] · a packed `w` [n, k]ᵀ → [m, n], split over groups of 16
+/// weight rows on the spinning pool ([`crate::pool`]); `kernel(g, out)` fills
+/// `out[i · 16 + r]` for row `16g + r`.
 fn grouped(
     m: usize,
+    kb: usize,
     n: usize,
     groups: usize,
-    kernel: impl Fn(usize, &mut [f32]) + Sync + Send,
+    kernel: impl Fn(usize, &mut [f32]) + Send + Sync + 'static,
 ) -> Vec<f32> {
-    let mut og = vec![0f32; groups * m * GROUP];
-    // The packed kernels stream weights at memory speed: from a few groups on,
-    // two cores stream twice the bytes of one, which pays for the hand-off.
-    if groups >= PACKED_PAR_MIN_GROUPS {
-        og.par_chunks_mut(m * GROUP)
-            .enumerate()
-            .for_each(|(g, c)| kernel(g, c));
+    let pool = crate::pool::global();
+    // With several runs on the backend their threads already fill the cores;
+    // the pool then only takes launches of several rows (a batch, a prompt).
+    let alone = RUNS.load(std::sync::atomic::Ordering::Relaxed) <= 1;
+    let tasks = if (alone || m > 1) && groups * m * kb >= packed_par_min_work() {
+        (pool.threads() * 2).min(groups)
     } else {
-        og.chunks_mut(m * GROUP)
-            .enumerate()
-            .for_each(|(g, c)| kernel(g, c));
-    }
+        1
+    };
+    let parts = pool.run(tasks, move |t| {
+        let range = groups * t / tasks..groups * (t + 1) / tasks;
+        let mut part = vec![0f32; range.len() * m * GROUP];
+        for (g, chunk) in range.zip(part.chunks_mut(m * GROUP)) {
+            kernel(g, chunk);
+        }
+        part
+    });
+    let og: Vec<f32> = match <[Vec<f32>; 1]>::try_from(parts) {
+        Ok([one]) => one,
+        Err(parts) => parts.concat(),
+    };
     if m == 1 {
+        let mut og = og;
         og.truncate(n);
         return og;
     }
@@ -225,6 +237,18 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
+    fn run_started(&self) {
+        RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn run_ended(&self) {
+        let _ = RUNS.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |r| r.checked_sub(1),
+        );
+    }
+
     fn zeros(&self, ty: ElemType, len: usize) -> Result<DeviceBuffer, BackendError> {
         match ty {
             ElemType::F32 => Ok(DeviceBuffer::F32(vec![0.0; len])),
@@ -252,16 +276,16 @@ impl Backend for CpuBackend {
         cols: usize,
     ) -> Result<DeviceBuffer, BackendError> {
         let buf = self.upload_buffer(buf)?;
-        if cols == 0 || cols % quant::QK != 0 {
+        if cols == 0 || !cols.is_multiple_of(quant::QK) {
             return Ok(buf);
         }
         let kb = cols / quant::QK;
         Ok(match buf {
             DeviceBuffer::Q4_1(b) if b.len() == rows * kb => {
-                DeviceBuffer::PackedQ4_1(PackedQ4_1::new(&b, rows, kb))
+                DeviceBuffer::PackedQ4_1(Arc::new(PackedQ4_1::new(&b, rows, kb)))
             }
             DeviceBuffer::Q8_0(b) if b.len() == rows * kb => {
-                DeviceBuffer::PackedQ8_0(PackedQ8_0::new(&b, rows, kb))
+                DeviceBuffer::PackedQ8_0(Arc::new(PackedQ8_0::new(&b, rows, kb)))
             }
             other => other,
         })
@@ -303,16 +327,26 @@ impl Backend for CpuBackend {
         let level = simd::level();
         let prepared = match w {
             DeviceBuffer::PackedQ4_1(p) if p.rows() == n && p.blocks_per_row() * quant::QK == k => {
-                let acts = quant::act_q8_1(x);
-                return Ok(DeviceBuffer::F32(grouped(m, n, p.groups(), |g, out| {
-                    simd::q4_1_group(level, p, g, &acts, m, out)
-                })));
+                let (acts, p) = (quant::act_q8_1(x), p.clone());
+                let (kb, groups) = (p.blocks_per_row(), p.groups());
+                return Ok(DeviceBuffer::F32(grouped(
+                    m,
+                    kb,
+                    n,
+                    groups,
+                    move |g, out| simd::q4_1_group(level, &p, g, &acts, m, out),
+                )));
             }
             DeviceBuffer::PackedQ8_0(p) if p.rows() == n && p.blocks_per_row() * quant::QK == k => {
-                let acts = quant::act_q8_0(x);
-                return Ok(DeviceBuffer::F32(grouped(m, n, p.groups(), |g, out| {
-                    simd::q8_0_group(level, p, g, &acts, m, out)
-                })));
+                let (acts, p) = (quant::act_q8_0(x), p.clone());
+                let (kb, groups) = (p.blocks_per_row(), p.groups());
+                return Ok(DeviceBuffer::F32(grouped(
+                    m,
+                    kb,
+                    n,
+                    groups,
+                    move |g, out| simd::q8_0_group(level, &p, g, &acts, m, out),
+                )));
             }
             // A view of a packed matrix under another shape (a reshape):
             // the reference kernels on the blocks in GGUF order.
@@ -532,9 +566,7 @@ impl Backend for CpuBackend {
             }
             for (t, p) in scores.iter().enumerate() {
                 let vr = cache_row(vc, t * row + kvh * hd, &mut tmp);
-                for (oj, vj) in o.iter_mut().zip(vr) {
-                    *oj = p.mul_add(*vj, *oj);
-                }
+                simd::axpy(simd::level(), *p, vr, o);
             }
         });
         Ok(DeviceBuffer::F32(out))

@@ -129,6 +129,12 @@ impl Backend for CudaBackend {
     }
 
     fn upload_buffer(&self, buf: DeviceBuffer) -> Result<DeviceBuffer, BackendError> {
+        // A matrix the CPU backend packed goes up in GGUF layout again.
+        let buf = match buf {
+            DeviceBuffer::PackedQ4_1(p) => DeviceBuffer::Q4_1(p.unpack()),
+            DeviceBuffer::PackedQ8_0(p) => DeviceBuffer::Q8_0(p.unpack()),
+            other => other,
+        };
         // Host bytes go through the pinned staging buffers in GGUF layout.
         let t = match &buf {
             DeviceBuffer::F32(v) => self.dev.upload_staged(DType::F32, v.len(), |first, out| {
@@ -163,6 +169,9 @@ impl Backend for CudaBackend {
                     })
             }
             DeviceBuffer::Cuda(_) => return Ok(buf),
+            DeviceBuffer::PackedQ4_1(_) | DeviceBuffer::PackedQ8_0(_) => {
+                return Err(BackendError::Unsupported(buf.elem_type()));
+            }
         };
         t.map(wrap).map_err(err)
     }

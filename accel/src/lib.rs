@@ -19,6 +19,7 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod pack;
+pub mod pool;
 pub mod quant;
 pub mod simd;
 
@@ -44,16 +45,13 @@ pub fn backend_from_name(name: &str) -> Result<Arc<dyn Backend>, BackendError> {
 }
 
 /// The backend configured by name, with cross-request batching of matmuls on
-/// shared weights ([`batch::Batching`]) when `batch_window` is not zero.
-pub fn backend_from_config(
-    name: &str,
-    batch_window: std::time::Duration,
-) -> Result<Arc<dyn Backend>, BackendError> {
+/// shared weights ([`batch::Batching`]) when `batching` is set.
+pub fn backend_from_config(name: &str, batching: bool) -> Result<Arc<dyn Backend>, BackendError> {
     let inner = backend_from_name(name)?;
-    Ok(if batch_window.is_zero() {
-        inner
+    Ok(if batching {
+        Arc::new(batch::Batching::new(inner))
     } else {
-        Arc::new(batch::Batching::new(inner, batch_window))
+        inner
     })
 }
 
@@ -115,9 +113,9 @@ pub enum DeviceBuffer {
     /// Q8_0 blocks in host memory.
     Q8_0(Vec<BlockQ8_0>),
     /// A Q4_1 weight matrix in the CPU kernels' grouped layout ([`pack`]).
-    PackedQ4_1(pack::PackedQ4_1),
+    PackedQ4_1(Arc<pack::PackedQ4_1>),
     /// A Q8_0 weight matrix in the CPU kernels' grouped layout ([`pack`]).
-    PackedQ8_0(pack::PackedQ8_0),
+    PackedQ8_0(Arc<pack::PackedQ8_0>),
     /// A tensor in CUDA device memory (CUDA backend).
     #[cfg(feature = "cuda")]
     Cuda(CudaBuffer),
@@ -190,7 +188,7 @@ pub struct AttentionShape {
 }
 
 /// A backend failure that is not the guest's fault.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum BackendError {
     /// The device could not allocate memory.

@@ -28,9 +28,10 @@ mod portable;
 pub enum Level {
     /// Plain Rust, any CPU.
     Portable,
-    /// x86-64 AVX2 + F16C (`vpmaddubsw`).
+    /// x86-64 AVX2 + FMA + F16C (`vpmaddubsw`).
     Avx2,
-    /// x86-64 AVX-512 F/BW with VNNI (`vpdpbusd` on 512 bits).
+    /// x86-64 AVX-512 F/BW with VNNI (`vpdpbusd` on 512 bits), and the AVX2
+    /// level's features.
     Avx512Vnni,
 }
 
@@ -53,14 +54,16 @@ pub fn detected() -> Level {
 
 #[cfg(target_arch = "x86_64")]
 fn detect() -> Level {
-    if std::arch::is_x86_feature_detected!("avx512f")
+    let avx2 = std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c");
+    if avx2
+        && std::arch::is_x86_feature_detected!("avx512f")
         && std::arch::is_x86_feature_detected!("avx512bw")
         && std::arch::is_x86_feature_detected!("avx512vnni")
     {
         Level::Avx512Vnni
-    } else if std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("f16c")
-    {
+    } else if avx2 {
         Level::Avx2
     } else {
         Level::Portable
@@ -99,17 +102,57 @@ pub(crate) fn quantize_block(level: Level, x: &[f32; 32]) -> (f32, [i8; 32]) {
     match level {
         #[cfg(target_arch = "x86_64")]
         Level::Avx512Vnni if detected() >= Level::Avx512Vnni => {
-            // SAFETY: `detected()` found avx512f, avx512bw and avx512vnni,
-            // the features `avx512::quantize_block` is compiled with.
+            // SAFETY: `detected()` found avx512f, avx512bw, avx512vnni, avx2,
+            // fma and f16c, the features `avx512::quantize_block` is compiled with.
             unsafe { avx512::quantize_block(x) }
         }
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 | Level::Avx512Vnni if detected() >= Level::Avx2 => {
-            // SAFETY: `detected()` found avx2 and f16c, the features
+            // SAFETY: `detected()` found avx2, fma and f16c, the features
             // `avx2::quantize_block` is compiled with.
             unsafe { avx2::quantize_block(x) }
         }
         _ => portable::quantize_block(x),
+    }
+}
+
+/// Σ a·b of two equal-length f32 slices, bit for bit the CPU backend's
+/// scalar order (8 fused lanes, a fixed pairwise sum, the tail in order).
+pub(crate) fn dot(level: Level, a: &[f32], b: &[f32]) -> f32 {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 | Level::Avx512Vnni if detected() >= Level::Avx2 => {
+            // SAFETY: `detected()` found avx2, fma and f16c, the features
+            // `avx2::dot` is compiled with.
+            unsafe { avx2::dot(a, b) }
+        }
+        _ => portable::dot(a, b),
+    }
+}
+
+/// `o[j] = p · v[j] + o[j]`, fused (`f32::mul_add`).
+pub(crate) fn axpy(level: Level, p: f32, v: &[f32], o: &mut [f32]) {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 | Level::Avx512Vnni if detected() >= Level::Avx2 => {
+            // SAFETY: `detected()` found avx2, fma and f16c, the features
+            // `avx2::axpy` is compiled with.
+            unsafe { avx2::axpy(p, v, o) }
+        }
+        _ => portable::axpy(p, v, o),
+    }
+}
+
+/// f16 bits to f32 (exact).
+pub(crate) fn f16_to_f32(level: Level, bits: &[u16], out: &mut [f32]) {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 | Level::Avx512Vnni if detected() >= Level::Avx2 => {
+            // SAFETY: `detected()` found avx2, fma and f16c, the features
+            // `avx2::f16_to_f32` is compiled with.
+            unsafe { avx2::f16_to_f32(bits, out) }
+        }
+        _ => portable::f16_to_f32(bits, out),
     }
 }
 
@@ -129,13 +172,13 @@ pub(crate) fn q4_1_group(
     match level {
         #[cfg(target_arch = "x86_64")]
         Level::Avx512Vnni if detected() >= Level::Avx512Vnni => {
-            // SAFETY: `detected()` found avx512f, avx512bw and avx512vnni on
-            // this CPU, the features `avx512::q4_1_group` is compiled with.
+            // SAFETY: `detected()` found avx512f, avx512bw, avx512vnni, avx2,
+            // fma and f16c on this CPU, the features `avx512::q4_1_group` is compiled with.
             unsafe { avx512::q4_1_group(w, g, x, m, out) }
         }
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 | Level::Avx512Vnni if detected() >= Level::Avx2 => {
-            // SAFETY: `detected()` found avx2 and f16c, the features
+            // SAFETY: `detected()` found avx2, fma and f16c, the features
             // `avx2::q4_1_group` is compiled with.
             unsafe { avx2::q4_1_group(w, g, x, m, out) }
         }
@@ -157,13 +200,13 @@ pub(crate) fn q8_0_group(
     match level {
         #[cfg(target_arch = "x86_64")]
         Level::Avx512Vnni if detected() >= Level::Avx512Vnni => {
-            // SAFETY: `detected()` found avx512f, avx512bw and avx512vnni,
-            // the features `avx512::q8_0_group` is compiled with.
+            // SAFETY: `detected()` found avx512f, avx512bw, avx512vnni, avx2,
+            // fma and f16c, the features `avx512::q8_0_group` is compiled with.
             unsafe { avx512::q8_0_group(w, g, x, m, out) }
         }
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 | Level::Avx512Vnni if detected() >= Level::Avx2 => {
-            // SAFETY: `detected()` found avx2 and f16c, the features
+            // SAFETY: `detected()` found avx2, fma and f16c, the features
             // `avx2::q8_0_group` is compiled with.
             unsafe { avx2::q8_0_group(w, g, x, m, out) }
         }
@@ -274,6 +317,36 @@ mod tests {
                 let (d, q) = quantize_block(level, b);
                 let (rd, rq) = quant::quantize_block(b);
                 assert_eq!((d.to_bits(), q), (rd.to_bits(), rq), "{level:?} on {b:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn f32_dot_axpy_and_f16_conversion_match_the_scalar_code_bit_for_bit() {
+        let mut rng = StdRng::seed_from_u64(6);
+        for len in [0usize, 1, 7, 8, 9, 64, 100, 1537] {
+            let mut a = activations(&mut rng, len.div_ceil(32) * 32);
+            a.truncate(len);
+            let b: Vec<f32> = (0..len).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+            let bits: Vec<u16> = (0..len).map(|_| rng.random()).collect();
+            let p = rng.random_range(-1.0f32..1.0);
+            for &level in &available() {
+                let (d, rd) = (dot(level, &a, &b), portable::dot(&a, &b));
+                assert!(same(d, rd), "{level:?} dot len {len}: {d} vs {rd}");
+                let (mut o, mut ro) = (b.clone(), b.clone());
+                axpy(level, p, &a, &mut o);
+                portable::axpy(p, &a, &mut ro);
+                assert!(
+                    o.iter().zip(&ro).all(|(x, y)| same(*x, *y)),
+                    "{level:?} axpy len {len}"
+                );
+                let (mut f, mut rf) = (vec![0f32; len], vec![0f32; len]);
+                f16_to_f32(level, &bits, &mut f);
+                portable::f16_to_f32(&bits, &mut rf);
+                assert!(
+                    f.iter().zip(&rf).all(|(x, y)| same(*x, *y)),
+                    "{level:?} f16 len {len}"
+                );
             }
         }
     }

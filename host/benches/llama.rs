@@ -168,14 +168,12 @@ fn main() {
         .and_then(|r| r.parse().ok())
         .unwrap_or(8);
     let mut aggregate = [0f64; 2];
-    for (slot, window) in [(0usize, 0u64), (1, 300)] {
-        let backend: Arc<dyn Backend> = if window == 0 {
+    let batching = Arc::new(Batching::new(Arc::new(CpuBackend)));
+    for (slot, batched) in [(0usize, false), (1, true)] {
+        let backend: Arc<dyn Backend> = if !batched {
             Arc::new(CpuBackend)
         } else {
-            Arc::new(Batching::new(
-                Arc::new(CpuBackend),
-                Duration::from_micros(window),
-            ))
+            batching.clone()
         };
         let policy = Policy::parse(&toml_text, |_| Ok(worlds.clone())).expect("policy");
         let loader = Loader::new(
@@ -207,9 +205,10 @@ fn main() {
         walls.sort();
         aggregate[slot] = (streams * 64) as f64 / walls[walls.len() / 2].as_secs_f64();
     }
+    let stats = batching.stats();
     println!(
-        "| {streams} concurrent streams (1-token prompt, 64 new tokens each), aggregate | {:.1} tok/s | batching off; on (300 µs window): {:.1} tok/s |",
-        aggregate[0], aggregate[1]
+        "| {streams} concurrent streams (1-token prompt, 64 new tokens each), aggregate | {:.1} tok/s | batching off; on: {:.1} tok/s ({} fused launches, {} joins) |",
+        aggregate[0], aggregate[1], stats.fused, stats.joined
     );
     // One line for scripts (scripts/bench-vs-llamacpp).
     println!(

@@ -65,12 +65,13 @@ pub struct ServeConfig {
     /// this file, so the keyserver knows which one runs.
     #[serde(default = "default_backend")]
     pub backend: String,
-    /// Cross-request batching: how long (µs) a matmul on shared weights may
-    /// wait for concurrent runs' launches on the same weights, to run them as
-    /// one (see `cinfer_accel::batch`); 0 turns batching off. A run alone
-    /// never waits. Measured with this file.
-    #[serde(default = "default_batch_window_us", rename = "batch-window-us")]
-    pub batch_window_us: u32,
+    /// Cross-request batching: concurrent runs' matmuls on the same resident
+    /// weights run as one launch (`cinfer_accel::batch`; results are bit for
+    /// bit those of separate launches). Off by default: on this workplace's
+    /// 2-core machines it does not yet pay (BENCHMARKS.md). Measured with
+    /// this file.
+    #[serde(default = "default_batching")]
+    pub batching: bool,
     /// Keyserver identities (hex SEC1, `keyserver public-identity`) whose key
     /// releases this loader installs. Empty: any release that unwraps is
     /// installed (development only: a hostile relay could then install keys of
@@ -113,8 +114,8 @@ fn default_backend() -> String {
     "cpu".to_owned()
 }
 
-fn default_batch_window_us() -> u32 {
-    300
+fn default_batching() -> bool {
+    false
 }
 
 fn default_max_in_flight() -> usize {
@@ -743,8 +744,7 @@ impl Service {
         policy
             .check_backend(&config.backend)
             .map_err(|e| ServeError::Config(e.to_string()))?;
-        let window = std::time::Duration::from_micros(u64::from(config.batch_window_us));
-        let backend = crate::backend::backend_from_config(&config.backend, window)
+        let backend = crate::backend::backend_from_config(&config.backend, config.batching)
             .map_err(|e| ServeError::Config(format!("backend: {e}")))?;
         let loader = Arc::new(
             Loader::new(

@@ -14,20 +14,20 @@ const HALF: usize = GROUP / 2;
 const TILE: usize = 2;
 
 #[inline]
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn load_half(a: &[u8; 64], h: usize) -> __m256i {
     let halves: [[u8; 32]; 2] = must_cast(*a);
     must_cast(halves[h])
 }
 
 #[inline]
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn f16x8(a: &[u16; GROUP], h: usize) -> __m256 {
     let halves: [[u16; 8]; 2] = must_cast(*a);
     _mm256_cvtph_ps(must_cast::<[u16; 8], __m128i>(halves[h]))
 }
 
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn q4_1_group(w: &PackedQ4_1, g: usize, x: &[ActBlock], m: usize, out: &mut [f32]) {
     let kb = w.blocks_per_row();
     for h in 0..2 {
@@ -46,7 +46,7 @@ pub(super) fn q4_1_group(w: &PackedQ4_1, g: usize, x: &[ActBlock], m: usize, out
 /// Half `h` of a group against `N` activation rows. The 16-bit sums of the
 /// 8 pair products per lane stay below 8 · 2 · 15 · 127 = 30480: exact.
 #[inline]
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn q4_1_tile<const N: usize>(w: &PackedQ4_1, g: usize, h: usize, x: &[ActBlock], out: &mut [f32]) {
     let kb = w.blocks_per_row();
     let low = _mm256_set1_epi8(0x0f);
@@ -82,7 +82,7 @@ fn q4_1_tile<const N: usize>(w: &PackedQ4_1, g: usize, h: usize, x: &[ActBlock],
     }
 }
 
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn q8_0_group(w: &PackedQ8_0, g: usize, x: &[ActBlock], m: usize, out: &mut [f32]) {
     let kb = w.blocks_per_row();
     for h in 0..2 {
@@ -101,7 +101,7 @@ pub(super) fn q8_0_group(w: &PackedQ8_0, g: usize, x: &[ActBlock], m: usize, out
 /// Q8_0: the stored `q + 128` is turned back into `q`; `vpmaddubsw` of
 /// `|q|` and `x` with `q`'s sign stays below 2 · 128 · 127 per pair: exact.
 #[inline]
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,fma,f16c")]
 fn q8_0_tile<const N: usize>(w: &PackedQ8_0, g: usize, h: usize, x: &[ActBlock], out: &mut [f32]) {
     let kb = w.blocks_per_row();
     let flip = _mm256_set1_epi8(-128);
@@ -136,7 +136,7 @@ fn q8_0_tile<const N: usize>(w: &PackedQ8_0, g: usize, h: usize, x: &[ActBlock],
 
 /// One activation block quantized bit for bit as the scalar code does (see
 /// the AVX-512 version).
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn quantize_block(x: &[f32; 32]) -> (f32, [i8; 32]) {
     let parts: [[f32; 8]; 4] = must_cast(*x);
     let v: [__m256; 4] = [
@@ -172,4 +172,50 @@ pub(super) fn quantize_block(x: &[f32; 32]) -> (f32, [i8; 32]) {
     // packs work per 128-bit lane: put the 4-byte groups back in order.
     let ordered = _mm256_permutevar8x32_epi32(w16, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     (d, must_cast(ordered))
+}
+
+/// The scalar `dot` of the CPU backend, bit for bit: lane `i` of 8 fuses
+/// the products of elements `i mod 8`, lanes are summed as
+/// `((a0+a4)+(a1+a5))+((a2+a6)+(a3+a7))`, and the tail is added in order.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let (ca, ra) = a.as_chunks::<8>();
+    let (cb, rb) = b.as_chunks::<8>();
+    let mut acc = _mm256_setzero_ps();
+    for (x, y) in ca.iter().zip(cb) {
+        acc = _mm256_fmadd_ps(must_cast(*x), must_cast(*y), acc);
+    }
+    let l: [f32; 8] = must_cast(acc);
+    let mut sum = ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        sum += x * y;
+    }
+    sum
+}
+
+/// `o[j] = p · v[j] + o[j]` fused, as `f32::mul_add`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn axpy(p: f32, v: &[f32], o: &mut [f32]) {
+    let pv = _mm256_set1_ps(p);
+    let (cv, rv) = v.as_chunks::<8>();
+    let (co, ro) = o.as_chunks_mut::<8>();
+    for (x, y) in cv.iter().zip(co.iter_mut()) {
+        *y = must_cast(_mm256_fmadd_ps(pv, must_cast(*x), must_cast(*y)));
+    }
+    for (x, y) in rv.iter().zip(ro) {
+        *y = p.mul_add(*x, *y);
+    }
+}
+
+/// f16 bits to f32 (exact).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn f16_to_f32(bits: &[u16], out: &mut [f32]) {
+    let (cb, rb) = bits.as_chunks::<8>();
+    let (co, ro) = out.as_chunks_mut::<8>();
+    for (b, o) in cb.iter().zip(co.iter_mut()) {
+        *o = must_cast(_mm256_cvtph_ps(must_cast::<[u16; 8], __m128i>(*b)));
+    }
+    for (b, o) in rb.iter().zip(ro) {
+        *o = half::f16::from_bits(*b).to_f32();
+    }
 }

@@ -12,13 +12,13 @@ use core::arch::x86_64::*;
 const TILE: usize = 4;
 
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 fn load(a: &[u8; 64]) -> __m512i {
     must_cast(*a)
 }
 
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 fn f16x16(a: &[u16; GROUP]) -> __m512 {
     _mm512_cvtph_ps(must_cast::<[u16; 16], __m256i>(*a))
 }
@@ -26,7 +26,7 @@ fn f16x16(a: &[u16; GROUP]) -> __m512 {
 /// Σ over the 8 words of `x` of `vpdpbusd(w[c], broadcast(x word c))`: the
 /// exact integer block sums of 16 rows (two chains for latency).
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 fn block_sums(w: &[__m512i; 8], x: &[i8; 32]) -> __m512i {
     let xw: [i32; 8] = must_cast(*x);
     let mut s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(xw[0]));
@@ -40,7 +40,7 @@ fn block_sums(w: &[__m512i; 8], x: &[i8; 32]) -> __m512i {
     _mm512_add_epi32(s0, s1)
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 pub(super) fn q4_1_group(w: &PackedQ4_1, g: usize, x: &[ActBlock], m: usize, out: &mut [f32]) {
     let kb = w.blocks_per_row();
     let mut i = 0;
@@ -58,7 +58,7 @@ pub(super) fn q4_1_group(w: &PackedQ4_1, g: usize, x: &[ActBlock], m: usize, out
 /// the reference's float operations in its order: `acc += (dw · dx) · sumi`,
 /// `mins += mw · sx`, result `acc + mins`.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 fn q4_1_tile<const N: usize>(w: &PackedQ4_1, g: usize, x: &[ActBlock], out: &mut [f32]) {
     let kb = w.blocks_per_row();
     let low = _mm512_set1_epi8(0x0f);
@@ -88,7 +88,7 @@ fn q4_1_tile<const N: usize>(w: &PackedQ4_1, g: usize, x: &[ActBlock], out: &mut
     }
 }
 
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 pub(super) fn q8_0_group(w: &PackedQ8_0, g: usize, x: &[ActBlock], m: usize, out: &mut [f32]) {
     let kb = w.blocks_per_row();
     let mut i = 0;
@@ -105,7 +105,7 @@ pub(super) fn q8_0_group(w: &PackedQ8_0, g: usize, x: &[ActBlock], m: usize, out
 /// Q8_0: weights are stored as `q + 128`, so `vpdpbusd` gives
 /// `Σ q·x + 128 · Σx`; the second term is subtracted exactly.
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 fn q8_0_tile<const N: usize>(w: &PackedQ8_0, g: usize, x: &[ActBlock], out: &mut [f32]) {
     let kb = w.blocks_per_row();
     let mut acc = [_mm512_setzero_ps(); N];
@@ -133,7 +133,7 @@ fn q8_0_tile<const N: usize>(w: &PackedQ8_0, g: usize, x: &[ActBlock], out: &mut
 /// One activation block quantized as [`crate::quant::act_q8_1`] does, bit
 /// for bit: NaN is ignored by the absolute maximum and quantizes to 0,
 /// products are rounded to nearest-even and saturated like `as i8`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 pub(super) fn quantize_block(x: &[f32; 32]) -> (f32, [i8; 32]) {
     let halves: [[f32; 16]; 2] = must_cast(*x);
     let v = [must_cast::<_, __m512>(halves[0]), must_cast(halves[1])];

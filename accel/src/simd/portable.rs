@@ -55,3 +55,31 @@ pub(super) fn q8_0_group(w: &PackedQ8_0, g: usize, x: &[ActBlock], m: usize, out
 pub(super) fn quantize_block(x: &[f32; 32]) -> (f32, [i8; 32]) {
     crate::quant::quantize_block(x)
 }
+
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, ra) = a.as_chunks::<8>();
+    let (cb, rb) = b.as_chunks::<8>();
+    for (x, y) in ca.iter().zip(cb) {
+        for i in 0..8 {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
+        }
+    }
+    let mut sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (x, y) in ra.iter().zip(rb) {
+        sum += x * y;
+    }
+    sum
+}
+
+pub(super) fn axpy(p: f32, v: &[f32], o: &mut [f32]) {
+    for (x, y) in v.iter().zip(o) {
+        *y = p.mul_add(*x, *y);
+    }
+}
+
+pub(super) fn f16_to_f32(bits: &[u16], out: &mut [f32]) {
+    for (b, o) in bits.iter().zip(out) {
+        *o = half::f16::from_bits(*b).to_f32();
+    }
+}
