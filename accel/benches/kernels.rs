@@ -32,6 +32,16 @@ fn time(f: impl Fn()) -> Duration {
 
 fn main() {
     let cpu = CpuBackend;
+    let xq: Vec<f32> = (0..128 * 576)
+        .map(|i| ((i % 97) as f32 - 48.0) / 17.0)
+        .collect();
+    let t = time(|| {
+        std::hint::black_box(cinfer_accel::quant::act_q8_1(&xq));
+    });
+    println!(
+        "activation quantization, 128 x 576: {:.1} µs",
+        t.as_secs_f64() * 1e6
+    );
     println!(
         "SIMD level: {} (detected {}); rayon threads: {}",
         simd::level().name(),

@@ -30,6 +30,7 @@
 //! in the reference's order, per row.
 
 use crate::quant::{BlockQ4_1, BlockQ8_0, QK};
+use rayon::prelude::*;
 
 /// Rows per group.
 pub const GROUP: usize = 16;
@@ -80,18 +81,26 @@ impl PackedQ4_1 {
         let mut qs = vec![0u8; groups * kb * 256];
         let mut d = vec![0u16; groups * kb * GROUP];
         let mut m = vec![0u16; groups * kb * GROUP];
-        for (row, chunk) in blocks.chunks_exact(kb.max(1)).enumerate().take(rows) {
-            let (g, r) = (row / GROUP, row % GROUP);
-            for (b, blk) in chunk.iter().enumerate() {
-                let i = gb(kb, g, b);
-                d[i * GROUP + r] = blk.d;
-                m[i * GROUP + r] = blk.m;
-                for c in 0..4 {
-                    let at = i * 256 + c * 64 + r * 4;
-                    qs[at..at + 4].copy_from_slice(&blk.qs[4 * c..4 * c + 4]);
+        let kb1 = kb.max(1);
+        // Groups are disjoint in every array: pack them in parallel (model load).
+        qs.par_chunks_mut(kb1 * 256)
+            .zip(d.par_chunks_mut(kb1 * GROUP))
+            .zip(m.par_chunks_mut(kb1 * GROUP))
+            .enumerate()
+            .for_each(|(g, ((qs, d), m))| {
+                let first = g * GROUP;
+                for r in 0..GROUP.min(rows.saturating_sub(first)) {
+                    let row = &blocks[(first + r) * kb..(first + r + 1) * kb];
+                    for (b, blk) in row.iter().enumerate() {
+                        d[b * GROUP + r] = blk.d;
+                        m[b * GROUP + r] = blk.m;
+                        for c in 0..4 {
+                            let at = b * 256 + c * 64 + r * 4;
+                            qs[at..at + 4].copy_from_slice(&blk.qs[4 * c..4 * c + 4]);
+                        }
+                    }
                 }
-            }
-        }
+            });
         PackedQ4_1 { rows, kb, qs, d, m }
     }
 
@@ -162,19 +171,25 @@ impl PackedQ8_0 {
         // Padding rows hold q = 0, stored as 128.
         let mut qs = vec![128u8; groups * kb * 512];
         let mut d = vec![0u16; groups * kb * GROUP];
-        for (row, chunk) in blocks.chunks_exact(kb.max(1)).enumerate().take(rows) {
-            let (g, r) = (row / GROUP, row % GROUP);
-            for (b, blk) in chunk.iter().enumerate() {
-                let i = gb(kb, g, b);
-                d[i * GROUP + r] = blk.d;
-                for c in 0..8 {
-                    let at = i * 512 + c * 64 + r * 4;
-                    for t in 0..4 {
-                        qs[at + t] = (blk.qs[4 * c + t] as u8) ^ 0x80;
+        let kb1 = kb.max(1);
+        qs.par_chunks_mut(kb1 * 512)
+            .zip(d.par_chunks_mut(kb1 * GROUP))
+            .enumerate()
+            .for_each(|(g, (qs, d))| {
+                let first = g * GROUP;
+                for r in 0..GROUP.min(rows.saturating_sub(first)) {
+                    let row = &blocks[(first + r) * kb..(first + r + 1) * kb];
+                    for (b, blk) in row.iter().enumerate() {
+                        d[b * GROUP + r] = blk.d;
+                        for c in 0..8 {
+                            let at = b * 512 + c * 64 + r * 4;
+                            for t in 0..4 {
+                                qs[at + t] = (blk.qs[4 * c + t] as u8) ^ 0x80;
+                            }
+                        }
                     }
                 }
-            }
-        }
+            });
         PackedQ8_0 { rows, kb, qs, d }
     }
 

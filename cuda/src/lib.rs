@@ -8,8 +8,8 @@
 //! upload through two pinned staging buffers allocated by the driver, the
 //! kernels (`kernels.cu`, embedded and compiled by NVRTC once per process),
 //! the cuBLAS handle, and one safe function per op of the accelerator's op
-//! set with the CPU backend's semantics (see `cinfer-host`'s
-//! `backend/cpu.rs`). `unsafe` is denied everywhere but in the private
+//! set with the CPU backend's semantics (see `cinfer-accel`'s
+//! `cpu.rs`). `unsafe` is denied everywhere but in the private
 //! code (module `ffi`), where every block carries a `// SAFETY:` comment.
 #![deny(unsafe_code)]
 
