@@ -385,27 +385,29 @@ mod tests {
         for _ in 0..runs {
             batching.run_started();
         }
-        // Runs in lock step, as decoding runs are: each step every run
-        // launches on the same weights.
-        let step = std::sync::Barrier::new(runs);
+        // A round on these weights is in progress (as if another run were
+        // executing one): every run's launch queues behind it, so the next
+        // round carries all of them, whatever the scheduler does.
+        let key = std::ptr::from_ref(&w) as usize;
+        batching.lock().entry(key).or_default().executing = true;
         let got: Vec<Vec<f32>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..runs)
                 .map(|r| {
-                    let (b, w, step) = (&batching, &w, &step);
+                    let (b, w) = (&batching, &w);
                     s.spawn(move || {
-                        let mut last = Vec::new();
-                        for _ in 0..20 {
-                            step.wait();
-                            match b.matmul(&DeviceBuffer::F32(row(k, r)), w, 1, k, n) {
-                                Ok(DeviceBuffer::F32(v)) => last = v,
-                                other => panic!("{other:?}"),
-                            }
-                        }
+                        let out = match b.matmul(&DeviceBuffer::F32(row(k, r)), w, 1, k, n) {
+                            Ok(DeviceBuffer::F32(v)) => v,
+                            other => panic!("{other:?}"),
+                        };
                         b.run_ended();
-                        last
+                        out
                     })
                 })
                 .collect();
+            while batching.lock().get(&key).map_or(0, |q| q.pending.len()) < runs {
+                std::thread::yield_now();
+            }
+            batching.lock().entry(key).or_default().executing = false;
             handles
                 .into_iter()
                 .map(|h| h.join().expect("run"))
@@ -417,8 +419,14 @@ mod tests {
                 "run {r} got another result batched"
             );
         }
-        let stats = batching.stats();
-        assert!(stats.fused > 0 && stats.joined > 0, "{stats:?}");
+        // One fused launch of all 6 rows, executed by one run for 5 others.
+        assert_eq!(
+            batching.stats(),
+            BatchStats {
+                fused: 1,
+                joined: (runs - 1) as u64
+            }
+        );
     }
 
     #[test]

@@ -6,18 +6,19 @@
 //! already known to fit. The CPU backend ([`CpuBackend`]) is always present
 //! and is the reference; its hot kernels are SIMD (AVX-512 VNNI or AVX2,
 //! chosen at run time by [`simd`], with a portable path everywhere else). The
-//! CUDA backend (feature `cuda`, over crate `cinfer-cuda`) implements the same
+//! CUDA backend (feature `cuda`, module [`cuda`]) implements the same
 //! trait with the same semantics. [`backend_from_name`] picks one by
 //! configuration.
 //!
-//! `unsafe` is denied in this crate except in module [`simd`], where entering
-//! a `#[target_feature]` kernel after run-time feature detection needs it
-//! (one `// SAFETY:` comment per call).
+//! `unsafe` is denied in this crate except in two named modules: [`simd`],
+//! where entering a `#[target_feature]` kernel after run-time feature
+//! detection needs it, and `cuda::device::ffi` (feature `cuda`), every call into the
+//! CUDA libraries. Each block carries a `// SAFETY:` comment.
 
 pub mod batch;
 mod cpu;
 #[cfg(feature = "cuda")]
-mod cuda;
+pub mod cuda;
 pub mod pack;
 pub mod pool;
 pub mod quant;

@@ -96,6 +96,26 @@ pub fn available() -> Vec<Level> {
         .collect()
 }
 
+/// Asks the CPU to start fetching the cache line of `bytes[at]` (a hint;
+/// nothing when `at` is out of range or off x86-64). Decode streams weights
+/// from memory: the kernels prefetch a few blocks ahead.
+#[inline(always)]
+pub(crate) fn prefetch<T>(items: &[T], at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(item) = items.get(at) {
+        // SAFETY: `prefetcht0` (SSE, part of every x86-64) is a hint: it never
+        // faults and changes no memory or register state; the address is of
+        // an element in bounds.
+        unsafe {
+            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                std::ptr::from_ref(item).cast(),
+            )
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (items, at);
+}
+
 /// One activation block: `(amax / 127, round(x · 127 / amax))`, bit for bit
 /// the scalar [`crate::quant::quantize_block`].
 pub(crate) fn quantize_block(level: Level, x: &[f32; 32]) -> (f32, [i8; 32]) {

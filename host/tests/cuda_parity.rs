@@ -45,7 +45,7 @@ use std::path::PathBuf;
 
 /// The CUDA backend with poisoned outputs, or None with the reason printed
 /// (a failure instead where `CINFER_REQUIRE_CUDA=1`: CI's run on the CPU
-/// emulator of the driver, cuda/emu, may not skip).
+/// emulator of the driver, accel/cuda-emu, may not skip).
 fn gpu() -> Option<CudaBackend> {
     match CudaBackend::open(0) {
         Ok(b) => {
@@ -63,7 +63,7 @@ fn gpu() -> Option<CudaBackend> {
     }
 }
 
-/// Whether the device is the CPU emulator of the tests (cuda/emu), where the
+/// Whether the device is the CPU emulator of the tests (accel/cuda-emu), where the
 /// transcendental functions are the CPU's own: there the decode path must
 /// match the CPU backend bit for bit.
 fn emulated(b: &CudaBackend) -> bool {
@@ -617,7 +617,7 @@ const NEAR_TIE_LOGITS: f32 = 1e-3;
 /// values (per-element products rounded, where the CPU sums integers per
 /// block), f16 KV rounding then flips on some of those differences, and over
 /// 30 layers the logits drift by a measured amount, not by zero. On the CPU
-/// emulator (cuda/emu) that drift was 0.34 and 0.68 logits for the 13- and
+/// emulator (accel/cuda-emu) that drift was 0.34 and 0.68 logits for the 13- and
 /// 16-token prompts, and exactly 0 for the 6-token one (GEMV path throughout).
 const NEAR_TIE_DRIFTS: f32 = 4.0;
 

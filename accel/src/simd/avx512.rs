@@ -10,6 +10,8 @@ use core::arch::x86_64::*;
 
 /// Activation rows computed together against one unpacked weight block.
 const TILE: usize = 4;
+/// How far ahead (bytes of Q4_1 nibbles; twice that of Q8_0 values) to prefetch.
+const PREFETCH: usize = 2048;
 
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
@@ -65,6 +67,13 @@ fn q4_1_tile<const N: usize>(w: &PackedQ4_1, g: usize, x: &[ActBlock], out: &mut
     let mut acc = [_mm512_setzero_ps(); N];
     let mut mins = [_mm512_setzero_ps(); N];
     for b in 0..kb {
+        // Weights a few blocks ahead (contiguous across groups): decode reads them from memory.
+        let next = (g * kb + b) * 256 + PREFETCH;
+        for line in 0..4 {
+            super::prefetch(&w.qs, next + 64 * line);
+        }
+        super::prefetch(&w.d, (next / 256) * GROUP);
+        super::prefetch(&w.m, (next / 256) * GROUP);
         let v = w.qs_of(g, b).as_chunks::<64>().0;
         let mut wv = [_mm512_setzero_si512(); 8];
         for c in 0..4 {
@@ -110,6 +119,11 @@ fn q8_0_tile<const N: usize>(w: &PackedQ8_0, g: usize, x: &[ActBlock], out: &mut
     let kb = w.blocks_per_row();
     let mut acc = [_mm512_setzero_ps(); N];
     for b in 0..kb {
+        let next = (g * kb + b) * 512 + 2 * PREFETCH;
+        for line in 0..8 {
+            super::prefetch(&w.qs, next + 64 * line);
+        }
+        super::prefetch(&w.d, (next / 512) * GROUP);
         let v = w.qs_of(g, b).as_chunks::<64>().0;
         let mut wv = [_mm512_setzero_si512(); 8];
         for c in 0..8 {

@@ -1,5 +1,5 @@
-//! The CUDA side of cinfer's virtual accelerator, through `cudarc` with the
-//! CUDA libraries loaded at run time: this crate builds (and the loader runs)
+//! The CUDA device side of the accelerator, through `cudarc` with the
+//! CUDA libraries loaded at run time: this module builds (and the loader runs)
 //! on machines with no CUDA at all, and [`Device::open`] turns a missing
 //! driver, NVRTC or cuBLAS into [`CudaError::NotAvailable`] instead of the
 //! panic `cudarc` would raise.
@@ -8,10 +8,9 @@
 //! upload through two pinned staging buffers allocated by the driver, the
 //! kernels (`kernels.cu`, embedded and compiled by NVRTC once per process),
 //! the cuBLAS handle, and one safe function per op of the accelerator's op
-//! set with the CPU backend's semantics (see `cinfer-accel`'s
-//! `cpu.rs`). `unsafe` is denied everywhere but in the private
-//! code (module `ffi`), where every block carries a `// SAFETY:` comment.
-#![deny(unsafe_code)]
+//! set with the CPU backend's semantics (see `crate::cpu`). `unsafe` is
+//! denied everywhere but in the private module `cuda::device::ffi`, where
+//! every block carries a `// SAFETY:` comment.
 
 mod ffi;
 

@@ -34,7 +34,7 @@
 #include <vector>
 
 #define CINFER_CUDA_EMU 1
-#include "../src/kernels.cu"
+#include "../src/cuda/kernels.cu"
 
 #define API extern "C" __attribute__((visibility("default")))
 

@@ -6,7 +6,7 @@
 //! (kernels index only below those sizes: see kernels.cu).
 #![allow(unsafe_code)]
 
-use crate::CudaError;
+use super::CudaError;
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys::cublasOperation_t};
 use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr,

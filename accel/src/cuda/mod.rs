@@ -1,10 +1,12 @@
-//! The CUDA backend: the [`Backend`] trait over `cinfer-cuda`, which holds
-//! all of the FFI (this crate stays `forbid(unsafe_code)`). Semantics are the
+//! The CUDA backend: the [`Backend`] trait over [`device`] (context, stream,
+//! tensors, kernels, cuBLAS), whose FFI is all in its private module `device::ffi`. Semantics are the
 //! CPU backend's (see `cinfer-cuda` and `tests/cuda_parity.rs` for the error
 //! bounds); tensors live in device memory as [`DeviceBuffer::Cuda`].
 
-use super::{AttentionShape, Backend, BackendError, BinaryOp, DeviceBuffer, ElemType};
-use cinfer_cuda::{Binary, CudaError, DType, Device, Tensor};
+use crate::{AttentionShape, Backend, BackendError, BinaryOp, DeviceBuffer, ElemType};
+pub mod device;
+
+use device::{Binary, CudaError, DType, Device, Tensor};
 use std::sync::Arc;
 
 /// A tensor in CUDA device memory. Cloning shares it (tensors are immutable
@@ -91,7 +93,7 @@ impl CudaBackend {
     /// Whether the CUDA libraries can be opened (without initialising CUDA);
     /// the error says what is missing.
     pub fn probe() -> Result<(), BackendError> {
-        cinfer_cuda::probe().map_err(err)
+        device::probe().map_err(err)
     }
 
     /// The device's name.
