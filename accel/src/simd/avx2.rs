@@ -12,6 +12,8 @@ use core::arch::x86_64::*;
 const HALF: usize = GROUP / 2;
 /// Activation rows computed together against one unpacked weight block.
 const TILE: usize = 2;
+/// How far ahead (bytes of Q4_1 nibbles; twice that of Q8_0 values) to prefetch.
+const PREFETCH: usize = 2048;
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -54,6 +56,15 @@ fn q4_1_tile<const N: usize>(w: &PackedQ4_1, g: usize, h: usize, x: &[ActBlock],
     let mut acc = [_mm256_setzero_ps(); N];
     let mut mins = [_mm256_setzero_ps(); N];
     for b in 0..kb {
+        if h == 0 {
+            // Weights a few blocks ahead (contiguous across groups).
+            let next = (g * kb + b) * 256 + PREFETCH;
+            for line in 0..4 {
+                super::prefetch(&w.qs, next + 64 * line);
+            }
+            super::prefetch(&w.d, (next / 256) * GROUP);
+            super::prefetch(&w.m, (next / 256) * GROUP);
+        }
         let v = w.qs_of(g, b).as_chunks::<64>().0;
         let mut wv = [_mm256_setzero_si256(); 8];
         for c in 0..4 {
@@ -108,6 +119,13 @@ fn q8_0_tile<const N: usize>(w: &PackedQ8_0, g: usize, h: usize, x: &[ActBlock],
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); N];
     for b in 0..kb {
+        if h == 0 {
+            let next = (g * kb + b) * 512 + 2 * PREFETCH;
+            for line in 0..8 {
+                super::prefetch(&w.qs, next + 64 * line);
+            }
+            super::prefetch(&w.d, (next / 512) * GROUP);
+        }
         let v = w.qs_of(g, b).as_chunks::<64>().0;
         let mut wq = [_mm256_setzero_si256(); 8];
         let mut wa = [_mm256_setzero_si256(); 8];
