@@ -720,6 +720,66 @@ mod tests {
     }
 
     #[test]
+    fn packed_weights_give_the_reference_matmul_bit_for_bit() {
+        let cpu = CpuBackend;
+        for &(m, k, n) in &[
+            (1, 32, 1),
+            (1, 96, 37),
+            (3, 96, 37),
+            (6, 64, 48),
+            (9, 160, 17),
+        ] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7 % 29) as f32 - 14.0) / 9.0)
+                .collect();
+            let q4: Vec<quant::BlockQ4_1> = (0..n * k / 32)
+                .map(|b| quant::BlockQ4_1 {
+                    d: half::f16::from_f32(0.01 * (1 + b % 5) as f32).to_bits(),
+                    m: half::f16::from_f32(-0.05 * (b % 3) as f32).to_bits(),
+                    qs: core::array::from_fn(|j| ((j * 37 + b * 11) % 256) as u8),
+                })
+                .collect();
+            let q8: Vec<BlockQ8_0> = (0..n * k / 32)
+                .map(|b| BlockQ8_0 {
+                    d: half::f16::from_f32(0.02 * (1 + b % 3) as f32).to_bits(),
+                    qs: core::array::from_fn(|j| ((j * 53 + b * 7) % 256) as u8 as i8),
+                })
+                .collect();
+            for raw in [DeviceBuffer::Q4_1(q4), DeviceBuffer::Q8_0(q8)] {
+                let packed = cpu.upload_weights(raw.clone(), n, k).expect("pack");
+                assert!(matches!(
+                    packed,
+                    DeviceBuffer::PackedQ4_1(_) | DeviceBuffer::PackedQ8_0(_)
+                ));
+                let want = get(cpu.matmul(&buf(&x), &raw, m, k, n).expect("raw"));
+                let got = get(cpu.matmul(&buf(&x), &packed, m, k, n).expect("packed"));
+                assert!(
+                    got.iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "m={m} k={k} n={n} {:?}",
+                    raw.elem_type()
+                );
+                // A view under another shape (a reshape) takes the reference path.
+                if k % 64 == 0 {
+                    let (k2, n2) = (k / 2, n * 2);
+                    let x2 = &x[..k2];
+                    assert_eq!(
+                        get(cpu.matmul(&buf(x2), &packed, 1, k2, n2).expect("view")),
+                        get(cpu.matmul(&buf(x2), &raw, 1, k2, n2).expect("raw view"))
+                    );
+                }
+                // Embedding rows of a packed table are the GGUF rows.
+                let ids = [0, (n - 1) as u32];
+                assert_eq!(
+                    get(cpu.embedding(&packed, k, &ids).expect("embedding")),
+                    get(cpu.embedding(&raw, k, &ids).expect("embedding"))
+                );
+            }
+        }
+    }
+
+    #[test]
     fn elementwise_and_broadcast() {
         let cpu = CpuBackend;
         let a = buf(&[1.0, 2.0, 3.0, 4.0]);
