@@ -9,6 +9,12 @@
 //!   the SHA-256 of the one component allowed to run it, which the loader
 //!   compares with the program it was asked to run before opening anything
 //!   ([`request_program`]); the untrusted side cannot strip or change it.
+//! * A request carries the time it was sealed ([`request_sealed_at`], header
+//!   versions 3 and 4: versions 1 and 2 plus a big-endian `u64` of Unix
+//!   milliseconds at the end of the header). Like the rest of the header it is
+//!   authenticated when the request opens. A serving loader refuses requests
+//!   sealed outside its replay window, so the set of requests it remembers
+//!   only has to cover that window (`cinfer_host::replay`).
 //! * A **reply** is a stream of AES-256-GCM chunks in the STREAM construction
 //!   (`aead-stream`'s big-endian 32-bit counter with a last-chunk flag in the
 //!   nonce), keyed from the request's HPKE exporter secret. Chunks are numbered
@@ -41,6 +47,13 @@ pub const REQUEST_VERSION: u8 = 1;
 /// Envelope format version of a request header bound to a program: version 1's
 /// header followed by the component's SHA-256.
 pub const REQUEST_VERSION_BOUND: u8 = 2;
+/// Envelope format version of a request header carrying its seal time:
+/// version 1's header followed by the seal time (Unix milliseconds, `u64` BE).
+/// What [`seal_request`] writes.
+pub const REQUEST_VERSION_TIMED: u8 = 3;
+/// Version 2's header (bound to a program) followed by the seal time. What
+/// [`seal_request_for_program`] writes.
+pub const REQUEST_VERSION_TIMED_BOUND: u8 = 4;
 /// HPKE suite identifiers (RFC 9180 §7): KEM, KDF, AEAD.
 pub const SUITE: [u16; 3] = [0x0010, 0x0001, 0x0002];
 /// Length of an encapsulated P-256 key (uncompressed SEC1 point).
@@ -242,6 +255,7 @@ struct RequestParts<'a> {
     header: &'a [u8],
     key_id: &'a str,
     program: Option<[u8; 32]>,
+    sealed_at_ms: Option<u64>,
     enc: &'a [u8],
     ciphertext: &'a [u8],
 }
@@ -258,9 +272,13 @@ fn take<'a>(bytes: &mut &'a [u8], n: usize, what: &'static str) -> Result<&'a [u
 fn parse_request(sealed: &[u8]) -> Result<RequestParts<'_>, EnvelopeError> {
     let mut rest = sealed;
     let version = take(&mut rest, 1, "version")?[0];
-    if version != REQUEST_VERSION && version != REQUEST_VERSION_BOUND {
-        return Err(EnvelopeError::UnsupportedVersion(version));
-    }
+    let (bound, timed) = match version {
+        REQUEST_VERSION => (false, false),
+        REQUEST_VERSION_BOUND => (true, false),
+        REQUEST_VERSION_TIMED => (false, true),
+        REQUEST_VERSION_TIMED_BOUND => (true, true),
+        _ => return Err(EnvelopeError::UnsupportedVersion(version)),
+    };
     let suite = take(&mut rest, 6, "suite")?;
     let ids = [
         u16::from_be_bytes([suite[0], suite[1]]),
@@ -279,11 +297,19 @@ fn parse_request(sealed: &[u8]) -> Result<RequestParts<'_>, EnvelopeError> {
         return Err(EnvelopeError::MalformedKeyId);
     }
     let key_id = std::str::from_utf8(key_id).map_err(|_| EnvelopeError::MalformedKeyId)?;
-    let program = if version == REQUEST_VERSION_BOUND {
+    let program = if bound {
         let d = take(&mut rest, 32, "program digest")?;
         let mut digest = [0u8; 32];
         digest.copy_from_slice(d);
         Some(digest)
+    } else {
+        None
+    };
+    let sealed_at_ms = if timed {
+        let t = take(&mut rest, 8, "seal time")?;
+        let mut be = [0u8; 8];
+        be.copy_from_slice(t);
+        Some(u64::from_be_bytes(be))
     } else {
         None
     };
@@ -296,23 +322,28 @@ fn parse_request(sealed: &[u8]) -> Result<RequestParts<'_>, EnvelopeError> {
         header,
         key_id,
         program,
+        sealed_at_ms,
         enc,
         ciphertext: rest,
     })
 }
 
-fn encode_header(key_id: &str, program: Option<&[u8; 32]>) -> Result<Vec<u8>, EnvelopeError> {
+fn encode_header(
+    key_id: &str,
+    program: Option<&[u8; 32]>,
+    sealed_at_ms: u64,
+) -> Result<Vec<u8>, EnvelopeError> {
     if key_id.is_empty()
         || key_id.len() > MAX_KEY_ID_LEN
         || !key_id.bytes().all(|b| b.is_ascii_graphic())
     {
         return Err(EnvelopeError::MalformedKeyId);
     }
-    let mut header = Vec::with_capacity(8 + key_id.len() + 32);
+    let mut header = Vec::with_capacity(8 + key_id.len() + 32 + 8);
     header.push(if program.is_some() {
-        REQUEST_VERSION_BOUND
+        REQUEST_VERSION_TIMED_BOUND
     } else {
-        REQUEST_VERSION
+        REQUEST_VERSION_TIMED
     });
     for id in SUITE {
         header.extend_from_slice(&id.to_be_bytes());
@@ -322,6 +353,7 @@ fn encode_header(key_id: &str, program: Option<&[u8; 32]>) -> Result<Vec<u8>, En
     if let Some(digest) = program {
         header.extend_from_slice(digest);
     }
+    header.extend_from_slice(&sealed_at_ms.to_be_bytes());
     Ok(header)
 }
 
@@ -367,13 +399,32 @@ fn cipher(key: &[u8; 32]) -> Aes256Gcm {
     Aes256Gcm::new(key.into())
 }
 
-/// Seals `plaintext` to `public_key`. Returns the sealed request and the state the
-/// client needs to open the reply.
+/// Seals `plaintext` to `public_key`, stamped with the current time. Returns
+/// the sealed request and the state the client needs to open the reply.
 pub fn seal_request(
     public_key: &RequestPublicKey,
     plaintext: &[u8],
 ) -> Result<(Vec<u8>, ReplyOpener), EnvelopeError> {
-    seal(public_key, None, plaintext)
+    seal(public_key, None, unix_millis_now(), plaintext)
+}
+
+/// Seals `plaintext` to `public_key` (bound to the component `program` when
+/// given) with an explicit seal time in Unix milliseconds: for callers with
+/// their own clock, and tests of the loader's replay window.
+pub fn seal_request_at(
+    public_key: &RequestPublicKey,
+    program: Option<&[u8; 32]>,
+    sealed_at_ms: u64,
+    plaintext: &[u8],
+) -> Result<(Vec<u8>, ReplyOpener), EnvelopeError> {
+    seal(public_key, program, sealed_at_ms, plaintext)
+}
+
+/// The system clock in Unix milliseconds (0 before 1970).
+fn unix_millis_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Seals `plaintext` to `public_key` for one program only: the component whose
@@ -384,15 +435,21 @@ pub fn seal_request_for_program(
     program_sha256: &[u8; 32],
     plaintext: &[u8],
 ) -> Result<(Vec<u8>, ReplyOpener), EnvelopeError> {
-    seal(public_key, Some(program_sha256), plaintext)
+    seal(
+        public_key,
+        Some(program_sha256),
+        unix_millis_now(),
+        plaintext,
+    )
 }
 
 fn seal(
     public_key: &RequestPublicKey,
     program: Option<&[u8; 32]>,
+    sealed_at_ms: u64,
     plaintext: &[u8],
 ) -> Result<(Vec<u8>, ReplyOpener), EnvelopeError> {
-    let header = encode_header(&public_key.key_id(), program)?;
+    let header = encode_header(&public_key.key_id(), program, sealed_at_ms)?;
     let (enc, mut ctx) = hpke::setup_sender::<AesGcm256, HkdfSha256, Kem>(
         &OpModeS::Base,
         &public_key.pk,
@@ -427,6 +484,14 @@ pub fn request_key_id(sealed: &[u8]) -> Result<&str, EnvelopeError> {
 /// a request whose binding was changed or removed fails to open.
 pub fn request_program(sealed: &[u8]) -> Result<Option<[u8; 32]>, EnvelopeError> {
     parse_request(sealed).map(|p| p.program)
+}
+
+/// Returns the time a sealed request says it was sealed (Unix milliseconds),
+/// or `None` for header versions 1 and 2, without opening it. The time is
+/// authenticated when the request opens: a request whose time was changed
+/// fails to open.
+pub fn request_sealed_at(sealed: &[u8]) -> Result<Option<u64>, EnvelopeError> {
+    parse_request(sealed).map(|p| p.sealed_at_ms)
 }
 
 /// Opens a sealed request with the private key. Returns the cleartext (zeroized on

@@ -285,7 +285,7 @@ fn a_request_bound_to_a_program_names_it_and_the_binding_cannot_be_changed() {
     let program = [0x42u8; 32];
     let (sealed, opener) =
         seal_request_for_program(key.public_key(), &program, b"for one program").expect("seal");
-    assert_eq!(sealed[0], REQUEST_VERSION_BOUND);
+    assert_eq!(sealed[0], REQUEST_VERSION_TIMED_BOUND);
     assert_eq!(request_program(&sealed).expect("parse"), Some(program));
     assert_eq!(
         request_key_id(&sealed).expect("parse"),
@@ -315,9 +315,9 @@ fn a_request_bound_to_a_program_names_it_and_the_binding_cannot_be_changed() {
         open_request(&key, &rebound),
         Err(EnvelopeError::AuthenticationFailed)
     ));
-    // ... or strips the binding (version 1, digest removed): it no longer opens.
+    // ... or strips the binding (version 3, digest removed): it no longer opens.
     let mut stripped = sealed.clone();
-    stripped[0] = REQUEST_VERSION;
+    stripped[0] = REQUEST_VERSION_TIMED;
     stripped.drain(digest_at..digest_at + 32);
     assert_eq!(request_program(&stripped).expect("parse"), None);
     assert!(matches!(
@@ -329,4 +329,39 @@ fn a_request_bound_to_a_program_names_it_and_the_binding_cannot_be_changed() {
         request_program(&sealed[..digest_at + 10]),
         Err(EnvelopeError::Truncated("program digest"))
     ));
+}
+
+#[test]
+fn a_request_carries_its_seal_time_and_it_cannot_be_changed() {
+    let key = RequestPrivateKey::generate();
+    let (sealed, _) =
+        seal_request_at(key.public_key(), None, 1_700_000_000_123, b"t").expect("seal");
+    assert_eq!(sealed[0], REQUEST_VERSION_TIMED);
+    assert_eq!(request_sealed_at(&sealed), Ok(Some(1_700_000_000_123)));
+    // The untrusted side moves the time forward (to pass a replay window): it
+    // no longer opens.
+    let at = 1 + 6 + 1 + key.public_key().key_id().len();
+    let mut moved = sealed.clone();
+    moved[at..at + 8].copy_from_slice(&1_800_000_000_000u64.to_be_bytes());
+    assert_eq!(request_sealed_at(&moved), Ok(Some(1_800_000_000_000)));
+    assert_eq!(
+        open_request(&key, &moved).map(|_| ()),
+        Err(EnvelopeError::AuthenticationFailed)
+    );
+    // ... or strips it (version 1): it no longer opens either.
+    let mut stripped = sealed.clone();
+    stripped[0] = REQUEST_VERSION;
+    stripped.drain(at..at + 8);
+    assert_eq!(request_sealed_at(&stripped), Ok(None));
+    assert_eq!(
+        open_request(&key, &stripped).map(|_| ()),
+        Err(EnvelopeError::AuthenticationFailed)
+    );
+    assert_eq!(
+        request_sealed_at(&sealed[..at + 3]),
+        Err(EnvelopeError::Truncated("seal time"))
+    );
+    // seal_request stamps the current time.
+    let (now, _) = seal_request(key.public_key(), b"n").expect("seal");
+    assert!(request_sealed_at(&now).expect("parse").expect("timed") > 1_700_000_000_000);
 }

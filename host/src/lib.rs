@@ -29,6 +29,7 @@ pub mod caps;
 pub mod loader;
 pub mod models;
 pub mod policy;
+pub mod replay;
 pub mod report;
 pub mod serve;
 pub mod signatures;

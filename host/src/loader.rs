@@ -98,6 +98,10 @@ pub enum RequestError {
         /// The program asked to run it.
         program: String,
     },
+    /// Refused by the serving loader's replay window (a replay, or sealed
+    /// outside the window); see [`crate::replay`].
+    #[error("{0}")]
+    Replay(#[from] crate::replay::ReplayError),
     /// No instance slot is free (the pool is exhausted) or instantiation failed.
     #[error("could not instantiate the program: {0}")]
     Instantiate(String),
@@ -558,12 +562,15 @@ impl Loader {
         key: &RequestPrivateKey,
         sink: FrameSink,
     ) -> Result<RunReport, RequestError> {
-        self.open_and_execute(program, sealed_request, key, sink, None)
+        self.open_and_execute(program, sealed_request, key, sink, None, || Ok(()))
     }
 
     /// As [`Loader::run_streaming`], and the run stops (aborted,
     /// [`AbortReason::Cancelled`]; the final frame is still sealed) soon after
-    /// `cancel` is set.
+    /// `cancel` is set. `opened` is called once the envelope opened (the
+    /// request is authenticated) and before any program code runs; its error
+    /// refuses the request (the serving loader records the request in its
+    /// replay window there, [`crate::replay`]).
     pub fn run_streaming_cancellable(
         &self,
         program: &AdmittedProgram,
@@ -571,8 +578,9 @@ impl Loader {
         key: &RequestPrivateKey,
         sink: FrameSink,
         cancel: Arc<AtomicBool>,
+        opened: impl FnOnce() -> Result<(), RequestError>,
     ) -> Result<RunReport, RequestError> {
-        self.open_and_execute(program, sealed_request, key, sink, Some(cancel))
+        self.open_and_execute(program, sealed_request, key, sink, Some(cancel), opened)
     }
 
     fn open_and_execute(
@@ -582,6 +590,7 @@ impl Loader {
         key: &RequestPrivateKey,
         sink: FrameSink,
         cancel: Option<Arc<AtomicBool>>,
+        opened: impl FnOnce() -> Result<(), RequestError>,
     ) -> Result<RunReport, RequestError> {
         let limits = &program.grant.limits;
         let len = sealed_request.len() as u64;
@@ -602,6 +611,7 @@ impl Loader {
             });
         }
         let (cleartext, sealer) = cinfer_envelope::open_request(key, sealed_request)?;
+        opened()?;
         self.execute(program, Some(cleartext), Some(sealer), sink, cancel)
     }
 

@@ -16,6 +16,7 @@ use crate::caps::model::ModelStore;
 use crate::caps::output::FrameSink;
 use crate::models::SealedGguf;
 use crate::policy::PolicyFileRole;
+use crate::replay::ReplayWindow;
 use crate::{AbortReason, AdmittedProgram, Loader, LoaderConfig, Policy, RunOutcome};
 use cinfer_attest::{Event, EventKind, Evidence, KeyRelease, ReleasedKeyKind, release_context};
 use cinfer_attest::{Receipt, SignedReceipt};
@@ -60,6 +61,15 @@ pub struct ServeConfig {
     /// Requests running at once; more are refused as busy.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
+    /// Replay window into the past, seconds: requests sealed longer ago are
+    /// refused, and every request run within it is remembered
+    /// ([`crate::replay`]). Measured with this file.
+    #[serde(default = "default_request_max_age_secs")]
+    pub request_max_age_secs: u64,
+    /// Replay window into the future, seconds: how far a client's clock may
+    /// run ahead of the loader's. Measured with this file.
+    #[serde(default = "default_request_clock_skew_secs")]
+    pub request_clock_skew_secs: u64,
     /// Accelerator backend: `cpu`, or `cuda` (a loader built with the `cuda`
     /// feature, on a machine with the NVIDIA driver). Measured with the rest of
     /// this file, so the keyserver knows which one runs.
@@ -120,6 +130,21 @@ fn default_batching() -> bool {
 
 fn default_max_in_flight() -> usize {
     8
+}
+
+fn default_request_max_age_secs() -> u64 {
+    300
+}
+
+fn default_request_clock_skew_secs() -> u64 {
+    5
+}
+
+/// The system clock in Unix milliseconds (0 before 1970).
+fn unix_millis_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn default_pcr() -> u8 {
@@ -585,7 +610,7 @@ pub struct Service {
     max_in_flight: usize,
     in_flight: Arc<AtomicUsize>,
     draining: Arc<AtomicBool>,
-    seen: SeenRequests,
+    replay: Arc<Mutex<ReplayWindow>>,
     running: Running,
 }
 
@@ -671,33 +696,6 @@ impl DrainHandle {
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-    }
-}
-
-/// SHA-256 of the sealed requests run lately. Every honest request carries a
-/// fresh HPKE encapsulation, so a sealed request seen twice is a replay (by the
-/// untrusted side) and is refused. Bounded: the oldest digests are forgotten.
-#[derive(Default)]
-struct SeenRequests {
-    order: std::collections::VecDeque<[u8; 32]>,
-    set: std::collections::HashSet<[u8; 32]>,
-}
-
-impl SeenRequests {
-    const CAPACITY: usize = 1 << 16;
-
-    /// Records `digest`; false if it was already there.
-    fn insert(&mut self, digest: [u8; 32]) -> bool {
-        if !self.set.insert(digest) {
-            return false;
-        }
-        self.order.push_back(digest);
-        if self.order.len() > Self::CAPACITY
-            && let Some(old) = self.order.pop_front()
-        {
-            self.set.remove(&old);
-        }
-        true
     }
 }
 
@@ -812,7 +810,12 @@ impl Service {
             max_in_flight: config.max_in_flight,
             in_flight: Arc::default(),
             draining: Arc::default(),
-            seen: SeenRequests::default(),
+            replay: Arc::new(Mutex::new(ReplayWindow::new(
+                std::time::Duration::from_secs(config.request_max_age_secs),
+                std::time::Duration::from_secs(config.request_clock_skew_secs),
+                unix_millis_now(),
+                ReplayWindow::DEFAULT_CAPACITY,
+            ))),
             running: Arc::default(),
         })
     }
@@ -1072,10 +1075,30 @@ impl Service {
             // Two runs under one id could not be told apart (replies, Cancel).
             return refuse(format!("request id {id} is already running"));
         }
-        let request_sha256: [u8; 32] = Sha256::digest(&submit.sealed).into();
-        if !self.seen.insert(request_sha256) {
-            return refuse("replayed request: this sealed request was already run".into());
+        // Replays: a request outside the replay window is refused here; one
+        // inside it is recorded only once its envelope opened (below), so junk
+        // copying a real header never takes a place in the window.
+        let sealed_at = match cinfer_envelope::request_sealed_at(&submit.sealed) {
+            Ok(t) => t,
+            Err(e) => return refuse(format!("malformed request: {e}")),
+        };
+        if let Err(e) = self
+            .replay
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .check_time(sealed_at, unix_millis_now())
+        {
+            return refuse(e.to_string());
         }
+        let request_sha256: [u8; 32] = Sha256::digest(&submit.sealed).into();
+        let replay = self.replay.clone();
+        let record = move || {
+            replay
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .record(request_sha256, sealed_at, unix_millis_now())
+                .map_err(crate::loader::RequestError::from)
+        };
         let (loader, writer) = (self.loader.clone(), writer.clone());
         let entry = RunningEntry::register(&self.running, id);
         // The model digests the receipt names, as they are when the run starts.
@@ -1102,7 +1125,7 @@ impl Service {
                     }
                     let _ = send(&w, Kind::Reply, &cinfer_channel::with_request_id(id, &frame), max);
                 });
-                let answer = match loader.run_streaming_cancellable(&program, &submit.sealed, &key, sink, cancel) {
+                let answer = match loader.run_streaming_cancellable(&program, &submit.sealed, &key, sink, cancel, record) {
                     Ok(report) => {
                         let (digest, frames) = {
                             let h = hasher.lock().unwrap_or_else(PoisonError::into_inner);

@@ -855,3 +855,112 @@ fn a_release_without_a_receipt_key_is_refused_and_installs_nothing() {
     assert!(why.contains("request keys without a receipt key"), "{why}");
     assert_request_key_not_installed(relay, ks);
 }
+
+/// Replay protection cannot be flushed: a flood of junk Submits copying a real
+/// request's header (more than the loader remembers) takes no place in its
+/// replay window, because only requests whose envelope opened are recorded;
+/// the captured request is still refused as a replay afterwards. Requests
+/// sealed outside the window, or without a seal time, are refused with the
+/// reason before they are opened.
+#[test]
+fn a_flood_of_junk_with_a_copied_header_does_not_flush_replay_protection() {
+    let World { relay, ks, .. } = &mut world("replay-flood", "", |_, _| {});
+    relay.attest_and_install(ks);
+    let statement = statement_of(ks);
+    let key = cinfer_envelope::RequestPublicKey::from_bytes(&statement.public_key).unwrap();
+    let (sealed, _) = cinfer_envelope::seal_request(&key, b"captured").unwrap();
+    let run = |relay: &mut Relay, request_id: u64| -> Frame {
+        let submit = cinfer_channel::Submit {
+            request_id,
+            program: "echo".into(),
+            sealed: sealed.clone(),
+        };
+        cinfer_channel::write_frame(&mut relay.stream, Kind::Submit, &submit.encode(), MAX)
+            .unwrap();
+        loop {
+            let f = relay.read();
+            let (id, _) = cinfer_channel::split_request_id(&f.payload).unwrap();
+            if id == request_id && f.kind != Kind::Reply {
+                return f;
+            }
+        }
+    };
+    assert_eq!(run(relay, 1).kind, Kind::Done);
+
+    // The flood: the real header and encapsulated key, junk after them, more
+    // Submits than the loader could ever remember, paced below the loader's
+    // in-flight limit so that every one reaches the envelope (none is refused
+    // as busy).
+    let header_len = 1 + 6 + 1 + statement.key_id.len() + 8;
+    let prefix = sealed[..header_len + cinfer_envelope::ENC_LEN].to_vec();
+    const FLOOD: u64 = (1 << 16) + 4096;
+    const AHEAD: u64 = 4;
+    let (mut sent, mut refused) = (0u64, 0u64);
+    while refused < FLOOD {
+        while sent < FLOOD && sent - refused < AHEAD {
+            let mut junk = prefix.clone();
+            junk.extend_from_slice(&sent.to_be_bytes());
+            junk.extend_from_slice(&[0u8; cinfer_envelope::TAG_LEN]);
+            let submit = cinfer_channel::Submit {
+                request_id: 1_000_000 + sent,
+                program: "echo".into(),
+                sealed: junk,
+            };
+            cinfer_channel::write_frame(&mut relay.stream, Kind::Submit, &submit.encode(), MAX)
+                .unwrap();
+            sent += 1;
+        }
+        let f = cinfer_channel::read_frame(&mut relay.stream, MAX)
+            .unwrap()
+            .expect("a frame");
+        assert_eq!(f.kind, Kind::Refused);
+        let (_, why) = cinfer_channel::split_request_id(&f.payload).unwrap();
+        assert!(
+            String::from_utf8_lossy(why).contains("authentication failed"),
+            "{}",
+            String::from_utf8_lossy(why)
+        );
+        refused += 1;
+    }
+
+    // The captured request replayed: refused, with the reason.
+    let f = run(relay, 2);
+    assert_eq!(
+        f.kind,
+        Kind::Refused,
+        "the captured request ran again after the flood"
+    );
+    let (_, why) = cinfer_channel::split_request_id(&f.payload).unwrap();
+    let why: serde_json::Value = serde_json::from_slice(why).unwrap();
+    assert_eq!(
+        why["error"].as_str().unwrap(),
+        "replayed request: this sealed request was already run"
+    );
+
+    // Outside the window (default: 300 s back, 5 s ahead), or untimed: refused
+    // with the reason, before opening.
+    let now_ms = u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap();
+    let (old, _) = cinfer_envelope::seal_request_at(&key, None, now_ms - 301_000, b"x").unwrap();
+    let why = relay.submit_refused("echo", old);
+    assert!(
+        why.contains("before this loader started") || why.contains("older than the replay window"),
+        "{why}"
+    );
+    let (future, _) = cinfer_envelope::seal_request_at(&key, None, now_ms + 60_000, b"x").unwrap();
+    let why = relay.submit_refused("echo", future);
+    assert!(
+        why.contains("in the future (allowed clock skew 5s)"),
+        "{why}"
+    );
+    let mut untimed = sealed.clone();
+    untimed[0] = cinfer_envelope::REQUEST_VERSION;
+    untimed.drain(header_len - 8..header_len);
+    let why = relay.submit_refused("echo", untimed);
+    assert!(why.contains("carries no seal time"), "{why}");
+}
