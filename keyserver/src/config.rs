@@ -6,7 +6,7 @@
 //! kek-file = "/run/credentials/cinfer-keyserver.service/kek" # required (or --kek / $CINFER_KEYSERVER_KEK_FILE)
 //! audit-log = "/var/log/cinfer-keyserver/audit.jsonl"        # required
 //! nonce-ttl-secs = 60                     # default
-//! max-outstanding-nonces = 10000          # default
+//! max-outstanding-nonces = 10000          # default: spent nonces remembered (successful attestations per nonce lifetime)
 //! max-body-bytes = 262144                 # default (256 KiB)
 //! request-timeout-secs = 10               # default: whole request, headers and body
 //! request-key-validity-secs = 604800      # default (7 days): window of the signed request-key statement
@@ -29,7 +29,8 @@ use std::path::{Path, PathBuf};
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8740";
 /// Default nonce lifetime, seconds.
 pub const DEFAULT_NONCE_TTL_SECS: u64 = 60;
-/// Default bound on nonces issued and not yet expired.
+/// Default bound on spent nonces not yet expired (successful attestations
+/// within one nonce lifetime; issuing a nonce stores nothing).
 pub const DEFAULT_MAX_OUTSTANDING_NONCES: usize = 10_000;
 /// Default largest request body, bytes.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 256 * 1024;
@@ -85,7 +86,8 @@ pub struct Config {
     pub audit_log: PathBuf,
     /// Nonce lifetime, seconds.
     pub nonce_ttl_secs: u64,
-    /// Bound on nonces issued and not yet expired.
+    /// Bound on spent nonces not yet expired: successful attestations within
+    /// one nonce lifetime (issuing a nonce stores nothing).
     pub max_outstanding_nonces: usize,
     /// Largest request body, bytes.
     pub max_body_bytes: usize,

@@ -1,104 +1,183 @@
-//! Single-use nonces with expiry, in a bounded store.
+//! Attestation nonces that cost the keyserver nothing to hand out.
 //!
-//! A nonce is consumed by the first attestation that names it, whatever the
-//! outcome: a nonce used twice is refused even when its first use failed. A
-//! consumed nonce is remembered until it would have expired, so that a replay
-//! is named as such; after that it is indistinguishable from one never issued.
+//! A nonce is `expires_at (u64 BE, Unix seconds) || random (8 bytes) ||
+//! HMAC-SHA256(key, label || expires_at || random)[..16]`, 32 bytes, under a
+//! key drawn at random when the process starts. Issuing one stores nothing, so
+//! a flood of `POST /v1/nonce` cannot fill anything. At attest time the MAC
+//! says the nonce is ours (a forged or altered one is refused), its expiry says
+//! it is fresh, and single use is enforced by [`NonceStore::spend`]: the
+//! nonces of attestations that passed verification are remembered until they
+//! expire, so the set only grows with successful attestations (each needs a
+//! real TPM quote), never with anonymous requests. A restarted keyserver has a
+//! new key, so nonces it issued before (and its forgotten used set) are void.
 
 use cinfer_attest::NONCE_LEN;
-use std::collections::HashMap;
+use sha2::{Digest as _, Sha256};
+use std::collections::BTreeSet;
+use std::collections::HashSet;
+use zeroize::Zeroizing;
+
+const MAC_LABEL: &[u8] = b"cinfer/keyserver/nonce/v1";
+const RANDOM_LEN: usize = 8;
+const MAC_LEN: usize = NONCE_LEN - 8 - RANDOM_LEN;
 
 /// Why a nonce was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum NonceError {
-    /// Never issued by this keyserver (or long expired and forgotten).
-    #[error("unknown nonce")]
+    /// Not issued by this keyserver process: wrong length or its MAC does not
+    /// verify (forged, altered, or issued before a restart).
+    #[error("unknown nonce: not issued by this keyserver (bad length or MAC)")]
     Unknown,
-    /// Already used by an earlier attestation.
+    /// Already spent by an earlier successful attestation.
     #[error("nonce already used")]
     Reused,
     /// Issued, but its lifetime has passed.
     #[error("nonce expired")]
     Expired,
-    /// Too many nonces outstanding; try again later.
-    #[error("too many outstanding nonces")]
+    /// Too many successful attestations within one nonce lifetime to remember.
+    #[error("too many attestations within the nonce lifetime; try again later")]
     Full,
     /// The operating system's random source failed.
     #[error("no randomness for a nonce")]
     NoRandomness,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    expires_at: u64,
-    used: bool,
-}
-
-/// Issued nonces, by value.
-#[derive(Debug)]
+/// The nonce MAC key and the nonces spent by successful attestations.
 pub struct NonceStore {
-    entries: HashMap<[u8; NONCE_LEN], Entry>,
+    key: Zeroizing<[u8; 32]>,
     ttl_secs: u64,
     capacity: usize,
+    spent: HashSet<[u8; NONCE_LEN]>,
+    /// The same, by expiry, for forgetting them once they expired.
+    spent_by_expiry: BTreeSet<(u64, [u8; NONCE_LEN])>,
+}
+
+impl std::fmt::Debug for NonceStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NonceStore")
+            .field("ttl_secs", &self.ttl_secs)
+            .field("spent", &self.spent.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// HMAC-SHA256 (RFC 2104) over the concatenation of `parts`, for a 32-byte key.
+fn hmac_sha256(key: &[u8; 32], parts: &[&[u8]]) -> [u8; 32] {
+    let mut block = Zeroizing::new([0u8; 64]);
+    block[..32].copy_from_slice(key);
+    let pad = |byte: u8| -> Zeroizing<[u8; 64]> {
+        let mut p = Zeroizing::new([0u8; 64]);
+        for (o, k) in p.iter_mut().zip(block.iter()) {
+            *o = k ^ byte;
+        }
+        p
+    };
+    let mut inner = Sha256::new();
+    inner.update(*pad(0x36));
+    for p in parts {
+        inner.update(p);
+    }
+    let inner = inner.finalize();
+    let mut outer = Sha256::new();
+    outer.update(*pad(0x5c));
+    outer.update(inner);
+    outer.finalize().into()
+}
+
+/// Equality without an early exit (no timing oracle on the MAC).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl NonceStore {
-    /// A store whose nonces live `ttl_secs` and which holds at most `capacity`.
-    pub fn new(ttl_secs: u64, capacity: usize) -> Self {
+    /// A store with a fresh random MAC key; nonces live `ttl_secs`, and at most
+    /// `capacity` spent nonces are remembered at once.
+    pub fn new(ttl_secs: u64, capacity: usize) -> Result<Self, NonceError> {
+        let mut key = Zeroizing::new([0u8; 32]);
+        getrandom::fill(key.as_mut_slice()).map_err(|_| NonceError::NoRandomness)?;
+        Ok(Self::with_key(key, ttl_secs, capacity))
+    }
+
+    fn with_key(key: Zeroizing<[u8; 32]>, ttl_secs: u64, capacity: usize) -> Self {
         Self {
-            entries: HashMap::new(),
+            key,
             ttl_secs,
             capacity,
+            spent: HashSet::new(),
+            spent_by_expiry: BTreeSet::new(),
         }
     }
 
-    /// Issues a fresh random nonce at time `now`; returns it and its expiry.
-    pub fn issue(&mut self, now: u64) -> Result<([u8; NONCE_LEN], u64), NonceError> {
-        self.prune(now);
-        if self.entries.len() >= self.capacity {
-            return Err(NonceError::Full);
-        }
-        let mut nonce = [0u8; NONCE_LEN];
-        getrandom::fill(&mut nonce).map_err(|_| NonceError::NoRandomness)?;
+    fn mac(&self, expires_at: &[u8], random: &[u8]) -> [u8; 32] {
+        hmac_sha256(&self.key, &[MAC_LABEL, expires_at, random])
+    }
+
+    /// Issues a fresh nonce at time `now`; returns it and its expiry. Stores
+    /// nothing.
+    pub fn issue(&self, now: u64) -> Result<([u8; NONCE_LEN], u64), NonceError> {
         let expires_at = now.saturating_add(self.ttl_secs);
-        self.entries.insert(
-            nonce,
-            Entry {
-                expires_at,
-                used: false,
-            },
-        );
+        let mut random = [0u8; RANDOM_LEN];
+        getrandom::fill(&mut random).map_err(|_| NonceError::NoRandomness)?;
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce[..8].copy_from_slice(&expires_at.to_be_bytes());
+        nonce[8..8 + RANDOM_LEN].copy_from_slice(&random);
+        let mac = self.mac(&nonce[..8], &random);
+        nonce[8 + RANDOM_LEN..].copy_from_slice(&mac[..MAC_LEN]);
         Ok((nonce, expires_at))
     }
 
-    /// Consumes `nonce` at time `now`. Valid until `expires_at` inclusive.
-    pub fn consume(&mut self, nonce: &[u8], now: u64) -> Result<(), NonceError> {
-        let key: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| NonceError::Unknown)?;
-        let entry = self.entries.get_mut(&key).ok_or(NonceError::Unknown)?;
-        if entry.used {
-            return Err(NonceError::Reused);
+    /// Checks that `nonce` was issued by this process and has not expired at
+    /// `now` (valid until its `expires_at` inclusive), and that it was not
+    /// spent. Stores nothing: call it before verifying the evidence, and
+    /// [`NonceStore::spend`] once the evidence verified.
+    pub fn check(&self, nonce: &[u8], now: u64) -> Result<[u8; NONCE_LEN], NonceError> {
+        let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| NonceError::Unknown)?;
+        let (expires_at, rest) = nonce.split_at(8);
+        let (random, mac) = rest.split_at(RANDOM_LEN);
+        if !constant_time_eq(&self.mac(expires_at, random)[..MAC_LEN], mac) {
+            return Err(NonceError::Unknown);
         }
-        entry.used = true;
-        if now > entry.expires_at {
+        let mut be = [0u8; 8];
+        be.copy_from_slice(expires_at);
+        if now > u64::from_be_bytes(be) {
             return Err(NonceError::Expired);
         }
+        if self.spent.contains(&nonce) {
+            return Err(NonceError::Reused);
+        }
+        Ok(nonce)
+    }
+
+    /// Spends `nonce` for an attestation that passed verification: checks it
+    /// again (two attestations racing on one nonce: the second is refused)
+    /// and remembers it until it expires.
+    pub fn spend(&mut self, nonce: &[u8], now: u64) -> Result<(), NonceError> {
+        let nonce = self.check(nonce, now)?;
+        while let Some(&(expiry, n)) = self.spent_by_expiry.first()
+            && expiry < now
+        {
+            self.spent_by_expiry.pop_first();
+            self.spent.remove(&n);
+        }
+        if self.spent.len() >= self.capacity {
+            return Err(NonceError::Full);
+        }
+        let mut be = [0u8; 8];
+        be.copy_from_slice(&nonce[..8]);
+        self.spent.insert(nonce);
+        self.spent_by_expiry.insert((u64::from_be_bytes(be), nonce));
         Ok(())
     }
 
-    /// Forgets expired nonces.
-    pub fn prune(&mut self, now: u64) {
-        self.entries.retain(|_, e| e.expires_at >= now);
-    }
-
-    /// Nonces held (issued or used, not yet pruned).
+    /// Spent nonces remembered (not yet pruned).
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.spent.len()
     }
 
-    /// Whether the store is empty.
+    /// Whether none is.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.spent.is_empty()
     }
 }
 
@@ -107,22 +186,53 @@ mod tests {
     use super::*;
 
     #[test]
-    fn single_use_expiry_and_bound() {
-        let mut s = NonceStore::new(60, 3);
+    fn hmac_sha256_known_answer() {
+        // RFC 4231 test case 2 uses a 4-byte key ("Jefe"); zero-padded to 32
+        // bytes it is the same HMAC key (keys shorter than the block are padded).
+        let mut key = [0u8; 32];
+        key[..4].copy_from_slice(b"Jefe");
+        assert_eq!(
+            hex::encode(hmac_sha256(&key, &[b"what do ya want ", b"for nothing?"])),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn nonces_are_single_use_time_bound_and_unforgeable() {
+        let mut s = NonceStore::new(60, 3).unwrap();
         let (a, exp) = s.issue(1000).unwrap();
         assert_eq!(exp, 1060);
-        s.consume(&a, 1060).unwrap();
-        assert_eq!(s.consume(&a, 1001), Err(NonceError::Reused));
+        assert!(s.is_empty(), "issuing stores nothing");
+        s.check(&a, 1060).unwrap();
+        // Checked but not spent (its attestation failed): still usable.
+        s.spend(&a, 1060).unwrap();
+        assert_eq!(s.check(&a, 1001), Err(NonceError::Reused));
+        assert_eq!(s.spend(&a, 1001), Err(NonceError::Reused));
         let (b, _) = s.issue(1000).unwrap();
-        assert_eq!(s.consume(&b, 1061), Err(NonceError::Expired));
-        assert_eq!(s.consume(&b, 1000), Err(NonceError::Reused));
-        assert_eq!(s.consume(&[0; 32], 1000), Err(NonceError::Unknown));
-        assert_eq!(s.consume(&[0; 5], 1000), Err(NonceError::Unknown));
-        s.issue(1000).unwrap();
-        assert_eq!(s.issue(1000), Err(NonceError::Full));
-        // Expired entries are pruned, making room.
-        s.issue(2000).unwrap();
+        assert_eq!(s.check(&b, 1061), Err(NonceError::Expired));
+        // Forged: any changed byte (expiry, random part, MAC), or wrong length.
+        for i in [0, 7, 8, 15, 16, 31] {
+            let mut f = b;
+            f[i] ^= 1;
+            assert_eq!(s.check(&f, 1000), Err(NonceError::Unknown), "byte {i}");
+        }
+        assert_eq!(s.check(&[0; 32], 1000), Err(NonceError::Unknown));
+        assert_eq!(s.check(&b[..31], 1000), Err(NonceError::Unknown));
+        // Another process's nonce (another key) is unknown here.
+        let other = NonceStore::new(60, 3).unwrap();
+        assert_eq!(
+            s.check(&other.issue(1000).unwrap().0, 1000),
+            Err(NonceError::Unknown)
+        );
+        // The spent set is bounded; expired entries are forgotten, making room.
+        s.spend(&b, 1000).unwrap();
+        let (c, _) = s.issue(1000).unwrap();
+        s.spend(&c, 1000).unwrap();
+        let (d, _) = s.issue(1000).unwrap();
+        assert_eq!(s.spend(&d, 1000), Err(NonceError::Full));
+        let (e, _) = s.issue(2000).unwrap();
+        s.spend(&e, 2000).unwrap();
         assert_eq!(s.len(), 1);
-        assert_eq!(s.consume(&a, 2000), Err(NonceError::Unknown));
+        assert_eq!(s.check(&a, 2000), Err(NonceError::Expired));
     }
 }

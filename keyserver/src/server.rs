@@ -56,6 +56,9 @@ pub enum KeyServerError {
         /// Why.
         source: std::io::Error,
     },
+    /// No randomness for the nonce MAC key.
+    #[error("nonce key: {0}")]
+    Nonce(#[from] NonceError),
     /// A model configured for release has no key in the state directory.
     #[error("model {0:?} is configured for release but has no key in the state directory")]
     MissingModelKey(String),
@@ -139,7 +142,7 @@ impl KeyServer {
         let nonces = Mutex::new(NonceStore::new(
             config.nonce_ttl_secs,
             config.max_outstanding_nonces,
-        ));
+        )?);
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
@@ -189,7 +192,7 @@ impl KeyServer {
     fn issue_nonce(&self) -> Response<Full<Bytes>> {
         let now = self.inner.clock.now_unix();
         let issued = match self.inner.nonces.lock() {
-            Ok(mut store) => store.issue(now),
+            Ok(store) => store.issue(now),
             Err(_) => Err(NonceError::NoRandomness),
         };
         match issued {
@@ -245,13 +248,14 @@ impl KeyServer {
         let nonce = evidence.nonce.as_slice();
         let ak = Some(cinfer_attest::verify::ak_fingerprint(&evidence.ak_public));
 
-        // The nonce is spent before anything else is looked at: a second try
-        // with the same nonce is refused whatever happened to the first.
-        let consumed = match self.inner.nonces.lock() {
-            Ok(mut store) => store.consume(nonce, self.inner.clock.now_unix()),
+        // The nonce is checked (ours, not expired, not spent) before anything
+        // else is looked at, and spent only once the evidence verified: the
+        // spent set grows with successful attestations only (nonce.rs).
+        let checked = match self.inner.nonces.lock() {
+            Ok(store) => store.check(nonce, self.inner.clock.now_unix()).map(|_| ()),
             Err(_) => Err(NonceError::Unknown),
         };
-        if let Err(e) = consumed {
+        if let Err(e) = checked {
             return refuse(StatusCode::FORBIDDEN, e.to_string(), Some(nonce), ak);
         }
 
@@ -265,6 +269,19 @@ impl KeyServer {
                 return refuse(status, e.to_string(), Some(nonce), ak);
             }
         };
+        // Spent now, atomically with its check: of two attestations racing on
+        // one nonce, the second is refused.
+        let spent = match self.inner.nonces.lock() {
+            Ok(mut store) => store.spend(nonce, self.inner.clock.now_unix()),
+            Err(_) => Err(NonceError::Unknown),
+        };
+        if let Err(e) = spent {
+            let status = match e {
+                NonceError::Full => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::FORBIDDEN,
+            };
+            return refuse(status, e.to_string(), Some(nonce), ak);
+        }
 
         let release = match self.wrap_keys(&evidence) {
             Ok(r) => r,
