@@ -40,6 +40,14 @@ pub enum AdmissionError {
         /// The validator's message.
         reason: String,
     },
+    /// The component needs more of the instance pool than one run may take
+    /// (core instances, memories or tables; [`crate::loader::PER_RUN`]): it
+    /// could never instantiate, or would starve every other program.
+    #[error("component exceeds one run's share of the instance pool: {reason}")]
+    ExceedsRunLimits {
+        /// wasmtime's message: what, how many, and the limit.
+        reason: String,
+    },
     /// The component imports something its world does not grant.
     #[error("import `{import}` is not granted to `{program}` (world `{world}` grants: {granted})")]
     ImportNotGranted {

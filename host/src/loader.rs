@@ -340,15 +340,43 @@ impl std::fmt::Debug for Loader {
     }
 }
 
+/// What one run (one component instance) may take from the instance pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunShare {
+    /// Core module instances.
+    pub core_instances: u32,
+    /// Linear memories.
+    pub memories: u32,
+    /// Tables.
+    pub tables: u32,
+}
+
+/// Every run's share of the pool. A component built by `wit-component` from
+/// one core module uses one memory, a few core instances (the module, its
+/// shims) and two tables; these leave headroom for that, and the pool holds
+/// `max_concurrent_runs` such shares.
+pub const PER_RUN: RunShare = RunShare {
+    core_instances: 8,
+    memories: 2,
+    tables: 8,
+};
+
 impl Loader {
     /// Starts a loader enforcing `policy`.
     pub fn new(policy: Policy, config: LoaderConfig) -> Result<Self, LoaderError> {
         let mut pool = PoolingAllocationConfig::default();
         let n = config.max_concurrent_runs.max(1);
+        // The pool holds `n` runs' worth of everything, and one run may take
+        // at most its share ([`PER_RUN`]): a component needing more is
+        // refused at admission ([`AdmissionError::ExceedsRunLimits`]) instead
+        // of never instantiating, or starving every other program while it runs.
         pool.total_component_instances(n)
-            .total_core_instances(n * 8)
-            .total_memories(n * 2)
-            .total_tables(n * 8)
+            .total_core_instances(n * PER_RUN.core_instances)
+            .total_memories(n * PER_RUN.memories)
+            .total_tables(n * PER_RUN.tables)
+            .max_core_instances_per_component(PER_RUN.core_instances)
+            .max_memories_per_component(PER_RUN.memories)
+            .max_tables_per_component(PER_RUN.tables)
             .max_memory_size(ceilings::MEMORY_BYTES as usize);
         let mut cfg = Config::new();
         cfg.wasm_component_model(true)
@@ -507,10 +535,17 @@ impl Loader {
         bytes: &[u8],
         grant: ProgramGrant,
     ) -> Result<AdmittedProgram, AdmissionError> {
-        let component =
-            Component::new(&self.engine, bytes).map_err(|e| AdmissionError::InvalidComponent {
-                reason: format!("{e:#}"),
-            })?;
+        let component = Component::new(&self.engine, bytes).map_err(|e| {
+            let reason = format!("{e:#}");
+            // wasmtime's pooling allocator checks the per-component limits
+            // ([`PER_RUN`]) when the component is created; its message is the
+            // only form the refusal takes (pinned by the loader tests).
+            if reason.contains("exceeds the configured maximum of") {
+                AdmissionError::ExceedsRunLimits { reason }
+            } else {
+                AdmissionError::InvalidComponent { reason }
+            }
+        })?;
         let imports = admission::check_imports(&self.engine, &component, &grant)?;
         let linker = self.linker(grant.capabilities)?;
         let instance_pre =

@@ -967,3 +967,63 @@ fn a_request_bound_to_another_component_is_refused_by_the_loader() {
         .unwrap();
     assert_eq!(&text[..], b"hi");
 }
+
+/// A component needing more of the instance pool than one run's share
+/// (`cinfer_host::loader::PER_RUN`) is refused at admission with that reason:
+/// otherwise one with more memories or core instances than the whole pool
+/// could never instantiate, and one holding most of it would starve every
+/// other program while it runs. WAT fixtures built here; none exports `run`,
+/// so a component within the limits is refused for that instead.
+#[test]
+fn a_component_needing_more_than_one_runs_share_of_the_pool_is_refused() {
+    let component = |core: &str, instances: usize| -> Vec<u8> {
+        let mut text = format!("(component (core module $m {core})");
+        for _ in 0..instances {
+            text.push_str(" (core instance (instantiate $m))");
+        }
+        text.push(')');
+        wat::parse_str(&text).expect("wat")
+    };
+    let cases = [
+        // The cases: more than the whole pool holds.
+        (
+            "core-instances-300",
+            component("", 300),
+            Some("300 core module instances"),
+        ),
+        (
+            "memories-65",
+            component("(memory 1)", 65),
+            Some("65 core module instances"),
+        ),
+        // Within the pool, above one run's share.
+        (
+            "core-instances-9",
+            component("", 9),
+            Some("9 core module instances"),
+        ),
+        ("memories-3", component("(memory 1)", 3), Some("memories")),
+        // (Tables: a module may define one and a run holds 8 instances, so a
+        // run's 8 tables cannot be exceeded without exceeding its instances.)
+        // Within the share: admitted as far as the pool goes (refused for lacking `run`).
+        ("memories-2", component("(memory 1)", 2), None),
+    ];
+    let mut toml_text = String::from("worlds = \"worlds.wit\"\n");
+    for (name, bytes, _) in &cases {
+        toml_text.push_str(&format!(
+            "[[program]]\nname = \"{name}\"\nsha256 = \"{}\"\nworld = \"request-reply\"\n",
+            hex_digest(bytes)
+        ));
+    }
+    let l = loader(Policy::parse(&toml_text, |_| Ok(worlds())).expect("policy"));
+    for (name, bytes, expected) in &cases {
+        let refused = l.admit(bytes).expect_err(name);
+        match expected {
+            Some(what) => assert!(
+                matches!(&refused, AdmissionError::ExceedsRunLimits { reason } if reason.contains(what)),
+                "{name}: {refused}"
+            ),
+            None => assert_eq!(refused, AdmissionError::MissingRun, "{name}"),
+        }
+    }
+}
