@@ -683,13 +683,15 @@ impl Loader {
     ) -> Result<RunReport, RequestError> {
         let limits: &Limits = &program.grant.limits;
         let start = Instant::now();
+        let end = start + limits.deadline;
         let state = RunState {
             crypto: CryptoCtx::new(request),
             accel: AccelCtx::new(
                 self.backend.clone(),
                 limits.accelerator_bytes,
                 limits.memory_bytes,
-            ),
+            )
+            .with_deadline(end),
             model: ModelCtx::new(
                 program.grant.models.clone().into(),
                 self.models
@@ -710,7 +712,6 @@ impl Loader {
         // next check is at most CHECK_TICKS away and never past the deadline.
         // (Counting ticks per step instead would not charge the time a host
         // call spends between two checks.)
-        let end = start + limits.deadline;
         let ticks_until = move |now: Instant| -> u64 {
             let left = end.saturating_duration_since(now);
             let ticks = left.as_nanos().div_ceil(EPOCH_TICK.as_nanos());
@@ -783,6 +784,13 @@ fn abort_reason(e: &wasmtime::Error, limits: &Limits) -> AbortReason {
     }
     if e.downcast_ref::<RunCancelled>().is_some() {
         return AbortReason::Cancelled;
+    }
+    // A launch that could not have finished in time: the deadline, reached
+    // early instead of overrun.
+    if e.downcast_ref::<crate::caps::accelerator::LaunchPastDeadline>()
+        .is_some()
+    {
+        return AbortReason::Deadline(limits.deadline);
     }
     match e.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => AbortReason::Deadline(limits.deadline),

@@ -23,6 +23,27 @@ use wasmtime::component::{Resource, ResourceTable};
 pub const MAX_RANK: usize = 4;
 /// Most multiply-adds one matmul or attention launch may do (a few seconds on one core).
 pub const MAX_LAUNCH_WORK: u64 = 1 << 34;
+/// Multiply-adds per second that every kernel path sustains on one core (the
+/// scalar reference paths for f32/f16 weights are the slowest; the packed
+/// quantized kernels run 10–50× faster). A launch whose work would take
+/// longer than the time left before the run's deadline at this rate is not
+/// started: host calls are not interrupted by the epoch deadline, so the run
+/// ends now ([`LaunchPastDeadline`], reported as the deadline) instead of
+/// overrunning it by up to the whole launch.
+pub const MIN_WORK_PER_SEC: u64 = 1_000_000_000;
+
+/// The run's deadline would pass during this launch (see [`MIN_WORK_PER_SEC`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "an accelerator launch of {work} multiply-adds cannot finish in the {left:?} left before the deadline"
+)]
+pub struct LaunchPastDeadline {
+    /// The launch's multiply-adds.
+    pub work: u128,
+    /// Time left before the deadline when it was asked for.
+    pub left: std::time::Duration,
+}
+
 /// Most live tensors per run.
 pub const MAX_TENSORS: usize = 1 << 16;
 /// Longest attention context (positions); bounds the kernel's per-task
@@ -51,6 +72,7 @@ pub struct AccelCtx {
     limit: u64,
     guest_memory_bytes: u64,
     launches: u64,
+    deadline: Option<std::time::Instant>,
 }
 
 /// WIT dtype ↔ backend element type.
@@ -156,7 +178,27 @@ impl AccelCtx {
             limit,
             guest_memory_bytes,
             launches: 0,
+            deadline: None,
         }
+    }
+
+    /// Refuses (traps) launches that could not finish before `end`.
+    pub fn with_deadline(mut self, end: std::time::Instant) -> Self {
+        self.deadline = Some(end);
+        self
+    }
+
+    /// A trap if `work` multiply-adds cannot finish before the deadline.
+    fn check_deadline(&self, work: u128) -> wasmtime::Result<()> {
+        let Some(end) = self.deadline else {
+            return Ok(());
+        };
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        let allowed = left.as_secs_f64() * MIN_WORK_PER_SEC as f64;
+        if work as f64 > allowed {
+            return Err(wasmtime::Error::new(LaunchPastDeadline { work, left }));
+        }
+        Ok(())
     }
 
     /// Number of op launches so far.
@@ -419,6 +461,7 @@ impl Host for AccelCtx {
         if (m as u64) * (k as u64) * (n as u64) > MAX_LAUNCH_WORK {
             return Ok(Err(AccelError::InvalidArgument));
         }
+        self.check_deadline((m as u128) * (k as u128) * (n as u128))?;
         let (xr, wr) = (x.rep(), w.rep());
         self.produce(vec![m as u32, n as u32], |c| {
             c.backend
@@ -500,6 +543,7 @@ impl Host for AccelCtx {
         if work > u128::from(MAX_LAUNCH_WORK) {
             return Ok(Err(AccelError::InvalidArgument));
         }
+        self.check_deadline(work)?;
         let out_shape = sq.clone();
         guest_try!(self.check_alloc(&out_shape, ElemType::F32));
         // Take the caches out of the table while the kernel writes them
@@ -612,6 +656,36 @@ mod tests {
             Ok(Err(e)) => panic!("guest error {e:?}"),
             Err(e) => panic!("trap {e}"),
         }
+    }
+
+    /// A launch that could not finish before the run's deadline traps at
+    /// once with [`LaunchPastDeadline`] (the loader reports the deadline)
+    /// instead of running past it; small launches still run.
+    #[test]
+    fn a_launch_that_would_overrun_the_deadline_is_not_started() {
+        let end = std::time::Instant::now() + std::time::Duration::from_millis(200);
+        let mut c = ctx(64 << 20).with_deadline(end);
+        let x = ok(c.zeros(Dtype::F32, vec![256, 1024]));
+        let w = ok(c.zeros(Dtype::F32, vec![1024, 1024]));
+        let small = ok(c.zeros(Dtype::F32, vec![1, 1024]));
+        // 1024 · 1024 multiply-adds: well within the time left.
+        ok(c.matmul(borrow(&small), borrow(&w)));
+        let launches = c.launches();
+        // 2^28 multiply-adds need 268 ms at MIN_WORK_PER_SEC; 200 ms are left.
+        let started = std::time::Instant::now();
+        let trap = c.matmul(borrow(&x), borrow(&w)).expect_err("trap");
+        assert!(started.elapsed() < std::time::Duration::from_millis(50));
+        let why = trap
+            .downcast_ref::<LaunchPastDeadline>()
+            .unwrap_or_else(|| panic!("not a deadline refusal: {trap}"));
+        assert_eq!(why.work, 256 * 1024 * 1024);
+        assert!(why.left <= std::time::Duration::from_millis(200), "{why}");
+        assert_eq!(c.launches(), launches, "the refused launch ran");
+        // Without a deadline the same launch is within the work cap and runs.
+        let mut free = ctx(64 << 20);
+        let x = ok(free.zeros(Dtype::F32, vec![256, 1024]));
+        let w = ok(free.zeros(Dtype::F32, vec![1024, 1024]));
+        ok(free.matmul(borrow(&x), borrow(&w)));
     }
 
     fn guest_err<T: std::fmt::Debug>(r: OpResult<T>) -> AccelError {
