@@ -23,9 +23,11 @@ use wasmtime::component::{Resource, ResourceTable};
 pub const MAX_RANK: usize = 4;
 /// Most multiply-adds one matmul or attention launch may do (a few seconds on one core).
 pub const MAX_LAUNCH_WORK: u64 = 1 << 34;
-/// Multiply-adds per second that every kernel path sustains on one core (the
-/// scalar reference paths for f32/f16 weights are the slowest; the packed
-/// quantized kernels run 10–50× faster). A launch whose work would take
+/// Multiply-adds per second that the CPU backend's kernels sustain on one core
+/// at the AVX2 and AVX-512 levels (its f32/f16 and GGUF-layout paths are the
+/// slowest, ~2·10^9 on this workplace's machines; the packed quantized kernels
+/// run 10–50× faster). On a CPU without AVX2 the portable path can be slower,
+/// and a launch can then still overrun by up to its own length. A launch whose work would take
 /// longer than the time left before the run's deadline at this rate is not
 /// started: host calls are not interrupted by the epoch deadline, so the run
 /// ends now ([`LaunchPastDeadline`], reported as the deadline) instead of
