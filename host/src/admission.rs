@@ -34,6 +34,15 @@ pub enum AdmissionError {
         /// Hex SHA-256 of the bytes.
         digest: String,
     },
+    /// The component came without signatures to a policy that lists no digest
+    /// for it but admits programs by signer: it is unsigned, not unknown.
+    #[error(
+        "program sha256:{digest} is unsigned: its digest is not listed in the policy, which admits programs by signer"
+    )]
+    Unsigned {
+        /// Hex SHA-256 of the bytes.
+        digest: String,
+    },
     /// The component failed to parse, validate or compile.
     #[error("invalid component: {reason}")]
     InvalidComponent {

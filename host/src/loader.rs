@@ -520,13 +520,21 @@ impl Loader {
     }
 
     fn compile(&self, bytes: &[u8], digest: &[u8; 32]) -> Result<AdmittedProgram, AdmissionError> {
-        let grant = self
-            .policy
-            .grant_for(digest)
-            .ok_or_else(|| AdmissionError::UnknownDigest {
-                digest: hex::encode(digest),
-            })?
-            .clone();
+        let grant = match self.policy.grant_for(digest) {
+            Some(grant) => grant.clone(),
+            // Under a policy that admits by signer, bytes without signatures
+            // are refused as unsigned (they might be admitted signed).
+            None if !self.policy.signed_grants().is_empty() => {
+                return Err(AdmissionError::Unsigned {
+                    digest: hex::encode(digest),
+                });
+            }
+            None => {
+                return Err(AdmissionError::UnknownDigest {
+                    digest: hex::encode(digest),
+                });
+            }
+        };
         self.compile_with(bytes, grant)
     }
 

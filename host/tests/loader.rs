@@ -587,6 +587,13 @@ fn signature_refusals_name_the_reason() {
     )));
     let echo = program("echo");
     let bundle = sigstore_file("programs/echo.wasm.sigstore.json");
+    // No signature at all: refused as unsigned, not as an unknown digest.
+    assert_eq!(
+        l.admit(&echo).unwrap_err(),
+        AdmissionError::Unsigned {
+            digest: hex_digest(&echo)
+        }
+    );
     // Another identity (the review workflow) is not listed.
     let review = sigstore_file("programs/echo.review.sigstore.json");
     assert_eq!(
