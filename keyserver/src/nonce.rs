@@ -12,7 +12,8 @@
 //! new key, so nonces it issued before (and its forgotten used set) are void.
 
 use cinfer_attest::NONCE_LEN;
-use sha2::{Digest as _, Sha256};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 use std::collections::BTreeSet;
 use std::collections::HashSet;
 use zeroize::Zeroizing;
@@ -62,32 +63,15 @@ impl std::fmt::Debug for NonceStore {
     }
 }
 
-/// HMAC-SHA256 (RFC 2104) over the concatenation of `parts`, for a 32-byte key.
-fn hmac_sha256(key: &[u8; 32], parts: &[&[u8]]) -> [u8; 32] {
-    let mut block = Zeroizing::new([0u8; 64]);
-    block[..32].copy_from_slice(key);
-    let pad = |byte: u8| -> Zeroizing<[u8; 64]> {
-        let mut p = Zeroizing::new([0u8; 64]);
-        for (o, k) in p.iter_mut().zip(block.iter()) {
-            *o = k ^ byte;
-        }
-        p
-    };
-    let mut inner = Sha256::new();
-    inner.update(*pad(0x36));
+/// HMAC-SHA256 keyed with `key` over the concatenation of `parts`, ready to
+/// finalize or verify (RustCrypto `hmac`).
+fn hmac_sha256(key: &[u8; 32], parts: &[&[u8]]) -> Hmac<Sha256> {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
     for p in parts {
-        inner.update(p);
+        mac.update(p);
     }
-    let inner = inner.finalize();
-    let mut outer = Sha256::new();
-    outer.update(*pad(0x5c));
-    outer.update(inner);
-    outer.finalize().into()
-}
-
-/// Equality without an early exit (no timing oracle on the MAC).
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    mac
 }
 
 impl NonceStore {
@@ -109,7 +93,7 @@ impl NonceStore {
         }
     }
 
-    fn mac(&self, expires_at: &[u8], random: &[u8]) -> [u8; 32] {
+    fn mac(&self, expires_at: &[u8], random: &[u8]) -> Hmac<Sha256> {
         hmac_sha256(&self.key, &[MAC_LABEL, expires_at, random])
     }
 
@@ -122,7 +106,7 @@ impl NonceStore {
         let mut nonce = [0u8; NONCE_LEN];
         nonce[..8].copy_from_slice(&expires_at.to_be_bytes());
         nonce[8..8 + RANDOM_LEN].copy_from_slice(&random);
-        let mac = self.mac(&nonce[..8], &random);
+        let mac = self.mac(&nonce[..8], &random).finalize().into_bytes();
         nonce[8 + RANDOM_LEN..].copy_from_slice(&mac[..MAC_LEN]);
         Ok((nonce, expires_at))
     }
@@ -135,7 +119,12 @@ impl NonceStore {
         let nonce: [u8; NONCE_LEN] = nonce.try_into().map_err(|_| NonceError::Unknown)?;
         let (expires_at, rest) = nonce.split_at(8);
         let (random, mac) = rest.split_at(RANDOM_LEN);
-        if !constant_time_eq(&self.mac(expires_at, random)[..MAC_LEN], mac) {
+        // Constant-time comparison of the truncated tag (no timing oracle).
+        if self
+            .mac(expires_at, random)
+            .verify_truncated_left(mac)
+            .is_err()
+        {
             return Err(NonceError::Unknown);
         }
         let mut be = [0u8; 8];
@@ -192,7 +181,11 @@ mod tests {
         let mut key = [0u8; 32];
         key[..4].copy_from_slice(b"Jefe");
         assert_eq!(
-            hex::encode(hmac_sha256(&key, &[b"what do ya want ", b"for nothing?"])),
+            hex::encode(
+                hmac_sha256(&key, &[b"what do ya want ", b"for nothing?"])
+                    .finalize()
+                    .into_bytes()
+            ),
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
     }
