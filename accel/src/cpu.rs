@@ -323,6 +323,7 @@ impl Backend for CpuBackend {
         k: usize,
         n: usize,
     ) -> Result<DeviceBuffer, BackendError> {
+        let x_buf = x;
         let x = f32s(x)?;
         let level = simd::level();
         let prepared = match w {
@@ -350,11 +351,11 @@ impl Backend for CpuBackend {
             }
             // A view of a packed matrix under another shape (a reshape):
             // the reference kernels on the blocks in GGUF order.
-            DeviceBuffer::PackedQ4_1(_) => {
-                Prepared::Q8_1(x.chunks_exact(k).flat_map(quant::quantize_q8_1).collect())
+            DeviceBuffer::PackedQ4_1(p) => {
+                return self.matmul(x_buf, &DeviceBuffer::Q4_1(p.unpack()), m, k, n);
             }
-            DeviceBuffer::PackedQ8_0(_) => {
-                Prepared::Q8_0(x.chunks_exact(k).flat_map(quant::quantize_q8_0).collect())
+            DeviceBuffer::PackedQ8_0(p) => {
+                return self.matmul(x_buf, &DeviceBuffer::Q8_0(p.unpack()), m, k, n);
             }
             DeviceBuffer::F32(_) | DeviceBuffer::F16(_) => Prepared::F32(match w {
                 // f16 weights: llama.cpp rounds the activations to f16 too.
@@ -369,18 +370,6 @@ impl Backend for CpuBackend {
             }
             #[cfg(feature = "cuda")]
             other @ DeviceBuffer::Cuda(_) => return Err(refuse(other)),
-        };
-        let unpacked;
-        let w = match w {
-            DeviceBuffer::PackedQ4_1(p) => {
-                unpacked = DeviceBuffer::Q4_1(p.unpack());
-                &unpacked
-            }
-            DeviceBuffer::PackedQ8_0(p) => {
-                unpacked = DeviceBuffer::Q8_0(p.unpack());
-                &unpacked
-            }
-            w => w,
         };
         let out_t = matmul_transposed(&prepared, w, m, k, n)?;
         if m == 1 {
