@@ -12,6 +12,11 @@
 //! * `GET /v1/models`: the server's model list.
 //!
 //! Listen on loopback only: the proxy handles request and reply plaintext.
+//!
+//! At most `--max-connections` connections are open at once (one accepted over
+//! the cap is closed at once); a request's headers must arrive within
+//! `--read-timeout-ms` (else the connection is closed, also one idle between
+//! requests), and then its body within as long again (else 408).
 
 use crate::chat::ServerArgs;
 use anyhow::{Context, Result};
@@ -19,11 +24,11 @@ use cinfer_client::{ChatResult, Client, ClientError, ReplyStatus};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Bytes, Frame, Incoming};
-use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use hyper::header::{CACHE_CONTROL, CONNECTION, CONTENT_TYPE, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::convert::Infallible;
@@ -31,10 +36,13 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
-use tokio::sync::mpsc;
+use std::time::{Duration, Instant};
+use tokio::sync::{Semaphore, mpsc};
 
 /// Largest chat request body accepted.
 const MAX_BODY: usize = 4 * 1024 * 1024;
+/// hyper's read buffer per connection (a larger request head is refused, 431).
+const MAX_HTTP_BUF: usize = 64 * 1024;
 
 /// `cinfer proxy` arguments.
 #[derive(Debug, clap::Args)]
@@ -47,6 +55,13 @@ pub struct ProxyArgs {
     /// Program that serves chat completions.
     #[arg(long, default_value = "llama-chat")]
     pub program: String,
+    /// Client connections open at once; one accepted over the cap is closed at once.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Time to receive a request's headers (then the connection is closed), and
+    /// then its body (then 408), each, in milliseconds.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub read_timeout_ms: u64,
 }
 
 type ProxyBody = BoxBody<Bytes, Infallible>;
@@ -69,6 +84,7 @@ impl Body for ChannelBody {
 struct State {
     client: Arc<Client>,
     program: String,
+    read_timeout: Duration,
 }
 
 fn json_response(status: StatusCode, value: &Value) -> Response<ProxyBody> {
@@ -298,14 +314,29 @@ fn not_completed(status: ReplyStatus) -> String {
 }
 
 async fn chat_completions(state: Arc<State>, req: Request<Incoming>) -> Response<ProxyBody> {
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
+    let collect = Limited::new(req.into_body(), MAX_BODY).collect();
+    let body = match tokio::time::timeout(state.read_timeout, collect).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(_)) => {
             return error_response(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request body too large or unreadable",
                 "invalid_request_error",
             );
+        }
+        Err(_) => {
+            // The rest of the body is never read: close rather than wait for it.
+            let mut resp = error_response(
+                StatusCode::REQUEST_TIMEOUT,
+                &format!(
+                    "request body not received within {} ms",
+                    state.read_timeout.as_millis()
+                ),
+                "invalid_request_error",
+            );
+            resp.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+            return resp;
         }
     };
     let parsed: CompletionRequest = match serde_json::from_slice(&body) {
@@ -516,10 +547,14 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ProxyBody
 /// Runs `cinfer proxy` until killed.
 pub fn run(args: &ProxyArgs) -> Result<()> {
     let client = Arc::new(args.server.client()?);
+    let read_timeout = Duration::from_millis(args.read_timeout_ms);
     let state = Arc::new(State {
         client,
         program: args.program.clone(),
+        read_timeout,
     });
+    let max_connections = args.max_connections as usize;
+    let permits = Arc::new(Semaphore::new(max_connections));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -534,22 +569,37 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
             state.client.server(),
             state.client.identity_fingerprint()
         );
+        let mut last_warning: Option<Instant> = None;
         loop {
             let (stream, _) = match listener.accept().await {
                 Ok(a) => a,
                 Err(e) => {
                     eprintln!("cinfer proxy: accept: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                drop(stream);
+                if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    eprintln!(
+                        "cinfer proxy: {max_connections} connections open (--max-connections): closing new ones at once"
+                    );
+                    last_warning = Some(Instant::now());
+                }
+                continue;
+            };
             let state = state.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let service = service_fn(move |req: Request<Incoming>| {
                     let state = state.clone();
                     async move { Ok::<_, Infallible>(handle(state, req).await) }
                 });
                 let _ = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(read_timeout)
+                    .max_buf_size(MAX_HTTP_BUF)
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
             });

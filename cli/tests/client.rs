@@ -604,25 +604,7 @@ impl Drop for Proxy {
 }
 
 fn start_proxy(fake: &Fake) -> Proxy {
-    let mut child = cinfer()
-        .args(["proxy", "--listen", "127.0.0.1:0", "--server", &fake.url()])
-        .arg("--keyserver-identity")
-        .arg(fake.identity_hex())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    let base = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .trim_end_matches(',')
-        .to_owned();
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-    Proxy { child, base }
+    start_proxy_with(fake, &[])
 }
 
 const OPENAI_SCRIPT: &str = r#"
@@ -753,4 +735,138 @@ fn a_receipt_for_another_program_than_the_pinned_one_is_refused() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+fn start_proxy_with(fake: &Fake, extra: &[&str]) -> Proxy {
+    let mut child = cinfer()
+        .args(["proxy", "--listen", "127.0.0.1:0", "--server", &fake.url()])
+        .arg("--keyserver-identity")
+        .arg(fake.identity_hex())
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let base = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .trim_end_matches(',')
+        .to_owned();
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    Proxy { child, base }
+}
+
+/// Everything the peer sends until it closes (a reset counts as closed);
+/// panics if it is still open after `limit`.
+fn read_until_closed(conn: &mut TcpStream, limit: Duration) -> Vec<u8> {
+    let deadline = std::time::Instant::now() + limit;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        assert!(
+            !left.is_zero(),
+            "the proxy did not close the connection in time"
+        );
+        conn.set_read_timeout(Some(left)).unwrap();
+        match conn.read(&mut buf) {
+            Ok(0) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                panic!("the proxy did not close the connection in time")
+            }
+            Err(_) => return out,
+        }
+    }
+}
+
+/// Sends a chat-completions head announcing 4096 body bytes, then trickles
+/// one byte every 100 ms from another thread.
+fn trickle_body(addr: &str) -> TcpStream {
+    let mut conn = TcpStream::connect(addr).unwrap();
+    write!(
+        conn,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\nContent-Length: 4096\r\n\r\n"
+    )
+    .unwrap();
+    let mut writer = conn.try_clone().unwrap();
+    std::thread::spawn(move || {
+        for _ in 0..4096 {
+            if writer.write_all(b" ").is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    conn
+}
+
+/// `cinfer proxy` (issue 16, bug 9): a trickled body is answered 408 with the
+/// reason after `--read-timeout-ms`; with `--max-connections` open, further
+/// connections are closed at once unanswered; then it serves again.
+#[test]
+fn proxy_cuts_off_slow_bodies_with_408_and_caps_connections() {
+    let fake = Fake::start(Mode::Honest, StatementMode::Good, None);
+    let proxy = start_proxy_with(
+        &fake,
+        &["--max-connections", "2", "--read-timeout-ms", "1500"],
+    );
+    let addr = proxy
+        .base
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1")
+        .to_owned();
+    let started = std::time::Instant::now();
+    let mut held = [trickle_body(&addr), trickle_body(&addr)];
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        let mut extra = TcpStream::connect(&addr).unwrap();
+        let answer = read_until_closed(&mut extra, Duration::from_secs(3));
+        assert_eq!(
+            String::from_utf8_lossy(&answer),
+            "",
+            "an answer over the cap"
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "not closed at once: {:?}",
+            t.elapsed()
+        );
+    }
+    for conn in &mut held {
+        let response = read_until_closed(conn, Duration::from_secs(8));
+        let text = String::from_utf8_lossy(&response);
+        let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
+        assert!(head.starts_with("HTTP/1.1 408"), "{head}");
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(
+            v["error"]["message"],
+            "request body not received within 1500 ms"
+        );
+    }
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    // The slots are free again: a real request is served.
+    let t = std::time::Instant::now();
+    loop {
+        let mut probe = TcpStream::connect(&addr).unwrap();
+        write!(
+            probe,
+            "GET /healthz HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        if read_until_closed(&mut probe, Duration::from_secs(3)).starts_with(b"HTTP/1.1 200") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "not served again");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -8,7 +8,8 @@
 //! nonce-ttl-secs = 60                     # default
 //! max-outstanding-nonces = 10000          # default: spent nonces remembered (successful attestations per nonce lifetime)
 //! max-body-bytes = 262144                 # default (256 KiB)
-//! request-timeout-secs = 10               # default: whole request, headers and body
+//! request-timeout-secs = 10               # default: reading a request's headers (or waiting idle for the next one: then the connection is closed), and reading its body (then 408), each
+//! max-connections = 64                    # default: client connections open at once; more are closed at once
 //! request-key-validity-secs = 604800      # default (7 days): window of the signed request-key statement
 //!
 //! reference-file = "reference.toml"       # reference values, or inline as [reference]
@@ -19,6 +20,10 @@
 //! ```
 //!
 //! Relative paths are relative to the configuration file's directory.
+//!
+//! Memory held for request bodies is bounded by `max-connections` ×
+//! (`max-body-bytes` + hyper's read buffer of at most [`MAX_HTTP_BUF_BYTES`]),
+//! each share held for at most twice `request-timeout-secs` by a slow sender.
 
 use cinfer_attest::ReferenceValues;
 use serde::Deserialize;
@@ -36,6 +41,11 @@ pub const DEFAULT_MAX_OUTSTANDING_NONCES: usize = 10_000;
 pub const DEFAULT_MAX_BODY_BYTES: usize = 256 * 1024;
 /// Default time allowed for one whole request, seconds.
 pub const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 10;
+/// Default cap on client connections open at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+/// hyper's read buffer per connection; a request head larger than this is
+/// refused with 431.
+pub const MAX_HTTP_BUF_BYTES: usize = 64 * 1024;
 /// Default validity of the signed request-key statement, seconds.
 pub const DEFAULT_REQUEST_KEY_VALIDITY_SECS: u64 = 7 * 24 * 3600;
 
@@ -91,8 +101,11 @@ pub struct Config {
     pub max_outstanding_nonces: usize,
     /// Largest request body, bytes.
     pub max_body_bytes: usize,
-    /// Time allowed for one whole request, seconds.
+    /// Time allowed for a request's headers, and then for its body, seconds.
     pub request_timeout_secs: u64,
+    /// Client connections open at once; one accepted over the cap is closed
+    /// at once.
+    pub max_connections: usize,
     /// Validity window of the signed request-key statement, seconds.
     pub request_key_validity_secs: u64,
     /// Reference values the evidence is checked against.
@@ -117,6 +130,8 @@ struct RawConfig {
     max_body_bytes: usize,
     #[serde(default = "default_timeout")]
     request_timeout_secs: u64,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
     #[serde(default = "default_validity")]
     request_key_validity_secs: u64,
     reference: Option<ReferenceValues>,
@@ -139,6 +154,9 @@ fn default_max_body() -> usize {
 }
 fn default_timeout() -> u64 {
     DEFAULT_REQUEST_TIMEOUT_SECS
+}
+fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS
 }
 fn default_validity() -> u64 {
     DEFAULT_REQUEST_KEY_VALIDITY_SECS
@@ -202,9 +220,13 @@ impl Config {
                 ));
             }
         };
-        if raw.nonce_ttl_secs == 0 || raw.max_outstanding_nonces == 0 || raw.max_body_bytes == 0 {
+        if raw.nonce_ttl_secs == 0
+            || raw.max_outstanding_nonces == 0
+            || raw.max_body_bytes == 0
+            || raw.max_connections == 0
+        {
             return Err(ConfigError::Invalid(
-                "nonce-ttl-secs, max-outstanding-nonces and max-body-bytes must be positive".into(),
+                "nonce-ttl-secs, max-outstanding-nonces, max-body-bytes and max-connections must be positive".into(),
             ));
         }
         Ok(Self {
@@ -216,6 +238,7 @@ impl Config {
             max_outstanding_nonces: raw.max_outstanding_nonces,
             max_body_bytes: raw.max_body_bytes,
             request_timeout_secs: raw.request_timeout_secs.max(1),
+            max_connections: raw.max_connections,
             request_key_validity_secs: raw.request_key_validity_secs,
             reference,
             release: raw.release,
@@ -238,6 +261,7 @@ impl Config {
             max_outstanding_nonces: DEFAULT_MAX_OUTSTANDING_NONCES,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             request_timeout_secs: DEFAULT_REQUEST_TIMEOUT_SECS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             request_key_validity_secs: DEFAULT_REQUEST_KEY_VALIDITY_SECS,
             reference: ReferenceSource::Inline(reference),
             release: ReleasePolicy::default(),
@@ -291,6 +315,21 @@ mod tests {
         assert_eq!(c.audit_log, Path::new("/etc/ks/audit.jsonl"));
         assert_eq!(c.nonce_ttl_secs, 60);
         assert_eq!(c.max_body_bytes, 256 * 1024);
+        assert_eq!(c.max_connections, 64);
+        assert_eq!(c.request_timeout_secs, 10);
+        let capped = Config::parse(
+            &text.replace("audit-log", "max-connections = 3\naudit-log"),
+            Path::new("/etc/ks"),
+        )
+        .unwrap();
+        assert_eq!(capped.max_connections, 3);
+        let zero = Config::parse(
+            &text.replace("audit-log", "max-connections = 0\naudit-log"),
+            Path::new("/etc/ks"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(zero.contains("max-connections must be positive"), "{zero}");
         assert_eq!(c.release, ReleasePolicy::default());
         let refs = c.reference_values().unwrap();
         assert_eq!(refs.measured_pcr, 23);

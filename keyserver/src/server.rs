@@ -3,11 +3,16 @@
 //! | request | answer |
 //! |---|---|
 //! | `POST /v1/nonce` | `{"nonce": hex, "expires_at": unix seconds}` |
-//! | `POST /v1/attest` (body: `Evidence` JSON) | `KeyRelease` JSON; 403 `{"error": reason}` if refused, 400 if malformed, 413 if too large |
+//! | `POST /v1/attest` (body: `Evidence` JSON) | `KeyRelease` JSON; 403 `{"error": reason}` if refused, 400 if malformed, 413 if too large, 408 if the body did not arrive within `request-timeout-secs` |
 //! | `GET /v1/request-key` | `SignedRequestKey` JSON |
 //! | `GET /healthz` | `{"status": "ok"}` |
 //!
 //! Anything else is 404, or 405 for a known path with the wrong method.
+//!
+//! At most `max-connections` connections are open at once (one accepted over
+//! the cap is closed at once); a request's headers must arrive within
+//! `request-timeout-secs` (else hyper closes the connection, also one idle
+//! between requests), and then its body within as long again (else 408).
 
 use crate::audit::{AuditLog, AuditRecord};
 use crate::clock::Clock;
@@ -23,7 +28,7 @@ use cinfer_envelope::RequestPublicKey;
 use cinfer_envelope::keywrap::wrap_key;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Body, Bytes, Incoming};
-use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::header::{ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -33,8 +38,9 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -228,7 +234,15 @@ impl KeyServer {
 
         let body = match self.read_body(req).await {
             Ok(b) => b,
-            Err((status, reason)) => return refuse(status, reason, None, None),
+            Err((status, reason)) => {
+                let mut resp = refuse(status, reason, None, None);
+                if status == StatusCode::REQUEST_TIMEOUT {
+                    // The rest of the body is never read: close, don't wait for it.
+                    resp.headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                }
+                return resp;
+            }
         };
         let evidence = match Evidence::from_json(&body) {
             Ok(e) => e,
@@ -365,7 +379,7 @@ impl KeyServer {
         Ok(release)
     }
 
-    /// Reads a body of at most `max-body-bytes` within the request timeout.
+    /// Reads a body of at most `max-body-bytes` within `request-timeout-secs`.
     async fn read_body<B>(&self, req: Request<B>) -> Result<Bytes, (StatusCode, String)>
     where
         B: Body<Data = Bytes>,
@@ -390,7 +404,7 @@ impl KeyServer {
         match tokio::time::timeout(timeout, Limited::new(req.into_body(), max).collect()).await {
             Err(_) => Err((
                 StatusCode::REQUEST_TIMEOUT,
-                "request body not received in time".into(),
+                format!("request body not received within {} s", timeout.as_secs()),
             )),
             Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
             Ok(Err(_)) => Err((StatusCode::BAD_REQUEST, "reading the request body".into())),
@@ -440,7 +454,9 @@ pub async fn serve(listener: TcpListener, server: KeyServer) {
 }
 
 /// Serves HTTP/1.1 on `listener` until `shutdown` completes (then stops
-/// accepting; connections in progress finish on their own tasks).
+/// accepting; connections in progress finish on their own tasks). At most
+/// `max-connections` are open at once: one accepted over the cap is closed at
+/// once, and a refusal is logged at most once a second.
 pub async fn serve_until(
     listener: TcpListener,
     server: KeyServer,
@@ -448,6 +464,10 @@ pub async fn serve_until(
 ) {
     tokio::pin!(shutdown);
     let header_timeout = Duration::from_secs(server.inner.config.request_timeout_secs);
+    let max_connections = server.inner.config.max_connections;
+    let permits = Arc::new(Semaphore::new(max_connections));
+    let mut refused: u64 = 0;
+    let mut last_warning: Option<Instant> = None;
     loop {
         let (stream, peer) = tokio::select! {
             () = &mut shutdown => return,
@@ -461,8 +481,22 @@ pub async fn serve_until(
                 }
             },
         };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            drop(stream);
+            refused += 1;
+            if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                tracing::warn!(
+                    max_connections,
+                    refused_total = refused,
+                    "connections closed at once: max-connections are open"
+                );
+                last_warning = Some(Instant::now());
+            }
+            continue;
+        };
         let server = server.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = service_fn(move |req: Request<Incoming>| {
                 let server = server.clone();
                 async move { Ok::<_, Infallible>(server.handle(req, peer).await) }
@@ -470,7 +504,8 @@ pub async fn serve_until(
             let mut builder = http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout);
+                .header_read_timeout(header_timeout)
+                .max_buf_size(crate::config::MAX_HTTP_BUF_BYTES);
             if let Err(e) = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .await

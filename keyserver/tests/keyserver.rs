@@ -526,3 +526,133 @@ fn cli_init_import_and_identity() {
     KeyServer::new(config, Arc::new(ManualClock::new(START))).unwrap();
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+// ------------------------------------------------ slow clients (issue 16, bug 9)
+
+/// Sends a `POST /v1/attest` head announcing `len` body bytes, then trickles
+/// one byte every 100 ms (until the server stops reading).
+async fn trickle_body(addr: std::net::SocketAddr, len: usize) -> tokio::net::tcp::OwnedReadHalf {
+    use tokio::io::AsyncWriteExt;
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (rd, mut wr) = stream.into_split();
+    let head =
+        format!("POST /v1/attest HTTP/1.1\r\nHost: keyserver\r\nContent-Length: {len}\r\n\r\n");
+    wr.write_all(head.as_bytes()).await.unwrap();
+    tokio::spawn(async move {
+        for _ in 0..len {
+            if wr.write_all(b" ").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    });
+    rd
+}
+
+/// Everything the server sends until it closes (a reset counts as closed).
+async fn read_until_closed(
+    rd: &mut (impl tokio::io::AsyncRead + Unpin),
+    limit: std::time::Duration,
+) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .expect("the keyserver did not close the connection in time");
+    out
+}
+
+fn status_and_error(response: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(response);
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, error_of(body.as_bytes()))
+}
+
+/// A trickled evidence body is answered 408 with the reason after
+/// `request-timeout-secs` (and audited); a request head that never ends is
+/// disconnected after the same time, unanswered.
+#[tokio::test]
+async fn slow_bodies_get_408_and_slow_heads_are_disconnected() {
+    use std::time::{Duration, Instant};
+    use tokio::io::AsyncWriteExt;
+    let h = start_with(|c| c.request_timeout_secs = 1).await;
+    let started = Instant::now();
+    let mut rd = trickle_body(h.addr, 4096).await;
+    let mut partial = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    partial
+        .write_all(b"POST /v1/attest HTTP/1.1\r\nHost: keyserver\r\n")
+        .await
+        .unwrap();
+    let response = read_until_closed(&mut rd, Duration::from_secs(6)).await;
+    assert_eq!(
+        status_and_error(&response),
+        (408, "request body not received within 1 s".to_owned())
+    );
+    let from_partial = read_until_closed(&mut partial, Duration::from_secs(6)).await;
+    assert_eq!(String::from_utf8_lossy(&from_partial), "");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    let audit = audit_lines(&h);
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0]["outcome"], "refused");
+    assert_eq!(audit[0]["reason"], "request body not received within 1 s");
+}
+
+/// With `max-connections` slow senders open, a further connection is closed
+/// at once without an answer (a served one would wait for its headers); once
+/// the slow senders are cut off (408), the keyserver serves again.
+#[tokio::test]
+async fn connections_over_the_cap_are_closed_at_once_while_the_cap_holds() {
+    use std::time::{Duration, Instant};
+    let h = start_with(|c| {
+        c.max_connections = 3;
+        c.request_timeout_secs = 2;
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(trickle_body(h.addr, 4096).await);
+    }
+    for _ in 0..10 {
+        let t = Instant::now();
+        let mut extra = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+        let answer = read_until_closed(&mut extra, Duration::from_secs(3)).await;
+        assert_eq!(String::from_utf8_lossy(&answer), "");
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "a connection over the cap was not closed at once: {:?}",
+            t.elapsed()
+        );
+    }
+    for mut rd in held {
+        let response = read_until_closed(&mut rd, Duration::from_secs(6)).await;
+        assert_eq!(
+            status_and_error(&response),
+            (408, "request body not received within 2 s".to_owned())
+        );
+    }
+    // The permits come back as the connection tasks end.
+    let t = Instant::now();
+    loop {
+        let mut probe = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+        use tokio::io::AsyncWriteExt;
+        probe
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: k\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_until_closed(&mut probe, Duration::from_secs(3)).await;
+        if answer.starts_with(b"HTTP/1.1 200") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "not served again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -5,6 +5,9 @@
 //! loader = "tcp:127.0.0.1:7300"           # default: the trusted loader's channel (tcp:HOST:PORT or unix:PATH)
 //! keyservers = ["http://127.0.0.1:8740"]  # default: keyserver base URLs, tried in order (plain http:// only)
 //! max-request-bytes = 1048576             # default (1 MiB): largest sealed request body
+//! max-connections = 128                   # default: client connections open at once; more are closed at once
+//! header-timeout-ms = 10000               # default: reading a request's headers (or waiting idle for the next one); then the connection is closed
+//! body-timeout-ms = 10000                 # default: reading a request's whole body; then 408
 //! ready-timeout-ms = 5000                 # default: how long a request waits for an attested loader before 503
 //! reconnect-backoff-ms = 200              # default: first retry delay (loader, keyservers); doubles, capped at 5 s
 //! max-frame-bytes = 16777216              # default (16 MiB): largest channel frame payload, both directions
@@ -18,6 +21,11 @@
 //! is public (nonces, evidence, the signed request key) or HPKE-wrapped to the
 //! attested loader (key releases), so the transport adds no confidentiality;
 //! put TLS in front if the network needs it.
+//!
+//! Memory held for request bodies is bounded by `max-connections` ×
+//! (`max-request-bytes` + hyper's read buffer of at most
+//! [`MAX_HTTP_BUF_BYTES`]), and a slow sender holds its share for at most
+//! `header-timeout-ms` + `body-timeout-ms`.
 
 use cinfer_channel::Endpoint;
 use serde::Deserialize;
@@ -33,6 +41,15 @@ pub const DEFAULT_LOADER: &str = "tcp:127.0.0.1:7300";
 pub const DEFAULT_KEYSERVER: &str = "http://127.0.0.1:8740";
 /// Default largest request body: 1 MiB.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1 << 20;
+/// Default cap on client connections open at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
+/// Default time to receive a request's headers, milliseconds.
+pub const DEFAULT_HEADER_TIMEOUT_MS: u64 = 10_000;
+/// Default time to receive a request's whole body, milliseconds.
+pub const DEFAULT_BODY_TIMEOUT_MS: u64 = 10_000;
+/// hyper's read buffer per connection (request head, body chunks in passing);
+/// a request head larger than this is refused with 431.
+pub const MAX_HTTP_BUF_BYTES: usize = 64 * 1024;
 /// Default wait for readiness, milliseconds.
 pub const DEFAULT_READY_TIMEOUT_MS: u64 = 5_000;
 /// Default first reconnect delay, milliseconds.
@@ -61,6 +78,15 @@ pub struct Config {
     pub keyservers: Vec<String>,
     /// Largest sealed request body.
     pub max_request_bytes: usize,
+    /// Client connections open at once; a connection over the cap is closed
+    /// as soon as it is accepted.
+    pub max_connections: usize,
+    /// Time to receive a request's headers (also how long a kept-alive
+    /// connection may sit idle); then the connection is closed.
+    pub header_timeout: Duration,
+    /// Time to receive a request's whole body, from the end of its headers;
+    /// then 408.
+    pub body_timeout: Duration,
     /// How long a request waits for an attested loader.
     pub ready_timeout: Duration,
     /// First reconnect / re-attest delay (doubles up to [`MAX_BACKOFF`]).
@@ -117,6 +143,9 @@ struct RawConfig {
     loader: Option<String>,
     keyservers: Option<Vec<String>>,
     max_request_bytes: Option<usize>,
+    max_connections: Option<usize>,
+    header_timeout_ms: Option<u64>,
+    body_timeout_ms: Option<u64>,
     ready_timeout_ms: Option<u64>,
     reconnect_backoff_ms: Option<u64>,
     max_frame_bytes: Option<u32>,
@@ -160,6 +189,9 @@ impl Default for Config {
             loader: Endpoint::Tcp("127.0.0.1:7300".into()),
             keyservers: vec![DEFAULT_KEYSERVER.into()],
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_timeout: Duration::from_millis(DEFAULT_HEADER_TIMEOUT_MS),
+            body_timeout: Duration::from_millis(DEFAULT_BODY_TIMEOUT_MS),
             ready_timeout: Duration::from_millis(DEFAULT_READY_TIMEOUT_MS),
             reconnect_backoff: Duration::from_millis(DEFAULT_RECONNECT_BACKOFF_MS),
             max_frame_bytes: cinfer_channel::DEFAULT_MAX_PAYLOAD,
@@ -272,6 +304,9 @@ impl Config {
             },
             keyservers: raw.keyservers.unwrap_or(d.keyservers),
             max_request_bytes: raw.max_request_bytes.unwrap_or(d.max_request_bytes),
+            max_connections: raw.max_connections.unwrap_or(d.max_connections),
+            header_timeout: raw.header_timeout_ms.map_or(d.header_timeout, ms),
+            body_timeout: raw.body_timeout_ms.map_or(d.body_timeout, ms),
             ready_timeout: raw.ready_timeout_ms.map_or(d.ready_timeout, ms),
             reconnect_backoff: raw.reconnect_backoff_ms.map_or(d.reconnect_backoff, ms),
             max_frame_bytes: raw.max_frame_bytes.unwrap_or(d.max_frame_bytes),
@@ -306,6 +341,11 @@ impl Config {
                 "max-request-bytes must be positive".into(),
             ));
         }
+        if self.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "max-connections must be positive".into(),
+            ));
+        }
         if self.max_request_bytes.saturating_add(SUBMIT_OVERHEAD) > self.max_frame_bytes as usize {
             return Err(ConfigError::Invalid(format!(
                 "max-request-bytes ({}) plus {SUBMIT_OVERHEAD} bytes of Submit header must fit max-frame-bytes ({})",
@@ -313,6 +353,8 @@ impl Config {
             )));
         }
         for (name, d) in [
+            ("header-timeout-ms", self.header_timeout),
+            ("body-timeout-ms", self.body_timeout),
             ("ready-timeout-ms", self.ready_timeout),
             ("reconnect-backoff-ms", self.reconnect_backoff),
             ("request-timeout-ms", self.request_timeout),
@@ -366,6 +408,9 @@ mod tests {
         assert_eq!(c, Config::default());
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.loader.to_string(), DEFAULT_LOADER);
+        assert_eq!(c.max_connections, 128);
+        assert_eq!(c.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.body_timeout, Duration::from_secs(10));
         let c = Config::parse(
             r#"
 listen = "0.0.0.0:9000"
@@ -379,6 +424,9 @@ request-timeout-ms = 3
 keyserver-timeout-ms = 4
 loader-timeout-ms = 5
 shutdown-grace-ms = 6
+max-connections = 7
+header-timeout-ms = 8
+body-timeout-ms = 9
 "#,
         )
         .unwrap();
@@ -387,6 +435,9 @@ shutdown-grace-ms = 6
         assert_eq!(c.request_timeout, Duration::from_millis(3));
         assert_eq!(c.loader_timeout, Duration::from_millis(5));
         assert_eq!(c.shutdown_grace, Duration::from_millis(6));
+        assert_eq!(c.max_connections, 7);
+        assert_eq!(c.header_timeout, Duration::from_millis(8));
+        assert_eq!(c.body_timeout, Duration::from_millis(9));
     }
 
     #[test]
@@ -400,6 +451,9 @@ shutdown-grace-ms = 6
             "max-request-bytes = 0",
             "max-frame-bytes = 100",
             "ready-timeout-ms = 0",
+            "max-connections = 0",
+            "header-timeout-ms = 0",
+            "body-timeout-ms = 0",
         ] {
             assert!(Config::parse(bad).is_err(), "{bad}");
         }

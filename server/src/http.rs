@@ -2,7 +2,7 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | `POST /v1/requests?program=NAME` (body: sealed request) | 200 `application/vnd.cinfer.reply-stream`, chunked records `type u8 \| len u32 BE \| bytes` (1 reply frame, 2 receipt, 3 `{"error"}`); 400 no/unknown program or refused by the loader; 413 body too large; 503 no attested loader within `ready-timeout`; 504 no first reply within `request-timeout` |
+//! | `POST /v1/requests?program=NAME` (body: sealed request) | 200 `application/vnd.cinfer.reply-stream`, chunked records `type u8 \| len u32 BE \| bytes` (1 reply frame, 2 receipt, 3 `{"error"}`); 400 no/unknown program or refused by the loader; 408 body not received within `body-timeout`; 413 body too large; 503 no attested loader within `ready-timeout`; 504 no first reply within `request-timeout` |
 //! | `GET /v1/request-key` | the first reachable keyserver's answer, verbatim |
 //! | `GET /v1/models`, `GET /v1/programs` | `{"models": [ids]}`, `{"programs": [{name, sha256, world}]}` |
 //! | `GET /healthz`, `GET /readyz`, `GET /metrics` | liveness; 200 only with an attested loader holding keys; Prometheus text |
@@ -21,7 +21,7 @@ use crate::link::{Event, Link, Ticket};
 use crate::metrics::{Metrics, RequestOutcome};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
-use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::header::{ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
@@ -329,7 +329,7 @@ impl Server {
         }
     }
 
-    /// Reads a body of at most `max-request-bytes` within the request timeout.
+    /// Reads a body of at most `max-request-bytes` within `body-timeout-ms`.
     async fn read_body<B>(
         &self,
         req: Request<B>,
@@ -354,12 +354,17 @@ impl Server {
         if declared.is_some_and(|len| len > max as u64) {
             return Err(too_large());
         }
-        let timeout = self.inner.config.request_timeout;
+        let timeout = self.inner.config.body_timeout;
         match tokio::time::timeout(timeout, Limited::new(req.into_body(), max).collect()).await {
+            // What was read so far is dropped here; the connection closes
+            // after the 408 (hyper does not read the rest of a body nobody took).
             Err(_) => Err((
                 StatusCode::REQUEST_TIMEOUT,
                 RequestOutcome::BadRequest,
-                "request body not received in time".into(),
+                format!(
+                    "request body not received within {} ms",
+                    timeout.as_millis()
+                ),
             )),
             Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
             Ok(Err(_)) => Err((
@@ -390,7 +395,14 @@ impl Server {
         };
         let body = match self.read_body(req).await {
             Ok(b) => b,
-            Err((status, outcome, reason)) => return finish(outcome, status, &reason),
+            Err((status, outcome, reason)) => {
+                let mut resp = finish(outcome, status, &reason);
+                if status == StatusCode::REQUEST_TIMEOUT {
+                    resp.headers_mut()
+                        .insert(CONNECTION, HeaderValue::from_static("close"));
+                }
+                return resp;
+            }
         };
         let deadline = tokio::time::Instant::now() + self.inner.config.request_timeout;
 
@@ -625,9 +637,41 @@ impl Pump {
     }
 }
 
+/// Logs refused connections at most once a second (a flood must not flood the log).
+#[derive(Debug)]
+struct RefusalLog {
+    last: Option<Instant>,
+    since_last: u64,
+}
+
+impl RefusalLog {
+    fn refused(&mut self, total: u64, max_connections: usize) {
+        self.since_last += 1;
+        if self
+            .last
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        {
+            tracing::warn!(
+                max_connections,
+                refused = self.since_last,
+                refused_total = total,
+                "connections closed at once: max-connections are open"
+            );
+            self.last = Some(Instant::now());
+            self.since_last = 0;
+        }
+    }
+}
+
 /// Serves HTTP/1.1 on `listener` and runs the loader link until `shutdown`
 /// completes; then stops accepting, lets connections in progress finish for
 /// up to `grace`, and stops the link.
+///
+/// At most `max-connections` client connections are open at once: one
+/// accepted beyond that is closed at once (the client sees the connection
+/// closed, not a queue). Each connection must send a request's headers within
+/// `header-timeout-ms` (hyper closes it otherwise, also when it sits idle
+/// between requests) and its body within `body-timeout-ms` (408).
 pub async fn serve(
     listener: TcpListener,
     server: Server,
@@ -636,11 +680,12 @@ pub async fn serve(
 ) {
     tokio::pin!(shutdown);
     let link = tokio::spawn(server.inner.link.clone().run());
-    let header_timeout = server
-        .inner
-        .config
-        .request_timeout
-        .min(Duration::from_secs(30));
+    let config = server.inner.config.clone();
+    let permits = Arc::new(Semaphore::new(config.max_connections));
+    let mut refusals = RefusalLog {
+        last: None,
+        since_last: 0,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
     loop {
@@ -656,10 +701,19 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            drop(stream);
+            let total = server.inner.metrics.connection_refused();
+            refusals.refused(total, config.max_connections);
+            continue;
+        };
+        let open = server.inner.metrics.connection();
         let _ = stream.set_nodelay(true);
         let server = server.clone();
         let mut stop = stop_rx.clone();
+        let header_timeout = config.header_timeout;
         connections.spawn(async move {
+            let _held = (permit, open);
             let service = service_fn(move |req: Request<Incoming>| {
                 let server = server.clone();
                 async move { Ok::<_, Infallible>(server.handle(req).await) }
@@ -667,7 +721,8 @@ pub async fn serve(
             let mut builder = http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout);
+                .header_read_timeout(header_timeout)
+                .max_buf_size(crate::config::MAX_HTTP_BUF_BYTES);
             let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             let result = tokio::select! {

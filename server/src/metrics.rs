@@ -11,7 +11,8 @@ pub enum RequestOutcome {
     Completed,
     /// Refused by the loader before it ran (400).
     Refused,
-    /// No or unknown program, or an unreadable body (400).
+    /// No or unknown program, or an unreadable body (400), or a body not
+    /// received within `body-timeout` (408).
     BadRequest,
     /// Body over `max-request-bytes` (413).
     TooLarge,
@@ -92,6 +93,18 @@ pub struct Metrics {
     reply_bytes: AtomicU64,
     attestations: [AtomicU64; 3],
     in_flight: AtomicI64,
+    connections_open: AtomicI64,
+    connections_refused: AtomicU64,
+}
+
+/// Decrements `http_connections_open` when dropped.
+#[derive(Debug)]
+pub struct OpenConnection(Arc<Metrics>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Decrements `requests_in_flight` when dropped.
@@ -125,6 +138,28 @@ impl Metrics {
     pub fn in_flight(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
+    }
+
+    /// Counts an open client connection until the guard is dropped.
+    pub fn connection(self: &Arc<Self>) -> OpenConnection {
+        self.connections_open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(self.clone())
+    }
+
+    /// Client connections open now.
+    pub fn connections_open(&self) -> i64 {
+        self.connections_open.load(Ordering::Relaxed)
+    }
+
+    /// Counts a connection closed at once because `max-connections` were open;
+    /// returns the count so far.
+    pub fn connection_refused(&self) -> u64 {
+        self.connections_refused.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Connections refused so far.
+    pub fn connections_refused(&self) -> u64 {
+        self.connections_refused.load(Ordering::Relaxed)
     }
 
     /// Requests in flight now.
@@ -173,6 +208,16 @@ impl Metrics {
             out,
             "# HELP cinfer_server_requests_in_flight Requests being served.\n# TYPE cinfer_server_requests_in_flight gauge\ncinfer_server_requests_in_flight {}",
             self.requests_in_flight()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP cinfer_server_http_connections_open Client connections open.\n# TYPE cinfer_server_http_connections_open gauge\ncinfer_server_http_connections_open {}",
+            self.connections_open()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP cinfer_server_http_connections_refused_total Client connections closed at once because max-connections were open.\n# TYPE cinfer_server_http_connections_refused_total counter\ncinfer_server_http_connections_refused_total {}",
+            self.connections_refused()
         );
         let _ = writeln!(
             out,

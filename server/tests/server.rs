@@ -426,3 +426,192 @@ async fn a_client_that_hangs_up_gets_its_request_cancelled_on_the_loader() {
     assert_eq!(next.status, 200);
     assert_eq!(loader.stats.connections.load(Ordering::SeqCst), 1);
 }
+
+// ------------------------------------------------ slow clients (issue 16, bug 9)
+
+/// Sends a request head announcing `len` body bytes, then trickles one body
+/// byte every 100 ms (until the server stops reading). Returns the read half.
+async fn trickle_body(addr: std::net::SocketAddr, len: usize) -> tokio::net::tcp::OwnedReadHalf {
+    use tokio::io::AsyncWriteExt;
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (rd, mut wr) = stream.into_split();
+    let head = format!(
+        "POST /v1/requests?program=echo HTTP/1.1\r\nHost: server\r\nContent-Length: {len}\r\n\r\n"
+    );
+    wr.write_all(head.as_bytes()).await.unwrap();
+    tokio::spawn(async move {
+        for _ in 0..len {
+            if wr.write_all(b"x").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    rd
+}
+
+/// Everything the server sends until it closes (a reset counts as closed),
+/// within `limit`.
+async fn read_until_closed(
+    rd: &mut (impl tokio::io::AsyncRead + Unpin),
+    limit: Duration,
+) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .expect("the server did not close the connection in time");
+    out
+}
+
+/// The status and JSON `error` of a whole `Content-Length` response.
+fn status_and_error(response: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(response);
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, error_of(body.as_bytes()))
+}
+
+fn connections_open(h: &Harness) -> u64 {
+    metric(
+        &h.server.metrics_text(),
+        "cinfer_server_http_connections_open",
+    )
+}
+
+async fn wait_connections_open(h: &Harness, n: u64) {
+    let t = Instant::now();
+    while connections_open(h) != n {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{} connections open, expected {n}",
+            connections_open(h)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A client that sends its headers and then trickles the body is answered 408
+/// with the reason once `body-timeout` passes (not after the 10 s request
+/// timeout), nothing reaches the loader, and its connection is closed.
+#[tokio::test]
+async fn a_trickled_body_is_cut_off_with_408_after_the_body_timeout() {
+    let h = start_with(|c| {
+        c.body_timeout = Duration::from_millis(1000);
+        c.header_timeout = Duration::from_secs(5);
+    })
+    .await;
+    wait_ready(h.addr).await;
+    let started = Instant::now();
+    let mut rd = trickle_body(h.addr, 4096).await;
+    let response = read_until_closed(&mut rd, Duration::from_secs(8)).await;
+    let elapsed = started.elapsed();
+    assert_eq!(
+        status_and_error(&response),
+        (408, "request body not received within 1000 ms".to_owned())
+    );
+    assert!(
+        String::from_utf8_lossy(&response)
+            .to_ascii_lowercase()
+            .contains("connection: close"),
+        "{}",
+        String::from_utf8_lossy(&response)
+    );
+    assert!(
+        elapsed >= Duration::from_millis(1000),
+        "cut off early: {elapsed:?}"
+    );
+    let loader = h.loader.as_ref().unwrap();
+    assert_eq!(loader.stats.submits.load(Ordering::SeqCst), 0);
+    wait_connections_open(&h, 0).await;
+}
+
+/// A client that never finishes its request head, and one that connects and
+/// says nothing, are disconnected after `header-timeout` without an answer.
+#[tokio::test]
+async fn slow_headers_and_idle_connections_are_closed_after_the_header_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let h = start_with(|c| c.header_timeout = Duration::from_millis(1000)).await;
+    wait_ready(h.addr).await;
+    let started = Instant::now();
+    let mut partial = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    partial
+        .write_all(b"POST /v1/requests?program=echo HTTP/1.1\r\nHost: server\r\n")
+        .await
+        .unwrap();
+    let mut idle = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    wait_connections_open(&h, 2).await;
+    let from_partial = read_until_closed(&mut partial, Duration::from_secs(6)).await;
+    let from_idle = read_until_closed(&mut idle, Duration::from_secs(6)).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(1000),
+        "closed early: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(String::from_utf8_lossy(&from_partial), "");
+    assert_eq!(String::from_utf8_lossy(&from_idle), "");
+    wait_connections_open(&h, 0).await;
+}
+
+/// With `max-connections` open (slow senders), further connections are
+/// closed at once without an answer while the cap holds; the open count never
+/// passes the cap (so body memory stays within max-connections ×
+/// max-request-bytes); once the body timeout frees the slots, clients are
+/// served again.
+#[tokio::test]
+async fn connections_over_the_cap_are_closed_at_once_while_the_cap_holds() {
+    let h = start_with(|c| {
+        c.max_connections = 4;
+        c.body_timeout = Duration::from_millis(3000);
+    })
+    .await;
+    wait_ready(h.addr).await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(trickle_body(h.addr, 4096).await);
+    }
+    wait_connections_open(&h, 4).await;
+    let refused_before = metric(
+        &h.server.metrics_text(),
+        "cinfer_server_http_connections_refused_total",
+    );
+    for _ in 0..20 {
+        let t = Instant::now();
+        let mut extra = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+        let answer = read_until_closed(&mut extra, Duration::from_secs(2)).await;
+        assert_eq!(
+            String::from_utf8_lossy(&answer),
+            "",
+            "an answer over the cap"
+        );
+        assert!(t.elapsed() < Duration::from_secs(1), "not closed at once");
+        assert!(connections_open(&h) <= 4, "more than the cap open");
+    }
+    let text = h.server.metrics_text();
+    assert_eq!(
+        metric(&text, "cinfer_server_http_connections_refused_total") - refused_before,
+        20
+    );
+    assert_eq!(metric(&text, "cinfer_server_http_connections_open"), 4);
+    // The slow senders are cut off with 408, which frees the cap.
+    for mut rd in held {
+        let response = read_until_closed(&mut rd, Duration::from_secs(8)).await;
+        assert_eq!(
+            status_and_error(&response),
+            (408, "request body not received within 3000 ms".to_owned())
+        );
+    }
+    wait_connections_open(&h, 0).await;
+    let (status, _) = get(h.addr, "/healthz").await;
+    assert_eq!(status, 200);
+    let r = post_request(h.addr, "echo", b"after the slow senders").await;
+    assert_eq!(r.status, 200);
+}
