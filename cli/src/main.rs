@@ -45,6 +45,12 @@ enum Command {
         /// Plaintext bytes per chunk.
         #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
         chunk_size: u32,
+        /// Seal the file byte for byte. By default the tokenizer image
+        /// (`cinfer.tokenizer.image`: the tokenizer's tables, built once here
+        /// so that programs need not build them on every request) is added to
+        /// the GGUF metadata when the model has a tokenizer cinfer reads.
+        #[arg(long)]
+        no_tokenizer_image: bool,
     },
     /// Decrypts every chunk of a sealed model and checks the plaintext digest;
     /// prints the header. Writes no cleartext anywhere.
@@ -136,6 +142,34 @@ fn read_key(path: &Path) -> Result<ModelKey> {
     Ok(ModelKey::from_key_file(&text)?)
 }
 
+/// The header of the GGUF file `model` with its tokenizer image added, and the offset where the
+/// file's tensor data starts; `None` (with a note) when the model's tokenizer is not one cinfer
+/// reads. A file that is not GGUF is an error.
+fn header_with_image(model: &Path, len: u64) -> Result<Option<(Vec<u8>, u64)>> {
+    let mut want = (8u64 << 20).min(len);
+    loop {
+        let mut prefix = Vec::new();
+        std::fs::File::open(model)?
+            .take(want)
+            .read_to_end(&mut prefix)?;
+        match cinfer_tokenizer::embed_image_header(&prefix) {
+            Ok(h) => return Ok(Some(h)),
+            Err(cinfer_tokenizer::TokenizerError::Gguf(cinfer_gguf::GgufError::Truncated(_)))
+                if want < len =>
+            {
+                want = (want * 2).min(len)
+            }
+            Err(cinfer_tokenizer::TokenizerError::Gguf(e)) => {
+                bail!("{} is not a GGUF model: {e}", model.display())
+            }
+            Err(e) => {
+                println!("note: no tokenizer image ({e}); sealing the file as it is");
+                return Ok(None);
+            }
+        }
+    }
+}
+
 fn seal_model(
     model: &Path,
     model_id: &str,
@@ -143,34 +177,65 @@ fn seal_model(
     key: &Path,
     out: &Path,
     chunk_size: u32,
+    tokenizer_image: bool,
 ) -> Result<()> {
     let key = read_key(key)?;
-    let len = std::fs::metadata(model)
+    if out.exists() {
+        bail!("{} exists; refusing to overwrite", out.display());
+    }
+    let file_len = std::fs::metadata(model)
         .with_context(|| format!("reading {}", model.display()))?
         .len();
+    // The plaintext: the file, or a new header and the file's tensor data.
+    let header = match tokenizer_image {
+        true => header_with_image(model, file_len)?,
+        false => None,
+    };
+    type OpenPlain<'a> = Box<dyn Fn() -> Result<Box<dyn Read>> + 'a>;
+    let (len, open_plain): (u64, OpenPlain<'_>) = match header {
+        None => (
+            file_len,
+            Box::new(|| Ok(Box::new(std::fs::File::open(model)?))),
+        ),
+        Some((header, data_offset)) => {
+            let Some(data_len) = file_len.checked_sub(data_offset) else {
+                bail!("{}: tensor data offset past the end", model.display());
+            };
+            (
+                header.len() as u64 + data_len,
+                Box::new(move || {
+                    let mut f = std::fs::File::open(model)?;
+                    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(data_offset))?;
+                    Ok(Box::new(std::io::Cursor::new(header.clone()).chain(f)))
+                }),
+            )
+        }
+    };
     // Pass 1: digest (it is part of every chunk's associated data).
     let pb = bar(len, "hashing");
-    let mut f = std::fs::File::open(model)?;
+    let mut f = open_plain()?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; chunk_size as usize];
+    let mut read = 0u64;
     loop {
         let n = f.read(&mut buf)?;
         if n == 0 {
             break;
         }
         h.update(&buf[..n]);
+        read += n as u64;
         pb.inc(n as u64);
     }
     pb.finish_and_clear();
+    if read != len {
+        bail!("{} changed while it was read", model.display());
+    }
     let digest: [u8; 32] = h.finalize().into();
     // Pass 2: seal chunk by chunk.
     let sealer = Sealer::new(&key, model_id, key_id, chunk_size, len, digest)?;
-    if out.exists() {
-        bail!("{} exists; refusing to overwrite", out.display());
-    }
     let mut w = std::io::BufWriter::new(std::fs::File::create(out)?);
     w.write_all(sealer.header_bytes())?;
-    let mut f = std::fs::File::open(model)?;
+    let mut f = open_plain()?;
     let pb = bar(len, "sealing");
     for i in 0..sealer.header().chunk_count() {
         let n = sealer.header().chunk_plain_len(i);
@@ -182,9 +247,14 @@ fn seal_model(
     pb.finish_and_clear();
     zeroize::Zeroize::zeroize(&mut buf);
     println!(
-        "sealed {} ({} bytes, sha256 {}) as model `{model_id}` (key `{key_id}`) into {}",
+        "sealed {} ({} bytes{}, sha256 {}) as model `{model_id}` (key `{key_id}`) into {}",
         model.display(),
         len,
+        if len != file_len {
+            ", with the tokenizer image"
+        } else {
+            ""
+        },
         hex::encode(digest),
         out.display()
     );
@@ -328,7 +398,16 @@ fn main() -> std::process::ExitCode {
             key,
             out,
             chunk_size,
-        } => seal_model(model, model_id, key_id, key, out, *chunk_size),
+            no_tokenizer_image,
+        } => seal_model(
+            model,
+            model_id,
+            key_id,
+            key,
+            out,
+            *chunk_size,
+            !*no_tokenizer_image,
+        ),
         Command::UnsealCheck { sealed, key } => unseal_check(sealed, key),
         Command::DevModelKey { out } => dev_model_key(out),
         Command::Keygen { private, public } => keygen(private, public),

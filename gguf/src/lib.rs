@@ -216,7 +216,8 @@ impl<'a> Array<'a> {
         self.len == 0
     }
 
-    /// The items, decoded one at a time.
+    /// The items, decoded one at a time. A string item that is not UTF-8 ends
+    /// the iteration early (so [`strings`](Self::strings) gives `None`).
     pub fn iter(&self) -> impl Iterator<Item = Value<'a>> + 'a {
         let mut r = Reader {
             bytes: self.bytes,
@@ -226,14 +227,21 @@ impl<'a> Array<'a> {
         (0..self.len).map_while(move |_| r.value(ty, 0).ok())
     }
 
-    /// All items as strings, if they are strings.
+    /// The raw bytes of an array of `u8` (or `i8`) items.
+    pub fn as_bytes(&self) -> Option<&'a [u8]> {
+        matches!(self.elem_type, 0 | 1).then_some(self.bytes)
+    }
+
+    /// All items as strings, if they are all UTF-8 strings.
     pub fn strings(&self) -> Option<Vec<&'a str>> {
-        self.iter()
+        let v: Vec<&str> = self
+            .iter()
             .map(|v| match v {
                 Value::Str(s) => Some(s),
                 _ => None,
             })
-            .collect()
+            .collect::<Option<_>>()?;
+        (v.len() as u64 == self.len).then_some(v)
     }
 }
 
@@ -306,6 +314,18 @@ impl<'a> Reader<'a> {
         let len = usize::try_from(len).map_err(|_| GgufError::Truncated(what))?;
         std::str::from_utf8(self.take(len, what)?).map_err(|_| GgufError::BadUtf8)
     }
+    /// Skips `len` strings. Their UTF-8 is checked when they are read
+    /// ([`Array::iter`]): vocabularies make string arrays the bulk of the
+    /// metadata, and a program that needs only a few keys should not pay for
+    /// validating 100,000 strings.
+    fn skip_strings(&mut self, len: u64) -> Result<(), GgufError> {
+        for _ in 0..len {
+            let n = usize::try_from(self.u64("string length")?)
+                .map_err(|_| GgufError::Truncated("string"))?;
+            self.take(n, "string")?;
+        }
+        Ok(())
+    }
     fn value(&mut self, ty: u32, depth: u32) -> Result<Value<'a>, GgufError> {
         const W: &str = "value";
         Ok(match ty {
@@ -325,9 +345,22 @@ impl<'a> Reader<'a> {
                 let elem_type = self.u32("array type")?;
                 let len = self.u64("array length")?;
                 let start = self.pos;
-                // Walk the items to find the end (and validate them).
-                for _ in 0..len {
-                    self.value(elem_type, depth + 1)?;
+                // Find the end: numbers need no validation, strings are
+                // checked as they are read.
+                match fixed_size(elem_type) {
+                    Some(size) => {
+                        let n = usize::try_from(len)
+                            .ok()
+                            .and_then(|l| l.checked_mul(size))
+                            .ok_or(GgufError::Truncated("array"))?;
+                        self.take(n, "array")?;
+                    }
+                    None if elem_type == 8 => self.skip_strings(len)?,
+                    None => {
+                        for _ in 0..len {
+                            self.value(elem_type, depth + 1)?;
+                        }
+                    }
                 }
                 Value::Array(Array {
                     elem_type,
@@ -340,6 +373,17 @@ impl<'a> Reader<'a> {
             12 => Value::F64(f64::from_le_bytes(self.arr(W)?)),
             other => return Err(GgufError::BadValueType(other)),
         })
+    }
+}
+
+/// Bytes per item of the fixed-size value types.
+fn fixed_size(ty: u32) -> Option<usize> {
+    match ty {
+        0 | 1 | 7 => Some(1),
+        2 | 3 => Some(2),
+        4..=6 => Some(4),
+        10..=12 => Some(8),
+        _ => None,
     }
 }
 
@@ -430,6 +474,23 @@ pub fn parse_metadata(bytes: &[u8]) -> Result<Gguf<'_>, GgufError> {
     parse_inner(bytes, false)
 }
 
+/// The byte span of every key/value pair of the metadata in `bytes` (a
+/// prefix holding the key/value section is enough), in file order: what
+/// copying a subset of the pairs, or replacing one, needs.
+pub fn kv_spans(bytes: &[u8]) -> Result<Vec<(&str, std::ops::Range<usize>)>, GgufError> {
+    let g = parse_metadata(bytes)?;
+    let mut r = Reader { bytes, pos: 24 };
+    let mut spans = Vec::with_capacity(g.kv.len());
+    for _ in &g.kv {
+        let start = r.pos;
+        let key = r.string("key")?;
+        let ty = r.u32("value type")?;
+        r.value(ty, 0)?;
+        spans.push((key, start..r.pos));
+    }
+    Ok(spans)
+}
+
 impl<'a> Gguf<'a> {
     /// The value of `key`, if present.
     pub fn get(&self, key: &str) -> Option<&Value<'a>> {
@@ -488,7 +549,7 @@ impl<'a> Gguf<'a> {
 
 /// Writes GGUF files (for tests and tools that generate tiny models).
 pub mod write {
-    use super::GgmlType;
+    use super::{GgmlType, GgufError, Reader};
 
     /// A value to write.
     #[derive(Debug, Clone)]
@@ -509,6 +570,8 @@ pub mod write {
         I32s(Vec<i32>),
         /// array of f32
         F32s(Vec<f32>),
+        /// array of u8
+        U8s(Vec<u8>),
     }
 
     fn string(out: &mut Vec<u8>, s: &str) {
@@ -551,9 +614,114 @@ pub mod write {
                 }
                 (9, b)
             }
+            Val::U8s(items) => {
+                let mut b = 0u32.to_le_bytes().to_vec();
+                b.extend_from_slice(&(items.len() as u64).to_le_bytes());
+                b.extend_from_slice(items);
+                (9, b)
+            }
         };
         out.extend_from_slice(&ty.to_le_bytes());
         out.extend_from_slice(&body);
+    }
+
+    /// `file` (a whole GGUF file, tensor data included) with metadata `key`
+    /// set to `v`: its value replaced where the key exists, else the pair
+    /// appended after the others. Tensor infos and data are copied unchanged
+    /// (their offsets are relative to the data section, which moves to the
+    /// next multiple of the file's alignment after the longer header).
+    /// `general.alignment` cannot be set this way (the tensor offsets were
+    /// laid out for the old one).
+    pub fn set_kv(file: &[u8], key: &str, v: &Val) -> Result<Vec<u8>, GgufError> {
+        let (mut out, data) = set_kv_header(file, key, v)?;
+        let g = super::parse(file)?;
+        let data_len = g
+            .tensors
+            .iter()
+            .map(|t| t.offset.checked_add(t.size))
+            .try_fold(0u64, |m, end| end.map(|e| m.max(e)))
+            .ok_or(GgufError::OutOfRange("tensor offset"))?;
+        let data = usize::try_from(data).map_err(|_| GgufError::Truncated("tensor data"))?;
+        match usize::try_from(data_len)
+            .ok()
+            .and_then(|l| file.get(data..data.checked_add(l)?))
+        {
+            Some(d) => out.extend_from_slice(d),
+            None => return Err(GgufError::Truncated("tensor data")),
+        }
+        Ok(out)
+    }
+
+    /// The header part of [`set_kv`] for files too large to hold in memory:
+    /// from `prefix` (the file up to at least the end of its tensor infos),
+    /// the new header padded to the data section, and the offset of the data
+    /// section in the old file. The new file is that header followed by the
+    /// old file from that offset on.
+    pub fn set_kv_header(prefix: &[u8], key: &str, v: &Val) -> Result<(Vec<u8>, u64), GgufError> {
+        if key == "general.alignment" {
+            return Err(GgufError::Key {
+                key: key.to_owned(),
+                problem: "cannot be changed in place",
+            });
+        }
+        let g = super::parse(prefix)?;
+        // Where the tensor infos end.
+        let pairs = super::kv_spans(prefix)?;
+        let mut r = Reader {
+            bytes: prefix,
+            pos: g.kv_end,
+        };
+        for t in &g.tensors {
+            r.string("tensor name")?;
+            r.take(4 + 8 * t.dims.len() + 4 + 8, "tensor info")?;
+        }
+        let infos = g.kv_end..r.pos;
+        let mut out = prefix[..16].to_vec();
+        let kept: Vec<_> = pairs.iter().filter(|(k, _)| *k != key).collect();
+        out.extend_from_slice(&(kept.len() as u64 + 1).to_le_bytes());
+        for (_, span) in kept {
+            out.extend_from_slice(&prefix[span.clone()]);
+        }
+        string(&mut out, key);
+        value(&mut out, v);
+        out.extend_from_slice(&prefix[infos]);
+        let align = g
+            .get("general.alignment")
+            .and_then(|a| a.as_u64())
+            .unwrap_or(super::DEFAULT_ALIGNMENT);
+        let data_start = (out.len() as u64).div_ceil(align) * align;
+        out.resize(data_start as usize, 0);
+        Ok((out, g.data_offset))
+    }
+
+    /// A metadata-only GGUF (the same version, no tensors) holding the
+    /// key/value pairs of `meta` whose key `keep` accepts, in file order and
+    /// byte for byte.
+    pub fn metadata_subset(meta: &[u8], keep: impl Fn(&str) -> bool) -> Result<Vec<u8>, GgufError> {
+        let spans = super::kv_spans(meta)?;
+        Ok(metadata_of_pairs(
+            meta,
+            spans.into_iter().filter(|(k, _)| keep(k)).map(|(_, s)| s),
+        ))
+    }
+
+    /// A metadata-only GGUF of the key/value pairs at `spans` of `meta`
+    /// (spans from [`kv_spans`](super::kv_spans) of the same bytes).
+    pub fn metadata_of_pairs(
+        meta: &[u8],
+        spans: impl Iterator<Item = std::ops::Range<usize>> + Clone,
+    ) -> Vec<u8> {
+        let (n, len) = spans
+            .clone()
+            .fold((0u64, 0), |(n, l), s| (n + 1, l + s.len()));
+        let mut out = Vec::with_capacity(24 + len);
+        out.extend_from_slice(&meta[..8]);
+        out.extend_from_slice(&0u64.to_le_bytes());
+        out.extend_from_slice(&n.to_le_bytes());
+        for span in spans {
+            out.extend_from_slice(&meta[span]);
+        }
+        out
     }
 
     /// Serializes a GGUF v3 file: metadata, then tensors (name, dims innermost
@@ -679,6 +847,119 @@ mod tests {
         for cut in 0..g.kv_end {
             assert!(parse(&bytes[..cut]).is_err(), "cut {cut}");
         }
+    }
+
+    /// A metadata-only file with one array of the given encoded strings.
+    fn strings_file(items: &[&[u8]]) -> Vec<u8> {
+        let mut v = b"GGUF".to_vec();
+        v.extend_from_slice(&3u32.to_le_bytes());
+        v.extend_from_slice(&0u64.to_le_bytes());
+        v.extend_from_slice(&1u64.to_le_bytes());
+        v.extend_from_slice(&1u64.to_le_bytes());
+        v.push(b'k');
+        v.extend_from_slice(&9u32.to_le_bytes());
+        v.extend_from_slice(&8u32.to_le_bytes());
+        v.extend_from_slice(&(items.len() as u64).to_le_bytes());
+        for s in items {
+            v.extend_from_slice(&(s.len() as u64).to_le_bytes());
+            v.extend_from_slice(s);
+        }
+        v
+    }
+
+    #[test]
+    fn string_arrays_are_checked_item_by_item_when_read() {
+        let long = "é".repeat(100); // 200 bytes: a length byte ≥ 0x80
+        let good: [&[u8]; 4] = [b"a", b"", "Ġthe".as_bytes(), long.as_bytes()];
+        let bytes = strings_file(&good);
+        let a = parse_metadata(&bytes)
+            .expect("valid")
+            .array("k")
+            .expect("k");
+        assert_eq!(
+            a.strings().expect("strings"),
+            ["a", "", "Ġthe", long.as_str()]
+        );
+        // Each string must be UTF-8 on its own, even where the bytes around it
+        // would complete a character: "\xc3" + "\xa9" is "é" across two items.
+        for bad in [
+            &[b"a" as &[u8], b"\xc3", b"\xa9"][..],
+            &[b"\xff"],
+            &[long.as_bytes(), &long.as_bytes()[1..]],
+            &[&long.as_bytes()[..199]],
+        ] {
+            let bytes = strings_file(bad);
+            let a = parse_metadata(&bytes)
+                .expect("framing is valid")
+                .array("k")
+                .expect("k");
+            assert_eq!(a.strings(), None, "{bad:?}");
+        }
+        // Lengths past the end are truncation, not a panic.
+        let mut cut = strings_file(&good);
+        cut.pop();
+        assert_eq!(
+            parse_metadata(&cut).unwrap_err(),
+            GgufError::Truncated("string")
+        );
+    }
+
+    #[test]
+    fn set_kv_replaces_or_appends_and_keeps_the_tensors() {
+        let bytes = sample();
+        let image: Vec<u8> = (0..=255).collect();
+        let with = write::set_kv(&bytes, "cinfer.blob", &Val::U8s(image.clone())).expect("set");
+        let g = parse(&with).expect("parse");
+        assert_eq!(g.kv.len(), 6);
+        assert_eq!(
+            g.array("cinfer.blob").expect("blob").as_bytes(),
+            Some(&image[..])
+        );
+        assert_eq!(g.str("general.architecture").expect("arch"), "llama");
+        for t in &parse(&bytes).expect("parse").tensors {
+            let old = &bytes[(parse(&bytes).expect("p").data_offset + t.offset) as usize..]
+                [..t.size as usize];
+            let n = g.tensor(&t.name).expect("tensor");
+            assert_eq!(n, t);
+            assert_eq!(
+                &with[(g.data_offset + n.offset) as usize..][..n.size as usize],
+                old
+            );
+        }
+        // Setting it again replaces the value instead of adding a pair.
+        let again = write::set_kv(&with, "cinfer.blob", &Val::U8s(vec![7])).expect("set");
+        let g = parse(&again).expect("parse");
+        assert_eq!(g.kv.len(), 6);
+        assert_eq!(
+            g.array("cinfer.blob").expect("blob").as_bytes(),
+            Some(&[7u8][..])
+        );
+        // A file without its tensor data, or the alignment, is refused.
+        assert_eq!(
+            write::set_kv(&bytes[..bytes.len() - 1], "k", &Val::U32(1)).unwrap_err(),
+            GgufError::Truncated("tensor data")
+        );
+        assert!(matches!(
+            write::set_kv(&bytes, "general.alignment", &Val::U32(64)),
+            Err(GgufError::Key { .. })
+        ));
+    }
+
+    #[test]
+    fn metadata_subset_copies_the_chosen_pairs() {
+        let bytes = sample();
+        let sub = write::metadata_subset(&bytes, |k| k.starts_with("llama.")).expect("subset");
+        let g = parse_metadata(&sub).expect("parse");
+        let keys: Vec<&str> = g.kv.iter().map(|(k, _)| *k).collect();
+        assert_eq!(keys, ["llama.block_count", "llama.rope.freq_base"]);
+        assert_eq!(g.u64("llama.block_count").expect("blocks"), 2);
+        assert_eq!(g.kv_end, sub.len());
+        let none = write::metadata_subset(&bytes, |_| false).expect("subset");
+        assert_eq!(parse_metadata(&none).expect("parse").kv.len(), 0);
+        assert_eq!(
+            write::metadata_subset(b"GGUF", |_| true).unwrap_err(),
+            GgufError::Truncated("version")
+        );
     }
 
     #[test]

@@ -275,6 +275,14 @@ pub mod model {
             self.0.metadata()
         }
 
+        /// The metadata pairs whose key is in `keys`, or starts with an entry's text before a
+        /// final `*` (`["general.*", "llama.*"]`), as a metadata-only GGUF: a few keys without
+        /// copying megabytes of vocabulary. At most 64 entries (more trap).
+        pub fn metadata_keys(&self, keys: &[&str]) -> Result<Vec<u8>, ModelError> {
+            let keys: Vec<String> = keys.iter().map(|k| (*k).to_owned()).collect();
+            self.0.metadata_keys(&keys)
+        }
+
         /// Loads a weight tensor straight into accelerator memory.
         pub fn load_tensor(&self, name: &str) -> Result<Tensor, ModelError> {
             self.0.load_tensor(name).map(Tensor::from_raw)

@@ -38,6 +38,8 @@ fn main() {
     };
     let program = std::fs::read(root.join("target/programs/llama-chat.wasm"))
         .expect("build the programs first");
+    // As `cinfer seal-model` seals it: with the tokenizer image in the metadata.
+    let plain = cinfer_tokenizer::embed_image(&plain).expect("tokenizer image");
     let key = ModelKey::generate().expect("key");
     let sealed = seal_bytes(&key, "smollm2-135m-instruct", "bench", 1 << 20, &plain).expect("seal");
     let size = plain.len() as f64;
@@ -97,6 +99,21 @@ fn main() {
         std::hint::black_box(native.generate(&[6403], n, |_| false));
         start.elapsed()
     };
+    // CINFER_BENCH_SHORT_ONLY=N: only N 1-token requests (for profiling the
+    // per-request overhead), then their median.
+    if let Some(n) = std::env::var("CINFER_BENCH_SHORT_ONLY")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        let mut t: Vec<Duration> = (0..n.max(1)).map(|_| run(req("Once", 1))).collect();
+        t.sort();
+        println!(
+            "1-token request, 1 new token: median {:?}, min {:?} of {n}",
+            t[t.len() / 2],
+            t[0]
+        );
+        return;
+    }
     // Rounds interleave the confidential and the native runs, so drift in the
     // machine's load hits both alike; each figure is the median over rounds.
     let rate = |tokens: f64, long: Duration, short: Duration| {

@@ -43,6 +43,8 @@ pub struct SealedGguf {
     opened: Opened<Box<dyn ReadAt>>,
     recent: Mutex<Vec<Chunk>>,
     metadata: Zeroizing<Vec<u8>>,
+    /// Each key of the metadata and the span of its pair in `metadata`.
+    kv_spans: Vec<(String, std::ops::Range<usize>)>,
     tensors: HashMap<String, TensorInfo>,
     data_offset: u64,
 }
@@ -100,10 +102,15 @@ impl SealedGguf {
                 Err(e) => return Err(e.into()),
             }
         };
+        let kv_spans = cinfer_gguf::kv_spans(&metadata)?
+            .into_iter()
+            .map(|(k, s)| (k.to_owned(), s))
+            .collect();
         Ok(SealedGguf {
             opened,
             recent: Mutex::new(Vec::new()),
             metadata,
+            kv_spans,
             tensors,
             data_offset,
         })
@@ -199,6 +206,16 @@ impl SealedGguf {
 impl ModelSource for SealedGguf {
     fn metadata(&self) -> Result<Vec<u8>, ModelError> {
         Ok(self.metadata.to_vec())
+    }
+
+    fn metadata_subset(&self, keep: &dyn Fn(&str) -> bool) -> Result<Vec<u8>, ModelError> {
+        Ok(cinfer_gguf::write::metadata_of_pairs(
+            &self.metadata,
+            self.kv_spans
+                .iter()
+                .filter(|(k, _)| keep(k))
+                .map(|(_, s)| s.clone()),
+        ))
     }
 
     fn tensor_shape(&self, name: &str) -> Result<(Vec<u32>, ElemType), ModelError> {

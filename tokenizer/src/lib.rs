@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 mod bpe;
+mod image;
 mod pretok;
 mod unicode;
 #[rustfmt::skip]
@@ -30,7 +31,12 @@ use std::fmt;
 
 use cinfer_gguf::{Array, Gguf, Value};
 
+pub use image::VERSION as IMAGE_VERSION;
 pub use pretok::PreTokenizer;
+
+/// The GGUF metadata key under which `cinfer seal-model` stores the tokenizer image (an array
+/// of `u8`, see [`Tokenizer::image`]); [`Tokenizer::from_gguf`] uses it when present.
+pub const IMAGE_KEY: &str = "cinfer.tokenizer.image";
 pub use utf8::Utf8Stream;
 
 /// Why GGUF metadata does not give a usable tokenizer.
@@ -97,6 +103,9 @@ pub enum TokenizerError {
         /// The number of tokens.
         n_vocab: usize,
     },
+    /// A tokenizer image (see [`Tokenizer::from_image`]) is malformed or of another version.
+    #[error("tokenizer image: {0}")]
+    BadImage(&'static str),
     /// llama.cpp's per-model rules need a token that the vocabulary lacks.
     #[error("token `{token}` is required ({why}) but not in the vocabulary")]
     MissingToken {
@@ -200,21 +209,43 @@ const EOG_TEXTS: [&str; 7] = [
     "<EOT>",
 ];
 
+/// `file` (a whole GGUF model) with the [image](Tokenizer::image) of its tokenizer stored under
+/// [`IMAGE_KEY`], replacing any image it had; the tensors are unchanged. Programs that build
+/// their tokenizer with [`Tokenizer::from_gguf`] then skip building the tables on every run.
+///
+/// For files too large to hold in memory, [`embed_image_header`] does the same from the header.
+pub fn embed_image(file: &[u8]) -> Result<Vec<u8>, TokenizerError> {
+    let tok = Tokenizer::build_from_gguf(&cinfer_gguf::parse(file)?)?;
+    Ok(cinfer_gguf::write::set_kv(
+        file,
+        IMAGE_KEY,
+        &cinfer_gguf::write::Val::U8s(tok.image().to_vec()),
+    )?)
+}
+
+/// [`embed_image`] from `prefix`, the start of a GGUF file up to at least the end of its tensor
+/// infos: the new header, padded to its data section, and the offset of the data section in
+/// the old file; the new file is the header followed by the old file from that offset.
+pub fn embed_image_header(prefix: &[u8]) -> Result<(Vec<u8>, u64), TokenizerError> {
+    let tok = Tokenizer::build_from_gguf(&cinfer_gguf::parse(prefix)?)?;
+    Ok(cinfer_gguf::write::set_kv_header(
+        prefix,
+        IMAGE_KEY,
+        &cinfer_gguf::write::Val::U8s(tok.image().to_vec()),
+    )?)
+}
+
 /// A byte-level BPE vocabulary with llama.cpp's encoding rules.
+///
+/// Its tables live in one [image](Self::image): token texts (byte-level chars for normal
+/// tokens) and the merge sides that are not tokens, interned to ids (tokens below `n_vocab`);
+/// the attributes and pieces (the bytes each token prints as with special tokens rendered) of
+/// every token; merge ranks by the interned ids of their two sides; the special tokens
+/// (control, user-defined and unknown, longest text first) and the end-of-generation ids.
+#[derive(Clone)]
 pub struct Tokenizer {
     pre: PreTokenizer,
-    /// Token texts as stored (byte-level chars for normal tokens).
-    texts: Vec<Box<str>>,
-    attrs: Vec<u16>,
-    /// The bytes each token prints as with special tokens rendered.
-    pieces: Vec<Box<[u8]>>,
-    /// Token texts (ids below `n_vocab`) and merge sides that are not tokens (ids above).
-    strings: HashMap<Box<str>, u32>,
-    /// Merge rank by the interned ids of its two sides.
-    ranks: HashMap<(u32, u32), u32>,
-    /// Control, user-defined and unknown tokens, longest text first.
-    special: Vec<u32>,
-    eog: Vec<u32>,
+    img: image::Image,
     bos: Option<u32>,
     eos: Option<u32>,
     eot: Option<u32>,
@@ -225,17 +256,21 @@ pub struct Tokenizer {
     ignore_merges: bool,
 }
 
+const FLAG_ADD_BOS: u32 = 1;
+const FLAG_ADD_EOS: u32 = 2;
+const FLAG_IGNORE_MERGES: u32 = 4;
+
 impl fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Tokenizer")
             .field("pre", &self.pre)
-            .field("n_vocab", &self.texts.len())
-            .field("n_merges", &self.ranks.len())
-            .field("n_special", &self.special.len())
+            .field("n_vocab", &self.img.n_vocab)
+            .field("n_merges", &self.img.n_ranks)
+            .field("n_special", &self.img.special.len())
             .field("bos", &self.bos)
             .field("eos", &self.eos)
             .field("eot", &self.eot)
-            .field("eog", &self.eog)
+            .field("eog", &self.img.eog)
             .field("add_bos", &self.add_bos)
             .field("add_eos", &self.add_eos)
             .finish()
@@ -315,8 +350,84 @@ impl Tokenizer {
         Self::from_gguf(&cinfer_gguf::parse_metadata(bytes)?)
     }
 
+    /// The tokenizer of GGUF metadata: from its [image](Self::image) under [`IMAGE_KEY`] when
+    /// the metadata holds one (which costs next to nothing), else
+    /// [built](Self::build_from_gguf) from the tokenizer keys.
+    pub fn from_gguf(g: &Gguf<'_>) -> Result<Self, TokenizerError> {
+        match g.get(IMAGE_KEY) {
+            None => Self::build_from_gguf(g),
+            Some(Value::Array(a)) => {
+                Self::from_image(a.as_bytes().ok_or(TokenizerError::WrongType {
+                    key: IMAGE_KEY,
+                    expected: "an array of u8",
+                })?)
+            }
+            Some(_) => Err(TokenizerError::WrongType {
+                key: IMAGE_KEY,
+                expected: "an array of u8",
+            }),
+        }
+    }
+
+    /// A tokenizer from its [image](Self::image): checks the header and copies the bytes, but
+    /// builds no table, so it takes well under a millisecond for a 49,152-token vocabulary. A
+    /// malformed image, or one of another [version](IMAGE_VERSION), is
+    /// [`TokenizerError::BadImage`]; a well-formed but wrong one gives wrong ids, never a panic.
+    pub fn from_image(bytes: &[u8]) -> Result<Self, TokenizerError> {
+        Self::with_image(image::Image::parse(bytes.to_vec(), 0..bytes.len())?)
+    }
+
+    /// [`from_gguf`](Self::from_gguf) on the GGUF metadata in `meta`, keeping `meta` when it
+    /// holds an image, which is then read where it lies: no copy, nothing built. This is how a
+    /// program gets its tokenizer fastest (with `metadata-keys` fetching just the keys it needs
+    /// and the image).
+    pub fn from_metadata(meta: Vec<u8>) -> Result<Self, TokenizerError> {
+        let g = cinfer_gguf::parse_metadata(&meta)?;
+        let image = match g.get(IMAGE_KEY) {
+            None => return Self::build_from_gguf(&g),
+            Some(Value::Array(a)) => a.as_bytes(),
+            Some(_) => None,
+        }
+        .ok_or(TokenizerError::WrongType {
+            key: IMAGE_KEY,
+            expected: "an array of u8",
+        })?;
+        // The image's place in `meta` (it borrows from it).
+        let start = image.as_ptr() as usize - meta.as_ptr() as usize;
+        let range = start..start + image.len();
+        drop(g);
+        Self::with_image(image::Image::parse(meta, range)?)
+    }
+
+    fn with_image(img: image::Image) -> Result<Self, TokenizerError> {
+        let name = Some(img.pre_name.as_str()).filter(|s| !s.is_empty());
+        let pre = PreTokenizer::from_name(name).ok_or_else(|| {
+            TokenizerError::UnsupportedPreTokenizer(name.unwrap_or_default().to_owned())
+        })?;
+        let [bos, eos, eot, unk, pad] = img.ids;
+        Ok(Tokenizer {
+            pre,
+            bos,
+            eos,
+            eot,
+            unk,
+            pad,
+            add_bos: img.flags & FLAG_ADD_BOS != 0,
+            add_eos: img.flags & FLAG_ADD_EOS != 0,
+            ignore_merges: img.flags & FLAG_IGNORE_MERGES != 0,
+            img,
+        })
+    }
+
+    /// The image of this tokenizer: every table it uses, in one byte string that
+    /// [`from_image`](Self::from_image) reads in place (format in the `image` module; the
+    /// same bytes for the same metadata and [`IMAGE_VERSION`]).
+    pub fn image(&self) -> &[u8] {
+        self.img.bytes()
+    }
+
     /// Builds the tokenizer from GGUF metadata, the way llama.cpp's `llama_vocab::load` does for
-    /// `tokenizer.ggml.model = "gpt2"`.
+    /// `tokenizer.ggml.model = "gpt2"` (ignoring any image in it).
     ///
     /// Reads `tokenizer.ggml.{model, pre, tokens, token_type, merges}`, the special token ids
     /// (`bos`, `eos`, `eot`, `eom`, `unknown`, `padding`, FIM), `add_bos_token` and
@@ -326,7 +437,7 @@ impl Tokenizer {
     /// Stricter than llama.cpp (which warns and keeps a default): a bos/eos/eot/eom id outside
     /// the vocabulary is an error. Padding, unknown and FIM ids out of range are ignored, as
     /// there.
-    pub fn from_gguf(g: &Gguf<'_>) -> Result<Self, TokenizerError> {
+    pub fn build_from_gguf(g: &Gguf<'_>) -> Result<Self, TokenizerError> {
         let m = Meta { g };
         let model = m.str(K_MODEL)?.ok_or(TokenizerError::MissingKey(K_MODEL))?;
         if model != "gpt2" {
@@ -407,6 +518,7 @@ impl Tokenizer {
             .strings(K_MERGES)?
             .ok_or(TokenizerError::MissingKey(K_MERGES))?;
         let mut ranks: HashMap<(u32, u32), u32> = HashMap::with_capacity(merges.len());
+        let mut extra: Vec<Box<str>> = Vec::new();
         for (index, line) in merges.iter().enumerate() {
             let split = line
                 .as_bytes()
@@ -422,6 +534,7 @@ impl Tokenizer {
                 }
                 let id = u32::try_from(strings.len()).unwrap_or(u32::MAX);
                 strings.insert(s.into(), id);
+                extra.push(s.into());
                 id
             };
             let key = (intern(left), intern(right));
@@ -556,24 +669,38 @@ impl Tokenizer {
             }
         }
 
-        Ok(Tokenizer {
-            pre,
-            texts,
-            attrs,
-            pieces,
-            strings,
-            ranks,
-            special,
-            eog,
-            bos,
-            eos,
-            eot,
-            unk,
-            pad,
-            add_bos,
-            add_eos,
-            ignore_merges,
-        })
+        let pieces: Vec<Box<[u8]>> = pieces;
+        let mut all = texts;
+        all.append(&mut extra);
+        let flags = [
+            (add_bos, FLAG_ADD_BOS),
+            (add_eos, FLAG_ADD_EOS),
+            (ignore_merges, FLAG_IGNORE_MERGES),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .fold(0, |f, (_, bit)| f | bit);
+        let bytes = image::build(&image::Parts {
+            pre_name: pre_name.unwrap_or_default(),
+            strings: &all,
+            n_vocab: n,
+            attrs: &attrs,
+            pieces: &pieces,
+            ranks: &ranks,
+            special: &special,
+            eog: &eog,
+            ids: [bos, eos, eot, unk, pad],
+            flags,
+        })?;
+        let len = bytes.len();
+        let tok = Self::with_image(image::Image::parse(bytes, 0..len)?)?;
+        debug_assert_eq!(tok.pre, pre);
+        Ok(tok)
+    }
+
+    /// The interned id of `text` (a token below `n_vocab`, a merge side above).
+    fn interned(&self, text: &str) -> Option<u32> {
+        self.img.lookup(text.as_bytes())
     }
 
     /// Token ids of `text` as llama.cpp's `llama_tokenize(.., add_special = true,
@@ -618,12 +745,14 @@ impl Tokenizer {
         }
         frags.push(Fragment::Text(0, text.len()));
         let bytes = text.as_bytes();
-        for &id in &self.special {
-            let attr = self.attrs[id as usize];
+        for &id in &self.img.special {
+            let attr = self.img.attr(id).unwrap_or(0);
             if !parse_special && attr & (CONTROL | UNKNOWN) != 0 {
                 continue;
             }
-            let needle: &str = &self.texts[id as usize];
+            let Some(needle) = self.token_text(id).filter(|t| !t.is_empty()) else {
+                continue;
+            };
             if !text.contains(needle) {
                 continue;
             }
@@ -665,8 +794,7 @@ impl Tokenizer {
 
     /// Pre-tokenizes and BPE-encodes text that holds no special tokens.
     fn encode_text(&self, text: &str, out: &mut Vec<u32>) {
-        let n = self.texts.len();
-        let token = |s: &str| self.strings.get(s).copied().filter(|&id| (id as usize) < n);
+        let token = |s: &str| self.token_id(s);
         let mut word = String::new();
         let mut spans = Vec::new();
         for raw in self.pre.split(text) {
@@ -681,8 +809,8 @@ impl Tokenizer {
             spans.clear();
             bpe::merge(
                 &word,
-                |s| self.strings.get(s).copied(),
-                |a, b| self.ranks.get(&(a, b)).copied(),
+                |s| self.interned(s),
+                |a, b| self.img.rank(a, b),
                 &mut spans,
             );
             for &(s, e) in &spans {
@@ -712,9 +840,8 @@ impl Tokenizer {
 
     /// [`token_bytes`](Self::token_bytes) without the copy.
     pub fn token_piece(&self, id: u32, render_special: bool) -> &[u8] {
-        let i = id as usize;
-        match (self.attrs.get(i), self.pieces.get(i)) {
-            (Some(&a), Some(p)) if render_special || a & (CONTROL | UNKNOWN) == 0 => p,
+        match (self.img.attr(id), self.img.piece(id)) {
+            (Some(a), Some(p)) if render_special || a & (CONTROL | UNKNOWN) == 0 => p,
             _ => &[],
         }
     }
@@ -731,7 +858,7 @@ impl Tokenizer {
 
     /// Number of tokens in the vocabulary.
     pub fn n_vocab(&self) -> usize {
-        self.texts.len()
+        self.img.n_vocab
     }
 
     /// The beginning-of-sequence token.
@@ -779,33 +906,32 @@ impl Tokenizer {
     /// `<|eot_id|>`, `<|im_end|>`, `<|end|>`, `<end_of_turn>`, `<|endoftext|>`, `<|eom_id|>`,
     /// `<EOT>`.
     pub fn is_eog(&self, id: u32) -> bool {
-        self.eog.binary_search(&id).is_ok()
+        self.img.eog.binary_search(&id).is_ok()
     }
 
     /// All end-of-generation ids, ascending.
     pub fn eog_ids(&self) -> &[u32] {
-        &self.eog
+        &self.img.eog
     }
 
     /// Whether `id` is a control token (printed only when special tokens are rendered).
     pub fn is_control(&self, id: u32) -> bool {
-        self.attrs
-            .get(id as usize)
-            .is_some_and(|a| a & CONTROL != 0)
+        self.img.attr(id).is_some_and(|a| a & CONTROL != 0)
     }
 
     /// The token whose stored text is exactly `text` (e.g. `"<|im_start|>"`; normal tokens are
     /// stored in byte-level form, e.g. `"Ġthe"`).
     pub fn token_id(&self, text: &str) -> Option<u32> {
-        self.strings
-            .get(text)
-            .copied()
-            .filter(|&id| (id as usize) < self.texts.len())
+        self.interned(text)
+            .filter(|&id| (id as usize) < self.img.n_vocab)
     }
 
     /// The stored text of token `id`.
     pub fn token_text(&self, id: u32) -> Option<&str> {
-        self.texts.get(id as usize).map(|t| &**t)
+        self.img
+            .string(id)
+            .filter(|_| (id as usize) < self.img.n_vocab)
+            .and_then(|t| std::str::from_utf8(t).ok())
     }
 }
 

@@ -432,3 +432,135 @@ fn every_text_round_trips() {
         assert_eq!(t.decode(&t.encode(s, false), false), s.as_bytes(), "{s:?}");
     }
 }
+
+/// Texts that exercise special tokens, merges, byte fallback and the pre-tokenizer.
+const SAMPLES: [&str; 8] = [
+    "hello the world",
+    "<|im_start|>user\nhello<|im_end|>",
+    "😀 日本語 a\u{a0}b",
+    "  world  the\n\n",
+    "x'S 's 123 4,5 <tool>",
+    "",
+    "hellohello world",
+    "<|endoftext|>the",
+];
+
+fn same_tokenizer(a: &Tokenizer, b: &Tokenizer) {
+    for s in SAMPLES {
+        for special in [false, true] {
+            let ids = a.encode(s, special);
+            assert_eq!(ids, b.encode(s, special), "{s:?}");
+            assert_eq!(a.decode(&ids, special), b.decode(&ids, special));
+        }
+    }
+    for id in 0..a.n_vocab() as u32 + 2 {
+        assert_eq!(a.token_text(id), b.token_text(id), "{id}");
+        assert_eq!(a.token_bytes(id, true), b.token_bytes(id, true), "{id}");
+        assert_eq!(a.is_control(id), b.is_control(id), "{id}");
+    }
+    assert_eq!(a.eog_ids(), b.eog_ids());
+    assert_eq!((a.bos(), a.eos(), a.eot()), (b.bos(), b.eos(), b.eot()));
+    assert_eq!((a.add_bos(), a.add_eos()), (b.add_bos(), b.add_eos()));
+    assert_eq!(a.pre_tokenizer(), b.pre_tokenizer());
+}
+
+#[test]
+fn image_round_trips() {
+    let mut v = Vocab::new();
+    v.merge("wor ld", false); // a merge side that is no token
+    v.set("tokenizer.ggml.add_bos_token", Val::Bool(true));
+    let t = v.tok();
+    let again = Tokenizer::from_image(t.image()).expect("image");
+    same_tokenizer(&t, &again);
+    assert_eq!(again.image(), t.image(), "the image of an image is itself");
+    assert_eq!(again.encode("hello", true)[0], 1, "add_bos survives");
+}
+
+#[test]
+fn an_embedded_image_is_used_instead_of_the_tables() {
+    let plain = Vocab::new().bytes();
+    let embedded = embed_image(&plain).expect("embed");
+    let g = cinfer_gguf::parse(&embedded).expect("gguf");
+    let from_image = Tokenizer::from_gguf(&g).expect("tokenizer");
+    same_tokenizer(&Vocab::new().tok(), &from_image);
+    // Proof that the image, not the token arrays, is what counts: the image of
+    // another vocabulary (one more merge) stored beside these arrays wins.
+    let mut other = Vocab::new();
+    other.merge("Ġwor ld", false);
+    other.merge("w or", true);
+    let other_image = other.tok().image().to_vec();
+    let swapped =
+        cinfer_gguf::write::set_kv(&plain, IMAGE_KEY, &Val::U8s(other_image)).expect("set");
+    let t = Tokenizer::from_gguf(&cinfer_gguf::parse(&swapped).expect("gguf")).expect("tok");
+    assert_eq!(texts(&t, &t.encode("wor", false)), ["wor"]);
+    assert_eq!(
+        Tokenizer::build_from_gguf(&cinfer_gguf::parse(&swapped).expect("gguf"))
+            .map(|t| texts(&t, &t.encode("wor", false)))
+            .expect("tok"),
+        ["w", "or"],
+        "build_from_gguf ignores the image"
+    );
+    // Embedding again replaces the image rather than adding a second one.
+    let twice = embed_image(&embedded).expect("embed");
+    assert_eq!(twice, embedded);
+    // An image key of another type is refused by name.
+    let wrong = cinfer_gguf::write::set_kv(&plain, IMAGE_KEY, &Val::U32(1)).expect("set");
+    assert_eq!(
+        Tokenizer::from_gguf(&cinfer_gguf::parse(&wrong).expect("gguf")).unwrap_err(),
+        TokenizerError::WrongType {
+            key: IMAGE_KEY,
+            expected: "an array of u8"
+        }
+    );
+}
+
+#[test]
+fn malformed_images_are_refused_or_harmless() {
+    let t = Vocab::new().tok();
+    let image = t.image().to_vec();
+    let err = |b: &[u8]| match Tokenizer::from_image(b) {
+        Err(TokenizerError::BadImage(why)) => why,
+        other => panic!("expected BadImage, got {other:?}"),
+    };
+    assert_eq!(err(b""), "no image magic");
+    assert_eq!(err(b"CTKI"), "truncated header");
+    let mut v2 = image.clone();
+    v2[4] = 2;
+    assert_eq!(
+        err(&v2),
+        "another image version (rebuild it with this release)"
+    );
+    // Every truncation, and one byte more, is refused by the length check.
+    for cut in (8..image.len()).step_by(7) {
+        assert!(!err(&image[..cut]).is_empty(), "cut {cut}");
+    }
+    let mut longer = image.clone();
+    longer.push(0);
+    assert_eq!(err(&longer), "length does not match the header");
+    // Counts that overflow the section arithmetic.
+    let mut huge = image.clone();
+    huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert!(matches!(
+        Tokenizer::from_image(&huge),
+        Err(TokenizerError::BadImage(_))
+    ));
+    // A special token id out of range.
+    let mut special = image.clone();
+    let lists = 4 * 18 + 8 + (2 * t.n_vocab()).next_multiple_of(4); // "smollm" padded to 8
+    special[lists..lists + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+    assert_eq!(err(&special), "token id out of range");
+    // Flipping any byte gives an error or a tokenizer that still never panics.
+    for at in (0..image.len()).step_by(3) {
+        let mut b = image.clone();
+        b[at] ^= 0xa5;
+        if let Ok(t) = Tokenizer::from_image(&b) {
+            for s in SAMPLES {
+                let ids = t.encode(s, true);
+                let _ = t.decode(&ids, true);
+            }
+            for id in 0..t.n_vocab() as u32 + 1 {
+                let _ = (t.token_text(id), t.token_bytes(id, true), t.is_eog(id));
+            }
+        }
+    }
+}

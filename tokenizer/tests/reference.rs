@@ -136,6 +136,30 @@ fn tokenize_matches_llama_cpp() {
     check_tokenize_cases(t, &cases);
 }
 
+/// The model as `cinfer seal-model` stores it, with the tokenizer image in its metadata: the
+/// tokenizer read from the image alone gives llama.cpp's ids too.
+#[test]
+fn embedded_image_matches_llama_cpp() {
+    let Some(t) = tokenizer() else { return };
+    let Some(cases) = jsonl("smollm2-tokenize.jsonl") else {
+        return;
+    };
+    let plain = std::fs::read(model_path()).expect("read model");
+    let embedded = cinfer_tokenizer::embed_image(&plain).expect("embed the image");
+    drop(plain);
+    let g = cinfer_gguf::parse_metadata(&embedded).expect("metadata");
+    let image = g
+        .array(cinfer_tokenizer::IMAGE_KEY)
+        .expect("image key")
+        .as_bytes()
+        .expect("u8 array");
+    assert!(image == t.image(), "the image is the built tokenizer's");
+    let start = std::time::Instant::now();
+    let from_image = Tokenizer::from_gguf(&g).expect("tokenizer from the image");
+    println!("tokenizer from the image in {:?}", start.elapsed());
+    check_tokenize_cases(&from_image, &cases);
+}
+
 /// More cases in the same format (`text`, `parse_special`, `ids`), e.g. from a differential run
 /// against llama.cpp: `CINFER_TOKENIZE_CASES=/path/cases.jsonl`.
 #[test]

@@ -29,4 +29,7 @@ pub enum PolicyViolation {
     /// A handle the guest passed does not name a live host object.
     #[error("invalid {0} handle")]
     BadHandle(&'static str),
+    /// An argument is beyond a documented bound of the interface.
+    #[error("{0}")]
+    ArgumentBound(&'static str),
 }

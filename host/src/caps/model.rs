@@ -18,10 +18,19 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use wasmtime::component::{Resource, ResourceTable};
 
+/// Most key patterns one `metadata-keys` call may pass (the WIT says so).
+const MAX_METADATA_KEYS: usize = 64;
+
 /// A model the loader can serve: metadata and tensors, decrypted on demand.
 pub trait ModelSource: Send + Sync + std::fmt::Debug {
     /// The non-weight metadata (GGUF key/value section).
     fn metadata(&self) -> Result<Vec<u8>, ModelError>;
+    /// The key/value pairs of the metadata whose key `keep` accepts, as a
+    /// metadata-only GGUF.
+    fn metadata_subset(&self, keep: &dyn Fn(&str) -> bool) -> Result<Vec<u8>, ModelError> {
+        cinfer_gguf::write::metadata_subset(&self.metadata()?, keep)
+            .map_err(|_| ModelError::Corrupt)
+    }
     /// Shape (outermost dimension first) and element type of the named tensor.
     fn tensor_shape(&self, name: &str) -> Result<(Vec<u32>, ElemType), ModelError>;
     /// Decrypts the named tensor into device memory on `backend`.
@@ -120,6 +129,25 @@ impl HostSealedModel for ModelView<'_> {
         m: Resource<OpenModel>,
     ) -> wasmtime::Result<Result<Vec<u8>, ModelError>> {
         Ok(self.get(&m)?.entry.source.metadata())
+    }
+
+    fn metadata_keys(
+        &mut self,
+        m: Resource<OpenModel>,
+        keys: Vec<String>,
+    ) -> wasmtime::Result<Result<Vec<u8>, ModelError>> {
+        if keys.len() > MAX_METADATA_KEYS {
+            return Err(wasmtime::Error::new(PolicyViolation::ArgumentBound(
+                "metadata-keys takes at most 64 keys",
+            )));
+        }
+        let keep = |k: &str| {
+            keys.iter().any(|p| match p.strip_suffix('*') {
+                Some(prefix) => k.starts_with(prefix),
+                None => k == p,
+            })
+        };
+        Ok(self.get(&m)?.entry.source.metadata_subset(&keep))
     }
 
     fn load_tensor(
