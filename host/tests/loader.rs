@@ -430,6 +430,67 @@ fn models_open_only_when_the_policy_lists_them() {
 }
 
 #[test]
+fn metadata_keys_returns_just_the_named_pairs() {
+    use cinfer_gguf::write::{Val, gguf};
+    let policy = policy_for(&[(
+        "fixtures/model-user",
+        "inference",
+        "models = [\"smollm2-135m-instruct\"]",
+    )]);
+    let full = gguf(
+        &[
+            ("general.architecture", Val::Str("llama".into())),
+            ("general.name", Val::Str("test".into())),
+            ("llama.block_count", Val::U32(2)),
+            ("tokenizer.ggml.tokens", Val::Strs(vec!["a".into(); 1000])),
+            ("tokenizer.chat_template", Val::Str("{{x}}".into())),
+        ],
+        &[],
+    );
+    let mut models = ModelStore::default();
+    models.insert(
+        "smollm2-135m-instruct",
+        Arc::new(TestModel {
+            metadata: full.clone(),
+        }),
+    );
+    let l = loader_with(policy, models);
+    let key = RequestPrivateKey::generate();
+    let (outcome, opened, _) = round_trip(
+        &l,
+        "fixtures/model-user",
+        &key,
+        b"general.*\ntokenizer.chat_template\nnot.there",
+    );
+    assert_eq!(outcome, RunOutcome::Completed);
+    let part = opened.expect("reply").0;
+    let g = cinfer_gguf::parse_metadata(&part).expect("a metadata-only GGUF");
+    let keys: Vec<&str> = g.kv.iter().map(|(k, _)| *k).collect();
+    assert_eq!(
+        keys,
+        [
+            "general.architecture",
+            "general.name",
+            "tokenizer.chat_template"
+        ]
+    );
+    assert_eq!(g.str("tokenizer.chat_template").expect("template"), "{{x}}");
+    assert!(part.len() < full.len() / 10, "the vocabulary stays behind");
+    // More than 64 patterns trap, and the reason says so.
+    let many = (0..65)
+        .map(|i| format!("k{i}"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let (outcome, _, _) = round_trip(&l, "fixtures/model-user", &key, many.as_bytes());
+    assert_eq!(
+        outcome,
+        RunOutcome::Aborted(AbortReason::Policy(PolicyViolation::ArgumentBound(
+            "metadata-keys takes at most 64 keys"
+        )))
+    );
+}
+
+#[test]
 fn concurrent_runs_share_one_admitted_program() {
     let l = Arc::new(loader(policy_for(&[("echo", "request-reply", "")])));
     let key = Arc::new(RequestPrivateKey::generate());
