@@ -189,7 +189,7 @@ fn verify_prints_who_signed_when_and_which_log_entry() {
     ]);
     assert!(!o.status.success());
     assert!(
-        text(&o).contains("QuorumNotMet): signed by [review] only"),
+        text(&o).contains("QuorumNotMet): signed by 1 distinct listed identity: `review` ("),
         "{}",
         text(&o)
     );

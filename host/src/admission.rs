@@ -207,6 +207,18 @@ pub fn digest(bytes: &[u8]) -> [u8; 32] {
     Sha256::digest(bytes).into()
 }
 
+fn item_kind(ty: &ComponentItem) -> &'static str {
+    match ty {
+        ComponentItem::ComponentFunc(_) => "a function",
+        ComponentItem::CoreFunc(_) => "a core function",
+        ComponentItem::Module(_) => "a core module",
+        ComponentItem::Component(_) => "a component",
+        ComponentItem::ComponentInstance(_) => "an instance",
+        ComponentItem::Type(_) => "a type",
+        ComponentItem::Resource(_) => "a resource",
+    }
+}
+
 /// Step 4: every import must be a granted capability interface.
 pub(crate) fn check_imports(
     engine: &wasmtime::Engine,
@@ -216,8 +228,18 @@ pub(crate) fn check_imports(
     let ty = component.component_type();
     let mut names = Vec::new();
     for (name, item) in ty.imports(engine) {
-        let granted = matches!(item.ty, ComponentItem::ComponentInstance(_))
-            && Capability::from_interface(name).is_some_and(|c| grant.capabilities.contains(c));
+        let capability = Capability::from_interface(name);
+        let granted = capability.is_some_and(|c| grant.capabilities.contains(c));
+        // A granted interface's name on something other than an instance of
+        // it (a bare function, a type): the import is granted, its shape wrong.
+        if granted && !matches!(item.ty, ComponentItem::ComponentInstance(_)) {
+            return Err(AdmissionError::ImportMismatch {
+                reason: format!(
+                    "`{name}` is imported as {}, not as an instance of the interface",
+                    item_kind(&item.ty)
+                ),
+            });
+        }
         if !granted {
             return Err(AdmissionError::ImportNotGranted {
                 import: name.to_owned(),

@@ -126,7 +126,14 @@ pub enum AbortReason {
     /// Another Wasm trap (unreachable, out-of-bounds access, ...).
     #[error("wasm trap: {0}")]
     Trap(String),
-    /// A host-side failure.
+    /// The program broke the canonical ABI in a call across the interface:
+    /// arguments that do not lift (a list past the end of its memory, a
+    /// string that is not UTF-8, a stale resource handle), results its
+    /// `realloc` cannot take. The program's fault; the cause is wasmtime's
+    /// message (positions and lengths, never memory contents).
+    #[error("bad call across the interface: {0}")]
+    Interface(String),
+    /// A host-side failure (a panic in a host function).
     #[error("host error: {0}")]
     Host(String),
 }
@@ -198,8 +205,10 @@ struct MemoryLimiter {
     memory_bytes: u64,
 }
 
-/// Table elements a run may hold (tables are not large in our programs).
-const MAX_TABLE_ELEMENTS: usize = 100_000;
+/// Elements one table may hold (tables are not large in our programs). The
+/// pool reserves this many per table slot too, so the limiter, which runs
+/// first, is what stops a larger `table.grow`, with the reason.
+const MAX_TABLE_ELEMENTS: usize = 20_000;
 
 impl wasmtime::ResourceLimiter for MemoryLimiter {
     fn memory_growing(
@@ -223,8 +232,8 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
         _max: Option<usize>,
     ) -> wasmtime::Result<bool> {
         if desired > MAX_TABLE_ELEMENTS {
-            return Err(wasmtime::Error::new(PolicyViolation::MemoryLimit {
-                limit: self.memory_bytes,
+            return Err(wasmtime::Error::new(PolicyViolation::TableLimit {
+                limit: MAX_TABLE_ELEMENTS as u64,
             }));
         }
         Ok(true)
@@ -377,6 +386,7 @@ impl Loader {
             .max_core_instances_per_component(PER_RUN.core_instances)
             .max_memories_per_component(PER_RUN.memories)
             .max_tables_per_component(PER_RUN.tables)
+            .table_elements(MAX_TABLE_ELEMENTS)
             .max_memory_size(ceilings::MEMORY_BYTES as usize);
         let mut cfg = Config::new();
         cfg.wasm_component_model(true)
@@ -785,7 +795,10 @@ impl Loader {
 }
 
 /// Maps a trap to its reason. Messages carry no guest data: wasmtime's trap
-/// codes and our own [`PolicyViolation`]s only.
+/// codes, its canonical-ABI messages and our own [`PolicyViolation`]s only.
+/// Host functions fail a call only with the types matched here (panics are
+/// caught before), so any other error is the canonical ABI refusing what the
+/// program passed or returned.
 fn abort_reason(e: &wasmtime::Error, limits: &Limits) -> AbortReason {
     if let Some(v) = e.downcast_ref::<PolicyViolation>() {
         return AbortReason::Policy(v.clone());
@@ -804,7 +817,8 @@ fn abort_reason(e: &wasmtime::Error, limits: &Limits) -> AbortReason {
         Some(Trap::Interrupt) => AbortReason::Deadline(limits.deadline),
         Some(Trap::StackOverflow) => AbortReason::StackExhausted,
         Some(t) => AbortReason::Trap(t.to_string()),
-        None => AbortReason::Host(e.to_string()),
+        // The root cause: the outer layers are wasmtime's backtrace context.
+        None => AbortReason::Interface(e.root_cause().to_string()),
     }
 }
 

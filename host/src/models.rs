@@ -15,19 +15,33 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use zeroize::Zeroizing;
 
-/// Why a sealed model could not be registered.
+/// Why a sealed model could not be registered. Each message includes its
+/// cause, so the variants do not also report it as a `source` (an error
+/// chain printed in full would say everything twice).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ModelLoadError {
     /// The sealed container was refused.
     #[error("sealed model: {0}")]
-    Sealed(#[from] SealError),
+    Sealed(SealError),
     /// The decrypted bytes are not a usable GGUF file.
     #[error("GGUF: {0}")]
-    Gguf(#[from] GgufError),
+    Gguf(GgufError),
     /// A tensor lies outside the file or has an impossible shape.
     #[error("tensor `{0}` lies outside the model data or has an unusable shape")]
     BadTensor(String),
+}
+
+impl From<SealError> for ModelLoadError {
+    fn from(e: SealError) -> Self {
+        ModelLoadError::Sealed(e)
+    }
+}
+
+impl From<GgufError> for ModelLoadError {
+    fn from(e: GgufError) -> Self {
+        ModelLoadError::Gguf(e)
+    }
 }
 
 /// Decrypted chunks kept for reuse: small tensors share chunks with their
@@ -228,8 +242,16 @@ impl ModelSource for SealedGguf {
     fn load_tensor(&self, name: &str, backend: &dyn Backend) -> Result<DeviceBuffer, ModelError> {
         let t = self.tensors.get(name).ok_or(ModelError::NoSuchTensor)?;
         let mut bytes = Zeroizing::new(vec![0u8; t.size as usize]);
-        self.read_plain(self.data_offset + t.offset, &mut bytes)
-            .map_err(|_| ModelError::Corrupt)?;
+        if let Err(e) = self.read_plain(self.data_offset + t.offset, &mut bytes) {
+            // The guest only learns `corrupt`; the operator gets which tensor and why.
+            tracing::error!(
+                model = %self.model_id(),
+                tensor = %name,
+                error = %e,
+                "a sealed model chunk failed; the tensor is refused as corrupt"
+            );
+            return Err(ModelError::Corrupt);
+        }
         let buf = match t.ty {
             GgmlType::F32 => DeviceBuffer::F32(quant::parse_f32(&bytes)),
             GgmlType::F16 => DeviceBuffer::F16(quant::parse_f16(&bytes)),

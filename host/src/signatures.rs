@@ -32,13 +32,26 @@ fn refused(e: &SigningError) -> AdmissionError {
     }
 }
 
+/// What one valid signature proves.
+struct Proved {
+    /// The policy signers it counts for (empty when it is by nobody listed).
+    listed: Vec<VerifiedSignature>,
+    /// The identity that signed, when no policy signer is it.
+    unlisted: Option<String>,
+}
+
+impl From<Vec<VerifiedSignature>> for Proved {
+    fn from(listed: Vec<VerifiedSignature>) -> Self {
+        Proved {
+            listed,
+            unlisted: None,
+        }
+    }
+}
+
 /// What one signature proves: the policy signers it counts for (empty when it is
-/// valid but by nobody the policy lists).
-fn verify_one(
-    policy: &Policy,
-    bytes: &[u8],
-    sig: &[u8],
-) -> Result<Vec<VerifiedSignature>, AdmissionError> {
+/// valid but by nobody the policy lists, with the identity found).
+fn verify_one(policy: &Policy, bytes: &[u8], sig: &[u8]) -> Result<Proved, AdmissionError> {
     let keys = || {
         policy.signers().iter().filter_map(|s| match &s.kind {
             SignerKind::Key {
@@ -73,8 +86,12 @@ fn verify_one(
                         identity: format!("{} / {}", v.issuer, v.subject),
                         log: Some(v.clone()),
                     })
-                    .collect()),
-                Err(SigningError::IdentityNotAllowed { .. }) => Ok(Vec::new()),
+                    .collect::<Vec<_>>()
+                    .into()),
+                Err(SigningError::IdentityNotAllowed { issuer, subject }) => Ok(Proved {
+                    listed: Vec::new(),
+                    unlisted: Some(format!("{issuer} / {subject}")),
+                }),
                 Err(e) => Err(refused(&e)),
             }
         }
@@ -84,14 +101,18 @@ fn verify_one(
             // looked at: an invalid bundle refuses even when no listed key made it.
             let v = cinfer_signing::verify_logged_key_bundle(bytes, sig, trust)
                 .map_err(|e| refused(&e))?;
-            Ok(keys()
+            let listed: Vec<_> = keys()
                 .filter(|(_, _, fingerprint)| *fingerprint == v.subject)
                 .map(|(name, _, fingerprint)| VerifiedSignature {
                     signer: name.to_owned(),
                     identity: format!("key sha256:{fingerprint}"),
                     log: Some(v.clone()),
                 })
-                .collect())
+                .collect();
+            let unlisted = listed
+                .is_empty()
+                .then(|| format!("key sha256:{}", v.subject));
+            Ok(Proved { listed, unlisted })
         }
         SignatureKind::Detached => {
             // A detached ECDSA signature names no key: it is valid for a listed
@@ -125,7 +146,7 @@ fn verify_one(
                     ),
                 });
             }
-            Ok(found)
+            Ok(found.into())
         }
     }
 }
@@ -145,11 +166,18 @@ pub(crate) fn admit(
         });
     }
     let mut verified: Vec<VerifiedSignature> = Vec::new();
+    let mut unlisted: Vec<String> = Vec::new();
     for sig in signatures {
-        for v in verify_one(policy, bytes, sig)? {
+        let proved = verify_one(policy, bytes, sig)?;
+        for v in proved.listed {
             if !verified.iter().any(|o| o.signer == v.signer) {
                 verified.push(v);
             }
+        }
+        if let Some(who) = proved.unlisted
+            && !unlisted.contains(&who)
+        {
+            unlisted.push(who);
         }
     }
     for g in policy.signed_grants() {
@@ -166,19 +194,42 @@ pub(crate) fn admit(
         }
     }
     let have: Vec<&str> = verified.iter().map(|v| v.signer.as_str()).collect();
+    let unlisted_note = if unlisted.is_empty() {
+        String::new()
+    } else {
+        format!("; signed by unlisted [{}]", unlisted.join(", "))
+    };
     if have.is_empty() {
         return Err(AdmissionError::Signature {
             refusal: SignatureRefusal::IdentityNotAllowed,
-            detail: "the signatures are valid but none is by a signer the policy lists".into(),
+            detail: format!(
+                "the signatures are valid but none is by a signer the policy lists{unlisted_note}"
+            ),
         });
     }
+    // The listed signers that signed, grouped by identity: two names for one
+    // key or certificate identity count once, and the message says so.
+    let mut identities: Vec<(&str, Vec<&str>)> = Vec::new();
+    for v in &verified {
+        match identities.iter_mut().find(|(id, _)| *id == v.identity) {
+            Some((_, names)) => names.push(&v.signer),
+            None => identities.push((&v.identity, vec![&v.signer])),
+        }
+    }
+    let signed_by: Vec<String> = identities
+        .iter()
+        .map(|(id, names)| match names.as_slice() {
+            [one] => format!("`{one}` ({id})"),
+            many => format!("{} (all {id}, counted once)", many.join(" = ")),
+        })
+        .collect();
     let needs: Vec<String> = policy
         .signed_grants()
         .iter()
         .filter(|g| g.signers.iter().any(|s| have.contains(&s.as_str())))
         .map(|g| {
             format!(
-                "`{}` needs {} of [{}]",
+                "`{}` needs {} distinct of [{}]",
                 g.grant.name,
                 g.threshold,
                 g.signers.join(", ")
@@ -188,8 +239,10 @@ pub(crate) fn admit(
     Err(AdmissionError::Signature {
         refusal: SignatureRefusal::QuorumNotMet,
         detail: format!(
-            "signed by [{}] only; {}",
-            have.join(", "),
+            "signed by {} distinct listed identit{}: {}{unlisted_note}; {}",
+            identities.len(),
+            if identities.len() == 1 { "y" } else { "ies" },
+            signed_by.join(", "),
             if needs.is_empty() {
                 "no grant names these signers".to_owned()
             } else {

@@ -223,6 +223,7 @@ fn admission_refusals_name_the_reason() {
         ("fixtures/no-run-export", "request-reply", ""),
         ("fixtures/mistyped-run", "request-reply", ""),
         ("fixtures/truncated-component", "request-reply", ""),
+        ("fixtures/bare-function-import", "request-reply", ""),
     ]));
     let refuse = |name: &str| l.admit(&program(name)).expect_err(name);
 
@@ -250,6 +251,13 @@ fn admission_refusals_name_the_reason() {
         refuse("fixtures/mistyped-import"),
         AdmissionError::ImportMismatch { ref reason } if reason.contains("emit")
     ));
+    // A granted interface imported as a bare function: granted, but misshapen.
+    assert_eq!(
+        refuse("fixtures/bare-function-import"),
+        AdmissionError::ImportMismatch {
+            reason: "`cinfer:loader/output@0.1.0` is imported as a function, not as an instance of the interface".into()
+        }
+    );
     assert_eq!(refuse("fixtures/no-run-export"), AdmissionError::MissingRun);
     assert!(matches!(
         refuse("fixtures/mistyped-run"),
@@ -284,10 +292,12 @@ fn runtime_violations_are_trapped_and_the_engine_runs_the_next_program() {
             "request-reply",
             "limits = { egress-bytes = 100000 }",
         ),
+        ("fixtures/bad-emit-pointer", "request-reply", ""),
+        ("fixtures/table-bomb", "request-reply", ""),
         ("echo", "request-reply", ""),
     ]));
     let key = RequestPrivateKey::generate();
-    let cases: [(&str, AbortReason); 4] = [
+    let cases: [(&str, AbortReason); 6] = [
         (
             "fixtures/infinite-loop",
             AbortReason::Deadline(Duration::from_millis(300)),
@@ -300,6 +310,14 @@ fn runtime_violations_are_trapped_and_the_engine_runs_the_next_program() {
         (
             "fixtures/egress-bomb",
             AbortReason::Policy(PolicyViolation::EgressBudget { budget: 100_000 }),
+        ),
+        (
+            "fixtures/bad-emit-pointer",
+            AbortReason::Interface("list pointer/length out of bounds of memory".into()),
+        ),
+        (
+            "fixtures/table-bomb",
+            AbortReason::Policy(PolicyViolation::TableLimit { limit: 20_000 }),
         ),
     ];
     for (name, want) in cases {
@@ -608,8 +626,12 @@ const RELEASE: &str =
 const ACTIONS: &str = "https://token.actions.githubusercontent.com";
 
 fn refusal(e: AdmissionError) -> SignatureRefusal {
+    refusal_detail(e).0
+}
+
+fn refusal_detail(e: AdmissionError) -> (SignatureRefusal, String) {
     match e {
-        AdmissionError::Signature { refusal, .. } => refusal,
+        AdmissionError::Signature { refusal, detail } => (refusal, detail),
         other => panic!("expected a signature refusal, got {other}"),
     }
 }
@@ -655,11 +677,15 @@ fn signature_refusals_name_the_reason() {
             digest: hex_digest(&echo)
         }
     );
-    // Another identity (the review workflow) is not listed.
+    // Another identity (the review workflow) is not listed; the refusal names it.
     let review = sigstore_file("programs/echo.review.sigstore.json");
-    assert_eq!(
-        refusal(l.admit_signed(&echo, &review).unwrap_err()),
-        SignatureRefusal::IdentityNotAllowed
+    let (why, detail) = refusal_detail(l.admit_signed(&echo, &review).unwrap_err());
+    assert_eq!(why, SignatureRefusal::IdentityNotAllowed);
+    assert!(
+        detail.ends_with(&format!(
+            "signed by unlisted [{ACTIONS} / https://github.com/cinfer/cinfer/.github/workflows/review.yml@refs/heads/main]"
+        )),
+        "{detail}"
     );
     // The bundle signs other bytes.
     assert_eq!(
@@ -863,7 +889,8 @@ fn quorums_need_n_of_m_distinct_signers() {
     ] {
         let e = l.admit_signatures(&echo, &sigs).unwrap_err();
         assert!(
-            e.to_string().contains("needs 2 of [ci-build, review]"),
+            e.to_string()
+                .contains("needs 2 distinct of [ci-build, review]"),
             "{e}"
         );
         assert_eq!(refusal(e), SignatureRefusal::QuorumNotMet);
@@ -895,13 +922,16 @@ fn quorums_need_n_of_m_distinct_signers() {
     let same_key_twice = loader(signed_policy(
         "[[signer]]\nname = \"k1\"\npublic-key = \"cosign.pub\"\n[[signer]]\nname = \"k2\"\npublic-key = \"cosign.pub\"\n[[quorum]]\nname = \"two\"\nsigners = [\"k1\", \"k2\"]\nworld = \"compute\"\n",
     ));
-    assert_eq!(
-        refusal(
-            same_key_twice
-                .admit_signed(&echo, &sigstore_file("programs/echo.wasm.sig"))
-                .unwrap_err()
-        ),
-        SignatureRefusal::QuorumNotMet
+    let (why, detail) = refusal_detail(
+        same_key_twice
+            .admit_signed(&echo, &sigstore_file("programs/echo.wasm.sig"))
+            .unwrap_err(),
+    );
+    assert_eq!(why, SignatureRefusal::QuorumNotMet);
+    assert!(
+        detail.starts_with("signed by 1 distinct listed identity: k1 = k2 (all key sha256:")
+            && detail.ends_with("counted once); `two` needs 2 distinct of [k1, k2]"),
+        "{detail}"
     );
     // Reordered or repeated signatures are the same admission.
     let a = l
@@ -1094,4 +1124,51 @@ fn a_component_needing_more_than_one_runs_share_of_the_pool_is_refused() {
             None => assert_eq!(refused, AdmissionError::MissingRun, "{name}"),
         }
     }
+}
+
+#[test]
+fn model_open_and_chunk_errors_are_clear_and_logged() {
+    use cinfer_gguf::GgmlType;
+    use cinfer_gguf::write::{Val, gguf};
+    use cinfer_host::models::SealedGguf;
+    use cinfer_sealed_model::{ModelKey, seal_bytes};
+    let plain = gguf(
+        &[("general.architecture", Val::Str("llama".into()))],
+        &[("w", vec![64, 64], GgmlType::F32, vec![0u8; 64 * 64 * 4])],
+    );
+    let key = ModelKey::generate().expect("key");
+    let mut sealed = seal_bytes(&key, "m", "k", 4096, &plain).expect("seal");
+    // The wrong key: one message, no source that repeats it in a printed chain.
+    let other = ModelKey::generate().expect("key");
+    let e = SealedGguf::open(Box::new(sealed.clone()), &other).expect_err("wrong key");
+    assert!(std::error::Error::source(&e).is_none(), "{e}");
+    assert_eq!(
+        e.to_string(),
+        "sealed model: chunk 0 failed to authenticate"
+    );
+    // A tampered chunk of tensor data: the program gets `corrupt`, the
+    // operator a log line naming the model, the tensor and the chunk.
+    let n = sealed.len();
+    sealed[n - 40] ^= 1;
+    let m = SealedGguf::open(Box::new(sealed), &key).expect("the header chunk is intact");
+    let log = Captured::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let r = tracing::subscriber::with_default(subscriber, || {
+        m.load_tensor("w", &cinfer_host::backend::CpuBackend)
+    });
+    assert_eq!(
+        r.expect_err("tampered"),
+        cinfer_host::caps::model::ModelError::Corrupt
+    );
+    let text = String::from_utf8(log.0.lock().expect("lock").clone()).expect("utf-8");
+    assert!(
+        text.contains("model=m")
+            && text.contains("tensor=w")
+            && text.contains("failed to authenticate"),
+        "{text}"
+    );
 }

@@ -20,6 +20,12 @@ pub enum PolicyViolation {
         /// The limit.
         limit: u64,
     },
+    /// A table would grow past the loader's per-table element limit.
+    #[error("table limit of {limit} elements exceeded")]
+    TableLimit {
+        /// The limit.
+        limit: u64,
+    },
     /// The reply would exceed the policy's egress budget.
     #[error("egress budget of {budget} bytes exceeded")]
     EgressBudget {
