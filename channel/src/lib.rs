@@ -17,6 +17,13 @@
 //! length above its limit *before* allocating or reading the payload, so a peer
 //! cannot make the loader buffer more than the limit. Every refusal is a typed
 //! [`FrameError`]; after one the stream is out of sync and must be closed.
+//!
+//! The peer proves who it is before the loader serves it: `Hello` carries a
+//! fresh challenge, the peer answers [`Kind::Auth`] with a [`PeerAuth`]
+//! (its P-256 public key and an ECDSA signature over [`auth_message`]), and
+//! the loader serves it only if the key is one its measured configuration
+//! names. The formats are here; the signature is made and checked by the
+//! two ends.
 #![forbid(unsafe_code)]
 
 use std::io::{Read, Write};
@@ -65,6 +72,14 @@ pub enum Kind {
     /// its client went away. No answer of its own: the request ends as usual
     /// (`Done`, outcome `cancelled`) unless it had finished already.
     Cancel,
+    /// peer → loader, first frame when `Hello` carries a challenge: a
+    /// [`PeerAuth`] (public key and signature over [`auth_message`]).
+    Auth,
+    /// loader → peer: the `Auth` verified; JSON `{"key": "sha256:<hex>"}`.
+    Authenticated,
+    /// peer → loader: nothing to say (keeps an idle link inside the loader's
+    /// idle timeout, `idle_timeout_ms` in `Hello`). Empty; no answer.
+    Ping,
 }
 
 impl Kind {
@@ -84,6 +99,9 @@ impl Kind {
             Kind::Program => 11,
             Kind::Admitted => 12,
             Kind::Cancel => 13,
+            Kind::Auth => 14,
+            Kind::Authenticated => 15,
+            Kind::Ping => 16,
         }
     }
 
@@ -103,6 +121,9 @@ impl Kind {
             11 => Kind::Program,
             12 => Kind::Admitted,
             13 => Kind::Cancel,
+            14 => Kind::Auth,
+            15 => Kind::Authenticated,
+            16 => Kind::Ping,
             _ => return None,
         })
     }
@@ -279,6 +300,52 @@ impl ProgramUpload {
             name,
             component,
             signatures,
+        })
+    }
+}
+
+/// Length of the challenge in `Hello`.
+pub const CHALLENGE_LEN: usize = 32;
+
+/// What the peer signs to authenticate: a domain-separation label and the
+/// challenge from this connection's `Hello`.
+pub fn auth_message(challenge: &[u8; CHALLENGE_LEN]) -> Vec<u8> {
+    const LABEL: &[u8] = b"cinfer/channel/peer-auth/v1\0";
+    let mut out = Vec::with_capacity(LABEL.len() + CHALLENGE_LEN);
+    out.extend_from_slice(LABEL);
+    out.extend_from_slice(challenge);
+    out
+}
+
+/// An `Auth` payload: `public key (65 bytes, uncompressed SEC1 P-256) |
+/// signature (64 bytes, ECDSA P-256 / SHA-256, r || s)`, nothing after.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerAuth {
+    /// The peer's public key, uncompressed SEC1.
+    pub public_key: [u8; 65],
+    /// Its signature over [`auth_message`], `r || s`.
+    pub signature: [u8; 64],
+}
+
+impl PeerAuth {
+    /// Length of the payload.
+    pub const LEN: usize = 65 + 64;
+
+    /// Encodes the payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::LEN);
+        out.extend_from_slice(&self.public_key);
+        out.extend_from_slice(&self.signature);
+        out
+    }
+
+    /// Decodes a payload; `None` unless it is exactly [`PeerAuth::LEN`] bytes.
+    pub fn decode(payload: &[u8]) -> Option<Self> {
+        let payload: &[u8; Self::LEN] = payload.try_into().ok()?;
+        let (key, sig) = payload.split_at(65);
+        Some(Self {
+            public_key: key.try_into().ok()?,
+            signature: sig.try_into().ok()?,
         })
     }
 }
@@ -563,6 +630,28 @@ mod tests {
             ..p
         };
         assert_eq!(ProgramUpload::decode(&many.encode()), None);
+    }
+
+    #[test]
+    fn peer_auth_round_trips_and_refuses_other_lengths() {
+        let a = PeerAuth {
+            public_key: [4; 65],
+            signature: [9; 64],
+        };
+        let bytes = a.encode();
+        assert_eq!(bytes.len(), PeerAuth::LEN);
+        assert_eq!(PeerAuth::decode(&bytes), Some(a));
+        assert_eq!(PeerAuth::decode(&bytes[..PeerAuth::LEN - 1]), None);
+        let mut long = bytes.clone();
+        long.push(0);
+        assert_eq!(PeerAuth::decode(&long), None);
+        // The signed message is labelled and carries the whole challenge.
+        let m = auth_message(&[7; CHALLENGE_LEN]);
+        assert!(m.starts_with(b"cinfer/channel/peer-auth/v1\0"));
+        assert!(m.ends_with(&[7; CHALLENGE_LEN]));
+        for k in [Kind::Auth, Kind::Authenticated, Kind::Ping] {
+            assert_eq!(Kind::from_byte(k.to_byte()), Some(k));
+        }
     }
 
     #[test]

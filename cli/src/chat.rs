@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result, bail};
 use cinfer_client::{ChatResult, Client, ReplyStatus};
+use sha2::{Digest as _, Sha256};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -46,6 +47,80 @@ impl ServerArgs {
     }
 }
 
+/// The program component a reply must come from. One source is required:
+/// by default `cinfer chat` and `cinfer proxy` refuse a reply whose verified
+/// receipt names any other component (a server that had another admitted
+/// program answer is caught), and seal requests bound to it (the loader refuses
+/// to run them with another). `--any-program` opts out.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct ProgramPinArgs {
+    /// The component digest (hex SHA-256) that must have run, e.g.
+    /// `sha256sum llama-chat.wasm` of the signed release.
+    #[arg(long, value_name = "HEX")]
+    pub program_sha256: Option<String>,
+    /// The component file (e.g. the signed release you reviewed) whose SHA-256
+    /// must have run.
+    #[arg(long, value_name = "FILE")]
+    pub program_file: Option<PathBuf>,
+    /// A loader policy (TOML): the digest its `[[program]]` entry lists for
+    /// `--program` must have run. A policy that admits by signer lists none.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// Accept a reply from whatever program the loader admitted (no pin).
+    #[arg(long)]
+    pub any_program: bool,
+}
+
+impl ProgramPinArgs {
+    /// The digest (hex) replies for `program` must name; `None` with `--any-program`.
+    pub fn expected(&self, program: &str) -> Result<Option<String>> {
+        if let Some(hex) = &self.program_sha256 {
+            return Ok(Some(hex.trim().to_ascii_lowercase()));
+        }
+        if let Some(path) = &self.program_file {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            return Ok(Some(hex::encode(Sha256::digest(&bytes))));
+        }
+        if let Some(path) = &self.policy {
+            return policy_digest(path, program).map(Some);
+        }
+        Ok(None)
+    }
+}
+
+/// The digest a loader policy's `[[program]]` entry named `program` pins.
+fn policy_digest(path: &std::path::Path, program: &str) -> Result<String> {
+    #[derive(serde::Deserialize)]
+    struct Policy {
+        #[serde(default)]
+        program: Vec<Entry>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        name: String,
+        sha256: Option<String>,
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let policy: Policy =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    policy
+        .program
+        .into_iter()
+        .find(|e| e.name == program)
+        .and_then(|e| e.sha256)
+        .map(|d| d.to_ascii_lowercase())
+        .with_context(|| {
+            format!(
+                "policy {} pins no component for program {program:?} (a policy that admits by signer lists no digest): \
+                 give --program-sha256 or --program-file",
+                path.display()
+            )
+        })
+}
+
 /// `cinfer chat` arguments.
 #[derive(Debug, clap::Args)]
 pub struct ChatArgs {
@@ -54,11 +129,8 @@ pub struct ChatArgs {
     /// Program to run.
     #[arg(long, default_value = "llama-chat")]
     pub program: String,
-    /// The component digest (hex SHA-256) that must have run: the receipt must
-    /// name it, or the answer is refused (a server that ran another admitted
-    /// program is caught). E.g. `sha256sum llama-chat.wasm` of the signed release.
-    #[arg(long, value_name = "HEX")]
-    pub program_sha256: Option<String>,
+    #[command(flatten)]
+    pub pin: ProgramPinArgs,
     /// Model id (llama-chat's default when left out).
     #[arg(long)]
     pub model: Option<String>,
@@ -155,8 +227,8 @@ pub fn receipt_report(client: &Client, program: &str, result: &ChatResult) -> St
 /// Runs `cinfer chat`.
 pub fn run(args: &ChatArgs) -> Result<()> {
     let mut client = args.server.client()?;
-    if let Some(pin) = &args.program_sha256 {
-        client = client.with_program_pin(&args.program, pin);
+    if let Some(pin) = args.pin.expected(&args.program)? {
+        client = client.with_program_pin(&args.program, &pin);
     }
     let request = serde_json::to_vec(&request_json(args))?;
     let mut stdout = std::io::stdout().lock();

@@ -13,6 +13,11 @@
 //!
 //! Listen on loopback only: the proxy handles request and reply plaintext.
 //!
+//! Like `cinfer chat`, it accepts replies only from the pinned program
+//! component (`--program-sha256`, `--program-file` or `--policy`; a reply whose
+//! receipt names another is a 502 `cinfer_verification_failed`), unless
+//! started with `--any-program`.
+//!
 //! At most `--max-connections` connections are open at once (one accepted over
 //! the cap is closed at once); a request's headers must arrive within
 //! `--read-timeout-ms` (else the connection is closed, also one idle between
@@ -55,6 +60,8 @@ pub struct ProxyArgs {
     /// Program that serves chat completions.
     #[arg(long, default_value = "llama-chat")]
     pub program: String,
+    #[command(flatten)]
+    pub pin: crate::chat::ProgramPinArgs,
     /// Client connections open at once; one accepted over the cap is closed at once.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
@@ -546,7 +553,12 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ProxyBody
 
 /// Runs `cinfer proxy` until killed.
 pub fn run(args: &ProxyArgs) -> Result<()> {
-    let client = Arc::new(args.server.client()?);
+    let mut client = args.server.client()?;
+    let pinned = args.pin.expected(&args.program)?;
+    if let Some(pin) = &pinned {
+        client = client.with_program_pin(&args.program, pin);
+    }
+    let client = Arc::new(client);
     let read_timeout = Duration::from_millis(args.read_timeout_ms);
     let state = Arc::new(State {
         client,
@@ -565,9 +577,14 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
             .with_context(|| format!("listening on {}", args.listen))?;
         let local = listener.local_addr()?;
         eprintln!(
-            "cinfer proxy: listening on http://{local}/v1 (OpenAI-compatible), server {}, keyserver identity {}",
+            "cinfer proxy: listening on http://{local}/v1 (OpenAI-compatible), server {}, keyserver identity {}, program {} {}",
             state.client.server(),
-            state.client.identity_fingerprint()
+            state.client.identity_fingerprint(),
+            state.program,
+            pinned.as_deref().map_or_else(
+                || "(any admitted component: --any-program)".to_owned(),
+                |d| format!("sha256 {d}")
+            )
         );
         let mut last_warning: Option<Instant> = None;
         loop {

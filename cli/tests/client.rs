@@ -21,6 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const MODEL: &str = "smollm2-135m-instruct";
+/// The component the fake's receipts name.
+static FAKE_PROGRAM: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| "ab".repeat(32));
 
 /// What the fake does wrong (or not).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,7 +255,7 @@ fn serve(ctx: &ServerCtx, mut conn: TcpStream) -> std::io::Result<()> {
             let mut receipt = Receipt {
                 receipt_type: RECEIPT_TYPE.into(),
                 request_sha256: hex::encode(Sha256::digest(&body)),
-                program_sha256: "ab".repeat(32),
+                program_sha256: FAKE_PROGRAM.clone(),
                 policy_sha256: "cd".repeat(32),
                 model_sha256: [(MODEL.to_owned(), "ef".repeat(32))].into(),
                 reply_sha256: hex::encode(reply_digest(frames.iter().map(Vec::as_slice))),
@@ -510,6 +512,7 @@ fn chat_command_prints_the_answer_and_the_receipt() {
     let out = cinfer()
         .args(["chat", "--server", &fake.url(), "--keyserver-identity"])
         .arg(fake.identity_hex())
+        .args(["--program-sha256", &FAKE_PROGRAM])
         .args(["--max-tokens", "16", "--seed", "7", "--system", "be brief"])
         .args(["--show-receipt", "hi there"])
         .output()
@@ -549,7 +552,7 @@ fn chat_command_prints_the_answer_and_the_receipt() {
     let out = cinfer()
         .args(["chat", "--server", &bad.url(), "--keyserver-identity-file"])
         .arg(&id_file)
-        .arg("hi")
+        .args(["--program-sha256", &FAKE_PROGRAM, "hi"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -604,7 +607,7 @@ impl Drop for Proxy {
 }
 
 fn start_proxy(fake: &Fake) -> Proxy {
-    start_proxy_with(fake, &[])
+    start_proxy_with(fake, &["--program-sha256", &FAKE_PROGRAM])
 }
 
 const OPENAI_SCRIPT: &str = r#"
@@ -715,25 +718,162 @@ fn a_receipt_for_another_program_than_the_pinned_one_is_refused() {
     let r = other.chat("llama-chat", request, |_| {});
     assert!(
         matches!(
-            r,
-            Err(ClientError::ReceiptMismatch {
-                field: "program_sha256"
-            })
+            &r,
+            Err(ClientError::UnexpectedProgram { expected, receipt })
+                if *expected == "cd".repeat(32) && *receipt == *FAKE_PROGRAM
         ),
         "{r:?}"
     );
-    // The CLI flag does the same and exits 1.
+}
+
+/// `cinfer chat` against a FAKE server whose receipts name component ab…ab,
+/// with `args` choosing the expected program; its exit status and stderr.
+fn chat_pinned(fake: &Fake, args: &[&str]) -> (bool, String) {
     let out = cinfer()
         .args(["chat", "--server", &fake.url(), "--keyserver-identity"])
         .arg(fake.identity_hex())
-        .args(["--program-sha256", &"cd".repeat(32), "hi"])
+        .args(args)
+        .arg("hi")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `cinfer chat` pins the program by default (issue 16, bug 7): without a
+/// source for the expected component it refuses to run; with one (a digest, the
+/// component file, or the loader policy's entry) a reply from another
+/// component is refused with the reason; `--any-program` opts out.
+#[test]
+fn chat_refuses_a_reply_from_another_program_unless_told_any_program() {
+    let fake = Fake::start(Mode::Honest, StatementMode::Good, None);
+    let unexpected = |expected: &str| {
+        format!(
+            "the reply was produced by program sha256 {}, not the expected {expected}",
+            *FAKE_PROGRAM
+        )
+    };
+    // No pin source: refused before anything is sent.
+    let (ok, stderr) = chat_pinned(&fake, &[]);
+    assert!(!ok);
+    for option in [
+        "--program-sha256",
+        "--program-file",
+        "--policy",
+        "--any-program",
+    ] {
+        assert!(stderr.contains(option), "{stderr}");
+    }
+    assert!(fake.requests.lock().unwrap().is_empty(), "nothing sent");
+    // A digest.
+    let other = "cd".repeat(32);
+    let (ok, stderr) = chat_pinned(&fake, &["--program-sha256", &other]);
+    assert!(!ok);
+    assert!(stderr.contains(&unexpected(&other)), "{stderr}");
+    assert!(
+        chat_pinned(
+            &fake,
+            &["--program-sha256", &FAKE_PROGRAM.to_ascii_uppercase()]
+        )
+        .0
+    );
+    // A component file (its SHA-256).
+    let dir = std::env::temp_dir().join(format!("cinfer-pin-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let component = dir.join("llama-chat.wasm");
+    std::fs::write(&component, b"\0asm not the one that ran").unwrap();
+    let file_digest = hex::encode(Sha256::digest(b"\0asm not the one that ran"));
+    let (ok, stderr) = chat_pinned(&fake, &["--program-file", component.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(stderr.contains(&unexpected(&file_digest)), "{stderr}");
+    // A loader policy's entry for the program.
+    let policy = dir.join("policy.toml");
+    let write_policy = |digest: &str| {
+        std::fs::write(
+            &policy,
+            format!(
+                "worlds = \"worlds.wit\"\n[[program]]\nname = \"echo\"\nsha256 = \"{}\"\nworld = \"request-reply\"\n[[program]]\nname = \"llama-chat\"\nsha256 = \"{digest}\"\nworld = \"inference\"\n",
+                "ee".repeat(32)
+            ),
+        )
+        .unwrap();
+    };
+    write_policy(&FAKE_PROGRAM);
+    assert!(chat_pinned(&fake, &["--policy", policy.to_str().unwrap()]).0);
+    write_policy(&other);
+    let (ok, stderr) = chat_pinned(&fake, &["--policy", policy.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(stderr.contains(&unexpected(&other)), "{stderr}");
+    std::fs::write(
+        &policy,
+        "worlds = \"worlds.wit\"\n[[signer]]\nname = \"team\"\npublic-key = \"team.pub\"\nworld = \"inference\"\n",
+    )
+    .unwrap();
+    let (ok, stderr) = chat_pinned(&fake, &["--policy", policy.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("pins no component for program \"llama-chat\""),
+        "{stderr}"
+    );
+    // Two sources at once are refused (which would win?).
+    let (ok, stderr) = chat_pinned(&fake, &["--any-program", "--program-sha256", &other]);
+    assert!(!ok);
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
+    // The explicit opt-out.
+    assert!(chat_pinned(&fake, &["--any-program"]).0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `cinfer proxy` pins the program too: it does not start without a source,
+/// and a completion answered by another component is a 502 with the reason.
+#[test]
+fn proxy_refuses_a_reply_from_another_program() {
+    let fake = Fake::start(Mode::Honest, StatementMode::Good, None);
+    let out = cinfer()
+        .args(["proxy", "--listen", "127.0.0.1:0", "--server", &fake.url()])
+        .arg("--keyserver-identity")
+        .arg(fake.identity_hex())
         .output()
         .unwrap();
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("program_sha256"),
+        String::from_utf8_lossy(&out.stderr).contains("--any-program"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    let other = "cd".repeat(32);
+    let proxy = start_proxy_with(&fake, &["--program-sha256", &other]);
+    let addr = proxy
+        .base
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1")
+        .to_owned();
+    let body = r#"{"messages":[{"role":"user","content":"hi"}]}"#;
+    let mut conn = TcpStream::connect(&addr).unwrap();
+    write!(
+        conn,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let response = read_until_closed(&mut conn, Duration::from_secs(20));
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response head");
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(v["error"]["type"], "cinfer_verification_failed");
+    assert_eq!(
+        v["error"]["message"],
+        format!(
+            "the reply was produced by program sha256 {}, not the expected {other}",
+            *FAKE_PROGRAM
+        )
+    );
+    assert!(
+        !text.contains("Hello world"),
+        "the text of an unexpected program"
     );
 }
 
@@ -818,7 +958,13 @@ fn proxy_cuts_off_slow_bodies_with_408_and_caps_connections() {
     let fake = Fake::start(Mode::Honest, StatementMode::Good, None);
     let proxy = start_proxy_with(
         &fake,
-        &["--max-connections", "2", "--read-timeout-ms", "1500"],
+        &[
+            "--any-program",
+            "--max-connections",
+            "2",
+            "--read-timeout-ms",
+            "1500",
+        ],
     );
     let addr = proxy
         .base

@@ -162,6 +162,15 @@ pub enum ClientError {
     /// The receipt is not well-formed (or the receipt key is not a P-256 point).
     #[error("malformed receipt: {0}")]
     ReceiptMalformed(String),
+    /// A verified receipt names another program component than the pinned one
+    /// (the server had another admitted program answer).
+    #[error("the reply was produced by program sha256 {receipt}, not the expected {expected}")]
+    UnexpectedProgram {
+        /// The pinned digest (hex, lower case).
+        expected: String,
+        /// The digest the receipt names.
+        receipt: String,
+    },
     /// A verified receipt does not match what the client sent or received.
     #[error("receipt does not match this exchange: {field}")]
     ReceiptMismatch {
@@ -191,6 +200,7 @@ impl ClientError {
                 | Self::ReceiptSignature
                 | Self::ReceiptMalformed(_)
                 | Self::ReceiptMismatch { .. }
+                | Self::UnexpectedProgram { .. }
         )
     }
 }
@@ -361,7 +371,7 @@ impl Client {
     /// must run `program`. The request is sealed bound to it (envelope header
     /// version 2), so a loader asked by the server to run it with any other
     /// component refuses before opening it; and a receipt naming any other
-    /// component fails `chat` with `ReceiptMismatch { field: "program_sha256" }`.
+    /// component fails `chat` with `UnexpectedProgram`.
     /// A pin that is not 64 hex digits fails `chat` with `InvalidProgramPin`.
     pub fn with_program_pin(mut self, program: &str, sha256_hex: &str) -> Self {
         self.program_pins
@@ -547,8 +557,9 @@ impl Client {
                     if let Some(pin) = self.program_pins.get(program)
                         && !receipt.program_sha256.eq_ignore_ascii_case(pin)
                     {
-                        return Err(ClientError::ReceiptMismatch {
-                            field: "program_sha256",
+                        return Err(ClientError::UnexpectedProgram {
+                            expected: pin.to_ascii_lowercase(),
+                            receipt: receipt.program_sha256.clone(),
                         });
                     }
                     return Ok(ChatResult {

@@ -441,12 +441,18 @@ impl System {
         )
         .expect("policy");
         let swtpm = cinfer_tpm::swtpm::Swtpm::start().expect("swtpm (scripts/setup installs it)");
+        // The server's channel key; the loader serves only the server holding it.
+        let server_key = run(Command::new(bin("inference-server"))
+            .arg("keygen")
+            .arg("--out")
+            .arg(sd.join("channel.key")));
         std::fs::write(
             l.join("loader.toml"),
             format!(
-                "listen = \"tcp:127.0.0.1:0\"\ntpm = \"{}\"\npolicy = \"policy.toml\"\nmax-in-flight = 8\nkeyservers = [\"{}\"]\n[[model]]\nid = \"{MODEL_ID}\"\npath = \"smollm2.sealed\"\n",
+                "listen = \"tcp:127.0.0.1:0\"\ntpm = \"{}\"\npolicy = \"policy.toml\"\nmax-in-flight = 8\nkeyservers = [\"{}\"]\nserver-keys = [\"{}\"]\n[[model]]\nid = \"{MODEL_ID}\"\npath = \"smollm2.sealed\"\n",
                 swtpm.tcti(),
-                hex::encode(&identity)
+                hex::encode(&identity),
+                server_key.trim()
             ),
         )
         .expect("loader config");
@@ -518,7 +524,7 @@ impl System {
         std::fs::write(
             server_dir.join("server.toml"),
             format!(
-                "listen = \"127.0.0.1:{server_port}\"\nloader = \"tcp:{loader_relay}\"\nkeyservers = [\"http://{ks_relay}\"]\n[[program]]\npath = \"llama-chat.wasm\"\nsignatures = [\"llama-chat.wasm.sig\"]\n[[program]]\npath = \"evil.wasm\"\nsignatures = [\"evil.wasm.sig\"]\n"
+                "listen = \"127.0.0.1:{server_port}\"\nloader = \"tcp:{loader_relay}\"\nchannel-key = \"channel.key\"\nkeyservers = [\"http://{ks_relay}\"]\n[[program]]\npath = \"llama-chat.wasm\"\nsignatures = [\"llama-chat.wasm.sig\"]\n[[program]]\npath = \"evil.wasm\"\nsignatures = [\"evil.wasm.sig\"]\n"
             ),
         )
         .expect("server config");

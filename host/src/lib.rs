@@ -28,6 +28,7 @@ mod bindings;
 pub mod caps;
 pub mod loader;
 pub mod models;
+pub mod peer;
 pub mod policy;
 pub mod replay;
 pub mod report;

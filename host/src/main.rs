@@ -73,7 +73,9 @@ enum Command {
     /// opens a connection itself.
     Serve {
         /// Serve configuration TOML (listen, tpm, policy, pcr, quote-pcrs,
-        /// max-frame-bytes); it is measured byte for byte.
+        /// max-frame-bytes, server-keys, peer timeouts, …); it is measured byte
+        /// for byte. Refused without `server-keys` (the inference servers' keys)
+        /// unless `allow-unauthenticated-peers = true` (development only).
         #[arg(long)]
         config: PathBuf,
     },
@@ -379,13 +381,24 @@ fn serve(config: &Path) -> Result<ExitCode> {
             std::process::exit(0);
         }
     });
+    if cfg.allow_unauthenticated_peers {
+        tracing::warn!(
+            "allow-unauthenticated-peers: any local process may take the channel (development only)"
+        );
+    }
     let endpoint: cinfer_channel::Endpoint =
         cfg.listen.parse().map_err(|e: String| anyhow::anyhow!(e))?;
-    let mut serve_one = |reader: Box<dyn std::io::Read>, writer: Box<dyn Write + Send>| {
+    // One peer at a time; a peer that fails to authenticate or goes idle is
+    // dropped (logged with the reason) and the next connection is served.
+    fn serve_one<R: cinfer_host::peer::PeerStream>(
+        service: &mut cinfer_host::serve::Service,
+        reader: R,
+        writer: Box<dyn Write + Send>,
+    ) {
         if let Err(e) = service.serve_connection(reader, writer) {
             tracing::warn!(error = %e, "connection closed");
         }
-    };
+    }
     match &endpoint {
         cinfer_channel::Endpoint::Tcp(addr) => {
             let listener = std::net::TcpListener::bind(addr)
@@ -395,7 +408,7 @@ fn serve(config: &Path) -> Result<ExitCode> {
                 match stream.and_then(|s| Ok((s.try_clone()?, s))) {
                     Ok((r, w)) => {
                         let _ = w.set_nodelay(true);
-                        serve_one(Box::new(r), Box::new(w));
+                        serve_one(&mut service, r, Box::new(w));
                     }
                     Err(e) => tracing::warn!(error = %e, "accept failed"),
                 }
@@ -407,7 +420,7 @@ fn serve(config: &Path) -> Result<ExitCode> {
             eprintln!("listening on {endpoint}");
             for stream in listener.incoming() {
                 match stream.and_then(|s| Ok((s.try_clone()?, s))) {
-                    Ok((r, w)) => serve_one(Box::new(r), Box::new(w)),
+                    Ok((r, w)) => serve_one(&mut service, r, Box::new(w)),
                     Err(e) => tracing::warn!(error = %e, "accept failed"),
                 }
             }

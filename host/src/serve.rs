@@ -15,6 +15,7 @@
 use crate::caps::model::ModelStore;
 use crate::caps::output::FrameSink;
 use crate::models::SealedGguf;
+use crate::peer::{DeadlineReader, PeerError, PeerStream};
 use crate::policy::PolicyFileRole;
 use crate::replay::ReplayWindow;
 use crate::{AbortReason, AdmittedProgram, Loader, LoaderConfig, Policy, RunOutcome};
@@ -29,7 +30,7 @@ use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 use std::collections::BTreeMap;
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
@@ -88,6 +89,25 @@ pub struct ServeConfig {
     /// its own — never read the real ones). Measured with this file.
     #[serde(default)]
     pub keyservers: Vec<String>,
+    /// Public keys (hex uncompressed SEC1 P-256, as `inference-server keygen`
+    /// prints them) of the inference servers this loader serves: a peer must
+    /// sign this connection's challenge with one of them before anything else
+    /// ([`crate::peer`]). Required unless `allow-unauthenticated-peers`.
+    /// Measured with this file.
+    #[serde(default)]
+    pub server_keys: Vec<String>,
+    /// Serve peers without authentication (development only: then the first
+    /// local process to connect is served). Measured with this file, so a
+    /// keyserver's reference values tell such a loader apart.
+    #[serde(default)]
+    pub allow_unauthenticated_peers: bool,
+    /// Time a peer has from `Hello` to a verified `Auth`, milliseconds.
+    #[serde(default = "default_peer_auth_timeout_ms")]
+    pub peer_auth_timeout_ms: u64,
+    /// Longest a peer may go without sending a complete frame, milliseconds;
+    /// then it is dropped and the next connection served (the server pings).
+    #[serde(default = "default_peer_idle_timeout_ms")]
+    pub peer_idle_timeout_ms: u64,
     /// Programs served, admitted at start (by signature when `signatures` are
     /// given, else by digest). Not measured: the policy decides what runs.
     #[serde(default, rename = "program")]
@@ -140,6 +160,14 @@ fn default_request_clock_skew_secs() -> u64 {
     5
 }
 
+fn default_peer_auth_timeout_ms() -> u64 {
+    5_000
+}
+
+fn default_peer_idle_timeout_ms() -> u64 {
+    60_000
+}
+
 /// The system clock in Unix milliseconds (0 before 1970).
 fn unix_millis_now() -> u64 {
     std::time::SystemTime::now()
@@ -178,7 +206,54 @@ impl ServeConfig {
             .parse::<cinfer_channel::Endpoint>()
             .map_err(ServeError::Config)?;
         c.pinned_keyservers()?;
+        c.peer_policy()?;
         Ok(c)
+    }
+
+    /// Who may be served, and the peer timeouts.
+    pub fn peer_policy(&self) -> Result<crate::peer::PeerPolicy, ServeError> {
+        let keys = self
+            .server_keys
+            .iter()
+            .map(|k| {
+                hex::decode(k)
+                    .ok()
+                    .filter(|b| b.len() == 65 && b[0] == 4)
+                    .and_then(|b| p256::ecdsa::VerifyingKey::from_sec1_bytes(&b).ok())
+                    .ok_or_else(|| {
+                        ServeError::Config(format!(
+                            "server-keys: {k:?} is not a hex uncompressed P-256 key"
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        match (keys.is_empty(), self.allow_unauthenticated_peers) {
+            (true, false) => {
+                return Err(ServeError::Config(
+                    "server-keys: no inference server key is configured; list the server's channel key \
+                     (`inference-server keygen` prints it), or set allow-unauthenticated-peers = true \
+                     (development only: any local process could then take the channel)"
+                        .into(),
+                ));
+            }
+            (false, true) => {
+                return Err(ServeError::Config(
+                    "server-keys and allow-unauthenticated-peers = true contradict each other"
+                        .into(),
+                ));
+            }
+            _ => {}
+        }
+        if self.peer_auth_timeout_ms == 0 || self.peer_idle_timeout_ms == 0 {
+            return Err(ServeError::Config(
+                "peer-auth-timeout-ms and peer-idle-timeout-ms must be positive".into(),
+            ));
+        }
+        Ok(crate::peer::PeerPolicy {
+            keys,
+            auth_timeout: std::time::Duration::from_millis(self.peer_auth_timeout_ms),
+            idle_timeout: std::time::Duration::from_millis(self.peer_idle_timeout_ms),
+        })
     }
 
     /// The PCRs each quote covers, sorted: `quote-pcrs` as configured, else the
@@ -227,6 +302,9 @@ pub enum ServeError {
     /// A program submitted by the peer was malformed or refused by the policy.
     #[error("{0}")]
     Program(String),
+    /// The peer did not authenticate, or went idle: it was dropped.
+    #[error("peer dropped: {0}")]
+    Peer(#[from] crate::peer::PeerError),
     /// A frame of a kind the loader does not accept from its peer.
     #[error("unexpected {0:?} frame from the peer")]
     UnexpectedFrame(Kind),
@@ -387,6 +465,11 @@ struct Hello<'a> {
     ak_public: &'a [u8],
     pcr: u8,
     programs: &'a [ProgramInfo],
+    /// Present when the peer must authenticate: what it signs (hex).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    challenge: Option<String>,
+    /// The peer is dropped after this long without a complete frame.
+    idle_timeout_ms: u64,
 }
 
 /// A served program as the peer sees it (`Hello`).
@@ -441,8 +524,15 @@ impl Attestor {
         &self.keys
     }
 
-    /// The first frame on a new connection.
-    pub fn hello(&self, programs: &[ProgramInfo]) -> Frame {
+    /// The first frame on a new connection: the AK, the measured PCR, the
+    /// programs served, the challenge the peer must sign (if it must) and the
+    /// idle timeout it must stay within.
+    pub fn hello(
+        &self,
+        programs: &[ProgramInfo],
+        challenge: Option<&[u8; cinfer_channel::CHALLENGE_LEN]>,
+        idle_timeout: std::time::Duration,
+    ) -> Frame {
         let pcr = self
             .events
             .first()
@@ -455,6 +545,8 @@ impl Attestor {
                 ak_public: self.tpm.ak_public(),
                 pcr,
                 programs,
+                challenge: challenge.map(hex::encode),
+                idle_timeout_ms: u64::try_from(idle_timeout.as_millis()).unwrap_or(u64::MAX),
             })
             .unwrap_or_default(),
         }
@@ -602,8 +694,12 @@ pub struct Service {
     attestor: Attestor,
     loader: Arc<Loader>,
     policy_sha256: String,
+    /// What is served now: the configured programs and this peer's uploads.
     programs: HashMap<String, Arc<AdmittedProgram>>,
     program_list: Vec<ProgramInfo>,
+    /// The configured programs, restored when a peer leaves (its uploads go with it).
+    configured: (HashMap<String, Arc<AdmittedProgram>>, Vec<ProgramInfo>),
+    peers: crate::peer::PeerPolicy,
     sealed_models: Vec<(String, std::fs::File)>,
     model_sha256: Arc<RwLock<BTreeMap<String, String>>>,
     max_frame: u32,
@@ -715,6 +811,10 @@ fn send(w: &SharedWriter, kind: Kind, payload: &[u8], max: u32) -> Result<(), Fr
     cinfer_channel::write_frame(&mut *w, kind, payload, max)
 }
 
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 fn error_json(e: &impl std::fmt::Display) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({ "error": e.to_string() })).unwrap_or_default()
 }
@@ -802,8 +902,10 @@ impl Service {
             attestor,
             loader,
             policy_sha256,
+            configured: (programs.clone(), program_list.clone()),
             programs,
             program_list,
+            peers: config.peer_policy()?,
             sealed_models,
             model_sha256: Arc::default(),
             max_frame: config.max_frame_bytes,
@@ -890,40 +992,123 @@ impl Service {
         Ok((store, digests))
     }
 
-    /// Serves one peer until it hangs up or sends a malformed frame. Requests run
-    /// on their own threads; their frames interleave with other answers.
+    /// Serves one peer until it hangs up, sends a malformed frame, fails to
+    /// authenticate or goes idle ([`crate::peer`]). Requests run on their own
+    /// threads; their frames interleave with other answers. When the peer
+    /// leaves, its running requests are cancelled and its uploaded programs are
+    /// no longer served.
     pub fn serve_connection(
         &mut self,
-        mut reader: impl Read,
+        reader: impl PeerStream,
         writer: Box<dyn Write + Send>,
     ) -> Result<(), ServeError> {
         let writer: SharedWriter = Arc::new(Mutex::new(writer));
-        let max = self.max_frame;
-        let hello = self.attestor.hello(&self.program_list);
-        send(&writer, hello.kind, &hello.payload, max)?;
-        let served = self.serve_frames(&mut reader, &writer);
-        // The peer is gone: nobody can receive what running requests produce.
-        let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
-        for flag in running.values() {
-            flag.store(true, Ordering::Relaxed);
+        let mut reader = DeadlineReader::new(reader);
+        let served = self.serve_peer(&mut reader, &writer);
+        if let Err(e @ ServeError::Peer(_)) = &served {
+            // Say why before hanging up (best effort: the peer may be gone).
+            let _ = send(&writer, Kind::Error, &error_json(e), self.max_frame);
         }
-        if !running.is_empty() {
+        // The peer is gone: nobody can receive what running requests produce.
+        {
+            let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+            for flag in running.values() {
+                flag.store(true, Ordering::Relaxed);
+            }
+            if !running.is_empty() {
+                tracing::info!(
+                    requests = running.len(),
+                    "peer gone: running requests cancelled"
+                );
+            }
+        }
+        // Its uploads go with it: a name it replaced serves the configured program again.
+        let uploaded = self
+            .program_list
+            .iter()
+            .filter(|p| {
+                !self
+                    .configured
+                    .1
+                    .iter()
+                    .any(|c| c.sha256 == p.sha256 && c.name == p.name)
+            })
+            .count();
+        if uploaded > 0 {
             tracing::info!(
-                requests = running.len(),
-                "peer gone: running requests cancelled"
+                programs = uploaded,
+                "peer gone: the programs it uploaded are no longer served"
             );
         }
+        self.programs = self.configured.0.clone();
+        self.program_list = self.configured.1.clone();
         served
     }
 
-    fn serve_frames(
+    fn serve_peer<R: PeerStream>(
         &mut self,
-        reader: &mut impl Read,
+        reader: &mut DeadlineReader<R>,
         writer: &SharedWriter,
     ) -> Result<(), ServeError> {
         let max = self.max_frame;
-        while let Some(frame) = cinfer_channel::read_frame(&mut *reader, max)? {
+        let challenge = if self.peers.authenticates() {
+            Some(crate::peer::PeerPolicy::challenge()?)
+        } else {
+            None
+        };
+        let hello = self.attestor.hello(
+            &self.program_list,
+            challenge.as_ref(),
+            self.peers.idle_timeout,
+        );
+        send(writer, hello.kind, &hello.payload, max)?;
+        if let Some(challenge) = &challenge {
+            let timeout_ms = millis(self.peers.auth_timeout);
+            reader.deadline_in(self.peers.auth_timeout);
+            let frame = match cinfer_channel::read_frame(&mut *reader, max) {
+                Ok(Some(f)) => f,
+                Ok(None) => return Err(PeerError::ClosedBeforeAuth.into()),
+                Err(FrameError::Io(e)) if DeadlineReader::<R>::is_timeout(&e) => {
+                    return Err(PeerError::AuthTimeout { timeout_ms }.into());
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if frame.kind != Kind::Auth {
+                return Err(PeerError::NotAuth(frame.kind).into());
+            }
+            let key = self.peers.verify(challenge, &frame.payload)?;
+            tracing::info!(key = %key, "peer authenticated");
+            send(
+                writer,
+                Kind::Authenticated,
+                &serde_json::to_vec(&serde_json::json!({ "key": key })).unwrap_or_default(),
+                max,
+            )?;
+        }
+        self.serve_frames(reader, writer)
+    }
+
+    fn serve_frames<R: PeerStream>(
+        &mut self,
+        reader: &mut DeadlineReader<R>,
+        writer: &SharedWriter,
+    ) -> Result<(), ServeError> {
+        let max = self.max_frame;
+        loop {
+            reader.deadline_in(self.peers.idle_timeout);
+            let frame = match cinfer_channel::read_frame(&mut *reader, max) {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(()),
+                Err(FrameError::Io(e)) if DeadlineReader::<R>::is_timeout(&e) => {
+                    return Err(PeerError::Idle {
+                        timeout_ms: millis(self.peers.idle_timeout),
+                    }
+                    .into());
+                }
+                Err(e) => return Err(e.into()),
+            };
             match frame.kind {
+                Kind::Ping => {}
                 Kind::Submit => self.submit(&frame.payload, writer),
                 Kind::Cancel => {
                     let Ok(id) = <[u8; 8]>::try_from(frame.payload.as_slice()) else {
@@ -978,12 +1163,12 @@ impl Service {
                 }
             }
         }
-        Ok(())
     }
 
     /// Admits a program the peer stores and submits (`Program` frame): the
     /// policy decides, as for configured programs (by its signatures, else by
-    /// digest). A later upload under the same name replaces the earlier one.
+    /// digest). A later upload under the same name replaces the earlier one,
+    /// for as long as this peer stays connected.
     fn upload(&mut self, payload: &[u8]) -> Result<ProgramInfo, ServeError> {
         let p = cinfer_channel::ProgramUpload::decode(payload)
             .ok_or_else(|| ServeError::Program("malformed Program frame".into()))?;

@@ -7,12 +7,14 @@
 
 use cinfer_attest::{Evidence, KeyRelease, ReferenceValues, SignedRequestKey};
 use cinfer_channel::{Frame, Kind};
+use p256::ecdsa::signature::Signer as _;
+use p256::ecdsa::{Signature, SigningKey};
 use sha2::Digest as _;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 const MODEL_ID: &str = "smollm2-135m-instruct";
 const MODEL_KEY: [u8; 32] = [0x5a; 32];
@@ -43,16 +45,41 @@ fn loader_dir(dir: &Path, tcti: &str, policy_suffix: &str, pinned: &[&[u8]]) -> 
     std::fs::write(
         &config,
         format!(
-            "listen = \"tcp:127.0.0.1:0\"\ntpm = \"{tcti}\"\npolicy = \"dev.toml\"\npcr = 23\nquote-pcrs = [0, 7, 23]\nkeyservers = [{}]\n[[program]]\npath = \"echo.wasm\"\n",
+            "listen = \"tcp:127.0.0.1:0\"\ntpm = \"{tcti}\"\npolicy = \"dev.toml\"\npcr = 23\nquote-pcrs = [0, 7, 23]\nkeyservers = [{}]\nserver-keys = [\"{}\"]\npeer-auth-timeout-ms = 5000\npeer-idle-timeout-ms = 60000\n[[program]]\npath = \"echo.wasm\"\n",
             pinned
                 .iter()
                 .map(|k| format!("\"{}\"", hex::encode(k)))
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join(", "),
+            hex::encode(public_sec1(&server_key()))
         ),
     )
     .unwrap();
     config
+}
+
+/// The inference server's channel key the test loaders list in `server-keys`.
+fn server_key() -> SigningKey {
+    SigningKey::from_slice(&[0x5e; 32]).unwrap()
+}
+
+fn public_sec1(k: &SigningKey) -> [u8; 65] {
+    k.verifying_key()
+        .to_sec1_point(false)
+        .as_bytes()
+        .try_into()
+        .unwrap()
+}
+
+/// `key`'s `Auth` payload for `challenge`.
+fn auth_payload(key: &SigningKey, challenge: &[u8]) -> Vec<u8> {
+    let challenge: [u8; cinfer_channel::CHALLENGE_LEN] = challenge.try_into().unwrap();
+    let signature: Signature = key.sign(&cinfer_channel::auth_message(&challenge));
+    cinfer_channel::PeerAuth {
+        public_key: public_sec1(key),
+        signature: signature.to_bytes().into(),
+    }
+    .encode()
 }
 
 fn loader_bin() -> &'static str {
@@ -80,7 +107,26 @@ fn reference_values(config: &Path, tcti: &str) -> ReferenceValues {
     toml::from_str(toml_part).unwrap()
 }
 
-struct Served(Child, SocketAddr);
+/// A running loader, its channel address and its log lines so far.
+struct Served(Child, SocketAddr, Arc<Mutex<Vec<String>>>);
+
+impl Served {
+    /// Waits (up to 5 s) for a log line containing `needle`.
+    fn wait_log(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            if let Some(l) = self.2.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no log line with {needle:?}: {:?}",
+                self.2.lock().unwrap()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
 
 impl Drop for Served {
     fn drop(&mut self) {
@@ -107,8 +153,14 @@ fn serve(config: &Path) -> Served {
         }
     };
     // Keep draining stderr so the loader never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Served(child, addr)
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let l = log.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            l.lock().unwrap().push(line);
+        }
+    });
+    Served(child, addr, log)
 }
 
 struct KeyServer {
@@ -184,8 +236,26 @@ struct Relay {
 }
 
 impl Relay {
+    /// Connects and authenticates with the server's channel key.
     fn connect(addr: SocketAddr) -> (Self, serde_json::Value) {
+        let (mut relay, hello) = Relay::connect_unauthenticated(addr);
+        let challenge = hex::decode(hello["challenge"].as_str().expect("a challenge")).unwrap();
+        let answer = relay.ask(Kind::Auth, &auth_payload(&server_key(), &challenge));
+        assert_eq!(
+            answer.kind,
+            Kind::Authenticated,
+            "{}",
+            String::from_utf8_lossy(&answer.payload)
+        );
+        (relay, hello)
+    }
+
+    /// Connects and reads `Hello`; nothing else.
+    fn connect_unauthenticated(addr: SocketAddr) -> (Self, serde_json::Value) {
         let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
         let mut relay = Relay {
             stream,
             seen: Vec::new(),
@@ -194,6 +264,17 @@ impl Relay {
         assert_eq!(hello.kind, Kind::Hello);
         let v = serde_json::from_slice(&hello.payload).unwrap();
         (relay, v)
+    }
+
+    /// The loader's last word: an `Error` frame, then the connection closes.
+    fn dropped_because(&mut self) -> String {
+        let why = error_of(&self.read());
+        let end = cinfer_channel::read_frame(&mut self.stream, MAX);
+        assert!(
+            matches!(end, Ok(None) | Err(_)),
+            "the connection stays open after {why:?}: {end:?}"
+        );
+        why
     }
 
     fn read(&mut self) -> Frame {
@@ -503,12 +584,12 @@ fn an_attested_loader_gets_its_keys_through_a_relay_that_learns_nothing() {
     // An oversized frame closes that connection only; the loader serves the next.
     // (One peer at a time: the relay hangs up first.)
     drop(relay);
-    let mut raw = TcpStream::connect(loader.1).unwrap();
-    cinfer_channel::read_frame(&mut raw, MAX).unwrap();
-    raw.write_all(&[1, 2, 0, 0, 0xff, 0xff, 0xff, 0xff])
+    let (mut raw, _) = Relay::connect(loader.1);
+    raw.stream
+        .write_all(&[1, 2, 0, 0, 0xff, 0xff, 0xff, 0xff])
         .unwrap();
     let mut rest = Vec::new();
-    let _ = raw.read_to_end(&mut rest);
+    let _ = raw.stream.read_to_end(&mut rest);
     assert!(rest.is_empty(), "nothing answered to an oversized frame");
     let (mut again, _) = Relay::connect(loader.1);
     let (status, _) = again.attest(ks.addr);
@@ -963,4 +1044,266 @@ fn a_flood_of_junk_with_a_copied_header_does_not_flush_replay_protection() {
     untimed.drain(header_len - 8..header_len);
     let why = relay.submit_refused("echo", untimed);
     assert!(why.contains("carries no seal time"), "{why}");
+}
+
+// ------------------------------------------------ the channel's peer (issue 16, bug 7)
+
+/// Writes loader.toml for the peer tests: no keyserver, the peer timeouts given.
+fn peer_loader(dir: &Path, tcti: &str, auth_ms: u64, idle_ms: u64) -> PathBuf {
+    let config = loader_dir(dir, tcti, "", &[]);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(
+            "peer-auth-timeout-ms = 5000",
+            &format!("peer-auth-timeout-ms = {auth_ms}"),
+        )
+        .replace(
+            "peer-idle-timeout-ms = 60000",
+            &format!("peer-idle-timeout-ms = {idle_ms}"),
+        );
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+/// A peer is served only after it signs this connection's challenge with a
+/// key the loader's configuration lists. One that says nothing, speaks first,
+/// signs with another key or replays an old signature is told why, dropped
+/// and logged; the next connection (the real server) is served.
+#[test]
+fn peers_that_do_not_authenticate_are_dropped_with_the_reason_and_the_next_is_served() {
+    let swtpm = cinfer_tpm::swtpm::Swtpm::start().expect("swtpm (scripts/setup installs it)");
+    let dir = scratch("peer-auth");
+    let loader = serve(&peer_loader(&dir, &swtpm.tcti(), 500, 60_000));
+
+    // Silent: dropped after the auth timeout.
+    let started = std::time::Instant::now();
+    let (mut silent, hello) = Relay::connect_unauthenticated(loader.1);
+    assert_eq!(hello["challenge"].as_str().map(str::len), Some(64));
+    assert_eq!(hello["idle_timeout_ms"], 60_000);
+    assert_eq!(
+        silent.dropped_because(),
+        "peer dropped: no Auth frame within 500 ms of Hello (peer-auth-timeout-ms)"
+    );
+    assert!(started.elapsed() >= std::time::Duration::from_millis(500));
+    loader.wait_log("no Auth frame within 500 ms");
+
+    // Speaks before authenticating.
+    let (mut eager, _) = Relay::connect_unauthenticated(loader.1);
+    let s = cinfer_channel::Submit {
+        request_id: 1,
+        program: "echo".into(),
+        sealed: vec![1, 2, 3],
+    };
+    cinfer_channel::write_frame(&mut eager.stream, Kind::Submit, &s.encode(), MAX).unwrap();
+    assert_eq!(
+        eager.dropped_because(),
+        "peer dropped: the first frame is Submit, not Auth: this loader serves only authenticated peers"
+    );
+
+    // Another key.
+    let stranger = SigningKey::from_slice(&[0x77; 32]).unwrap();
+    let (mut other, hello) = Relay::connect_unauthenticated(loader.1);
+    let challenge = hex::decode(hello["challenge"].as_str().unwrap()).unwrap();
+    cinfer_channel::write_frame(
+        &mut other.stream,
+        Kind::Auth,
+        &auth_payload(&stranger, &challenge),
+        MAX,
+    )
+    .unwrap();
+    let fingerprint = format!(
+        "sha256:{}",
+        hex::encode(sha2::Sha256::digest(public_sec1(&stranger)))
+    );
+    assert_eq!(
+        other.dropped_because(),
+        format!("peer dropped: key {fingerprint} is not one of this loader's server-keys")
+    );
+    loader.wait_log(&fingerprint);
+
+    // The right key, but a signature over an earlier connection's challenge.
+    let (mut replayer, _) = Relay::connect_unauthenticated(loader.1);
+    cinfer_channel::write_frame(
+        &mut replayer.stream,
+        Kind::Auth,
+        &auth_payload(&server_key(), &challenge),
+        MAX,
+    )
+    .unwrap();
+    assert!(replayer.dropped_because().starts_with(
+        "peer dropped: the signature over the challenge does not verify under key sha256:"
+    ));
+
+    // The server with its key is served.
+    let (mut server, hello) = Relay::connect(loader.1);
+    assert_eq!(hello["programs"][0]["name"], "echo");
+    let f = server.ask(Kind::AttestRequest, &[0; 8]);
+    assert!(
+        error_of(&f).contains("nonce of 8 bytes"),
+        "{}",
+        error_of(&f)
+    );
+    drop(server);
+    drop(loader);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An authenticated peer that sends no complete frame within the idle
+/// timeout — silent, or trickling one frame byte by byte — is dropped with the
+/// reason; one that pings stays, and the next peer is served after a drop.
+#[test]
+fn idle_peers_are_dropped_and_pinging_peers_stay() {
+    let swtpm = cinfer_tpm::swtpm::Swtpm::start().expect("swtpm (scripts/setup installs it)");
+    let dir = scratch("peer-idle");
+    let loader = serve(&peer_loader(&dir, &swtpm.tcti(), 5_000, 700));
+    let why = "peer dropped: no complete frame within 700 ms (peer-idle-timeout-ms)";
+
+    let (mut silent, hello) = Relay::connect(loader.1);
+    assert_eq!(hello["idle_timeout_ms"], 700);
+    let started = std::time::Instant::now();
+    assert_eq!(silent.dropped_because(), why);
+    assert!(started.elapsed() >= std::time::Duration::from_millis(700));
+    loader.wait_log("no complete frame within 700 ms");
+
+    // A frame trickled a byte every 100 ms never completes in time.
+    let (mut trickler, _) = Relay::connect(loader.1);
+    let frame = cinfer_channel::encode(Kind::AttestRequest, &[0; 32], MAX).unwrap();
+    let mut writer = trickler.stream.try_clone().unwrap();
+    let trickle = std::thread::spawn(move || {
+        for b in frame {
+            if writer.write_all(&[b]).is_err() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    });
+    assert_eq!(trickler.dropped_because(), why);
+    trickle.join().unwrap();
+
+    // Pings every 200 ms keep a peer for three idle timeouts; it is then
+    // still served.
+    let (mut pinger, _) = Relay::connect(loader.1);
+    for _ in 0..10 {
+        cinfer_channel::write_frame(&mut pinger.stream, Kind::Ping, b"", MAX).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let f = pinger.ask(Kind::AttestRequest, &[0; 8]);
+    assert!(
+        error_of(&f).contains("nonce of 8 bytes"),
+        "{}",
+        error_of(&f)
+    );
+    drop(pinger);
+    drop(loader);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Programs a peer uploads are served while it is connected only: a name it
+/// took over (a configured one) serves the configured program again, and a
+/// name it added is unknown, once it leaves.
+#[test]
+fn a_peers_program_uploads_leave_with_it() {
+    let swtpm = cinfer_tpm::swtpm::Swtpm::start().expect("swtpm (scripts/setup installs it)");
+    let dir = scratch("peer-uploads");
+    let loader = serve(&peer_loader(&dir, &swtpm.tcti(), 5_000, 60_000));
+    let programs = root().join("target/programs");
+    let echo = hex::encode(sha2::Sha256::digest(
+        std::fs::read(programs.join("echo.wasm")).unwrap(),
+    ));
+    let vector_ops = std::fs::read(programs.join("vector-ops.wasm")).unwrap();
+    let vector_ops_sha = hex::encode(sha2::Sha256::digest(&vector_ops));
+    let upload = |name: &str| cinfer_channel::ProgramUpload {
+        name: name.into(),
+        component: vector_ops.clone(),
+        signatures: Vec::new(),
+    };
+    let submit_to = |relay: &mut Relay, program: &str| {
+        let (sealed, _) = cinfer_envelope::seal_request(
+            cinfer_envelope::RequestPrivateKey::generate().public_key(),
+            b"x",
+        )
+        .unwrap();
+        relay.submit_refused(program, sealed)
+    };
+
+    let (mut first, hello) = Relay::connect(loader.1);
+    assert_eq!(hello["programs"][0]["sha256"], echo.as_str());
+    for name in ["echo", "vops"] {
+        let f = first.ask(Kind::Program, &upload(name).encode());
+        assert_eq!(
+            f.kind,
+            Kind::Admitted,
+            "{}",
+            String::from_utf8_lossy(&f.payload)
+        );
+    }
+    // While it is connected its uploads are served (the request is refused
+    // only for its key: no keys were released here).
+    assert!(submit_to(&mut first, "vops").starts_with("no request key"));
+    drop(first);
+
+    let (mut next, hello) = Relay::connect(loader.1);
+    let listed: Vec<(String, String)> = hello["programs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap().to_owned(),
+                p["sha256"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(listed, [("echo".to_owned(), echo.clone())]);
+    assert_ne!(echo, vector_ops_sha);
+    assert_eq!(submit_to(&mut next, "vops"), "unknown program \"vops\"");
+    drop(next);
+    drop(loader);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Without `server-keys`, `serve` (and `measure`) refuse the configuration
+/// unless it says `allow-unauthenticated-peers = true`; naming both is refused too.
+#[test]
+fn serve_refuses_a_configuration_without_server_keys() {
+    let dir = scratch("no-server-keys");
+    let config = loader_dir(&dir, "swtpm:host=127.0.0.1,port=1", "", &[]);
+    let text = std::fs::read_to_string(&config).unwrap();
+    let keys_line = text
+        .lines()
+        .find(|l| l.starts_with("server-keys"))
+        .unwrap()
+        .to_owned();
+    let run = |text: &str, command: &str| {
+        std::fs::write(&config, text).unwrap();
+        Command::new(loader_bin())
+            .args([command, "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let without = text.replace(&keys_line, "");
+    for command in ["serve", "measure"] {
+        let out = run(&without, command);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("server-keys: no inference server key is configured"),
+            "{stderr}"
+        );
+    }
+    let both = text.replace(
+        &keys_line,
+        &format!("{keys_line}\nallow-unauthenticated-peers = true"),
+    );
+    let stderr = String::from_utf8_lossy(&run(&both, "measure").stderr).to_string();
+    assert!(stderr.contains("contradict each other"), "{stderr}");
+    let dev = text.replace(&keys_line, "allow-unauthenticated-peers = true");
+    let out = run(&dev, "measure");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

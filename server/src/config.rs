@@ -3,6 +3,8 @@
 //! ```toml
 //! listen = "127.0.0.1:8080"               # default: HTTP API address
 //! loader = "tcp:127.0.0.1:7300"           # default: the trusted loader's channel (tcp:HOST:PORT or unix:PATH)
+//! channel-key = "channel.key"             # no default: the key this server signs the loader's challenge with
+//!                                         # (`inference-server keygen`; its public half goes in the loader's server-keys)
 //! keyservers = ["http://127.0.0.1:8740"]  # default: keyserver base URLs, tried in order (plain http:// only)
 //! max-request-bytes = 1048576             # default (1 MiB): largest sealed request body
 //! max-connections = 128                   # default: client connections open at once; more are closed at once
@@ -74,6 +76,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The trusted loader's channel endpoint.
     pub loader: Endpoint,
+    /// The key this server authenticates itself to the loader with; needed
+    /// when the loader asks (a loader whose configuration lists `server-keys`).
+    pub channel_key: Option<crate::ChannelKey>,
     /// Keyserver base URLs (`http://host:port`, no trailing slash).
     pub keyservers: Vec<String>,
     /// Largest sealed request body.
@@ -141,6 +146,7 @@ struct RawProgram {
 struct RawConfig {
     listen: Option<SocketAddr>,
     loader: Option<String>,
+    channel_key: Option<PathBuf>,
     keyservers: Option<Vec<String>>,
     max_request_bytes: Option<usize>,
     max_connections: Option<usize>,
@@ -187,6 +193,7 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             loader: Endpoint::Tcp("127.0.0.1:7300".into()),
+            channel_key: None,
             keyservers: vec![DEFAULT_KEYSERVER.into()],
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             max_connections: DEFAULT_MAX_CONNECTIONS,
@@ -302,6 +309,11 @@ impl Config {
                 Some(s) => s.parse().map_err(ConfigError::Invalid)?,
                 None => d.loader,
             },
+            channel_key: raw
+                .channel_key
+                .map(|p| crate::ChannelKey::load(&base.join(p)))
+                .transpose()
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?,
             keyservers: raw.keyservers.unwrap_or(d.keyservers),
             max_request_bytes: raw.max_request_bytes.unwrap_or(d.max_request_bytes),
             max_connections: raw.max_connections.unwrap_or(d.max_connections),
@@ -379,11 +391,17 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("p.wasm"), b"component").unwrap();
         std::fs::write(dir.join("p.wasm.sig"), b"sig").unwrap();
+        let key = crate::ChannelKey::generate().unwrap();
+        let _ = std::fs::remove_file(dir.join("channel.key"));
+        key.write_new(&dir.join("channel.key")).unwrap();
         let c = Config::parse_in(
-            "[[program]]\npath = \"p.wasm\"\nsignatures = [\"p.wasm.sig\"]\n[[program]]\nname = \"q\"\npath = \"p.wasm\"\n",
+            "channel-key = \"channel.key\"\n[[program]]\npath = \"p.wasm\"\nsignatures = [\"p.wasm.sig\"]\n[[program]]\nname = \"q\"\npath = \"p.wasm\"\n",
             &dir,
         )
         .unwrap();
+        assert_eq!(c.channel_key, Some(key));
+        let no_key = Config::parse_in("channel-key = \"nope.key\"\n", &dir).unwrap_err();
+        assert!(no_key.to_string().contains("nope.key"), "{no_key}");
         assert_eq!(c.programs.len(), 2);
         assert_eq!(
             (

@@ -12,6 +12,7 @@
 //! and outcomes, never payload bytes.
 #![forbid(unsafe_code)]
 
+pub mod channel_key;
 pub mod config;
 pub mod frames;
 pub mod http;
@@ -19,6 +20,7 @@ pub mod keyclient;
 pub mod link;
 pub mod metrics;
 
+pub use channel_key::ChannelKey;
 pub use config::{Config, ConfigError};
 pub use http::{Server, serve};
 pub use link::{Link, LinkStatus, Program};

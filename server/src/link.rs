@@ -2,7 +2,9 @@
 //! keyserver, and requests multiplexed over it.
 //!
 //! The link task connects (retrying with capped exponential backoff), reads
-//! `Hello`, then for each configured keyserver: `POST /v1/nonce` →
+//! `Hello`, answers its challenge with `Auth` (signed with the configured
+//! `channel-key`; the loader serves only servers its configuration lists) and
+//! waits for `Authenticated`, then for each configured keyserver: `POST /v1/nonce` →
 //! `AttestRequest(nonce)` → `Evidence` → `POST /v1/attest` (evidence verbatim) →
 //! `KeyRelease` (the keyserver's body verbatim) → `KeysInstalled`. The loader is
 //! *ready* once at least one keyserver released keys; if none did, the round is
@@ -10,10 +12,12 @@
 //! gets [`Event::Lost`], the link reconnects and attests again (a restarted
 //! loader holds no keys).
 //!
-//! On one connection three futures run together: a writer draining an mpsc of
+//! On one connection four futures run together: a writer draining an mpsc of
 //! encoded frames, a reader dispatching `Reply`/`Done`/`Refused` by request id
-//! to per-request channels (and attestation answers to the attester), and the
-//! attester. The first to end ends the connection.
+//! to per-request channels (and attestation answers to the attester), the
+//! attester, and a pinger that sends `Ping` every third of the loader's idle
+//! timeout (from `Hello`), so an idle but healthy link is not dropped. The
+//! first to end ends the connection.
 
 use crate::config::{Config, MAX_BACKOFF};
 use crate::frames::read_frame;
@@ -50,6 +54,13 @@ struct Hello {
     /// not check names and the loader refuses unknown ones.
     #[serde(default)]
     programs: Option<Vec<Program>>,
+    /// What the server must sign before it is served (hex); absent from a
+    /// loader that serves unauthenticated peers (development).
+    #[serde(default)]
+    challenge: Option<String>,
+    /// The loader drops a peer that sends no complete frame for this long.
+    #[serde(default)]
+    idle_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -411,8 +422,15 @@ impl Link {
         tracing::info!(
             loader_version = hello.loader.as_deref().unwrap_or("?"),
             programs = hello.programs.as_ref().map(Vec::len),
+            authenticates = hello.challenge.is_some(),
             "loader hello"
         );
+        if let Err(reason) = self
+            .authenticate(hello.challenge.as_deref(), &mut rd, &mut wr)
+            .await
+        {
+            return (reason, false);
+        }
         self.status.send_modify(|s| {
             s.connected = true;
             s.conn = None;
@@ -462,10 +480,28 @@ impl Link {
         };
         // Returns only if the loader broke an attestation exchange.
         let attester = self.attest_all(&conn, &mut ctl_rx);
+        let ping_every = hello
+            .idle_timeout_ms
+            .map(|ms| Duration::from_millis(ms / 3).max(Duration::from_millis(10)));
+        let pinger = async {
+            let Some(every) = ping_every else {
+                return std::future::pending().await;
+            };
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if conn.send(Kind::Ping, &[]).await.is_err() {
+                    return "writer closed".to_owned();
+                }
+            }
+        };
         let reason = tokio::select! {
             r = writer => r,
             r = reader => r,
             r = attester => r,
+            r = pinger => r,
         };
         self.status.send_modify(|s| {
             s.connected = false;
@@ -481,6 +517,48 @@ impl Link {
             );
         }
         (reason, true)
+    }
+
+    /// Answers the loader's challenge (if it sent one) with `Auth` signed by the
+    /// channel key and waits for `Authenticated`; why not, if it fails.
+    async fn authenticate(
+        &self,
+        challenge: Option<&str>,
+        rd: &mut (impl AsyncRead + Unpin),
+        wr: &mut (impl AsyncWrite + Unpin),
+    ) -> Result<(), String> {
+        let Some(challenge) = challenge else {
+            tracing::warn!(
+                "the loader serves unauthenticated peers (allow-unauthenticated-peers: development only)"
+            );
+            return Ok(());
+        };
+        let challenge: [u8; cinfer_channel::CHALLENGE_LEN] = hex::decode(challenge)
+            .ok()
+            .and_then(|c| c.try_into().ok())
+            .ok_or("malformed challenge in Hello")?;
+        let key = self.config.channel_key.as_ref().ok_or(
+            "the loader serves only servers it lists (server-keys) and no channel-key is configured",
+        )?;
+        let max = self.config.max_frame_bytes;
+        crate::frames::write_frame(wr, Kind::Auth, &key.answer(&challenge).encode(), max)
+            .await
+            .map_err(|e| format!("sending Auth: {e}"))?;
+        match tokio::time::timeout(self.config.loader_timeout, read_frame(rd, max)).await {
+            Err(_) => Err("no answer to Auth within loader-timeout".into()),
+            Ok(Err(e)) => Err(format!("reading the answer to Auth: {e}")),
+            Ok(Ok(None)) => Err("closed by the loader after Auth".into()),
+            Ok(Ok(Some(f))) if f.kind == Kind::Authenticated => {
+                tracing::info!(key = %key.public_hex(), "authenticated to the loader");
+                Ok(())
+            }
+            Ok(Ok(Some(f))) if f.kind == Kind::Error => Err(format!(
+                "the loader refused this server's channel key {}: {}",
+                key.public_hex(),
+                error_text(&f.payload)
+            )),
+            Ok(Ok(Some(f))) => Err(format!("expected Authenticated, got {:?}", f.kind)),
+        }
     }
 
     /// Submits every stored program; the loader admits or refuses each under

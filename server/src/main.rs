@@ -2,6 +2,7 @@
 //! and keyservers.
 //!
 //! ```sh
+//! inference-server keygen --out channel.key   # prints the public key for the loader's server-keys
 //! inference-server --config server.toml
 //! ```
 //!
@@ -11,6 +12,7 @@
 //! ```toml
 //! listen = "127.0.0.1:8080"
 //! loader = "tcp:127.0.0.1:7300"           # or unix:/run/cinfer/loader.sock
+//! channel-key = "channel.key"             # signs the loader's challenge (no default; `keygen`)
 //! keyservers = ["http://127.0.0.1:8740"]
 //! max-request-bytes = 1048576
 //! max-connections = 128                   # more are closed at once
@@ -43,6 +45,8 @@ relays the loader's attestation to keyservers. It never sees cleartext.\n\n\
 Configuration (TOML, every key optional):\n  \
 listen = \"127.0.0.1:8080\"              HTTP API address\n  \
 loader = \"tcp:127.0.0.1:7300\"          loader channel: tcp:HOST:PORT or unix:PATH\n  \
+channel-key = \"channel.key\"            no default: the key this server signs the loader's challenge with \
+(`inference-server keygen`; the loader lists its public half in server-keys)\n  \
 keyservers = [\"http://127.0.0.1:8740\"] keyserver base URLs, tried in order (plain http only in this version)\n  \
 max-request-bytes = 1048576            largest sealed request body (413 above)\n  \
 max-connections = 128                  client connections open at once; more are closed at once\n  \
@@ -60,6 +64,20 @@ struct Cli {
     /// Configuration file (TOML); without it every default applies.
     #[arg(long)]
     config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Makes the key this server proves itself to the trusted loader with
+    /// (its `channel-key`): writes the private key to a new file (mode 0600)
+    /// and prints the public key (hex) for the loader's `server-keys`.
+    Keygen {
+        /// Where to write the private key (must not exist).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 async fn shutdown_signal() {
@@ -117,6 +135,13 @@ fn run(cli: &Cli) -> Result<()> {
     })
 }
 
+fn keygen(out: &std::path::Path) -> Result<()> {
+    let key = cinfer_server::ChannelKey::generate()?;
+    key.write_new(out)?;
+    println!("{}", key.public_hex());
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -127,7 +152,11 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    match run(&cli) {
+    let result = match &cli.command {
+        Some(Command::Keygen { out }) => keygen(out),
+        None => run(&cli),
+    };
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

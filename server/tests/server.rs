@@ -615,3 +615,80 @@ async fn connections_over_the_cap_are_closed_at_once_while_the_cap_holds() {
     let r = post_request(h.addr, "echo", b"after the slow senders").await;
     assert_eq!(r.status, 200);
 }
+
+// ------------------------------------------------ the loader's channel (issue 16, bug 7)
+
+/// Against a loader that serves only servers it lists, the server answers the
+/// challenge with its channel key, becomes ready and serves requests, and
+/// pings the link every third of the loader's idle timeout while it is idle.
+#[tokio::test]
+async fn the_server_answers_the_loaders_challenge_and_pings_an_idle_link() {
+    let key = cinfer_server::ChannelKey::generate().unwrap();
+    let auth = FakeAuth {
+        key: p256::ecdsa::VerifyingKey::from_sec1_bytes(&key.public_sec1()).unwrap(),
+        idle_timeout_ms: 300,
+    };
+    let loader = FakeLoader::start_authenticating(auth).await;
+    let h = start_with_loader(loader, |c| c.channel_key = Some(key)).await;
+    wait_ready(h.addr).await;
+    let stats = h.loader.as_ref().unwrap().stats.clone();
+    assert_eq!(stats.authenticated.load(Ordering::SeqCst), 1);
+    let mut r = post_request(h.addr, "echo", b"after auth").await;
+    assert_eq!(r.status, 200);
+    assert_completed(b"after auth", &r.records().await);
+    let before = stats.pings.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let pings = stats.pings.load(Ordering::SeqCst) - before;
+    assert!(
+        (2..=8).contains(&pings),
+        "{pings} pings in 700 ms at one per 100 ms"
+    );
+    assert_eq!(stats.connections.load(Ordering::SeqCst), 1);
+}
+
+/// A server whose key the loader does not list, or that has none, is not
+/// served and says why in `/readyz`.
+#[tokio::test]
+async fn a_server_without_the_loaders_key_is_not_served_and_says_why() {
+    let listed = cinfer_server::ChannelKey::generate().unwrap();
+    let auth = FakeAuth {
+        key: p256::ecdsa::VerifyingKey::from_sec1_bytes(&listed.public_sec1()).unwrap(),
+        idle_timeout_ms: 60_000,
+    };
+    let other = cinfer_server::ChannelKey::generate().unwrap();
+    let other_hex = other.public_hex();
+    for (key, expected) in [
+        (
+            Some(other),
+            format!(
+                "the loader refused this server's channel key {other_hex}: peer dropped: key is not one of this loader's server-keys"
+            ),
+        ),
+        (
+            None,
+            "the loader serves only servers it lists (server-keys) and no channel-key is configured"
+                .to_owned(),
+        ),
+    ] {
+        let loader = FakeLoader::start_authenticating(auth.clone()).await;
+        let h = start_with_loader(loader, |c| c.channel_key = key).await;
+        let t = Instant::now();
+        let reason = loop {
+            let (status, body) = get(h.addr, "/readyz").await;
+            assert_eq!(status, 503);
+            let reason = error_of(&body);
+            if reason.contains("loader connection lost") {
+                break reason;
+            }
+            assert!(t.elapsed() < Duration::from_secs(5), "{reason}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(
+            reason,
+            format!("no attested loader: loader connection lost: {expected}")
+        );
+        let stats = &h.loader.as_ref().unwrap().stats;
+        assert_eq!(stats.authenticated.load(Ordering::SeqCst), 0);
+        assert_eq!(stats.attest_requests.load(Ordering::SeqCst), 0);
+    }
+}

@@ -165,6 +165,43 @@ pub struct LoaderStats {
     pub frames_sent: AtomicUsize,
     /// Request ids the server cancelled (Cancel frames), in order.
     pub cancelled: std::sync::Mutex<Vec<u64>>,
+    /// Ping frames received.
+    pub pings: AtomicUsize,
+    /// Peers that authenticated.
+    pub authenticated: AtomicUsize,
+}
+
+/// A fake loader that asks its peer to authenticate, as one with `server-keys`.
+#[derive(Clone)]
+pub struct FakeAuth {
+    /// The key the peer must sign with.
+    pub key: p256::ecdsa::VerifyingKey,
+    /// Sent as `idle_timeout_ms` in Hello (the fake drops nobody).
+    pub idle_timeout_ms: u64,
+}
+
+/// Checks the peer's `Auth` as the real loader does; the reason if it fails.
+async fn check_auth(
+    rd: &mut tokio::net::tcp::OwnedReadHalf,
+    auth: &FakeAuth,
+    challenge: &[u8; cinfer_channel::CHALLENGE_LEN],
+) -> Result<(), String> {
+    use p256::ecdsa::signature::Verifier as _;
+    let f = read_frame(rd, MAX_FRAME)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("closed")?;
+    if f.kind != Kind::Auth {
+        return Err(format!("the first frame is {:?}, not Auth", f.kind));
+    }
+    let a = cinfer_channel::PeerAuth::decode(&f.payload).ok_or("malformed Auth frame")?;
+    if a.public_key.as_slice() != auth.key.to_sec1_point(false).as_bytes() {
+        return Err("key is not one of this loader's server-keys".into());
+    }
+    let sig = p256::ecdsa::Signature::from_slice(&a.signature).map_err(|e| e.to_string())?;
+    auth.key
+        .verify(&cinfer_channel::auth_message(challenge), &sig)
+        .map_err(|_| "the signature over the challenge does not verify".to_owned())
 }
 
 /// A fake trusted loader on one TCP port. Requests whose sealed body starts
@@ -216,17 +253,32 @@ async fn serve_loader_connection(
     stream: tokio::net::TcpStream,
     gate: Arc<Semaphore>,
     stats: Arc<LoaderStats>,
+    auth: Option<FakeAuth>,
 ) {
     let (mut rd, wr) = stream.into_split();
     let w: Writer = Arc::new(tokio::sync::Mutex::new(wr));
-    let hello = serde_json::json!({
+    let challenge = [0x3c; cinfer_channel::CHALLENGE_LEN];
+    let mut hello = serde_json::json!({
         "protocol": 1, "loader": "fake", "ak_public": "00", "pcr": 23,
         "programs": [
             {"name": "echo", "sha256": "aa", "world": "request-reply"},
             {"name": "refuse-me", "sha256": "bb", "world": "request-reply"},
         ],
     });
+    if let Some(a) = &auth {
+        hello["challenge"] = hex::encode(challenge).into();
+        hello["idle_timeout_ms"] = a.idle_timeout_ms.into();
+    }
     send(&w, Kind::Hello, &serde_json::to_vec(&hello).unwrap()).await;
+    if let Some(a) = &auth {
+        if let Err(why) = check_auth(&mut rd, a, &challenge).await {
+            let body = serde_json::json!({ "error": format!("peer dropped: {why}") });
+            send(&w, Kind::Error, &serde_json::to_vec(&body).unwrap()).await;
+            return;
+        }
+        stats.authenticated.fetch_add(1, Ordering::SeqCst);
+        send(&w, Kind::Authenticated, br#"{"key":"sha256:fake"}"#).await;
+    }
     let mut requests = JoinSet::new();
     while let Ok(Some(frame)) = read_frame(&mut rd, MAX_FRAME).await {
         match frame.kind {
@@ -257,6 +309,9 @@ async fn serve_loader_connection(
                 let id = u64::from_be_bytes(frame.payload.as_slice().try_into().unwrap());
                 stats.cancelled.lock().unwrap().push(id);
             }
+            Kind::Ping => {
+                stats.pings.fetch_add(1, Ordering::SeqCst);
+            }
             _ => break,
         }
     }
@@ -269,6 +324,20 @@ impl FakeLoader {
     }
 
     pub async fn start_with(addr: SocketAddr, gate: Arc<Semaphore>) -> Self {
+        Self::start_full(addr, gate, None).await
+    }
+
+    /// A fresh port; peers must authenticate with `auth.key`.
+    pub async fn start_authenticating(auth: FakeAuth) -> Self {
+        Self::start_full(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(Semaphore::new(0)),
+            Some(auth),
+        )
+        .await
+    }
+
+    async fn start_full(addr: SocketAddr, gate: Arc<Semaphore>, auth: Option<FakeAuth>) -> Self {
         let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stats = Arc::new(LoaderStats::default());
@@ -278,7 +347,12 @@ impl FakeLoader {
             // One peer at a time, like the real loader.
             while let Ok((stream, _)) = listener.accept().await {
                 st.connections.fetch_add(1, Ordering::SeqCst);
-                conns.spawn(serve_loader_connection(stream, g.clone(), st.clone()));
+                conns.spawn(serve_loader_connection(
+                    stream,
+                    g.clone(),
+                    st.clone(),
+                    auth.clone(),
+                ));
                 while conns.join_next().await.is_some() {}
             }
         });
@@ -337,9 +411,14 @@ pub fn test_config(loader: SocketAddr, keyservers: Vec<String>) -> Config {
 
 /// A fake loader, a fake keyserver and the server on 127.0.0.1:0, `edit`ed.
 pub async fn start_with(edit: impl FnOnce(&mut Config)) -> Harness {
+    let loader = FakeLoader::start("127.0.0.1:0".parse().unwrap()).await;
+    start_with_loader(loader, edit).await
+}
+
+/// `loader`, a fake keyserver and the server on 127.0.0.1:0, `edit`ed.
+pub async fn start_with_loader(loader: FakeLoader, edit: impl FnOnce(&mut Config)) -> Harness {
     capture_logs();
     let ks = start_keyserver().await;
-    let loader = FakeLoader::start("127.0.0.1:0".parse().unwrap()).await;
     let mut config = test_config(loader.addr, vec![ks.url()]);
     edit(&mut config);
     let grace = config.shutdown_grace;
