@@ -94,17 +94,27 @@ enum Prepared {
     Q8_0(Vec<BlockQ8_0>),
 }
 
-/// `x` [m, k] · a packed `w` [n, k]ᵀ → [m, n], split over groups of 16
-/// weight rows on the spinning pool ([`crate::pool`]); `kernel(g, out)` fills
-/// `out[i · 16 + r]` for row `16g + r`.
+/// `x` [m, k] · packed matrices `w_j` [n_j, k]ᵀ → [m, n_j] for each j, split
+/// over their groups of 16 weight rows, all matrices in one job on the
+/// spinning pool ([`crate::pool`]); `kernel(j, g, out)` fills `out[i · 16 + r]`
+/// for row `16g + r` of matrix j. `ns[j]` is n_j.
 fn grouped(
     m: usize,
     kb: usize,
-    n: usize,
-    groups: usize,
-    kernel: impl Fn(usize, &mut [f32]) + Send + Sync + 'static,
-) -> Vec<f32> {
+    ns: &[usize],
+    kernel: impl Fn(usize, usize, &mut [f32]) + Send + Sync + 'static,
+) -> Vec<Vec<f32>> {
     let pool = crate::pool::global();
+    // Group index → (matrix, group in it), as offsets.
+    let starts: Vec<usize> = ns
+        .iter()
+        .scan(0, |at, n| {
+            let s = *at;
+            *at += n.div_ceil(GROUP);
+            Some(s)
+        })
+        .collect();
+    let groups = ns.iter().map(|n| n.div_ceil(GROUP)).sum::<usize>();
     // With several runs on the backend their threads already fill the cores;
     // the pool then only takes launches of several rows (a batch, a prompt).
     let alone = RUNS.load(std::sync::atomic::Ordering::Relaxed) <= 1;
@@ -113,11 +123,13 @@ fn grouped(
     } else {
         1
     };
+    let owners = starts.clone();
     let parts = pool.run(tasks, move |t| {
         let range = groups * t / tasks..groups * (t + 1) / tasks;
         let mut part = vec![0f32; range.len() * m * GROUP];
-        for (g, chunk) in range.zip(part.chunks_mut(m * GROUP)) {
-            kernel(g, chunk);
+        for (flat, chunk) in range.zip(part.chunks_mut(m * GROUP)) {
+            let j = owners.partition_point(|&s| s <= flat) - 1;
+            kernel(j, flat - owners[j], chunk);
         }
         part
     });
@@ -125,19 +137,65 @@ fn grouped(
         Ok([one]) => one,
         Err(parts) => parts.concat(),
     };
-    if m == 1 {
-        let mut og = og;
-        og.truncate(n);
-        return og;
-    }
-    let mut out = vec![0f32; m * n];
-    for (g, tile) in og.chunks_exact(m * GROUP).enumerate() {
-        let cols = (n - g * GROUP).min(GROUP);
-        for (i, row) in tile.chunks_exact(GROUP).enumerate() {
-            out[i * n + g * GROUP..][..cols].copy_from_slice(&row[..cols]);
+    ns.iter()
+        .zip(&starts)
+        .map(|(&n, &start)| {
+            let mine = &og[start * m * GROUP..][..n.div_ceil(GROUP) * m * GROUP];
+            if m == 1 {
+                return mine[..n].to_vec();
+            }
+            let mut out = vec![0f32; m * n];
+            for (g, tile) in mine.chunks_exact(m * GROUP).enumerate() {
+                let cols = (n - g * GROUP).min(GROUP);
+                for (i, row) in tile.chunks_exact(GROUP).enumerate() {
+                    out[i * n + g * GROUP..][..cols].copy_from_slice(&row[..cols]);
+                }
+            }
+            out
+        })
+        .collect()
+}
+
+/// A packed weight matrix that fits a launch of width k.
+enum PackedRef {
+    Q4_1(Arc<PackedQ4_1>),
+    Q8_0(Arc<PackedQ8_0>),
+}
+
+impl PackedRef {
+    fn of(w: &DeviceBuffer, n: usize, k: usize) -> Option<Self> {
+        match w {
+            DeviceBuffer::PackedQ4_1(p) if p.rows() == n && p.blocks_per_row() * quant::QK == k => {
+                Some(PackedRef::Q4_1(p.clone()))
+            }
+            DeviceBuffer::PackedQ8_0(p) if p.rows() == n && p.blocks_per_row() * quant::QK == k => {
+                Some(PackedRef::Q8_0(p.clone()))
+            }
+            _ => None,
         }
     }
-    out
+}
+
+/// `x` [m, k] · each packed matrix: the activations quantized once per
+/// weight type, every matrix's groups in one pool job.
+fn packed_many(x: &[f32], ws: Vec<(PackedRef, usize)>, m: usize, k: usize) -> Vec<Vec<f32>> {
+    let level = simd::level();
+    let q8_1 = ws
+        .iter()
+        .any(|(w, _)| matches!(w, PackedRef::Q4_1(_)))
+        .then(|| quant::act_q8_1(x));
+    let q8_0 = ws
+        .iter()
+        .any(|(w, _)| matches!(w, PackedRef::Q8_0(_)))
+        .then(|| quant::act_q8_0(x));
+    let ns: Vec<usize> = ws.iter().map(|(_, n)| *n).collect();
+    grouped(m, k / quant::QK, &ns, move |j, g, out| {
+        match (&ws[j].0, &q8_1, &q8_0) {
+            (PackedRef::Q4_1(p), Some(acts), _) => simd::q4_1_group(level, p, g, acts, m, out),
+            (PackedRef::Q8_0(p), _, Some(acts)) => simd::q8_0_group(level, p, g, acts, m, out),
+            _ => unreachable!("activations are prepared for every weight type present"),
+        }
+    })
 }
 
 /// `out[j][i] = dot(w_row_j, x_row_i)` computed as [n, m], in parallel over weight rows.
@@ -325,30 +383,12 @@ impl Backend for CpuBackend {
     ) -> Result<DeviceBuffer, BackendError> {
         let x_buf = x;
         let x = f32s(x)?;
-        let level = simd::level();
+        if let Some(p) = PackedRef::of(w, n, k) {
+            let [out] = <[Vec<f32>; 1]>::try_from(packed_many(x, vec![(p, n)], m, k))
+                .map_err(|_| BackendError::Unsupported(w.elem_type()))?;
+            return Ok(DeviceBuffer::F32(out));
+        }
         let prepared = match w {
-            DeviceBuffer::PackedQ4_1(p) if p.rows() == n && p.blocks_per_row() * quant::QK == k => {
-                let (acts, p) = (quant::act_q8_1(x), p.clone());
-                let (kb, groups) = (p.blocks_per_row(), p.groups());
-                return Ok(DeviceBuffer::F32(grouped(
-                    m,
-                    kb,
-                    n,
-                    groups,
-                    move |g, out| simd::q4_1_group(level, &p, g, &acts, m, out),
-                )));
-            }
-            DeviceBuffer::PackedQ8_0(p) if p.rows() == n && p.blocks_per_row() * quant::QK == k => {
-                let (acts, p) = (quant::act_q8_0(x), p.clone());
-                let (kb, groups) = (p.blocks_per_row(), p.groups());
-                return Ok(DeviceBuffer::F32(grouped(
-                    m,
-                    kb,
-                    n,
-                    groups,
-                    move |g, out| simd::q8_0_group(level, &p, g, &acts, m, out),
-                )));
-            }
             // A view of a packed matrix under another shape (a reshape):
             // the reference kernels on the blocks in GGUF order.
             DeviceBuffer::PackedQ4_1(p) => {
@@ -382,6 +422,30 @@ impl Backend for CpuBackend {
             }
         }
         Ok(DeviceBuffer::F32(out))
+    }
+
+    fn matmul_many(
+        &self,
+        x: &DeviceBuffer,
+        ws: &[(&DeviceBuffer, usize)],
+        m: usize,
+        k: usize,
+    ) -> Result<Vec<DeviceBuffer>, BackendError> {
+        // Packed weights share one launch; anything else is matmul by matmul.
+        let packed: Option<Vec<(PackedRef, usize)>> = ws
+            .iter()
+            .map(|&(w, n)| PackedRef::of(w, n, k).map(|p| (p, n)))
+            .collect();
+        match packed {
+            Some(packed) if ws.len() > 1 => Ok(packed_many(f32s(x)?, packed, m, k)
+                .into_iter()
+                .map(DeviceBuffer::F32)
+                .collect()),
+            _ => ws
+                .iter()
+                .map(|&(w, n)| self.matmul(x, w, m, k, n))
+                .collect(),
+        }
     }
 
     fn embedding(
@@ -764,6 +828,60 @@ mod tests {
                     get(cpu.embedding(&packed, k, &ids).expect("embedding")),
                     get(cpu.embedding(&raw, k, &ids).expect("embedding"))
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_many_is_each_matmul_bit_for_bit() {
+        let cpu = CpuBackend;
+        let weights = |n: usize, k: usize, seed: usize| {
+            let q4: Vec<quant::BlockQ4_1> = (0..n * k / 32)
+                .map(|b| quant::BlockQ4_1 {
+                    d: half::f16::from_f32(0.01 * (1 + (b + seed) % 5) as f32).to_bits(),
+                    m: half::f16::from_f32(-0.05 * ((b + seed) % 3) as f32).to_bits(),
+                    qs: core::array::from_fn(|j| ((j * 37 + b * 11 + seed) % 256) as u8),
+                })
+                .collect();
+            let q8: Vec<BlockQ8_0> = (0..n * k / 32)
+                .map(|b| BlockQ8_0 {
+                    d: half::f16::from_f32(0.02 * (1 + (b + seed) % 3) as f32).to_bits(),
+                    qs: core::array::from_fn(|j| ((j * 53 + b * 7 + seed) % 256) as u8 as i8),
+                })
+                .collect();
+            (DeviceBuffer::Q4_1(q4), DeviceBuffer::Q8_0(q8))
+        };
+        for &(m, k) in &[(1, 96), (3, 64), (17, 160)] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7 % 29) as f32 - 14.0) / 9.0)
+                .collect();
+            let x = buf(&x);
+            // Odd row counts (partial groups), both weight types, a raw
+            // (unpacked) matrix that makes the launch fall back matmul by matmul.
+            let (a, _) = weights(40, k, 1);
+            let (_, b) = weights(16, k, 2);
+            let (c, _) = weights(7, k, 3);
+            let pa = cpu.upload_weights(a.clone(), 40, k).expect("pack");
+            let pb = cpu.upload_weights(b.clone(), 16, k).expect("pack");
+            let pc = cpu.upload_weights(c.clone(), 7, k).expect("pack");
+            for ws in [
+                vec![(&pa, 40), (&pb, 16), (&pc, 7)],
+                vec![(&pa, 40), (&pc, 7)],
+                vec![(&pb, 16), (&a, 40)],
+            ] {
+                let many = cpu.matmul_many(&x, &ws, m, k).expect("matmul_many");
+                assert_eq!(many.len(), ws.len());
+                for (got, &(w, n)) in many.into_iter().zip(&ws) {
+                    let want = get(cpu.matmul(&x, w, m, k, n).expect("matmul"));
+                    let got = get(got);
+                    assert_eq!(got.len(), m * n);
+                    assert!(
+                        got.iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "m={m} k={k} n={n}"
+                    );
+                }
             }
         }
     }

@@ -255,6 +255,20 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         k: usize,
         n: usize,
     ) -> Result<DeviceBuffer, BackendError>;
+    /// [`matmul`](Self::matmul) of one `x` [m, k] with each `(w, n)` of `ws`,
+    /// bit for bit the separate results; a backend may compute them in one
+    /// launch (preparing `x` once, one pass of its workers over every matrix).
+    fn matmul_many(
+        &self,
+        x: &DeviceBuffer,
+        ws: &[(&DeviceBuffer, usize)],
+        m: usize,
+        k: usize,
+    ) -> Result<Vec<DeviceBuffer>, BackendError> {
+        ws.iter()
+            .map(|&(w, n)| self.matmul(x, w, m, k, n))
+            .collect()
+    }
     /// Rows `ids` of `table` [.., d] as f32 [len(ids), d].
     fn embedding(
         &self,

@@ -219,6 +219,13 @@ pub mod accel {
             raw_accel::matmul(&self.0, &w.0).map(Tensor)
         }
 
+        /// [`matmul`](Self::matmul) with each of `ws` (1 to 8) in one launch: the same
+        /// results, `self` prepared once.
+        pub fn matmul_many(&self, ws: &[&Tensor]) -> Result<Vec<Tensor>, AccelError> {
+            let raw: Vec<&raw_accel::Tensor> = ws.iter().map(|w| &w.0).collect();
+            raw_accel::matmul_many(&self.0, &raw).map(|v| v.into_iter().map(Tensor).collect())
+        }
+
         /// Elementwise sum (`b` may be a row broadcast over the last dimension).
         pub fn add(&self, b: &Tensor) -> Result<Tensor, AccelError> {
             raw_accel::add(&self.0, &b.0).map(Tensor)

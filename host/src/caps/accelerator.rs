@@ -23,6 +23,8 @@ use wasmtime::component::{Resource, ResourceTable};
 pub const MAX_RANK: usize = 4;
 /// Most multiply-adds one matmul or attention launch may do (a few seconds on one core).
 pub const MAX_LAUNCH_WORK: u64 = 1 << 34;
+/// Most weight matrices one `matmul-many` launch takes (the WIT says so).
+const MAX_MATMUL_MANY: usize = 8;
 /// Multiply-adds per second that the CPU backend's kernels sustain on one core
 /// at the AVX2 and AVX-512 levels (its f32/f16 and GGUF-layout paths are the
 /// slowest, ~2·10^9 on this workplace's machines; the packed quantized kernels
@@ -471,6 +473,73 @@ impl Host for AccelCtx {
         })
     }
 
+    fn matmul_many(
+        &mut self,
+        x: Resource<Tensor>,
+        ws: Vec<Resource<Tensor>>,
+    ) -> OpResult<Vec<Resource<Tensor>>> {
+        if ws.is_empty() || ws.len() > MAX_MATMUL_MANY {
+            return Ok(Err(AccelError::InvalidArgument));
+        }
+        let sx = guest_try!(self.f32_operand(&x)?);
+        let [m, k] = sx.as_slice() else {
+            return Ok(Err(AccelError::ShapeMismatch));
+        };
+        let (m, k) = (*m as usize, *k as usize);
+        // Every check a separate `matmul` makes, for each matrix, before anything runs.
+        let mut ns = Vec::with_capacity(ws.len());
+        let mut work = 0u128;
+        for w in &ws {
+            let (sw, wty) = guest_try!(self.operand(
+                w,
+                &[ElemType::F32, ElemType::F16, ElemType::Q4_1, ElemType::Q8_0]
+            )?);
+            let [n, kw] = sw.as_slice() else {
+                return Ok(Err(AccelError::ShapeMismatch));
+            };
+            if *kw as usize != k || (wty.is_quantized() && k % 32 != 0) {
+                return Ok(Err(AccelError::ShapeMismatch));
+            }
+            let n = *n as usize;
+            if (m as u64) * (k as u64) * (n as u64) > MAX_LAUNCH_WORK {
+                return Ok(Err(AccelError::InvalidArgument));
+            }
+            work += (m as u128) * (k as u128) * (n as u128);
+            ns.push(n);
+        }
+        // The outputs must fit together, not just one by one.
+        let total = ns.iter().map(|n| m as u64 * *n as u64).sum::<u64>();
+        if self.live + ns.len() > MAX_TENSORS {
+            return Ok(Err(AccelError::OutOfMemory));
+        }
+        guest_try!(self.reserve(ElemType::F32.bytes(total)));
+        self.check_deadline(work)?;
+        let bufs = {
+            let xb = self.get(&x)?.buf.clone();
+            let wbs = ws
+                .iter()
+                .map(|w| Ok(self.get(w)?.buf.clone()))
+                .collect::<wasmtime::Result<Vec<_>>>()?;
+            let pairs: Vec<(&DeviceBuffer, usize)> =
+                wbs.iter().map(|b| &**b).zip(ns.iter().copied()).collect();
+            self.launches += 1;
+            backend_try!(self.backend.matmul_many(&xb, &pairs, m, k))
+        };
+        if bufs.len() != ns.len() {
+            return Err(wasmtime::Error::msg(
+                "accelerator: matmul_many returned another number of results",
+            ));
+        }
+        let mut out = Vec::with_capacity(ns.len());
+        for (buf, n) in bufs.into_iter().zip(ns) {
+            match self.insert(vec![m as u32, n as u32], buf, true)? {
+                Ok(t) => out.push(t),
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+        Ok(Ok(out))
+    }
+
     fn embedding(&mut self, table: Resource<Tensor>, ids: Vec<u32>) -> OpResult<Resource<Tensor>> {
         let (st, _) = guest_try!(self.operand(
             &table,
@@ -803,6 +872,45 @@ mod tests {
         assert_eq!(ok(c.download(borrow(&y))), vec![1.0, 2.0, 3.0]);
         assert_eq!(ok(c.argmax(borrow(&y))), vec![2]);
         assert!(c.launches() >= 3);
+    }
+
+    #[test]
+    fn matmul_many_is_checked_as_a_whole_and_equals_separate_launches() {
+        let mut c = ctx(1 << 20);
+        let x = t(&mut c, &[1, 2], &[1.0, 2.0]);
+        let w1 = t(&mut c, &[3, 2], &[1.0, 0.0, 0.0, 1.0, 1.0, 1.0]);
+        let w2 = t(&mut c, &[1, 2], &[-1.0, 0.5]);
+        let bad = t(&mut c, &[2, 3], &[1.0; 6]);
+        let out = ok(c.matmul_many(borrow(&x), vec![borrow(&w1), borrow(&w2)]));
+        assert_eq!(out.len(), 2);
+        assert_eq!(ok(c.download(borrow(&out[0]))), vec![1.0, 2.0, 3.0]);
+        assert_eq!(ok(c.download(borrow(&out[1]))), vec![0.0]);
+        // Nothing is computed (no launch, no tensor) when any matrix is wrong,
+        // when there are none or more than eight, or when the outputs do not
+        // fit together.
+        let (launches, in_use) = (c.launches(), c.bytes_in_use());
+        assert_eq!(
+            guest_err(c.matmul_many(borrow(&x), vec![borrow(&w1), borrow(&bad)])),
+            AccelError::ShapeMismatch
+        );
+        assert_eq!(
+            guest_err(c.matmul_many(borrow(&x), vec![])),
+            AccelError::InvalidArgument
+        );
+        assert_eq!(
+            guest_err(c.matmul_many(borrow(&x), (0..9).map(|_| borrow(&w2)).collect())),
+            AccelError::InvalidArgument
+        );
+        // x (8 bytes) and w1 (24) held; room for one [1, 3] output (12), not two.
+        let mut tight = ctx(8 + 24 + 12 + 6);
+        let x = t(&mut tight, &[1, 2], &[1.0, 2.0]);
+        let w1 = t(&mut tight, &[3, 2], &[1.0; 6]);
+        assert_eq!(
+            guest_err(tight.matmul_many(borrow(&x), vec![borrow(&w1), borrow(&w1)])),
+            AccelError::OutOfMemory
+        );
+        ok(tight.matmul_many(borrow(&x), vec![borrow(&w1)]));
+        assert_eq!((c.launches(), c.bytes_in_use()), (launches, in_use));
     }
 
     #[test]

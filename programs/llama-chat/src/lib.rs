@@ -239,21 +239,22 @@ impl Llama {
         let mut x = self.embd.embedding(ids)?;
         for l in &self.layers {
             let h = x.rmsnorm(&l.attn_norm, hp.eps)?;
-            let q = h
-                .matmul(&l.wq)?
-                .reshape(&[seq, hp.heads, hd])?
-                .rope(pos, hp.rope_theta)?;
-            let k = h
-                .matmul(&l.wk)?
+            // Q, K and V in one launch (the same results as three).
+            let [q, k, v] = <[Tensor; 3]>::try_from(h.matmul_many(&[&l.wq, &l.wk, &l.wv])?)
+                .map_err(|_| Error::Accel(cinfer_guest::AccelError::ShapeMismatch))?;
+            let q = q.reshape(&[seq, hp.heads, hd])?.rope(pos, hp.rope_theta)?;
+            let k = k
                 .reshape(&[seq, hp.kv_heads, hd])?
                 .rope(pos, hp.rope_theta)?;
-            let v = h.matmul(&l.wv)?.reshape(&[seq, hp.kv_heads, hd])?;
+            let v = v.reshape(&[seq, hp.kv_heads, hd])?;
             let a = q
                 .attention(&k, &v, &l.k_cache, &l.v_cache, pos)?
                 .reshape(&[seq, hp.dim])?;
             x = x.add(&a.matmul(&l.wo)?)?;
             let h = x.rmsnorm(&l.ffn_norm, hp.eps)?;
-            let f = h.matmul(&l.gate)?.silu()?.mul(&h.matmul(&l.up)?)?;
+            let [gate, up] = <[Tensor; 2]>::try_from(h.matmul_many(&[&l.gate, &l.up])?)
+                .map_err(|_| Error::Accel(cinfer_guest::AccelError::ShapeMismatch))?;
+            let f = gate.silu()?.mul(&up)?;
             x = x.add(&f.matmul(&l.down)?)?;
         }
         let last = x.rows(seq - 1, 1)?.rmsnorm(&self.out_norm, hp.eps)?;
