@@ -92,13 +92,19 @@ impl NativeLlama {
             let mut x = b.embedding(&self.embd, dim, &ids).expect("embedding");
             for (l, (kc, vc)) in self.layers.iter().zip(caches.iter_mut()) {
                 let h = b.rmsnorm(&x, &l[0], dim, eps).expect("norm");
-                let q = b
-                    .rope(&mm(&h, &l[1], dim, dim), heads, hd, pos as u32, theta)
-                    .expect("rope");
-                let k = b
-                    .rope(&mm(&h, &l[2], dim, kvh * hd), kvh, hd, pos as u32, theta)
-                    .expect("rope");
-                let v = mm(&h, &l[3], dim, kvh * hd);
+                // Q, K and V in one launch, as llama-chat does.
+                let [q, k, v] = <[DeviceBuffer; 3]>::try_from(
+                    b.matmul_many(
+                        &h,
+                        &[(&l[1], dim), (&l[2], kvh * hd), (&l[3], kvh * hd)],
+                        seq,
+                        dim,
+                    )
+                    .expect("qkv"),
+                )
+                .expect("three");
+                let q = b.rope(&q, heads, hd, pos as u32, theta).expect("rope");
+                let k = b.rope(&k, kvh, hd, pos as u32, theta).expect("rope");
                 let shape = AttentionShape {
                     seq,
                     heads,
@@ -111,10 +117,13 @@ impl NativeLlama {
                     .binary(BinaryOp::Add, &x, &mm(&a, &l[4], dim, dim), dim)
                     .expect("add");
                 let h = b.rmsnorm(&x, &l[5], dim, eps).expect("norm");
-                let gate = b.silu(&mm(&h, &l[6], dim, ffn)).expect("silu");
-                let f = b
-                    .binary(BinaryOp::Mul, &gate, &mm(&h, &l[7], dim, ffn), ffn)
-                    .expect("mul");
+                let [gate, up] = <[DeviceBuffer; 2]>::try_from(
+                    b.matmul_many(&h, &[(&l[6], ffn), (&l[7], ffn)], seq, dim)
+                        .expect("gate/up"),
+                )
+                .expect("two");
+                let gate = b.silu(&gate).expect("silu");
+                let f = b.binary(BinaryOp::Mul, &gate, &up, ffn).expect("mul");
                 x = b
                     .binary(BinaryOp::Add, &x, &mm(&f, &l[8], ffn, dim), dim)
                     .expect("add");
