@@ -205,6 +205,9 @@ struct MemoryLimiter {
     memory_bytes: u64,
 }
 
+/// Bytes of each linear-memory slot kept mapped (and zeroed) between runs.
+const KEEP_RESIDENT: usize = 16 << 20;
+
 /// Elements one table may hold (tables are not large in our programs). The
 /// pool reserves this many per table slot too, so the limiter, which runs
 /// first, is what stops a larger `table.grow`, with the reason.
@@ -387,6 +390,11 @@ impl Loader {
             .max_memories_per_component(PER_RUN.memories)
             .max_tables_per_component(PER_RUN.tables)
             .table_elements(MAX_TABLE_ELEMENTS)
+            // A slot's first 16 MiB stay mapped between runs and are zeroed
+            // with memset instead of being unmapped: the next run's heap then
+            // takes no page faults (~0.5 ms of a short request). Memory a run
+            // leaves is never visible to the next one either way (tested).
+            .linear_memory_keep_resident(KEEP_RESIDENT)
             .max_memory_size(ceilings::MEMORY_BYTES as usize);
         let mut cfg = Config::new();
         cfg.wasm_component_model(true)

@@ -508,6 +508,33 @@ fn metadata_keys_returns_just_the_named_pairs() {
     );
 }
 
+/// Memory slots are reused (and their first pages kept resident, zeroed by
+/// wasmtime on reuse): no run ever reads what an earlier one wrote.
+#[test]
+fn no_run_sees_what_an_earlier_run_left_in_memory() {
+    let l = Arc::new(loader(policy_for(&[(
+        "fixtures/memory-peek",
+        "request-reply",
+        "",
+    )])));
+    let key = Arc::new(RequestPrivateKey::generate());
+    let threads: Vec<_> = (0..3)
+        .map(|_| {
+            let (l, key) = (l.clone(), key.clone());
+            std::thread::spawn(move || {
+                for _ in 0..20 {
+                    let (outcome, opened, _) = round_trip(&l, "fixtures/memory-peek", &key, b"");
+                    assert_eq!(outcome, RunOutcome::Completed);
+                    assert_eq!(opened.expect("reply").0, [0u8; 16]);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("thread");
+    }
+}
+
 #[test]
 fn concurrent_runs_share_one_admitted_program() {
     let l = Arc::new(loader(policy_for(&[("echo", "request-reply", "")])));
