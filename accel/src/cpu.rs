@@ -133,10 +133,15 @@ fn grouped(
         }
         part
     });
-    let og: Vec<f32> = match <[Vec<f32>; 1]>::try_from(parts) {
+    let mut og: Vec<f32> = match <[Vec<f32>; 1]>::try_from(parts) {
         Ok([one]) => one,
         Err(parts) => parts.concat(),
     };
+    if let ([n], 1) = (ns, m) {
+        // One row of one matrix (decode): the groups' rows are the output.
+        og.truncate(*n);
+        return vec![og];
+    }
     ns.iter()
         .zip(&starts)
         .map(|(&n, &start)| {

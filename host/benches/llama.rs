@@ -99,16 +99,21 @@ fn main() {
         std::hint::black_box(native.generate(&[6403], n, |_| false));
         start.elapsed()
     };
-    // CINFER_BENCH_SHORT_ONLY=N: only N 1-token requests (for profiling the
-    // per-request overhead), then their median.
+    // CINFER_BENCH_SHORT_ONLY=N: only N requests of a 1-token prompt and
+    // CINFER_BENCH_NEW (default 1) new tokens, then their median (for
+    // profiling the per-request overhead, or decode alone).
     if let Some(n) = std::env::var("CINFER_BENCH_SHORT_ONLY")
         .ok()
         .and_then(|n| n.parse::<usize>().ok())
     {
-        let mut t: Vec<Duration> = (0..n.max(1)).map(|_| run(req("Once", 1))).collect();
+        let new: u32 = std::env::var("CINFER_BENCH_NEW")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1);
+        let mut t: Vec<Duration> = (0..n.max(1)).map(|_| run(req("Once", new))).collect();
         t.sort();
         println!(
-            "1-token request, 1 new token: median {:?}, min {:?} of {n}",
+            "1-token prompt, {new} new token(s): median {:?}, min {:?} of {n}",
             t[t.len() / 2],
             t[0]
         );
