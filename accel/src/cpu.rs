@@ -35,6 +35,40 @@ fn packed_par_min_work() -> usize {
     })
 }
 
+/// Elementwise and row-wise ops (silu, add, mul, rmsnorm, rope) of at least
+/// this many elements (a prompt's activations, not a decode step's) are split
+/// over rows on rayon when a run is alone on the backend. Each element, or
+/// row, is computed exactly as serially: the results do not change.
+const ELEM_PAR_MIN: usize = 1 << 16;
+
+fn elem_par(len: usize) -> bool {
+    len >= ELEM_PAR_MIN && RUNS.load(std::sync::atomic::Ordering::Relaxed) <= 1
+}
+
+/// `f(row)` for every row of `x` (rows of `cols`), concatenated: in parallel
+/// for large inputs ([`elem_par`]).
+fn map_rows(x: &[f32], cols: usize, f: impl Fn(&[f32], &mut Vec<f32>) + Sync) -> Vec<f32> {
+    if elem_par(x.len()) {
+        let rows: Vec<Vec<f32>> = x
+            .par_chunks(cols.max(1) * (4096 / cols.max(1)).max(1))
+            .map(|rows| {
+                let mut out = Vec::with_capacity(rows.len());
+                for row in rows.chunks(cols.max(1)) {
+                    f(row, &mut out);
+                }
+                out
+            })
+            .collect();
+        rows.concat()
+    } else {
+        let mut out = Vec::with_capacity(x.len());
+        for row in x.chunks(cols.max(1)) {
+            f(row, &mut out);
+        }
+        out
+    }
+}
+
 /// `f(index, chunk)` over `out.chunks_mut(chunk)`, on the rayon pool only when
 /// `work` is worth it.
 fn for_each_chunk(
@@ -133,26 +167,29 @@ fn grouped(
         }
         part
     });
-    let mut og: Vec<f32> = match <[Vec<f32>; 1]>::try_from(parts) {
-        Ok([one]) => one,
-        Err(parts) => parts.concat(),
+    let parts = match <[Vec<f32>; 1]>::try_from(parts) {
+        // One part, one row, one matrix (a lone decode launch): the groups'
+        // rows are the output.
+        Ok([mut one]) if ns.len() == 1 && m == 1 => {
+            one.truncate(ns[0]);
+            return vec![one];
+        }
+        Ok([one]) => vec![one],
+        Err(parts) => parts,
     };
-    if let ([n], 1) = (ns, m) {
-        // One row of one matrix (decode): the groups' rows are the output.
-        og.truncate(*n);
-        return vec![og];
-    }
+    // The tile (m rows of 16) of flat group f, in the part that computed it.
+    let bounds: Vec<usize> = (0..parts.len()).map(|t| groups * t / parts.len()).collect();
+    let tile = |f: usize| -> &[f32] {
+        let t = bounds.partition_point(|&b| b <= f) - 1;
+        &parts[t][(f - bounds[t]) * m * GROUP..][..m * GROUP]
+    };
     ns.iter()
         .zip(&starts)
         .map(|(&n, &start)| {
-            let mine = &og[start * m * GROUP..][..n.div_ceil(GROUP) * m * GROUP];
-            if m == 1 {
-                return mine[..n].to_vec();
-            }
             let mut out = vec![0f32; m * n];
-            for (g, tile) in mine.chunks_exact(m * GROUP).enumerate() {
+            for g in 0..n.div_ceil(GROUP) {
                 let cols = (n - g * GROUP).min(GROUP);
-                for (i, row) in tile.chunks_exact(GROUP).enumerate() {
+                for (i, row) in tile(start + g).chunks_exact(GROUP).enumerate() {
                     out[i * n + g * GROUP..][..cols].copy_from_slice(&row[..cols]);
                 }
             }
@@ -499,11 +536,15 @@ impl Backend for CpuBackend {
             BinaryOp::Mul => |x: f32, y: f32| x * y,
         };
         let out = if a.len() == b.len() {
-            a.iter().zip(b).map(|(x, y)| f(*x, *y)).collect()
+            if elem_par(a.len()) {
+                a.par_iter().zip(b).map(|(x, y)| f(*x, *y)).collect()
+            } else {
+                a.iter().zip(b).map(|(x, y)| f(*x, *y)).collect()
+            }
         } else {
-            a.chunks_exact(cols)
-                .flat_map(|row| row.iter().zip(b).map(|(x, y)| f(*x, *y)))
-                .collect()
+            map_rows(a, cols, |row, out| {
+                out.extend(row.iter().zip(b).map(|(x, y)| f(*x, *y)))
+            })
         };
         Ok(DeviceBuffer::F32(out))
     }
@@ -516,15 +557,13 @@ impl Backend for CpuBackend {
         eps: f32,
     ) -> Result<DeviceBuffer, BackendError> {
         let (x, w) = (f32s(x)?, f32s(w)?);
-        let mut out = Vec::with_capacity(x.len());
-        for row in x.chunks_exact(cols) {
+        Ok(DeviceBuffer::F32(map_rows(x, cols, |row, out| {
             // Sum of squares in f64, as ggml does.
             let sum: f64 = row.iter().map(|v| f64::from(*v) * f64::from(*v)).sum();
             let mean = (sum / cols as f64) as f32;
             let scale = 1.0 / (mean + eps).sqrt();
             out.extend(row.iter().zip(w).map(|(v, g)| (v * scale) * g));
-        }
-        Ok(DeviceBuffer::F32(out))
+        })))
     }
 
     fn softmax(&self, x: &DeviceBuffer, cols: usize) -> Result<DeviceBuffer, BackendError> {
@@ -538,9 +577,12 @@ impl Backend for CpuBackend {
 
     fn silu(&self, x: &DeviceBuffer) -> Result<DeviceBuffer, BackendError> {
         let x = f32s(x)?;
-        Ok(DeviceBuffer::F32(
-            x.iter().map(|v| v / (1.0 + (-v).exp())).collect(),
-        ))
+        let silu = |v: &f32| v / (1.0 + (-v).exp());
+        Ok(DeviceBuffer::F32(if elem_par(x.len()) {
+            x.par_iter().map(silu).collect()
+        } else {
+            x.iter().map(silu).collect()
+        }))
     }
 
     fn rope(
@@ -554,7 +596,7 @@ impl Backend for CpuBackend {
         let mut out = f32s(x)?.to_vec();
         // As ggml: theta_i = p · base^(-2i/d), built by repeated multiplication in f32.
         let theta_scale = theta.powf(-2.0 / head_dim as f32);
-        for (s, row) in out.chunks_exact_mut(heads * head_dim).enumerate() {
+        let rotate = |(s, row): (usize, &mut [f32])| {
             let p = pos as f32 + s as f32;
             let mut rot = Vec::with_capacity(head_dim / 2);
             let mut t = p;
@@ -569,6 +611,15 @@ impl Backend for CpuBackend {
                     pair[1] = a * sn + b * c;
                 }
             }
+        };
+        if elem_par(out.len()) {
+            out.par_chunks_exact_mut(heads * head_dim)
+                .enumerate()
+                .for_each(rotate);
+        } else {
+            out.chunks_exact_mut(heads * head_dim)
+                .enumerate()
+                .for_each(rotate);
         }
         Ok(DeviceBuffer::F32(out))
     }
@@ -889,6 +940,52 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Large inputs take the parallel path of the elementwise and row-wise
+    /// ops; the results are those of the serial path bit for bit (checked
+    /// against the same op on slices small enough to stay serial).
+    #[test]
+    fn parallel_elementwise_ops_equal_the_serial_ones() {
+        let cpu = CpuBackend;
+        let (rows, cols) = (160, 576); // 92,160 elements ≥ ELEM_PAR_MIN
+        assert!(rows * cols >= ELEM_PAR_MIN && 16 * cols < ELEM_PAR_MIN);
+        let x: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0)
+            .collect();
+        let y: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 104_729 % 997) as f32 - 498.0) / 131.0)
+            .collect();
+        let w: Vec<f32> = (0..cols).map(|i| 0.5 + (i % 13) as f32 / 7.0).collect();
+        let bits = |v: Vec<f32>| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        // The op on the whole input, and on slices of 16 rows.
+        let check = |name: &str, op: &dyn Fn(&[f32], &[f32], usize) -> Vec<f32>| {
+            let whole = op(&x, &y, 0);
+            let pieces: Vec<f32> = (0..rows / 16)
+                .flat_map(|p| {
+                    let r = p * 16 * cols..(p + 1) * 16 * cols;
+                    op(&x[r.clone()], &y[r], p * 16)
+                })
+                .collect();
+            assert_eq!(bits(whole), bits(pieces), "{name}");
+        };
+        check("silu", &|a, _, _| get(cpu.silu(&buf(a)).expect("silu")));
+        for op in [BinaryOp::Add, BinaryOp::Mul] {
+            check("binary", &|a, b, _| {
+                get(cpu.binary(op, &buf(a), &buf(b), cols).expect("binary"))
+            });
+            check("broadcast", &|a, _, _| {
+                get(cpu.binary(op, &buf(a), &buf(&w), cols).expect("broadcast"))
+            });
+        }
+        check("rmsnorm", &|a, _, _| {
+            get(cpu.rmsnorm(&buf(a), &buf(&w), cols, 1e-5).expect("rmsnorm"))
+        });
+        check("rope", &|a, _, first_row| {
+            get(cpu
+                .rope(&buf(a), 9, 64, 3 + first_row as u32, 10000.0)
+                .expect("rope"))
+        });
     }
 
     #[test]

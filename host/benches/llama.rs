@@ -110,10 +110,19 @@ fn main() {
             .ok()
             .and_then(|n| n.parse().ok())
             .unwrap_or(1);
-        let mut t: Vec<Duration> = (0..n.max(1)).map(|_| run(req("Once", new))).collect();
+        // CINFER_BENCH_PROMPT=P: a P-token prompt instead (prefill profiling).
+        let prompt = match std::env::var("CINFER_BENCH_PROMPT")
+            .ok()
+            .and_then(|p| p.parse::<usize>().ok())
+        {
+            Some(p) if p > 1 => format!("a{}", " a".repeat(p - 1)),
+            _ => "Once".to_owned(),
+        };
+        let mut t: Vec<Duration> = (0..n.max(1)).map(|_| run(req(&prompt, new))).collect();
         t.sort();
         println!(
-            "1-token prompt, {new} new token(s): median {:?}, min {:?} of {n}",
+            "{}-byte prompt, {new} new token(s): median {:?}, min {:?} of {n}",
+            prompt.len(),
             t[t.len() / 2],
             t[0]
         );
