@@ -959,7 +959,8 @@ mod tests {
         let w: Vec<f32> = (0..cols).map(|i| 0.5 + (i % 13) as f32 / 7.0).collect();
         let bits = |v: Vec<f32>| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         // The op on the whole input, and on slices of 16 rows.
-        let check = |name: &str, op: &dyn Fn(&[f32], &[f32], usize) -> Vec<f32>| {
+        type Op<'a> = &'a dyn Fn(&[f32], &[f32], usize) -> Vec<f32>;
+        let check = |name: &str, op: Op<'_>| {
             let whole = op(&x, &y, 0);
             let pieces: Vec<f32> = (0..rows / 16)
                 .flat_map(|p| {
