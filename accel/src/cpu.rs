@@ -650,6 +650,23 @@ impl Backend for CpuBackend {
         }
         let (kc, vc): (&DeviceBuffer, &DeviceBuffer) = (k_cache, v_cache);
         let f16_cache = matches!(kc, DeviceBuffer::F16(_));
+        // The visible rows of both caches as f32, converted once per launch
+        // rather than once per (query, head) that reads them (f16 → f32 is
+        // exact: the same values either way).
+        let visible_all = (s.pos + s.seq) * row;
+        let as_f32 = |c: &DeviceBuffer| -> Vec<f32> {
+            match c {
+                DeviceBuffer::F32(c) => c[..visible_all].to_vec(),
+                DeviceBuffer::F16(c) => {
+                    let mut out = vec![0f32; visible_all];
+                    f16_to_f32(&c[..visible_all], &mut out);
+                    out
+                }
+                // Validated above: caches are f32 or f16.
+                _ => Vec::new(),
+            }
+        };
+        let (kf, vf) = (as_f32(kc), as_f32(vc));
         let group = s.heads / s.kv_heads;
         let scale = 1.0 / (s.head_dim as f32).sqrt();
         let hd = s.head_dim;
@@ -665,17 +682,15 @@ impl Backend for CpuBackend {
                 qv.iter_mut().for_each(|x| *x = quant::round_f16(*x));
             }
             let visible = s.pos + i + 1;
-            let mut tmp = vec![0f32; hd];
             let mut scores: Vec<f32> = (0..visible)
-                .map(|t| dot(&qv, cache_row(kc, t * row + kvh * hd, &mut tmp)) * scale)
+                .map(|t| dot(&qv, &kf[t * row + kvh * hd..][..hd]) * scale)
                 .collect();
             softmax_in_place(&mut scores);
             if f16_cache {
                 scores.iter_mut().for_each(|x| *x = quant::round_f16(*x));
             }
             for (t, p) in scores.iter().enumerate() {
-                let vr = cache_row(vc, t * row + kvh * hd, &mut tmp);
-                simd::axpy(simd::level(), *p, vr, o);
+                simd::axpy(simd::level(), *p, &vf[t * row + kvh * hd..][..hd], o);
             }
         });
         Ok(DeviceBuffer::F32(out))
@@ -725,18 +740,6 @@ impl Backend for CpuBackend {
 }
 
 /// `tmp.len()` elements of a cache from `offset`, as f32 (converted into `tmp` for f16).
-fn cache_row<'a>(cache: &'a DeviceBuffer, offset: usize, tmp: &'a mut [f32]) -> &'a [f32] {
-    match cache {
-        DeviceBuffer::F32(c) => &c[offset..offset + tmp.len()],
-        DeviceBuffer::F16(c) => {
-            f16_to_f32(&c[offset..offset + tmp.len()], tmp);
-            tmp
-        }
-        // Validated by the caller: caches are f32 or f16.
-        _ => &[],
-    }
-}
-
 fn softmax_in_place(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f64;
