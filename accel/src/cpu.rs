@@ -45,6 +45,25 @@ fn elem_par(len: usize) -> bool {
     len >= ELEM_PAR_MIN && RUNS.load(std::sync::atomic::Ordering::Relaxed) <= 1
 }
 
+/// `f(a_i, b_i)` for every element, in parallel chunks for large inputs
+/// ([`elem_par`]); each chunk is a plain loop the compiler vectorizes.
+fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> Vec<f32> {
+    let mut out = vec![0f32; a.len()];
+    let run = |(o, (a, b)): (&mut [f32], (&[f32], &[f32]))| {
+        for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
+            *o = f(*a, *b);
+        }
+    };
+    if elem_par(a.len()) {
+        out.par_chunks_mut(4096)
+            .zip(a.par_chunks(4096).zip(b.par_chunks(4096)))
+            .for_each(run);
+    } else {
+        run((&mut out, (a, b)));
+    }
+    out
+}
+
 /// `f(row)` for every row of `x` (rows of `cols`), concatenated: in parallel
 /// for large inputs ([`elem_par`]).
 fn map_rows(x: &[f32], cols: usize, f: impl Fn(&[f32], &mut Vec<f32>) + Sync) -> Vec<f32> {
@@ -536,11 +555,7 @@ impl Backend for CpuBackend {
             BinaryOp::Mul => |x: f32, y: f32| x * y,
         };
         let out = if a.len() == b.len() {
-            if elem_par(a.len()) {
-                a.par_iter().zip(b).map(|(x, y)| f(*x, *y)).collect()
-            } else {
-                a.iter().zip(b).map(|(x, y)| f(*x, *y)).collect()
-            }
+            zip_map(a, b, f)
         } else {
             map_rows(a, cols, |row, out| {
                 out.extend(row.iter().zip(b).map(|(x, y)| f(*x, *y)))
@@ -577,12 +592,10 @@ impl Backend for CpuBackend {
 
     fn silu(&self, x: &DeviceBuffer) -> Result<DeviceBuffer, BackendError> {
         let x = f32s(x)?;
-        let silu = |v: &f32| v / (1.0 + (-v).exp());
-        Ok(DeviceBuffer::F32(if elem_par(x.len()) {
-            x.par_iter().map(silu).collect()
-        } else {
-            x.iter().map(silu).collect()
-        }))
+        // The second operand is unused: silu is elementwise on x alone.
+        Ok(DeviceBuffer::F32(zip_map(x, x, |v, _| {
+            v / (1.0 + (-v).exp())
+        })))
     }
 
     fn rope(
