@@ -30,8 +30,8 @@ pub mod fixture;
 
 pub use release::{
     KEY_RELEASE_VERSION, KeyRelease, RECEIPT_KEY_ID, RECEIPT_TYPE, Receipt, ReleasedKey,
-    ReleasedKeyKind, RequestKeyStatement, SignedReceipt, SignedRequestKey, StatementError,
-    release_context, reply_digest,
+    ReleasedKeyKind, ReplyDigest, RequestKeyStatement, SignedReceipt, SignedRequestKey,
+    StatementError, release_context, reply_digest,
 };
 pub use verify::{
     EvidenceError, RESETTABLE_PCRS, ReferenceError, ReferenceValues, Verified, is_reset_value,

@@ -386,18 +386,58 @@ impl SignedReceipt {
 /// SHA-256 over sealed reply frames, each prefixed by its length (u32 BE): the
 /// `reply_sha256` of a [`Receipt`].
 pub fn reply_digest<'a>(frames: impl IntoIterator<Item = &'a [u8]>) -> [u8; 32] {
-    use sha2::Digest as _;
-    let mut h = sha2::Sha256::new();
+    let mut d = ReplyDigest::default();
     for f in frames {
-        h.update((f.len() as u32).to_be_bytes());
-        h.update(f);
+        d.update(f);
     }
-    h.finalize().into()
+    d.finish()
+}
+
+/// [`reply_digest`] one frame at a time, as the loader streams a reply and the
+/// client reads it, with the frame count the receipt also records. The one
+/// definition of the receipt's `reply_sha256` and `reply_frames`.
+#[derive(Debug, Clone, Default)]
+pub struct ReplyDigest {
+    hash: sha2::Sha256,
+    frames: u64,
+}
+
+impl ReplyDigest {
+    /// Adds the next sealed frame.
+    pub fn update(&mut self, frame: &[u8]) {
+        use sha2::Digest as _;
+        self.hash.update((frame.len() as u32).to_be_bytes());
+        self.hash.update(frame);
+        self.frames += 1;
+    }
+
+    /// Frames added so far.
+    pub fn frames(&self) -> u64 {
+        self.frames
+    }
+
+    /// The digest of the frames added so far.
+    pub fn finish(&self) -> [u8; 32] {
+        use sha2::Digest as _;
+        self.hash.clone().finalize().into()
+    }
 }
 
 #[cfg(test)]
 mod receipt_tests {
     use super::*;
+
+    #[test]
+    fn the_incremental_reply_digest_is_the_batch_one() {
+        let frames: [&[u8]; 3] = [b"first", b"", b"third frame"];
+        let mut d = ReplyDigest::default();
+        assert_eq!(d.finish(), reply_digest([]));
+        for (i, f) in frames.iter().enumerate() {
+            d.update(f);
+            assert_eq!(d.frames(), i as u64 + 1);
+            assert_eq!(d.finish(), reply_digest(frames[..=i].iter().copied()));
+        }
+    }
 
     #[test]
     fn releases_verify_only_as_signed_by_a_pinned_identity() {

@@ -494,8 +494,7 @@ impl Client {
             ));
         }
         let mut body = resp.body;
-        let mut digest = Sha256::new();
-        let mut frames = 0u64;
+        let mut digest = cinfer_attest::ReplyDigest::default();
         let mut ended: Option<ReplyStatus> = None;
         loop {
             let record = match read_record(&mut body) {
@@ -517,10 +516,8 @@ impl Client {
             };
             match kind {
                 RECORD_FRAME => {
-                    let index = frames;
-                    digest.update((bytes.len() as u32).to_be_bytes());
+                    let index = digest.frames();
                     digest.update(&bytes);
-                    frames += 1;
                     match opener.open(&bytes) {
                         Ok(ReplyChunk::Data(d)) => on_chunk(&d),
                         Ok(ReplyChunk::End(s)) => ended = Some(s),
@@ -550,8 +547,8 @@ impl Client {
                         &signed,
                         &statement,
                         &request_sha256,
-                        &hex::encode(digest.finalize()),
-                        frames,
+                        &hex::encode(digest.finish()),
+                        digest.frames(),
                         status,
                     )?;
                     if let Some(pin) = self.program_pins.get(program)

@@ -1299,22 +1299,17 @@ impl Service {
                 let _slot = slot;
                 let cancel = entry.flag.clone();
                 let _entry = entry;
-                let hasher = Arc::new(Mutex::new((Sha256::new(), 0u64)));
+                let hasher = Arc::new(Mutex::new(cinfer_attest::ReplyDigest::default()));
                 let (h, w) = (hasher.clone(), writer.clone());
                 let sink: FrameSink = Box::new(move |frame: Vec<u8>| {
-                    {
-                        let mut h = h.lock().unwrap_or_else(PoisonError::into_inner);
-                        h.0.update((frame.len() as u32).to_be_bytes());
-                        h.0.update(&frame);
-                        h.1 += 1;
-                    }
+                    h.lock().unwrap_or_else(PoisonError::into_inner).update(&frame);
                     let _ = send(&w, Kind::Reply, &cinfer_channel::with_request_id(id, &frame), max);
                 });
                 let answer = match loader.run_streaming_cancellable(&program, &submit.sealed, &key, sink, cancel, record) {
                     Ok(report) => {
                         let (digest, frames) = {
                             let h = hasher.lock().unwrap_or_else(PoisonError::into_inner);
-                            (h.0.clone().finalize(), h.1)
+                            (h.finish(), h.frames())
                         };
                         let receipt = Receipt {
                             receipt_type: cinfer_attest::RECEIPT_TYPE.into(),
