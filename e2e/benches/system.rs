@@ -101,11 +101,12 @@ fn main() {
         let s = stamps.clone();
         let start = Instant::now();
         loader
-            .run_streaming(
+            .run(
                 &program,
                 &sealed,
                 &request_key,
-                Box::new(move |_| s.lock().unwrap().push(Instant::now())),
+                cinfer_host::RunOptions::default()
+                    .stream_to(Box::new(move |_| s.lock().unwrap().push(Instant::now()))),
             )
             .unwrap();
         let mut v = stamps.lock().unwrap().clone();
@@ -143,7 +144,7 @@ fn main() {
     );
     println!("|---|---:|---:|");
     println!(
-        "| direct: in-process `Loader::run_streaming` | {df:.1} ms | {:.1} tok/s |",
+        "| direct: in-process `Loader::run` (streaming sink) | {df:.1} ms | {:.1} tok/s |",
         1.0 / dt
     );
     println!(

@@ -82,7 +82,9 @@ fn main() {
     let rk = RequestPrivateKey::generate();
     let run = |req: String| -> Duration {
         let (s, _) = seal_request(rk.public_key(), req.as_bytes()).expect("seal");
-        let r = loader.run(&admitted, &s, &rk).expect("run");
+        let r = loader
+            .run(&admitted, &s, &rk, cinfer_host::RunOptions::default())
+            .expect("run");
         assert_eq!(r.outcome, RunOutcome::Completed);
         r.elapsed
     };
@@ -219,7 +221,9 @@ fn main() {
         let admitted = loader.admit(&program).expect("admit");
         let one = |n: u32| {
             let (s, _) = seal_request(rk.public_key(), req("Once", n).as_bytes()).expect("seal");
-            let r = loader.run(&admitted, &s, &rk).expect("run");
+            let r = loader
+                .run(&admitted, &s, &rk, cinfer_host::RunOptions::default())
+                .expect("run");
             assert_eq!(r.outcome, RunOutcome::Completed);
         };
         one(1);

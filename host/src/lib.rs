@@ -37,7 +37,7 @@ pub mod signatures;
 
 pub use admission::{AdmissionError, AdmittedProgram};
 pub use loader::{
-    AbortReason, Loader, LoaderConfig, LoaderError, RequestError, RunOutcome, RunReport,
+    AbortReason, Loader, LoaderConfig, LoaderError, RequestError, RunOptions, RunOutcome, RunReport,
 };
 pub use policy::{Capabilities, Capability, Limits, Policy, PolicyError};
 

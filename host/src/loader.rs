@@ -138,6 +138,51 @@ pub enum AbortReason {
     Host(String),
 }
 
+/// How [`Loader::run`] hands out the reply and learns it should stop; all
+/// optional (`RunOptions::default()`: collect the frames in the report).
+#[derive(Default)]
+pub struct RunOptions<'a> {
+    sink: Option<FrameSink>,
+    cancel: Option<Arc<AtomicBool>>,
+    opened: Option<Box<dyn FnOnce() -> Result<(), RequestError> + 'a>>,
+}
+
+impl std::fmt::Debug for RunOptions<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunOptions")
+            .field("streams", &self.sink.is_some())
+            .field("cancellable", &self.cancel.is_some())
+            .field("on_opened", &self.opened.is_some())
+            .finish()
+    }
+}
+
+impl<'a> RunOptions<'a> {
+    /// Hands each sealed frame to `sink` as soon as it exists (the report's
+    /// `frames` stay empty); the last frame is the authenticated end of the
+    /// reply.
+    pub fn stream_to(mut self, sink: FrameSink) -> Self {
+        self.sink = Some(sink);
+        self
+    }
+
+    /// Stops the run soon after `flag` is set (aborted,
+    /// [`AbortReason::Cancelled`]; the final frame is still sealed).
+    pub fn cancel_on(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.cancel = Some(flag);
+        self
+    }
+
+    /// Calls `f` once the envelope opened (the request is authenticated) and
+    /// before any program code runs; its error refuses the request (the
+    /// serving loader records the request in its replay window there,
+    /// [`crate::replay`]).
+    pub fn on_opened(mut self, f: impl FnOnce() -> Result<(), RequestError> + 'a) -> Self {
+        self.opened = Some(Box::new(f));
+        self
+    }
+}
+
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RunOutcome {
@@ -594,54 +639,39 @@ impl Loader {
         })
     }
 
-    /// Runs one sealed request and collects the sealed reply frames.
+    /// Runs one sealed request: opens its envelope, runs the program on it,
+    /// seals the reply. By default the sealed reply frames are collected in
+    /// the report; [`RunOptions`] can stream them instead, cancel the run and
+    /// act once the request authenticated. The only way a request runs.
     pub fn run(
         &self,
         program: &AdmittedProgram,
         sealed_request: &[u8],
         key: &RequestPrivateKey,
+        options: RunOptions<'_>,
     ) -> Result<RunReport, RequestError> {
-        let frames = Arc::new(Mutex::new(Vec::new()));
-        let sink_frames = frames.clone();
-        let sink: FrameSink = Box::new(move |f| {
-            sink_frames
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(f)
-        });
-        let mut report = self.run_streaming(program, sealed_request, key, sink)?;
-        report.frames = std::mem::take(&mut *frames.lock().unwrap_or_else(PoisonError::into_inner));
-        Ok(report)
-    }
-
-    /// Runs one sealed request, handing each sealed frame to `sink` as soon as
-    /// it exists; the last frame is the authenticated end of the reply.
-    pub fn run_streaming(
-        &self,
-        program: &AdmittedProgram,
-        sealed_request: &[u8],
-        key: &RequestPrivateKey,
-        sink: FrameSink,
-    ) -> Result<RunReport, RequestError> {
-        self.open_and_execute(program, sealed_request, key, sink, None, || Ok(()))
-    }
-
-    /// As [`Loader::run_streaming`], and the run stops (aborted,
-    /// [`AbortReason::Cancelled`]; the final frame is still sealed) soon after
-    /// `cancel` is set. `opened` is called once the envelope opened (the
-    /// request is authenticated) and before any program code runs; its error
-    /// refuses the request (the serving loader records the request in its
-    /// replay window there, [`crate::replay`]).
-    pub fn run_streaming_cancellable(
-        &self,
-        program: &AdmittedProgram,
-        sealed_request: &[u8],
-        key: &RequestPrivateKey,
-        sink: FrameSink,
-        cancel: Arc<AtomicBool>,
-        opened: impl FnOnce() -> Result<(), RequestError>,
-    ) -> Result<RunReport, RequestError> {
-        self.open_and_execute(program, sealed_request, key, sink, Some(cancel), opened)
+        let RunOptions {
+            sink,
+            cancel,
+            opened,
+        } = options;
+        let opened = opened.unwrap_or_else(|| Box::new(|| Ok(())));
+        let Some(sink) = sink else {
+            let frames = Arc::new(Mutex::new(Vec::new()));
+            let sink_frames = frames.clone();
+            let sink: FrameSink = Box::new(move |f| {
+                sink_frames
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(f)
+            });
+            let mut report =
+                self.open_and_execute(program, sealed_request, key, sink, cancel, opened)?;
+            report.frames =
+                std::mem::take(&mut *frames.lock().unwrap_or_else(PoisonError::into_inner));
+            return Ok(report);
+        };
+        self.open_and_execute(program, sealed_request, key, sink, cancel, opened)
     }
 
     fn open_and_execute(
@@ -674,29 +704,6 @@ impl Loader {
         let (cleartext, sealer) = cinfer_envelope::open_request(key, sealed_request)?;
         opened()?;
         self.execute(program, Some(cleartext), Some(sealer), sink, cancel)
-    }
-
-    /// Runs a request whose envelope is already open: `request` is its
-    /// cleartext, `sealer` seals the reply. This is the instantiate + run +
-    /// reply-sealing path without the HPKE key agreement (the benchmark uses it
-    /// to report the two costs separately).
-    pub fn run_opened(
-        &self,
-        program: &AdmittedProgram,
-        request: zeroize::Zeroizing<Vec<u8>>,
-        sealer: cinfer_envelope::ReplySealer,
-        sink: FrameSink,
-    ) -> Result<RunReport, RequestError> {
-        self.execute(program, Some(request), Some(sealer), sink, None)
-    }
-
-    /// Runs a program with no request (a warm-up or a benchmark of the bare
-    /// instantiate + call path); output is counted but not sealed anywhere.
-    pub fn run_without_request(
-        &self,
-        program: &AdmittedProgram,
-    ) -> Result<RunReport, RequestError> {
-        self.execute(program, None, None, Box::new(|_| {}), None)
     }
 
     fn execute(

@@ -199,7 +199,7 @@ fn run(
     let (sealed, opener) = seal_request(key.public_key(), &request)?;
     drop(request);
     // Loader side: only sealed bytes cross this line, in both directions.
-    let report = loader.run(&admitted, &sealed, &key)?;
+    let report = loader.run(&admitted, &sealed, &key, cinfer_host::RunOptions::default())?;
     // Client side again: open the sealed reply.
     let (reply, status) = opener
         .open_all(report.frames.iter().map(Vec::as_slice))

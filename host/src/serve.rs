@@ -1305,7 +1305,11 @@ impl Service {
                     h.lock().unwrap_or_else(PoisonError::into_inner).update(&frame);
                     let _ = send(&w, Kind::Reply, &cinfer_channel::with_request_id(id, &frame), max);
                 });
-                let answer = match loader.run_streaming_cancellable(&program, &submit.sealed, &key, sink, cancel, record) {
+                let options = crate::RunOptions::default()
+                    .stream_to(sink)
+                    .cancel_on(cancel)
+                    .on_opened(record);
+                let answer = match loader.run(&program, &submit.sealed, &key, options) {
                     Ok(report) => {
                         let (digest, frames) = {
                             let h = hasher.lock().unwrap_or_else(PoisonError::into_inner);

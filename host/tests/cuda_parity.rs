@@ -745,7 +745,14 @@ fn llama_chat_runs_on_the_cuda_backend_through_the_loader() {
         let (sealed, opener) =
             cinfer_envelope::seal_request(request_key.public_key(), request.as_bytes())
                 .expect("seal");
-        let report = loader.run(&admitted, &sealed, &request_key).expect("run");
+        let report = loader
+            .run(
+                &admitted,
+                &sealed,
+                &request_key,
+                cinfer_host::RunOptions::default(),
+            )
+            .expect("run");
         let (text, status) = opener
             .open_all(report.frames.iter().map(Vec::as_slice))
             .expect("reply opens");

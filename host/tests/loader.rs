@@ -82,7 +82,9 @@ fn round_trip(
 ) {
     let admitted = loader.admit(&program(name)).expect("admitted");
     let (sealed, opener) = seal_request(key.public_key(), msg).expect("seal");
-    let report = loader.run(&admitted, &sealed, key).expect("run");
+    let report = loader
+        .run(&admitted, &sealed, key, cinfer_host::RunOptions::default())
+        .expect("run");
     let opened = opener
         .open_all(report.frames.iter().map(Vec::as_slice))
         .map(|(r, s)| (r.to_vec(), s));
@@ -341,7 +343,11 @@ fn deadline_stops_a_loop_on_time() {
         "",
     )]));
     let p = l.admit(&program("fixtures/infinite-loop")).expect("admit");
-    let report = l.run_without_request(&p).expect("run");
+    let key = RequestPrivateKey::generate();
+    let (sealed, _) = seal_request(key.public_key(), b"").expect("seal");
+    let report = l
+        .run(&p, &sealed, &key, cinfer_host::RunOptions::default())
+        .expect("run");
     assert_eq!(
         report.outcome,
         RunOutcome::Aborted(AbortReason::Deadline(Duration::from_millis(300)))
@@ -371,22 +377,28 @@ fn bad_requests_are_refused_before_any_program_code_runs() {
     let last = sealed.len() - 1;
     sealed[last] ^= 1;
     assert_eq!(
-        l.run(&p, &sealed, &key).unwrap_err(),
+        l.run(&p, &sealed, &key, cinfer_host::RunOptions::default())
+            .unwrap_err(),
         RequestError::Envelope(EnvelopeError::AuthenticationFailed)
     );
     let other = RequestPrivateKey::generate();
     let (sealed, _) = seal_request(other.public_key(), b"hello").expect("seal");
     assert!(matches!(
-        l.run(&p, &sealed, &key),
+        l.run(&p, &sealed, &key, cinfer_host::RunOptions::default()),
         Err(RequestError::Envelope(EnvelopeError::WrongKey { .. }))
     ));
     let (big, _) = seal_request(key.public_key(), &vec![0u8; 5000]).expect("seal");
     assert!(matches!(
-        l.run(&p, &big, &key),
+        l.run(&p, &big, &key, cinfer_host::RunOptions::default()),
         Err(RequestError::TooLarge { limit: 4096, .. })
     ));
     assert!(matches!(
-        l.run(&p, b"\x01\x00\x10", &key),
+        l.run(
+            &p,
+            b"\x01\x00\x10",
+            &key,
+            cinfer_host::RunOptions::default()
+        ),
         Err(RequestError::Envelope(EnvelopeError::Truncated("suite")))
     ));
 }
@@ -602,7 +614,9 @@ fn request_cleartext_never_reaches_logs_errors_or_frames() {
     ] {
         let p = l.admit(&program(name)).expect("admit");
         let (sealed, _) = seal_request(key.public_key(), canary.as_bytes()).expect("seal");
-        let report = l.run(&p, &sealed, &key).expect("run");
+        let report = l
+            .run(&p, &sealed, &key, cinfer_host::RunOptions::default())
+            .expect("run");
         seen.push_str(&format!("{report:?} {:?}\n", report.outcome));
         for f in &report.frames {
             assert!(
@@ -613,7 +627,9 @@ fn request_cleartext_never_reaches_logs_errors_or_frames() {
         // A tampered copy of the same request: the error must not carry it either.
         let mut bad = sealed.clone();
         bad[20] ^= 0xff;
-        let err = l.run(&p, &bad, &key).expect_err("tampered");
+        let err = l
+            .run(&p, &bad, &key, cinfer_host::RunOptions::default())
+            .expect_err("tampered");
         seen.push_str(&format!("{err} {err:?}\n"));
     }
     seen.push_str(&format!("{key:?} {l:?}"));
@@ -682,7 +698,9 @@ fn signed_programs_are_admitted_by_identity_and_run() {
     assert!(!p.grant().capabilities.contains(Capability::Accelerator));
     let key = RequestPrivateKey::generate();
     let (sealed, opener) = seal_request(key.public_key(), b"signed hello").expect("seal");
-    let report = l.run(&p, &sealed, &key).expect("run");
+    let report = l
+        .run(&p, &sealed, &key, cinfer_host::RunOptions::default())
+        .expect("run");
     assert_eq!(report.outcome, RunOutcome::Completed);
     let (reply, _) = opener
         .open_all(report.frames.iter().map(Vec::as_slice))
@@ -1077,7 +1095,9 @@ fn a_request_bound_to_another_component_is_refused_by_the_loader() {
     let key = RequestPrivateKey::generate();
     let (sealed, _) =
         cinfer_envelope::seal_request_for_program(key.public_key(), &[0x42; 32], b"hi").unwrap();
-    let err = l.run(&admitted, &sealed, &key).unwrap_err();
+    let err = l
+        .run(&admitted, &sealed, &key, cinfer_host::RunOptions::default())
+        .unwrap_err();
     assert!(
         matches!(&err, RequestError::WrongProgram { bound, program } if *bound == "42".repeat(32) && program == "echo"),
         "{err}"
@@ -1086,7 +1106,9 @@ fn a_request_bound_to_another_component_is_refused_by_the_loader() {
     let digest = cinfer_host::admission::digest(&program("echo"));
     let (sealed, opener) =
         cinfer_envelope::seal_request_for_program(key.public_key(), &digest, b"hi").unwrap();
-    let report = l.run(&admitted, &sealed, &key).expect("runs");
+    let report = l
+        .run(&admitted, &sealed, &key, cinfer_host::RunOptions::default())
+        .expect("runs");
     let (text, _) = opener
         .open_all(report.frames.iter().map(Vec::as_slice))
         .unwrap();
