@@ -11,6 +11,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 mod chat;
+mod devrun;
 mod proxy;
 mod signing;
 
@@ -67,6 +68,20 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Writes a new DEVELOPMENT-ONLY request private key file (mode 0600,
+    /// refuses to overwrite) and prints its key id and public key. Real request
+    /// keys are released by the keyserver to attested loaders only.
+    DevRequestKey {
+        /// Where to write it.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Runs one request in DEVELOPMENT mode, in this process: seals INPUT to
+    /// --request-key as a client would, runs the program on the sealed request
+    /// through the loader library, opens the sealed reply and prints it. The
+    /// outcome goes to stderr; exits 1 unless the program completed. No
+    /// attestation: for trying programs and models, not for serving.
+    DevRun(devrun::DevRunArgs),
     /// Makes an ECDSA P-256 signing key pair for `cinfer sign` (PKCS#8 PEM
     /// private key, mode 0600; SubjectPublicKeyInfo PEM public key for the
     /// policy's `public-key`). Teams with an HSM or KMS keep the key there and
@@ -410,6 +425,12 @@ fn main() -> std::process::ExitCode {
         ),
         Command::UnsealCheck { sealed, key } => unseal_check(sealed, key),
         Command::DevModelKey { out } => dev_model_key(out),
+        Command::DevRequestKey { out } => devrun::request_key(out),
+        Command::DevRun(args) => match devrun::run(args) {
+            Ok(true) => Ok(()),
+            Ok(false) => return std::process::ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
         Command::Keygen { private, public } => keygen(private, public),
         Command::Sign { file, key, out } => sign(file, key, out.as_deref()),
         Command::Verify {

@@ -113,16 +113,7 @@ fn a_team_signs_with_its_key_and_the_policy_admits_by_that_key() {
         "{out}"
     );
 
-    // The loader's own check agrees, and refuses the same signature over other bytes.
-    let loader = Command::new(root().join("target/release/trusted-loader"))
-        .args(["check", "--policy", policy.to_str().unwrap(), "--program"])
-        .arg(&wasm)
-        .arg("--bundle")
-        .arg(&sig)
-        .output();
-    if let Ok(o) = loader {
-        assert!(o.status.success(), "{}", text(&o));
-    }
+    // The same signature over other bytes is refused.
     let mut bytes = std::fs::read(&wasm).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 1;

@@ -1,17 +1,12 @@
 //! `trusted-loader`: the command-line face of the trusted loader.
 #![forbid(unsafe_code)]
 
-use anyhow::{Context, Result, bail};
-use cinfer_envelope::{RequestPrivateKey, seal_request};
-use cinfer_host::caps::model::ModelStore;
-use cinfer_host::models::SealedGguf;
-use cinfer_host::{Loader, LoaderConfig, Policy, RunOutcome};
-use cinfer_sealed_model::ModelKey;
+use anyhow::{Context, Result};
+use cinfer_host::Policy;
 use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 /// The cinfer trusted loader: admits signed Wasm programs under a policy and
 /// runs them with only decrypt, accelerator and encrypt capabilities.
@@ -24,49 +19,6 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Checks whether a program would be admitted under a policy and prints
-    /// the verdict: granted capabilities and limits, or the refusal reason.
-    /// Exits 1 on refusal.
-    Check {
-        /// Policy TOML file (its worlds WIT file is read from the same directory).
-        #[arg(long)]
-        policy: PathBuf,
-        /// Program component (.wasm).
-        #[arg(long)]
-        program: PathBuf,
-        /// A signature over the program (repeatable): a Sigstore bundle (JSON,
-        /// keyless or key-based) or a detached `cosign sign-blob --key`
-        /// signature. With any, the program is admitted by who signed it
-        /// (`[[signer]]` / `[[quorum]]` entries) instead of by digest.
-        #[arg(long = "bundle", visible_alias = "signature", value_name = "FILE")]
-        bundles: Vec<PathBuf>,
-    },
-    /// Runs one request in DEVELOPMENT mode: seals INPUT to the key in
-    /// --request-key as a client would, runs the program on the sealed
-    /// request, opens the sealed reply and prints it to stdout. The outcome
-    /// goes to stderr; exits 1 unless the program completed.
-    Run {
-        /// Policy TOML file.
-        #[arg(long)]
-        policy: PathBuf,
-        /// Program component (.wasm).
-        #[arg(long)]
-        program: PathBuf,
-        /// DEVELOPMENT-ONLY request private key file (from `dev-keygen`).
-        /// Real request keys come from the keyserver to attested loaders.
-        #[arg(long)]
-        request_key: PathBuf,
-        /// The request's cleartext (a file; `-` reads standard input).
-        #[arg(long)]
-        input: PathBuf,
-        /// A sealed model to serve, as ID=PATH (repeatable). The id must match
-        /// the one sealed into the file.
-        #[arg(long = "model", value_name = "ID=PATH")]
-        models: Vec<String>,
-        /// DEVELOPMENT-ONLY model data key file (`cinfer dev-model-key`), for --model.
-        #[arg(long)]
-        model_key: Option<PathBuf>,
-    },
     /// Serves: measures the binary, this configuration and the policy into the
     /// TPM, then listens on the configured endpoint for one peer at a time,
     /// answering attestation requests and installing released keys. Never
@@ -94,13 +46,6 @@ enum Command {
         #[arg(long)]
         tpm: Option<String>,
     },
-    /// Writes a new DEVELOPMENT-ONLY request private key file and prints its
-    /// key id and public key.
-    DevKeygen {
-        /// Where to write the private key (refuses to overwrite).
-        #[arg(long)]
-        out: PathBuf,
-    },
 }
 
 /// Opens a file named on the command line through a capability handle on its
@@ -125,119 +70,6 @@ fn read_arg_file(path: &Path) -> Result<Vec<u8>> {
     std::io::Read::read_to_end(&mut open_arg_file(path)?, &mut buf)
         .with_context(|| format!("reading {}", path.display()))?;
     Ok(buf)
-}
-
-fn check(policy: &Path, program: &Path, bundles: &[PathBuf]) -> Result<ExitCode> {
-    let policy = Policy::load_path(policy).context("loading the policy")?;
-    let bytes = read_arg_file(program)?;
-    let loader = Loader::new(policy, LoaderConfig::default())?;
-    println!("program:  {}", program.display());
-    let signatures = bundles
-        .iter()
-        .map(|b| read_arg_file(b))
-        .collect::<Result<Vec<_>>>()?;
-    let refs: Vec<&[u8]> = signatures.iter().map(Vec::as_slice).collect();
-    let (admitted, report) = cinfer_host::report::admission(&loader, &bytes, &refs);
-    print!("{report}");
-    Ok(if admitted {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
-}
-
-/// Opens each `ID=PATH` sealed model with the data key.
-fn model_store(models: &[String], model_key: Option<&Path>) -> Result<ModelStore> {
-    let mut store = ModelStore::default();
-    if models.is_empty() {
-        return Ok(store);
-    }
-    let key_path = model_key.context("--model needs --model-key")?;
-    let key_text = zeroize::Zeroizing::new(
-        String::from_utf8(read_arg_file(key_path)?).context("model key file is not UTF-8")?,
-    );
-    let key = ModelKey::from_key_file(&key_text).context("parsing the model key")?;
-    for spec in models {
-        let (id, path) = spec.split_once('=').context("--model takes ID=PATH")?;
-        let file = open_arg_file(Path::new(path))?;
-        let model = SealedGguf::open(Box::new(file), &key)
-            .with_context(|| format!("opening sealed model {path}"))?;
-        if model.model_id() != id {
-            bail!("{path} holds model `{}`, not `{id}`", model.model_id());
-        }
-        store.insert(id, Arc::new(model));
-    }
-    Ok(store)
-}
-
-fn run(
-    policy: &Path,
-    program: &Path,
-    key: &Path,
-    input: &Path,
-    models: &[String],
-    model_key: Option<&Path>,
-) -> Result<ExitCode> {
-    let policy = Policy::load_path(policy).context("loading the policy")?;
-    let models = model_store(models, model_key)?;
-    let key_text = zeroize::Zeroizing::new(
-        String::from_utf8(read_arg_file(key)?).context("request key file is not UTF-8")?,
-    );
-    let key = RequestPrivateKey::from_dev_key_file(&key_text).context("parsing the request key")?;
-    let bytes = read_arg_file(program)?;
-    let request = zeroize::Zeroizing::new(read_arg_file(input)?);
-    let loader = Loader::new(
-        policy,
-        LoaderConfig {
-            models,
-            ..LoaderConfig::default()
-        },
-    )?;
-    let admitted = loader.admit(&bytes).context("admission refused")?;
-
-    // Client side (development mode only): seal the input to the request key.
-    let (sealed, opener) = seal_request(key.public_key(), &request)?;
-    drop(request);
-    // Loader side: only sealed bytes cross this line, in both directions.
-    let report = loader.run(&admitted, &sealed, &key, cinfer_host::RunOptions::default())?;
-    // Client side again: open the sealed reply.
-    let (reply, status) = opener
-        .open_all(report.frames.iter().map(Vec::as_slice))
-        .context("opening the sealed reply")?;
-    std::io::stdout().write_all(&reply)?;
-    std::io::stdout().flush()?;
-    eprintln!(
-        "\noutcome: {} (reply status {status:?}), {} sealed frames, {} egress bytes, {} accelerator launches, {:?}",
-        report.outcome,
-        report.frames.len(),
-        report.egress_bytes,
-        report.accelerator_launches,
-        report.elapsed
-    );
-    Ok(if report.outcome == RunOutcome::Completed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
-}
-
-fn dev_keygen(out: &Path) -> Result<ExitCode> {
-    if out.exists() {
-        bail!("{} exists; refusing to overwrite a key", out.display());
-    }
-    let key = RequestPrivateKey::generate();
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts
-        .open(out)
-        .with_context(|| format!("creating {}", out.display()))?;
-    f.write_all(key.to_dev_key_file().as_bytes())?;
-    println!("key id:     {}", key.public_key().key_id());
-    println!("public key: {}", hex::encode(key.public_key().to_bytes()));
-    eprintln!("wrote DEVELOPMENT-ONLY request key to {}", out.display());
-    Ok(ExitCode::SUCCESS)
 }
 
 /// What a serving loader starts from: its configuration, the policy and the
@@ -439,27 +271,6 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match &cli.command {
-        Command::Check {
-            policy,
-            program,
-            bundles,
-        } => check(policy, program, bundles),
-        Command::Run {
-            policy,
-            program,
-            request_key,
-            input,
-            models,
-            model_key,
-        } => run(
-            policy,
-            program,
-            request_key,
-            input,
-            models,
-            model_key.as_deref(),
-        ),
-        Command::DevKeygen { out } => dev_keygen(out),
         Command::Serve { config } => serve(config),
         Command::Measure {
             config,

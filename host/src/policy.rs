@@ -747,8 +747,8 @@ impl Policy {
 
     /// Whether a loader configured with backend `configured` may serve under
     /// this policy: a serving loader checks before it opens the backend and
-    /// refuses to start otherwise. (Admission tools — `trusted-loader check`,
-    /// `cinfer verify` — decide admission only and do not check it.)
+    /// refuses to start otherwise. (The admission tool,
+    /// `cinfer verify`, decides admission only and does not check it.)
     pub fn check_backend(&self, configured: &str) -> Result<(), PolicyError> {
         match self.backend() {
             Some(pinned) if pinned != configured => Err(PolicyError::BackendNotPinned {

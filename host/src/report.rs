@@ -1,4 +1,4 @@
-//! The admission verdict as people read it (`trusted-loader check`, `cinfer verify`).
+//! The admission verdict as people read it (`cinfer verify`).
 
 use crate::Loader;
 use std::fmt::Write as _;

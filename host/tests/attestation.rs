@@ -86,6 +86,23 @@ fn loader_bin() -> &'static str {
     env!("CARGO_BIN_EXE_trusted-loader")
 }
 
+/// The measured binary carries no development command (they live in `cinfer`).
+#[test]
+fn the_measured_loader_binary_only_serves_and_measures() {
+    for gone in ["run", "check", "dev-keygen"] {
+        let out = Command::new(loader_bin()).arg(gone).output().unwrap();
+        assert!(!out.status.success(), "{gone}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("unrecognized subcommand"),
+            "{gone}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let help = Command::new(loader_bin()).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("serve") && help.contains("measure"), "{help}");
+}
+
 /// `trusted-loader measure --tpm`: the operator's reference values.
 fn reference_values(config: &Path, tcti: &str) -> ReferenceValues {
     let out = Command::new(loader_bin())
