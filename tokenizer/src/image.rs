@@ -200,10 +200,28 @@ fn bad(why: &'static str) -> TokenizerError {
 
 impl Image {
     /// Checks the header of the image `buf[range]` against its length and
-    /// reads the small lists; the tables are not walked, nor copied.
-    pub fn parse(buf: Vec<u8>, range: std::ops::Range<usize>) -> Result<Self, TokenizerError> {
-        let start = range.start;
-        let bytes = buf.get(range).ok_or(bad("no image magic"))?;
+    /// reads the small lists; the tables are not walked, nor copied. On
+    /// error, `buf` comes back with the reason.
+    pub fn parse(
+        buf: Vec<u8>,
+        range: std::ops::Range<usize>,
+    ) -> Result<Self, (TokenizerError, Vec<u8>)> {
+        let checked = match buf.get(range.clone()) {
+            Some(bytes) => Self::check(bytes, range.start),
+            None => Err(bad("no image magic")),
+        };
+        match checked {
+            Ok(mut img) => {
+                img.buf = buf;
+                Ok(img)
+            }
+            Err(e) => Err((e, buf)),
+        }
+    }
+
+    /// [`parse`](Self::parse) on the image's bytes, found at `start` of the
+    /// buffer the image will hold (left empty here).
+    fn check(bytes: &[u8], start: usize) -> Result<Self, TokenizerError> {
         let word = |i: usize| -> Option<u32> {
             let b = bytes.get(4 + 4 * i..8 + 4 * i)?;
             Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -316,7 +334,7 @@ impl Image {
             piece_blob: start + piece_blob,
             end,
             start,
-            buf,
+            buf: Vec::new(),
         })
     }
 

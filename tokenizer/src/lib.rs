@@ -353,14 +353,24 @@ impl Tokenizer {
     /// The tokenizer of GGUF metadata: from its [image](Self::image) under [`IMAGE_KEY`] when
     /// the metadata holds one (which costs next to nothing), else
     /// [built](Self::build_from_gguf) from the tokenizer keys.
+    ///
+    /// An image this release cannot read (another [version](IMAGE_VERSION), or malformed) is
+    /// passed over when the metadata holds the vocabulary to build from, so a model sealed by
+    /// another release still serves; without the vocabulary it is [`TokenizerError::BadImage`].
     pub fn from_gguf(g: &Gguf<'_>) -> Result<Self, TokenizerError> {
         match g.get(IMAGE_KEY) {
             None => Self::build_from_gguf(g),
             Some(Value::Array(a)) => {
-                Self::from_image(a.as_bytes().ok_or(TokenizerError::WrongType {
+                let image = a.as_bytes().ok_or(TokenizerError::WrongType {
                     key: IMAGE_KEY,
                     expected: "an array of u8",
-                })?)
+                })?;
+                match Self::from_image(image) {
+                    Err(TokenizerError::BadImage(_)) if g.get(K_TOKENS).is_some() => {
+                        Self::build_from_gguf(g)
+                    }
+                    other => other,
+                }
             }
             Some(_) => Err(TokenizerError::WrongType {
                 key: IMAGE_KEY,
@@ -374,7 +384,7 @@ impl Tokenizer {
     /// malformed image, or one of another [version](IMAGE_VERSION), is
     /// [`TokenizerError::BadImage`]; a well-formed but wrong one gives wrong ids, never a panic.
     pub fn from_image(bytes: &[u8]) -> Result<Self, TokenizerError> {
-        Self::with_image(image::Image::parse(bytes.to_vec(), 0..bytes.len())?)
+        Self::with_image(image::Image::parse(bytes.to_vec(), 0..bytes.len()).map_err(|(e, _)| e)?)
     }
 
     /// [`from_gguf`](Self::from_gguf) on the GGUF metadata in `meta`, keeping `meta` when it
@@ -395,8 +405,17 @@ impl Tokenizer {
         // The image's place in `meta` (it borrows from it).
         let start = image.as_ptr() as usize - meta.as_ptr() as usize;
         let range = start..start + image.len();
+        let has_vocabulary = g.get(K_TOKENS).is_some();
         drop(g);
-        Self::with_image(image::Image::parse(meta, range)?)
+        match image::Image::parse(meta, range) {
+            Ok(img) => Self::with_image(img),
+            // An image this release cannot read: build from the vocabulary if
+            // the metadata has it (as `from_gguf` does).
+            Err((TokenizerError::BadImage(_), meta)) if has_vocabulary => {
+                Self::build_from_gguf(&cinfer_gguf::parse_metadata(&meta)?)
+            }
+            Err((e, _)) => Err(e),
+        }
     }
 
     fn with_image(img: image::Image) -> Result<Self, TokenizerError> {
@@ -693,7 +712,7 @@ impl Tokenizer {
             flags,
         })?;
         let len = bytes.len();
-        let tok = Self::with_image(image::Image::parse(bytes, 0..len)?)?;
+        let tok = Self::with_image(image::Image::parse(bytes, 0..len).map_err(|(e, _)| e)?)?;
         debug_assert_eq!(tok.pre, pre);
         Ok(tok)
     }

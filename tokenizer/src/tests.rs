@@ -564,3 +564,32 @@ fn malformed_images_are_refused_or_harmless() {
         }
     }
 }
+
+#[test]
+fn an_image_of_another_version_is_passed_over_when_the_vocabulary_is_there() {
+    let plain = Vocab::new().bytes();
+    let mut image = Vocab::new().tok().image().to_vec();
+    image[4] = 99; // another image version
+    let stale =
+        cinfer_gguf::write::set_kv(&plain, IMAGE_KEY, &Val::U8s(image.clone())).expect("set");
+    // With the vocabulary arrays: built from them, the same tokenizer.
+    let g = cinfer_gguf::parse(&stale).expect("gguf");
+    same_tokenizer(
+        &Vocab::new().tok(),
+        &Tokenizer::from_gguf(&g).expect("from_gguf"),
+    );
+    let meta = stale[..g.kv_end].to_vec();
+    same_tokenizer(
+        &Vocab::new().tok(),
+        &Tokenizer::from_metadata(meta).expect("from_metadata"),
+    );
+    // Without them (just the image, as metadata-keys may hand out): the reason.
+    let only_image =
+        cinfer_gguf::write::metadata_subset(&stale, |k| k == IMAGE_KEY).expect("subset");
+    let why = TokenizerError::BadImage("another image version (rebuild it with this release)");
+    assert_eq!(
+        Tokenizer::from_gguf(&cinfer_gguf::parse_metadata(&only_image).expect("gguf")).unwrap_err(),
+        why
+    );
+    assert_eq!(Tokenizer::from_metadata(only_image).unwrap_err(), why);
+}

@@ -322,7 +322,14 @@ impl Program for LlamaChat {
         let hp = Hparams::from_gguf(&g).map_err(|e| fail(&e))?;
         let template = g.str("tokenizer.chat_template").unwrap_or("").to_owned();
         drop(g);
-        let tok = Tokenizer::from_metadata(meta).map_err(|e| fail(&format!("tokenizer: {e}")))?;
+        let tok = match Tokenizer::from_metadata(meta) {
+            // An image this release cannot read: build from the whole metadata.
+            Err(cinfer_tokenizer::TokenizerError::BadImage(_)) => {
+                Tokenizer::from_metadata(model.metadata()?)
+            }
+            other => other,
+        }
+        .map_err(|e| fail(&format!("tokenizer: {e}")))?;
         let ids = prompt_ids(&req, &tok, &template)?;
         if ids.is_empty() {
             return Err(fail("empty prompt"));
