@@ -117,14 +117,7 @@ pub fn run(a: &DevRunArgs) -> Result<bool> {
 /// `cinfer dev-request-key`: a new DEVELOPMENT-ONLY request private key file.
 pub fn request_key(out: &Path) -> Result<()> {
     let key = RequestPrivateKey::generate();
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts
-        .open(out)
-        .with_context(|| format!("creating {} (refusing to overwrite a key)", out.display()))?;
-    f.write_all(key.to_dev_key_file().as_bytes())?;
+    crate::create_new(out, true)?.write_all(key.to_dev_key_file().as_bytes())?;
     println!("key id:     {}", key.public_key().key_id());
     println!("public key: {}", hex::encode(key.public_key().to_bytes()));
     eprintln!("wrote DEVELOPMENT-ONLY request key to {}", out.display());

@@ -297,14 +297,7 @@ fn unseal_check(sealed: &Path, key: &Path) -> Result<()> {
 }
 
 fn dev_model_key(out: &Path) -> Result<()> {
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts
-        .open(out)
-        .with_context(|| format!("creating {} (refusing to overwrite)", out.display()))?;
-    f.write_all(ModelKey::generate()?.to_key_file().as_bytes())?;
+    create_new(out, true)?.write_all(ModelKey::generate()?.to_key_file().as_bytes())?;
     eprintln!("wrote DEVELOPMENT-ONLY model data key to {}", out.display());
     Ok(())
 }
