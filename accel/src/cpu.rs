@@ -502,10 +502,7 @@ impl Backend for CpuBackend {
                 .into_iter()
                 .map(DeviceBuffer::F32)
                 .collect()),
-            _ => ws
-                .iter()
-                .map(|&(w, n)| self.matmul(x, w, m, k, n))
-                .collect(),
+            _ => super::matmul_each(self, x, ws, m, k),
         }
     }
 

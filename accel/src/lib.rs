@@ -209,6 +209,20 @@ pub enum BackendError {
     Device(String),
 }
 
+/// [`Backend::matmul_many`] as one [`Backend::matmul`] per matrix: the
+/// default, and what a backend falls back to for weights it cannot fuse.
+pub fn matmul_each<B: Backend + ?Sized>(
+    backend: &B,
+    x: &DeviceBuffer,
+    ws: &[(&DeviceBuffer, usize)],
+    m: usize,
+    k: usize,
+) -> Result<Vec<DeviceBuffer>, BackendError> {
+    ws.iter()
+        .map(|&(w, n)| backend.matmul(x, w, m, k, n))
+        .collect()
+}
+
 /// Kernels of the op set. Operand shapes are validated by the caller; a
 /// backend may assume every length below matches.
 pub trait Backend: Send + Sync + std::fmt::Debug {
@@ -265,9 +279,7 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         m: usize,
         k: usize,
     ) -> Result<Vec<DeviceBuffer>, BackendError> {
-        ws.iter()
-            .map(|&(w, n)| self.matmul(x, w, m, k, n))
-            .collect()
+        matmul_each(self, x, ws, m, k)
     }
     /// Rows `ids` of `table` [.., d] as f32 [len(ids), d].
     fn embedding(
