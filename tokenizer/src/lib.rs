@@ -209,6 +209,22 @@ const EOG_TEXTS: [&str; 7] = [
     "<EOT>",
 ];
 
+/// The tokenizer image stored in `g` under [`IMAGE_KEY`], if there is one.
+fn image_in<'a>(g: &Gguf<'a>) -> Result<Option<&'a [u8]>, TokenizerError> {
+    match g.get(IMAGE_KEY) {
+        None => Ok(None),
+        Some(v) => match v {
+            Value::Array(a) => a.as_bytes(),
+            _ => None,
+        }
+        .map(Some)
+        .ok_or(TokenizerError::WrongType {
+            key: IMAGE_KEY,
+            expected: "an array of u8",
+        }),
+    }
+}
+
 /// `file` (a whole GGUF model) with the [image](Tokenizer::image) of its tokenizer stored under
 /// [`IMAGE_KEY`], replacing any image it had; the tensors are unchanged. Programs that build
 /// their tokenizer with [`Tokenizer::from_gguf`] then skip building the tables on every run.
@@ -358,24 +374,14 @@ impl Tokenizer {
     /// passed over when the metadata holds the vocabulary to build from, so a model sealed by
     /// another release still serves; without the vocabulary it is [`TokenizerError::BadImage`].
     pub fn from_gguf(g: &Gguf<'_>) -> Result<Self, TokenizerError> {
-        match g.get(IMAGE_KEY) {
-            None => Self::build_from_gguf(g),
-            Some(Value::Array(a)) => {
-                let image = a.as_bytes().ok_or(TokenizerError::WrongType {
-                    key: IMAGE_KEY,
-                    expected: "an array of u8",
-                })?;
-                match Self::from_image(image) {
-                    Err(TokenizerError::BadImage(_)) if g.get(K_TOKENS).is_some() => {
-                        Self::build_from_gguf(g)
-                    }
-                    other => other,
-                }
+        let Some(image) = image_in(g)? else {
+            return Self::build_from_gguf(g);
+        };
+        match Self::from_image(image) {
+            Err(TokenizerError::BadImage(_)) if g.get(K_TOKENS).is_some() => {
+                Self::build_from_gguf(g)
             }
-            Some(_) => Err(TokenizerError::WrongType {
-                key: IMAGE_KEY,
-                expected: "an array of u8",
-            }),
+            other => other,
         }
     }
 
@@ -393,15 +399,9 @@ impl Tokenizer {
     /// and the image).
     pub fn from_metadata(meta: Vec<u8>) -> Result<Self, TokenizerError> {
         let g = cinfer_gguf::parse_metadata(&meta)?;
-        let image = match g.get(IMAGE_KEY) {
-            None => return Self::build_from_gguf(&g),
-            Some(Value::Array(a)) => a.as_bytes(),
-            Some(_) => None,
-        }
-        .ok_or(TokenizerError::WrongType {
-            key: IMAGE_KEY,
-            expected: "an array of u8",
-        })?;
+        let Some(image) = image_in(&g)? else {
+            return Self::build_from_gguf(&g);
+        };
         // The image's place in `meta` (it borrows from it).
         let start = image.as_ptr() as usize - meta.as_ptr() as usize;
         let range = start..start + image.len();
