@@ -231,23 +231,27 @@ fn image_in<'a>(g: &Gguf<'a>) -> Result<Option<&'a [u8]>, TokenizerError> {
 ///
 /// For files too large to hold in memory, [`embed_image_header`] does the same from the header.
 pub fn embed_image(file: &[u8]) -> Result<Vec<u8>, TokenizerError> {
-    let tok = Tokenizer::build_from_gguf(&cinfer_gguf::parse(file)?)?;
     Ok(cinfer_gguf::write::set_kv(
         file,
         IMAGE_KEY,
-        &cinfer_gguf::write::Val::U8s(tok.image().to_vec()),
+        &image_value(file)?,
     )?)
+}
+
+/// The image of the tokenizer built from the GGUF in `bytes`, as a metadata value.
+fn image_value(bytes: &[u8]) -> Result<cinfer_gguf::write::Val, TokenizerError> {
+    let tok = Tokenizer::build_from_gguf(&cinfer_gguf::parse(bytes)?)?;
+    Ok(cinfer_gguf::write::Val::U8s(tok.image().to_vec()))
 }
 
 /// [`embed_image`] from `prefix`, the start of a GGUF file up to at least the end of its tensor
 /// infos: the new header, padded to its data section, and the offset of the data section in
 /// the old file; the new file is the header followed by the old file from that offset.
 pub fn embed_image_header(prefix: &[u8]) -> Result<(Vec<u8>, u64), TokenizerError> {
-    let tok = Tokenizer::build_from_gguf(&cinfer_gguf::parse(prefix)?)?;
     Ok(cinfer_gguf::write::set_kv_header(
         prefix,
         IMAGE_KEY,
-        &cinfer_gguf::write::Val::U8s(tok.image().to_vec()),
+        &image_value(prefix)?,
     )?)
 }
 
