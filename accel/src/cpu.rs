@@ -767,6 +767,28 @@ fn softmax_in_place(row: &mut [f32]) {
 mod tests {
     use super::*;
 
+    /// `count` arbitrary Q4_1 blocks (scales, minimums and nibbles vary with
+    /// the block index and `seed`).
+    fn q4_1_blocks(count: usize, seed: usize) -> Vec<quant::BlockQ4_1> {
+        (0..count)
+            .map(|b| quant::BlockQ4_1 {
+                d: half::f16::from_f32(0.01 * (1 + (b + seed) % 5) as f32).to_bits(),
+                m: half::f16::from_f32(-0.05 * ((b + seed) % 3) as f32).to_bits(),
+                qs: core::array::from_fn(|j| ((j * 37 + b * 11 + seed) % 256) as u8),
+            })
+            .collect()
+    }
+
+    /// `count` arbitrary Q8_0 blocks.
+    fn q8_0_blocks(count: usize, seed: usize) -> Vec<BlockQ8_0> {
+        (0..count)
+            .map(|b| BlockQ8_0 {
+                d: half::f16::from_f32(0.02 * (1 + (b + seed) % 3) as f32).to_bits(),
+                qs: core::array::from_fn(|j| ((j * 53 + b * 7 + seed) % 256) as u8 as i8),
+            })
+            .collect()
+    }
+
     fn buf(v: &[f32]) -> DeviceBuffer {
         DeviceBuffer::F32(v.to_vec())
     }
@@ -826,13 +848,7 @@ mod tests {
             .expect("q8_0"));
         close(&got, &naive(&x, &wd, m, k, n), 0.03);
         // Q4_1 weights: arbitrary blocks.
-        let blocks: Vec<quant::BlockQ4_1> = (0..n * k / 32)
-            .map(|b| quant::BlockQ4_1 {
-                d: half::f16::from_f32(0.01 * (1 + b % 5) as f32).to_bits(),
-                m: half::f16::from_f32(-0.05 * (b % 3) as f32).to_bits(),
-                qs: core::array::from_fn(|j| ((j * 37 + b * 11) % 256) as u8),
-            })
-            .collect();
+        let blocks = q4_1_blocks(n * k / 32, 0);
         let mut wd = Vec::new();
         quant::dequant_q4_1(&blocks, &mut wd);
         let got = get(cpu
@@ -854,19 +870,7 @@ mod tests {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 7 % 29) as f32 - 14.0) / 9.0)
                 .collect();
-            let q4: Vec<quant::BlockQ4_1> = (0..n * k / 32)
-                .map(|b| quant::BlockQ4_1 {
-                    d: half::f16::from_f32(0.01 * (1 + b % 5) as f32).to_bits(),
-                    m: half::f16::from_f32(-0.05 * (b % 3) as f32).to_bits(),
-                    qs: core::array::from_fn(|j| ((j * 37 + b * 11) % 256) as u8),
-                })
-                .collect();
-            let q8: Vec<BlockQ8_0> = (0..n * k / 32)
-                .map(|b| BlockQ8_0 {
-                    d: half::f16::from_f32(0.02 * (1 + b % 3) as f32).to_bits(),
-                    qs: core::array::from_fn(|j| ((j * 53 + b * 7) % 256) as u8 as i8),
-                })
-                .collect();
+            let (q4, q8) = (q4_1_blocks(n * k / 32, 0), q8_0_blocks(n * k / 32, 0));
             for raw in [DeviceBuffer::Q4_1(q4), DeviceBuffer::Q8_0(q8)] {
                 let packed = cpu.upload_weights(raw.clone(), n, k).expect("pack");
                 assert!(matches!(
@@ -905,20 +909,10 @@ mod tests {
     fn matmul_many_is_each_matmul_bit_for_bit() {
         let cpu = CpuBackend;
         let weights = |n: usize, k: usize, seed: usize| {
-            let q4: Vec<quant::BlockQ4_1> = (0..n * k / 32)
-                .map(|b| quant::BlockQ4_1 {
-                    d: half::f16::from_f32(0.01 * (1 + (b + seed) % 5) as f32).to_bits(),
-                    m: half::f16::from_f32(-0.05 * ((b + seed) % 3) as f32).to_bits(),
-                    qs: core::array::from_fn(|j| ((j * 37 + b * 11 + seed) % 256) as u8),
-                })
-                .collect();
-            let q8: Vec<BlockQ8_0> = (0..n * k / 32)
-                .map(|b| BlockQ8_0 {
-                    d: half::f16::from_f32(0.02 * (1 + (b + seed) % 3) as f32).to_bits(),
-                    qs: core::array::from_fn(|j| ((j * 53 + b * 7 + seed) % 256) as u8 as i8),
-                })
-                .collect();
-            (DeviceBuffer::Q4_1(q4), DeviceBuffer::Q8_0(q8))
+            (
+                DeviceBuffer::Q4_1(q4_1_blocks(n * k / 32, seed)),
+                DeviceBuffer::Q8_0(q8_0_blocks(n * k / 32, seed)),
+            )
         };
         for &(m, k) in &[(1, 96), (3, 64), (17, 160)] {
             let x: Vec<f32> = (0..m * k)
