@@ -478,7 +478,14 @@ pub fn parse_metadata(bytes: &[u8]) -> Result<Gguf<'_>, GgufError> {
 /// prefix holding the key/value section is enough), in file order: what
 /// copying a subset of the pairs, or replacing one, needs.
 pub fn kv_spans(bytes: &[u8]) -> Result<Vec<(&str, std::ops::Range<usize>)>, GgufError> {
-    let g = parse_metadata(bytes)?;
+    spans_of(bytes, &parse_metadata(bytes)?)
+}
+
+/// [`kv_spans`] of `bytes`, already parsed as `g`.
+fn spans_of<'a>(
+    bytes: &'a [u8],
+    g: &Gguf<'_>,
+) -> Result<Vec<(&'a str, std::ops::Range<usize>)>, GgufError> {
     let mut r = Reader { bytes, pos: 24 };
     let mut spans = Vec::with_capacity(g.kv.len());
     for _ in &g.kv {
@@ -633,8 +640,8 @@ pub mod write {
     /// `general.alignment` cannot be set this way (the tensor offsets were
     /// laid out for the old one).
     pub fn set_kv(file: &[u8], key: &str, v: &Val) -> Result<Vec<u8>, GgufError> {
-        let (mut out, data) = set_kv_header(file, key, v)?;
         let g = super::parse(file)?;
+        let (mut out, data) = header_with(file, &g, key, v)?;
         let data_len = g
             .tensors
             .iter()
@@ -658,15 +665,24 @@ pub mod write {
     /// section in the old file. The new file is that header followed by the
     /// old file from that offset on.
     pub fn set_kv_header(prefix: &[u8], key: &str, v: &Val) -> Result<(Vec<u8>, u64), GgufError> {
+        header_with(prefix, &super::parse(prefix)?, key, v)
+    }
+
+    /// [`set_kv_header`] of `prefix`, already parsed (with its tensors) as `g`.
+    fn header_with(
+        prefix: &[u8],
+        g: &super::Gguf<'_>,
+        key: &str,
+        v: &Val,
+    ) -> Result<(Vec<u8>, u64), GgufError> {
         if key == "general.alignment" {
             return Err(GgufError::Key {
                 key: key.to_owned(),
                 problem: "cannot be changed in place",
             });
         }
-        let g = super::parse(prefix)?;
         // Where the tensor infos end.
-        let pairs = super::kv_spans(prefix)?;
+        let pairs = super::spans_of(prefix, g)?;
         let mut r = Reader {
             bytes: prefix,
             pos: g.kv_end,
