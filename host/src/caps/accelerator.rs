@@ -321,6 +321,31 @@ impl AccelCtx {
         Ok(Ok((t.shape.clone(), ty)))
     }
 
+    /// `(m, k, n)` of `x · wᵀ` for `x` of shape `sx` (f32, checked by the
+    /// caller) and weights `w` of any element type, with the work cap: the
+    /// checks of `matmul`, and of each matrix of `matmul-many`.
+    fn matmul_shape(
+        &self,
+        sx: &[u32],
+        w: &Resource<Tensor>,
+    ) -> wasmtime::Result<Result<(usize, usize, usize), AccelError>> {
+        let (sw, wty) = guest_try!(self.operand(
+            w,
+            &[ElemType::F32, ElemType::F16, ElemType::Q4_1, ElemType::Q8_0]
+        )?);
+        let ([m, k], [n, kw]) = (sx, sw.as_slice()) else {
+            return Ok(Err(AccelError::ShapeMismatch));
+        };
+        if k != kw || (wty.is_quantized() && k % 32 != 0) {
+            return Ok(Err(AccelError::ShapeMismatch));
+        }
+        let (m, k, n) = (*m as usize, *k as usize, *n as usize);
+        if (m as u64) * (k as u64) * (n as u64) > MAX_LAUNCH_WORK {
+            return Ok(Err(AccelError::InvalidArgument));
+        }
+        Ok(Ok((m, k, n)))
+    }
+
     fn f32_operand(&self, t: &Resource<Tensor>) -> wasmtime::Result<Result<Vec<u32>, AccelError>> {
         Ok(self.operand(t, &[ElemType::F32])?.map(|(s, _)| s))
     }
@@ -451,20 +476,7 @@ impl Host for AccelCtx {
 
     fn matmul(&mut self, x: Resource<Tensor>, w: Resource<Tensor>) -> OpResult<Resource<Tensor>> {
         let sx = guest_try!(self.f32_operand(&x)?);
-        let (sw, wty) = guest_try!(self.operand(
-            &w,
-            &[ElemType::F32, ElemType::F16, ElemType::Q4_1, ElemType::Q8_0]
-        )?);
-        let ([m, k], [n, kw]) = (sx.as_slice(), sw.as_slice()) else {
-            return Ok(Err(AccelError::ShapeMismatch));
-        };
-        if k != kw || (wty.is_quantized() && k % 32 != 0) {
-            return Ok(Err(AccelError::ShapeMismatch));
-        }
-        let (m, k, n) = (*m as usize, *k as usize, *n as usize);
-        if (m as u64) * (k as u64) * (n as u64) > MAX_LAUNCH_WORK {
-            return Ok(Err(AccelError::InvalidArgument));
-        }
+        let (m, k, n) = guest_try!(self.matmul_shape(&sx, &w)?);
         self.check_deadline((m as u128) * (k as u128) * (n as u128))?;
         let (xr, wr) = (x.rep(), w.rep());
         self.produce(vec![m as u32, n as u32], |c| {
@@ -482,31 +494,18 @@ impl Host for AccelCtx {
             return Ok(Err(AccelError::InvalidArgument));
         }
         let sx = guest_try!(self.f32_operand(&x)?);
-        let [m, k] = sx.as_slice() else {
-            return Ok(Err(AccelError::ShapeMismatch));
-        };
-        let (m, k) = (*m as usize, *k as usize);
         // Every check a separate `matmul` makes, for each matrix, before anything runs.
-        let mut ns = Vec::with_capacity(ws.len());
-        let mut work = 0u128;
+        // (`sx` is the same for every matrix, so m and k are too.)
+        let mut shapes = Vec::with_capacity(ws.len());
         for w in &ws {
-            let (sw, wty) = guest_try!(self.operand(
-                w,
-                &[ElemType::F32, ElemType::F16, ElemType::Q4_1, ElemType::Q8_0]
-            )?);
-            let [n, kw] = sw.as_slice() else {
-                return Ok(Err(AccelError::ShapeMismatch));
-            };
-            if *kw as usize != k || (wty.is_quantized() && k % 32 != 0) {
-                return Ok(Err(AccelError::ShapeMismatch));
-            }
-            let n = *n as usize;
-            if (m as u64) * (k as u64) * (n as u64) > MAX_LAUNCH_WORK {
-                return Ok(Err(AccelError::InvalidArgument));
-            }
-            work += (m as u128) * (k as u128) * (n as u128);
-            ns.push(n);
+            shapes.push(guest_try!(self.matmul_shape(&sx, w)?));
         }
+        let (m, k) = (shapes[0].0, shapes[0].1);
+        let ns: Vec<usize> = shapes.iter().map(|s| s.2).collect();
+        let work = ns
+            .iter()
+            .map(|&n| (m as u128) * (k as u128) * (n as u128))
+            .sum::<u128>();
         // The outputs must fit together, not just one by one.
         let total = ns.iter().map(|n| m as u64 * *n as u64).sum::<u64>();
         if self.live + ns.len() > MAX_TENSORS {
