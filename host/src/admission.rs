@@ -111,6 +111,9 @@ pub enum SignatureRefusal {
     UntrustedCa,
     /// The certificate was not valid at the signing time.
     NotValidAtSigningTime,
+    /// The certificate is not a code-signing leaf (v3, not a CA, `digitalSignature`,
+    /// `codeSigning`) or failed path validation for another reason than its issuer or dates.
+    CertificateRefused,
     /// The certificate's SCT does not verify against a trusted CT log.
     SctInvalid,
     /// The signer's identity is not one the policy lists.
@@ -136,6 +139,7 @@ impl SignatureRefusal {
             E::SignatureMismatch => Self::SignatureMismatch,
             E::UntrustedCa => Self::UntrustedCa,
             E::CertificateNotValidAtSigningTime { .. } => Self::NotValidAtSigningTime,
+            E::CertificateRefused(_) => Self::CertificateRefused,
             E::SctInvalid => Self::SctInvalid,
             E::IdentityNotAllowed { .. } => Self::IdentityNotAllowed,
             E::TransparencyProofInvalid(_) => Self::TransparencyProofInvalid,

@@ -40,6 +40,11 @@ pub enum SigningError {
         /// Certificate `notAfter` (Unix seconds).
         not_after: i64,
     },
+    /// The signing certificate does not fit the code-signing profile (X.509 v3, not a CA,
+    /// `digitalSignature` key usage, `codeSigning` extended key usage) or failed path validation
+    /// for a reason other than its issuer or its dates (e.g. an unknown critical extension).
+    #[error("{0}")]
+    CertificateRefused(String),
     /// No signed certificate timestamp verifies under a trusted CT log key.
     #[error("SCT invalid or not from a trusted CT log")]
     SctInvalid,
@@ -134,6 +139,15 @@ pub enum TransparencyError {
     UntrustedLog {
         /// Hex log ID from the entry.
         log_id: String,
+    },
+    /// The entry's log is in the trust root, but its key is of a kind this verifier does not
+    /// take (only ECDSA P-256 and P-384 keys are).
+    #[error("log {log_id} has a key this verifier cannot use: {why}")]
+    UnsupportedLogKey {
+        /// Hex log ID from the entry.
+        log_id: String,
+        /// Why the key is unusable.
+        why: String,
     },
     /// The trusted log's key was not valid at the entry's `integratedTime`.
     #[error("log key not valid at integratedTime {0}")]

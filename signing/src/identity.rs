@@ -136,19 +136,6 @@ impl FoundIdentity {
     }
 }
 
-/// A sigstore-rs [`VerificationPolicy`](sigstore::bundle::verify::VerificationPolicy) that
-/// allows every identity. sigstore-rs calls its policy before it checks the signature, the log
-/// body and the certificate's validity at `integratedTime`, so identity rules are applied by the
-/// caller after the whole bundle verified (an invalid bundle by an unlisted signer must be
-/// refused as invalid, not as "another signer").
-pub(crate) struct AnyIdentity;
-
-impl sigstore::bundle::verify::VerificationPolicy for AnyIdentity {
-    fn verify(&self, _cert: &Certificate) -> sigstore::bundle::verify::policy::PolicyResult {
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::Matcher;

@@ -19,61 +19,54 @@
 //!
 //! # Who checks what
 //!
-//! Done by sigstore-rs 0.15 (`sigstore::bundle::verify::Verifier`, driven here without a
-//! runtime): bundle shape (media type, one tlog entry, inclusion proof with checkpoint for
-//! v0.2/v0.3), leaf certificate chain to a trusted CA (webpki, at the certificate's `notBefore`;
-//! every trust-root certificate is a webpki anchor, whose dates webpki does not check),
-//! the embedded SCT under a trusted CT log key, the signature over the
-//! artifact digest with the certificate key, the `hashedrekord` body against certificate,
-//! signature and digest, and `integratedTime` within the certificate's validity.
-//!
-//! Added by this crate (sigstore-rs 0.15 does not do them, see its issue 285):
+//! Nothing here comes from sigstore-rs: its verification feature pulls in its Fulcio and Rekor
+//! clients (reqwest, hyper, tokio, a TLS stack), and the loader has no network stack. The
+//! bundle and trust-root *data types* are the Sigstore project's own (`sigstore_protobuf_specs`,
+//! the protobuf-specs JSON mapping); certificate path validation is rustls-webpki's; ECDSA is
+//! RustCrypto's (`p256`, `p384`); X.509 and the SCT list are parsed by `x509-cert`. Written here
+//! (each a published algorithm of a few lines, cross-checked against sigstore-python and
+//! sigstore-js on every fixture of `tests/sigstore`):
+//! - bundle shape: media type v0.1–v0.3, a message signature (DSSE refused), exactly one tlog
+//!   entry with a SET, an inclusion proof and a checkpoint, no root certificate in a chain;
+//! - the leaf's code-signing profile (v3, not a CA, `digitalSignature`, `codeSigning`);
+//! - the leaf chain to a trusted CA at the signing time (webpki; every certificate of the path
+//!   valid then: webpki never checks an anchor's dates, so only CA certificates valid at the
+//!   signing time together with every certificate above them are offered as anchors, see
+//!   `TrustRoot::anchors_at`; a refusal names the certificate that was out of its dates);
+//! - the embedded SCT (RFC 6962 precert entry) under a CT log key valid at the signing time;
+//! - the signature over the artifact's SHA-256 with the certificate key, and the bundle's
+//!   `messageDigest` equal to that digest;
 //! - the SET: Rekor's signature over the canonical JSON of body, integratedTime, logID and
 //!   logIndex, under the trusted log key named by the entry's log ID (untrusted log → refused);
-//! - the Merkle inclusion proof (RFC 6962) and the checkpoint: signature under the log key,
-//!   root hash and tree size equal to the proof's — through sigstore-rs's `InclusionProof`;
+//! - the Merkle inclusion proof (RFC 9162) and the checkpoint: signature under the log key with
+//!   the log's key hint, root hash and tree size equal to the proof's;
 //! - `inclusionProof.logIndex <= logIndex` (public Rekor v1 is sharded: the first is the index
-//!   in the shard, the second the global one), and a checkpoint signature whose key hint is the
-//!   first 4 bytes of the log ID;
-//! - `validFor` windows of CAs, CT logs and Rekor logs at the signing time (sigstore-rs ignores
-//!   them);
-//! - the validity of every certificate of the trust root's CA chains at the signing time: a
-//!   certificate is offered as an anchor only if it and every certificate above it in its chain
-//!   are valid then (see `TrustRoot::verifier_at`), so a leaf under an intermediate or root that
-//!   had expired, or was not yet valid, is refused and the refusal names that certificate;
-//! - the bundle's `messageDigest` equal to the artifact's SHA-256;
-//! - identity rules with an anchored regex, and a refusal that names the identity found; the
-//!   rules are applied after every other check (sigstore-rs's policy hook runs before its
-//!   signature check, so it is handed an allow-all policy), and key-based bundles are verified
-//!   under their logged key before that key is compared with the caller's;
-//! - telling "expired" from "not yet valid" at signing time.
+//!   in the shard, the second the global one);
+//! - the `hashedrekord` body against certificate (or key), signature and digest;
+//! - `validFor` windows of CAs, CT logs and Rekor logs at the signing time;
+//! - identity rules with an anchored regex, applied after every other check, with a refusal that
+//!   names the identity found; key-based bundles are verified under their logged key before that
+//!   key is compared with the caller's.
 //!
 //! Not checked: the checkpoint's origin line against the log's URL; RFC 3161 timestamps (an
-//! entry must carry a SET, which is the only accepted time source); DSSE bundles (refused).
-//! Key-based bundles are verified by hand ([`verify_key_bundle`]): sigstore-rs 0.15 only takes
-//! certificate-bearing bundles.
+//! entry must carry a SET, which is the only accepted time source); DSSE bundles (refused);
+//! logs or CT logs whose keys are not ECDSA P-256/P-384 (an entry from one is refused by name).
 //!
 //! Refusals are typed ([`SigningError`]); no message contains artifact bytes.
 
 #![forbid(unsafe_code)]
 
+mod cert;
+mod crypto;
 mod error;
 mod identity;
 mod tlog;
 mod trust;
 
-use std::future::Future;
-use std::task::{Context, Poll, Waker};
-
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use sha2::{Digest as _, Sha256};
-use sigstore::bundle::Bundle;
-use sigstore::bundle::verify::{
-    BundleErrorKind, CertificateErrorKind, SignatureErrorKind, VerificationError,
-};
-use sigstore::crypto::{CosignVerificationKey, Signature};
-use sigstore_protobuf_specs::dev::sigstore::bundle::v1::{bundle, verification_material};
+use sigstore_protobuf_specs::dev::sigstore::bundle::v1::{Bundle, bundle, verification_material};
 use x509_cert::Certificate;
 use x509_cert::der::Decode;
 
@@ -81,7 +74,8 @@ pub use error::{CertValidity, ChainCert, SigningError, TransparencyError};
 pub use identity::{IdentityRule, Matcher};
 pub use trust::TrustRoot;
 
-use identity::{AnyIdentity, FoundIdentity};
+use crypto::{EcKey, Hash};
+use identity::FoundIdentity;
 
 /// Who signed, when, and where it was logged — the result of a successful verification.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,17 +113,28 @@ pub fn verify_bundle(
     let bundle = parse_bundle(bundle_json)?;
     let digest: [u8; 32] = Sha256::digest(artifact).into();
 
-    // Our own pre-reading: signature present, certificate, identity for the refusal message.
-    let message = message_signature(&bundle)?;
+    let message = signed_message(&bundle)?;
     check_message_digest(message, &digest)?;
     let material = verification_material(&bundle)?;
     let leaf_der = match &material.content {
         Some(verification_material::Content::Certificate(c)) => c.raw_bytes.as_slice(),
-        Some(verification_material::Content::X509CertificateChain(ch)) => ch
-            .certificates
-            .first()
-            .map(|c| c.raw_bytes.as_slice())
-            .ok_or_else(|| SigningError::MalformedBundle("empty certificate chain".to_owned()))?,
+        Some(verification_material::Content::X509CertificateChain(ch)) => {
+            let (leaf, rest) = ch.certificates.split_first().ok_or_else(|| {
+                SigningError::MalformedBundle("empty certificate chain".to_owned())
+            })?;
+            // As sigstore-rs and sigstore-python: the chain may carry intermediates (which are
+            // not used: the trust root's CAs are the only issuers), never a root.
+            for c in rest {
+                let c = Certificate::from_der(&c.raw_bytes)
+                    .map_err(|e| SigningError::MalformedBundle(format!("certificate: {e}")))?;
+                if c.tbs_certificate().subject() == c.tbs_certificate().issuer() {
+                    return Err(SigningError::MalformedBundle(
+                        "the certificate chain contains a root certificate".to_owned(),
+                    ));
+                }
+            }
+            leaf.raw_bytes.as_slice()
+        }
         Some(verification_material::Content::PublicKey(_)) => {
             return Err(SigningError::MalformedBundle(
                 "key-based bundle (public-key hint): use verify_key_bundle".to_owned(),
@@ -144,22 +149,33 @@ pub fn verify_bundle(
     // Transparency log first: it authenticates integratedTime, which every time check uses.
     let entry = single_tlog_entry(material)?;
     let checked = tlog::check_entry(entry, trust)?;
+    let t = checked.integrated_time;
 
-    // Everything sigstore-rs checks, with the trust material valid at the signing time. Its
-    // policy hook runs before the signature, log-body and validity checks, so it is given no
-    // identity rule: the identity is looked at only once the whole bundle verified, and an
-    // invalid bundle is refused for what is wrong with it whoever signed it.
-    let verifier = trust.verifier_at(checked.integrated_time)?;
-    let result = block_on(verifier.verify_digest_with(digest.into(), bundle, &AnyIdentity, true));
-    if let Err(e) = result {
-        return Err(map_verification_error(
-            e,
-            trust,
-            &leaf,
-            checked.integrated_time,
-            &found,
-        ));
+    // The certificate: profile, path to a CA valid at t (the leaf's own dates included), SCT.
+    cert::check_leaf_profile(&leaf)?;
+    let issuer_spki = cert::verify_chain(leaf_der, &leaf, trust, t)?;
+    cert::verify_sct(leaf_der, &leaf, &issuer_spki, trust, t)?;
+
+    // The signature over the artifact's digest, with the certificate's key.
+    let spki = x509_cert::der::Encode::to_der(leaf.tbs_certificate().subject_public_key_info())
+        .map_err(|e| SigningError::MalformedBundle(format!("certificate key: {e}")))?;
+    let key = EcKey::from_spki_der(&spki)
+        .map_err(|e| SigningError::CertificateRefused(format!("signing certificate key: {e}")))?;
+    if !key.verify_prehash(&digest, &message.signature) {
+        return Err(SigningError::SignatureMismatch);
     }
+
+    // The logged body names this certificate, signature and digest.
+    let body = HashedRekord::parse(&entry.canonicalized_body)?;
+    if body.key != LoggedKey::Certificate(leaf_der.to_vec())
+        || body.signature != message.signature
+        || body.sha256 != digest
+    {
+        return Err(TransparencyError::BodyMismatch.into());
+    }
+
+    // The identity is looked at only once the whole bundle verified: an invalid bundle is
+    // refused for what is wrong with it, whoever signed it.
     if !identities.iter().any(|r| r.allows(&found)) {
         return Err(found.refusal());
     }
@@ -195,9 +211,9 @@ pub fn verify_key_bundle(
     trust: &TrustRoot,
     public_key_pem: &[u8],
 ) -> Result<VerifiedSigner, SigningError> {
-    let (_, spki) = parse_p256_key(public_key_pem)?;
+    let fingerprint = key_fingerprint(public_key_pem)?;
     let signer = verify_logged_key_bundle(artifact, bundle_json, trust)?;
-    if signer.subject != hex::encode(Sha256::digest(&spki)) {
+    if signer.subject != fingerprint {
         return Err(SigningError::KeyNotTrusted {
             found_key_sha256: signer.subject,
         });
@@ -218,7 +234,7 @@ pub fn verify_logged_key_bundle(
 ) -> Result<VerifiedSigner, SigningError> {
     let bundle = parse_bundle(bundle_json)?;
     let digest: [u8; 32] = Sha256::digest(artifact).into();
-    let message = message_signature(&bundle)?;
+    let message = signed_message(&bundle)?;
     let material = verification_material(&bundle)?;
     if !matches!(
         material.content,
@@ -240,14 +256,18 @@ pub fn verify_logged_key_bundle(
     if body.sha256 != digest {
         return Err(SigningError::SignatureMismatch);
     }
-    let key = CosignVerificationKey::try_from_der(&body.spki)
+    let LoggedKey::PublicKey(spki) = &body.key else {
+        return Err(TransparencyError::BodyMismatch.into());
+    };
+    let key = EcKey::from_spki_der(spki)
         .map_err(|_| TransparencyError::Malformed("hashedrekord body: publicKey".to_owned()))?;
-    key.verify_signature(Signature::Raw(&message.signature), artifact)
-        .map_err(|_| SigningError::SignatureMismatch)?;
+    if !key.verify(key.natural_hash(), artifact, &message.signature) {
+        return Err(SigningError::SignatureMismatch);
+    }
 
     Ok(VerifiedSigner {
         issuer: String::new(),
-        subject: hex::encode(Sha256::digest(&body.spki)),
+        subject: hex::encode(Sha256::digest(spki)),
         integrated_time: checked.integrated_time,
         log_index: checked.log_index,
         log_id: hex::encode(&checked.log_id),
@@ -264,10 +284,13 @@ pub fn verify_detached(
     signature_b64_der: &[u8],
     public_key_pem: &[u8],
 ) -> Result<(), SigningError> {
-    let (key, _) = parse_p256_key(public_key_pem)?;
+    let key = parse_p256_key(public_key_pem)?;
     let sig = parse_detached(signature_b64_der)?;
-    key.verify_signature(Signature::Raw(&sig), artifact)
-        .map_err(|_| SigningError::KeySignatureInvalid)
+    if key.verify(Hash::Sha256, artifact, &sig) {
+        Ok(())
+    } else {
+        Err(SigningError::KeySignatureInvalid)
+    }
 }
 
 /// What a signature file is, judged from its bytes alone (nothing is verified).
@@ -298,8 +321,8 @@ pub fn signature_kind(bytes: &[u8]) -> Result<SignatureKind, SigningError> {
 /// Hex SHA-256 of a P-256 public key's DER SubjectPublicKeyInfo: how key-based signers are
 /// named in verdicts and logs (the same value [`VerifiedSigner::subject`] holds for them).
 pub fn key_fingerprint(public_key_pem: &[u8]) -> Result<String, SigningError> {
-    let (_, spki) = parse_p256_key(public_key_pem)?;
-    Ok(hex::encode(Sha256::digest(&spki)))
+    let key = parse_p256_key(public_key_pem)?;
+    Ok(hex::encode(Sha256::digest(key.spki_der())))
 }
 
 /// Decodes a detached signature file (base64 of DER, surrounding whitespace allowed) without
@@ -351,9 +374,31 @@ fn single_tlog_entry(
     }
 }
 
+/// Bundle media types accepted: v0.1 and v0.2 (`+json;version=`) and v0.3 (`.v0.3+json`).
+const BUNDLE_MEDIA_TYPES: [&str; 3] = [
+    "application/vnd.dev.sigstore.bundle+json;version=0.1",
+    "application/vnd.dev.sigstore.bundle+json;version=0.2",
+    "application/vnd.dev.sigstore.bundle.v0.3+json",
+];
+
 fn parse_bundle(json: &[u8]) -> Result<Bundle, SigningError> {
     serde_json::from_slice::<Bundle>(json)
         .map_err(|e| SigningError::MalformedBundle(format!("not a Sigstore bundle: {e}")))
+}
+
+/// The bundle's message signature over the artifact, in a bundle of a known version (a
+/// bundle without a signature is [`SigningError::Unsigned`] whatever else it lacks).
+fn signed_message(
+    bundle: &Bundle,
+) -> Result<&sigstore_protobuf_specs::dev::sigstore::common::v1::MessageSignature, SigningError> {
+    let message = message_signature(bundle)?;
+    if !BUNDLE_MEDIA_TYPES.contains(&bundle.media_type.as_str()) {
+        return Err(SigningError::MalformedBundle(format!(
+            "unknown bundle media type {:?}",
+            bundle.media_type
+        )));
+    }
+    Ok(message)
 }
 
 /// The bundle's `messageDigest`, where present, must be SHA-256 of the artifact.
@@ -367,23 +412,29 @@ fn check_message_digest(
     }
 }
 
-fn parse_p256_key(pem: &[u8]) -> Result<(CosignVerificationKey, Vec<u8>), SigningError> {
-    let key = CosignVerificationKey::try_from_pem(pem)
-        .map_err(|e| SigningError::MalformedKey(e.to_string()))?;
-    match &key {
-        CosignVerificationKey::ECDSA_P256_SHA256_ASN1(spki) => {
-            let spki = spki.clone();
-            Ok((key, spki))
-        }
-        _ => Err(SigningError::MalformedKey(
+fn parse_p256_key(pem: &[u8]) -> Result<EcKey, SigningError> {
+    let key = EcKey::from_pem(pem).map_err(SigningError::MalformedKey)?;
+    if key.is_p256() {
+        Ok(key)
+    } else {
+        Err(SigningError::MalformedKey(
             "not an ECDSA P-256 key".to_owned(),
-        )),
+        ))
     }
 }
 
-/// The parts of a `hashedrekord` v0.0.1 body that bind it to a key-based bundle.
+/// The signer's key as a `hashedrekord` body records it.
+#[derive(Debug, PartialEq, Eq)]
+enum LoggedKey {
+    /// DER of a certificate (keyless bundles).
+    Certificate(Vec<u8>),
+    /// DER SubjectPublicKeyInfo (key-based bundles).
+    PublicKey(Vec<u8>),
+}
+
+/// The parts of a `hashedrekord` v0.0.1 body that bind it to a bundle.
 struct HashedRekord {
-    spki: Vec<u8>,
+    key: LoggedKey,
     signature: Vec<u8>,
     sha256: [u8; 32],
 }
@@ -400,16 +451,11 @@ impl HashedRekord {
             .as_str()
             .and_then(|s| B64.decode(s).ok())
             .ok_or_else(|| bad("publicKey"))?;
-        let spki = CosignVerificationKey::try_from_pem(&key_pem)
-            .map(|k| match k {
-                CosignVerificationKey::ECDSA_P256_SHA256_ASN1(d) => d,
-                CosignVerificationKey::ECDSA_P384_SHA384_ASN1(d)
-                | CosignVerificationKey::ECDSA_P521_SHA512_ASN1(d)
-                | CosignVerificationKey::ED25519(d)
-                | CosignVerificationKey::RSA_PSS_SHA256(d)
-                | CosignVerificationKey::RSA_PKCS1_SHA256(d) => d,
-            })
-            .map_err(|_| bad("publicKey"))?;
+        let key = match pem_rfc7468::decode_vec(&key_pem).map_err(|_| bad("publicKey"))? {
+            ("CERTIFICATE", der) => LoggedKey::Certificate(der),
+            ("PUBLIC KEY", der) => LoggedKey::PublicKey(der),
+            _ => return Err(bad("publicKey").into()),
+        };
         let signature = spec["signature"]["content"]
             .as_str()
             .and_then(|s| B64.decode(s).ok())
@@ -423,73 +469,9 @@ impl HashedRekord {
             .and_then(|d| <[u8; 32]>::try_from(d).ok())
             .ok_or_else(|| bad("hash"))?;
         Ok(Self {
-            spki,
+            key,
             signature,
             sha256,
         })
-    }
-}
-
-/// Maps sigstore-rs's refusal to ours.
-fn map_verification_error(
-    e: VerificationError,
-    trust: &TrustRoot,
-    leaf: &Certificate,
-    signing_time: i64,
-    found: &FoundIdentity,
-) -> SigningError {
-    match e {
-        VerificationError::Bundle(BundleErrorKind::SignatureMissing) => SigningError::Unsigned,
-        VerificationError::Bundle(b) => SigningError::MalformedBundle(b.to_string()),
-        VerificationError::Input(i) => SigningError::MalformedBundle(i.to_string()),
-        VerificationError::Certificate(CertificateErrorKind::Expired) => {
-            let validity = leaf.tbs_certificate().validity();
-            let secs = |t: x509_cert::time::Time| {
-                i64::try_from(t.to_unix_duration().as_secs()).unwrap_or(i64::MAX)
-            };
-            let not_before = secs(validity.not_before);
-            let not_after = secs(validity.not_after);
-            SigningError::CertificateNotValidAtSigningTime {
-                certificate: ChainCert::Signing,
-                kind: if signing_time < not_before {
-                    CertValidity::NotYetValid
-                } else {
-                    CertValidity::Expired
-                },
-                signing_time,
-                not_before,
-                not_after,
-            }
-        }
-        VerificationError::Certificate(CertificateErrorKind::Sct(_)) => SigningError::SctInvalid,
-        VerificationError::Certificate(CertificateErrorKind::Malformed(e)) => {
-            SigningError::MalformedBundle(format!("certificate: {e}"))
-        }
-        // No path to a CA certificate valid at the signing time: name the CA certificate that
-        // was out of its dates, if the leaf names one as its issuer; else the CA is unknown.
-        VerificationError::Certificate(_) => trust
-            .ca_not_valid_at(leaf, signing_time)
-            .unwrap_or(SigningError::UntrustedCa),
-        VerificationError::Signature(SignatureErrorKind::VerificationFailed(_)) => {
-            SigningError::SignatureMismatch
-        }
-        VerificationError::Signature(SignatureErrorKind::Transparency) => {
-            TransparencyError::BodyMismatch.into()
-        }
-        VerificationError::Signature(s) => SigningError::MalformedBundle(s.to_string()),
-        VerificationError::Policy(_) => found.refusal(),
-    }
-}
-
-/// Drives a future that never waits on I/O or timers (sigstore-rs's verifier only awaits
-/// computation) to completion on this thread, instead of a Tokio runtime per call.
-fn block_on<F: Future>(fut: F) -> F::Output {
-    let mut fut = std::pin::pin!(fut);
-    let mut cx = Context::from_waker(Waker::noop());
-    loop {
-        if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
-            return out;
-        }
-        std::thread::yield_now();
     }
 }

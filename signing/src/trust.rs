@@ -1,11 +1,6 @@
 //! The trust root: `trusted_root.json` (protobuf-specs `TrustedRoot`, JSON mapping).
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
-
 use rustls_pki_types::CertificateDer;
-use sigstore::bundle::verify::Verifier;
-use sigstore::trust::ManualTrustRoot;
 use sigstore_protobuf_specs::dev::sigstore::common::v1::TimeRange;
 use sigstore_protobuf_specs::dev::sigstore::trustroot::v1::{
     TransparencyLogInstance, TrustedRoot as ProtoTrustedRoot,
@@ -15,6 +10,8 @@ use x509_cert::Certificate;
 use x509_cert::der::Decode;
 use x509_cert::ext::pkix::{AuthorityKeyIdentifier, SubjectKeyIdentifier};
 
+use crate::cert::unix;
+use crate::crypto::EcKey;
 use crate::{CertValidity, ChainCert, SigningError};
 
 /// A validity window in Unix seconds; `None` = open.
@@ -51,10 +48,7 @@ impl CaCert {
     fn parse(der: Vec<u8>) -> Result<Self, String> {
         let cert = Certificate::from_der(&der).map_err(|e| e.to_string())?;
         let validity = cert.tbs_certificate().validity();
-        let secs = |t: x509_cert::time::Time| {
-            i64::try_from(t.to_unix_duration().as_secs()).unwrap_or(i64::MAX)
-        };
-        let (not_before, not_after) = (secs(validity.not_before), secs(validity.not_after));
+        let (not_before, not_after) = (unix(validity.not_before), unix(validity.not_after));
         Ok(Self {
             der,
             cert,
@@ -122,9 +116,9 @@ impl Ca {
     /// `validFor`; else each certificate that is valid at `t` together with every certificate
     /// above it in the chain (its path to the root) — the longest such tail of the chain.
     ///
-    /// sigstore-rs hands every trust-root certificate to webpki as a trust anchor, so a leaf
-    /// chains to whichever of them issued it, and webpki never checks an anchor's dates. Offering
-    /// only these certificates makes every certificate of the path valid at the signing time.
+    /// Every one of them is handed to webpki as a trust anchor, so a leaf chains to whichever of
+    /// them issued it, and webpki never checks an anchor's dates. Offering only these
+    /// certificates makes every certificate of the path valid at the signing time.
     fn anchors_at(&self, t: i64) -> &[CaCert] {
         if !self.valid_for.contains(t) {
             return &[];
@@ -142,7 +136,10 @@ impl Ca {
 #[derive(Debug, Clone)]
 pub(crate) struct Log {
     pub(crate) log_id: Vec<u8>,
-    pub(crate) spki: Vec<u8>,
+    /// The log's key, or why it cannot be used here (only ECDSA P-256 / P-384 keys are: a root
+    /// may list logs of other kinds, e.g. public-good's Ed25519 Rekor v2 log, and entries from
+    /// those are refused by name rather than the whole root).
+    pub(crate) key: Result<EcKey, String>,
     pub(crate) valid_for: Window,
     pub(crate) base_url: String,
 }
@@ -154,19 +151,6 @@ pub struct TrustRoot {
     cas: Vec<Ca>,
     tlogs: Vec<Log>,
     ctlogs: Vec<Log>,
-    verifiers: VerifierCache,
-}
-
-/// sigstore-rs verifiers, one per set of CAs / CT logs valid at a signing time (in practice one
-/// or two per trust root). Building one costs tens of milliseconds (it builds an HTTP client
-/// for its unused Rekor configuration), verifying with it well under one.
-#[derive(Clone, Default)]
-struct VerifierCache(Arc<Mutex<HashMap<Vec<usize>, Arc<Verifier>>>>);
-
-impl std::fmt::Debug for VerifierCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("VerifierCache")
-    }
 }
 
 const MEDIA_TYPE_PREFIX: &str = "application/vnd.dev.sigstore.trustedroot";
@@ -225,12 +209,7 @@ impl TrustRoot {
                 "no transparency log".to_owned(),
             ));
         }
-        Ok(Self {
-            cas,
-            tlogs,
-            ctlogs,
-            verifiers: VerifierCache::default(),
-        })
+        Ok(Self { cas, tlogs, ctlogs })
     }
 
     /// The Rekor log with this log ID, if trusted.
@@ -238,35 +217,23 @@ impl TrustRoot {
         self.tlogs.iter().find(|l| l.log_id == log_id)
     }
 
-    /// A sigstore-rs verifier over the trust material valid at `t` (Unix seconds): CA
-    /// certificates of CAs whose `validFor` contains `t` that are valid at `t` with every
-    /// certificate above them ([`Ca::anchors_at`]), and CT log keys whose `validFor` contains
-    /// `t`. (sigstore-rs has no notion of these windows and checks no anchor's dates, so they
-    /// are applied here.) Cached per set of valid entries.
-    pub(crate) fn verifier_at(&self, t: i64) -> Result<Arc<Verifier>, SigningError> {
-        let key: Vec<usize> = self
-            .cas
+    /// The CA certificates that may anchor a leaf signed at `t` (Unix seconds): those of CAs
+    /// whose `validFor` contains `t` that are valid at `t` with every certificate above them
+    /// ([`Ca::anchors_at`]).
+    pub(crate) fn anchors_at(&self, t: i64) -> Vec<CertificateDer<'_>> {
+        self.cas
             .iter()
-            .map(|c| c.anchors_at(t).len())
-            .chain(
-                self.ctlogs
-                    .iter()
-                    .map(|l| usize::from(l.valid_for.contains(t))),
-            )
-            .collect();
-        let mut cache = self
-            .verifiers
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if let Some(v) = cache.get(&key) {
-            return Ok(Arc::clone(v));
-        }
-        let verifier = Verifier::new(Default::default(), self.at(t))
-            .map(Arc::new)
-            .map_err(|e| SigningError::MalformedTrustRoot(e.to_string()))?;
-        cache.insert(key, Arc::clone(&verifier));
-        Ok(verifier)
+            .flat_map(|ca| ca.anchors_at(t))
+            .map(|c| CertificateDer::from(c.der.as_slice()))
+            .collect()
+    }
+
+    /// The key of the CT log with this log ID, if trusted and valid at `t`.
+    pub(crate) fn ctlog(&self, log_id: &[u8], t: i64) -> Option<&EcKey> {
+        self.ctlogs
+            .iter()
+            .find(|l| l.log_id == log_id && l.valid_for.contains(t))
+            .and_then(|l| l.key.as_ref().ok())
     }
 
     /// Why `leaf` found no anchor at `t`, when a CA certificate (of a CA whose `validFor`
@@ -281,32 +248,6 @@ impl TrustRoot {
                 ca.chain[issuer..].iter().find(|c| !c.valid_at(t))
             })
             .map(|c| c.refusal(t))
-    }
-
-    fn at(&self, t: i64) -> ManualTrustRoot<'static> {
-        let fulcio_certs = self
-            .cas
-            .iter()
-            .flat_map(|ca| ca.anchors_at(t))
-            .map(|c| CertificateDer::from(c.der.clone()))
-            .collect();
-        let ctfe_keys = self
-            .ctlogs
-            .iter()
-            .filter(|l| l.valid_for.contains(t))
-            .map(|l| (hex::encode(&l.log_id), l.spki.clone()))
-            .collect();
-        let rekor_keys = self
-            .tlogs
-            .iter()
-            .filter(|l| l.valid_for.contains(t))
-            .map(|l| (hex::encode(&l.log_id), l.spki.clone()))
-            .collect();
-        ManualTrustRoot {
-            fulcio_certs,
-            rekor_keys,
-            ctfe_keys,
-        }
     }
 }
 
@@ -326,12 +267,9 @@ fn logs(list: &[TransparencyLogInstance], what: &str) -> Result<Vec<Log>, Signin
                 .ok_or_else(|| {
                     SigningError::MalformedTrustRoot(format!("{what}[{i}] has no log ID"))
                 })?;
-            sigstore::crypto::CosignVerificationKey::try_from_der(&spki).map_err(|e| {
-                SigningError::MalformedTrustRoot(format!("{what}[{i}] key unusable: {e}"))
-            })?;
             Ok(Log {
                 log_id,
-                spki,
+                key: EcKey::from_spki_der(&spki),
                 valid_for: Window::from_proto(key.and_then(|k| k.valid_for.as_ref())),
                 base_url: l.base_url.clone(),
             })
