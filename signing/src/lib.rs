@@ -374,10 +374,12 @@ fn single_tlog_entry(
     }
 }
 
-/// Bundle media types accepted: v0.1 and v0.2 (`+json;version=`) and v0.3 (`.v0.3+json`).
-const BUNDLE_MEDIA_TYPES: [&str; 3] = [
+/// Bundle media types accepted: v0.1 and v0.2 (`+json;version=`) and v0.3 (`.v0.3+json`, and
+/// the legacy `+json;version=0.3` that sigstore-js wrote and sigstore-python accepts).
+const BUNDLE_MEDIA_TYPES: [&str; 4] = [
     "application/vnd.dev.sigstore.bundle+json;version=0.1",
     "application/vnd.dev.sigstore.bundle+json;version=0.2",
+    "application/vnd.dev.sigstore.bundle+json;version=0.3",
     "application/vnd.dev.sigstore.bundle.v0.3+json",
 ];
 

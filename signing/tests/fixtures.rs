@@ -616,6 +616,40 @@ mod public_good {
     }
 
     #[test]
+    fn legacy_v03_media_type_is_accepted_and_unknown_ones_are_named() {
+        const BEACON: &str = "https://github.com/sigstore-conformance/extremely-dangerous-public-oidc-beacon/.github/workflows/extremely-dangerous-oidc-beacon.yml@refs/heads/main";
+        let with_media_type = |m: &str| {
+            let mut json: Value = serde_json::from_slice(&read("a.txt.v03.sigstore.json")).unwrap();
+            json["mediaType"] = Value::String(m.to_owned());
+            serde_json::to_vec(&json).unwrap()
+        };
+        let verify = |bundle: &[u8]| {
+            verify_bundle(
+                &read("a.txt"),
+                bundle,
+                &trust(),
+                &[IdentityRule::exact(GHA, BEACON)],
+            )
+        };
+        // sigstore-js wrote v0.3 bundles under this media type; sigstore-python accepts them.
+        verify(&with_media_type(
+            "application/vnd.dev.sigstore.bundle+json;version=0.3",
+        ))
+        .unwrap_or_else(|e| panic!("legacy v0.3 media type refused: {e}"));
+        match verify(&with_media_type(
+            "application/vnd.dev.sigstore.bundle.v0.9+json",
+        )) {
+            Err(SigningError::MalformedBundle(m)) => {
+                assert!(
+                    m.contains("unknown bundle media type") && m.contains("v0.9"),
+                    "{m}"
+                )
+            }
+            other => panic!("expected an unknown media type refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
     fn public_good_bundle_refusals_keep_their_reasons() {
         let trust = trust();
         let artifact = read("bundle_v3_github.whl");
