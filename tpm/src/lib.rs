@@ -66,6 +66,7 @@
 //! uses it.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "swtpm")]
 pub mod swtpm;
 
 use cinfer_attest::{Digest32, EVIDENCE_VERSION, Event, Evidence, binding, pcr_digest, replay};
