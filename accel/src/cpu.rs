@@ -35,57 +35,24 @@ fn packed_par_min_work() -> usize {
     })
 }
 
-/// Elementwise and row-wise ops (silu, add, mul, rmsnorm, rope) of at least
-/// this many elements (a prompt's activations, not a decode step's) are split
-/// over rows on rayon when a run is alone on the backend. Each element, or
-/// row, is computed exactly as serially: the results do not change.
-const ELEM_PAR_MIN: usize = 1 << 16;
-
-fn elem_par(len: usize) -> bool {
-    len >= ELEM_PAR_MIN && RUNS.load(std::sync::atomic::Ordering::Relaxed) <= 1
+/// Elementwise and row-wise ops (silu, add, mul, rmsnorm, rope) run on the
+/// calling thread, also for a prompt's activations: they come between
+/// matmuls, whose pool threads spin ([`crate::pool::SPIN`]) and hold the
+/// other cores just then, so splitting them over rayon's threads made them
+/// slower, not faster (BENCHMARKS.md, "Fourth session").
+///
+/// `f(a_i, b_i)` for every element, a plain loop the compiler vectorizes.
+fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> Vec<f32> {
+    a.iter().zip(b).map(|(a, b)| f(*a, *b)).collect()
 }
 
-/// `f(a_i, b_i)` for every element, in parallel chunks for large inputs
-/// ([`elem_par`]); each chunk is a plain loop the compiler vectorizes.
-fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send) -> Vec<f32> {
-    let mut out = vec![0f32; a.len()];
-    let run = |(o, (a, b)): (&mut [f32], (&[f32], &[f32]))| {
-        for ((o, a), b) in o.iter_mut().zip(a).zip(b) {
-            *o = f(*a, *b);
-        }
-    };
-    if elem_par(a.len()) {
-        out.par_chunks_mut(4096)
-            .zip(a.par_chunks(4096).zip(b.par_chunks(4096)))
-            .for_each(run);
-    } else {
-        run((&mut out, (a, b)));
+/// `f(row)` for every row of `x` (rows of `cols`), concatenated.
+fn map_rows(x: &[f32], cols: usize, f: impl Fn(&[f32], &mut Vec<f32>)) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len());
+    for row in x.chunks(cols.max(1)) {
+        f(row, &mut out);
     }
     out
-}
-
-/// `f(row)` for every row of `x` (rows of `cols`), concatenated: in parallel
-/// for large inputs ([`elem_par`]).
-fn map_rows(x: &[f32], cols: usize, f: impl Fn(&[f32], &mut Vec<f32>) + Sync) -> Vec<f32> {
-    if elem_par(x.len()) {
-        let rows: Vec<Vec<f32>> = x
-            .par_chunks(cols.max(1) * (4096 / cols.max(1)).max(1))
-            .map(|rows| {
-                let mut out = Vec::with_capacity(rows.len());
-                for row in rows.chunks(cols.max(1)) {
-                    f(row, &mut out);
-                }
-                out
-            })
-            .collect();
-        rows.concat()
-    } else {
-        let mut out = Vec::with_capacity(x.len());
-        for row in x.chunks(cols.max(1)) {
-            f(row, &mut out);
-        }
-        out
-    }
 }
 
 /// `f(index, chunk)` over `out.chunks_mut(chunk)`, on the rayon pool only when
@@ -589,10 +556,9 @@ impl Backend for CpuBackend {
 
     fn silu(&self, x: &DeviceBuffer) -> Result<DeviceBuffer, BackendError> {
         let x = f32s(x)?;
-        // The second operand is unused: silu is elementwise on x alone.
-        Ok(DeviceBuffer::F32(zip_map(x, x, |v, _| {
-            v / (1.0 + (-v).exp())
-        })))
+        let mut out = vec![0f32; x.len()];
+        simd::silu(simd::level(), x, &mut out);
+        Ok(DeviceBuffer::F32(out))
     }
 
     fn rope(
@@ -622,15 +588,9 @@ impl Backend for CpuBackend {
                 }
             }
         };
-        if elem_par(out.len()) {
-            out.par_chunks_exact_mut(heads * head_dim)
-                .enumerate()
-                .for_each(rotate);
-        } else {
-            out.chunks_exact_mut(heads * head_dim)
-                .enumerate()
-                .for_each(rotate);
-        }
+        out.chunks_exact_mut(heads * head_dim)
+            .enumerate()
+            .for_each(rotate);
         Ok(DeviceBuffer::F32(out))
     }
 
@@ -677,32 +637,48 @@ impl Backend for CpuBackend {
             }
         };
         let (kf, vf) = (as_f32(kc), as_f32(vc));
-        let group = s.heads / s.kv_heads;
-        let scale = 1.0 / (s.head_dim as f32).sqrt();
         let hd = s.head_dim;
-        let mut out = vec![0f32; s.seq * s.heads * hd];
-        // One task per (query row, head).
+        // K transposed per KV head (`kt[h][d][t]`), so that the scores of a
+        // query against all its keys are SIMD lanes; rows padded to a
+        // multiple of 8 keys for the kernel's last block.
+        let n = (s.pos + s.seq).next_multiple_of(8);
+        let mut kt = vec![0f32; s.kv_heads * hd * n];
+        for (t, krow) in kf.chunks_exact(row).enumerate() {
+            for (i, v) in krow.iter().enumerate() {
+                kt[i * n + t] = *v;
+            }
+        }
+        let job = AttentionJob {
+            q: q.to_vec(),
+            kt,
+            vf,
+            n,
+            row,
+            s,
+            scale: 1.0 / (s.head_dim as f32).sqrt(),
+            f16_cache,
+            level: simd::level(),
+        };
+        let width = s.heads * hd;
+        // One task per query row, on the pool (the matmuls' threads, still
+        // spinning from the launch before) when the work is worth it.
         let work = s.seq * s.heads * (s.pos + s.seq) * hd * 2;
-        for_each_chunk(&mut out, hd, work, |task, o| {
-            let (i, h) = (task / s.heads, task % s.heads);
-            let kvh = h / group;
-            let mut qv: Vec<f32> = q[(i * s.heads + h) * hd..][..hd].to_vec();
-            if f16_cache {
-                // llama.cpp converts Q to f16 for the K·Q product with an f16 cache.
-                qv.iter_mut().for_each(|x| *x = quant::round_f16(*x));
+        let out = if work >= PAR_MIN_WORK && s.seq > 1 {
+            let job = std::sync::Arc::new(job);
+            crate::pool::global()
+                .run(s.seq, move |i| {
+                    let mut o = vec![0f32; width];
+                    job.query_row(i, &mut o);
+                    o
+                })
+                .concat()
+        } else {
+            let mut out = vec![0f32; s.seq * width];
+            for (i, o) in out.chunks_exact_mut(width).enumerate() {
+                job.query_row(i, o);
             }
-            let visible = s.pos + i + 1;
-            let mut scores: Vec<f32> = (0..visible)
-                .map(|t| dot(&qv, &kf[t * row + kvh * hd..][..hd]) * scale)
-                .collect();
-            softmax_in_place(&mut scores);
-            if f16_cache {
-                scores.iter_mut().for_each(|x| *x = quant::round_f16(*x));
-            }
-            for (t, p) in scores.iter().enumerate() {
-                simd::axpy(simd::level(), *p, &vf[t * row + kvh * hd..][..hd], o);
-            }
-        });
+            out
+        };
         Ok(DeviceBuffer::F32(out))
     }
 
@@ -749,12 +725,55 @@ impl Backend for CpuBackend {
     }
 }
 
-/// `tmp.len()` elements of a cache from `offset`, as f32 (converted into `tmp` for f16).
+/// One attention launch's operands, owned (so that pool threads can share it).
+struct AttentionJob {
+    /// Queries, `[seq][heads][head_dim]`.
+    q: Vec<f32>,
+    /// Keys transposed per KV head, `[kv_heads][head_dim][n]` (n a multiple of 32).
+    kt: Vec<f32>,
+    /// Values, `[pos + seq][kv_heads][head_dim]`.
+    vf: Vec<f32>,
+    n: usize,
+    row: usize,
+    s: AttentionShape,
+    scale: f32,
+    f16_cache: bool,
+    level: simd::Level,
+}
+
+impl AttentionJob {
+    /// Every head of query row `i` into `o` (`heads · head_dim`).
+    fn query_row(&self, i: usize, o: &mut [f32]) {
+        let s = self.s;
+        let (hd, group) = (s.head_dim, s.heads / s.kv_heads);
+        let visible = s.pos + i + 1;
+        let mut qv = vec![0f32; hd];
+        let mut scores = vec![0f32; visible];
+        for (h, o) in o.chunks_exact_mut(hd).enumerate() {
+            let kvh = h / group;
+            qv.copy_from_slice(&self.q[(i * s.heads + h) * hd..][..hd]);
+            if self.f16_cache {
+                // llama.cpp converts Q to f16 for the K·Q product with an f16 cache.
+                simd::round_f16_in_place(self.level, &mut qv);
+            }
+            let kt = &self.kt[kvh * hd * self.n..];
+            simd::scores(self.level, &qv, kt, self.n, self.scale, &mut scores);
+            softmax_in_place(&mut scores);
+            if self.f16_cache {
+                simd::round_f16_in_place(self.level, &mut scores);
+            }
+            simd::weighted_rows(self.level, &scores, &self.vf[kvh * hd..], self.row, o);
+        }
+    }
+}
+
+/// Softmax of one row in place: e^(x - max) with the kernels' e^x, summed in f64.
 fn softmax_in_place(row: &mut [f32]) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    row.iter_mut().for_each(|v| *v -= max);
+    simd::exp_in_place(simd::level(), row);
     let mut sum = 0f64;
-    for v in row.iter_mut() {
-        *v = (*v - max).exp();
+    for v in row.iter() {
         sum += f64::from(*v);
     }
     let inv = (1.0 / sum) as f32;
@@ -949,53 +968,6 @@ mod tests {
         }
     }
 
-    /// Large inputs take the parallel path of the elementwise and row-wise
-    /// ops; the results are those of the serial path bit for bit (checked
-    /// against the same op on slices small enough to stay serial).
-    #[test]
-    fn parallel_elementwise_ops_equal_the_serial_ones() {
-        let cpu = CpuBackend;
-        let (rows, cols) = (160, 576); // 92,160 elements ≥ ELEM_PAR_MIN
-        assert!(rows * cols >= ELEM_PAR_MIN && 16 * cols < ELEM_PAR_MIN);
-        let x: Vec<f32> = (0..rows * cols)
-            .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0)
-            .collect();
-        let y: Vec<f32> = (0..rows * cols)
-            .map(|i| ((i * 104_729 % 997) as f32 - 498.0) / 131.0)
-            .collect();
-        let w: Vec<f32> = (0..cols).map(|i| 0.5 + (i % 13) as f32 / 7.0).collect();
-        let bits = |v: Vec<f32>| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-        // The op on the whole input, and on slices of 16 rows.
-        type Op<'a> = &'a dyn Fn(&[f32], &[f32], usize) -> Vec<f32>;
-        let check = |name: &str, op: Op<'_>| {
-            let whole = op(&x, &y, 0);
-            let pieces: Vec<f32> = (0..rows / 16)
-                .flat_map(|p| {
-                    let r = p * 16 * cols..(p + 1) * 16 * cols;
-                    op(&x[r.clone()], &y[r], p * 16)
-                })
-                .collect();
-            assert_eq!(bits(whole), bits(pieces), "{name}");
-        };
-        check("silu", &|a, _, _| get(cpu.silu(&buf(a)).expect("silu")));
-        for op in [BinaryOp::Add, BinaryOp::Mul] {
-            check("binary", &|a, b, _| {
-                get(cpu.binary(op, &buf(a), &buf(b), cols).expect("binary"))
-            });
-            check("broadcast", &|a, _, _| {
-                get(cpu.binary(op, &buf(a), &buf(&w), cols).expect("broadcast"))
-            });
-        }
-        check("rmsnorm", &|a, _, _| {
-            get(cpu.rmsnorm(&buf(a), &buf(&w), cols, 1e-5).expect("rmsnorm"))
-        });
-        check("rope", &|a, _, first_row| {
-            get(cpu
-                .rope(&buf(a), 9, 64, 3 + first_row as u32, 10000.0)
-                .expect("rope"))
-        });
-    }
-
     #[test]
     fn elementwise_and_broadcast() {
         let cpu = CpuBackend;
@@ -1055,6 +1027,79 @@ mod tests {
             &x,
             0.0,
         );
+    }
+
+    /// SmolLM2's attention shape (9 heads, 3 KV heads, 64 wide) with f16
+    /// caches: a 40-token prompt (on the pool), then 40 decode steps, each
+    /// query row against a direct f64 computation over the f16-rounded keys
+    /// and values.
+    #[test]
+    fn attention_matches_a_direct_computation_at_model_shapes() {
+        let cpu = CpuBackend;
+        let (heads, kv_heads, hd, prompt, steps) = (9usize, 3usize, 64usize, 40usize, 40usize);
+        let ctx = prompt + steps;
+        let row = kv_heads * hd;
+        let mut kc = cpu.zeros(ElemType::F16, ctx * row).expect("k cache");
+        let mut vc = cpu.zeros(ElemType::F16, ctx * row).expect("v cache");
+        let data = |n: usize, s: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| (((i * 7919 + s * 104_729) % 2003) as f32 - 1001.0) / 400.0)
+                .collect()
+        };
+        let (mut kall, mut vall) = (Vec::new(), Vec::new());
+        let mut pos = 0;
+        for (step, seq) in std::iter::once(prompt)
+            .chain(std::iter::repeat_n(1, steps))
+            .enumerate()
+        {
+            let (q, k, v) = (
+                data(seq * heads * hd, 3 * step),
+                data(seq * row, 3 * step + 1),
+                data(seq * row, 3 * step + 2),
+            );
+            let shape = AttentionShape {
+                seq,
+                heads,
+                kv_heads,
+                head_dim: hd,
+                pos,
+            };
+            let out = get(cpu
+                .attention(&buf(&q), &buf(&k), &buf(&v), &mut kc, &mut vc, shape)
+                .expect("attention"));
+            kall.extend(k.iter().map(|x| quant::round_f16(*x)));
+            vall.extend(v.iter().map(|x| quant::round_f16(*x)));
+            for i in 0..seq {
+                for h in 0..heads {
+                    let kvh = h / (heads / kv_heads);
+                    let qh = &q[(i * heads + h) * hd..][..hd];
+                    let visible = pos + i + 1;
+                    let scores: Vec<f64> = (0..visible)
+                        .map(|t| {
+                            qh.iter()
+                                .zip(&kall[t * row + kvh * hd..][..hd])
+                                .map(|(a, b)| f64::from(quant::round_f16(*a)) * f64::from(*b))
+                                .sum::<f64>()
+                                / (hd as f64).sqrt()
+                        })
+                        .collect();
+                    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    for j in 0..hd {
+                        let want: f64 = (0..visible)
+                            .map(|t| e[t] / sum * f64::from(vall[t * row + kvh * hd + j]))
+                            .sum();
+                        let got = f64::from(out[(i * heads + h) * hd + j]);
+                        assert!(
+                            (got - want).abs() < 2e-3,
+                            "step {step} row {i} head {h} col {j}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+            pos += seq;
+        }
     }
 
     #[test]

@@ -159,6 +159,14 @@ impl Pool {
         if job.panicked.load(Ordering::Relaxed) {
             panic!("an accelerator task panicked on a pool thread");
         }
+        // A worker drops its handle on the job right after its last task:
+        // wait a moment for that rather than copy every result below.
+        for _ in 0..4096 {
+            if Arc::strong_count(&job) == 1 {
+                break;
+            }
+            std::hint::spin_loop();
+        }
         let job = Arc::try_unwrap(job);
         match job {
             Ok(job) => job

@@ -150,16 +150,117 @@ pub(crate) fn dot(level: Level, a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
-/// `o[j] = p · v[j] + o[j]`, fused (`f32::mul_add`).
-pub(crate) fn axpy(level: Level, p: f32, v: &[f32], o: &mut [f32]) {
+/// The constants of the kernels' e^x (Cephes' `expf`: range reduction by
+/// ln 2 in two parts, a degree-5 polynomial, the exponent put in by hand;
+/// within 2 ulp of the correctly rounded value over the clamped range, the
+/// same scheme as ggml's vectorized `expf`). Inputs are clamped to
+/// `lo..=hi` (e^lo is the smallest normal f32, e^hi about f32::MAX / 2, so
+/// that the exponent put in is at most 127): no infinities, no subnormals.
+pub(crate) struct ExpConsts {
+    pub(crate) lo: f32,
+    pub(crate) hi: f32,
+    pub(crate) log2e: f32,
+    pub(crate) c1: f32,
+    pub(crate) c2: f32,
+    pub(crate) p: [f32; 6],
+}
+
+pub(crate) const EXP: ExpConsts = ExpConsts {
+    lo: -87.336_54,
+    hi: 88.0,
+    log2e: std::f32::consts::LOG2_E,
+    c1: 0.693_359_4,
+    c2: -2.121_944_4e-4,
+    p: [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ],
+};
+
+/// `out[t] = dot(q, column t of kt) · scale`: attention scores against a
+/// transposed K (keys along a row, so each SIMD lane is one key and no
+/// horizontal sum is needed), each in [`dot`]'s summation order — the order
+/// of the per-key dot this replaced, which the model's greedy output against
+/// llama.cpp is sensitive to (a sequential sum over d flipped a token of the
+/// reference test). Bit for bit the same at every level. Give `kt` columns
+/// past the keys (`stride` and the last row's length a multiple of 8 beyond
+/// `out.len()`, any values): the SIMD kernel then computes a last partial
+/// block on them, lanes being independent, instead of key by key.
+pub(crate) fn scores(
+    level: Level,
+    q: &[f32],
+    kt: &[f32],
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
     match level {
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 | Level::Avx512Vnni if detected() >= Level::Avx2 => {
             // SAFETY: `detected()` found avx2, fma and f16c, the features
-            // `avx2::axpy` is compiled with.
-            unsafe { avx2::axpy(p, v, o) }
+            // `avx2::scores` is compiled with.
+            unsafe { avx2::scores(q, kt, stride, scale, out) }
         }
-        _ => portable::axpy(p, v, o),
+        _ => portable::scores(q, kt, stride, scale, out),
+    }
+}
+
+/// `o[j] = Σ_t p[t]·v[t·stride + j]`, fused in `t` order: bit for bit
+/// `o[j] = p·v[j] + o[j]` for each row from zeros, with the outputs kept in
+/// registers.
+pub(crate) fn weighted_rows(level: Level, p: &[f32], v: &[f32], stride: usize, o: &mut [f32]) {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 | Level::Avx512Vnni if detected() >= Level::Avx2 => {
+            // SAFETY: `detected()` found avx2, fma and f16c, the features
+            // `avx2::weighted_rows` is compiled with.
+            unsafe { avx2::weighted_rows(p, v, stride, o) }
+        }
+        _ => portable::weighted_rows(p, v, stride, o),
+    }
+}
+
+/// e^x in place ([`EXP`]); bit for bit the same at every level.
+pub(crate) fn exp_in_place(level: Level, x: &mut [f32]) {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 | Level::Avx512Vnni if detected() >= Level::Avx2 => {
+            // SAFETY: `detected()` found avx2, fma and f16c, the features
+            // `avx2::exp_in_place` is compiled with.
+            unsafe { avx2::exp_in_place(x) }
+        }
+        _ => portable::exp_in_place(x),
+    }
+}
+
+/// `out = x / (1 + e^-x)` with [`EXP`]'s e^x; bit for bit the same at every level.
+pub(crate) fn silu(level: Level, x: &[f32], out: &mut [f32]) {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 | Level::Avx512Vnni if detected() >= Level::Avx2 => {
+            // SAFETY: `detected()` found avx2, fma and f16c, the features
+            // `avx2::silu` is compiled with.
+            unsafe { avx2::silu(x, out) }
+        }
+        _ => portable::silu(x, out),
+    }
+}
+
+/// Rounds each value through f16 (what storing it in an f16 field does): bit
+/// for bit [`crate::quant::round_f16`] at every level.
+pub(crate) fn round_f16_in_place(level: Level, x: &mut [f32]) {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 | Level::Avx512Vnni if detected() >= Level::Avx2 => {
+            // SAFETY: `detected()` found avx2, fma and f16c, the features
+            // `avx2::round_f16_in_place` is compiled with.
+            unsafe { avx2::round_f16_in_place(x) }
+        }
+        _ => portable::round_f16_in_place(x),
     }
 }
 
@@ -342,24 +443,24 @@ mod tests {
     }
 
     #[test]
-    fn f32_dot_axpy_and_f16_conversion_match_the_scalar_code_bit_for_bit() {
+    fn f32_dot_and_f16_conversions_match_the_scalar_code_bit_for_bit() {
         let mut rng = StdRng::seed_from_u64(6);
         for len in [0usize, 1, 7, 8, 9, 64, 100, 1537] {
             let mut a = activations(&mut rng, len.div_ceil(32) * 32);
             a.truncate(len);
             let b: Vec<f32> = (0..len).map(|_| rng.random_range(-2.0f32..2.0)).collect();
             let bits: Vec<u16> = (0..len).map(|_| rng.random()).collect();
-            let p = rng.random_range(-1.0f32..1.0);
+            let mut rounded = b.clone();
+            portable::round_f16_in_place(&mut rounded);
             for &level in &available() {
+                let mut r = b.clone();
+                round_f16_in_place(level, &mut r);
+                assert!(
+                    r.iter().zip(&rounded).all(|(x, y)| same(*x, *y)),
+                    "{level:?} round_f16 len {len}"
+                );
                 let (d, rd) = (dot(level, &a, &b), portable::dot(&a, &b));
                 assert!(same(d, rd), "{level:?} dot len {len}: {d} vs {rd}");
-                let (mut o, mut ro) = (b.clone(), b.clone());
-                axpy(level, p, &a, &mut o);
-                portable::axpy(p, &a, &mut ro);
-                assert!(
-                    o.iter().zip(&ro).all(|(x, y)| same(*x, *y)),
-                    "{level:?} axpy len {len}"
-                );
                 let (mut f, mut rf) = (vec![0f32; len], vec![0f32; len]);
                 f16_to_f32(level, &bits, &mut f);
                 portable::f16_to_f32(&bits, &mut rf);
@@ -368,6 +469,122 @@ mod tests {
                     "{level:?} f16 len {len}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn attention_kernels_match_the_scalar_code_bit_for_bit() {
+        let mut rng = StdRng::seed_from_u64(7);
+        // Head sizes with and without a tail after the 32- and 8-wide steps.
+        // Unpadded rows (the scalar tail runs) and rows padded to 32 keys
+        // (the last block is computed on the padding), as attention gives.
+        for (hd, keys, stride) in [
+            (64usize, 129usize, 134usize),
+            (64, 1, 6),
+            (40, 37, 42),
+            (8, 8, 13),
+            (3, 70, 75),
+            (64, 100, 104),
+            (64, 1, 8),
+            (64, 129, 136),
+            (40, 77, 80),
+            (12, 20, 24),
+        ] {
+            let q: Vec<f32> = (0..hd).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+            let kt: Vec<f32> = (0..hd * stride)
+                .map(|_| rng.random_range(-2.0f32..2.0))
+                .collect();
+            let p: Vec<f32> = (0..keys).map(|_| rng.random_range(0.0f32..1.0)).collect();
+            let vstride = hd + 3;
+            let v: Vec<f32> = (0..keys * vstride)
+                .map(|_| rng.random_range(-2.0f32..2.0))
+                .collect();
+            let mut rs = vec![0f32; keys];
+            portable::scores(&q, &kt, stride, 0.125, &mut rs);
+            // The per-key dot of the column, scaled.
+            for (t, r) in rs.iter().enumerate() {
+                let col: Vec<f32> = (0..hd).map(|d| kt[d * stride + t]).collect();
+                assert!(same(*r, portable::dot(&q, &col) * 0.125));
+            }
+            let mut ro = vec![1f32; hd];
+            portable::weighted_rows(&p, &v, vstride, &mut ro);
+            let mut expect = vec![0f32; hd];
+            for (t, pt) in p.iter().enumerate() {
+                for j in 0..hd {
+                    expect[j] = pt.mul_add(v[t * vstride + j], expect[j]);
+                }
+            }
+            assert!(ro.iter().zip(&expect).all(|(x, y)| same(*x, *y)));
+            for &level in &available() {
+                let mut s = vec![0f32; keys];
+                scores(level, &q, &kt, stride, 0.125, &mut s);
+                assert!(
+                    s.iter().zip(&rs).all(|(x, y)| same(*x, *y)),
+                    "{level:?} scores {hd}x{keys}"
+                );
+                let mut o = vec![7f32; hd];
+                weighted_rows(level, &p, &v, vstride, &mut o);
+                assert!(
+                    o.iter().zip(&ro).all(|(x, y)| same(*x, *y)),
+                    "{level:?} weighted {hd}x{keys}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn exp_and_silu_are_within_2_ulp_and_the_same_at_every_level() {
+        let mut rng = StdRng::seed_from_u64(8);
+        let mut x: Vec<f32> = (0..4099)
+            .map(|_| rng.random_range(-87.0f32..88.0))
+            .collect();
+        x.extend([
+            0.0, -0.0, 1.0, -1.0, 1e-30, -1e-30, 88.0, -87.3, 0.5, -20.0, 10.0,
+        ]);
+        let mut rx = x.clone();
+        portable::exp_in_place(&mut rx);
+        for (v, e) in x.iter().zip(&rx) {
+            let exact = f64::from(*v).exp();
+            let ulp = f64::from(f32::EPSILON) * exact.abs();
+            assert!(
+                (f64::from(*e) - exact).abs() <= 2.0 * ulp,
+                "exp({v}) = {e}, exact {exact}"
+            );
+        }
+        // Out of range: clamped, never infinite, NaN-free, never subnormal.
+        let mut edge = vec![
+            -1000.0f32,
+            -88.0,
+            89.0,
+            1000.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+        ];
+        portable::exp_in_place(&mut edge);
+        assert!(edge.iter().all(|e| e.is_normal()), "{edge:?}");
+        let mut rs = vec![0f32; x.len()];
+        portable::silu(&x, &mut rs);
+        for (v, s) in x.iter().zip(&rs) {
+            let exact = f64::from(*v) / (1.0 + (-f64::from(*v)).exp());
+            assert!(
+                (f64::from(*s) - exact).abs()
+                    <= 4.0 * f64::from(f32::EPSILON) * exact.abs().max(1e-30),
+                "silu({v}) = {s}, exact {exact}"
+            );
+        }
+        for &level in &available() {
+            let mut e = x.clone();
+            exp_in_place(level, &mut e);
+            assert!(
+                e.iter().zip(&rx).all(|(a, b)| same(*a, *b)),
+                "{level:?} exp"
+            );
+            let mut s = vec![0f32; x.len()];
+            silu(level, &x, &mut s);
+            assert!(
+                s.iter().zip(&rs).all(|(a, b)| same(*a, *b)),
+                "{level:?} silu"
+            );
         }
     }
 

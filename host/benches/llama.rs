@@ -101,6 +101,33 @@ fn main() {
         std::hint::black_box(native.generate(&[6403], n, |_| false));
         start.elapsed()
     };
+    // CINFER_BENCH_OPS=P: the native forward pass of a P-token prompt (and one
+    // new token), 10 times, with the wall time of each kind of launch.
+    if let Some(p) = std::env::var("CINFER_BENCH_OPS")
+        .ok()
+        .and_then(|p| p.parse::<usize>().ok())
+    {
+        let prompt: Vec<u32> = (0..p.max(1)).map(|i| 6403 + (i % 7) as u32).collect();
+        native.generate(&prompt, 1, |_| false);
+        let mut times = native_llama::OpTimes::default();
+        let start = Instant::now();
+        for _ in 0..10 {
+            native.generate_timed(&prompt, 1, |_| false, &mut times);
+        }
+        let total = start.elapsed() / 10;
+        println!("native forward of a {p}-token prompt: {total:?} a pass");
+        println!("| launch | per pass | share | launches per pass |");
+        println!("|---|---:|---:|---:|");
+        for (kind, t, count) in &times.0 {
+            println!(
+                "| {kind} | {:?} | {:.1} % | {} |",
+                *t / 10,
+                100.0 * t.as_secs_f64() / 10.0 / total.as_secs_f64(),
+                count / 10
+            );
+        }
+        return;
+    }
     // CINFER_BENCH_SHORT_ONLY=N: only N requests of a 1-token prompt and
     // CINFER_BENCH_NEW (default 1) new tokens, then their median (for
     // profiling the per-request overhead, or decode alone).

@@ -237,3 +237,176 @@ pub(super) fn f16_to_f32(bits: &[u16], out: &mut [f32]) {
         *o = half::f16::from_bits(*b).to_f32();
     }
 }
+
+/// Eight keys from key `t`, each lane [`dot`]'s order for its key: eight
+/// accumulators for d mod 8 (eight independent chains), their fixed pairwise
+/// sum, then the tail of d in order (multiply, then add), times `scale`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn score_block(q: &[f32], kt: &[f32], stride: usize, t: usize, scale: f32) -> [f32; 8] {
+    let col = |d: usize| -> __m256 {
+        let (c, _) = kt[d * stride + t..][..8].as_chunks::<8>();
+        must_cast(c[0])
+    };
+    let (cq, rq) = q.as_chunks::<8>();
+    let mut acc = [_mm256_setzero_ps(); 8];
+    for (c, qc) in cq.iter().enumerate() {
+        for (i, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(_mm256_set1_ps(qc[i]), col(8 * c + i), *a);
+        }
+    }
+    let mut sum = _mm256_add_ps(
+        _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[1], acc[5])),
+        _mm256_add_ps(_mm256_add_ps(acc[2], acc[6]), _mm256_add_ps(acc[3], acc[7])),
+    );
+    for (i, qd) in rq.iter().enumerate() {
+        let d = 8 * cq.len() + i;
+        sum = _mm256_add_ps(sum, _mm256_mul_ps(_mm256_set1_ps(*qd), col(d)));
+    }
+    must_cast(_mm256_mul_ps(sum, _mm256_set1_ps(scale)))
+}
+
+/// See `portable::scores`: every score in [`dot`]'s order, eight keys at a
+/// time; a last partial block is computed on the padding columns that `kt`
+/// has past the keys (see [`super::scores`]) and only its first results are
+/// kept; without padding the last keys go one by one.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn scores(q: &[f32], kt: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    let n = out.len();
+    // Columns readable in every row d < hd.
+    let cols = match q.len() {
+        0 => 0,
+        hd => stride.min(kt.len().saturating_sub((hd - 1) * stride)),
+    };
+    let mut t = 0;
+    while t < n && t + 8 <= cols {
+        let s = score_block(q, kt, stride, t, scale);
+        let keep = (n - t).min(8);
+        out[t..t + keep].copy_from_slice(&s[..keep]);
+        t += keep;
+    }
+    if t < n {
+        let mut col = vec![0f32; q.len()];
+        for (i, o) in out[t..].iter_mut().enumerate() {
+            for (d, c) in col.iter_mut().enumerate() {
+                *c = kt[d * stride + t + i];
+            }
+            *o = dot(q, &col) * scale;
+        }
+    }
+}
+
+/// `R · 8` outputs from `j`, kept in registers over all rows.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn weighted_block<const R: usize>(p: &[f32], v: &[f32], stride: usize, j: usize, o: &mut [f32]) {
+    let mut acc = [_mm256_setzero_ps(); R];
+    for (t, pt) in p.iter().enumerate() {
+        let pv = _mm256_set1_ps(*pt);
+        let (row, _) = v[t * stride + j..][..8 * R].as_chunks::<8>();
+        for (a, r) in acc.iter_mut().zip(row) {
+            *a = _mm256_fmadd_ps(pv, must_cast(*r), *a);
+        }
+    }
+    let (dst, _) = o[j..j + 8 * R].as_chunks_mut::<8>();
+    for (d, a) in dst.iter_mut().zip(acc) {
+        *d = must_cast(a);
+    }
+}
+
+/// See `portable::weighted_rows`: 64 (eight chains) or 32 outputs stay in
+/// registers over all rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn weighted_rows(p: &[f32], v: &[f32], stride: usize, o: &mut [f32]) {
+    let hd = o.len();
+    let mut j = 0;
+    while j + 64 <= hd {
+        weighted_block::<8>(p, v, stride, j, o);
+        j += 64;
+    }
+    while j + 32 <= hd {
+        weighted_block::<4>(p, v, stride, j, o);
+        j += 32;
+    }
+    while j + 8 <= hd {
+        weighted_block::<1>(p, v, stride, j, o);
+        j += 8;
+    }
+    if j < hd {
+        let rest = &mut o[j..];
+        rest.fill(0.0);
+        for (t, pt) in p.iter().enumerate() {
+            axpy(*pt, &v[t * stride + j..][..rest.len()], rest);
+        }
+    }
+}
+
+/// Eight lanes of `portable::exp`, op for op.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn exp8(x: __m256) -> __m256 {
+    use super::EXP as E;
+    let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(E.lo)), _mm256_set1_ps(E.hi));
+    let fx = _mm256_floor_ps(_mm256_fmadd_ps(
+        x,
+        _mm256_set1_ps(E.log2e),
+        _mm256_set1_ps(0.5),
+    ));
+    let r = _mm256_fmadd_ps(fx, _mm256_set1_ps(-E.c1), x);
+    let r = _mm256_fmadd_ps(fx, _mm256_set1_ps(-E.c2), r);
+    let mut y = _mm256_set1_ps(E.p[0]);
+    for p in &E.p[1..] {
+        y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(*p));
+    }
+    let y = _mm256_fmadd_ps(
+        y,
+        _mm256_mul_ps(r, r),
+        _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+    );
+    let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvttps_epi32(fx),
+        _mm256_set1_epi32(127),
+    ));
+    _mm256_mul_ps(y, _mm256_castsi256_ps(e))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn exp_in_place(x: &mut [f32]) {
+    let (chunks, rest) = x.as_chunks_mut::<8>();
+    for c in chunks {
+        *c = must_cast(exp8(must_cast(*c)));
+    }
+    for v in rest {
+        *v = super::portable::exp(*v);
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn silu(x: &[f32], out: &mut [f32]) {
+    let (cx, rx) = x.as_chunks::<8>();
+    let (co, ro) = out.as_chunks_mut::<8>();
+    let one = _mm256_set1_ps(1.0);
+    let neg = _mm256_set1_ps(-0.0);
+    for (o, v) in co.iter_mut().zip(cx) {
+        let v: __m256 = must_cast(*v);
+        let e = exp8(_mm256_xor_ps(v, neg));
+        *o = must_cast(_mm256_div_ps(v, _mm256_add_ps(one, e)));
+    }
+    for (o, v) in ro.iter_mut().zip(rx) {
+        *o = v / (1.0 + super::portable::exp(-v));
+    }
+}
+
+/// Rounds through f16 in place, eight at a time (`vcvtps2ph` round to
+/// nearest even, then back: exact), as `half`'s conversion of each value.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn round_f16_in_place(x: &mut [f32]) {
+    let (chunks, rest) = x.as_chunks_mut::<8>();
+    for c in chunks {
+        let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(must_cast(*c));
+        *c = must_cast(_mm256_cvtph_ps(h));
+    }
+    for v in rest {
+        *v = crate::quant::round_f16(*v);
+    }
+}

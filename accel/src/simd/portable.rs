@@ -83,3 +83,61 @@ pub(super) fn f16_to_f32(bits: &[u16], out: &mut [f32]) {
         *o = half::f16::from_bits(*b).to_f32();
     }
 }
+
+/// `out[t] = dot(q, column t of kt) · scale` for `t < out.len()`: [`dot`]'s
+/// order (8 fused lanes over d, a fixed pairwise sum, the tail in order).
+pub(super) fn scores(q: &[f32], kt: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    let mut col = vec![0f32; q.len()];
+    for (t, o) in out.iter_mut().enumerate() {
+        for (d, c) in col.iter_mut().enumerate() {
+            *c = kt[d * stride + t];
+        }
+        *o = dot(q, &col) * scale;
+    }
+}
+
+/// `o[j] = Σ_t p[t]·v[t·stride + j]`, fused, in `t` order (as `axpy` per row
+/// from zero).
+pub(super) fn weighted_rows(p: &[f32], v: &[f32], stride: usize, o: &mut [f32]) {
+    o.fill(0.0);
+    for (t, pt) in p.iter().enumerate() {
+        axpy(*pt, &v[t * stride..][..o.len()], o);
+    }
+}
+
+/// e^x of one value by the kernels' formula ([`super::EXP`]), bit for bit what
+/// each SIMD lane computes.
+pub(super) fn exp(x: f32) -> f32 {
+    use super::EXP as E;
+    // Not `clamp`: NaN becomes `lo` here, as in `_mm256_max_ps(x, lo)`.
+    #[allow(clippy::manual_clamp)]
+    let x = x.max(E.lo).min(E.hi);
+    let fx = x.mul_add(E.log2e, 0.5).floor();
+    let r = fx.mul_add(-E.c1, x);
+    let r = fx.mul_add(-E.c2, r);
+    let mut y = E.p[0];
+    for p in &E.p[1..] {
+        y = y.mul_add(r, *p);
+    }
+    let y = y.mul_add(r * r, r + 1.0);
+    // 2^fx: fx lies in -126..=128 after the clamp, a normal exponent.
+    y * f32::from_bits(((fx as i32 + 127) as u32) << 23)
+}
+
+pub(super) fn exp_in_place(x: &mut [f32]) {
+    for v in x {
+        *v = exp(*v);
+    }
+}
+
+pub(super) fn silu(x: &[f32], out: &mut [f32]) {
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = v / (1.0 + exp(-v));
+    }
+}
+
+pub(super) fn round_f16_in_place(x: &mut [f32]) {
+    for v in x {
+        *v = crate::quant::round_f16(*v);
+    }
+}

@@ -72,6 +72,18 @@ impl NativeLlama {
     /// Greedily generates `n` tokens after `prompt`, never choosing an
     /// `excluded` id (as llama-chat's `ignore_eos`).
     pub fn generate(&self, prompt: &[u32], n: usize, excluded: impl Fn(u32) -> bool) -> Vec<u32> {
+        self.generate_timed(prompt, n, excluded, &mut OpTimes::default())
+    }
+
+    /// [`Self::generate`], adding the wall time of each kind of launch to `times`
+    /// (for profiling; the timer costs ~20 ns a launch).
+    pub fn generate_timed(
+        &self,
+        prompt: &[u32],
+        n: usize,
+        excluded: impl Fn(u32) -> bool,
+        times: &mut OpTimes,
+    ) -> Vec<u32> {
         let b = CpuBackend;
         let (dim, ffn, eps, theta) = (self.dim, self.ffn, self.eps, self.theta);
         let (heads, kvh, hd) = (self.heads, self.kv_heads, self.dim / self.heads);
@@ -86,25 +98,40 @@ impl NativeLlama {
         let (mut pos, mut generated) = (0usize, Vec::with_capacity(n));
         while generated.len() < n {
             let seq = ids.len();
-            let mm = |x: &DeviceBuffer, w: &DeviceBuffer, k: usize, n: usize| {
-                b.matmul(x, w, seq, k, n).expect("matmul")
-            };
-            let mut x = b.embedding(&self.embd, dim, &ids).expect("embedding");
+            macro_rules! timed {
+                ($kind:expr, $e:expr) => {{
+                    let start = std::time::Instant::now();
+                    let out = $e;
+                    times.add($kind, start.elapsed());
+                    out
+                }};
+            }
+            let mut x = timed!(
+                "embedding",
+                b.embedding(&self.embd, dim, &ids).expect("embedding")
+            );
             for (l, (kc, vc)) in self.layers.iter().zip(caches.iter_mut()) {
-                let h = b.rmsnorm(&x, &l[0], dim, eps).expect("norm");
+                let h = timed!("rmsnorm", b.rmsnorm(&x, &l[0], dim, eps).expect("norm"));
                 // Q, K and V in one launch, as llama-chat does.
-                let [q, k, v] = <[DeviceBuffer; 3]>::try_from(
+                let [q, k, v] = <[DeviceBuffer; 3]>::try_from(timed!(
+                    "matmul qkv",
                     b.matmul_many(
                         &h,
                         &[(&l[1], dim), (&l[2], kvh * hd), (&l[3], kvh * hd)],
                         seq,
                         dim,
                     )
-                    .expect("qkv"),
-                )
+                    .expect("qkv")
+                ))
                 .expect("three");
-                let q = b.rope(&q, heads, hd, pos as u32, theta).expect("rope");
-                let k = b.rope(&k, kvh, hd, pos as u32, theta).expect("rope");
+                let q = timed!(
+                    "rope",
+                    b.rope(&q, heads, hd, pos as u32, theta).expect("rope")
+                );
+                let k = timed!(
+                    "rope",
+                    b.rope(&k, kvh, hd, pos as u32, theta).expect("rope")
+                );
                 let shape = AttentionShape {
                     seq,
                     heads,
@@ -112,29 +139,39 @@ impl NativeLlama {
                     head_dim: hd,
                     pos,
                 };
-                let a = b.attention(&q, &k, &v, kc, vc, shape).expect("attention");
-                x = b
-                    .binary(BinaryOp::Add, &x, &mm(&a, &l[4], dim, dim), dim)
-                    .expect("add");
-                let h = b.rmsnorm(&x, &l[5], dim, eps).expect("norm");
-                let [gate, up] = <[DeviceBuffer; 2]>::try_from(
+                let a = timed!(
+                    "attention",
+                    b.attention(&q, &k, &v, kc, vc, shape).expect("attention")
+                );
+                let o = timed!("matmul o", b.matmul(&a, &l[4], seq, dim, dim).expect("o"));
+                x = timed!("add", b.binary(BinaryOp::Add, &x, &o, dim).expect("add"));
+                let h = timed!("rmsnorm", b.rmsnorm(&x, &l[5], dim, eps).expect("norm"));
+                let [gate, up] = <[DeviceBuffer; 2]>::try_from(timed!(
+                    "matmul gate/up",
                     b.matmul_many(&h, &[(&l[6], ffn), (&l[7], ffn)], seq, dim)
-                        .expect("gate/up"),
-                )
+                        .expect("gate/up")
+                ))
                 .expect("two");
-                let gate = b.silu(&gate).expect("silu");
-                let f = b.binary(BinaryOp::Mul, &gate, &up, ffn).expect("mul");
-                x = b
-                    .binary(BinaryOp::Add, &x, &mm(&f, &l[8], ffn, dim), dim)
-                    .expect("add");
+                let gate = timed!("silu", b.silu(&gate).expect("silu"));
+                let f = timed!(
+                    "mul",
+                    b.binary(BinaryOp::Mul, &gate, &up, ffn).expect("mul")
+                );
+                let d = timed!(
+                    "matmul down",
+                    b.matmul(&f, &l[8], seq, ffn, dim).expect("down")
+                );
+                x = timed!("add", b.binary(BinaryOp::Add, &x, &d, dim).expect("add"));
             }
             let last = b
                 .copy_range(&x, (seq - 1) * dim..seq * dim)
                 .expect("last row");
             let h = b.rmsnorm(&last, &self.out_norm, dim, eps).expect("norm");
-            let logits = b
-                .matmul(&h, &self.output, 1, dim, self.vocab)
-                .expect("logits");
+            let logits = timed!(
+                "matmul logits",
+                b.matmul(&h, &self.output, 1, dim, self.vocab)
+                    .expect("logits")
+            );
             // As llama-chat's greedy pick: the argmax, or the best allowed among the top 16.
             let best = b.argmax(&logits, self.vocab).expect("argmax")[0];
             let next = if excluded(best) {
@@ -151,5 +188,21 @@ impl NativeLlama {
             ids = vec![next];
         }
         generated
+    }
+}
+
+/// Wall time per kind of launch, in first-seen order.
+#[derive(Debug, Default)]
+pub struct OpTimes(pub Vec<(&'static str, std::time::Duration, usize)>);
+
+impl OpTimes {
+    fn add(&mut self, kind: &'static str, t: std::time::Duration) {
+        match self.0.iter_mut().find(|(k, ..)| *k == kind) {
+            Some((_, total, count)) => {
+                *total += t;
+                *count += 1;
+            }
+            None => self.0.push((kind, t, 1)),
+        }
     }
 }
