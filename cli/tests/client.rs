@@ -194,6 +194,109 @@ fn foreign_frame(key: &RequestPrivateKey) -> Vec<u8> {
     sealer.seal_chunk(b"Hello").unwrap()
 }
 
+/// What the fake loader's program answers, chosen by the request: plain
+/// text as llama-chat's `text` format, or `events-v1` lines when asked for
+/// them, with behaviours picked by the last message's content (or the model).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Script {
+    /// `text`: "Hello", " world".
+    Text,
+    /// `events-v1`: the same text, then `end` (stop, 9 + 3 tokens).
+    Events,
+    /// `events-v1`, cut by max_tokens: `end` with `length`.
+    Length,
+    /// A prompt longer than the context: an `error` event, failed.
+    Overflow,
+    /// A model the program may not open: an `error` event, failed.
+    UnknownModel,
+    /// Text, then a failure mid-stream.
+    FailMidway,
+    /// A program that does not speak `events-v1` (an older llama-chat).
+    Old,
+    /// The server refuses: 429.
+    Busy,
+}
+
+impl Script {
+    fn of(plain: &[u8]) -> Self {
+        let req: serde_json::Value = serde_json::from_slice(plain).unwrap_or_default();
+        if req["format"] != "events-v1" {
+            return Script::Text;
+        }
+        let last = req["messages"]
+            .as_array()
+            .and_then(|m| m.last())
+            .map_or_else(|| req["prompt"].clone(), |m| m["content"].clone());
+        if req["model"] == "gpt-4" {
+            return Script::UnknownModel;
+        }
+        match last.as_str().unwrap_or("") {
+            "overflow" => Script::Overflow,
+            "long" => Script::Length,
+            "midway" => Script::FailMidway,
+            "old" => Script::Old,
+            "busy" => Script::Busy,
+            _ => Script::Events,
+        }
+    }
+
+    fn reply(self) -> (Vec<Vec<u8>>, Status) {
+        let text =
+            |t: &str| format!("{}\n", serde_json::json!({"type": "text", "text": t})).into_bytes();
+        let end = |finish: &str| {
+            format!(
+                "{}\n",
+                serde_json::json!({"type": "end", "finish_reason": finish, "prompt_tokens": 9, "completion_tokens": 3})
+            )
+            .into_bytes()
+        };
+        let error = |code: &str, message: &str| {
+            format!(
+                "{}\n",
+                serde_json::json!({"type": "error", "code": code, "message": message})
+            )
+            .into_bytes()
+        };
+        match self {
+            Script::Text => (
+                vec![b"Hello".to_vec(), b" world".to_vec()],
+                Status::Completed,
+            ),
+            Script::Events => (
+                vec![text("Hello"), text(" world"), end("stop")],
+                Status::Completed,
+            ),
+            Script::Length => (
+                vec![text("Hello"), text(" world"), end("length")],
+                Status::Completed,
+            ),
+            Script::Overflow => (
+                vec![error(
+                    "context_length_exceeded",
+                    "the prompt is 9000 tokens; the model's context is 8192 tokens",
+                )],
+                Status::ProgramFailed,
+            ),
+            Script::UnknownModel => (
+                vec![error(
+                    "model_not_found",
+                    "model `gpt-4` is not available to this program (NotFound)",
+                )],
+                Status::ProgramFailed,
+            ),
+            Script::FailMidway => (
+                vec![text("Hello"), error("internal", "accelerator: OutOfMemory")],
+                Status::ProgramFailed,
+            ),
+            Script::Old => (
+                vec![b"error: bad request JSON: unknown variant `events-v1`\n".to_vec()],
+                Status::ProgramFailed,
+            ),
+            Script::Busy => (Vec::new(), Status::ProgramFailed),
+        }
+    }
+}
+
 fn serve(ctx: &ServerCtx, mut conn: TcpStream) -> std::io::Result<()> {
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut line = String::new();
@@ -246,11 +349,20 @@ fn serve(ctx: &ServerCtx, mut conn: TcpStream) -> std::io::Result<()> {
                 .lock()
                 .unwrap()
                 .push(cinfer_envelope::request_program(&body).unwrap());
-            let mut frames = vec![
-                sealer.seal_chunk(b"Hello").unwrap(),
-                sealer.seal_chunk(b" world").unwrap(),
-            ];
-            frames.push(sealer.finish(Status::Completed).unwrap());
+            let script = Script::of(&plain);
+            if script == Script::Busy {
+                return respond(
+                    &mut conn,
+                    "429 Too Many Requests",
+                    r#"{"error":"refused by the loader: busy: 8 requests in flight"}"#,
+                );
+            }
+            let (chunks, status) = script.reply();
+            let mut frames: Vec<Vec<u8>> = chunks
+                .iter()
+                .map(|c| sealer.seal_chunk(c).unwrap())
+                .collect();
+            frames.push(sealer.finish(status).unwrap());
             // The honest receipt covers what the loader sealed.
             let mut receipt = Receipt {
                 receipt_type: RECEIPT_TYPE.into(),
@@ -260,7 +372,11 @@ fn serve(ctx: &ServerCtx, mut conn: TcpStream) -> std::io::Result<()> {
                 model_sha256: [(MODEL.to_owned(), "ef".repeat(32))].into(),
                 reply_sha256: hex::encode(reply_digest(frames.iter().map(Vec::as_slice))),
                 reply_frames: frames.len() as u64,
-                outcome: "completed".into(),
+                outcome: if status == Status::Completed {
+                    "completed".into()
+                } else {
+                    "program-failed".into()
+                },
             };
             let mut receipt_key = ctx.receipt_key.clone();
             match ctx.mode {
@@ -614,32 +730,92 @@ const OPENAI_SCRIPT: &str = r#"
 import sys, openai
 good, bad = sys.argv[1], sys.argv[2]
 c = openai.OpenAI(base_url=good, api_key="unused", max_retries=0)
+M = "smollm2-135m-instruct"
 msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
-r = c.chat.completions.create(model="smollm2-135m-instruct", messages=msgs, max_tokens=5, temperature=0, seed=1)
+def user(t):
+    return [{"role": "user", "content": t}]
+r = c.chat.completions.create(model=M, messages=msgs, max_tokens=5, temperature=0, seed=1)
 assert r.choices[0].message.content == "Hello world", r
 assert r.choices[0].finish_reason == "stop", r
+assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (9, 3, 12), r
 assert r.model_extra["cinfer"]["verified"] is True, r
-assert r.model_extra["cinfer"]["receipt"]["reply_frames"] == 3, r
-parts, finish = [], None
-for ch in c.chat.completions.create(model="smollm2-135m-instruct", messages=msgs, stream=True):
+assert r.model_extra["cinfer"]["receipt"]["reply_frames"] == 4, r
+r = c.chat.completions.create(model=M, messages=user("long"), max_tokens=3)
+assert r.choices[0].finish_reason == "length", r
+# Streaming; usage as the last chunk (no choices) when asked for.
+parts, finish, usage, usage_choices = [], None, None, None
+for ch in c.chat.completions.create(model=M, messages=msgs, stream=True, stream_options={"include_usage": True}):
     if ch.choices and ch.choices[0].delta.content:
         parts.append(ch.choices[0].delta.content)
     if ch.choices and ch.choices[0].finish_reason:
         finish = ch.choices[0].finish_reason
+    if ch.usage:
+        usage, usage_choices = ch.usage, ch.choices
 assert parts == ["Hello", " world"], parts
 assert finish == "stop", finish
-ids = [m.id for m in c.models.list()]
-assert ids == ["smollm2-135m-instruct"], ids
+assert usage.total_tokens == 12 and usage_choices == [], (usage, usage_choices)
+assert all(ch.usage is None for ch in c.chat.completions.create(model=M, messages=msgs, stream=True))
+finish = [ch.choices[0].finish_reason for ch in c.chat.completions.create(model=M, messages=user("long"), stream=True) if ch.choices and ch.choices[0].finish_reason]
+assert finish == ["length"], finish
+# The legacy completions endpoint, the same sealed path.
+r = c.completions.create(model=M, prompt="Once", max_tokens=3)
+assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == ("Hello world", "stop", 3), r
+texts = [ch.choices[0].text for ch in c.completions.create(model=M, prompt="long", stream=True) if ch.choices]
+assert "".join(texts) == "Hello world", texts
+# Models.
+assert [m.id for m in c.models.list()] == [M]
+assert c.models.retrieve(M).id == M
+try:
+    c.models.retrieve("gpt-4")
+    raise SystemExit("an unknown model was retrieved")
+except openai.NotFoundError as e:
+    assert e.body["code"] == "model_not_found", e.body
+# Client mistakes are 4xx (never a retryable 5xx), with the reason.
+def status_of(**kw):
+    try:
+        c.chat.completions.create(**kw)
+        return None, None
+    except openai.APIStatusError as e:
+        return e.status_code, e.body
+tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
+for kw, param in [(dict(temperature=5), "temperature"), (dict(temperature=-1), "temperature"),
+                  (dict(max_tokens=0), "max_tokens"), (dict(top_p=0), "top_p"), (dict(n=2), "n"),
+                  (dict(logprobs=True), "logprobs"), (dict(tools=[tool]), "tools"),
+                  (dict(response_format={"type": "json_object"}), "response_format")]:
+    for stream in (False, True):
+        st, body = status_of(model=M, messages=msgs, stream=stream, **kw)
+        assert st == 400 and body["param"] == param, (kw, st, body)
+st, body = status_of(model=M, messages=msgs, extra_body={"bogus": 1})
+assert st == 400 and "unknown field `bogus`" in body["message"], (st, body)
+for stream in (False, True):
+    st, body = status_of(model=M, messages=user("overflow"), stream=stream)
+    assert st == 400 and body["code"] == "context_length_exceeded", (st, body)
+    st, body = status_of(model="gpt-4", messages=msgs, stream=stream)
+    assert st == 404 and body["code"] == "model_not_found", (st, body)
+st, body = status_of(model=M, messages=user("busy"))
+assert st == 429 and "busy" in body["message"], (st, body)
+st, body = status_of(model=M, messages=user("old"))
+assert st == 502 and "not events-v1" in body["message"], (st, body)
+# A program failing mid-stream: an error, not content, after the text before it.
+got = []
+try:
+    for ch in c.chat.completions.create(model=M, messages=user("midway"), stream=True):
+        if ch.choices and ch.choices[0].delta.content:
+            got.append(ch.choices[0].delta.content)
+    raise SystemExit("a failed stream ended as a success")
+except openai.APIError as e:
+    assert "OutOfMemory" in str(e), e
+assert got == ["Hello"], got
 b = openai.OpenAI(base_url=bad, api_key="unused", max_retries=0)
 try:
-    r = b.chat.completions.create(model="smollm2-135m-instruct", messages=msgs)
+    r = b.chat.completions.create(model=M, messages=msgs)
     raise SystemExit("tampered reply was accepted: %r" % r)
 except openai.APIStatusError as e:
     assert e.status_code == 502, e
     assert "failed authentication" in str(e), e
 got = []
 try:
-    for ch in b.chat.completions.create(model="smollm2-135m-instruct", messages=msgs, stream=True):
+    for ch in b.chat.completions.create(model=M, messages=msgs, stream=True):
         if ch.choices and ch.choices[0].delta.content:
             got.append(ch.choices[0].delta.content)
     raise SystemExit("tampered stream was accepted")
@@ -681,9 +857,127 @@ fn proxy_serves_the_openai_client() {
                 {"role": "system", "content": "be brief"},
                 {"role": "user", "content": "hi"}
             ],
-            "model": MODEL, "max_tokens": 5, "temperature": 0.0, "seed": 1, "format": "text", "default_system": false
+            "model": MODEL, "max_tokens": 5, "temperature": 0.0, "seed": 1, "format": "events-v1", "default_system": false
         })
     );
+    // No seed given: a fresh one each time (OpenAI's sampling is not
+    // reproducible unless asked).
+    let seeds: Vec<serde_json::Value> = fake.requests.lock().unwrap()[1..3]
+        .iter()
+        .map(|r| serde_json::from_slice::<serde_json::Value>(r).unwrap()["seed"].clone())
+        .collect();
+    assert!(seeds[0].is_u64() && seeds[0] != seeds[1], "{seeds:?}");
+}
+
+/// One raw HTTP exchange with the proxy (`Connection: close`); the status,
+/// the head and the de-chunked body.
+fn proxy_http(proxy: &Proxy, head: &str, body: &str) -> (u16, String, String) {
+    let addr = proxy
+        .base
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1")
+        .to_owned();
+    let mut conn = TcpStream::connect(&addr).unwrap();
+    write!(
+        conn,
+        "{head} HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let response = read_until_closed(&mut conn, Duration::from_secs(20));
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, raw) = text.split_once("\r\n\r\n").expect("a response head");
+    let status = head[9..12].parse().unwrap();
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = String::new();
+        let mut rest = raw;
+        loop {
+            let (size, after) = rest.split_once("\r\n").expect("chunk size");
+            let size = usize::from_str_radix(size.trim(), 16).unwrap();
+            if size == 0 {
+                assert_eq!(after, "\r\n", "the chunked body ends cleanly");
+                break;
+            }
+            out.push_str(&after[..size]);
+            rest = &after[size + 2..];
+        }
+        out
+    } else {
+        raw.to_owned()
+    };
+    (status, head.to_owned(), body)
+}
+
+/// Through `cinfer proxy`, in OpenAI's shapes: a program that fails after
+/// streaming text ends the stream with an SSE error event (not content) and
+/// `[DONE]`, and the chunked body ends cleanly; a busy server is 429 with
+/// `Retry-After`; a wrong method is 405 with `Allow`; an error before any text
+/// is an HTTP status even when streaming.
+#[test]
+fn proxy_reports_failures_with_openai_statuses_and_events() {
+    let fake = Fake::start(Mode::Honest, StatementMode::Good, None);
+    let proxy = start_proxy(&fake);
+    let chat = |content: &str, stream: bool| {
+        serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": content}], "stream": stream})
+            .to_string()
+    };
+    let (status, head, body) =
+        proxy_http(&proxy, "POST /v1/chat/completions", &chat("midway", true));
+    assert_eq!(status, 200, "{head}");
+    let events: Vec<&str> = body
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| e.strip_prefix("data: ").expect("data events only"))
+        .collect();
+    assert_eq!(events.len(), 4, "{body}");
+    let role: serde_json::Value = serde_json::from_str(events[0]).unwrap();
+    assert_eq!(role["choices"][0]["delta"]["role"], "assistant");
+    let text: serde_json::Value = serde_json::from_str(events[1]).unwrap();
+    assert_eq!(text["choices"][0]["delta"]["content"], "Hello");
+    let error: serde_json::Value = serde_json::from_str(events[2]).unwrap();
+    assert_eq!(
+        error,
+        serde_json::json!({"error": {"message": "accelerator: OutOfMemory", "type": "cinfer_program_error", "param": null, "code": null}})
+    );
+    assert_eq!(events[3], "[DONE]");
+
+    let (status, head, body) =
+        proxy_http(&proxy, "POST /v1/chat/completions", &chat("busy", false));
+    assert_eq!(status, 429, "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1\r\n"),
+        "{head}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+
+    let (status, head, body) =
+        proxy_http(&proxy, "POST /v1/chat/completions", &chat("overflow", true));
+    assert_eq!(status, 400, "{head}");
+    assert!(head.contains("application/json"), "{head}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+
+    for (head, allow) in [
+        ("GET /v1/chat/completions", "POST"),
+        ("PUT /v1/completions", "POST"),
+        ("POST /v1/models", "GET"),
+        ("DELETE /v1/models/x", "GET"),
+    ] {
+        let (status, response_head, _) = proxy_http(&proxy, head, "");
+        assert_eq!(status, 405, "{head}: {response_head}");
+        assert!(
+            response_head.contains(&format!("allow: {allow}\r\n")),
+            "{response_head}"
+        );
+    }
+    assert_eq!(proxy_http(&proxy, "GET /v1/nothing", "").0, 404);
+    // Nothing above reached the server as a retry.
+    let sent = fake.requests.lock().unwrap().len();
+    assert_eq!(sent, 3, "midway, busy and overflow, each once (no retry)");
 }
 
 #[test]
