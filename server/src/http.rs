@@ -2,7 +2,7 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | `POST /v1/requests?program=NAME` (body: sealed request) | 200 `application/vnd.cinfer.reply-stream`, chunked records `type u8 \| len u32 BE \| bytes` (1 reply frame, 2 receipt, 3 `{"error"}`); 400 no/unknown program or refused by the loader; 408 body not received within `body-timeout`; 413 body too large; 503 no attested loader within `ready-timeout`; 504 no first reply within `request-timeout` |
+//! | `POST /v1/requests?program=NAME` (body: sealed request) | 200 `application/vnd.cinfer.reply-stream`, chunked records `type u8 \| len u32 BE \| bytes` (1 reply frame, 2 receipt, 3 `{"error"}`); 400 no/unknown program or refused by the loader; 429 loader busy, 503 loader shutting down (both with `Retry-After`); 408 body not received within `body-timeout`; 413 body too large; 503 no attested loader within `ready-timeout`; 504 no first reply within `request-timeout` |
 //! | `GET /v1/request-key` | the first reachable keyserver's answer, verbatim |
 //! | `GET /v1/models`, `GET /v1/programs` | `{"models": [ids]}`, `{"programs": [{name, sha256, world}]}` |
 //! | `GET /healthz`, `GET /readyz`, `GET /metrics` | liveness; 200 only with an attested loader holding keys; Prometheus text |
@@ -11,7 +11,7 @@
 //!
 //! The response head of `POST /v1/requests` is sent when the loader's first
 //! answer arrives: a `Refused` (always before any `Reply`) becomes a 400 with the
-//! loader's reason, so a client sees a refusal as a status, not as a stream.
+//! loader's reason (429 or 503 when the loader is busy or shutting down), so a client sees a refusal as a status, not as a stream.
 //! From the first `Reply` on, records are written as frames arrive; a failure
 //! after that (loader lost, deadline) ends the stream with an error record.
 
@@ -21,7 +21,7 @@ use crate::link::{Event, Link, Ticket};
 use crate::metrics::{Metrics, RequestOutcome};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
-use hyper::header::{ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::header::{ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -111,6 +111,22 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<ApiBody> {
         "application/json",
         Bytes::from(serde_json::to_vec(value).unwrap_or_default()),
     )
+}
+
+/// The status of a loader's refusal, and its `Retry-After` when trying again
+/// later can succeed. The channel carries a refusal's reason as text only (a
+/// code would change the trusted loader); the two transient ones start with
+/// fixed words (`host/src/serve.rs`, `host/src/replay.rs`): `busy:` (every
+/// in-flight slot, or the replay window, is full) is 429, `shutting down:` is
+/// 503. Every other refusal is about the request itself: 400.
+fn refusal_status(reason: &str) -> (StatusCode, Option<&'static str>) {
+    if reason.starts_with("busy:") {
+        (StatusCode::TOO_MANY_REQUESTS, Some("1"))
+    } else if reason.starts_with("shutting down:") {
+        (StatusCode::SERVICE_UNAVAILABLE, Some("1"))
+    } else {
+        (StatusCode::BAD_REQUEST, None)
+    }
 }
 
 /// Counts and logs a request answered with an error before (or instead of)
@@ -506,11 +522,19 @@ impl Submitted<'_> {
             Ok(Some(e)) => e,
         };
         match first {
-            Event::Refused(reason) => finish(
-                RequestOutcome::Refused,
-                StatusCode::BAD_REQUEST,
-                &format!("refused by the loader: {reason}"),
-            ),
+            Event::Refused(reason) => {
+                let (status, retry_after) = refusal_status(&reason);
+                let mut resp = finish(
+                    RequestOutcome::Refused,
+                    status,
+                    &format!("refused by the loader: {reason}"),
+                );
+                if let Some(secs) = retry_after {
+                    resp.headers_mut()
+                        .insert(RETRY_AFTER, HeaderValue::from_static(secs));
+                }
+                resp
+            }
             Event::Lost(reason) => finish(
                 RequestOutcome::Unavailable,
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -81,7 +81,7 @@ async fn concurrent_requests_get_their_own_frames() {
 }
 
 #[tokio::test]
-async fn unknown_programs_and_refusals_are_400_and_wrong_routes_404_405() {
+async fn unknown_programs_and_refusals_are_400_busy_429_and_wrong_routes_404_405() {
     let h = start().await;
     wait_ready(h.addr).await;
     // Not in the loader's Hello: refused here, never submitted.
@@ -104,6 +104,27 @@ async fn unknown_programs_and_refusals_are_400_and_wrong_routes_404_405() {
             .load(Ordering::SeqCst),
         1
     );
+    // A busy loader (in-flight slots or the replay window full) is 429, one
+    // shutting down 503, both with Retry-After: the client may try again.
+    for (reason, status) in [
+        ("busy: 8 requests in flight", 429),
+        (
+            "busy: 4096 requests already run within the replay window of 300s; try again later",
+            429,
+        ),
+        ("shutting down: not taking new requests", 503),
+    ] {
+        let r = post_request(h.addr, "refuse-me", format!("reason:{reason}").as_bytes()).await;
+        assert_eq!(r.status, status, "{reason}");
+        assert_eq!(r.header("retry-after").as_deref(), Some("1"), "{reason}");
+        assert_eq!(
+            error_of(&r.body().await),
+            format!("refused by the loader: {reason}")
+        );
+    }
+    let r = post_request(h.addr, "refuse-me", b"reason:malformed request: bad header").await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.header("retry-after"), None);
     // No program at all.
     let r = Reply::send(
         h.addr,
