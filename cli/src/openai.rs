@@ -103,6 +103,50 @@ struct InMessage {
     role: String,
     #[serde(default)]
     content: Option<Content>,
+    // Known but not supported: refused when set (an assistant message as the
+    // SDKs return it carries some of them as null or empty).
+    #[serde(default)]
+    name: Option<Value>,
+    #[serde(default)]
+    refusal: Option<Value>,
+    #[serde(default)]
+    tool_calls: Option<Value>,
+    #[serde(default)]
+    tool_call_id: Option<Value>,
+    #[serde(default)]
+    function_call: Option<Value>,
+    #[serde(default)]
+    audio: Option<Value>,
+    #[serde(default)]
+    annotations: Option<Value>,
+}
+
+impl InMessage {
+    fn refuse_unsupported(&self) -> Result<(), ApiError> {
+        let known: [(&'static str, &Option<Value>); 7] = [
+            ("name", &self.name),
+            ("refusal", &self.refusal),
+            ("tool_calls", &self.tool_calls),
+            ("tool_call_id", &self.tool_call_id),
+            ("function_call", &self.function_call),
+            ("audio", &self.audio),
+            ("annotations", &self.annotations),
+        ];
+        for (name, v) in known {
+            if let Some(v) = v
+                && is_set(name, v)
+            {
+                return Err(ApiError {
+                    code: Some("unsupported_parameter"),
+                    ..ApiError::invalid(
+                        "messages",
+                        format!("a message's `{name}` is not supported by this server"),
+                    )
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -152,8 +196,11 @@ struct Params {
     #[serde(default)]
     seed: Option<i64>,
     /// An end-user id for abuse monitoring: accepted, not used.
-    #[serde(default)]
-    user: Option<String>,
+    #[serde(default, rename = "user")]
+    _user: Option<String>,
+    /// Meaningless without `tools` (which are refused): accepted, not used.
+    #[serde(default, rename = "parallel_tool_calls")]
+    _parallel_tool_calls: Option<bool>,
     // Known but not supported: refused when set to anything but their default.
     #[serde(default)]
     logprobs: Option<Value>,
@@ -165,8 +212,6 @@ struct Params {
     tools: Option<Value>,
     #[serde(default)]
     tool_choice: Option<Value>,
-    #[serde(default)]
-    parallel_tool_calls: Option<Value>,
     #[serde(default)]
     functions: Option<Value>,
     #[serde(default)]
@@ -361,13 +406,12 @@ pub fn parse(body: &[u8], endpoint: Endpoint, seed: u64) -> Result<Parsed, ApiEr
 }
 
 fn refuse_unsupported(p: &Params) -> Result<(), ApiError> {
-    let known: [(&'static str, &Option<Value>); 12] = [
+    let known: [(&'static str, &Option<Value>); 11] = [
         ("logprobs", &p.logprobs),
         ("top_logprobs", &p.top_logprobs),
         ("response_format", &p.response_format),
         ("tools", &p.tools),
         ("tool_choice", &p.tool_choice),
-        ("parallel_tool_calls", &p.parallel_tool_calls),
         ("functions", &p.functions),
         ("function_call", &p.function_call),
         ("logit_bias", &p.logit_bias),
@@ -390,7 +434,6 @@ fn refuse_unsupported(p: &Params) -> Result<(), ApiError> {
             });
         }
     }
-    let _ = &p.user;
     Ok(())
 }
 
@@ -400,6 +443,7 @@ fn chat_messages(messages: &[InMessage]) -> Result<Value, ApiError> {
     }
     let mut out = Vec::new();
     for m in messages {
+        m.refuse_unsupported()?;
         let role = match m.role.as_str() {
             "developer" => "system",
             r @ ("system" | "user" | "assistant") => r,

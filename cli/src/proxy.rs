@@ -292,14 +292,17 @@ struct Shape {
 }
 
 impl Shape {
-    fn chunk(&self, choice: Value, extension: Option<Value>) -> Bytes {
-        let object = match self.endpoint {
+    fn chunk_object(&self) -> &'static str {
+        match self.endpoint {
             Endpoint::Chat => "chat.completion.chunk",
             Endpoint::Completions => "text_completion",
-        };
+        }
+    }
+
+    fn chunk(&self, choice: Value, extension: Option<Value>) -> Bytes {
         let mut v = json!({
             "id": self.id,
-            "object": object,
+            "object": self.chunk_object(),
             "created": self.created,
             "model": self.model,
             "choices": [choice],
@@ -352,17 +355,14 @@ impl Shape {
                     Some(receipt_extension(client, result)),
                 ));
                 if self.include_usage {
-                    let mut v = json!({
+                    let v = json!({
                         "id": self.id,
-                        "object": if self.endpoint == Endpoint::Chat { "chat.completion.chunk" } else { "text_completion" },
+                        "object": self.chunk_object(),
                         "created": self.created,
                         "model": self.model,
                         "choices": [],
                         "usage": usage.json(),
                     });
-                    if let Some(obj) = v.as_object_mut() {
-                        obj.remove("cinfer");
-                    }
                     out.extend_from_slice(format!("data: {v}\n\n").as_bytes());
                 }
             }
