@@ -357,11 +357,13 @@ fn llama_chat_refuses_bad_requests_with_a_reason() {
     );
 }
 
-/// An `events-v1` reply: the text, and the last event (`end` or `error`).
+/// An `events-v1` reply: the text, and the last event (`end` or `error`)
+/// (`logprobs` events are skipped; see [`logprob_events`]).
 fn events(text: &str) -> (String, Value) {
     let lines: Vec<Value> = text
         .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .filter(|e| e["type"] != "logprobs")
         .collect();
     let (last, body) = lines.split_last().expect("at least one event");
     let mut out = String::new();
@@ -490,6 +492,85 @@ fn penalties_reduce_repetition() {
         most_repeated(&present) < most_repeated(&plain),
         "{plain:?} vs {present:?}"
     );
+}
+
+/// The `content` entries of an `events-v1` reply's `logprobs` events.
+fn logprob_events(text: &str) -> Vec<Value> {
+    text.lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("json line"))
+        .filter(|e| e["type"] == "logprobs")
+        .flat_map(|e| e["content"].as_array().expect("content").clone())
+        .collect()
+}
+
+/// `logprobs` events (what the proxy turns into OpenAI's `logprobs`): one
+/// entry per generated token, whose bytes make up the text, the chosen
+/// token's log-probability first among the alternatives when greedy, and
+/// the first position's alternatives as llama.cpp computes them.
+#[test]
+fn logprob_events_cover_each_token_and_match_llama_cpp() {
+    let Some(chat) = chat() else { return };
+    let (outcome, text) = chat.ask(&serde_json::json!({
+        "prompt": "Once upon a time", "max_tokens": 4, "format": "events-v1",
+        "logprobs": true, "top_logprobs": 5
+    }));
+    assert_eq!(outcome, RunOutcome::Completed);
+    let (answer, end) = events(&text);
+    let entries = logprob_events(&text);
+    assert_eq!(entries.len(), 4, "{text}");
+    assert_eq!(end["completion_tokens"], 4);
+    let bytes: Vec<u8> = entries
+        .iter()
+        .flat_map(|e| e["bytes"].as_array().expect("bytes").clone())
+        .map(|b| b.as_u64().expect("byte") as u8)
+        .collect();
+    assert_eq!(String::from_utf8(bytes).expect("utf-8"), answer);
+    for e in &entries {
+        let top = e["top_logprobs"].as_array().expect("top");
+        assert_eq!(top.len(), 5, "{e}");
+        assert_eq!(top[0]["token"], e["token"], "greedy takes the most likely");
+        assert_eq!(top[0]["logprob"], e["logprob"]);
+        let lps: Vec<f64> = top
+            .iter()
+            .map(|t| t["logprob"].as_f64().expect("lp"))
+            .collect();
+        assert!(
+            lps.windows(2).all(|w| w[0] >= w[1]) && lps[0] <= 0.0,
+            "{lps:?}"
+        );
+    }
+    let path = reference_dir().join("smollm2-once-upon-first-pos.json");
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("reference")).expect("json");
+    let full = &reference["full_logprobs_by_id"];
+    let first = entries[0]["top_logprobs"].as_array().expect("top");
+    // Token ids are not in the event; the reference's top ids, spelled by
+    // their logprob, must be the same set (tolerance: see NEAR_TIE_NATS).
+    let ours: Vec<f64> = first
+        .iter()
+        .map(|t| t["logprob"].as_f64().expect("lp"))
+        .collect();
+    let mut theirs: Vec<f64> = full
+        .as_object()
+        .map(|o| o.values().filter_map(Value::as_f64).collect())
+        .or_else(|| {
+            full.as_array()
+                .map(|a| a.iter().filter_map(Value::as_f64).collect())
+        })
+        .expect("reference logprobs");
+    theirs.sort_by(|a, b| b.total_cmp(a));
+    for (o, t) in ours.iter().zip(&theirs) {
+        assert!(
+            (o - t).abs() < 0.3,
+            "{ours:?} vs llama.cpp {:?}",
+            &theirs[..5]
+        );
+    }
+    // Not asked for: no logprobs events.
+    let (_, text) = chat.ask(&serde_json::json!({
+        "prompt": "Once upon a time", "max_tokens": 2, "format": "events-v1"
+    }));
+    assert!(logprob_events(&text).is_empty());
 }
 
 /// Failures are typed `error` events a client can map (never an `end`):

@@ -77,6 +77,12 @@ struct Request {
     presence_penalty: f32,
     #[serde(default)]
     frequency_penalty: f32,
+    /// `events-v1` only: a `logprobs` event before each token's text.
+    #[serde(default)]
+    logprobs: bool,
+    /// How many alternatives each `logprobs` event lists (at most 20).
+    #[serde(default)]
+    top_logprobs: u32,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq, Eq, Clone, Copy)]
@@ -95,6 +101,8 @@ enum Format {
 
 /// Largest number of stop sequences (OpenAI's limit).
 const MAX_STOPS: usize = 4;
+/// Most alternatives per token in a `logprobs` event (OpenAI's limit).
+const MAX_TOP_LOGPROBS: u32 = 20;
 
 impl Request {
     /// Refuses parameters out of range (the proxy checks them too; this is
@@ -124,6 +132,18 @@ impl Request {
         if self.stop.len() > MAX_STOPS || self.stop.iter().any(String::is_empty) {
             return bad(format!("stop takes at most {MAX_STOPS} non-empty strings"));
         }
+        if (self.logprobs || self.top_logprobs > 0) && self.format != Format::Events {
+            return bad("logprobs and top_logprobs need the events-v1 format".into());
+        }
+        if self.top_logprobs > MAX_TOP_LOGPROBS {
+            return bad(format!(
+                "top_logprobs {} is over {MAX_TOP_LOGPROBS}",
+                self.top_logprobs
+            ));
+        }
+        if self.top_logprobs > 0 && !self.logprobs {
+            return bad("top_logprobs needs logprobs: true".into());
+        }
         if !self.stop.is_empty() && matches!(self.format, Format::Ids | Format::Logprobs) {
             return bad("stop applies to the text formats only".into());
         }
@@ -147,6 +167,34 @@ fn logprob_line(logits: &Tensor, chosen: u32) -> Result<String, Error> {
         .map(|(id, l)| format!("[{id},{:.6}]", f64::from(*l) - lse))
         .collect();
     Ok(format!("{{\"id\":{chosen},\"top\":[{}]}}\n", top.join(",")))
+}
+
+/// Log-softmax of `logits` [1, vocab] at `chosen`, and its `top` largest
+/// entries (largest first): the model's own distribution, before penalties,
+/// temperature and truncation.
+fn token_logprobs(logits: &Tensor, chosen: u32, top: u32) -> Result<(f32, Vec<(u32, f32)>), Error> {
+    let all = logits.to_vec()?;
+    let max = all.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = f64::from(max)
+        + all
+            .iter()
+            .map(|l| f64::from(l - max).exp())
+            .sum::<f64>()
+            .ln();
+    let at = |l: f32| (f64::from(l) - lse) as f32;
+    let chosen_lp = all
+        .get(chosen as usize)
+        .map_or(f32::NEG_INFINITY, |l| at(*l));
+    let top = if top == 0 {
+        Vec::new()
+    } else {
+        logits
+            .top_k(top)?
+            .into_iter()
+            .map(|(id, l)| (id, at(l)))
+            .collect()
+    };
+    Ok((chosen_lp, top))
 }
 
 fn default_model() -> String {
@@ -436,6 +484,10 @@ fn generate(req: &Request, reply: Reply) -> Result<(), Failure> {
             Format::Ids => output::emit_str(&format!("{next} ")),
             Format::Logprobs => output::emit_str(&logprob_line(&logits, next)?),
             Format::Text | Format::Events if !eog => {
+                if req.logprobs {
+                    let (lp, top) = token_logprobs(&logits, next, req.top_logprobs)?;
+                    reply.logprobs(&tok, next, lp, &top);
+                }
                 let piece = text.push(&tok.token_bytes(next, false));
                 let (out, stopped) = stops.push(&piece);
                 reply.text(&out);

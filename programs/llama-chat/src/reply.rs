@@ -14,6 +14,12 @@
 //!   {"type":"error","code":"context_length_exceeded","message":"…"}
 //!   ```
 //!
+//!   With `"logprobs": true` in the request, each token's text is preceded by
+//!   `{"type":"logprobs","content":[{"token":"…","bytes":[…],"logprob":-0.1,
+//!   "top_logprobs":[{"token","bytes","logprob"}, …]}]}` (OpenAI's shape; the
+//!   model's log-softmax before penalties and sampling; `top_logprobs`
+//!   alternatives). Only a client that asks for them gets these events.
+//!
 //!   `text` events carry whole UTF-8 pieces (never a split character). A run
 //!   that completes ends with exactly one `end`; a run that fails emits one
 //!   `error` (and no `end`) and ends as failed. `finish_reason` is `stop` (an
@@ -154,6 +160,37 @@ pub enum Event<'a> {
         /// Why.
         message: &'a str,
     },
+    /// Log-probabilities of the next token(s), in OpenAI's shape.
+    Logprobs {
+        /// One entry per token.
+        content: Vec<TokenLogprob>,
+    },
+}
+
+/// One token's log-probability, in OpenAI's shape.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct TokenLogprob {
+    /// The token's text (invalid UTF-8 replaced; `bytes` is exact).
+    pub token: String,
+    /// The token's bytes.
+    pub bytes: Vec<u8>,
+    /// Natural log of its probability.
+    pub logprob: f32,
+    /// The most likely tokens at this position (empty for alternatives themselves).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_logprobs: Option<Vec<TokenLogprob>>,
+}
+
+impl TokenLogprob {
+    fn of(tok: &cinfer_tokenizer::Tokenizer, id: u32, logprob: f32) -> Self {
+        let bytes = tok.token_bytes(id, false);
+        TokenLogprob {
+            token: String::from_utf8_lossy(&bytes).into_owned(),
+            bytes,
+            logprob,
+            top_logprobs: None,
+        }
+    }
 }
 
 impl Event<'_> {
@@ -199,6 +236,31 @@ impl Reply {
                 .line(),
             );
         }
+    }
+
+    /// The log-probability of token `id` and the top alternatives (events only).
+    pub fn logprobs(
+        &self,
+        tok: &cinfer_tokenizer::Tokenizer,
+        id: u32,
+        logprob: f32,
+        top: &[(u32, f32)],
+    ) {
+        if !self.events {
+            return;
+        }
+        let mut entry = TokenLogprob::of(tok, id, logprob);
+        entry.top_logprobs = Some(
+            top.iter()
+                .map(|&(t, lp)| TokenLogprob::of(tok, t, lp))
+                .collect(),
+        );
+        output::emit_str(
+            &Event::Logprobs {
+                content: vec![entry],
+            }
+            .line(),
+        );
     }
 
     /// Reports a failure.
