@@ -237,6 +237,62 @@ pub struct Parsed {
     pub include_usage: bool,
     /// The model asked for, if any.
     pub model: Option<String>,
+    /// `logprobs: true` (chat completions).
+    pub logprobs: bool,
+}
+
+/// Most alternatives per token (OpenAI's limit).
+const MAX_TOP_LOGPROBS: i64 = 20;
+
+/// Chat's `logprobs` (a boolean) and `top_logprobs` (0..=20, needs `logprobs`).
+/// The completions endpoint's `logprobs` is a count with another reply shape:
+/// not supported there.
+fn logprobs(endpoint: Endpoint, p: &Params) -> Result<(bool, i64), ApiError> {
+    if endpoint == Endpoint::Completions {
+        for (name, v) in [("logprobs", &p.logprobs), ("top_logprobs", &p.top_logprobs)] {
+            if v.as_ref().is_some_and(|v| is_set(name, v)) {
+                return Err(ApiError {
+                    code: Some("unsupported_parameter"),
+                    ..ApiError::invalid(
+                        name,
+                        format!(
+                            "`{name}` is not supported on /v1/completions (use /v1/chat/completions)"
+                        ),
+                    )
+                });
+            }
+        }
+        return Ok((false, 0));
+    }
+    let on = match &p.logprobs {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "logprobs",
+                format!("logprobs must be a boolean, not {other}"),
+            ));
+        }
+    };
+    let top = match &p.top_logprobs {
+        None | Some(Value::Null) => 0,
+        Some(v) => match v.as_i64() {
+            Some(n) if (0..=MAX_TOP_LOGPROBS).contains(&n) => n,
+            _ => {
+                return Err(ApiError::invalid(
+                    "top_logprobs",
+                    format!("top_logprobs = {v}: must be an integer in [0, {MAX_TOP_LOGPROBS}]"),
+                ));
+            }
+        },
+    };
+    if top > 0 && !on {
+        return Err(ApiError::invalid(
+            "top_logprobs",
+            "top_logprobs needs logprobs: true",
+        ));
+    }
+    Ok((on, top))
 }
 
 /// Whether an unsupported parameter was set to something other than "off".
@@ -299,6 +355,7 @@ pub fn parse(body: &[u8], endpoint: Endpoint, seed: u64) -> Result<Parsed, ApiEr
     let params: Params = serde_json::from_value(Value::Object(map))
         .map_err(|e| ApiError::malformed(format!("invalid request: {e}")))?;
     refuse_unsupported(&params)?;
+    let (want_logprobs, top_logprobs) = logprobs(endpoint, &params)?;
     let stream = params.stream.unwrap_or(false);
     let include_usage = match &params.stream_options {
         Some(_) if !stream => {
@@ -397,18 +454,23 @@ pub fn parse(body: &[u8], endpoint: Endpoint, seed: u64) -> Result<Parsed, ApiEr
     // OpenAI's seed is a signed integer; the program's generator takes its bits.
     let seed = params.seed.map_or(seed, |s| s as u64);
     llama.insert("seed".into(), seed.into());
+    if want_logprobs {
+        llama.insert("logprobs".into(), true.into());
+        if top_logprobs > 0 {
+            llama.insert("top_logprobs".into(), top_logprobs.into());
+        }
+    }
     Ok(Parsed {
         llama: Value::Object(llama),
         stream,
         include_usage,
         model,
+        logprobs: want_logprobs,
     })
 }
 
 fn refuse_unsupported(p: &Params) -> Result<(), ApiError> {
-    let known: [(&'static str, &Option<Value>); 11] = [
-        ("logprobs", &p.logprobs),
-        ("top_logprobs", &p.top_logprobs),
+    let known: [(&'static str, &Option<Value>); 9] = [
         ("response_format", &p.response_format),
         ("tools", &p.tools),
         ("tool_choice", &p.tool_choice),
@@ -493,6 +555,12 @@ pub enum ProgramEvent {
         code: String,
         /// Why.
         message: String,
+    },
+    /// Log-probabilities of the next token(s), already in OpenAI's shape
+    /// (`{token, bytes, logprob, top_logprobs}`).
+    Logprobs {
+        /// One entry per token.
+        content: Vec<Value>,
     },
 }
 
@@ -643,6 +711,37 @@ mod tests {
     }
 
     #[test]
+    fn logprobs_on_chat_only_with_at_most_20_alternatives() {
+        let p = chat(json!({"messages": msgs(), "logprobs": true, "top_logprobs": 20})).unwrap();
+        assert!(p.logprobs);
+        assert_eq!(
+            (&p.llama["logprobs"], &p.llama["top_logprobs"]),
+            (&json!(true), &json!(20))
+        );
+        let p = chat(json!({"messages": msgs(), "logprobs": false, "top_logprobs": 0})).unwrap();
+        assert!(!p.logprobs && p.llama.get("logprobs").is_none());
+        for (req, param) in [
+            (
+                json!({"messages": msgs(), "logprobs": true, "top_logprobs": 21}),
+                "top_logprobs",
+            ),
+            (
+                json!({"messages": msgs(), "top_logprobs": 2}),
+                "top_logprobs",
+            ),
+            (json!({"messages": msgs(), "logprobs": 3}), "logprobs"),
+        ] {
+            let e = chat(req).unwrap_err();
+            assert_eq!((e.status, e.param), (400, Some(param)), "{e:?}");
+        }
+        let e = parse(br#"{"prompt":"x","logprobs":2}"#, Endpoint::Completions, 0).unwrap_err();
+        assert_eq!(
+            (e.param, e.code),
+            (Some("logprobs"), Some("unsupported_parameter"))
+        );
+    }
+
+    #[test]
     fn out_of_range_parameters_are_400_naming_the_parameter() {
         for (field, value) in [
             ("temperature", json!(2.5)),
@@ -679,8 +778,6 @@ mod tests {
             .unwrap_err();
         assert!(e.message.contains("unknown field `nmae`"), "{e:?}");
         for (field, value) in [
-            ("logprobs", json!(true)),
-            ("top_logprobs", json!(3)),
             ("response_format", json!({"type": "json_object"})),
             (
                 "tools",

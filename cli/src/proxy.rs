@@ -212,6 +212,13 @@ fn not_completed(status: ReplyStatus) -> String {
     )
 }
 
+/// What the reply carries for the client, in order.
+#[derive(Debug)]
+enum Piece {
+    Text(String),
+    Logprobs(Vec<Value>),
+}
+
 /// One exchange's program events, as they arrive.
 #[derive(Debug, Default)]
 struct Run {
@@ -223,8 +230,8 @@ struct Run {
 }
 
 impl Run {
-    /// Adds reply bytes; returns the completion text they carry.
-    fn feed(&mut self, bytes: &[u8]) -> Vec<String> {
+    /// Adds reply bytes; returns the completion text (and log-probabilities) they carry.
+    fn feed(&mut self, bytes: &[u8]) -> Vec<Piece> {
         let mut texts = Vec::new();
         if self.protocol.is_some() {
             return texts;
@@ -242,7 +249,8 @@ impl Run {
                 break;
             }
             match event {
-                ProgramEvent::Text { text } => texts.push(text),
+                ProgramEvent::Text { text } => texts.push(Piece::Text(text)),
+                ProgramEvent::Logprobs { content } => texts.push(Piece::Logprobs(content)),
                 ProgramEvent::End(usage) => self.end = Some(usage),
                 ProgramEvent::Error { code, message } => self.error = Some((code, message)),
             }
@@ -289,6 +297,8 @@ struct Shape {
     created: u64,
     model: String,
     include_usage: bool,
+    /// `logprobs: true`: every choice carries `logprobs.content`.
+    logprobs: bool,
 }
 
 impl Shape {
@@ -318,14 +328,23 @@ impl Shape {
         Bytes::from(format!("data: {v}\n\n"))
     }
 
-    fn choice(&self, text: Option<&str>, finish: Value) -> Value {
+    fn logprobs_of(&self, entries: Vec<Value>) -> Value {
+        if self.logprobs {
+            json!({"content": entries, "refusal": null})
+        } else {
+            Value::Null
+        }
+    }
+
+    fn choice(&self, text: Option<&str>, finish: Value, logprobs: Vec<Value>) -> Value {
+        let logprobs = self.logprobs_of(logprobs);
         match self.endpoint {
             Endpoint::Chat => {
                 let delta = text.map_or_else(|| json!({}), |t| json!({"content": t}));
-                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
             Endpoint::Completions => {
-                json!({"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish})
+                json!({"index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish})
             }
         }
     }
@@ -340,18 +359,35 @@ impl Shape {
         })
     }
 
-    fn text(&self, text: &str) -> Bytes {
-        self.chunk(self.choice(Some(text), Value::Null), None)
+    /// Chunks for `pieces`: one per text; log-probabilities go with the text
+    /// that follows them (`pending` keeps them until it comes).
+    fn pieces(&self, pending: &mut Vec<Value>, pieces: Vec<Piece>) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        for piece in pieces {
+            match piece {
+                Piece::Logprobs(entries) => pending.extend(entries),
+                Piece::Text(t) => out.push(self.chunk(
+                    self.choice(Some(&t), Value::Null, std::mem::take(pending)),
+                    None,
+                )),
+            }
+        }
+        out
     }
 
     /// The end of a stream: the finish reason with the verified receipt, the
     /// usage chunk when asked for, `[DONE]`; or the error event and `[DONE]`.
-    fn closing(&self, client: &Client, verdict: &Result<(ChatResult, Usage), ApiError>) -> Bytes {
+    fn closing(
+        &self,
+        client: &Client,
+        verdict: &Result<(ChatResult, Usage), ApiError>,
+        pending: Vec<Value>,
+    ) -> Bytes {
         let mut out = Vec::new();
         match verdict {
             Ok((result, usage)) => {
                 out.extend_from_slice(&self.chunk(
-                    self.choice(None, json!(usage.finish_reason)),
+                    self.choice(None, json!(usage.finish_reason), pending),
                     Some(receipt_extension(client, result)),
                 ));
                 if self.include_usage {
@@ -373,20 +409,29 @@ impl Shape {
     }
 
     /// The whole (non-streamed) answer.
-    fn complete(&self, text: String, usage: &Usage, extension: Value) -> Value {
+    fn complete(&self, pieces: Vec<Piece>, usage: &Usage, extension: Value) -> Value {
+        let mut text = String::new();
+        let mut entries = Vec::new();
+        for piece in pieces {
+            match piece {
+                Piece::Text(t) => text.push_str(&t),
+                Piece::Logprobs(e) => entries.extend(e),
+            }
+        }
+        let logprobs = self.logprobs_of(entries);
         let (object, choice) = match self.endpoint {
             Endpoint::Chat => (
                 "chat.completion",
                 json!({
                     "index": 0,
                     "message": {"role": "assistant", "content": text},
-                    "logprobs": null,
+                    "logprobs": logprobs,
                     "finish_reason": usage.finish_reason,
                 }),
             ),
             Endpoint::Completions => (
                 "text_completion",
-                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": usage.finish_reason}),
+                json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": usage.finish_reason}),
             ),
         };
         json!({
@@ -458,14 +503,15 @@ async fn completions(
             .clone()
             .unwrap_or_else(|| state.program.clone()),
         include_usage: parsed.include_usage,
+        logprobs: parsed.logprobs,
     };
     let mut run = Run::default();
 
     if !parsed.stream {
-        let mut text = String::new();
+        let mut pieces = Vec::new();
         let result = loop {
             match rx.recv().await {
-                Some(Event::Chunk(c)) => text.extend(run.feed(&c)),
+                Some(Event::Chunk(c)) => pieces.extend(run.feed(&c)),
                 Some(Event::Done(r)) => break *r,
                 None => return internal_error(),
             }
@@ -473,7 +519,7 @@ async fn completions(
         return match run.finish(result) {
             Ok((result, usage)) => json_response(
                 StatusCode::OK,
-                &shape.complete(text, &usage, receipt_extension(&state.client, &result)),
+                &shape.complete(pieces, &usage, receipt_extension(&state.client, &result)),
             ),
             Err(e) => api_error_response(&e),
         };
@@ -485,12 +531,12 @@ async fn completions(
     // errors with their status.
     let mut first = Vec::new();
     let mut verdict = None;
-    while first.is_empty() && verdict.is_none() {
+    while !first.iter().any(|p| matches!(p, Piece::Text(_))) && verdict.is_none() {
         match rx.recv().await {
             Some(Event::Chunk(c)) => {
-                let texts = run.feed(&c);
+                let pieces = run.feed(&c);
                 if !run.failed() {
-                    first = texts;
+                    first.extend(pieces);
                 }
             }
             Some(Event::Done(r)) => match std::mem::take(&mut run).finish(*r) {
@@ -503,8 +549,9 @@ async fn completions(
     let (tx, body_rx) = mpsc::channel::<Bytes>(256);
     let client = state.client.clone();
     tokio::spawn(async move {
+        let mut pending = Vec::new();
         let opening = shape.opening().into_iter();
-        for b in opening.chain(first.iter().map(|t| shape.text(t))) {
+        for b in opening.chain(shape.pieces(&mut pending, first)) {
             if tx.send(b).await.is_err() {
                 return;
             }
@@ -514,8 +561,8 @@ async fn completions(
             None => loop {
                 match rx.recv().await {
                     Some(Event::Chunk(c)) => {
-                        for t in run.feed(&c) {
-                            if tx.send(shape.text(&t)).await.is_err() {
+                        for b in shape.pieces(&mut pending, run.feed(&c)) {
+                            if tx.send(b).await.is_err() {
                                 return;
                             }
                         }
@@ -525,7 +572,7 @@ async fn completions(
                 }
             },
         };
-        let _ = tx.send(shape.closing(&client, &verdict)).await;
+        let _ = tx.send(shape.closing(&client, &verdict, pending)).await;
     });
     let mut resp = Response::new(ChannelBody(body_rx).boxed());
     resp.headers_mut()

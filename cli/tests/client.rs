@@ -215,6 +215,8 @@ enum Script {
     Old,
     /// The server refuses: 429.
     Busy,
+    /// `logprobs: true`: a `logprobs` event before each text.
+    Logprobs,
 }
 
 impl Script {
@@ -229,6 +231,9 @@ impl Script {
             .map_or_else(|| req["prompt"].clone(), |m| m["content"].clone());
         if req["model"] == "gpt-4" {
             return Script::UnknownModel;
+        }
+        if req["logprobs"] == true {
+            return Script::Logprobs;
         }
         match last.as_str().unwrap_or("") {
             "overflow" => Script::Overflow,
@@ -293,6 +298,27 @@ impl Script {
                 Status::ProgramFailed,
             ),
             Script::Busy => (Vec::new(), Status::ProgramFailed),
+            Script::Logprobs => {
+                let lp = |t: &str, lp: f32| {
+                    let entry = serde_json::json!({"token": t, "bytes": t.as_bytes(), "logprob": lp,
+                        "top_logprobs": [{"token": t, "bytes": t.as_bytes(), "logprob": lp}]});
+                    format!(
+                        "{}\n",
+                        serde_json::json!({"type": "logprobs", "content": [entry]})
+                    )
+                    .into_bytes()
+                };
+                (
+                    vec![
+                        lp("Hello", -0.5),
+                        text("Hello"),
+                        lp(" world", -0.25),
+                        text(" world"),
+                        end("stop"),
+                    ],
+                    Status::Completed,
+                )
+            }
         }
     }
 }
@@ -742,6 +768,14 @@ assert r.model_extra["cinfer"]["verified"] is True, r
 assert r.model_extra["cinfer"]["receipt"]["reply_frames"] == 4, r
 r = c.chat.completions.create(model=M, messages=user("long"), max_tokens=3)
 assert r.choices[0].finish_reason == "length", r
+assert r.choices[0].logprobs is None, r
+# Log-probabilities, in OpenAI's shape, with the text they belong to.
+r = c.chat.completions.create(model=M, messages=msgs, logprobs=True, top_logprobs=1)
+lp = r.choices[0].logprobs.content
+assert [(t.token, t.logprob, t.bytes) for t in lp] == [("Hello", -0.5, list(b"Hello")), (" world", -0.25, list(b" world"))], lp
+assert lp[1].top_logprobs[0].token == " world", lp
+chunks = [ch.choices[0] for ch in c.chat.completions.create(model=M, messages=msgs, logprobs=True, stream=True) if ch.choices and ch.choices[0].delta.content]
+assert [(ch.delta.content, [t.token for t in ch.logprobs.content]) for ch in chunks] == [("Hello", ["Hello"]), (" world", [" world"])], chunks
 # Streaming; usage as the last chunk (no choices) when asked for.
 parts, finish, usage, usage_choices = [], None, None, None
 for ch in c.chat.completions.create(model=M, messages=msgs, stream=True, stream_options={"include_usage": True}):
@@ -780,7 +814,7 @@ def status_of(**kw):
 tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
 for kw, param in [(dict(temperature=5), "temperature"), (dict(temperature=-1), "temperature"),
                   (dict(max_tokens=0), "max_tokens"), (dict(top_p=0), "top_p"), (dict(n=2), "n"),
-                  (dict(logprobs=True), "logprobs"), (dict(tools=[tool]), "tools"),
+                  (dict(logprobs=True, top_logprobs=21), "top_logprobs"), (dict(tools=[tool]), "tools"),
                   (dict(response_format={"type": "json_object"}), "response_format")]:
     for stream in (False, True):
         st, body = status_of(model=M, messages=msgs, stream=stream, **kw)

@@ -1,8 +1,9 @@
 //! The official `openai` Python package against `cinfer proxy` in front of the
 //! whole system (swtpm, keyserver, trusted loader, inference server, the real
 //! SmolLM2 model): every answer goes through the sealed path and carries a
-//! verified receipt; usage, finish reasons, stop sequences, seeds, both
-//! endpoints, streaming and not, and the client-mistake statuses.
+//! verified receipt; usage, finish reasons, stop sequences, seeds,
+//! log-probabilities, both endpoints, streaming and not, and the
+//! client-mistake statuses.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use cinfer_e2e::{MODEL_ID, System, bin, root};
@@ -126,6 +127,16 @@ assert r.choices[0].finish_reason == "stop", r
 ask = lambda seed: c.chat.completions.create(model=M, messages=q, max_tokens=12, temperature=0.9,
                                               seed=seed, frequency_penalty=0.5).choices[0].message.content
 assert ask(7) == ask(7)
+
+# Log-probabilities: one entry per token, the greedy choice the most likely.
+r = c.chat.completions.create(model=M, messages=q, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
+lp = r.choices[0].logprobs.content
+assert len(lp) == 4 and r.choices[0].finish_reason == "length", r
+assert bytes(b for t in lp for b in t.bytes).decode() == r.choices[0].message.content, lp
+assert all(t.token == t.top_logprobs[0].token and len(t.top_logprobs) == 3 and t.logprob <= 0 for t in lp), lp
+streamed = [t.token for ch in c.chat.completions.create(model=M, messages=q, max_tokens=4, temperature=0,
+            logprobs=True, stream=True) if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+assert streamed == [t.token for t in lp], (streamed, lp)
 
 # The completions endpoint (raw prompt, no template).
 r = c.completions.create(model=M, prompt="Once upon a time", max_tokens=5, temperature=0)
