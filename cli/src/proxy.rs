@@ -19,6 +19,10 @@
 //!   even when streaming.
 //! * `GET /v1/models`, `GET /v1/models/{id}`: the server's model list.
 //!
+//! A client that hangs up stops its exchange (`Client::chat_until`): the
+//! proxy closes its connection to the server, which cancels the run on the
+//! loader, rather than reading the reply to its end.
+//!
 //! Statuses: 400 for a client mistake (parameters, context overflow), 404
 //! for an unknown model or route, 405 for a wrong method, 429 (server busy)
 //! and 503 (no attested loader) with `Retry-After`, 500 for a program
@@ -195,10 +199,14 @@ fn start_chat(state: &State, request: Vec<u8>) -> mpsc::Receiver<Event> {
     let client = state.client.clone();
     let program = state.program.clone();
     tokio::task::spawn_blocking(move || {
-        let result = client.chat(&program, &request, |chunk| {
-            // A gone consumer just stops receiving; the exchange still runs
-            // to its end (and its receipt is still checked) here.
-            let _ = tx.blocking_send(Event::Chunk(chunk.to_vec()));
+        let result = client.chat_until(&program, &request, |chunk| {
+            // The proxy's client went away (its request future or stream
+            // task, which holds the receiver, is gone): stop, so the server
+            // cancels the generation on the loader.
+            match tx.blocking_send(Event::Chunk(chunk.to_vec())) {
+                Ok(()) => std::ops::ControlFlow::Continue(()),
+                Err(_) => std::ops::ControlFlow::Break(()),
+            }
         });
         let _ = tx.blocking_send(Event::Done(Box::new(result)));
     });

@@ -73,6 +73,8 @@ struct Fake {
     /// Set when the gate timed out (the client did not see the first chunk
     /// before the body ended).
     gate_timed_out: Arc<Mutex<bool>>,
+    /// Set when writing a reply failed: the client closed the connection mid-reply.
+    hung_up: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Fake {
@@ -124,6 +126,7 @@ impl Fake {
         let requests = Arc::new(Mutex::new(Vec::new()));
         let bound = Arc::new(Mutex::new(Vec::new()));
         let gate_timed_out = Arc::new(Mutex::new(false));
+        let hung_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ctx = Arc::new(ServerCtx {
             mode,
             signed_statement,
@@ -133,6 +136,7 @@ impl Fake {
             requests: requests.clone(),
             bound: bound.clone(),
             gate_timed_out: gate_timed_out.clone(),
+            hung_up: hung_up.clone(),
         });
         std::thread::spawn(move || {
             for conn in listener.incoming() {
@@ -149,6 +153,7 @@ impl Fake {
             requests,
             bound,
             gate_timed_out,
+            hung_up,
         }
     }
 }
@@ -162,6 +167,7 @@ struct ServerCtx {
     requests: Arc<Mutex<Vec<Vec<u8>>>>,
     bound: Arc<Mutex<Vec<Option<[u8; 32]>>>>,
     gate_timed_out: Arc<Mutex<bool>>,
+    hung_up: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn respond(conn: &mut TcpStream, status: &str, body: &str) -> std::io::Result<()> {
@@ -217,6 +223,8 @@ enum Script {
     Busy,
     /// `logprobs: true`: a `logprobs` event before each text.
     Logprobs,
+    /// 300 text events, 20 ms apart (a long generation).
+    Slow,
 }
 
 impl Script {
@@ -241,6 +249,7 @@ impl Script {
             "midway" => Script::FailMidway,
             "old" => Script::Old,
             "busy" => Script::Busy,
+            "slow" => Script::Slow,
             _ => Script::Events,
         }
     }
@@ -298,6 +307,11 @@ impl Script {
                 Status::ProgramFailed,
             ),
             Script::Busy => (Vec::new(), Status::ProgramFailed),
+            Script::Slow => {
+                let mut frames: Vec<Vec<u8>> = (0..300).map(|_| text("tick ")).collect();
+                frames.push(end("length"));
+                (frames, Status::Completed)
+            }
             Script::Logprobs => {
                 let lp = |t: &str, lp: f32| {
                     let entry = serde_json::json!({"token": t, "bytes": t.as_bytes(), "logprob": lp,
@@ -426,7 +440,13 @@ fn serve(ctx: &ServerCtx, mut conn: TcpStream) -> std::io::Result<()> {
             conn.flush()?;
             let gate = ctx.gate.lock().unwrap().take();
             for (i, f) in frames.iter().enumerate() {
-                write_chunk(&mut conn, &record(1, f))?;
+                if script == Script::Slow {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if let Err(e) = write_chunk(&mut conn, &record(1, f)) {
+                    ctx.hung_up.store(true, std::sync::atomic::Ordering::SeqCst);
+                    return Err(e);
+                }
                 if i == 0 {
                     if ctx.mode == Mode::CutAfterFirst {
                         return Ok(()); // connection closes mid-body
@@ -493,6 +513,47 @@ fn happy_path_streams_chunks_before_the_body_ends_and_verifies_the_receipt() {
         br#"{"messages":[{"role":"user","content":"hi"}]}"#
     );
     assert_eq!(client.models().unwrap(), [MODEL]);
+}
+
+/// Waits up to `limit` for the fake to see its client hang up mid-reply.
+fn wait_hung_up(fake: &Fake, limit: Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if fake.hung_up.load(std::sync::atomic::Ordering::SeqCst) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// `chat_until` stops an exchange when told: `Cancelled`, and the connection
+/// closes at once (the server then cancels the run on the loader), long
+/// before the 6-second reply would have ended.
+#[test]
+fn a_caller_can_stop_an_exchange_and_the_connection_closes() {
+    let fake = Fake::start(Mode::Honest, StatementMode::Good, None);
+    let started = std::time::Instant::now();
+    let mut seen = 0;
+    let r = fake.client().chat_until(
+        "llama-chat",
+        br#"{"format":"events-v1","messages":[{"role":"user","content":"slow"}]}"#,
+        |_| {
+            seen += 1;
+            if seen == 2 {
+                std::ops::ControlFlow::Break(())
+            } else {
+                std::ops::ControlFlow::Continue(())
+            }
+        },
+    );
+    assert!(matches!(r, Err(ClientError::Cancelled)), "{r:?}");
+    assert_eq!(seen, 2);
+    assert!(
+        wait_hung_up(&fake, Duration::from_secs(3)),
+        "the fake kept writing"
+    );
+    assert!(started.elapsed() < Duration::from_secs(4));
 }
 
 #[test]
@@ -943,6 +1004,49 @@ fn proxy_http(proxy: &Proxy, head: &str, body: &str) -> (u16, String, String) {
         raw.to_owned()
     };
     (status, head.to_owned(), body)
+}
+
+/// A client that hangs up on `cinfer proxy` mid-stream (or before a
+/// non-streamed answer) stops the exchange: the proxy closes its connection
+/// to the server (which cancels the run on the loader) instead of reading the
+/// reply to its end.
+#[test]
+fn proxy_stops_the_exchange_when_its_client_hangs_up() {
+    for stream in [true, false] {
+        let fake = Fake::start(Mode::Honest, StatementMode::Good, None);
+        let proxy = start_proxy(&fake);
+        let addr = proxy
+            .base
+            .trim_start_matches("http://")
+            .trim_end_matches("/v1")
+            .to_owned();
+        let body = serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": "slow"}], "stream": stream})
+            .to_string();
+        let mut conn = TcpStream::connect(&addr).unwrap();
+        write!(
+            conn,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        if stream {
+            // Read until the first text arrived, then hang up.
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&seen).contains("tick") {
+                let n = conn.read(&mut buf).unwrap();
+                assert!(n > 0, "closed before any text");
+                seen.extend_from_slice(&buf[..n]);
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        drop(conn);
+        assert!(
+            wait_hung_up(&fake, Duration::from_secs(3)),
+            "stream {stream}: the proxy kept reading the reply after its client left"
+        );
+    }
 }
 
 /// Through `cinfer proxy`, in OpenAI's shapes: a program that fails after
