@@ -239,7 +239,28 @@ pub struct Parsed {
     pub model: Option<String>,
     /// `logprobs: true` (chat completions).
     pub logprobs: bool,
+    /// Choices (`n`): one exchange each.
+    pub n: usize,
 }
+
+impl Parsed {
+    /// llama-chat's request for choice `index`: choice `i` samples with seed
+    /// `seed + i` (so `n` choices differ unless greedy, and a given seed
+    /// reproduces all of them).
+    pub fn request_for_choice(&self, index: usize) -> Vec<u8> {
+        let mut llama = self.llama.clone();
+        if index > 0
+            && let Some(seed) = llama.get("seed").and_then(Value::as_u64)
+        {
+            llama["seed"] = seed.wrapping_add(index as u64).into();
+        }
+        llama.to_string().into_bytes()
+    }
+}
+
+/// Most choices per request: each is its own exchange, run at once (the
+/// loader's default `max-in-flight`).
+pub const MAX_N: i64 = 8;
 
 /// Most alternatives per token (OpenAI's limit).
 const MAX_TOP_LOGPROBS: i64 = 20;
@@ -367,12 +388,11 @@ pub fn parse(body: &[u8], endpoint: Endpoint, seed: u64) -> Result<Parsed, ApiEr
         Some(o) => o.include_usage.unwrap_or(false),
         None => false,
     };
-    if let Some(n) = params.n
-        && n != 1
-    {
+    let n = params.n.unwrap_or(1);
+    if !(1..=MAX_N).contains(&n) {
         return Err(ApiError::invalid(
             "n",
-            format!("n = {n}: only n = 1 is supported"),
+            format!("n = {n}: must be in [1, {MAX_N}]"),
         ));
     }
     llama.insert("format".into(), EVENTS_FORMAT.into());
@@ -466,6 +486,7 @@ pub fn parse(body: &[u8], endpoint: Endpoint, seed: u64) -> Result<Parsed, ApiEr
         include_usage,
         model,
         logprobs: want_logprobs,
+        n: n as usize,
     })
 }
 
@@ -575,15 +596,16 @@ pub struct Usage {
     pub completion_tokens: u64,
 }
 
-impl Usage {
-    /// OpenAI's `usage` object.
-    pub fn json(&self) -> Value {
-        json!({
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        })
-    }
+/// OpenAI's `usage` over the choices of one request: the prompt once, the
+/// completions summed.
+pub fn total_usage(usages: &[&Usage]) -> Value {
+    let prompt = usages.first().map_or(0, |u| u.prompt_tokens);
+    let completion: u64 = usages.iter().map(|u| u.completion_tokens).sum();
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    })
 }
 
 /// Splits the reply's bytes into events (a line may span frames).
@@ -698,6 +720,15 @@ mod tests {
         assert_eq!(p.llama["seed"], 42);
         assert_eq!(p.llama["max_tokens"], 9);
         assert!(!p.stream && !p.include_usage);
+        // n choices: choice i samples with seed + i.
+        let p = chat(json!({"messages": msgs(), "n": 3, "seed": 10})).unwrap();
+        assert_eq!(p.n, 3);
+        let seed =
+            |i| serde_json::from_slice::<Value>(&p.request_for_choice(i)).unwrap()["seed"].clone();
+        assert_eq!(
+            (seed(0), seed(1), seed(2)),
+            (json!(10), json!(11), json!(12))
+        );
         let p = parse(
             br#"{"model":"m","prompt":["once"]}"#,
             Endpoint::Completions,
@@ -750,7 +781,8 @@ mod tests {
             ("top_p", json!(1.01)),
             ("max_tokens", json!(0)),
             ("max_completion_tokens", json!(-5)),
-            ("n", json!(2)),
+            ("n", json!(0)),
+            ("n", json!(9)),
             ("presence_penalty", json!(2.5)),
             ("frequency_penalty", json!(-3)),
             ("top_k", json!(-1)),
@@ -838,9 +870,14 @@ mod tests {
         );
         assert!(!l.has_partial_line());
         if let ProgramEvent::End(u) = &got[1] {
+            let other = Usage {
+                completion_tokens: 7,
+                ..u.clone()
+            };
             assert_eq!(
-                u.json(),
-                json!({"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})
+                total_usage(&[u, &other]),
+                json!({"prompt_tokens": 3, "completion_tokens": 9, "total_tokens": 12}),
+                "the prompt once, the completions summed"
             );
         }
         let e = l.push(b"error: bad request JSON\n").unwrap_err();

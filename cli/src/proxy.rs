@@ -42,7 +42,7 @@
 //! requests), and then its body within as long again (else 408).
 
 use crate::chat::ServerArgs;
-use crate::openai::{self, ApiError, Endpoint, EventLines, ProgramEvent, Usage};
+use crate::openai::{self, ApiError, Endpoint, EventLines, ProgramEvent, Usage, total_usage};
 use anyhow::{Context, Result};
 use cinfer_client::{ChatResult, Client, ClientError, ReplyStatus};
 use http_body_util::combinators::BoxBody;
@@ -193,23 +193,27 @@ fn receipt_extension(client: &Client, result: &ChatResult) -> Value {
     })
 }
 
-/// Runs the chat through the blocking client, forwarding events.
-fn start_chat(state: &State, request: Vec<u8>) -> mpsc::Receiver<Event> {
+/// Runs one exchange per request (one per choice) through the blocking
+/// client, forwarding each one's events tagged with its choice index.
+fn start_chats(state: &State, requests: Vec<Vec<u8>>) -> mpsc::Receiver<(usize, Event)> {
     let (tx, rx) = mpsc::channel(256);
-    let client = state.client.clone();
-    let program = state.program.clone();
-    tokio::task::spawn_blocking(move || {
-        let result = client.chat_until(&program, &request, |chunk| {
-            // The proxy's client went away (its request future or stream
-            // task, which holds the receiver, is gone): stop, so the server
-            // cancels the generation on the loader.
-            match tx.blocking_send(Event::Chunk(chunk.to_vec())) {
-                Ok(()) => std::ops::ControlFlow::Continue(()),
-                Err(_) => std::ops::ControlFlow::Break(()),
-            }
+    for (index, request) in requests.into_iter().enumerate() {
+        let tx = tx.clone();
+        let client = state.client.clone();
+        let program = state.program.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = client.chat_until(&program, &request, |chunk| {
+                // The proxy's client went away (its request future or stream
+                // task, which holds the receiver, is gone): stop, so the
+                // server cancels the generation on the loader.
+                match tx.blocking_send((index, Event::Chunk(chunk.to_vec()))) {
+                    Ok(()) => std::ops::ControlFlow::Continue(()),
+                    Err(_) => std::ops::ControlFlow::Break(()),
+                }
+            });
+            let _ = tx.blocking_send((index, Event::Done(Box::new(result))));
         });
-        let _ = tx.blocking_send(Event::Done(Box::new(result)));
-    });
+    }
     rx
 }
 
@@ -298,6 +302,9 @@ impl Run {
     }
 }
 
+/// A finished choice: its verified exchange and the program's account.
+type Verdict = Result<(ChatResult, Usage), ApiError>;
+
 /// The response objects of one request.
 struct Shape {
     endpoint: Endpoint,
@@ -307,6 +314,8 @@ struct Shape {
     include_usage: bool,
     /// `logprobs: true`: every choice carries `logprobs.content`.
     logprobs: bool,
+    /// Choices (`n`).
+    n: usize,
 }
 
 impl Shape {
@@ -344,38 +353,49 @@ impl Shape {
         }
     }
 
-    fn choice(&self, text: Option<&str>, finish: Value, logprobs: Vec<Value>) -> Value {
+    fn choice(
+        &self,
+        index: usize,
+        text: Option<&str>,
+        finish: Value,
+        logprobs: Vec<Value>,
+    ) -> Value {
         let logprobs = self.logprobs_of(logprobs);
         match self.endpoint {
             Endpoint::Chat => {
                 let delta = text.map_or_else(|| json!({}), |t| json!({"content": t}));
-                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
             Endpoint::Completions => {
-                json!({"index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish})
+                json!({"index": index, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish})
             }
         }
     }
 
-    /// The first chunk of a chat stream (the role), none for completions.
-    fn opening(&self) -> Option<Bytes> {
-        (self.endpoint == Endpoint::Chat).then(|| {
-            self.chunk(
-                json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}),
-                None,
-            )
-        })
+    /// The first chunks of a chat stream (each choice's role), none for completions.
+    fn opening(&self) -> Vec<Bytes> {
+        if self.endpoint != Endpoint::Chat {
+            return Vec::new();
+        }
+        (0..self.n)
+            .map(|index| {
+                self.chunk(
+                    json!({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}),
+                    None,
+                )
+            })
+            .collect()
     }
 
-    /// Chunks for `pieces`: one per text; log-probabilities go with the text
-    /// that follows them (`pending` keeps them until it comes).
-    fn pieces(&self, pending: &mut Vec<Value>, pieces: Vec<Piece>) -> Vec<Bytes> {
+    /// Chunks for choice `index`'s `pieces`: one per text; log-probabilities
+    /// go with the text that follows them (`pending` keeps them until it comes).
+    fn pieces(&self, index: usize, pending: &mut Vec<Value>, pieces: Vec<Piece>) -> Vec<Bytes> {
         let mut out = Vec::new();
         for piece in pieces {
             match piece {
                 Piece::Logprobs(entries) => pending.extend(entries),
                 Piece::Text(t) => out.push(self.chunk(
-                    self.choice(Some(&t), Value::Null, std::mem::take(pending)),
+                    self.choice(index, Some(&t), Value::Null, std::mem::take(pending)),
                     None,
                 )),
             }
@@ -383,74 +403,96 @@ impl Shape {
         out
     }
 
-    /// The end of a stream: the finish reason with the verified receipt, the
-    /// usage chunk when asked for, `[DONE]`; or the error event and `[DONE]`.
-    fn closing(
+    /// Choice `index` finished: its finish reason, with its verified receipt.
+    fn finished(
         &self,
         client: &Client,
-        verdict: &Result<(ChatResult, Usage), ApiError>,
+        index: usize,
+        (result, usage): &(ChatResult, Usage),
         pending: Vec<Value>,
     ) -> Bytes {
+        self.chunk(
+            self.choice(index, None, json!(usage.finish_reason), pending),
+            Some(receipt_extension(client, result)),
+        )
+    }
+
+    /// The end of a stream: the usage chunk when asked for, and `[DONE]`.
+    fn closing(&self, usages: &[&Usage]) -> Bytes {
         let mut out = Vec::new();
-        match verdict {
-            Ok((result, usage)) => {
-                out.extend_from_slice(&self.chunk(
-                    self.choice(None, json!(usage.finish_reason), pending),
-                    Some(receipt_extension(client, result)),
-                ));
-                if self.include_usage {
-                    let v = json!({
-                        "id": self.id,
-                        "object": self.chunk_object(),
-                        "created": self.created,
-                        "model": self.model,
-                        "choices": [],
-                        "usage": usage.json(),
-                    });
-                    out.extend_from_slice(format!("data: {v}\n\n").as_bytes());
-                }
-            }
-            Err(e) => out.extend_from_slice(format!("data: {}\n\n", e.body()).as_bytes()),
+        if self.include_usage {
+            let v = json!({
+                "id": self.id,
+                "object": self.chunk_object(),
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": total_usage(usages),
+            });
+            out.extend_from_slice(format!("data: {v}\n\n").as_bytes());
         }
         out.extend_from_slice(b"data: [DONE]\n\n");
         Bytes::from(out)
     }
 
-    /// The whole (non-streamed) answer.
-    fn complete(&self, pieces: Vec<Piece>, usage: &Usage, extension: Value) -> Value {
-        let mut text = String::new();
-        let mut entries = Vec::new();
-        for piece in pieces {
-            match piece {
-                Piece::Text(t) => text.push_str(&t),
-                Piece::Logprobs(e) => entries.extend(e),
+    /// A failed stream's end: the error event and `[DONE]`.
+    fn failed(&self, e: &ApiError) -> Bytes {
+        Bytes::from(format!("data: {}\n\ndata: [DONE]\n\n", e.body()))
+    }
+
+    /// The whole (non-streamed) answer. One choice carries its receipt in the
+    /// top-level `cinfer`; several, each in its own.
+    fn complete(&self, client: &Client, choices: Vec<(Vec<Piece>, ChatResult, Usage)>) -> Value {
+        let usages: Vec<&Usage> = choices.iter().map(|(_, _, u)| u).collect();
+        let usage = total_usage(&usages);
+        let one = choices.len() == 1;
+        let mut top_extension = Value::Null;
+        let mut out = Vec::new();
+        for (index, (pieces, result, usage)) in choices.iter().enumerate() {
+            let mut text = String::new();
+            let mut entries = Vec::new();
+            for piece in pieces {
+                match piece {
+                    Piece::Text(t) => text.push_str(t),
+                    Piece::Logprobs(e) => entries.extend(e.iter().cloned()),
+                }
             }
-        }
-        let logprobs = self.logprobs_of(entries);
-        let (object, choice) = match self.endpoint {
-            Endpoint::Chat => (
-                "chat.completion",
-                json!({
-                    "index": 0,
+            let logprobs = self.logprobs_of(entries);
+            let mut choice = match self.endpoint {
+                Endpoint::Chat => json!({
+                    "index": index,
                     "message": {"role": "assistant", "content": text},
                     "logprobs": logprobs,
                     "finish_reason": usage.finish_reason,
                 }),
-            ),
-            Endpoint::Completions => (
-                "text_completion",
-                json!({"index": 0, "text": text, "logprobs": logprobs, "finish_reason": usage.finish_reason}),
-            ),
+                Endpoint::Completions => json!({
+                    "index": index, "text": text, "logprobs": logprobs, "finish_reason": usage.finish_reason,
+                }),
+            };
+            let extension = receipt_extension(client, result);
+            if one {
+                top_extension = extension;
+            } else if let Some(obj) = choice.as_object_mut() {
+                obj.insert("cinfer".into(), extension);
+            }
+            out.push(choice);
+        }
+        let object = match self.endpoint {
+            Endpoint::Chat => "chat.completion",
+            Endpoint::Completions => "text_completion",
         };
-        json!({
+        let mut v = json!({
             "id": self.id,
             "object": object,
             "created": self.created,
             "model": self.model,
-            "choices": [choice],
-            "usage": usage.json(),
-            "cinfer": extension,
-        })
+            "choices": out,
+            "usage": usage,
+        });
+        if let (false, Some(obj)) = (top_extension.is_null(), v.as_object_mut()) {
+            obj.insert("cinfer".into(), top_extension);
+        }
+        v
     }
 }
 
@@ -501,7 +543,9 @@ async fn completions(
         Ok(p) => p,
         Err(e) => return api_error_response(&e),
     };
-    let mut rx = start_chat(&state, parsed.llama.to_string().into_bytes());
+    let n = parsed.n;
+    let requests: Vec<Vec<u8>> = (0..n).map(|i| parsed.request_for_choice(i)).collect();
+    let mut rx = start_chats(&state, requests);
     let shape = Shape {
         endpoint,
         id: completion_id(endpoint),
@@ -512,44 +556,55 @@ async fn completions(
             .unwrap_or_else(|| state.program.clone()),
         include_usage: parsed.include_usage,
         logprobs: parsed.logprobs,
+        n,
     };
-    let mut run = Run::default();
+    let mut runs: Vec<Run> = (0..n).map(|_| Run::default()).collect();
+    let mut verdicts: Vec<Option<Verdict>> = (0..n).map(|_| None).collect();
 
     if !parsed.stream {
-        let mut pieces = Vec::new();
-        let result = loop {
+        let mut pieces: Vec<Vec<Piece>> = (0..n).map(|_| Vec::new()).collect();
+        while verdicts.iter().any(Option::is_none) {
             match rx.recv().await {
-                Some(Event::Chunk(c)) => pieces.extend(run.feed(&c)),
-                Some(Event::Done(r)) => break *r,
+                Some((i, Event::Chunk(c))) => pieces[i].extend(runs[i].feed(&c)),
+                Some((i, Event::Done(r))) => {
+                    verdicts[i] = Some(std::mem::take(&mut runs[i]).finish(*r));
+                }
                 None => return internal_error(),
             }
-        };
-        return match run.finish(result) {
-            Ok((result, usage)) => json_response(
-                StatusCode::OK,
-                &shape.complete(pieces, &usage, receipt_extension(&state.client, &result)),
-            ),
-            Err(e) => api_error_response(&e),
-        };
+        }
+        let mut choices = Vec::new();
+        for (p, v) in pieces.into_iter().zip(verdicts) {
+            match v {
+                Some(Ok((result, usage))) => choices.push((p, result, usage)),
+                Some(Err(e)) => return api_error_response(&e),
+                None => return internal_error(),
+            }
+        }
+        return json_response(StatusCode::OK, &shape.complete(&state.client, choices));
     }
 
     // Streaming: nothing is sent before the first text, so that failures
     // before it (no attested loader, a statement that does not verify, a
     // program error such as a prompt longer than the context) are HTTP
     // errors with their status.
-    let mut first = Vec::new();
-    let mut verdict = None;
-    while !first.iter().any(|p| matches!(p, Piece::Text(_))) && verdict.is_none() {
+    let mut first: Vec<(usize, Vec<Piece>)> = Vec::new();
+    let has_text = |first: &[(usize, Vec<Piece>)]| {
+        first
+            .iter()
+            .any(|(_, p)| p.iter().any(|p| matches!(p, Piece::Text(_))))
+    };
+    while !has_text(&first) && verdicts.iter().any(Option::is_none) {
         match rx.recv().await {
-            Some(Event::Chunk(c)) => {
-                let pieces = run.feed(&c);
-                if !run.failed() {
-                    first.extend(pieces);
+            Some((i, Event::Chunk(c))) => {
+                let pieces = runs[i].feed(&c);
+                if runs[i].failed() {
+                    continue;
                 }
+                first.push((i, pieces));
             }
-            Some(Event::Done(r)) => match std::mem::take(&mut run).finish(*r) {
+            Some((i, Event::Done(r))) => match std::mem::take(&mut runs[i]).finish(*r) {
                 Err(e) => return api_error_response(&e),
-                Ok(v) => verdict = Some(Ok(v)),
+                Ok(v) => verdicts[i] = Some(Ok(v)),
             },
             None => return internal_error(),
         }
@@ -557,30 +612,54 @@ async fn completions(
     let (tx, body_rx) = mpsc::channel::<Bytes>(256);
     let client = state.client.clone();
     tokio::spawn(async move {
-        let mut pending = Vec::new();
-        let opening = shape.opening().into_iter();
-        for b in opening.chain(shape.pieces(&mut pending, first)) {
+        let mut pending: Vec<Vec<Value>> = (0..n).map(|_| Vec::new()).collect();
+        let mut out = shape.opening();
+        for (i, pieces) in first {
+            out.extend(shape.pieces(i, &mut pending[i], pieces));
+        }
+        // Choices that ended before any text was sent end now.
+        for (i, v) in verdicts.iter().enumerate() {
+            if let Some(Ok(v)) = v {
+                out.push(shape.finished(&client, i, v, std::mem::take(&mut pending[i])));
+            }
+        }
+        for b in out {
             if tx.send(b).await.is_err() {
                 return;
             }
         }
-        let verdict = match verdict {
-            Some(v) => v,
-            None => loop {
-                match rx.recv().await {
-                    Some(Event::Chunk(c)) => {
-                        for b in shape.pieces(&mut pending, run.feed(&c)) {
-                            if tx.send(b).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    Some(Event::Done(r)) => break std::mem::take(&mut run).finish(*r),
-                    None => return,
+        while verdicts.iter().any(Option::is_none) {
+            let bytes = match rx.recv().await {
+                Some((i, Event::Chunk(c))) => {
+                    let pieces = runs[i].feed(&c);
+                    shape.pieces(i, &mut pending[i], pieces)
                 }
-            },
-        };
-        let _ = tx.send(shape.closing(&client, &verdict, pending)).await;
+                Some((i, Event::Done(r))) => match std::mem::take(&mut runs[i]).finish(*r) {
+                    Ok(v) => {
+                        let b = shape.finished(&client, i, &v, std::mem::take(&mut pending[i]));
+                        verdicts[i] = Some(Ok(v));
+                        vec![b]
+                    }
+                    Err(e) => {
+                        // One choice failed: the stream ends with its error
+                        // (the others stop when their receiver goes).
+                        let _ = tx.send(shape.failed(&e)).await;
+                        return;
+                    }
+                },
+                None => return,
+            };
+            for b in bytes {
+                if tx.send(b).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let usages: Vec<&Usage> = verdicts
+            .iter()
+            .filter_map(|v| v.as_ref().and_then(|v| v.as_ref().ok()).map(|(_, u)| u))
+            .collect();
+        let _ = tx.send(shape.closing(&usages)).await;
     });
     let mut resp = Response::new(ChannelBody(body_rx).boxed());
     resp.headers_mut()

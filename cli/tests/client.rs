@@ -852,6 +852,24 @@ assert usage.total_tokens == 12 and usage_choices == [], (usage, usage_choices)
 assert all(ch.usage is None for ch in c.chat.completions.create(model=M, messages=msgs, stream=True))
 finish = [ch.choices[0].finish_reason for ch in c.chat.completions.create(model=M, messages=user("long"), stream=True) if ch.choices and ch.choices[0].finish_reason]
 assert finish == ["length"], finish
+# Several choices: one sealed exchange each, each with its receipt.
+r = c.chat.completions.create(model=M, messages=msgs, n=3, seed=5)
+assert [ch.index for ch in r.choices] == [0, 1, 2], r
+assert all(ch.message.content == "Hello world" and ch.finish_reason == "stop" for ch in r.choices), r
+assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (9, 9, 18), r.usage
+assert all(ch.model_extra["cinfer"]["verified"] is True for ch in r.choices), r
+assert "cinfer" not in (r.model_extra or {}), r
+by, fin, usage = {}, {}, None
+for ch in c.chat.completions.create(model=M, messages=msgs, n=2, stream=True, stream_options={"include_usage": True}):
+    for choice in ch.choices:
+        if choice.delta.content:
+            by.setdefault(choice.index, []).append(choice.delta.content)
+        if choice.finish_reason:
+            fin[choice.index] = choice.finish_reason
+    if ch.usage:
+        usage = ch.usage
+assert by == {0: ["Hello", " world"], 1: ["Hello", " world"]}, by
+assert fin == {0: "stop", 1: "stop"} and usage.completion_tokens == 6, (fin, usage)
 # The legacy completions endpoint, the same sealed path.
 r = c.completions.create(model=M, prompt="Once", max_tokens=3)
 assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == ("Hello world", "stop", 3), r
@@ -874,7 +892,7 @@ def status_of(**kw):
         return e.status_code, e.body
 tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
 for kw, param in [(dict(temperature=5), "temperature"), (dict(temperature=-1), "temperature"),
-                  (dict(max_tokens=0), "max_tokens"), (dict(top_p=0), "top_p"), (dict(n=2), "n"),
+                  (dict(max_tokens=0), "max_tokens"), (dict(top_p=0), "top_p"), (dict(n=9), "n"),
                   (dict(logprobs=True, top_logprobs=21), "top_logprobs"), (dict(tools=[tool]), "tools"),
                   (dict(response_format={"type": "json_object"}), "response_format")]:
     for stream in (False, True):

@@ -127,6 +127,12 @@ assert r.choices[0].finish_reason == "stop", r
 ask = lambda seed: c.chat.completions.create(model=M, messages=q, max_tokens=12, temperature=0.9,
                                               seed=seed, frequency_penalty=0.5).choices[0].message.content
 assert ask(7) == ask(7)
+# n choices: one sealed exchange each (seeds 3 and 4), reproducible as a whole.
+pair = lambda: [ch.message.content for ch in c.chat.completions.create(
+    model=M, messages=q, max_tokens=12, temperature=1.0, seed=3, n=2).choices]
+first = pair()
+assert len(first) == 2 and first[0] != first[1], first
+assert pair() == first
 
 # Log-probabilities: one entry per token, the greedy choice the most likely.
 r = c.chat.completions.create(model=M, messages=q, max_tokens=4, temperature=0, logprobs=True, top_logprobs=3)
