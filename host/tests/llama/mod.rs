@@ -573,6 +573,66 @@ fn logprob_events_cover_each_token_and_match_llama_cpp() {
     assert!(logprob_events(&text).is_empty());
 }
 
+/// `response_format: json_object`: the sampler picks only tokens that keep
+/// the output the start of a JSON object and ends generation when it is
+/// complete, so the answer parses as one, greedy or sampled; cut by
+/// `max_tokens` it is an unfinished prefix (`length`). (As with OpenAI's
+/// JSON mode the prompt must ask for JSON: unasked, this model rambles on
+/// inside the object until `max_tokens`.)
+#[test]
+fn json_object_output_is_a_json_object_by_construction() {
+    let Some(chat) = chat() else { return };
+    let ask = |content: &str, extra: Value| {
+        let mut req = serde_json::json!({
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": 160, "format": "events-v1", "response_format": "json_object",
+        });
+        for (k, v) in extra.as_object().expect("object") {
+            req[k] = v.clone();
+        }
+        let (outcome, text) = chat.ask(&req);
+        assert_eq!(outcome, RunOutcome::Completed, "{text}");
+        events(&text)
+    };
+    for (content, extra) in [
+        (
+            "Describe Paris as JSON with the keys name and country.",
+            serde_json::json!({}),
+        ),
+        (
+            "Answer with a JSON object with the key answer: what is the capital of France?",
+            serde_json::json!({}),
+        ),
+        (
+            "Describe Paris as JSON with the keys name and country.",
+            serde_json::json!({"temperature": 1.0, "seed": 3}),
+        ),
+    ] {
+        let (answer, end) = ask(content, extra.clone());
+        println!("{content:?} {extra}: {answer}");
+        assert_eq!(end["finish_reason"], "stop", "{answer}");
+        let v: Value =
+            serde_json::from_str(&answer).unwrap_or_else(|e| panic!("not JSON ({e}): {answer:?}"));
+        assert!(v.is_object(), "{answer}");
+    }
+    // A question the model answers in prose: constrained, it starts an object.
+    let (prose, _) = ask(
+        "What is the capital of France?",
+        serde_json::json!({"max_tokens": 3, "response_format": "text"}),
+    );
+    assert!(!prose.trim_start().starts_with('{'), "{prose:?}");
+    let (answer, end) = ask(
+        "What is the capital of France?",
+        serde_json::json!({"max_tokens": 3}),
+    );
+    assert_eq!(end["finish_reason"], "length");
+    assert!(answer.trim_start().starts_with('{'), "{answer:?}");
+    assert!(
+        serde_json::from_str::<Value>(&answer).is_err(),
+        "{answer:?}"
+    );
+}
+
 /// Failures are typed `error` events a client can map (never an `end`):
 /// a prompt longer than the context, a model the program may not open, and
 /// out-of-range parameters.

@@ -32,6 +32,7 @@ use cinfer_guest::{Dtype, Error, Program, output, request};
 use cinfer_tokenizer::{Tokenizer, Utf8Stream};
 use serde::Deserialize;
 
+pub mod json;
 pub mod reply;
 mod sampling;
 pub mod template;
@@ -83,6 +84,20 @@ struct Request {
     /// How many alternatives each `logprobs` event lists (at most 20).
     #[serde(default)]
     top_logprobs: u32,
+    /// `json_object`: the output is one JSON object, by constrained sampling.
+    #[serde(default)]
+    response_format: ResponseFormat,
+}
+
+/// What the generated text must be.
+#[derive(Debug, Default, Deserialize, PartialEq, Eq, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum ResponseFormat {
+    /// Anything.
+    #[default]
+    Text,
+    /// One JSON object (see [`json`]).
+    JsonObject,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq, Eq, Clone, Copy)]
@@ -472,11 +487,37 @@ fn generate(req: &Request, reply: Reply) -> Result<(), Failure> {
     let mut generated = 0u32;
     let mut finish = Finish::Length;
     let mut stopped_by_sequence = false;
+    let mut json =
+        (req.response_format == ResponseFormat::JsonObject).then(json::JsonPrefix::default);
     // `pos` is the position the sampled token will occupy.
     for (step, pos) in (0..req.max_tokens).zip(prompt_tokens..) {
-        let next = sampling.pick(&logits, &penalties, &mut rng, |id| {
-            req.ignore_eos && tok.is_eog(id)
-        })?;
+        let next = match json {
+            None => sampling.pick(&logits, &penalties, &mut rng, |id| {
+                req.ignore_eos && tok.is_eog(id)
+            })?,
+            // Only tokens that keep the output the start of a JSON object;
+            // never an end of generation before it is complete.
+            Some(prefix) => sampling
+                .pick_allowed(&logits, &penalties, &mut rng, |id| {
+                    let bytes = tok.token_bytes(id, false);
+                    !bytes.is_empty() && !tok.is_eog(id) && prefix.after(&bytes).is_some()
+                })?
+                .ok_or_else(|| {
+                    Failure::new(
+                        Code::Internal,
+                        "no token of the vocabulary continues the JSON output",
+                    )
+                })?,
+        };
+        let json_done = match &mut json {
+            Some(prefix) => {
+                *prefix = prefix
+                    .after(&tok.token_bytes(next, false))
+                    .unwrap_or(*prefix);
+                prefix.is_done()
+            }
+            None => false,
+        };
         generated += 1;
         penalties.record(next);
         let eog = tok.is_eog(next);
@@ -499,7 +540,7 @@ fn generate(req: &Request, reply: Reply) -> Result<(), Failure> {
             }
             Format::Text | Format::Events => {}
         }
-        if eog && !req.ignore_eos {
+        if (eog && !req.ignore_eos) || json_done {
             finish = Finish::Stop;
             break;
         }

@@ -105,6 +105,40 @@ impl Sampling {
         }
     }
 
+    /// Picks among the tokens `allowed` accepts (constrained decoding), after
+    /// `penalties`; `None` when it accepts none. Top-k, temperature and top-p
+    /// apply among the allowed tokens: the allowed ones among the `max(k,
+    /// 64)` most likely first, and only if none of those is allowed (or with
+    /// penalties) the whole vocabulary, ranked here.
+    pub fn pick_allowed(
+        &self,
+        logits: &Tensor,
+        penalties: &Penalties,
+        rng: &mut Rng,
+        allowed: impl Fn(u32) -> bool,
+    ) -> Result<Option<u32>, Error> {
+        let vocab = logits.shape().last().copied().unwrap_or(1);
+        let k = self.k(vocab);
+        let mut cands: Vec<(u32, f32)> = Vec::new();
+        if !penalties.active() {
+            cands = logits
+                .top_k(k.max(64).min(vocab))?
+                .into_iter()
+                .filter(|(id, _)| allowed(*id))
+                .take(k as usize)
+                .collect();
+        }
+        if cands.is_empty() {
+            let mut all = logits.to_vec()?;
+            penalties.apply(&mut all);
+            cands = top_k(&all, k, |id| !allowed(id));
+        }
+        if self.temperature <= 0.0 {
+            return Ok(cands.first().map(|(id, _)| *id));
+        }
+        Ok(self.draw(&cands, rng))
+    }
+
     /// Temperature, top-p and a seeded draw over `cands` (largest first);
     /// `None` when there are none.
     fn draw(&self, cands: &[(u32, f32)], rng: &mut Rng) -> Option<u32> {
