@@ -262,6 +262,31 @@ impl Parsed {
 /// loader's default `max-in-flight`).
 pub const MAX_N: i64 = 8;
 
+/// `response_format`: `text` (the default: nothing to ask), or `json_object`
+/// (the program samples only tokens that keep the output one JSON object).
+fn response_format(v: Option<&Value>) -> Result<Option<&'static str>, ApiError> {
+    let kind = match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(o)) => o.get("type").and_then(Value::as_str),
+        Some(_) => None,
+    };
+    match kind {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some("json_object")),
+        Some("json_schema") => Err(ApiError {
+            code: Some("unsupported_parameter"),
+            ..ApiError::invalid(
+                "response_format",
+                "`response_format` is not supported with type json_schema yet (json_object is)",
+            )
+        }),
+        _ => Err(ApiError::invalid(
+            "response_format",
+            "response_format must be {\"type\": \"text\"} or {\"type\": \"json_object\"}",
+        )),
+    }
+}
+
 /// Most alternatives per token (OpenAI's limit).
 const MAX_TOP_LOGPROBS: i64 = 20;
 
@@ -377,6 +402,9 @@ pub fn parse(body: &[u8], endpoint: Endpoint, seed: u64) -> Result<Parsed, ApiEr
         .map_err(|e| ApiError::malformed(format!("invalid request: {e}")))?;
     refuse_unsupported(&params)?;
     let (want_logprobs, top_logprobs) = logprobs(endpoint, &params)?;
+    if let Some(format) = response_format(params.response_format.as_ref())? {
+        llama.insert("response_format".into(), format.into());
+    }
     let stream = params.stream.unwrap_or(false);
     let include_usage = match &params.stream_options {
         Some(_) if !stream => {
@@ -491,8 +519,7 @@ pub fn parse(body: &[u8], endpoint: Endpoint, seed: u64) -> Result<Parsed, ApiEr
 }
 
 fn refuse_unsupported(p: &Params) -> Result<(), ApiError> {
-    let known: [(&'static str, &Option<Value>); 9] = [
-        ("response_format", &p.response_format),
+    let known: [(&'static str, &Option<Value>); 8] = [
         ("tools", &p.tools),
         ("tool_choice", &p.tool_choice),
         ("functions", &p.functions),
@@ -720,6 +747,12 @@ mod tests {
         assert_eq!(p.llama["seed"], 42);
         assert_eq!(p.llama["max_tokens"], 9);
         assert!(!p.stream && !p.include_usage);
+        // JSON mode is the program's constrained sampling.
+        let p =
+            chat(json!({"messages": msgs(), "response_format": {"type": "json_object"}})).unwrap();
+        assert_eq!(p.llama["response_format"], "json_object");
+        let e = chat(json!({"messages": msgs(), "response_format": {"type": "yaml"}})).unwrap_err();
+        assert_eq!((e.status, e.param), (400, Some("response_format")));
         // n choices: choice i samples with seed + i.
         let p = chat(json!({"messages": msgs(), "n": 3, "seed": 10})).unwrap();
         assert_eq!(p.n, 3);
@@ -810,7 +843,10 @@ mod tests {
             .unwrap_err();
         assert!(e.message.contains("unknown field `nmae`"), "{e:?}");
         for (field, value) in [
-            ("response_format", json!({"type": "json_object"})),
+            (
+                "response_format",
+                json!({"type": "json_schema", "json_schema": {"name": "x"}}),
+            ),
             (
                 "tools",
                 json!([{"type": "function", "function": {"name": "f"}}]),

@@ -123,6 +123,13 @@ r = c.chat.completions.create(model=M, messages=q, max_tokens=48, temperature=0,
 assert r.choices[0].message.content == full[: full.index("Paris")], (r.choices[0].message.content, full)
 assert r.choices[0].finish_reason == "stop", r
 
+# JSON mode: constrained sampling in the program makes the answer one JSON object.
+import json
+r = c.chat.completions.create(model=M, max_tokens=160, temperature=0, response_format={"type": "json_object"},
+    messages=[{"role": "user", "content": "Describe Paris as JSON with the keys name and country."}])
+assert r.choices[0].finish_reason == "stop", r
+assert isinstance(json.loads(r.choices[0].message.content), dict), r
+
 # Seeded sampling is reproducible; penalties are accepted.
 ask = lambda seed: c.chat.completions.create(model=M, messages=q, max_tokens=12, temperature=0.9,
                                               seed=seed, frequency_penalty=0.5).choices[0].message.content
