@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 mod chat;
 mod devrun;
+mod openai;
 mod proxy;
 mod signing;
 

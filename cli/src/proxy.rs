@@ -3,13 +3,31 @@
 //! every reply's receipt is verified (by `cinfer-client`) before the proxy
 //! calls the answer good:
 //!
-//! * `POST /v1/chat/completions`: non-streaming answers only after the
-//!   receipt verified (else an error, never the text); with `"stream": true`,
-//!   text chunks go out as server-sent events as each sealed frame
-//!   authenticates, and the closing chunk (`finish_reason`) and `[DONE]`
-//!   only after the receipt verified — on a failure the stream ends with an
-//!   `error` event instead.
-//! * `GET /v1/models`: the server's model list.
+//! * `POST /v1/chat/completions` and `POST /v1/completions`: requests are
+//!   checked by [`crate::openai`] (unknown fields and out-of-range
+//!   parameters are 400s naming the parameter) and mapped to llama-chat's
+//!   request with `"format": "events-v1"`, so the program reports the token
+//!   counts (`usage`), the `finish_reason` and typed failures inside the
+//!   sealed reply. Non-streaming answers only after the receipt verified
+//!   (else an error, never the text); with `"stream": true`, text chunks go
+//!   out as server-sent events as each sealed frame authenticates, and the
+//!   closing chunk (`finish_reason`), the `usage` chunk
+//!   (`stream_options.include_usage`) and `[DONE]` only after the receipt
+//!   verified — on a failure the stream ends with an `{"error": …}` event
+//!   and `[DONE]` instead. A failure before any text (no attested loader,
+//!   a prompt longer than the context, an unknown model) is an HTTP error
+//!   even when streaming.
+//! * `GET /v1/models`, `GET /v1/models/{id}`: the server's model list.
+//!
+//! A client that hangs up stops its exchange (`Client::chat_until`): the
+//! proxy closes its connection to the server, which cancels the run on the
+//! loader, rather than reading the reply to its end.
+//!
+//! Statuses: 400 for a client mistake (parameters, context overflow), 404
+//! for an unknown model or route, 405 for a wrong method, 429 (server busy)
+//! and 503 (no attested loader) with `Retry-After`, 500 for a program
+//! failure that is not the client's, 502 for a reply that failed
+//! verification or a program that broke the reply format.
 //!
 //! Listen on loopback only: the proxy handles request and reply plaintext.
 //!
@@ -24,17 +42,17 @@
 //! requests), and then its body within as long again (else 408).
 
 use crate::chat::ServerArgs;
+use crate::openai::{self, ApiError, Endpoint, EventLines, ProgramEvent, Usage, total_usage};
 use anyhow::{Context, Result};
 use cinfer_client::{ChatResult, Client, ClientError, ReplyStatus};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Bytes, Frame, Incoming};
-use hyper::header::{CACHE_CONTROL, CONNECTION, CONTENT_TYPE, HeaderValue};
+use hyper::header::{ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use serde::Deserialize;
 use serde_json::{Value, json};
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -48,6 +66,8 @@ use tokio::sync::{Semaphore, mpsc};
 const MAX_BODY: usize = 4 * 1024 * 1024;
 /// hyper's read buffer per connection (a larger request head is refused, 431).
 const MAX_HTTP_BUF: usize = 64 * 1024;
+/// `Retry-After` of a 429 (server busy) or 503 (no attested loader).
+const RETRY_AFTER_SECS: &str = "1";
 
 /// `cinfer proxy` arguments.
 #[derive(Debug, clap::Args)]
@@ -102,171 +122,37 @@ fn json_response(status: StatusCode, value: &Value) -> Response<ProxyBody> {
     resp
 }
 
-fn error_body(message: &str, kind: &str) -> Value {
-    json!({"error": {"message": message, "type": kind, "param": null, "code": null}})
-}
-
-fn error_response(status: StatusCode, message: &str, kind: &str) -> Response<ProxyBody> {
-    json_response(status, &error_body(message, kind))
-}
-
-/// The HTTP status and OpenAI error type for a client error.
-fn classify(e: &ClientError) -> (StatusCode, &'static str) {
+/// The OpenAI error for a client-library error. Only a busy or unavailable
+/// server is retryable (429, 503, with `Retry-After`); what the server refused
+/// keeps its 4xx; a reply that failed verification is a 502.
+fn client_api_error(e: &ClientError) -> ApiError {
     if e.is_verification_failure() {
-        return (StatusCode::BAD_GATEWAY, "cinfer_verification_failed");
+        return ApiError::new(502, "cinfer_verification_failed", e.to_string());
     }
     match e {
-        ClientError::NoAttestedLoader(_) => (StatusCode::SERVICE_UNAVAILABLE, "cinfer_unavailable"),
+        ClientError::NoAttestedLoader(_) => ApiError::new(503, "cinfer_unavailable", e.to_string()),
+        ClientError::Server { status: 429, .. } => ApiError {
+            code: Some("rate_limit_exceeded"),
+            ..ApiError::new(429, "requests", e.to_string())
+        },
         ClientError::InvalidProgram(_) | ClientError::InvalidProgramPin(_) => {
-            (StatusCode::BAD_REQUEST, "invalid_request_error")
+            ApiError::new(400, "invalid_request_error", e.to_string())
         }
-        ClientError::Server { status, .. } if (400..500).contains(status) => (
-            StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY),
-            "invalid_request_error",
-        ),
-        _ => (StatusCode::BAD_GATEWAY, "cinfer_upstream_error"),
+        ClientError::Server { status, .. } if (400..500).contains(status) => {
+            ApiError::new(*status, "invalid_request_error", e.to_string())
+        }
+        _ => ApiError::new(502, "cinfer_upstream_error", e.to_string()),
     }
 }
 
-fn client_error_response(e: &ClientError) -> Response<ProxyBody> {
-    let (status, kind) = classify(e);
-    error_response(status, &e.to_string(), kind)
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Content {
-    Text(String),
-    Parts(Vec<Part>),
-}
-
-#[derive(Debug, Deserialize)]
-struct Part {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    text: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct InMessage {
-    role: String,
-    #[serde(default)]
-    content: Option<Content>,
-}
-
-#[derive(Debug, Deserialize)]
-struct CompletionRequest {
-    #[serde(default)]
-    model: Option<String>,
-    messages: Vec<InMessage>,
-    #[serde(default)]
-    max_tokens: Option<u32>,
-    #[serde(default)]
-    max_completion_tokens: Option<u32>,
-    #[serde(default)]
-    temperature: Option<f32>,
-    #[serde(default)]
-    top_p: Option<f32>,
-    #[serde(default)]
-    seed: Option<u64>,
-    #[serde(default)]
-    stream: Option<bool>,
-    #[serde(default)]
-    n: Option<u32>,
-}
-
-/// Maps an OpenAI chat request to llama-chat's request.
-fn llama_request(req: &CompletionRequest) -> Result<Value, String> {
-    if req.n.is_some_and(|n| n != 1) {
-        return Err("only n = 1 is supported".into());
+fn api_error_response(e: &ApiError) -> Response<ProxyBody> {
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = json_response(status, &e.body());
+    if matches!(e.status, 429 | 503) {
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
     }
-    if req.messages.is_empty() {
-        return Err("messages must not be empty".into());
-    }
-    let mut messages = Vec::new();
-    for m in &req.messages {
-        let role = match m.role.as_str() {
-            "developer" => "system",
-            r @ ("system" | "user" | "assistant") => r,
-            other => return Err(format!("unsupported message role {other:?}")),
-        };
-        let content = match &m.content {
-            None => String::new(),
-            Some(Content::Text(t)) => t.clone(),
-            Some(Content::Parts(parts)) => {
-                let mut text = String::new();
-                for p in parts {
-                    if p.kind != "text" {
-                        return Err(format!("unsupported content part type {:?}", p.kind));
-                    }
-                    text.push_str(p.text.as_deref().unwrap_or(""));
-                }
-                text
-            }
-        };
-        messages.push(json!({"role": role, "content": content}));
-    }
-    // As `cinfer chat`: only the system turns the client sends.
-    let mut out = json!({"messages": messages, "format": "text", "default_system": false});
-    if let Some(obj) = out.as_object_mut() {
-        if let Some(model) = req.model.as_deref().filter(|m| !m.is_empty()) {
-            obj.insert("model".into(), model.into());
-        }
-        if let Some(n) = req.max_completion_tokens.or(req.max_tokens) {
-            obj.insert("max_tokens".into(), n.into());
-        }
-        if let Some(t) = req.temperature {
-            obj.insert("temperature".into(), t.into());
-        }
-        if let Some(p) = req.top_p {
-            obj.insert("top_p".into(), p.into());
-        }
-        if let Some(s) = req.seed {
-            obj.insert("seed".into(), s.into());
-        }
-    }
-    Ok(out)
-}
-
-/// Turns byte chunks into text without splitting a UTF-8 sequence.
-#[derive(Debug, Default)]
-struct Utf8Carry(Vec<u8>);
-
-impl Utf8Carry {
-    fn push(&mut self, bytes: &[u8]) -> String {
-        self.0.extend_from_slice(bytes);
-        let mut out = String::new();
-        loop {
-            match std::str::from_utf8(&self.0) {
-                Ok(s) => {
-                    out.push_str(s);
-                    self.0.clear();
-                    return out;
-                }
-                Err(e) => {
-                    let valid = e.valid_up_to();
-                    out.push_str(&String::from_utf8_lossy(&self.0[..valid]));
-                    match e.error_len() {
-                        None => {
-                            self.0.drain(..valid);
-                            return out;
-                        }
-                        Some(n) => {
-                            out.push('\u{FFFD}');
-                            self.0.drain(..valid + n);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    fn finish(&mut self) -> String {
-        let s = String::from_utf8_lossy(&self.0).into_owned();
-        self.0.clear();
-        s
-    }
+    resp
 }
 
 enum Event {
@@ -280,10 +166,20 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn completion_id() -> String {
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = getrandom::fill(&mut b);
+    u64::from_le_bytes(b)
+}
+
+fn completion_id(endpoint: Endpoint) -> String {
     let mut b = [0u8; 12];
     let _ = getrandom::fill(&mut b);
-    format!("chatcmpl-{}", hex::encode(b))
+    let prefix = match endpoint {
+        Endpoint::Chat => "chatcmpl",
+        Endpoint::Completions => "cmpl",
+    };
+    format!("{prefix}-{}", hex::encode(b))
 }
 
 /// What the proxy attaches about the verified receipt.
@@ -297,19 +193,27 @@ fn receipt_extension(client: &Client, result: &ChatResult) -> Value {
     })
 }
 
-/// Runs the chat through the blocking client, forwarding events.
-fn start_chat(state: &State, request: Vec<u8>) -> mpsc::Receiver<Event> {
+/// Runs one exchange per request (one per choice) through the blocking
+/// client, forwarding each one's events tagged with its choice index.
+fn start_chats(state: &State, requests: Vec<Vec<u8>>) -> mpsc::Receiver<(usize, Event)> {
     let (tx, rx) = mpsc::channel(256);
-    let client = state.client.clone();
-    let program = state.program.clone();
-    tokio::task::spawn_blocking(move || {
-        let result = client.chat(&program, &request, |chunk| {
-            // A gone consumer just stops receiving; the exchange still runs
-            // to its end (and its receipt is still checked) here.
-            let _ = tx.blocking_send(Event::Chunk(chunk.to_vec()));
+    for (index, request) in requests.into_iter().enumerate() {
+        let tx = tx.clone();
+        let client = state.client.clone();
+        let program = state.program.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = client.chat_until(&program, &request, |chunk| {
+                // The proxy's client went away (its request future or stream
+                // task, which holds the receiver, is gone): stop, so the
+                // server cancels the generation on the loader.
+                match tx.blocking_send((index, Event::Chunk(chunk.to_vec()))) {
+                    Ok(()) => std::ops::ControlFlow::Continue(()),
+                    Err(_) => std::ops::ControlFlow::Break(()),
+                }
+            });
+            let _ = tx.blocking_send((index, Event::Done(Box::new(result))));
         });
-        let _ = tx.blocking_send(Event::Done(Box::new(result)));
-    });
+    }
     rx
 }
 
@@ -320,194 +224,442 @@ fn not_completed(status: ReplyStatus) -> String {
     )
 }
 
-async fn chat_completions(state: Arc<State>, req: Request<Incoming>) -> Response<ProxyBody> {
-    let collect = Limited::new(req.into_body(), MAX_BODY).collect();
-    let body = match tokio::time::timeout(state.read_timeout, collect).await {
-        Ok(Ok(b)) => b.to_bytes(),
-        Ok(Err(_)) => {
-            return error_response(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "request body too large or unreadable",
-                "invalid_request_error",
-            );
+/// What the reply carries for the client, in order.
+#[derive(Debug)]
+enum Piece {
+    Text(String),
+    Logprobs(Vec<Value>),
+}
+
+/// One exchange's program events, as they arrive.
+#[derive(Debug, Default)]
+struct Run {
+    lines: EventLines,
+    end: Option<Usage>,
+    error: Option<(String, String)>,
+    /// The reply is not well-formed `events-v1`.
+    protocol: Option<String>,
+}
+
+impl Run {
+    /// Adds reply bytes; returns the completion text (and log-probabilities) they carry.
+    fn feed(&mut self, bytes: &[u8]) -> Vec<Piece> {
+        let mut texts = Vec::new();
+        if self.protocol.is_some() {
+            return texts;
         }
+        let events = match self.lines.push(bytes) {
+            Ok(e) => e,
+            Err(e) => {
+                self.protocol = Some(e);
+                return texts;
+            }
+        };
+        for event in events {
+            if self.end.is_some() || self.error.is_some() {
+                self.protocol = Some("the program sent an event after its last one".into());
+                break;
+            }
+            match event {
+                ProgramEvent::Text { text } => texts.push(Piece::Text(text)),
+                ProgramEvent::Logprobs { content } => texts.push(Piece::Logprobs(content)),
+                ProgramEvent::End(usage) => self.end = Some(usage),
+                ProgramEvent::Error { code, message } => self.error = Some((code, message)),
+            }
+        }
+        texts
+    }
+
+    /// Whether the program reported a failure (or broke the format) already.
+    fn failed(&self) -> bool {
+        self.error.is_some() || self.protocol.is_some()
+    }
+
+    /// The verdict on the finished exchange: verification first, then the
+    /// program's own account of how it ended.
+    fn finish(
+        self,
+        result: Result<ChatResult, ClientError>,
+    ) -> Result<(ChatResult, Usage), ApiError> {
+        let result = result.map_err(|e| client_api_error(&e))?;
+        let broken = |m: String| ApiError::new(502, "cinfer_program_failed", m);
+        if let Some(p) = self.protocol {
+            return Err(broken(p));
+        }
+        if self.lines.has_partial_line() {
+            return Err(broken("the program's reply ended inside an event".into()));
+        }
+        match (result.status, self.end, self.error) {
+            (ReplyStatus::Completed, Some(usage), None) => Ok((result, usage)),
+            (ReplyStatus::Completed, _, _) => {
+                Err(broken("the program completed without its end event".into()))
+            }
+            (ReplyStatus::ProgramFailed, _, Some((code, message))) => {
+                Err(openai::program_error(&code, &message))
+            }
+            (status, _, _) => Err(broken(not_completed(status))),
+        }
+    }
+}
+
+/// A finished choice: its verified exchange and the program's account.
+type Verdict = Result<(ChatResult, Usage), ApiError>;
+
+/// The response objects of one request.
+struct Shape {
+    endpoint: Endpoint,
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+    /// `logprobs: true`: every choice carries `logprobs.content`.
+    logprobs: bool,
+    /// Choices (`n`).
+    n: usize,
+}
+
+impl Shape {
+    fn chunk_object(&self) -> &'static str {
+        match self.endpoint {
+            Endpoint::Chat => "chat.completion.chunk",
+            Endpoint::Completions => "text_completion",
+        }
+    }
+
+    fn chunk(&self, choice: Value, extension: Option<Value>) -> Bytes {
+        let mut v = json!({
+            "id": self.id,
+            "object": self.chunk_object(),
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        });
+        if let Some(obj) = v.as_object_mut() {
+            if self.include_usage {
+                obj.insert("usage".into(), Value::Null);
+            }
+            if let Some(extension) = extension {
+                obj.insert("cinfer".into(), extension);
+            }
+        }
+        Bytes::from(format!("data: {v}\n\n"))
+    }
+
+    fn logprobs_of(&self, entries: Vec<Value>) -> Value {
+        if self.logprobs {
+            json!({"content": entries, "refusal": null})
+        } else {
+            Value::Null
+        }
+    }
+
+    fn choice(
+        &self,
+        index: usize,
+        text: Option<&str>,
+        finish: Value,
+        logprobs: Vec<Value>,
+    ) -> Value {
+        let logprobs = self.logprobs_of(logprobs);
+        match self.endpoint {
+            Endpoint::Chat => {
+                let delta = text.map_or_else(|| json!({}), |t| json!({"content": t}));
+                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
+            }
+            Endpoint::Completions => {
+                json!({"index": index, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish})
+            }
+        }
+    }
+
+    /// The first chunks of a chat stream (each choice's role), none for completions.
+    fn opening(&self) -> Vec<Bytes> {
+        if self.endpoint != Endpoint::Chat {
+            return Vec::new();
+        }
+        (0..self.n)
+            .map(|index| {
+                self.chunk(
+                    json!({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}),
+                    None,
+                )
+            })
+            .collect()
+    }
+
+    /// Chunks for choice `index`'s `pieces`: one per text; log-probabilities
+    /// go with the text that follows them (`pending` keeps them until it comes).
+    fn pieces(&self, index: usize, pending: &mut Vec<Value>, pieces: Vec<Piece>) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        for piece in pieces {
+            match piece {
+                Piece::Logprobs(entries) => pending.extend(entries),
+                Piece::Text(t) => out.push(self.chunk(
+                    self.choice(index, Some(&t), Value::Null, std::mem::take(pending)),
+                    None,
+                )),
+            }
+        }
+        out
+    }
+
+    /// Choice `index` finished: its finish reason, with its verified receipt.
+    fn finished(
+        &self,
+        client: &Client,
+        index: usize,
+        (result, usage): &(ChatResult, Usage),
+        pending: Vec<Value>,
+    ) -> Bytes {
+        self.chunk(
+            self.choice(index, None, json!(usage.finish_reason), pending),
+            Some(receipt_extension(client, result)),
+        )
+    }
+
+    /// The end of a stream: the usage chunk when asked for, and `[DONE]`.
+    fn closing(&self, usages: &[&Usage]) -> Bytes {
+        let mut out = Vec::new();
+        if self.include_usage {
+            let v = json!({
+                "id": self.id,
+                "object": self.chunk_object(),
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": total_usage(usages),
+            });
+            out.extend_from_slice(format!("data: {v}\n\n").as_bytes());
+        }
+        out.extend_from_slice(b"data: [DONE]\n\n");
+        Bytes::from(out)
+    }
+
+    /// A failed stream's end: the error event and `[DONE]`.
+    fn failed(&self, e: &ApiError) -> Bytes {
+        Bytes::from(format!("data: {}\n\ndata: [DONE]\n\n", e.body()))
+    }
+
+    /// The whole (non-streamed) answer. One choice carries its receipt in the
+    /// top-level `cinfer`; several, each in its own.
+    fn complete(&self, client: &Client, choices: Vec<(Vec<Piece>, ChatResult, Usage)>) -> Value {
+        let usages: Vec<&Usage> = choices.iter().map(|(_, _, u)| u).collect();
+        let usage = total_usage(&usages);
+        let one = choices.len() == 1;
+        let mut top_extension = Value::Null;
+        let mut out = Vec::new();
+        for (index, (pieces, result, usage)) in choices.iter().enumerate() {
+            let mut text = String::new();
+            let mut entries = Vec::new();
+            for piece in pieces {
+                match piece {
+                    Piece::Text(t) => text.push_str(t),
+                    Piece::Logprobs(e) => entries.extend(e.iter().cloned()),
+                }
+            }
+            let logprobs = self.logprobs_of(entries);
+            let mut choice = match self.endpoint {
+                Endpoint::Chat => json!({
+                    "index": index,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": logprobs,
+                    "finish_reason": usage.finish_reason,
+                }),
+                Endpoint::Completions => json!({
+                    "index": index, "text": text, "logprobs": logprobs, "finish_reason": usage.finish_reason,
+                }),
+            };
+            let extension = receipt_extension(client, result);
+            if one {
+                top_extension = extension;
+            } else if let Some(obj) = choice.as_object_mut() {
+                obj.insert("cinfer".into(), extension);
+            }
+            out.push(choice);
+        }
+        let object = match self.endpoint {
+            Endpoint::Chat => "chat.completion",
+            Endpoint::Completions => "text_completion",
+        };
+        let mut v = json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model,
+            "choices": out,
+            "usage": usage,
+        });
+        if let (false, Some(obj)) = (top_extension.is_null(), v.as_object_mut()) {
+            obj.insert("cinfer".into(), top_extension);
+        }
+        v
+    }
+}
+
+async fn read_body(state: &State, req: Request<Incoming>) -> Result<Bytes, Response<ProxyBody>> {
+    let collect = Limited::new(req.into_body(), MAX_BODY).collect();
+    match tokio::time::timeout(state.read_timeout, collect).await {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(_)) => Err(api_error_response(&ApiError::new(
+            413,
+            "invalid_request_error",
+            "request body too large or unreadable",
+        ))),
         Err(_) => {
             // The rest of the body is never read: close rather than wait for it.
-            let mut resp = error_response(
-                StatusCode::REQUEST_TIMEOUT,
-                &format!(
+            let mut resp = api_error_response(&ApiError::new(
+                408,
+                "invalid_request_error",
+                format!(
                     "request body not received within {} ms",
                     state.read_timeout.as_millis()
                 ),
-                "invalid_request_error",
-            );
+            ));
             resp.headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
-            return resp;
+            Err(resp)
         }
-    };
-    let parsed: CompletionRequest = match serde_json::from_slice(&body) {
-        Ok(p) => p,
-        Err(e) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                &format!("malformed chat completion request: {e}"),
-                "invalid_request_error",
-            );
-        }
-    };
-    let llama = match llama_request(&parsed) {
-        Ok(l) => l,
-        Err(e) => return error_response(StatusCode::BAD_REQUEST, &e, "invalid_request_error"),
-    };
-    let model = parsed
-        .model
-        .clone()
-        .filter(|m| !m.is_empty())
-        .unwrap_or_else(|| state.program.clone());
-    let mut rx = start_chat(&state, llama.to_string().into_bytes());
-    let id = completion_id();
-    let created = now_secs();
+    }
+}
 
-    if !parsed.stream.unwrap_or(false) {
-        let mut text = Vec::new();
-        let result = loop {
+fn internal_error() -> Response<ProxyBody> {
+    api_error_response(&ApiError::new(
+        500,
+        "cinfer_internal_error",
+        "the client task ended",
+    ))
+}
+
+async fn completions(
+    state: Arc<State>,
+    req: Request<Incoming>,
+    endpoint: Endpoint,
+) -> Response<ProxyBody> {
+    let body = match read_body(&state, req).await {
+        Ok(b) => b,
+        Err(resp) => return resp,
+    };
+    let parsed = match openai::parse(&body, endpoint, random_u64()) {
+        Ok(p) => p,
+        Err(e) => return api_error_response(&e),
+    };
+    let n = parsed.n;
+    let requests: Vec<Vec<u8>> = (0..n).map(|i| parsed.request_for_choice(i)).collect();
+    let mut rx = start_chats(&state, requests);
+    let shape = Shape {
+        endpoint,
+        id: completion_id(endpoint),
+        created: now_secs(),
+        model: parsed
+            .model
+            .clone()
+            .unwrap_or_else(|| state.program.clone()),
+        include_usage: parsed.include_usage,
+        logprobs: parsed.logprobs,
+        n,
+    };
+    let mut runs: Vec<Run> = (0..n).map(|_| Run::default()).collect();
+    let mut verdicts: Vec<Option<Verdict>> = (0..n).map(|_| None).collect();
+
+    if !parsed.stream {
+        let mut pieces: Vec<Vec<Piece>> = (0..n).map(|_| Vec::new()).collect();
+        while verdicts.iter().any(Option::is_none) {
             match rx.recv().await {
-                Some(Event::Chunk(c)) => text.extend_from_slice(&c),
-                Some(Event::Done(r)) => break *r,
-                None => {
-                    return error_response(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "the client task ended",
-                        "cinfer_internal_error",
-                    );
+                Some((i, Event::Chunk(c))) => pieces[i].extend(runs[i].feed(&c)),
+                Some((i, Event::Done(r))) => {
+                    verdicts[i] = Some(std::mem::take(&mut runs[i]).finish(*r));
                 }
+                None => return internal_error(),
             }
-        };
-        let result = match result {
-            Ok(r) => r,
-            Err(e) => return client_error_response(&e),
-        };
-        if result.status != ReplyStatus::Completed {
-            return error_response(
-                StatusCode::BAD_GATEWAY,
-                &not_completed(result.status),
-                "cinfer_program_failed",
-            );
         }
-        let content = String::from_utf8_lossy(&text).into_owned();
-        return json_response(
-            StatusCode::OK,
-            &json!({
-                "id": id,
-                "object": "chat.completion",
-                "created": created,
-                "model": model,
-                "choices": [{
-                    "index": 0,
-                    "message": {"role": "assistant", "content": content},
-                    "logprobs": null,
-                    "finish_reason": "stop",
-                }],
-                "cinfer": receipt_extension(&state.client, &result),
-            }),
-        );
+        let mut choices = Vec::new();
+        for (p, v) in pieces.into_iter().zip(verdicts) {
+            match v {
+                Some(Ok((result, usage))) => choices.push((p, result, usage)),
+                Some(Err(e)) => return api_error_response(&e),
+                None => return internal_error(),
+            }
+        }
+        return json_response(StatusCode::OK, &shape.complete(&state.client, choices));
     }
 
-    // Streaming: wait for the first event so that errors before any text
-    // (no attested loader, a statement that does not verify) are HTTP errors.
-    let first = match rx.recv().await {
-        Some(Event::Done(r)) => match *r {
-            Err(e) => return client_error_response(&e),
-            Ok(r) => Event::Done(Box::new(Ok(r))),
-        },
-        Some(chunk) => chunk,
-        None => {
-            return error_response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the client task ended",
-                "cinfer_internal_error",
-            );
-        }
+    // Streaming: nothing is sent before the first text, so that failures
+    // before it (no attested loader, a statement that does not verify, a
+    // program error such as a prompt longer than the context) are HTTP
+    // errors with their status.
+    let mut first: Vec<(usize, Vec<Piece>)> = Vec::new();
+    let has_text = |first: &[(usize, Vec<Piece>)]| {
+        first
+            .iter()
+            .any(|(_, p)| p.iter().any(|p| matches!(p, Piece::Text(_))))
     };
+    while !has_text(&first) && verdicts.iter().any(Option::is_none) {
+        match rx.recv().await {
+            Some((i, Event::Chunk(c))) => {
+                let pieces = runs[i].feed(&c);
+                if runs[i].failed() {
+                    continue;
+                }
+                first.push((i, pieces));
+            }
+            Some((i, Event::Done(r))) => match std::mem::take(&mut runs[i]).finish(*r) {
+                Err(e) => return api_error_response(&e),
+                Ok(v) => verdicts[i] = Some(Ok(v)),
+            },
+            None => return internal_error(),
+        }
+    }
     let (tx, body_rx) = mpsc::channel::<Bytes>(256);
-    let chunk = move |delta: Value, finish: Value, extra: Option<Value>| -> Bytes {
-        let mut v = json!({
-            "id": id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
-        });
-        if let (Some(extra), Some(obj)) = (extra, v.as_object_mut()) {
-            obj.insert("cinfer".into(), extra);
-        }
-        Bytes::from(format!("data: {v}\n\n"))
-    };
     let client = state.client.clone();
     tokio::spawn(async move {
-        let mut carry = Utf8Carry::default();
-        if tx
-            .send(chunk(
-                json!({"role": "assistant", "content": ""}),
-                Value::Null,
-                None,
-            ))
-            .await
-            .is_err()
-        {
-            return;
+        let mut pending: Vec<Vec<Value>> = (0..n).map(|_| Vec::new()).collect();
+        let mut out = shape.opening();
+        for (i, pieces) in first {
+            out.extend(shape.pieces(i, &mut pending[i], pieces));
         }
-        let mut next = Some(first);
-        loop {
-            let event = match next.take() {
-                Some(e) => Some(e),
-                None => rx.recv().await,
-            };
-            let msg = match event {
-                Some(Event::Chunk(c)) => {
-                    let text = carry.push(&c);
-                    if text.is_empty() {
-                        continue;
-                    }
-                    chunk(json!({"content": text}), Value::Null, None)
-                }
-                Some(Event::Done(r)) => {
-                    let rest = carry.finish();
-                    if !rest.is_empty() {
-                        let _ = tx
-                            .send(chunk(json!({"content": rest}), Value::Null, None))
-                            .await;
-                    }
-                    let end = match *r {
-                        Ok(r) if r.status == ReplyStatus::Completed => {
-                            let last = chunk(
-                                json!({}),
-                                json!("stop"),
-                                Some(receipt_extension(&client, &r)),
-                            );
-                            let mut b = last.to_vec();
-                            b.extend_from_slice(b"data: [DONE]\n\n");
-                            Bytes::from(b)
-                        }
-                        Ok(r) => Bytes::from(format!(
-                            "data: {}\n\n",
-                            error_body(&not_completed(r.status), "cinfer_program_failed")
-                        )),
-                        Err(e) => {
-                            let (_, kind) = classify(&e);
-                            Bytes::from(format!("data: {}\n\n", error_body(&e.to_string(), kind)))
-                        }
-                    };
-                    let _ = tx.send(end).await;
-                    return;
-                }
-                None => return,
-            };
-            if tx.send(msg).await.is_err() {
+        // Choices that ended before any text was sent end now.
+        for (i, v) in verdicts.iter().enumerate() {
+            if let Some(Ok(v)) = v {
+                out.push(shape.finished(&client, i, v, std::mem::take(&mut pending[i])));
+            }
+        }
+        for b in out {
+            if tx.send(b).await.is_err() {
                 return;
             }
         }
+        while verdicts.iter().any(Option::is_none) {
+            let bytes = match rx.recv().await {
+                Some((i, Event::Chunk(c))) => {
+                    let pieces = runs[i].feed(&c);
+                    shape.pieces(i, &mut pending[i], pieces)
+                }
+                Some((i, Event::Done(r))) => match std::mem::take(&mut runs[i]).finish(*r) {
+                    Ok(v) => {
+                        let b = shape.finished(&client, i, &v, std::mem::take(&mut pending[i]));
+                        verdicts[i] = Some(Ok(v));
+                        vec![b]
+                    }
+                    Err(e) => {
+                        // One choice failed: the stream ends with its error
+                        // (the others stop when their receiver goes).
+                        let _ = tx.send(shape.failed(&e)).await;
+                        return;
+                    }
+                },
+                None => return,
+            };
+            for b in bytes {
+                if tx.send(b).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let usages: Vec<&Usage> = verdicts
+            .iter()
+            .filter_map(|v| v.as_ref().and_then(|v| v.as_ref().ok()).map(|(_, u)| u))
+            .collect();
+        let _ = tx.send(shape.closing(&usages)).await;
     });
     let mut resp = Response::new(ChannelBody(body_rx).boxed());
     resp.headers_mut()
@@ -517,37 +669,78 @@ async fn chat_completions(state: Arc<State>, req: Request<Incoming>) -> Response
     resp
 }
 
-async fn models(state: Arc<State>) -> Response<ProxyBody> {
+fn model_object(id: &str) -> Value {
+    json!({"id": id, "object": "model", "created": 0, "owned_by": "cinfer"})
+}
+
+/// `GET /v1/models` (`one`: `None`), or `GET /v1/models/{id}` (404 if the
+/// server lists no such model).
+async fn models(state: Arc<State>, one: Option<String>) -> Response<ProxyBody> {
     let client = state.client.clone();
     let result = tokio::task::spawn_blocking(move || client.models()).await;
-    match result {
-        Ok(Ok(models)) => {
-            let data: Vec<Value> = models
-                .into_iter()
-                .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "cinfer"}))
-                .collect();
+    match (result, one) {
+        (Ok(Ok(models)), None) => {
+            let data: Vec<Value> = models.iter().map(|id| model_object(id)).collect();
             json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
         }
-        Ok(Err(e)) => client_error_response(&e),
-        Err(_) => error_response(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "the client task failed",
-            "cinfer_internal_error",
-        ),
+        (Ok(Ok(models)), Some(id)) => {
+            if models.contains(&id) {
+                json_response(StatusCode::OK, &model_object(&id))
+            } else {
+                api_error_response(&ApiError {
+                    param: Some("model"),
+                    code: Some("model_not_found"),
+                    ..ApiError::new(
+                        404,
+                        "invalid_request_error",
+                        format!("the model `{id}` does not exist (the server lists {models:?})"),
+                    )
+                })
+            }
+        }
+        (Ok(Err(e)), _) => api_error_response(&client_api_error(&e)),
+        (Err(_), _) => internal_error(),
     }
+}
+
+fn method_not_allowed(method: &Method, path: &str, allow: &'static str) -> Response<ProxyBody> {
+    let mut resp = api_error_response(&ApiError::new(
+        405,
+        "invalid_request_error",
+        format!("{method} is not allowed on {path} (use {allow})"),
+    ));
+    resp.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    resp
 }
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ProxyBody> {
     let path = req.uri().path().trim_end_matches('/').to_owned();
-    match (req.method(), path.as_str()) {
-        (&Method::POST, "/v1/chat/completions") => chat_completions(state, req).await,
-        (&Method::GET, "/v1/models") => models(state).await,
-        (&Method::GET, "/healthz") => json_response(StatusCode::OK, &json!({"status": "ok"})),
-        _ => error_response(
-            StatusCode::NOT_FOUND,
-            &format!("no route {} {path}", req.method()),
-            "invalid_request_error",
-        ),
+    let method = req.method().clone();
+    let (allow, is_get) = match path.as_str() {
+        "/v1/chat/completions" | "/v1/completions" => ("POST", false),
+        "/v1/models" | "/healthz" => ("GET", true),
+        p if p.starts_with("/v1/models/") => ("GET", true),
+        _ => {
+            return api_error_response(&ApiError::new(
+                404,
+                "invalid_request_error",
+                format!("no route {method} {path}"),
+            ));
+        }
+    };
+    if method != if is_get { Method::GET } else { Method::POST } {
+        return method_not_allowed(&method, &path, allow);
+    }
+    match path.as_str() {
+        "/v1/chat/completions" => completions(state, req, Endpoint::Chat).await,
+        "/v1/completions" => completions(state, req, Endpoint::Completions).await,
+        "/v1/models" => models(state, None).await,
+        "/healthz" => json_response(StatusCode::OK, &json!({"status": "ok"})),
+        p => {
+            let id = p.trim_start_matches("/v1/models/").to_owned();
+            models(state, Some(id)).await
+        }
     }
 }
 
@@ -622,47 +815,4 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
             });
         }
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn utf8_carry_keeps_sequences_whole() {
-        let mut c = Utf8Carry::default();
-        let s = "héllo ✓".as_bytes();
-        let mut out = String::new();
-        for b in s {
-            out.push_str(&c.push(std::slice::from_ref(b)));
-        }
-        out.push_str(&c.finish());
-        assert_eq!(out, "héllo ✓");
-        assert_eq!(c.push(b"a\xffb"), "a\u{FFFD}b");
-    }
-
-    #[test]
-    fn maps_openai_requests() {
-        let req: CompletionRequest = serde_json::from_value(json!({
-            "model": "smollm2-135m-instruct",
-            "messages": [
-                {"role": "developer", "content": "be brief"},
-                {"role": "user", "content": [{"type": "text", "text": "hi"}]}
-            ],
-            "max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "seed": 3, "stream": true
-        }))
-        .unwrap();
-        let l = llama_request(&req).unwrap();
-        assert_eq!(
-            l,
-            json!({
-                "messages": [
-                    {"role": "system", "content": "be brief"},
-                    {"role": "user", "content": "hi"}
-                ],
-                "format": "text", "default_system": false, "model": "smollm2-135m-instruct",
-                "max_tokens": 7, "temperature": 0.5, "top_p": 0.9f32, "seed": 3
-            })
-        );
-    }
 }

@@ -73,6 +73,8 @@ struct Fake {
     /// Set when the gate timed out (the client did not see the first chunk
     /// before the body ended).
     gate_timed_out: Arc<Mutex<bool>>,
+    /// Set when writing a reply failed: the client closed the connection mid-reply.
+    hung_up: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Fake {
@@ -124,6 +126,7 @@ impl Fake {
         let requests = Arc::new(Mutex::new(Vec::new()));
         let bound = Arc::new(Mutex::new(Vec::new()));
         let gate_timed_out = Arc::new(Mutex::new(false));
+        let hung_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ctx = Arc::new(ServerCtx {
             mode,
             signed_statement,
@@ -133,6 +136,7 @@ impl Fake {
             requests: requests.clone(),
             bound: bound.clone(),
             gate_timed_out: gate_timed_out.clone(),
+            hung_up: hung_up.clone(),
         });
         std::thread::spawn(move || {
             for conn in listener.incoming() {
@@ -149,6 +153,7 @@ impl Fake {
             requests,
             bound,
             gate_timed_out,
+            hung_up,
         }
     }
 }
@@ -162,6 +167,7 @@ struct ServerCtx {
     requests: Arc<Mutex<Vec<Vec<u8>>>>,
     bound: Arc<Mutex<Vec<Option<[u8; 32]>>>>,
     gate_timed_out: Arc<Mutex<bool>>,
+    hung_up: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn respond(conn: &mut TcpStream, status: &str, body: &str) -> std::io::Result<()> {
@@ -192,6 +198,143 @@ fn foreign_frame(key: &RequestPrivateKey) -> Vec<u8> {
     let (sealed, _) = seal_request(key.public_key(), b"{}").unwrap();
     let (_, mut sealer) = open_request(key, &sealed).unwrap();
     sealer.seal_chunk(b"Hello").unwrap()
+}
+
+/// What the fake loader's program answers, chosen by the request: plain
+/// text as llama-chat's `text` format, or `events-v1` lines when asked for
+/// them, with behaviours picked by the last message's content (or the model).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Script {
+    /// `text`: "Hello", " world".
+    Text,
+    /// `events-v1`: the same text, then `end` (stop, 9 + 3 tokens).
+    Events,
+    /// `events-v1`, cut by max_tokens: `end` with `length`.
+    Length,
+    /// A prompt longer than the context: an `error` event, failed.
+    Overflow,
+    /// A model the program may not open: an `error` event, failed.
+    UnknownModel,
+    /// Text, then a failure mid-stream.
+    FailMidway,
+    /// A program that does not speak `events-v1` (an older llama-chat).
+    Old,
+    /// The server refuses: 429.
+    Busy,
+    /// `logprobs: true`: a `logprobs` event before each text.
+    Logprobs,
+    /// 300 text events, 20 ms apart (a long generation).
+    Slow,
+}
+
+impl Script {
+    fn of(plain: &[u8]) -> Self {
+        let req: serde_json::Value = serde_json::from_slice(plain).unwrap_or_default();
+        if req["format"] != "events-v1" {
+            return Script::Text;
+        }
+        let last = req["messages"]
+            .as_array()
+            .and_then(|m| m.last())
+            .map_or_else(|| req["prompt"].clone(), |m| m["content"].clone());
+        if req["model"] == "gpt-4" {
+            return Script::UnknownModel;
+        }
+        if req["logprobs"] == true {
+            return Script::Logprobs;
+        }
+        match last.as_str().unwrap_or("") {
+            "overflow" => Script::Overflow,
+            "long" => Script::Length,
+            "midway" => Script::FailMidway,
+            "old" => Script::Old,
+            "busy" => Script::Busy,
+            "slow" => Script::Slow,
+            _ => Script::Events,
+        }
+    }
+
+    fn reply(self) -> (Vec<Vec<u8>>, Status) {
+        let text =
+            |t: &str| format!("{}\n", serde_json::json!({"type": "text", "text": t})).into_bytes();
+        let end = |finish: &str| {
+            format!(
+                "{}\n",
+                serde_json::json!({"type": "end", "finish_reason": finish, "prompt_tokens": 9, "completion_tokens": 3})
+            )
+            .into_bytes()
+        };
+        let error = |code: &str, message: &str| {
+            format!(
+                "{}\n",
+                serde_json::json!({"type": "error", "code": code, "message": message})
+            )
+            .into_bytes()
+        };
+        match self {
+            Script::Text => (
+                vec![b"Hello".to_vec(), b" world".to_vec()],
+                Status::Completed,
+            ),
+            Script::Events => (
+                vec![text("Hello"), text(" world"), end("stop")],
+                Status::Completed,
+            ),
+            Script::Length => (
+                vec![text("Hello"), text(" world"), end("length")],
+                Status::Completed,
+            ),
+            Script::Overflow => (
+                vec![error(
+                    "context_length_exceeded",
+                    "the prompt is 9000 tokens; the model's context is 8192 tokens",
+                )],
+                Status::ProgramFailed,
+            ),
+            Script::UnknownModel => (
+                vec![error(
+                    "model_not_found",
+                    "model `gpt-4` is not available to this program (NotFound)",
+                )],
+                Status::ProgramFailed,
+            ),
+            Script::FailMidway => (
+                vec![text("Hello"), error("internal", "accelerator: OutOfMemory")],
+                Status::ProgramFailed,
+            ),
+            Script::Old => (
+                vec![b"error: bad request JSON: unknown variant `events-v1`\n".to_vec()],
+                Status::ProgramFailed,
+            ),
+            Script::Busy => (Vec::new(), Status::ProgramFailed),
+            Script::Slow => {
+                let mut frames: Vec<Vec<u8>> = (0..300).map(|_| text("tick ")).collect();
+                frames.push(end("length"));
+                (frames, Status::Completed)
+            }
+            Script::Logprobs => {
+                let lp = |t: &str, lp: f32| {
+                    let entry = serde_json::json!({"token": t, "bytes": t.as_bytes(), "logprob": lp,
+                        "top_logprobs": [{"token": t, "bytes": t.as_bytes(), "logprob": lp}]});
+                    format!(
+                        "{}\n",
+                        serde_json::json!({"type": "logprobs", "content": [entry]})
+                    )
+                    .into_bytes()
+                };
+                (
+                    vec![
+                        lp("Hello", -0.5),
+                        text("Hello"),
+                        lp(" world", -0.25),
+                        text(" world"),
+                        end("stop"),
+                    ],
+                    Status::Completed,
+                )
+            }
+        }
+    }
 }
 
 fn serve(ctx: &ServerCtx, mut conn: TcpStream) -> std::io::Result<()> {
@@ -246,11 +389,20 @@ fn serve(ctx: &ServerCtx, mut conn: TcpStream) -> std::io::Result<()> {
                 .lock()
                 .unwrap()
                 .push(cinfer_envelope::request_program(&body).unwrap());
-            let mut frames = vec![
-                sealer.seal_chunk(b"Hello").unwrap(),
-                sealer.seal_chunk(b" world").unwrap(),
-            ];
-            frames.push(sealer.finish(Status::Completed).unwrap());
+            let script = Script::of(&plain);
+            if script == Script::Busy {
+                return respond(
+                    &mut conn,
+                    "429 Too Many Requests",
+                    r#"{"error":"refused by the loader: busy: 8 requests in flight"}"#,
+                );
+            }
+            let (chunks, status) = script.reply();
+            let mut frames: Vec<Vec<u8>> = chunks
+                .iter()
+                .map(|c| sealer.seal_chunk(c).unwrap())
+                .collect();
+            frames.push(sealer.finish(status).unwrap());
             // The honest receipt covers what the loader sealed.
             let mut receipt = Receipt {
                 receipt_type: RECEIPT_TYPE.into(),
@@ -260,7 +412,11 @@ fn serve(ctx: &ServerCtx, mut conn: TcpStream) -> std::io::Result<()> {
                 model_sha256: [(MODEL.to_owned(), "ef".repeat(32))].into(),
                 reply_sha256: hex::encode(reply_digest(frames.iter().map(Vec::as_slice))),
                 reply_frames: frames.len() as u64,
-                outcome: "completed".into(),
+                outcome: if status == Status::Completed {
+                    "completed".into()
+                } else {
+                    "program-failed".into()
+                },
             };
             let mut receipt_key = ctx.receipt_key.clone();
             match ctx.mode {
@@ -284,7 +440,13 @@ fn serve(ctx: &ServerCtx, mut conn: TcpStream) -> std::io::Result<()> {
             conn.flush()?;
             let gate = ctx.gate.lock().unwrap().take();
             for (i, f) in frames.iter().enumerate() {
-                write_chunk(&mut conn, &record(1, f))?;
+                if script == Script::Slow {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if let Err(e) = write_chunk(&mut conn, &record(1, f)) {
+                    ctx.hung_up.store(true, std::sync::atomic::Ordering::SeqCst);
+                    return Err(e);
+                }
                 if i == 0 {
                     if ctx.mode == Mode::CutAfterFirst {
                         return Ok(()); // connection closes mid-body
@@ -351,6 +513,47 @@ fn happy_path_streams_chunks_before_the_body_ends_and_verifies_the_receipt() {
         br#"{"messages":[{"role":"user","content":"hi"}]}"#
     );
     assert_eq!(client.models().unwrap(), [MODEL]);
+}
+
+/// Waits up to `limit` for the fake to see its client hang up mid-reply.
+fn wait_hung_up(fake: &Fake, limit: Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if fake.hung_up.load(std::sync::atomic::Ordering::SeqCst) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// `chat_until` stops an exchange when told: `Cancelled`, and the connection
+/// closes at once (the server then cancels the run on the loader), long
+/// before the 6-second reply would have ended.
+#[test]
+fn a_caller_can_stop_an_exchange_and_the_connection_closes() {
+    let fake = Fake::start(Mode::Honest, StatementMode::Good, None);
+    let started = std::time::Instant::now();
+    let mut seen = 0;
+    let r = fake.client().chat_until(
+        "llama-chat",
+        br#"{"format":"events-v1","messages":[{"role":"user","content":"slow"}]}"#,
+        |_| {
+            seen += 1;
+            if seen == 2 {
+                std::ops::ControlFlow::Break(())
+            } else {
+                std::ops::ControlFlow::Continue(())
+            }
+        },
+    );
+    assert!(matches!(r, Err(ClientError::Cancelled)), "{r:?}");
+    assert_eq!(seen, 2);
+    assert!(
+        wait_hung_up(&fake, Duration::from_secs(3)),
+        "the fake kept writing"
+    );
+    assert!(started.elapsed() < Duration::from_secs(4));
 }
 
 #[test]
@@ -614,32 +817,118 @@ const OPENAI_SCRIPT: &str = r#"
 import sys, openai
 good, bad = sys.argv[1], sys.argv[2]
 c = openai.OpenAI(base_url=good, api_key="unused", max_retries=0)
+M = "smollm2-135m-instruct"
 msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
-r = c.chat.completions.create(model="smollm2-135m-instruct", messages=msgs, max_tokens=5, temperature=0, seed=1)
+def user(t):
+    return [{"role": "user", "content": t}]
+r = c.chat.completions.create(model=M, messages=msgs, max_tokens=5, temperature=0, seed=1)
 assert r.choices[0].message.content == "Hello world", r
 assert r.choices[0].finish_reason == "stop", r
+assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (9, 3, 12), r
 assert r.model_extra["cinfer"]["verified"] is True, r
-assert r.model_extra["cinfer"]["receipt"]["reply_frames"] == 3, r
-parts, finish = [], None
-for ch in c.chat.completions.create(model="smollm2-135m-instruct", messages=msgs, stream=True):
+assert r.model_extra["cinfer"]["receipt"]["reply_frames"] == 4, r
+r = c.chat.completions.create(model=M, messages=user("long"), max_tokens=3)
+assert r.choices[0].finish_reason == "length", r
+assert r.choices[0].logprobs is None, r
+# Log-probabilities, in OpenAI's shape, with the text they belong to.
+r = c.chat.completions.create(model=M, messages=msgs, logprobs=True, top_logprobs=1)
+lp = r.choices[0].logprobs.content
+assert [(t.token, t.logprob, t.bytes) for t in lp] == [("Hello", -0.5, list(b"Hello")), (" world", -0.25, list(b" world"))], lp
+assert lp[1].top_logprobs[0].token == " world", lp
+chunks = [ch.choices[0] for ch in c.chat.completions.create(model=M, messages=msgs, logprobs=True, stream=True) if ch.choices and ch.choices[0].delta.content]
+assert [(ch.delta.content, [t.token for t in ch.logprobs.content]) for ch in chunks] == [("Hello", ["Hello"]), (" world", [" world"])], chunks
+# Streaming; usage as the last chunk (no choices) when asked for.
+parts, finish, usage, usage_choices = [], None, None, None
+for ch in c.chat.completions.create(model=M, messages=msgs, stream=True, stream_options={"include_usage": True}):
     if ch.choices and ch.choices[0].delta.content:
         parts.append(ch.choices[0].delta.content)
     if ch.choices and ch.choices[0].finish_reason:
         finish = ch.choices[0].finish_reason
+    if ch.usage:
+        usage, usage_choices = ch.usage, ch.choices
 assert parts == ["Hello", " world"], parts
 assert finish == "stop", finish
-ids = [m.id for m in c.models.list()]
-assert ids == ["smollm2-135m-instruct"], ids
+assert usage.total_tokens == 12 and usage_choices == [], (usage, usage_choices)
+assert all(ch.usage is None for ch in c.chat.completions.create(model=M, messages=msgs, stream=True))
+finish = [ch.choices[0].finish_reason for ch in c.chat.completions.create(model=M, messages=user("long"), stream=True) if ch.choices and ch.choices[0].finish_reason]
+assert finish == ["length"], finish
+# Several choices: one sealed exchange each, each with its receipt.
+r = c.chat.completions.create(model=M, messages=msgs, n=3, seed=5)
+assert [ch.index for ch in r.choices] == [0, 1, 2], r
+assert all(ch.message.content == "Hello world" and ch.finish_reason == "stop" for ch in r.choices), r
+assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (9, 9, 18), r.usage
+assert all(ch.model_extra["cinfer"]["verified"] is True for ch in r.choices), r
+assert "cinfer" not in (r.model_extra or {}), r
+by, fin, usage = {}, {}, None
+for ch in c.chat.completions.create(model=M, messages=msgs, n=2, stream=True, stream_options={"include_usage": True}):
+    for choice in ch.choices:
+        if choice.delta.content:
+            by.setdefault(choice.index, []).append(choice.delta.content)
+        if choice.finish_reason:
+            fin[choice.index] = choice.finish_reason
+    if ch.usage:
+        usage = ch.usage
+assert by == {0: ["Hello", " world"], 1: ["Hello", " world"]}, by
+assert fin == {0: "stop", 1: "stop"} and usage.completion_tokens == 6, (fin, usage)
+# The legacy completions endpoint, the same sealed path.
+r = c.completions.create(model=M, prompt="Once", max_tokens=3)
+assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == ("Hello world", "stop", 3), r
+texts = [ch.choices[0].text for ch in c.completions.create(model=M, prompt="long", stream=True) if ch.choices]
+assert "".join(texts) == "Hello world", texts
+# Models.
+assert [m.id for m in c.models.list()] == [M]
+assert c.models.retrieve(M).id == M
+try:
+    c.models.retrieve("gpt-4")
+    raise SystemExit("an unknown model was retrieved")
+except openai.NotFoundError as e:
+    assert e.body["code"] == "model_not_found", e.body
+# Client mistakes are 4xx (never a retryable 5xx), with the reason.
+def status_of(**kw):
+    try:
+        c.chat.completions.create(**kw)
+        return None, None
+    except openai.APIStatusError as e:
+        return e.status_code, e.body
+tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
+for kw, param in [(dict(temperature=5), "temperature"), (dict(temperature=-1), "temperature"),
+                  (dict(max_tokens=0), "max_tokens"), (dict(top_p=0), "top_p"), (dict(n=9), "n"),
+                  (dict(logprobs=True, top_logprobs=21), "top_logprobs"), (dict(tools=[tool]), "tools"),
+                  (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}), "response_format")]:
+    for stream in (False, True):
+        st, body = status_of(model=M, messages=msgs, stream=stream, **kw)
+        assert st == 400 and body["param"] == param, (kw, st, body)
+st, body = status_of(model=M, messages=msgs, extra_body={"bogus": 1})
+assert st == 400 and "unknown field `bogus`" in body["message"], (st, body)
+for stream in (False, True):
+    st, body = status_of(model=M, messages=user("overflow"), stream=stream)
+    assert st == 400 and body["code"] == "context_length_exceeded", (st, body)
+    st, body = status_of(model="gpt-4", messages=msgs, stream=stream)
+    assert st == 404 and body["code"] == "model_not_found", (st, body)
+st, body = status_of(model=M, messages=user("busy"))
+assert st == 429 and "busy" in body["message"], (st, body)
+st, body = status_of(model=M, messages=user("old"))
+assert st == 502 and "not events-v1" in body["message"], (st, body)
+# A program failing mid-stream: an error, not content, after the text before it.
+got = []
+try:
+    for ch in c.chat.completions.create(model=M, messages=user("midway"), stream=True):
+        if ch.choices and ch.choices[0].delta.content:
+            got.append(ch.choices[0].delta.content)
+    raise SystemExit("a failed stream ended as a success")
+except openai.APIError as e:
+    assert "OutOfMemory" in str(e), e
+assert got == ["Hello"], got
 b = openai.OpenAI(base_url=bad, api_key="unused", max_retries=0)
 try:
-    r = b.chat.completions.create(model="smollm2-135m-instruct", messages=msgs)
+    r = b.chat.completions.create(model=M, messages=msgs)
     raise SystemExit("tampered reply was accepted: %r" % r)
 except openai.APIStatusError as e:
     assert e.status_code == 502, e
     assert "failed authentication" in str(e), e
 got = []
 try:
-    for ch in b.chat.completions.create(model="smollm2-135m-instruct", messages=msgs, stream=True):
+    for ch in b.chat.completions.create(model=M, messages=msgs, stream=True):
         if ch.choices and ch.choices[0].delta.content:
             got.append(ch.choices[0].delta.content)
     raise SystemExit("tampered stream was accepted")
@@ -681,9 +970,170 @@ fn proxy_serves_the_openai_client() {
                 {"role": "system", "content": "be brief"},
                 {"role": "user", "content": "hi"}
             ],
-            "model": MODEL, "max_tokens": 5, "temperature": 0.0, "seed": 1, "format": "text", "default_system": false
+            "model": MODEL, "max_tokens": 5, "temperature": 0.0, "seed": 1, "format": "events-v1", "default_system": false
         })
     );
+    // No seed given: a fresh one each time (OpenAI's sampling is not
+    // reproducible unless asked).
+    let seeds: Vec<serde_json::Value> = fake.requests.lock().unwrap()[1..3]
+        .iter()
+        .map(|r| serde_json::from_slice::<serde_json::Value>(r).unwrap()["seed"].clone())
+        .collect();
+    assert!(seeds[0].is_u64() && seeds[0] != seeds[1], "{seeds:?}");
+}
+
+/// One raw HTTP exchange with the proxy (`Connection: close`); the status,
+/// the head and the de-chunked body.
+fn proxy_http(proxy: &Proxy, head: &str, body: &str) -> (u16, String, String) {
+    let addr = proxy
+        .base
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1")
+        .to_owned();
+    let mut conn = TcpStream::connect(&addr).unwrap();
+    write!(
+        conn,
+        "{head} HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let response = read_until_closed(&mut conn, Duration::from_secs(20));
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, raw) = text.split_once("\r\n\r\n").expect("a response head");
+    let status = head[9..12].parse().unwrap();
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = String::new();
+        let mut rest = raw;
+        loop {
+            let (size, after) = rest.split_once("\r\n").expect("chunk size");
+            let size = usize::from_str_radix(size.trim(), 16).unwrap();
+            if size == 0 {
+                assert_eq!(after, "\r\n", "the chunked body ends cleanly");
+                break;
+            }
+            out.push_str(&after[..size]);
+            rest = &after[size + 2..];
+        }
+        out
+    } else {
+        raw.to_owned()
+    };
+    (status, head.to_owned(), body)
+}
+
+/// A client that hangs up on `cinfer proxy` mid-stream (or before a
+/// non-streamed answer) stops the exchange: the proxy closes its connection
+/// to the server (which cancels the run on the loader) instead of reading the
+/// reply to its end.
+#[test]
+fn proxy_stops_the_exchange_when_its_client_hangs_up() {
+    for stream in [true, false] {
+        let fake = Fake::start(Mode::Honest, StatementMode::Good, None);
+        let proxy = start_proxy(&fake);
+        let addr = proxy
+            .base
+            .trim_start_matches("http://")
+            .trim_end_matches("/v1")
+            .to_owned();
+        let body = serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": "slow"}], "stream": stream})
+            .to_string();
+        let mut conn = TcpStream::connect(&addr).unwrap();
+        write!(
+            conn,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        if stream {
+            // Read until the first text arrived, then hang up.
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !String::from_utf8_lossy(&seen).contains("tick") {
+                let n = conn.read(&mut buf).unwrap();
+                assert!(n > 0, "closed before any text");
+                seen.extend_from_slice(&buf[..n]);
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        drop(conn);
+        assert!(
+            wait_hung_up(&fake, Duration::from_secs(3)),
+            "stream {stream}: the proxy kept reading the reply after its client left"
+        );
+    }
+}
+
+/// Through `cinfer proxy`, in OpenAI's shapes: a program that fails after
+/// streaming text ends the stream with an SSE error event (not content) and
+/// `[DONE]`, and the chunked body ends cleanly; a busy server is 429 with
+/// `Retry-After`; a wrong method is 405 with `Allow`; an error before any text
+/// is an HTTP status even when streaming.
+#[test]
+fn proxy_reports_failures_with_openai_statuses_and_events() {
+    let fake = Fake::start(Mode::Honest, StatementMode::Good, None);
+    let proxy = start_proxy(&fake);
+    let chat = |content: &str, stream: bool| {
+        serde_json::json!({"model": MODEL, "messages": [{"role": "user", "content": content}], "stream": stream})
+            .to_string()
+    };
+    let (status, head, body) =
+        proxy_http(&proxy, "POST /v1/chat/completions", &chat("midway", true));
+    assert_eq!(status, 200, "{head}");
+    let events: Vec<&str> = body
+        .split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| e.strip_prefix("data: ").expect("data events only"))
+        .collect();
+    assert_eq!(events.len(), 4, "{body}");
+    let role: serde_json::Value = serde_json::from_str(events[0]).unwrap();
+    assert_eq!(role["choices"][0]["delta"]["role"], "assistant");
+    let text: serde_json::Value = serde_json::from_str(events[1]).unwrap();
+    assert_eq!(text["choices"][0]["delta"]["content"], "Hello");
+    let error: serde_json::Value = serde_json::from_str(events[2]).unwrap();
+    assert_eq!(
+        error,
+        serde_json::json!({"error": {"message": "accelerator: OutOfMemory", "type": "cinfer_program_error", "param": null, "code": null}})
+    );
+    assert_eq!(events[3], "[DONE]");
+
+    let (status, head, body) =
+        proxy_http(&proxy, "POST /v1/chat/completions", &chat("busy", false));
+    assert_eq!(status, 429, "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1\r\n"),
+        "{head}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+
+    let (status, head, body) =
+        proxy_http(&proxy, "POST /v1/chat/completions", &chat("overflow", true));
+    assert_eq!(status, 400, "{head}");
+    assert!(head.contains("application/json"), "{head}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+
+    for (head, allow) in [
+        ("GET /v1/chat/completions", "POST"),
+        ("PUT /v1/completions", "POST"),
+        ("POST /v1/models", "GET"),
+        ("DELETE /v1/models/x", "GET"),
+    ] {
+        let (status, response_head, _) = proxy_http(&proxy, head, "");
+        assert_eq!(status, 405, "{head}: {response_head}");
+        assert!(
+            response_head.contains(&format!("allow: {allow}\r\n")),
+            "{response_head}"
+        );
+    }
+    assert_eq!(proxy_http(&proxy, "GET /v1/nothing", "").0, 404);
+    // Nothing above reached the server as a retry.
+    let sent = fake.requests.lock().unwrap().len();
+    assert_eq!(sent, 3, "midway, busy and overflow, each once (no retry)");
 }
 
 #[test]

@@ -156,6 +156,10 @@ pub enum ClientError {
     /// Anything after the receipt.
     #[error("data after the receipt (the receipt must be the last record)")]
     RecordAfterReceipt,
+    /// The caller stopped the exchange ([`Client::chat_until`]); the
+    /// connection was closed, so the server cancels the run on the loader.
+    #[error("the exchange was cancelled by the caller")]
+    Cancelled,
     /// The receipt's signature does not verify under the statement's receipt key.
     #[error("receipt is not signed by the attested loaders' receipt key")]
     ReceiptSignature,
@@ -454,6 +458,23 @@ impl Client {
         request: &[u8],
         mut on_chunk: impl FnMut(&[u8]),
     ) -> Result<ChatResult, ClientError> {
+        self.chat_until(program, request, |chunk| {
+            on_chunk(chunk);
+            std::ops::ControlFlow::Continue(())
+        })
+    }
+
+    /// [`Client::chat`], but `on_chunk` may stop the exchange
+    /// (`ControlFlow::Break`, e.g. when whoever wanted the answer went away):
+    /// the connection to the server is closed at once, which makes the server
+    /// cancel the run on the loader, and the result is
+    /// [`ClientError::Cancelled`].
+    pub fn chat_until(
+        &self,
+        program: &str,
+        request: &[u8],
+        mut on_chunk: impl FnMut(&[u8]) -> std::ops::ControlFlow<()>,
+    ) -> Result<ChatResult, ClientError> {
         if !valid_program(program) {
             return Err(ClientError::InvalidProgram(sanitize(program)));
         }
@@ -519,7 +540,12 @@ impl Client {
                     let index = digest.frames();
                     digest.update(&bytes);
                     match opener.open(&bytes) {
-                        Ok(ReplyChunk::Data(d)) => on_chunk(&d),
+                        Ok(ReplyChunk::Data(d)) => {
+                            if on_chunk(&d).is_break() {
+                                // Dropping the body closes the connection.
+                                return Err(ClientError::Cancelled);
+                            }
+                        }
                         Ok(ReplyChunk::End(s)) => ended = Some(s),
                         Err(EnvelopeError::AuthenticationFailed) => {
                             return Err(ClientError::ReplyAuthentication { index });

@@ -8,6 +8,8 @@
 //! keyservers = ["http://127.0.0.1:8740"]  # default: keyserver base URLs, tried in order (plain http:// only)
 //! max-request-bytes = 1048576             # default (1 MiB): largest sealed request body
 //! max-connections = 128                   # default: client connections open at once; more are closed at once
+//! max-in-flight = 8                       # default: requests running on the loader at once (set it to the loader's)
+//! max-queued = 64                         # default: requests waiting for one of those; more are 429 (Retry-After)
 //! header-timeout-ms = 10000               # default: reading a request's headers (or waiting idle for the next one); then the connection is closed
 //! body-timeout-ms = 10000                 # default: reading a request's whole body; then 408
 //! ready-timeout-ms = 5000                 # default: how long a request waits for an attested loader before 503
@@ -45,6 +47,10 @@ pub const DEFAULT_KEYSERVER: &str = "http://127.0.0.1:8740";
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1 << 20;
 /// Default cap on client connections open at once.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
+/// Default requests running on the loader at once (the loader's own default).
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 8;
+/// Default requests waiting for a place on the loader.
+pub const DEFAULT_MAX_QUEUED: usize = 64;
 /// Default time to receive a request's headers, milliseconds.
 pub const DEFAULT_HEADER_TIMEOUT_MS: u64 = 10_000;
 /// Default time to receive a request's whole body, milliseconds.
@@ -86,6 +92,12 @@ pub struct Config {
     /// Client connections open at once; a connection over the cap is closed
     /// as soon as it is accepted.
     pub max_connections: usize,
+    /// Requests this server has running on the loader at once (the loader's
+    /// `max-in-flight`: more would be refused there as busy).
+    pub max_in_flight: usize,
+    /// Requests waiting, first come first served, for a place among those;
+    /// one more is answered 429 with `Retry-After`. 0: no queue.
+    pub max_queued: usize,
     /// Time to receive a request's headers (also how long a kept-alive
     /// connection may sit idle); then the connection is closed.
     pub header_timeout: Duration,
@@ -150,6 +162,8 @@ struct RawConfig {
     keyservers: Option<Vec<String>>,
     max_request_bytes: Option<usize>,
     max_connections: Option<usize>,
+    max_in_flight: Option<usize>,
+    max_queued: Option<usize>,
     header_timeout_ms: Option<u64>,
     body_timeout_ms: Option<u64>,
     ready_timeout_ms: Option<u64>,
@@ -197,6 +211,8 @@ impl Default for Config {
             keyservers: vec![DEFAULT_KEYSERVER.into()],
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_queued: DEFAULT_MAX_QUEUED,
             header_timeout: Duration::from_millis(DEFAULT_HEADER_TIMEOUT_MS),
             body_timeout: Duration::from_millis(DEFAULT_BODY_TIMEOUT_MS),
             ready_timeout: Duration::from_millis(DEFAULT_READY_TIMEOUT_MS),
@@ -317,6 +333,8 @@ impl Config {
             keyservers: raw.keyservers.unwrap_or(d.keyservers),
             max_request_bytes: raw.max_request_bytes.unwrap_or(d.max_request_bytes),
             max_connections: raw.max_connections.unwrap_or(d.max_connections),
+            max_in_flight: raw.max_in_flight.unwrap_or(d.max_in_flight),
+            max_queued: raw.max_queued.unwrap_or(d.max_queued),
             header_timeout: raw.header_timeout_ms.map_or(d.header_timeout, ms),
             body_timeout: raw.body_timeout_ms.map_or(d.body_timeout, ms),
             ready_timeout: raw.ready_timeout_ms.map_or(d.ready_timeout, ms),
@@ -356,6 +374,11 @@ impl Config {
         if self.max_connections == 0 {
             return Err(ConfigError::Invalid(
                 "max-connections must be positive".into(),
+            ));
+        }
+        if self.max_in_flight == 0 {
+            return Err(ConfigError::Invalid(
+                "max-in-flight must be positive".into(),
             ));
         }
         if self.max_request_bytes.saturating_add(SUBMIT_OVERHEAD) > self.max_frame_bytes as usize {
@@ -427,6 +450,7 @@ mod tests {
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.loader.to_string(), DEFAULT_LOADER);
         assert_eq!(c.max_connections, 128);
+        assert_eq!((c.max_in_flight, c.max_queued), (8, 64));
         assert_eq!(c.header_timeout, Duration::from_secs(10));
         assert_eq!(c.body_timeout, Duration::from_secs(10));
         let c = Config::parse(
@@ -445,6 +469,8 @@ shutdown-grace-ms = 6
 max-connections = 7
 header-timeout-ms = 8
 body-timeout-ms = 9
+max-in-flight = 2
+max-queued = 0
 "#,
         )
         .unwrap();
@@ -456,6 +482,7 @@ body-timeout-ms = 9
         assert_eq!(c.max_connections, 7);
         assert_eq!(c.header_timeout, Duration::from_millis(8));
         assert_eq!(c.body_timeout, Duration::from_millis(9));
+        assert_eq!((c.max_in_flight, c.max_queued), (2, 0));
     }
 
     #[test]
@@ -470,6 +497,7 @@ body-timeout-ms = 9
             "max-frame-bytes = 100",
             "ready-timeout-ms = 0",
             "max-connections = 0",
+            "max-in-flight = 0",
             "header-timeout-ms = 0",
             "body-timeout-ms = 0",
         ] {

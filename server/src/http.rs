@@ -2,7 +2,7 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | `POST /v1/requests?program=NAME` (body: sealed request) | 200 `application/vnd.cinfer.reply-stream`, chunked records `type u8 \| len u32 BE \| bytes` (1 reply frame, 2 receipt, 3 `{"error"}`); 400 no/unknown program or refused by the loader; 408 body not received within `body-timeout`; 413 body too large; 503 no attested loader within `ready-timeout`; 504 no first reply within `request-timeout` |
+//! | `POST /v1/requests?program=NAME` (body: sealed request) | 200 `application/vnd.cinfer.reply-stream`, chunked records `type u8 \| len u32 BE \| bytes` (1 reply frame, 2 receipt, 3 `{"error"}`); 400 no/unknown program or refused by the loader; 429 loader busy, 503 loader shutting down (both with `Retry-After`); 408 body not received within `body-timeout`; 413 body too large; 503 no attested loader within `ready-timeout`; 504 no first reply within `request-timeout` |
 //! | `GET /v1/request-key` | the first reachable keyserver's answer, verbatim |
 //! | `GET /v1/models`, `GET /v1/programs` | `{"models": [ids]}`, `{"programs": [{name, sha256, world}]}` |
 //! | `GET /healthz`, `GET /readyz`, `GET /metrics` | liveness; 200 only with an attested loader holding keys; Prometheus text |
@@ -11,7 +11,7 @@
 //!
 //! The response head of `POST /v1/requests` is sent when the loader's first
 //! answer arrives: a `Refused` (always before any `Reply`) becomes a 400 with the
-//! loader's reason, so a client sees a refusal as a status, not as a stream.
+//! loader's reason (429 or 503 when the loader is busy or shutting down), so a client sees a refusal as a status, not as a stream.
 //! From the first `Reply` on, records are written as frames arrive; a failure
 //! after that (loader lost, deadline) ends the stream with an error record.
 
@@ -21,7 +21,7 @@ use crate::link::{Event, Link, Ticket};
 use crate::metrics::{Metrics, RequestOutcome};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
-use hyper::header::{ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::header::{ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -33,7 +33,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
@@ -111,6 +111,32 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<ApiBody> {
         "application/json",
         Bytes::from(serde_json::to_vec(value).unwrap_or_default()),
     )
+}
+
+/// How often a request the loader refused as busy (no in-flight place) is
+/// submitted again, and the first wait (doubling).
+const BUSY_RETRIES: u32 = 4;
+const BUSY_BACKOFF: Duration = Duration::from_millis(10);
+
+/// Whether the loader refused for want of an in-flight place (`host/src/serve.rs`).
+fn is_in_flight_busy(reason: &str) -> bool {
+    reason.starts_with("busy:") && reason.contains("in flight")
+}
+
+/// The status of a loader's refusal, and its `Retry-After` when trying again
+/// later can succeed. The channel carries a refusal's reason as text only (a
+/// code would change the trusted loader); the two transient ones start with
+/// fixed words (`host/src/serve.rs`, `host/src/replay.rs`): `busy:` (every
+/// in-flight slot, or the replay window, is full) is 429, `shutting down:` is
+/// 503. Every other refusal is about the request itself: 400.
+fn refusal_status(reason: &str) -> (StatusCode, Option<&'static str>) {
+    if reason.starts_with("busy:") {
+        (StatusCode::TOO_MANY_REQUESTS, Some("1"))
+    } else if reason.starts_with("shutting down:") {
+        (StatusCode::SERVICE_UNAVAILABLE, Some("1"))
+    } else {
+        (StatusCode::BAD_REQUEST, None)
+    }
 }
 
 /// Counts and logs a request answered with an error before (or instead of)
@@ -200,6 +226,8 @@ struct Inner {
     link: Arc<Link>,
     keyservers: KeyserverClient,
     metrics: Arc<Metrics>,
+    /// Places on the loader (`max-in-flight`), handed out in arrival order.
+    places: Arc<Semaphore>,
 }
 
 impl Server {
@@ -216,6 +244,7 @@ impl Server {
         ));
         Ok(Self {
             inner: Arc::new(Inner {
+                places: Arc::new(Semaphore::new(config.max_in_flight)),
                 config,
                 link,
                 keyservers,
@@ -430,6 +459,36 @@ impl Server {
                 &format!("unknown program {program:?}"),
             );
         }
+        let (place, waited) = match self.place(deadline).await {
+            Ok(p) => p,
+            Err((status, outcome, reason)) => {
+                let mut resp = finish(outcome, status, &reason);
+                resp.headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+                return resp;
+            }
+        };
+        // A request that waited in the queue takes the loader connection as it
+        // is now (it may have been re-established meanwhile).
+        let conn = if waited {
+            match self
+                .inner
+                .link
+                .wait_ready(self.inner.config.ready_timeout)
+                .await
+            {
+                Ok((c, _)) => c,
+                Err(reason) => {
+                    return finish(
+                        RequestOutcome::Unavailable,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!("no attested loader available: {reason}"),
+                    );
+                }
+            }
+        } else {
+            conn
+        };
         let id = self.inner.link.next_id();
         let span = tracing::info_span!("request", request_id = id, program = %program);
         let run = Submitted {
@@ -440,10 +499,48 @@ impl Server {
             body,
             deadline,
             started,
-            in_flight,
+            in_flight: (in_flight, place),
             span: span.clone(),
         };
         run.run().instrument(span).await
+    }
+}
+
+impl Server {
+    /// A place among the loader's `max-in-flight`, and whether the request had
+    /// to wait for it (in arrival order, behind at most `max-queued` others,
+    /// until its deadline); else the refusal: 429 when the queue is full, 503
+    /// when no place came in time (both with `Retry-After`).
+    async fn place(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<(OwnedSemaphorePermit, bool), (StatusCode, RequestOutcome, String)> {
+        let places = self.inner.places.clone();
+        if let Ok(p) = places.clone().try_acquire_owned() {
+            return Ok((p, false));
+        }
+        let config = &self.inner.config;
+        let Some(_queued) = self.inner.metrics.enqueue(config.max_queued) else {
+            return Err((
+                StatusCode::TOO_MANY_REQUESTS,
+                RequestOutcome::Busy,
+                format!(
+                    "busy: {} requests running on the loader and {} waiting (max-in-flight, max-queued); try again later",
+                    config.max_in_flight, config.max_queued
+                ),
+            ));
+        };
+        match tokio::time::timeout_at(deadline, places.acquire_owned()).await {
+            Ok(Ok(p)) => Ok((p, true)),
+            Ok(Err(_)) | Err(_) => Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                RequestOutcome::Timeout,
+                format!(
+                    "no place on the loader within {} ms (request-timeout-ms)",
+                    config.request_timeout.as_millis()
+                ),
+            )),
+        }
     }
 }
 
@@ -456,7 +553,8 @@ struct Submitted<'a> {
     body: Bytes,
     deadline: tokio::time::Instant,
     started: Instant,
-    in_flight: crate::metrics::InFlight,
+    /// Held until the request's stream ends: the metric and the loader place.
+    in_flight: (crate::metrics::InFlight, OwnedSemaphorePermit),
     span: tracing::Span,
 }
 
@@ -478,39 +576,68 @@ impl Submitted<'_> {
             not_served(metrics, started, outcome, status, reason)
         };
         let request_bytes = body.len();
-        let mut ticket = match conn.submit(id, program, body.to_vec()).await {
-            Ok(t) => t,
-            Err(e) => {
-                return finish(
-                    RequestOutcome::Unavailable,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!("no attested loader available: {e}"),
-                );
+        let mut id = id;
+        let mut busy_retries = 0;
+        let (ticket, first) = loop {
+            let mut ticket = match conn.submit(id, program, body.to_vec()).await {
+                Ok(t) => t,
+                Err(e) => {
+                    return finish(
+                        RequestOutcome::Unavailable,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!("no attested loader available: {e}"),
+                    );
+                }
+            };
+            tracing::info!(request_bytes, request_id = id, "request submitted");
+            let first = match tokio::time::timeout_at(deadline, ticket.events.recv()).await {
+                Err(_) => {
+                    return finish(
+                        RequestOutcome::Timeout,
+                        StatusCode::GATEWAY_TIMEOUT,
+                        &format!(
+                            "no reply within {} ms",
+                            server.inner.config.request_timeout.as_millis()
+                        ),
+                    );
+                }
+                Ok(None) => Event::Lost("the loader connection was lost".into()),
+                Ok(Some(e)) => e,
+            };
+            // The loader frees a place a moment after its last reply, so a
+            // request given that place here may still find it taken there:
+            // refused before it ran, it is submitted again, a few times.
+            if let Event::Refused(reason) = &first
+                && is_in_flight_busy(reason)
+                && busy_retries < BUSY_RETRIES
+            {
+                let backoff = BUSY_BACKOFF * (1 << busy_retries);
+                if tokio::time::Instant::now() + backoff < deadline {
+                    busy_retries += 1;
+                    drop(ticket);
+                    tokio::time::sleep(backoff).await;
+                    id = server.inner.link.next_id();
+                    continue;
+                }
             }
+            break (ticket, first);
         };
         drop(body);
-        tracing::info!(request_bytes, "request submitted");
-
-        let first = match tokio::time::timeout_at(deadline, ticket.events.recv()).await {
-            Err(_) => {
-                return finish(
-                    RequestOutcome::Timeout,
-                    StatusCode::GATEWAY_TIMEOUT,
-                    &format!(
-                        "no reply within {} ms",
-                        server.inner.config.request_timeout.as_millis()
-                    ),
-                );
-            }
-            Ok(None) => Event::Lost("the loader connection was lost".into()),
-            Ok(Some(e)) => e,
-        };
         match first {
-            Event::Refused(reason) => finish(
-                RequestOutcome::Refused,
-                StatusCode::BAD_REQUEST,
-                &format!("refused by the loader: {reason}"),
-            ),
+            Event::Refused(reason) => {
+                let (status, retry_after) = refusal_status(&reason);
+                let outcome = if status == StatusCode::TOO_MANY_REQUESTS {
+                    RequestOutcome::Busy
+                } else {
+                    RequestOutcome::Refused
+                };
+                let mut resp = finish(outcome, status, &format!("refused by the loader: {reason}"));
+                if let Some(secs) = retry_after {
+                    resp.headers_mut()
+                        .insert(RETRY_AFTER, HeaderValue::from_static(secs));
+                }
+                resp
+            }
             Event::Lost(reason) => finish(
                 RequestOutcome::Unavailable,
                 StatusCode::SERVICE_UNAVAILABLE,

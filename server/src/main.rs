@@ -16,6 +16,8 @@
 //! keyservers = ["http://127.0.0.1:8740"]
 //! max-request-bytes = 1048576
 //! max-connections = 128                   # more are closed at once
+//! max-in-flight = 8                       # requests running on the loader at once (the loader's max-in-flight)
+//! max-queued = 64                         # requests waiting for a place; more are 429 with Retry-After
 //! header-timeout-ms = 10000               # then the connection is closed
 //! body-timeout-ms = 10000                 # then 408
 //! ready-timeout-ms = 5000
@@ -50,6 +52,8 @@ channel-key = \"channel.key\"            no default: the key this server signs t
 keyservers = [\"http://127.0.0.1:8740\"] keyserver base URLs, tried in order (plain http only in this version)\n  \
 max-request-bytes = 1048576            largest sealed request body (413 above)\n  \
 max-connections = 128                  client connections open at once; more are closed at once\n  \
+max-in-flight = 8                      requests running on the loader at once (set it to the loader's max-in-flight)\n  \
+max-queued = 64                        requests waiting in order for one of those; more are 429 with Retry-After\n  \
 header-timeout-ms = 10000              to receive a request's headers (or idle between requests); then the connection is closed\n  \
 body-timeout-ms = 10000                to receive a request's whole body; then 408\n  \
 ready-timeout-ms = 5000                how long a request waits for an attested loader before 503\n  \

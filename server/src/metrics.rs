@@ -24,10 +24,12 @@ pub enum RequestOutcome {
     StreamError,
     /// The client went away before the end.
     ClientGone,
+    /// Refused as busy (the queue full, or the loader busy): 429.
+    Busy,
 }
 
 impl RequestOutcome {
-    const ALL: [RequestOutcome; 8] = [
+    const ALL: [RequestOutcome; 9] = [
         RequestOutcome::Completed,
         RequestOutcome::Refused,
         RequestOutcome::BadRequest,
@@ -36,6 +38,7 @@ impl RequestOutcome {
         RequestOutcome::Timeout,
         RequestOutcome::StreamError,
         RequestOutcome::ClientGone,
+        RequestOutcome::Busy,
     ];
 
     /// The label value.
@@ -49,6 +52,7 @@ impl RequestOutcome {
             RequestOutcome::Timeout => "timeout",
             RequestOutcome::StreamError => "stream_error",
             RequestOutcome::ClientGone => "client_gone",
+            RequestOutcome::Busy => "busy",
         }
     }
 
@@ -88,11 +92,12 @@ impl AttestOutcome {
 /// The server's metrics.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    requests: [AtomicU64; 8],
+    requests: [AtomicU64; 9],
     reply_frames: AtomicU64,
     reply_bytes: AtomicU64,
     attestations: [AtomicU64; 3],
     in_flight: AtomicI64,
+    queued: AtomicI64,
     connections_open: AtomicI64,
     connections_refused: AtomicU64,
 }
@@ -104,6 +109,16 @@ pub struct OpenConnection(Arc<Metrics>);
 impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.0.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Decrements `requests_queued` when dropped.
+#[derive(Debug)]
+pub struct Queued(Arc<Metrics>);
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -138,6 +153,19 @@ impl Metrics {
     pub fn in_flight(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
+    }
+
+    /// Counts a request waiting for a place on the loader until the guard is
+    /// dropped; `None` (nothing counted) when `max` are waiting already.
+    pub fn enqueue(self: &Arc<Self>, max: usize) -> Option<Queued> {
+        let before = self.queued.fetch_add(1, Ordering::Relaxed);
+        let guard = Queued(self.clone());
+        (usize::try_from(before).unwrap_or(0) < max).then_some(guard)
+    }
+
+    /// Requests waiting for a place on the loader now.
+    pub fn requests_queued(&self) -> i64 {
+        self.queued.load(Ordering::Relaxed)
     }
 
     /// Counts an open client connection until the guard is dropped.
@@ -208,6 +236,11 @@ impl Metrics {
             out,
             "# HELP cinfer_server_requests_in_flight Requests being served.\n# TYPE cinfer_server_requests_in_flight gauge\ncinfer_server_requests_in_flight {}",
             self.requests_in_flight()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP cinfer_server_requests_queued Requests waiting for a place on the loader (max-in-flight).\n# TYPE cinfer_server_requests_queued gauge\ncinfer_server_requests_queued {}",
+            self.requests_queued()
         );
         let _ = writeln!(
             out,

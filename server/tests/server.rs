@@ -81,7 +81,7 @@ async fn concurrent_requests_get_their_own_frames() {
 }
 
 #[tokio::test]
-async fn unknown_programs_and_refusals_are_400_and_wrong_routes_404_405() {
+async fn unknown_programs_and_refusals_are_400_busy_429_and_wrong_routes_404_405() {
     let h = start().await;
     wait_ready(h.addr).await;
     // Not in the loader's Hello: refused here, never submitted.
@@ -104,6 +104,40 @@ async fn unknown_programs_and_refusals_are_400_and_wrong_routes_404_405() {
             .load(Ordering::SeqCst),
         1
     );
+    // A busy loader (in-flight slots or the replay window full) is 429, one
+    // shutting down 503, both with Retry-After: the client may try again.
+    for (reason, status) in [
+        ("busy: 8 requests in flight", 429),
+        (
+            "busy: 4096 requests already run within the replay window of 300s; try again later",
+            429,
+        ),
+        ("shutting down: not taking new requests", 503),
+    ] {
+        let submits = || {
+            h.loader
+                .as_ref()
+                .unwrap()
+                .stats
+                .submits
+                .load(Ordering::SeqCst)
+        };
+        let before = submits();
+        let r = post_request(h.addr, "refuse-me", format!("reason:{reason}").as_bytes()).await;
+        // No in-flight place on the loader may be a moment's race with a run
+        // ending: submitted again 4 times (10 + 20 + 40 + 80 ms) before the 429.
+        let tries = if reason.contains("in flight") { 5 } else { 1 };
+        assert_eq!(submits() - before, tries, "{reason}");
+        assert_eq!(r.status, status, "{reason}");
+        assert_eq!(r.header("retry-after").as_deref(), Some("1"), "{reason}");
+        assert_eq!(
+            error_of(&r.body().await),
+            format!("refused by the loader: {reason}")
+        );
+    }
+    let r = post_request(h.addr, "refuse-me", b"reason:malformed request: bad header").await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.header("retry-after"), None);
     // No program at all.
     let r = Reply::send(
         h.addr,
@@ -122,6 +156,73 @@ async fn unknown_programs_and_refusals_are_400_and_wrong_routes_404_405() {
     // The server still serves.
     let mut r = post_request(h.addr, "echo", b"after").await;
     assert_completed(b"after", &r.records().await);
+}
+
+/// A bounded queue in front of the loader (`max-in-flight` 1, `max-queued`
+/// 1): a second request waits, in the server and not on the loader, for the
+/// first to finish and then runs; a third, with the queue full, is 429 with
+/// `Retry-After` at once and never submitted.
+#[tokio::test]
+async fn requests_wait_in_a_bounded_queue_then_are_429() {
+    let h = start_with(|c| {
+        c.max_in_flight = 1;
+        c.max_queued = 1;
+    })
+    .await;
+    wait_ready(h.addr).await;
+    let loader = h.loader.as_ref().unwrap();
+    let a = b"gated request A";
+    let mut ra = post_request(h.addr, "echo", a).await;
+    let first_a = ra.next_record().await.unwrap();
+    let addr = h.addr;
+    let b = tokio::spawn(async move {
+        let mut rb = post_request(addr, "echo", b"request B").await;
+        (rb.status, rb.records().await)
+    });
+    let started = Instant::now();
+    loop {
+        let (_, text) = get(h.addr, "/metrics").await;
+        if metric(
+            &String::from_utf8_lossy(&text),
+            "cinfer_server_requests_queued ",
+        ) == 1
+        {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "B never queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        loader.stats.submits.load(Ordering::SeqCst),
+        1,
+        "B waits here"
+    );
+    let rc = post_request(h.addr, "echo", b"request C").await;
+    assert_eq!(rc.status, 429);
+    assert_eq!(rc.header("retry-after").as_deref(), Some("1"));
+    assert!(
+        error_of(&rc.body().await).contains("1 requests running on the loader and 1 waiting"),
+        "the reason names the limits"
+    );
+    loader.gate.add_permits(1);
+    let mut records_a = vec![first_a];
+    records_a.extend(ra.records().await);
+    assert_completed(a, &records_a);
+    let (status_b, records_b) = b.await.unwrap();
+    assert_eq!(status_b, 200);
+    assert_completed(b"request B", &records_b);
+    assert_eq!(
+        loader.stats.submits.load(Ordering::SeqCst),
+        2,
+        "C never submitted"
+    );
+    let (_, text) = get(h.addr, "/metrics").await;
+    let text = String::from_utf8_lossy(&text);
+    assert_eq!(
+        metric(&text, "cinfer_server_requests_total{outcome=\"busy\"}"),
+        1
+    );
+    assert_eq!(metric(&text, "cinfer_server_requests_queued "), 0);
 }
 
 #[tokio::test]

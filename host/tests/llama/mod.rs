@@ -357,6 +357,337 @@ fn llama_chat_refuses_bad_requests_with_a_reason() {
     );
 }
 
+/// An `events-v1` reply: the text, and the last event (`end` or `error`)
+/// (`logprobs` events are skipped; see [`logprob_events`]).
+fn events(text: &str) -> (String, Value) {
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .filter(|e| e["type"] != "logprobs")
+        .collect();
+    let (last, body) = lines.split_last().expect("at least one event");
+    let mut out = String::new();
+    for e in body {
+        assert_eq!(e["type"], "text", "only text before the last event: {e}");
+        out.push_str(e["text"].as_str().expect("text"));
+    }
+    (out, last.clone())
+}
+
+/// `events-v1` (what `cinfer proxy` asks for): the prompt's token count (as
+/// llama.cpp counts it), the sampled tokens, and `length` when `max_tokens`
+/// cut the answer, `stop` when the model ended it; the same text as `text`.
+#[test]
+fn events_report_token_counts_and_the_finish_reason() {
+    let Some(chat) = chat() else { return };
+    let case = reference("smollm2-greedy.jsonl")
+        .into_iter()
+        .find(|c| c["case"] == "raw/once_upon")
+        .expect("case");
+    let (outcome, text) = chat.ask(&serde_json::json!({
+        "prompt": case["prompt"], "max_tokens": 5, "format": "events-v1"
+    }));
+    assert_eq!(outcome, RunOutcome::Completed);
+    let (_, end) = events(&text);
+    assert_eq!(
+        end,
+        serde_json::json!({"type": "end", "finish_reason": "length",
+            "prompt_tokens": case["n_prompt_tokens"], "completion_tokens": 5})
+    );
+    let ask = |format: &str| {
+        chat.ask(&serde_json::json!({
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 64, "default_system": false, "format": format,
+        }))
+    };
+    let (outcome, plain) = ask("text");
+    assert_eq!(outcome, RunOutcome::Completed);
+    let (outcome, text) = ask("events-v1");
+    assert_eq!(outcome, RunOutcome::Completed);
+    let (answer, end) = events(&text);
+    assert_eq!(answer, plain);
+    assert_eq!(end["finish_reason"], "stop", "{end}");
+    let n = end["completion_tokens"].as_u64().expect("count");
+    assert!((1..64).contains(&n), "{end}");
+    assert!(end["prompt_tokens"].as_u64().expect("count") > 7, "{end}");
+}
+
+/// A stop sequence ends generation in the program: the text up to it, never
+/// the sequence, `finish_reason` `stop`, and fewer tokens than without it.
+#[test]
+fn stop_sequences_end_generation_before_the_sequence() {
+    let Some(chat) = chat() else { return };
+    let ask = |stop: Value| {
+        let (outcome, text) = chat.ask(&serde_json::json!({
+            "prompt": "Once upon a time", "max_tokens": 24, "format": "events-v1", "stop": stop
+        }));
+        assert_eq!(outcome, RunOutcome::Completed);
+        events(&text)
+    };
+    let (full, end) = ask(serde_json::json!([]));
+    assert_eq!(end["finish_reason"], "length");
+    // The third word of the unstopped answer (and one that never occurs).
+    let word = full
+        .split_whitespace()
+        .nth(2)
+        .expect("three words")
+        .to_owned();
+    let (cut, end) = ask(serde_json::json!(["zzzz-never", word]));
+    assert_eq!(
+        cut,
+        full[..full.find(&word).expect("word")],
+        "{full:?} / {word:?}"
+    );
+    assert_eq!(end["finish_reason"], "stop", "{end}");
+    assert!(end["completion_tokens"].as_u64() < Some(24), "{end}");
+    // The same in the plain text format.
+    let (_, text) = chat.ask(&serde_json::json!({
+        "prompt": "Once upon a time", "max_tokens": 24, "stop": [word]
+    }));
+    assert_eq!(text, cut);
+}
+
+/// Presence and frequency penalties (OpenAI's, on generated tokens) steer
+/// greedy decoding away from repeating itself; zero penalties change nothing.
+#[test]
+fn penalties_reduce_repetition() {
+    let Some(chat) = chat() else { return };
+    let ids = |extra: Value| {
+        let mut req = serde_json::json!({
+            "prompt": "the the the the the the the the", "max_tokens": 16, "format": "ids"
+        });
+        for (k, v) in extra.as_object().expect("object") {
+            req[k] = v.clone();
+        }
+        let (outcome, text) = chat.ask(&req);
+        assert_eq!(outcome, RunOutcome::Completed);
+        text.split_whitespace()
+            .map(|t| t.parse::<u32>().expect("id"))
+            .collect::<Vec<_>>()
+    };
+    let most_repeated = |ids: &[u32]| {
+        ids.iter()
+            .map(|a| ids.iter().filter(|b| *b == a).count())
+            .max()
+            .unwrap_or(0)
+    };
+    let plain = ids(serde_json::json!({}));
+    assert_eq!(
+        plain,
+        ids(serde_json::json!({"presence_penalty": 0.0, "frequency_penalty": 0.0}))
+    );
+    let penalized = ids(serde_json::json!({"frequency_penalty": 2.0}));
+    let present = ids(serde_json::json!({"presence_penalty": 2.0}));
+    println!(
+        "most repeated token: {} plain, {} frequency 2, {} presence 2",
+        most_repeated(&plain),
+        most_repeated(&penalized),
+        most_repeated(&present)
+    );
+    assert!(
+        most_repeated(&penalized) < most_repeated(&plain),
+        "{plain:?} vs {penalized:?}"
+    );
+    assert!(
+        most_repeated(&present) < most_repeated(&plain),
+        "{plain:?} vs {present:?}"
+    );
+}
+
+/// The `content` entries of an `events-v1` reply's `logprobs` events.
+fn logprob_events(text: &str) -> Vec<Value> {
+    text.lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("json line"))
+        .filter(|e| e["type"] == "logprobs")
+        .flat_map(|e| e["content"].as_array().expect("content").clone())
+        .collect()
+}
+
+/// `logprobs` events (what the proxy turns into OpenAI's `logprobs`): one
+/// entry per generated token, whose bytes make up the text, the chosen
+/// token's log-probability first among the alternatives when greedy, and
+/// the first position's alternatives as llama.cpp computes them.
+#[test]
+fn logprob_events_cover_each_token_and_match_llama_cpp() {
+    let Some(chat) = chat() else { return };
+    let (outcome, text) = chat.ask(&serde_json::json!({
+        "prompt": "Once upon a time", "max_tokens": 4, "format": "events-v1",
+        "logprobs": true, "top_logprobs": 5
+    }));
+    assert_eq!(outcome, RunOutcome::Completed);
+    let (answer, end) = events(&text);
+    let entries = logprob_events(&text);
+    assert_eq!(entries.len(), 4, "{text}");
+    assert_eq!(end["completion_tokens"], 4);
+    let bytes: Vec<u8> = entries
+        .iter()
+        .flat_map(|e| e["bytes"].as_array().expect("bytes").clone())
+        .map(|b| b.as_u64().expect("byte") as u8)
+        .collect();
+    assert_eq!(String::from_utf8(bytes).expect("utf-8"), answer);
+    for e in &entries {
+        let top = e["top_logprobs"].as_array().expect("top");
+        assert_eq!(top.len(), 5, "{e}");
+        assert_eq!(top[0]["token"], e["token"], "greedy takes the most likely");
+        assert_eq!(top[0]["logprob"], e["logprob"]);
+        let lps: Vec<f64> = top
+            .iter()
+            .map(|t| t["logprob"].as_f64().expect("lp"))
+            .collect();
+        assert!(
+            lps.windows(2).all(|w| w[0] >= w[1]) && lps[0] <= 0.0,
+            "{lps:?}"
+        );
+    }
+    let path = reference_dir().join("smollm2-once-upon-first-pos.json");
+    let reference: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("reference")).expect("json");
+    let full = &reference["full_logprobs_by_id"];
+    let first = entries[0]["top_logprobs"].as_array().expect("top");
+    // Token ids are not in the event; the reference's top ids, spelled by
+    // their logprob, must be the same set (tolerance: see NEAR_TIE_NATS).
+    let ours: Vec<f64> = first
+        .iter()
+        .map(|t| t["logprob"].as_f64().expect("lp"))
+        .collect();
+    let mut theirs: Vec<f64> = full
+        .as_object()
+        .map(|o| o.values().filter_map(Value::as_f64).collect())
+        .or_else(|| {
+            full.as_array()
+                .map(|a| a.iter().filter_map(Value::as_f64).collect())
+        })
+        .expect("reference logprobs");
+    theirs.sort_by(|a, b| b.total_cmp(a));
+    for (o, t) in ours.iter().zip(&theirs) {
+        assert!(
+            (o - t).abs() < 0.3,
+            "{ours:?} vs llama.cpp {:?}",
+            &theirs[..5]
+        );
+    }
+    // Not asked for: no logprobs events.
+    let (_, text) = chat.ask(&serde_json::json!({
+        "prompt": "Once upon a time", "max_tokens": 2, "format": "events-v1"
+    }));
+    assert!(logprob_events(&text).is_empty());
+}
+
+/// `response_format: json_object`: the sampler picks only tokens that keep
+/// the output the start of a JSON object and ends generation when it is
+/// complete, so the answer parses as one, greedy or sampled; cut by
+/// `max_tokens` it is an unfinished prefix (`length`). (As with OpenAI's
+/// JSON mode the prompt must ask for JSON: unasked, this model rambles on
+/// inside the object until `max_tokens`.)
+#[test]
+fn json_object_output_is_a_json_object_by_construction() {
+    let Some(chat) = chat() else { return };
+    let ask = |content: &str, extra: Value| {
+        let mut req = serde_json::json!({
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": 160, "format": "events-v1", "response_format": "json_object",
+        });
+        for (k, v) in extra.as_object().expect("object") {
+            req[k] = v.clone();
+        }
+        let (outcome, text) = chat.ask(&req);
+        assert_eq!(outcome, RunOutcome::Completed, "{text}");
+        events(&text)
+    };
+    for (content, extra) in [
+        (
+            "Describe Paris as JSON with the keys name and country.",
+            serde_json::json!({}),
+        ),
+        (
+            "Answer with a JSON object with the key answer: what is the capital of France?",
+            serde_json::json!({}),
+        ),
+        (
+            "Describe Paris as JSON with the keys name and country.",
+            serde_json::json!({"temperature": 1.0, "seed": 3}),
+        ),
+    ] {
+        let (answer, end) = ask(content, extra.clone());
+        println!("{content:?} {extra}: {answer}");
+        assert_eq!(end["finish_reason"], "stop", "{answer}");
+        let v: Value =
+            serde_json::from_str(&answer).unwrap_or_else(|e| panic!("not JSON ({e}): {answer:?}"));
+        assert!(v.is_object(), "{answer}");
+    }
+    // A question the model answers in prose: constrained, it starts an object.
+    let (prose, _) = ask(
+        "What is the capital of France?",
+        serde_json::json!({"max_tokens": 3, "response_format": "text"}),
+    );
+    assert!(!prose.trim_start().starts_with('{'), "{prose:?}");
+    let (answer, end) = ask(
+        "What is the capital of France?",
+        serde_json::json!({"max_tokens": 3}),
+    );
+    assert_eq!(end["finish_reason"], "length");
+    assert!(answer.trim_start().starts_with('{'), "{answer:?}");
+    assert!(
+        serde_json::from_str::<Value>(&answer).is_err(),
+        "{answer:?}"
+    );
+}
+
+/// Failures are typed `error` events a client can map (never an `end`):
+/// a prompt longer than the context, a model the program may not open, and
+/// out-of-range parameters.
+#[test]
+fn events_carry_typed_errors() {
+    let Some(chat) = chat() else { return };
+    let error = |req: Value| {
+        let mut req = req;
+        req["format"] = "events-v1".into();
+        let (outcome, text) = chat.ask(&req);
+        assert_eq!(outcome, RunOutcome::ProgramFailed, "{text}");
+        let (before, last) = events(&text);
+        assert_eq!(before, "", "no text before the error");
+        assert_eq!(last["type"], "error", "{last}");
+        (
+            last["code"].as_str().expect("code").to_owned(),
+            last["message"].as_str().expect("message").to_owned(),
+        )
+    };
+    let long = "hello ".repeat(9000);
+    let (code, message) = error(serde_json::json!({"prompt": long}));
+    assert_eq!(code, "context_length_exceeded");
+    assert!(message.contains("context is 8192 tokens"), "{message}");
+    let (code, message) = error(serde_json::json!({"prompt": "x", "model": "gpt-4"}));
+    assert_eq!(code, "model_not_found");
+    assert!(message.contains("`gpt-4`"), "{message}");
+    for (req, needle) in [
+        (
+            serde_json::json!({"prompt": "x", "max_tokens": 0}),
+            "max_tokens",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "temperature": -1.0}),
+            "temperature",
+        ),
+        (serde_json::json!({"prompt": "x", "top_p": 1.5}), "top_p"),
+        (
+            serde_json::json!({"prompt": "x", "frequency_penalty": 3.0}),
+            "frequency_penalty",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}),
+            "stop",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "bogus": 1}),
+            "unknown field",
+        ),
+    ] {
+        let (code, message) = error(req);
+        assert_eq!(code, "invalid_request");
+        assert!(message.contains(needle), "{message}");
+    }
+}
+
 /// GPT-2's byte → printable character map (how byte-level BPE vocabularies spell bytes).
 fn byte_char(b: u8) -> char {
     let printable =

@@ -13,7 +13,12 @@
 //! tokens parsed). `"format": "ids"` emits generated token ids (decimal,
 //! space-separated) instead of text; `"ignore_eos": true` keeps generating past
 //! end-of-generation tokens; `"default_system": false` leaves out the chat
-//! template's default system turn.
+//! template's default system turn. `"format": "events-v1"` emits JSON lines
+//! with the token counts, the finish reason and typed errors (see [`reply`]).
+//! `"stop": ["…"]` ends generation at the first of these strings (text
+//! formats; the string is not emitted); `presence_penalty` and
+//! `frequency_penalty` (OpenAI's, over the generated tokens) apply before
+//! sampling.
 //!
 //! Every hyperparameter comes from the GGUF metadata (`{arch}.block_count`,
 //! `.embedding_length`, `.attention.head_count[_kv]`, `.rope.freq_base`,
@@ -27,10 +32,13 @@ use cinfer_guest::{Dtype, Error, Program, output, request};
 use cinfer_tokenizer::{Tokenizer, Utf8Stream};
 use serde::Deserialize;
 
+pub mod json;
+pub mod reply;
 mod sampling;
 pub mod template;
 
-use sampling::{Rng, Sampling};
+use reply::{Code, Failure, Finish, Reply, StopMatcher};
+use sampling::{Penalties, Rng, Sampling};
 
 #[derive(Debug, Deserialize)]
 struct Message {
@@ -63,9 +71,36 @@ struct Request {
     default_system: bool,
     #[serde(default)]
     format: Format,
+    /// Strings that end generation (text formats only).
+    #[serde(default)]
+    stop: Vec<String>,
+    #[serde(default)]
+    presence_penalty: f32,
+    #[serde(default)]
+    frequency_penalty: f32,
+    /// `events-v1` only: a `logprobs` event before each token's text.
+    #[serde(default)]
+    logprobs: bool,
+    /// How many alternatives each `logprobs` event lists (at most 20).
+    #[serde(default)]
+    top_logprobs: u32,
+    /// `json_object`: the output is one JSON object, by constrained sampling.
+    #[serde(default)]
+    response_format: ResponseFormat,
 }
 
-#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+/// What the generated text must be.
+#[derive(Debug, Default, Deserialize, PartialEq, Eq, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum ResponseFormat {
+    /// Anything.
+    #[default]
+    Text,
+    /// One JSON object (see [`json`]).
+    JsonObject,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq, Eq, Clone, Copy)]
 #[serde(rename_all = "lowercase")]
 enum Format {
     #[default]
@@ -74,6 +109,61 @@ enum Format {
     /// One JSON line per step: the chosen id and the top-10 log-probabilities
     /// (log-softmax over the whole vocabulary, before sampling).
     Logprobs,
+    /// JSON lines: text, then the counts and finish reason, or a typed error.
+    #[serde(rename = "events-v1")]
+    Events,
+}
+
+/// Largest number of stop sequences (OpenAI's limit).
+const MAX_STOPS: usize = 4;
+/// Most alternatives per token in a `logprobs` event (OpenAI's limit).
+const MAX_TOP_LOGPROBS: u32 = 20;
+
+impl Request {
+    /// Refuses parameters out of range (the proxy checks them too; this is
+    /// the program's own line, for any client).
+    fn check(&self) -> Result<(), Failure> {
+        let bad = |m: String| Err(Failure::invalid(m));
+        if self.max_tokens == 0 {
+            return bad("max_tokens must be at least 1".into());
+        }
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return bad(format!(
+                "temperature {} is not a number >= 0",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("top_p {} is outside (0, 1]", self.top_p));
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(format!("{name} {v} is outside [-2, 2]"));
+            }
+        }
+        if self.stop.len() > MAX_STOPS || self.stop.iter().any(String::is_empty) {
+            return bad(format!("stop takes at most {MAX_STOPS} non-empty strings"));
+        }
+        if (self.logprobs || self.top_logprobs > 0) && self.format != Format::Events {
+            return bad("logprobs and top_logprobs need the events-v1 format".into());
+        }
+        if self.top_logprobs > MAX_TOP_LOGPROBS {
+            return bad(format!(
+                "top_logprobs {} is over {MAX_TOP_LOGPROBS}",
+                self.top_logprobs
+            ));
+        }
+        if self.top_logprobs > 0 && !self.logprobs {
+            return bad("top_logprobs needs logprobs: true".into());
+        }
+        if !self.stop.is_empty() && matches!(self.format, Format::Ids | Format::Logprobs) {
+            return bad("stop applies to the text formats only".into());
+        }
+        Ok(())
+    }
 }
 
 /// `{"id": ID, "top": [[id, logprob], ...]}` for one step.
@@ -92,6 +182,34 @@ fn logprob_line(logits: &Tensor, chosen: u32) -> Result<String, Error> {
         .map(|(id, l)| format!("[{id},{:.6}]", f64::from(*l) - lse))
         .collect();
     Ok(format!("{{\"id\":{chosen},\"top\":[{}]}}\n", top.join(",")))
+}
+
+/// Log-softmax of `logits` [1, vocab] at `chosen`, and its `top` largest
+/// entries (largest first): the model's own distribution, before penalties,
+/// temperature and truncation.
+fn token_logprobs(logits: &Tensor, chosen: u32, top: u32) -> Result<(f32, Vec<(u32, f32)>), Error> {
+    let all = logits.to_vec()?;
+    let max = all.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = f64::from(max)
+        + all
+            .iter()
+            .map(|l| f64::from(l - max).exp())
+            .sum::<f64>()
+            .ln();
+    let at = |l: f32| (f64::from(l) - lse) as f32;
+    let chosen_lp = all
+        .get(chosen as usize)
+        .map_or(f32::NEG_INFINITY, |l| at(*l));
+    let top = if top == 0 {
+        Vec::new()
+    } else {
+        logits
+            .top_k(top)?
+            .into_iter()
+            .map(|(id, l)| (id, at(l)))
+            .collect()
+    };
+    Ok((chosen_lp, top))
 }
 
 fn default_model() -> String {
@@ -262,23 +380,29 @@ impl Llama {
     }
 }
 
-fn fail(msg: &str) -> Error {
-    output::emit_str(&format!("error: {msg}\n"));
-    Error::BadRequest
-}
-
 /// Tokens of the request's prompt (ChatML for `messages`, as is for `prompt`).
-fn prompt_ids(req: &Request, tok: &Tokenizer, tmpl: &str) -> Result<Vec<u32>, Error> {
+fn prompt_ids(req: &Request, tok: &Tokenizer, tmpl: &str) -> Result<Vec<u32>, Failure> {
     let text = match (&req.messages, &req.prompt) {
         (Some(msgs), None) => {
             let turns: Vec<(&str, &str)> = msgs
                 .iter()
                 .map(|m| (m.role.as_str(), m.content.as_str()))
                 .collect();
-            template::apply(tmpl, &turns, req.default_system).map_err(|e| fail(&e))?
+            template::apply(tmpl, &turns, req.default_system).map_err(|e| {
+                let code = if e.starts_with("unsupported chat template") {
+                    Code::UnsupportedModel
+                } else {
+                    Code::InvalidRequest
+                };
+                Failure::new(code, e)
+            })?
         }
         (None, Some(p)) => p.clone(),
-        _ => return Err(fail("give exactly one of `messages` and `prompt`")),
+        _ => {
+            return Err(Failure::invalid(
+                "give exactly one of `messages` and `prompt`",
+            ));
+        }
     };
     let mut ids = tok.encode(&text, true);
     if tok.add_bos()
@@ -307,67 +431,158 @@ fn metadata(model: &Model) -> Result<Vec<u8>, Error> {
     Ok(if has_image { part } else { model.metadata()? })
 }
 
+/// The request's format, read before the whole request parses (so that a
+/// malformed request is refused in the format the client asked for).
+fn requested_format(body: &[u8]) -> Format {
+    #[derive(Deserialize)]
+    struct Only {
+        #[serde(default)]
+        format: Format,
+    }
+    serde_json::from_slice::<Only>(body).map_or(Format::Text, |o| o.format)
+}
+
+/// Generates the reply to `req`.
+fn generate(req: &Request, reply: Reply) -> Result<(), Failure> {
+    req.check()?;
+    let model = Model::open(&req.model).map_err(|e| Failure::opening_model(&req.model, e))?;
+    let meta = metadata(&model)?;
+    let g = cinfer_gguf::parse_metadata(&meta)
+        .map_err(|e| Failure::new(Code::UnsupportedModel, format!("model metadata: {e}")))?;
+    let hp = Hparams::from_gguf(&g).map_err(|e| Failure::new(Code::UnsupportedModel, e))?;
+    let template = g.str("tokenizer.chat_template").unwrap_or("").to_owned();
+    drop(g);
+    let tok = match Tokenizer::from_metadata(meta) {
+        // An image this release cannot read: build from the whole metadata.
+        Err(cinfer_tokenizer::TokenizerError::BadImage(_)) => {
+            Tokenizer::from_metadata(model.metadata()?)
+        }
+        other => other,
+    }
+    .map_err(|e| Failure::new(Code::UnsupportedModel, format!("tokenizer: {e}")))?;
+    let ids = prompt_ids(req, &tok, &template)?;
+    if ids.is_empty() {
+        return Err(Failure::invalid("empty prompt"));
+    }
+    let prompt_tokens = ids.len() as u32;
+    if u64::from(prompt_tokens) >= u64::from(hp.context) {
+        return Err(Failure::new(
+            Code::ContextLengthExceeded,
+            format!(
+                "the prompt is {prompt_tokens} tokens; the model's context is {} tokens (one at least must be left to generate)",
+                hp.context
+            ),
+        ));
+    }
+    // Generation stops at the context's end (finish_reason `length`).
+    let ctx =
+        (u64::from(prompt_tokens) + u64::from(req.max_tokens)).min(u64::from(hp.context)) as u32;
+    let llama = Llama::load(&model, hp, ctx)?;
+    let sampling = Sampling::new(req.temperature, req.top_k, req.top_p);
+    let mut penalties = Penalties::new(req.presence_penalty, req.frequency_penalty);
+    let mut rng = Rng::new(req.seed);
+    let mut text = Utf8Stream::new();
+    let mut stops = StopMatcher::new(req.stop.clone());
+    let mut logits = llama.forward(&ids, 0)?;
+    let mut generated = 0u32;
+    let mut finish = Finish::Length;
+    let mut stopped_by_sequence = false;
+    let mut json =
+        (req.response_format == ResponseFormat::JsonObject).then(json::JsonPrefix::default);
+    // `pos` is the position the sampled token will occupy.
+    for (step, pos) in (0..req.max_tokens).zip(prompt_tokens..) {
+        let next = match json {
+            None => sampling.pick(&logits, &penalties, &mut rng, |id| {
+                req.ignore_eos && tok.is_eog(id)
+            })?,
+            // Only tokens that keep the output the start of a JSON object;
+            // never an end of generation before it is complete.
+            Some(prefix) => sampling
+                .pick_allowed(&logits, &penalties, &mut rng, |id| {
+                    let bytes = tok.token_bytes(id, false);
+                    !bytes.is_empty() && !tok.is_eog(id) && prefix.after(&bytes).is_some()
+                })?
+                .ok_or_else(|| {
+                    Failure::new(
+                        Code::Internal,
+                        "no token of the vocabulary continues the JSON output",
+                    )
+                })?,
+        };
+        let json_done = match &mut json {
+            Some(prefix) => {
+                *prefix = prefix
+                    .after(&tok.token_bytes(next, false))
+                    .unwrap_or(*prefix);
+                prefix.is_done()
+            }
+            None => false,
+        };
+        generated += 1;
+        penalties.record(next);
+        let eog = tok.is_eog(next);
+        match req.format {
+            Format::Ids => output::emit_str(&format!("{next} ")),
+            Format::Logprobs => output::emit_str(&logprob_line(&logits, next)?),
+            Format::Text | Format::Events if !eog => {
+                if req.logprobs {
+                    let (lp, top) = token_logprobs(&logits, next, req.top_logprobs)?;
+                    reply.logprobs(&tok, next, lp, &top);
+                }
+                let piece = text.push(&tok.token_bytes(next, false));
+                let (out, stopped) = stops.push(&piece);
+                reply.text(&out);
+                if stopped {
+                    finish = Finish::Stop;
+                    stopped_by_sequence = true;
+                    break;
+                }
+            }
+            Format::Text | Format::Events => {}
+        }
+        if (eog && !req.ignore_eos) || json_done {
+            finish = Finish::Stop;
+            break;
+        }
+        if step + 1 == req.max_tokens || pos >= ctx {
+            break;
+        }
+        logits = llama.forward(&[next], pos)?;
+    }
+    if !stopped_by_sequence {
+        // The last bytes of the text (and what the stop matcher held back):
+        // they may still complete a stop sequence.
+        let (out, stopped) = stops.push(&text.finish());
+        reply.text(&out);
+        if stopped {
+            finish = Finish::Stop;
+        } else {
+            reply.text(&stops.finish());
+        }
+    }
+    reply.end(finish, prompt_tokens, generated);
+    Ok(())
+}
+
 struct LlamaChat;
 
 impl Program for LlamaChat {
     fn run() -> Result<(), Error> {
         let body = request::open()?;
-        let req: Request =
-            serde_json::from_slice(&body).map_err(|e| fail(&format!("bad request JSON: {e}")))?;
+        let format = requested_format(&body);
+        let reply = Reply {
+            events: format == Format::Events,
+        };
+        let parsed = serde_json::from_slice::<Request>(&body)
+            .map_err(|e| Failure::invalid(format!("bad request JSON: {e}")));
         drop(body);
-        let model = Model::open(&req.model)?;
-        let meta = metadata(&model)?;
-        let g = cinfer_gguf::parse_metadata(&meta)
-            .map_err(|e| fail(&format!("model metadata: {e}")))?;
-        let hp = Hparams::from_gguf(&g).map_err(|e| fail(&e))?;
-        let template = g.str("tokenizer.chat_template").unwrap_or("").to_owned();
-        drop(g);
-        let tok = match Tokenizer::from_metadata(meta) {
-            // An image this release cannot read: build from the whole metadata.
-            Err(cinfer_tokenizer::TokenizerError::BadImage(_)) => {
-                Tokenizer::from_metadata(model.metadata()?)
+        match parsed.and_then(|req| generate(&req, reply)) {
+            Ok(()) => Ok(()),
+            Err(f) => {
+                reply.error(&f);
+                Err(Error::BadRequest)
             }
-            other => other,
         }
-        .map_err(|e| fail(&format!("tokenizer: {e}")))?;
-        let ids = prompt_ids(&req, &tok, &template)?;
-        if ids.is_empty() {
-            return Err(fail("empty prompt"));
-        }
-        let ctx = (ids.len() as u64 + u64::from(req.max_tokens)).min(u64::from(hp.context)) as u32;
-        if ids.len() as u32 >= ctx {
-            return Err(fail("prompt does not fit the model's context"));
-        }
-        let llama = Llama::load(&model, hp, ctx)?;
-        let sampling = Sampling::new(req.temperature, req.top_k, req.top_p);
-        let mut rng = Rng::new(req.seed);
-        let mut text = Utf8Stream::new();
-        let mut logits = llama.forward(&ids, 0)?;
-        // `pos` is the position the sampled token will occupy.
-        for (step, pos) in (0..req.max_tokens).zip(ids.len() as u32..) {
-            let next = sampling.pick(&logits, &mut rng, |id| req.ignore_eos && tok.is_eog(id))?;
-            let eog = tok.is_eog(next);
-            match req.format {
-                Format::Ids => output::emit_str(&format!("{next} ")),
-                Format::Logprobs => output::emit_str(&logprob_line(&logits, next)?),
-                Format::Text if !eog => {
-                    let piece = text.push(&tok.token_bytes(next, false));
-                    if !piece.is_empty() {
-                        output::emit_str(&piece);
-                    }
-                }
-                Format::Text => {}
-            }
-            if (eog && !req.ignore_eos) || step + 1 == req.max_tokens || pos >= ctx {
-                break;
-            }
-            logits = llama.forward(&[next], pos)?;
-        }
-        let rest = text.finish();
-        if !rest.is_empty() {
-            output::emit_str(&rest);
-        }
-        Ok(())
     }
 }
 

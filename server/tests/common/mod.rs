@@ -222,7 +222,9 @@ async fn send(w: &Writer, kind: Kind, payload: &[u8]) {
 
 async fn run_request(w: Writer, s: Submit, gate: Arc<Semaphore>, stats: Arc<LoaderStats>) {
     if s.program != "echo" {
-        let reason = if s.program == "refuse-me" {
+        let reason = if let Some(why) = s.sealed.strip_prefix(b"reason:") {
+            String::from_utf8_lossy(why).into_owned()
+        } else if s.program == "refuse-me" {
             "request does not open".to_owned()
         } else {
             format!("unknown program {}", s.program)
