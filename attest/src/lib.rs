@@ -23,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod release;
+#[cfg(feature = "verify")]
 pub mod verify;
 
 #[cfg(any(test, feature = "test-fixtures"))]
@@ -33,6 +34,7 @@ pub use release::{
     ReleasedKeyKind, ReplyDigest, RequestKeyStatement, SignedReceipt, SignedRequestKey,
     StatementError, release_context, reply_digest,
 };
+#[cfg(feature = "verify")]
 pub use verify::{
     EvidenceError, RESETTABLE_PCRS, ReferenceError, ReferenceValues, Verified, is_reset_value,
     verify,

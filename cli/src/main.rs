@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 mod chat;
 mod devrun;
+mod measure;
 mod openai;
 mod proxy;
 mod signing;
@@ -83,6 +84,12 @@ enum Command {
     /// outcome goes to stderr; exits 1 unless the program completed. No
     /// attestation: for trying programs and models, not for serving.
     DevRun(devrun::DevRunArgs),
+    /// Prints the event log and PCR value a trusted loader with this binary,
+    /// serve configuration and policy produces, and the keyserver reference
+    /// values that pin them (no TPM needed). With --tpm, also pins that TPM's
+    /// attestation key and reads its boot PCRs: run it on the machine (VM
+    /// image) the loader will run on.
+    MeasureLoader(measure::MeasureArgs),
     /// Makes an ECDSA P-256 signing key pair for `cinfer sign` (PKCS#8 PEM
     /// private key, mode 0600; SubjectPublicKeyInfo PEM public key for the
     /// policy's `public-key`). Teams with an HSM or KMS keep the key there and
@@ -425,6 +432,7 @@ fn main() -> std::process::ExitCode {
             Ok(false) => return std::process::ExitCode::FAILURE,
             Err(e) => Err(e),
         },
+        Command::MeasureLoader(args) => measure::run(args),
         Command::Keygen { private, public } => keygen(private, public),
         Command::Sign { file, key, out } => sign(file, key, out.as_deref()),
         Command::Verify {

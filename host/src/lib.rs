@@ -27,6 +27,7 @@ pub use cinfer_accel as backend;
 mod bindings;
 pub mod caps;
 pub mod loader;
+pub mod measure;
 pub mod models;
 pub mod peer;
 pub mod policy;

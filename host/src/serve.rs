@@ -346,7 +346,7 @@ pub enum ServeError {
 /// The event log a loader with this binary, configuration and policy extends
 /// into `pcr` at start, in order: binary, configuration, then every policy file
 /// (trust roots as `trust-root`, the rest as `policy`). Operators compute
-/// reference values with the same function (`trusted-loader measure`).
+/// reference values with the same function (`cinfer measure-loader`).
 pub fn measurements(
     pcr: u8,
     binary: &[u8],

@@ -86,10 +86,11 @@ fn loader_bin() -> &'static str {
     env!("CARGO_BIN_EXE_trusted-loader")
 }
 
-/// The measured binary carries no development command (they live in `cinfer`).
+/// The measured binary carries no development or operator command (they live
+/// in `cinfer`, `measure` as `cinfer measure-loader`): it only serves.
 #[test]
-fn the_measured_loader_binary_only_serves_and_measures() {
-    for gone in ["run", "check", "dev-keygen"] {
+fn the_measured_loader_binary_only_serves() {
+    for gone in ["run", "check", "dev-keygen", "measure"] {
         let out = Command::new(loader_bin()).arg(gone).output().unwrap();
         assert!(!out.status.success(), "{gone}");
         assert!(
@@ -100,28 +101,34 @@ fn the_measured_loader_binary_only_serves_and_measures() {
     }
     let help = Command::new(loader_bin()).arg("--help").output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
-    assert!(help.contains("serve") && help.contains("measure"), "{help}");
+    let commands: Vec<&str> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(commands, ["serve", "help"], "{help}");
 }
 
-/// `trusted-loader measure --tpm`: the operator's reference values.
+/// The operator's reference values for a loader run from `loader_bin()` with
+/// `config` on the TPM at `tcti`, as `cinfer measure-loader --tpm` builds them
+/// (that command's own test is in `cli/tests`): the event log the loader
+/// computes at start, that TPM's AK and its other quoted PCRs.
 fn reference_values(config: &Path, tcti: &str) -> ReferenceValues {
-    let out = Command::new(loader_bin())
-        .args(["measure", "--config"])
-        .arg(config)
-        .args(["--tpm", tcti])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let toml_part = text
-        .split_once("# keyserver reference values:\n")
-        .expect("reference values in the output")
-        .1;
-    toml::from_str(toml_part).unwrap()
+    let binary = std::fs::read(loader_bin()).unwrap();
+    let m = cinfer_host::measure::measure(config, &binary).unwrap();
+    let mut refs = ReferenceValues::for_events(m.cfg.pcr, &m.events);
+    let others: Vec<u8> = m
+        .cfg
+        .quote_pcrs()
+        .into_iter()
+        .filter(|p| *p != m.cfg.pcr)
+        .collect();
+    let mut tpm = cinfer_tpm::Tpm::open(tcti).unwrap();
+    refs.trusted_aks.push(tpm.ak_public().to_vec());
+    refs.pcrs = tpm.read_pcrs(&others).unwrap();
+    refs
 }
 
 /// A running loader, its channel address and its log lines so far.
@@ -1279,8 +1286,9 @@ fn a_peers_program_uploads_leave_with_it() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Without `server-keys`, `serve` (and `measure`) refuse the configuration
-/// unless it says `allow-unauthenticated-peers = true`; naming both is refused too.
+/// Without `server-keys`, `serve` (and the measurement operators compute
+/// reference values with) refuse the configuration unless it says
+/// `allow-unauthenticated-peers = true`; naming both is refused too.
 #[test]
 fn serve_refuses_a_configuration_without_server_keys() {
     let dir = scratch("no-server-keys");
@@ -1291,36 +1299,35 @@ fn serve_refuses_a_configuration_without_server_keys() {
         .find(|l| l.starts_with("server-keys"))
         .unwrap()
         .to_owned();
-    let run = |text: &str, command: &str| {
+    let measure = |text: &str| {
         std::fs::write(&config, text).unwrap();
-        Command::new(loader_bin())
-            .args([command, "--config"])
-            .arg(&config)
-            .output()
-            .unwrap()
+        cinfer_host::measure::measure(&config, b"loader binary").map(|_| ())
     };
     let without = text.replace(&keys_line, "");
-    for command in ["serve", "measure"] {
-        let out = run(&without, command);
-        assert!(!out.status.success());
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            stderr.contains("server-keys: no inference server key is configured"),
-            "{stderr}"
-        );
-    }
+    std::fs::write(&config, &without).unwrap();
+    let out = Command::new(loader_bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("server-keys: no inference server key is configured"),
+        "{stderr}"
+    );
+    let err = measure(&without).unwrap_err().to_string();
+    assert!(
+        err.contains("server-keys: no inference server key is configured"),
+        "{err}"
+    );
     let both = text.replace(
         &keys_line,
         &format!("{keys_line}\nallow-unauthenticated-peers = true"),
     );
-    let stderr = String::from_utf8_lossy(&run(&both, "measure").stderr).to_string();
-    assert!(stderr.contains("contradict each other"), "{stderr}");
+    let err = measure(&both).unwrap_err().to_string();
+    assert!(err.contains("contradict each other"), "{err}");
     let dev = text.replace(&keys_line, "allow-unauthenticated-peers = true");
-    let out = run(&dev, "measure");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    measure(&dev).unwrap_or_else(|e| panic!("{e}"));
     let _ = std::fs::remove_dir_all(&dir);
 }

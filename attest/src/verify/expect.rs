@@ -6,7 +6,7 @@
 //! and `TPM2_MakeCredential`/`ActivateCredential` at provisioning). There is no
 //! certificate chain to walk at verification time.
 
-use crate::{DEFAULT_PCR, Digest32, EventKind};
+use crate::{DEFAULT_PCR, Digest32, Event, EventKind};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -99,6 +99,24 @@ pub enum ReferenceError {
 }
 
 impl ReferenceValues {
+    /// Values that allow exactly the digests of `events` (a loader's event
+    /// log, as `cinfer measure-loader` computes it) in `measured_pcr`, with no
+    /// trusted AK and no other PCR pinned yet: the operator adds those (from
+    /// the TPM the loader runs on).
+    pub fn for_events(measured_pcr: u8, events: &[Event]) -> Self {
+        let mut values = Self {
+            trusted_aks: Vec::new(),
+            measured_pcr,
+            events: BTreeMap::new(),
+            pcrs: BTreeMap::new(),
+            allow_resettable_pcrs_only: false,
+        };
+        for e in events {
+            values.events.entry(e.kind).or_default().insert(e.digest);
+        }
+        values
+    }
+
     /// Checks the values can be used (call when loading a policy, so a mistake
     /// shows at startup rather than as refused evidence).
     pub fn check(&self) -> Result<(), ReferenceError> {
