@@ -458,10 +458,12 @@ impl System {
         .expect("loader config");
 
         // Reference values, as an operator computes them.
-        let measured = run(Command::new(bin("trusted-loader"))
-            .arg("measure")
+        let measured = run(Command::new(bin("cinfer"))
+            .arg("measure-loader")
             .arg("--config")
             .arg(l.join("loader.toml"))
+            .arg("--binary")
+            .arg(bin("trusted-loader"))
             .args(["--tpm", &swtpm.tcti()]));
         let reference = measured
             .split_once("# keyserver reference values:\n")
