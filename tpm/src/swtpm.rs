@@ -203,11 +203,11 @@ impl Swtpm {
                     what: "creating the state directory",
                     source,
                 })?;
-            if let Some(ca) = ca {
-                if let Err(why) = ca.manufacture(state.path()) {
-                    last = why;
-                    continue;
-                }
+            if let Some(ca) = ca
+                && let Err(why) = ca.manufacture(state.path())
+            {
+                last = why;
+                continue;
             }
             let log_path = state.path().join("stderr.log");
             let log = File::create(&log_path).map_err(|source| SwtpmError::Io {
