@@ -223,6 +223,16 @@ pub fn verify(
     if attrs & attr::DECRYPT != 0 {
         return Err(EndorsementError::AkAttributes("also a decryption key"));
     }
+    // TPM2_LoadExternal takes any public area, fixedTPM and all, without
+    // its private part, and the copy has the same name. ActivateCredential
+    // authorizes the object's ADMIN role: with the authValue (which a
+    // public-only object does not have: TPM_RC_AUTH_UNAVAILABLE) unless
+    // adminWithPolicy is set, when a policy the attacker chose could do.
+    if attrs & attr::ADMIN_WITH_POLICY != 0 {
+        return Err(EndorsementError::AkAttributes(
+            "adminWithPolicy (a public-only copy could be authorized to activate)",
+        ));
+    }
     let ak_name = ak
         .name(&endorsement.ak_public_area)
         .ok_or(EndorsementError::AkAttributes(

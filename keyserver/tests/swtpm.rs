@@ -764,6 +764,26 @@ async fn ek_certificate_of_another_key_and_ak_area_of_another_key_are_refused() 
     ev.endorsement.as_mut().unwrap().ak_public_area = other.ak_public_area().to_vec();
     let reason = format!("endorsement: {}", EndorsementError::AkMismatch);
     assert_refused(&s.h, &ev, &reason).await;
+
+    // This TPM's AK area with adminWithPolicy set (the same point): a
+    // public-only copy of such an area could be authorized to activate.
+    let (mut ev, _) = endorsed_quote(&mut s).await;
+    ev.endorsement.as_mut().unwrap().ak_public_area[7] |= 0x80;
+    let reason = format!(
+        "endorsement: {}",
+        EndorsementError::AkAttributes(
+            "adminWithPolicy (a public-only copy could be authorized to activate)"
+        )
+    );
+    assert_refused(&s.h, &ev, &reason).await;
+    // Without fixedTPM.
+    let (mut ev, _) = endorsed_quote(&mut s).await;
+    ev.endorsement.as_mut().unwrap().ak_public_area[7] &= !0x02;
+    let reason = format!(
+        "endorsement: {}",
+        EndorsementError::AkAttributes("not fixedTPM")
+    );
+    assert_refused(&s.h, &ev, &reason).await;
 }
 
 #[tokio::test]

@@ -508,3 +508,73 @@ fn tpm_without_ek_certificate_says_so() {
         })
     ));
 }
+
+/// A copy of the AK's public area loaded public-only (`TPM2_LoadExternal`
+/// accepts `fixedTPM | restricted` there) has the AK's name, so a credential
+/// made for that name would activate against it if its ADMIN role could be
+/// authorized: without `adminWithPolicy` that needs the authValue, which a
+/// public-only object does not have (`TPM_RC_AUTH_UNAVAILABLE`). The
+/// keyserver therefore refuses AK areas with `adminWithPolicy` set; this
+/// checks the TPM half of that argument on swtpm, with tpm2-tools.
+#[test]
+fn a_public_only_copy_of_the_ak_cannot_activate_its_credential() {
+    if Command::new("tpm2_activatecredential")
+        .arg("-v")
+        .output()
+        .is_err()
+    {
+        println!("SKIPPED: tpm2-tools not installed (apt-get install tpm2-tools)");
+        return;
+    }
+    let ca = cinfer_tpm::swtpm::LocalCa::new().unwrap();
+    let sw = Swtpm::start_endorsed(&ca).unwrap_or_else(|e| panic!("{e}"));
+    let e = Tpm::open(&sw.tcti()).unwrap().endorsement().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (id_object, encrypted_secret) =
+        tpm2_makecredential(d, &e.ek_public, &name_of(&e.ak_public_area), &[0x33; 32]);
+    // tpm2-tools' credential file: magic, version, the two TPM2B.
+    let mut cred = vec![0xba, 0xdc, 0xc0, 0xde, 0, 0, 0, 1];
+    for part in [&id_object, &encrypted_secret] {
+        cred.extend_from_slice(&(part.len() as u16).to_be_bytes());
+        cred.extend_from_slice(part);
+    }
+    std::fs::write(d.join("cred.out"), cred).unwrap();
+    let mut ak = (e.ak_public_area.len() as u16).to_be_bytes().to_vec();
+    ak.extend_from_slice(&e.ak_public_area);
+    std::fs::write(d.join("ak.pub"), ak).unwrap();
+    let run = |cmd: &str| {
+        Command::new("bash")
+            .args(["-c", cmd])
+            .current_dir(d)
+            .env("TPM2TOOLS_TCTI", sw.tcti())
+            .output()
+            .unwrap()
+    };
+    // Loaded public-only, it gets the AK's name.
+    let out = run("tpm2_loadexternal -C e -u ak.pub -c ak.ctx");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&hex::encode(name_of(&e.ak_public_area))),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // The contexts are saved in files; swtpm has no resource manager, so
+    // flush what the tools left loaded before they load them again.
+    let out = run(
+        "tpm2_createek -c ek.ctx -G rsa -u ek.pub && tpm2_flushcontext -t && \
+         tpm2_startauthsession --policy-session -S s.ctx && tpm2_policysecret -S s.ctx -c e && \
+         tpm2_activatecredential -c ak.ctx -C ek.ctx -i cred.out -o secret.out -P session:s.ctx",
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("0x12F") || stderr.contains("0x12f"),
+        "{stderr}"
+    );
+    assert!(!d.join("secret.out").exists());
+}

@@ -28,6 +28,8 @@ pub mod attr {
     pub const FIXED_PARENT: u32 = 1 << 4;
     /// The TPM generated its sensitive part.
     pub const SENSITIVE_DATA_ORIGIN: u32 = 1 << 5;
+    /// The ADMIN role is authorized by the policy only.
+    pub const ADMIN_WITH_POLICY: u32 = 1 << 7;
     /// Restricted: signs only TPM-made structures / decrypts only TPM formats.
     pub const RESTRICTED: u32 = 1 << 16;
     /// A decryption key.
