@@ -433,4 +433,56 @@ mod tests {
             Err(ConfigError::Invalid(_))
         ));
     }
+
+    #[test]
+    fn endorsement_section_and_pins() {
+        let base = "state-dir = \"s\"\naudit-log = \"a\"\n";
+        let text = format!(
+            "{base}{}[endorsement]\nek-ca-certs = [\"ca/root.pem\"]\nrequired = true\n",
+            reference()
+        );
+        let c = Config::parse(&text, Path::new("/etc/ks")).unwrap();
+        assert_eq!(
+            c.endorsement.ek_ca_certs,
+            [Path::new("/etc/ks/ca/root.pem")]
+        );
+        assert!(c.endorsement.ek_intermediate_certs.is_empty());
+        assert!(c.endorsement.required);
+        // With EK CAs, no AK need be pinned; without, one must.
+        let no_pins = text.replace(&format!("[\"{AK}\"]"), "[]");
+        let c = Config::parse(&no_pins, Path::new("/etc/ks")).unwrap();
+        assert!(c.reference_values().unwrap().trusted_aks.is_empty());
+        let without_ca = format!("{base}{}", reference()).replace(&format!("[\"{AK}\"]"), "[]");
+        let c = Config::parse(&without_ca, Path::new("/etc/ks")).unwrap();
+        assert!(c.reference_values().is_err());
+        // Requiring endorsement without a CA, or a typo, is refused.
+        let no_ca = format!("{base}{}[endorsement]\nrequired = true\n", reference());
+        let err = Config::parse(&no_ca, Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("endorsement.required needs"), "{err}");
+        let typo = format!("{base}{}[endorsement]\nek-ca = []\n", reference());
+        assert!(matches!(
+            Config::parse(&typo, Path::new(".")),
+            Err(ConfigError::Parse { .. })
+        ));
+        // A CA file that is not PEM is refused with its path.
+        let dir = std::env::temp_dir().join(format!("cinfer-ks-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("bad.pem"), "not a certificate").unwrap();
+        let bad = format!(
+            "{base}{}[endorsement]\nek-ca-certs = [\"bad.pem\"]\n",
+            reference()
+        );
+        let err = Config::parse(&bad, &dir)
+            .unwrap()
+            .ek_trust()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("bad.pem") && err.contains("no PEM certificate"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
