@@ -866,3 +866,30 @@ fn tempfile_dir() -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Writes `tests/fixtures/endorsement/` (the golden endorsement the
+/// swtpm-free tests and the fuzz target use) from a fresh endorsed swtpm.
+/// Run by hand: `cargo test --release -p cinfer-keyserver --test swtpm --
+/// --ignored write_endorsement_fixtures`.
+#[tokio::test]
+#[ignore = "writes fixtures"]
+async fn write_endorsement_fixtures() {
+    let ca = LocalCa::new().unwrap();
+    let sw = endorsed_swtpm(&ca).unwrap();
+    let mut tpm = Tpm::open(&sw.tcti()).unwrap();
+    let e = tpm.endorsement().unwrap();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/endorsement");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(ca.root_cert(), dir.join("root.pem")).unwrap();
+    std::fs::copy(ca.intermediate_cert(), dir.join("intermediate.pem")).unwrap();
+    let golden = serde_json::json!({
+        "time": unix_now(),
+        "ak_public": hex::encode(tpm.ak_public()),
+        "endorsement": e,
+    });
+    std::fs::write(
+        dir.join("endorsement.json"),
+        serde_json::to_vec_pretty(&golden).unwrap(),
+    )
+    .unwrap();
+}
