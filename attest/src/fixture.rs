@@ -114,6 +114,7 @@ impl Fixture {
             attest,
             pcrs: self.pcrs(),
             event_log: self.events.clone(),
+            endorsement: None,
         }
     }
 

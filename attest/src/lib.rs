@@ -30,14 +30,15 @@ pub mod verify;
 pub mod fixture;
 
 pub use release::{
-    KEY_RELEASE_VERSION, KeyRelease, RECEIPT_KEY_ID, RECEIPT_TYPE, Receipt, ReleasedKey,
-    ReleasedKeyKind, ReplyDigest, RequestKeyStatement, SignedReceipt, SignedRequestKey,
-    StatementError, release_context, reply_digest,
+    CREDENTIAL_PSK_ID, Credential, KEY_RELEASE_VERSION, KeyRelease, RECEIPT_KEY_ID, RECEIPT_TYPE,
+    Receipt, ReleasedKey, ReleasedKeyKind, ReplyDigest, RequestKeyStatement, SignedReceipt,
+    SignedRequestKey, StatementError, credential_binding, credential_psk, release_context,
+    reply_digest,
 };
 #[cfg(feature = "verify")]
 pub use verify::{
-    EvidenceError, RESETTABLE_PCRS, ReferenceError, ReferenceValues, Verified, is_reset_value,
-    verify,
+    AkTrust, EvidenceError, RESETTABLE_PCRS, ReferenceError, ReferenceValues, Verified,
+    is_reset_value, verify, verify_with,
 };
 
 use serde::{Deserialize, Serialize};
@@ -140,6 +141,29 @@ pub struct Evidence {
     pub pcrs: BTreeMap<u8, Digest32>,
     /// Everything the loader extended, in order.
     pub event_log: Vec<Event>,
+    /// The TPM's endorsement, when the loader has one: lets a keyserver trust
+    /// the AK through the EK certificate instead of a pin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endorsement: Option<Endorsement>,
+}
+
+/// What binds the AK to a TPM a manufacturer certified: the EK certificate,
+/// the EK's public area and the AK's public area. The keyserver checks the
+/// certificate chain, that the certificate's key is this EK, that the AK
+/// area is the quoting key, and then makes a credential for the AK's name
+/// that only this TPM can activate ([`release::Credential`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endorsement {
+    /// The EK certificate (DER X.509), as read from the TPM's NV index.
+    #[serde(with = "hex::serde")]
+    pub ek_certificate: Vec<u8>,
+    /// The EK's marshalled `TPMT_PUBLIC`.
+    #[serde(with = "hex::serde")]
+    pub ek_public: Vec<u8>,
+    /// The AK's marshalled `TPMT_PUBLIC`; its name (`nameAlg || H(area)`)
+    /// is what the credential is made for.
+    #[serde(with = "hex::serde")]
+    pub ak_public_area: Vec<u8>,
 }
 
 impl Evidence {
@@ -258,6 +282,7 @@ mod tests {
             signature: vec![0, 0x18],
             pcrs: BTreeMap::from([(23, [7; 32])]),
             event_log: vec![Event::measure(23, EventKind::Config, "c", b"c")],
+            endorsement: None,
         };
         let json = ev.to_json();
         assert_eq!(Evidence::from_json(&json).unwrap(), ev);

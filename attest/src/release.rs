@@ -84,6 +84,58 @@ pub struct KeyRelease {
     /// [`KeyRelease::signed_digest`]; empty when unsigned.
     #[serde(default, with = "hex::serde")]
     pub signature: Vec<u8>,
+    /// Present when the keyserver trusted the AK through its endorsement: every
+    /// key is then wrapped in HPKE PSK mode under
+    /// [`credential_psk`]`(secret, nonce)`, where `secret` is what only the
+    /// TPM holding the EK, with the AK loaded, gets back from this credential.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<Credential>,
+}
+
+/// A `TPM2_MakeCredential` result for the attesting TPM's EK and AK name
+/// (TPM 2.0 Part 1 §24), plus a tag that lets the loader tell a credential
+/// made for this attestation from a replayed one before unwrapping.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credential {
+    /// Contents of the `TPM2B_ID_OBJECT`: `TPM2B_DIGEST(integrity HMAC) ||
+    /// encIdentity`.
+    #[serde(with = "hex::serde")]
+    pub id_object: Vec<u8>,
+    /// Contents of the `TPM2B_ENCRYPTED_SECRET`: the seed encrypted to the EK.
+    #[serde(with = "hex::serde")]
+    pub encrypted_secret: Vec<u8>,
+    /// [`credential_binding`]`(secret, nonce)`.
+    #[serde(with = "hex::serde")]
+    pub binding: Vec<u8>,
+}
+
+/// The HPKE PSK id of keys wrapped under a credential's secret.
+pub const CREDENTIAL_PSK_ID: &[u8] = b"cinfer/tpm-credential/v1";
+
+fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    use hmac::Mac as _;
+    // HMAC accepts keys of any length.
+    let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    for p in parts {
+        mac.update(&(p.len() as u64).to_be_bytes());
+        mac.update(p);
+    }
+    mac.finalize().into_bytes().into()
+}
+
+/// The HPKE PSK of a release with a credential: HMAC-SHA256 keyed with the
+/// credential's secret over a label and the attestation's nonce. The secret is
+/// fresh for every release, so a PSK serves one attestation only.
+pub fn credential_psk(secret: &[u8], nonce: &[u8]) -> zeroize::Zeroizing<[u8; 32]> {
+    zeroize::Zeroizing::new(hmac_sha256(secret, &[b"cinfer/credential-psk/v1", nonce]))
+}
+
+/// The tag a [`Credential`] carries: HMAC-SHA256 keyed with the secret over
+/// another label and the nonce. A loader whose activated secret does not give
+/// this tag for its pending nonce holds a credential of another attestation.
+pub fn credential_binding(secret: &[u8], nonce: &[u8]) -> [u8; 32] {
+    hmac_sha256(secret, &[b"cinfer/credential-binding/v1", nonce])
 }
 
 impl KeyRelease {
@@ -105,6 +157,13 @@ impl KeyRelease {
             field(k.id.as_bytes());
             field(&k.enc);
             field(&k.ciphertext);
+        }
+        // Absent in releases without a credential, whose digest is unchanged.
+        if let Some(c) = &self.credential {
+            field(b"credential");
+            field(&c.id_object);
+            field(&c.encrypted_secret);
+            field(&c.binding);
         }
         h.finalize().into()
     }
@@ -455,6 +514,7 @@ mod receipt_tests {
             }],
             identity: Vec::new(),
             signature: Vec::new(),
+            credential: None,
         };
         assert_eq!(
             r.verify(&[sec1(&ks)]),
@@ -477,9 +537,39 @@ mod receipt_tests {
         let mut t = back.clone();
         t.keys[0].id = "n".into();
         assert_eq!(t.verify(&[sec1(&ks)]), Err(StatementError::BadSignature));
-        let mut t = back;
+        let mut t = back.clone();
         t.nonce[0] ^= 1;
         assert_eq!(t.verify(&[sec1(&ks)]), Err(StatementError::BadSignature));
+        // A credential, once signed, is covered too; one added after is not.
+        let mut t = back;
+        let credential = Credential {
+            id_object: vec![1; 50],
+            encrypted_secret: vec![2; 256],
+            binding: vec![3; 32],
+        };
+        t.credential = Some(credential.clone());
+        assert_eq!(t.verify(&[sec1(&ks)]), Err(StatementError::BadSignature));
+        t.sign(&ks);
+        t.verify(&[sec1(&ks)]).unwrap();
+        for i in 0..3 {
+            let mut u = t.clone();
+            let c = u.credential.as_mut().unwrap();
+            [&mut c.id_object, &mut c.encrypted_secret, &mut c.binding][i][0] ^= 1;
+            assert_eq!(u.verify(&[sec1(&ks)]), Err(StatementError::BadSignature));
+        }
+    }
+
+    #[test]
+    fn credential_derivations_depend_on_secret_and_nonce() {
+        let psk = credential_psk(&[1; 32], &[2; 32]);
+        assert_ne!(*psk, *credential_psk(&[1; 32], &[3; 32]));
+        assert_ne!(*psk, *credential_psk(&[4; 32], &[2; 32]));
+        assert_ne!(
+            *psk,
+            credential_binding(&[1; 32], &[2; 32]),
+            "labels differ"
+        );
+        assert_eq!(*psk, *credential_psk(&[1; 32], &[2; 32]));
     }
 
     #[test]

@@ -182,6 +182,29 @@ pub fn verify(
     expected_nonce: &[u8],
     refs: &ReferenceValues,
 ) -> Result<Verified, EvidenceError> {
+    verify_with(evidence, expected_nonce, refs, AkTrust::Pinned)
+}
+
+/// How [`verify_with`] decides whether the attestation key is trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AkTrust {
+    /// Only an AK listed in the reference values' `trusted-aks`.
+    Pinned,
+    /// The caller trusts the AK by other means and does not consult the pins:
+    /// the keyserver checked its endorsement (EK certificate chain, EK, AK
+    /// public area) and releases keys only under a credential for it, which
+    /// nothing but the endorsed TPM holding this AK can activate.
+    Endorsed,
+}
+
+/// [`verify`], with the AK trusted as `ak_trust` says.
+pub fn verify_with(
+    evidence: &Evidence,
+    expected_nonce: &[u8],
+    refs: &ReferenceValues,
+    ak_trust: AkTrust,
+) -> Result<Verified, EvidenceError> {
     let expected = Expected::from_refs(refs);
 
     if evidence.version != EVIDENCE_VERSION {
@@ -194,7 +217,7 @@ pub fn verify(
         return Err(EvidenceError::InvalidHpkeKey);
     }
     let ak_fingerprint = ak_fingerprint(&evidence.ak_public);
-    if !expected.ak_trusted(&evidence.ak_public) {
+    if ak_trust == AkTrust::Pinned && !expected.ak_trusted(&evidence.ak_public) {
         return Err(EvidenceError::UntrustedAk {
             fingerprint: ak_fingerprint,
         });

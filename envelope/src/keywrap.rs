@@ -8,9 +8,14 @@
 //! keyserver nonce): a wrapped secret unwraps only under the same context and
 //! AAD. Every failure to unwrap is the opaque
 //! [`EnvelopeError::AuthenticationFailed`].
+//!
+//! [`wrap_key_psk`] is the same in HPKE PSK mode: the secret then unwraps only
+//! with the private key *and* the pre-shared key (the keyserver uses the
+//! secret a TPM credential carries, so only the loader whose TPM activated it
+//! can unwrap).
 
 use crate::{AesGcm256, EnvelopeError, HkdfSha256, Kem, RequestPrivateKey, RequestPublicKey};
-use hpke::{Deserializable, OpModeR, OpModeS, Serializable};
+use hpke::{Deserializable, OpModeR, OpModeS, PskBundle, Serializable};
 use zeroize::Zeroizing;
 
 const INFO_PREFIX: &[u8] = b"cinfer/key-release/v1";
@@ -35,8 +40,56 @@ pub fn wrap_key(
     aad: &[u8],
     secret: &[u8],
 ) -> Result<WrappedSecret, EnvelopeError> {
+    seal(&OpModeS::Base, recipient, context, aad, secret)
+}
+
+/// [`wrap_key`] in HPKE PSK mode with `psk` (at least 32 bytes) named `psk_id`
+/// (not empty).
+pub fn wrap_key_psk(
+    recipient: &RequestPublicKey,
+    context: &[u8],
+    aad: &[u8],
+    secret: &[u8],
+    psk: &[u8],
+    psk_id: &[u8],
+) -> Result<WrappedSecret, EnvelopeError> {
+    let bundle = psk_bundle(psk, psk_id)?;
+    seal(&OpModeS::Psk(bundle), recipient, context, aad, secret)
+}
+
+/// Unwraps a secret wrapped by [`wrap_key_psk`] with the same `psk` and
+/// `psk_id`; any difference is [`EnvelopeError::AuthenticationFailed`].
+pub fn unwrap_key_psk(
+    sk: &RequestPrivateKey,
+    context: &[u8],
+    aad: &[u8],
+    wrapped: &WrappedSecret,
+    psk: &[u8],
+    psk_id: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, EnvelopeError> {
+    let bundle = psk_bundle(psk, psk_id)?;
+    open(&OpModeR::Psk(bundle), sk, context, aad, wrapped)
+}
+
+fn psk_bundle<'a>(psk: &'a [u8], psk_id: &'a [u8]) -> Result<PskBundle<'a>, EnvelopeError> {
+    // RFC 9180 §5.1.1: a PSK has at least 32 bytes of entropy.
+    if psk.len() < 32 || psk_id.is_empty() {
+        return Err(EnvelopeError::MalformedKey(
+            "PSK shorter than 32 bytes or without an id",
+        ));
+    }
+    PskBundle::new(psk, psk_id).map_err(|_| EnvelopeError::MalformedKey("PSK bundle"))
+}
+
+fn seal(
+    mode: &OpModeS<'_, Kem>,
+    recipient: &RequestPublicKey,
+    context: &[u8],
+    aad: &[u8],
+    secret: &[u8],
+) -> Result<WrappedSecret, EnvelopeError> {
     let (enc, ciphertext) = hpke::single_shot_seal::<AesGcm256, HkdfSha256, Kem>(
-        &OpModeS::Base,
+        mode,
         &recipient.pk,
         &info(context),
         secret,
@@ -57,10 +110,20 @@ pub fn unwrap_key(
     aad: &[u8],
     wrapped: &WrappedSecret,
 ) -> Result<Zeroizing<Vec<u8>>, EnvelopeError> {
+    open(&OpModeR::Base, sk, context, aad, wrapped)
+}
+
+fn open(
+    mode: &OpModeR<'_, Kem>,
+    sk: &RequestPrivateKey,
+    context: &[u8],
+    aad: &[u8],
+    wrapped: &WrappedSecret,
+) -> Result<Zeroizing<Vec<u8>>, EnvelopeError> {
     let enc = <Kem as hpke::Kem>::EncappedKey::from_bytes(&wrapped.enc)
         .map_err(|_| EnvelopeError::MalformedEncapsulatedKey)?;
     hpke::single_shot_open::<AesGcm256, HkdfSha256, Kem>(
-        &OpModeR::Base,
+        mode,
         &sk.sk,
         &enc,
         &info(context),
@@ -79,6 +142,29 @@ mod tests {
 
     fn wrapped(key: &RequestPrivateKey) -> WrappedSecret {
         wrap_key(key.public_key(), b"model\0m1", b"nonce", &SECRET).unwrap()
+    }
+
+    #[test]
+    fn psk_mode_needs_the_psk_and_its_id() {
+        let key = RequestPrivateKey::generate();
+        let (psk, id) = ([5u8; 32], b"cinfer/test".as_slice());
+        let w = wrap_key_psk(key.public_key(), b"c", b"a", &SECRET, &psk, id).unwrap();
+        let got = unwrap_key_psk(&key, b"c", b"a", &w, &psk, id).unwrap();
+        assert_eq!(got.as_slice(), SECRET);
+        let fail = Err(EnvelopeError::AuthenticationFailed);
+        assert_eq!(unwrap_key_psk(&key, b"c", b"a", &w, &[6; 32], id), fail);
+        assert_eq!(unwrap_key_psk(&key, b"c", b"a", &w, &psk, b"other"), fail);
+        assert_eq!(unwrap_key(&key, b"c", b"a", &w), fail, "base mode");
+        let base = wrap_key(key.public_key(), b"c", b"a", &SECRET).unwrap();
+        assert_eq!(unwrap_key_psk(&key, b"c", b"a", &base, &psk, id), fail);
+        assert!(matches!(
+            wrap_key_psk(key.public_key(), b"c", b"a", &SECRET, &[1; 16], id),
+            Err(EnvelopeError::MalformedKey(_))
+        ));
+        assert!(matches!(
+            wrap_key_psk(key.public_key(), b"c", b"a", &SECRET, &psk, b""),
+            Err(EnvelopeError::MalformedKey(_))
+        ));
     }
 
     #[test]

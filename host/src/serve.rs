@@ -11,6 +11,12 @@
 //! holds keys HPKE-wrapped to that public key: only this process can unwrap them,
 //! the relay sees ciphertext. The ephemeral key is used once (a replayed release
 //! finds no pending attestation), and a release is installed all or nothing.
+//!
+//! When the TPM has an EK certificate the evidence carries it, with the EK and
+//! AK public areas; a keyserver that trusts the AK through it answers with a
+//! TPM credential for the AK, and the keys are wrapped (HPKE PSK mode) under
+//! the credential's secret, which only `TPM2_ActivateCredential` in this TPM
+//! recovers. The loader only reads and activates; the keyserver verifies.
 
 use crate::caps::model::ModelStore;
 use crate::caps::output::FrameSink;
@@ -19,12 +25,15 @@ use crate::peer::{DeadlineReader, PeerError, PeerStream};
 use crate::policy::PolicyFileRole;
 use crate::replay::ReplayWindow;
 use crate::{AbortReason, AdmittedProgram, Loader, LoaderConfig, Policy, RunOutcome};
-use cinfer_attest::{Event, EventKind, Evidence, KeyRelease, ReleasedKeyKind, release_context};
+use cinfer_attest::{
+    CREDENTIAL_PSK_ID, Endorsement, Event, EventKind, Evidence, KeyRelease, ReleasedKeyKind,
+    credential_binding, credential_psk, release_context,
+};
 use cinfer_attest::{Receipt, SignedReceipt};
 use cinfer_channel::Submit;
 use cinfer_channel::{Frame, FrameError, Kind};
 use cinfer_envelope::RequestPrivateKey;
-use cinfer_envelope::keywrap::{WrappedSecret, unwrap_key};
+use cinfer_envelope::keywrap::{WrappedSecret, unwrap_key, unwrap_key_psk};
 use cinfer_sealed_model::ModelKey;
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
@@ -323,6 +332,15 @@ pub enum ServeError {
     /// The key release does not parse or has another version.
     #[error("malformed key release: {0}")]
     MalformedRelease(String),
+    /// The key release carries a TPM credential but this loader sent no
+    /// endorsement (its TPM has no EK certificate).
+    #[error("key release carries a TPM credential but this loader has no endorsement")]
+    UnexpectedCredential,
+    /// The secret the TPM recovered from the release's credential does not
+    /// bind this attestation's nonce: a credential of another attestation
+    /// (replayed or spliced in).
+    #[error("the TPM credential is not for this attestation (replayed or spliced in)")]
+    CredentialNotForThisAttestation,
     /// A released key did not unwrap (tampered, or wrapped to another key).
     #[error("released {kind} key `{id}` does not unwrap")]
     Unwrap {
@@ -440,6 +458,10 @@ struct Pending {
 /// pending attestation and the keys it received.
 pub struct Attestor {
     tpm: cinfer_tpm::Tpm,
+    /// The TPM's EK certificate, EK and AK areas, sent with every evidence;
+    /// `None` when the TPM has no EK certificate (then only a keyserver that
+    /// pins the AK releases keys).
+    endorsement: Option<Endorsement>,
     events: Vec<Event>,
     quote_pcrs: Vec<u8>,
     pending: Option<Pending>,
@@ -498,8 +520,20 @@ impl Attestor {
         quote_pcrs: Vec<u8>,
     ) -> Result<Self, ServeError> {
         tpm.measure(pcr, &events)?;
+        let endorsement = match tpm.endorsement() {
+            Ok(e) => Some(e),
+            Err(cinfer_tpm::TpmError::NoEkCertificate { nv_index, .. }) => {
+                tracing::info!(
+                    nv_index = format_args!("{nv_index:#010x}"),
+                    "the TPM has no EK certificate: only keyservers that pin the AK will release keys"
+                );
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
         Ok(Self {
             tpm,
+            endorsement,
             events,
             quote_pcrs,
             pending: None,
@@ -517,6 +551,11 @@ impl Attestor {
     /// The event log.
     pub fn events(&self) -> &[Event] {
         &self.events
+    }
+
+    /// The endorsement sent with every evidence, if the TPM has an EK certificate.
+    pub fn endorsement(&self) -> Option<&Endorsement> {
+        self.endorsement.as_ref()
     }
 
     /// The keys received so far.
@@ -571,12 +610,13 @@ impl Attestor {
             return Err(ServeError::BadNonce(nonce.len()));
         }
         let key = RequestPrivateKey::generate();
-        let evidence: Evidence = self.tpm.quote(
+        let mut evidence: Evidence = self.tpm.quote(
             &self.quote_pcrs,
             nonce,
             &key.public_key().to_bytes(),
             &self.events,
         )?;
+        evidence.endorsement = self.endorsement.clone();
         self.pending = Some(Pending {
             nonce: nonce.to_vec(),
             key,
@@ -612,19 +652,44 @@ impl Attestor {
         if release.nonce != pending.nonce {
             return Err(ServeError::NonceMismatch);
         }
+        // An endorsed AK: the keys are wrapped under the credential's secret,
+        // which only this TPM (its EK, with this AK loaded) recovers.
+        let psk = match &release.credential {
+            None => None,
+            Some(credential) => {
+                if self.endorsement.is_none() {
+                    return Err(ServeError::UnexpectedCredential);
+                }
+                let secret = self
+                    .tpm
+                    .activate_credential(&credential.id_object, &credential.encrypted_secret)?;
+                let expected = credential_binding(&secret, &release.nonce);
+                if !constant_time_eq(&expected, &credential.binding) {
+                    return Err(ServeError::CredentialNotForThisAttestation);
+                }
+                Some(credential_psk(&secret, &release.nonce))
+            }
+        };
         let mut requests = BTreeMap::new();
         let mut receipt = None;
         let mut keys = InstalledKeys::default();
         for k in &release.keys {
-            let secret = unwrap_key(
-                &pending.key,
-                &release_context(k.kind, &k.id),
-                &release.nonce,
-                &WrappedSecret {
-                    enc: k.enc.clone(),
-                    ciphertext: k.ciphertext.clone(),
-                },
-            )
+            let context = release_context(k.kind, &k.id);
+            let wrapped = WrappedSecret {
+                enc: k.enc.clone(),
+                ciphertext: k.ciphertext.clone(),
+            };
+            let secret = match &psk {
+                Some(psk) => unwrap_key_psk(
+                    &pending.key,
+                    &context,
+                    &release.nonce,
+                    &wrapped,
+                    psk.as_ref(),
+                    CREDENTIAL_PSK_ID,
+                ),
+                None => unwrap_key(&pending.key, &context, &release.nonce, &wrapped),
+            }
             .map_err(|_| ServeError::Unwrap {
                 kind: k.kind,
                 id: k.id.clone(),
@@ -686,6 +751,11 @@ impl Attestor {
             .unwrap_or_default(),
         }
     }
+}
+
+/// Compares two byte strings in time independent of where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// A serving loader: the attestor, the wasmtime loader, the admitted programs and

@@ -204,12 +204,23 @@ fn keyserver_state(dir: &Path, name: &str) -> Vec<u8> {
 
 /// Serves the keyserver whose state `keyserver_state(dir, name)` made.
 fn keyserver(dir: &Path, name: &str, refs: ReferenceValues) -> KeyServer {
-    let config = cinfer_keyserver::Config::new(
+    keyserver_with(dir, name, refs, |_| {})
+}
+
+/// [`keyserver`] with its configuration edited by `edit`.
+fn keyserver_with(
+    dir: &Path,
+    name: &str,
+    refs: ReferenceValues,
+    edit: impl FnOnce(&mut cinfer_keyserver::Config),
+) -> KeyServer {
+    let mut config = cinfer_keyserver::Config::new(
         dir.join(name),
         dir.join(format!("{name}.kek")),
         dir.join(format!("{name}-audit.jsonl")),
         refs,
     );
+    edit(&mut config);
     let server =
         cinfer_keyserver::KeyServer::new(config, Arc::new(cinfer_keyserver::SystemClock)).unwrap();
     let identity = server.identity_public_key();
@@ -1330,4 +1341,132 @@ fn serve_refuses_a_configuration_without_server_keys() {
     let dev = text.replace(&keys_line, "allow-unauthenticated-peers = true");
     measure(&dev).unwrap_or_else(|e| panic!("{e}"));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An endorsed TPM (EK certificate from a local CA), a keyserver that pins no
+/// AK and requires endorsement by that CA, and a loader pinning `pinned`
+/// keyservers (the keyserver's identity when `pin`), with a relay connected.
+struct EndorsedWorld {
+    relay: Relay,
+    ks: KeyServer,
+    dir: PathBuf,
+    _loader: Served,
+    _swtpm: cinfer_tpm::swtpm::Swtpm,
+    _ca: cinfer_tpm::swtpm::LocalCa,
+}
+
+impl Drop for EndorsedWorld {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn endorsed_world(name: &str, pin: bool) -> EndorsedWorld {
+    let ca = cinfer_tpm::swtpm::LocalCa::new().unwrap();
+    let swtpm = cinfer_tpm::swtpm::Swtpm::start_endorsed(&ca)
+        .expect("swtpm, swtpm_setup and swtpm_localca (scripts/setup installs them)");
+    let dir = scratch(name);
+    let identity = keyserver_state(&dir, "ks");
+    let pinned: Vec<&[u8]> = if pin { vec![&identity] } else { vec![] };
+    let config = loader_dir(&dir, &swtpm.tcti(), "", &pinned);
+    let mut refs = reference_values(&config, &swtpm.tcti());
+    // No pinned AK: the keyserver trusts the TPM's manufacturer (the local CA).
+    refs.trusted_aks.clear();
+    let ks = keyserver_with(&dir, "ks", refs, |c| {
+        c.endorsement = cinfer_keyserver::EndorsementPolicy {
+            ek_ca_certs: vec![ca.root_cert()],
+            ek_intermediate_certs: vec![ca.intermediate_cert()],
+            required: true,
+        };
+    });
+    let loader = serve(&config);
+    let (relay, _) = Relay::connect(loader.1);
+    EndorsedWorld {
+        relay,
+        ks,
+        dir,
+        _loader: loader,
+        _swtpm: swtpm,
+        _ca: ca,
+    }
+}
+
+#[test]
+fn an_endorsed_loader_gets_its_keys_with_no_pinned_ak_and_refuses_replayed_answers() {
+    let EndorsedWorld { relay, ks, .. } = &mut endorsed_world("endorsed", true);
+    let (status, first) = relay.attest(ks.addr);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&first));
+    let release: KeyRelease = serde_json::from_slice(&first).unwrap();
+    assert!(release.credential.is_some(), "released under a credential");
+    let installed = relay.ask(Kind::KeyRelease, &first);
+    assert_eq!(
+        installed.kind,
+        Kind::KeysInstalled,
+        "{}",
+        String::from_utf8_lossy(&installed.payload)
+    );
+    let statement = statement_of(ks);
+    let installed: serde_json::Value = serde_json::from_slice(&installed.payload).unwrap();
+    assert_eq!(installed["request_keys"][0], statement.key_id);
+    assert_eq!(installed["models"][0], MODEL_ID);
+
+    // The same answer again: no attestation is waiting for it.
+    let answer = relay.ask(Kind::KeyRelease, &first);
+    assert_eq!(
+        error_of(&answer),
+        "key release without a pending attestation (each attestation's key is used once)"
+    );
+    // A new attestation answered with the old release: another nonce.
+    let (status, second) = relay.attest(ks.addr);
+    assert_eq!(status, 200);
+    let answer = relay.ask(Kind::KeyRelease, &first);
+    assert_eq!(
+        error_of(&answer),
+        "key release answers another nonce than the pending attestation"
+    );
+    // The new release with the old credential spliced in: the pinned
+    // keyserver's signature covers the credential.
+    let (status, third) = relay.attest(ks.addr);
+    assert_eq!(status, 200);
+    let mut spliced: KeyRelease = serde_json::from_slice(&third).unwrap();
+    spliced.credential = release.credential.clone();
+    let answer = relay.ask(Kind::KeyRelease, &serde_json::to_vec(&spliced).unwrap());
+    assert!(
+        error_of(&answer).contains("not signed by a pinned keyserver"),
+        "{}",
+        error_of(&answer)
+    );
+    drop(second);
+}
+
+#[test]
+fn a_loader_pinning_no_keyserver_refuses_a_credential_of_another_attestation() {
+    let EndorsedWorld { relay, ks, .. } = &mut endorsed_world("endorsed-unpinned", false);
+    let (status, first) = relay.attest(ks.addr);
+    assert_eq!(status, 200);
+    let first: KeyRelease = serde_json::from_slice(&first).unwrap();
+    // (The loader never saw the first release: its attestation stays pending
+    // until the next one replaces it.)
+    let (status, second) = relay.attest(ks.addr);
+    assert_eq!(status, 200);
+    let mut spliced: KeyRelease = serde_json::from_slice(&second).unwrap();
+    spliced.credential = first.credential.clone();
+    let answer = relay.ask(Kind::KeyRelease, &serde_json::to_vec(&spliced).unwrap());
+    assert_eq!(
+        error_of(&answer),
+        "the TPM credential is not for this attestation (replayed or spliced in)"
+    );
+    // Without a credential the keys (wrapped under its secret) do not unwrap.
+    let (status, third) = relay.attest(ks.addr);
+    assert_eq!(status, 200);
+    let mut stripped: KeyRelease = serde_json::from_slice(&third).unwrap();
+    stripped.credential = None;
+    let answer = relay.ask(Kind::KeyRelease, &serde_json::to_vec(&stripped).unwrap());
+    assert!(
+        error_of(&answer).contains("does not unwrap"),
+        "{}",
+        error_of(&answer)
+    );
+    // The real answer to a fresh attestation is installed.
+    relay.attest_and_install(ks);
 }

@@ -34,6 +34,13 @@ pub struct AuditRecord {
     /// The TPM's clock at quote time, ms (released only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tpm_clock: Option<u64>,
+    /// How the AK was trusted: `"pinned"`, or `"endorsed"` (EK certificate and
+    /// credential).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ak_trust: Option<&'static str>,
+    /// Hex SHA-256 of the EK certificate, when the AK was trusted through it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ek_certificate_fingerprint: Option<String>,
     /// Released keys, as `kind:id`.
     pub keys: Vec<String>,
 }

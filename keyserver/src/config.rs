@@ -17,6 +17,11 @@
 //! [release]
 //! models = ["smollm2-135m"]               # default: every stored model key
 //! request-key = true                      # default
+//!
+//! [endorsement]                           # optional: trust AKs through their TPM's EK certificate
+//! ek-ca-certs = ["ek-ca.pem"]             # manufacturer CA certificates (PEM), the trust anchors
+//! ek-intermediate-certs = []              # default: none
+//! required = false                        # default: pinned AKs (trusted-aks) are still accepted
 //! ```
 //!
 //! Relative paths are relative to the configuration file's directory.
@@ -83,6 +88,22 @@ fn yes() -> bool {
     true
 }
 
+/// How AKs are trusted through their TPM's endorsement (`[endorsement]`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct EndorsementPolicy {
+    /// PEM files of manufacturer CA certificates: the trust anchors of EK
+    /// certificates. Empty: endorsements are not checked (AKs must be pinned).
+    #[serde(default)]
+    pub ek_ca_certs: Vec<PathBuf>,
+    /// PEM files of intermediate CA certificates.
+    #[serde(default)]
+    pub ek_intermediate_certs: Vec<PathBuf>,
+    /// Refuse AKs trusted only because `trusted-aks` pins them.
+    #[serde(default)]
+    pub required: bool,
+}
+
 /// The parsed configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -112,6 +133,8 @@ pub struct Config {
     pub reference: ReferenceSource,
     /// Which keys are released.
     pub release: ReleasePolicy,
+    /// AK trust through EK certificates.
+    pub endorsement: EndorsementPolicy,
 }
 
 #[derive(Debug, Deserialize)]
@@ -138,6 +161,8 @@ struct RawConfig {
     reference_file: Option<PathBuf>,
     #[serde(default)]
     release: ReleasePolicy,
+    #[serde(default)]
+    endorsement: EndorsementPolicy,
 }
 
 fn default_listen() -> SocketAddr {
@@ -229,6 +254,21 @@ impl Config {
                 "nonce-ttl-secs, max-outstanding-nonces, max-body-bytes and max-connections must be positive".into(),
             ));
         }
+        if raw.endorsement.required && raw.endorsement.ek_ca_certs.is_empty() {
+            return Err(ConfigError::Invalid(
+                "endorsement.required needs at least one endorsement.ek-ca-certs file".into(),
+            ));
+        }
+        let endorsement = EndorsementPolicy {
+            ek_ca_certs: raw.endorsement.ek_ca_certs.into_iter().map(abs).collect(),
+            ek_intermediate_certs: raw
+                .endorsement
+                .ek_intermediate_certs
+                .into_iter()
+                .map(abs)
+                .collect(),
+            required: raw.endorsement.required,
+        };
         Ok(Self {
             listen: raw.listen,
             state_dir: abs(raw.state_dir),
@@ -242,6 +282,7 @@ impl Config {
             request_key_validity_secs: raw.request_key_validity_secs,
             reference,
             release: raw.release,
+            endorsement,
         })
     }
 
@@ -265,6 +306,7 @@ impl Config {
             request_key_validity_secs: DEFAULT_REQUEST_KEY_VALIDITY_SECS,
             reference: ReferenceSource::Inline(reference),
             release: ReleasePolicy::default(),
+            endorsement: EndorsementPolicy::default(),
         }
     }
 
@@ -283,9 +325,35 @@ impl Config {
                 })?
             }
         };
-        refs.check()
+        // With EK CAs configured, AKs need not be pinned.
+        refs.check_with(self.endorsement.ek_ca_certs.is_empty())
             .map_err(|e| ConfigError::Invalid(format!("reference values: {e}")))?;
         Ok(refs)
+    }
+
+    /// The EK trust anchors and intermediates, read from their PEM files.
+    pub fn ek_trust(&self) -> Result<crate::endorsement::EkTrust, ConfigError> {
+        let read = |paths: &[PathBuf]| -> Result<Vec<Vec<u8>>, ConfigError> {
+            let mut out = Vec::new();
+            for path in paths {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                out.extend(crate::endorsement::certificates_from_pem(&text).map_err(
+                    |message| ConfigError::Parse {
+                        path: path.clone(),
+                        message,
+                    },
+                )?);
+            }
+            Ok(out)
+        };
+        crate::endorsement::EkTrust::new(
+            &read(&self.endorsement.ek_ca_certs)?,
+            &read(&self.endorsement.ek_intermediate_certs)?,
+        )
+        .map_err(ConfigError::Invalid)
     }
 }
 
@@ -364,5 +432,57 @@ mod tests {
             Config::parse(&both, Path::new(".")),
             Err(ConfigError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn endorsement_section_and_pins() {
+        let base = "state-dir = \"s\"\naudit-log = \"a\"\n";
+        let text = format!(
+            "{base}{}[endorsement]\nek-ca-certs = [\"ca/root.pem\"]\nrequired = true\n",
+            reference()
+        );
+        let c = Config::parse(&text, Path::new("/etc/ks")).unwrap();
+        assert_eq!(
+            c.endorsement.ek_ca_certs,
+            [Path::new("/etc/ks/ca/root.pem")]
+        );
+        assert!(c.endorsement.ek_intermediate_certs.is_empty());
+        assert!(c.endorsement.required);
+        // With EK CAs, no AK need be pinned; without, one must.
+        let no_pins = text.replace(&format!("[\"{AK}\"]"), "[]");
+        let c = Config::parse(&no_pins, Path::new("/etc/ks")).unwrap();
+        assert!(c.reference_values().unwrap().trusted_aks.is_empty());
+        let without_ca = format!("{base}{}", reference()).replace(&format!("[\"{AK}\"]"), "[]");
+        let c = Config::parse(&without_ca, Path::new("/etc/ks")).unwrap();
+        assert!(c.reference_values().is_err());
+        // Requiring endorsement without a CA, or a typo, is refused.
+        let no_ca = format!("{base}{}[endorsement]\nrequired = true\n", reference());
+        let err = Config::parse(&no_ca, Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("endorsement.required needs"), "{err}");
+        let typo = format!("{base}{}[endorsement]\nek-ca = []\n", reference());
+        assert!(matches!(
+            Config::parse(&typo, Path::new(".")),
+            Err(ConfigError::Parse { .. })
+        ));
+        // A CA file that is not PEM is refused with its path.
+        let dir = std::env::temp_dir().join(format!("cinfer-ks-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("bad.pem"), "not a certificate").unwrap();
+        let bad = format!(
+            "{base}{}[endorsement]\nek-ca-certs = [\"bad.pem\"]\n",
+            reference()
+        );
+        let err = Config::parse(&bad, &dir)
+            .unwrap()
+            .ek_trust()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("bad.pem") && err.contains("no PEM certificate"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -18,11 +18,12 @@
 pub mod audit;
 pub mod clock;
 pub mod config;
+pub mod endorsement;
 pub mod nonce;
 pub mod server;
 pub mod state;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use config::{Config, ConfigError, ReleasePolicy};
+pub use config::{Config, ConfigError, EndorsementPolicy, ReleasePolicy};
 pub use server::{KeyServer, KeyServerError, serve, serve_until};
 pub use state::{StateDir, StateError};

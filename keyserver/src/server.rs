@@ -17,15 +17,17 @@
 use crate::audit::{AuditLog, AuditRecord};
 use crate::clock::Clock;
 use crate::config::{Config, ConfigError};
+use crate::endorsement::{self, EkTrust, EndorsedAk, EndorsementError};
 use crate::nonce::{NonceError, NonceStore};
 use crate::state::{Keys, StateDir, StateError};
 use cinfer_attest::release::{REQUEST_KEY_STATEMENT_TYPE, REQUEST_KEY_SUITE};
 use cinfer_attest::{
-    Evidence, EvidenceError, KEY_RELEASE_VERSION, KeyRelease, ReferenceValues, ReleasedKey,
-    ReleasedKeyKind, RequestKeyStatement, SignedRequestKey, release_context,
+    AkTrust, CREDENTIAL_PSK_ID, Credential, Evidence, EvidenceError, KEY_RELEASE_VERSION,
+    KeyRelease, ReferenceValues, ReleasedKey, ReleasedKeyKind, RequestKeyStatement,
+    SignedRequestKey, credential_binding, credential_psk, release_context,
 };
 use cinfer_envelope::RequestPublicKey;
-use cinfer_envelope::keywrap::wrap_key;
+use cinfer_envelope::keywrap::{wrap_key, wrap_key_psk};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Body, Bytes, Incoming};
 use hyper::header::{ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
@@ -80,6 +82,7 @@ struct Inner {
     config: Config,
     clock: Arc<dyn Clock>,
     refs: ReferenceValues,
+    ek_trust: EkTrust,
     keys: Keys,
     release_models: Vec<String>,
     nonces: Mutex<NonceStore>,
@@ -101,6 +104,12 @@ impl KeyServer {
     /// audit log and signs the request-key statement (valid from now).
     pub fn new(config: Config, clock: Arc<dyn Clock>) -> Result<Self, KeyServerError> {
         let refs = config.reference_values()?;
+        let ek_trust = config.ek_trust()?;
+        if !config.endorsement.required && !refs.trusted_aks.is_empty() && !ek_trust.is_empty() {
+            tracing::info!(
+                "AKs are trusted through EK certificates, or pinned (trusted-aks; set endorsement.required to refuse pins)"
+            );
+        }
         if refs.allow_resettable_pcrs_only
             && !refs
                 .pcrs
@@ -154,6 +163,7 @@ impl KeyServer {
                 config,
                 clock,
                 refs,
+                ek_trust,
                 keys,
                 release_models,
                 nonces,
@@ -227,6 +237,8 @@ impl KeyServer {
                     measured_pcr_value: None,
                     tpm_reset_count: None,
                     tpm_clock: None,
+                    ak_trust: None,
+                    ek_certificate_fingerprint: None,
                     keys: Vec::new(),
                 });
                 error(status, &reason)
@@ -273,16 +285,36 @@ impl KeyServer {
             return refuse(StatusCode::FORBIDDEN, e.to_string(), Some(nonce), ak);
         }
 
-        let verified = match cinfer_attest::verify(&evidence, nonce, &self.inner.refs) {
-            Ok(v) => v,
+        // The AK: endorsed (EK certificate to a configured CA, EK and AK
+        // areas consistent; the release is then wrapped under a credential
+        // only that TPM can activate) or pinned, unless endorsement is required.
+        let endorsed = match self.check_endorsement(&evidence) {
+            Ok(e) => e,
             Err(e) => {
-                let status = match e {
-                    EvidenceError::Malformed { .. } => StatusCode::BAD_REQUEST,
-                    _ => StatusCode::FORBIDDEN,
-                };
-                return refuse(status, e.to_string(), Some(nonce), ak);
+                return refuse(
+                    StatusCode::FORBIDDEN,
+                    format!("endorsement: {e}"),
+                    Some(nonce),
+                    ak,
+                );
             }
         };
+        let ak_trust = if endorsed.is_some() {
+            AkTrust::Endorsed
+        } else {
+            AkTrust::Pinned
+        };
+        let verified =
+            match cinfer_attest::verify_with(&evidence, nonce, &self.inner.refs, ak_trust) {
+                Ok(v) => v,
+                Err(e) => {
+                    let status = match e {
+                        EvidenceError::Malformed { .. } => StatusCode::BAD_REQUEST,
+                        _ => StatusCode::FORBIDDEN,
+                    };
+                    return refuse(status, e.to_string(), Some(nonce), ak);
+                }
+            };
         // Spent now, atomically with its check: of two attestations racing on
         // one nonce, the second is refused.
         let spent = match self.inner.nonces.lock() {
@@ -297,7 +329,7 @@ impl KeyServer {
             return refuse(status, e.to_string(), Some(nonce), ak);
         }
 
-        let release = match self.wrap_keys(&evidence) {
+        let release = match self.wrap_keys(&evidence, endorsed.as_ref()) {
             Ok(r) => r,
             Err(reason) => return refuse(StatusCode::BAD_REQUEST, reason, Some(nonce), ak),
         };
@@ -311,6 +343,12 @@ impl KeyServer {
             measured_pcr_value: Some(hex::encode(verified.measured_value)),
             tpm_reset_count: Some(verified.clock_info.reset_count),
             tpm_clock: Some(verified.clock_info.clock),
+            ak_trust: Some(if endorsed.is_some() {
+                "endorsed"
+            } else {
+                "pinned"
+            }),
+            ek_certificate_fingerprint: endorsed.map(|e| e.ek_certificate_fingerprint),
             keys: release
                 .keys
                 .iter()
@@ -320,8 +358,33 @@ impl KeyServer {
         json(StatusCode::OK, &release)
     }
 
-    /// Wraps every released key to the evidence's HPKE key, AAD = the nonce.
-    fn wrap_keys(&self, evidence: &Evidence) -> Result<KeyRelease, String> {
+    /// `Some` when the AK is trusted through its endorsement, `None` when only
+    /// a pin can trust it (then `cinfer_attest::verify` checks the pin).
+    fn check_endorsement(
+        &self,
+        evidence: &Evidence,
+    ) -> Result<Option<EndorsedAk>, EndorsementError> {
+        let trust = &self.inner.ek_trust;
+        match &evidence.endorsement {
+            // A keyserver without EK CAs trusts pins only, whatever the
+            // loader sends.
+            Some(_) if trust.is_empty() => Ok(None),
+            Some(e) => {
+                endorsement::verify(e, &evidence.ak_public, trust, self.inner.clock.now_unix())
+                    .map(Some)
+            }
+            None if self.inner.config.endorsement.required => Err(EndorsementError::Missing),
+            None => Ok(None),
+        }
+    }
+
+    /// Wraps every released key to the evidence's HPKE key, AAD = the nonce;
+    /// for an endorsed AK in PSK mode under a fresh credential's secret.
+    fn wrap_keys(
+        &self,
+        evidence: &Evidence,
+        endorsed: Option<&EndorsedAk>,
+    ) -> Result<KeyRelease, String> {
         let recipient = RequestPublicKey::from_bytes(&evidence.hpke_public_key)
             .map_err(|e| format!("HPKE public key: {e}"))?;
         let keys = &self.inner.keys;
@@ -351,14 +414,37 @@ impl KeyServer {
                 zeroize::Zeroizing::new(keys.receipt.to_bytes().to_vec()),
             ));
         }
+        // A fresh secret per release, carried to the TPM by the credential:
+        // the keys unwrap only with it, and it is bound to this nonce.
+        let mut credential = None;
+        let mut psk = None;
+        if let Some(endorsed) = endorsed {
+            let mut secret = zeroize::Zeroizing::new([0u8; 32]);
+            getrandom::fill(secret.as_mut()).map_err(|_| "no randomness for the credential")?;
+            let made =
+                endorsement::make_credential(&endorsed.ek, &endorsed.ak_name, secret.as_ref())
+                    .map_err(|e| format!("making the credential: {e}"))?;
+            credential = Some(Credential {
+                id_object: made.id_object,
+                encrypted_secret: made.encrypted_secret,
+                binding: credential_binding(secret.as_ref(), &evidence.nonce).to_vec(),
+            });
+            psk = Some(credential_psk(secret.as_ref(), &evidence.nonce));
+        }
         let mut released = Vec::with_capacity(secrets.len());
         for (kind, id, secret) in secrets {
-            let wrapped = wrap_key(
-                &recipient,
-                &release_context(kind, &id),
-                &evidence.nonce,
-                &secret,
-            )
+            let context = release_context(kind, &id);
+            let wrapped = match &psk {
+                Some(psk) => wrap_key_psk(
+                    &recipient,
+                    &context,
+                    &evidence.nonce,
+                    &secret,
+                    psk.as_ref(),
+                    CREDENTIAL_PSK_ID,
+                ),
+                None => wrap_key(&recipient, &context, &evidence.nonce, &secret),
+            }
             .map_err(|e| format!("wrapping to the HPKE key: {e}"))?;
             released.push(ReleasedKey {
                 kind,
@@ -373,6 +459,7 @@ impl KeyServer {
             keys: released,
             identity: Vec::new(),
             signature: Vec::new(),
+            credential,
         };
         // Signed, so a loader that pins keyservers installs only what they released.
         release.sign(&keys.identity);

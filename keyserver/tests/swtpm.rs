@@ -473,6 +473,7 @@ async fn tpm2_quote_is_accepted() {
         signature: std::fs::read(d.join("sig.bin")).unwrap(),
         pcrs: BTreeMap::from([(0, value(0)), (7, value(1)), (PCR, pcr23)]),
         event_log: events,
+        endorsement: None,
     };
     let _ = std::fs::remove_dir_all(&dir);
 
@@ -482,4 +483,413 @@ async fn tpm2_quote_is_accepted() {
     assert_eq!(verified.measured_value, pcr23);
     assert_eq!(verified.quoted_pcrs, BTreeSet::from([0, 7, PCR]));
     assert_released(&h, &ev, &loader_key).await;
+}
+
+// ---------------------------------------------------------------------------
+// Endorsement: the AK trusted through the TPM's EK certificate and a
+// credential, not a pin. Each test manufactures its swtpms with EK
+// certificates from a local CA (`swtpm_localca`) in a temporary directory.
+
+use cinfer_attest::{CREDENTIAL_PSK_ID, credential_binding, credential_psk, release_context};
+use cinfer_keyserver::EndorsementPolicy;
+use cinfer_keyserver::endorsement::{EndorsementError, make_credential, tpm_public::TpmPublic};
+use cinfer_tpm::swtpm::LocalCa;
+
+/// A local EK CA and a TPM it certified, or `None` where swtpm's tools are
+/// missing.
+fn endorsed_swtpm(ca: &LocalCa) -> Option<Swtpm> {
+    match Swtpm::start_endorsed(ca) {
+        Ok(sw) => Some(sw),
+        Err(SwtpmError::NotInstalled) => {
+            println!(
+                "SKIPPED: swtpm_setup/swtpm_localca not installed (apt-get install swtpm-tools)"
+            );
+            None
+        }
+        Err(e) => panic!("starting an endorsed swtpm: {e}"),
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// An endorsed TPM (measured, endorsement read) and a keyserver that pins no
+/// AK and requires endorsement by `trusted` (the TPM's own CA unless given).
+struct Endorsed {
+    tpm: Tpm,
+    endorsement: cinfer_attest::Endorsement,
+    h: Harness,
+    ca: LocalCa,
+    _sw: Swtpm,
+}
+
+async fn endorsed_setup(trusted: Option<&LocalCa>) -> Option<Endorsed> {
+    let ca = LocalCa::new().ok()?;
+    let sw = endorsed_swtpm(&ca)?;
+    let mut tpm = Tpm::open(&sw.tcti()).unwrap();
+    let endorsement = tpm.endorsement().unwrap();
+    let events = good_events();
+    tpm.measure(PCR, &events).unwrap();
+    let boot = tpm.read_pcrs(&BOOT_PCRS).unwrap();
+    let mut refs = reference(tpm.ak_public(), boot, &events);
+    refs.trusted_aks.clear();
+    let trusted = trusted.unwrap_or(&ca);
+    let policy = EndorsementPolicy {
+        ek_ca_certs: vec![trusted.root_cert()],
+        ek_intermediate_certs: vec![trusted.intermediate_cert()],
+        required: true,
+    };
+    let h = common::start_server(refs, |c| c.endorsement = policy).await;
+    // The local CA's certificates are valid from now on.
+    h.clock.advance(unix_now() - common::START);
+    Some(Endorsed {
+        tpm,
+        endorsement,
+        h,
+        ca,
+        _sw: sw,
+    })
+}
+
+/// A fresh nonce and ephemeral key, and endorsed evidence for them.
+async fn endorsed_quote(s: &mut Endorsed) -> (Evidence, RequestPrivateKey) {
+    let nonce = fresh_nonce(s.h.addr).await;
+    let loader_key = RequestPrivateKey::generate();
+    let mut ev = s
+        .tpm
+        .quote(
+            &[BOOT_PCRS[0], BOOT_PCRS[1], PCR],
+            &nonce,
+            &loader_key.public_key().to_bytes(),
+            &good_events(),
+        )
+        .unwrap();
+    ev.endorsement = Some(s.endorsement.clone());
+    (ev, loader_key)
+}
+
+/// What the loader does with a release that carries a credential: activate
+/// it in the TPM, check its binding to `nonce`, unwrap every key in PSK mode.
+/// Returns the model key.
+fn activate_and_unwrap(
+    tpm: &mut Tpm,
+    release: &KeyRelease,
+    nonce: &[u8],
+    loader_key: &RequestPrivateKey,
+) -> Result<Vec<u8>, String> {
+    let c = release.credential.as_ref().ok_or("no credential")?;
+    let secret = tpm
+        .activate_credential(&c.id_object, &c.encrypted_secret)
+        .map_err(|e| e.to_string())?;
+    if credential_binding(&secret, nonce).as_slice() != c.binding {
+        return Err("credential not for this attestation".into());
+    }
+    let psk = credential_psk(&secret, nonce);
+    let k = release
+        .keys
+        .iter()
+        .find(|k| k.kind == ReleasedKeyKind::Model)
+        .ok_or("no model key")?;
+    cinfer_envelope::keywrap::unwrap_key_psk(
+        loader_key,
+        &release_context(k.kind, &k.id),
+        nonce,
+        &cinfer_envelope::keywrap::WrappedSecret {
+            enc: k.enc.clone(),
+            ciphertext: k.ciphertext.clone(),
+        },
+        psk.as_ref(),
+        CREDENTIAL_PSK_ID,
+    )
+    .map(|s| s.to_vec())
+    .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn endorsed_ak_gets_its_keys_through_the_credential() {
+    let Some(mut s) = endorsed_setup(None).await else {
+        return;
+    };
+    let (ev, loader_key) = endorsed_quote(&mut s).await;
+    let (status, body) = post(s.h.addr, "/v1/attest", &ev.to_json()).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let release: KeyRelease = serde_json::from_slice(&body).unwrap();
+    release.verify(&[s.h.server.identity_public_key()]).unwrap();
+    assert!(release.credential.is_some());
+
+    // Without the credential's secret the keys do not unwrap, even with the
+    // ephemeral key: base mode fails.
+    let k = &release.keys[0];
+    assert!(
+        cinfer_envelope::keywrap::unwrap_key(
+            &loader_key,
+            &release_context(k.kind, &k.id),
+            &release.nonce,
+            &cinfer_envelope::keywrap::WrappedSecret {
+                enc: k.enc.clone(),
+                ciphertext: k.ciphertext.clone(),
+            },
+        )
+        .is_err()
+    );
+    // The TPM activates it, and the keys unwrap.
+    let model = activate_and_unwrap(&mut s.tpm, &release, &ev.nonce, &loader_key).unwrap();
+    assert_eq!(model, MODEL_KEY);
+
+    let audit = std::fs::read_to_string(s.h.root.join("audit.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(audit.lines().last().unwrap()).unwrap();
+    assert_eq!(last["outcome"], "released");
+    assert_eq!(last["ak_trust"], "endorsed");
+    assert_eq!(
+        last["ek_certificate_fingerprint"],
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+            &s.endorsement.ek_certificate
+        ))
+    );
+
+    // The same evidence again: its nonce is spent.
+    assert_refused(&s.h, &ev, "nonce already used").await;
+
+    // A later attestation with the first release's credential spliced in:
+    // the TPM activates it (same EK, same AK), but its secret binds the
+    // first nonce, and the keys of the second release were wrapped under
+    // another secret.
+    let (ev2, loader_key2) = endorsed_quote(&mut s).await;
+    let (status, body) = post(s.h.addr, "/v1/attest", &ev2.to_json()).await;
+    assert_eq!(status, 200);
+    let mut release2: KeyRelease = serde_json::from_slice(&body).unwrap();
+    assert_ne!(release2.credential, release.credential, "fresh per release");
+    release2.credential = release.credential.clone();
+    assert_eq!(
+        activate_and_unwrap(&mut s.tpm, &release2, &ev2.nonce, &loader_key2),
+        Err("credential not for this attestation".into())
+    );
+    // And a release signed as it is cannot be altered so: the signature
+    // covers the credential.
+    assert!(
+        release2
+            .verify(&[s.h.server.identity_public_key()])
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn endorsement_required_refuses_evidence_without_one() {
+    let Some(mut s) = endorsed_setup(None).await else {
+        return;
+    };
+    let (mut ev, _) = endorsed_quote(&mut s).await;
+    ev.endorsement = None;
+    let reason = format!("endorsement: {}", EndorsementError::Missing);
+    assert_refused(&s.h, &ev, &reason).await;
+}
+
+#[tokio::test]
+async fn ek_certificate_from_another_ca_is_refused() {
+    // The keyserver trusts CA B; the TPM was certified by its own CA A.
+    let Ok(other_ca) = LocalCa::new() else { return };
+    // CA B's keys exist once it certified a TPM.
+    let Some(_b) = endorsed_swtpm(&other_ca) else {
+        return;
+    };
+    let Some(mut s) = endorsed_setup(Some(&other_ca)).await else {
+        return;
+    };
+    let (ev, _) = endorsed_quote(&mut s).await;
+    let fingerprint = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+        &s.endorsement.ek_certificate,
+    ));
+    // swtpm_localca gives every CA the same names (CN=swtpm-localca under
+    // CN=swtpm-localca-rootca), so the path is built by name and fails on
+    // the signature: CA B's key did not sign this certificate.
+    let reason = format!(
+        "endorsement: {}",
+        EndorsementError::UntrustedCertificate {
+            fingerprint,
+            reason: "InvalidSignatureForPublicKey".into(),
+        }
+    );
+    assert_refused(&s.h, &ev, &reason).await;
+    drop(s.ca);
+}
+
+#[tokio::test]
+async fn ek_certificate_of_another_key_and_ak_area_of_another_key_are_refused() {
+    let Some(mut s) = endorsed_setup(None).await else {
+        return;
+    };
+    // A second TPM certified by the same CA.
+    let Some(other_sw) = endorsed_swtpm(&s.ca) else {
+        return;
+    };
+    let mut other = Tpm::open(&other_sw.tcti()).unwrap();
+    let other_endorsement = other.endorsement().unwrap();
+
+    // This TPM's quote with the other TPM's (valid) EK certificate: the
+    // certificate's key is not the EK presented.
+    let (mut ev, _) = endorsed_quote(&mut s).await;
+    ev.endorsement.as_mut().unwrap().ek_certificate = other_endorsement.ek_certificate.clone();
+    let reason = format!("endorsement: {}", EndorsementError::EkMismatch);
+    assert_refused(&s.h, &ev, &reason).await;
+
+    // The other TPM's EK and certificate, consistent, for this TPM's AK: the
+    // keyserver would make a credential only the other TPM can open, and
+    // that TPM has no object with this AK's name loaded, so it refuses.
+    let (mut ev, _) = endorsed_quote(&mut s).await;
+    {
+        let e = ev.endorsement.as_mut().unwrap();
+        e.ek_certificate = other_endorsement.ek_certificate.clone();
+        e.ek_public = other_endorsement.ek_public.clone();
+    }
+    let (status, body) = post(s.h.addr, "/v1/attest", &ev.to_json()).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let release: KeyRelease = serde_json::from_slice(&body).unwrap();
+    let c = release.credential.as_ref().unwrap();
+    assert!(matches!(
+        other.activate_credential(&c.id_object, &c.encrypted_secret),
+        Err(cinfer_tpm::TpmError::CredentialRefused { .. })
+    ));
+    // ...and this TPM cannot decrypt a seed made for the other EK.
+    assert!(matches!(
+        s.tpm.activate_credential(&c.id_object, &c.encrypted_secret),
+        Err(cinfer_tpm::TpmError::CredentialRefused { .. })
+    ));
+
+    // The other TPM's AK area beside this TPM's quote: not the quoting key.
+    let (mut ev, _) = endorsed_quote(&mut s).await;
+    ev.endorsement.as_mut().unwrap().ak_public_area = other.ak_public_area().to_vec();
+    let reason = format!("endorsement: {}", EndorsementError::AkMismatch);
+    assert_refused(&s.h, &ev, &reason).await;
+
+    // This TPM's AK area with adminWithPolicy set (the same point): a
+    // public-only copy of such an area could be authorized to activate.
+    let (mut ev, _) = endorsed_quote(&mut s).await;
+    ev.endorsement.as_mut().unwrap().ak_public_area[7] |= 0x80;
+    let reason = format!(
+        "endorsement: {}",
+        EndorsementError::AkAttributes(
+            "adminWithPolicy (a public-only copy could be authorized to activate)"
+        )
+    );
+    assert_refused(&s.h, &ev, &reason).await;
+    // Without fixedTPM.
+    let (mut ev, _) = endorsed_quote(&mut s).await;
+    ev.endorsement.as_mut().unwrap().ak_public_area[7] &= !0x02;
+    let reason = format!(
+        "endorsement: {}",
+        EndorsementError::AkAttributes("not fixedTPM")
+    );
+    assert_refused(&s.h, &ev, &reason).await;
+}
+
+#[tokio::test]
+async fn rust_make_credential_activates_in_swtpm_like_tpm2_makecredential() {
+    let Ok(ca) = LocalCa::new() else { return };
+    let Some(sw) = endorsed_swtpm(&ca) else {
+        return;
+    };
+    let mut tpm = Tpm::open(&sw.tcti()).unwrap();
+    let e = tpm.endorsement().unwrap();
+    let ek = TpmPublic::parse(&e.ek_public).unwrap();
+    let ak = TpmPublic::parse(&e.ak_public_area).unwrap();
+    let name = ak.name(&e.ak_public_area).unwrap();
+
+    // Ours: the TPM recovers the secret.
+    let secret = [0x42; 32];
+    let made = make_credential(&ek, &name, &secret).unwrap();
+    assert_eq!(made.encrypted_secret.len(), 256);
+    let got = tpm
+        .activate_credential(&made.id_object, &made.encrypted_secret)
+        .unwrap();
+    assert_eq!(got.as_slice(), secret);
+
+    // Made for another AK name: the TPM refuses it (TPM_RC_INTEGRITY).
+    let mut other_name = name.clone();
+    other_name[33] ^= 1;
+    let made = make_credential(&ek, &other_name, &secret).unwrap();
+    assert!(matches!(
+        tpm.activate_credential(&made.id_object, &made.encrypted_secret),
+        Err(cinfer_tpm::TpmError::CredentialRefused { .. })
+    ));
+
+    // tpm2-tools' tpm2_makecredential for the same EK and name: the same
+    // layout (sizes), and the TPM recovers the secret from it too.
+    if Command::new("tpm2_makecredential")
+        .arg("-v")
+        .output()
+        .is_err()
+    {
+        println!("SKIPPED (cross-check): tpm2_makecredential not installed");
+        return;
+    }
+    let dir = tempfile_dir();
+    let mut tpm2b_public = (e.ek_public.len() as u16).to_be_bytes().to_vec();
+    tpm2b_public.extend_from_slice(&e.ek_public);
+    std::fs::write(dir.join("ek.pub"), tpm2b_public).unwrap();
+    std::fs::write(dir.join("secret.bin"), secret).unwrap();
+    let out = Command::new("tpm2_makecredential")
+        .current_dir(&dir)
+        .args(["-T", "none", "-u", "ek.pub", "-s", "secret.bin"])
+        .args(["-n", &hex::encode(&name), "-o", "cred.out"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let blob = std::fs::read(dir.join("cred.out")).unwrap();
+    let n = usize::from(u16::from_be_bytes([blob[8], blob[9]]));
+    let (id_object, rest) = (&blob[10..10 + n], &blob[10 + n..]);
+    let encrypted_secret = &rest[2..];
+    let ours = make_credential(&ek, &name, &secret).unwrap();
+    assert_eq!(id_object.len(), ours.id_object.len());
+    assert_eq!(
+        id_object[..2],
+        ours.id_object[..2],
+        "TPM2B_DIGEST size of the HMAC"
+    );
+    assert_eq!(encrypted_secret.len(), ours.encrypted_secret.len());
+    let got = tpm
+        .activate_credential(id_object, encrypted_secret)
+        .unwrap();
+    assert_eq!(got.as_slice(), secret);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = common::temp_root();
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Writes `tests/fixtures/endorsement/` (the golden endorsement the
+/// swtpm-free tests and the fuzz target use) from a fresh endorsed swtpm.
+/// Run by hand: `cargo test --release -p cinfer-keyserver --test swtpm --
+/// --ignored write_endorsement_fixtures`.
+#[tokio::test]
+#[ignore = "writes fixtures"]
+async fn write_endorsement_fixtures() {
+    let ca = LocalCa::new().unwrap();
+    let sw = endorsed_swtpm(&ca).unwrap();
+    let mut tpm = Tpm::open(&sw.tcti()).unwrap();
+    let e = tpm.endorsement().unwrap();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/endorsement");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(ca.root_cert(), dir.join("root.pem")).unwrap();
+    std::fs::copy(ca.intermediate_cert(), dir.join("intermediate.pem")).unwrap();
+    let golden = serde_json::json!({
+        "time": unix_now(),
+        "ak_public": hex::encode(tpm.ak_public()),
+        "endorsement": e,
+    });
+    std::fs::write(
+        dir.join("endorsement.json"),
+        serde_json::to_vec_pretty(&golden).unwrap(),
+    )
+    .unwrap();
 }

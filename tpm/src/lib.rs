@@ -56,39 +56,62 @@
 //! A TPM need hold only 3 transient objects (`TPM2_PT_HR_TRANSIENT_MIN`) and, without a resource
 //! manager (swtpm, `/dev/tpm0`), objects of a process that crashed stay loaded
 //! until the TPM restarts. [`Tpm::open`] therefore flushes every transient object
-//! it finds before creating the AK, and `Drop` flushes the AK. Authorization uses
-//! the password session only (no HMAC or policy sessions are started), so no
-//! session slot is ever left behind. Do not point two processes at the same
+//! it finds before creating the AK, and `Drop` flushes the AK (and the EK, if
+//! [`Tpm::endorsement`] created it). Authorization uses the password session,
+//! except for the one policy session [`Tpm::activate_credential`] starts and
+//! flushes, so no session slot is left behind. Do not point two processes at the same
 //! TPM without a resource manager (`/dev/tpmrm0` is one; `/dev/tpm0` and swtpm
 //! are not): `open` of one would flush the other's AK.
 //!
 //! [`Tpm`] is not `Send` (the ESAPI context is not): open it on the thread that
 //! uses it.
+//!
+//! # Endorsement
+//!
+//! A keyserver that does not pin the AK trusts it through the TPM's
+//! endorsement key (EK) instead: [`Tpm::endorsement`] reads the manufacturer's
+//! EK certificate from its NV index (RSA 2048, `0x01c00002`, TCG EK Credential
+//! Profile), creates the EK from the profile's default template (template L-1:
+//! a primary key, so the same key the certificate certifies) and returns both
+//! with the AK's public area, whose name the keyserver computes. The keyserver
+//! checks the certificate and answers with a credential (`TPM2_MakeCredential`
+//! done in software) that only this TPM can open, and only while an object with
+//! the AK's name is loaded in it: [`Tpm::activate_credential`]
+//! (`TPM2_ActivateCredential`, the EK authorized by its policy,
+//! `PolicySecret(TPM_RH_ENDORSEMENT)`, in a policy session flushed after use).
+//! All verification happens on the keyserver: the loader only reads and
+//! activates.
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "swtpm")]
 pub mod swtpm;
 
-use cinfer_attest::{Digest32, EVIDENCE_VERSION, Event, Evidence, binding, pcr_digest, replay};
+use cinfer_attest::{
+    Digest32, EVIDENCE_VERSION, Endorsement, Event, Evidence, binding, pcr_digest, replay,
+};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
 use tss_esapi::{
     Context,
+    abstraction::{AsymmetricAlgorithmSelection, ek, nv},
     attributes::ObjectAttributesBuilder,
-    constants::{CapabilityType, tss::TPM2_TRANSIENT_FIRST},
-    handles::{KeyHandle, PcrHandle, TpmHandle},
+    constants::{CapabilityType, SessionType, tss::TPM2_TRANSIENT_FIRST},
+    handles::{KeyHandle, NvIndexTpmHandle, ObjectHandle, PcrHandle, TpmHandle},
     interface_types::{
         algorithm::{HashingAlgorithm, PublicAlgorithm},
         ecc::EccCurve,
-        resource_handles::Hierarchy,
-        session_handles::AuthSession,
+        key_bits::RsaKeyBits,
+        resource_handles::{Hierarchy, NvAuth},
+        session_handles::{AuthSession, PolicySession},
         structure_tags::AttestationType,
     },
     structures::{
-        AttestInfo, CapabilityData, Data, Digest, DigestValues, EccPoint, EccScheme, HashScheme,
-        KeyDerivationFunctionScheme, PcrSelectionList, PcrSelectionListBuilder, PcrSlot, Public,
-        PublicBuilder, PublicEccParametersBuilder, SignatureScheme, SymmetricDefinitionObject,
+        AttestInfo, CapabilityData, Data, Digest, DigestValues, EccPoint, EccScheme,
+        EncryptedSecret, HashScheme, IdObject, KeyDerivationFunctionScheme, Nonce,
+        PcrSelectionList, PcrSelectionListBuilder, PcrSlot, Public, PublicBuilder,
+        PublicEccParametersBuilder, SignatureScheme, SymmetricDefinition,
+        SymmetricDefinitionObject,
     },
     tcti_ldr::TctiNameConf,
     traits::Marshall,
@@ -99,6 +122,10 @@ pub const MAX_PCR: u8 = 23;
 /// PCRs resettable at locality 0 (PC client profile): the debug PCR and the
 /// application PCR.
 pub const RESETTABLE_PCRS: [u8; 2] = [16, 23];
+
+/// NV index of the RSA 2048 EK certificate (TCG EK Credential Profile 2.0,
+/// §2.2.1.4: the low range), where swtpm and TPM manufacturers store it.
+pub const RSA_2048_EK_CERTIFICATE_NV_INDEX: u32 = 0x01c0_0002;
 
 /// ESAPI handles of PCR 0..=23, by index.
 const PCR_HANDLES: [PcrHandle; 24] = [
@@ -215,6 +242,30 @@ pub enum TpmError {
         /// The TCTI configuration used.
         tcti: String,
     },
+    /// The TPM has no EK certificate at the NV index (not provisioned by its
+    /// manufacturer, or a software TPM set up without `--create-ek-cert`).
+    #[error("no EK certificate at NV index {nv_index:#010x} (TCTI {tcti:?})")]
+    NoEkCertificate {
+        /// The NV index read.
+        nv_index: u32,
+        /// The TCTI configuration used.
+        tcti: String,
+        /// The ESAPI or TPM error.
+        #[source]
+        source: tss_esapi::Error,
+    },
+    /// `TPM2_ActivateCredential` refused the credential: it was made for
+    /// another AK name or another EK, or was tampered with.
+    #[error(
+        "the TPM refused to activate the credential (made for another AK or EK, or altered; TCTI {tcti:?})"
+    )]
+    CredentialRefused {
+        /// The TCTI configuration used.
+        tcti: String,
+        /// The ESAPI or TPM error (e.g. `TPM_RC_INTEGRITY`).
+        #[source]
+        source: tss_esapi::Error,
+    },
     /// The TPM answered something that does not match what was asked.
     #[error("unexpected TPM response to {command}: {what} (TCTI {tcti:?})")]
     UnexpectedResponse {
@@ -234,6 +285,10 @@ pub struct Tpm {
     /// The AK's transient handle; `None` only once flushed.
     ak: Option<KeyHandle>,
     ak_public: Vec<u8>,
+    /// The AK's marshalled `TPMT_PUBLIC` (its name is `nameAlg || H(this)`).
+    ak_public_area: Vec<u8>,
+    /// The EK's transient handle, once [`Tpm::endorsement`] created it.
+    ek: Option<KeyHandle>,
 }
 
 impl fmt::Debug for Tpm {
@@ -263,6 +318,8 @@ impl Tpm {
             tcti: tcti.to_owned(),
             ak: None,
             ak_public: Vec::new(),
+            ak_public_area: Vec::new(),
+            ek: None,
         };
         tpm.flush_transient_objects()?;
         tpm.create_ak()?;
@@ -274,6 +331,145 @@ impl Tpm {
     /// keyserver pins.
     pub fn ak_public(&self) -> &[u8] {
         &self.ak_public
+    }
+
+    /// The AK's public area: the marshalled `TPMT_PUBLIC` the TPM returned.
+    pub fn ak_public_area(&self) -> &[u8] {
+        &self.ak_public_area
+    }
+
+    /// Reads the RSA 2048 EK certificate from its NV index, creates the EK
+    /// from the default template (kept loaded until drop) and returns both
+    /// with the AK's public area: what the loader sends a keyserver that
+    /// trusts AKs through their EK. Nothing here is verified: the keyserver
+    /// does that.
+    pub fn endorsement(&mut self) -> Result<Endorsement, TpmError> {
+        let ek_certificate = self.read_ek_certificate()?;
+        const CMD: &str = "CreatePrimary (endorsement key)";
+        let ek_public = match self.ek {
+            Some(ek) => {
+                let (public, _, _) = self
+                    .context
+                    .execute_without_session(|ctx| ctx.read_public(ek))
+                    .map_err(|e| self.err("ReadPublic (endorsement key)", e))?;
+                public
+            }
+            None => {
+                let template = ek::create_ek_public_from_default_template_2(
+                    AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
+                    None,
+                )
+                .map_err(|e| self.err(CMD, e))?;
+                let created = self.authorized(CMD, |ctx| {
+                    ctx.create_primary(Hierarchy::Endorsement, template, None, None, None, None)
+                })?;
+                self.ek = Some(created.key_handle);
+                created.out_public
+            }
+        };
+        Ok(Endorsement {
+            ek_certificate,
+            ek_public: ek_public.marshall().map_err(|e| self.err(CMD, e))?,
+            ak_public_area: self.ak_public_area.clone(),
+        })
+    }
+
+    /// `TPM2_ActivateCredential` with the AK as the activated object and the
+    /// EK (created by [`Tpm::endorsement`]) as the key that decrypts the
+    /// seed: returns the credential (the keyserver's secret), which the TPM
+    /// only releases if the credential was made for this EK and the AK's
+    /// name. `id_object` and `encrypted_secret` are the contents of the
+    /// `TPM2B_ID_OBJECT` and `TPM2B_ENCRYPTED_SECRET` (no size prefix).
+    pub fn activate_credential(
+        &mut self,
+        id_object: &[u8],
+        encrypted_secret: &[u8],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, TpmError> {
+        const CMD: &str = "ActivateCredential";
+        let ak = self
+            .ak
+            .ok_or_else(|| self.unexpected(CMD, "no AK loaded"))?;
+        let ek = self
+            .ek
+            .ok_or_else(|| self.unexpected(CMD, "no EK loaded (call endorsement first)"))?;
+        let id_object = IdObject::try_from(id_object.to_vec()).map_err(|e| self.err(CMD, e))?;
+        let secret =
+            EncryptedSecret::try_from(encrypted_secret.to_vec()).map_err(|e| self.err(CMD, e))?;
+        // The EK's authPolicy is PolicySecret(TPM_RH_ENDORSEMENT): a policy
+        // session satisfied with the endorsement hierarchy's (empty) auth.
+        let session = self
+            .context
+            .execute_without_session(|ctx| {
+                ctx.start_auth_session(
+                    None,
+                    None,
+                    None,
+                    SessionType::Policy,
+                    SymmetricDefinition::Null,
+                    HashingAlgorithm::Sha256,
+                )
+            })
+            .map_err(|e| self.err("StartAuthSession (EK policy)", e))?
+            .ok_or_else(|| self.unexpected("StartAuthSession (EK policy)", "no session"))?;
+        let result = self.activate_in_session(session, ak, ek, id_object, secret);
+        // Without continueSession the TPM ends the session after a command
+        // that succeeds; after a failure it is still loaded. Flush it in both
+        // cases, ignoring the error of a session already gone.
+        let handle: ObjectHandle = tss_esapi::handles::SessionHandle::from(session).into();
+        let _ = self.context.flush_context(handle);
+        result
+    }
+
+    fn activate_in_session(
+        &mut self,
+        session: AuthSession,
+        ak: KeyHandle,
+        ek: KeyHandle,
+        id_object: IdObject,
+        secret: EncryptedSecret,
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, TpmError> {
+        let policy = PolicySession::try_from(session)
+            .map_err(|e| self.err("PolicySecret (EK policy)", e))?;
+        self.authorized("PolicySecret (EK policy)", |ctx| {
+            ctx.policy_secret(
+                policy,
+                tss_esapi::handles::AuthHandle::Endorsement,
+                Nonce::default(),
+                Digest::default(),
+                Nonce::default(),
+                None,
+            )
+        })?;
+        let credential = self
+            .context
+            .execute_with_sessions((Some(AuthSession::Password), Some(session), None), |ctx| {
+                ctx.activate_credential(ak, ek, id_object, secret)
+            })
+            .map_err(|source| TpmError::CredentialRefused {
+                tcti: self.tcti.clone(),
+                source,
+            })?;
+        Ok(zeroize::Zeroizing::new(credential.value().to_vec()))
+    }
+
+    fn read_ek_certificate(&mut self) -> Result<Vec<u8>, TpmError> {
+        let nv_index = RSA_2048_EK_CERTIFICATE_NV_INDEX;
+        let missing = |tcti: &str, source| TpmError::NoEkCertificate {
+            nv_index,
+            tcti: tcti.to_owned(),
+            source,
+        };
+        let index = NvIndexTpmHandle::new(nv_index).map_err(|e| missing(&self.tcti, e))?;
+        let auth = self
+            .context
+            .execute_without_session(|ctx| ctx.tr_from_tpm_public(TpmHandle::NvIndex(index)))
+            .map_err(|e| missing(&self.tcti, e))?;
+        let tcti = self.tcti.clone();
+        self.context
+            .execute_with_session(Some(AuthSession::Password), |ctx| {
+                nv::read_full(ctx, NvAuth::NvIndex(auth.into()), index)
+            })
+            .map_err(|e| missing(&tcti, e))
     }
 
     /// The TCTI configuration this TPM was opened with.
@@ -396,6 +592,7 @@ impl Tpm {
                 signature,
                 pcrs: values,
                 event_log: event_log.to_vec(),
+                endorsement: None,
             });
         }
         Err(TpmError::PcrsChanged {
@@ -480,6 +677,10 @@ impl Tpm {
         })?;
         // Own the handle first so that Drop flushes it whatever happens next.
         self.ak = Some(created.key_handle);
+        self.ak_public_area = created
+            .out_public
+            .marshall()
+            .map_err(|e| self.err(CMD, e))?;
         let Public::Ecc { unique, .. } = &created.out_public else {
             return Err(self.unexpected(CMD, "the key is not an ECC key"));
         };
@@ -530,10 +731,10 @@ impl Tpm {
 
 impl Drop for Tpm {
     fn drop(&mut self) {
-        if let Some(ak) = self.ak.take() {
-            // Best effort: an error here (TPM gone) leaves nothing we can fix;
-            // the next `open` flushes leftovers anyway.
-            let _ = self.context.flush_context(ak.into());
+        // Best effort: an error here (TPM gone) leaves nothing we can fix;
+        // the next `open` flushes leftovers anyway.
+        for key in [self.ak.take(), self.ek.take()].into_iter().flatten() {
+            let _ = self.context.flush_context(key.into());
         }
     }
 }

@@ -5,6 +5,11 @@
 //!
 //! swtpm serves one client connection at a time: open one [`crate::Tpm`] (or
 //! other client) at a time on it.
+//!
+//! [`Swtpm::start_endorsed`] first manufactures the TPM with `swtpm_setup
+//! --create-ek-cert`: an EK and its certificate in NV memory, issued by a
+//! [`LocalCa`] (`swtpm_localca` in a temporary directory: a root CA and an
+//! intermediate that signs EK certificates), as a TPM vendor would.
 
 use std::fmt;
 use std::fs::File;
@@ -35,7 +40,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SwtpmError {
-    /// `swtpm` is not on `PATH`.
+    /// `swtpm` (or, for an endorsed TPM, `swtpm_setup` or `swtpm_localca`) is
+    /// not on `PATH`.
     #[error("swtpm is not installed (install it: apt-get install swtpm swtpm-tools)")]
     NotInstalled,
     /// Creating the state directory or choosing a port failed.
@@ -54,6 +60,100 @@ pub enum SwtpmError {
         /// What happened on the last attempt (including swtpm's stderr).
         last: String,
     },
+}
+
+/// A throw-away EK certificate authority: `swtpm_localca`'s state (root CA,
+/// intermediate CA, serial numbers) in a temporary directory. The CA keys
+/// are made when the first TPM is manufactured with it.
+pub struct LocalCa {
+    dir: tempfile::TempDir,
+}
+
+impl fmt::Debug for LocalCa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalCa")
+            .field("dir", &self.dir.path())
+            .finish()
+    }
+}
+
+impl LocalCa {
+    /// Creates the directory and the `swtpm_setup`/`swtpm_localca`
+    /// configuration files pointing into it.
+    pub fn new() -> Result<Self, SwtpmError> {
+        let io = |what| move |source| SwtpmError::Io { what, source };
+        let localca = find_in_path("swtpm_localca").ok_or(SwtpmError::NotInstalled)?;
+        let dir = tempfile::Builder::new()
+            .prefix("cinfer-ek-ca-")
+            .tempdir()
+            .map_err(io("creating the CA directory"))?;
+        let d = dir.path();
+        std::fs::create_dir(d.join("ca")).map_err(io("creating the CA directory"))?;
+        let ca = d.join("ca");
+        std::fs::write(
+            d.join("localca.conf"),
+            format!(
+                "statedir = {ca}\nsigningkey = {ca}/signkey.pem\nissuercert = {ca}/issuercert.pem\ncertserial = {ca}/certserial\n",
+                ca = ca.display()
+            ),
+        )
+        .map_err(io("writing localca.conf"))?;
+        std::fs::write(d.join("localca.options"), "").map_err(io("writing localca.options"))?;
+        std::fs::write(
+            d.join("swtpm_setup.conf"),
+            format!(
+                "create_certs_tool = {}\ncreate_certs_tool_config = {}\ncreate_certs_tool_options = {}\nactive_pcr_banks = sha256\n",
+                localca.display(),
+                d.join("localca.conf").display(),
+                d.join("localca.options").display()
+            ),
+        )
+        .map_err(io("writing swtpm_setup.conf"))?;
+        Ok(Self { dir })
+    }
+
+    /// The root CA certificate (PEM): the trust anchor of EK certificates.
+    /// Exists once a TPM was manufactured with this CA.
+    pub fn root_cert(&self) -> std::path::PathBuf {
+        self.dir.path().join("ca/swtpm-localca-rootca-cert.pem")
+    }
+
+    /// The intermediate CA certificate (PEM) that signs EK certificates.
+    pub fn intermediate_cert(&self) -> std::path::PathBuf {
+        self.dir.path().join("ca/issuercert.pem")
+    }
+
+    /// Runs `swtpm_setup --create-ek-cert` on the state directory `state`.
+    fn manufacture(&self, state: &std::path::Path) -> Result<(), String> {
+        let out = Command::new("swtpm_setup")
+            .arg("--tpm2")
+            .arg("--tpmstate")
+            .arg(state)
+            .arg("--create-ek-cert")
+            .arg("--overwrite")
+            .arg("--config")
+            .arg(self.dir.path().join("swtpm_setup.conf"))
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("running swtpm_setup: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "swtpm_setup failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn find_in_path(tool: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(tool))
+            .find(|p| p.is_file())
+    })
 }
 
 /// A running swtpm process.
@@ -79,6 +179,20 @@ impl Swtpm {
     /// `P`, control `P+1`) with a fresh state directory, and waits until the
     /// server port accepts connections.
     pub fn start() -> Result<Self, SwtpmError> {
+        Self::start_with(None)
+    }
+
+    /// [`Swtpm::start`] on a TPM manufactured with an EK certificate issued
+    /// by `ca` (`swtpm_setup --create-ek-cert`: RSA 2048 and ECC EKs and
+    /// their certificates in NV memory).
+    pub fn start_endorsed(ca: &LocalCa) -> Result<Self, SwtpmError> {
+        if find_in_path("swtpm_setup").is_none() {
+            return Err(SwtpmError::NotInstalled);
+        }
+        Self::start_with(Some(ca))
+    }
+
+    fn start_with(ca: Option<&LocalCa>) -> Result<Self, SwtpmError> {
         let mut last = String::new();
         for _ in 0..ATTEMPTS {
             let port = free_port_pair()?;
@@ -89,6 +203,12 @@ impl Swtpm {
                     what: "creating the state directory",
                     source,
                 })?;
+            if let Some(ca) = ca
+                && let Err(why) = ca.manufacture(state.path())
+            {
+                last = why;
+                continue;
+            }
             let log_path = state.path().join("stderr.log");
             let log = File::create(&log_path).map_err(|source| SwtpmError::Io {
                 what: "creating the log file",

@@ -391,3 +391,190 @@ fn timings() {
         );
     }
 }
+
+/// `tpm2_makecredential -T none` (tpm2-tools, no TPM) for the EK public area
+/// `ek_public` and object `name`; returns (id_object, encrypted_secret), the
+/// TPM2B contents, parsed from tpm2-tools' file format (magic `0xBADCC0DE`,
+/// version 1, `TPM2B_ID_OBJECT`, `TPM2B_ENCRYPTED_SECRET`).
+fn tpm2_makecredential(
+    dir: &Path,
+    ek_public: &[u8],
+    name: &[u8],
+    secret: &[u8],
+) -> (Vec<u8>, Vec<u8>) {
+    let mut tpm2b_public = (ek_public.len() as u16).to_be_bytes().to_vec();
+    tpm2b_public.extend_from_slice(ek_public);
+    std::fs::write(dir.join("ek.pub"), tpm2b_public).unwrap();
+    std::fs::write(dir.join("secret.bin"), secret).unwrap();
+    let out = Command::new("tpm2_makecredential")
+        .current_dir(dir)
+        .args(["-T", "none", "-u", "ek.pub", "-s", "secret.bin"])
+        .args(["-n", &hex::encode(name), "-o", "cred.out"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let blob = std::fs::read(dir.join("cred.out")).unwrap();
+    assert_eq!(blob[..8], [0xba, 0xdc, 0xc0, 0xde, 0, 0, 0, 1]);
+    let n = usize::from(u16::from_be_bytes([blob[8], blob[9]]));
+    let id_object = blob[10..10 + n].to_vec();
+    let rest = &blob[10 + n..];
+    let m = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+    assert_eq!(rest.len(), 2 + m, "trailing bytes in cred.out");
+    (id_object, rest[2..].to_vec())
+}
+
+/// `0x000b || SHA-256(area)`: a SHA-256 object's name.
+fn name_of(area: &[u8]) -> Vec<u8> {
+    use sha2::Digest as _;
+    [&[0x00, 0x0b][..], &sha2::Sha256::digest(area)[..]].concat()
+}
+
+#[test]
+fn endorsed_tpm_gives_its_ek_certificate_and_activates_credentials() {
+    if Command::new("tpm2_makecredential")
+        .arg("-v")
+        .output()
+        .is_err()
+    {
+        println!("SKIPPED: tpm2_makecredential not installed (apt-get install tpm2-tools)");
+        return;
+    }
+    let ca = cinfer_tpm::swtpm::LocalCa::new().unwrap();
+    let sw = Swtpm::start_endorsed(&ca).unwrap_or_else(|e| panic!("{e}"));
+    let mut tpm = Tpm::open(&sw.tcti()).unwrap();
+    let e = tpm.endorsement().unwrap();
+    // A DER certificate (SEQUENCE), and the CA's files exist now.
+    assert_eq!(e.ek_certificate[0], 0x30);
+    assert!(ca.root_cert().is_file() && ca.intermediate_cert().is_file());
+    assert_eq!(e.ak_public_area, tpm.ak_public_area());
+    // RSA (0x0001) EK with name algorithm SHA-256 (0x000b).
+    assert_eq!(e.ek_public[..4], [0, 1, 0, 0x0b]);
+    // Asking again gives the same EK (kept loaded, not created twice).
+    assert_eq!(tpm.endorsement().unwrap(), e);
+
+    let dir = tempfile::tempdir().unwrap();
+    let secret = [0x5c; 32];
+    let (id_object, encrypted_secret) = tpm2_makecredential(
+        dir.path(),
+        &e.ek_public,
+        &name_of(&e.ak_public_area),
+        &secret,
+    );
+    let got = tpm
+        .activate_credential(&id_object, &encrypted_secret)
+        .unwrap();
+    assert_eq!(got.as_slice(), secret);
+
+    // A credential for another object's name: the TPM refuses it.
+    let mut other = e.ak_public_area.clone();
+    *other.last_mut().unwrap() ^= 1;
+    let (id_object, encrypted_secret) =
+        tpm2_makecredential(dir.path(), &e.ek_public, &name_of(&other), &secret);
+    assert!(matches!(
+        tpm.activate_credential(&id_object, &encrypted_secret),
+        Err(TpmError::CredentialRefused { .. })
+    ));
+    // Dropped, it leaves no object (AK, EK) and no policy session loaded.
+    drop(tpm);
+    assert_eq!(transient_handles(&sw.tcti()), Vec::<u32>::new());
+    assert_eq!(loaded_sessions(&sw.tcti()), Vec::<u32>::new());
+}
+
+/// Session handles (HMAC and policy) loaded in the TPM.
+fn loaded_sessions(tcti: &str) -> Vec<u32> {
+    let mut ctx = Context::new(TctiNameConf::from_str(tcti).unwrap()).unwrap();
+    let (data, _) = ctx
+        .get_capability(CapabilityType::Handles, 0x0200_0000, 64)
+        .unwrap();
+    let CapabilityData::Handles(list) = data else {
+        panic!("not a handle list: {data:?}")
+    };
+    list.into_inner().into_iter().map(u32::from).collect()
+}
+
+#[test]
+fn tpm_without_ek_certificate_says_so() {
+    let sw = start();
+    let mut tpm = Tpm::open(&sw.tcti()).unwrap();
+    assert!(matches!(
+        tpm.endorsement(),
+        Err(TpmError::NoEkCertificate {
+            nv_index: 0x01c0_0002,
+            ..
+        })
+    ));
+}
+
+/// A copy of the AK's public area loaded public-only (`TPM2_LoadExternal`
+/// accepts `fixedTPM | restricted` there) has the AK's name, so a credential
+/// made for that name would activate against it if its ADMIN role could be
+/// authorized: without `adminWithPolicy` that needs the authValue, which a
+/// public-only object does not have (`TPM_RC_AUTH_UNAVAILABLE`). The
+/// keyserver therefore refuses AK areas with `adminWithPolicy` set; this
+/// checks the TPM half of that argument on swtpm, with tpm2-tools.
+#[test]
+fn a_public_only_copy_of_the_ak_cannot_activate_its_credential() {
+    if Command::new("tpm2_activatecredential")
+        .arg("-v")
+        .output()
+        .is_err()
+    {
+        println!("SKIPPED: tpm2-tools not installed (apt-get install tpm2-tools)");
+        return;
+    }
+    let ca = cinfer_tpm::swtpm::LocalCa::new().unwrap();
+    let sw = Swtpm::start_endorsed(&ca).unwrap_or_else(|e| panic!("{e}"));
+    let e = Tpm::open(&sw.tcti()).unwrap().endorsement().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (id_object, encrypted_secret) =
+        tpm2_makecredential(d, &e.ek_public, &name_of(&e.ak_public_area), &[0x33; 32]);
+    // tpm2-tools' credential file: magic, version, the two TPM2B.
+    let mut cred = vec![0xba, 0xdc, 0xc0, 0xde, 0, 0, 0, 1];
+    for part in [&id_object, &encrypted_secret] {
+        cred.extend_from_slice(&(part.len() as u16).to_be_bytes());
+        cred.extend_from_slice(part);
+    }
+    std::fs::write(d.join("cred.out"), cred).unwrap();
+    let mut ak = (e.ak_public_area.len() as u16).to_be_bytes().to_vec();
+    ak.extend_from_slice(&e.ak_public_area);
+    std::fs::write(d.join("ak.pub"), ak).unwrap();
+    let run = |cmd: &str| {
+        Command::new("bash")
+            .args(["-c", cmd])
+            .current_dir(d)
+            .env("TPM2TOOLS_TCTI", sw.tcti())
+            .output()
+            .unwrap()
+    };
+    // Loaded public-only, it gets the AK's name.
+    let out = run("tpm2_loadexternal -C e -u ak.pub -c ak.ctx");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&hex::encode(name_of(&e.ak_public_area))),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // The contexts are saved in files; swtpm has no resource manager, so
+    // flush what the tools left loaded before they load them again.
+    let out = run(
+        "tpm2_createek -c ek.ctx -G rsa -u ek.pub && tpm2_flushcontext -t && \
+         tpm2_startauthsession --policy-session -S s.ctx && tpm2_policysecret -S s.ctx -c e && \
+         tpm2_activatecredential -c ak.ctx -C ek.ctx -i cred.out -o secret.out -P session:s.ctx",
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("0x12F") || stderr.contains("0x12f"),
+        "{stderr}"
+    );
+    assert!(!d.join("secret.out").exists());
+}

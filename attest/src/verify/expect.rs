@@ -120,7 +120,14 @@ impl ReferenceValues {
     /// Checks the values can be used (call when loading a policy, so a mistake
     /// shows at startup rather than as refused evidence).
     pub fn check(&self) -> Result<(), ReferenceError> {
-        if self.trusted_aks.is_empty() {
+        self.check_with(true)
+    }
+
+    /// [`ReferenceValues::check`], where `trusted-aks` may be empty unless
+    /// `pins_required`: a keyserver that trusts AKs through their endorsement
+    /// (EK certificate and credential) needs no pins.
+    pub fn check_with(&self, pins_required: bool) -> Result<(), ReferenceError> {
+        if pins_required && self.trusted_aks.is_empty() {
             return Err(ReferenceError::NoTrustedAk);
         }
         for (i, ak) in self.trusted_aks.iter().enumerate() {
