@@ -769,7 +769,7 @@ impl AttentionJob {
 
 /// Softmax of one row in place: e^(x - max) with the kernels' e^x, summed in f64.
 fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = simd::max(simd::level(), row);
     row.iter_mut().for_each(|v| *v -= max);
     simd::exp_in_place(simd::level(), row);
     let mut sum = 0f64;

@@ -264,6 +264,20 @@ pub(crate) fn round_f16_in_place(level: Level, x: &mut [f32]) {
     }
 }
 
+/// The largest value of `x` (`f32::NEG_INFINITY` when empty): the same at
+/// every level, max being exact (inputs hold no NaN).
+pub(crate) fn max(level: Level, x: &[f32]) -> f32 {
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 | Level::Avx512Vnni if detected() >= Level::Avx2 => {
+            // SAFETY: `detected()` found avx2, fma and f16c, the features
+            // `avx2::max` is compiled with.
+            unsafe { avx2::max(x) }
+        }
+        _ => portable::max(x),
+    }
+}
+
 /// f16 bits to f32 (exact).
 pub(crate) fn f16_to_f32(level: Level, bits: &[u16], out: &mut [f32]) {
     match level {
@@ -453,6 +467,10 @@ mod tests {
             let mut rounded = b.clone();
             portable::round_f16_in_place(&mut rounded);
             for &level in &available() {
+                assert!(
+                    same(max(level, &b), portable::max(&b)),
+                    "{level:?} max len {len}"
+                );
                 let mut r = b.clone();
                 round_f16_in_place(level, &mut r);
                 assert!(

@@ -410,3 +410,21 @@ pub(super) fn round_f16_in_place(x: &mut [f32]) {
         *v = crate::quant::round_f16(*v);
     }
 }
+
+/// The largest value (`f32::NEG_INFINITY` for none), eight lanes at a time;
+/// max is exact, so the order does not matter (NaN aside, which the callers'
+/// inputs never hold).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn max(x: &[f32]) -> f32 {
+    let (chunks, rest) = x.as_chunks::<8>();
+    let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+    for c in chunks {
+        m = _mm256_max_ps(m, must_cast(*c));
+    }
+    let lanes: [f32; 8] = must_cast(m);
+    lanes
+        .iter()
+        .chain(rest)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max)
+}

@@ -141,3 +141,7 @@ pub(super) fn round_f16_in_place(x: &mut [f32]) {
         *v = crate::quant::round_f16(*v);
     }
 }
+
+pub(super) fn max(x: &[f32]) -> f32 {
+    x.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
