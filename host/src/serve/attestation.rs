@@ -1,0 +1,374 @@
+//! Attestation: the quote over a keyserver nonce and a fresh key, and the
+//! key releases it answers (all or nothing; a TPM credential activated first).
+
+use super::*;
+
+const NONCE_LEN: std::ops::RangeInclusive<usize> = 16..=64;
+
+/// Keys received from keyservers, by id. Never printed.
+#[derive(Default, Clone)]
+pub struct InstalledKeys {
+    /// Request private keys, by key id, each with the receipt signing key of
+    /// the release (so of the keyserver) it came with: a request sealed to a
+    /// keyserver's request key gets a receipt that keyserver's clients verify.
+    pub request: BTreeMap<String, RequestKeys>,
+    /// Model data keys, by model id.
+    pub models: BTreeMap<String, ModelKey>,
+}
+
+/// A request key and the receipt key released with it. Its `Debug` output
+/// shows no key material.
+#[derive(Clone)]
+pub struct RequestKeys {
+    /// Opens requests sealed to this key id.
+    pub request: RequestPrivateKey,
+    /// Signs the receipts of those requests.
+    pub receipt: p256::ecdsa::SigningKey,
+}
+
+impl std::fmt::Debug for RequestKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestKeys")
+            .field("key_id", &self.request.public_key().key_id())
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for InstalledKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InstalledKeys")
+            .field("request", &self.request.keys().collect::<Vec<_>>())
+            .field("models", &self.models.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// A key release verified and unwrapped, not installed yet
+/// ([`Attestor::stage`], [`Attestor::commit`]). Never printed.
+pub struct StagedRelease {
+    keys: InstalledKeys,
+}
+
+impl std::fmt::Debug for StagedRelease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StagedRelease")
+            .field("keys", &self.keys)
+            .finish()
+    }
+}
+
+impl StagedRelease {
+    /// The keys it would install.
+    pub fn keys(&self) -> &InstalledKeys {
+        &self.keys
+    }
+}
+
+struct Pending {
+    nonce: Vec<u8>,
+    key: RequestPrivateKey,
+}
+
+/// The attestation side of a serving loader: its TPM, its event log, the
+/// pending attestation and the keys it received.
+pub struct Attestor {
+    tpm: cinfer_tpm::Tpm,
+    /// The TPM's EK certificate, EK and AK areas, sent with every evidence;
+    /// `None` when the TPM has no EK certificate (then only a keyserver that
+    /// pins the AK releases keys).
+    endorsement: Option<Endorsement>,
+    events: Vec<Event>,
+    quote_pcrs: Vec<u8>,
+    pending: Option<Pending>,
+    pub(super) keys: InstalledKeys,
+    pinned: Vec<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Attestor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attestor")
+            .field("tpm", &self.tpm)
+            .field("events", &self.events.len())
+            .field("keys", &self.keys)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(serde::Serialize)]
+struct Hello<'a> {
+    protocol: u8,
+    loader: &'a str,
+    #[serde(with = "hex::serde")]
+    ak_public: &'a [u8],
+    pcr: u8,
+    programs: &'a [ProgramInfo],
+    /// Present when the peer must authenticate: what it signs (hex).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    challenge: Option<String>,
+    /// The peer is dropped after this long without a complete frame.
+    idle_timeout_ms: u64,
+}
+
+/// A served program as the peer sees it (`Hello`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ProgramInfo {
+    /// The name requests use.
+    pub name: String,
+    /// SHA-256 of the component.
+    pub sha256: String,
+    /// The capability world it was granted.
+    pub world: String,
+}
+
+#[derive(serde::Serialize)]
+struct Installed<'a> {
+    models: Vec<&'a str>,
+    request_keys: Vec<&'a str>,
+}
+
+impl Attestor {
+    /// Resets `pcr` and extends it with `events` (which must all name it).
+    pub fn measure(
+        mut tpm: cinfer_tpm::Tpm,
+        pcr: u8,
+        events: Vec<Event>,
+        quote_pcrs: Vec<u8>,
+    ) -> Result<Self, ServeError> {
+        tpm.measure(pcr, &events)?;
+        let endorsement = match tpm.endorsement() {
+            Ok(e) => Some(e),
+            Err(cinfer_tpm::TpmError::NoEkCertificate { nv_index, .. }) => {
+                tracing::info!(
+                    nv_index = format_args!("{nv_index:#010x}"),
+                    "the TPM has no EK certificate: only keyservers that pin the AK will release keys"
+                );
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Self {
+            tpm,
+            endorsement,
+            events,
+            quote_pcrs,
+            pending: None,
+            keys: InstalledKeys::default(),
+            pinned: Vec::new(),
+        })
+    }
+
+    /// Installs only releases signed by one of these keyserver identities (SEC1).
+    pub fn pin_keyservers(mut self, identities: Vec<Vec<u8>>) -> Self {
+        self.pinned = identities;
+        self
+    }
+
+    /// The event log.
+    pub fn events(&self) -> &[Event] {
+        &self.events
+    }
+
+    /// The endorsement sent with every evidence, if the TPM has an EK certificate.
+    pub fn endorsement(&self) -> Option<&Endorsement> {
+        self.endorsement.as_ref()
+    }
+
+    /// The keys received so far.
+    pub fn keys(&self) -> &InstalledKeys {
+        &self.keys
+    }
+
+    /// The first frame on a new connection: the AK, the measured PCR, the
+    /// programs served, the challenge the peer must sign (if it must) and the
+    /// idle timeout it must stay within.
+    pub fn hello(
+        &self,
+        programs: &[ProgramInfo],
+        challenge: Option<&[u8; cinfer_channel::CHALLENGE_LEN]>,
+        idle_timeout: std::time::Duration,
+    ) -> Frame {
+        let pcr = self
+            .events
+            .first()
+            .map_or(cinfer_attest::DEFAULT_PCR, |e| e.pcr);
+        Frame {
+            kind: Kind::Hello,
+            payload: serde_json::to_vec(&Hello {
+                protocol: cinfer_channel::VERSION,
+                loader: env!("CARGO_PKG_VERSION"),
+                ak_public: self.tpm.ak_public(),
+                pcr,
+                programs,
+                challenge: challenge.map(hex::encode),
+                idle_timeout_ms: u64::try_from(idle_timeout.as_millis()).unwrap_or(u64::MAX),
+            })
+            .unwrap_or_default(),
+        }
+    }
+
+    /// Handles one frame from the peer and returns the answer (a key release
+    /// is staged and committed at once: see [`Service`] for the serving path,
+    /// which opens the models in between).
+    pub fn handle(&mut self, frame: &Frame) -> Result<Frame, ServeError> {
+        match frame.kind {
+            Kind::AttestRequest => self.attest(&frame.payload),
+            Kind::KeyRelease => {
+                let staged = self.stage(&frame.payload)?;
+                Ok(self.commit(staged))
+            }
+            other => Err(ServeError::UnexpectedFrame(other)),
+        }
+    }
+
+    fn attest(&mut self, nonce: &[u8]) -> Result<Frame, ServeError> {
+        if !NONCE_LEN.contains(&nonce.len()) {
+            return Err(ServeError::BadNonce(nonce.len()));
+        }
+        let key = RequestPrivateKey::generate();
+        let mut evidence: Evidence = self.tpm.quote(
+            &self.quote_pcrs,
+            nonce,
+            &key.public_key().to_bytes(),
+            &self.events,
+        )?;
+        evidence.endorsement = self.endorsement.clone();
+        self.pending = Some(Pending {
+            nonce: nonce.to_vec(),
+            key,
+        });
+        Ok(Frame {
+            kind: Kind::Evidence,
+            payload: evidence.to_json(),
+        })
+    }
+
+    /// Verifies and unwraps a key release without installing anything: the
+    /// attestation's ephemeral key is spent once the release passed its
+    /// format and signature checks, whatever happens next.
+    pub fn stage(&mut self, payload: &[u8]) -> Result<StagedRelease, ServeError> {
+        let release: KeyRelease = serde_json::from_slice(payload)
+            .map_err(|e| ServeError::MalformedRelease(e.to_string()))?;
+        if release.version != cinfer_attest::KEY_RELEASE_VERSION {
+            return Err(ServeError::MalformedRelease(format!(
+                "version {}",
+                release.version
+            )));
+        }
+        if !self.pinned.is_empty() {
+            release
+                .verify(&self.pinned)
+                .map_err(ServeError::UntrustedRelease)?;
+        }
+        // The attestation's key is spent whatever happens next.
+        let pending = self
+            .pending
+            .take()
+            .ok_or(ServeError::NoPendingAttestation)?;
+        if release.nonce != pending.nonce {
+            return Err(ServeError::NonceMismatch);
+        }
+        // An endorsed AK: the keys are wrapped under the credential's secret,
+        // which only this TPM (its EK, with this AK loaded) recovers.
+        let psk = match &release.credential {
+            None => None,
+            Some(credential) => {
+                if self.endorsement.is_none() {
+                    return Err(ServeError::UnexpectedCredential);
+                }
+                let secret = self
+                    .tpm
+                    .activate_credential(&credential.id_object, &credential.encrypted_secret)?;
+                let expected = credential_binding(&secret, &release.nonce);
+                if !constant_time_eq(&expected, &credential.binding) {
+                    return Err(ServeError::CredentialNotForThisAttestation);
+                }
+                Some(credential_psk(&secret, &release.nonce))
+            }
+        };
+        let mut requests = BTreeMap::new();
+        let mut receipt = None;
+        let mut keys = InstalledKeys::default();
+        for k in &release.keys {
+            let context = release_context(k.kind, &k.id);
+            let wrapped = WrappedSecret {
+                enc: k.enc.clone(),
+                ciphertext: k.ciphertext.clone(),
+            };
+            let secret = match &psk {
+                Some(psk) => unwrap_key_psk(
+                    &pending.key,
+                    &context,
+                    &release.nonce,
+                    &wrapped,
+                    psk.as_ref(),
+                    CREDENTIAL_PSK_ID,
+                ),
+                None => unwrap_key(&pending.key, &context, &release.nonce, &wrapped),
+            }
+            .map_err(|_| ServeError::Unwrap {
+                kind: k.kind,
+                id: k.id.clone(),
+            })?;
+            let bad = |reason: String| ServeError::BadKey {
+                kind: k.kind,
+                id: k.id.clone(),
+                reason,
+            };
+            match k.kind {
+                ReleasedKeyKind::Request => {
+                    let key =
+                        RequestPrivateKey::from_bytes(&secret).map_err(|e| bad(e.to_string()))?;
+                    let key_id = key.public_key().key_id();
+                    if key_id != k.id {
+                        return Err(bad(format!("its key id is {key_id}")));
+                    }
+                    requests.insert(k.id.clone(), key);
+                }
+                ReleasedKeyKind::Model => {
+                    let key = ModelKey::from_bytes(&secret).map_err(|e| bad(e.to_string()))?;
+                    keys.models.insert(k.id.clone(), key);
+                }
+                ReleasedKeyKind::Receipt => {
+                    let key = p256::ecdsa::SigningKey::from_slice(&secret)
+                        .map_err(|_| bad("not a P-256 scalar".into()))?;
+                    receipt = Some(key);
+                }
+            }
+        }
+        if !requests.is_empty() {
+            // A request key is usable only with its keyserver's receipt key.
+            let receipt = receipt.ok_or_else(|| {
+                ServeError::MalformedRelease("request keys without a receipt key".into())
+            })?;
+            keys.request = requests
+                .into_iter()
+                .map(|(id, request)| {
+                    let receipt = receipt.clone();
+                    (id, RequestKeys { request, receipt })
+                })
+                .collect();
+        }
+        Ok(StagedRelease { keys })
+    }
+
+    /// Installs a staged release (later keys with the same id replace earlier ones).
+    pub fn commit(&mut self, staged: StagedRelease) -> Frame {
+        let mut keys = staged.keys;
+        self.keys.request.append(&mut keys.request);
+        self.keys.models.append(&mut keys.models);
+        tracing::info!(keys = ?self.keys, "keys installed");
+        Frame {
+            kind: Kind::KeysInstalled,
+            payload: serde_json::to_vec(&Installed {
+                models: self.keys.models.keys().map(String::as_str).collect(),
+                request_keys: self.keys.request.keys().map(String::as_str).collect(),
+            })
+            .unwrap_or_default(),
+        }
+    }
+}
+
+/// Compares two byte strings in time independent of where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

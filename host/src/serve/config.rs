@@ -1,0 +1,252 @@
+//! The serve configuration (`loader.toml`), measured byte for byte.
+
+use super::*;
+
+/// The serve configuration (`loader.toml`). It is measured as it is on disk.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ServeConfig {
+    /// Endpoint to listen on: `tcp:HOST:PORT` or `unix:PATH`.
+    pub listen: String,
+    /// TPM TCTI: `swtpm:host=127.0.0.1,port=2321`, `device:/dev/tpmrm0`.
+    pub tpm: String,
+    /// Policy TOML, relative to the configuration's directory (and inside it).
+    pub policy: String,
+    /// PCR the loader resets and measures into (16 or 23).
+    #[serde(default = "default_pcr")]
+    pub pcr: u8,
+    /// PCRs the quote covers (SHA-256 bank); must include `pcr` [default: the
+    /// boot PCRs 0–7 and `pcr`]. The keyserver pins some PCR software cannot
+    /// reset (a boot PCR) unless it runs with a development flag; see
+    /// [`ServeConfig::quote_pcrs`].
+    #[serde(default, rename = "quote-pcrs")]
+    quote_pcrs_configured: Option<Vec<u8>>,
+    /// Largest frame payload accepted on the channel.
+    #[serde(default = "default_max_frame")]
+    pub max_frame_bytes: u32,
+    /// Requests running at once; more are refused as busy.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+    /// Replay window into the past, seconds: requests sealed longer ago are
+    /// refused, and every request run within it is remembered
+    /// ([`crate::replay`]). Measured with this file.
+    #[serde(default = "default_request_max_age_secs")]
+    pub request_max_age_secs: u64,
+    /// Replay window into the future, seconds: how far a client's clock may
+    /// run ahead of the loader's. Measured with this file.
+    #[serde(default = "default_request_clock_skew_secs")]
+    pub request_clock_skew_secs: u64,
+    /// Accelerator backend: `cpu`, or `cuda` (a loader built with the `cuda`
+    /// feature, on a machine with the NVIDIA driver). Measured with the rest of
+    /// this file, so the keyserver knows which one runs.
+    #[serde(default = "default_backend")]
+    pub backend: String,
+    /// Cross-request batching: concurrent runs' matmuls on the same resident
+    /// weights run as one launch (`cinfer_accel::batch`; results are bit for
+    /// bit those of separate launches). Off by default: on this workplace's
+    /// 2-core machines it does not yet pay (BENCHMARKS.md). Measured with
+    /// this file.
+    #[serde(default = "default_batching")]
+    pub batching: bool,
+    /// Keyserver identities (hex SEC1, `keyserver public-identity`) whose key
+    /// releases this loader installs. Empty: any release that unwraps is
+    /// installed (development only: a hostile relay could then install keys of
+    /// its own — never read the real ones). Measured with this file.
+    #[serde(default)]
+    pub keyservers: Vec<String>,
+    /// Public keys (hex uncompressed SEC1 P-256, as `inference-server keygen`
+    /// prints them) of the inference servers this loader serves: a peer must
+    /// sign this connection's challenge with one of them before anything else
+    /// ([`crate::peer`]). Required unless `allow-unauthenticated-peers`.
+    /// Measured with this file.
+    #[serde(default)]
+    pub server_keys: Vec<String>,
+    /// Serve peers without authentication (development only: then the first
+    /// local process to connect is served). Measured with this file, so a
+    /// keyserver's reference values tell such a loader apart.
+    #[serde(default)]
+    pub allow_unauthenticated_peers: bool,
+    /// Time a peer has from `Hello` to a verified `Auth`, milliseconds.
+    #[serde(default = "default_peer_auth_timeout_ms")]
+    pub peer_auth_timeout_ms: u64,
+    /// Longest a peer may go without sending a complete frame, milliseconds;
+    /// then it is dropped and the next connection served (the server pings).
+    #[serde(default = "default_peer_idle_timeout_ms")]
+    pub peer_idle_timeout_ms: u64,
+    /// Programs served, admitted at start (by signature when `signatures` are
+    /// given, else by digest). Not measured: the policy decides what runs.
+    #[serde(default, rename = "program")]
+    pub programs: Vec<ProgramConfig>,
+    /// Sealed models served; each is opened when the keyserver releases its key.
+    #[serde(default, rename = "model")]
+    pub models: Vec<ModelConfig>,
+}
+
+/// A program a serving loader offers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ProgramConfig {
+    /// Name requests use [default: the file name without `.wasm`].
+    pub name: Option<String>,
+    /// The component, relative to the configuration's directory.
+    pub path: String,
+    /// Signature files (Sigstore bundles or detached key signatures).
+    #[serde(default)]
+    pub signatures: Vec<String>,
+}
+
+/// A sealed model a serving loader offers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ModelConfig {
+    /// Model id (as sealed, and as the keyserver releases its key).
+    pub id: String,
+    /// The sealed model, relative to the configuration's directory.
+    pub path: String,
+}
+
+fn default_backend() -> String {
+    "cpu".to_owned()
+}
+
+fn default_batching() -> bool {
+    false
+}
+
+fn default_max_in_flight() -> usize {
+    8
+}
+
+fn default_request_max_age_secs() -> u64 {
+    300
+}
+
+fn default_request_clock_skew_secs() -> u64 {
+    5
+}
+
+fn default_peer_auth_timeout_ms() -> u64 {
+    5_000
+}
+
+fn default_peer_idle_timeout_ms() -> u64 {
+    60_000
+}
+
+/// The system clock in Unix milliseconds (0 before 1970).
+pub(super) fn unix_millis_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn default_pcr() -> u8 {
+    cinfer_attest::DEFAULT_PCR
+}
+/// The boot PCRs quoted by default (firmware, boot loader, kernel and their
+/// configuration in a measured-boot VM).
+pub const DEFAULT_BOOT_PCRS: std::ops::RangeInclusive<u8> = 0..=7;
+fn default_max_frame() -> u32 {
+    cinfer_channel::DEFAULT_MAX_PAYLOAD
+}
+
+impl ServeConfig {
+    /// Parses and checks a configuration.
+    pub fn parse(text: &str) -> Result<Self, ServeError> {
+        let c: ServeConfig =
+            toml::from_str(text).map_err(|e| ServeError::Config(e.message().to_owned()))?;
+        let quote_pcrs = c.quote_pcrs();
+        if !quote_pcrs.contains(&c.pcr) {
+            return Err(ServeError::Config(format!(
+                "quote-pcrs {quote_pcrs:?} must include the measured pcr {}",
+                c.pcr
+            )));
+        }
+        if let Some(bad) = quote_pcrs.iter().find(|p| **p > 23) {
+            return Err(ServeError::Config(format!(
+                "quote-pcrs: {bad} is not a PCR (0..=23)"
+            )));
+        }
+        c.listen
+            .parse::<cinfer_channel::Endpoint>()
+            .map_err(ServeError::Config)?;
+        c.pinned_keyservers()?;
+        c.peer_policy()?;
+        Ok(c)
+    }
+
+    /// Who may be served, and the peer timeouts.
+    pub fn peer_policy(&self) -> Result<crate::peer::PeerPolicy, ServeError> {
+        let keys = self
+            .server_keys
+            .iter()
+            .map(|k| {
+                hex::decode(k)
+                    .ok()
+                    .filter(|b| b.len() == 65 && b[0] == 4)
+                    .and_then(|b| p256::ecdsa::VerifyingKey::from_sec1_bytes(&b).ok())
+                    .ok_or_else(|| {
+                        ServeError::Config(format!(
+                            "server-keys: {k:?} is not a hex uncompressed P-256 key"
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        match (keys.is_empty(), self.allow_unauthenticated_peers) {
+            (true, false) => {
+                return Err(ServeError::Config(
+                    "server-keys: no inference server key is configured; list the server's channel key \
+                     (`inference-server keygen` prints it), or set allow-unauthenticated-peers = true \
+                     (development only: any local process could then take the channel)"
+                        .into(),
+                ));
+            }
+            (false, true) => {
+                return Err(ServeError::Config(
+                    "server-keys and allow-unauthenticated-peers = true contradict each other"
+                        .into(),
+                ));
+            }
+            _ => {}
+        }
+        if self.peer_auth_timeout_ms == 0 || self.peer_idle_timeout_ms == 0 {
+            return Err(ServeError::Config(
+                "peer-auth-timeout-ms and peer-idle-timeout-ms must be positive".into(),
+            ));
+        }
+        Ok(crate::peer::PeerPolicy {
+            keys,
+            auth_timeout: std::time::Duration::from_millis(self.peer_auth_timeout_ms),
+            idle_timeout: std::time::Duration::from_millis(self.peer_idle_timeout_ms),
+        })
+    }
+
+    /// The PCRs each quote covers, sorted: `quote-pcrs` as configured, else the
+    /// boot PCRs 0–7 and the measured one.
+    pub fn quote_pcrs(&self) -> Vec<u8> {
+        let mut pcrs = match &self.quote_pcrs_configured {
+            Some(p) => p.clone(),
+            None => DEFAULT_BOOT_PCRS.chain([self.pcr]).collect(),
+        };
+        pcrs.sort_unstable();
+        pcrs.dedup();
+        pcrs
+    }
+
+    /// The pinned keyserver identities, decoded.
+    pub fn pinned_keyservers(&self) -> Result<Vec<Vec<u8>>, ServeError> {
+        self.keyservers
+            .iter()
+            .map(|k| {
+                hex::decode(k)
+                    .ok()
+                    .filter(|b| b.len() == 65 && b[0] == 4)
+                    .ok_or_else(|| {
+                        ServeError::Config(format!(
+                            "keyservers: {k:?} is not a hex uncompressed P-256 key"
+                        ))
+                    })
+            })
+            .collect()
+    }
+}
