@@ -1470,3 +1470,43 @@ fn a_loader_pinning_no_keyserver_refuses_a_credential_of_another_attestation() {
     // The real answer to a fresh attestation is installed.
     relay.attest_and_install(ks);
 }
+
+/// Each configuration mistake is refused with its own typed reason, before
+/// anything is measured or served.
+#[test]
+fn serve_configuration_refusals_are_typed() {
+    use cinfer_host::serve::{ConfigError, ServeConfig, ServeError};
+    let base = "listen = \"tcp:127.0.0.1:0\"\ntpm = \"swtpm:host=127.0.0.1,port=1\"\npolicy = \"dev.toml\"\nallow-unauthenticated-peers = true\n";
+    ServeConfig::parse(base).unwrap_or_else(|e| panic!("{e}"));
+    let refused = |extra: &str| match ServeConfig::parse(&format!("{base}{extra}")) {
+        Err(ServeError::Config(e)) => e,
+        other => panic!("{extra:?}: expected a configuration refusal, got {other:?}"),
+    };
+    assert!(matches!(
+        refused("pcr = 23\nquote-pcrs = [0, 1]\n"),
+        ConfigError::MeasuredPcrNotQuoted { pcr: 23, .. }
+    ));
+    assert!(matches!(
+        refused("quote-pcrs = [0, 23, 24]\n"),
+        ConfigError::NotAPcr(24)
+    ));
+    assert!(matches!(refused("bogus = 1\n"), ConfigError::Toml(m) if m.contains("bogus")));
+    assert!(matches!(
+        refused("keyservers = [\"00\"]\n"),
+        ConfigError::BadKeyserverKey(k) if k == "00"
+    ));
+    assert!(matches!(
+        refused("peer-idle-timeout-ms = 0\n"),
+        ConfigError::ZeroPeerTimeout
+    ));
+    let listen = ServeConfig::parse(&base.replace("tcp:127.0.0.1:0", "ftp:x"));
+    assert!(
+        matches!(listen, Err(ServeError::Config(ConfigError::Listen(_)))),
+        "{listen:?}"
+    );
+    let no_keys = ServeConfig::parse(&base.replace("allow-unauthenticated-peers = true\n", ""));
+    assert!(
+        matches!(no_keys, Err(ServeError::Config(ConfigError::NoServerKeys))),
+        "{no_keys:?}"
+    );
+}

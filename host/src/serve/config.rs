@@ -150,26 +150,112 @@ fn default_max_frame() -> u32 {
     cinfer_channel::DEFAULT_MAX_PAYLOAD
 }
 
+/// Why a serve configuration, or what it names, cannot be served. Messages
+/// name the key or file; none carries key material.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// Not TOML of this shape (unknown key, wrong type, …): the parser's message.
+    #[error("{0}")]
+    Toml(String),
+    /// `quote-pcrs` leaves out the measured PCR.
+    #[error("quote-pcrs {quote_pcrs:?} must include the measured pcr {pcr}")]
+    MeasuredPcrNotQuoted {
+        /// The PCRs each quote would cover.
+        quote_pcrs: Vec<u8>,
+        /// The measured PCR.
+        pcr: u8,
+    },
+    /// A `quote-pcrs` entry above 23.
+    #[error("quote-pcrs: {0} is not a PCR (0..=23)")]
+    NotAPcr(u8),
+    /// `listen` is not an endpoint (`tcp:` or `unix:`).
+    #[error("listen: {0}")]
+    Listen(String),
+    /// A `server-keys` entry is not a hex uncompressed P-256 key.
+    #[error("server-keys: {0:?} is not a hex uncompressed P-256 key")]
+    BadServerKey(String),
+    /// No `server-keys` and no `allow-unauthenticated-peers = true`.
+    #[error(
+        "server-keys: no inference server key is configured; list the server's channel key \
+         (`inference-server keygen` prints it), or set allow-unauthenticated-peers = true \
+         (development only: any local process could then take the channel)"
+    )]
+    NoServerKeys,
+    /// Both `server-keys` and `allow-unauthenticated-peers = true`.
+    #[error("server-keys and allow-unauthenticated-peers = true contradict each other")]
+    ServerKeysAndUnauthenticatedPeers,
+    /// A peer timeout of zero.
+    #[error("peer-auth-timeout-ms and peer-idle-timeout-ms must be positive")]
+    ZeroPeerTimeout,
+    /// A `keyservers` entry is not a hex uncompressed P-256 key.
+    #[error("keyservers: {0:?} is not a hex uncompressed P-256 key")]
+    BadKeyserverKey(String),
+    /// The policy does not allow the configured backend.
+    #[error(transparent)]
+    BackendNotAllowed(crate::PolicyError),
+    /// The configured backend is not available in this build or on this machine.
+    #[error("backend: {0}")]
+    Backend(crate::backend::BackendError),
+    /// The loader could not be built from the policy.
+    #[error(transparent)]
+    Loader(crate::LoaderError),
+    /// A file the configuration names could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The path, relative to the configuration's directory.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A configured program was refused.
+    #[error("program {name}: {source}")]
+    Program {
+        /// The program's name.
+        name: String,
+        /// Why it was refused.
+        source: crate::AdmissionError,
+    },
+    /// Two configured programs have the same name.
+    #[error("two programs are named {0}")]
+    DuplicateProgram(String),
+    /// A configured sealed model could not be opened.
+    #[error("opening model {path}: {source}")]
+    OpenModel {
+        /// The model file's path.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A sealed model's file could not be read again to open it with its key.
+    #[error("model {id}: {source}")]
+    ReopenModel {
+        /// The model id.
+        id: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
 impl ServeConfig {
     /// Parses and checks a configuration.
     pub fn parse(text: &str) -> Result<Self, ServeError> {
         let c: ServeConfig =
-            toml::from_str(text).map_err(|e| ServeError::Config(e.message().to_owned()))?;
+            toml::from_str(text).map_err(|e| ConfigError::Toml(e.message().to_owned()))?;
         let quote_pcrs = c.quote_pcrs();
         if !quote_pcrs.contains(&c.pcr) {
-            return Err(ServeError::Config(format!(
-                "quote-pcrs {quote_pcrs:?} must include the measured pcr {}",
-                c.pcr
-            )));
+            return Err(ConfigError::MeasuredPcrNotQuoted {
+                quote_pcrs,
+                pcr: c.pcr,
+            }
+            .into());
         }
         if let Some(bad) = quote_pcrs.iter().find(|p| **p > 23) {
-            return Err(ServeError::Config(format!(
-                "quote-pcrs: {bad} is not a PCR (0..=23)"
-            )));
+            return Err(ConfigError::NotAPcr(*bad).into());
         }
         c.listen
             .parse::<cinfer_channel::Endpoint>()
-            .map_err(ServeError::Config)?;
+            .map_err(ConfigError::Listen)?;
         c.pinned_keyservers()?;
         c.peer_policy()?;
         Ok(c)
@@ -185,34 +271,20 @@ impl ServeConfig {
                     .ok()
                     .filter(|b| b.len() == 65 && b[0] == 4)
                     .and_then(|b| p256::ecdsa::VerifyingKey::from_sec1_bytes(&b).ok())
-                    .ok_or_else(|| {
-                        ServeError::Config(format!(
-                            "server-keys: {k:?} is not a hex uncompressed P-256 key"
-                        ))
-                    })
+                    .ok_or_else(|| ConfigError::BadServerKey(k.clone()))
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, ConfigError>>()?;
         match (keys.is_empty(), self.allow_unauthenticated_peers) {
             (true, false) => {
-                return Err(ServeError::Config(
-                    "server-keys: no inference server key is configured; list the server's channel key \
-                     (`inference-server keygen` prints it), or set allow-unauthenticated-peers = true \
-                     (development only: any local process could then take the channel)"
-                        .into(),
-                ));
+                return Err(ConfigError::NoServerKeys.into());
             }
             (false, true) => {
-                return Err(ServeError::Config(
-                    "server-keys and allow-unauthenticated-peers = true contradict each other"
-                        .into(),
-                ));
+                return Err(ConfigError::ServerKeysAndUnauthenticatedPeers.into());
             }
             _ => {}
         }
         if self.peer_auth_timeout_ms == 0 || self.peer_idle_timeout_ms == 0 {
-            return Err(ServeError::Config(
-                "peer-auth-timeout-ms and peer-idle-timeout-ms must be positive".into(),
-            ));
+            return Err(ConfigError::ZeroPeerTimeout.into());
         }
         Ok(crate::peer::PeerPolicy {
             keys,
@@ -241,11 +313,7 @@ impl ServeConfig {
                 hex::decode(k)
                     .ok()
                     .filter(|b| b.len() == 65 && b[0] == 4)
-                    .ok_or_else(|| {
-                        ServeError::Config(format!(
-                            "keyservers: {k:?} is not a hex uncompressed P-256 key"
-                        ))
-                    })
+                    .ok_or_else(|| ConfigError::BadKeyserverKey(k.clone()).into())
             })
             .collect()
     }

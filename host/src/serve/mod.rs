@@ -49,16 +49,16 @@ mod config;
 mod service;
 
 pub use attestation::{Attestor, InstalledKeys, ProgramInfo, RequestKeys, StagedRelease};
-pub use config::{DEFAULT_BOOT_PCRS, ModelConfig, ProgramConfig, ServeConfig};
+pub use config::{ConfigError, DEFAULT_BOOT_PCRS, ModelConfig, ProgramConfig, ServeConfig};
 pub use service::{DrainHandle, Service};
 
 /// Why serving failed or a frame was refused. Messages carry no key material.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ServeError {
-    /// The serve configuration is invalid.
+    /// The serve configuration, or something it names, cannot be served.
     #[error("serve configuration: {0}")]
-    Config(String),
+    Config(#[from] ConfigError),
     /// The TPM refused or failed.
     #[error(transparent)]
     Tpm(#[from] cinfer_tpm::TpmError),

@@ -157,9 +157,9 @@ impl Service {
         let policy_sha256 = hex::encode(policy.digest());
         policy
             .check_backend(&config.backend)
-            .map_err(|e| ServeError::Config(e.to_string()))?;
+            .map_err(ConfigError::BackendNotAllowed)?;
         let backend = crate::backend::backend_from_config(&config.backend, config.batching)
-            .map_err(|e| ServeError::Config(format!("backend: {e}")))?;
+            .map_err(ConfigError::Backend)?;
         let loader = Arc::new(
             Loader::new(
                 policy,
@@ -168,11 +168,13 @@ impl Service {
                     ..LoaderConfig::default()
                 },
             )
-            .map_err(|e| ServeError::Config(e.to_string()))?,
+            .map_err(ConfigError::Loader)?,
         );
         let read = |path: &str| {
-            dir.read(path)
-                .map_err(|e| ServeError::Config(format!("reading {path}: {e}")))
+            dir.read(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })
         };
         let mut programs = HashMap::new();
         let mut program_list = Vec::new();
@@ -197,21 +199,25 @@ impl Service {
                 let refs: Vec<&[u8]> = sigs.iter().map(Vec::as_slice).collect();
                 loader.admit_signatures(&bytes, &refs)
             }
-            .map_err(|e| ServeError::Config(format!("program {name}: {e}")))?;
+            .map_err(|source| ConfigError::Program {
+                name: name.clone(),
+                source,
+            })?;
             program_list.push(ProgramInfo {
                 name: name.clone(),
                 sha256: hex::encode(admitted.grant().digest),
                 world: admitted.grant().world.clone(),
             });
             if programs.insert(name.clone(), admitted).is_some() {
-                return Err(ServeError::Config(format!("two programs are named {name}")));
+                return Err(ConfigError::DuplicateProgram(name).into());
             }
         }
         let mut sealed_models = Vec::new();
         for m in &config.models {
-            let f = dir
-                .open(&m.path)
-                .map_err(|e| ServeError::Config(format!("opening model {}: {e}", m.path)))?;
+            let f = dir.open(&m.path).map_err(|source| ConfigError::OpenModel {
+                path: m.path.clone(),
+                source,
+            })?;
             sealed_models.push((m.id.clone(), f.into_std()));
         }
         Ok(Self {
@@ -288,7 +294,10 @@ impl Service {
             };
             let source = file
                 .try_clone()
-                .map_err(|e| ServeError::Config(format!("model {id}: {e}")))?;
+                .map_err(|source| ConfigError::ReopenModel {
+                    id: id.clone(),
+                    source,
+                })?;
             let model =
                 SealedGguf::open(Box::new(source), key).map_err(|e| ServeError::BadKey {
                     kind: ReleasedKeyKind::Model,
