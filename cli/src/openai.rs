@@ -132,20 +132,16 @@ impl InMessage {
             ("audio", &self.audio),
             ("annotations", &self.annotations),
         ];
-        for (name, v) in known {
-            if let Some(v) = v
-                && is_set(name, v)
-            {
-                return Err(ApiError {
-                    code: Some("unsupported_parameter"),
-                    ..ApiError::invalid(
-                        "messages",
-                        format!("a message's `{name}` is not supported by this server"),
-                    )
-                });
-            }
+        match first_set(&known) {
+            Some(name) => Err(ApiError {
+                code: Some("unsupported_parameter"),
+                ..ApiError::invalid(
+                    "messages",
+                    format!("a message's `{name}` is not supported by this server"),
+                )
+            }),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -342,6 +338,14 @@ fn logprobs(endpoint: Endpoint, p: &Params) -> Result<(bool, i64), ApiError> {
 }
 
 /// Whether an unsupported parameter was set to something other than "off".
+/// The first of `fields` (name, value) that is present and [`is_set`].
+fn first_set(fields: &[(&'static str, &Option<Value>)]) -> Option<&'static str> {
+    fields
+        .iter()
+        .find(|(name, v)| v.as_ref().is_some_and(|v| is_set(name, v)))
+        .map(|(name, _)| *name)
+}
+
 fn is_set(name: &str, v: &Value) -> bool {
     match v {
         Value::Null | Value::Bool(false) => false,
@@ -529,22 +533,18 @@ fn refuse_unsupported(p: &Params) -> Result<(), ApiError> {
         ("best_of", &p.best_of),
         ("suffix", &p.suffix),
     ];
-    for (name, v) in known {
-        if let Some(v) = v
-            && is_set(name, v)
-        {
-            return Err(ApiError {
-                code: Some("unsupported_parameter"),
-                ..ApiError::invalid(
-                    name,
-                    format!(
-                        "`{name}` is not supported by this server (see the parameter table in cinfer's README)"
-                    ),
-                )
-            });
-        }
+    match first_set(&known) {
+        Some(name) => Err(ApiError {
+            code: Some("unsupported_parameter"),
+            ..ApiError::invalid(
+                name,
+                format!(
+                    "`{name}` is not supported by this server (see the parameter table in cinfer's README)"
+                ),
+            )
+        }),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 fn chat_messages(messages: &[InMessage]) -> Result<Value, ApiError> {

@@ -163,7 +163,7 @@ pub fn verify(
         reason,
     };
     ee.verify_for_usage(
-        algorithms::ALL,
+        &algorithms::ALL,
         &trust.anchors,
         &trust.intermediates,
         UnixTime::since_unix_epoch(Duration::from_secs(now)),
@@ -280,9 +280,9 @@ pub fn certificates_from_pem(pem: &str) -> Result<Vec<Vec<u8>>, String> {
 }
 
 /// webpki signature algorithms over RustCrypto: RSA PKCS#1 v1.5 with SHA-256,
-/// -384 and -512 (most EK CAs) and ECDSA P-256/P-384 with SHA-256/-384.
+/// -384 and -512 (most EK CAs) here, and ECDSA P-256/P-384 with SHA-256/-384
+/// from cinfer-signing.
 mod algorithms {
-    use p256::ecdsa::signature::hazmat::PrehashVerifier as _;
     use rsa::signature::Verifier as _;
     use rustls_pki_types::{
         AlgorithmIdentifier, InvalidSignature, SignatureVerificationAlgorithm, alg_id,
@@ -335,81 +335,18 @@ mod algorithms {
         }
     }
 
-    #[derive(Debug)]
-    struct Ecdsa {
-        p384: bool,
-        hash: Hash,
-    }
-
-    impl SignatureVerificationAlgorithm for Ecdsa {
-        fn verify_signature(
-            &self,
-            public_key: &[u8],
-            message: &[u8],
-            signature: &[u8],
-        ) -> Result<(), InvalidSignature> {
-            use sha2::Digest as _;
-            let digest = match self.hash {
-                Hash::Sha384 => sha2::Sha384::digest(message).to_vec(),
-                _ => sha2::Sha256::digest(message).to_vec(),
-            };
-            let ok = if self.p384 {
-                p384::ecdsa::VerifyingKey::from_sec1_bytes(public_key)
-                    .ok()
-                    .zip(p384::ecdsa::Signature::from_der(signature).ok())
-                    .is_some_and(|(k, s)| k.verify_prehash(&digest, &s).is_ok())
-            } else {
-                p256::ecdsa::VerifyingKey::from_sec1_bytes(public_key)
-                    .ok()
-                    .zip(p256::ecdsa::Signature::from_der(signature).ok())
-                    .is_some_and(|(k, s)| k.verify_prehash(&digest, &s).is_ok())
-            };
-            ok.then_some(()).ok_or(InvalidSignature)
-        }
-
-        fn public_key_alg_id(&self) -> AlgorithmIdentifier {
-            if self.p384 {
-                alg_id::ECDSA_P384
-            } else {
-                alg_id::ECDSA_P256
-            }
-        }
-
-        fn signature_alg_id(&self) -> AlgorithmIdentifier {
-            match self.hash {
-                Hash::Sha384 => alg_id::ECDSA_SHA384,
-                _ => alg_id::ECDSA_SHA256,
-            }
-        }
-    }
-
     static RSA_SHA256: Rsa = Rsa(Hash::Sha256);
     static RSA_SHA384: Rsa = Rsa(Hash::Sha384);
     static RSA_SHA512: Rsa = Rsa(Hash::Sha512);
-    static P256_SHA256: Ecdsa = Ecdsa {
-        p384: false,
-        hash: Hash::Sha256,
-    };
-    static P256_SHA384: Ecdsa = Ecdsa {
-        p384: false,
-        hash: Hash::Sha384,
-    };
-    static P384_SHA256: Ecdsa = Ecdsa {
-        p384: true,
-        hash: Hash::Sha256,
-    };
-    static P384_SHA384: Ecdsa = Ecdsa {
-        p384: true,
-        hash: Hash::Sha384,
-    };
 
-    pub(super) static ALL: &[&dyn SignatureVerificationAlgorithm] = &[
-        &RSA_SHA256,
-        &RSA_SHA384,
-        &RSA_SHA512,
-        &P256_SHA256,
-        &P256_SHA384,
-        &P384_SHA256,
-        &P384_SHA384,
-    ];
+    /// The RSA algorithms above, then cinfer-signing's ECDSA ones (the same
+    /// RustCrypto glue the loader verifies Fulcio chains with).
+    pub(super) static ALL: std::sync::LazyLock<Vec<&'static dyn SignatureVerificationAlgorithm>> =
+        std::sync::LazyLock::new(|| {
+            let rsa: [&'static dyn SignatureVerificationAlgorithm; 3] =
+                [&RSA_SHA256, &RSA_SHA384, &RSA_SHA512];
+            rsa.into_iter()
+                .chain(cinfer_signing::ECDSA_WEBPKI_ALGORITHMS.iter().copied())
+                .collect()
+        });
 }

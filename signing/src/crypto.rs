@@ -194,8 +194,10 @@ static P384_SHA384: Ecdsa = Ecdsa {
     hash: Hash::Sha384,
 };
 
-/// The certificate signature algorithms webpki may use on a chain.
-pub(crate) static CHAIN_ALGORITHMS: &[&dyn SignatureVerificationAlgorithm] =
+/// The certificate signature algorithms webpki may use on a chain: ECDSA on
+/// P-256 and P-384 with SHA-256 and SHA-384 (also the keyserver's, beside its
+/// RSA ones, for EK certificate chains).
+pub static CHAIN_ALGORITHMS: &[&dyn SignatureVerificationAlgorithm] =
     &[&P256_SHA256, &P256_SHA384, &P384_SHA256, &P384_SHA384];
 
 #[cfg(test)]

@@ -70,6 +70,8 @@ use sigstore_protobuf_specs::dev::sigstore::bundle::v1::{Bundle, bundle, verific
 use x509_cert::Certificate;
 use x509_cert::der::Decode;
 
+/// webpki's ECDSA algorithms over RustCrypto (see `crypto.rs`).
+pub use crypto::CHAIN_ALGORITHMS as ECDSA_WEBPKI_ALGORITHMS;
 pub use error::{CertValidity, ChainCert, SigningError, TransparencyError};
 pub use identity::{IdentityRule, Matcher};
 pub use trust::TrustRoot;

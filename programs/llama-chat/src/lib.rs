@@ -166,16 +166,21 @@ impl Request {
     }
 }
 
-/// `{"id": ID, "top": [[id, logprob], ...]}` for one step.
-fn logprob_line(logits: &Tensor, chosen: u32) -> Result<String, Error> {
-    let all = logits.to_vec()?;
+/// ln Σ e^l over all logits, in f64 (shifted by the largest for range).
+fn log_sum_exp(all: &[f32]) -> f64 {
     let max = all.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = f64::from(max)
+    f64::from(max)
         + all
             .iter()
             .map(|l| f64::from(l - max).exp())
             .sum::<f64>()
-            .ln();
+            .ln()
+}
+
+/// `{"id": ID, "top": [[id, logprob], ...]}` for one step.
+fn logprob_line(logits: &Tensor, chosen: u32) -> Result<String, Error> {
+    let all = logits.to_vec()?;
+    let lse = log_sum_exp(&all);
     let top: Vec<String> = logits
         .top_k(10)?
         .iter()
@@ -189,13 +194,7 @@ fn logprob_line(logits: &Tensor, chosen: u32) -> Result<String, Error> {
 /// temperature and truncation.
 fn token_logprobs(logits: &Tensor, chosen: u32, top: u32) -> Result<(f32, Vec<(u32, f32)>), Error> {
     let all = logits.to_vec()?;
-    let max = all.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = f64::from(max)
-        + all
-            .iter()
-            .map(|l| f64::from(l - max).exp())
-            .sum::<f64>()
-            .ln();
+    let lse = log_sum_exp(&all);
     let at = |l: f32| (f64::from(l) - lse) as f32;
     let chosen_lp = all
         .get(chosen as usize)
