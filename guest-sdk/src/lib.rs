@@ -209,6 +209,24 @@ pub mod accel {
             raw_accel::attention(&self.0, &k.0, &v.0, &k_cache.0, &v_cache.0, pos).map(Tensor)
         }
 
+        /// [`attention`](Self::attention) with rotary embedding at `pos` (base
+        /// `theta`) applied to q and k first, on flat heads: `self` (q) is
+        /// [seq, heads × hd], `k` and `v` [seq, kv-heads × hd]; kv-heads and hd
+        /// come from the caches' shape. Returns [seq, heads × hd]. One launch,
+        /// the same results as reshape, `rope` and `attention` call by call.
+        pub fn rope_attention(
+            &self,
+            k: &Tensor,
+            v: &Tensor,
+            k_cache: &Tensor,
+            v_cache: &Tensor,
+            pos: u32,
+            theta: f32,
+        ) -> Result<Tensor, AccelError> {
+            raw_accel::rope_attention(&self.0, &k.0, &v.0, &k_cache.0, &v_cache.0, pos, theta)
+                .map(Tensor)
+        }
+
         /// The `k` largest (index, value) pairs of the last row, largest first.
         pub fn top_k(&self, k: u32) -> Result<Vec<(u32, f32)>, AccelError> {
             raw_accel::top_k(&self.0, k)
@@ -224,6 +242,29 @@ pub mod accel {
         pub fn matmul_many(&self, ws: &[&Tensor]) -> Result<Vec<Tensor>, AccelError> {
             let raw: Vec<&raw_accel::Tensor> = ws.iter().map(|w| &w.0).collect();
             raw_accel::matmul_many(&self.0, &raw).map(|v| v.into_iter().map(Tensor).collect())
+        }
+
+        /// [`matmul_many`](Self::matmul_many) of `rmsnorm(self, weight, eps)`, in
+        /// one launch: the same results as the two calls.
+        pub fn norm_matmul_many(
+            &self,
+            weight: &Tensor,
+            eps: f32,
+            ws: &[&Tensor],
+        ) -> Result<Vec<Tensor>, AccelError> {
+            let raw: Vec<&raw_accel::Tensor> = ws.iter().map(|w| &w.0).collect();
+            raw_accel::norm_matmul_many(&self.0, &weight.0, eps, &raw)
+                .map(|v| v.into_iter().map(Tensor).collect())
+        }
+
+        /// `r + self · wᵀ` in one launch (a projection and its residual); `r` is [m, n].
+        pub fn matmul_add(&self, w: &Tensor, r: &Tensor) -> Result<Tensor, AccelError> {
+            raw_accel::matmul_add(&self.0, &w.0, &r.0).map(Tensor)
+        }
+
+        /// `silu(self) · up` in one launch (SwiGLU); `up` has `self`'s shape.
+        pub fn silu_mul(&self, up: &Tensor) -> Result<Tensor, AccelError> {
+            raw_accel::silu_mul(&self.0, &up.0).map(Tensor)
         }
 
         /// Elementwise sum (`b` may be a row broadcast over the last dimension).

@@ -369,6 +369,179 @@ impl AccelCtx {
         })
     }
 
+    /// `matmul-many`, on `rmsnorm(x, weight, eps)` when `norm` is given.
+    fn matmul_many_launch(
+        &mut self,
+        x: Resource<Tensor>,
+        norm: Option<(Resource<Tensor>, f32)>,
+        ws: Vec<Resource<Tensor>>,
+    ) -> OpResult<Vec<Resource<Tensor>>> {
+        if ws.is_empty() || ws.len() > MAX_MATMUL_MANY {
+            return Ok(Err(AccelError::InvalidArgument));
+        }
+        let sx = guest_try!(self.f32_operand(&x)?);
+        if let Some((weight, eps)) = &norm {
+            guest_try!(self.norm_args(&sx, weight, *eps)?);
+        }
+        // Every check a separate `matmul` makes, for each matrix, before anything runs.
+        // (`sx` is the same for every matrix, so m and k are too.)
+        let mut shapes = Vec::with_capacity(ws.len());
+        for w in &ws {
+            shapes.push(guest_try!(self.matmul_shape(&sx, w)?));
+        }
+        let (m, k) = (shapes[0].0, shapes[0].1);
+        let ns: Vec<usize> = shapes.iter().map(|s| s.2).collect();
+        let work = ns
+            .iter()
+            .map(|&n| (m as u128) * (k as u128) * (n as u128))
+            .sum::<u128>();
+        // The outputs must fit together, not just one by one.
+        let total = ns.iter().map(|n| m as u64 * *n as u64).sum::<u64>();
+        if self.live + ns.len() > MAX_TENSORS {
+            return Ok(Err(AccelError::OutOfMemory));
+        }
+        // With a norm, the normalised `x` is a temporary beside the outputs.
+        let temp = if norm.is_some() { (m * k) as u64 } else { 0 };
+        guest_try!(self.reserve(ElemType::F32.bytes(total + temp)));
+        self.check_deadline(work)?;
+        let bufs = {
+            let xb = self.get(&x)?.buf.clone();
+            let wbs = ws
+                .iter()
+                .map(|w| Ok(self.get(w)?.buf.clone()))
+                .collect::<wasmtime::Result<Vec<_>>>()?;
+            let pairs: Vec<(&DeviceBuffer, usize)> =
+                wbs.iter().map(|b| &**b).zip(ns.iter().copied()).collect();
+            self.launches += 1;
+            match &norm {
+                None => backend_try!(self.backend.matmul_many(&xb, &pairs, m, k)),
+                Some((weight, eps)) => {
+                    let h =
+                        backend_try!(self.backend.rmsnorm(&xb, &self.get(weight)?.buf, k, *eps));
+                    backend_try!(self.backend.matmul_many(&h, &pairs, m, k))
+                }
+            }
+        };
+        if bufs.len() != ns.len() {
+            return Err(wasmtime::Error::msg(
+                "accelerator: matmul_many returned another number of results",
+            ));
+        }
+        let mut out = Vec::with_capacity(ns.len());
+        for (buf, n) in bufs.into_iter().zip(ns) {
+            match self.insert(vec![m as u32, n as u32], buf, true)? {
+                Ok(t) => out.push(t),
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+        Ok(Ok(out))
+    }
+
+    /// The checks of `rmsnorm` on `x` of shape `sx`: `weight` f32 [d] for
+    /// `x`'s last dimension d, `eps` finite and not negative.
+    fn norm_args(
+        &self,
+        sx: &[u32],
+        weight: &Resource<Tensor>,
+        eps: f32,
+    ) -> wasmtime::Result<Result<(), AccelError>> {
+        let sw = guest_try!(self.f32_operand(weight)?);
+        if sw != [last_dim(sx) as u32] {
+            return Ok(Err(AccelError::ShapeMismatch));
+        }
+        if !eps.is_finite() || eps < 0.0 {
+            return Ok(Err(AccelError::InvalidArgument));
+        }
+        Ok(Ok(()))
+    }
+
+    /// Runs `attention` on checked operands `[q, k, v, k-cache, v-cache]`
+    /// (caches of `ctx` rows), rotating q and k first when `rope` gives a
+    /// theta: the cache checks, the work cap and the launch.
+    fn attention_launch(
+        &mut self,
+        operands: [Resource<Tensor>; 5],
+        ctx: u32,
+        shape: AttentionShape,
+        rope: Option<f32>,
+        out_shape: Vec<u32>,
+    ) -> OpResult<Resource<Tensor>> {
+        let [q, k, v, k_cache, v_cache] = operands;
+        let reps = [q.rep(), k.rep(), v.rep(), k_cache.rep(), v_cache.rep()];
+        let caches_aliased =
+            reps[3] == reps[4] || reps[..3].contains(&reps[3]) || reps[..3].contains(&reps[4]);
+        let caches_writable = self.get(&k_cache)?.downloadable && self.get(&v_cache)?.downloadable;
+        let (seq, pos) = (shape.seq as u32, shape.pos as u32);
+        let visible = pos.checked_add(seq);
+        if caches_aliased
+            || !caches_writable
+            || visible.is_none_or(|end| end > ctx || end > MAX_CONTEXT)
+        {
+            return Ok(Err(AccelError::InvalidArgument));
+        }
+        // Per visible row: a dot product and a weighted sum of head_dim each,
+        // plus a constant for the softmax and conversions.
+        let work = u128::from(seq)
+            * u128::from(pos + seq)
+            * shape.heads as u128
+            * (2 * shape.head_dim as u128 + 16);
+        if work > u128::from(MAX_LAUNCH_WORK) {
+            return Ok(Err(AccelError::InvalidArgument));
+        }
+        self.check_deadline(work)?;
+        // The rotated q and k are temporaries beside the result.
+        let q_elems = numel(&out_shape).unwrap_or(0) as u64;
+        let k_elems = (shape.seq * shape.kv_heads * shape.head_dim) as u64;
+        let temps = if rope.is_some() { q_elems + k_elems } else { 0 };
+        guest_try!(self.check_alloc(&out_shape, ElemType::F32));
+        guest_try!(self.reserve(ElemType::F32.bytes(q_elems + temps)));
+        // Take the caches out of the table while the kernel writes them
+        // (they are activations, never shared, so make_mut does not copy).
+        let empty = || Arc::new(DeviceBuffer::F32(Vec::new()));
+        let mut kc = std::mem::replace(&mut self.get_mut(&k_cache)?.buf, empty());
+        let mut vc = std::mem::replace(&mut self.get_mut(&v_cache)?.buf, empty());
+        self.launches += 1;
+        let (qb, kb, vb) = (
+            self.buf_by_rep(reps[0]),
+            self.buf_by_rep(reps[1]),
+            self.buf_by_rep(reps[2]),
+        );
+        let (kcb, vcb) = (Arc::make_mut(&mut kc), Arc::make_mut(&mut vc));
+        let result = match rope {
+            None => self.backend.attention(qb, kb, vb, kcb, vcb, shape),
+            Some(theta) => (|| {
+                let (hd, p) = (shape.head_dim, shape.pos as u32);
+                let qr = self.backend.rope(qb, shape.heads, hd, p, theta)?;
+                let kr = self.backend.rope(kb, shape.kv_heads, hd, p, theta)?;
+                self.backend.attention(&qr, &kr, vb, kcb, vcb, shape)
+            })(),
+        };
+        self.get_mut(&k_cache)?.buf = kc;
+        self.get_mut(&v_cache)?.buf = vc;
+        let out = backend_try!(result);
+        self.insert(out_shape, out, true)
+    }
+
+    /// `silu-mul`: the checks of `mul`, then silu and the product.
+    fn silu_mul_launch(
+        &mut self,
+        gate: Resource<Tensor>,
+        up: Resource<Tensor>,
+    ) -> OpResult<Resource<Tensor>> {
+        let sg = guest_try!(self.f32_operand(&gate)?);
+        let su = guest_try!(self.f32_operand(&up)?);
+        if su != sg {
+            return Ok(Err(AccelError::ShapeMismatch));
+        }
+        // silu(gate) is a temporary beside the result.
+        guest_try!(self.reserve(ElemType::F32.bytes(numel(&sg).unwrap_or(0) as u64)));
+        let (cols, gr, ur) = (last_dim(&sg), gate.rep(), up.rep());
+        self.produce(sg, |c| {
+            let g = c.backend.silu(c.buf_by_rep(gr))?;
+            c.backend.binary(BinaryOp::Mul, &g, c.buf_by_rep(ur), cols)
+        })
+    }
+
     /// The buffer of a live tensor by handle number (validated by the caller).
     fn buf_by_rep(&self, rep: u32) -> &DeviceBuffer {
         match self.table.get(&Resource::<Tensor>::new_borrow(rep)) {
@@ -490,53 +663,42 @@ impl Host for AccelCtx {
         x: Resource<Tensor>,
         ws: Vec<Resource<Tensor>>,
     ) -> OpResult<Vec<Resource<Tensor>>> {
-        if ws.is_empty() || ws.len() > MAX_MATMUL_MANY {
-            return Ok(Err(AccelError::InvalidArgument));
-        }
+        self.matmul_many_launch(x, None, ws)
+    }
+
+    fn norm_matmul_many(
+        &mut self,
+        x: Resource<Tensor>,
+        weight: Resource<Tensor>,
+        eps: f32,
+        ws: Vec<Resource<Tensor>>,
+    ) -> OpResult<Vec<Resource<Tensor>>> {
+        self.matmul_many_launch(x, Some((weight, eps)), ws)
+    }
+
+    fn matmul_add(
+        &mut self,
+        x: Resource<Tensor>,
+        w: Resource<Tensor>,
+        r: Resource<Tensor>,
+    ) -> OpResult<Resource<Tensor>> {
         let sx = guest_try!(self.f32_operand(&x)?);
-        // Every check a separate `matmul` makes, for each matrix, before anything runs.
-        // (`sx` is the same for every matrix, so m and k are too.)
-        let mut shapes = Vec::with_capacity(ws.len());
-        for w in &ws {
-            shapes.push(guest_try!(self.matmul_shape(&sx, w)?));
+        let (m, k, n) = guest_try!(self.matmul_shape(&sx, &w)?);
+        let sr = guest_try!(self.f32_operand(&r)?);
+        if sr != [m as u32, n as u32] {
+            return Ok(Err(AccelError::ShapeMismatch));
         }
-        let (m, k) = (shapes[0].0, shapes[0].1);
-        let ns: Vec<usize> = shapes.iter().map(|s| s.2).collect();
-        let work = ns
-            .iter()
-            .map(|&n| (m as u128) * (k as u128) * (n as u128))
-            .sum::<u128>();
-        // The outputs must fit together, not just one by one.
-        let total = ns.iter().map(|n| m as u64 * *n as u64).sum::<u64>();
-        if self.live + ns.len() > MAX_TENSORS {
-            return Ok(Err(AccelError::OutOfMemory));
-        }
-        guest_try!(self.reserve(ElemType::F32.bytes(total)));
-        self.check_deadline(work)?;
-        let bufs = {
-            let xb = self.get(&x)?.buf.clone();
-            let wbs = ws
-                .iter()
-                .map(|w| Ok(self.get(w)?.buf.clone()))
-                .collect::<wasmtime::Result<Vec<_>>>()?;
-            let pairs: Vec<(&DeviceBuffer, usize)> =
-                wbs.iter().map(|b| &**b).zip(ns.iter().copied()).collect();
-            self.launches += 1;
-            backend_try!(self.backend.matmul_many(&xb, &pairs, m, k))
-        };
-        if bufs.len() != ns.len() {
-            return Err(wasmtime::Error::msg(
-                "accelerator: matmul_many returned another number of results",
-            ));
-        }
-        let mut out = Vec::with_capacity(ns.len());
-        for (buf, n) in bufs.into_iter().zip(ns) {
-            match self.insert(vec![m as u32, n as u32], buf, true)? {
-                Ok(t) => out.push(t),
-                Err(e) => return Ok(Err(e)),
-            }
-        }
-        Ok(Ok(out))
+        // The product is a temporary beside the result.
+        guest_try!(self.reserve(ElemType::F32.bytes(2 * (m * n) as u64)));
+        self.check_deadline((m as u128) * (k as u128) * (n as u128) + (m * n) as u128)?;
+        let (xr, wr, rr) = (x.rep(), w.rep(), r.rep());
+        self.produce(sr, |c| {
+            let product = c
+                .backend
+                .matmul(c.buf_by_rep(xr), c.buf_by_rep(wr), m, k, n)?;
+            c.backend
+                .binary(BinaryOp::Add, c.buf_by_rep(rr), &product, n)
+        })
     }
 
     fn embedding(&mut self, table: Resource<Tensor>, ids: Vec<u32>) -> OpResult<Resource<Tensor>> {
@@ -570,7 +732,7 @@ impl Host for AccelCtx {
         let sv = guest_try!(self.f32_operand(&v)?);
         let (skc, kty) = guest_try!(self.operand(&k_cache, &[ElemType::F32, ElemType::F16])?);
         let (svc, vty) = guest_try!(self.operand(&v_cache, &[ElemType::F32, ElemType::F16])?);
-        let ([seq, heads, hd], [kseq, kvh, khd], [ctx, ckvh, chd]) =
+        let ([seq, heads, hd], [kseq, kvh, khd], [_, ckvh, chd]) =
             (sq.as_slice(), sk.as_slice(), skc.as_slice())
         else {
             return Ok(Err(AccelError::ShapeMismatch));
@@ -586,17 +748,6 @@ impl Host for AccelCtx {
         {
             return Ok(Err(AccelError::ShapeMismatch));
         }
-        let reps = [q.rep(), k.rep(), v.rep(), k_cache.rep(), v_cache.rep()];
-        let caches_aliased =
-            reps[3] == reps[4] || reps[..3].contains(&reps[3]) || reps[..3].contains(&reps[4]);
-        let caches_writable = self.get(&k_cache)?.downloadable && self.get(&v_cache)?.downloadable;
-        let visible = pos.checked_add(*seq);
-        if caches_aliased
-            || !caches_writable
-            || visible.is_none_or(|end| end > *ctx || end > MAX_CONTEXT)
-        {
-            return Ok(Err(AccelError::InvalidArgument));
-        }
         let shape = AttentionShape {
             seq: *seq as usize,
             heads: *heads as usize,
@@ -604,36 +755,54 @@ impl Host for AccelCtx {
             head_dim: *hd as usize,
             pos: pos as usize,
         };
-        // Per visible row: a dot product and a weighted sum of head_dim each,
-        // plus a constant for the softmax and conversions.
-        let work = u128::from(*seq)
-            * u128::from(pos + seq)
-            * u128::from(*heads)
-            * (2 * u128::from(*hd) + 16);
-        if work > u128::from(MAX_LAUNCH_WORK) {
+        let operands = [q, k, v, k_cache, v_cache];
+        self.attention_launch(operands, skc[0], shape, None, sq.clone())
+    }
+
+    fn rope_attention(
+        &mut self,
+        q: Resource<Tensor>,
+        k: Resource<Tensor>,
+        v: Resource<Tensor>,
+        k_cache: Resource<Tensor>,
+        v_cache: Resource<Tensor>,
+        pos: u32,
+        theta: f32,
+    ) -> OpResult<Resource<Tensor>> {
+        let sq = guest_try!(self.f32_operand(&q)?);
+        let sk = guest_try!(self.f32_operand(&k)?);
+        let sv = guest_try!(self.f32_operand(&v)?);
+        let (skc, kty) = guest_try!(self.operand(&k_cache, &[ElemType::F32, ElemType::F16])?);
+        let (svc, vty) = guest_try!(self.operand(&v_cache, &[ElemType::F32, ElemType::F16])?);
+        let ([seq, qcols], [kseq, kcols], [ctx, kvh, hd]) =
+            (sq.as_slice(), sk.as_slice(), skc.as_slice())
+        else {
+            return Ok(Err(AccelError::ShapeMismatch));
+        };
+        let heads = qcols / hd;
+        if sv != sk
+            || svc != skc
+            || kty != vty
+            || kseq != seq
+            || hd % 2 != 0
+            || qcols % hd != 0
+            || u64::from(*kcols) != u64::from(*kvh) * u64::from(*hd)
+            || heads % kvh != 0
+        {
+            return Ok(Err(AccelError::ShapeMismatch));
+        }
+        if !theta.is_finite() || theta <= 1.0 {
             return Ok(Err(AccelError::InvalidArgument));
         }
-        self.check_deadline(work)?;
-        let out_shape = sq.clone();
-        guest_try!(self.check_alloc(&out_shape, ElemType::F32));
-        // Take the caches out of the table while the kernel writes them
-        // (they are activations, never shared, so make_mut does not copy).
-        let empty = || Arc::new(DeviceBuffer::F32(Vec::new()));
-        let mut kc = std::mem::replace(&mut self.get_mut(&k_cache)?.buf, empty());
-        let mut vc = std::mem::replace(&mut self.get_mut(&v_cache)?.buf, empty());
-        self.launches += 1;
-        let result = self.backend.attention(
-            self.buf_by_rep(reps[0]),
-            self.buf_by_rep(reps[1]),
-            self.buf_by_rep(reps[2]),
-            Arc::make_mut(&mut kc),
-            Arc::make_mut(&mut vc),
-            shape,
-        );
-        self.get_mut(&k_cache)?.buf = kc;
-        self.get_mut(&v_cache)?.buf = vc;
-        let out = backend_try!(result);
-        self.insert(out_shape, out, true)
+        let shape = AttentionShape {
+            seq: *seq as usize,
+            heads: heads as usize,
+            kv_heads: *kvh as usize,
+            head_dim: *hd as usize,
+            pos: pos as usize,
+        };
+        let operands = [q, k, v, k_cache, v_cache];
+        self.attention_launch(operands, *ctx, shape, Some(theta), sq.clone())
     }
 
     fn add(&mut self, a: Resource<Tensor>, b: Resource<Tensor>) -> OpResult<Resource<Tensor>> {
@@ -651,14 +820,8 @@ impl Host for AccelCtx {
         eps: f32,
     ) -> OpResult<Resource<Tensor>> {
         let sx = guest_try!(self.f32_operand(&x)?);
-        let sw = guest_try!(self.f32_operand(&weight)?);
+        guest_try!(self.norm_args(&sx, &weight, eps)?);
         let cols = last_dim(&sx);
-        if sw != [cols as u32] {
-            return Ok(Err(AccelError::ShapeMismatch));
-        }
-        if !eps.is_finite() || eps < 0.0 {
-            return Ok(Err(AccelError::InvalidArgument));
-        }
         let (xr, wr) = (x.rep(), weight.rep());
         self.produce(sx, |c| {
             c.backend
@@ -672,6 +835,14 @@ impl Host for AccelCtx {
 
     fn silu(&mut self, x: Resource<Tensor>) -> OpResult<Resource<Tensor>> {
         self.unary(x, |b, buf, _| b.silu(buf))
+    }
+
+    fn silu_mul(
+        &mut self,
+        gate: Resource<Tensor>,
+        up: Resource<Tensor>,
+    ) -> OpResult<Resource<Tensor>> {
+        self.silu_mul_launch(gate, up)
     }
 
     fn rope(&mut self, x: Resource<Tensor>, pos: u32, theta: f32) -> OpResult<Resource<Tensor>> {
@@ -910,6 +1081,287 @@ mod tests {
         );
         ok(tight.matmul_many(borrow(&x), vec![borrow(&w1)]));
         assert_eq!((c.launches(), c.bytes_in_use()), (launches, in_use));
+    }
+
+    /// Deterministic values in [-2, 2) (a 64-bit LCG; no RNG crate needed).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fused_ops_equal_the_separate_launches_bit_for_bit() {
+        // A llama layer at odd sizes: seq 3 at position 2, 6 heads over 2 kv
+        // heads of dim 4, model dim 24, ffn 40. f32 weights: the fused ops
+        // compose the same backend launches for every weight type.
+        let (seq, heads, kvh, hd, dim, ffn, pos) = (3u32, 6u32, 2u32, 4u32, 24u32, 40u32, 2u32);
+        let mut c = ctx(1 << 26);
+        let x = t(&mut c, &[seq, dim], &values((seq * dim) as usize, 1));
+        let norm = t(&mut c, &[dim], &values(dim as usize, 2));
+        let wq = t(
+            &mut c,
+            &[heads * hd, dim],
+            &values((heads * hd * dim) as usize, 3),
+        );
+        let wk = t(
+            &mut c,
+            &[kvh * hd, dim],
+            &values((kvh * hd * dim) as usize, 4),
+        );
+        let wo = t(&mut c, &[dim, dim], &values((dim * dim) as usize, 5));
+        let caches = |c: &mut AccelCtx| {
+            let kc = ok(c.zeros(Dtype::F16, vec![8, kvh, hd]));
+            let vc = ok(c.zeros(Dtype::F16, vec![8, kvh, hd]));
+            // Earlier positions already hold keys and values.
+            let first = t(c, &[2, kvh, hd], &values((2 * kvh * hd) as usize, 7));
+            let q0 = t(c, &[2, heads, hd], &values((2 * heads * hd) as usize, 8));
+            ok(c.attention(
+                borrow(&q0),
+                borrow(&first),
+                borrow(&first),
+                borrow(&kc),
+                borrow(&vc),
+                0,
+            ));
+            (kc, vc)
+        };
+        let read = |c: &mut AccelCtx, r: &Resource<Tensor>| ok(c.download(borrow(r)));
+
+        // norm-matmul-many = rmsnorm, then matmul-many.
+        let fused = ok(c.norm_matmul_many(
+            borrow(&x),
+            borrow(&norm),
+            1e-5,
+            vec![borrow(&wq), borrow(&wk), borrow(&wk)],
+        ));
+        let h = ok(c.rmsnorm(borrow(&x), borrow(&norm), 1e-5));
+        let separate = ok(c.matmul_many(borrow(&h), vec![borrow(&wq), borrow(&wk), borrow(&wk)]));
+        for (f, s) in fused.iter().zip(&separate) {
+            assert_eq!(read(&mut c, f), read(&mut c, s));
+        }
+        let [q, k, v] = <[Resource<Tensor>; 3]>::try_from(fused).unwrap();
+
+        // rope-attention = reshape, rope, attention, reshape.
+        let (kc1, vc1) = caches(&mut c);
+        let fused_a = ok(c.rope_attention(
+            borrow(&q),
+            borrow(&k),
+            borrow(&v),
+            borrow(&kc1),
+            borrow(&vc1),
+            pos,
+            10000.0,
+        ));
+        assert_eq!(c.shape(borrow(&fused_a)).unwrap(), vec![seq, heads * hd]);
+        let (kc2, vc2) = caches(&mut c);
+        let q3 = ok(c.reshape(borrow(&q), vec![seq, heads, hd]));
+        let k3 = ok(c.reshape(borrow(&k), vec![seq, kvh, hd]));
+        let v3 = ok(c.reshape(borrow(&v), vec![seq, kvh, hd]));
+        let qr = ok(c.rope(borrow(&q3), pos, 10000.0));
+        let kr = ok(c.rope(borrow(&k3), pos, 10000.0));
+        let sep_a = ok(c.attention(
+            borrow(&qr),
+            borrow(&kr),
+            borrow(&v3),
+            borrow(&kc2),
+            borrow(&vc2),
+            pos,
+        ));
+        assert_eq!(read(&mut c, &fused_a), read(&mut c, &sep_a));
+        // The caches were written the same way.
+        assert_eq!(read(&mut c, &kc1), read(&mut c, &kc2));
+        assert_eq!(read(&mut c, &vc1), read(&mut c, &vc2));
+
+        // matmul-add = matmul, then add with the residual first.
+        let fused_o = ok(c.matmul_add(borrow(&fused_a), borrow(&wo), borrow(&x)));
+        let o = ok(c.matmul(borrow(&fused_a), borrow(&wo)));
+        let sep_o = ok(c.add(borrow(&x), borrow(&o)));
+        assert_eq!(read(&mut c, &fused_o), read(&mut c, &sep_o));
+
+        // silu-mul = silu, then mul.
+        let g = t(&mut c, &[seq, ffn], &values((seq * ffn) as usize, 9));
+        let u = t(&mut c, &[seq, ffn], &values((seq * ffn) as usize, 10));
+        let fused_f = ok(c.silu_mul(borrow(&g), borrow(&u)));
+        let sg = ok(c.silu(borrow(&g)));
+        let sep_f = ok(c.mul(borrow(&sg), borrow(&u)));
+        assert_eq!(read(&mut c, &fused_f), read(&mut c, &sep_f));
+    }
+
+    #[test]
+    fn fused_ops_refuse_what_the_separate_ops_refuse_and_launch_nothing() {
+        let mut c = ctx(1 << 20);
+        let x = t(&mut c, &[2, 8], &values(16, 1));
+        let norm = t(&mut c, &[8], &values(8, 2));
+        let short_norm = t(&mut c, &[4], &values(4, 3));
+        let w = t(&mut c, &[8, 8], &values(64, 4));
+        let w_wide = t(&mut c, &[8, 4], &values(32, 5));
+        let kc = ok(c.zeros(Dtype::F16, vec![4, 2, 4]));
+        let vc = ok(c.zeros(Dtype::F16, vec![4, 2, 4]));
+        let kv = t(&mut c, &[2, 8], &values(16, 6));
+        let odd = t(&mut c, &[2, 7], &values(14, 7));
+        let q3 = t(&mut c, &[2, 2, 4], &values(16, 8));
+        let (launches, in_use) = (c.launches(), c.bytes_in_use());
+        let cases: Vec<(AccelError, OpResult<()>)> = vec![
+            (
+                AccelError::ShapeMismatch,
+                c.norm_matmul_many(borrow(&x), borrow(&short_norm), 1e-5, vec![borrow(&w)])
+                    .map(|r| r.map(drop)),
+            ),
+            (
+                AccelError::InvalidArgument,
+                c.norm_matmul_many(borrow(&x), borrow(&norm), f32::NAN, vec![borrow(&w)])
+                    .map(|r| r.map(drop)),
+            ),
+            (
+                AccelError::InvalidArgument,
+                c.norm_matmul_many(borrow(&x), borrow(&norm), 1e-5, vec![])
+                    .map(|r| r.map(drop)),
+            ),
+            (
+                AccelError::ShapeMismatch,
+                c.norm_matmul_many(
+                    borrow(&x),
+                    borrow(&norm),
+                    1e-5,
+                    vec![borrow(&w), borrow(&w_wide)],
+                )
+                .map(|r| r.map(drop)),
+            ),
+            // The residual must have the product's shape.
+            (
+                AccelError::ShapeMismatch,
+                c.matmul_add(borrow(&x), borrow(&w), borrow(&norm))
+                    .map(|r| r.map(drop)),
+            ),
+            (
+                AccelError::ShapeMismatch,
+                c.matmul_add(borrow(&x), borrow(&w_wide), borrow(&x))
+                    .map(|r| r.map(drop)),
+            ),
+            (
+                AccelError::ShapeMismatch,
+                c.silu_mul(borrow(&x), borrow(&odd)).map(|r| r.map(drop)),
+            ),
+            // 2 heads of 4 over caches of 2 kv heads of 4: q columns must be whole heads,
+            (
+                AccelError::ShapeMismatch,
+                c.rope_attention(
+                    borrow(&odd),
+                    borrow(&kv),
+                    borrow(&kv),
+                    borrow(&kc),
+                    borrow(&vc),
+                    0,
+                    1e4,
+                )
+                .map(|r| r.map(drop)),
+            ),
+            // k's columns must be kv-heads × head-dim,
+            (
+                AccelError::ShapeMismatch,
+                c.rope_attention(
+                    borrow(&x),
+                    borrow(&odd),
+                    borrow(&odd),
+                    borrow(&kc),
+                    borrow(&vc),
+                    0,
+                    1e4,
+                )
+                .map(|r| r.map(drop)),
+            ),
+            // q, k and v must be 2-D,
+            (
+                AccelError::ShapeMismatch,
+                c.rope_attention(
+                    borrow(&q3),
+                    borrow(&kv),
+                    borrow(&kv),
+                    borrow(&kc),
+                    borrow(&vc),
+                    0,
+                    1e4,
+                )
+                .map(|r| r.map(drop)),
+            ),
+            // theta as for rope,
+            (
+                AccelError::InvalidArgument,
+                c.rope_attention(
+                    borrow(&x),
+                    borrow(&kv),
+                    borrow(&kv),
+                    borrow(&kc),
+                    borrow(&vc),
+                    0,
+                    1.0,
+                )
+                .map(|r| r.map(drop)),
+            ),
+            (
+                AccelError::InvalidArgument,
+                c.rope_attention(
+                    borrow(&x),
+                    borrow(&kv),
+                    borrow(&kv),
+                    borrow(&kc),
+                    borrow(&vc),
+                    0,
+                    f32::INFINITY,
+                )
+                .map(|r| r.map(drop)),
+            ),
+            // the caches as for attention: not aliased, not past their end.
+            (
+                AccelError::InvalidArgument,
+                c.rope_attention(
+                    borrow(&x),
+                    borrow(&kv),
+                    borrow(&kv),
+                    borrow(&kc),
+                    borrow(&kc),
+                    0,
+                    1e4,
+                )
+                .map(|r| r.map(drop)),
+            ),
+            (
+                AccelError::InvalidArgument,
+                c.rope_attention(
+                    borrow(&x),
+                    borrow(&kv),
+                    borrow(&kv),
+                    borrow(&kc),
+                    borrow(&vc),
+                    3,
+                    1e4,
+                )
+                .map(|r| r.map(drop)),
+            ),
+        ];
+        for (i, (want, got)) in cases.into_iter().enumerate() {
+            assert_eq!(guest_err(got), want, "case {i}");
+        }
+        assert_eq!((c.launches(), c.bytes_in_use()), (launches, in_use));
+        // In range, each runs.
+        ok(c.rope_attention(
+            borrow(&x),
+            borrow(&kv),
+            borrow(&kv),
+            borrow(&kc),
+            borrow(&vc),
+            2,
+            1e4,
+        ));
     }
 
     #[test]

@@ -352,27 +352,23 @@ impl Llama {
     /// Runs `ids` at positions `pos..`, returns the logits of the last one [1, vocab].
     fn forward(&self, ids: &[u32], pos: u32) -> Result<Tensor, Error> {
         let hp = &self.hp;
-        let (seq, hd) = (ids.len() as u32, hp.head_dim());
+        let seq = ids.len() as u32;
         let mut x = self.embd.embedding(ids)?;
         for l in &self.layers {
-            let h = x.rmsnorm(&l.attn_norm, hp.eps)?;
-            // Q, K and V in one launch (the same results as three).
-            let [q, k, v] = <[Tensor; 3]>::try_from(h.matmul_many(&[&l.wq, &l.wk, &l.wv])?)
-                .map_err(|_| Error::Accel(cinfer_guest::AccelError::ShapeMismatch))?;
-            let q = q.reshape(&[seq, hp.heads, hd])?.rope(pos, hp.rope_theta)?;
-            let k = k
-                .reshape(&[seq, hp.kv_heads, hd])?
-                .rope(pos, hp.rope_theta)?;
-            let v = v.reshape(&[seq, hp.kv_heads, hd])?;
-            let a = q
-                .attention(&k, &v, &l.k_cache, &l.v_cache, pos)?
-                .reshape(&[seq, hp.dim])?;
-            x = x.add(&a.matmul(&l.wo)?)?;
-            let h = x.rmsnorm(&l.ffn_norm, hp.eps)?;
-            let [gate, up] = <[Tensor; 2]>::try_from(h.matmul_many(&[&l.gate, &l.up])?)
-                .map_err(|_| Error::Accel(cinfer_guest::AccelError::ShapeMismatch))?;
-            let f = gate.silu()?.mul(&up)?;
-            x = x.add(&f.matmul(&l.down)?)?;
+            // Each step is one launch with the results of the separate ops
+            // (rmsnorm + Q/K/V; rope + attention; projection + residual).
+            let [q, k, v] = <[Tensor; 3]>::try_from(x.norm_matmul_many(
+                &l.attn_norm,
+                hp.eps,
+                &[&l.wq, &l.wk, &l.wv],
+            )?)
+            .map_err(|_| Error::Accel(cinfer_guest::AccelError::ShapeMismatch))?;
+            let a = q.rope_attention(&k, &v, &l.k_cache, &l.v_cache, pos, hp.rope_theta)?;
+            x = a.matmul_add(&l.wo, &x)?;
+            let [gate, up] =
+                <[Tensor; 2]>::try_from(x.norm_matmul_many(&l.ffn_norm, hp.eps, &[&l.gate, &l.up])?)
+                    .map_err(|_| Error::Accel(cinfer_guest::AccelError::ShapeMismatch))?;
+            x = gate.silu_mul(&up)?.matmul_add(&l.down, &x)?;
         }
         let last = x.rows(seq - 1, 1)?.rmsnorm(&self.out_norm, hp.eps)?;
         Ok(last.matmul(self.output.as_ref().unwrap_or(&self.embd))?)
