@@ -306,6 +306,14 @@ impl Backend for Batching {
     fn silu(&self, x: &DeviceBuffer) -> Result<DeviceBuffer, BackendError> {
         self.inner.silu(x)
     }
+    fn silu_mul(
+        &self,
+        gate: &DeviceBuffer,
+        up: &DeviceBuffer,
+    ) -> Result<DeviceBuffer, BackendError> {
+        self.inner.silu_mul(gate, up)
+    }
+    // `matmul_add` keeps the default: its matmul is batched like any other.
     fn rope(
         &self,
         x: &DeviceBuffer,

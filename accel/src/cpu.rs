@@ -46,6 +46,18 @@ fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> Vec<f32> {
     a.iter().zip(b).map(|(a, b)| f(*a, *b)).collect()
 }
 
+/// `f(a, b)` elementwise, `b` of `a`'s length or a row of `cols` repeated.
+#[inline(always)]
+fn broadcast_zip(a: &[f32], b: &[f32], cols: usize, f: impl Fn(f32, f32) -> f32) -> Vec<f32> {
+    if a.len() == b.len() {
+        zip_map(a, b, f)
+    } else {
+        map_rows(a, cols, |row, out| {
+            out.extend(row.iter().zip(b).map(|(x, y)| f(*x, *y)))
+        })
+    }
+}
+
 /// `f(row)` for every row of `x` (rows of `cols`), concatenated.
 fn map_rows(x: &[f32], cols: usize, f: impl Fn(&[f32], &mut Vec<f32>)) -> Vec<f32> {
     let mut out = Vec::with_capacity(x.len());
@@ -514,16 +526,11 @@ impl Backend for CpuBackend {
         cols: usize,
     ) -> Result<DeviceBuffer, BackendError> {
         let (a, b) = (f32s(a)?, f32s(b)?);
-        let f = match op {
-            BinaryOp::Add => |x: f32, y: f32| x + y,
-            BinaryOp::Mul => |x: f32, y: f32| x * y,
-        };
-        let out = if a.len() == b.len() {
-            zip_map(a, b, f)
-        } else {
-            map_rows(a, cols, |row, out| {
-                out.extend(row.iter().zip(b).map(|(x, y)| f(*x, *y)))
-            })
+        // One monomorphized loop per op (a closure chosen by `match` would
+        // become a function pointer: an indirect call per element, ~8× slower).
+        let out = match op {
+            BinaryOp::Add => broadcast_zip(a, b, cols, |x, y| x + y),
+            BinaryOp::Mul => broadcast_zip(a, b, cols, |x, y| x * y),
         };
         Ok(DeviceBuffer::F32(out))
     }
@@ -559,6 +566,44 @@ impl Backend for CpuBackend {
         let mut out = vec![0f32; x.len()];
         simd::silu(simd::level(), x, &mut out);
         Ok(DeviceBuffer::F32(out))
+    }
+
+    fn silu_mul(
+        &self,
+        gate: &DeviceBuffer,
+        up: &DeviceBuffer,
+    ) -> Result<DeviceBuffer, BackendError> {
+        let (gate, up) = (f32s(gate)?, f32s(up)?);
+        let mut out = vec![0f32; gate.len()];
+        simd::silu(simd::level(), gate, &mut out);
+        // The product in place: the same multiplication `binary` makes.
+        for (o, u) in out.iter_mut().zip(up) {
+            *o *= u;
+        }
+        Ok(DeviceBuffer::F32(out))
+    }
+
+    fn matmul_add(
+        &self,
+        x: &DeviceBuffer,
+        w: &DeviceBuffer,
+        r: &DeviceBuffer,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<DeviceBuffer, BackendError> {
+        let r = f32s(r)?;
+        let mut product = self.matmul(x, w, m, k, n)?;
+        match &mut product {
+            DeviceBuffer::F32(out) => {
+                // The residual first, as `binary(Add, r, product)` adds.
+                for (o, r) in out.iter_mut().zip(r) {
+                    *o = r + *o;
+                }
+                Ok(product)
+            }
+            other => Err(BackendError::Unsupported(other.elem_type())),
+        }
     }
 
     fn rope(

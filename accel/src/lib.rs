@@ -296,6 +296,33 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         b: &DeviceBuffer,
         cols: usize,
     ) -> Result<DeviceBuffer, BackendError>;
+    /// `r + x · wᵀ` (`r` f32 [m, n]): bit for bit [`matmul`](Self::matmul)
+    /// and then [`binary`](Self::binary) `Add` with `r` first; a backend may
+    /// add in place instead of allocating a second result.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_add(
+        &self,
+        x: &DeviceBuffer,
+        w: &DeviceBuffer,
+        r: &DeviceBuffer,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<DeviceBuffer, BackendError> {
+        let product = self.matmul(x, w, m, k, n)?;
+        self.binary(BinaryOp::Add, r, &product, n)
+    }
+    /// `silu(gate) · up` elementwise (same lengths): bit for bit
+    /// [`silu`](Self::silu) and then [`binary`](Self::binary) `Mul`; a
+    /// backend may do it in one pass.
+    fn silu_mul(
+        &self,
+        gate: &DeviceBuffer,
+        up: &DeviceBuffer,
+    ) -> Result<DeviceBuffer, BackendError> {
+        let g = self.silu(gate)?;
+        self.binary(BinaryOp::Mul, &g, up, up.elems())
+    }
     /// Row-wise RMS normalisation of `x` [rows, cols] scaled by `w` [cols].
     fn rmsnorm(
         &self,

@@ -522,7 +522,7 @@ impl AccelCtx {
         self.insert(out_shape, out, true)
     }
 
-    /// `silu-mul`: the checks of `mul`, then silu and the product.
+    /// `silu-mul`: the checks of `mul`, then `Backend::silu_mul`.
     fn silu_mul_launch(
         &mut self,
         gate: Resource<Tensor>,
@@ -535,10 +535,9 @@ impl AccelCtx {
         }
         // silu(gate) is a temporary beside the result.
         guest_try!(self.reserve(ElemType::F32.bytes(numel(&sg).unwrap_or(0) as u64)));
-        let (cols, gr, ur) = (last_dim(&sg), gate.rep(), up.rep());
+        let (gr, ur) = (gate.rep(), up.rep());
         self.produce(sg, |c| {
-            let g = c.backend.silu(c.buf_by_rep(gr))?;
-            c.backend.binary(BinaryOp::Mul, &g, c.buf_by_rep(ur), cols)
+            c.backend.silu_mul(c.buf_by_rep(gr), c.buf_by_rep(ur))
         })
     }
 
@@ -693,11 +692,8 @@ impl Host for AccelCtx {
         self.check_deadline((m as u128) * (k as u128) * (n as u128) + (m * n) as u128)?;
         let (xr, wr, rr) = (x.rep(), w.rep(), r.rep());
         self.produce(sr, |c| {
-            let product = c
-                .backend
-                .matmul(c.buf_by_rep(xr), c.buf_by_rep(wr), m, k, n)?;
-            c.backend
-                .binary(BinaryOp::Add, c.buf_by_rep(rr), &product, n)
+            let (xb, wb, rb) = (c.buf_by_rep(xr), c.buf_by_rep(wr), c.buf_by_rep(rr));
+            c.backend.matmul_add(xb, wb, rb, m, k, n)
         })
     }
 

@@ -3,7 +3,7 @@
 //! time). Shared by the tests (a token-for-token reference for the program)
 //! and the benchmark (the native baseline of the confidential path).
 
-use cinfer_host::backend::{AttentionShape, Backend, BinaryOp, CpuBackend, DeviceBuffer, ElemType};
+use cinfer_host::backend::{AttentionShape, Backend, CpuBackend, DeviceBuffer, ElemType};
 use cinfer_host::caps::model::ModelSource;
 use cinfer_host::models::SealedGguf;
 
@@ -143,8 +143,11 @@ impl NativeLlama {
                     "attention",
                     b.attention(&q, &k, &v, kc, vc, shape).expect("attention")
                 );
-                let o = timed!("matmul o", b.matmul(&a, &l[4], seq, dim, dim).expect("o"));
-                x = timed!("add", b.binary(BinaryOp::Add, &x, &o, dim).expect("add"));
+                // Projection and residual in one launch, as llama-chat's matmul-add.
+                x = timed!(
+                    "matmul o + add",
+                    b.matmul_add(&a, &l[4], &x, seq, dim, dim).expect("o")
+                );
                 let h = timed!("rmsnorm", b.rmsnorm(&x, &l[5], dim, eps).expect("norm"));
                 let [gate, up] = <[DeviceBuffer; 2]>::try_from(timed!(
                     "matmul gate/up",
@@ -152,16 +155,11 @@ impl NativeLlama {
                         .expect("gate/up")
                 ))
                 .expect("two");
-                let gate = timed!("silu", b.silu(&gate).expect("silu"));
-                let f = timed!(
-                    "mul",
-                    b.binary(BinaryOp::Mul, &gate, &up, ffn).expect("mul")
+                let f = timed!("silu mul", b.silu_mul(&gate, &up).expect("silu mul"));
+                x = timed!(
+                    "matmul down + add",
+                    b.matmul_add(&f, &l[8], &x, seq, ffn, dim).expect("down")
                 );
-                let d = timed!(
-                    "matmul down",
-                    b.matmul(&f, &l[8], seq, ffn, dim).expect("down")
-                );
-                x = timed!("add", b.binary(BinaryOp::Add, &x, &d, dim).expect("add"));
             }
             let last = b
                 .copy_range(&x, (seq - 1) * dim..seq * dim)

@@ -365,9 +365,12 @@ impl Llama {
             .map_err(|_| Error::Accel(cinfer_guest::AccelError::ShapeMismatch))?;
             let a = q.rope_attention(&k, &v, &l.k_cache, &l.v_cache, pos, hp.rope_theta)?;
             x = a.matmul_add(&l.wo, &x)?;
-            let [gate, up] =
-                <[Tensor; 2]>::try_from(x.norm_matmul_many(&l.ffn_norm, hp.eps, &[&l.gate, &l.up])?)
-                    .map_err(|_| Error::Accel(cinfer_guest::AccelError::ShapeMismatch))?;
+            let [gate, up] = <[Tensor; 2]>::try_from(x.norm_matmul_many(
+                &l.ffn_norm,
+                hp.eps,
+                &[&l.gate, &l.up],
+            )?)
+            .map_err(|_| Error::Accel(cinfer_guest::AccelError::ShapeMismatch))?;
             x = gate.silu_mul(&up)?.matmul_add(&l.down, &x)?;
         }
         let last = x.rows(seq - 1, 1)?.rmsnorm(&self.out_norm, hp.eps)?;
