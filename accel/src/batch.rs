@@ -3,7 +3,8 @@
 //!
 //! Decode multiplies one activation row by every weight matrix in turn, so
 //! its speed is the speed at which weights stream through the cores. When
-//! several runs decode at once, [`Batching`] queues each `matmul` by weight
+//! several runs decode at once, [`Batching`] queues each `matmul` (and each
+//! `matmul_many`, by its list of matrices) by weight
 //! buffer and lets one of the runs waiting on that buffer execute every
 //! queued launch as one matmul over all their rows (weights streamed once);
 //! each run gets its own rows back. This is flat combining: no timer and no
@@ -34,16 +35,20 @@ use std::sync::{Arc, Mutex, OnceLock};
 /// Rows one fused launch takes at most (bounds the copy).
 pub const MAX_BATCH_ROWS: usize = 64;
 
-type Reply = Arc<OnceLock<Result<Vec<f32>, BackendError>>>;
+/// Each matrix's rows of a launch's result.
+type Reply = Arc<OnceLock<Result<Vec<Vec<f32>>, BackendError>>>;
 
 /// A queued launch: its rows and where its result goes.
 struct Launch {
     x: Vec<f32>,
     m: usize,
     k: usize,
-    n: usize,
     reply: Reply,
 }
+
+/// The weight buffers of a launch, by address (equal while both launches
+/// hold a reference means the same buffers, in the same order).
+type Key = Vec<usize>;
 
 /// The launches queued on one weight buffer.
 #[derive(Default)]
@@ -66,9 +71,8 @@ pub struct BatchStats {
 pub struct Batching {
     inner: Arc<dyn Backend>,
     runs: AtomicUsize,
-    /// Per weight buffer (its address: equal while both launches hold a
-    /// reference means the same buffer).
-    queues: Mutex<HashMap<usize, Queue>>,
+    /// Per list of weight buffers.
+    queues: Mutex<HashMap<Key, Queue>>,
     fused: AtomicU64,
     joined: AtomicU64,
 }
@@ -93,6 +97,12 @@ impl Batching {
         }
     }
 
+    /// Whether a launch of `m` rows goes through the queues: small launches
+    /// while several runs are on the backend.
+    fn batches(&self, m: usize) -> bool {
+        m <= MAX_BATCH_ROWS / 2 && self.runs.load(Ordering::Relaxed) > 1
+    }
+
     /// What the batcher has done so far.
     pub fn stats(&self) -> BatchStats {
         BatchStats {
@@ -101,47 +111,56 @@ impl Batching {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, Queue>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Queue>> {
         // A panic while holding the lock leaves only plain data behind.
         self.queues.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn batched_matmul(
+    /// `matmul_many(x, ws)` through the queue of `ws`: executed alone or
+    /// with the queued launches of other runs on the same weights.
+    fn batched(
         &self,
         x: &[f32],
-        w: &DeviceBuffer,
+        ws: &[(&DeviceBuffer, usize)],
         m: usize,
         k: usize,
-        n: usize,
-    ) -> Result<DeviceBuffer, BackendError> {
-        let key = std::ptr::from_ref(w) as usize;
+    ) -> Result<Vec<DeviceBuffer>, BackendError> {
+        let key: Key = ws
+            .iter()
+            .map(|(w, _)| std::ptr::from_ref(*w) as usize)
+            .collect();
         let reply: Reply = Arc::new(OnceLock::new());
-        self.lock().entry(key).or_default().pending.push(Launch {
-            x: x.to_vec(),
-            m,
-            k,
-            n,
-            reply: reply.clone(),
-        });
+        self.lock()
+            .entry(key.clone())
+            .or_default()
+            .pending
+            .push(Launch {
+                x: x.to_vec(),
+                m,
+                k,
+                reply: reply.clone(),
+            });
         loop {
             if let Some(r) = reply.get() {
-                return r.clone().map(DeviceBuffer::F32);
+                return r
+                    .clone()
+                    .map(|outs| outs.into_iter().map(DeviceBuffer::F32).collect());
             }
             // Execute a round if nobody is executing on these weights. The
-            // queue holds only launches on `w`, which this call holds.
+            // queue holds only launches on `ws`, which this call holds.
             let round = {
                 let mut queues = self.lock();
-                let q = queues.entry(key).or_default();
+                let q = queues.entry(key.clone()).or_default();
                 if q.executing || q.pending.is_empty() {
                     None
                 } else {
                     q.executing = true;
-                    Some(take_round(&mut q.pending, k, n))
+                    Some(take_round(&mut q.pending, k))
                 }
             };
             match round {
                 Some(round) => {
-                    self.execute(round, w, &reply);
+                    self.execute(round, ws, &reply);
                     let mut queues = self.lock();
                     if let Some(q) = queues.get_mut(&key) {
                         q.executing = false;
@@ -157,41 +176,51 @@ impl Batching {
         }
     }
 
-    /// Runs one round: all its rows in one matmul, each launch's rows back.
-    fn execute(&self, round: Vec<Launch>, w: &DeviceBuffer, mine: &Reply) {
-        let (k, n) = (round[0].k, round[0].n);
+    /// Runs one round: all its rows in one launch, each launch's rows back.
+    fn execute(&self, round: Vec<Launch>, ws: &[(&DeviceBuffer, usize)], mine: &Reply) {
+        let k = round[0].k;
         let total: usize = round.iter().map(|l| l.m).sum();
-        let result = if round.len() == 1 {
-            self.inner
-                .matmul(&DeviceBuffer::F32(round[0].x.clone()), w, total, k, n)
+        let stacked = if round.len() == 1 {
+            round[0].x.clone()
         } else {
+            self.fused.fetch_add(1, Ordering::Relaxed);
             let mut stacked = Vec::with_capacity(total * k);
             for l in &round {
                 stacked.extend_from_slice(&l.x);
             }
-            self.fused.fetch_add(1, Ordering::Relaxed);
-            self.inner
-                .matmul(&DeviceBuffer::F32(stacked), w, total, k, n)
+            stacked
+        };
+        let x = DeviceBuffer::F32(stacked);
+        let result = match ws {
+            [(w, n)] => self.inner.matmul(&x, w, total, k, *n).map(|o| vec![o]),
+            _ => self.inner.matmul_many(&x, ws, total, k),
         };
         let others = round
             .iter()
             .filter(|l| !Arc::ptr_eq(&l.reply, mine))
             .count();
         self.joined.fetch_add(others as u64, Ordering::Relaxed);
-        match result {
-            Ok(DeviceBuffer::F32(out)) => {
-                let mut rest = out.as_slice();
+        let outs: Result<Vec<Vec<f32>>, BackendError> = result.and_then(|outs| {
+            outs.into_iter()
+                .map(|o| match o {
+                    DeviceBuffer::F32(v) => Ok(v),
+                    other => Err(BackendError::Unsupported(other.elem_type())),
+                })
+                .collect()
+        });
+        match outs {
+            Ok(outs) => {
+                // Launch i's rows of matrix j start at (rows before i) × n_j.
+                let mut row = 0;
                 for l in round {
-                    let (rows, tail) = rest.split_at(l.m * n);
-                    rest = tail;
-                    let _ = l.reply.set(Ok(rows.to_vec()));
+                    let mine = outs
+                        .iter()
+                        .zip(ws)
+                        .map(|(o, (_, n))| o[row * n..(row + l.m) * n].to_vec())
+                        .collect();
+                    row += l.m;
+                    let _ = l.reply.set(Ok(mine));
                 }
-            }
-            Ok(other) => {
-                let e = BackendError::Unsupported(other.elem_type());
-                round.into_iter().for_each(|l| {
-                    let _ = l.reply.set(Err(e.clone()));
-                });
             }
             Err(e) => round.into_iter().for_each(|l| {
                 let _ = l.reply.set(Err(e.clone()));
@@ -201,11 +230,12 @@ impl Batching {
 }
 
 /// The launches of the next round: the oldest pending ones with the same
-/// `k` and `n`, up to [`MAX_BATCH_ROWS`] rows (at least one).
-fn take_round(pending: &mut Vec<Launch>, k: usize, n: usize) -> Vec<Launch> {
+/// `k` (the weights, hence the `n`s, are the queue's), up to
+/// [`MAX_BATCH_ROWS`] rows (at least one).
+fn take_round(pending: &mut Vec<Launch>, k: usize) -> Vec<Launch> {
     let (mut round, mut rest, mut rows) = (Vec::new(), Vec::new(), 0);
     for l in pending.drain(..) {
-        if l.k == k && l.n == n && (round.is_empty() || rows + l.m <= MAX_BATCH_ROWS) {
+        if l.k == k && (round.is_empty() || rows + l.m <= MAX_BATCH_ROWS) {
             rows += l.m;
             round.push(l);
         } else {
@@ -266,12 +296,23 @@ impl Backend for Batching {
         n: usize,
     ) -> Result<DeviceBuffer, BackendError> {
         match x {
-            DeviceBuffer::F32(xs)
-                if m <= MAX_BATCH_ROWS / 2 && self.runs.load(Ordering::Relaxed) > 1 =>
-            {
-                self.batched_matmul(xs, w, m, k, n)
-            }
+            DeviceBuffer::F32(xs) if self.batches(m) => self
+                .batched(xs, &[(w, n)], m, k)?
+                .pop()
+                .ok_or(BackendError::Device("batch returned no result".into())),
             _ => self.inner.matmul(x, w, m, k, n),
+        }
+    }
+    fn matmul_many(
+        &self,
+        x: &DeviceBuffer,
+        ws: &[(&DeviceBuffer, usize)],
+        m: usize,
+        k: usize,
+    ) -> Result<Vec<DeviceBuffer>, BackendError> {
+        match x {
+            DeviceBuffer::F32(xs) if self.batches(m) => self.batched(xs, ws, m, k),
+            _ => self.inner.matmul_many(x, ws, m, k),
         }
     }
     fn embedding(
@@ -396,8 +437,8 @@ mod tests {
         // A round on these weights is in progress (as if another run were
         // executing one): every run's launch queues behind it, so the next
         // round carries all of them, whatever the scheduler does.
-        let key = std::ptr::from_ref(&w) as usize;
-        batching.lock().entry(key).or_default().executing = true;
+        let key: Key = vec![std::ptr::from_ref(&w) as usize];
+        batching.lock().entry(key.clone()).or_default().executing = true;
         let got: Vec<Vec<f32>> = std::thread::scope(|s| {
             let handles: Vec<_> = (0..runs)
                 .map(|r| {
@@ -415,7 +456,7 @@ mod tests {
             while batching.lock().get(&key).map_or(0, |q| q.pending.len()) < runs {
                 std::thread::yield_now();
             }
-            batching.lock().entry(key).or_default().executing = false;
+            batching.lock().entry(key.clone()).or_default().executing = false;
             handles
                 .into_iter()
                 .map(|h| h.join().expect("run"))
@@ -428,6 +469,88 @@ mod tests {
             );
         }
         // One fused launch of all 6 rows, executed by one run for 5 others.
+        assert_eq!(
+            batching.stats(),
+            BatchStats {
+                fused: 1,
+                joined: (runs - 1) as u64
+            }
+        );
+    }
+
+    #[test]
+    fn concurrent_matmul_many_launches_share_one_round_bit_for_bit() {
+        let (k, runs) = (64, 4);
+        let (w1, w2) = (weights(48, k), weights(16, k));
+        let ws = [(&w1, 48), (&w2, 16)];
+        let batching = Arc::new(Batching::new(Arc::new(CpuBackend)));
+        let f32s = |outs: Vec<DeviceBuffer>| -> Vec<Vec<f32>> {
+            outs.into_iter()
+                .map(|o| match o {
+                    DeviceBuffer::F32(v) => v,
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        // Runs of 1, 2, 1 and 3 rows: each gets its own rows of each matrix.
+        let rows = |r: usize| {
+            (0..r % 3 + 1)
+                .flat_map(|i| row(k, 10 * r + i))
+                .collect::<Vec<_>>()
+        };
+        let want: Vec<Vec<Vec<f32>>> = (0..runs)
+            .map(|r| {
+                let x = rows(r);
+                f32s(
+                    CpuBackend
+                        .matmul_many(&DeviceBuffer::F32(x.clone()), &ws, x.len() / k, k)
+                        .expect("many"),
+                )
+            })
+            .collect();
+        for _ in 0..runs {
+            batching.run_started();
+        }
+        let key: Key = ws
+            .iter()
+            .map(|(w, _)| std::ptr::from_ref(*w) as usize)
+            .collect();
+        batching.lock().entry(key.clone()).or_default().executing = true;
+        let got: Vec<Vec<Vec<f32>>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..runs)
+                .map(|r| {
+                    let (b, ws) = (&batching, &ws);
+                    s.spawn(move || {
+                        let x = rows(r);
+                        let m = x.len() / k;
+                        let out = f32s(
+                            b.matmul_many(&DeviceBuffer::F32(x), ws, m, k)
+                                .expect("many"),
+                        );
+                        b.run_ended();
+                        out
+                    })
+                })
+                .collect();
+            while batching.lock().get(&key).map_or(0, |q| q.pending.len()) < runs {
+                std::thread::yield_now();
+            }
+            batching.lock().entry(key.clone()).or_default().executing = false;
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("run"))
+                .collect()
+        });
+        for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.len(), 2);
+            for (gm, wm) in g.iter().zip(w) {
+                assert_eq!(gm.len(), wm.len());
+                assert!(
+                    gm.iter().zip(wm).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "run {r} got another result batched"
+                );
+            }
+        }
         assert_eq!(
             batching.stats(),
             BatchStats {
