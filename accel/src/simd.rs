@@ -200,6 +200,12 @@ pub(crate) fn scores(
 ) {
     match level {
         #[cfg(target_arch = "x86_64")]
+        Level::Avx512Vnni if detected() >= Level::Avx512Vnni => {
+            // SAFETY: `detected()` found avx512f, avx512bw, avx512vnni, avx2,
+            // fma and f16c, the features `avx512::scores` is compiled with.
+            unsafe { avx512::scores(q, kt, stride, scale, out) }
+        }
+        #[cfg(target_arch = "x86_64")]
         Level::Avx2 | Level::Avx512Vnni if detected() >= Level::Avx2 => {
             // SAFETY: `detected()` found avx2, fma and f16c, the features
             // `avx2::scores` is compiled with.
@@ -214,6 +220,12 @@ pub(crate) fn scores(
 /// registers.
 pub(crate) fn weighted_rows(level: Level, p: &[f32], v: &[f32], stride: usize, o: &mut [f32]) {
     match level {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512Vnni if detected() >= Level::Avx512Vnni => {
+            // SAFETY: `detected()` found avx512f, avx512bw, avx512vnni, avx2,
+            // fma and f16c, the features `avx512::weighted_rows` is compiled with.
+            unsafe { avx512::weighted_rows(p, v, stride, o) }
+        }
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 | Level::Avx512Vnni if detected() >= Level::Avx2 => {
             // SAFETY: `detected()` found avx2, fma and f16c, the features

@@ -171,3 +171,92 @@ pub(super) fn quantize_block(x: &[f32; 32]) -> (f32, [i8; 32]) {
     }
     (d, qs)
 }
+
+/// Sixteen keys of `avx2::score_block` at once: the same eight chains over d
+/// (lane i of chain c sums q[8j + c]·k[8j + c] in j order), the same pairwise
+/// reduction and tail, so each lane is bit for bit that key's score.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+fn score_block16(q: &[f32], kt: &[f32], stride: usize, t: usize, scale: f32) -> [f32; 16] {
+    let col = |d: usize| -> __m512 {
+        let (c, _) = kt[d * stride + t..][..16].as_chunks::<16>();
+        must_cast(c[0])
+    };
+    let (cq, rq) = q.as_chunks::<8>();
+    let mut acc = [_mm512_setzero_ps(); 8];
+    for (c, qc) in cq.iter().enumerate() {
+        for (i, a) in acc.iter_mut().enumerate() {
+            *a = _mm512_fmadd_ps(_mm512_set1_ps(qc[i]), col(8 * c + i), *a);
+        }
+    }
+    let mut sum = _mm512_add_ps(
+        _mm512_add_ps(_mm512_add_ps(acc[0], acc[4]), _mm512_add_ps(acc[1], acc[5])),
+        _mm512_add_ps(_mm512_add_ps(acc[2], acc[6]), _mm512_add_ps(acc[3], acc[7])),
+    );
+    for (i, qd) in rq.iter().enumerate() {
+        let d = 8 * cq.len() + i;
+        sum = _mm512_add_ps(sum, _mm512_mul_ps(_mm512_set1_ps(*qd), col(d)));
+    }
+    must_cast(_mm512_mul_ps(sum, _mm512_set1_ps(scale)))
+}
+
+/// `avx2::scores` sixteen keys at a time (half the loads of `q`'s
+/// broadcasts and of the key columns per key); what is left of the keys goes
+/// to `avx2::scores`. Bit for bit the same scores.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+pub(super) fn scores(q: &[f32], kt: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    let n = out.len();
+    // Columns readable in every row d < hd (as in `avx2::scores`).
+    let cols = match q.len() {
+        0 => 0,
+        hd => stride.min(kt.len().saturating_sub((hd - 1) * stride)),
+    };
+    let mut t = 0;
+    while t < n && t + 16 <= cols {
+        let s = score_block16(q, kt, stride, t, scale);
+        let keep = (n - t).min(16);
+        out[t..t + keep].copy_from_slice(&s[..keep]);
+        t += keep;
+    }
+    if t < n {
+        super::avx2::scores(q, &kt[t..], stride, scale, &mut out[t..]);
+    }
+}
+
+/// `R · 16` outputs from `j`, kept in registers over all rows: per lane the
+/// fused `p·v + o` of `avx2::weighted_block`, in the same row order.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+fn weighted_block16<const R: usize>(p: &[f32], v: &[f32], stride: usize, j: usize, o: &mut [f32]) {
+    let mut acc = [_mm512_setzero_ps(); R];
+    for (t, pt) in p.iter().enumerate() {
+        let pv = _mm512_set1_ps(*pt);
+        let (row, _) = v[t * stride + j..][..16 * R].as_chunks::<16>();
+        for (a, r) in acc.iter_mut().zip(row) {
+            *a = _mm512_fmadd_ps(pv, must_cast(*r), *a);
+        }
+    }
+    let (dst, _) = o[j..j + 16 * R].as_chunks_mut::<16>();
+    for (d, a) in dst.iter_mut().zip(acc) {
+        *d = must_cast(a);
+    }
+}
+
+/// `avx2::weighted_rows` with 64 or 32 outputs in 16-lane registers; the
+/// rest of the outputs go to `avx2::weighted_rows`. Bit for bit the same.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+pub(super) fn weighted_rows(p: &[f32], v: &[f32], stride: usize, o: &mut [f32]) {
+    let hd = o.len();
+    let mut j = 0;
+    while j + 64 <= hd {
+        weighted_block16::<4>(p, v, stride, j, o);
+        j += 64;
+    }
+    while j + 32 <= hd {
+        weighted_block16::<2>(p, v, stride, j, o);
+        j += 32;
+    }
+    if j < hd {
+        super::avx2::weighted_rows(p, &v[j..], stride, &mut o[j..]);
+    }
+}
