@@ -596,7 +596,9 @@ impl Backend for CpuBackend {
         let mut product = self.matmul(x, w, m, k, n)?;
         match &mut product {
             DeviceBuffer::F32(out) => {
-                // The residual first, as `binary(Add, r, product)` adds.
+                // The residual first, as `binary(Add, r, product)` adds (with
+                // two NaNs, x86 keeps the first operand's payload).
+                #[allow(clippy::assign_op_pattern)]
                 for (o, r) in out.iter_mut().zip(r) {
                     *o = r + *o;
                 }
