@@ -409,6 +409,49 @@ mod tests {
             .expect("pack")
     }
 
+    fn f32s(b: DeviceBuffer) -> Vec<f32> {
+        match b {
+            DeviceBuffer::F32(v) => v,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// `launch(r)` for each of `runs` runs on their own threads, all queued
+    /// behind a round in progress on `key` (as if another run were executing
+    /// one), so that the next round carries all of them, whatever the
+    /// scheduler does. Returns each run's result.
+    fn in_one_round<T: Send>(
+        batching: &Batching,
+        key: Key,
+        runs: usize,
+        launch: impl Fn(usize) -> T + Sync,
+    ) -> Vec<T> {
+        for _ in 0..runs {
+            batching.run_started();
+        }
+        batching.lock().entry(key.clone()).or_default().executing = true;
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..runs)
+                .map(|r| {
+                    let launch = &launch;
+                    s.spawn(move || {
+                        let out = launch(r);
+                        batching.run_ended();
+                        out
+                    })
+                })
+                .collect();
+            while batching.lock().get(&key).map_or(0, |q| q.pending.len()) < runs {
+                std::thread::yield_now();
+            }
+            batching.lock().entry(key).or_default().executing = false;
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("run"))
+                .collect()
+        })
+    }
+
     fn row(k: usize, seed: usize) -> Vec<f32> {
         (0..k)
             .map(|i| (((i * 31 + seed * 17) % 61) as f32 - 30.0) / 13.0)
@@ -422,45 +465,20 @@ mod tests {
         let batching = Arc::new(Batching::new(Arc::new(CpuBackend)));
         let want: Vec<Vec<f32>> = (0..runs)
             .map(|r| {
-                match CpuBackend
-                    .matmul(&DeviceBuffer::F32(row(k, r)), &w, 1, k, n)
-                    .expect("matmul")
-                {
-                    DeviceBuffer::F32(v) => v,
-                    other => panic!("{other:?}"),
-                }
+                f32s(
+                    CpuBackend
+                        .matmul(&DeviceBuffer::F32(row(k, r)), &w, 1, k, n)
+                        .expect("matmul"),
+                )
             })
             .collect();
-        for _ in 0..runs {
-            batching.run_started();
-        }
-        // A round on these weights is in progress (as if another run were
-        // executing one): every run's launch queues behind it, so the next
-        // round carries all of them, whatever the scheduler does.
         let key: Key = vec![std::ptr::from_ref(&w) as usize];
-        batching.lock().entry(key.clone()).or_default().executing = true;
-        let got: Vec<Vec<f32>> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..runs)
-                .map(|r| {
-                    let (b, w) = (&batching, &w);
-                    s.spawn(move || {
-                        let out = match b.matmul(&DeviceBuffer::F32(row(k, r)), w, 1, k, n) {
-                            Ok(DeviceBuffer::F32(v)) => v,
-                            other => panic!("{other:?}"),
-                        };
-                        b.run_ended();
-                        out
-                    })
-                })
-                .collect();
-            while batching.lock().get(&key).map_or(0, |q| q.pending.len()) < runs {
-                std::thread::yield_now();
-            }
-            batching.lock().entry(key.clone()).or_default().executing = false;
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("run"))
-                .collect()
+        let got = in_one_round(&batching, key, runs, |r| {
+            f32s(
+                batching
+                    .matmul(&DeviceBuffer::F32(row(k, r)), &w, 1, k, n)
+                    .expect("matmul"),
+            )
         });
         for (r, (g, w)) in got.iter().zip(&want).enumerate() {
             assert!(
@@ -484,14 +502,7 @@ mod tests {
         let (w1, w2) = (weights(48, k), weights(16, k));
         let ws = [(&w1, 48), (&w2, 16)];
         let batching = Arc::new(Batching::new(Arc::new(CpuBackend)));
-        let f32s = |outs: Vec<DeviceBuffer>| -> Vec<Vec<f32>> {
-            outs.into_iter()
-                .map(|o| match o {
-                    DeviceBuffer::F32(v) => v,
-                    other => panic!("{other:?}"),
-                })
-                .collect()
-        };
+        let f32s = |outs: Vec<DeviceBuffer>| outs.into_iter().map(f32s).collect::<Vec<_>>();
         // Runs of 1, 2, 1 and 3 rows: each gets its own rows of each matrix.
         let rows = |r: usize| {
             (0..r % 3 + 1)
@@ -508,38 +519,18 @@ mod tests {
                 )
             })
             .collect();
-        for _ in 0..runs {
-            batching.run_started();
-        }
         let key: Key = ws
             .iter()
             .map(|(w, _)| std::ptr::from_ref(*w) as usize)
             .collect();
-        batching.lock().entry(key.clone()).or_default().executing = true;
-        let got: Vec<Vec<Vec<f32>>> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..runs)
-                .map(|r| {
-                    let (b, ws) = (&batching, &ws);
-                    s.spawn(move || {
-                        let x = rows(r);
-                        let m = x.len() / k;
-                        let out = f32s(
-                            b.matmul_many(&DeviceBuffer::F32(x), ws, m, k)
-                                .expect("many"),
-                        );
-                        b.run_ended();
-                        out
-                    })
-                })
-                .collect();
-            while batching.lock().get(&key).map_or(0, |q| q.pending.len()) < runs {
-                std::thread::yield_now();
-            }
-            batching.lock().entry(key.clone()).or_default().executing = false;
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("run"))
-                .collect()
+        let got = in_one_round(&batching, key, runs, |r| {
+            let x = rows(r);
+            let m = x.len() / k;
+            f32s(
+                batching
+                    .matmul_many(&DeviceBuffer::F32(x), &ws, m, k)
+                    .expect("many"),
+            )
         });
         for (r, (g, w)) in got.iter().zip(&want).enumerate() {
             assert_eq!(g.len(), 2);

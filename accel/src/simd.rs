@@ -181,6 +181,15 @@ pub(crate) const EXP: ExpConsts = ExpConsts {
     ],
 };
 
+/// Columns of a transposed K (`hd` rows of `stride`, `kt_len` values in all)
+/// readable in every row: what the SIMD score kernels may load past the keys.
+fn readable_cols(hd: usize, kt_len: usize, stride: usize) -> usize {
+    match hd {
+        0 => 0,
+        hd => stride.min(kt_len.saturating_sub((hd - 1) * stride)),
+    }
+}
+
 /// `out[t] = dot(q, column t of kt) · scale`: attention scores against a
 /// transposed K (keys along a row, so each SIMD lane is one key and no
 /// horizontal sum is needed), each in [`dot`]'s summation order — the order

@@ -273,11 +273,7 @@ fn score_block(q: &[f32], kt: &[f32], stride: usize, t: usize, scale: f32) -> [f
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn scores(q: &[f32], kt: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
     let n = out.len();
-    // Columns readable in every row d < hd.
-    let cols = match q.len() {
-        0 => 0,
-        hd => stride.min(kt.len().saturating_sub((hd - 1) * stride)),
-    };
+    let cols = super::readable_cols(q.len(), kt.len(), stride);
     let mut t = 0;
     while t < n && t + 8 <= cols {
         let s = score_block(q, kt, stride, t, scale);

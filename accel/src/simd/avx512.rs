@@ -206,11 +206,7 @@ fn score_block16(q: &[f32], kt: &[f32], stride: usize, t: usize, scale: f32) -> 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 pub(super) fn scores(q: &[f32], kt: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
     let n = out.len();
-    // Columns readable in every row d < hd (as in `avx2::scores`).
-    let cols = match q.len() {
-        0 => 0,
-        hd => stride.min(kt.len().saturating_sub((hd - 1) * stride)),
-    };
+    let cols = super::readable_cols(q.len(), kt.len(), stride);
     let mut t = 0;
     while t < n && t + 16 <= cols {
         let s = score_block16(q, kt, stride, t, scale);
