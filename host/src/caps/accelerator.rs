@@ -110,6 +110,11 @@ pub(crate) fn numel(shape: &[u32]) -> Result<usize, AccelError> {
         .ok_or(AccelError::InvalidShape)
 }
 
+/// A RoPE base `rope` and `rope-attention` accept: finite and above 1.
+fn rope_theta_ok(theta: f32) -> bool {
+    theta.is_finite() && theta > 1.0
+}
+
 fn last_dim(shape: &[u32]) -> usize {
     shape.last().map_or(1, |d| *d as usize)
 }
@@ -455,6 +460,28 @@ impl AccelCtx {
         Ok(Ok(()))
     }
 
+    /// The shapes of attention's q, k and k-cache, with the checks both
+    /// attention launches make: q, k, v f32; caches f32 or f16 of one type;
+    /// v shaped as k and the v-cache as the k-cache.
+    fn attention_operands(
+        &self,
+        q: &Resource<Tensor>,
+        k: &Resource<Tensor>,
+        v: &Resource<Tensor>,
+        k_cache: &Resource<Tensor>,
+        v_cache: &Resource<Tensor>,
+    ) -> OpResult<(Vec<u32>, Vec<u32>, Vec<u32>)> {
+        let sq = guest_try!(self.f32_operand(q)?);
+        let sk = guest_try!(self.f32_operand(k)?);
+        let sv = guest_try!(self.f32_operand(v)?);
+        let (skc, kty) = guest_try!(self.operand(k_cache, &[ElemType::F32, ElemType::F16])?);
+        let (svc, vty) = guest_try!(self.operand(v_cache, &[ElemType::F32, ElemType::F16])?);
+        if sv != sk || svc != skc || kty != vty {
+            return Ok(Err(AccelError::ShapeMismatch));
+        }
+        Ok(Ok((sq, sk, skc)))
+    }
+
     /// Runs `attention` on checked operands `[q, k, v, k-cache, v-cache]`
     /// (caches of `ctx` rows), rotating q and k first when `rope` gives a
     /// theta: the cache checks, the work cap and the launch.
@@ -489,12 +516,13 @@ impl AccelCtx {
             return Ok(Err(AccelError::InvalidArgument));
         }
         self.check_deadline(work)?;
-        // The rotated q and k are temporaries beside the result.
-        let q_elems = numel(&out_shape).unwrap_or(0) as u64;
-        let k_elems = (shape.seq * shape.kv_heads * shape.head_dim) as u64;
-        let temps = if rope.is_some() { q_elems + k_elems } else { 0 };
         guest_try!(self.check_alloc(&out_shape, ElemType::F32));
-        guest_try!(self.reserve(ElemType::F32.bytes(q_elems + temps)));
+        if rope.is_some() {
+            // The rotated q and k are temporaries beside the result.
+            let q_elems = numel(&out_shape).unwrap_or(0) as u64;
+            let k_elems = (shape.seq * shape.kv_heads * shape.head_dim) as u64;
+            guest_try!(self.reserve(ElemType::F32.bytes(2 * q_elems + k_elems)));
+        }
         // Take the caches out of the table while the kernel writes them
         // (they are activations, never shared, so make_mut does not copy).
         let empty = || Arc::new(DeviceBuffer::F32(Vec::new()));
@@ -520,25 +548,6 @@ impl AccelCtx {
         self.get_mut(&v_cache)?.buf = vc;
         let out = backend_try!(result);
         self.insert(out_shape, out, true)
-    }
-
-    /// `silu-mul`: the checks of `mul`, then `Backend::silu_mul`.
-    fn silu_mul_launch(
-        &mut self,
-        gate: Resource<Tensor>,
-        up: Resource<Tensor>,
-    ) -> OpResult<Resource<Tensor>> {
-        let sg = guest_try!(self.f32_operand(&gate)?);
-        let su = guest_try!(self.f32_operand(&up)?);
-        if su != sg {
-            return Ok(Err(AccelError::ShapeMismatch));
-        }
-        // silu(gate) is a temporary beside the result.
-        guest_try!(self.reserve(ElemType::F32.bytes(numel(&sg).unwrap_or(0) as u64)));
-        let (gr, ur) = (gate.rep(), up.rep());
-        self.produce(sg, |c| {
-            c.backend.silu_mul(c.buf_by_rep(gr), c.buf_by_rep(ur))
-        })
     }
 
     /// The buffer of a live tensor by handle number (validated by the caller).
@@ -723,25 +732,13 @@ impl Host for AccelCtx {
         v_cache: Resource<Tensor>,
         pos: u32,
     ) -> OpResult<Resource<Tensor>> {
-        let sq = guest_try!(self.f32_operand(&q)?);
-        let sk = guest_try!(self.f32_operand(&k)?);
-        let sv = guest_try!(self.f32_operand(&v)?);
-        let (skc, kty) = guest_try!(self.operand(&k_cache, &[ElemType::F32, ElemType::F16])?);
-        let (svc, vty) = guest_try!(self.operand(&v_cache, &[ElemType::F32, ElemType::F16])?);
+        let (sq, sk, skc) = guest_try!(self.attention_operands(&q, &k, &v, &k_cache, &v_cache)?);
         let ([seq, heads, hd], [kseq, kvh, khd], [_, ckvh, chd]) =
             (sq.as_slice(), sk.as_slice(), skc.as_slice())
         else {
             return Ok(Err(AccelError::ShapeMismatch));
         };
-        if sv != sk
-            || svc != skc
-            || kty != vty
-            || kseq != seq
-            || khd != hd
-            || chd != hd
-            || ckvh != kvh
-            || heads % kvh != 0
-        {
+        if kseq != seq || khd != hd || chd != hd || ckvh != kvh || heads % kvh != 0 {
             return Ok(Err(AccelError::ShapeMismatch));
         }
         let shape = AttentionShape {
@@ -765,21 +762,14 @@ impl Host for AccelCtx {
         pos: u32,
         theta: f32,
     ) -> OpResult<Resource<Tensor>> {
-        let sq = guest_try!(self.f32_operand(&q)?);
-        let sk = guest_try!(self.f32_operand(&k)?);
-        let sv = guest_try!(self.f32_operand(&v)?);
-        let (skc, kty) = guest_try!(self.operand(&k_cache, &[ElemType::F32, ElemType::F16])?);
-        let (svc, vty) = guest_try!(self.operand(&v_cache, &[ElemType::F32, ElemType::F16])?);
+        let (sq, sk, skc) = guest_try!(self.attention_operands(&q, &k, &v, &k_cache, &v_cache)?);
         let ([seq, qcols], [kseq, kcols], [ctx, kvh, hd]) =
             (sq.as_slice(), sk.as_slice(), skc.as_slice())
         else {
             return Ok(Err(AccelError::ShapeMismatch));
         };
         let heads = qcols / hd;
-        if sv != sk
-            || svc != skc
-            || kty != vty
-            || kseq != seq
+        if kseq != seq
             || hd % 2 != 0
             || qcols % hd != 0
             || u64::from(*kcols) != u64::from(*kvh) * u64::from(*hd)
@@ -787,7 +777,7 @@ impl Host for AccelCtx {
         {
             return Ok(Err(AccelError::ShapeMismatch));
         }
-        if !theta.is_finite() || theta <= 1.0 {
+        if !rope_theta_ok(theta) {
             return Ok(Err(AccelError::InvalidArgument));
         }
         let shape = AttentionShape {
@@ -838,7 +828,19 @@ impl Host for AccelCtx {
         gate: Resource<Tensor>,
         up: Resource<Tensor>,
     ) -> OpResult<Resource<Tensor>> {
-        self.silu_mul_launch(gate, up)
+        let sg = guest_try!(self.f32_operand(&gate)?);
+        let su = guest_try!(self.f32_operand(&up)?);
+        if su != sg {
+            return Ok(Err(AccelError::ShapeMismatch));
+        }
+        // silu(gate) may be a temporary beside the result (a backend without
+        // a one-pass kernel): both must fit, as for matmul-add.
+        let elems = numel(&sg).unwrap_or(0) as u64;
+        guest_try!(self.reserve(ElemType::F32.bytes(2 * elems)));
+        let (gr, ur) = (gate.rep(), up.rep());
+        self.produce(sg, |c| {
+            c.backend.silu_mul(c.buf_by_rep(gr), c.buf_by_rep(ur))
+        })
     }
 
     fn rope(&mut self, x: Resource<Tensor>, pos: u32, theta: f32) -> OpResult<Resource<Tensor>> {
@@ -849,7 +851,7 @@ impl Host for AccelCtx {
         if head_dim % 2 != 0 {
             return Ok(Err(AccelError::ShapeMismatch));
         }
-        if !theta.is_finite() || theta <= 1.0 || pos.checked_add(*seq).is_none() {
+        if !rope_theta_ok(theta) || pos.checked_add(*seq).is_none() {
             return Ok(Err(AccelError::InvalidArgument));
         }
         let (heads, head_dim) = (*heads as usize, *head_dim as usize);
@@ -1358,6 +1360,16 @@ mod tests {
             2,
             1e4,
         ));
+        // A fused launch's temporary counts with its result: gate and up (8
+        // bytes each) held, room for one more [1, 2] tensor but not two.
+        let mut tight = ctx(8 + 8 + 8 + 4);
+        let gate = t(&mut tight, &[1, 2], &[1.0, 2.0]);
+        let up = t(&mut tight, &[1, 2], &[3.0, 4.0]);
+        assert_eq!(
+            guest_err(tight.silu_mul(borrow(&gate), borrow(&up))),
+            AccelError::OutOfMemory
+        );
+        ok(tight.silu(borrow(&gate)));
     }
 
     #[test]
