@@ -972,6 +972,36 @@ fn a_release_without_a_receipt_key_is_refused_and_installs_nothing() {
     assert_request_key_not_installed(relay, ks);
 }
 
+/// A release that does not parse, or has another format version, is refused
+/// with that reason before anything is spent: the attestation stays pending
+/// and the keyserver's real release still installs afterwards.
+#[test]
+fn malformed_and_other_version_releases_are_refused_and_spend_nothing() {
+    let World { relay, ks, .. } = &mut world("malformed-release", "", |_, _| {});
+    let (status, body) = relay.attest(ks.addr);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let why = error_of(&relay.ask(Kind::KeyRelease, b"{\"version\": 1, \"keys\": "));
+    assert!(why.starts_with("malformed key release:"), "{why}");
+    let mut other: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    other["version"] = serde_json::json!(99);
+    let why = error_of(&relay.ask(Kind::KeyRelease, &serde_json::to_vec(&other).unwrap()));
+    assert!(
+        why.contains(&format!(
+            "key release of version 99 (this loader reads {})",
+            cinfer_attest::KEY_RELEASE_VERSION
+        )),
+        "{why}"
+    );
+    assert_request_key_not_installed(relay, ks);
+    let installed = relay.ask(Kind::KeyRelease, &body);
+    assert_eq!(
+        installed.kind,
+        Kind::KeysInstalled,
+        "{}",
+        String::from_utf8_lossy(&installed.payload)
+    );
+}
+
 /// Replay protection cannot be flushed: a flood of junk Submits copying a real
 /// request's header (more than the loader remembers) takes no place in its
 /// replay window, because only requests whose envelope opened are recorded;

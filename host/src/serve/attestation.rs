@@ -247,12 +247,12 @@ impl Attestor {
     /// format and signature checks, whatever happens next.
     pub fn stage(&mut self, payload: &[u8]) -> Result<StagedRelease, ServeError> {
         let release: KeyRelease = serde_json::from_slice(payload)
-            .map_err(|e| ServeError::MalformedRelease(e.to_string()))?;
+            .map_err(ServeError::MalformedRelease)?;
         if release.version != cinfer_attest::KEY_RELEASE_VERSION {
-            return Err(ServeError::MalformedRelease(format!(
-                "version {}",
-                release.version
-            )));
+            return Err(ServeError::ReleaseVersion {
+                found: release.version,
+                expected: cinfer_attest::KEY_RELEASE_VERSION,
+            });
         }
         if !self.pinned.is_empty() {
             release
@@ -309,7 +309,7 @@ impl Attestor {
                 kind: k.kind,
                 id: k.id.clone(),
             })?;
-            let bad = |reason: String| ServeError::BadKey {
+            let bad = |reason: BadKeyReason| ServeError::BadKey {
                 kind: k.kind,
                 id: k.id.clone(),
                 reason,
@@ -317,29 +317,27 @@ impl Attestor {
             match k.kind {
                 ReleasedKeyKind::Request => {
                     let key =
-                        RequestPrivateKey::from_bytes(&secret).map_err(|e| bad(e.to_string()))?;
+                        RequestPrivateKey::from_bytes(&secret).map_err(|e| bad(BadKeyReason::Request(e)))?;
                     let key_id = key.public_key().key_id();
                     if key_id != k.id {
-                        return Err(bad(format!("its key id is {key_id}")));
+                        return Err(bad(BadKeyReason::RequestKeyId(key_id)));
                     }
                     requests.insert(k.id.clone(), key);
                 }
                 ReleasedKeyKind::Model => {
-                    let key = ModelKey::from_bytes(&secret).map_err(|e| bad(e.to_string()))?;
+                    let key = ModelKey::from_bytes(&secret).map_err(|e| bad(BadKeyReason::Model(e)))?;
                     keys.models.insert(k.id.clone(), key);
                 }
                 ReleasedKeyKind::Receipt => {
                     let key = p256::ecdsa::SigningKey::from_slice(&secret)
-                        .map_err(|_| bad("not a P-256 scalar".into()))?;
+                        .map_err(|_| bad(BadKeyReason::ReceiptNotP256))?;
                     receipt = Some(key);
                 }
             }
         }
         if !requests.is_empty() {
             // A request key is usable only with its keyserver's receipt key.
-            let receipt = receipt.ok_or_else(|| {
-                ServeError::MalformedRelease("request keys without a receipt key".into())
-            })?;
+            let receipt = receipt.ok_or(ServeError::RequestKeysWithoutReceiptKey)?;
             keys.request = requests
                 .into_iter()
                 .map(|(id, request)| {

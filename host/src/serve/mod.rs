@@ -65,9 +65,17 @@ pub enum ServeError {
     /// The channel failed or a frame was malformed (the connection is closed).
     #[error(transparent)]
     Frame(#[from] FrameError),
-    /// A program submitted by the peer was malformed or refused by the policy.
-    #[error("{0}")]
-    Program(String),
+    /// A `Program` frame from the peer does not decode.
+    #[error("malformed Program frame")]
+    MalformedProgramFrame,
+    /// A program submitted by the peer was refused by the policy.
+    #[error("program {name:?} refused: {source}")]
+    ProgramRefused {
+        /// The name the peer gave it.
+        name: String,
+        /// Why admission refused it.
+        source: crate::AdmissionError,
+    },
     /// The peer did not authenticate, or went idle: it was dropped.
     #[error("peer dropped: {0}")]
     Peer(#[from] crate::peer::PeerError),
@@ -86,9 +94,20 @@ pub enum ServeError {
     /// The key release answers another nonce than the pending attestation's.
     #[error("key release answers another nonce than the pending attestation")]
     NonceMismatch,
-    /// The key release does not parse or has another version.
+    /// The key release does not parse.
     #[error("malformed key release: {0}")]
-    MalformedRelease(String),
+    MalformedRelease(#[source] serde_json::Error),
+    /// The key release has another format version than this loader's.
+    #[error("key release of version {found} (this loader reads {expected})")]
+    ReleaseVersion {
+        /// The release's version.
+        found: u32,
+        /// The version this loader reads.
+        expected: u32,
+    },
+    /// The release carries request keys but no receipt key to sign their replies with.
+    #[error("key release has request keys without a receipt key")]
+    RequestKeysWithoutReceiptKey,
     /// The key release carries a TPM credential but this loader sent no
     /// endorsement (its TPM has no EK certificate).
     #[error("key release carries a TPM credential but this loader has no endorsement")]
@@ -114,8 +133,32 @@ pub enum ServeError {
         /// Model or key id.
         id: String,
         /// Why.
-        reason: String,
+        reason: BadKeyReason,
     },
+}
+
+/// Why a released key that unwrapped is not usable. Messages carry no key material.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BadKeyReason {
+    /// Not an HPKE request key.
+    #[error(transparent)]
+    Request(cinfer_envelope::EnvelopeError),
+    /// The request key's id is not the id it was released under.
+    #[error("its key id is {0}")]
+    RequestKeyId(String),
+    /// Not a model key.
+    #[error(transparent)]
+    Model(cinfer_sealed_model::SealError),
+    /// The model key does not open the configured sealed file.
+    #[error(transparent)]
+    SealedFile(crate::models::ModelLoadError),
+    /// The configured sealed file is another model than the key's id.
+    #[error("the sealed file is model {0}")]
+    OtherModel(String),
+    /// The receipt key is not a P-256 scalar.
+    #[error("not a P-256 scalar")]
+    ReceiptNotP256,
 }
 
 /// The event log a loader with this binary, configuration and policy extends

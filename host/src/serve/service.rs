@@ -302,13 +302,13 @@ impl Service {
                 SealedGguf::open(Box::new(source), key).map_err(|e| ServeError::BadKey {
                     kind: ReleasedKeyKind::Model,
                     id: id.clone(),
-                    reason: e.to_string(),
+                    reason: BadKeyReason::SealedFile(e),
                 })?;
             if model.model_id() != id {
                 return Err(ServeError::BadKey {
                     kind: ReleasedKeyKind::Model,
                     id: id.clone(),
-                    reason: format!("the sealed file is model {}", model.model_id()),
+                    reason: BadKeyReason::OtherModel(model.model_id().to_owned()),
                 });
             }
             digests.insert(id.clone(), hex::encode(model.plaintext_sha256()));
@@ -496,14 +496,17 @@ impl Service {
     /// for as long as this peer stays connected.
     fn upload(&mut self, payload: &[u8]) -> Result<ProgramInfo, ServeError> {
         let p = cinfer_channel::ProgramUpload::decode(payload)
-            .ok_or_else(|| ServeError::Program("malformed Program frame".into()))?;
+            .ok_or(ServeError::MalformedProgramFrame)?;
         let admitted = if p.signatures.is_empty() {
             self.loader.admit(&p.component)
         } else {
             let refs: Vec<&[u8]> = p.signatures.iter().map(Vec::as_slice).collect();
             self.loader.admit_signatures(&p.component, &refs)
         }
-        .map_err(|e| ServeError::Program(format!("program {:?} refused: {e}", p.name)))?;
+        .map_err(|source| ServeError::ProgramRefused {
+            name: p.name.clone(),
+            source,
+        })?;
         let info = ProgramInfo {
             name: p.name.clone(),
             sha256: hex::encode(admitted.grant().digest),
