@@ -2,34 +2,64 @@
 #![forbid(unsafe_code)]
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-/// The cinfer trusted loader: admits signed Wasm programs under a policy and
-/// runs them with only decrypt, accelerator and encrypt capabilities.
-#[derive(Debug, Parser)]
-#[command(version, about)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
+const USAGE: &str = "\
+The cinfer trusted loader: admits signed Wasm programs under a policy and runs
+them with only decrypt, accelerator and encrypt capabilities.
+
+Usage: trusted-loader serve --config <CONFIG>
+
+Commands:
+  serve  Measures the binary, this configuration and the policy into the TPM,
+         then listens on the configured endpoint for one peer at a time,
+         answering attestation requests and installing released keys. Never
+         opens a connection itself.
+
+Options:
+  --config <CONFIG>  Serve configuration TOML (listen, tpm, policy, pcr,
+                     quote-pcrs, max-frame-bytes, server-keys, peer timeouts,
+                     ...); it is measured byte for byte. Refused without
+                     `server-keys` (the inference servers' keys) unless
+                     `allow-unauthenticated-peers = true` (development only).
+  -h, --help         Print help
+  -V, --version      Print version
+
+Environment:
+  CINFER_LOG  log filter, e.g. `info` or `warn,cinfer_host=debug` (default `warn`)
+";
+
+/// What the command line asks for.
+#[derive(Debug, PartialEq)]
+enum Command {
+    Serve { config: PathBuf },
+    Help,
+    Version,
 }
 
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Serves: measures the binary, this configuration and the policy into the
-    /// TPM, then listens on the configured endpoint for one peer at a time,
-    /// answering attestation requests and installing released keys. Never
-    /// opens a connection itself.
-    Serve {
-        /// Serve configuration TOML (listen, tpm, policy, pcr, quote-pcrs,
-        /// max-frame-bytes, server-keys, peer timeouts, …); it is measured byte
-        /// for byte. Refused without `server-keys` (the inference servers' keys)
-        /// unless `allow-unauthenticated-peers = true` (development only).
-        #[arg(long)]
-        config: PathBuf,
-    },
+fn parse_args(
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+) -> Result<Command, lexopt::Error> {
+    use lexopt::prelude::*;
+    let mut parser = lexopt::Parser::from_args(args);
+    let mut command = None;
+    let mut config = None;
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('h') | Long("help") => return Ok(Command::Help),
+            Short('V') | Long("version") => return Ok(Command::Version),
+            Long("config") if command.is_some() => config = Some(PathBuf::from(parser.value()?)),
+            Value(v) if command.is_none() && v == "serve" => command = Some(()),
+            _ => return Err(arg.unexpected()),
+        }
+    }
+    match (command, config) {
+        (None, _) => Err("missing command (serve)".into()),
+        (Some(()), None) => Err("serve needs --config <CONFIG>".into()),
+        (Some(()), Some(config)) => Ok(Command::Serve { config }),
+    }
 }
 
 fn serve(config: &Path) -> Result<ExitCode> {
@@ -120,22 +150,123 @@ fn serve(config: &Path) -> Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("CINFER_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
+    let warn = || tracing_subscriber::filter::Targets::new().with_default(tracing::Level::WARN);
+    let filter = match std::env::var("CINFER_LOG") {
+        Ok(f) => f.parse().unwrap_or_else(|e| {
+            eprintln!("trusted-loader: CINFER_LOG {f:?} ignored ({e}); logging warnings");
+            warn()
+        }),
+        Err(_) => warn(),
+    };
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .with(filter)
         .init();
-    let cli = Cli::parse();
-    let result = match &cli.command {
-        Command::Serve { config } => serve(config),
+    let result = match parse_args(std::env::args_os().skip(1)) {
+        Ok(Command::Serve { config }) => serve(&config),
+        Ok(Command::Help) => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::Version) => {
+            println!("trusted-loader {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!(
+                "error: {e}\n\nUsage: trusted-loader serve --config <CONFIG> (--help for more)"
+            );
+            return ExitCode::from(2);
+        }
     };
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", chain_message(&e));
             ExitCode::from(2)
         }
+    }
+}
+
+/// The error and its causes joined by ": ", leaving out a cause whose text the
+/// message already contains (our errors print their source in their own
+/// message, so `{:#}` would say it twice).
+fn chain_message(e: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if message.contains(&text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&text);
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Command, String> {
+        parse_args(args.iter().map(std::ffi::OsString::from)).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn serve_takes_its_config() {
+        assert_eq!(
+            parse(&["serve", "--config", "a.toml"]),
+            Ok(Command::Serve {
+                config: "a.toml".into()
+            })
+        );
+        assert_eq!(
+            parse(&["serve", "--config=b.toml"]),
+            Ok(Command::Serve {
+                config: "b.toml".into()
+            })
+        );
+        assert_eq!(parse(&["--help"]), Ok(Command::Help));
+        assert_eq!(parse(&["serve", "-V"]), Ok(Command::Version));
+    }
+
+    #[test]
+    fn a_cause_is_said_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let e = anyhow::Error::new(cinfer_host::measure::MeasureError::Read {
+            path: "/x".into(),
+            source: io,
+        })
+        .context("measuring");
+        assert_eq!(chain_message(&e), "measuring: reading /x: no such file");
+    }
+
+    #[test]
+    fn anything_else_is_refused_with_the_reason() {
+        assert_eq!(parse(&[]), Err("missing command (serve)".into()));
+        assert_eq!(
+            parse(&["serve"]),
+            Err("serve needs --config <CONFIG>".into())
+        );
+        assert_eq!(
+            parse(&["run", "x"]),
+            Err("unexpected argument \"run\"".into())
+        );
+        assert_eq!(
+            parse(&["--config", "a.toml", "serve"]),
+            Err("invalid option '--config'".into())
+        );
+        assert_eq!(
+            parse(&["serve", "--config", "a", "--listen", "x"]),
+            Err("invalid option '--listen'".into())
+        );
+        assert_eq!(
+            parse(&["serve", "--config"]),
+            Err("missing argument for option '--config'".into())
+        );
     }
 }

@@ -246,8 +246,8 @@ impl Attestor {
     /// attestation's ephemeral key is spent once the release passed its
     /// format and signature checks, whatever happens next.
     pub fn stage(&mut self, payload: &[u8]) -> Result<StagedRelease, ServeError> {
-        let release: KeyRelease = serde_json::from_slice(payload)
-            .map_err(ServeError::MalformedRelease)?;
+        let release: KeyRelease =
+            serde_json::from_slice(payload).map_err(ServeError::MalformedRelease)?;
         if release.version != cinfer_attest::KEY_RELEASE_VERSION {
             return Err(ServeError::ReleaseVersion {
                 found: release.version,
@@ -316,8 +316,8 @@ impl Attestor {
             };
             match k.kind {
                 ReleasedKeyKind::Request => {
-                    let key =
-                        RequestPrivateKey::from_bytes(&secret).map_err(|e| bad(BadKeyReason::Request(e)))?;
+                    let key = RequestPrivateKey::from_bytes(&secret)
+                        .map_err(|e| bad(BadKeyReason::Request(e)))?;
                     let key_id = key.public_key().key_id();
                     if key_id != k.id {
                         return Err(bad(BadKeyReason::RequestKeyId(key_id)));
@@ -325,7 +325,8 @@ impl Attestor {
                     requests.insert(k.id.clone(), key);
                 }
                 ReleasedKeyKind::Model => {
-                    let key = ModelKey::from_bytes(&secret).map_err(|e| bad(BadKeyReason::Model(e)))?;
+                    let key =
+                        ModelKey::from_bytes(&secret).map_err(|e| bad(BadKeyReason::Model(e)))?;
                     keys.models.insert(k.id.clone(), key);
                 }
                 ReleasedKeyKind::Receipt => {
