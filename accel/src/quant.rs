@@ -245,26 +245,30 @@ pub fn widen(q: &[i8; 32]) -> [i16; 32] {
     core::array::from_fn(|j| i16::from(q[j]))
 }
 
-/// Σ over blocks of the Q4_1 · Q8_1 dot product.
+/// Σ over blocks of the Q4_1 · Q8_1 dot product. Per block, in block order:
+/// `acc = fma(dw · dx, sumi, acc)` and `mins = fma(mw, sx, mins)` (fused
+/// multiply-adds: the SIMD kernels' one instruction each), result `acc + mins`.
+/// Every kernel, CPU and CUDA, computes exactly these operations.
 #[inline]
 pub fn dot_q4_1_q8_1(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
     let mut acc = 0f32;
     let mut mins = 0f32;
     for (wb, xb) in w.iter().zip(x) {
         let sumi = dot32_i16(&unpack_q4_1(wb), &widen(&xb.qs));
-        acc += (wb.d() * xb.d) * sumi as f32;
-        mins += wb.m() * xb.s;
+        acc = (wb.d() * xb.d).mul_add(sumi as f32, acc);
+        mins = wb.m().mul_add(xb.s, mins);
     }
     acc + mins
 }
 
-/// Σ over blocks of the Q8_0 · Q8_0 dot product.
+/// Σ over blocks of the Q8_0 · Q8_0 dot product: `acc = fma(dw · dx, sumi, acc)`
+/// per block, in block order.
 #[inline]
 pub fn dot_q8_0_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0]) -> f32 {
     let mut acc = 0f32;
     for (wb, xb) in w.iter().zip(x) {
         let sumi = dot32_i16(&widen(&wb.qs), &widen(&xb.qs));
-        acc += (wb.d() * xb.d()) * sumi as f32;
+        acc = (wb.d() * xb.d()).mul_add(sumi as f32, acc);
     }
     acc
 }
@@ -306,8 +310,8 @@ impl UnpackedRow {
         let scales = self.d.iter().zip(&self.m).zip(x.d.iter().zip(&x.s));
         for ((wv, xv), ((wd, wm), (xd, xs))) in blocks.zip(scales) {
             let sumi = dot32_i16(wv, xv);
-            acc += (wd * xd) * sumi as f32;
-            mins += wm * xs;
+            acc = (wd * xd).mul_add(sumi as f32, acc);
+            mins = wm.mul_add(*xs, mins);
         }
         acc + mins
     }
@@ -322,8 +326,8 @@ pub fn dot_q4_1_prepared(w: &[BlockQ4_1], x: &PreparedRow) -> f32 {
     let scales = x.d.iter().zip(&x.s);
     for ((wb, xv), (xd, xs)) in w.iter().zip(&x.vals).zip(scales) {
         let sumi = dot32_i16(&unpack_q4_1(wb), xv);
-        acc += (wb.d() * xd) * sumi as f32;
-        mins += wb.m() * xs;
+        acc = (wb.d() * xd).mul_add(sumi as f32, acc);
+        mins = wb.m().mul_add(*xs, mins);
     }
     acc + mins
 }
@@ -333,7 +337,7 @@ pub fn dot_q4_1_prepared(w: &[BlockQ4_1], x: &PreparedRow) -> f32 {
 pub fn dot_q8_0_prepared(w: &[BlockQ8_0], x: &PreparedRow) -> f32 {
     let mut acc = 0f32;
     for ((wb, xv), xd) in w.iter().zip(&x.vals).zip(&x.d) {
-        acc += (wb.d() * xd) * dot32_i16(&widen(&wb.qs), xv) as f32;
+        acc = (wb.d() * xd).mul_add(dot32_i16(&widen(&wb.qs), xv) as f32, acc);
     }
     acc
 }

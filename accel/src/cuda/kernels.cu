@@ -138,12 +138,15 @@ extern "C" __global__ void round_f16_f32(const float* x, float* out, u32 n) {
 // ---------------------------------------------------------------- matmul
 
 // Decode GEMV: one warp per weight row j and activation row i (blockIdx.y).
-// Lanes compute per-block terms; lane 0 adds them in block order, so the sum
-// is the CPU's dot_q4_1_q8_1 / dot_q8_0_q8_0 bit for bit.
+// Lanes compute per-block terms; lane 0 folds them in block order with the
+// CPU's fused multiply-adds, so the sum is the CPU's dot_q4_1_q8_1 /
+// dot_q8_0_q8_0 bit for bit.
 extern "C" __global__ void gemv_q(const u8* w, u32 dtype, const i8* xq, const float* xd,
                                   const float* xs, float* out, u32 n, u32 kb) {
-    __shared__ float terms[8][32];
-    __shared__ float mterms[8][32];
+    __shared__ float scales[8][32];
+    __shared__ float sums[8][32];
+    __shared__ float wmins[8][32];
+    __shared__ float xsums[8][32];
     int lane = threadIdx.x & 31, wi = threadIdx.x >> 5;
     u32 j = blockIdx.x * 8 + wi;
     u32 i = blockIdx.y;
@@ -154,7 +157,7 @@ extern "C" __global__ void gemv_q(const u8* w, u32 dtype, const i8* xq, const fl
     float acc = 0.0f, mins = 0.0f;
     for (u32 c = 0; c < kb; c += 32) {
         u32 b = c + lane;
-        float t = 0.0f, mt = 0.0f;
+        float sc = 0.0f, si = 0.0f, mw = 0.0f, sx = 0.0f;
         if (active && b < kb) {
             const u8* blk = row + (u64)b * bsz;
             const i8* xb = xr + (u64)b * 32;
@@ -164,22 +167,25 @@ extern "C" __global__ void gemv_q(const u8* w, u32 dtype, const i8* xq, const fl
                     u8 byte = blk[4 + e];
                     sumi += (int)(byte & 0x0f) * (int)xb[e] + (int)(byte >> 4) * (int)xb[e + 16];
                 }
-                t = (h2f(ld_u16(blk)) * xd[(u64)i * kb + b]) * (float)sumi;
-                mt = h2f(ld_u16(blk + 2)) * xs[(u64)i * kb + b];
+                mw = h2f(ld_u16(blk + 2));
+                sx = xs[(u64)i * kb + b];
             } else {
                 const i8* wq = (const i8*)(blk + 2);
                 for (int e = 0; e < 32; e++) sumi += (int)wq[e] * (int)xb[e];
-                t = (h2f(ld_u16(blk)) * xd[(u64)i * kb + b]) * (float)sumi;
             }
+            sc = h2f(ld_u16(blk)) * xd[(u64)i * kb + b];
+            si = (float)sumi;
         }
-        terms[wi][lane] = t;
-        mterms[wi][lane] = mt;
+        scales[wi][lane] = sc;
+        sums[wi][lane] = si;
+        wmins[wi][lane] = mw;
+        xsums[wi][lane] = sx;
         __syncwarp();
         if (lane == 0) {
             u32 lim = kb - c < 32 ? kb - c : 32;
             for (u32 e = 0; e < lim; e++) {
-                acc += terms[wi][e];
-                mins += mterms[wi][e];
+                acc = fmaf(scales[wi][e], sums[wi][e], acc);
+                mins = fmaf(wmins[wi][e], xsums[wi][e], mins);
             }
         }
         __syncwarp();

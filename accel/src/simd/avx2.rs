@@ -83,8 +83,8 @@ fn q4_1_tile<const N: usize>(w: &PackedQ4_1, g: usize, h: usize, x: &[ActBlock],
             }
             let s = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
             let scale = _mm256_mul_ps(dw, _mm256_set1_ps(xb.d));
-            acc[n] = _mm256_add_ps(acc[n], _mm256_mul_ps(scale, s));
-            mins[n] = _mm256_add_ps(mins[n], _mm256_mul_ps(mw, _mm256_set1_ps(xb.s)));
+            acc[n] = _mm256_fmadd_ps(scale, s, acc[n]);
+            mins[n] = _mm256_fmadd_ps(mw, _mm256_set1_ps(xb.s), mins[n]);
         }
     }
     for n in 0..N {
@@ -143,7 +143,7 @@ fn q8_0_tile<const N: usize>(w: &PackedQ8_0, g: usize, h: usize, x: &[ActBlock],
                 s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(wa[c], xs), ones));
             }
             let scale = _mm256_mul_ps(dw, _mm256_set1_ps(xb.d));
-            acc[n] = _mm256_add_ps(acc[n], _mm256_mul_ps(scale, _mm256_cvtepi32_ps(s)));
+            acc[n] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(s), acc[n]);
         }
     }
     for n in 0..N {

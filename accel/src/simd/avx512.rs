@@ -9,7 +9,7 @@ use bytemuck::must_cast;
 use core::arch::x86_64::*;
 
 /// Activation rows computed together against one unpacked weight block.
-const TILE: usize = 4;
+const TILE: usize = 8;
 /// How far ahead (bytes of Q4_1 nibbles; twice that of Q8_0 values) to prefetch.
 const PREFETCH: usize = 2048;
 
@@ -57,8 +57,8 @@ pub(super) fn q4_1_group(w: &PackedQ4_1, g: usize, x: &[ActBlock], m: usize, out
 }
 
 /// `N` activation rows (`x[n · kb..]`) against one group; per row and lane
-/// the reference's float operations in its order: `acc += (dw · dx) · sumi`,
-/// `mins += mw · sx`, result `acc + mins`.
+/// the reference's float operations in its order: `acc = fma(dw · dx, sumi,
+/// acc)`, `mins = fma(mw, sx, mins)`, result `acc + mins`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 fn q4_1_tile<const N: usize>(w: &PackedQ4_1, g: usize, x: &[ActBlock], out: &mut [f32]) {
@@ -87,8 +87,8 @@ fn q4_1_tile<const N: usize>(w: &PackedQ4_1, g: usize, x: &[ActBlock], out: &mut
             let xb = &x[n * kb + b];
             let s = _mm512_cvtepi32_ps(block_sums(&wv, &xb.qs));
             let scale = _mm512_mul_ps(dw, _mm512_set1_ps(xb.d));
-            acc[n] = _mm512_add_ps(acc[n], _mm512_mul_ps(scale, s));
-            mins[n] = _mm512_add_ps(mins[n], _mm512_mul_ps(mw, _mm512_set1_ps(xb.s)));
+            acc[n] = _mm512_fmadd_ps(scale, s, acc[n]);
+            mins[n] = _mm512_fmadd_ps(mw, _mm512_set1_ps(xb.s), mins[n]);
         }
     }
     for n in 0..N {
@@ -135,7 +135,7 @@ fn q8_0_tile<const N: usize>(w: &PackedQ8_0, g: usize, x: &[ActBlock], out: &mut
             let raw = block_sums(&wv, &xb.qs);
             let s = _mm512_cvtepi32_ps(_mm512_sub_epi32(raw, _mm512_set1_epi32(128 * xb.sum)));
             let scale = _mm512_mul_ps(dw, _mm512_set1_ps(xb.d));
-            acc[n] = _mm512_add_ps(acc[n], _mm512_mul_ps(scale, s));
+            acc[n] = _mm512_fmadd_ps(scale, s, acc[n]);
         }
     }
     for n in 0..N {
@@ -256,3 +256,4 @@ pub(super) fn weighted_rows(p: &[f32], v: &[f32], stride: usize, o: &mut [f32]) 
         super::avx2::weighted_rows(p, &v[j..], stride, &mut o[j..]);
     }
 }
+

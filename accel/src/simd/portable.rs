@@ -24,8 +24,8 @@ pub(super) fn q4_1_group(w: &PackedQ4_1, g: usize, x: &[ActBlock], m: usize, out
             let (mut acc, mut mins) = (0f32, 0f32);
             for (wb, xb) in blocks.iter().zip(&x[i * kb..(i + 1) * kb]) {
                 let sumi = block_sum(&unpack_q4_1(wb), &xb.qs);
-                acc += (wb.d() * xb.d) * sumi as f32;
-                mins += wb.m() * xb.s;
+                acc = (wb.d() * xb.d).mul_add(sumi as f32, acc);
+                mins = wb.m().mul_add(xb.s, mins);
             }
             out[i * GROUP + r] = acc + mins;
         }
@@ -45,7 +45,7 @@ pub(super) fn q8_0_group(w: &PackedQ8_0, g: usize, x: &[ActBlock], m: usize, out
             let mut acc = 0f32;
             for (wb, xb) in blocks.iter().zip(&x[i * kb..(i + 1) * kb]) {
                 let wv: [i16; 32] = core::array::from_fn(|j| i16::from(wb.qs[j]));
-                acc += (wb.d() * xb.d) * block_sum(&wv, &xb.qs) as f32;
+                acc = (wb.d() * xb.d).mul_add(block_sum(&wv, &xb.qs) as f32, acc);
             }
             out[i * GROUP + r] = acc;
         }
