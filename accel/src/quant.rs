@@ -84,42 +84,12 @@ pub struct ActBlock {
 /// Quantizes activation rows (length a multiple of 32) for Q4_1 weights:
 /// the numbers of [`quantize_q8_1`].
 pub fn act_q8_1(x: &[f32]) -> Vec<ActBlock> {
-    let level = crate::simd::level();
-    par_blocks(x, |b| {
-        let (d, qs) = crate::simd::quantize_block(level, b);
-        let sum: i32 = qs.iter().map(|q| i32::from(*q)).sum();
-        ActBlock {
-            d: round_f16(d),
-            s: round_f16(d * sum as f32),
-            sum,
-            qs,
-        }
-    })
+    crate::simd::act_blocks(crate::simd::level(), x, true)
 }
 
 /// Quantizes activation rows for Q8_0 weights: the numbers of [`quantize_q8_0`].
 pub fn act_q8_0(x: &[f32]) -> Vec<ActBlock> {
-    let level = crate::simd::level();
-    par_blocks(x, |b| {
-        let (d, qs) = crate::simd::quantize_block(level, b);
-        ActBlock {
-            d: round_f16(d),
-            s: 0.0,
-            sum: qs.iter().map(|q| i32::from(*q)).sum(),
-            qs,
-        }
-    })
-}
-
-/// `f` over the 32-blocks of `x`, in order; on the rayon pool for long inputs
-/// (prompt processing), on this thread otherwise.
-fn par_blocks(x: &[f32], f: impl Fn(&[f32; QK]) -> ActBlock + Sync + Send) -> Vec<ActBlock> {
-    let blocks = x.as_chunks::<QK>().0;
-    if blocks.len() >= 256 {
-        blocks.par_iter().map(f).collect()
-    } else {
-        blocks.iter().map(f).collect()
-    }
+    crate::simd::act_blocks(crate::simd::level(), x, false)
 }
 
 /// Rounds an f32 through f16 (what storing it in an f16 field does).

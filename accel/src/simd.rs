@@ -116,24 +116,52 @@ pub(crate) fn prefetch<T>(items: &[T], at: usize) {
     let _ = (items, at);
 }
 
-/// One activation block: `(amax / 127, round(x · 127 / amax))`, bit for bit
-/// the scalar [`crate::quant::quantize_block`].
-pub(crate) fn quantize_block(level: Level, x: &[f32; 32]) -> (f32, [i8; 32]) {
+/// The activation blocks of `x` (a multiple of 32 long) for Q4_1 weights
+/// (`q8_1`: with `s = d · Σq` rounded to f16) or Q8_0 weights (`s = 0`), the
+/// numbers of [`crate::quant::quantize_q8_1`] / [`crate::quant::quantize_q8_0`].
+/// One call per launch, on the calling thread: per block it is a few
+/// nanoseconds, less than handing it to other threads costs (and rayon's
+/// threads would contend with the matmul pool's spinning workers).
+pub(crate) fn act_blocks(level: Level, x: &[f32], q8_1: bool) -> Vec<ActBlock> {
     match level {
         #[cfg(target_arch = "x86_64")]
         Level::Avx512Vnni if detected() >= Level::Avx512Vnni => {
             // SAFETY: `detected()` found avx512f, avx512bw, avx512vnni, avx2,
-            // fma and f16c, the features `avx512::quantize_block` is compiled with.
-            unsafe { avx512::quantize_block(x) }
+            // fma and f16c, the features `avx512::act_blocks` is compiled with.
+            unsafe { avx512::act_blocks(x, q8_1) }
         }
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 | Level::Avx512Vnni if detected() >= Level::Avx2 => {
             // SAFETY: `detected()` found avx2, fma and f16c, the features
-            // `avx2::quantize_block` is compiled with.
-            unsafe { avx2::quantize_block(x) }
+            // `avx2::act_blocks` is compiled with.
+            unsafe { avx2::act_blocks(x, q8_1) }
         }
-        _ => portable::quantize_block(x),
+        _ => act_blocks_with(x, q8_1, portable::quantize_block, crate::quant::round_f16),
     }
+}
+
+/// [`act_blocks`] with one level's block quantizer (scale, values, their
+/// sum) and f16 rounding; inlined into each level's
+/// `act_blocks`, so the whole loop is compiled with that level's features.
+#[inline(always)]
+fn act_blocks_with(
+    x: &[f32],
+    q8_1: bool,
+    quantize: impl Fn(&[f32; 32]) -> (f32, [i8; 32], i32),
+    round_f16: impl Fn(f32) -> f32,
+) -> Vec<ActBlock> {
+    let blocks = x.as_chunks::<32>().0;
+    let mut out = Vec::with_capacity(blocks.len());
+    for b in blocks {
+        let (d, qs, sum) = quantize(b);
+        out.push(ActBlock {
+            d: round_f16(d),
+            s: if q8_1 { round_f16(d * sum as f32) } else { 0.0 },
+            sum,
+            qs,
+        });
+    }
+    out
 }
 
 /// Σ a·b of two equal-length f32 slices, bit for bit the CPU backend's
@@ -468,11 +496,25 @@ mod tests {
             .iter_mut()
             .enumerate()
             .for_each(|(i, v)| *v = if i % 2 == 0 { -1.0e-44 } else { -0.0 });
+        // NaN and inf blocks too.
+        x[64] = f32::NAN;
+        x[100] = f32::INFINITY;
+        x[130] = f32::NEG_INFINITY;
+        x[131] = f32::NAN;
+        let (r1, r0) = (quant::quantize_q8_1(&x), quant::quantize_q8_0(&x));
         for &level in &available() {
-            for b in x.as_chunks::<32>().0 {
-                let (d, q) = quantize_block(level, b);
+            let (a1, a0) = (act_blocks(level, &x, true), act_blocks(level, &x, false));
+            assert_eq!((a1.len(), a0.len()), (r1.len(), r0.len()));
+            for (i, b) in x.as_chunks::<32>().0.iter().enumerate() {
                 let (rd, rq) = quant::quantize_block(b);
-                assert_eq!((d.to_bits(), q), (rd.to_bits(), rq), "{level:?} on {b:?}");
+                let sum: i32 = rq.iter().map(|q| i32::from(*q)).sum();
+                let want1 = (r1[i].d.to_bits(), r1[i].s.to_bits(), sum, r1[i].qs);
+                let got1 = (a1[i].d.to_bits(), a1[i].s.to_bits(), a1[i].sum, a1[i].qs);
+                assert_eq!(got1, want1, "{level:?} q8_1 on {b:?}");
+                let want0 = (quant::round_f16(rd).to_bits(), 0f32.to_bits(), sum, r0[i].qs);
+                let got0 = (a0[i].d.to_bits(), a0[i].s.to_bits(), a0[i].sum, a0[i].qs);
+                assert_eq!(got0, want0, "{level:?} q8_0 on {b:?}");
+                assert_eq!(r0[i].qs, rq);
             }
         }
     }

@@ -154,8 +154,14 @@ fn q8_0_tile<const N: usize>(w: &PackedQ8_0, g: usize, h: usize, x: &[ActBlock],
 
 /// One activation block quantized bit for bit as the scalar code does (see
 /// the AVX-512 version).
+/// [`super::act_blocks`] at this level.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) fn quantize_block(x: &[f32; 32]) -> (f32, [i8; 32]) {
+pub(super) fn act_blocks(x: &[f32], q8_1: bool) -> Vec<ActBlock> {
+    super::act_blocks_with(x, q8_1, |b| quantize_block(b), |v| round_f16(v))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn quantize_block(x: &[f32; 32]) -> (f32, [i8; 32], i32) {
     let parts: [[f32; 8]; 4] = must_cast(*x);
     let v: [__m256; 4] = [
         must_cast(parts[0]),
@@ -189,7 +195,19 @@ pub(super) fn quantize_block(x: &[f32; 32]) -> (f32, [i8; 32]) {
     );
     // packs work per 128-bit lane: put the 4-byte groups back in order.
     let ordered = _mm256_permutevar8x32_epi32(w16, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-    (d, must_cast(ordered))
+    let lanes: [i32; 8] = must_cast(_mm256_add_epi32(
+        _mm256_add_epi32(q[0], q[1]),
+        _mm256_add_epi32(q[2], q[3]),
+    ));
+    (d, must_cast(ordered), lanes.iter().sum())
+}
+
+/// `x` rounded through f16 (nearest, ties to even): what the `half` crate's
+/// F16C path computes, in one instruction each way.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn round_f16(x: f32) -> f32 {
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(x))))
 }
 
 /// The scalar `dot` of the CPU backend, bit for bit: lane `i` of 8 fuses

@@ -147,8 +147,14 @@ fn q8_0_tile<const N: usize>(w: &PackedQ8_0, g: usize, x: &[ActBlock], out: &mut
 /// One activation block quantized as [`crate::quant::act_q8_1`] does, bit
 /// for bit: NaN is ignored by the absolute maximum and quantizes to 0,
 /// products are rounded to nearest-even and saturated like `as i8`.
+/// [`super::act_blocks`] at this level.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-pub(super) fn quantize_block(x: &[f32; 32]) -> (f32, [i8; 32]) {
+pub(super) fn act_blocks(x: &[f32], q8_1: bool) -> Vec<ActBlock> {
+    super::act_blocks_with(x, q8_1, |b| quantize_block(b), |v| super::avx2::round_f16(v))
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+pub(super) fn quantize_block(x: &[f32; 32]) -> (f32, [i8; 32], i32) {
     let halves: [[f32; 16]; 2] = must_cast(*x);
     let v = [must_cast::<_, __m512>(halves[0]), must_cast(halves[1])];
     // maxps returns its second operand when either is NaN: NaN lanes keep the running max.
@@ -158,6 +164,7 @@ pub(super) fn quantize_block(x: &[f32; 32]) -> (f32, [i8; 32]) {
     let d = amax / 127.0;
     let id = _mm512_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
     let mut qs = [0i8; 32];
+    let mut sum = _mm512_setzero_si512();
     for (h, half) in v.iter().enumerate() {
         let p = _mm512_mul_ps(*half, id);
         let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(p, p);
@@ -166,10 +173,11 @@ pub(super) fn quantize_block(x: &[f32; 32]) -> (f32, [i8; 32]) {
             _mm512_set1_ps(127.0),
         );
         let q = _mm512_maskz_mov_epi32(ordered, _mm512_cvtps_epi32(c));
+        sum = _mm512_add_epi32(sum, q);
         let b: [i8; 16] = must_cast(_mm512_cvtepi32_epi8(q));
         qs[h * 16..h * 16 + 16].copy_from_slice(&b);
     }
-    (d, qs)
+    (d, qs, _mm512_reduce_add_epi32(sum))
 }
 
 /// Sixteen keys of `avx2::score_block` at once: the same eight chains over d

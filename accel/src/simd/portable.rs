@@ -52,8 +52,9 @@ pub(super) fn q8_0_group(w: &PackedQ8_0, g: usize, x: &[ActBlock], m: usize, out
     }
 }
 
-pub(super) fn quantize_block(x: &[f32; 32]) -> (f32, [i8; 32]) {
-    crate::quant::quantize_block(x)
+pub(super) fn quantize_block(x: &[f32; 32]) -> (f32, [i8; 32], i32) {
+    let (d, qs) = crate::quant::quantize_block(x);
+    (d, qs, qs.iter().map(|q| i32::from(*q)).sum())
 }
 
 pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
