@@ -193,8 +193,10 @@ fn grouped(
                     // 16 floats is a `memcpy` call each: 12,288 of them for a
                     // [128, 1536] result).
                     for (o, row) in out[g * GROUP..].chunks_mut(n).zip(rows) {
-                        let o: &mut [f32; GROUP] = o.first_chunk_mut().expect("16 columns left");
-                        *o = *row;
+                        // Every chunk has the group's 16 columns (cols == 16).
+                        if let Some(o) = o.first_chunk_mut::<GROUP>() {
+                            *o = *row;
+                        }
                     }
                 } else {
                     for (i, row) in rows.iter().enumerate() {

@@ -511,7 +511,12 @@ mod tests {
                 let want1 = (r1[i].d.to_bits(), r1[i].s.to_bits(), sum, r1[i].qs);
                 let got1 = (a1[i].d.to_bits(), a1[i].s.to_bits(), a1[i].sum, a1[i].qs);
                 assert_eq!(got1, want1, "{level:?} q8_1 on {b:?}");
-                let want0 = (quant::round_f16(rd).to_bits(), 0f32.to_bits(), sum, r0[i].qs);
+                let want0 = (
+                    quant::round_f16(rd).to_bits(),
+                    0f32.to_bits(),
+                    sum,
+                    r0[i].qs,
+                );
                 let got0 = (a0[i].d.to_bits(), a0[i].s.to_bits(), a0[i].sum, a0[i].qs);
                 assert_eq!(got0, want0, "{level:?} q8_0 on {b:?}");
                 assert_eq!(r0[i].qs, rq);

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 /// Where the server is and which keyserver identity to trust.
 #[derive(Debug, clap::Args)]
 pub struct ServerArgs {
-    /// Inference server base URL (plain http:// only: local development).
+    /// Inference server base URL (http:// or https://; use https:// beyond localhost).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub server: String,
     #[command(flatten)]

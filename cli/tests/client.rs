@@ -699,10 +699,21 @@ fn unavailable_server_is_a_typed_error_with_the_servers_text() {
         Client::new("http://127.0.0.1:1", vec![4; 65]),
         Err(ClientError::BadIdentityKey)
     ));
-    assert!(matches!(
-        Client::new("https://example.test", fake.identity.clone()),
-        Err(ClientError::InvalidUrl(_))
-    ));
+    match Client::new("ftp://example.test", fake.identity.clone()) {
+        Err(ClientError::InvalidUrl(m)) => assert!(m.contains("only http:// and https://"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // https:// is spoken: against the fake's plain-HTTP port the TLS handshake
+    // fails, a transport error naming the server (no plaintext fallback).
+    let tls = fake.url().replacen("http://", "https://", 1);
+    match Client::new(&tls, fake.identity.clone())
+        .unwrap()
+        .with_timeouts(Duration::from_secs(5), Duration::from_secs(5))
+        .chat("echo", b"{}", |_| {})
+    {
+        Err(ClientError::Io(m)) => assert!(m.starts_with(&tls), "{m}"),
+        other => panic!("{other:?}"),
+    }
 }
 
 fn cinfer() -> Command {

@@ -15,11 +15,12 @@
 //!    request it sent, the digest and count of the sealed frames it received,
 //!    and the outcome carried by the final frame.
 //!
-//! Transport: a small blocking HTTP/1.1 client over plain `http://` only —
-//! meant for a server on localhost or a trusted network hop in development.
+//! Transport: blocking HTTP/1.1 on `ureq` (keep-alive, `https://` through
+//! rustls with the webpki roots, proxies from the environment; see `http.rs`).
 //! Confidentiality and integrity of requests and replies do not depend on the
 //! transport (sealing and receipts do), but metadata (program name, sizes,
-//! timing) is visible on the wire; put TLS in front for anything else.
+//! timing) is visible on a plain `http://` hop: use `https://` beyond
+//! localhost or a trusted network.
 //!
 //! Errors never carry request or reply plaintext.
 #![forbid(unsafe_code)]
@@ -60,7 +61,7 @@ const MAX_ERROR_TEXT: usize = 512;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ClientError {
-    /// The server URL is not a supported `http://` URL.
+    /// The server URL is not a supported `http://` or `https://` URL.
     #[error("invalid server URL {0}")]
     InvalidUrl(String),
     /// The program name is not a plain name (letters, digits, `.`, `_`, `-`).
@@ -238,7 +239,7 @@ pub fn outcome_name(status: ReplyStatus) -> &'static str {
 pub struct Client {
     base: http::BaseUrl,
     identity: Vec<u8>,
-    timeouts: http::Timeouts,
+    http: http::Http,
     cached: Mutex<Option<RequestKeyStatement>>,
     /// Expected component digests (hex), by program name.
     program_pins: std::collections::BTreeMap<String, String>,
@@ -339,8 +340,8 @@ fn valid_program(name: &str) -> bool {
 }
 
 impl Client {
-    /// A client of the server at `server_base_url` (`http://host:port`, plain
-    /// HTTP only), trusting request keys signed by the keyserver identity
+    /// A client of the server at `server_base_url` (`http://host:port` or
+    /// `https://host[:port]`, optionally with a base path), trusting request keys signed by the keyserver identity
     /// `keyserver_identity_sec1` (the SEC1 point `keyserver public-identity`
     /// prints, hex-decoded).
     pub fn new(
@@ -362,10 +363,7 @@ impl Client {
         Ok(Self {
             base,
             identity: keyserver_identity_sec1,
-            timeouts: http::Timeouts {
-                connect: Duration::from_secs(10),
-                io: Duration::from_secs(300),
-            },
+            http: http::Http::new(Duration::from_secs(10), Duration::from_secs(300)),
             cached: Mutex::new(None),
             program_pins: std::collections::BTreeMap::new(),
         })
@@ -386,7 +384,7 @@ impl Client {
     /// Sets the connect timeout and the read/write inactivity timeout
     /// (defaults 10 s and 300 s: generation may pause between tokens).
     pub fn with_timeouts(mut self, connect: Duration, io: Duration) -> Self {
-        self.timeouts = http::Timeouts { connect, io };
+        self.http = http::Http::new(connect, io);
         self
     }
 
@@ -401,7 +399,7 @@ impl Client {
     }
 
     fn get_json(&self, path: &str) -> Result<Vec<u8>, ClientError> {
-        let mut resp = http::send(&self.base, self.timeouts, "GET", path, None)?;
+        let mut resp = self.http.send(&self.base, "GET", path, None)?;
         if resp.status != 200 {
             return Err(server_error(resp));
         }
@@ -494,9 +492,8 @@ impl Client {
         .map_err(ClientError::Seal)?;
         let request_sha256 = hex::encode(Sha256::digest(&sealed));
         let path = format!("/v1/requests?program={program}");
-        let resp = http::send(
+        let resp = self.http.send(
             &self.base,
-            self.timeouts,
             "POST",
             &path,
             Some(("application/octet-stream", &sealed)),

@@ -207,7 +207,9 @@ pub(super) fn quantize_block(x: &[f32; 32]) -> (f32, [i8; 32], i32) {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn round_f16(x: f32) -> f32 {
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(x))))
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(
+        _mm_set_ss(x),
+    )))
 }
 
 /// The scalar `dot` of the CPU backend, bit for bit: lane `i` of 8 fuses

@@ -150,7 +150,12 @@ fn q8_0_tile<const N: usize>(w: &PackedQ8_0, g: usize, x: &[ActBlock], out: &mut
 /// [`super::act_blocks`] at this level.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 pub(super) fn act_blocks(x: &[f32], q8_1: bool) -> Vec<ActBlock> {
-    super::act_blocks_with(x, q8_1, |b| quantize_block(b), |v| super::avx2::round_f16(v))
+    super::act_blocks_with(
+        x,
+        q8_1,
+        |b| quantize_block(b),
+        |v| super::avx2::round_f16(v),
+    )
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
@@ -264,4 +269,3 @@ pub(super) fn weighted_rows(p: &[f32], v: &[f32], stride: usize, o: &mut [f32]) 
         super::avx2::weighted_rows(p, &v[j..], stride, &mut o[j..]);
     }
 }
-
