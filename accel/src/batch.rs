@@ -4,13 +4,21 @@
 //! Decode multiplies one activation row by every weight matrix in turn, so
 //! its speed is the speed at which weights stream through the cores. When
 //! several runs decode at once, [`Batching`] queues each `matmul` (and each
-//! `matmul_many`, by its list of matrices) by weight
-//! buffer and lets one of the runs waiting on that buffer execute every
-//! queued launch as one matmul over all their rows (weights streamed once);
-//! each run gets its own rows back. This is flat combining: no timer and no
-//! window. The first launch on a buffer runs at once, alone; launches that
-//! arrive while it runs queue up and go together in the next round, so runs
-//! that decode side by side fall into step by themselves.
+//! `matmul_many`, by its list of matrices) by weight buffer, and one of the
+//! runs waiting on that buffer executes every queued launch as one matmul
+//! over all their rows (weights streamed once); each run gets its own rows
+//! back.
+//!
+//! **When a round starts.** The runs that have made a batched launch form the
+//! cohort (a run leaves it when it launches an unbatched matmul, e.g. a long
+//! prompt, or ends). A round starts once every cohort run is waiting in some
+//! queue — nobody else can join it — and then only on the queue of the least
+//! advanced launch (each run counts its matmul launches): runs ahead wait for
+//! the runs behind, which therefore catch up and fall in step with them,
+//! after which every round carries all of them (on 8 identical streams, 7.9
+//! launches a round). A launch never waits longer than the window
+//! ([`DEFAULT_WINDOW`], [`Batching::with_window`]) for that moment: after it,
+//! its queue executes whatever is pending.
 //!
 //! - **Same numbers.** Every output row of the CPU kernels depends only on
 //!   its own activation row and the weights: batched and unbatched results
@@ -19,10 +27,11 @@
 //!   run's tensor, and the fused launch is only a computation. The run that
 //!   executes a batch reads the weights through its own reference (a batch
 //!   only ever holds launches on the one buffer it holds).
-//! - **Timing.** A launch waits at most for the round in progress on the
-//!   same weights (one matmul) plus its own round; a run alone never waits.
-//!   What a run can learn from the timing is that other runs exist, which the
-//!   loader's throughput shows anyway; it learns nothing of their content.
+//! - **Timing.** A launch waits at most the window, then for the round in
+//!   progress on the same weights (one matmul) plus its own round; a run alone
+//!   never waits. What a run can learn from the timing is that other runs
+//!   exist and roughly how far along they are, which the loader's throughput
+//!   shows anyway; it learns nothing of their content.
 //!
 //! Launches whose operands are not host f32 activations (a CUDA backend's
 //! tensors) go straight to the inner backend.
@@ -31,6 +40,7 @@ use super::{AttentionShape, Backend, BackendError, BinaryOp, DeviceBuffer, ElemT
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 /// Rows one fused launch takes at most (bounds the copy).
 pub const MAX_BATCH_ROWS: usize = 64;
@@ -43,6 +53,8 @@ struct Launch {
     x: Vec<f32>,
     m: usize,
     k: usize,
+    /// Matmul launches its run had made before this one (its progress).
+    step: u64,
     reply: Reply,
 }
 
@@ -58,6 +70,40 @@ struct Queue {
     executing: bool,
 }
 
+/// The batcher's shared state.
+#[derive(Default)]
+struct State {
+    /// Per list of weight buffers.
+    queues: HashMap<Key, Queue>,
+    /// Runs that are decoding through the queues (their thread made a batched
+    /// launch and has not left since): the runs a launch waits for.
+    cohort: usize,
+    /// Cohort runs waiting in a queue right now.
+    waiting: usize,
+}
+
+impl State {
+    /// The least progress among the pending launches.
+    fn least_step(&self) -> u64 {
+        self.queues
+            .values()
+            .flat_map(|q| q.pending.iter().map(|l| l.step))
+            .min()
+            .unwrap_or(0)
+    }
+}
+
+thread_local! {
+    /// The batcher (by address) whose cohort this thread's run is in; 0 for none.
+    static COHORT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// (batcher address, matmul launches of this thread's run on it so far).
+    static STEPS: std::cell::Cell<(usize, u64)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// Default bound on how long a launch waits for the other decoding runs to
+/// queue theirs (a few of their inter-launch gaps at 8 runs on 2 cores).
+pub const DEFAULT_WINDOW: Duration = Duration::from_micros(500);
+
 /// Counts of what the batcher did (for benchmarks and tests).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct BatchStats {
@@ -71,8 +117,8 @@ pub struct BatchStats {
 pub struct Batching {
     inner: Arc<dyn Backend>,
     runs: AtomicUsize,
-    /// Per list of weight buffers.
-    queues: Mutex<HashMap<Key, Queue>>,
+    state: Mutex<State>,
+    window: Duration,
     fused: AtomicU64,
     joined: AtomicU64,
 }
@@ -91,7 +137,8 @@ impl Batching {
         Batching {
             inner,
             runs: AtomicUsize::new(0),
-            queues: Mutex::new(HashMap::new()),
+            state: Mutex::new(State::default()),
+            window: DEFAULT_WINDOW,
             fused: AtomicU64::new(0),
             joined: AtomicU64::new(0),
         }
@@ -111,9 +158,38 @@ impl Batching {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Queue>> {
+    /// Sets how long a launch waits at most for the other decoding runs to
+    /// queue theirs (default [`DEFAULT_WINDOW`]); zero never waits.
+    pub fn with_window(mut self, window: Duration) -> Self {
+        self.window = window;
+        self
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding the lock leaves only plain data behind.
-        self.queues.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn id(&self) -> usize {
+        std::ptr::from_ref(self) as usize
+    }
+
+    /// Counts a matmul launch of this thread's run; returns how many it made before.
+    fn next_step(&self) -> u64 {
+        let (owner, n) = STEPS.get();
+        let n = if owner == self.id() { n } else { 0 };
+        STEPS.set((self.id(), n + 1));
+        n
+    }
+
+    /// This thread's run stops being waited for (it launches unbatched work,
+    /// or it ended).
+    fn leave_cohort(&self) {
+        if COHORT.get() == self.id() {
+            COHORT.set(0);
+            let mut st = self.lock();
+            st.cohort = st.cohort.saturating_sub(1);
+        }
     }
 
     /// `matmul_many(x, ws)` through the queue of `ws`: executed alone or
@@ -130,7 +206,13 @@ impl Batching {
             .map(|(w, _)| std::ptr::from_ref(*w) as usize)
             .collect();
         let reply: Reply = Arc::new(OnceLock::new());
-        self.lock()
+        let step = self.next_step();
+        let mut st = self.lock();
+        if COHORT.get() != self.id() {
+            COHORT.set(self.id());
+            st.cohort += 1;
+        }
+        st.queues
             .entry(key.clone())
             .or_default()
             .pending
@@ -138,41 +220,57 @@ impl Batching {
                 x: x.to_vec(),
                 m,
                 k,
+                step,
                 reply: reply.clone(),
             });
+        st.waiting += 1;
+        let deadline = Instant::now() + self.window;
         loop {
+            // Whoever executed the round took this launch off `waiting`.
             if let Some(r) = reply.get() {
                 return r
                     .clone()
                     .map(|outs| outs.into_iter().map(DeviceBuffer::F32).collect());
             }
-            // Execute a round if nobody is executing on these weights. The
-            // queue holds only launches on `ws`, which this call holds.
-            let round = {
-                let mut queues = self.lock();
-                let q = queues.entry(key.clone()).or_default();
-                if q.executing || q.pending.is_empty() {
-                    None
-                } else {
-                    q.executing = true;
-                    Some(take_round(&mut q.pending, k))
-                }
-            };
-            match round {
-                Some(round) => {
-                    self.execute(round, ws, &reply);
-                    let mut queues = self.lock();
-                    if let Some(q) = queues.get_mut(&key) {
-                        q.executing = false;
-                        if q.pending.is_empty() {
-                            queues.remove(&key);
-                        }
+            // A round can start on these weights when nobody executes one and
+            // launches are pending (the queue holds only launches on `ws`,
+            // which this call holds). It starts once every decoding run is
+            // waiting somewhere (no one else can join) if this launch is among
+            // the least advanced ones, so that runs further ahead wait for the
+            // ones behind and fall in step with them; or when the window is over.
+            let ready = st
+                .queues
+                .get(&key)
+                .is_some_and(|q| !q.executing && !q.pending.is_empty());
+            let now = Instant::now();
+            // (The cohort never counts more runs than are on the backend, in
+            // case a run ended on another thread than the one it decoded on.)
+            let all_waiting = st.waiting >= st.cohort.min(self.runs.load(Ordering::Relaxed));
+            let go = now >= deadline || (all_waiting && step <= st.least_step());
+            if ready && go {
+                let q = st.queues.entry(key.clone()).or_default();
+                q.executing = true;
+                let round = take_round(&mut q.pending, k);
+                // The round's runs are no longer waiting (they will be back
+                // with their next launch; until then the others wait for them).
+                st.waiting -= round.len();
+                drop(st);
+                self.execute(round, ws, &reply);
+                st = self.lock();
+                if let Some(q) = st.queues.get_mut(&key) {
+                    q.executing = false;
+                    if q.pending.is_empty() {
+                        st.queues.remove(&key);
                     }
                 }
-                // Another run is executing a round on these weights: yield the
-                // core (sleeping and being woken costs an interrupt on a VM).
-                None => std::thread::yield_now(),
+                continue;
             }
+            // Let the other runs (and a round in progress) have the core. A
+            // condition variable would cost a wake-up per run and round, an
+            // interrupt each on a VM: measured far slower (BENCHMARKS.md).
+            drop(st);
+            std::thread::yield_now();
+            st = self.lock();
         }
     }
 
@@ -255,6 +353,10 @@ impl Backend for Batching {
         self.inner.run_started();
     }
     fn run_ended(&self) {
+        self.leave_cohort();
+        if STEPS.get().0 == self.id() {
+            STEPS.set((0, 0));
+        }
         let _ = self
             .runs
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| r.checked_sub(1));
@@ -300,7 +402,11 @@ impl Backend for Batching {
                 .batched(xs, &[(w, n)], m, k)?
                 .pop()
                 .ok_or(BackendError::Device("batch returned no result".into())),
-            _ => self.inner.matmul(x, w, m, k, n),
+            _ => {
+                self.next_step();
+                self.leave_cohort();
+                self.inner.matmul(x, w, m, k, n)
+            }
         }
     }
     fn matmul_many(
@@ -312,7 +418,11 @@ impl Backend for Batching {
     ) -> Result<Vec<DeviceBuffer>, BackendError> {
         match x {
             DeviceBuffer::F32(xs) if self.batches(m) => self.batched(xs, ws, m, k),
-            _ => self.inner.matmul_many(x, ws, m, k),
+            _ => {
+                self.next_step();
+                self.leave_cohort();
+                self.inner.matmul_many(x, ws, m, k)
+            }
         }
     }
     fn embedding(
@@ -429,7 +539,12 @@ mod tests {
         for _ in 0..runs {
             batching.run_started();
         }
-        batching.lock().entry(key.clone()).or_default().executing = true;
+        batching
+            .lock()
+            .queues
+            .entry(key.clone())
+            .or_default()
+            .executing = true;
         std::thread::scope(|s| {
             let handles: Vec<_> = (0..runs)
                 .map(|r| {
@@ -441,10 +556,16 @@ mod tests {
                     })
                 })
                 .collect();
-            while batching.lock().get(&key).map_or(0, |q| q.pending.len()) < runs {
+            while batching
+                .lock()
+                .queues
+                .get(&key)
+                .map_or(0, |q| q.pending.len())
+                < runs
+            {
                 std::thread::yield_now();
             }
-            batching.lock().entry(key).or_default().executing = false;
+            batching.lock().queues.entry(key).or_default().executing = false;
             handles
                 .into_iter()
                 .map(|h| h.join().expect("run"))
@@ -549,6 +670,114 @@ mod tests {
                 joined: (runs - 1) as u64
             }
         );
+    }
+
+    /// Two runs walking the same weights one after the other fall in step:
+    /// whichever is behind executes alone until it catches up, then every
+    /// round carries both, and each gets its own results bit for bit.
+    #[test]
+    fn runs_out_of_step_catch_up_and_then_share_every_round() {
+        let (k, layers, tokens) = (64, 4, 8);
+        let ws: Vec<DeviceBuffer> = (0..layers).map(|l| weights(32 + 16 * l, k)).collect();
+        // A long window: only the least-advanced rule decides (no timeouts).
+        let batching = Batching::new(Arc::new(CpuBackend)).with_window(Duration::from_secs(30));
+        batching.run_started();
+        batching.run_started();
+        let first_done = AtomicUsize::new(0);
+        let walk = |seed: usize| -> Vec<Vec<f32>> {
+            let mut outs = Vec::new();
+            for t in 0..tokens {
+                for (l, w) in ws.iter().enumerate() {
+                    let x = DeviceBuffer::F32(row(k, seed * 100 + t * layers + l));
+                    outs.push(f32s(
+                        batching.matmul(&x, w, 1, k, 32 + 16 * l).expect("matmul"),
+                    ));
+                    // The first run, two launches ahead, waits until the
+                    // second has queued its first launch (so it is behind).
+                    if seed == 1 && first_done.fetch_add(1, Ordering::Relaxed) == 1 {
+                        while batching.lock().cohort < 2 {
+                            std::thread::yield_now();
+                        }
+                    }
+                }
+            }
+            batching.run_ended();
+            outs
+        };
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| walk(1));
+            // The second run starts two launches later than the first.
+            while first_done.load(Ordering::Relaxed) < 2 {
+                std::thread::yield_now();
+            }
+            let b = s.spawn(|| walk(2));
+            (a.join().expect("a"), b.join().expect("b"))
+        });
+        for (seed, got) in [(1, a), (2, b)] {
+            for (i, g) in got.iter().enumerate() {
+                let (t, l) = (i / layers, i % layers);
+                let x = DeviceBuffer::F32(row(k, seed * 100 + t * layers + l));
+                let want = f32s(
+                    CpuBackend
+                        .matmul(&x, &ws[l], 1, k, 32 + 16 * l)
+                        .expect("mm"),
+                );
+                assert!(g.iter().zip(&want).all(|(p, q)| p.to_bits() == q.to_bits()));
+            }
+        }
+        // 32 launches each: the second run's first two go alone (catching
+        // up), every later one shares its round with the first run's.
+        assert_eq!(
+            batching.stats(),
+            BatchStats {
+                fused: (layers * tokens - 2) as u64,
+                joined: (layers * tokens - 2) as u64
+            }
+        );
+    }
+
+    /// A decoding run that stops launching (here: it sleeps) holds the others
+    /// up for at most the window per launch, never longer.
+    #[test]
+    fn a_launch_waits_for_company_at_most_the_window() {
+        let (n, k) = (32, 64);
+        let w = weights(n, k);
+        let window = Duration::from_millis(20);
+        let batching = Batching::new(Arc::new(CpuBackend)).with_window(window);
+        batching.run_started();
+        batching.run_started();
+        let x = DeviceBuffer::F32(row(k, 3));
+        let want = f32s(CpuBackend.matmul(&x, &w, 1, k, n).expect("matmul"));
+        let (joined, stop) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // One launch, then silence (still a run, still in the cohort).
+                batching.matmul(&x, &w, 1, k, n).expect("matmul");
+                joined.store(1, Ordering::Relaxed);
+                while stop.load(Ordering::Relaxed) == 0 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                batching.run_ended();
+            });
+            while joined.load(Ordering::Relaxed) == 0 {
+                std::thread::yield_now();
+            }
+            let start = Instant::now();
+            for _ in 0..3 {
+                let got = f32s(batching.matmul(&x, &w, 1, k, n).expect("matmul"));
+                assert_eq!(got, want);
+            }
+            let took = start.elapsed();
+            stop.store(1, Ordering::Relaxed);
+            assert!(
+                took >= window * 3,
+                "did not wait for the silent run: {took:?}"
+            );
+            assert!(
+                took < window * 3 + Duration::from_secs(2),
+                "waited past the window: {took:?}"
+            );
+        });
     }
 
     #[test]

@@ -148,9 +148,13 @@ fn grouped(
         .collect();
     let groups = ns.iter().map(|n| n.div_ceil(GROUP)).sum::<usize>();
     // With several runs on the backend their threads already fill the cores;
-    // the pool then only takes launches of several rows (a batch, a prompt).
+    // the pool then only takes prompt-sized launches. (A batched round of up
+    // to 64 rows stays on its thread: the pool's worker would compete for a
+    // core with the runs waiting for the round, measured slower.)
     let alone = RUNS.load(std::sync::atomic::Ordering::Relaxed) <= 1;
-    let tasks = if (alone || m > 1) && groups * m * kb >= packed_par_min_work() {
+    let tasks = if (alone || m > crate::batch::MAX_BATCH_ROWS)
+        && groups * m * kb >= packed_par_min_work()
+    {
         (pool.threads() * 2).min(groups)
     } else {
         1

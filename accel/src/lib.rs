@@ -46,13 +46,15 @@ pub fn backend_from_name(name: &str) -> Result<Arc<dyn Backend>, BackendError> {
 }
 
 /// The backend configured by name, with cross-request batching of matmuls on
-/// shared weights ([`batch::Batching`]) when `batching` is set.
-pub fn backend_from_config(name: &str, batching: bool) -> Result<Arc<dyn Backend>, BackendError> {
+/// shared weights ([`batch::Batching`]) when `batching` gives its window.
+pub fn backend_from_config(
+    name: &str,
+    batching: Option<std::time::Duration>,
+) -> Result<Arc<dyn Backend>, BackendError> {
     let inner = backend_from_name(name)?;
-    Ok(if batching {
-        Arc::new(batch::Batching::new(inner))
-    } else {
-        inner
+    Ok(match batching {
+        Some(window) => Arc::new(batch::Batching::new(inner).with_window(window)),
+        None => inner,
     })
 }
 

@@ -1529,6 +1529,24 @@ fn serve_configuration_refusals_are_typed() {
         refused("peer-idle-timeout-ms = 0\n"),
         ConfigError::ZeroPeerTimeout
     ));
+    assert!(matches!(
+        refused("batching = true\nbatching-window-us = 0\n"),
+        ConfigError::BatchingWindow(0)
+    ));
+    assert!(matches!(
+        refused("batching-window-us = 100001\n"),
+        ConfigError::BatchingWindow(100_001)
+    ));
+    let on = ServeConfig::parse(&format!(
+        "{base}batching = true\nbatching-window-us = 800\n"
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        on.batching_window(),
+        Some(std::time::Duration::from_micros(800))
+    );
+    let off = ServeConfig::parse(base).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(off.batching_window(), None);
     let listen = ServeConfig::parse(&base.replace("tcp:127.0.0.1:0", "ftp:x"));
     assert!(
         matches!(listen, Err(ServeError::Config(ConfigError::Listen(_)))),

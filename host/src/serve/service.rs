@@ -158,8 +158,9 @@ impl Service {
         policy
             .check_backend(&config.backend)
             .map_err(ConfigError::BackendNotAllowed)?;
-        let backend = crate::backend::backend_from_config(&config.backend, config.batching)
-            .map_err(ConfigError::Backend)?;
+        let backend =
+            crate::backend::backend_from_config(&config.backend, config.batching_window())
+                .map_err(ConfigError::Backend)?;
         let loader = Arc::new(
             Loader::new(
                 policy,
