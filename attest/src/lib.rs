@@ -23,6 +23,8 @@
 #![forbid(unsafe_code)]
 
 pub mod release;
+#[cfg(feature = "tdx")]
+pub mod tdx;
 #[cfg(feature = "verify")]
 pub mod verify;
 
@@ -183,6 +185,20 @@ impl Evidence {
 /// to this keyserver challenge and to the key the released secrets are wrapped to.
 pub fn binding(nonce: &[u8], hpke_public_key: &[u8]) -> Digest32 {
     let mut h = Sha256::new();
+    h.update(nonce);
+    h.update(hpke_public_key);
+    h.finalize().into()
+}
+
+/// A TD quote's 64-byte report data for an attestation: `SHA-512("cinfer
+/// tdx report data v1" || len(nonce) as u32 big-endian || nonce ||
+/// hpke_public_key)`. As [`binding`] for a TPM quote, it ties the quote to the
+/// keyserver's challenge and to the key released secrets are wrapped to; the
+/// length prefix keeps the split between nonce and key unambiguous.
+pub fn tdx_report_data(nonce: &[u8], hpke_public_key: &[u8]) -> [u8; 64] {
+    let mut h = sha2::Sha512::new();
+    h.update(b"cinfer tdx report data v1");
+    h.update((nonce.len() as u32).to_be_bytes());
     h.update(nonce);
     h.update(hpke_public_key);
     h.finalize().into()

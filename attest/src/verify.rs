@@ -338,6 +338,6 @@ fn check_selection(
 
 /// Equality whose time depends only on the lengths (nonces and bindings are
 /// compared without an early exit).
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
