@@ -675,12 +675,9 @@ impl Backend for CpuBackend {
             match cache {
                 DeviceBuffer::F32(c) => c[start..start + s.seq * row].copy_from_slice(new),
                 DeviceBuffer::F16(c) => {
-                    // `half`'s slice conversion: F16C eight at a time where the
-                    // CPU has it, the same rounding as `f16::from_f32` per value.
-                    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
-                    c[start..start + s.seq * row]
-                        .reinterpret_cast_mut::<f16>()
-                        .convert_from_f32_slice(new);
+                    for (dst, src) in c[start..start + s.seq * row].iter_mut().zip(new) {
+                        *dst = f16::from_f32(*src).to_bits();
+                    }
                 }
                 other => return Err(refuse(other)),
             }

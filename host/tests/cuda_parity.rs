@@ -662,8 +662,9 @@ fn smollm2_greedy_generation_gives_the_cpu_tokens() {
         );
         if emulated(&cuda) && ids.len() <= 8 {
             // Prompt and decode both took the GEMV path (m ≤ 8), which computes
-            // the CPU's block sums in the CPU's order; with the CPU's expf,
-            // sinf and cosf nothing may differ at all.
+            // the CPU's block sums in the CPU's order (fused multiply-adds
+            // both); with the CPU's e^x formula (`kexp`), sinf and cosf
+            // nothing may differ at all.
             assert_eq!(
                 (same, drift),
                 (want.len(), 0.0),

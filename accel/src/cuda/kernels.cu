@@ -41,6 +41,26 @@ __device__ __forceinline__ unsigned short f2h(float x) {
 // h2f, f2h and DYNAMIC_SHARED instead; nothing else differs.)
 __device__ __forceinline__ float round_f16(float x) { return h2f(f2h(x)); }
 __device__ __forceinline__ bool is_nan(float x) { return x != x; }
+
+// e^x by the CPU kernels' formula (accel/src/simd.rs `EXP`, `portable::exp`),
+// operation for operation, so silu and softmax give the CPU's numbers (libm's
+// or CUDA's expf differ from it in the last bit on a few percent of inputs).
+// NaN becomes the low clamp, as in the CPU's max(x, lo).
+__device__ __forceinline__ float kexp(float x) {
+    x = fminf(fmaxf(x, -87.33654f), 88.0f);
+    float fx = floorf(fmaf(x, 1.44269504088896340736f, 0.5f));
+    float r = fmaf(fx, -0.6933594f, x);
+    r = fmaf(fx, 2.1219444e-4f, r);
+    float y = 1.9875691e-4f;
+    y = fmaf(y, r, 1.3981999e-3f);
+    y = fmaf(y, r, 8.333452e-3f);
+    y = fmaf(y, r, 4.1665796e-2f);
+    y = fmaf(y, r, 1.6666665e-1f);
+    y = fmaf(y, r, 0.5f);
+    y = fmaf(y, r * r, r + 1.0f);
+    // 2^fx: fx lies in -126..=127 after the clamp, a normal exponent.
+    return y * __int_as_float(((int)fx + 127) << 23);
+}
 __device__ __forceinline__ unsigned short ld_u16(const u8* p) {
     return (unsigned short)p[0] | ((unsigned short)p[1] << 8);
 }
@@ -262,7 +282,7 @@ extern "C" __global__ void silu(const float* x, float* out, u32 n) {
     u32 i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float v = x[i];
-    out[i] = v / (1.0f + expf(-v));
+    out[i] = v / (1.0f + kexp(-v));
 }
 
 // One block per row: sum of squares in f64 (as ggml), scale = 1/sqrt(mean + eps).
@@ -286,7 +306,7 @@ __device__ void softmax_row(float* row, u32 cols, float* shf, double* shd) {
     mx = block_max(mx, shf);
     double acc = 0.0;
     for (u32 c = threadIdx.x; c < cols; c += blockDim.x) {
-        float e = expf(row[c] - mx);
+        float e = kexp(row[c] - mx);
         row[c] = e;
         acc += (double)e;
     }
