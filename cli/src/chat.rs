@@ -13,6 +13,10 @@ pub struct ServerArgs {
     /// Inference server base URL (http:// or https://; use https:// beyond localhost).
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub server: String,
+    /// PEM file of the CA certificates an https:// server must chain to (a
+    /// deployment's private CA); default: Mozilla's roots.
+    #[arg(long, value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
     #[command(flatten)]
     pub identity: IdentityArgs,
 }
@@ -43,7 +47,17 @@ impl ServerArgs {
             (None, None) => bail!("--keyserver-identity or --keyserver-identity-file is required"),
         };
         let key = hex::decode(text.trim()).context("the keyserver identity is not hex")?;
-        Ok(Client::new(&self.server, key)?)
+        let client = Client::new(&self.server, key)?;
+        Ok(match &self.ca_cert {
+            Some(path) => {
+                let pem =
+                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                client
+                    .with_root_certificates(&pem)
+                    .with_context(|| format!("--ca-cert {}", path.display()))?
+            }
+            None => client,
+        })
     }
 }
 

@@ -721,6 +721,32 @@ fn cinfer() -> Command {
 }
 
 #[test]
+fn chat_command_reads_its_ca_certificates_and_refuses_a_file_without_one() {
+    let fake = Fake::start(Mode::Honest, StatementMode::Good, None);
+    let dir = std::env::temp_dir().join(format!("cinfer-ca-cert-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let not_pem = dir.join("not.pem");
+    std::fs::write(&not_pem, "no certificate here").unwrap();
+    for (file, reason) in [
+        (dir.join("missing.pem"), "reading"),
+        (not_pem, "no PEM certificate in it"),
+    ] {
+        let out = cinfer()
+            .args(["chat", "--server", &fake.url(), "--keyserver-identity"])
+            .arg(fake.identity_hex())
+            .arg("--ca-cert")
+            .arg(&file)
+            .args(["--program-sha256", &FAKE_PROGRAM, "hi"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(err.contains(reason), "{}: {err}", file.display());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn chat_command_prints_the_answer_and_the_receipt() {
     let fake = Fake::start(Mode::Honest, StatementMode::Good, None);
     let out = cinfer()

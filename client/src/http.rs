@@ -59,17 +59,57 @@ impl std::fmt::Display for BaseUrl {
     }
 }
 
-/// An HTTP agent (connection pool) with the client's timeouts.
+/// An HTTP agent (connection pool) with the client's timeouts and TLS roots.
 #[derive(Debug, Clone)]
 pub(crate) struct Http {
     agent: ureq::Agent,
 }
 
+/// Which certificate authorities `https://` servers must chain to.
+#[derive(Debug, Clone, Default)]
+pub(crate) enum Roots {
+    /// Mozilla's (`webpki-roots`).
+    #[default]
+    WebPki,
+    /// Only these (DER certificates), e.g. a deployment's private CA.
+    Only(Vec<Vec<u8>>),
+}
+
+impl Roots {
+    /// The certificates of a PEM file (anything else in it is ignored);
+    /// refused when it holds none.
+    pub(crate) fn from_pem(pem: &[u8]) -> Result<Self, ClientError> {
+        let mut ders = Vec::new();
+        for item in ureq::tls::parse_pem(pem) {
+            match item.map_err(|e| ClientError::InvalidCaCertificate(e.to_string()))? {
+                ureq::tls::PemItem::Certificate(c) => ders.push(c.der().to_vec()),
+                _ => continue,
+            }
+        }
+        if ders.is_empty() {
+            return Err(ClientError::InvalidCaCertificate(
+                "no PEM certificate in it".into(),
+            ));
+        }
+        Ok(Roots::Only(ders))
+    }
+}
+
 impl Http {
     /// `connect` bounds connecting (and the TLS handshake); `io` bounds each
     /// read and each write (generation may pause between tokens).
-    pub(crate) fn new(connect: Duration, io: Duration) -> Self {
+    pub(crate) fn new(connect: Duration, io: Duration, roots: &Roots) -> Self {
+        let roots = match roots {
+            Roots::WebPki => ureq::tls::RootCerts::WebPki,
+            Roots::Only(ders) => ureq::tls::RootCerts::new_with_certs(
+                &ders
+                    .iter()
+                    .map(|d| ureq::tls::Certificate::from_der(d).to_owned())
+                    .collect::<Vec<_>>(),
+            ),
+        };
         let config = ureq::Agent::config_builder()
+            .tls_config(ureq::tls::TlsConfig::builder().root_certs(roots).build())
             .http_status_as_error(false)
             .max_redirects(0)
             .timeout_connect(Some(connect))

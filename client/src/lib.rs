@@ -64,6 +64,9 @@ pub enum ClientError {
     /// The server URL is not a supported `http://` or `https://` URL.
     #[error("invalid server URL {0}")]
     InvalidUrl(String),
+    /// The CA certificate file given for `https://` servers is not usable.
+    #[error("CA certificates: {0}")]
+    InvalidCaCertificate(String),
     /// The program name is not a plain name (letters, digits, `.`, `_`, `-`).
     #[error("invalid program name {0:?}")]
     InvalidProgram(String),
@@ -240,6 +243,8 @@ pub struct Client {
     base: http::BaseUrl,
     identity: Vec<u8>,
     http: http::Http,
+    timeouts: (Duration, Duration),
+    roots: http::Roots,
     cached: Mutex<Option<RequestKeyStatement>>,
     /// Expected component digests (hex), by program name.
     program_pins: std::collections::BTreeMap<String, String>,
@@ -363,7 +368,13 @@ impl Client {
         Ok(Self {
             base,
             identity: keyserver_identity_sec1,
-            http: http::Http::new(Duration::from_secs(10), Duration::from_secs(300)),
+            http: http::Http::new(
+                Duration::from_secs(10),
+                Duration::from_secs(300),
+                &http::Roots::WebPki,
+            ),
+            timeouts: (Duration::from_secs(10), Duration::from_secs(300)),
+            roots: http::Roots::WebPki,
             cached: Mutex::new(None),
             program_pins: std::collections::BTreeMap::new(),
         })
@@ -384,8 +395,18 @@ impl Client {
     /// Sets the connect timeout and the read/write inactivity timeout
     /// (defaults 10 s and 300 s: generation may pause between tokens).
     pub fn with_timeouts(mut self, connect: Duration, io: Duration) -> Self {
-        self.http = http::Http::new(connect, io);
+        self.timeouts = (connect, io);
+        self.http = http::Http::new(connect, io, &self.roots);
         self
+    }
+
+    /// Trusts only the certificate authorities in `pem` (a PEM file of one or
+    /// more certificates, e.g. a deployment's private CA) for `https://`
+    /// servers, instead of Mozilla's roots.
+    pub fn with_root_certificates(mut self, pem: &[u8]) -> Result<Self, ClientError> {
+        self.roots = http::Roots::from_pem(pem)?;
+        self.http = http::Http::new(self.timeouts.0, self.timeouts.1, &self.roots);
+        Ok(self)
     }
 
     /// The server base URL.

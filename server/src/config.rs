@@ -121,6 +121,62 @@ pub struct Config {
     /// Programs this server stores and submits to the loader on every
     /// (re)connection, before attesting; the loader admits them under its policy.
     pub programs: Vec<StoredProgram>,
+    /// TLS on the HTTP listener (`tls-cert` and `tls-key`); plain HTTP without.
+    pub tls: Option<TlsIdentity>,
+}
+
+/// The HTTP listener's TLS identity: a certificate chain and its private key
+/// (PEM), checked to load when the configuration is parsed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TlsIdentity {
+    cert_pem: Vec<u8>,
+    key_pem: zeroize::Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TlsIdentity {
+    // Never the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsIdentity")
+    }
+}
+
+impl TlsIdentity {
+    /// An identity from a PEM certificate chain (leaf first) and a PEM private key.
+    pub fn from_pem(cert_pem: Vec<u8>, key_pem: Vec<u8>) -> Result<Self, ConfigError> {
+        let id = TlsIdentity {
+            cert_pem,
+            key_pem: zeroize::Zeroizing::new(key_pem),
+        };
+        id.server_config()?;
+        Ok(id)
+    }
+
+    /// The rustls configuration serving it (TLS 1.2 and 1.3, ring's suites,
+    /// HTTP/1.1 by ALPN).
+    pub fn server_config(&self) -> Result<std::sync::Arc<rustls::ServerConfig>, ConfigError> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |what: &str, e: &dyn std::fmt::Display| ConfigError::Tls(format!("{what}: {e}"));
+        let certs = CertificateDer::pem_slice_iter(&self.cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad("tls-cert", &e))?;
+        if certs.is_empty() {
+            return Err(ConfigError::Tls(
+                "tls-cert: no PEM certificate in it".into(),
+            ));
+        }
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| bad("tls-key", &e))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("tls", &e))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| bad("tls-cert and tls-key", &e))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(std::sync::Arc::new(config))
+    }
 }
 
 /// A program the server stores: its bytes and signature files, read at start.
@@ -173,6 +229,8 @@ struct RawConfig {
     keyserver_timeout_ms: Option<u64>,
     loader_timeout_ms: Option<u64>,
     shutdown_grace_ms: Option<u64>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
     #[serde(default, rename = "program")]
     programs: Vec<RawProgram>,
 }
@@ -200,6 +258,9 @@ pub enum ConfigError {
     /// A value is out of range or malformed.
     #[error("{0}")]
     Invalid(String),
+    /// The TLS certificate or key does not load.
+    #[error("{0}")]
+    Tls(String),
 }
 
 impl Default for Config {
@@ -223,6 +284,7 @@ impl Default for Config {
             loader_timeout: Duration::from_millis(DEFAULT_LOADER_TIMEOUT_MS),
             shutdown_grace: Duration::from_millis(DEFAULT_SHUTDOWN_GRACE_MS),
             programs: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -349,6 +411,21 @@ impl Config {
                 .iter()
                 .map(|p| read_program(base, p))
                 .collect::<Result<_, _>>()?,
+            tls: match (&raw.tls_cert, &raw.tls_key) {
+                (None, None) => None,
+                (Some(cert), Some(key)) => {
+                    let read = |p: &PathBuf| {
+                        let path = base.join(p);
+                        std::fs::read(&path).map_err(|source| ConfigError::Read { path, source })
+                    };
+                    Some(TlsIdentity::from_pem(read(cert)?, read(key)?)?)
+                }
+                _ => {
+                    return Err(ConfigError::Tls(
+                        "tls-cert and tls-key go together (or neither: plain HTTP)".into(),
+                    ));
+                }
+            },
         };
         config.check()
     }

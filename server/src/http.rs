@@ -228,6 +228,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// Places on the loader (`max-in-flight`), handed out in arrival order.
     places: Arc<Semaphore>,
+    /// TLS on the listener, when configured.
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Server {
@@ -242,8 +244,13 @@ impl Server {
             keyservers.clone(),
             metrics.clone(),
         ));
+        let tls = match &config.tls {
+            Some(id) => Some(id.server_config()?),
+            None => None,
+        };
         Ok(Self {
             inner: Arc::new(Inner {
+                tls,
                 places: Arc::new(Semaphore::new(config.max_in_flight)),
                 config,
                 link,
@@ -789,6 +796,39 @@ impl RefusalLog {
         }
     }
 }
+/// Serves HTTP/1.1 on one accepted connection (plain or TLS) until it
+/// closes, or shuts it down gracefully when `stop` turns true.
+async fn serve_connection<S>(
+    server: Server,
+    stream: S,
+    header_timeout: Duration,
+    stop: &mut watch::Receiver<bool>,
+    peer: std::net::SocketAddr,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req: Request<Incoming>| {
+        let server = server.clone();
+        async move { Ok::<_, Infallible>(server.handle(req).await) }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(crate::config::MAX_HTTP_BUF_BYTES);
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = async { let _ = stop.wait_for(|s| *s).await; } => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!("connection from {peer}: {e}");
+    }
+}
 
 /// Serves HTTP/1.1 on `listener` and runs the loader link until `shutdown`
 /// completes; then stops accepting, lets connections in progress finish for
@@ -841,26 +881,19 @@ pub async fn serve(
         let header_timeout = config.header_timeout;
         connections.spawn(async move {
             let _held = (permit, open);
-            let service = service_fn(move |req: Request<Incoming>| {
-                let server = server.clone();
-                async move { Ok::<_, Infallible>(server.handle(req).await) }
-            });
-            let mut builder = http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .max_buf_size(crate::config::MAX_HTTP_BUF_BYTES);
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                () = async { let _ = stop.wait_for(|s| *s).await; } => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            match server.inner.tls.clone() {
+                None => serve_connection(server, stream, header_timeout, &mut stop, peer).await,
+                Some(tls) => {
+                    // The handshake gets the header timeout too.
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+                    match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            serve_connection(server, tls, header_timeout, &mut stop, peer).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!("TLS handshake from {peer}: {e}"),
+                        Err(_) => tracing::debug!("TLS handshake from {peer}: timed out"),
+                    }
                 }
-            };
-            if let Err(e) = result {
-                tracing::debug!("connection from {peer}: {e}");
             }
         });
     }

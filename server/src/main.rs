@@ -27,6 +27,8 @@
 //! keyserver-timeout-ms = 5000
 //! loader-timeout-ms = 30000
 //! shutdown-grace-ms = 10000
+//! tls-cert = "server.pem"                 # TLS on the listener (both or neither)
+//! tls-key = "server.key"
 //! ```
 //!
 //! Logs go to stderr (`RUST_LOG`, default `info`); SIGINT/SIGTERM stop accepting
@@ -62,7 +64,9 @@ max-frame-bytes = 16777216             largest channel frame payload\n  \
 request-timeout-ms = 120000            per request; on expiry the stream ends with an error record\n  \
 keyserver-timeout-ms = 5000            one keyserver HTTP call, connect to last byte\n  \
 loader-timeout-ms = 30000              the loader's answer to Hello/AttestRequest/KeyRelease\n  \
-shutdown-grace-ms = 10000              how long requests in progress may run on after SIGINT/SIGTERM"
+shutdown-grace-ms = 10000              how long requests in progress may run on after SIGINT/SIGTERM\n  \
+tls-cert = \"server.pem\"                TLS on the listener: PEM certificate chain, leaf first (no default: plain HTTP)\n  \
+tls-key = \"server.key\"                 its PEM private key (tls-cert and tls-key go together)"
 )]
 struct Cli {
     /// Configuration file (TOML); without it every default applies.
@@ -132,6 +136,7 @@ fn run(cli: &Cli) -> Result<()> {
             listen = %listener.local_addr()?,
             loader = %server.config().loader,
             keyservers = ?server.config().keyservers,
+            tls = server.config().tls.is_some(),
             "inference server listening"
         );
         cinfer_server::serve(listener, server, shutdown_signal(), grace).await;

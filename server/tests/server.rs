@@ -793,3 +793,75 @@ async fn a_server_without_the_loaders_key_is_not_served_and_says_why() {
         assert_eq!(stats.attest_requests.load(Ordering::SeqCst), 0);
     }
 }
+
+/// With `tls-cert`/`tls-key` the listener speaks only TLS: a client that
+/// trusts the deployment's CA gets its answers over https (here the fake
+/// keyserver's canned statement, which it then refuses as malformed), one that does not is refused in the handshake, and plain HTTP gets
+/// no answer. The CA and certificate are made here (rcgen), never real ones.
+#[tokio::test]
+async fn the_listener_speaks_tls_to_clients_that_trust_its_ca() {
+    use cinfer_client::{Client, ClientError};
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let id = cinfer_server::config::TlsIdentity::from_pem(
+        leaf.pem().into_bytes(),
+        leaf_key.serialize_pem().into_bytes(),
+    )
+    .unwrap();
+    let h = start_with(|c| c.tls = Some(id)).await;
+    let https = format!("https://127.0.0.1:{}", h.addr.port());
+    let ca_pem = ca.pem().into_bytes();
+    // Any well-formed keyserver identity: the fake's statement will not verify under it.
+    let identity = p256::ecdsa::SigningKey::from_slice(&[7u8; 32])
+        .unwrap()
+        .verifying_key()
+        .to_sec1_point(false)
+        .as_bytes()
+        .to_vec();
+    let identity2 = identity.clone();
+    let (trusted, untrusted, plain) = tokio::task::spawn_blocking(move || {
+        let client = |url: &str| {
+            Client::new(url, identity.clone())
+                .map(|c| c.with_timeouts(Duration::from_secs(5), Duration::from_secs(5)))
+        };
+        let trusted = client(&https)
+            .and_then(|c| c.with_root_certificates(&ca_pem))
+            .and_then(|c| c.request_key());
+        let untrusted = client(&https).and_then(|c| c.request_key());
+        let plain = client(&https.replacen("https://", "http://", 1)).and_then(|c| c.request_key());
+        (trusted, untrusted, plain)
+    })
+    .await
+    .unwrap();
+    // Over TLS the fake's canned statement arrives and is refused on its merits.
+    match trusted {
+        Err(ClientError::MalformedResponse(m)) => assert!(m.contains("SignedRequestKey"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    match untrusted {
+        Err(ClientError::Io(m)) => assert!(m.contains("UnknownIssuer"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        matches!(plain, Err(ClientError::Io(_) | ClientError::Http(_))),
+        "{plain:?}"
+    );
+    // A CA file without a certificate, and tls-cert without tls-key, are refused.
+    let c = Client::new(&format!("https://127.0.0.1:{}", h.addr.port()), identity2);
+    assert!(matches!(
+        c.and_then(|c| c.with_root_certificates(b"not pem")),
+        Err(ClientError::InvalidCaCertificate(_))
+    ));
+    let e = cinfer_server::config::Config::parse("tls-cert = \"a.pem\"\n").unwrap_err();
+    assert!(
+        e.to_string().contains("tls-cert and tls-key go together"),
+        "{e}"
+    );
+}
