@@ -125,7 +125,7 @@ pub enum AbortReason {
     StackExhausted,
     /// Another Wasm trap (unreachable, out-of-bounds access, ...).
     #[error("wasm trap: {0}")]
-    Trap(String),
+    Trap(wasmtime::Trap),
     /// The program broke the canonical ABI in a call across the interface:
     /// arguments that do not lift (a list past the end of its memory, a
     /// string that is not UTF-8, a stale resource handle), results its
@@ -133,9 +133,10 @@ pub enum AbortReason {
     /// message (positions and lengths, never memory contents).
     #[error("bad call across the interface: {0}")]
     Interface(String),
-    /// A host-side failure (a panic in a host function).
-    #[error("host error: {0}")]
-    Host(String),
+    /// A host function panicked (a loader bug, caught so that it ends only
+    /// this run).
+    #[error("host error: a host function panicked")]
+    HostPanic,
 }
 
 /// How [`Loader::run`] hands out the reply and learns it should stop; all
@@ -773,7 +774,7 @@ impl Loader {
                 Ok(Ok(Ok(()))) => RunOutcome::Completed,
                 Ok(Ok(Err(()))) => RunOutcome::ProgramFailed,
                 Ok(Err(e)) => RunOutcome::Aborted(abort_reason(&e, limits)),
-                Err(_) => RunOutcome::Aborted(AbortReason::Host("host function panicked".into())),
+                Err(_) => RunOutcome::Aborted(AbortReason::HostPanic),
             },
             Err(e) => match classify_instantiate(&e, limits) {
                 Some(reason) => RunOutcome::Aborted(reason),
@@ -831,7 +832,7 @@ fn abort_reason(e: &wasmtime::Error, limits: &Limits) -> AbortReason {
     match e.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => AbortReason::Deadline(limits.deadline),
         Some(Trap::StackOverflow) => AbortReason::StackExhausted,
-        Some(t) => AbortReason::Trap(t.to_string()),
+        Some(t) => AbortReason::Trap(*t),
         // The root cause: the outer layers are wasmtime's backtrace context.
         None => AbortReason::Interface(e.root_cause().to_string()),
     }

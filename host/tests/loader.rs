@@ -289,6 +289,7 @@ fn runtime_violations_are_trapped_and_the_engine_runs_the_next_program() {
             "limits = { memory-bytes = 8388608 }",
         ),
         ("fixtures/deep-recursion", "request-reply", ""),
+        ("fixtures/unreachable-trap", "request-reply", ""),
         (
             "fixtures/egress-bomb",
             "request-reply",
@@ -299,7 +300,7 @@ fn runtime_violations_are_trapped_and_the_engine_runs_the_next_program() {
         ("echo", "request-reply", ""),
     ]));
     let key = RequestPrivateKey::generate();
-    let cases: [(&str, AbortReason); 6] = [
+    let cases: [(&str, AbortReason); 7] = [
         (
             "fixtures/infinite-loop",
             AbortReason::Deadline(Duration::from_millis(300)),
@@ -309,6 +310,10 @@ fn runtime_violations_are_trapped_and_the_engine_runs_the_next_program() {
             AbortReason::Policy(PolicyViolation::MemoryLimit { limit: 8 << 20 }),
         ),
         ("fixtures/deep-recursion", AbortReason::StackExhausted),
+        (
+            "fixtures/unreachable-trap",
+            AbortReason::Trap(wasmtime::Trap::UnreachableCodeReached),
+        ),
         (
             "fixtures/egress-bomb",
             AbortReason::Policy(PolicyViolation::EgressBudget { budget: 100_000 }),
