@@ -45,19 +45,6 @@ pub fn backend_from_name(name: &str) -> Result<Arc<dyn Backend>, BackendError> {
     }
 }
 
-/// The backend configured by name, with cross-request batching of matmuls on
-/// shared weights ([`batch::Batching`]) when `batching` gives its window.
-pub fn backend_from_config(
-    name: &str,
-    batching: Option<std::time::Duration>,
-) -> Result<Arc<dyn Backend>, BackendError> {
-    let inner = backend_from_name(name)?;
-    Ok(match batching {
-        Some(window) => Arc::new(batch::Batching::new(inner).with_window(window)),
-        None => inner,
-    })
-}
-
 #[cfg(feature = "cuda")]
 fn cuda_backend() -> Result<Arc<dyn Backend>, BackendError> {
     Ok(Arc::new(CudaBackend::open(0)?))
@@ -230,8 +217,9 @@ pub fn matmul_each<B: Backend + ?Sized>(
 pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Short name for logs ("cpu", "cuda").
     fn name(&self) -> &'static str;
-    /// A run starts launching on this backend (the loader calls it once per
-    /// run; [`batch::Batching`] waits for company only while runs overlap).
+    /// A thread starts launching on this backend for a run, or for the
+    /// loader's driver of batched runs (the CPU backend keeps small launches
+    /// off its pool while several threads launch).
     fn run_started(&self) {}
     /// A run that called [`Backend::run_started`] is over.
     fn run_ended(&self) {}

@@ -11,7 +11,6 @@
 mod native_llama;
 
 use cinfer_envelope::{RequestPrivateKey, seal_request};
-use cinfer_host::backend::batch::Batching;
 use cinfer_host::backend::{Backend, CpuBackend};
 use cinfer_host::caps::model::{ModelSource, ModelStore};
 use cinfer_host::models::SealedGguf;
@@ -228,19 +227,16 @@ fn main() {
         .and_then(|r| r.parse().ok())
         .unwrap_or(8);
     let mut aggregate = [0f64; 2];
-    let batching = Arc::new(Batching::new(Arc::new(CpuBackend)));
-    for (slot, batched) in [(0usize, false), (1, true)] {
-        let backend: Arc<dyn Backend> = if !batched {
-            Arc::new(CpuBackend)
-        } else {
-            batching.clone()
-        };
+    let mut stats = Default::default();
+    for (slot, batching) in [(0usize, false), (1, true)] {
+        let backend: Arc<dyn Backend> = Arc::new(CpuBackend);
         let policy = Policy::parse(&toml_text, |_| Ok(worlds.clone())).expect("policy");
         let loader = Loader::new(
             policy,
             LoaderConfig {
                 models: models.clone(),
                 backend,
+                batching,
                 ..LoaderConfig::default()
             },
         )
@@ -266,11 +262,18 @@ fn main() {
         }
         walls.sort();
         aggregate[slot] = (streams * 64) as f64 / walls[walls.len() / 2].as_secs_f64();
+        if let Some(s) = loader.batch_stats() {
+            stats = s;
+        }
     }
-    let stats = batching.stats();
+    let cinfer_host::backend::batch::BatchStats {
+        rounds: batch_rounds,
+        launches,
+        fused,
+    } = stats;
     println!(
-        "| {streams} concurrent streams (1-token prompt, 64 new tokens each), aggregate | {:.1} tok/s | batching off; on: {:.1} tok/s ({} fused launches, {} joins) |",
-        aggregate[0], aggregate[1], stats.fused, stats.joined
+        "| {streams} concurrent streams (1-token prompt, 64 new tokens each), aggregate | {:.1} tok/s | batching off; on: {:.1} tok/s ({batch_rounds} rounds carrying {launches} launches, {fused} fused) |",
+        aggregate[0], aggregate[1]
     );
     // One line for scripts (scripts/bench-vs-llamacpp).
     println!(

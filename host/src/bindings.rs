@@ -6,7 +6,18 @@
 wasmtime::component::bindgen!({
     path: "../wit",
     world: "program",
-    imports: { default: trappable },
+    imports: {
+        // The launches cross-request batching can coalesce: a run waits for
+        // its round as a suspended coroutine (see `crate::driver`).
+        "cinfer:loader/accelerator.matmul": async | trappable,
+        "cinfer:loader/accelerator.matmul-many": async | trappable,
+        "cinfer:loader/accelerator.norm-matmul-many": async | trappable,
+        "cinfer:loader/accelerator.matmul-add": async | trappable,
+        default: trappable,
+    },
+    // Runs are driven as futures (`crate::driver`), so `run` is called with
+    // `call_async` even where nothing suspends.
+    exports: { default: async },
     with: {
         "cinfer:loader/accelerator.tensor": crate::caps::accelerator::Tensor,
         "cinfer:loader/model.sealed-model": crate::caps::model::OpenModel,

@@ -26,6 +26,7 @@ pub mod admission;
 pub use cinfer_accel as backend;
 mod bindings;
 pub mod caps;
+mod driver;
 pub mod loader;
 pub mod measure;
 pub mod models;
@@ -37,6 +38,7 @@ pub mod serve;
 pub mod signatures;
 
 pub use admission::{AdmissionError, AdmittedProgram};
+pub use driver::DriverGone;
 pub use loader::{
     AbortReason, Loader, LoaderConfig, LoaderError, RequestError, RunOptions, RunOutcome, RunReport,
 };

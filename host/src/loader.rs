@@ -11,6 +11,7 @@
 //!   clean.
 
 use crate::admission::{self, AdmissionError, AdmittedProgram};
+use crate::backend::batch::Rounds;
 use crate::backend::{Backend, CpuBackend};
 use crate::bindings::ProgramPre;
 use crate::caps::PolicyViolation;
@@ -18,12 +19,16 @@ use crate::caps::accelerator::AccelCtx;
 use crate::caps::crypto::CryptoCtx;
 use crate::caps::model::{ModelCtx, ModelStore, ModelView};
 use crate::caps::output::{FrameSink, OutputCtx};
+use crate::driver::Driver;
 use crate::policy::{Capabilities, Capability, Limits, Policy, ProgramGrant, ceilings};
 use cinfer_envelope::{EnvelopeError, ReplyStatus, RequestPrivateKey};
 use sha2::{Digest as _, Sha256};
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use wasmtime::component::{Component, HasData, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
@@ -52,6 +57,11 @@ pub struct LoaderConfig {
     pub backend: Arc<dyn Backend>,
     /// The models this loader serves.
     pub models: ModelStore,
+    /// Cross-request batching: runs go to one driver thread as coroutines,
+    /// and their decode-sized matmuls on the same weights share rounds
+    /// ([`crate::driver`], [`crate::backend::batch`]). Off: each run computes
+    /// on its caller's thread.
+    pub batching: bool,
 }
 
 impl Default for LoaderConfig {
@@ -61,6 +71,7 @@ impl Default for LoaderConfig {
             max_wasm_stack: 512 << 10,
             backend: Arc::new(CpuBackend),
             models: ModelStore::default(),
+            batching: false,
         }
     }
 }
@@ -72,6 +83,9 @@ pub enum LoaderError {
     /// wasmtime refused the engine configuration.
     #[error("engine configuration: {0}")]
     Engine(String),
+    /// The driver thread of batched runs did not start.
+    #[error("the run driver thread did not start: {0}")]
+    Driver(String),
 }
 
 /// A request refused before any program code ran. Nothing was changed.
@@ -105,6 +119,9 @@ pub enum RequestError {
     /// No instance slot is free (the pool is exhausted) or instantiation failed.
     #[error("could not instantiate the program: {0}")]
     Instantiate(String),
+    /// The driver of batched runs stopped (a loader bug).
+    #[error(transparent)]
+    Driver(#[from] crate::driver::DriverGone),
 }
 
 /// Why the loader stopped a run.
@@ -386,6 +403,8 @@ pub struct Loader {
     /// Signed admissions, by digest and signatures: the same bytes with the
     /// same signatures are verified once.
     admitted_signed: Mutex<HashMap<SignedKey, Arc<AdmittedProgram>>>,
+    /// With batching: the thread that drives every run.
+    driver: Option<Driver<Result<RunReport, RequestError>>>,
     _ticker: EpochTicker,
 }
 
@@ -448,7 +467,14 @@ impl Loader {
             .max_wasm_stack(config.max_wasm_stack)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&cfg).map_err(|e| LoaderError::Engine(format!("{e:#}")))?;
+        let driver = if config.batching {
+            let rounds = Arc::new(Rounds::new(config.backend.clone()));
+            Some(Driver::start(rounds).map_err(|e| LoaderError::Driver(e.to_string()))?)
+        } else {
+            None
+        };
         Ok(Loader {
+            driver,
             _ticker: EpochTicker::start(engine.clone()),
             engine,
             policy,
@@ -715,37 +741,92 @@ impl Loader {
         sink: FrameSink,
         cancel: Option<Arc<AtomicBool>>,
     ) -> Result<RunReport, RequestError> {
-        let limits: &Limits = &program.grant.limits;
+        let job = RunJob {
+            engine: self.engine.clone(),
+            backend: self.backend.clone(),
+            models: self
+                .models
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+            pre: program.pre.clone(),
+            grant: program.grant.clone(),
+            request,
+            sealer,
+            sink,
+            cancel,
+        };
+        match &self.driver {
+            Some(driver) => {
+                driver.run(Box::new(move |rounds| Box::pin(job.execute(Some(rounds)))))?
+            }
+            None => crate::driver::block_on(job.execute(None)),
+        }
+    }
+
+    /// What cross-request batching has done so far (`None` when it is off).
+    pub fn batch_stats(&self) -> Option<crate::backend::batch::BatchStats> {
+        self.driver.as_ref().map(|d| d.rounds().stats())
+    }
+}
+
+/// Everything one run needs, owned: it may run on the driver's thread.
+struct RunJob {
+    engine: Engine,
+    backend: Arc<dyn Backend>,
+    models: Arc<ModelStore>,
+    pre: ProgramPre<RunState>,
+    grant: ProgramGrant,
+    request: Option<zeroize::Zeroizing<Vec<u8>>>,
+    sealer: Option<cinfer_envelope::ReplySealer>,
+    sink: FrameSink,
+    cancel: Option<Arc<AtomicBool>>,
+}
+
+impl RunJob {
+    /// Instantiates the program in a fresh store and runs it. With `rounds`
+    /// (on the driver's thread) its decode matmuls are batched and it yields
+    /// to the other runs at each epoch check.
+    async fn execute(self, rounds: Option<Arc<Rounds>>) -> Result<RunReport, RequestError> {
+        let RunJob {
+            engine,
+            backend,
+            models,
+            pre,
+            grant,
+            request,
+            sealer,
+            sink,
+            cancel,
+        } = self;
+        let limits: &Limits = &grant.limits;
         let start = Instant::now();
         let end = start + limits.deadline;
+        let yields = rounds.is_some();
+        let accel = match rounds {
+            Some(rounds) => {
+                AccelCtx::batched(rounds, limits.accelerator_bytes, limits.memory_bytes)
+            }
+            None => AccelCtx::new(backend, limits.accelerator_bytes, limits.memory_bytes),
+        };
         let state = RunState {
             crypto: CryptoCtx::new(request),
-            accel: AccelCtx::new(
-                self.backend.clone(),
-                limits.accelerator_bytes,
-                limits.memory_bytes,
-            )
-            .with_deadline(end),
-            model: ModelCtx::new(
-                program.grant.models.clone().into(),
-                self.models
-                    .read()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .clone(),
-            ),
+            accel: accel.with_deadline(end),
+            model: ModelCtx::new(grant.models.clone().into(), models),
             output: OutputCtx::new(sealer, sink, limits.egress_bytes),
             limiter: MemoryLimiter {
                 memory_bytes: limits.memory_bytes,
             },
         };
-        let mut store = Store::new(&self.engine, state);
+        let mut store = Store::new(&engine, state);
         store.limiter(|s| &mut s.limiter);
         // The deadline is a wall-clock instant: at every check (each
         // CHECK_TICKS epochs, or later when a host call ran long) the run is
         // stopped if it was cancelled or the instant has passed; otherwise the
         // next check is at most CHECK_TICKS away and never past the deadline.
         // (Counting ticks per step instead would not charge the time a host
-        // call spends between two checks.)
+        // call spends between two checks.) A batched run also lets the other
+        // runs on the driver go on at each check.
         let ticks_until = move |now: Instant| -> u64 {
             let left = end.saturating_duration_since(now);
             let ticks = left.as_nanos().div_ceil(EPOCH_TICK.as_nanos());
@@ -762,19 +843,21 @@ impl Loader {
             if now >= end {
                 return Ok(wasmtime::UpdateDeadline::Interrupt);
             }
-            Ok(wasmtime::UpdateDeadline::Continue(ticks_until(now)))
+            Ok(if yields {
+                wasmtime::UpdateDeadline::Yield(ticks_until(now))
+            } else {
+                wasmtime::UpdateDeadline::Continue(ticks_until(now))
+            })
         });
 
-        let outcome = match program.pre.instantiate(&mut store) {
+        let outcome = match pre.instantiate_async(&mut store).await {
             // A panic in a host function is a loader bug; catch it so it ends
             // this run (sealed as aborted), not the loader.
-            Ok(instance) => match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                instance.call_run(&mut store)
-            })) {
+            Ok(instance) => match CatchUnwind(Box::pin(instance.call_run(&mut store))).await {
                 Ok(Ok(Ok(()))) => RunOutcome::Completed,
                 Ok(Ok(Err(()))) => RunOutcome::ProgramFailed,
                 Ok(Err(e)) => RunOutcome::Aborted(abort_reason(&e, limits)),
-                Err(_) => RunOutcome::Aborted(AbortReason::HostPanic),
+                Err(()) => RunOutcome::Aborted(AbortReason::HostPanic),
             },
             Err(e) => match classify_instantiate(&e, limits) {
                 Some(reason) => RunOutcome::Aborted(reason),
@@ -794,10 +877,10 @@ impl Loader {
         }
         match &outcome {
             RunOutcome::Aborted(reason) => {
-                tracing::warn!(program = %program.grant.name, %reason, "run aborted")
+                tracing::warn!(program = %grant.name, %reason, "run aborted")
             }
             other => {
-                tracing::debug!(program = %program.grant.name, outcome = ?other, ?elapsed, "run finished")
+                tracing::debug!(program = %grant.name, outcome = ?other, ?elapsed, "run finished")
             }
         }
         Ok(RunReport {
@@ -807,6 +890,23 @@ impl Loader {
             accelerator_launches,
             elapsed,
         })
+    }
+}
+
+/// A future whose panic comes out as `Err(())` (the panic is dropped: a
+/// host function's panic message is a loader bug's, not the requester's).
+struct CatchUnwind<F>(Pin<Box<F>>);
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = self.0.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(_) => Poll::Ready(Err(())),
+        }
     }
 }
 

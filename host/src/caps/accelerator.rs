@@ -13,6 +13,7 @@
 //! stopped by review and signing, not by this layer.
 
 use super::PolicyViolation;
+use crate::backend::batch::Rounds;
 use crate::backend::{AttentionShape, Backend, BackendError, BinaryOp, DeviceBuffer, ElemType};
 pub use crate::bindings::accelerator::{AccelError, Dtype};
 use crate::bindings::accelerator::{Host, HostTensor};
@@ -68,8 +69,12 @@ pub struct Tensor {
 /// The accelerator state of one run.
 #[derive(Debug)]
 pub struct AccelCtx {
-    _run: RunOnBackend,
+    _run: Option<RunOnBackend>,
     backend: Arc<dyn Backend>,
+    /// Where decode-sized matmuls go when the run is batched with others.
+    rounds: Option<Arc<Rounds>>,
+    /// Matmul launches so far (a batched launch's progress).
+    matmul_steps: u64,
     table: ResourceTable,
     live: usize,
     in_use: u64,
@@ -151,8 +156,8 @@ macro_rules! backend_try {
     };
 }
 
-/// Tells the backend a run is on it from creation until drop (batching
-/// waits for company only while runs overlap).
+/// Tells the backend a thread launches for a run on it from creation until
+/// drop (see [`Backend::run_started`]).
 struct RunOnBackend(Arc<dyn Backend>);
 
 impl std::fmt::Debug for RunOnBackend {
@@ -179,8 +184,10 @@ impl AccelCtx {
     /// guest whose linear memory is limited to `guest_memory_bytes`.
     pub fn new(backend: Arc<dyn Backend>, limit: u64, guest_memory_bytes: u64) -> Self {
         AccelCtx {
-            _run: RunOnBackend::new(backend.clone()),
+            _run: Some(RunOnBackend::new(backend.clone())),
             backend,
+            rounds: None,
+            matmul_steps: 0,
             table: ResourceTable::new(),
             live: 0,
             in_use: 0,
@@ -188,6 +195,44 @@ impl AccelCtx {
             guest_memory_bytes,
             launches: 0,
             deadline: None,
+        }
+    }
+
+    /// A context like [`AccelCtx::new`] on the backend of `rounds`, for a run
+    /// that the loader's driver runs beside others as a coroutine: its
+    /// decode-sized matmuls wait for a round that carries the other runs'
+    /// launches on the same weights too (the driver counts as the thread
+    /// launching on the backend).
+    pub fn batched(rounds: Arc<Rounds>, limit: u64, guest_memory_bytes: u64) -> Self {
+        let mut ctx = AccelCtx::new(rounds.backend().clone(), limit, guest_memory_bytes);
+        ctx._run = None;
+        ctx.backend.run_ended();
+        ctx.rounds = Some(rounds);
+        ctx
+    }
+
+    /// `matmul_many(x, ws)` on the backend, or as a launch in the next round
+    /// on `ws` when the run is batched and the launch is decode-sized (the
+    /// run is suspended until then).
+    async fn multiply(
+        &mut self,
+        x: &DeviceBuffer,
+        ws: Vec<(Arc<DeviceBuffer>, usize)>,
+        m: usize,
+        k: usize,
+    ) -> Result<Vec<DeviceBuffer>, BackendError> {
+        let step = self.matmul_steps;
+        self.matmul_steps += 1;
+        if let Some(rounds) = &self.rounds
+            && let DeviceBuffer::F32(xs) = x
+            && Rounds::takes(x, m)
+        {
+            return rounds.launch(xs.clone(), ws, m, k, step).await;
+        }
+        let pairs: Vec<(&DeviceBuffer, usize)> = ws.iter().map(|(w, n)| (&**w, *n)).collect();
+        match pairs.as_slice() {
+            [(w, n)] => self.backend.matmul(x, w, m, k, *n).map(|o| vec![o]),
+            _ => self.backend.matmul_many(x, &pairs, m, k),
         }
     }
 
@@ -375,7 +420,7 @@ impl AccelCtx {
     }
 
     /// `matmul-many`, on `rmsnorm(x, weight, eps)` when `norm` is given.
-    fn matmul_many_launch(
+    async fn matmul_many_launch(
         &mut self,
         x: Resource<Tensor>,
         norm: Option<(Resource<Tensor>, f32)>,
@@ -413,17 +458,16 @@ impl AccelCtx {
             let xb = self.get(&x)?.buf.clone();
             let wbs = ws
                 .iter()
-                .map(|w| Ok(self.get(w)?.buf.clone()))
+                .zip(&ns)
+                .map(|(w, n)| Ok((self.get(w)?.buf.clone(), *n)))
                 .collect::<wasmtime::Result<Vec<_>>>()?;
-            let pairs: Vec<(&DeviceBuffer, usize)> =
-                wbs.iter().map(|b| &**b).zip(ns.iter().copied()).collect();
             self.launches += 1;
             match &norm {
-                None => backend_try!(self.backend.matmul_many(&xb, &pairs, m, k)),
+                None => backend_try!(self.multiply(&xb, wbs, m, k).await),
                 Some((weight, eps)) => {
                     let h =
                         backend_try!(self.backend.rmsnorm(&xb, &self.get(weight)?.buf, k, *eps));
-                    backend_try!(self.backend.matmul_many(&h, &pairs, m, k))
+                    backend_try!(self.multiply(&h, wbs, m, k).await)
                 }
             }
         };
@@ -655,36 +699,46 @@ impl Host for AccelCtx {
         })
     }
 
-    fn matmul(&mut self, x: Resource<Tensor>, w: Resource<Tensor>) -> OpResult<Resource<Tensor>> {
+    async fn matmul(
+        &mut self,
+        x: Resource<Tensor>,
+        w: Resource<Tensor>,
+    ) -> OpResult<Resource<Tensor>> {
         let sx = guest_try!(self.f32_operand(&x)?);
         let (m, k, n) = guest_try!(self.matmul_shape(&sx, &w)?);
         self.check_deadline((m as u128) * (k as u128) * (n as u128))?;
-        let (xr, wr) = (x.rep(), w.rep());
-        self.produce(vec![m as u32, n as u32], |c| {
-            c.backend
-                .matmul(c.buf_by_rep(xr), c.buf_by_rep(wr), m, k, n)
-        })
+        let shape = vec![m as u32, n as u32];
+        guest_try!(self.check_alloc(&shape, ElemType::F32));
+        let (xb, wb) = (self.get(&x)?.buf.clone(), self.get(&w)?.buf.clone());
+        self.launches += 1;
+        let mut out = backend_try!(self.multiply(&xb, vec![(wb, n)], m, k).await);
+        match (out.pop(), out.is_empty()) {
+            (Some(buf), true) => self.insert(shape, buf, true),
+            _ => Err(wasmtime::Error::msg(
+                "accelerator: matmul returned another number of results",
+            )),
+        }
     }
 
-    fn matmul_many(
+    async fn matmul_many(
         &mut self,
         x: Resource<Tensor>,
         ws: Vec<Resource<Tensor>>,
     ) -> OpResult<Vec<Resource<Tensor>>> {
-        self.matmul_many_launch(x, None, ws)
+        self.matmul_many_launch(x, None, ws).await
     }
 
-    fn norm_matmul_many(
+    async fn norm_matmul_many(
         &mut self,
         x: Resource<Tensor>,
         weight: Resource<Tensor>,
         eps: f32,
         ws: Vec<Resource<Tensor>>,
     ) -> OpResult<Vec<Resource<Tensor>>> {
-        self.matmul_many_launch(x, Some((weight, eps)), ws)
+        self.matmul_many_launch(x, Some((weight, eps)), ws).await
     }
 
-    fn matmul_add(
+    async fn matmul_add(
         &mut self,
         x: Resource<Tensor>,
         w: Resource<Tensor>,
@@ -699,11 +753,27 @@ impl Host for AccelCtx {
         // The product is a temporary beside the result.
         guest_try!(self.reserve(ElemType::F32.bytes(2 * (m * n) as u64)));
         self.check_deadline((m as u128) * (k as u128) * (n as u128) + (m * n) as u128)?;
-        let (xr, wr, rr) = (x.rep(), w.rep(), r.rep());
-        self.produce(sr, |c| {
-            let (xb, wb, rb) = (c.buf_by_rep(xr), c.buf_by_rep(wr), c.buf_by_rep(rr));
-            c.backend.matmul_add(xb, wb, rb, m, k, n)
-        })
+        let (xb, wb, rb) = (
+            self.get(&x)?.buf.clone(),
+            self.get(&w)?.buf.clone(),
+            self.get(&r)?.buf.clone(),
+        );
+        self.launches += 1;
+        let buf = if self.rounds.is_some() && Rounds::takes(&xb, m) {
+            // Batched: the product comes from the round, then the residual
+            // add (what the fused kernel computes, bit for bit: tested).
+            let mut p = backend_try!(self.multiply(&xb, vec![(wb, n)], m, k).await);
+            let Some(p) = p.pop() else {
+                return Err(wasmtime::Error::msg(
+                    "accelerator: matmul returned no result",
+                ));
+            };
+            backend_try!(self.backend.binary(BinaryOp::Add, &rb, &p, n))
+        } else {
+            self.matmul_steps += 1;
+            backend_try!(self.backend.matmul_add(&xb, &wb, &rb, m, k, n))
+        };
+        self.insert(sr, buf, true)
     }
 
     fn embedding(&mut self, table: Resource<Tensor>, ids: Vec<u32>) -> OpResult<Resource<Tensor>> {
@@ -889,6 +959,18 @@ mod tests {
         AccelCtx::new(Arc::new(CpuBackend), limit, 1 << 30)
     }
 
+    /// The output of a launch future that does not suspend (no rounds).
+    fn now<F: std::future::Future>(f: F) -> F::Output {
+        let mut f = std::pin::pin!(f);
+        match f
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+        {
+            std::task::Poll::Ready(v) => v,
+            std::task::Poll::Pending => panic!("an unbatched launch suspended"),
+        }
+    }
+
     fn ok<T>(r: OpResult<T>) -> T {
         match r {
             Ok(Ok(v)) => v,
@@ -908,11 +990,11 @@ mod tests {
         let w = ok(c.zeros(Dtype::F32, vec![1024, 1024]));
         let small = ok(c.zeros(Dtype::F32, vec![1, 1024]));
         // 1024 · 1024 multiply-adds: well within the time left.
-        ok(c.matmul(borrow(&small), borrow(&w)));
+        ok(now(c.matmul(borrow(&small), borrow(&w))));
         let launches = c.launches();
         // 2^28 multiply-adds need 268 ms at MIN_WORK_PER_SEC; 200 ms are left.
         let started = std::time::Instant::now();
-        let trap = c.matmul(borrow(&x), borrow(&w)).expect_err("trap");
+        let trap = now(c.matmul(borrow(&x), borrow(&w))).expect_err("trap");
         assert!(started.elapsed() < std::time::Duration::from_millis(50));
         let why = trap
             .downcast_ref::<LaunchPastDeadline>()
@@ -924,7 +1006,7 @@ mod tests {
         let mut free = ctx(64 << 20);
         let x = ok(free.zeros(Dtype::F32, vec![256, 1024]));
         let w = ok(free.zeros(Dtype::F32, vec![1024, 1024]));
-        ok(free.matmul(borrow(&x), borrow(&w)));
+        ok(now(free.matmul(borrow(&x), borrow(&w))));
     }
 
     fn guest_err<T: std::fmt::Debug>(r: OpResult<T>) -> AccelError {
@@ -948,7 +1030,7 @@ mod tests {
         let a = t(&mut c, &[2, 3], &[1.0; 6]);
         let b = t(&mut c, &[2, 2], &[1.0; 4]);
         assert_eq!(
-            guest_err(c.matmul(borrow(&a), borrow(&b))),
+            guest_err(now(c.matmul(borrow(&a), borrow(&b)))),
             AccelError::ShapeMismatch
         );
         assert_eq!(
@@ -1025,7 +1107,7 @@ mod tests {
         let x = ok(c.zeros(Dtype::F32, vec![4096, 4096]));
         let w = ok(c.zeros(Dtype::F32, vec![4096, 4096]));
         assert_eq!(
-            guest_err(c.matmul(borrow(&x), borrow(&w))),
+            guest_err(now(c.matmul(borrow(&x), borrow(&w)))),
             AccelError::InvalidArgument
         );
     }
@@ -1035,7 +1117,7 @@ mod tests {
         let mut c = ctx(1 << 20);
         let x = t(&mut c, &[1, 2], &[1.0, 2.0]);
         let w = t(&mut c, &[3, 2], &[1.0, 0.0, 0.0, 1.0, 1.0, 1.0]);
-        let y = ok(c.matmul(borrow(&x), borrow(&w)));
+        let y = ok(now(c.matmul(borrow(&x), borrow(&w))));
         assert_eq!(ok(c.shape(borrow(&y)).map(Ok)), vec![1, 3]);
         assert_eq!(ok(c.download(borrow(&y))), vec![1.0, 2.0, 3.0]);
         assert_eq!(ok(c.argmax(borrow(&y))), vec![2]);
@@ -1049,7 +1131,9 @@ mod tests {
         let w1 = t(&mut c, &[3, 2], &[1.0, 0.0, 0.0, 1.0, 1.0, 1.0]);
         let w2 = t(&mut c, &[1, 2], &[-1.0, 0.5]);
         let bad = t(&mut c, &[2, 3], &[1.0; 6]);
-        let out = ok(c.matmul_many(borrow(&x), vec![borrow(&w1), borrow(&w2)]));
+        let out = ok(now(
+            c.matmul_many(borrow(&x), vec![borrow(&w1), borrow(&w2)])
+        ));
         assert_eq!(out.len(), 2);
         assert_eq!(ok(c.download(borrow(&out[0]))), vec![1.0, 2.0, 3.0]);
         assert_eq!(ok(c.download(borrow(&out[1]))), vec![0.0]);
@@ -1058,15 +1142,19 @@ mod tests {
         // fit together.
         let (launches, in_use) = (c.launches(), c.bytes_in_use());
         assert_eq!(
-            guest_err(c.matmul_many(borrow(&x), vec![borrow(&w1), borrow(&bad)])),
+            guest_err(now(
+                c.matmul_many(borrow(&x), vec![borrow(&w1), borrow(&bad)])
+            )),
             AccelError::ShapeMismatch
         );
         assert_eq!(
-            guest_err(c.matmul_many(borrow(&x), vec![])),
+            guest_err(now(c.matmul_many(borrow(&x), vec![]))),
             AccelError::InvalidArgument
         );
         assert_eq!(
-            guest_err(c.matmul_many(borrow(&x), (0..9).map(|_| borrow(&w2)).collect())),
+            guest_err(now(
+                c.matmul_many(borrow(&x), (0..9).map(|_| borrow(&w2)).collect())
+            )),
             AccelError::InvalidArgument
         );
         // x (8 bytes) and w1 (24) held; room for one [1, 3] output (12), not two.
@@ -1074,10 +1162,12 @@ mod tests {
         let x = t(&mut tight, &[1, 2], &[1.0, 2.0]);
         let w1 = t(&mut tight, &[3, 2], &[1.0; 6]);
         assert_eq!(
-            guest_err(tight.matmul_many(borrow(&x), vec![borrow(&w1), borrow(&w1)])),
+            guest_err(now(
+                tight.matmul_many(borrow(&x), vec![borrow(&w1), borrow(&w1)])
+            )),
             AccelError::OutOfMemory
         );
-        ok(tight.matmul_many(borrow(&x), vec![borrow(&w1)]));
+        ok(now(tight.matmul_many(borrow(&x), vec![borrow(&w1)])));
         assert_eq!((c.launches(), c.bytes_in_use()), (launches, in_use));
     }
 
@@ -1135,14 +1225,16 @@ mod tests {
         let read = |c: &mut AccelCtx, r: &Resource<Tensor>| ok(c.download(borrow(r)));
 
         // norm-matmul-many = rmsnorm, then matmul-many.
-        let fused = ok(c.norm_matmul_many(
+        let fused = ok(now(c.norm_matmul_many(
             borrow(&x),
             borrow(&norm),
             1e-5,
             vec![borrow(&wq), borrow(&wk), borrow(&wk)],
-        ));
+        )));
         let h = ok(c.rmsnorm(borrow(&x), borrow(&norm), 1e-5));
-        let separate = ok(c.matmul_many(borrow(&h), vec![borrow(&wq), borrow(&wk), borrow(&wk)]));
+        let separate = ok(now(
+            c.matmul_many(borrow(&h), vec![borrow(&wq), borrow(&wk), borrow(&wk)])
+        ));
         for (f, s) in fused.iter().zip(&separate) {
             assert_eq!(read(&mut c, f), read(&mut c, s));
         }
@@ -1180,8 +1272,8 @@ mod tests {
         assert_eq!(read(&mut c, &vc1), read(&mut c, &vc2));
 
         // matmul-add = matmul, then add with the residual first.
-        let fused_o = ok(c.matmul_add(borrow(&fused_a), borrow(&wo), borrow(&x)));
-        let o = ok(c.matmul(borrow(&fused_a), borrow(&wo)));
+        let fused_o = ok(now(c.matmul_add(borrow(&fused_a), borrow(&wo), borrow(&x))));
+        let o = ok(now(c.matmul(borrow(&fused_a), borrow(&wo))));
         let sep_o = ok(c.add(borrow(&x), borrow(&o)));
         assert_eq!(read(&mut c, &fused_o), read(&mut c, &sep_o));
 
@@ -1211,39 +1303,37 @@ mod tests {
         let cases: Vec<(AccelError, OpResult<()>)> = vec![
             (
                 AccelError::ShapeMismatch,
-                c.norm_matmul_many(borrow(&x), borrow(&short_norm), 1e-5, vec![borrow(&w)])
+                now(c.norm_matmul_many(borrow(&x), borrow(&short_norm), 1e-5, vec![borrow(&w)]))
                     .map(|r| r.map(drop)),
             ),
             (
                 AccelError::InvalidArgument,
-                c.norm_matmul_many(borrow(&x), borrow(&norm), f32::NAN, vec![borrow(&w)])
+                now(c.norm_matmul_many(borrow(&x), borrow(&norm), f32::NAN, vec![borrow(&w)]))
                     .map(|r| r.map(drop)),
             ),
             (
                 AccelError::InvalidArgument,
-                c.norm_matmul_many(borrow(&x), borrow(&norm), 1e-5, vec![])
+                now(c.norm_matmul_many(borrow(&x), borrow(&norm), 1e-5, vec![]))
                     .map(|r| r.map(drop)),
             ),
             (
                 AccelError::ShapeMismatch,
-                c.norm_matmul_many(
+                now(c.norm_matmul_many(
                     borrow(&x),
                     borrow(&norm),
                     1e-5,
                     vec![borrow(&w), borrow(&w_wide)],
-                )
+                ))
                 .map(|r| r.map(drop)),
             ),
             // The residual must have the product's shape.
             (
                 AccelError::ShapeMismatch,
-                c.matmul_add(borrow(&x), borrow(&w), borrow(&norm))
-                    .map(|r| r.map(drop)),
+                now(c.matmul_add(borrow(&x), borrow(&w), borrow(&norm))).map(|r| r.map(drop)),
             ),
             (
                 AccelError::ShapeMismatch,
-                c.matmul_add(borrow(&x), borrow(&w_wide), borrow(&x))
-                    .map(|r| r.map(drop)),
+                now(c.matmul_add(borrow(&x), borrow(&w_wide), borrow(&x))).map(|r| r.map(drop)),
             ),
             (
                 AccelError::ShapeMismatch,

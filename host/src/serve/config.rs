@@ -41,19 +41,12 @@ pub struct ServeConfig {
     /// this file, so the keyserver knows which one runs.
     #[serde(default = "default_backend")]
     pub backend: String,
-    /// Cross-request batching: concurrent runs' matmuls on the same resident
-    /// weights run as one launch (`cinfer_accel::batch`; results are bit for
-    /// bit those of separate launches). Off by default: on this workplace's
-    /// 2-core machines it does not yet pay (BENCHMARKS.md). Measured with
-    /// this file.
+    /// Cross-request batching: runs are driven as coroutines on one thread
+    /// and their decode matmuls on the same resident weights run as one
+    /// launch (`cinfer_accel::batch`; results are bit for bit those of
+    /// separate launches). Measured with this file.
     #[serde(default = "default_batching")]
     pub batching: bool,
-    /// With batching: how long (µs) a launch waits at most for the other
-    /// decoding runs to queue theirs before it executes without them
-    /// (`cinfer_accel::batch::DEFAULT_WINDOW`, 500). 1 to 100000. Measured
-    /// with this file.
-    #[serde(default = "default_batching_window_us")]
-    pub batching_window_us: u64,
     /// Keyserver identities (hex SEC1, `keyserver public-identity`) whose key
     /// releases this loader installs. Empty: any release that unwraps is
     /// installed (development only: a hostile relay could then install keys of
@@ -117,10 +110,6 @@ fn default_backend() -> String {
 
 fn default_batching() -> bool {
     false
-}
-
-fn default_batching_window_us() -> u64 {
-    cinfer_accel::batch::DEFAULT_WINDOW.as_micros() as u64
 }
 
 fn default_max_in_flight() -> usize {
@@ -198,9 +187,6 @@ pub enum ConfigError {
     /// A peer timeout of zero.
     #[error("peer-auth-timeout-ms and peer-idle-timeout-ms must be positive")]
     ZeroPeerTimeout,
-    /// `batching-window-us` outside 1..=100000.
-    #[error("batching-window-us = {0}: must be 1 to 100000 (µs)")]
-    BatchingWindow(u64),
     /// A `keyservers` entry is not a hex uncompressed P-256 key.
     #[error("keyservers: {0:?} is not a hex uncompressed P-256 key")]
     BadKeyserverKey(String),
@@ -271,16 +257,7 @@ impl ServeConfig {
             .map_err(ConfigError::Listen)?;
         c.pinned_keyservers()?;
         c.peer_policy()?;
-        if !(1..=100_000).contains(&c.batching_window_us) {
-            return Err(ConfigError::BatchingWindow(c.batching_window_us).into());
-        }
         Ok(c)
-    }
-
-    /// The batching window, when batching is on.
-    pub fn batching_window(&self) -> Option<std::time::Duration> {
-        self.batching
-            .then(|| std::time::Duration::from_micros(self.batching_window_us))
     }
 
     /// Who may be served, and the peer timeouts.

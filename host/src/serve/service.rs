@@ -159,13 +159,13 @@ impl Service {
             .check_backend(&config.backend)
             .map_err(ConfigError::BackendNotAllowed)?;
         let backend =
-            crate::backend::backend_from_config(&config.backend, config.batching_window())
-                .map_err(ConfigError::Backend)?;
+            crate::backend::backend_from_name(&config.backend).map_err(ConfigError::Backend)?;
         let loader = Arc::new(
             Loader::new(
                 policy,
                 LoaderConfig {
                     backend,
+                    batching: config.batching,
                     ..LoaderConfig::default()
                 },
             )
