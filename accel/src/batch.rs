@@ -37,7 +37,7 @@ use super::{Backend, BackendError, DeviceBuffer};
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
@@ -135,6 +135,8 @@ pub struct BatchStats {
 pub struct Rounds {
     inner: Arc<dyn Backend>,
     queues: Mutex<HashMap<Key, Queue>>,
+    /// Runs sharing the rounds ([`Rounds::set_runs`]).
+    runs: AtomicUsize,
     rounds: AtomicU64,
     launches: AtomicU64,
     fused: AtomicU64,
@@ -155,6 +157,7 @@ impl Rounds {
         Rounds {
             inner,
             queues: Mutex::new(HashMap::new()),
+            runs: AtomicUsize::new(0),
             rounds: AtomicU64::new(0),
             launches: AtomicU64::new(0),
             fused: AtomicU64::new(0),
@@ -167,9 +170,17 @@ impl Rounds {
     }
 
     /// Whether a launch of `m` rows of `x` is queued: decode-sized launches
-    /// of host f32 activations.
-    pub fn takes(x: &DeviceBuffer, m: usize) -> bool {
-        matches!(x, DeviceBuffer::F32(_)) && m <= MAX_BATCH_ROWS / 2
+    /// of host f32 activations while more than one run shares the rounds (a
+    /// lone run launches directly, as if unbatched).
+    pub fn takes(&self, x: &DeviceBuffer, m: usize) -> bool {
+        matches!(x, DeviceBuffer::F32(_))
+            && m <= MAX_BATCH_ROWS / 2
+            && self.runs.load(Ordering::Relaxed) > 1
+    }
+
+    /// Tells the batcher how many runs share its rounds now.
+    pub fn set_runs(&self, runs: usize) {
+        self.runs.store(runs, Ordering::Relaxed);
     }
 
     /// What the batcher has done so far.
@@ -426,6 +437,21 @@ mod tests {
         }
         // Every pending ticket was woken once when its round completed.
         assert_eq!(count.0.load(Ordering::Relaxed), 2 * runs as u64);
+    }
+
+    #[test]
+    fn only_decode_sized_host_launches_of_several_runs_are_queued() {
+        let rounds = Rounds::new(Arc::new(CpuBackend));
+        let x = DeviceBuffer::F32(vec![0.0; 64]);
+        assert!(!rounds.takes(&x, 1), "no runs yet");
+        rounds.set_runs(1);
+        assert!(!rounds.takes(&x, 1), "a lone run launches directly");
+        rounds.set_runs(2);
+        assert!(rounds.takes(&x, 1));
+        assert!(rounds.takes(&x, MAX_BATCH_ROWS / 2));
+        assert!(!rounds.takes(&x, MAX_BATCH_ROWS / 2 + 1), "prompt-sized");
+        let f16 = DeviceBuffer::F16(vec![0; 64]);
+        assert!(!rounds.takes(&f16, 1), "not host f32 activations");
     }
 
     #[test]

@@ -175,6 +175,7 @@ fn drive<T: Send + 'static>(jobs: mpsc::Receiver<Job<T>>, rounds: Arc<Rounds>) {
                 Err(mpsc::TryRecvError::Disconnected) => open = false,
             }
         }
+        rounds.set_runs(active.len());
         // Poll every woken run once.
         let mut progressed = false;
         let mut i = 0;
@@ -202,6 +203,7 @@ fn drive<T: Send + 'static>(jobs: mpsc::Receiver<Job<T>>, rounds: Arc<Rounds>) {
                     // the caller hears of the result.
                     drop(run.future);
                     let _ = run.reply.send(result);
+                    rounds.set_runs(active.len());
                     if active.is_empty() {
                         backend.run_ended();
                     }

@@ -71,7 +71,7 @@ impl Default for LoaderConfig {
             max_wasm_stack: 512 << 10,
             backend: Arc::new(CpuBackend),
             models: ModelStore::default(),
-            batching: false,
+            batching: true,
         }
     }
 }

@@ -57,12 +57,18 @@ fn loader(policy: Policy) -> Loader {
     loader_with(policy, ModelStore::default())
 }
 
-/// A loader serving `models`.
+/// A loader serving `models` (default configuration: batching on).
 fn loader_with(policy: Policy, models: ModelStore) -> Loader {
+    loader_configured(policy, models, true)
+}
+
+/// A loader serving `models`, cross-request batching on or off.
+fn loader_configured(policy: Policy, models: ModelStore, batching: bool) -> Loader {
     Loader::new(
         policy,
         LoaderConfig {
             models,
+            batching,
             ..LoaderConfig::default()
         },
     )
@@ -549,6 +555,48 @@ fn no_run_sees_what_an_earlier_run_left_in_memory() {
         .collect();
     for t in threads {
         t.join().expect("thread");
+    }
+}
+
+#[test]
+fn a_looping_run_does_not_hold_up_the_others_on_the_batching_driver() {
+    // Every run of a batching loader is a coroutine on one driver thread: the
+    // loop must yield at its epoch checks and still end at its deadline.
+    for batching in [true, false] {
+        let l = loader_configured(
+            policy_for(&[
+                ("fixtures/infinite-loop", "request-reply", ""),
+                ("echo", "request-reply", ""),
+            ]),
+            ModelStore::default(),
+            batching,
+        );
+        let looping = l.admit(&program("fixtures/infinite-loop")).expect("admit");
+        let key = RequestPrivateKey::generate();
+        std::thread::scope(|s| {
+            let spin = s.spawn(|| {
+                let (sealed, _) = seal_request(key.public_key(), b"").expect("seal");
+                l.run(&looping, &sealed, &key, cinfer_host::RunOptions::default())
+                    .expect("run")
+            });
+            std::thread::sleep(Duration::from_millis(20));
+            for i in 0..5 {
+                let msg = format!("echo {i} beside a loop");
+                let (outcome, opened, _) = round_trip(&l, "echo", &key, msg.as_bytes());
+                assert_eq!(outcome, RunOutcome::Completed);
+                assert_eq!(opened.expect("reply").0, msg.as_bytes());
+            }
+            assert!(
+                !spin.is_finished(),
+                "batching {batching}: the echoes were answered while the loop ran"
+            );
+            let report = spin.join().expect("loop thread");
+            assert_eq!(
+                report.outcome,
+                RunOutcome::Aborted(AbortReason::Deadline(Duration::from_millis(300)))
+            );
+            assert!(report.elapsed < Duration::from_millis(1300), "{:?}", report.elapsed);
+        });
     }
 }
 

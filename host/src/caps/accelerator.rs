@@ -225,7 +225,7 @@ impl AccelCtx {
         self.matmul_steps += 1;
         if let Some(rounds) = &self.rounds
             && let DeviceBuffer::F32(xs) = x
-            && Rounds::takes(x, m)
+            && rounds.takes(x, m)
         {
             return rounds.launch(xs.clone(), ws, m, k, step).await;
         }
@@ -759,7 +759,7 @@ impl Host for AccelCtx {
             self.get(&r)?.buf.clone(),
         );
         self.launches += 1;
-        let buf = if self.rounds.is_some() && Rounds::takes(&xb, m) {
+        let buf = if self.rounds.as_ref().is_some_and(|r| r.takes(&xb, m)) {
             // Batched: the product comes from the round, then the residual
             // add (what the fused kernel computes, bit for bit: tested).
             let mut p = backend_try!(self.multiply(&xb, vec![(wb, n)], m, k).await);

@@ -109,7 +109,7 @@ fn default_backend() -> String {
 }
 
 fn default_batching() -> bool {
-    false
+    true
 }
 
 fn default_max_in_flight() -> usize {

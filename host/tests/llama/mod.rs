@@ -157,10 +157,17 @@ struct Chat {
     key: RequestPrivateKey,
 }
 
-/// One loader serving the sealed real model to llama-chat, shared by the tests.
+/// One loader serving the sealed real model to llama-chat, shared by the
+/// tests (the default configuration: cross-request batching on, so tests
+/// running at once share rounds).
 fn chat() -> Option<&'static Chat> {
     static CHAT: OnceLock<Option<Chat>> = OnceLock::new();
-    CHAT.get_or_init(|| {
+    CHAT.get_or_init(|| new_chat(true)).as_ref()
+}
+
+/// A loader serving the sealed real model to llama-chat.
+fn new_chat(batching: bool) -> Option<Chat> {
+    {
         let path = real_model()?;
         let plain = std::fs::read(&path).expect("model");
         let key = ModelKey::generate().expect("key");
@@ -173,13 +180,12 @@ fn chat() -> Option<&'static Chat> {
             hex_digest(&program("llama-chat"))
         );
         let policy = Policy::parse(&toml_text, |_| Ok(worlds())).expect("policy");
-        let loader = super::loader_with(policy, models);
+        let loader = super::loader_configured(policy, models, batching);
         Some(Chat {
             loader,
             key: RequestPrivateKey::generate(),
         })
-    })
-    .as_ref()
+    }
 }
 
 impl Chat {
@@ -327,6 +333,45 @@ fn chat_answers_with_the_chatml_template() {
     let (outcome, text) = chat.ask(&request);
     assert_eq!(outcome, RunOutcome::Completed);
     assert!(text.contains("Paris"), "{text:?}");
+}
+
+#[test]
+fn batched_runs_answer_exactly_as_runs_alone() {
+    let Some(chat) = chat() else { return };
+    let alone = new_chat(false).expect("the model is there");
+    let long = "Write a short story about a robot who learns to paint, \
+                in the style of a fairy tale, with a happy ending and a moral \
+                about patience and practice.";
+    let requests: Vec<Value> = [
+        "The capital of France is",
+        "Once upon a time",
+        "1, 2, 3, 4,",
+        "def fibonacci(n):",
+        // A prompt pass of over 32 rows launches directly, beside the others' rounds.
+        long,
+    ]
+    .iter()
+    .map(|p| serde_json::json!({"prompt": p, "max_tokens": 16, "format": "ids"}))
+    .chain([serde_json::json!({"prompt": "The weather today is", "max_tokens": 16,
+        "temperature": 0.9, "top_k": 40, "seed": 3, "format": "ids"})])
+    .collect();
+    let want: Vec<(RunOutcome, String)> = requests.iter().map(|r| alone.ask(r)).collect();
+    assert!(alone.loader.batch_stats().is_none(), "batching off");
+    let before = chat.loader.batch_stats().expect("batching on by default");
+    let got: Vec<(RunOutcome, String)> = std::thread::scope(|s| {
+        let handles: Vec<_> = requests.iter().map(|r| s.spawn(|| chat.ask(r))).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("run"))
+            .collect()
+    });
+    assert_eq!(got, want, "the same tokens, batched or alone");
+    assert!(want.iter().all(|(o, _)| *o == RunOutcome::Completed));
+    let after = chat.loader.batch_stats().expect("batching on");
+    assert!(
+        after.fused > before.fused,
+        "rounds carried several runs' launches: {before:?} → {after:?}"
+    );
 }
 
 #[test]
