@@ -595,7 +595,11 @@ fn a_looping_run_does_not_hold_up_the_others_on_the_batching_driver() {
                 report.outcome,
                 RunOutcome::Aborted(AbortReason::Deadline(Duration::from_millis(300)))
             );
-            assert!(report.elapsed < Duration::from_millis(1300), "{:?}", report.elapsed);
+            assert!(
+                report.elapsed < Duration::from_millis(1300),
+                "{:?}",
+                report.elapsed
+            );
         });
     }
 }

@@ -174,7 +174,10 @@ fn new_chat(batching: bool) -> Option<Chat> {
         let sealed = seal_bytes(&key, MODEL_ID, "test-key", 1 << 20, &plain).expect("seal");
         drop(plain);
         let mut models = ModelStore::default();
-        models.insert(MODEL_ID, Arc::new(SealedGguf::open(Box::new(sealed), &key).expect("open")));
+        models.insert(
+            MODEL_ID,
+            Arc::new(SealedGguf::open(Box::new(sealed), &key).expect("open")),
+        );
         let toml_text = format!(
             "worlds = \"worlds.wit\"\n[[program]]\nname = \"llama-chat\"\nsha256 = \"{}\"\nworld = \"inference\"\nmodels = [\"{MODEL_ID}\"]\nlimits = {{ memory-bytes = 268435456, deadline-ms = 300000, accelerator-bytes = 1073741824 }}\n",
             hex_digest(&program("llama-chat"))
@@ -352,8 +355,10 @@ fn batched_runs_answer_exactly_as_runs_alone() {
     ]
     .iter()
     .map(|p| serde_json::json!({"prompt": p, "max_tokens": 16, "format": "ids"}))
-    .chain([serde_json::json!({"prompt": "The weather today is", "max_tokens": 16,
-        "temperature": 0.9, "top_k": 40, "seed": 3, "format": "ids"})])
+    .chain([
+        serde_json::json!({"prompt": "The weather today is", "max_tokens": 16,
+        "temperature": 0.9, "top_k": 40, "seed": 3, "format": "ids"}),
+    ])
     .collect();
     let want: Vec<(RunOutcome, String)> = requests.iter().map(|r| alone.ask(r)).collect();
     assert!(alone.loader.batch_stats().is_none(), "batching off");
