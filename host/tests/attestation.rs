@@ -1537,10 +1537,10 @@ fn serve_configuration_refusals_are_typed() {
         refused("batching-window-us = 500\n"),
         ConfigError::Toml(m) if m.contains("batching-window-us")
     ));
-    let on =
-        ServeConfig::parse(&format!("{base}batching = true\n")).unwrap_or_else(|e| panic!("{e}"));
-    assert!(on.batching);
-    let off = ServeConfig::parse(base).unwrap_or_else(|e| panic!("{e}"));
+    let default = ServeConfig::parse(base).unwrap_or_else(|e| panic!("{e}"));
+    assert!(default.batching, "batching is on by default");
+    let off =
+        ServeConfig::parse(&format!("{base}batching = false\n")).unwrap_or_else(|e| panic!("{e}"));
     assert!(!off.batching);
     let listen = ServeConfig::parse(&base.replace("tcp:127.0.0.1:0", "ftp:x"));
     assert!(
