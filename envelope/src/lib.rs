@@ -585,6 +585,17 @@ impl ReplySealer {
         Ok(self.frame(FRAME_DATA, &ct))
     }
 
+    /// Length of the frame [`ReplySealer::seal_chunk`] makes of a chunk of
+    /// `chunk_len` bytes next (the first frame also carries the run's salt).
+    pub fn frame_len(&self, chunk_len: usize) -> usize {
+        let salt = if self.salt.is_some() {
+            REPLY_SALT_LEN
+        } else {
+            0
+        };
+        1 + salt + chunk_len + TAG_LEN
+    }
+
     /// Seals the final frame, which authenticates the end of the stream and its status.
     pub fn finish(self, status: ReplyStatus) -> Result<Vec<u8>, EnvelopeError> {
         let ReplySealer {

@@ -365,3 +365,18 @@ fn a_request_carries_its_seal_time_and_it_cannot_be_changed() {
     let (now, _) = seal_request(key.public_key(), b"n").expect("seal");
     assert!(request_sealed_at(&now).expect("parse").expect("timed") > 1_700_000_000_000);
 }
+
+#[test]
+fn frame_len_predicts_each_data_frame() {
+    let rk = RequestPrivateKey::generate();
+    let (sealed, _) = seal_request(rk.public_key(), b"hi").expect("seal");
+    let (_, mut sealer) = open_request(&rk, &sealed).expect("open");
+    // The first frame carries the salt, the next ones do not.
+    for len in [0usize, 5, 4096, 7] {
+        let want = sealer.frame_len(len);
+        assert_eq!(
+            sealer.seal_chunk(&vec![7u8; len]).expect("seal").len(),
+            want
+        );
+    }
+}

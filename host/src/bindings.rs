@@ -13,6 +13,8 @@ wasmtime::component::bindgen!({
         "cinfer:loader/accelerator.matmul-many": async | trappable,
         "cinfer:loader/accelerator.norm-matmul-many": async | trappable,
         "cinfer:loader/accelerator.matmul-add": async | trappable,
+        // A paced reply frame waits for its egress bytes (`crate::egress`).
+        "cinfer:loader/output.emit": async | trappable,
         default: trappable,
     },
     // Runs are driven as futures (`crate::driver`), so `run` is called with

@@ -22,8 +22,62 @@ use crate::backend::batch::Rounds;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+/// Sleeping futures, woken by the loader's ticker thread ([`Timers::fire`],
+/// every millisecond).
+#[derive(Debug, Default)]
+pub(crate) struct Timers(Mutex<Vec<(Instant, Waker)>>);
+
+impl Timers {
+    /// A future ready at `at` (at most a tick late).
+    pub(crate) fn sleep_until(self: &Arc<Self>, at: Instant) -> Sleep {
+        Sleep {
+            timers: self.clone(),
+            at,
+        }
+    }
+
+    /// Wakes the sleepers whose time has come.
+    pub(crate) fn fire(&self, now: Instant) {
+        let due: Vec<Waker> = {
+            let mut sleepers = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            if sleepers.is_empty() {
+                return;
+            }
+            let (due, rest) = std::mem::take(&mut *sleepers)
+                .into_iter()
+                .partition(|(at, _)| *at <= now);
+            *sleepers = rest;
+            due.into_iter().map(|(_, w)| w).collect()
+        };
+        due.into_iter().for_each(Waker::wake);
+    }
+}
+
+/// See [`Timers::sleep_until`].
+pub(crate) struct Sleep {
+    timers: Arc<Timers>,
+    at: Instant,
+}
+
+impl Future for Sleep {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if Instant::now() >= self.at {
+            return Poll::Ready(());
+        }
+        self.timers
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((self.at, cx.waker().clone()));
+        Poll::Pending
+    }
+}
 
 /// A run's future, built on the driver's thread.
 pub(crate) type RunFuture<T> = Pin<Box<dyn Future<Output = T>>>;
@@ -54,15 +108,20 @@ pub(crate) struct Job<T> {
     pub reply: mpsc::SyncSender<std::thread::Result<T>>,
 }
 
-/// Sets a run's flag when it should be polled again.
-struct Ready(AtomicBool);
+/// Sets a run's flag when it should be polled again, and wakes the driver
+/// if it waits for one.
+struct Ready {
+    flag: AtomicBool,
+    driver: std::thread::Thread,
+}
 
 impl Wake for Ready {
     fn wake(self: Arc<Self>) {
-        self.0.store(true, Ordering::Release);
+        self.wake_by_ref();
     }
     fn wake_by_ref(self: &Arc<Self>) {
-        self.0.store(true, Ordering::Release);
+        self.flag.store(true, Ordering::Release);
+        self.driver.unpark();
     }
 }
 
@@ -77,6 +136,7 @@ struct Active<T> {
 pub(crate) struct Driver<T: Send + 'static> {
     jobs: mpsc::Sender<Job<T>>,
     rounds: Arc<Rounds>,
+    thread: std::thread::Thread,
 }
 
 impl<T: Send + 'static> std::fmt::Debug for Driver<T> {
@@ -93,10 +153,14 @@ impl<T: Send + 'static> Driver<T> {
     pub(crate) fn start(rounds: Arc<Rounds>) -> std::io::Result<Self> {
         let (jobs, rx) = mpsc::channel::<Job<T>>();
         let r = rounds.clone();
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name("cinfer-driver".into())
             .spawn(move || drive(rx, r))?;
-        Ok(Driver { jobs, rounds })
+        Ok(Driver {
+            jobs,
+            rounds,
+            thread: handle.thread().clone(),
+        })
     }
 
     /// The rounds the driver's runs share.
@@ -114,6 +178,7 @@ impl<T: Send + 'static> Driver<T> {
         self.jobs
             .send(Job { start, reply })
             .map_err(|_| DriverGone)?;
+        self.thread.unpark();
         match result.recv() {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(panic)) => std::panic::resume_unwind(panic),
@@ -131,6 +196,7 @@ pub struct DriverGone;
 /// none was, execute a round.
 fn drive<T: Send + 'static>(jobs: mpsc::Receiver<Job<T>>, rounds: Arc<Rounds>) {
     let backend = rounds.backend().clone();
+    let me = std::thread::current();
     let mut active: Vec<Active<T>> = Vec::new();
     let mut open = true;
     loop {
@@ -143,7 +209,10 @@ fn drive<T: Send + 'static>(jobs: mpsc::Receiver<Job<T>>, rounds: Arc<Rounds>) {
             let start = job.start;
             match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| start(rounds.clone()))) {
                 Ok(future) => {
-                    let ready = Arc::new(Ready(AtomicBool::new(true)));
+                    let ready = Arc::new(Ready {
+                        flag: AtomicBool::new(true),
+                        driver: me.clone(),
+                    });
                     active.push(Active {
                         future,
                         waker: Waker::from(ready.clone()),
@@ -181,7 +250,7 @@ fn drive<T: Send + 'static>(jobs: mpsc::Receiver<Job<T>>, rounds: Arc<Rounds>) {
         let mut i = 0;
         while i < active.len() {
             let run = &mut active[i];
-            if !run.ready.0.swap(false, Ordering::Acquire) {
+            if !run.ready.flag.swap(false, Ordering::Acquire) {
                 i += 1;
                 continue;
             }
@@ -215,9 +284,10 @@ fn drive<T: Send + 'static>(jobs: mpsc::Receiver<Job<T>>, rounds: Arc<Rounds>) {
         }
         // Nobody can go on: a round wakes the runs it carries.
         if !rounds.run_round() {
-            // Every run waits for something else than a round (not a state
-            // the loader's runs reach); look again shortly.
-            std::thread::sleep(std::time::Duration::from_micros(50));
+            // Every run waits for something else than a round (a paced frame,
+            // a timer): sleep until a waker or a new job unparks the driver
+            // (the timeout only bounds a missed wake-up).
+            std::thread::park_timeout(Duration::from_millis(5));
         }
     }
 }

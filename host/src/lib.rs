@@ -27,6 +27,7 @@ pub use cinfer_accel as backend;
 mod bindings;
 pub mod caps;
 mod driver;
+mod egress;
 pub mod loader;
 pub mod measure;
 pub mod models;
@@ -42,7 +43,7 @@ pub use driver::DriverGone;
 pub use loader::{
     AbortReason, Loader, LoaderConfig, LoaderError, RequestError, RunOptions, RunOutcome, RunReport,
 };
-pub use policy::{Capabilities, Capability, Limits, Policy, PolicyError};
+pub use policy::{Capabilities, Capability, EgressRate, Limits, Policy, PolicyError};
 
 /// Opens the directory holding `path` with ambient authority and returns it with
 /// the file's name inside it. The loader's only ambient file access (its

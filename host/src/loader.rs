@@ -19,7 +19,8 @@ use crate::caps::accelerator::AccelCtx;
 use crate::caps::crypto::CryptoCtx;
 use crate::caps::model::{ModelCtx, ModelStore, ModelView};
 use crate::caps::output::{FrameSink, OutputCtx};
-use crate::driver::Driver;
+use crate::driver::{Driver, Timers};
+use crate::egress::{Bucket, Pacing};
 use crate::policy::{Capabilities, Capability, Limits, Policy, ProgramGrant, ceilings};
 use cinfer_envelope::{EnvelopeError, ReplyStatus, RequestPrivateKey};
 use sha2::{Digest as _, Sha256};
@@ -356,13 +357,14 @@ fn linker_for(engine: &Engine, caps: Capabilities) -> wasmtime::Result<Linker<Ru
     Ok(linker)
 }
 
-/// Increments the engine's epoch every [`EPOCH_TICK`] until dropped.
+/// Increments the engine's epoch and wakes due timers every [`EPOCH_TICK`]
+/// until dropped.
 struct EpochTicker {
     stop: Arc<AtomicBool>,
 }
 
 impl EpochTicker {
-    fn start(engine: Engine) -> Self {
+    fn start(engine: Engine, timers: Arc<Timers>) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         std::thread::Builder::new()
@@ -371,6 +373,7 @@ impl EpochTicker {
                 while !flag.load(Ordering::Relaxed) {
                     std::thread::sleep(EPOCH_TICK);
                     engine.increment_epoch();
+                    timers.fire(Instant::now());
                 }
             })
             .map(|_| ())
@@ -405,6 +408,12 @@ pub struct Loader {
     admitted_signed: Mutex<HashMap<SignedKey, Arc<AdmittedProgram>>>,
     /// With batching: the thread that drives every run.
     driver: Option<Driver<Result<RunReport, RequestError>>>,
+    /// Sleeping runs (paced frames), woken by the ticker.
+    timers: Arc<Timers>,
+    /// The policy's loader-wide egress bucket.
+    egress_total: Option<Arc<Bucket>>,
+    /// Egress buckets of grants that set a rate, by grant name.
+    egress_grants: Mutex<HashMap<String, Arc<Bucket>>>,
     _ticker: EpochTicker,
 }
 
@@ -473,9 +482,13 @@ impl Loader {
         } else {
             None
         };
+        let timers = Arc::new(Timers::default());
         Ok(Loader {
             driver,
-            _ticker: EpochTicker::start(engine.clone()),
+            _ticker: EpochTicker::start(engine.clone(), timers.clone()),
+            timers,
+            egress_total: policy.egress().map(|r| Arc::new(Bucket::new(r))),
+            egress_grants: Mutex::new(HashMap::new()),
             engine,
             policy,
             backend: config.backend,
@@ -755,6 +768,8 @@ impl Loader {
             sealer,
             sink,
             cancel,
+            egress: self.egress_buckets(&program.grant),
+            timers: self.timers.clone(),
         };
         match &self.driver {
             Some(driver) => {
@@ -762,6 +777,20 @@ impl Loader {
             }
             None => crate::driver::block_on(job.execute(None)),
         }
+    }
+
+    /// The egress buckets a run of `grant` draws on: its grant's, then the
+    /// loader's.
+    fn egress_buckets(&self, grant: &ProgramGrant) -> Vec<Arc<Bucket>> {
+        let own = grant.limits.egress_rate.map(|rate| {
+            self.egress_grants
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(grant.name.clone())
+                .or_insert_with(|| Arc::new(Bucket::new(rate)))
+                .clone()
+        });
+        own.into_iter().chain(self.egress_total.clone()).collect()
     }
 
     /// What cross-request batching has done so far (`None` when it is off).
@@ -781,6 +810,8 @@ struct RunJob {
     sealer: Option<cinfer_envelope::ReplySealer>,
     sink: FrameSink,
     cancel: Option<Arc<AtomicBool>>,
+    egress: Vec<Arc<Bucket>>,
+    timers: Arc<Timers>,
 }
 
 impl RunJob {
@@ -798,6 +829,8 @@ impl RunJob {
             sealer,
             sink,
             cancel,
+            egress,
+            timers,
         } = self;
         let limits: &Limits = &grant.limits;
         let start = Instant::now();
@@ -813,7 +846,19 @@ impl RunJob {
             crypto: CryptoCtx::new(request),
             accel: accel.with_deadline(end),
             model: ModelCtx::new(grant.models.clone().into(), models),
-            output: OutputCtx::new(sealer, sink, limits.egress_bytes),
+            output: {
+                let out = OutputCtx::new(sealer, sink, limits.egress_bytes);
+                if egress.is_empty() {
+                    out
+                } else {
+                    out.with_pacing(Pacing {
+                        buckets: egress,
+                        timers,
+                        deadline: end,
+                        cancel: cancel.clone(),
+                    })
+                }
+            },
             limiter: MemoryLimiter {
                 memory_bytes: limits.memory_bytes,
             },
@@ -868,10 +913,16 @@ impl RunJob {
         let state = store.into_data();
         let egress_bytes = state.output.used();
         let accelerator_launches = state.accel.launches();
-        let (sealer, mut sink) = state.output.finish();
+        let (sealer, mut sink, pacing) = state.output.finish();
         if let Some(sealer) = sealer {
             match sealer.finish(outcome.status()) {
-                Ok(frame) => sink(frame),
+                Ok(frame) => {
+                    // A run's end always leaves; its bytes still count.
+                    if let Some(p) = &pacing {
+                        crate::egress::charge(&p.buckets, frame.len() as u64);
+                    }
+                    sink(frame)
+                }
                 Err(e) => tracing::error!("sealing the final reply frame failed: {e}"),
             }
         }
@@ -919,7 +970,10 @@ fn abort_reason(e: &wasmtime::Error, limits: &Limits) -> AbortReason {
     if let Some(v) = e.downcast_ref::<PolicyViolation>() {
         return AbortReason::Policy(v.clone());
     }
-    if e.downcast_ref::<RunCancelled>().is_some() {
+    if e.downcast_ref::<RunCancelled>().is_some()
+        || e.downcast_ref::<crate::egress::CancelledWhilePaced>()
+            .is_some()
+    {
         return AbortReason::Cancelled;
     }
     // A launch that could not have finished in time: the deadline, reached

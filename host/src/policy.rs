@@ -128,7 +128,23 @@ pub struct Limits {
     pub accelerator_bytes: u64,
     /// Largest sealed request accepted for this program, in bytes.
     pub request_bytes: u64,
+    /// Sustained rate and burst of sealed bytes all runs of this grant may
+    /// emit together (none: only the loader-wide rate applies).
+    pub egress_rate: Option<EgressRate>,
 }
+
+/// A token bucket's parameters: sealed bytes per second sustained, and the
+/// most that may leave at once after a quiet spell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EgressRate {
+    /// Sustained rate, sealed bytes per second.
+    pub bytes_per_sec: u64,
+    /// Burst, sealed bytes (a frame larger than this is split into frames that fit).
+    pub burst_bytes: u64,
+}
+
+/// The smallest burst a policy may set: frames of at least 1 KiB fit.
+pub const MIN_EGRESS_BURST: u64 = 1024;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -138,6 +154,7 @@ impl Default for Limits {
             egress_bytes: 1 << 20,
             accelerator_bytes: 256 << 20,
             request_bytes: 1 << 20,
+            egress_rate: None,
         }
     }
 }
@@ -162,6 +179,16 @@ struct LimitsToml {
     egress_bytes: Option<u64>,
     accelerator_bytes: Option<u64>,
     request_bytes: Option<u64>,
+    egress_rate_bytes_per_sec: Option<u64>,
+    egress_burst_bytes: Option<u64>,
+}
+
+/// The policy's `[egress]` table: the loader-wide rate over every run.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct EgressToml {
+    rate_bytes_per_sec: u64,
+    burst_bytes: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -213,6 +240,8 @@ struct PolicyToml {
     backend: Option<String>,
     #[serde(default)]
     limits: LimitsToml,
+    /// The loader-wide egress rate.
+    egress: Option<EgressToml>,
     #[serde(default, rename = "program")]
     programs: Vec<ProgramToml>,
     #[serde(default, rename = "signer")]
@@ -296,6 +325,9 @@ pub enum PolicyError {
         /// The backend the serving loader is configured with.
         configured: String,
     },
+    /// An egress rate is given without its burst, or the other way round.
+    #[error("`{0}` needs both a rate and a burst")]
+    EgressRateIncomplete(&'static str),
     /// A limit is zero or above its ceiling.
     #[error("limit `{limit}` = {value} is out of range (1 to {max})")]
     LimitOutOfRange {
@@ -391,6 +423,7 @@ pub struct PolicyFile {
 #[derive(Debug, Clone)]
 pub struct Policy {
     backend: Option<String>,
+    egress: Option<EgressRate>,
     worlds: BTreeMap<String, Capabilities>,
     programs: Vec<ProgramGrant>,
     signers: Vec<Signer>,
@@ -424,7 +457,36 @@ fn apply_limits(base: &Limits, t: &LimitsToml) -> Result<Limits, PolicyError> {
     if let Some(v) = t.request_bytes {
         l.request_bytes = check_limit("request-bytes", v, ceilings::REQUEST_BYTES)?;
     }
+    match (t.egress_rate_bytes_per_sec, t.egress_burst_bytes) {
+        (None, None) => {}
+        (Some(rate), Some(burst)) => {
+            l.egress_rate = Some(egress_rate(
+                ("egress-rate-bytes-per-sec", rate),
+                ("egress-burst-bytes", burst),
+            )?)
+        }
+        _ => return Err(PolicyError::EgressRateIncomplete("limits")),
+    }
     Ok(l)
+}
+
+/// A checked rate: positive, and a burst of at least [`MIN_EGRESS_BURST`].
+fn egress_rate(
+    (rate_key, rate): (&'static str, u64),
+    (burst_key, burst): (&'static str, u64),
+) -> Result<EgressRate, PolicyError> {
+    let bytes_per_sec = check_limit(rate_key, rate, u64::MAX)?;
+    if burst < MIN_EGRESS_BURST {
+        return Err(PolicyError::LimitOutOfRange {
+            limit: burst_key,
+            value: burst,
+            max: u64::MAX,
+        });
+    }
+    Ok(EgressRate {
+        bytes_per_sec,
+        burst_bytes: burst,
+    })
 }
 
 /// Parses the policy worlds WIT (package `cinfer:policies`) against the loader's WIT.
@@ -490,6 +552,16 @@ impl Policy {
         let worlds_text = read(&doc.worlds)?;
         let worlds = parse_worlds(&doc.worlds, &worlds_text)?;
         let defaults = apply_limits(&Limits::default(), &doc.limits)?;
+        let egress = doc
+            .egress
+            .as_ref()
+            .map(|e| {
+                egress_rate(
+                    ("egress.rate-bytes-per-sec", e.rate_bytes_per_sec),
+                    ("egress.burst-bytes", e.burst_bytes),
+                )
+            })
+            .transpose()?;
         let mut programs: Vec<ProgramGrant> = Vec::with_capacity(doc.programs.len());
         for p in &doc.programs {
             let capabilities = *worlds
@@ -675,6 +747,7 @@ impl Policy {
         }
         Ok(Policy {
             backend: doc.backend,
+            egress,
             worlds,
             programs,
             signers,
@@ -769,6 +842,11 @@ impl Policy {
         &self.worlds
     }
 
+    /// The loader-wide egress rate (the `[egress]` table), if any.
+    pub fn egress(&self) -> Option<EgressRate> {
+        self.egress
+    }
+
     /// SHA-256 over the SHA-256 of each of [`Policy::files`], in order: one value
     /// naming everything the policy was built from.
     pub fn digest(&self) -> [u8; 32] {
@@ -811,6 +889,55 @@ mod tests {
         // `model` uses accelerator types, so granting it brings `accelerator` along.
         assert!(p.worlds()["inference"].contains(Capability::Accelerator));
         assert_eq!(p.programs()[0].limits, Limits::default());
+    }
+
+    #[test]
+    fn egress_rates_parse_and_validate() {
+        let p = parse(&format!(
+            "worlds = \"w\"\n[egress]\nrate-bytes-per-sec = 1000000\nburst-bytes = 65536\n[limits]\negress-rate-bytes-per-sec = 5000\negress-burst-bytes = 4096\n[[program]]\nname = \"a\"\nsha256 = \"{D}\"\nworld = \"request-reply\"\n"
+        ))
+        .expect("policy");
+        assert_eq!(
+            p.egress(),
+            Some(EgressRate {
+                bytes_per_sec: 1_000_000,
+                burst_bytes: 65536
+            })
+        );
+        assert_eq!(
+            p.programs()[0].limits.egress_rate,
+            Some(EgressRate {
+                bytes_per_sec: 5000,
+                burst_bytes: 4096
+            })
+        );
+        let none = parse("worlds = \"w\"\n").expect("policy");
+        assert_eq!(none.egress(), None);
+        let refused = |toml: &str| parse(&format!("worlds = \"w\"\n{toml}")).unwrap_err();
+        assert!(matches!(
+            refused("[limits]\negress-rate-bytes-per-sec = 5000\n"),
+            PolicyError::EgressRateIncomplete("limits")
+        ));
+        assert!(matches!(
+            refused("[egress]\nrate-bytes-per-sec = 5000\n"),
+            PolicyError::Toml(m) if m.contains("burst-bytes")
+        ));
+        assert!(matches!(
+            refused("[egress]\nrate-bytes-per-sec = 0\nburst-bytes = 4096\n"),
+            PolicyError::LimitOutOfRange {
+                limit: "egress.rate-bytes-per-sec",
+                value: 0,
+                ..
+            }
+        ));
+        assert!(matches!(
+            refused("[egress]\nrate-bytes-per-sec = 10\nburst-bytes = 100\n"),
+            PolicyError::LimitOutOfRange {
+                limit: "egress.burst-bytes",
+                value: 100,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -604,6 +604,166 @@ fn a_looping_run_does_not_hold_up_the_others_on_the_batching_driver() {
     }
 }
 
+/// Runs `runs` egress bombs at once; returns when they started, each run's
+/// frames (arrival, sealed length) and outcome.
+fn egress_bombs(
+    l: &Loader,
+    runs: usize,
+) -> (
+    std::time::Instant,
+    Vec<(Vec<(std::time::Instant, usize)>, RunOutcome)>,
+) {
+    let bomb = l.admit(&program("fixtures/egress-bomb")).expect("admit");
+    let key = RequestPrivateKey::generate();
+    let start = std::time::Instant::now();
+    let results = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..runs)
+            .map(|_| {
+                let (bomb, key) = (&bomb, &key);
+                s.spawn(move || {
+                    let frames = Arc::new(Mutex::new(Vec::new()));
+                    let sink_frames = frames.clone();
+                    let sink: cinfer_host::caps::output::FrameSink = Box::new(move |f: Vec<u8>| {
+                        sink_frames
+                            .lock()
+                            .expect("lock")
+                            .push((std::time::Instant::now(), f.len()))
+                    });
+                    let (sealed, _) = seal_request(key.public_key(), b"").expect("seal");
+                    let report = l
+                        .run(
+                            bomb,
+                            &sealed,
+                            key,
+                            cinfer_host::RunOptions::default().stream_to(sink),
+                        )
+                        .expect("run");
+                    let frames = std::mem::take(&mut *frames.lock().expect("lock"));
+                    (frames, report.outcome)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("run"))
+            .collect()
+    });
+    (start, results)
+}
+
+/// Checks that the sealed bytes that left since `start` never exceeded
+/// `burst + rate · t` (plus the runs' final frames, charged without waiting),
+/// and that they were not starved either.
+fn assert_paced(
+    start: std::time::Instant,
+    results: &[(Vec<(std::time::Instant, usize)>, RunOutcome)],
+    rate: f64,
+    burst: f64,
+) {
+    let finals: usize = results
+        .iter()
+        .map(|(f, _)| f.last().map_or(0, |l| l.1))
+        .sum();
+    let mut all: Vec<(std::time::Instant, usize)> = results
+        .iter()
+        .flat_map(|(f, _)| f.iter().copied())
+        .collect();
+    all.sort();
+    let mut sent = 0usize;
+    for (t, len) in &all {
+        sent += len;
+        let allowed = burst + rate * t.duration_since(start).as_secs_f64() + finals as f64;
+        assert!(
+            sent as f64 <= allowed,
+            "{sent} bytes left by {:?}: more than {allowed:.0}",
+            t.duration_since(start)
+        );
+    }
+    let span = all
+        .last()
+        .expect("frames")
+        .0
+        .duration_since(start)
+        .as_secs_f64();
+    assert!(
+        sent as f64 >= 0.5 * rate * span,
+        "only {sent} bytes in {span:.3} s at {rate} bytes/s"
+    );
+}
+
+#[test]
+fn the_loader_wide_egress_rate_holds_over_concurrent_runs() {
+    let (rate, burst) = (200_000u64, 16_384u64);
+    for batching in [true, false] {
+        let toml_text = format!(
+            "worlds = \"worlds.wit\"\n[egress]\nrate-bytes-per-sec = {rate}\nburst-bytes = {burst}\n[limits]\ndeadline-ms = 300\n[[program]]\nname = \"fixtures/egress-bomb\"\nsha256 = \"{}\"\nworld = \"request-reply\"\nlimits = {{ egress-bytes = 100000000 }}\n",
+            hex_digest(&program("fixtures/egress-bomb"))
+        );
+        let policy = Policy::parse(&toml_text, |_| Ok(worlds())).expect("policy");
+        let l = loader_configured(policy, ModelStore::default(), batching);
+        let (start, results) = egress_bombs(&l, 4);
+        assert_paced(start, &results, rate as f64, burst as f64);
+        // Each run ends when its next frame could not leave before its
+        // deadline (or, rarely, at the deadline itself right after one did).
+        let paced = RunOutcome::Aborted(AbortReason::Policy(PolicyViolation::EgressRate {
+            bytes_per_sec: rate,
+        }));
+        let deadline = RunOutcome::Aborted(AbortReason::Deadline(Duration::from_millis(300)));
+        assert!(
+            results.iter().all(|(_, o)| *o == paced || *o == deadline),
+            "{:?}",
+            results.iter().map(|r| &r.1).collect::<Vec<_>>()
+        );
+        assert!(results.iter().any(|(_, o)| *o == paced));
+    }
+}
+
+#[test]
+fn a_programs_egress_rate_paces_its_runs_and_splits_frames_to_fit_its_burst() {
+    let (rate, burst) = (50_000u64, 2048u64);
+    let toml_text = format!(
+        "worlds = \"worlds.wit\"\n[limits]\ndeadline-ms = 300\n[[program]]\nname = \"fixtures/egress-bomb\"\nsha256 = \"{}\"\nworld = \"request-reply\"\nlimits = {{ egress-bytes = 100000000, egress-rate-bytes-per-sec = {rate}, egress-burst-bytes = {burst} }}\n[[program]]\nname = \"echo\"\nsha256 = \"{}\"\nworld = \"request-reply\"\n",
+        hex_digest(&program("fixtures/egress-bomb")),
+        hex_digest(&program("echo"))
+    );
+    let policy = Policy::parse(&toml_text, |_| Ok(worlds())).expect("policy");
+    let l = loader(policy);
+    let key = RequestPrivateKey::generate();
+    let (start, results) = std::thread::scope(|s| {
+        let bombs = s.spawn(|| egress_bombs(&l, 2));
+        std::thread::sleep(Duration::from_millis(30));
+        // Another program is not held up by the bombs' bucket.
+        let t = std::time::Instant::now();
+        let (outcome, opened, _) = round_trip(&l, "echo", &key, b"not paced");
+        assert_eq!(outcome, RunOutcome::Completed);
+        assert_eq!(opened.expect("reply").0, b"not paced");
+        assert!(
+            t.elapsed() < Duration::from_millis(100),
+            "{:?}",
+            t.elapsed()
+        );
+        bombs.join().expect("bombs")
+    });
+    assert_paced(start, &results, rate as f64, burst as f64);
+    assert!(results.iter().all(|(_, o)| matches!(
+        o,
+        RunOutcome::Aborted(AbortReason::Policy(PolicyViolation::EgressRate { bytes_per_sec }))
+            if *bytes_per_sec == rate
+    ) || *o
+        == RunOutcome::Aborted(AbortReason::Deadline(Duration::from_millis(300)))));
+    // The bomb's 4096-byte chunks leave as frames that fit the 2048-byte burst.
+    let frames: Vec<usize> = results
+        .iter()
+        .flat_map(|(f, _)| f.iter().map(|x| x.1))
+        .collect();
+    assert!(frames.len() > 6, "{frames:?}");
+    assert!(frames.iter().all(|len| *len as u64 <= burst), "{frames:?}");
+    assert!(
+        frames.iter().filter(|len| **len as u64 > burst / 2).count() >= 4,
+        "{frames:?}"
+    );
+}
+
 #[test]
 fn concurrent_runs_share_one_admitted_program() {
     let l = Arc::new(loader(policy_for(&[("echo", "request-reply", "")])));

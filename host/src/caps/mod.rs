@@ -32,6 +32,15 @@ pub enum PolicyViolation {
         /// The budget.
         budget: u64,
     },
+    /// A reply frame could not leave before the run's deadline at the
+    /// policy's egress rate (the slowest bucket that applies).
+    #[error(
+        "egress rate of {bytes_per_sec} bytes/s: the reply could not leave before the deadline"
+    )]
+    EgressRate {
+        /// The rate, sealed bytes per second.
+        bytes_per_sec: u64,
+    },
     /// A handle the guest passed does not name a live host object.
     #[error("invalid {0} handle")]
     BadHandle(&'static str),
