@@ -159,18 +159,22 @@ mod tests {
     fn a_bucket_holds_its_burst_and_refills_at_its_rate() {
         let b = bucket(1000, 4000);
         let t0 = b.state.lock().expect("lock").1;
-        assert_eq!(take(&[b.clone()], 3000, t0), Ok(()));
+        assert_eq!(take(std::slice::from_ref(&b), 3000, t0), Ok(()));
         // 1000 left: 1500 more need 0.5 s.
-        let wait = take(&[b.clone()], 1500, t0).expect_err("short");
+        let wait = take(std::slice::from_ref(&b), 1500, t0).expect_err("short");
         assert!((wait.as_secs_f64() - 0.5).abs() < 1e-6, "{wait:?}");
         assert_eq!(
-            take(&[b.clone()], 1500, t0 + Duration::from_millis(500)),
+            take(
+                std::slice::from_ref(&b),
+                1500,
+                t0 + Duration::from_millis(500)
+            ),
             Ok(())
         );
         // Never more than the burst, however long it rested.
         let later = t0 + Duration::from_secs(3600);
-        assert_eq!(take(&[b.clone()], 4000, later), Ok(()));
-        assert!(take(&[b.clone()], 1, later).is_err());
+        assert_eq!(take(std::slice::from_ref(&b), 4000, later), Ok(()));
+        assert!(take(std::slice::from_ref(&b), 1, later).is_err());
     }
 
     #[test]
@@ -183,12 +187,12 @@ mod tests {
         let wait = take(&both, 500, t0).expect_err("total is short");
         assert!(wait >= Duration::from_secs(5), "{wait:?}");
         assert_eq!(
-            take(&[grant.clone()], 500, t0),
+            take(std::slice::from_ref(&grant), 500, t0),
             Ok(()),
             "the grant kept its 500"
         );
         // A final frame is charged into debt, and later frames wait it out.
-        charge(&[total.clone()], 100);
+        charge(std::slice::from_ref(&total), 100);
         let debt = total.state.lock().expect("lock").0;
         assert!(debt < 0.0 && debt > -101.0, "{debt}");
     }
