@@ -33,9 +33,9 @@ pub mod fixture;
 
 pub use release::{
     CREDENTIAL_PSK_ID, Credential, KEY_RELEASE_VERSION, KeyRelease, RECEIPT_KEY_ID, RECEIPT_TYPE,
-    Receipt, ReleasedKey, ReleasedKeyKind, ReplyDigest, RequestKeyStatement, SignedReceipt,
-    SignedRequestKey, StatementError, credential_binding, credential_psk, release_context,
-    reply_digest,
+    Receipt, ReceiptClassifier, ReleasedKey, ReleasedKeyKind, ReplyDigest, RequestKeyStatement,
+    SignedReceipt, SignedRequestKey, StatementError, credential_binding, credential_psk,
+    release_context, reply_digest,
 };
 #[cfg(feature = "verify")]
 pub use verify::{

@@ -395,8 +395,24 @@ pub struct Receipt {
     pub reply_frames: u64,
     /// How the run ended: `completed`, `program-failed`, `aborted`, or
     /// `cancelled` (aborted because the peer cancelled it; the final reply
-    /// frame says aborted).
+    /// frame says aborted), or `refused` (by the safety classifier).
     pub outcome: String,
+    /// The safety classifier that read the request first, when the program's
+    /// grant has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classifier: Option<ReceiptClassifier>,
+}
+
+/// A [`Receipt`]'s account of the classifier gate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiptClassifier {
+    /// Its policy entry.
+    pub name: String,
+    /// SHA-256 of its component.
+    pub sha256: String,
+    /// `allow`, `deny`, or `failed` (it was stopped: the gate fails closed).
+    pub verdict: String,
 }
 
 /// A [`Receipt`] signed (ECDSA P-256 over the exact `receipt_json` bytes) with
@@ -585,6 +601,7 @@ mod receipt_tests {
             reply_sha256: hex::encode(reply_digest([&b"x"[..]])),
             reply_frames: 1,
             outcome: "completed".into(),
+            classifier: None,
         };
         let signed = SignedReceipt::sign(&r, &key);
         assert_eq!(signed.verify(&public).unwrap(), r);

@@ -297,6 +297,13 @@ impl Run {
             (ReplyStatus::ProgramFailed, _, Some((code, message))) => {
                 Err(openai::program_error(&code, &message))
             }
+            // The classifier's refusal: the request's fault, and all the
+            // untrusted side learns too.
+            (ReplyStatus::Refused, _, _) => Err(ApiError::new(
+                400,
+                "cinfer_refused_by_classifier",
+                "the loader's safety classifier refused the request (receipt verified)".into(),
+            )),
             (status, _, _) => Err(broken(not_completed(status))),
         }
     }

@@ -417,6 +417,7 @@ fn serve(ctx: &ServerCtx, mut conn: TcpStream) -> std::io::Result<()> {
                 } else {
                     "program-failed".into()
                 },
+                classifier: None,
             };
             let mut receipt_key = ctx.receipt_key.clone();
             match ctx.mode {

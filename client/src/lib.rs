@@ -233,6 +233,7 @@ pub fn outcome_name(status: ReplyStatus) -> &'static str {
         ReplyStatus::Completed => "completed",
         ReplyStatus::ProgramFailed => "program-failed",
         ReplyStatus::Aborted => "aborted",
+        ReplyStatus::Refused => "refused",
         _ => "unknown",
     }
 }
@@ -698,6 +699,17 @@ pub fn verify_receipt(
     if receipt.outcome != outcome_name(status) && !cancelled {
         return Err(ClientError::ReceiptMismatch { field: "outcome" });
     }
+    // A refusal is the classifier's: the receipt names it and a verdict other
+    // than allow; a verdict other than allow means the program did not run.
+    let allowed = receipt.classifier.as_ref().map(|c| c.verdict == "allow");
+    match (status == ReplyStatus::Refused, allowed) {
+        (true, Some(false)) | (false, None | Some(true)) => {}
+        _ => {
+            return Err(ClientError::ReceiptMismatch {
+                field: "classifier",
+            });
+        }
+    }
     Ok(receipt)
 }
 
@@ -757,12 +769,50 @@ mod tests {
             reply_sha256: "dd".into(),
             reply_frames: 3,
             outcome: outcome.into(),
+            classifier: None,
         };
         let check = |outcome: &str, status: ReplyStatus| {
             let signed = SignedReceipt::sign(&receipt(outcome), &key);
             verify_receipt(&signed, &statement, "aa", "dd", 3, status)
         };
         assert!(check("cancelled", ReplyStatus::Aborted).is_ok());
+        // `refused` needs the classifier's deny in the receipt, and a deny needs `refused`.
+        let with_verdict = |outcome: &str, verdict: &str, status: ReplyStatus| {
+            let mut r = receipt(outcome);
+            r.classifier = Some(cinfer_attest::ReceiptClassifier {
+                name: "guard".into(),
+                sha256: "ee".into(),
+                verdict: verdict.into(),
+            });
+            verify_receipt(
+                &SignedReceipt::sign(&r, &key),
+                &statement,
+                "aa",
+                "dd",
+                3,
+                status,
+            )
+        };
+        assert!(with_verdict("refused", "deny", ReplyStatus::Refused).is_ok());
+        assert!(with_verdict("refused", "failed", ReplyStatus::Refused).is_ok());
+        assert!(with_verdict("completed", "allow", ReplyStatus::Completed).is_ok());
+        for (outcome, verdict, status) in [
+            ("refused", "allow", ReplyStatus::Refused),
+            ("completed", "deny", ReplyStatus::Completed),
+        ] {
+            assert!(matches!(
+                with_verdict(outcome, verdict, status),
+                Err(ClientError::ReceiptMismatch {
+                    field: "classifier"
+                })
+            ));
+        }
+        assert!(matches!(
+            check("refused", ReplyStatus::Refused),
+            Err(ClientError::ReceiptMismatch {
+                field: "classifier"
+            })
+        ));
         assert!(check("aborted", ReplyStatus::Aborted).is_ok());
         for status in [ReplyStatus::Completed, ReplyStatus::ProgramFailed] {
             assert!(matches!(

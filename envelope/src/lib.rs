@@ -545,6 +545,9 @@ pub enum ReplyStatus {
     ProgramFailed = 1,
     /// The loader stopped the program (a trap: a limit or policy violation).
     Aborted = 2,
+    /// The policy's safety classifier refused the request; the program did
+    /// not run.
+    Refused = 3,
 }
 
 impl ReplyStatus {
@@ -553,6 +556,7 @@ impl ReplyStatus {
             0 => Some(Self::Completed),
             1 => Some(Self::ProgramFailed),
             2 => Some(Self::Aborted),
+            3 => Some(Self::Refused),
             _ => None,
         }
     }

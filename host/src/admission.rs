@@ -28,6 +28,15 @@ pub enum AdmissionError {
     /// The bytes are a core module; programs must be components.
     #[error("a core WebAssembly module, not a component")]
     CoreModule,
+    /// The program's grant requires a safety classifier that this loader
+    /// has not admitted (admit the classifier first).
+    #[error("program `{program}` requires classifier `{classifier}`, which is not admitted")]
+    ClassifierNotAdmitted {
+        /// The grant.
+        program: String,
+        /// The classifier's policy entry.
+        classifier: String,
+    },
     /// The policy does not list this digest.
     #[error("digest sha256:{digest} is not listed in the policy")]
     UnknownDigest {

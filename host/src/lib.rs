@@ -41,9 +41,12 @@ pub mod signatures;
 pub use admission::{AdmissionError, AdmittedProgram};
 pub use driver::DriverGone;
 pub use loader::{
-    AbortReason, Loader, LoaderConfig, LoaderError, RequestError, RunOptions, RunOutcome, RunReport,
+    AbortReason, ClassifierVerdict, Loader, LoaderConfig, LoaderError, RequestError, RunOptions,
+    RunOutcome, RunReport, Verdict,
 };
-pub use policy::{Capabilities, Capability, EgressRate, Limits, Policy, PolicyError};
+pub use policy::{
+    Capabilities, Capability, ClassifierRef, EgressRate, Limits, Policy, PolicyError,
+};
 
 /// Opens the directory holding `path` with ambient authority and returns it with
 /// the file's name inside it. The loader's only ambient file access (its

@@ -123,6 +123,9 @@ pub enum RequestError {
     /// The driver of batched runs stopped (a loader bug).
     #[error(transparent)]
     Driver(#[from] crate::driver::DriverGone),
+    /// The program's safety classifier is not admitted on this loader.
+    #[error("the program's classifier `{0}` is not admitted")]
+    ClassifierNotAdmitted(String),
 }
 
 /// Why the loader stopped a run.
@@ -211,6 +214,42 @@ pub enum RunOutcome {
     ProgramFailed,
     /// The loader stopped the program.
     Aborted(AbortReason),
+    /// The program's safety classifier did not allow the request (it refused
+    /// it, or failed: the gate fails closed); the program did not run.
+    Refused,
+}
+
+/// What a program's safety classifier said about a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClassifierVerdict {
+    /// The classifier's policy entry.
+    pub name: String,
+    /// Its component digest.
+    pub digest: [u8; 32],
+    /// Its verdict.
+    pub verdict: Verdict,
+}
+
+/// A classifier's verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// `run` returned ok: the program runs.
+    Allow,
+    /// `run` returned err: refused.
+    Deny,
+    /// The classifier was stopped (a trap, its deadline): refused.
+    Failed(AbortReason),
+}
+
+impl Verdict {
+    /// `allow`, `deny` or `failed` (the receipt's word).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+            Verdict::Failed(_) => "failed",
+        }
+    }
 }
 
 impl std::fmt::Display for RunOutcome {
@@ -219,6 +258,7 @@ impl std::fmt::Display for RunOutcome {
             RunOutcome::Completed => f.write_str("completed"),
             RunOutcome::ProgramFailed => f.write_str("program failed"),
             RunOutcome::Aborted(reason) => write!(f, "aborted: {reason}"),
+            RunOutcome::Refused => f.write_str("refused by the safety classifier"),
         }
     }
 }
@@ -229,6 +269,7 @@ impl RunOutcome {
             RunOutcome::Completed => ReplyStatus::Completed,
             RunOutcome::ProgramFailed => ReplyStatus::ProgramFailed,
             RunOutcome::Aborted(_) => ReplyStatus::Aborted,
+            RunOutcome::Refused => ReplyStatus::Refused,
         }
     }
 }
@@ -246,6 +287,8 @@ pub struct RunReport {
     pub accelerator_launches: u64,
     /// Wall-clock time of instantiate + run.
     pub elapsed: Duration,
+    /// The safety classifier's verdict, when the program's grant has one.
+    pub classifier: Option<ClassifierVerdict>,
 }
 
 /// The per-run store data: one narrow context per capability.
@@ -646,6 +689,18 @@ impl Loader {
         bytes: &[u8],
         grant: ProgramGrant,
     ) -> Result<AdmittedProgram, AdmissionError> {
+        if let Some(c) = &grant.classifier
+            && !self
+                .admitted
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains_key(&c.digest)
+        {
+            return Err(AdmissionError::ClassifierNotAdmitted {
+                program: grant.name.clone(),
+                classifier: c.name.clone(),
+            });
+        }
         let component = Component::new(&self.engine, bytes).map_err(|e| {
             let reason = format!("{e:#}");
             // wasmtime's pooling allocator checks the per-component limits
@@ -743,7 +798,61 @@ impl Loader {
         }
         let (cleartext, sealer) = cinfer_envelope::open_request(key, sealed_request)?;
         opened()?;
-        self.execute(program, Some(cleartext), Some(sealer), sink, cancel)
+        let Some(c) = &program.grant.classifier else {
+            return self.execute(program, Some(cleartext), Some(sealer), sink, cancel);
+        };
+        // The classifier reads the request first; the program runs only on
+        // its `allow`.
+        let start = Instant::now();
+        let classifier = self
+            .admitted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&c.digest)
+            .cloned()
+            .ok_or_else(|| RequestError::ClassifierNotAdmitted(c.name.clone()))?;
+        let verdict = match self
+            .execute(
+                &classifier,
+                Some(cleartext.clone()),
+                None,
+                Box::new(|_| {}),
+                cancel.clone(),
+            )?
+            .outcome
+        {
+            RunOutcome::Completed => Verdict::Allow,
+            RunOutcome::ProgramFailed | RunOutcome::Refused => Verdict::Deny,
+            RunOutcome::Aborted(reason) => Verdict::Failed(reason),
+        };
+        let verdict = ClassifierVerdict {
+            name: c.name.clone(),
+            digest: c.digest,
+            verdict,
+        };
+        if verdict.verdict == Verdict::Allow {
+            let mut report = self.execute(program, Some(cleartext), Some(sealer), sink, cancel)?;
+            report.elapsed = start.elapsed();
+            report.classifier = Some(verdict);
+            return Ok(report);
+        }
+        // Refused: the requester reads the refusal in the sealed final frame;
+        // the untrusted side learns only that it was refused.
+        drop(cleartext);
+        tracing::info!(program = %program.grant.name, classifier = %verdict.name, verdict = verdict.verdict.as_str(), "request refused by the classifier");
+        let mut sink = sink;
+        match sealer.finish(ReplyStatus::Refused) {
+            Ok(frame) => sink(frame),
+            Err(e) => tracing::error!("sealing the final reply frame failed: {e}"),
+        }
+        Ok(RunReport {
+            frames: Vec::new(),
+            outcome: RunOutcome::Refused,
+            egress_bytes: 0,
+            accelerator_launches: 0,
+            elapsed: start.elapsed(),
+            classifier: Some(verdict),
+        })
     }
 
     fn execute(
@@ -940,6 +1049,7 @@ impl RunJob {
             egress_bytes,
             accelerator_launches,
             elapsed,
+            classifier: None,
         })
     }
 }

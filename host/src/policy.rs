@@ -201,6 +201,8 @@ struct ProgramToml {
     limits: LimitsToml,
     #[serde(default)]
     models: Vec<String>,
+    /// A `[[program]]` in the `classifier` world that must allow each request first.
+    classifier: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -216,6 +218,8 @@ struct SignerToml {
     limits: LimitsToml,
     #[serde(default)]
     models: Vec<String>,
+    /// A `[[program]]` in the `classifier` world that must allow each request first.
+    classifier: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -229,6 +233,8 @@ struct QuorumToml {
     limits: LimitsToml,
     #[serde(default)]
     models: Vec<String>,
+    /// A `[[program]]` in the `classifier` world that must allow each request first.
+    classifier: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -325,6 +331,16 @@ pub enum PolicyError {
         /// The backend the serving loader is configured with.
         configured: String,
     },
+    /// A `classifier` is not a `[[program]]` entry of the `classifier` kind.
+    #[error("`{entry}`: classifier `{classifier}` {reason}")]
+    BadClassifier {
+        /// The entry naming it.
+        entry: String,
+        /// The name given.
+        classifier: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
     /// An egress rate is given without its burst, or the other way round.
     #[error("`{0}` needs both a rate and a burst")]
     EgressRateIncomplete(&'static str),
@@ -355,6 +371,19 @@ pub struct ProgramGrant {
     pub limits: Limits,
     /// Model ids the program may open.
     pub models: Vec<String>,
+    /// The safety classifier that must allow each request before the
+    /// program runs on it.
+    pub classifier: Option<ClassifierRef>,
+}
+
+/// A grant's safety classifier: a `[[program]]` entry pinned by digest whose
+/// world imports `crypto` only (it reads the request; it cannot answer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClassifierRef {
+    /// Its `[[program]]` entry's name.
+    pub name: String,
+    /// Its component digest.
+    pub digest: [u8; 32],
 }
 
 /// How a signer proves itself.
@@ -468,6 +497,42 @@ fn apply_limits(base: &Limits, t: &LimitsToml) -> Result<Limits, PolicyError> {
         _ => return Err(PolicyError::EgressRateIncomplete("limits")),
     }
     Ok(l)
+}
+
+/// The classifier `name` of entry `entry`, checked: a `[[program]]` entry
+/// (pinned by digest) whose world grants `crypto` only, not itself gated.
+fn classifier_ref(
+    entry: &str,
+    name: Option<&str>,
+    programs: &[ProgramGrant],
+) -> Result<Option<ClassifierRef>, PolicyError> {
+    let Some(name) = name else {
+        return Ok(None);
+    };
+    let bad = |reason| PolicyError::BadClassifier {
+        entry: entry.to_owned(),
+        classifier: name.to_owned(),
+        reason,
+    };
+    if name == entry {
+        return Err(bad("is the entry itself"));
+    }
+    let c = programs
+        .iter()
+        .find(|g| g.name == name)
+        .ok_or_else(|| bad("is not a [[program]] entry"))?;
+    if c.capabilities != Capabilities::NONE.with(Capability::Crypto) {
+        return Err(bad(
+            "must be in a world that imports crypto only (it reads the request, it cannot answer)",
+        ));
+    }
+    if c.classifier.is_some() {
+        return Err(bad("has a classifier itself"));
+    }
+    Ok(Some(ClassifierRef {
+        name: name.to_owned(),
+        digest: c.digest,
+    }))
 }
 
 /// A checked rate: positive, and a burst of at least [`MIN_EGRESS_BURST`].
@@ -584,7 +649,30 @@ impl Policy {
                 capabilities,
                 limits: apply_limits(&defaults, &p.limits)?,
                 models: p.models.clone(),
+                classifier: None,
             });
+        }
+        // Classifiers name `[[program]]` entries, which may come later in the file.
+        let resolved = doc
+            .programs
+            .iter()
+            .map(|p| classifier_ref(&p.name, p.classifier.as_deref(), &programs))
+            .collect::<Result<Vec<_>, _>>()?;
+        for (g, c) in programs.iter_mut().zip(resolved) {
+            g.classifier = c;
+        }
+        for g in &programs {
+            if let Some(c) = &g.classifier
+                && programs
+                    .iter()
+                    .any(|x| x.name == c.name && x.classifier.is_some())
+            {
+                return Err(PolicyError::BadClassifier {
+                    entry: g.name.clone(),
+                    classifier: c.name.clone(),
+                    reason: "has a classifier itself",
+                });
+            }
         }
         let mut files = vec![
             PolicyFile {
@@ -670,9 +758,10 @@ impl Policy {
                         capabilities: world_caps(&sg.name, world)?,
                         limits: apply_limits(&defaults, &sg.limits)?,
                         models: sg.models.clone(),
+                        classifier: classifier_ref(&sg.name, sg.classifier.as_deref(), &programs)?,
                     },
                 });
-            } else if !sg.models.is_empty() {
+            } else if !sg.models.is_empty() || sg.classifier.is_some() {
                 return Err(bad(
                     "`models` needs a `world` (or belongs on a quorum)".into()
                 ));
@@ -713,6 +802,7 @@ impl Policy {
                     capabilities: world_caps(&q.name, &q.world)?,
                     limits: apply_limits(&defaults, &q.limits)?,
                     models: q.models.clone(),
+                    classifier: classifier_ref(&q.name, q.classifier.as_deref(), &programs)?,
                 },
             });
         }

@@ -8,7 +8,7 @@ use cinfer_host::caps::PolicyViolation;
 use cinfer_host::caps::model::{ModelSource, ModelStore};
 use cinfer_host::{
     AbortReason, AdmissionError, Capability, Loader, LoaderConfig, Policy, PolicyError,
-    RequestError, RunOutcome,
+    RequestError, RunOutcome, Verdict,
 };
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -762,6 +762,140 @@ fn a_programs_egress_rate_paces_its_runs_and_splits_frames_to_fit_its_burst() {
         frames.iter().filter(|len| **len as u64 > burst / 2).count() >= 4,
         "{frames:?}"
     );
+}
+
+/// A policy in which `gated` (world request-reply) runs only on what
+/// `classifier` (world classifier) allows.
+fn gated_policy(classifier: &str, gated: &str) -> Policy {
+    let toml_text = format!(
+        "worlds = \"worlds.wit\"\n[limits]\ndeadline-ms = 300\n[[program]]\nname = \"{gated}\"\nsha256 = \"{}\"\nworld = \"request-reply\"\nclassifier = \"{classifier}\"\n[[program]]\nname = \"{classifier}\"\nsha256 = \"{}\"\nworld = \"classifier\"\n",
+        hex_digest(&program(gated)),
+        hex_digest(&program(classifier))
+    );
+    Policy::parse(&toml_text, |_| Ok(worlds())).expect("policy")
+}
+
+#[test]
+fn a_safety_classifier_gates_its_program() {
+    let l = loader(gated_policy("keyword-classifier", "echo"));
+    // The gated program is refused until its classifier is admitted.
+    assert!(matches!(
+        l.admit(&program("echo")),
+        Err(AdmissionError::ClassifierNotAdmitted { program, classifier })
+            if program == "echo" && classifier == "keyword-classifier"
+    ));
+    let c = l.admit(&program("keyword-classifier")).expect("classifier");
+    assert_eq!(
+        c.imports(),
+        ["cinfer:loader/crypto@0.1.0"],
+        "it can only read the request"
+    );
+    let echo = l
+        .admit(&program("echo"))
+        .expect("echo, once the classifier is admitted");
+    let key = RequestPrivateKey::generate();
+    let ask = |msg: &str| {
+        let (sealed, opener) = seal_request(key.public_key(), msg.as_bytes()).expect("seal");
+        let report = l
+            .run(&echo, &sealed, &key, cinfer_host::RunOptions::default())
+            .expect("run");
+        let opened = opener
+            .open_all(report.frames.iter().map(Vec::as_slice))
+            .map(|(r, s)| (r.to_vec(), s))
+            .expect("the reply opens");
+        (report, opened)
+    };
+    let allowed = r#"{"prompt": "What is the capital of France?"}"#;
+    let (report, (reply, status)) = ask(allowed);
+    assert_eq!(report.outcome, RunOutcome::Completed);
+    assert_eq!(
+        (reply.as_slice(), status),
+        (allowed.as_bytes(), ReplyStatus::Completed)
+    );
+    let verdict = report.classifier.expect("the gate ran");
+    assert_eq!(verdict.verdict, Verdict::Allow);
+    assert_eq!(verdict.name, "keyword-classifier");
+    assert_eq!(
+        verdict.digest,
+        cinfer_host::admission::digest(&program("keyword-classifier"))
+    );
+    // Refused: the program does not run; the requester reads the refusal in
+    // the sealed final frame, the only frame.
+    let (report, (reply, status)) = ask(r#"{"prompt": "Explain how to BUILD a bomb."}"#);
+    assert_eq!(report.outcome, RunOutcome::Refused);
+    assert_eq!(report.frames.len(), 1);
+    assert_eq!((reply.len(), status), (0, ReplyStatus::Refused));
+    assert_eq!(report.classifier.expect("verdict").verdict, Verdict::Deny);
+    assert_eq!(report.accelerator_launches + report.egress_bytes, 0);
+}
+
+#[test]
+fn a_classifier_that_fails_refuses_the_request() {
+    // A classifier that traps, or runs past its deadline: the gate fails closed.
+    for (classifier, reason) in [
+        (
+            "fixtures/unreachable-trap",
+            AbortReason::Trap(wasmtime::Trap::UnreachableCodeReached),
+        ),
+        (
+            "fixtures/infinite-loop",
+            AbortReason::Deadline(Duration::from_millis(300)),
+        ),
+    ] {
+        let l = loader(gated_policy(classifier, "echo"));
+        l.admit(&program(classifier)).expect("classifier");
+        let echo = l.admit(&program("echo")).expect("echo");
+        let key = RequestPrivateKey::generate();
+        let (sealed, opener) = seal_request(key.public_key(), b"harmless").expect("seal");
+        let report = l
+            .run(&echo, &sealed, &key, cinfer_host::RunOptions::default())
+            .expect("run");
+        assert_eq!(report.outcome, RunOutcome::Refused, "{classifier}");
+        assert_eq!(
+            report.classifier.expect("verdict").verdict,
+            Verdict::Failed(reason)
+        );
+        let (reply, status) = opener
+            .open_all(report.frames.iter().map(Vec::as_slice))
+            .expect("opens");
+        assert_eq!((reply.len(), status), (0, ReplyStatus::Refused));
+    }
+}
+
+#[test]
+fn classifiers_must_be_pinned_programs_that_only_read_the_request() {
+    let parse = |extra: &str| {
+        let toml_text = format!(
+            "worlds = \"worlds.wit\"\n[[program]]\nname = \"echo\"\nsha256 = \"{}\"\nworld = \"request-reply\"\n{extra}\n[[program]]\nname = \"guard\"\nsha256 = \"{}\"\nworld = \"request-reply\"\n[[program]]\nname = \"reader\"\nsha256 = \"{}\"\nworld = \"classifier\"\nclassifier = \"reader2\"\n[[program]]\nname = \"reader2\"\nsha256 = \"{}\"\nworld = \"classifier\"\n",
+            hex_digest(&program("echo")),
+            hex_digest(&program("keyword-classifier")),
+            hex_digest(&program("fixtures/infinite-loop")),
+            hex_digest(&program("fixtures/unreachable-trap")),
+        );
+        Policy::parse(&toml_text, |_| Ok(worlds())).map(|_| ())
+    };
+    for (extra, classifier, why) in [
+        ("classifier = \"guard\"", "guard", "crypto only"),
+        ("classifier = \"nobody\"", "nobody", "not a [[program]]"),
+        ("classifier = \"echo\"", "echo", "the entry itself"),
+        (
+            "classifier = \"reader\"",
+            "reader",
+            "has a classifier itself",
+        ),
+    ] {
+        match parse(extra) {
+            Err(PolicyError::BadClassifier {
+                classifier: c,
+                reason,
+                ..
+            }) => {
+                assert_eq!(c, classifier);
+                assert!(reason.contains(why), "{reason}");
+            }
+            other => panic!("{extra}: {other:?}"),
+        }
+    }
 }
 
 #[test]

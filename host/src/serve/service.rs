@@ -141,6 +141,7 @@ fn outcome_name(o: &RunOutcome) -> &'static str {
         RunOutcome::ProgramFailed => "program-failed",
         RunOutcome::Aborted(AbortReason::Cancelled) => "cancelled",
         RunOutcome::Aborted(_) => "aborted",
+        RunOutcome::Refused => "refused",
     }
 }
 
@@ -658,6 +659,13 @@ impl Service {
                             reply_sha256: hex::encode(digest),
                             reply_frames: frames,
                             outcome: outcome_name(&report.outcome).into(),
+                            classifier: report.classifier.as_ref().map(|c| {
+                                cinfer_attest::ReceiptClassifier {
+                                    name: c.name.clone(),
+                                    sha256: hex::encode(c.digest),
+                                    verdict: c.verdict.as_str().into(),
+                                }
+                            }),
                         };
                         tracing::info!(request = id, outcome = %report.outcome, frames, elapsed = ?report.elapsed, "request done");
                         let signed = SignedReceipt::sign(&receipt, &receipt_key);

@@ -28,6 +28,7 @@ const CRATES: &[(&str, &str, bool)] = &[
     ("vector-ops", "vector-ops", false),
     ("op-loop", "op-loop", false),
     ("llama-chat", "llama-chat", false),
+    ("keyword-classifier", "keyword-classifier", false),
     ("fixtures/egress-bomb", "egress-bomb", true),
     ("fixtures/model-user", "model-user", true),
 ];
