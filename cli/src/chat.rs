@@ -231,6 +231,12 @@ pub fn receipt_report(client: &Client, program: &str, result: &ChatResult) -> St
         r.reply_sha256, r.reply_frames
     ));
     out.push_str(&format!("  outcome:      {}\n", r.outcome));
+    if let Some(c) = &r.classifier {
+        out.push_str(&format!(
+            "  classifier:   {} (sha256 {}): {}\n",
+            c.name, c.sha256, c.verdict
+        ));
+    }
     out.push_str(&format!(
         "  request key:  {} (valid {}..={}, Unix seconds)\n",
         result.statement.key_id, result.statement.not_before, result.statement.not_after
@@ -268,6 +274,11 @@ pub fn run(args: &ChatArgs) -> Result<()> {
     }
     if args.show_receipt {
         eprint!("{}", receipt_report(&client, &args.program, &result));
+    }
+    if result.status == ReplyStatus::Refused {
+        bail!(
+            "the loader's safety classifier refused the request; the program did not run (receipt verified)"
+        );
     }
     if result.status != ReplyStatus::Completed {
         bail!(

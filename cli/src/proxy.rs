@@ -302,7 +302,7 @@ impl Run {
             (ReplyStatus::Refused, _, _) => Err(ApiError::new(
                 400,
                 "cinfer_refused_by_classifier",
-                "the loader's safety classifier refused the request (receipt verified)".into(),
+                "the loader's safety classifier refused the request (receipt verified)",
             )),
             (status, _, _) => Err(broken(not_completed(status))),
         }
