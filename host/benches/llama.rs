@@ -219,6 +219,45 @@ fn main() {
     println!(
         "| prompt processing (pp128) | {prefill:.1} tok/s | (t(128-token prompt) - t(1-token prompt)) / 127 |"
     );
+    // The classifier gate: a 1-token request with 1 new token through
+    // llama-chat gated by the shipped keyword classifier, interleaved with the
+    // same request ungated; medians of 15.
+    let classifier = std::fs::read(root.join("target/programs/keyword-classifier.wasm"))
+        .expect("build the programs first");
+    let gated_toml = format!(
+        "{toml_text}classifier = \"keyword-classifier\"\n[[program]]\nname = \"keyword-classifier\"\nsha256 = \"{}\"\nworld = \"classifier\"\n",
+        hex::encode(cinfer_host::admission::digest(&classifier))
+    );
+    let gated = Loader::new(
+        Policy::parse(&gated_toml, |_| Ok(worlds.clone())).expect("gated policy"),
+        LoaderConfig {
+            models: models.clone(),
+            ..LoaderConfig::default()
+        },
+    )
+    .expect("loader");
+    gated.admit(&classifier).expect("admit the classifier");
+    let gated_chat = gated.admit(&program).expect("admit");
+    let (mut plain_t, mut gated_t) = (Vec::new(), Vec::new());
+    for _ in 0..15 {
+        plain_t.push(run(req("Once", 1)));
+        let (s, _) = seal_request(rk.public_key(), req("Once", 1).as_bytes()).expect("seal");
+        let r = gated
+            .run(&gated_chat, &s, &rk, cinfer_host::RunOptions::default())
+            .expect("run");
+        assert_eq!(r.outcome, RunOutcome::Completed);
+        gated_t.push(r.elapsed);
+    }
+    plain_t.sort();
+    gated_t.sort();
+    let (plain_ms, gated_ms) = (
+        plain_t[7].as_secs_f64() * 1e3,
+        gated_t[7].as_secs_f64() * 1e3,
+    );
+    println!(
+        "| 1-token request, 1 new token, gated by keyword-classifier | {gated_ms:.2} ms | ungated: {plain_ms:.2} ms; the gate costs {:.2} ms (medians of 15) |",
+        gated_ms - plain_ms
+    );
     // Concurrent streams through one Loader (CINFER_BENCH_STREAMS, default
     // 8): each a 1-token prompt and 64 new tokens, all started at once;
     // aggregate tokens/s over the wall time, cross-request batching off and on.
