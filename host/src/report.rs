@@ -74,5 +74,20 @@ pub fn admission(loader: &Loader, bytes: &[u8], signatures: &[&[u8]]) -> (bool, 
     if !g.models.is_empty() {
         let _ = writeln!(out, "models:   {}", g.models.join(", "));
     }
+    if let Some(r) = g.limits.egress_rate {
+        let _ = writeln!(
+            out,
+            "egress:   {} B/s, bursts of {} B (all runs of this grant together)",
+            r.bytes_per_sec, r.burst_bytes
+        );
+    }
+    if let Some(c) = &g.classifier {
+        let _ = writeln!(
+            out,
+            "gated by: classifier `{}` (sha256 {}): runs only on requests it allows",
+            c.name,
+            hex::encode(c.digest)
+        );
+    }
     (true, out)
 }

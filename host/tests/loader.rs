@@ -793,6 +793,13 @@ fn a_safety_classifier_gates_its_program() {
     let echo = l
         .admit(&program("echo"))
         .expect("echo, once the classifier is admitted");
+    // `cinfer verify` tells the policy author about the gate.
+    let (admitted, text) = cinfer_host::report::admission(&l, &program("echo"), &[]);
+    assert!(admitted, "{text}");
+    assert!(
+        text.contains("gated by: classifier `keyword-classifier`"),
+        "{text}"
+    );
     let key = RequestPrivateKey::generate();
     let ask = |msg: &str| {
         let (sealed, opener) = seal_request(key.public_key(), msg.as_bytes()).expect("seal");
