@@ -135,6 +135,8 @@ pub struct Config {
     pub release: ReleasePolicy,
     /// AK trust through EK certificates.
     pub endorsement: EndorsementPolicy,
+    /// TLS on the listener (`tls-cert` and `tls-key`); plain HTTP without.
+    pub tls: Option<cinfer_tls::TlsIdentity>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -163,6 +165,8 @@ struct RawConfig {
     release: ReleasePolicy,
     #[serde(default)]
     endorsement: EndorsementPolicy,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -269,6 +273,24 @@ impl Config {
                 .collect(),
             required: raw.endorsement.required,
         };
+        let tls = match (raw.tls_cert, raw.tls_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                let read = |p: PathBuf| {
+                    let path = abs(p);
+                    std::fs::read(&path).map_err(|source| ConfigError::Read { path, source })
+                };
+                Some(
+                    cinfer_tls::TlsIdentity::from_pem(read(cert)?, read(key)?)
+                        .map_err(|e| ConfigError::Invalid(e.0))?,
+                )
+            }
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "tls-cert and tls-key go together (or neither: plain HTTP)".into(),
+                ));
+            }
+        };
         Ok(Self {
             listen: raw.listen,
             state_dir: abs(raw.state_dir),
@@ -283,6 +305,7 @@ impl Config {
             reference,
             release: raw.release,
             endorsement,
+            tls,
         })
     }
 
@@ -307,6 +330,7 @@ impl Config {
             reference: ReferenceSource::Inline(reference),
             release: ReleasePolicy::default(),
             endorsement: EndorsementPolicy::default(),
+            tls: None,
         }
     }
 

@@ -553,6 +553,22 @@ pub async fn serve_until(
     let header_timeout = Duration::from_secs(server.inner.config.request_timeout_secs);
     let max_connections = server.inner.config.max_connections;
     let permits = Arc::new(Semaphore::new(max_connections));
+    // TLS on the listener when configured (the identity loaded when the
+    // configuration was parsed).
+    let tls = match server
+        .inner
+        .config
+        .tls
+        .as_ref()
+        .map(|id| id.server_config())
+    {
+        None => None,
+        Some(Ok(config)) => Some(tokio_rustls::TlsAcceptor::from(config)),
+        Some(Err(e)) => {
+            tracing::error!("tls: {e}; not serving");
+            return;
+        }
+    };
     let mut refused: u64 = 0;
     let mut last_warning: Option<Instant> = None;
     loop {
@@ -582,23 +598,41 @@ pub async fn serve_until(
             continue;
         };
         let server = server.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let service = service_fn(move |req: Request<Incoming>| {
-                let server = server.clone();
-                async move { Ok::<_, Infallible>(server.handle(req, peer).await) }
-            });
-            let mut builder = http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .max_buf_size(crate::config::MAX_HTTP_BUF_BYTES);
-            if let Err(e) = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!("connection from {peer}: {e}");
+            match tls {
+                None => serve_http(TokioIo::new(stream), server, peer, header_timeout).await,
+                // The handshake must finish within the header timeout too.
+                Some(acceptor) => {
+                    match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            serve_http(TokioIo::new(stream), server, peer, header_timeout).await
+                        }
+                        Ok(Err(e)) => tracing::debug!("TLS handshake with {peer}: {e}"),
+                        Err(_) => tracing::debug!("TLS handshake with {peer}: timed out"),
+                    }
+                }
             }
         });
+    }
+}
+
+/// HTTP/1.1 on one accepted connection (plain or TLS).
+async fn serve_http<I>(io: I, server: KeyServer, peer: SocketAddr, header_timeout: Duration)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req: Request<Incoming>| {
+        let server = server.clone();
+        async move { Ok::<_, Infallible>(server.handle(req, peer).await) }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(crate::config::MAX_HTTP_BUF_BYTES);
+    if let Err(e) = builder.serve_connection(io, service).await {
+        tracing::debug!("connection from {peer}: {e}");
     }
 }

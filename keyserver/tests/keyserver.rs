@@ -776,3 +776,70 @@ mod golden_endorsement {
         );
     }
 }
+
+/// With `tls-cert`/`tls-key` the keyserver speaks only TLS: the inference
+/// server's keyserver client gets answers over https when it trusts the CA
+/// (`keyserver-ca-cert`), fails the handshake with the certificate's reason
+/// when it does not, and plain HTTP to the TLS port gets no answer. The CA
+/// and certificate are made here (rcgen), never real ones.
+#[tokio::test]
+async fn the_listener_speaks_tls_to_keyserver_clients_that_trust_its_ca() {
+    use cinfer_server::keyclient::{KeyserverClient, KeyserverError};
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let id = cinfer_tls::TlsIdentity::from_pem(
+        leaf.pem().into_bytes(),
+        leaf_key.serialize_pem().into_bytes(),
+    )
+    .unwrap();
+    let h = start_with(|c| c.tls = Some(id)).await;
+    let client = |ca_pem: Option<&[u8]>| {
+        KeyserverClient::new(
+            std::time::Duration::from_secs(5),
+            1 << 20,
+            cinfer_tls::client_config(ca_pem).unwrap(),
+        )
+    };
+    let ca_pem = ca.pem().into_bytes();
+    let port = h.addr.port();
+    let healthz = format!("https://127.0.0.1:{port}/healthz");
+    let ok = client(Some(&ca_pem))
+        .call(hyper::Method::GET, &healthz, Default::default())
+        .await
+        .expect("https with the CA trusted");
+    assert_eq!(ok.status, 200);
+    match client(None)
+        .call(hyper::Method::GET, &healthz, Default::default())
+        .await
+    {
+        Err(KeyserverError::Unreachable { reason, .. }) => {
+            assert!(reason.contains("UnknownIssuer"), "{reason}")
+        }
+        other => panic!("a client without the CA: {other:?}"),
+    }
+    let plain = client(Some(&ca_pem))
+        .call(
+            hyper::Method::GET,
+            &format!("http://127.0.0.1:{port}/healthz"),
+            Default::default(),
+        )
+        .await;
+    assert!(plain.is_err(), "plain HTTP to the TLS port: {plain:?}");
+    // A configuration naming only one of the two files is refused.
+    let root = temp_root();
+    std::fs::write(root.join("cert.pem"), leaf.pem()).unwrap();
+    let text = "state-dir = \"s\"\naudit-log = \"a\"\ntls-cert = \"cert.pem\"\n[reference]\ntrusted-aks = []\n";
+    match Config::parse(text, &root) {
+        Err(cinfer_keyserver::ConfigError::Invalid(m)) => {
+            assert!(m.contains("tls-cert and tls-key go together"), "{m}")
+        }
+        other => panic!("{other:?}"),
+    }
+}

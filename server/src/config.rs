@@ -85,8 +85,12 @@ pub struct Config {
     /// The key this server authenticates itself to the loader with; needed
     /// when the loader asks (a loader whose configuration lists `server-keys`).
     pub channel_key: Option<crate::ChannelKey>,
-    /// Keyserver base URLs (`http://host:port`, no trailing slash).
+    /// Keyserver base URLs (`http://host:port` or `https://host:port`, no
+    /// trailing slash).
     pub keyservers: Vec<String>,
+    /// Extra CA certificates (PEM) trusted for `https://` keyservers, beside
+    /// the Mozilla roots (`keyserver-ca-cert`).
+    pub keyserver_ca: Option<Vec<u8>>,
     /// Largest sealed request body.
     pub max_request_bytes: usize,
     /// Client connections open at once; a connection over the cap is closed
@@ -125,59 +129,8 @@ pub struct Config {
     pub tls: Option<TlsIdentity>,
 }
 
-/// The HTTP listener's TLS identity: a certificate chain and its private key
-/// (PEM), checked to load when the configuration is parsed.
-#[derive(Clone, PartialEq, Eq)]
-pub struct TlsIdentity {
-    cert_pem: Vec<u8>,
-    key_pem: zeroize::Zeroizing<Vec<u8>>,
-}
-
-impl std::fmt::Debug for TlsIdentity {
-    // Never the key.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("TlsIdentity")
-    }
-}
-
-impl TlsIdentity {
-    /// An identity from a PEM certificate chain (leaf first) and a PEM private key.
-    pub fn from_pem(cert_pem: Vec<u8>, key_pem: Vec<u8>) -> Result<Self, ConfigError> {
-        let id = TlsIdentity {
-            cert_pem,
-            key_pem: zeroize::Zeroizing::new(key_pem),
-        };
-        id.server_config()?;
-        Ok(id)
-    }
-
-    /// The rustls configuration serving it (TLS 1.2 and 1.3, ring's suites,
-    /// HTTP/1.1 by ALPN).
-    pub fn server_config(&self) -> Result<std::sync::Arc<rustls::ServerConfig>, ConfigError> {
-        use rustls_pki_types::pem::PemObject;
-        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-        let bad = |what: &str, e: &dyn std::fmt::Display| ConfigError::Tls(format!("{what}: {e}"));
-        let certs = CertificateDer::pem_slice_iter(&self.cert_pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad("tls-cert", &e))?;
-        if certs.is_empty() {
-            return Err(ConfigError::Tls(
-                "tls-cert: no PEM certificate in it".into(),
-            ));
-        }
-        let key = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| bad("tls-key", &e))?;
-        let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad("tls", &e))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| bad("tls-cert and tls-key", &e))?;
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(std::sync::Arc::new(config))
-    }
-}
+/// The HTTP listener's TLS identity (`cinfer-tls`, shared with the keyserver).
+pub use cinfer_tls::TlsIdentity;
 
 /// A program the server stores: its bytes and signature files, read at start.
 #[derive(Clone, PartialEq, Eq)]
@@ -216,6 +169,7 @@ struct RawConfig {
     loader: Option<String>,
     channel_key: Option<PathBuf>,
     keyservers: Option<Vec<String>>,
+    keyserver_ca_cert: Option<PathBuf>,
     max_request_bytes: Option<usize>,
     max_connections: Option<usize>,
     max_in_flight: Option<usize>,
@@ -270,6 +224,7 @@ impl Default for Config {
             loader: Endpoint::Tcp("127.0.0.1:7300".into()),
             channel_key: None,
             keyservers: vec![DEFAULT_KEYSERVER.into()],
+            keyserver_ca: None,
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
@@ -296,15 +251,10 @@ pub fn check_keyserver_url(url: &str) -> Result<String, ConfigError> {
         .parse()
         .map_err(|e| ConfigError::Invalid(format!("keyserver {url:?}: {e}")))?;
     match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(ConfigError::Invalid(format!(
-                "keyserver {url:?}: https is not supported in this version; use http:// (what travels is public or wrapped to the loader)"
-            )));
-        }
+        Some("http" | "https") => {}
         _ => {
             return Err(ConfigError::Invalid(format!(
-                "keyserver {url:?}: expected http://HOST:PORT"
+                "keyserver {url:?}: expected http://HOST:PORT or https://HOST:PORT"
             )));
         }
     }
@@ -393,6 +343,16 @@ impl Config {
                 .transpose()
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?,
             keyservers: raw.keyservers.unwrap_or(d.keyservers),
+            keyserver_ca: match &raw.keyserver_ca_cert {
+                None => None,
+                Some(p) => {
+                    let path = base.join(p);
+                    Some(
+                        std::fs::read(&path)
+                            .map_err(|source| ConfigError::Read { path, source })?,
+                    )
+                }
+            },
             max_request_bytes: raw.max_request_bytes.unwrap_or(d.max_request_bytes),
             max_connections: raw.max_connections.unwrap_or(d.max_connections),
             max_in_flight: raw.max_in_flight.unwrap_or(d.max_in_flight),
@@ -418,7 +378,10 @@ impl Config {
                         let path = base.join(p);
                         std::fs::read(&path).map_err(|source| ConfigError::Read { path, source })
                     };
-                    Some(TlsIdentity::from_pem(read(cert)?, read(key)?)?)
+                    Some(
+                        TlsIdentity::from_pem(read(cert)?, read(key)?)
+                            .map_err(|e| ConfigError::Tls(e.0))?,
+                    )
                 }
                 _ => {
                     return Err(ConfigError::Tls(
@@ -443,6 +406,10 @@ impl Config {
             .iter()
             .map(|k| check_keyserver_url(k))
             .collect::<Result<_, _>>()?;
+        // The HTTPS client's trust must load (a CA file without a certificate
+        // is an error, not an empty trust store).
+        cinfer_tls::client_config(self.keyserver_ca.as_deref())
+            .map_err(|e| ConfigError::Tls(e.0))?;
         if self.max_request_bytes == 0 {
             return Err(ConfigError::Invalid(
                 "max-request-bytes must be positive".into(),
@@ -568,7 +535,6 @@ max-queued = 0
             "nope = 1",
             "loader = \"http://x\"",
             "keyservers = []",
-            "keyservers = [\"https://k:1\"]",
             "keyservers = [\"k:1\"]",
             "max-request-bytes = 0",
             "max-frame-bytes = 100",
@@ -580,9 +546,14 @@ max-queued = 0
         ] {
             assert!(Config::parse(bad).is_err(), "{bad}");
         }
-        let e = Config::parse("keyservers = [\"https://k:1\"]")
+        let https = Config::parse("keyservers = [\"https://k:1\"]").expect("https keyservers");
+        assert_eq!(https.keyservers, ["https://k:1"]);
+        let e = Config::parse("keyservers = [\"ftp://k:1\"]")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("https is not supported"), "{e}");
+        assert!(
+            e.contains("expected http://HOST:PORT or https://HOST:PORT"),
+            "{e}"
+        );
     }
 }

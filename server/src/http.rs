@@ -236,8 +236,12 @@ impl Server {
     /// Checks `config` and builds the server; nothing runs until [`serve`].
     pub fn new(config: Config) -> Result<Self, ConfigError> {
         let config = Arc::new(config.check()?);
-        let keyservers =
-            KeyserverClient::new(config.keyserver_timeout, config.max_frame_bytes as usize);
+        let keyservers = KeyserverClient::new(
+            config.keyserver_timeout,
+            config.max_frame_bytes as usize,
+            cinfer_tls::client_config(config.keyserver_ca.as_deref())
+                .map_err(|e| ConfigError::Tls(e.0))?,
+        );
         let metrics = Arc::new(Metrics::default());
         let link = Arc::new(Link::new(
             config.clone(),
@@ -245,7 +249,10 @@ impl Server {
             metrics.clone(),
         ));
         let tls = match &config.tls {
-            Some(id) => Some(id.server_config()?),
+            Some(id) => Some(
+                id.server_config()
+                    .map_err(|e| crate::config::ConfigError::Tls(e.0))?,
+            ),
             None => None,
         };
         Ok(Self {

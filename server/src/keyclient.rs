@@ -9,9 +9,11 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, StatusCode};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Why a keyserver call failed. Messages name the keyserver and the reason, never
@@ -69,7 +71,7 @@ pub struct KsResponse {
 /// The keyserver client; cheap to clone.
 #[derive(Clone)]
 pub struct KeyserverClient {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
     max_body: usize,
 }
@@ -112,11 +114,18 @@ fn reason_of(status: StatusCode, body: &[u8]) -> String {
 
 impl KeyserverClient {
     /// A client whose every call ends within `timeout`, reading at most `max_body`
-    /// response bytes.
-    pub fn new(timeout: Duration, max_body: usize) -> Self {
+    /// response bytes; `https://` keyservers are verified against `tls`
+    /// ([`cinfer_tls::client_config`]), `http://` ones are plain.
+    pub fn new(timeout: Duration, max_body: usize, tls: Arc<rustls::ClientConfig>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(timeout));
         connector.set_nodelay(true);
+        connector.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(Arc::unwrap_or_clone(tls))
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
