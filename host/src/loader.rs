@@ -840,11 +840,12 @@ impl Loader {
         // the untrusted side learns only that it was refused.
         drop(cleartext);
         tracing::info!(program = %program.grant.name, classifier = %verdict.name, verdict = verdict.verdict.as_str(), "request refused by the classifier");
-        let mut sink = sink;
-        match sealer.finish(ReplyStatus::Refused) {
-            Ok(frame) => sink(frame),
-            Err(e) => tracing::error!("sealing the final reply frame failed: {e}"),
-        }
+        send_final_frame(
+            sealer,
+            ReplyStatus::Refused,
+            sink,
+            &self.egress_buckets(&program.grant),
+        );
         Ok(RunReport {
             frames: Vec::new(),
             outcome: RunOutcome::Refused,
@@ -1022,18 +1023,10 @@ impl RunJob {
         let state = store.into_data();
         let egress_bytes = state.output.used();
         let accelerator_launches = state.accel.launches();
-        let (sealer, mut sink, pacing) = state.output.finish();
+        let (sealer, sink, pacing) = state.output.finish();
         if let Some(sealer) = sealer {
-            match sealer.finish(outcome.status()) {
-                Ok(frame) => {
-                    // A run's end always leaves; its bytes still count.
-                    if let Some(p) = &pacing {
-                        crate::egress::charge(&p.buckets, frame.len() as u64);
-                    }
-                    sink(frame)
-                }
-                Err(e) => tracing::error!("sealing the final reply frame failed: {e}"),
-            }
+            let buckets = pacing.map(|p| p.buckets).unwrap_or_default();
+            send_final_frame(sealer, outcome.status(), sink, &buckets);
         }
         match &outcome {
             RunOutcome::Aborted(reason) => {
@@ -1051,6 +1044,23 @@ impl RunJob {
             elapsed,
             classifier: None,
         })
+    }
+}
+
+/// Seals the reply's final frame with `status` and sends it. A run's end
+/// always leaves, however paced; its bytes still count against `buckets`.
+fn send_final_frame(
+    sealer: cinfer_envelope::ReplySealer,
+    status: ReplyStatus,
+    mut sink: FrameSink,
+    buckets: &[Arc<Bucket>],
+) {
+    match sealer.finish(status) {
+        Ok(frame) => {
+            crate::egress::charge(buckets, frame.len() as u64);
+            sink(frame)
+        }
+        Err(e) => tracing::error!("sealing the final reply frame failed: {e}"),
     }
 }
 

@@ -661,18 +661,10 @@ impl Policy {
         for (g, c) in programs.iter_mut().zip(resolved) {
             g.classifier = c;
         }
-        for g in &programs {
-            if let Some(c) = &g.classifier
-                && programs
-                    .iter()
-                    .any(|x| x.name == c.name && x.classifier.is_some())
-            {
-                return Err(PolicyError::BadClassifier {
-                    entry: g.name.clone(),
-                    classifier: c.name.clone(),
-                    reason: "has a classifier itself",
-                });
-            }
+        // Checked again now that every entry's classifier is known (a
+        // classifier must not have one itself).
+        for p in &doc.programs {
+            classifier_ref(&p.name, p.classifier.as_deref(), &programs)?;
         }
         let mut files = vec![
             PolicyFile {

@@ -183,10 +183,33 @@ impl AccelCtx {
     /// A context on `backend` allowing `limit` bytes of live tensors, for a
     /// guest whose linear memory is limited to `guest_memory_bytes`.
     pub fn new(backend: Arc<dyn Backend>, limit: u64, guest_memory_bytes: u64) -> Self {
+        Self::on(backend, None, limit, guest_memory_bytes)
+    }
+
+    /// A context like [`AccelCtx::new`] on the backend of `rounds`, for a run
+    /// that the loader's driver runs beside others as a coroutine: its
+    /// decode-sized matmuls wait for a round that carries the other runs'
+    /// launches on the same weights too (the driver, not the run, counts as
+    /// the thread launching on the backend).
+    pub fn batched(rounds: Arc<Rounds>, limit: u64, guest_memory_bytes: u64) -> Self {
+        Self::on(
+            rounds.backend().clone(),
+            Some(rounds),
+            limit,
+            guest_memory_bytes,
+        )
+    }
+
+    fn on(
+        backend: Arc<dyn Backend>,
+        rounds: Option<Arc<Rounds>>,
+        limit: u64,
+        guest_memory_bytes: u64,
+    ) -> Self {
         AccelCtx {
-            _run: Some(RunOnBackend::new(backend.clone())),
+            _run: rounds.is_none().then(|| RunOnBackend::new(backend.clone())),
             backend,
-            rounds: None,
+            rounds,
             matmul_steps: 0,
             table: ResourceTable::new(),
             live: 0,
@@ -196,19 +219,6 @@ impl AccelCtx {
             launches: 0,
             deadline: None,
         }
-    }
-
-    /// A context like [`AccelCtx::new`] on the backend of `rounds`, for a run
-    /// that the loader's driver runs beside others as a coroutine: its
-    /// decode-sized matmuls wait for a round that carries the other runs'
-    /// launches on the same weights too (the driver counts as the thread
-    /// launching on the backend).
-    pub fn batched(rounds: Arc<Rounds>, limit: u64, guest_memory_bytes: u64) -> Self {
-        let mut ctx = AccelCtx::new(rounds.backend().clone(), limit, guest_memory_bytes);
-        ctx._run = None;
-        ctx.backend.run_ended();
-        ctx.rounds = Some(rounds);
-        ctx
     }
 
     /// `matmul_many(x, ws)` on the backend, or as a launch in the next round
