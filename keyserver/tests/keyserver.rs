@@ -785,21 +785,8 @@ mod golden_endorsement {
 #[tokio::test]
 async fn the_listener_speaks_tls_to_keyserver_clients_that_trust_its_ca() {
     use cinfer_server::keyclient::{KeyserverClient, KeyserverError};
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
-        .unwrap();
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .unwrap()
-        .signed_by(&leaf_key, &ca)
-        .unwrap();
-    let id = cinfer_tls::TlsIdentity::from_pem(
-        leaf.pem().into_bytes(),
-        leaf_key.serialize_pem().into_bytes(),
-    )
-    .unwrap();
-    let h = start_with(|c| c.tls = Some(id)).await;
+    let test_ca = cinfer_tls::TestCa::new("127.0.0.1").unwrap();
+    let h = start_with(|c| c.tls = Some(test_ca.identity().unwrap())).await;
     let client = |ca_pem: Option<&[u8]>| {
         KeyserverClient::new(
             std::time::Duration::from_secs(5),
@@ -807,7 +794,7 @@ async fn the_listener_speaks_tls_to_keyserver_clients_that_trust_its_ca() {
             cinfer_tls::client_config(ca_pem).unwrap(),
         )
     };
-    let ca_pem = ca.pem().into_bytes();
+    let ca_pem = test_ca.ca_pem.clone();
     let port = h.addr.port();
     let healthz = format!("https://127.0.0.1:{port}/healthz");
     let ok = client(Some(&ca_pem))
@@ -834,7 +821,7 @@ async fn the_listener_speaks_tls_to_keyserver_clients_that_trust_its_ca() {
     assert!(plain.is_err(), "plain HTTP to the TLS port: {plain:?}");
     // A configuration naming only one of the two files is refused.
     let root = temp_root();
-    std::fs::write(root.join("cert.pem"), leaf.pem()).unwrap();
+    std::fs::write(root.join("cert.pem"), &test_ca.cert_pem).unwrap();
     let text = "state-dir = \"s\"\naudit-log = \"a\"\ntls-cert = \"cert.pem\"\n[reference]\ntrusted-aks = []\n";
     match Config::parse(text, &root) {
         Err(cinfer_keyserver::ConfigError::Invalid(m)) => {

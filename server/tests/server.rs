@@ -801,23 +801,10 @@ async fn a_server_without_the_loaders_key_is_not_served_and_says_why() {
 #[tokio::test]
 async fn the_listener_speaks_tls_to_clients_that_trust_its_ca() {
     use cinfer_client::{Client, ClientError};
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
-        .unwrap();
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
-        .unwrap()
-        .signed_by(&leaf_key, &ca)
-        .unwrap();
-    let id = cinfer_server::config::TlsIdentity::from_pem(
-        leaf.pem().into_bytes(),
-        leaf_key.serialize_pem().into_bytes(),
-    )
-    .unwrap();
-    let h = start_with(|c| c.tls = Some(id)).await;
+    let test_ca = cinfer_tls::TestCa::new("127.0.0.1").unwrap();
+    let h = start_with(|c| c.tls = Some(test_ca.identity().unwrap())).await;
     let https = format!("https://127.0.0.1:{}", h.addr.port());
-    let ca_pem = ca.pem().into_bytes();
+    let ca_pem = test_ca.ca_pem.clone();
     // Any well-formed keyserver identity: the fake's statement will not verify under it.
     let identity = p256::ecdsa::SigningKey::from_slice(&[7u8; 32])
         .unwrap()

@@ -98,6 +98,48 @@ pub fn client_config(extra_ca_pem: Option<&[u8]>) -> Result<Arc<rustls::ClientCo
     Ok(Arc::new(config))
 }
 
+/// A throwaway CA and a server certificate it signed, made fresh for tests.
+#[cfg(feature = "test-ca")]
+#[derive(Debug)]
+pub struct TestCa {
+    /// The CA certificate (PEM): what a client trusts.
+    pub ca_pem: Vec<u8>,
+    /// The server certificate (PEM).
+    pub cert_pem: Vec<u8>,
+    /// Its private key (PEM).
+    pub key_pem: Vec<u8>,
+}
+
+#[cfg(feature = "test-ca")]
+impl TestCa {
+    /// A CA and a certificate for `host` (a DNS name or an IP address).
+    pub fn new(host: &str) -> Result<Self, TlsError> {
+        let err = |e: rcgen::Error| bad("test CA", &e);
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = rcgen::CertifiedIssuer::self_signed(
+            ca_params,
+            rcgen::KeyPair::generate().map_err(err)?,
+        )
+        .map_err(err)?;
+        let key = rcgen::KeyPair::generate().map_err(err)?;
+        let cert = rcgen::CertificateParams::new(vec![host.to_owned()])
+            .map_err(err)?
+            .signed_by(&key, &ca)
+            .map_err(err)?;
+        Ok(TestCa {
+            ca_pem: ca.pem().into_bytes(),
+            cert_pem: cert.pem().into_bytes(),
+            key_pem: key.serialize_pem().into_bytes(),
+        })
+    }
+
+    /// The server certificate and key as a listener identity.
+    pub fn identity(&self) -> Result<TlsIdentity, TlsError> {
+        TlsIdentity::from_pem(self.cert_pem.clone(), self.key_pem.clone())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
