@@ -23,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod release;
+pub mod shares;
 #[cfg(feature = "tdx")]
 pub mod tdx;
 #[cfg(feature = "verify")]
@@ -35,7 +36,7 @@ pub use release::{
     CREDENTIAL_PSK_ID, Credential, KEY_RELEASE_VERSION, KeyRelease, RECEIPT_KEY_ID, RECEIPT_TYPE,
     Receipt, ReceiptClassifier, ReleasedKey, ReleasedKeyKind, ReplyDigest, RequestKeyStatement,
     SignedReceipt, SignedRequestKey, StatementError, credential_binding, credential_psk,
-    release_context, reply_digest,
+    release_context, reply_digest, share_context,
 };
 #[cfg(feature = "verify")]
 pub use verify::{

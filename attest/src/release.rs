@@ -64,6 +64,11 @@ pub struct ReleasedKey {
     /// The wrapped secret.
     #[serde(with = "hex::serde")]
     pub ciphertext: Vec<u8>,
+    /// Present when the wrapped secret is this keyserver's share of a split
+    /// key (k-of-n keyservers), wrapped with [`share_context`]: the split's
+    /// manifest, which the loader checks the share against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<crate::shares::SplitManifest>,
 }
 
 /// The keyserver's answer to verified evidence.
@@ -157,6 +162,14 @@ impl KeyRelease {
             field(k.id.as_bytes());
             field(&k.enc);
             field(&k.ciphertext);
+            // Absent for whole keys, whose digest is unchanged.
+            if let Some(m) = &k.split {
+                field(b"share");
+                field(&[m.threshold]);
+                for c in &m.commitments {
+                    field(&c.0);
+                }
+            }
         }
         // Absent in releases without a credential, whose digest is unchanged.
         if let Some(c) = &self.credential {
@@ -201,6 +214,15 @@ pub fn release_context(kind: ReleasedKeyKind, id: &str) -> Vec<u8> {
     out.extend_from_slice(kind.as_str().as_bytes());
     out.push(0);
     out.extend_from_slice(id.as_bytes());
+    out
+}
+
+/// The wrapping context of a released share of a split key:
+/// `kind || 0x00 || id || 0x00 || "share"`, so a share never unwraps as a
+/// whole key, nor as a share of another key.
+pub fn share_context(kind: ReleasedKeyKind, id: &str) -> Vec<u8> {
+    let mut out = release_context(kind, id);
+    out.extend_from_slice(b"\0share");
     out
 }
 
@@ -401,6 +423,11 @@ pub struct Receipt {
     /// grant has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub classifier: Option<ReceiptClassifier>,
+    /// Identity keys (hex SEC1) of the keyservers that released the request
+    /// key the request was sealed to: the one that released it whole, or
+    /// those whose shares rebuilt it (k-of-n keyservers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keyservers: Vec<String>,
 }
 
 /// A [`Receipt`]'s account of the classifier gate.
@@ -527,6 +554,7 @@ mod receipt_tests {
                 id: "m".into(),
                 enc: vec![4; 65],
                 ciphertext: vec![9; 48],
+                split: None,
             }],
             identity: Vec::new(),
             signature: Vec::new(),
@@ -602,6 +630,7 @@ mod receipt_tests {
             reply_frames: 1,
             outcome: "completed".into(),
             classifier: None,
+            keyservers: Vec::new(),
         };
         let signed = SignedReceipt::sign(&r, &key);
         assert_eq!(signed.verify(&public).unwrap(), r);

@@ -418,6 +418,7 @@ fn serve(ctx: &ServerCtx, mut conn: TcpStream) -> std::io::Result<()> {
                     "program-failed".into()
                 },
                 classifier: None,
+                keyservers: Vec::new(),
             };
             let mut receipt_key = ctx.receipt_key.clone();
             match ctx.mode {

@@ -770,6 +770,7 @@ mod tests {
             reply_frames: 3,
             outcome: outcome.into(),
             classifier: None,
+            keyservers: Vec::new(),
         };
         let check = |outcome: &str, status: ReplyStatus| {
             let signed = SignedReceipt::sign(&receipt(outcome), &key);

@@ -74,7 +74,8 @@ fn serve(config: &Path) -> Result<ExitCode> {
     } = cinfer_host::measure::measure(config, &binary)?;
     let tpm = cinfer_tpm::Tpm::open(&cfg.tpm)?;
     let attestor = cinfer_host::serve::Attestor::measure(tpm, cfg.pcr, events, cfg.quote_pcrs())?
-        .pin_keyservers(cfg.pinned_keyservers()?);
+        .pin_keyservers(cfg.pinned_keyservers()?)
+        .keyserver_threshold(cfg.keyserver_threshold);
     tracing::info!(events = attestor.events().len(), pcr = cfg.pcr, "measured");
     if cfg.keyservers.is_empty() {
         tracing::warn!(

@@ -53,6 +53,14 @@ enum Command {
         #[arg(long)]
         key_file: PathBuf,
     },
+    /// Import this keyserver's share of a split key (k-of-n keyservers: a
+    /// file `cinfer split-key` wrote for it). The share file can be deleted
+    /// afterwards; the state keeps it encrypted under the KEK.
+    AddShare {
+        /// The share file.
+        #[arg(long)]
+        share_file: PathBuf,
+    },
     /// Print the identity public key (hex, uncompressed SEC1) for clients to pin.
     PublicIdentity,
     /// Serve the HTTP API (needs --config).
@@ -156,6 +164,17 @@ fn run(cli: &Cli) -> Result<()> {
             let config = cli.config()?;
             let (state, kek) = cli.state_and_kek(config.as_ref())?;
             add_model_key(&state, &kek, id, key_file)
+        }
+        Command::AddShare { share_file } => {
+            let config = cli.config()?;
+            let (state, kek) = cli.state_and_kek(config.as_ref())?;
+            let bytes = Zeroizing::new(
+                std::fs::read(share_file)
+                    .with_context(|| format!("reading {}", share_file.display()))?,
+            );
+            let name = StateDir::open(&state, &kek)?.add_share(&bytes)?;
+            eprintln!("stored share {name} (encrypted under the KEK)");
+            Ok(())
         }
         Command::PublicIdentity => {
             let config = cli.config()?;

@@ -21,10 +21,11 @@ use crate::endorsement::{self, EkTrust, EndorsedAk, EndorsementError};
 use crate::nonce::{NonceError, NonceStore};
 use crate::state::{Keys, StateDir, StateError};
 use cinfer_attest::release::{REQUEST_KEY_STATEMENT_TYPE, REQUEST_KEY_SUITE};
+use cinfer_attest::shares::{ShareEntry, SplitManifest};
 use cinfer_attest::{
     AkTrust, CREDENTIAL_PSK_ID, Credential, Evidence, EvidenceError, KEY_RELEASE_VERSION,
     KeyRelease, ReferenceValues, ReleasedKey, ReleasedKeyKind, RequestKeyStatement,
-    SignedRequestKey, credential_binding, credential_psk, release_context,
+    SignedRequestKey, credential_binding, credential_psk, release_context, share_context,
 };
 use cinfer_envelope::RequestPublicKey;
 use cinfer_envelope::keywrap::{wrap_key, wrap_key_psk};
@@ -122,10 +123,17 @@ impl KeyServer {
         }
         let keys = StateDir::open(&config.state_dir, &config.kek_file)?.load()?;
         let release_models = match &config.release.models {
-            None => keys.models.keys().cloned().collect(),
+            None => keys
+                .models
+                .keys()
+                .chain(keys.model_shares.keys())
+                .cloned()
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect(),
             Some(ids) => {
                 for id in ids {
-                    if !keys.models.contains_key(id) {
+                    if !keys.models.contains_key(id) && !keys.model_shares.contains_key(id) {
                         return Err(KeyServerError::MissingModelKey(id.clone()));
                     }
                 }
@@ -137,20 +145,35 @@ impl KeyServer {
             source,
         })?;
         let now = clock.now_unix();
-        let public = keys.request.public_key();
+        // A split request key (k-of-n keyservers) is the one this keyserver
+        // states and releases its share of; otherwise its own.
+        let (key_id, public_key, receipt_public_key) = match &keys.request_shares {
+            Some(shares) => (
+                shares.public.key_id.clone(),
+                shares.public.public_key.clone(),
+                shares.public.receipt_public_key.clone(),
+            ),
+            None => {
+                let public = keys.request.public_key();
+                (
+                    public.key_id(),
+                    public.to_bytes(),
+                    keys.receipt
+                        .verifying_key()
+                        .to_sec1_point(false)
+                        .as_bytes()
+                        .to_vec(),
+                )
+            }
+        };
         let statement = RequestKeyStatement {
             statement_type: REQUEST_KEY_STATEMENT_TYPE.into(),
-            key_id: public.key_id(),
+            key_id,
             suite: REQUEST_KEY_SUITE.into(),
-            public_key: public.to_bytes(),
+            public_key,
             not_before: now,
             not_after: now.saturating_add(config.request_key_validity_secs),
-            receipt_public_key: keys
-                .receipt
-                .verifying_key()
-                .to_sec1_point(false)
-                .as_bytes()
-                .to_vec(),
+            receipt_public_key,
         };
         let signed = SignedRequestKey::sign(&statement, &keys.identity);
         let signed_request_key = Bytes::from(serde_json::to_vec(&signed).unwrap_or_default());
@@ -388,31 +411,56 @@ impl KeyServer {
         let recipient = RequestPublicKey::from_bytes(&evidence.hpke_public_key)
             .map_err(|e| format!("HPKE public key: {e}"))?;
         let keys = &self.inner.keys;
-        let mut secrets: Vec<(ReleasedKeyKind, String, zeroize::Zeroizing<Vec<u8>>)> = self
-            .inner
-            .release_models
-            .iter()
-            .filter_map(|id| {
-                keys.models.get(id).map(|k| {
-                    (
-                        ReleasedKeyKind::Model,
-                        id.clone(),
-                        zeroize::Zeroizing::new(k.to_vec()),
-                    )
-                })
-            })
-            .collect();
+        // (kind, id, secret or share, the split's manifest for a share)
+        type Secret = (
+            ReleasedKeyKind,
+            String,
+            zeroize::Zeroizing<Vec<u8>>,
+            Option<SplitManifest>,
+        );
+        let share = |s: &ShareEntry| -> Secret {
+            (
+                s.kind,
+                s.id.clone(),
+                zeroize::Zeroizing::new(s.share.clone()),
+                Some(s.manifest.clone()),
+            )
+        };
+        let mut secrets: Vec<Secret> = Vec::new();
+        for id in &self.inner.release_models {
+            if let Some(k) = keys.models.get(id) {
+                secrets.push((
+                    ReleasedKeyKind::Model,
+                    id.clone(),
+                    zeroize::Zeroizing::new(k.to_vec()),
+                    None,
+                ));
+            }
+            if let Some(s) = keys.model_shares.get(id) {
+                secrets.push(share(s));
+            }
+        }
         if self.inner.config.release.request_key {
-            secrets.push((
-                ReleasedKeyKind::Request,
-                keys.request.public_key().key_id(),
-                keys.request.to_bytes(),
-            ));
-            secrets.push((
-                ReleasedKeyKind::Receipt,
-                cinfer_attest::RECEIPT_KEY_ID.to_owned(),
-                zeroize::Zeroizing::new(keys.receipt.to_bytes().to_vec()),
-            ));
+            match &keys.request_shares {
+                Some(shares) => {
+                    secrets.push(share(&shares.request));
+                    secrets.push(share(&shares.receipt));
+                }
+                None => {
+                    secrets.push((
+                        ReleasedKeyKind::Request,
+                        keys.request.public_key().key_id(),
+                        keys.request.to_bytes(),
+                        None,
+                    ));
+                    secrets.push((
+                        ReleasedKeyKind::Receipt,
+                        cinfer_attest::RECEIPT_KEY_ID.to_owned(),
+                        zeroize::Zeroizing::new(keys.receipt.to_bytes().to_vec()),
+                        None,
+                    ));
+                }
+            }
         }
         // A fresh secret per release, carried to the TPM by the credential:
         // the keys unwrap only with it, and it is bound to this nonce.
@@ -432,8 +480,11 @@ impl KeyServer {
             psk = Some(credential_psk(secret.as_ref(), &evidence.nonce));
         }
         let mut released = Vec::with_capacity(secrets.len());
-        for (kind, id, secret) in secrets {
-            let context = release_context(kind, &id);
+        for (kind, id, secret, split) in secrets {
+            let context = match split {
+                Some(_) => share_context(kind, &id),
+                None => release_context(kind, &id),
+            };
             let wrapped = match &psk {
                 Some(psk) => wrap_key_psk(
                     &recipient,
@@ -451,6 +502,7 @@ impl KeyServer {
                 id,
                 enc: wrapped.enc,
                 ciphertext: wrapped.ciphertext,
+                split,
             });
         }
         let mut release = KeyRelease {

@@ -7,6 +7,8 @@
 //! STATE/identity.key.enc        ECDSA P-256 identity key (signs the published request key)
 //! STATE/request.key.enc         the request private key (HPKE, P-256 scalar)
 //! STATE/models/<id>.key.enc     model data keys (32-byte AES-256 keys), by model id
+//! STATE/shares/<name>.share.enc this keyserver's shares of split keys (k-of-n;
+//!                               `keyserver add-share`): model-<id>, request-<key id>
 //! ```
 //!
 //! A file is `"CKS1" || nonce(12) || AES-256-GCM(KEK, nonce, secret, aad)` with
@@ -23,6 +25,8 @@
 use aes_gcm::aead::Aead;
 use aes_gcm::aead::Payload;
 use aes_gcm::{Aes256Gcm, KeyInit};
+use cinfer_attest::ReleasedKeyKind;
+use cinfer_attest::shares::{RequestKeyPublic, ShareEntry, ShareFile};
 use cinfer_envelope::RequestPrivateKey;
 use p256::ecdsa::SigningKey;
 use std::collections::BTreeMap;
@@ -37,6 +41,8 @@ const IDENTITY_FILE: &str = "identity.key.enc";
 const REQUEST_FILE: &str = "request.key.enc";
 const RECEIPT_FILE: &str = "receipt.key.enc";
 const MODELS_DIR: &str = "models";
+const SHARES_DIR: &str = "shares";
+const SHARE_SUFFIX: &str = ".share.enc";
 const MODEL_SUFFIX: &str = ".key.enc";
 /// The tag of a model key file written by `cinfer dev-model-key`.
 const MODEL_KEY_FILE_TAG: &str = "cinfer-dev-model-key-v1";
@@ -79,6 +85,12 @@ pub enum StateError {
     /// A model key file is not in the `cinfer dev-model-key` format.
     #[error("model key file: {0}")]
     BadModelKeyFile(&'static str),
+    /// A share file (`cinfer split-key`) is malformed.
+    #[error("share file: {0}")]
+    BadShareFile(cinfer_attest::shares::ShareError),
+    /// The state holds shares of two request keys (one is served at a time).
+    #[error("the state holds shares of two request keys ({0} and {1}); remove one")]
+    TwoRequestKeyShares(String, String),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
@@ -240,6 +252,23 @@ pub struct Keys {
     pub receipt: SigningKey,
     /// Model data keys, by model id.
     pub models: BTreeMap<String, Zeroizing<[u8; 32]>>,
+    /// This keyserver's shares of split model keys, by model id.
+    pub model_shares: BTreeMap<String, ShareEntry>,
+    /// This keyserver's shares of a split request key and its receipt key:
+    /// when present, that key is the one published and released (the
+    /// keyserver's own request key is not used).
+    pub request_shares: Option<RequestShares>,
+}
+
+/// A keyserver's shares of a split request key.
+#[derive(Debug, Clone)]
+pub struct RequestShares {
+    /// The request key's public halves (signed into the statement).
+    pub public: RequestKeyPublic,
+    /// Share of the request private key.
+    pub request: ShareEntry,
+    /// Share of the receipt signing key.
+    pub receipt: ShareEntry,
 }
 
 impl std::fmt::Debug for Keys {
@@ -314,6 +343,74 @@ impl StateDir {
         self.write(&file, &format!("model/{id}"), key)
     }
 
+    /// Stores (or replaces) this keyserver's shares of a split key, from a
+    /// file `cinfer split-key` wrote; returns the name it is stored under.
+    pub fn add_share(&self, file_bytes: &[u8]) -> Result<String, StateError> {
+        let file = ShareFile::parse(file_bytes).map_err(StateError::BadShareFile)?;
+        if !self.dir.join(IDENTITY_FILE).exists() {
+            return Err(StateError::NotInitialized(self.dir.clone()));
+        }
+        let name = share_name(&file)?;
+        std::fs::create_dir_all(self.dir.join(SHARES_DIR)).map_err(io(&self.dir))?;
+        let bytes = Zeroizing::new(serde_json::to_vec(&file).unwrap_or_default());
+        self.write(
+            &format!("{SHARES_DIR}/{name}{SHARE_SUFFIX}"),
+            &format!("share/{name}"),
+            &bytes,
+        )?;
+        Ok(name)
+    }
+
+    fn load_shares(
+        &self,
+    ) -> Result<(BTreeMap<String, ShareEntry>, Option<RequestShares>), StateError> {
+        let mut models = BTreeMap::new();
+        let mut request: Option<RequestShares> = None;
+        let dir = self.dir.join(SHARES_DIR);
+        for path in key_files(&dir)? {
+            let Some(name) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(SHARE_SUFFIX))
+            else {
+                continue;
+            };
+            let bytes = self.read(&path, &format!("share/{name}"))?;
+            let file = ShareFile::parse(&bytes).map_err(StateError::BadShareFile)?;
+            if share_name(&file)? != name {
+                return Err(StateError::BadKey(path));
+            }
+            match file.request_key.clone() {
+                Some(public) => {
+                    if let Some(other) = &request {
+                        return Err(StateError::TwoRequestKeyShares(
+                            other.public.key_id.clone(),
+                            public.key_id,
+                        ));
+                    }
+                    let take = |kind| {
+                        file.shares
+                            .iter()
+                            .find(|s| s.kind == kind)
+                            .cloned()
+                            .ok_or_else(|| StateError::BadKey(path.clone()))
+                    };
+                    request = Some(RequestShares {
+                        request: take(ReleasedKeyKind::Request)?,
+                        receipt: take(ReleasedKeyKind::Receipt)?,
+                        public,
+                    });
+                }
+                None => {
+                    for s in &file.shares {
+                        models.insert(s.id.clone(), s.clone());
+                    }
+                }
+            }
+        }
+        Ok((models, request))
+    }
+
     /// Decrypts every key. Fails on the first file that does not decrypt.
     pub fn load(&self) -> Result<Keys, StateError> {
         let identity_path = self.dir.join(IDENTITY_FILE);
@@ -330,13 +427,7 @@ impl StateDir {
             .map_err(|_| StateError::BadKey(receipt_path.clone()))?;
         let mut models = BTreeMap::new();
         let models_dir = self.dir.join(MODELS_DIR);
-        let entries = match std::fs::read_dir(&models_dir) {
-            Ok(e) => e.collect::<Result<Vec<_>, _>>().map_err(io(&models_dir))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(io(&models_dir)(e)),
-        };
-        for entry in entries {
-            let path = entry.path();
+        for path in key_files(&models_dir)? {
             let Some(id) = path
                 .file_name()
                 .and_then(|n| n.to_str())
@@ -352,13 +443,48 @@ impl StateDir {
                 .map_err(|_| StateError::BadKey(path.clone()))?;
             models.insert(id.to_owned(), Zeroizing::new(key));
         }
+        let (model_shares, request_shares) = self.load_shares()?;
         Ok(Keys {
             identity,
             request,
             receipt,
             models,
+            model_shares,
+            request_shares,
         })
     }
+}
+
+/// The files of a directory (none if it does not exist).
+fn key_files(dir: &Path) -> Result<Vec<PathBuf>, StateError> {
+    match std::fs::read_dir(dir) {
+        Ok(e) => e
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(io(dir)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(io(dir)(e)),
+    }
+}
+
+/// Where a share file is stored: `model-<id>` or `request-<key id>`.
+fn share_name(file: &ShareFile) -> Result<String, StateError> {
+    let (prefix, id) = match &file.request_key {
+        Some(public) => ("request", public.key_id.as_str()),
+        None => {
+            let first = &file.shares[0].id;
+            if file.shares.iter().any(|s| &s.id != first) {
+                return Err(StateError::BadShareFile(
+                    cinfer_attest::shares::ShareError::Malformed(
+                        "one share file holds the shares of one key".into(),
+                    ),
+                ));
+            }
+            ("model", first.as_str())
+        }
+    };
+    check_model_id(id)?;
+    Ok(format!("{prefix}-{id}"))
 }
 
 fn generate_signing_key() -> Result<SigningKey, StateError> {

@@ -24,6 +24,10 @@ pub struct RequestKeys {
     pub request: RequestPrivateKey,
     /// Signs the receipts of those requests.
     pub receipt: p256::ecdsa::SigningKey,
+    /// Identity keys (SEC1) of the keyservers that released it: the one that
+    /// released it whole, or those whose shares rebuilt it (k-of-n). Named
+    /// in every receipt.
+    pub keyservers: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for RequestKeys {
@@ -47,6 +51,12 @@ impl std::fmt::Debug for InstalledKeys {
 /// ([`Attestor::stage`], [`Attestor::commit`]). Never printed.
 pub struct StagedRelease {
     keys: InstalledKeys,
+    /// The share pool with this release's shares added and the keys they
+    /// completed taken out.
+    pool: SharePool,
+    /// Keyservers whose shares disagree with the manifest a rebuilt key's
+    /// shares agreed on.
+    dissent: Vec<String>,
 }
 
 impl std::fmt::Debug for StagedRelease {
@@ -82,6 +92,11 @@ pub struct Attestor {
     pending: Option<Pending>,
     pub(super) keys: InstalledKeys,
     pinned: Vec<Vec<u8>>,
+    /// Keyservers whose shares a key needs (`keyserver-threshold`); from 2
+    /// on, whole keys are refused and only split keys are installed.
+    threshold: u8,
+    /// Shares of split keys not yet complete.
+    pool: SharePool,
 }
 
 impl std::fmt::Debug for Attestor {
@@ -124,6 +139,9 @@ pub struct ProgramInfo {
 struct Installed<'a> {
     models: Vec<&'a str>,
     request_keys: Vec<&'a str>,
+    /// Split keys still waiting for shares (k-of-n keyservers).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    waiting: Vec<Waiting>,
 }
 
 impl Attestor {
@@ -154,6 +172,8 @@ impl Attestor {
             pending: None,
             keys: InstalledKeys::default(),
             pinned: Vec::new(),
+            threshold: 1,
+            pool: SharePool::default(),
         })
     }
 
@@ -161,6 +181,19 @@ impl Attestor {
     pub fn pin_keyservers(mut self, identities: Vec<Vec<u8>>) -> Self {
         self.pinned = identities;
         self
+    }
+
+    /// Installs a key only from the shares of `threshold` different pinned
+    /// keyservers (k-of-n; `keyserver-threshold`). From 2 on, whole keys are
+    /// refused. The configuration checks that enough keyservers are pinned.
+    pub fn keyserver_threshold(mut self, threshold: u8) -> Self {
+        self.threshold = threshold.max(1);
+        self
+    }
+
+    /// Split keys still waiting for shares.
+    pub fn waiting(&self) -> Vec<Waiting> {
+        self.pool.waiting()
     }
 
     /// The event log.
@@ -288,8 +321,20 @@ impl Attestor {
         let mut requests = BTreeMap::new();
         let mut receipt = None;
         let mut keys = InstalledKeys::default();
+        let mut pool = self.pool.clone();
+        let mut shared = std::collections::BTreeSet::new();
         for k in &release.keys {
-            let context = release_context(k.kind, &k.id);
+            if k.split.is_none() && self.threshold >= 2 {
+                return Err(ServeError::WholeKeyUnderThreshold {
+                    kind: k.kind,
+                    id: k.id.clone(),
+                    threshold: self.threshold,
+                });
+            }
+            let context = match k.split {
+                Some(_) => share_context(k.kind, &k.id),
+                None => release_context(k.kind, &k.id),
+            };
             let wrapped = WrappedSecret {
                 enc: k.enc.clone(),
                 ciphertext: k.ciphertext.clone(),
@@ -309,6 +354,26 @@ impl Attestor {
                 kind: k.kind,
                 id: k.id.clone(),
             })?;
+            if let Some(manifest) = &k.split {
+                // A share: checked against its manifest's commitments and
+                // kept until shares of `threshold` keyservers are in.
+                if !shared.insert((k.kind, k.id.clone())) {
+                    return Err(ShareError::Duplicate {
+                        kind: k.kind,
+                        id: k.id.clone(),
+                    }
+                    .into());
+                }
+                pool.add(
+                    &release.identity,
+                    k.kind,
+                    &k.id,
+                    manifest,
+                    secret,
+                    self.threshold.max(2),
+                )?;
+                continue;
+            }
             let bad = |reason: BadKeyReason| ServeError::BadKey {
                 kind: k.kind,
                 id: k.id.clone(),
@@ -339,28 +404,110 @@ impl Attestor {
         if !requests.is_empty() {
             // A request key is usable only with its keyserver's receipt key.
             let receipt = receipt.ok_or(ServeError::RequestKeysWithoutReceiptKey)?;
+            let keyservers: Vec<Vec<u8>> = Some(release.identity.clone())
+                .filter(|i| !i.is_empty())
+                .into_iter()
+                .collect();
             keys.request = requests
                 .into_iter()
                 .map(|(id, request)| {
                     let receipt = receipt.clone();
-                    (id, RequestKeys { request, receipt })
+                    let keyservers = keyservers.clone();
+                    (
+                        id,
+                        RequestKeys {
+                            request,
+                            receipt,
+                            keyservers,
+                        },
+                    )
                 })
                 .collect();
         }
-        Ok(StagedRelease { keys })
+        // A split request key comes with its receipt key's shares, by the
+        // same keyservers.
+        for (kind, id) in &shared {
+            let other = match kind {
+                ReleasedKeyKind::Request => ReleasedKeyKind::Receipt,
+                ReleasedKeyKind::Receipt => ReleasedKeyKind::Request,
+                ReleasedKeyKind::Model => continue,
+            };
+            if !shared.contains(&(other, id.clone())) {
+                return Err(ServeError::RequestKeysWithoutReceiptKey);
+            }
+        }
+        let (complete, dissent) = pool.take_complete();
+        let mut split_receipts = BTreeMap::new();
+        let mut split_requests = BTreeMap::new();
+        for c in complete {
+            let bad = |reason: BadKeyReason| ServeError::BadKey {
+                kind: c.kind,
+                id: c.id.clone(),
+                reason,
+            };
+            match c.kind {
+                ReleasedKeyKind::Model => {
+                    let key =
+                        ModelKey::from_bytes(&c.secret).map_err(|e| bad(BadKeyReason::Model(e)))?;
+                    keys.models.insert(c.id.clone(), key);
+                }
+                ReleasedKeyKind::Request => {
+                    let key = RequestPrivateKey::from_bytes(&c.secret)
+                        .map_err(|e| bad(BadKeyReason::Request(e)))?;
+                    let key_id = key.public_key().key_id();
+                    if key_id != c.id {
+                        return Err(bad(BadKeyReason::RequestKeyId(key_id)));
+                    }
+                    split_requests.insert(c.id.clone(), (key, c.keyservers));
+                }
+                ReleasedKeyKind::Receipt => {
+                    let key = p256::ecdsa::SigningKey::from_slice(&c.secret)
+                        .map_err(|_| bad(BadKeyReason::ReceiptNotP256))?;
+                    split_receipts.insert(c.id.clone(), key);
+                }
+            }
+        }
+        for (id, (request, keyservers)) in split_requests {
+            let receipt = split_receipts
+                .remove(&id)
+                .ok_or(ServeError::RequestKeysWithoutReceiptKey)?;
+            keys.request.insert(
+                id,
+                RequestKeys {
+                    request,
+                    receipt,
+                    keyservers,
+                },
+            );
+        }
+        Ok(StagedRelease {
+            keys,
+            pool,
+            dissent,
+        })
     }
 
     /// Installs a staged release (later keys with the same id replace earlier ones).
     pub fn commit(&mut self, staged: StagedRelease) -> Frame {
-        let mut keys = staged.keys;
+        let StagedRelease {
+            mut keys,
+            pool,
+            dissent,
+        } = staged;
         self.keys.request.append(&mut keys.request);
         self.keys.models.append(&mut keys.models);
-        tracing::info!(keys = ?self.keys, "keys installed");
+        self.pool = pool;
+        for keyserver in dissent {
+            tracing::warn!(%keyserver, "a keyserver's share belongs to another split than the one the others agree on: not used");
+        }
+        let waiting = self.pool.waiting();
+        tracing::info!(keys = ?self.keys, waiting = ?waiting, "keys installed");
         Frame {
             kind: Kind::KeysInstalled,
             payload: serde_json::to_vec(&Installed {
                 models: self.keys.models.keys().map(String::as_str).collect(),
                 request_keys: self.keys.request.keys().map(String::as_str).collect(),
+                waiting,
             })
             .unwrap_or_default(),
         }

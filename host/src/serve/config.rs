@@ -53,6 +53,12 @@ pub struct ServeConfig {
     /// its own — never read the real ones). Measured with this file.
     #[serde(default)]
     pub keyservers: Vec<String>,
+    /// k-of-n keyservers: how many different pinned keyservers' shares a key
+    /// needs (`cinfer split-key`). From 2 on, whole keys are refused, so no
+    /// single keyserver can hand this loader a key. Default 1: any one
+    /// pinned keyserver's release is installed. Measured with this file.
+    #[serde(default = "default_keyserver_threshold")]
+    pub keyserver_threshold: u8,
     /// Public keys (hex uncompressed SEC1 P-256, as `inference-server keygen`
     /// prints them) of the inference servers this loader serves: a peer must
     /// sign this connection's challenge with one of them before anything else
@@ -110,6 +116,10 @@ fn default_backend() -> String {
 
 fn default_batching() -> bool {
     true
+}
+
+fn default_keyserver_threshold() -> u8 {
+    1
 }
 
 fn default_max_in_flight() -> usize {
@@ -187,6 +197,16 @@ pub enum ConfigError {
     /// A peer timeout of zero.
     #[error("peer-auth-timeout-ms and peer-idle-timeout-ms must be positive")]
     ZeroPeerTimeout,
+    /// `keyserver-threshold` is 0, or larger than the keyservers pinned.
+    #[error(
+        "keyserver-threshold = {threshold} needs at least that many keyservers pinned (keyservers lists {pinned})"
+    )]
+    KeyserverThreshold {
+        /// The configured threshold.
+        threshold: u8,
+        /// Keyservers pinned.
+        pinned: usize,
+    },
     /// A `keyservers` entry is not a hex uncompressed P-256 key.
     #[error("keyservers: {0:?} is not a hex uncompressed P-256 key")]
     BadKeyserverKey(String),
@@ -255,7 +275,20 @@ impl ServeConfig {
         c.listen
             .parse::<cinfer_channel::Endpoint>()
             .map_err(ConfigError::Listen)?;
-        c.pinned_keyservers()?;
+        let pinned = c.pinned_keyservers()?;
+        let distinct = pinned
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        if c.keyserver_threshold == 0
+            || (c.keyserver_threshold >= 2 && distinct < usize::from(c.keyserver_threshold))
+        {
+            return Err(ConfigError::KeyserverThreshold {
+                threshold: c.keyserver_threshold,
+                pinned: distinct,
+            }
+            .into());
+        }
         c.peer_policy()?;
         Ok(c)
     }

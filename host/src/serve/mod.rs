@@ -25,9 +25,10 @@ use crate::peer::{DeadlineReader, PeerError, PeerStream};
 use crate::policy::PolicyFileRole;
 use crate::replay::ReplayWindow;
 use crate::{AbortReason, AdmittedProgram, Loader, LoaderConfig, Policy, RunOutcome};
+use cinfer_attest::shares::{ShareError, SharePool, Waiting};
 use cinfer_attest::{
     CREDENTIAL_PSK_ID, Endorsement, Event, EventKind, Evidence, KeyRelease, ReleasedKeyKind,
-    credential_binding, credential_psk, release_context,
+    credential_binding, credential_psk, release_context, share_context,
 };
 use cinfer_attest::{Receipt, SignedReceipt};
 use cinfer_channel::Submit;
@@ -125,6 +126,22 @@ pub enum ServeError {
         /// Model or key id.
         id: String,
     },
+    /// A whole key was released to a loader that installs keys only from
+    /// shares of several keyservers (`keyserver-threshold` ≥ 2).
+    #[error(
+        "released {kind} key `{id}` is whole, but this loader takes keys only as shares of {threshold} keyservers"
+    )]
+    WholeKeyUnderThreshold {
+        /// Key kind.
+        kind: ReleasedKeyKind,
+        /// Model or key id.
+        id: String,
+        /// The loader's `keyserver-threshold`.
+        threshold: u8,
+    },
+    /// A released share was refused (a wrong share names its keyserver).
+    #[error(transparent)]
+    Share(#[from] cinfer_attest::shares::ShareError),
     /// A released key unwrapped but is not a valid key of its kind or id.
     #[error("released {kind} key `{id}` is not a valid key: {reason}")]
     BadKey {

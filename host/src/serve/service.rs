@@ -566,6 +566,7 @@ impl Service {
         let Some(RequestKeys {
             request: key,
             receipt: receipt_key,
+            keyservers,
         }) = self.attestor.keys.request.get(&key_id).cloned()
         else {
             return refuse(format!(
@@ -666,6 +667,7 @@ impl Service {
                                     verdict: c.verdict.as_str().into(),
                                 }
                             }),
+                            keyservers: keyservers.iter().map(hex::encode).collect(),
                         };
                         tracing::info!(request = id, outcome = %report.outcome, frames, elapsed = ?report.elapsed, "request done");
                         let signed = SignedReceipt::sign(&receipt, &receipt_key);
