@@ -16,6 +16,7 @@ mod measure;
 mod openai;
 mod proxy;
 mod signing;
+mod split;
 
 /// cinfer: confidential inference tools.
 #[derive(Debug, Parser)]
@@ -70,6 +71,11 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// k-of-n keyservers: splits a model data key, or a fresh request key
+    /// with its receipt key, into one share file per keyserver (`keyserver
+    /// add-share`). Loaders with `keyserver-threshold = K` rebuild a key
+    /// only from the shares of K different pinned keyservers.
+    SplitKey(split::SplitKeyArgs),
     /// Writes a new DEVELOPMENT-ONLY request private key file (mode 0600,
     /// refuses to overwrite) and prints its key id and public key. Real request
     /// keys are released by the keyserver to attested loaders only.
@@ -426,6 +432,7 @@ fn main() -> std::process::ExitCode {
         ),
         Command::UnsealCheck { sealed, key } => unseal_check(sealed, key),
         Command::DevModelKey { out } => dev_model_key(out),
+        Command::SplitKey(args) => split::run(args),
         Command::DevRequestKey { out } => devrun::request_key(out),
         Command::DevRun(args) => match devrun::run(args) {
             Ok(true) => Ok(()),

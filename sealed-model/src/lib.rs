@@ -128,6 +128,11 @@ impl ModelKey {
         Ok(ModelKey(Zeroizing::new(arr)))
     }
 
+    /// The 32 key bytes (for splitting it among keyservers: `cinfer split-key`).
+    pub fn to_bytes(&self) -> Zeroizing<[u8; 32]> {
+        self.0.clone()
+    }
+
     /// Parses a development key file (`cinfer-dev-model-key-v1 <hex>`; `#` comments).
     pub fn from_key_file(text: &str) -> Result<Self, SealError> {
         let line = text
