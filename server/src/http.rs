@@ -4,6 +4,7 @@
 //! |---|---|
 //! | `POST /v1/requests?program=NAME` (body: sealed request) | 200 `application/vnd.cinfer.reply-stream`, chunked records `type u8 \| len u32 BE \| bytes` (1 reply frame, 2 receipt, 3 `{"error"}`); 400 no/unknown program or refused by the loader; 429 loader busy, 503 loader shutting down (both with `Retry-After`); 408 body not received within `body-timeout`; 413 body too large; 503 no attested loader within `ready-timeout`; 504 no first reply within `request-timeout` |
 //! | `GET /v1/request-key` | the first reachable keyserver's answer, verbatim |
+//! | `GET /v1/request-keys` | `{"statements": [every reachable keyserver's signed statement, verbatim]}` (k-of-n keyservers: clients verify k of them); 502 when none answered |
 //! | `GET /v1/models`, `GET /v1/programs` | `{"models": [ids]}`, `{"programs": [{name, sha256, world}]}` |
 //! | `GET /healthz`, `GET /readyz`, `GET /metrics` | liveness; 200 only with an attested loader holding keys; Prometheus text |
 //!
@@ -293,6 +294,7 @@ impl Server {
         match (req.method(), path) {
             (&Method::POST, "/v1/requests") => self.inference(req).await,
             (&Method::GET, "/v1/request-key") => self.request_key().await,
+            (&Method::GET, "/v1/request-keys") => self.request_keys().await,
             (&Method::GET, "/v1/models") => {
                 let models = self.inner.link.status().models;
                 json(StatusCode::OK, &serde_json::json!({ "models": *models }))
@@ -330,11 +332,43 @@ impl Server {
             (_, "/v1/requests") => method_not_allowed("POST"),
             (
                 _,
-                "/v1/request-key" | "/v1/models" | "/v1/programs" | "/healthz" | "/readyz"
-                | "/metrics",
+                "/v1/request-key" | "/v1/request-keys" | "/v1/models" | "/v1/programs"
+                | "/healthz" | "/readyz" | "/metrics",
             ) => method_not_allowed("GET"),
             _ => error(StatusCode::NOT_FOUND, "not found"),
         }
+    }
+
+    /// Every keyserver's signed request-key statement: the client, not this
+    /// untrusted server, decides whether enough of them agree.
+    async fn request_keys(&self) -> Response<ApiBody> {
+        let mut statements = Vec::new();
+        let mut errors = Vec::new();
+        for ks in &self.inner.config.keyservers {
+            match self.inner.keyservers.request_key(ks).await {
+                Ok(r) if r.status == StatusCode::OK => {
+                    match serde_json::from_slice::<serde_json::Value>(&r.body) {
+                        Ok(v) => statements.push(v),
+                        Err(_) => errors.push(format!("{ks}: not JSON")),
+                    }
+                }
+                Ok(r) => errors.push(format!("{ks}: status {}", r.status.as_u16())),
+                Err(e) => errors.push(format!("{ks}: {e}")),
+            }
+        }
+        if statements.is_empty() {
+            return error(
+                StatusCode::BAD_GATEWAY,
+                &format!("no keyserver answered: {}", errors.join("; ")),
+            );
+        }
+        for e in &errors {
+            tracing::warn!(error = %e, "request-keys: a keyserver did not answer");
+        }
+        json(
+            StatusCode::OK,
+            &serde_json::json!({ "statements": statements }),
+        )
     }
 
     async fn request_key(&self) -> Response<ApiBody> {

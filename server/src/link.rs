@@ -7,8 +7,10 @@
 //! waits for `Authenticated`, then for each configured keyserver: `POST /v1/nonce` →
 //! `AttestRequest(nonce)` → `Evidence` → `POST /v1/attest` (evidence verbatim) →
 //! `KeyRelease` (the keyserver's body verbatim) → `KeysInstalled`. The loader is
-//! *ready* once at least one keyserver released keys; if none did, the round is
-//! retried after a backoff. When the connection drops, every request in flight
+//! *ready* once it holds a request key after a round: one keyserver's release,
+//! or (k-of-n keyservers) the shares of k keyservers; if not, the round is
+//! retried after a backoff, and `/readyz` says which keyservers failed and which
+//! split keys still wait for shares. When the connection drops, every request in flight
 //! gets [`Event::Lost`], the link reconnects and attests again (a restarted
 //! loader holds no keys).
 //!
@@ -67,6 +69,19 @@ struct Hello {
 struct Installed {
     #[serde(default)]
     models: Vec<String>,
+    #[serde(default)]
+    request_keys: Vec<String>,
+    /// Split keys still waiting for shares (k-of-n keyservers).
+    #[serde(default)]
+    waiting: Vec<WaitingKey>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WaitingKey {
+    kind: String,
+    id: String,
+    have: usize,
+    need: usize,
 }
 
 /// What the link knows now.
@@ -609,17 +624,17 @@ impl Link {
         }
         let mut backoff = self.config.reconnect_backoff;
         loop {
-            let mut models = None;
+            let mut installed: Option<Installed> = None;
             let mut errors = Vec::new();
             for ks in &self.config.keyservers {
                 let started = Instant::now();
                 let result = self.attest_one(ks, conn, ctl).await;
                 let ms = started.elapsed().as_millis() as u64;
                 match result {
-                    Ok(m) => {
+                    Ok(i) => {
                         self.metrics.attestation(AttestOutcome::Released);
-                        tracing::info!(keyserver = %ks, models = m.len(), duration_ms = ms, outcome = "released", "attested");
-                        models = Some(m);
+                        tracing::info!(keyserver = %ks, models = i.models.len(), request_keys = i.request_keys.len(), waiting = i.waiting.len(), duration_ms = ms, outcome = "released", "attested");
+                        installed = Some(i);
                     }
                     Err(AttestError::Keyserver(e)) => {
                         self.metrics.attestation(AttestOutcome::KeyserverError);
@@ -638,19 +653,34 @@ impl Link {
                     }
                 }
             }
-            if let Some(models) = models {
-                self.status.send_modify(|s| {
-                    s.conn = Some(conn.clone());
-                    s.models = Arc::new(models);
-                    s.last_error = None;
-                });
-                tracing::info!("loader ready");
-                return std::future::pending().await;
+            match installed {
+                Some(i) if !i.request_keys.is_empty() => {
+                    self.status.send_modify(|s| {
+                        s.conn = Some(conn.clone());
+                        s.models = Arc::new(i.models);
+                        s.last_error = None;
+                    });
+                    tracing::info!("loader ready");
+                    return std::future::pending().await;
+                }
+                Some(i) => {
+                    let waiting: Vec<String> = i
+                        .waiting
+                        .iter()
+                        .map(|w| format!("{} key {} has shares of {} of the {} keyservers it needs", w.kind, w.id, w.have, w.need))
+                        .collect();
+                    self.set_error(format!(
+                        "the loader holds no request key yet: {}{}{}",
+                        waiting.join("; "),
+                        if waiting.is_empty() || errors.is_empty() { "" } else { "; " },
+                        errors.join("; ")
+                    ));
+                }
+                None => self.set_error(format!(
+                    "no keyserver released keys to the loader: {}",
+                    errors.join("; ")
+                )),
             }
-            self.set_error(format!(
-                "no keyserver released keys to the loader: {}",
-                errors.join("; ")
-            ));
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
@@ -682,7 +712,7 @@ impl Link {
         ks: &str,
         conn: &Arc<Conn>,
         ctl: &mut mpsc::Receiver<Frame>,
-    ) -> Result<Vec<String>, AttestError> {
+    ) -> Result<Installed, AttestError> {
         let lost = |_| AttestError::Loader("connection closed".into());
         let nonce = self
             .keyservers
@@ -700,9 +730,8 @@ impl Link {
         tracing::debug!(keyserver = %ks, release_bytes = release.len(), "key release received");
         conn.send(Kind::KeyRelease, &release).await.map_err(lost)?;
         let installed = self.loader_answer(ctl, Kind::KeysInstalled).await?;
-        let installed: Installed = serde_json::from_slice(&installed)
-            .map_err(|e| AttestError::Loader(format!("malformed KeysInstalled: {e}")))?;
-        Ok(installed.models)
+        serde_json::from_slice(&installed)
+            .map_err(|e| AttestError::Loader(format!("malformed KeysInstalled: {e}")))
     }
 }
 
