@@ -19,35 +19,51 @@ pub struct ServerArgs {
     pub ca_cert: Option<PathBuf>,
     #[command(flatten)]
     pub identity: IdentityArgs,
+    /// k-of-n keyservers: how many of the pinned keyservers must state the
+    /// same request key (and be named by the receipt as having opened the
+    /// request) before a prompt is sealed to it.
+    #[arg(long, value_name = "K", default_value_t = 1)]
+    pub keyserver_threshold: usize,
 }
 
-/// The pinned keyserver identity key (hex of its SEC1 point, as
-/// `keyserver public-identity` prints it).
+/// The pinned keyserver identity keys (hex of the SEC1 point, as `keyserver
+/// public-identity` prints it), and how many must agree.
 #[derive(Debug, clap::Args)]
-#[group(required = true, multiple = false)]
+#[group(required = true, multiple = true)]
 pub struct IdentityArgs {
-    /// Keyserver identity public key, hex.
+    /// Keyserver identity public key, hex. Repeat it for k-of-n keyservers.
     #[arg(long, value_name = "HEX")]
-    pub keyserver_identity: Option<String>,
-    /// File holding the keyserver identity public key, hex.
+    pub keyserver_identity: Vec<String>,
+    /// File holding keyserver identity public keys, hex, one per line.
     #[arg(long, value_name = "FILE")]
-    pub keyserver_identity_file: Option<PathBuf>,
+    pub keyserver_identity_file: Vec<PathBuf>,
 }
 
 impl ServerArgs {
-    /// A client of the server pinned to the identity.
+    /// A client of the server pinned to the identities.
     pub fn client(&self) -> Result<Client> {
-        let text = match (
-            &self.identity.keyserver_identity,
-            &self.identity.keyserver_identity_file,
-        ) {
-            (Some(hex), _) => hex.clone(),
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?,
-            (None, None) => bail!("--keyserver-identity or --keyserver-identity-file is required"),
+        let mut texts: Vec<String> = self.identity.keyserver_identity.clone();
+        for path in &self.identity.keyserver_identity_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            texts.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(str::to_owned),
+            );
+        }
+        let keys = texts
+            .iter()
+            .map(|t| hex::decode(t.trim()).context("a keyserver identity is not hex"))
+            .collect::<Result<Vec<_>>>()?;
+        let Some(first) = keys.first() else {
+            bail!("--keyserver-identity or --keyserver-identity-file is required");
         };
-        let key = hex::decode(text.trim()).context("the keyserver identity is not hex")?;
-        let client = Client::new(&self.server, key)?;
+        let mut client = Client::new(&self.server, first.clone())?;
+        if keys.len() > 1 || self.keyserver_threshold != 1 {
+            client = client.with_keyserver_quorum(keys, self.keyserver_threshold)?;
+        }
         Ok(match &self.ca_cert {
             Some(path) => {
                 let pem =

@@ -104,6 +104,29 @@ pub enum ClientError {
     /// The signed statement is not a well-formed request-key statement.
     #[error("malformed request-key statement: {0}")]
     StatementMalformed(String),
+    /// k-of-n keyservers: fewer than `needed` pinned keyservers state the same
+    /// valid request key, so no single keyserver (or the server) can make
+    /// this client seal to a key of its choosing.
+    #[error(
+        "only {agreeing} of the {needed} pinned keyservers needed state the same request key ({detail})"
+    )]
+    NoKeyserverQuorum {
+        /// The most pinned keyservers agreeing on one key.
+        agreeing: usize,
+        /// The threshold.
+        needed: usize,
+        /// What the others answered (fingerprints and reasons).
+        detail: String,
+    },
+    /// The keyserver quorum is not satisfiable: threshold 0 or above the
+    /// number of distinct identities pinned.
+    #[error("keyserver threshold {threshold} with {pinned} distinct identities pinned")]
+    BadKeyserverQuorum {
+        /// The threshold asked for.
+        threshold: usize,
+        /// Distinct identities pinned.
+        pinned: usize,
+    },
     /// The statement is outside its validity window at the client's clock.
     #[error(
         "request-key statement not valid now (valid {not_before}..={not_after}, now {now}; Unix seconds)"
@@ -196,6 +219,7 @@ impl ClientError {
             self,
             Self::StatementSignature
                 | Self::StatementMalformed(_)
+                | Self::NoKeyserverQuorum { .. }
                 | Self::StatementNotValid { .. }
                 | Self::NoReceiptKey
                 | Self::ReplyAuthentication { .. }
@@ -247,6 +271,9 @@ pub struct Client {
     timeouts: (Duration, Duration),
     roots: http::Roots,
     cached: Mutex<Option<RequestKeyStatement>>,
+    /// k-of-n keyservers: the pinned identities and how many must agree
+    /// (`None`: the one identity `identity`).
+    quorum: Option<(Vec<Vec<u8>>, usize)>,
     /// Expected component digests (hex), by program name.
     program_pins: std::collections::BTreeMap<String, String>,
 }
@@ -377,8 +404,45 @@ impl Client {
             timeouts: (Duration::from_secs(10), Duration::from_secs(300)),
             roots: http::Roots::WebPki,
             cached: Mutex::new(None),
+            quorum: None,
             program_pins: std::collections::BTreeMap::new(),
         })
+    }
+
+    /// k-of-n keyservers: trusts a request key only when `threshold` of the
+    /// keyserver `identities` (SEC1) state it, with valid signatures, and a
+    /// reply only when its receipt names at least `threshold` of them as the
+    /// keyservers whose shares opened the request. Replaces the single
+    /// identity given to [`Client::new`].
+    pub fn with_keyserver_quorum(
+        mut self,
+        identities: Vec<Vec<u8>>,
+        threshold: usize,
+    ) -> Result<Self, ClientError> {
+        let probe = SignedRequestKey {
+            statement_json: String::new(),
+            signature: vec![0; 64],
+        };
+        if identities
+            .iter()
+            .any(|i| matches!(probe.verify(i), Err(StatementError::BadIdentityKey)))
+        {
+            return Err(ClientError::BadIdentityKey);
+        }
+        let mut distinct = identities.clone();
+        distinct.sort();
+        distinct.dedup();
+        if threshold == 0 || threshold > distinct.len() {
+            return Err(ClientError::BadKeyserverQuorum {
+                threshold,
+                pinned: distinct.len(),
+            });
+        }
+        if let Some(first) = distinct.first() {
+            self.identity = first.clone();
+        }
+        self.quorum = Some((distinct, threshold));
+        Ok(self)
     }
 
     /// Pins the component digest (hex SHA-256, e.g. of the signed release) that
@@ -430,8 +494,24 @@ impl Client {
             .map_err(|e| ClientError::Io(format!("{}{path}: {e}", self.base)))
     }
 
-    /// Fetches, verifies and caches the request-key statement (always asks the server).
+    /// Fetches, verifies and caches the request-key statement (always asks
+    /// the server). With a keyserver quorum, fetches every keyserver's
+    /// statement and requires `threshold` pinned ones to agree.
     pub fn request_key(&self) -> Result<RequestKeyStatement, ClientError> {
+        if let Some((identities, threshold)) = &self.quorum {
+            #[derive(serde::Deserialize)]
+            struct All {
+                statements: Vec<SignedRequestKey>,
+            }
+            let body = self.get_json("/v1/request-keys")?;
+            let all: All = serde_json::from_slice(&body)
+                .map_err(|e| ClientError::MalformedResponse(format!("/v1/request-keys: {e}")))?;
+            let statement = verify_quorum(&all.statements, identities, *threshold, unix_now())?;
+            if let Ok(mut c) = self.cached.lock() {
+                *c = Some(statement.clone());
+            }
+            return Ok(statement);
+        }
         let body = self.get_json("/v1/request-key")?;
         let signed: SignedRequestKey = serde_json::from_slice(&body).map_err(|e| {
             ClientError::MalformedResponse(format!(
@@ -596,6 +676,20 @@ impl Client {
                         digest.frames(),
                         status,
                     )?;
+                    if let Some((identities, threshold)) = &self.quorum {
+                        let named = receipt
+                            .keyservers
+                            .iter()
+                            .filter_map(|k| hex::decode(k).ok())
+                            .filter(|k| identities.contains(k))
+                            .collect::<std::collections::BTreeSet<_>>()
+                            .len();
+                        if named < *threshold {
+                            return Err(ClientError::ReceiptMismatch {
+                                field: "keyservers",
+                            });
+                        }
+                    }
                     if let Some(pin) = self.program_pins.get(program)
                         && !receipt.program_sha256.eq_ignore_ascii_case(pin)
                     {
@@ -653,6 +747,76 @@ pub fn verify_statement(
         return Err(ClientError::StatementMalformed(
             "key_id does not name public_key".into(),
         ));
+    }
+    Ok(statement)
+}
+
+/// k-of-n keyservers: the request key that at least `threshold` of the pinned
+/// `identities` state, each statement verified as [`verify_statement`] does
+/// (each identity counted once; statements signed by no pinned identity are
+/// ignored). The returned statement's validity window is where all of the
+/// agreeing statements are valid.
+pub fn verify_quorum(
+    signed: &[SignedRequestKey],
+    identities: &[Vec<u8>],
+    threshold: usize,
+    now: u64,
+) -> Result<RequestKeyStatement, ClientError> {
+    type KeyTriple = (String, Vec<u8>, Vec<u8>);
+    let mut agree: std::collections::BTreeMap<KeyTriple, Vec<(usize, RequestKeyStatement)>> =
+        std::collections::BTreeMap::new();
+    let mut notes = Vec::new();
+    for (i, identity) in identities.iter().enumerate() {
+        let mut found = None;
+        let mut last_error = None;
+        for s in signed {
+            match verify_statement(s, identity, now) {
+                Ok(st) => {
+                    found = Some(st);
+                    break;
+                }
+                Err(ClientError::StatementSignature) => {}
+                Err(e) => last_error = Some(e),
+            }
+        }
+        match found {
+            Some(st) => agree
+                .entry((
+                    st.key_id.clone(),
+                    st.public_key.clone(),
+                    st.receipt_public_key.clone(),
+                ))
+                .or_default()
+                .push((i, st)),
+            None => notes.push(format!(
+                "{}: {}",
+                &fingerprint(identity)[..23],
+                last_error.map_or_else(|| "no statement".to_owned(), |e| e.to_string())
+            )),
+        }
+    }
+    let keys_stated = agree.len();
+    let best = agree.into_values().max_by_key(Vec::len).unwrap_or_default();
+    if best.len() < threshold {
+        if keys_stated > 1 {
+            notes.push(format!(
+                "the keyservers that answered state {keys_stated} different keys"
+            ));
+        }
+        return Err(ClientError::NoKeyserverQuorum {
+            agreeing: best.len(),
+            needed: threshold,
+            detail: if notes.is_empty() {
+                "no other answers".into()
+            } else {
+                notes.join("; ")
+            },
+        });
+    }
+    let mut statement = best[0].1.clone();
+    for (_, s) in &best[1..] {
+        statement.not_before = statement.not_before.max(s.not_before);
+        statement.not_after = statement.not_after.min(s.not_after);
     }
     Ok(statement)
 }
@@ -722,6 +886,97 @@ impl From<std::io::Error> for ClientError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sec1(k: &p256::ecdsa::SigningKey) -> Vec<u8> {
+        k.verifying_key().to_sec1_point(false).as_bytes().to_vec()
+    }
+
+    fn statement_for(request: u8, not_after: u64) -> RequestKeyStatement {
+        let key = cinfer_envelope::RequestPrivateKey::from_bytes(&[request; 32]).unwrap();
+        let receipt = p256::ecdsa::SigningKey::from_slice(&[request + 1; 32]).unwrap();
+        RequestKeyStatement {
+            statement_type: cinfer_attest::release::REQUEST_KEY_STATEMENT_TYPE.into(),
+            key_id: key.public_key().key_id(),
+            suite: cinfer_attest::release::REQUEST_KEY_SUITE.into(),
+            public_key: key.public_key().to_bytes(),
+            not_before: 10,
+            not_after,
+            receipt_public_key: sec1(&receipt),
+        }
+    }
+
+    #[test]
+    fn a_request_key_is_trusted_only_when_k_pinned_keyservers_state_it() {
+        let ks: Vec<p256::ecdsa::SigningKey> = (1..=4u8)
+            .map(|i| p256::ecdsa::SigningKey::from_slice(&[i; 32]).unwrap())
+            .collect();
+        let pinned: Vec<Vec<u8>> = ks[..3].iter().map(sec1).collect();
+        let good = statement_for(7, 100);
+        let other = statement_for(9, 100);
+        let sign = |s: &RequestKeyStatement, k: usize| SignedRequestKey::sign(s, &ks[k]);
+
+        // Two of three agree (the third states another key): trusted, with
+        // the window where both are valid.
+        let shorter = RequestKeyStatement {
+            not_after: 90,
+            ..good.clone()
+        };
+        let got = verify_quorum(
+            &[sign(&good, 0), sign(&shorter, 1), sign(&other, 2)],
+            &pinned,
+            2,
+            50,
+        )
+        .unwrap();
+        assert_eq!(
+            (got.key_id.as_str(), got.not_after),
+            (good.key_id.as_str(), 90)
+        );
+
+        // One pinned keyserver (twice), an unpinned one, and a disagreeing one:
+        // not enough, with the reason.
+        let err = verify_quorum(
+            &[
+                sign(&good, 0),
+                sign(&good, 0),
+                sign(&good, 3),
+                sign(&other, 2),
+            ],
+            &pinned,
+            2,
+            50,
+        )
+        .unwrap_err();
+        match err {
+            ClientError::NoKeyserverQuorum {
+                agreeing,
+                needed,
+                detail,
+            } => {
+                assert_eq!((agreeing, needed), (1, 2));
+                assert!(detail.contains("2 different keys"), "{detail}");
+                assert!(detail.contains("no statement"), "{detail}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Expired statements do not count.
+        let err = verify_quorum(&[sign(&good, 0), sign(&good, 1)], &pinned, 2, 101).unwrap_err();
+        assert!(
+            matches!(err, ClientError::NoKeyserverQuorum { agreeing: 0, .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("not valid now"), "{err}");
+
+        // Quorums that cannot be met are refused up front.
+        let client = Client::new("http://127.0.0.1:1", pinned[0].clone()).unwrap();
+        assert!(matches!(
+            client.with_keyserver_quorum(vec![pinned[0].clone(), pinned[0].clone()], 2),
+            Err(ClientError::BadKeyserverQuorum {
+                threshold: 2,
+                pinned: 1
+            })
+        ));
+    }
 
     #[test]
     fn records_parse_and_bound() {

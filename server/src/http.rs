@@ -332,8 +332,8 @@ impl Server {
             (_, "/v1/requests") => method_not_allowed("POST"),
             (
                 _,
-                "/v1/request-key" | "/v1/request-keys" | "/v1/models" | "/v1/programs"
-                | "/healthz" | "/readyz" | "/metrics",
+                "/v1/request-key" | "/v1/request-keys" | "/v1/models" | "/v1/programs" | "/healthz"
+                | "/readyz" | "/metrics",
             ) => method_not_allowed("GET"),
             _ => error(StatusCode::NOT_FOUND, "not found"),
         }

@@ -667,12 +667,21 @@ impl Link {
                     let waiting: Vec<String> = i
                         .waiting
                         .iter()
-                        .map(|w| format!("{} key {} has shares of {} of the {} keyservers it needs", w.kind, w.id, w.have, w.need))
+                        .map(|w| {
+                            format!(
+                                "{} key {} has shares of {} of the {} keyservers it needs",
+                                w.kind, w.id, w.have, w.need
+                            )
+                        })
                         .collect();
                     self.set_error(format!(
                         "the loader holds no request key yet: {}{}{}",
                         waiting.join("; "),
-                        if waiting.is_empty() || errors.is_empty() { "" } else { "; " },
+                        if waiting.is_empty() || errors.is_empty() {
+                            ""
+                        } else {
+                            "; "
+                        },
                         errors.join("; ")
                     ));
                 }
