@@ -584,6 +584,26 @@ mod receipt_tests {
         let mut t = back.clone();
         t.nonce[0] ^= 1;
         assert_eq!(t.verify(&[sec1(&ks)]), Err(StatementError::BadSignature));
+        // A share's manifest is covered: another threshold or commitment
+        // breaks the signature.
+        let mut shared = back.clone();
+        shared.keys[0].split = Some(crate::shares::SplitManifest {
+            threshold: 2,
+            commitments: vec![
+                crate::shares::Commitment([1; 32]),
+                crate::shares::Commitment([2; 32]),
+            ],
+        });
+        shared.sign(&ks);
+        shared.verify(&[sec1(&ks)]).unwrap();
+        for tamper in [
+            |m: &mut crate::shares::SplitManifest| m.threshold = 1,
+            |m: &mut crate::shares::SplitManifest| m.commitments[1].0[0] ^= 1,
+        ] {
+            let mut t = shared.clone();
+            tamper(t.keys[0].split.as_mut().unwrap());
+            assert_eq!(t.verify(&[sec1(&ks)]), Err(StatementError::BadSignature));
+        }
         // A credential, once signed, is covered too; one added after is not.
         let mut t = back;
         let credential = Credential {

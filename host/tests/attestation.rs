@@ -5,6 +5,7 @@
 //! ciphertext.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use cinfer_attest::shares::{RequestKeyPublic, ShareEntry, ShareFile};
 use cinfer_attest::{Evidence, KeyRelease, ReferenceValues, SignedRequestKey};
 use cinfer_channel::{Frame, Kind};
 use p256::ecdsa::signature::Signer as _;
@@ -1532,6 +1533,44 @@ fn serve_configuration_refusals_are_typed() {
         refused("peer-idle-timeout-ms = 0\n"),
         ConfigError::ZeroPeerTimeout
     ));
+    // k-of-n keyservers: a threshold needs that many distinct pinned keyservers.
+    let ks = |b: u8| {
+        let k = SigningKey::from_slice(&[b; 32]).unwrap();
+        format!("\"{}\"", hex::encode(public_sec1(&k)))
+    };
+    assert!(matches!(
+        refused(&format!(
+            "keyservers = [{}, {}]\nkeyserver-threshold = 3\n",
+            ks(1),
+            ks(2)
+        )),
+        ConfigError::KeyserverThreshold {
+            threshold: 3,
+            pinned: 2
+        }
+    ));
+    assert!(matches!(
+        refused(&format!(
+            "keyservers = [{}, {}]\nkeyserver-threshold = 2\n",
+            ks(1),
+            ks(1)
+        )),
+        ConfigError::KeyserverThreshold {
+            threshold: 2,
+            pinned: 1
+        }
+    ));
+    assert!(matches!(
+        refused("keyserver-threshold = 0\n"),
+        ConfigError::KeyserverThreshold { threshold: 0, .. }
+    ));
+    ServeConfig::parse(&format!(
+        "{base}keyservers = [{}, {}, {}]\nkeyserver-threshold = 2\n",
+        ks(1),
+        ks(2),
+        ks(3)
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
     // The window of the thread-per-run batcher is gone with it.
     assert!(matches!(
         refused("batching-window-us = 500\n"),
@@ -1552,4 +1591,217 @@ fn serve_configuration_refusals_are_typed() {
         matches!(no_keys, Err(ServeError::Config(ConfigError::NoServerKeys))),
         "{no_keys:?}"
     );
+}
+
+/// A keyserver state holding only its identity (and the request key `init`
+/// makes, which a keyserver with request-key shares never uses) plus the
+/// share files given; returns its identity public key.
+fn share_holder_state(dir: &Path, name: &str, files: &[&ShareFile]) -> Vec<u8> {
+    let state = cinfer_keyserver::StateDir::init(&dir.join(name), &dir.join(format!("{name}.kek")))
+        .unwrap();
+    for f in files {
+        state.add_share(&serde_json::to_vec(f).unwrap()).unwrap();
+    }
+    cinfer_keyserver::server::identity_public_key(&state.load().unwrap())
+}
+
+fn share_file(shares: Vec<ShareEntry>, request_key: Option<RequestKeyPublic>) -> ShareFile {
+    ShareFile {
+        format: cinfer_attest::shares::SHARE_FILE_FORMAT.into(),
+        shares,
+        request_key,
+    }
+}
+
+/// Nonce from `ks` → evidence → `ks`'s release (status 200 asserted): the
+/// release as JSON and the loader's HPKE key it is wrapped to.
+fn release_from(relay: &mut Relay, ks: &KeyServer) -> (KeyRelease, Vec<u8>) {
+    let (status, body) = http(ks.addr, "POST", "/v1/nonce", b"");
+    assert_eq!(status, 200);
+    let nonce: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let nonce = hex::decode(nonce["nonce"].as_str().unwrap()).unwrap();
+    let evidence = relay.ask(Kind::AttestRequest, &nonce);
+    let hpke = Evidence::from_json(&evidence.payload)
+        .unwrap()
+        .hpke_public_key;
+    let (status, body) = http(ks.addr, "POST", "/v1/attest", &evidence.payload);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    (serde_json::from_slice(&body).unwrap(), hpke)
+}
+
+/// k-of-n keyservers at the loader, with three real keyservers on loopback
+/// holding shares of the model key and of one request key (2 of 3): one
+/// keyserver's shares install nothing; a keyserver whose reference values
+/// refuse the loader releases nothing (with its reason); a keyserver that
+/// returns a wrong share is refused and named, and a whole key is refused;
+/// the second honest keyserver completes the keys, and the receipt names the
+/// two keyservers whose shares opened the request.
+#[test]
+fn two_of_three_keyservers_open_the_loader_and_a_wrong_share_is_named() {
+    use cinfer_attest::ReleasedKeyKind as K;
+    use cinfer_attest::shares::split;
+    let swtpm = cinfer_tpm::swtpm::Swtpm::start().expect("swtpm (scripts/setup installs it)");
+    let dir = scratch("quorum");
+    let request = cinfer_envelope::RequestPrivateKey::generate();
+    let receipt = SigningKey::from_slice(&[0x33; 32]).unwrap();
+    let key_id = request.public_key().key_id();
+    let public = RequestKeyPublic {
+        key_id: key_id.clone(),
+        public_key: request.public_key().to_bytes(),
+        receipt_public_key: public_sec1(&receipt).to_vec(),
+    };
+    let model = split(K::Model, MODEL_ID, &MODEL_KEY, 2, 3).unwrap();
+    let requests = split(K::Request, &key_id, &request.to_bytes(), 2, 3).unwrap();
+    let receipts = split(K::Receipt, &key_id, &receipt.to_bytes(), 2, 3).unwrap();
+    let names = ["ks-a", "ks-b", "ks-c"];
+    let ids: Vec<Vec<u8>> = (0..3)
+        .map(|i| {
+            share_holder_state(
+                &dir,
+                names[i],
+                &[
+                    &share_file(vec![model[i].clone()], None),
+                    &share_file(
+                        vec![requests[i].clone(), receipts[i].clone()],
+                        Some(public.clone()),
+                    ),
+                ],
+            )
+        })
+        .collect();
+    let config = loader_dir(
+        &dir,
+        &swtpm.tcti(),
+        "",
+        &ids.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+    );
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replacen("[[program]]", "keyserver-threshold = 2\n[[program]]", 1),
+    )
+    .unwrap();
+    let refs = reference_values(&config, &swtpm.tcti());
+    let mut refuses = refs.clone();
+    *refuses.pcrs.values_mut().next().unwrap() = [0xee; 32];
+    let ks_a = keyserver(&dir, "ks-a", refs.clone());
+    let ks_b = keyserver(&dir, "ks-b", refs.clone());
+    let ks_c = keyserver(&dir, "ks-c", refuses);
+    let loader = serve(&config);
+    let (mut relay, _) = Relay::connect(loader.1);
+
+    // Every keyserver states the split request key.
+    for ks in [&ks_a, &ks_b, &ks_c] {
+        let s = statement_of(ks);
+        assert_eq!(
+            (&s.key_id, &s.public_key, &s.receipt_public_key),
+            (
+                &public.key_id,
+                &public.public_key,
+                &public.receipt_public_key
+            )
+        );
+    }
+
+    // a's shares alone install nothing: the loader says what it waits for.
+    let (status, body) = relay.attest(ks_a.addr);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let installed = relay.ask(Kind::KeyRelease, &body);
+    assert_eq!(installed.kind, Kind::KeysInstalled);
+    let installed: serde_json::Value = serde_json::from_slice(&installed.payload).unwrap();
+    assert_eq!(installed["models"], serde_json::json!([]));
+    assert_eq!(installed["request_keys"], serde_json::json!([]));
+    let waiting = installed["waiting"].as_array().unwrap();
+    assert_eq!(waiting.len(), 3, "{installed}");
+    assert!(
+        waiting.iter().all(|w| w["have"] == 1 && w["need"] == 2),
+        "{installed}"
+    );
+    assert_request_key_not_installed(&mut relay, &ks_a);
+
+    // c's reference values refuse this loader: nothing released, the reason given.
+    let (status, body) = relay.attest(ks_c.addr);
+    assert_eq!(status, 403);
+    assert!(
+        String::from_utf8_lossy(&body).contains("differs from its reference value"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+
+    // c, turned malicious, returns a wrong share of the model key (under the
+    // right manifest, wrapped to the loader, signed with its identity key):
+    // refused and named; the release installs nothing.
+    let c_identity = cinfer_keyserver::StateDir::open(&dir.join("ks-c"), &dir.join("ks-c.kek"))
+        .unwrap()
+        .load()
+        .unwrap()
+        .identity;
+    let (mut forged, hpke) = release_from(&mut relay, &ks_b);
+    let recipient = cinfer_envelope::RequestPublicKey::from_bytes(&hpke).unwrap();
+    let mut wrong = model[2].share.clone();
+    wrong[7] ^= 0x40;
+    let entry = forged.keys.iter_mut().find(|k| k.kind == K::Model).unwrap();
+    let wrapped = cinfer_envelope::keywrap::wrap_key(
+        &recipient,
+        &cinfer_attest::share_context(K::Model, MODEL_ID),
+        &forged.nonce,
+        &wrong,
+    )
+    .unwrap();
+    (entry.enc, entry.ciphertext) = (wrapped.enc, wrapped.ciphertext);
+    forged.sign(&c_identity);
+    let refused = relay.ask(Kind::KeyRelease, &serde_json::to_vec(&forged).unwrap());
+    let why = error_of(&refused);
+    assert_eq!(
+        why,
+        format!(
+            "the model share \"{MODEL_ID}\" from keyserver {} does not match its commitment",
+            cinfer_attest::shares::keyserver_fingerprint(&ids[2])
+        )
+    );
+
+    // A whole key released to this loader is refused, whoever signs it.
+    let (mut whole, hpke) = release_from(&mut relay, &ks_b);
+    let recipient = cinfer_envelope::RequestPublicKey::from_bytes(&hpke).unwrap();
+    let entry = whole.keys.iter_mut().find(|k| k.kind == K::Model).unwrap();
+    let wrapped = cinfer_envelope::keywrap::wrap_key(
+        &recipient,
+        &cinfer_attest::release_context(K::Model, MODEL_ID),
+        &whole.nonce,
+        &MODEL_KEY,
+    )
+    .unwrap();
+    (entry.enc, entry.ciphertext, entry.split) = (wrapped.enc, wrapped.ciphertext, None);
+    let b_identity = cinfer_keyserver::StateDir::open(&dir.join("ks-b"), &dir.join("ks-b.kek"))
+        .unwrap()
+        .load()
+        .unwrap()
+        .identity;
+    whole.sign(&b_identity);
+    let refused = relay.ask(Kind::KeyRelease, &serde_json::to_vec(&whole).unwrap());
+    assert_eq!(
+        error_of(&refused),
+        format!(
+            "released model key `{MODEL_ID}` is whole, but this loader takes keys only as shares of 2 keyservers"
+        )
+    );
+    assert_request_key_not_installed(&mut relay, &ks_a);
+
+    // b, honest, completes every key.
+    let (status, body) = relay.attest(ks_b.addr);
+    assert_eq!(status, 200);
+    let installed = relay.ask(Kind::KeyRelease, &body);
+    let installed: serde_json::Value = serde_json::from_slice(&installed.payload).unwrap();
+    assert_eq!(installed["models"], serde_json::json!([MODEL_ID]));
+    assert_eq!(installed["request_keys"], serde_json::json!([key_id]));
+    assert!(installed.get("waiting").is_none(), "{installed}");
+
+    let (text, signed, statement) = echo_through(&mut relay, &ks_b, 11, b"two of three", None);
+    assert_eq!(text, b"two of three");
+    let r = signed.verify(&statement.receipt_public_key).unwrap();
+    assert_eq!(
+        r.keyservers,
+        vec![hex::encode(&ids[0]), hex::encode(&ids[1])]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

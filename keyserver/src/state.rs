@@ -536,6 +536,64 @@ mod tests {
     }
 
     #[test]
+    fn shares_are_stored_encrypted_and_checked() {
+        use cinfer_attest::shares::{SHARE_FILE_FORMAT, split};
+        let root = tmp("shares");
+        let (state_dir, kek) = (root.join("state"), root.join("kek"));
+        let state = StateDir::init(&state_dir, &kek).unwrap();
+        let model = split(ReleasedKeyKind::Model, "m1", &[3; 32], 2, 3).unwrap();
+        let file = |shares: Vec<ShareEntry>, request_key| ShareFile {
+            format: SHARE_FILE_FORMAT.into(),
+            shares,
+            request_key,
+        };
+        let json = serde_json::to_vec(&file(vec![model[0].clone()], None)).unwrap();
+        assert_eq!(state.add_share(&json).unwrap(), "model-m1");
+        let stored = std::fs::read(state_dir.join("shares/model-m1.share.enc")).unwrap();
+        assert!(
+            !stored
+                .windows(16)
+                .any(|w| model[0].share.windows(16).any(|v| v == w))
+        );
+        let public = |id: &str| RequestKeyPublic {
+            key_id: id.into(),
+            public_key: vec![4; 65],
+            receipt_public_key: vec![4; 65],
+        };
+        for id in ["00aa", "00bb"] {
+            let rq = split(ReleasedKeyKind::Request, id, &[5; 32], 2, 3).unwrap();
+            let rc = split(ReleasedKeyKind::Receipt, id, &[6; 32], 2, 3).unwrap();
+            let json =
+                serde_json::to_vec(&file(vec![rq[1].clone(), rc[1].clone()], Some(public(id))))
+                    .unwrap();
+            assert_eq!(state.add_share(&json).unwrap(), format!("request-{id}"));
+        }
+        // Two request keys' shares: refused at load, naming both.
+        assert!(matches!(
+            state.load(),
+            Err(StateError::TwoRequestKeyShares(a, b)) if a == "00aa" && b == "00bb"
+        ));
+        std::fs::remove_file(state_dir.join("shares/request-00bb.share.enc")).unwrap();
+        let keys = state.load().unwrap();
+        assert_eq!(keys.model_shares["m1"], model[0]);
+        assert_eq!(keys.request_shares.unwrap().public.key_id, "00aa");
+        // A tampered share, and a share file under another's name, are refused.
+        let mut bad = file(vec![model[1].clone()], None);
+        bad.shares[0].share[2] ^= 1;
+        assert!(matches!(
+            state.add_share(&serde_json::to_vec(&bad).unwrap()),
+            Err(StateError::BadShareFile(_))
+        ));
+        std::fs::copy(
+            state_dir.join("shares/model-m1.share.enc"),
+            state_dir.join("shares/model-m2.share.enc"),
+        )
+        .unwrap();
+        assert!(matches!(state.load(), Err(StateError::Decrypt(_))));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
     fn kek_inside_state_is_refused() {
         let root = tmp("kekinside");
         assert!(matches!(
