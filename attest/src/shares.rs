@@ -330,6 +330,9 @@ struct Held {
 #[derive(Clone, Default)]
 pub struct SharePool {
     waiting: BTreeMap<(ReleasedKeyKind, String), Vec<Held>>,
+    /// The manifest each rebuilt secret's shares agreed on: later shares of
+    /// the same split (a keyserver after the k-th) are checked, not kept.
+    rebuilt: BTreeMap<(ReleasedKeyKind, String), SplitManifest>,
 }
 
 impl std::fmt::Debug for SharePool {
@@ -387,6 +390,9 @@ impl SharePool {
             });
         }
         let key = (kind, id.to_owned());
+        if self.rebuilt.get(&key) == Some(manifest) {
+            return Ok(());
+        }
         if !self.waiting.contains_key(&key) && self.waiting.len() >= MAX_PENDING_SECRETS {
             return Err(ShareError::TooManyPending);
         }
@@ -407,6 +413,7 @@ impl SharePool {
     pub fn take_complete(&mut self) -> (Vec<Combined>, Vec<String>) {
         let mut done = Vec::new();
         let mut dissent = Vec::new();
+        let rebuilt = &mut self.rebuilt;
         self.waiting.retain(|(kind, id), held| {
             let mut by_manifest: BTreeMap<&SplitManifest, Vec<&Held>> = BTreeMap::new();
             for h in held.iter() {
@@ -438,6 +445,7 @@ impl SharePool {
                         .filter(|h| &h.manifest != manifest)
                         .map(|h| keyserver_fingerprint(&h.keyserver)),
                 );
+                rebuilt.insert((*kind, id.clone()), manifest.clone());
                 false
             } else {
                 // Committed shares with distinct indices always combine; keep
@@ -525,6 +533,28 @@ mod tests {
                 "shares are forgotten once combined"
             );
         }
+    }
+
+    #[test]
+    fn shares_after_the_kth_are_checked_but_not_kept() {
+        let shares = split(ReleasedKeyKind::Model, "m", &[1; 32], 2, 3).unwrap();
+        let mut pool = SharePool::default();
+        for (s, k) in shares[..2].iter().zip([A, B]) {
+            pool.add(k, s.kind, &s.id, &s.manifest, z(&s.share), 2)
+                .unwrap();
+        }
+        assert_eq!(pool.take_complete().0.len(), 1);
+        let s = &shares[2];
+        pool.add(C, s.kind, &s.id, &s.manifest, z(&s.share), 2)
+            .unwrap();
+        assert!(pool.waiting().is_empty());
+        assert!(pool.take_complete().0.is_empty());
+        let mut bad = s.share.clone();
+        bad[1] ^= 1;
+        assert!(matches!(
+            pool.add(C, s.kind, &s.id, &s.manifest, z(&bad), 2),
+            Err(ShareError::NotCommitted { .. })
+        ));
     }
 
     #[test]

@@ -227,7 +227,7 @@ pub fn request_json(args: &ChatArgs) -> serde_json::Value {
 pub fn receipt_report(client: &Client, program: &str, result: &ChatResult) -> String {
     let r = &result.receipt;
     let mut out = format!(
-        "receipt: verified (signed by an attested loader's receipt key; keyserver identity {})\n",
+        "receipt: verified (signed by an attested loader's receipt key; trusting {})\n",
         client.identity_fingerprint()
     );
     out.push_str(&format!(
@@ -251,6 +251,13 @@ pub fn receipt_report(client: &Client, program: &str, result: &ChatResult) -> St
         out.push_str(&format!(
             "  classifier:   {} (sha256 {}): {}\n",
             c.name, c.sha256, c.verdict
+        ));
+    }
+    for k in &r.keyservers {
+        let fp = hex::decode(k).map_or_else(|_| k.clone(), |b| cinfer_client::fingerprint(&b));
+        out.push_str(&format!(
+            "  keyserver:    {} (its share opened the request)\n",
+            &fp[..fp.len().min(23)]
         ));
     }
     out.push_str(&format!(

@@ -479,9 +479,20 @@ impl Client {
         self.base.to_string()
     }
 
-    /// `sha256:` and the hex SHA-256 of the pinned identity key's SEC1 bytes.
+    /// `sha256:` and the hex SHA-256 of the pinned identity key's SEC1 bytes;
+    /// with a keyserver quorum, `K of N keyservers` and their fingerprints.
     pub fn identity_fingerprint(&self) -> String {
-        fingerprint(&self.identity)
+        match &self.quorum {
+            Some((ids, k)) => format!(
+                "{k} of {} keyservers ({})",
+                ids.len(),
+                ids.iter()
+                    .map(|i| fingerprint(i)[..23].to_owned())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            None => fingerprint(&self.identity),
+        }
     }
 
     fn get_json(&self, path: &str) -> Result<Vec<u8>, ClientError> {
