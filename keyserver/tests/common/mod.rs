@@ -55,11 +55,23 @@ pub fn config_with(root: &Path, refs: ReferenceValues) -> Config {
 /// Starts a keyserver (model key "m1" = `MODEL_KEY`, clock at `START`) on
 /// 127.0.0.1:0, serving on the current tokio runtime.
 pub async fn start_server(refs: ReferenceValues, edit: impl FnOnce(&mut Config)) -> Harness {
+    start_server_with(refs, edit, |state| {
+        state.add_model_key("m1", &MODEL_KEY).unwrap();
+    })
+    .await
+}
+
+/// [`start_server`] with the state filled by `fill` (after `init`).
+pub async fn start_server_with(
+    refs: ReferenceValues,
+    edit: impl FnOnce(&mut Config),
+    fill: impl FnOnce(&StateDir),
+) -> Harness {
     let root = temp_root();
     let mut config = config_with(&root, refs);
     edit(&mut config);
     let state = StateDir::init(&config.state_dir, &config.kek_file).unwrap();
-    state.add_model_key("m1", &MODEL_KEY).unwrap();
+    fill(&state);
     let clock = ManualClock::new(START);
     let server = KeyServer::new(config, Arc::new(clock.clone())).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
