@@ -339,6 +339,10 @@ pub struct System {
     pub server_log: PathBuf,
     /// The inference server's direct address (no relay; for benchmarks).
     pub server_direct: SocketAddr,
+    /// Every keyserver's identity (k-of-n systems have several).
+    pub identities: Vec<Vec<u8>>,
+    /// Keyservers whose shares a key needs (1: whole keys).
+    pub threshold: u8,
     dir: PathBuf,
     children: Vec<Child>,
     _swtpm: cinfer_tpm::swtpm::Swtpm,
@@ -362,9 +366,37 @@ impl Drop for System {
     }
 }
 
+/// How one keyserver of a k-of-n system behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyserverRole {
+    /// Runs with the loader's reference values.
+    Honest,
+    /// Never started: the server reaches nothing at its address.
+    Down,
+    /// Runs with reference values that refuse this loader (its operator
+    /// pinned another boot PCR value).
+    Refuses,
+}
+
 impl System {
     /// Starts everything and waits until the server reports an attested loader.
     pub fn start(name: &str) -> System {
+        let system = Self::start_with(name, &[KeyserverRole::Honest], 1);
+        system.wait_ready();
+        system
+    }
+
+    /// k-of-n keyservers: one keyserver per role, each holding one share of
+    /// the model key and of the request and receipt keys (`cinfer split-key`
+    /// with `threshold` of `roles.len()`); the loader pins all of them with
+    /// `keyserver-threshold = threshold`. Does not wait for readiness
+    /// ([`System::wait_ready`], [`System::readyz`]). With one role and
+    /// threshold 1, the keyserver holds whole keys instead.
+    pub fn start_quorum(name: &str, roles: &[KeyserverRole], threshold: u8) -> System {
+        Self::start_with(name, roles, threshold)
+    }
+
+    fn start_with(name: &str, roles: &[KeyserverRole], threshold: u8) -> System {
         let dir = std::env::temp_dir().join(format!("cinfer-e2e-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let (loader_dir, server_dir) = (dir.join("loader"), dir.join("server"));
@@ -372,25 +404,65 @@ impl System {
         std::fs::create_dir_all(&server_dir).expect("dirs");
         let (model_key, sealed) = sealed_model();
 
-        // Keyserver state: the model key goes in, encrypted under the KEK.
-        let (state, kek) = (dir.join("ks-state"), dir.join("ks-kek"));
-        let ks = |args: &[&str]| {
-            run(Command::new(bin("keyserver"))
-                .arg("--state")
-                .arg(&state)
-                .arg("--kek")
-                .arg(&kek)
-                .args(args))
-        };
-        ks(&["init"]);
-        ks(&[
-            "add-model-key",
-            "--id",
-            MODEL_ID,
-            "--key-file",
-            model_key.to_str().expect("utf-8"),
-        ]);
-        let identity = hex::decode(ks(&["public-identity"]).trim()).expect("identity hex");
+        // Keyserver states: the model key goes in (whole, or one share per
+        // keyserver), encrypted under each keyserver's KEK.
+        let split = roles.len() > 1;
+        if split {
+            for args in [
+                vec![
+                    "--model-key",
+                    model_key.to_str().expect("utf-8"),
+                    "--model-id",
+                    MODEL_ID,
+                ],
+                vec!["--request-key"],
+            ] {
+                let what = if args.len() > 1 { "model" } else { "request" };
+                run(Command::new(bin("cinfer"))
+                    .arg("split-key")
+                    .args(["--threshold", &threshold.to_string()])
+                    .args(["--shares", &roles.len().to_string()])
+                    .args(args)
+                    .arg("--out")
+                    .arg(dir.join("shares").join(what)));
+            }
+        }
+        let mut identities = Vec::new();
+        for i in 0..roles.len() {
+            let (state, kek) = (
+                dir.join(format!("ks-state-{i}")),
+                dir.join(format!("ks-kek-{i}")),
+            );
+            let ks = |args: &[&str]| {
+                run(Command::new(bin("keyserver"))
+                    .arg("--state")
+                    .arg(&state)
+                    .arg("--kek")
+                    .arg(&kek)
+                    .args(args))
+            };
+            ks(&["init"]);
+            if split {
+                for what in ["model", "request"] {
+                    let file = dir
+                        .join("shares")
+                        .join(what)
+                        .join(format!("share-{}.json", i + 1));
+                    ks(&["add-share", "--share-file", file.to_str().expect("utf-8")]);
+                }
+            } else {
+                ks(&[
+                    "add-model-key",
+                    "--id",
+                    MODEL_ID,
+                    "--key-file",
+                    model_key.to_str().expect("utf-8"),
+                ]);
+            }
+            identities.push(hex::decode(ks(&["public-identity"]).trim()).expect("identity hex"));
+        }
+        let _ = std::fs::remove_dir_all(dir.join("shares"));
+        let identity = identities[0].clone();
 
         // The program, signed with a fresh team key; a policy admitting that key.
         let l = &loader_dir;
@@ -449,9 +521,13 @@ impl System {
         std::fs::write(
             l.join("loader.toml"),
             format!(
-                "listen = \"tcp:127.0.0.1:0\"\ntpm = \"{}\"\npolicy = \"policy.toml\"\nmax-in-flight = 8\nkeyservers = [\"{}\"]\nserver-keys = [\"{}\"]\n[[model]]\nid = \"{MODEL_ID}\"\npath = \"smollm2.sealed\"\n",
+                "listen = \"tcp:127.0.0.1:0\"\ntpm = \"{}\"\npolicy = \"policy.toml\"\nmax-in-flight = 8\nkeyservers = [{}]\nkeyserver-threshold = {threshold}\nserver-keys = [\"{}\"]\n[[model]]\nid = \"{MODEL_ID}\"\npath = \"smollm2.sealed\"\n",
                 swtpm.tcti(),
-                hex::encode(&identity),
+                identities
+                    .iter()
+                    .map(|i| format!("\"{}\"", hex::encode(i)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 server_key.trim()
             ),
         )
@@ -470,28 +546,60 @@ impl System {
             .expect("reference values")
             .1;
         std::fs::write(dir.join("reference.toml"), reference).expect("reference");
-        let ks_port = free_port();
-        std::fs::write(
-            dir.join("keyserver.toml"),
-            format!(
-                "listen = \"127.0.0.1:{ks_port}\"\nstate-dir = \"{}\"\nkek-file = \"{}\"\naudit-log = \"{}\"\nreference-file = \"{}\"\n",
-                state.display(),
-                kek.display(),
-                dir.join("audit.jsonl").display(),
-                dir.join("reference.toml").display()
-            ),
-        )
-        .expect("keyserver config");
-        let mut children = Vec::new();
-        children.push(
-            Command::new(bin("keyserver"))
-                .arg("--config")
-                .arg(dir.join("keyserver.toml"))
-                .arg("serve")
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("keyserver"),
+        // A reference that pins another value for boot PCR 0.
+        let mut refusing = String::new();
+        let mut in_pcrs = false;
+        for line in reference.lines() {
+            if line.trim_start().starts_with('[') {
+                in_pcrs = line.trim() == "[pcrs]";
+            }
+            match line.split_once('=') {
+                Some((k, _)) if in_pcrs && k.trim() == "0" => {
+                    refusing.push_str(&format!("0 = \"{}\"\n", "ee".repeat(32)));
+                }
+                _ => {
+                    refusing.push_str(line);
+                    refusing.push('\n');
+                }
+            }
+        }
+        assert_ne!(
+            refusing, reference,
+            "the reference pins boot PCR 0: {reference}"
         );
+        std::fs::write(dir.join("refusing.toml"), refusing).expect("reference");
+        let mut children = Vec::new();
+        let mut ks_ports = Vec::new();
+        for (i, role) in roles.iter().enumerate() {
+            let port = free_port();
+            ks_ports.push(port);
+            let reference = match role {
+                KeyserverRole::Refuses => "refusing.toml",
+                _ => "reference.toml",
+            };
+            std::fs::write(
+                dir.join(format!("keyserver-{i}.toml")),
+                format!(
+                    "listen = \"127.0.0.1:{port}\"\nstate-dir = \"{}\"\nkek-file = \"{}\"\naudit-log = \"{}\"\nreference-file = \"{}\"\n",
+                    dir.join(format!("ks-state-{i}")).display(),
+                    dir.join(format!("ks-kek-{i}")).display(),
+                    dir.join(format!("audit-{i}.jsonl")).display(),
+                    dir.join(reference).display()
+                ),
+            )
+            .expect("keyserver config");
+            if *role != KeyserverRole::Down {
+                children.push(
+                    Command::new(bin("keyserver"))
+                        .arg("--config")
+                        .arg(dir.join(format!("keyserver-{i}.toml")))
+                        .arg("serve")
+                        .stderr(Stdio::null())
+                        .spawn()
+                        .expect("keyserver"),
+                );
+            }
+        }
 
         let mut loader = Command::new(bin("trusted-loader"))
             .arg("serve")
@@ -518,15 +626,24 @@ impl System {
         let client_link = Arc::new(Mutex::new(Recording::default()));
         let hostile = Arc::new(Mutex::new(Hostile::Honest));
         let loader_relay = loader_relay(loader_addr, loader_link.clone(), hostile.clone());
+        // The first keyserver's link is recorded; the others are reached directly.
         let ks_relay = tcp_relay(
-            SocketAddr::from(([127, 0, 0, 1], ks_port)),
+            SocketAddr::from(([127, 0, 0, 1], ks_ports[0])),
             keyserver_link.clone(),
         );
+        let ks_urls: Vec<String> = std::iter::once(format!("\"http://{ks_relay}\""))
+            .chain(
+                ks_ports[1..]
+                    .iter()
+                    .map(|p| format!("\"http://127.0.0.1:{p}\"")),
+            )
+            .collect();
         let server_port = free_port();
         std::fs::write(
             server_dir.join("server.toml"),
             format!(
-                "listen = \"127.0.0.1:{server_port}\"\nloader = \"tcp:{loader_relay}\"\nchannel-key = \"channel.key\"\nkeyservers = [\"http://{ks_relay}\"]\n[[program]]\npath = \"llama-chat.wasm\"\nsignatures = [\"llama-chat.wasm.sig\"]\n[[program]]\npath = \"evil.wasm\"\nsignatures = [\"evil.wasm.sig\"]\n"
+                "listen = \"127.0.0.1:{server_port}\"\nloader = \"tcp:{loader_relay}\"\nchannel-key = \"channel.key\"\nkeyservers = [{}]\n[[program]]\npath = \"llama-chat.wasm\"\nsignatures = [\"llama-chat.wasm.sig\"]\n[[program]]\npath = \"evil.wasm\"\nsignatures = [\"evil.wasm.sig\"]\n",
+                ks_urls.join(", ")
             ),
         )
         .expect("server config");
@@ -555,12 +672,31 @@ impl System {
             dir,
             children,
             _swtpm: swtpm,
+            identities,
+            threshold,
         };
-        system.wait_ready();
         system
     }
 
-    fn wait_ready(&self) {
+    /// The server's `/readyz` status and body.
+    pub fn readyz(&self) -> (u16, String) {
+        let Ok(mut s) = TcpStream::connect(self.server_direct) else {
+            return (0, String::new());
+        };
+        let _ = s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let mut r = String::new();
+        let _ = s.read_to_string(&mut r);
+        let status = r
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = r.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+        (status, body)
+    }
+
+    /// Waits (up to 60 s) until the server reports an attested loader.
+    pub fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(mut s) = TcpStream::connect(self.server_direct) {
@@ -581,9 +717,18 @@ impl System {
         }
     }
 
-    /// A client of this system (through the recording client relay).
+    /// A client of this system (through the recording client relay); in a
+    /// k-of-n system, one that needs `threshold` keyservers to agree.
     pub fn client(&self) -> cinfer_client::Client {
-        cinfer_client::Client::new(&self.server_url, self.identity.clone()).expect("client")
+        let client =
+            cinfer_client::Client::new(&self.server_url, self.identity.clone()).expect("client");
+        if self.identities.len() > 1 {
+            client
+                .with_keyserver_quorum(self.identities.clone(), usize::from(self.threshold))
+                .expect("quorum")
+        } else {
+            client
+        }
     }
 
     /// A client that talks to the server directly (no relay; for benchmarks).

@@ -238,7 +238,10 @@ fn k_of_n(rt: &tokio::runtime::Runtime, refs: ReferenceValues, tpm: &mut Tpm, ev
             let (done, _) = pool.take_complete();
             if !done.is_empty() {
                 assert_eq!(done.len(), 3);
-                let m = done.iter().find(|c| c.kind == ReleasedKeyKind::Model).unwrap();
+                let m = done
+                    .iter()
+                    .find(|c| c.kind == ReleasedKeyKind::Model)
+                    .unwrap();
                 assert_eq!(m.secret.as_slice(), common::MODEL_KEY);
             }
         }
