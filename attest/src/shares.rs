@@ -270,14 +270,9 @@ pub fn split(
             "need 2 ≤ threshold ≤ shares ≤ {MAX_SHARES} (got {threshold} of {shares})"
         )));
     }
-    let mut rng = rand_core::UnwrapErr(getrandom::SysRng);
-    let raw = vsss_rs::Gf256::split_bytes(
-        usize::from(threshold),
-        usize::from(shares),
-        secret,
-        &mut rng,
-    )
-    .map_err(|e| ShareError::Split(format!("{e:?}")))?;
+    let rng = rand_core::UnwrapErr(getrandom::SysRng);
+    let raw = vsss_rs::Gf256::split_bytes(usize::from(threshold), usize::from(shares), secret, rng)
+        .map_err(|e| ShareError::Split(format!("{e:?}")))?;
     let raw: Vec<Zeroizing<Vec<u8>>> = raw.into_iter().map(Zeroizing::new).collect();
     let manifest = SplitManifest {
         threshold,

@@ -659,7 +659,7 @@ impl System {
         );
         let server_direct = SocketAddr::from(([127, 0, 0, 1], server_port));
         let client_relay = tcp_relay(server_direct, client_link.clone());
-        let system = System {
+        System {
             server_url: format!("http://{client_relay}"),
             identity,
             client_link,
@@ -674,8 +674,7 @@ impl System {
             _swtpm: swtpm,
             identities,
             threshold,
-        };
-        system
+        }
     }
 
     /// The server's `/readyz` status and body.
