@@ -244,6 +244,32 @@ fn ptx(arch: (i32, i32)) -> Result<cudarc::nvrtc::Ptx, CudaError> {
         .map_err(CudaError::Compile)
 }
 
+/// Device memory reused by every decode-sized quantized matmul for its
+/// quantized activations (values, block scales, block sums): allocating and
+/// freeing them per launch was most of a decode step's driver calls. All work
+/// is on the device's one stream, so each use is ordered after the previous
+/// one's kernels; the lock is held while a matmul enqueues them.
+#[derive(Default)]
+struct ActScratch {
+    q: Option<CudaSlice<i8>>,
+    d: Option<CudaSlice<f32>>,
+    s: Option<CudaSlice<f32>>,
+}
+
+/// `slot`'s buffer with at least `len` elements (a larger one replaces it).
+fn grown<'a, T: ffi::Pod>(
+    stream: &Arc<CudaStream>,
+    slot: &'a mut Option<CudaSlice<T>>,
+    len: usize,
+) -> Result<&'a mut CudaSlice<T>, CudaError> {
+    if slot.as_ref().is_none_or(|b| b.len() < len) {
+        *slot = None;
+        *slot = Some(ffi::alloc(stream, len.max(1), false)?);
+    }
+    slot.as_mut()
+        .ok_or_else(|| CudaError::Shape("scratch buffer".into()))
+}
+
 /// One CUDA device: context, stream, kernels, cuBLAS handle, staging buffers.
 pub struct Device {
     ctx: Arc<CudaContext>,
@@ -251,6 +277,7 @@ pub struct Device {
     kernels: Kernels,
     blas: Mutex<CudaBlas>,
     staging: Mutex<Staging>,
+    act: Mutex<ActScratch>,
     poison: AtomicBool,
     name: String,
 }
@@ -301,6 +328,7 @@ impl Device {
                 kernels,
                 blas: Mutex::new(blas),
                 staging: Mutex::new(staging),
+                act: Mutex::new(ActScratch::default()),
                 poison: AtomicBool::new(false),
                 name,
             }))
@@ -505,31 +533,47 @@ impl Device {
                     "quantized matmul needs k a multiple of 32",
                 )?;
                 let blocks = m * k / 32;
-                let mut q = self.scratch::<i8>(m * k)?;
-                let mut d = self.scratch::<f32>(blocks)?;
-                let mut s = self.scratch::<f32>(blocks)?;
-                self.kernels.quantize_act(
-                    &self.stream,
-                    xs,
-                    &mut q,
-                    &mut d,
-                    &mut s,
-                    u32_of(blocks, "matmul")?,
-                )?;
                 if m <= GEMV_MAX_ROWS {
+                    let mut act = self
+                        .act
+                        .lock()
+                        .map_err(|_| CudaError::Shape("scratch lock poisoned".into()))?;
+                    let ActScratch { q, d, s } = &mut *act;
+                    let q = grown(&self.stream, q, m * k)?;
+                    let d = grown(&self.stream, d, blocks)?;
+                    let s = grown(&self.stream, s, blocks)?;
+                    self.kernels.quantize_act(
+                        &self.stream,
+                        xs,
+                        q,
+                        d,
+                        s,
+                        u32_of(blocks, "matmul")?,
+                    )?;
                     self.kernels.gemv_q(
                         &self.stream,
                         wb,
                         dt.code(),
-                        &q,
-                        &d,
-                        &s,
+                        q,
+                        d,
+                        s,
                         &mut out,
                         u32_of(m, "m")?,
                         u32_of(n, "n")?,
                         u32_of(k / 32, "k")?,
                     )?;
                 } else {
+                    let mut q = self.scratch::<i8>(m * k)?;
+                    let mut d = self.scratch::<f32>(blocks)?;
+                    let mut s = self.scratch::<f32>(blocks)?;
+                    self.kernels.quantize_act(
+                        &self.stream,
+                        xs,
+                        &mut q,
+                        &mut d,
+                        &mut s,
+                        u32_of(blocks, "matmul")?,
+                    )?;
                     let with_s = dt == DType::Q4_1;
                     let ld = if with_s { k + k / 32 } else { k };
                     let mut xd = self.scratch::<f32>(m * ld)?;
