@@ -227,7 +227,12 @@ pub fn request_json(args: &ChatArgs) -> serde_json::Value {
 pub fn receipt_report(client: &Client, program: &str, result: &ChatResult) -> String {
     let r = &result.receipt;
     let mut out = format!(
-        "receipt: verified (signed by an attested loader's receipt key; trusting {})\n",
+        "receipt: verified (signed by an attested loader's receipt key; {} {})\n",
+        if client.keyserver_threshold().is_some() {
+            "trusting"
+        } else {
+            "keyserver identity"
+        },
         client.identity_fingerprint()
     );
     out.push_str(&format!(

@@ -777,7 +777,7 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
             .with_context(|| format!("listening on {}", args.listen))?;
         let local = listener.local_addr()?;
         eprintln!(
-            "cinfer proxy: listening on http://{local}/v1 (OpenAI-compatible), server {}, trusting {}, program {} {}",
+            "cinfer proxy: listening on http://{local}/v1 (OpenAI-compatible), server {}, keyservers: {}, program {} {}",
             state.client.server(),
             state.client.identity_fingerprint(),
             state.program,

@@ -479,6 +479,12 @@ impl Client {
         self.base.to_string()
     }
 
+    /// k-of-n keyservers: how many pinned keyservers must agree, when the
+    /// client has a quorum ([`Client::with_keyserver_quorum`]).
+    pub fn keyserver_threshold(&self) -> Option<usize> {
+        self.quorum.as_ref().map(|(_, k)| *k)
+    }
+
     /// `sha256:` and the hex SHA-256 of the pinned identity key's SEC1 bytes;
     /// with a keyserver quorum, `K of N keyservers` and their fingerprints.
     pub fn identity_fingerprint(&self) -> String {
