@@ -227,6 +227,26 @@ pub mod accel {
                 .map(Tensor)
         }
 
+        /// One llama decoder layer in one call (see `decoder-layer` in
+        /// `wit/loader.wit`): `ws` = [attn-norm, wq, wk, wv, wo, ffn-norm,
+        /// w-gate, w-up, w-down]; exactly the results of norm-matmul-many,
+        /// rope-attention, matmul-add, norm-matmul-many, silu-mul and
+        /// matmul-add made one by one.
+        #[allow(clippy::too_many_arguments)]
+        pub fn decoder_layer(
+            &self,
+            ws: &[&Tensor; 9],
+            k_cache: &Tensor,
+            v_cache: &Tensor,
+            pos: u32,
+            eps: f32,
+            theta: f32,
+        ) -> Result<Tensor, AccelError> {
+            let raw: Vec<&raw_accel::Tensor> = ws.iter().map(|t| &t.0).collect();
+            raw_accel::decoder_layer(&self.0, &raw, &k_cache.0, &v_cache.0, pos, eps, theta)
+                .map(Tensor)
+        }
+
         /// The `k` largest (index, value) pairs of the last row, largest first.
         pub fn top_k(&self, k: u32) -> Result<Vec<(u32, f32)>, AccelError> {
             raw_accel::top_k(&self.0, k)

@@ -786,6 +786,73 @@ impl Host for AccelCtx {
         self.insert(sr, buf, true)
     }
 
+    async fn decoder_layer(
+        &mut self,
+        x: Resource<Tensor>,
+        ws: Vec<Resource<Tensor>>,
+        k_cache: Resource<Tensor>,
+        v_cache: Resource<Tensor>,
+        pos: u32,
+        eps: f32,
+        theta: f32,
+    ) -> OpResult<Resource<Tensor>> {
+        let Ok([attn_norm, wq, wk, wv, wo, ffn_norm, gate, up, down]) =
+            <[Resource<Tensor>; 9]>::try_from(ws)
+        else {
+            return Ok(Err(AccelError::InvalidArgument));
+        };
+        let b = |t: &Resource<Tensor>| Resource::<Tensor>::new_borrow(t.rep());
+        // Intermediates live in this context's table like any tensor (so the
+        // budget counts them) and are dropped here, whatever happens.
+        let mut temps: Vec<Resource<Tensor>> = Vec::with_capacity(8);
+        let out = async {
+            let qkv = guest_try!(
+                self.matmul_many_launch(b(&x), Some((attn_norm, eps)), vec![wq, wk, wv])
+                    .await?
+            );
+            let qkv_reps: Vec<u32> = qkv.iter().map(Resource::rep).collect();
+            temps.extend(qkv);
+            let [q, k, v] = [0, 1, 2].map(|i| Resource::<Tensor>::new_borrow(qkv_reps[i]));
+            let a =
+                guest_try!(self.rope_attention(q, k, v, b(&k_cache), b(&v_cache), pos, theta)?);
+            let a_rep = a.rep();
+            temps.push(a);
+            let h =
+                guest_try!(Host::matmul_add(self, Resource::new_borrow(a_rep), wo, b(&x)).await?);
+            let h_rep = h.rep();
+            temps.push(h);
+            let gu = guest_try!(
+                self.matmul_many_launch(
+                    Resource::new_borrow(h_rep),
+                    Some((ffn_norm, eps)),
+                    vec![gate, up]
+                )
+                .await?
+            );
+            let gu_reps: Vec<u32> = gu.iter().map(Resource::rep).collect();
+            temps.extend(gu);
+            let s = guest_try!(Host::silu_mul(
+                self,
+                Resource::new_borrow(gu_reps[0]),
+                Resource::new_borrow(gu_reps[1])
+            )?);
+            let s_rep = s.rep();
+            temps.push(s);
+            Host::matmul_add(
+                self,
+                Resource::new_borrow(s_rep),
+                down,
+                Resource::new_borrow(h_rep),
+            )
+            .await
+        }
+        .await;
+        for t in temps {
+            HostTensor::drop(self, t)?;
+        }
+        out
+    }
+
     fn embedding(&mut self, table: Resource<Tensor>, ids: Vec<u32>) -> OpResult<Resource<Tensor>> {
         let (st, _) = guest_try!(self.operand(
             &table,
@@ -1032,6 +1099,136 @@ mod tests {
 
     fn borrow(r: &Resource<Tensor>) -> Resource<Tensor> {
         Resource::new_borrow(r.rep())
+    }
+
+    /// `decoder-layer` is the six launches made one by one, bit for bit, on
+    /// random weights of a small GQA layer, at two positions (the caches
+    /// updated the same); it drops every intermediate; a wrong weight list
+    /// or shape is refused with the reason a single launch gives.
+    #[test]
+    fn a_decoder_layer_is_its_six_launches_bit_for_bit() {
+        // 4 query heads and 2 KV heads of 16.
+        let (dim, kvh, hd, ffn, ctxlen) = (64u32, 2u32, 16u32, 96u32, 8u32);
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = |n: u32| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    (seed % 2001) as f32 / 1000.0 - 1.0
+                })
+                .collect()
+        };
+        let mut one = ctx(64 << 20);
+        let mut six = ctx(64 << 20);
+        let shapes: [&[u32]; 9] = [
+            &[dim],
+            &[dim, dim],
+            &[kvh * hd, dim],
+            &[kvh * hd, dim],
+            &[dim, dim],
+            &[dim],
+            &[ffn, dim],
+            &[ffn, dim],
+            &[dim, ffn],
+        ];
+        let data: Vec<Vec<f32>> = shapes.iter().map(|s| rnd(s.iter().product())).collect();
+        let load = |c: &mut AccelCtx| -> Vec<Resource<Tensor>> {
+            shapes.iter().zip(&data).map(|(s, d)| t(c, s, d)).collect()
+        };
+        let (w1, w6) = (load(&mut one), load(&mut six));
+        let caches =
+            |c: &mut AccelCtx| [0, 1].map(|_| ok(c.zeros(Dtype::F16, vec![ctxlen, kvh, hd])));
+        let ([k1, v1], [k6, v6]) = (caches(&mut one), caches(&mut six));
+        let (eps, theta) = (1e-5f32, 10000.0f32);
+        let x0 = rnd(3 * dim);
+        let (mut x1, mut x6) = (t(&mut one, &[3, dim], &x0), t(&mut six, &[3, dim], &x0));
+        for (pos, seq) in [(0u32, 3u32), (3, 1)] {
+            if pos > 0 {
+                let next = rnd(dim);
+                x1 = t(&mut one, &[seq, dim], &next);
+                x6 = t(&mut six, &[seq, dim], &next);
+            }
+            let live = one.live;
+            let got = ok(now(one.decoder_layer(
+                borrow(&x1),
+                w1.iter().map(borrow).collect(),
+                borrow(&k1),
+                borrow(&v1),
+                pos,
+                eps,
+                theta,
+            )));
+            assert_eq!(one.live, live + 1, "only the output stays");
+            let w = |i: usize| borrow(&w6[i]);
+            let qkv = ok(now(six.norm_matmul_many(
+                borrow(&x6),
+                w(0),
+                eps,
+                vec![w(1), w(2), w(3)],
+            )));
+            let a = ok(six.rope_attention(
+                borrow(&qkv[0]),
+                borrow(&qkv[1]),
+                borrow(&qkv[2]),
+                borrow(&k6),
+                borrow(&v6),
+                pos,
+                theta,
+            ));
+            let h = ok(now(six.matmul_add(borrow(&a), w(4), borrow(&x6))));
+            let gu = ok(now(six.norm_matmul_many(
+                borrow(&h),
+                w(5),
+                eps,
+                vec![w(6), w(7)],
+            )));
+            let sm = ok(six.silu_mul(borrow(&gu[0]), borrow(&gu[1])));
+            let want = ok(now(six.matmul_add(borrow(&sm), w(8), borrow(&h))));
+            let bits = |c: &mut AccelCtx, r: &Resource<Tensor>| -> Vec<u32> {
+                ok(c.download(borrow(r)))
+                    .iter()
+                    .map(|f| f.to_bits())
+                    .collect()
+            };
+            assert_eq!(bits(&mut one, &got), bits(&mut six, &want), "pos {pos}");
+        }
+        assert_eq!(
+            ok(one.download(borrow(&k1))),
+            ok(six.download(borrow(&k6))),
+            "the caches hold the same keys"
+        );
+        // Eight weights, or a weight of the wrong shape: refused, nothing kept.
+        let live = one.live;
+        let eight: Vec<Resource<Tensor>> = w1[..8].iter().map(borrow).collect();
+        assert_eq!(
+            guest_err(now(one.decoder_layer(
+                borrow(&x1),
+                eight,
+                borrow(&k1),
+                borrow(&v1),
+                4,
+                eps,
+                theta
+            ))),
+            AccelError::InvalidArgument
+        );
+        let mut swapped: Vec<Resource<Tensor>> = w1.iter().map(borrow).collect();
+        swapped.swap(6, 8);
+        assert_eq!(
+            guest_err(now(one.decoder_layer(
+                borrow(&x1),
+                swapped,
+                borrow(&k1),
+                borrow(&v1),
+                4,
+                eps,
+                theta
+            ))),
+            AccelError::ShapeMismatch
+        );
+        assert_eq!(one.live, live, "a refused layer leaves no tensor behind");
     }
 
     #[test]

@@ -355,23 +355,22 @@ impl Llama {
         let seq = ids.len() as u32;
         let mut x = self.embd.embedding(ids)?;
         for l in &self.layers {
-            // Each step is one launch with the results of the separate ops
-            // (rmsnorm + Q/K/V; rope + attention; projection + residual).
-            let [q, k, v] = <[Tensor; 3]>::try_from(x.norm_matmul_many(
+            // The whole layer in one call: exactly norm-matmul-many (Q/K/V),
+            // rope-attention, matmul-add (output + residual), norm-matmul-many
+            // (gate/up), silu-mul and matmul-add (down + residual), launched
+            // by the accelerator without a round trip through this program.
+            let ws = [
                 &l.attn_norm,
-                hp.eps,
-                &[&l.wq, &l.wk, &l.wv],
-            )?)
-            .map_err(|_| Error::Accel(cinfer_guest::AccelError::ShapeMismatch))?;
-            let a = q.rope_attention(&k, &v, &l.k_cache, &l.v_cache, pos, hp.rope_theta)?;
-            x = a.matmul_add(&l.wo, &x)?;
-            let [gate, up] = <[Tensor; 2]>::try_from(x.norm_matmul_many(
+                &l.wq,
+                &l.wk,
+                &l.wv,
+                &l.wo,
                 &l.ffn_norm,
-                hp.eps,
-                &[&l.gate, &l.up],
-            )?)
-            .map_err(|_| Error::Accel(cinfer_guest::AccelError::ShapeMismatch))?;
-            x = gate.silu_mul(&up)?.matmul_add(&l.down, &x)?;
+                &l.gate,
+                &l.up,
+                &l.down,
+            ];
+            x = x.decoder_layer(&ws, &l.k_cache, &l.v_cache, pos, hp.eps, hp.rope_theta)?;
         }
         let last = x.rows(seq - 1, 1)?.rmsnorm(&self.out_norm, hp.eps)?;
         Ok(last.matmul(self.output.as_ref().unwrap_or(&self.embd))?)
