@@ -73,6 +73,7 @@ fn main() {
         policy,
         LoaderConfig {
             models: models.clone(),
+            batching: std::env::var("CINFER_BENCH_BATCHING").map_or(true, |v| v != "0"),
             ..LoaderConfig::default()
         },
     )
