@@ -484,6 +484,22 @@ mod tests {
         let bad =
             Config::parse_in("[[program]]\nname = \"a b\"\npath = \"p.wasm\"\n", &dir).unwrap_err();
         assert!(bad.to_string().contains("letters, digits"), "{bad}");
+        // The keyservers' CA file, read relative to the configuration; a
+        // missing one is a read error naming it.
+        let test_ca = cinfer_tls::TestCa::new("127.0.0.1").unwrap();
+        std::fs::write(dir.join("ks-ca.pem"), &test_ca.ca_pem).unwrap();
+        let ca = Config::parse_in("keyserver-ca-cert = \"ks-ca.pem\"\n", &dir).unwrap();
+        assert_eq!(ca.keyserver_ca.as_deref(), Some(test_ca.ca_pem.as_slice()));
+        std::fs::write(dir.join("broken-ca.pem"), b"-----BEGIN CERTIFICATE-----\n").unwrap();
+        let broken = Config::parse_in("keyserver-ca-cert = \"broken-ca.pem\"\n", &dir).unwrap_err();
+        assert!(broken.to_string().contains("keyserver-ca-cert"), "{broken}");
+        match Config::parse_in("keyserver-ca-cert = \"absent-ca.pem\"\n", &dir) {
+            Err(ConfigError::Read { path, source }) => {
+                assert_eq!(path, dir.join("absent-ca.pem"));
+                assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+            }
+            other => panic!("expected a read error, got {other:?}"),
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 
