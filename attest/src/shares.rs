@@ -29,6 +29,8 @@ pub const MAX_SHARES: u8 = 255;
 /// Most secrets whose shares a [`SharePool`] holds at once (a release naming
 /// more new secrets is refused).
 pub const MAX_PENDING_SECRETS: usize = 256;
+/// Longest secret shared: keys are 32 bytes (a share is one byte longer).
+pub const MAX_SECRET_BYTES: usize = 64;
 
 /// What every share of one split has in common: the secret's kind and id, the
 /// threshold, and a commitment to each share. Keyservers that agree on it
@@ -166,6 +168,9 @@ impl ShareFile {
         }
         for s in &file.shares {
             s.manifest.check()?;
+            if s.share.len() < 2 || s.share.len() > MAX_SECRET_BYTES + 1 {
+                return Err(ShareError::BadShareLength(s.share.len()));
+            }
             if !s
                 .manifest
                 .commitments
@@ -239,6 +244,9 @@ pub enum ShareError {
     /// Too many secrets are waiting for shares.
     #[error("more than {MAX_PENDING_SECRETS} split keys are waiting for shares")]
     TooManyPending,
+    /// A share is too short, or longer than a share of the longest secret.
+    #[error("a share of {0} bytes (2 to {max} accepted)", max = MAX_SECRET_BYTES + 1)]
+    BadShareLength(usize),
     /// A share file is not in the expected format.
     #[error("share file: {0}")]
     Malformed(String),
@@ -265,6 +273,12 @@ pub fn split(
     threshold: u8,
     shares: u8,
 ) -> Result<Vec<ShareEntry>, ShareError> {
+    if secret.is_empty() || secret.len() > MAX_SECRET_BYTES {
+        return Err(ShareError::Split(format!(
+            "secrets of 1 to {MAX_SECRET_BYTES} bytes are shared (got {})",
+            secret.len()
+        )));
+    }
     if threshold < 2 || threshold > shares {
         return Err(ShareError::Split(format!(
             "need 2 ≤ threshold ≤ shares ≤ {MAX_SHARES} (got {threshold} of {shares})"
@@ -371,6 +385,9 @@ impl SharePool {
         min_threshold: u8,
     ) -> Result<(), ShareError> {
         manifest.check()?;
+        if share.len() < 2 || share.len() > MAX_SECRET_BYTES + 1 {
+            return Err(ShareError::BadShareLength(share.len()));
+        }
         if manifest.threshold < min_threshold {
             return Err(ShareError::ThresholdTooLow {
                 found: manifest.threshold,
@@ -700,6 +717,24 @@ mod tests {
             split(ReleasedKeyKind::Model, "m", &[1], 4, 3),
             Err(ShareError::Split(_))
         ));
+        assert!(matches!(
+            split(ReleasedKeyKind::Model, "m", &[0; 65], 2, 3),
+            Err(ShareError::Split(_))
+        ));
+        // A long "share" that its own (forged) manifest commits to is still
+        // refused: nothing larger than a key's share is kept.
+        let long = vec![1u8; 4096];
+        let forged = SplitManifest {
+            threshold: 2,
+            commitments: vec![
+                commitment(ReleasedKeyKind::Model, "m", &long),
+                Commitment([9; 32]),
+            ],
+        };
+        assert_eq!(
+            pool.add(A, ReleasedKeyKind::Model, "m", &forged, z(&long), 2),
+            Err(ShareError::BadShareLength(4096))
+        );
     }
 
     #[test]
