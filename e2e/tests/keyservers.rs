@@ -105,3 +105,76 @@ fn two_refusing_keyservers_release_nothing_and_say_why() {
         "{err}"
     );
 }
+
+/// `cinfer proxy` pinned to the three keyservers with `--keyserver-threshold
+/// 2` serves an OpenAI chat completion through a 2-of-3 system, with a
+/// verified receipt naming the two keyservers whose shares opened it.
+#[test]
+fn the_proxy_trusts_two_of_three_keyservers() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::process::{Command, Stdio};
+    let system = System::start_quorum("quorum-proxy", &[KeyserverRole::Honest; 3], 2);
+    system.wait_ready();
+    let mut proxy = Command::new(cinfer_e2e::bin("cinfer"));
+    proxy.args([
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--server",
+        &system.server_url,
+    ]);
+    for id in &system.identities {
+        proxy.arg("--keyserver-identity").arg(hex::encode(id));
+    }
+    let mut child = proxy
+        .args(["--keyserver-threshold", "2", "--any-program"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cinfer proxy");
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    stderr.read_line(&mut line).expect("the proxy's first line");
+    assert!(line.contains("2 of 3 keyservers"), "{line}");
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("http://"))
+        .and_then(|w| w.split('/').next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_owned();
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    let body = serde_json::json!({
+        "model": cinfer_e2e::MODEL_ID,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 16,
+        "temperature": 0,
+    })
+    .to_string();
+    let mut s = std::net::TcpStream::connect(&addr).expect("proxy");
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let json: serde_json::Value = serde_json::from_str(
+        response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b)
+            .unwrap_or_default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {response}"));
+    let content = json["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(content.contains("Paris"), "{content}");
+    assert_eq!(json["cinfer"]["verified"], true, "{json}");
+    assert_eq!(
+        json["cinfer"]["receipt"]["keyservers"],
+        serde_json::json!(hex_ids(&system, &[0, 1])),
+        "{json}"
+    );
+}
