@@ -627,6 +627,293 @@ impl AccelCtx {
 
 static EMPTY: DeviceBuffer = DeviceBuffer::F32(Vec::new());
 
+/// A `decoder-layer` launch's operands, by handle number.
+struct LayerArgs {
+    x: u32,
+    /// attn-norm, wq, wk, wv, wo, ffn-norm, w-gate, w-up, w-down.
+    w: [u32; 9],
+    k_cache: u32,
+    v_cache: u32,
+    pos: u32,
+    eps: f32,
+    theta: f32,
+}
+
+/// The sizes of a `decoder-layer` launch that passed every check its six
+/// launches would make.
+#[derive(Debug, Clone, Copy)]
+struct LayerPlan {
+    m: usize,
+    d: usize,
+    nq: usize,
+    nk: usize,
+    ffn: usize,
+    attention: AttentionShape,
+    /// The multiply-adds of each of the six launches, for the deadline.
+    work: [u128; 6],
+}
+
+impl AccelCtx {
+    /// The sizes of a `decoder-layer` whose six launches would all pass
+    /// their checks with room to spare (every intermediate alive at once
+    /// fits the budget), or `None`: then the launches run one by one and
+    /// report the first error exactly.
+    fn layer_plan(&self, a: &LayerArgs) -> wasmtime::Result<Option<LayerPlan>> {
+        let t = |rep: u32| self.get(&Resource::<Tensor>::new_borrow(rep));
+        let x = t(a.x)?;
+        let w =
+            a.w.map(|r| t(r))
+                .into_iter()
+                .collect::<wasmtime::Result<Vec<_>>>()?;
+        let (kc, vc) = (t(a.k_cache)?, t(a.v_cache)?);
+        let f32_2d = |t: &Tensor| match (t.buf.elem_type(), t.shape.as_slice()) {
+            (ElemType::F32, [r, c]) => Some((*r as usize, *c as usize)),
+            _ => None,
+        };
+        let vec_of = |t: &Tensor, d: usize| {
+            t.buf.elem_type() == ElemType::F32 && t.shape.as_slice() == [d as u32]
+        };
+        // A weight [n, k] for activations of width k.
+        let weight = |t: &Tensor, k: usize| -> Option<usize> {
+            let ty = t.buf.elem_type();
+            if !matches!(
+                ty,
+                ElemType::F32 | ElemType::F16 | ElemType::Q4_1 | ElemType::Q8_0
+            ) {
+                return None;
+            }
+            match t.shape.as_slice() {
+                [n, kw] if *kw as usize == k && (!ty.is_quantized() || k % 32 == 0) => {
+                    Some(*n as usize)
+                }
+                _ => None,
+            }
+        };
+        let Some((m, d)) = f32_2d(x) else {
+            return Ok(None);
+        };
+        let (Some(nq), Some(nk), Some(nv)) = (weight(w[1], d), weight(w[2], d), weight(w[3], d))
+        else {
+            return Ok(None);
+        };
+        let (Some(d_o), Some(ffn), Some(f_up)) =
+            (weight(w[4], nq), weight(w[6], d), weight(w[7], d))
+        else {
+            return Ok(None);
+        };
+        let d_down = weight(w[8], ffn);
+        let kty = kc.buf.elem_type();
+        let cache_ok = matches!(kty, ElemType::F32 | ElemType::F16)
+            && vc.buf.elem_type() == kty
+            && kc.shape == vc.shape
+            && kc.downloadable
+            && vc.downloadable
+            && a.k_cache != a.v_cache;
+        let [ctx, kvh, hd] = match kc.shape.as_slice() {
+            [c, k, h] if cache_ok => [*c, *k, *h].map(|v| v as usize),
+            _ => return Ok(None),
+        };
+        let heads = if hd > 0 { nq / hd } else { 0 };
+        let end = (a.pos as usize).checked_add(m);
+        if !(vec_of(w[0], d)
+            && vec_of(w[5], d)
+            && a.eps.is_finite()
+            && a.eps >= 0.0
+            && rope_theta_ok(a.theta)
+            && nv == nk
+            && d_o == d
+            && f_up == ffn
+            && d_down == Some(d)
+            && hd > 0
+            && hd % 2 == 0
+            && nq % hd == 0
+            && nk == kvh * hd
+            && kvh > 0
+            && heads % kvh == 0
+            && end.is_some_and(|e| e <= ctx && e <= MAX_CONTEXT as usize))
+        {
+            return Ok(None);
+        }
+        let mul = |a: usize, b: usize, c: usize| (a as u128) * (b as u128) * (c as u128);
+        let attn_work =
+            (m as u128) * ((a.pos as usize + m) as u128) * heads as u128 * (2 * hd as u128 + 16);
+        let work = [
+            mul(m, d, nq) + 2 * mul(m, d, nk),
+            attn_work,
+            mul(m, nq, d) + (m * d) as u128,
+            2 * mul(m, d, ffn),
+            (m * ffn) as u128,
+            mul(m, ffn, d) + (m * d) as u128,
+        ];
+        let cap = u128::from(MAX_LAUNCH_WORK);
+        if [
+            mul(m, d, nq),
+            mul(m, d, nk),
+            attn_work,
+            mul(m, nq, d),
+            mul(m, d, ffn),
+            mul(m, ffn, d),
+        ]
+        .iter()
+        .any(|w| *w > cap)
+        {
+            return Ok(None);
+        }
+        // Every intermediate and temporary alive at once, in f32 elements:
+        // h, q, k, v, rotated q and k, attention, h + residual's product,
+        // the residual stream, normalised h, gate, up, silu·up, the result.
+        let elems = (4 * m * d + 3 * m * nq + 3 * m * nk + 3 * m * ffn + 2 * m * d) as u64;
+        if self.live + 16 > MAX_TENSORS
+            || self.in_use.saturating_add(ElemType::F32.bytes(elems)) > self.limit
+        {
+            return Ok(None);
+        }
+        Ok(Some(LayerPlan {
+            m,
+            d,
+            nq,
+            nk,
+            ffn,
+            attention: AttentionShape {
+                seq: m,
+                heads,
+                kv_heads: kvh,
+                head_dim: hd,
+                pos: a.pos as usize,
+            },
+            work,
+        }))
+    }
+
+    /// `matmul-add` on buffers: as the launch does it, batched or fused.
+    async fn product_plus(
+        &mut self,
+        x: &DeviceBuffer,
+        w: Arc<DeviceBuffer>,
+        r: &DeviceBuffer,
+        (m, k, n): (usize, usize, usize),
+    ) -> Result<DeviceBuffer, BackendError> {
+        if self
+            .rounds
+            .as_ref()
+            .is_some_and(|rounds| rounds.takes(x, m))
+        {
+            let mut p = self.multiply(x, vec![(w, n)], m, k).await?;
+            let p = p
+                .pop()
+                .ok_or_else(|| BackendError::Device("matmul returned no result".into()))?;
+            self.backend.binary(BinaryOp::Add, r, &p, n)
+        } else {
+            self.matmul_steps += 1;
+            self.backend.matmul_add(x, &w, r, m, k, n)
+        }
+    }
+
+    /// Runs a planned `decoder-layer`: the backend calls of its six
+    /// launches, in their order, on buffers (no handle for any
+    /// intermediate), each launch's deadline check before it.
+    async fn run_layer(&mut self, a: &LayerArgs, p: LayerPlan) -> OpResult<Resource<Tensor>> {
+        let t = |c: &Self, rep: u32| {
+            c.get(&Resource::<Tensor>::new_borrow(rep))
+                .map(|t| t.buf.clone())
+        };
+        let x = t(self, a.x)?;
+        let w = [0, 1, 2, 3, 4, 5, 6, 7, 8].map(|i| t(self, a.w[i]));
+        let w = w.into_iter().collect::<wasmtime::Result<Vec<_>>>()?;
+        let (m, d) = (p.m, p.d);
+        // norm-matmul-many: Q, K, V.
+        self.check_deadline(p.work[0])?;
+        self.launches += 1;
+        let h = backend_try!(self.backend.rmsnorm(&x, &w[0], d, a.eps));
+        let qkv = backend_try!(
+            self.multiply(
+                &h,
+                vec![
+                    (w[1].clone(), p.nq),
+                    (w[2].clone(), p.nk),
+                    (w[3].clone(), p.nk)
+                ],
+                m,
+                d
+            )
+            .await
+        );
+        let [q, k, v] = match <[DeviceBuffer; 3]>::try_from(qkv) {
+            Ok(qkv) => qkv,
+            Err(_) => {
+                return Err(wasmtime::Error::msg(
+                    "accelerator: matmul_many returned another number of results",
+                ));
+            }
+        };
+        // rope-attention, the caches taken out of the table while written.
+        self.check_deadline(p.work[1])?;
+        self.launches += 1;
+        let (kh, vh) = (
+            Resource::<Tensor>::new_borrow(a.k_cache),
+            Resource::<Tensor>::new_borrow(a.v_cache),
+        );
+        let empty = || Arc::new(DeviceBuffer::F32(Vec::new()));
+        let mut kc = std::mem::replace(&mut self.get_mut(&kh)?.buf, empty());
+        let mut vc = std::mem::replace(&mut self.get_mut(&vh)?.buf, empty());
+        let s = p.attention;
+        let attended = (|| {
+            let (kcb, vcb) = (Arc::make_mut(&mut kc), Arc::make_mut(&mut vc));
+            let qr = self.backend.rope(&q, s.heads, s.head_dim, a.pos, a.theta)?;
+            let kr = self
+                .backend
+                .rope(&k, s.kv_heads, s.head_dim, a.pos, a.theta)?;
+            self.backend.attention(&qr, &kr, &v, kcb, vcb, s)
+        })();
+        self.get_mut(&kh)?.buf = kc;
+        self.get_mut(&vh)?.buf = vc;
+        let attended = backend_try!(attended);
+        drop((q, k, v));
+        // matmul-add: output projection and residual.
+        self.check_deadline(p.work[2])?;
+        self.launches += 1;
+        let h = backend_try!(
+            self.product_plus(&attended, w[4].clone(), &x, (m, p.nq, d))
+                .await
+        );
+        drop(attended);
+        // norm-matmul-many: gate and up.
+        self.check_deadline(p.work[3])?;
+        self.launches += 1;
+        let hn = backend_try!(self.backend.rmsnorm(&h, &w[5], d, a.eps));
+        let gu = backend_try!(
+            self.multiply(
+                &hn,
+                vec![(w[6].clone(), p.ffn), (w[7].clone(), p.ffn)],
+                m,
+                d
+            )
+            .await
+        );
+        drop(hn);
+        let [g, u] = match <[DeviceBuffer; 2]>::try_from(gu) {
+            Ok(gu) => gu,
+            Err(_) => {
+                return Err(wasmtime::Error::msg(
+                    "accelerator: matmul_many returned another number of results",
+                ));
+            }
+        };
+        // silu-mul.
+        self.launches += 1;
+        let sm = backend_try!(self.backend.silu_mul(&g, &u));
+        drop((g, u));
+        // matmul-add: down projection and residual.
+        self.check_deadline(p.work[5])?;
+        self.launches += 1;
+        let out = backend_try!(
+            self.product_plus(&sm, w[8].clone(), &h, (m, p.ffn, d))
+                .await
+        );
+        self.insert(vec![m as u32, d as u32], out, true)
+    }
+}
+
 impl HostTensor for AccelCtx {
     fn shape(&mut self, t: Resource<Tensor>) -> wasmtime::Result<Vec<u32>> {
         Ok(self.get(&t)?.shape.clone())
@@ -801,6 +1088,21 @@ impl Host for AccelCtx {
         else {
             return Ok(Err(AccelError::InvalidArgument));
         };
+        let reps = [&attn_norm, &wq, &wk, &wv, &wo, &ffn_norm, &gate, &up, &down].map(|r| r.rep());
+        let layer = LayerArgs {
+            x: x.rep(),
+            w: reps,
+            k_cache: k_cache.rep(),
+            v_cache: v_cache.rep(),
+            pos,
+            eps,
+            theta,
+        };
+        if let Some(plan) = self.layer_plan(&layer)? {
+            return self.run_layer(&layer, plan).await;
+        }
+        // Something the plan does not cover (a refusal, a tight budget): the
+        // six launches one by one, which give the first error exactly.
         let b = |t: &Resource<Tensor>| Resource::<Tensor>::new_borrow(t.rep());
         // Intermediates live in this context's table like any tensor (so the
         // budget counts them) and are dropped here, whatever happens.
@@ -1151,6 +1453,19 @@ mod tests {
                 x6 = t(&mut six, &[seq, dim], &next);
             }
             let live = one.live;
+            let args = LayerArgs {
+                x: x1.rep(),
+                w: [0, 1, 2, 3, 4, 5, 6, 7, 8].map(|i| w1[i].rep()),
+                k_cache: k1.rep(),
+                v_cache: v1.rep(),
+                pos,
+                eps,
+                theta,
+            };
+            assert!(
+                one.layer_plan(&args).unwrap().is_some(),
+                "the launch takes the planned path"
+            );
             let got = ok(now(one.decoder_layer(
                 borrow(&x1),
                 w1.iter().map(borrow).collect(),
@@ -1216,6 +1531,20 @@ mod tests {
         );
         let mut swapped: Vec<Resource<Tensor>> = w1.iter().map(borrow).collect();
         swapped.swap(6, 8);
+        let mut args = LayerArgs {
+            x: x1.rep(),
+            w: [0, 1, 2, 3, 4, 5, 6, 7, 8].map(|i| w1[i].rep()),
+            k_cache: k1.rep(),
+            v_cache: v1.rep(),
+            pos: 4,
+            eps,
+            theta,
+        };
+        args.w.swap(6, 8);
+        assert!(
+            one.layer_plan(&args).unwrap().is_none(),
+            "refusals go through the launches one by one"
+        );
         assert_eq!(
             guest_err(now(one.decoder_layer(
                 borrow(&x1),
