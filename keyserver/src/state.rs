@@ -54,12 +54,13 @@ pub const MAX_MODEL_ID_LEN: usize = 64;
 #[non_exhaustive]
 pub enum StateError {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why (in the message, not as a `source`, so that a printed error
+        /// chain does not say it twice).
+        error: std::io::Error,
     },
     /// The KEK file is not 32 bytes (raw) or 64 hex digits.
     #[error("KEK file {0}: expected 32 raw bytes or 64 hex digits")]
@@ -94,9 +95,9 @@ pub enum StateError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
-    move |source| StateError::Io {
+    move |error| StateError::Io {
         path: path.to_owned(),
-        source,
+        error,
     }
 }
 
@@ -181,7 +182,7 @@ fn random<const N: usize>() -> Result<Zeroizing<[u8; N]>, StateError> {
     let mut out = Zeroizing::new([0u8; N]);
     getrandom::fill(out.as_mut_slice()).map_err(|e| StateError::Io {
         path: PathBuf::from("<os random source>"),
-        source: std::io::Error::other(e.to_string()),
+        error: std::io::Error::other(e.to_string()),
     })?;
     Ok(out)
 }

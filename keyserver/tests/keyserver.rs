@@ -477,9 +477,52 @@ fn cli_init_import_and_identity() {
         String::from_utf8(out.stdout).unwrap()
     };
     let help = run(&["--help"]);
-    for cmd in ["init", "add-model-key", "public-identity", "serve"] {
+    for cmd in [
+        "init",
+        "add-model-key",
+        "add-share",
+        "public-identity",
+        "serve",
+    ] {
         assert!(help.contains(cmd), "{help}");
     }
+    // A state that was never initialised: the missing file and the reason, once.
+    let share = cinfer_attest::shares::ShareFile {
+        format: cinfer_attest::shares::SHARE_FILE_FORMAT.into(),
+        shares: vec![
+            cinfer_attest::shares::split(
+                cinfer_attest::ReleasedKeyKind::Model,
+                "m",
+                &[1; 32],
+                2,
+                3,
+            )
+            .unwrap()
+            .remove(0),
+        ],
+        request_key: None,
+    };
+    let share_path = root.join("share-1.json");
+    std::fs::write(&share_path, serde_json::to_vec(&share).unwrap()).unwrap();
+    let missing = root.join("nowhere");
+    let out = std::process::Command::new(bin)
+        .arg("--state")
+        .arg(&missing)
+        .arg("--kek")
+        .arg(missing.join("kek"))
+        .arg("add-share")
+        .arg("--share-file")
+        .arg(&share_path)
+        .env_remove("CINFER_KEYSERVER_KEK_FILE")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&missing.join("kek").display().to_string()),
+        "{err}"
+    );
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
     let state = root.join("state");
     let kek = root.join("kek");
     let (state, kek) = (state.to_str().unwrap(), kek.to_str().unwrap());
