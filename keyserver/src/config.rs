@@ -196,12 +196,13 @@ fn default_validity() -> u64 {
 #[non_exhaustive]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why (in the message, not as a `source`, so that a printed error
+        /// chain does not say it twice).
+        error: std::io::Error,
     },
     /// The TOML does not parse or has unknown keys.
     #[error("parsing {path}: {message}")]
@@ -219,9 +220,9 @@ pub enum ConfigError {
 impl Config {
     /// Reads and checks a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::parse(&text, base).map_err(|e| match e {
@@ -278,7 +279,7 @@ impl Config {
             (Some(cert), Some(key)) => {
                 let read = |p: PathBuf| {
                     let path = abs(p);
-                    std::fs::read(&path).map_err(|source| ConfigError::Read { path, source })
+                    std::fs::read(&path).map_err(|error| ConfigError::Read { path, error })
                 };
                 Some(
                     cinfer_tls::TlsIdentity::from_pem(read(cert)?, read(key)?)
@@ -339,9 +340,9 @@ impl Config {
         let refs = match &self.reference {
             ReferenceSource::Inline(r) => r.clone(),
             ReferenceSource::File(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
                     path: path.clone(),
-                    source,
+                    error,
                 })?;
                 toml::from_str(&text).map_err(|e| ConfigError::Parse {
                     path: path.clone(),
@@ -360,9 +361,9 @@ impl Config {
         let read = |paths: &[PathBuf]| -> Result<Vec<Vec<u8>>, ConfigError> {
             let mut out = Vec::new();
             for path in paths {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
                     path: path.clone(),
-                    source,
+                    error,
                 })?;
                 out.extend(crate::endorsement::certificates_from_pem(&text).map_err(
                     |message| ConfigError::Parse {

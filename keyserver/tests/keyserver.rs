@@ -523,6 +523,17 @@ fn cli_init_import_and_identity() {
         "{err}"
     );
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    // So is a configuration file that is not there.
+    let out = std::process::Command::new(bin)
+        .arg("--config")
+        .arg(missing.join("keyserver.toml"))
+        .arg("serve")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("keyserver.toml"), "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
     let state = root.join("state");
     let kek = root.join("kek");
     let (state, kek) = (state.to_str().unwrap(), kek.to_str().unwrap());

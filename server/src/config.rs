@@ -194,12 +194,13 @@ struct RawConfig {
 #[non_exhaustive]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why (in the message, not as a `source`, so that a printed error
+        /// chain does not say it twice).
+        error: std::io::Error,
     },
     /// The TOML does not parse or has unknown keys.
     #[error("parsing {path}: {message}")]
@@ -269,7 +270,7 @@ pub fn check_keyserver_url(url: &str) -> Result<String, ConfigError> {
 fn read_program(base: &Path, p: &RawProgram) -> Result<StoredProgram, ConfigError> {
     let read = |rel: &Path| {
         let path = base.join(rel);
-        std::fs::read(&path).map_err(|source| ConfigError::Read { path, source })
+        std::fs::read(&path).map_err(|error| ConfigError::Read { path, error })
     };
     let name = match &p.name {
         Some(n) => n.clone(),
@@ -304,9 +305,9 @@ fn read_program(base: &Path, p: &RawProgram) -> Result<StoredProgram, ConfigErro
 impl Config {
     /// Reads and checks a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         Self::parse_in(&text, base).map_err(|e| match e {
@@ -347,10 +348,7 @@ impl Config {
                 None => None,
                 Some(p) => {
                     let path = base.join(p);
-                    Some(
-                        std::fs::read(&path)
-                            .map_err(|source| ConfigError::Read { path, source })?,
-                    )
+                    Some(std::fs::read(&path).map_err(|error| ConfigError::Read { path, error })?)
                 }
             },
             max_request_bytes: raw.max_request_bytes.unwrap_or(d.max_request_bytes),
@@ -376,7 +374,7 @@ impl Config {
                 (Some(cert), Some(key)) => {
                     let read = |p: &PathBuf| {
                         let path = base.join(p);
-                        std::fs::read(&path).map_err(|source| ConfigError::Read { path, source })
+                        std::fs::read(&path).map_err(|error| ConfigError::Read { path, error })
                     };
                     Some(
                         TlsIdentity::from_pem(read(cert)?, read(key)?)
@@ -494,9 +492,16 @@ mod tests {
         let broken = Config::parse_in("keyserver-ca-cert = \"broken-ca.pem\"\n", &dir).unwrap_err();
         assert!(broken.to_string().contains("keyserver-ca-cert"), "{broken}");
         match Config::parse_in("keyserver-ca-cert = \"absent-ca.pem\"\n", &dir) {
-            Err(ConfigError::Read { path, source }) => {
+            Err(e @ ConfigError::Read { .. }) => {
+                assert!(
+                    std::error::Error::source(&e).is_none(),
+                    "the reason is in the message; as a source too it would print twice"
+                );
+                let ConfigError::Read { path, error } = e else {
+                    unreachable!()
+                };
                 assert_eq!(path, dir.join("absent-ca.pem"));
-                assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+                assert_eq!(error.kind(), std::io::ErrorKind::NotFound);
             }
             other => panic!("expected a read error, got {other:?}"),
         }
