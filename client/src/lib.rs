@@ -515,27 +515,28 @@ impl Client {
     /// the server). With a keyserver quorum, fetches every keyserver's
     /// statement and requires `threshold` pinned ones to agree.
     pub fn request_key(&self) -> Result<RequestKeyStatement, ClientError> {
-        if let Some((identities, threshold)) = &self.quorum {
-            #[derive(serde::Deserialize)]
-            struct All {
-                statements: Vec<SignedRequestKey>,
+        let statement = match &self.quorum {
+            Some((identities, threshold)) => {
+                #[derive(serde::Deserialize)]
+                struct All {
+                    statements: Vec<SignedRequestKey>,
+                }
+                let body = self.get_json("/v1/request-keys")?;
+                let all: All = serde_json::from_slice(&body).map_err(|e| {
+                    ClientError::MalformedResponse(format!("/v1/request-keys: {e}"))
+                })?;
+                verify_quorum(&all.statements, identities, *threshold, unix_now())?
             }
-            let body = self.get_json("/v1/request-keys")?;
-            let all: All = serde_json::from_slice(&body)
-                .map_err(|e| ClientError::MalformedResponse(format!("/v1/request-keys: {e}")))?;
-            let statement = verify_quorum(&all.statements, identities, *threshold, unix_now())?;
-            if let Ok(mut c) = self.cached.lock() {
-                *c = Some(statement.clone());
+            None => {
+                let body = self.get_json("/v1/request-key")?;
+                let signed: SignedRequestKey = serde_json::from_slice(&body).map_err(|e| {
+                    ClientError::MalformedResponse(format!(
+                        "/v1/request-key is not a SignedRequestKey: {e}"
+                    ))
+                })?;
+                verify_statement(&signed, &self.identity, unix_now())?
             }
-            return Ok(statement);
-        }
-        let body = self.get_json("/v1/request-key")?;
-        let signed: SignedRequestKey = serde_json::from_slice(&body).map_err(|e| {
-            ClientError::MalformedResponse(format!(
-                "/v1/request-key is not a SignedRequestKey: {e}"
-            ))
-        })?;
-        let statement = verify_statement(&signed, &self.identity, unix_now())?;
+        };
         if let Ok(mut c) = self.cached.lock() {
             *c = Some(statement.clone());
         }

@@ -779,6 +779,44 @@ impl System {
     }
 }
 
+/// A running `cinfer proxy`, stopped on drop.
+#[derive(Debug)]
+pub struct Proxy(Child);
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `cinfer proxy --listen 127.0.0.1:0 --server <server_url>` with
+/// `args` (its keyserver pins and program pin); returns it, its first log
+/// line and its base URL as that line gives it (`http://…/v1`).
+pub fn start_proxy<S: AsRef<std::ffi::OsStr>>(
+    server_url: &str,
+    args: &[S],
+) -> (Proxy, String, String) {
+    let mut child = Command::new(bin("cinfer"))
+        .args(["proxy", "--listen", "127.0.0.1:0", "--server", server_url])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cinfer proxy");
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    stderr.read_line(&mut line).expect("the proxy's first line");
+    let base = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .trim_end_matches(',')
+        .to_owned();
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    (Proxy(child), line, base)
+}
+
 /// A llama-chat request.
 pub fn chat_request(prompt: &str, max_tokens: u32) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({

@@ -111,38 +111,22 @@ fn two_refusing_keyservers_release_nothing_and_say_why() {
 /// verified receipt naming the two keyservers whose shares opened it.
 #[test]
 fn the_proxy_trusts_two_of_three_keyservers() {
-    use std::io::{BufRead, BufReader, Read, Write};
-    use std::process::{Command, Stdio};
+    use std::io::{Read, Write};
     let system = System::start_quorum("quorum-proxy", &[KeyserverRole::Honest; 3], 2);
     system.wait_ready();
-    let mut proxy = Command::new(cinfer_e2e::bin("cinfer"));
-    proxy.args([
-        "proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--server",
-        &system.server_url,
-    ]);
-    for id in &system.identities {
-        proxy.arg("--keyserver-identity").arg(hex::encode(id));
-    }
-    let mut child = proxy
-        .args(["--keyserver-threshold", "2", "--any-program"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cinfer proxy");
-    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    stderr.read_line(&mut line).expect("the proxy's first line");
+    let mut args: Vec<String> = system
+        .identities
+        .iter()
+        .flat_map(|id| ["--keyserver-identity".to_owned(), hex::encode(id)])
+        .collect();
+    args.extend(["--keyserver-threshold", "2", "--any-program"].map(String::from));
+    let (proxy, line, base) = cinfer_e2e::start_proxy(&system.server_url, &args);
     assert!(line.contains("2 of 3 keyservers"), "{line}");
-    let addr = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("http://"))
-        .and_then(|w| w.split('/').next())
+    let addr = base
+        .strip_prefix("http://")
+        .and_then(|rest| rest.split('/').next())
         .unwrap_or_else(|| panic!("no address in {line:?}"))
         .to_owned();
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
     let body = serde_json::json!({
         "model": cinfer_e2e::MODEL_ID,
         "messages": [{"role": "user", "content": "What is the capital of France?"}],
@@ -159,8 +143,7 @@ fn the_proxy_trusts_two_of_three_keyservers() {
     .unwrap();
     let mut response = String::new();
     s.read_to_string(&mut response).unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(proxy);
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     let json: serde_json::Value = serde_json::from_str(
         response

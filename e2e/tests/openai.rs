@@ -6,9 +6,8 @@
 //! client-mistake statuses.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use cinfer_e2e::{MODEL_ID, System, bin, root};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use cinfer_e2e::{MODEL_ID, Proxy, System, root};
+use std::process::{Command, Stdio};
 
 /// A Python with the `openai` package (`pip install openai`), or why there is none.
 fn python_with_openai() -> Result<String, String> {
@@ -37,44 +36,18 @@ fn python_with_openai() -> Result<String, String> {
         })
 }
 
-struct Proxy(Child);
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `cinfer proxy` in front of `system`, pinned to the built llama-chat; its base URL.
 fn start_proxy(system: &System) -> (Proxy, String) {
-    let mut child = Command::new(bin("cinfer"))
-        .args([
-            "proxy",
-            "--listen",
-            "127.0.0.1:0",
-            "--server",
-            &system.server_url,
-        ])
-        .arg("--keyserver-identity")
-        .arg(hex::encode(&system.identity))
-        .arg("--program-file")
-        .arg(root().join("target/programs/llama-chat.wasm"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cinfer proxy");
-    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    stderr.read_line(&mut line).expect("the proxy's first line");
-    let base = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .trim_end_matches(',')
-        .to_owned();
-    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
-    (Proxy(child), base)
+    let identity = hex::encode(&system.identity);
+    let program = root().join("target/programs/llama-chat.wasm");
+    let args: [&std::ffi::OsStr; 4] = [
+        "--keyserver-identity".as_ref(),
+        identity.as_ref(),
+        "--program-file".as_ref(),
+        program.as_os_str(),
+    ];
+    let (proxy, _, base) = cinfer_e2e::start_proxy(&system.server_url, &args);
+    (proxy, base)
 }
 
 const SCRIPT: &str = r#"

@@ -1629,6 +1629,37 @@ fn release_from(relay: &mut Relay, ks: &KeyServer) -> (KeyRelease, Vec<u8>) {
     (serde_json::from_slice(&body).unwrap(), hpke)
 }
 
+/// The identity key of the keyserver whose state `keyserver_state` or
+/// `share_holder_state` made under `dir/name`.
+fn keyserver_identity(dir: &Path, name: &str) -> SigningKey {
+    cinfer_keyserver::StateDir::open(&dir.join(name), &dir.join(format!("{name}.kek")))
+        .unwrap()
+        .load()
+        .unwrap()
+        .identity
+}
+
+/// Replaces the model entry of `release` with `secret` wrapped to the
+/// loader's HPKE key `hpke` under `context`, as a share of `split` or whole
+/// (the caller signs the release again).
+fn rewrap_model(
+    release: &mut KeyRelease,
+    hpke: &[u8],
+    context: &[u8],
+    secret: &[u8],
+    split: Option<cinfer_attest::shares::SplitManifest>,
+) {
+    let recipient = cinfer_envelope::RequestPublicKey::from_bytes(hpke).unwrap();
+    let wrapped =
+        cinfer_envelope::keywrap::wrap_key(&recipient, context, &release.nonce, secret).unwrap();
+    let entry = release
+        .keys
+        .iter_mut()
+        .find(|k| k.kind == cinfer_attest::ReleasedKeyKind::Model)
+        .unwrap();
+    (entry.enc, entry.ciphertext, entry.split) = (wrapped.enc, wrapped.ciphertext, split);
+}
+
 /// k-of-n keyservers at the loader, with three real keyservers on loopback
 /// holding shares of the model key and of one request key (2 of 3): one
 /// keyserver's shares install nothing; a keyserver whose reference values
@@ -1731,25 +1762,18 @@ fn two_of_three_keyservers_open_the_loader_and_a_wrong_share_is_named() {
     // c, turned malicious, returns a wrong share of the model key (under the
     // right manifest, wrapped to the loader, signed with its identity key):
     // refused and named; the release installs nothing.
-    let c_identity = cinfer_keyserver::StateDir::open(&dir.join("ks-c"), &dir.join("ks-c.kek"))
-        .unwrap()
-        .load()
-        .unwrap()
-        .identity;
     let (mut forged, hpke) = release_from(&mut relay, &ks_b);
-    let recipient = cinfer_envelope::RequestPublicKey::from_bytes(&hpke).unwrap();
     let mut wrong = model[2].share.clone();
     wrong[7] ^= 0x40;
-    let entry = forged.keys.iter_mut().find(|k| k.kind == K::Model).unwrap();
-    let wrapped = cinfer_envelope::keywrap::wrap_key(
-        &recipient,
-        &cinfer_attest::share_context(K::Model, MODEL_ID),
-        &forged.nonce,
+    let share = cinfer_attest::share_context(K::Model, MODEL_ID);
+    rewrap_model(
+        &mut forged,
+        &hpke,
+        &share,
         &wrong,
-    )
-    .unwrap();
-    (entry.enc, entry.ciphertext) = (wrapped.enc, wrapped.ciphertext);
-    forged.sign(&c_identity);
+        Some(model[2].manifest.clone()),
+    );
+    forged.sign(&keyserver_identity(&dir, "ks-c"));
     let refused = relay.ask(Kind::KeyRelease, &serde_json::to_vec(&forged).unwrap());
     let why = error_of(&refused);
     assert_eq!(
@@ -1762,22 +1786,9 @@ fn two_of_three_keyservers_open_the_loader_and_a_wrong_share_is_named() {
 
     // A whole key released to this loader is refused, whoever signs it.
     let (mut whole, hpke) = release_from(&mut relay, &ks_b);
-    let recipient = cinfer_envelope::RequestPublicKey::from_bytes(&hpke).unwrap();
-    let entry = whole.keys.iter_mut().find(|k| k.kind == K::Model).unwrap();
-    let wrapped = cinfer_envelope::keywrap::wrap_key(
-        &recipient,
-        &cinfer_attest::release_context(K::Model, MODEL_ID),
-        &whole.nonce,
-        &MODEL_KEY,
-    )
-    .unwrap();
-    (entry.enc, entry.ciphertext, entry.split) = (wrapped.enc, wrapped.ciphertext, None);
-    let b_identity = cinfer_keyserver::StateDir::open(&dir.join("ks-b"), &dir.join("ks-b.kek"))
-        .unwrap()
-        .load()
-        .unwrap()
-        .identity;
-    whole.sign(&b_identity);
+    let context = cinfer_attest::release_context(K::Model, MODEL_ID);
+    rewrap_model(&mut whole, &hpke, &context, &MODEL_KEY, None);
+    whole.sign(&keyserver_identity(&dir, "ks-b"));
     let refused = relay.ask(Kind::KeyRelease, &serde_json::to_vec(&whole).unwrap());
     assert_eq!(
         error_of(&refused),

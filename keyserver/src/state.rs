@@ -368,14 +368,8 @@ impl StateDir {
         let mut models = BTreeMap::new();
         let mut request: Option<RequestShares> = None;
         let dir = self.dir.join(SHARES_DIR);
-        for path in key_files(&dir)? {
-            let Some(name) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(SHARE_SUFFIX))
-            else {
-                continue;
-            };
+        for (path, name) in key_files(&dir, SHARE_SUFFIX)? {
+            let name = name.as_str();
             let bytes = self.read(&path, &format!("share/{name}"))?;
             let file = ShareFile::parse(&bytes).map_err(StateError::BadShareFile)?;
             if share_name(&file)? != name {
@@ -428,14 +422,8 @@ impl StateDir {
             .map_err(|_| StateError::BadKey(receipt_path.clone()))?;
         let mut models = BTreeMap::new();
         let models_dir = self.dir.join(MODELS_DIR);
-        for path in key_files(&models_dir)? {
-            let Some(id) = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_suffix(MODEL_SUFFIX))
-            else {
-                continue; // not a key file (e.g. a leftover .tmp)
-            };
+        for (path, id) in key_files(&models_dir, MODEL_SUFFIX)? {
+            let id = id.as_str();
             check_model_id(id)?;
             let secret = self.read(&path, &format!("model/{id}"))?;
             let key: [u8; 32] = secret
@@ -456,16 +444,25 @@ impl StateDir {
     }
 }
 
-/// The files of a directory (none if it does not exist).
-fn key_files(dir: &Path) -> Result<Vec<PathBuf>, StateError> {
-    match std::fs::read_dir(dir) {
+/// The files of a directory whose names end in `suffix`, each with its name
+/// without the suffix (none if the directory does not exist). Other files
+/// (e.g. a leftover `.tmp`) are not key files and are skipped.
+fn key_files(dir: &Path, suffix: &str) -> Result<Vec<(PathBuf, String)>, StateError> {
+    let paths = match std::fs::read_dir(dir) {
         Ok(e) => e
             .map(|e| e.map(|e| e.path()))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(io(dir)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(io(dir)(e)),
-    }
+            .map_err(io(dir))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(io(dir)(e)),
+    };
+    Ok(paths
+        .into_iter()
+        .filter_map(|path| {
+            let name = path.file_name()?.to_str()?.strip_suffix(suffix)?.to_owned();
+            Some((path, name))
+        })
+        .collect())
 }
 
 /// Where a share file is stored: `model-<id>` or `request-<key id>`.

@@ -374,31 +374,14 @@ impl Attestor {
                 )?;
                 continue;
             }
-            let bad = |reason: BadKeyReason| ServeError::BadKey {
-                kind: k.kind,
-                id: k.id.clone(),
-                reason,
-            };
-            match k.kind {
-                ReleasedKeyKind::Request => {
-                    let key = RequestPrivateKey::from_bytes(&secret)
-                        .map_err(|e| bad(BadKeyReason::Request(e)))?;
-                    let key_id = key.public_key().key_id();
-                    if key_id != k.id {
-                        return Err(bad(BadKeyReason::RequestKeyId(key_id)));
-                    }
+            match ReleasedSecret::parse(k.kind, &k.id, &secret)? {
+                ReleasedSecret::Request(key) => {
                     requests.insert(k.id.clone(), key);
                 }
-                ReleasedKeyKind::Model => {
-                    let key =
-                        ModelKey::from_bytes(&secret).map_err(|e| bad(BadKeyReason::Model(e)))?;
+                ReleasedSecret::Model(key) => {
                     keys.models.insert(k.id.clone(), key);
                 }
-                ReleasedKeyKind::Receipt => {
-                    let key = p256::ecdsa::SigningKey::from_slice(&secret)
-                        .map_err(|_| bad(BadKeyReason::ReceiptNotP256))?;
-                    receipt = Some(key);
-                }
+                ReleasedSecret::Receipt(key) => receipt = Some(key),
             }
         }
         if !requests.is_empty() {
@@ -440,30 +423,15 @@ impl Attestor {
         let mut split_receipts = BTreeMap::new();
         let mut split_requests = BTreeMap::new();
         for c in complete {
-            let bad = |reason: BadKeyReason| ServeError::BadKey {
-                kind: c.kind,
-                id: c.id.clone(),
-                reason,
-            };
-            match c.kind {
-                ReleasedKeyKind::Model => {
-                    let key =
-                        ModelKey::from_bytes(&c.secret).map_err(|e| bad(BadKeyReason::Model(e)))?;
-                    keys.models.insert(c.id.clone(), key);
+            match ReleasedSecret::parse(c.kind, &c.id, &c.secret)? {
+                ReleasedSecret::Model(key) => {
+                    keys.models.insert(c.id, key);
                 }
-                ReleasedKeyKind::Request => {
-                    let key = RequestPrivateKey::from_bytes(&c.secret)
-                        .map_err(|e| bad(BadKeyReason::Request(e)))?;
-                    let key_id = key.public_key().key_id();
-                    if key_id != c.id {
-                        return Err(bad(BadKeyReason::RequestKeyId(key_id)));
-                    }
-                    split_requests.insert(c.id.clone(), (key, c.keyservers));
+                ReleasedSecret::Request(key) => {
+                    split_requests.insert(c.id, (key, c.keyservers));
                 }
-                ReleasedKeyKind::Receipt => {
-                    let key = p256::ecdsa::SigningKey::from_slice(&c.secret)
-                        .map_err(|_| bad(BadKeyReason::ReceiptNotP256))?;
-                    split_receipts.insert(c.id.clone(), key);
+                ReleasedSecret::Receipt(key) => {
+                    split_receipts.insert(c.id, key);
                 }
             }
         }
@@ -511,6 +479,43 @@ impl Attestor {
             })
             .unwrap_or_default(),
         }
+    }
+}
+
+/// A released secret (whole, or rebuilt from shares) as the key it must be.
+enum ReleasedSecret {
+    Model(ModelKey),
+    Request(RequestPrivateKey),
+    Receipt(p256::ecdsa::SigningKey),
+}
+
+impl ReleasedSecret {
+    /// Parses `secret` released as (`kind`, `id`): a request key must have
+    /// that id; errors say which key and why, never its bytes.
+    fn parse(kind: ReleasedKeyKind, id: &str, secret: &[u8]) -> Result<Self, ServeError> {
+        let bad = |reason: BadKeyReason| ServeError::BadKey {
+            kind,
+            id: id.to_owned(),
+            reason,
+        };
+        Ok(match kind {
+            ReleasedKeyKind::Model => {
+                Self::Model(ModelKey::from_bytes(secret).map_err(|e| bad(BadKeyReason::Model(e)))?)
+            }
+            ReleasedKeyKind::Request => {
+                let key = RequestPrivateKey::from_bytes(secret)
+                    .map_err(|e| bad(BadKeyReason::Request(e)))?;
+                let key_id = key.public_key().key_id();
+                if key_id != id {
+                    return Err(bad(BadKeyReason::RequestKeyId(key_id)));
+                }
+                Self::Request(key)
+            }
+            ReleasedKeyKind::Receipt => Self::Receipt(
+                p256::ecdsa::SigningKey::from_slice(secret)
+                    .map_err(|_| bad(BadKeyReason::ReceiptNotP256))?,
+            ),
+        })
     }
 }
 
