@@ -570,6 +570,28 @@ mod tests {
     }
 
     #[test]
+    fn at_most_max_pending_secrets_wait_for_shares() {
+        let mut pool = SharePool::default();
+        for i in 0..MAX_PENDING_SECRETS {
+            let id = format!("m{i}");
+            let s = &split(ReleasedKeyKind::Model, &id, &[1; 32], 2, 3).unwrap()[0];
+            pool.add(A, s.kind, &id, &s.manifest, z(&s.share), 2)
+                .unwrap();
+        }
+        let s = &split(ReleasedKeyKind::Model, "one-more", &[1; 32], 2, 3).unwrap()[0];
+        assert_eq!(
+            pool.add(A, s.kind, "one-more", &s.manifest, z(&s.share), 2),
+            Err(ShareError::TooManyPending)
+        );
+        assert_eq!(pool.waiting().len(), MAX_PENDING_SECRETS);
+        // A secret already waiting still takes its other shares.
+        let id = "m0";
+        let again = &split(ReleasedKeyKind::Model, id, &[1; 32], 2, 3).unwrap()[1];
+        pool.add(B, again.kind, id, &again.manifest, z(&again.share), 2)
+            .unwrap();
+    }
+
+    #[test]
     fn the_same_keyserver_twice_counts_once() {
         let shares = split(ReleasedKeyKind::Model, "m", &[1; 32], 2, 3).unwrap();
         let mut pool = SharePool::default();

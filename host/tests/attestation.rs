@@ -1798,6 +1798,32 @@ fn two_of_three_keyservers_open_the_loader_and_a_wrong_share_is_named() {
     );
     assert_request_key_not_installed(&mut relay, &ks_a);
 
+    // Two shares of one key in a release, or a request key's share without
+    // its receipt key's: refused with the reason, nothing kept.
+    let (mut twice, _) = release_from(&mut relay, &ks_b);
+    let model_entry = twice
+        .keys
+        .iter()
+        .find(|k| k.kind == K::Model)
+        .unwrap()
+        .clone();
+    twice.keys.push(model_entry);
+    twice.sign(&keyserver_identity(&dir, "ks-b"));
+    let refused = relay.ask(Kind::KeyRelease, &serde_json::to_vec(&twice).unwrap());
+    assert_eq!(
+        error_of(&refused),
+        format!("one key release carries two shares of the model key \"{MODEL_ID}\"")
+    );
+    let (mut unpaired, _) = release_from(&mut relay, &ks_b);
+    unpaired.keys.retain(|k| k.kind != K::Receipt);
+    unpaired.sign(&keyserver_identity(&dir, "ks-b"));
+    let refused = relay.ask(Kind::KeyRelease, &serde_json::to_vec(&unpaired).unwrap());
+    assert_eq!(
+        error_of(&refused),
+        "key release has request keys without a receipt key"
+    );
+    assert_request_key_not_installed(&mut relay, &ks_a);
+
     // b, honest, completes every key.
     let (status, body) = relay.attest(ks_b.addr);
     assert_eq!(status, 200);
