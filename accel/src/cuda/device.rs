@@ -872,9 +872,21 @@ impl Device {
         )?;
         let n = self.stream.clone_dtoh(&count).map_err(CudaError::driver)?;
         let n = (n.first().copied().unwrap_or(0) as usize).min(k);
-        let idx = self.stream.clone_dtoh(&idx).map_err(CudaError::driver)?;
-        let val = self.stream.clone_dtoh(&val).map_err(CudaError::driver)?;
-        Ok(idx.into_iter().zip(val).take(n).collect())
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        // Only the `n` entries the kernel wrote: the rest of the scratch
+        // buffers is uninitialized device memory (compute-sanitizer's
+        // initcheck flagged copying it back, even though it was dropped).
+        let idx = self
+            .stream
+            .clone_dtoh(&idx.slice(..n))
+            .map_err(CudaError::driver)?;
+        let val = self
+            .stream
+            .clone_dtoh(&val.slice(..n))
+            .map_err(CudaError::driver)?;
+        Ok(idx.into_iter().zip(val).collect())
     }
 
     /// The context (for diagnostics).
