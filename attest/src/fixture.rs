@@ -115,6 +115,7 @@ impl Fixture {
             pcrs: self.pcrs(),
             event_log: self.events.clone(),
             endorsement: None,
+            tdx: None,
         }
     }
 

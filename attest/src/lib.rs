@@ -26,6 +26,8 @@ pub mod release;
 pub mod shares;
 #[cfg(feature = "tdx")]
 pub mod tdx;
+#[cfg(feature = "tdx-test")]
+pub mod tdx_test;
 #[cfg(feature = "verify")]
 pub mod verify;
 
@@ -148,6 +150,24 @@ pub struct Evidence {
     /// the AK through the EK certificate instead of a pin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endorsement: Option<Endorsement>,
+    /// A TD quote, when the loader runs in an Intel TDX guest configured to
+    /// produce one: its report data is [`tdx_report_data`] of this nonce and
+    /// key, and the loader extended every event of `event_log` into one RTMR
+    /// ([`rtmr_event_value`]), so the keyserver replays them from the same log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tdx: Option<TdxEvidence>,
+}
+
+/// The TDX part of [`Evidence`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TdxEvidence {
+    /// The TD quote as the guest's quote provider returned it (configfs-tsm
+    /// `outblob`: a version 4 ECDSA quote with its certification data).
+    #[serde(with = "hex::serde")]
+    pub quote: Vec<u8>,
+    /// The RTMR the event log was extended into (2 or 3: the ones Linux lets
+    /// software extend).
+    pub rtmr: u8,
 }
 
 /// What binds the AK to a TPM a manufacturer certified: the EK certificate,
@@ -203,6 +223,41 @@ pub fn tdx_report_data(nonce: &[u8], hpke_public_key: &[u8]) -> [u8; 64] {
     h.update(nonce);
     h.update(hpke_public_key);
     h.finalize().into()
+}
+
+/// The RTMR a loader extends its event log into unless configured otherwise:
+/// RTMR3, which the firmware and the kernel leave to software.
+pub const TDX_EVENT_RTMR: u8 = 3;
+
+/// A TDX measurement register value (SHA-384).
+pub type Digest48 = [u8; 48];
+
+/// What the loader extends into its RTMR for `event`: `SHA-384("cinfer rtmr
+/// event v1" || kind || 0 || digest)`. Unlike the PCR extend (the event's
+/// SHA-256 digest alone), it binds the event's kind, so a log cannot relabel
+/// a measurement as another kind's.
+pub fn rtmr_event_value(event: &Event) -> Digest48 {
+    let mut h = sha2::Sha384::new();
+    h.update(b"cinfer rtmr event v1");
+    h.update(event.kind.as_str().as_bytes());
+    h.update([0]);
+    h.update(event.digest);
+    h.finalize().into()
+}
+
+/// `SHA-384(rtmr || value)`: one RTMR extend (`TDG.MR.RTMR.EXTEND`).
+pub fn rtmr_extend(rtmr: &Digest48, value: &Digest48) -> Digest48 {
+    let mut h = sha2::Sha384::new();
+    h.update(rtmr);
+    h.update(value);
+    h.finalize().into()
+}
+
+/// Replays `events` into an RTMR from its value at TD start (all zeros).
+pub fn rtmr_replay(events: &[Event]) -> Digest48 {
+    events
+        .iter()
+        .fold([0u8; 48], |acc, e| rtmr_extend(&acc, &rtmr_event_value(e)))
 }
 
 /// `SHA-256(pcr || digest)`: one PCR extend in the SHA-256 bank.
@@ -289,6 +344,27 @@ mod tests {
     }
 
     #[test]
+    fn rtmr_replay_binds_order_and_kind() {
+        let a = Event::measure(23, EventKind::Config, "c", b"x");
+        let b = Event::measure(23, EventKind::Policy, "p", b"y");
+        let expected = rtmr_extend(
+            &rtmr_extend(&[0; 48], &rtmr_event_value(&a)),
+            &rtmr_event_value(&b),
+        );
+        assert_eq!(rtmr_replay(&[a.clone(), b.clone()]), expected);
+        assert_ne!(rtmr_replay(&[b, a.clone()]), expected, "order matters");
+        let relabelled = Event {
+            kind: EventKind::Policy,
+            ..a.clone()
+        };
+        assert_ne!(
+            rtmr_event_value(&relabelled),
+            rtmr_event_value(&a),
+            "the kind is bound"
+        );
+    }
+
+    #[test]
     fn evidence_round_trips_through_json() {
         let ev = Evidence {
             version: EVIDENCE_VERSION,
@@ -300,6 +376,10 @@ mod tests {
             pcrs: BTreeMap::from([(23, [7; 32])]),
             event_log: vec![Event::measure(23, EventKind::Config, "c", b"c")],
             endorsement: None,
+            tdx: Some(TdxEvidence {
+                quote: vec![4, 0, 2, 0],
+                rtmr: 3,
+            }),
         };
         let json = ev.to_json();
         assert_eq!(Evidence::from_json(&json).unwrap(), ev);

@@ -10,8 +10,8 @@
 //!    the QE identity, the TCB info and the validity of every collateral item
 //!    at `now`, and the TD attributes (no reserved or migratable bits,
 //!    `SEPT_VE_DISABLE` set);
-//! 3. the TD attributes have DEBUG off (bit 0), checked here so that the
-//!    refusal has its own reason;
+//! 3. the TD attributes have DEBUG (bit 0) and TD profiling (bits 4–6) off,
+//!    checked here so that the refusal has its own reason;
 //! 4. the TCB status is one the reference values allow (`UpToDate` only by
 //!    default);
 //! 5. MRTD, each pinned RTMR, MRCONFIGID and MROWNER equal the reference values;
@@ -51,6 +51,9 @@ pub struct TdxReferenceValues {
     pub mr_config_id: Option<Measurement>,
     /// MROWNER, where pinned.
     pub mr_owner: Option<Measurement>,
+    /// The RTMR the loader extends its event log into (2 or 3); its value
+    /// must be the log's replay ([`crate::rtmr_replay`]), so it is not pinned.
+    pub event_rtmr: u8,
 }
 
 impl TdxReferenceValues {
@@ -64,6 +67,7 @@ impl TdxReferenceValues {
             rtmrs: [None; 4],
             mr_config_id: None,
             mr_owner: None,
+            event_rtmr: crate::TDX_EVENT_RTMR,
         }
     }
 }
@@ -101,8 +105,10 @@ pub enum TdxError {
     /// attributes): `dcap-qvl`'s reason.
     #[error("TD quote refused: {0}")]
     Refused(String),
-    /// The TD runs with DEBUG on: its memory and state are open to the host.
-    #[error("TD attributes have DEBUG on")]
+    /// The TD runs with DEBUG (attribute bit 0) or TD profiling (bits 4–6,
+    /// in the same "TD under debug" group) on: its memory and state are open
+    /// to the host.
+    #[error("TD attributes have DEBUG or TD profiling on")]
     Debug,
     /// The platform's TCB status is not an allowed one.
     #[error("TCB status {found} is not allowed (allowed: {allowed:?}; advisories: {advisories:?})")]
@@ -151,6 +157,60 @@ pub enum TdxError {
     /// The report data does not bind this attestation's nonce and key.
     #[error("the TD report data does not bind this attestation (nonce and key)")]
     ReportData,
+    /// The evidence carries no TD quote, and the reference values require one.
+    #[error("the evidence has no TD quote")]
+    Missing,
+    /// The evidence answers another nonce.
+    #[error("the evidence answers another nonce")]
+    Nonce,
+    /// The loader extended its events into another RTMR than the reference.
+    #[error("the event log was extended into RTMR{found}, the reference is RTMR{expected}")]
+    EventRtmr {
+        /// The RTMR of the reference values.
+        expected: u8,
+        /// The evidence's.
+        found: u8,
+    },
+    /// The event RTMR is not the replay of the event log.
+    #[error("RTMR{rtmr} is not the replay of the event log")]
+    EventLogReplay {
+        /// Which RTMR.
+        rtmr: u8,
+    },
+}
+
+/// Verifies the TDX part of `evidence` as the answer to `expected_nonce`:
+/// the TD quote ([`verify_td_quote`], with the report data bound to the
+/// evidence's nonce and HPKE key) and that the event RTMR is the replay of
+/// the evidence's event log. What each event may be (allowed digests,
+/// required kinds) is checked on the same log by [`crate::verify::verify`].
+pub fn verify_evidence(
+    evidence: &crate::Evidence,
+    expected_nonce: &[u8],
+    collateral: &TdxCollateral,
+    refs: &TdxReferenceValues,
+    now_secs: u64,
+) -> Result<TdxVerdict, TdxError> {
+    let tdx = evidence.tdx.as_ref().ok_or(TdxError::Missing)?;
+    if !crate::verify::constant_time_eq(&evidence.nonce, expected_nonce) {
+        return Err(TdxError::Nonce);
+    }
+    if tdx.rtmr != refs.event_rtmr {
+        return Err(TdxError::EventRtmr {
+            expected: refs.event_rtmr,
+            found: tdx.rtmr,
+        });
+    }
+    let report_data = crate::tdx_report_data(&evidence.nonce, &evidence.hpke_public_key);
+    let verdict = verify_td_quote(&tdx.quote, collateral, refs, now_secs, &report_data)?;
+    let replayed = crate::rtmr_replay(&evidence.event_log);
+    let index = usize::from(refs.event_rtmr);
+    if verdict.rtmrs.get(index) != Some(&replayed) {
+        return Err(TdxError::EventLogReplay {
+            rtmr: refs.event_rtmr,
+        });
+    }
+    Ok(verdict)
 }
 
 /// Checks a pinned 48-byte register.
@@ -186,7 +246,10 @@ pub fn verify_td_quote(
         .verify(quote, collateral, now_secs)
         .map_err(|e| TdxError::Refused(format!("{e:#}")))?;
     let td = verified.report.as_td10().ok_or(TdxError::NotTd)?;
-    if td.td_attributes[0] & 1 != 0 {
+    // `allow_debug(true)` lifts dcap-qvl's check of the whole "TD under
+    // debug" group (bit 0 DEBUG, bits 4-6 profiling), so all four are
+    // refused here; dcap-qvl still refuses the reserved bits 1-3 and 7.
+    if td.td_attributes[0] & 0b0111_0001 != 0 {
         return Err(TdxError::Debug);
     }
     if !refs.allowed_tcb_statuses.contains(&verified.status) {

@@ -17,6 +17,7 @@ mod openai;
 mod proxy;
 mod signing;
 mod split;
+mod tdx_provider;
 
 /// cinfer: confidential inference tools.
 #[derive(Debug, Parser)]
@@ -96,6 +97,12 @@ enum Command {
     /// attestation key and reads its boot PCRs: run it on the machine (VM
     /// image) the loader will run on.
     MeasureLoader(measure::MeasureArgs),
+    /// TESTING ONLY: plays an Intel TDX guest's quote (configfs-tsm) and
+    /// RTMR interfaces in a directory, signing TD quotes with a test PCK
+    /// chain under a root CA made at start (never Intel's), so a loader's
+    /// `[tdx]` evidence can be exercised without TDX hardware. Runs until
+    /// killed; prints `ready DIR` when the directory is complete.
+    TdxTestProvider(tdx_provider::ProviderArgs),
     /// Makes an ECDSA P-256 signing key pair for `cinfer sign` (PKCS#8 PEM
     /// private key, mode 0600; SubjectPublicKeyInfo PEM public key for the
     /// policy's `public-key`). Teams with an HSM or KMS keep the key there and
@@ -440,6 +447,7 @@ fn main() -> std::process::ExitCode {
             Err(e) => Err(e),
         },
         Command::MeasureLoader(args) => measure::run(args),
+        Command::TdxTestProvider(args) => tdx_provider::run(args),
         Command::Keygen { private, public } => keygen(private, public),
         Command::Sign { file, key, out } => sign(file, key, out.as_deref()),
         Command::Verify {

@@ -381,7 +381,7 @@ pub enum KeyserverRole {
 impl System {
     /// Starts everything and waits until the server reports an attested loader.
     pub fn start(name: &str) -> System {
-        let system = Self::start_with(name, &[KeyserverRole::Honest], 1);
+        let system = Self::start_with(name, &[KeyserverRole::Honest], 1, None);
         system.wait_ready();
         system
     }
@@ -393,10 +393,34 @@ impl System {
     /// ([`System::wait_ready`], [`System::readyz`]). With one role and
     /// threshold 1, the keyserver holds whole keys instead.
     pub fn start_quorum(name: &str, roles: &[KeyserverRole], threshold: u8) -> System {
-        Self::start_with(name, roles, threshold)
+        Self::start_with(name, roles, threshold, None)
     }
 
-    fn start_with(name: &str, roles: &[KeyserverRole], threshold: u8) -> System {
+    /// A loader in a (test) TD as well: `cinfer tdx-test-provider` (with
+    /// `provider_args`, e.g. `--debug`) plays the TD's quote and RTMR
+    /// interfaces, the loader's `[tdx]` table points at them, and the
+    /// keyserver requires both kinds of evidence (`[tdx]` pinning the
+    /// provider's MRTD and RTMR0–2, trusting its test root CA). Does not wait
+    /// for readiness.
+    pub fn start_tdx(name: &str, provider_args: &[&str]) -> System {
+        Self::start_with(name, &[KeyserverRole::Honest], 1, Some(provider_args))
+    }
+
+    /// A keyserver's audit log (`audit-{i}.jsonl`), one JSON value a line.
+    pub fn audit(&self, keyserver: usize) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.join(format!("audit-{keyserver}.jsonl")))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+            .collect()
+    }
+
+    fn start_with(
+        name: &str,
+        roles: &[KeyserverRole],
+        threshold: u8,
+        tdx: Option<&[&str]>,
+    ) -> System {
         let dir = std::env::temp_dir().join(format!("cinfer-e2e-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let (loader_dir, server_dir) = (dir.join("loader"), dir.join("server"));
@@ -512,6 +536,32 @@ impl System {
             ),
         )
         .expect("policy");
+        let mut children = Vec::new();
+        // The test TD's interfaces, up before the loader extends its RTMR.
+        let tdx_dir = dir.join("tdx");
+        let tdx_table = if let Some(args) = tdx {
+            let mut provider = Command::new(bin("cinfer"))
+                .arg("tdx-test-provider")
+                .arg("--dir")
+                .arg(&tdx_dir)
+                .args(args)
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("cinfer tdx-test-provider");
+            let mut ready = String::new();
+            BufReader::new(provider.stdout.take().expect("stdout"))
+                .read_line(&mut ready)
+                .expect("provider output");
+            assert!(ready.starts_with("ready "), "provider: {ready:?}");
+            children.push(provider);
+            format!(
+                "[tdx]\nreport-dir = \"{}\"\nmeasurements-dir = \"{}\"\n",
+                tdx_dir.join("report").display(),
+                tdx_dir.join("measurements").display()
+            )
+        } else {
+            String::new()
+        };
         let swtpm = cinfer_tpm::swtpm::Swtpm::start().expect("swtpm (scripts/setup installs it)");
         // The server's channel key; the loader serves only the server holding it.
         let server_key = run(Command::new(bin("inference-server"))
@@ -521,7 +571,7 @@ impl System {
         std::fs::write(
             l.join("loader.toml"),
             format!(
-                "listen = \"tcp:127.0.0.1:0\"\ntpm = \"{}\"\npolicy = \"policy.toml\"\nmax-in-flight = 8\nkeyservers = [{}]\nkeyserver-threshold = {threshold}\nserver-keys = [\"{}\"]\n[[model]]\nid = \"{MODEL_ID}\"\npath = \"smollm2.sealed\"\n",
+                "listen = \"tcp:127.0.0.1:0\"\ntpm = \"{}\"\npolicy = \"policy.toml\"\nmax-in-flight = 8\nkeyservers = [{}]\nkeyserver-threshold = {threshold}\nserver-keys = [\"{}\"]\n{tdx_table}[[model]]\nid = \"{MODEL_ID}\"\npath = \"smollm2.sealed\"\n",
                 swtpm.tcti(),
                 identities
                     .iter()
@@ -540,11 +590,35 @@ impl System {
             .arg(l.join("loader.toml"))
             .arg("--binary")
             .arg(bin("trusted-loader"))
-            .args(["--tpm", &swtpm.tcti()]));
-        let reference = measured
+            .args(["--tpm", &swtpm.tcti()])
+            .args(
+                tdx.map(|_| {
+                    vec![
+                        "--tdx-measurements".to_owned(),
+                        tdx_dir.join("measurements").display().to_string(),
+                    ]
+                })
+                .unwrap_or_default(),
+            ));
+        let (before, reference) = measured
             .split_once("# keyserver reference values:\n")
-            .expect("reference values")
-            .1;
+            .expect("reference values");
+        // The keyserver's [tdx] table, with the provider's trust anchor and
+        // collateral.
+        let keyserver_tdx = match tdx {
+            Some(_) => {
+                let table = before
+                    .split_once("[tdx]\n")
+                    .expect("measure-loader printed a [tdx] table")
+                    .1;
+                format!(
+                    "[tdx]\nroot-ca = \"{}\"\ncollateral = \"{}\"\n{table}",
+                    tdx_dir.join("root-ca.der").display(),
+                    tdx_dir.join("collateral.json").display()
+                )
+            }
+            None => String::new(),
+        };
         std::fs::write(dir.join("reference.toml"), reference).expect("reference");
         // A reference that pins another value for boot PCR 0.
         let mut refusing = String::new();
@@ -568,7 +642,6 @@ impl System {
             "the reference pins boot PCR 0: {reference}"
         );
         std::fs::write(dir.join("refusing.toml"), refusing).expect("reference");
-        let mut children = Vec::new();
         let mut ks_ports = Vec::new();
         for (i, role) in roles.iter().enumerate() {
             let port = free_port();
@@ -580,7 +653,7 @@ impl System {
             std::fs::write(
                 dir.join(format!("keyserver-{i}.toml")),
                 format!(
-                    "listen = \"127.0.0.1:{port}\"\nstate-dir = \"{}\"\nkek-file = \"{}\"\naudit-log = \"{}\"\nreference-file = \"{}\"\n",
+                    "listen = \"127.0.0.1:{port}\"\nstate-dir = \"{}\"\nkek-file = \"{}\"\naudit-log = \"{}\"\nreference-file = \"{}\"\n{keyserver_tdx}",
                     dir.join(format!("ks-state-{i}")).display(),
                     dir.join(format!("ks-kek-{i}")).display(),
                     dir.join(format!("audit-{i}.jsonl")).display(),

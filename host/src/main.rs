@@ -73,10 +73,18 @@ fn serve(config: &Path) -> Result<ExitCode> {
         events,
     } = cinfer_host::measure::measure(config, &binary)?;
     let tpm = cinfer_tpm::Tpm::open(&cfg.tpm)?;
-    let attestor = cinfer_host::serve::Attestor::measure(tpm, cfg.pcr, events, cfg.quote_pcrs())?
-        .pin_keyservers(cfg.pinned_keyservers()?)
-        .keyserver_threshold(cfg.keyserver_threshold);
+    let mut attestor =
+        cinfer_host::serve::Attestor::measure(tpm, cfg.pcr, events, cfg.quote_pcrs())?
+            .pin_keyservers(cfg.pinned_keyservers()?)
+            .keyserver_threshold(cfg.keyserver_threshold);
     tracing::info!(events = attestor.events().len(), pcr = cfg.pcr, "measured");
+    if let Some(tdx) = &cfg.tdx {
+        attestor = attestor.with_tdx(tdx.clone())?;
+        tracing::info!(
+            rtmr = tdx.rtmr,
+            "extended into the TD's RTMR; TD quotes with every evidence"
+        );
+    }
     if cfg.keyservers.is_empty() {
         tracing::warn!(
             "no keyservers pinned: any key release that unwraps is installed (development only)"

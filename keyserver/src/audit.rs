@@ -41,6 +41,12 @@ pub struct AuditRecord {
     /// Hex SHA-256 of the EK certificate, when the AK was trusted through it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ek_certificate_fingerprint: Option<String>,
+    /// The TD's TCB status, when a TD quote was required and verified.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tdx_tcb_status: Option<String>,
+    /// Hex MRTD of that TD.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tdx_mrtd: Option<String>,
     /// Released keys, as `kind:id`.
     pub keys: Vec<String>,
 }

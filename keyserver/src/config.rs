@@ -104,6 +104,76 @@ pub struct EndorsementPolicy {
     pub required: bool,
 }
 
+/// What a TD must be for keys to be released to a loader inside it
+/// (`[tdx]`). When the table is present, every evidence must carry a TD quote
+/// as well as the TPM quote (both kinds required); absent, TPM evidence alone
+/// suffices and a TD quote is not looked at.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct TdxPolicy {
+    /// The root CA (DER or PEM) the PCK chain and the collateral's signers
+    /// chain to: Intel's SGX Root CA in production.
+    pub root_ca: PathBuf,
+    /// Collateral for the platforms' FMSPCs, as Intel's PCS or a PCCS serves
+    /// it, assembled as one JSON object (`dcap-qvl`'s `QuoteCollateralV3`:
+    /// PCK CRL and its issuer chain, root CA CRL, TCB info and QE identity
+    /// with their signatures and issuer chains). Read at start; checked for
+    /// validity at every attestation, so refresh it (and restart) before its
+    /// next update date.
+    pub collateral: PathBuf,
+    /// MRTD (hex, 48 bytes): the TD's initial memory (its firmware).
+    pub mrtd: String,
+    /// RTMR0 (firmware configuration), where pinned (hex).
+    #[serde(default)]
+    pub rtmr0: Option<String>,
+    /// RTMR1 (kernel, command line), where pinned (hex).
+    #[serde(default)]
+    pub rtmr1: Option<String>,
+    /// RTMR2, where pinned (hex); not the event RTMR.
+    #[serde(default)]
+    pub rtmr2: Option<String>,
+    /// MRCONFIGID, where pinned (hex).
+    #[serde(default)]
+    pub mrconfigid: Option<String>,
+    /// MROWNER, where pinned (hex).
+    #[serde(default)]
+    pub mrowner: Option<String>,
+    /// The RTMR the loader extends its event log into (its `tdx.rtmr`).
+    #[serde(default = "default_event_rtmr")]
+    pub event_rtmr: u8,
+    /// TCB statuses accepted [default: `UpToDate` only].
+    #[serde(default = "default_tcb_statuses")]
+    pub allowed_tcb_statuses: Vec<String>,
+}
+
+fn default_event_rtmr() -> u8 {
+    cinfer_attest::TDX_EVENT_RTMR
+}
+
+fn default_tcb_statuses() -> Vec<String> {
+    vec!["UpToDate".to_owned()]
+}
+
+/// TCB statuses Intel's collateral gives a platform.
+pub const TCB_STATUSES: [&str; 7] = [
+    "UpToDate",
+    "SWHardeningNeeded",
+    "ConfigurationNeeded",
+    "ConfigurationAndSWHardeningNeeded",
+    "OutOfDate",
+    "OutOfDateConfigurationNeeded",
+    "Revoked",
+];
+
+/// The TDX trust the keyserver checks TD quotes against.
+#[derive(Debug, Clone)]
+pub struct TdxTrust {
+    /// Root CA, measurement pins, TCB policy, event RTMR.
+    pub refs: cinfer_attest::tdx::TdxReferenceValues,
+    /// The collateral the quotes are verified with.
+    pub collateral: cinfer_attest::tdx::TdxCollateral,
+}
+
 /// The parsed configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -137,6 +207,8 @@ pub struct Config {
     pub endorsement: EndorsementPolicy,
     /// TLS on the listener (`tls-cert` and `tls-key`); plain HTTP without.
     pub tls: Option<cinfer_tls::TlsIdentity>,
+    /// TD quotes required, and what they must show (`[tdx]`).
+    pub tdx: Option<TdxPolicy>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -167,6 +239,7 @@ struct RawConfig {
     endorsement: EndorsementPolicy,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    tdx: Option<TdxPolicy>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -307,6 +380,11 @@ impl Config {
             release: raw.release,
             endorsement,
             tls,
+            tdx: raw.tdx.map(|t| TdxPolicy {
+                root_ca: abs(t.root_ca),
+                collateral: abs(t.collateral),
+                ..t
+            }),
         })
     }
 
@@ -332,7 +410,98 @@ impl Config {
             release: ReleasePolicy::default(),
             endorsement: EndorsementPolicy::default(),
             tls: None,
+            tdx: None,
         }
+    }
+
+    /// The TDX trust (`[tdx]`): root CA and collateral read from their files,
+    /// pins parsed and checked. `None` without a `[tdx]` table.
+    pub fn tdx_trust(&self) -> Result<Option<TdxTrust>, ConfigError> {
+        let Some(t) = &self.tdx else {
+            return Ok(None);
+        };
+        let invalid = |m: String| ConfigError::Invalid(format!("tdx: {m}"));
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|error| ConfigError::Read {
+                path: path.clone(),
+                error,
+            })
+        };
+        let root = read(&t.root_ca)?;
+        let root_ca_der = if root.starts_with(b"-----BEGIN") {
+            let text = String::from_utf8_lossy(&root);
+            let mut certs =
+                crate::endorsement::certificates_from_pem(&text).map_err(|message| {
+                    ConfigError::Parse {
+                        path: t.root_ca.clone(),
+                        message,
+                    }
+                })?;
+            if certs.len() != 1 {
+                return Err(invalid(format!(
+                    "root-ca {} holds {} certificates, not one",
+                    t.root_ca.display(),
+                    certs.len()
+                )));
+            }
+            certs.remove(0)
+        } else {
+            root
+        };
+        let collateral =
+            cinfer_attest::tdx::parse_collateral(&read(&t.collateral)?).map_err(|e| {
+                ConfigError::Parse {
+                    path: t.collateral.clone(),
+                    message: e.to_string(),
+                }
+            })?;
+        let measurement = |key: &str, hex_value: &str| -> Result<[u8; 48], ConfigError> {
+            let mut out = [0u8; 48];
+            hex::decode_to_slice(hex_value.trim(), &mut out)
+                .map_err(|e| invalid(format!("{key} is not 48 bytes of hex: {e}")))?;
+            Ok(out)
+        };
+        let optional =
+            |key: &str, v: &Option<String>| v.as_deref().map(|h| measurement(key, h)).transpose();
+        if !(2..=3).contains(&t.event_rtmr) {
+            return Err(invalid(format!(
+                "event-rtmr = {}: a loader extends RTMR2 or RTMR3 only",
+                t.event_rtmr
+            )));
+        }
+        if t.event_rtmr == 2 && t.rtmr2.is_some() {
+            return Err(invalid(
+                "rtmr2 is the event RTMR: it is replayed from the event log, not pinned".into(),
+            ));
+        }
+        if t.allowed_tcb_statuses.is_empty() {
+            return Err(invalid(
+                "allowed-tcb-statuses is empty: nothing could verify".into(),
+            ));
+        }
+        if let Some(bad) = t
+            .allowed_tcb_statuses
+            .iter()
+            .find(|s| !TCB_STATUSES.contains(&s.as_str()))
+        {
+            return Err(invalid(format!(
+                "unknown TCB status {bad:?} in allowed-tcb-statuses (known: {})",
+                TCB_STATUSES.join(", ")
+            )));
+        }
+        let mut refs =
+            cinfer_attest::tdx::TdxReferenceValues::new(root_ca_der, measurement("mrtd", &t.mrtd)?);
+        refs.rtmrs = [
+            optional("rtmr0", &t.rtmr0)?,
+            optional("rtmr1", &t.rtmr1)?,
+            optional("rtmr2", &t.rtmr2)?,
+            None,
+        ];
+        refs.mr_config_id = optional("mrconfigid", &t.mrconfigid)?;
+        refs.mr_owner = optional("mrowner", &t.mrowner)?;
+        refs.event_rtmr = t.event_rtmr;
+        refs.allowed_tcb_statuses = t.allowed_tcb_statuses.clone();
+        Ok(Some(TdxTrust { refs, collateral }))
     }
 
     /// The reference values (reading the separate file if configured), checked.
@@ -509,5 +678,77 @@ mod tests {
             "{err}"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `[tdx]`: the root CA (DER or PEM) and collateral read relative to the
+    /// configuration, the pins parsed; each mistake refused with its key.
+    #[test]
+    fn tdx_table_reads_its_trust_and_refuses_each_mistake() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../attest/tests/fixtures/tdx");
+        let m = "ab".repeat(48);
+        let base = format!(
+            "state-dir = \"s\"\naudit-log = \"a\"\n{}[tdx]\nroot-ca = \"intel-sgx-root-ca.der\"\ncollateral = \"tdx_quote_collateral.json\"\nmrtd = \"{m}\"\n",
+            reference()
+        );
+        let trust = |text: &str| Config::parse(text, &fixtures).and_then(|c| c.tdx_trust());
+        let t = trust(&base).unwrap().expect("[tdx] given");
+        assert_eq!(t.refs.mr_td, [0xab; 48]);
+        assert_eq!(t.refs.event_rtmr, 3);
+        assert_eq!(t.refs.allowed_tcb_statuses, ["UpToDate"]);
+        assert_eq!(t.refs.rtmrs, [None; 4]);
+        assert_eq!(
+            t.refs.root_ca_der,
+            std::fs::read(fixtures.join("intel-sgx-root-ca.der")).unwrap()
+        );
+        let pinned = trust(&format!(
+            "{base}rtmr0 = \"{m}\"\nmrowner = \"{m}\"\nallowed-tcb-statuses = [\"UpToDate\", \"SWHardeningNeeded\"]\n"
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(pinned.refs.rtmrs[0], Some([0xab; 48]));
+        assert_eq!(pinned.refs.mr_owner, Some([0xab; 48]));
+        assert_eq!(pinned.refs.allowed_tcb_statuses.len(), 2);
+        // Without the table: no TD quote required.
+        let none = format!("state-dir = \"s\"\naudit-log = \"a\"\n{}", reference());
+        assert!(trust(&none).unwrap().is_none());
+
+        for (edit, expected) in [
+            (format!("{base}event-rtmr = 1\n"), "event-rtmr = 1"),
+            (
+                format!("{base}event-rtmr = 2\nrtmr2 = \"{m}\"\n"),
+                "rtmr2 is the event RTMR",
+            ),
+            (
+                base.replace(&format!("mrtd = \"{m}\""), "mrtd = \"abcd\""),
+                "mrtd is not 48 bytes of hex",
+            ),
+            (
+                format!("{base}rtmr1 = \"zz\"\n"),
+                "rtmr1 is not 48 bytes of hex",
+            ),
+            (
+                format!("{base}allowed-tcb-statuses = [\"UpToDat\"]\n"),
+                "unknown TCB status \"UpToDat\"",
+            ),
+            (
+                format!("{base}allowed-tcb-statuses = []\n"),
+                "allowed-tcb-statuses is empty",
+            ),
+            (
+                base.replace("tdx_quote_collateral.json", "missing.json"),
+                "missing.json",
+            ),
+            (
+                base.replace("tdx_quote_collateral.json", "intel-sgx-root-ca.der"),
+                "intel-sgx-root-ca.der",
+            ),
+        ] {
+            let err = trust(&edit).unwrap_err().to_string();
+            assert!(err.contains(expected), "{expected}: {err}");
+        }
+        assert!(matches!(
+            Config::parse(&format!("{base}mrtdd = \"{m}\"\n"), &fixtures),
+            Err(ConfigError::Parse { .. })
+        ));
     }
 }

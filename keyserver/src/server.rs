@@ -84,6 +84,8 @@ struct Inner {
     clock: Arc<dyn Clock>,
     refs: ReferenceValues,
     ek_trust: EkTrust,
+    /// TD quotes required, checked against this (`[tdx]`).
+    tdx: Option<crate::config::TdxTrust>,
     keys: Keys,
     release_models: Vec<String>,
     nonces: Mutex<NonceStore>,
@@ -106,6 +108,7 @@ impl KeyServer {
     pub fn new(config: Config, clock: Arc<dyn Clock>) -> Result<Self, KeyServerError> {
         let refs = config.reference_values()?;
         let ek_trust = config.ek_trust()?;
+        let tdx = config.tdx_trust()?;
         if !config.endorsement.required && !refs.trusted_aks.is_empty() && !ek_trust.is_empty() {
             tracing::info!(
                 "AKs are trusted through EK certificates, or pinned (trusted-aks; set endorsement.required to refuse pins)"
@@ -187,6 +190,7 @@ impl KeyServer {
                 clock,
                 refs,
                 ek_trust,
+                tdx,
                 keys,
                 release_models,
                 nonces,
@@ -262,6 +266,8 @@ impl KeyServer {
                     tpm_clock: None,
                     ak_trust: None,
                     ek_certificate_fingerprint: None,
+                    tdx_tcb_status: None,
+                    tdx_mrtd: None,
                     keys: Vec::new(),
                 });
                 error(status, &reason)
@@ -338,6 +344,25 @@ impl KeyServer {
                     return refuse(status, e.to_string(), Some(nonce), ak);
                 }
             };
+        // A TD quote, when the reference values require TDX evidence: the
+        // quote verified against the collateral at the keyserver's clock, the
+        // report data bound to this nonce and key, the event RTMR replayed
+        // from the same event log the TPM's PCR replays.
+        let td = match &self.inner.tdx {
+            Some(t) => match cinfer_attest::tdx::verify_evidence(
+                &evidence,
+                nonce,
+                &t.collateral,
+                &t.refs,
+                self.inner.clock.now_unix(),
+            ) {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    return refuse(StatusCode::FORBIDDEN, format!("tdx: {e}"), Some(nonce), ak);
+                }
+            },
+            None => None,
+        };
         // Spent now, atomically with its check: of two attestations racing on
         // one nonce, the second is refused.
         let spent = match self.inner.nonces.lock() {
@@ -372,6 +397,8 @@ impl KeyServer {
                 "pinned"
             }),
             ek_certificate_fingerprint: endorsed.map(|e| e.ek_certificate_fingerprint),
+            tdx_mrtd: td.as_ref().map(|v| hex::encode(v.mr_td)),
+            tdx_tcb_status: td.map(|v| v.tcb_status),
             keys: release
                 .keys
                 .iter()

@@ -474,6 +474,7 @@ async fn tpm2_quote_is_accepted() {
         pcrs: BTreeMap::from([(0, value(0)), (7, value(1)), (PCR, pcr23)]),
         event_log: events,
         endorsement: None,
+        tdx: None,
     };
     let _ = std::fs::remove_dir_all(&dir);
 

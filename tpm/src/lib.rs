@@ -593,6 +593,7 @@ impl Tpm {
                 pcrs: values,
                 event_log: event_log.to_vec(),
                 endorsement: None,
+                tdx: None,
             });
         }
         Err(TpmError::PcrsChanged {

@@ -97,6 +97,9 @@ pub struct Attestor {
     threshold: u8,
     /// Shares of split keys not yet complete.
     pool: SharePool,
+    /// The TD's quote provider, when the loader runs in a TDX guest
+    /// configured to produce TD quotes.
+    tdx: Option<super::tdx::TdxQuoter>,
 }
 
 impl std::fmt::Debug for Attestor {
@@ -174,7 +177,15 @@ impl Attestor {
             pinned: Vec::new(),
             threshold: 1,
             pool: SharePool::default(),
+            tdx: None,
         })
+    }
+
+    /// Also produces TDX evidence: extends the event log into the configured
+    /// RTMR now, and sends a TD quote with every evidence.
+    pub fn with_tdx(mut self, config: super::tdx::TdxConfig) -> Result<Self, ServeError> {
+        self.tdx = Some(super::tdx::TdxQuoter::extend(config, &self.events)?);
+        Ok(self)
     }
 
     /// Installs only releases signed by one of these keyserver identities (SEC1).
@@ -265,6 +276,13 @@ impl Attestor {
             &self.events,
         )?;
         evidence.endorsement = self.endorsement.clone();
+        if let Some(tdx) = &mut self.tdx {
+            let report_data = cinfer_attest::tdx_report_data(nonce, &evidence.hpke_public_key);
+            evidence.tdx = Some(cinfer_attest::TdxEvidence {
+                quote: tdx.quote(&report_data)?,
+                rtmr: tdx.rtmr(),
+            });
+        }
         self.pending = Some(Pending {
             nonce: nonce.to_vec(),
             key,

@@ -85,6 +85,11 @@ pub struct ServeConfig {
     /// Sealed models served; each is opened when the keyserver releases its key.
     #[serde(default, rename = "model")]
     pub models: Vec<ModelConfig>,
+    /// In an Intel TDX guest: also extend the event log into an RTMR and send
+    /// a TD quote with every evidence ([`super::tdx`]). Absent: TPM evidence
+    /// only. Measured with this file.
+    #[serde(default)]
+    pub tdx: Option<super::tdx::TdxConfig>,
 }
 
 /// A program a serving loader offers.

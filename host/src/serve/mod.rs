@@ -48,6 +48,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 mod attestation;
 mod config;
 mod service;
+pub mod tdx;
 
 pub use attestation::{Attestor, InstalledKeys, ProgramInfo, RequestKeys, StagedRelease};
 pub use config::{ConfigError, DEFAULT_BOOT_PCRS, ModelConfig, ProgramConfig, ServeConfig};
@@ -63,6 +64,9 @@ pub enum ServeError {
     /// The TPM refused or failed.
     #[error(transparent)]
     Tpm(#[from] cinfer_tpm::TpmError),
+    /// The TD's measurement registers or quote provider failed.
+    #[error("tdx: {0}")]
+    Tdx(#[from] tdx::TdxError),
     /// The channel failed or a frame was malformed (the connection is closed).
     #[error(transparent)]
     Frame(#[from] FrameError),
