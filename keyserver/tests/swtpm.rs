@@ -894,3 +894,58 @@ async fn write_endorsement_fixtures() {
     )
     .unwrap();
 }
+
+/// `[tdx]`: both kinds required. Evidence with the TPM quote and a TD quote
+/// (test platform) bound to the same nonce and key, the TD's RTMR3 the
+/// replay of the same event log, is released and audited with the TD's TCB
+/// status and MRTD; the same TPM quote without a TD quote, with a TD quote
+/// of another attestation, or from another TD firmware, is refused by kind
+/// and check, and spends nothing.
+#[tokio::test]
+async fn with_tdx_required_keys_need_the_tpm_quote_and_a_td_quote() {
+    let mut td = common::TestTd::new();
+    let root = common::temp_root();
+    let policy = td.policy(&root);
+    let Some(mut s) = setup_with(|c| c.tdx = Some(policy)).await else {
+        return;
+    };
+    let (mut first, first_key) = quote(&mut s, &good_events()).await;
+    assert_refused(&s.h, &first, "tdx: the evidence has no TD quote").await;
+
+    let (mut ev, _) = quote(&mut s, &good_events()).await;
+    let (mut other, _) = quote(&mut s, &good_events()).await;
+    td.add_quote(&mut other);
+    ev.tdx = other.tdx.clone();
+    assert_refused(
+        &s.h,
+        &ev,
+        "tdx: the TD report data does not bind this attestation (nonce and key)",
+    )
+    .await;
+
+    let (mut ev, _) = quote(&mut s, &good_events()).await;
+    let mrtd = td.fields.mr_td;
+    td.fields.mr_td = [0x11; 48];
+    td.add_quote(&mut ev);
+    td.fields.mr_td = mrtd;
+    assert_refused(
+        &s.h,
+        &ev,
+        &format!(
+            "tdx: MRTD {} is not the reference {}",
+            hex::encode([0x11; 48]),
+            hex::encode(mrtd)
+        ),
+    )
+    .await;
+
+    // The refusals spent nothing: the first nonce still attests, now with
+    // its TD quote.
+    td.add_quote(&mut first);
+    assert_released(&s.h, &first, &first_key).await;
+    let audit = std::fs::read_to_string(s.h.root.join("audit.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(audit.lines().last().unwrap()).unwrap();
+    assert_eq!(last["tdx_tcb_status"], "UpToDate");
+    assert_eq!(last["tdx_mrtd"], hex::encode(common::TD_MRTD));
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -155,3 +155,62 @@ pub fn unwrap_released(
     .unwrap();
     (k.id.clone(), secret.to_vec())
 }
+
+/// TD quotes for a keyserver's `[tdx]`: a test TDX platform (PCK chain under
+/// a test root, collateral valid at [`START`]) and the TD's registers.
+pub struct TestTd {
+    pub platform: cinfer_attest::tdx_test::TestTdxPlatform,
+    pub fields: cinfer_attest::tdx_test::TdFields,
+}
+
+/// The MRTD of [`TestTd`]'s TD.
+pub const TD_MRTD: [u8; 48] = [0x5d; 48];
+
+impl TestTd {
+    pub fn new() -> Self {
+        let platform = cinfer_attest::tdx_test::TestTdxPlatform::generate(
+            cinfer_attest::tdx_test::TestTcb::UpToDate,
+            START,
+        )
+        .unwrap();
+        let fields = cinfer_attest::tdx_test::TdFields {
+            mr_td: TD_MRTD,
+            ..Default::default()
+        };
+        TestTd { platform, fields }
+    }
+
+    /// The keyserver's `[tdx]`, its root CA and collateral written under
+    /// `root`.
+    pub fn policy(&self, root: &Path) -> cinfer_keyserver::config::TdxPolicy {
+        std::fs::write(root.join("tdx-root.der"), self.platform.root_ca_der()).unwrap();
+        std::fs::write(
+            root.join("tdx-collateral.json"),
+            self.platform.collateral_json(),
+        )
+        .unwrap();
+        cinfer_keyserver::config::TdxPolicy {
+            root_ca: root.join("tdx-root.der"),
+            collateral: root.join("tdx-collateral.json"),
+            mrtd: hex::encode(TD_MRTD),
+            rtmr0: None,
+            rtmr1: None,
+            rtmr2: None,
+            mrconfigid: None,
+            mrowner: None,
+            event_rtmr: 3,
+            allowed_tcb_statuses: vec!["UpToDate".to_owned()],
+        }
+    }
+
+    /// Adds the TD quote a loader in this TD would send: report data over
+    /// the evidence's nonce and key, RTMR3 the replay of its event log.
+    pub fn add_quote(&mut self, ev: &mut cinfer_attest::Evidence) {
+        self.fields.report_data = cinfer_attest::tdx_report_data(&ev.nonce, &ev.hpke_public_key);
+        self.fields.rtmrs[3] = cinfer_attest::rtmr_replay(&ev.event_log);
+        ev.tdx = Some(cinfer_attest::TdxEvidence {
+            quote: self.platform.quote(&self.fields),
+            rtmr: 3,
+        });
+    }
+}
