@@ -75,7 +75,16 @@ fn load(b: &dyn Backend, m: &SealedGguf) -> Model {
 }
 
 /// Prompt time (to the first token) and decode time for `n` more tokens.
-fn run(b: &dyn Backend, m: &Model, prompt: &[u32], n: usize) -> (Duration, Duration) {
+/// Prompt time, decode time, and the decode steps' host time split: until
+/// the argmax launch (enqueuing every op: on a GPU the launches and
+/// allocations) and in the argmax (on a GPU: waiting for the queued work,
+/// then the copy back).
+fn run(
+    b: &dyn Backend,
+    m: &Model,
+    prompt: &[u32],
+    n: usize,
+) -> (Duration, Duration, [Duration; 2]) {
     let (dim, hd) = (m.dim, m.dim / m.heads);
     let ctx = prompt.len() + n + 1;
     let mut caches: Vec<(DeviceBuffer, DeviceBuffer)> = (0..m.layers.len())
@@ -88,7 +97,9 @@ fn run(b: &dyn Backend, m: &Model, prompt: &[u32], n: usize) -> (Duration, Durat
     let mut pos = 0;
     let start = Instant::now();
     let mut first = None;
+    let mut split = [Duration::ZERO; 2];
     for _ in 0..=n {
+        let step = Instant::now();
         let seq = ids.len();
         let mm = |x: &DeviceBuffer, w: &DeviceBuffer, k: usize, n: usize| {
             b.matmul(x, w, seq, k, n).expect("matmul")
@@ -133,15 +144,19 @@ fn run(b: &dyn Backend, m: &Model, prompt: &[u32], n: usize) -> (Duration, Durat
         let h = b.rmsnorm(&last, &m.out_norm, dim, m.eps).expect("norm");
         let logits = b.matmul(&h, &m.output, 1, dim, m.vocab).expect("logits");
         // The argmax downloads: each step ends synchronised with the device.
+        let enqueued = Instant::now();
         let next = b.argmax(&logits, m.vocab).expect("argmax")[0];
         if first.is_none() {
             first = Some(start.elapsed());
+        } else {
+            split[0] += enqueued - step;
+            split[1] += enqueued.elapsed();
         }
         pos += seq;
         ids = vec![next];
     }
     let first = first.expect("one step");
-    (first, start.elapsed() - first)
+    (first, start.elapsed() - first, split)
 }
 
 fn main() {
@@ -186,6 +201,7 @@ fn main() {
     println!("| backend | load (decrypt+upload) | prompt tok/s (128) | decode tok/s |");
     println!("|---|---|---|---|");
     let backends: [(&str, &dyn Backend); 2] = [("cuda", &cuda), ("cpu", &CpuBackend)];
+    let mut splits = Vec::new();
     for (name, b) in backends {
         let t = Instant::now();
         for n in &names {
@@ -199,15 +215,29 @@ fn main() {
         run(b, &model, &prompt[..8], 4); // warm-up (kernel loading, pools)
         let runs = if name == "cuda" { 5 } else { 2 };
         let mut best = (Duration::MAX, Duration::MAX);
+        let mut split = [Duration::MAX; 2];
         for _ in 0..runs {
-            let (p, d) = run(b, &model, &prompt, decode);
+            let (p, d, s) = run(b, &model, &prompt, decode);
+            if d < best.1 {
+                split = s;
+            }
             best = (best.0.min(p), best.1.min(d));
         }
+        splits.push((name, split));
         println!(
             "| {name} | {:.0} ms | {:.0} | {:.1} |",
             load_time.as_secs_f64() * 1e3,
             prompt.len() as f64 / best.0.as_secs_f64(),
             decode as f64 / best.1.as_secs_f64()
+        );
+    }
+    println!();
+    for (name, [enqueue, wait]) in splits {
+        println!(
+            "{name} decode, per token: {:.2} ms enqueuing every op up to argmax, {:.2} ms in argmax \
+             (on a GPU: waiting for the queued kernels, then the copy back)",
+            enqueue.as_secs_f64() * 1e3 / decode as f64,
+            wait.as_secs_f64() * 1e3 / decode as f64
         );
     }
 }
