@@ -314,7 +314,7 @@ impl Device {
                     hint: format!("the driver reports {count} device(s)"),
                 });
             }
-            let ctx = CudaContext::new(ordinal).map_err(CudaError::driver)?;
+            let ctx = ffi::single_stream_context(ordinal)?;
             let name = ctx.name().map_err(CudaError::driver)?;
             let arch = ctx.compute_capability().map_err(CudaError::driver)?;
             let stream = ctx.default_stream();

@@ -33,6 +33,26 @@ pub(crate) fn cublas_present() -> bool {
     unsafe { cudarc::cublas::sys::is_culib_present() }
 }
 
+/// A context for device `ordinal` whose buffers do not track their uses with
+/// CUDA events. cudarc's tracking gives every allocation two events (created
+/// with it, destroyed with it: four driver calls an allocation) to order
+/// uses across streams; this backend uses one stream per context (its
+/// default stream, which cuBLAS shares) and orders its host copies with its
+/// own events (`Staging`), so the tracking only costs time: about a fifth
+/// of a decode step's host time on an H200, where decode is bound by the
+/// host's launches and allocations.
+pub(crate) fn single_stream_context(ordinal: usize) -> Result<Arc<CudaContext>, CudaError> {
+    let ctx = CudaContext::new(ordinal).map_err(CudaError::driver)?;
+    // SAFETY: called before any buffer of this context exists, and the
+    // context never gets a second stream (`Device` uses `default_stream`
+    // only; `new_stream` is never called), so no buffer is ever used on a
+    // stream other than the one that allocated it, frees it and orders every
+    // use of it: the synchronization the events would provide is the
+    // stream's own order.
+    unsafe { ctx.disable_event_tracking() };
+    Ok(ctx)
+}
+
 /// Element types whose every bit pattern is a valid value, so uninitialised
 /// device memory read back is still a valid (if meaningless) value.
 pub(crate) trait Pod: DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy {}
