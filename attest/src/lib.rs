@@ -43,7 +43,7 @@ pub use release::{
 #[cfg(feature = "verify")]
 pub use verify::{
     AkTrust, EvidenceError, RESETTABLE_PCRS, ReferenceError, ReferenceValues, Verified,
-    is_reset_value, verify, verify_with,
+    is_reset_value, verify, verify_event_log, verify_with,
 };
 
 use serde::{Deserialize, Serialize};

@@ -279,19 +279,7 @@ pub fn verify_with(
     if replay(&evidence.event_log, measured) != measured_value {
         return Err(EvidenceError::EventLogReplayMismatch { pcr: measured });
     }
-    for event in &evidence.event_log {
-        if !expected.event_allowed(event.kind, &event.digest) {
-            return Err(EvidenceError::EventNotAllowed {
-                kind: event.kind,
-                digest: hex::encode(event.digest),
-            });
-        }
-    }
-    for kind in REQUIRED_EVENT_KINDS {
-        if !evidence.event_log.iter().any(|e| e.kind == kind) {
-            return Err(EvidenceError::MissingEvent { kind });
-        }
-    }
+    check_events(&evidence.event_log, &expected)?;
 
     // ...and whose other PCRs have their reference values.
     for (pcr, value) in &refs.pcrs {
@@ -308,6 +296,48 @@ pub fn verify_with(
         firmware_version: quote.firmware_version,
         quoted_pcrs,
     })
+}
+
+/// Every logged event allowed for its kind, and every required kind logged.
+fn check_events(events: &[crate::Event], expected: &Expected<'_>) -> Result<(), EvidenceError> {
+    for event in events {
+        if !expected.event_allowed(event.kind, &event.digest) {
+            return Err(EvidenceError::EventNotAllowed {
+                kind: event.kind,
+                digest: hex::encode(event.digest),
+            });
+        }
+    }
+    for kind in REQUIRED_EVENT_KINDS {
+        if !events.iter().any(|e| e.kind == kind) {
+            return Err(EvidenceError::MissingEvent { kind });
+        }
+    }
+    Ok(())
+}
+
+/// The checks of [`verify`] that do not involve a TPM, for evidence whose
+/// measurements another kind proves (a TD quote's RTMR replayed from the
+/// same log: `tdx::verify_evidence`): version, nonce, HPKE key form, and an
+/// event log of allowed measurements with every required kind. It proves
+/// nothing alone: the log is only what the evidence claims until a quote
+/// over its replay verifies.
+pub fn verify_event_log(
+    evidence: &Evidence,
+    expected_nonce: &[u8],
+    refs: &ReferenceValues,
+) -> Result<(), EvidenceError> {
+    let expected = Expected::from_refs(refs);
+    if evidence.version != EVIDENCE_VERSION {
+        return Err(EvidenceError::UnsupportedVersion(evidence.version));
+    }
+    if !constant_time_eq(&evidence.nonce, expected_nonce) {
+        return Err(EvidenceError::NonceMismatch);
+    }
+    if !expect::is_uncompressed_p256_point(&evidence.hpke_public_key) {
+        return Err(EvidenceError::InvalidHpkeKey);
+    }
+    check_events(&evidence.event_log, &expected)
 }
 
 /// The quote must select the SHA-256 bank only, including the measured PCR and

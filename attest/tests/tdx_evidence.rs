@@ -136,3 +136,56 @@ fn a_debug_td_and_another_firmware_are_refused() {
     let err = check(&s, &s.evidence).unwrap_err();
     assert!(matches!(err, TdxError::MrTd { .. }), "{err}");
 }
+
+/// A TD without a TPM: evidence with no TPM quote. What the keyserver
+/// checks besides the TD quote (`verify_event_log`): the nonce, the key's
+/// form, and an event log of allowed digests with every required kind.
+#[test]
+fn td_only_evidence_needs_an_allowed_event_log() {
+    use cinfer_attest::{EvidenceError, verify_event_log};
+    let fixture = Fixture::new(&[3; 32], &hpke_point());
+    let refs = fixture.reference_values();
+    let mut ev = fixture.evidence();
+    ev.ak_public.clear();
+    ev.attest.clear();
+    ev.signature.clear();
+    ev.pcrs.clear();
+    verify_event_log(&ev, &[3; 32], &refs).unwrap();
+    assert!(matches!(
+        verify_event_log(&ev, &[9; 32], &refs),
+        Err(EvidenceError::NonceMismatch)
+    ));
+    let mut other = ev.clone();
+    other.event_log.push(Event::measure(
+        23,
+        EventKind::Policy,
+        "other.toml",
+        b"other",
+    ));
+    assert!(matches!(
+        verify_event_log(&other, &[3; 32], &refs),
+        Err(EvidenceError::EventNotAllowed {
+            kind: EventKind::Policy,
+            ..
+        })
+    ));
+    let mut missing = ev.clone();
+    missing.event_log.retain(|e| e.kind != EventKind::Config);
+    assert!(matches!(
+        verify_event_log(&missing, &[3; 32], &refs),
+        Err(EvidenceError::MissingEvent {
+            kind: EventKind::Config
+        })
+    ));
+    let mut bad_key = ev;
+    bad_key.hpke_public_key = vec![4; 65];
+    assert!(matches!(
+        verify_event_log(&bad_key, &[3; 32], &refs),
+        Err(EvidenceError::InvalidHpkeKey)
+    ));
+}
+
+/// An uncompressed P-256 point (a real HPKE public key's form).
+fn hpke_point() -> Vec<u8> {
+    cinfer_attest::fixture::public_bytes(&cinfer_attest::fixture::test_key(9))
+}

@@ -138,7 +138,13 @@ fn render(m: &cinfer_host::measure::Measured, tpm: Option<&str>, config: &Path) 
         .into_iter()
         .filter(|p| *p != cfg.pcr)
         .collect();
-    if let Some(tcti) = tpm {
+    if cfg.tpm.is_none() {
+        writeln!(
+            out,
+            "# the loader configuration has no tpm: it attests with TD quotes alone; a keyserver \
+             needs evidence = [\"tdx\"] and uses only [events] below (not trusted-aks or [pcrs])"
+        )?;
+    } else if let Some(tcti) = tpm {
         let mut t = cinfer_tpm::Tpm::open(tcti)?;
         refs.trusted_aks.push(t.ak_public().to_vec());
         refs.pcrs = t.read_pcrs(&others)?;
@@ -154,7 +160,9 @@ fn render(m: &cinfer_host::measure::Measured, tpm: Option<&str>, config: &Path) 
             )?;
         }
     }
-    if !others
+    if cfg.tpm.is_none() {
+        // No PCRs: nothing to warn about.
+    } else if !others
         .iter()
         .any(|p| !cinfer_attest::RESETTABLE_PCRS.contains(p))
     {

@@ -366,6 +366,15 @@ impl Drop for System {
     }
 }
 
+/// A loader in a test TD ([`System::start_tdx`]).
+#[derive(Debug, Clone, Copy)]
+struct Tdx<'a> {
+    /// Extra arguments of `cinfer tdx-test-provider`.
+    provider_args: &'a [&'a str],
+    /// Whether the loader has a TPM too (both kinds of evidence).
+    tpm: bool,
+}
+
 /// How one keyserver of a k-of-n system behaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyserverRole {
@@ -403,7 +412,22 @@ impl System {
     /// provider's MRTD and RTMR0–2, trusting its test root CA). Does not wait
     /// for readiness.
     pub fn start_tdx(name: &str, provider_args: &[&str]) -> System {
-        Self::start_with(name, &[KeyserverRole::Honest], 1, Some(provider_args))
+        let tdx = Tdx {
+            provider_args,
+            tpm: true,
+        };
+        Self::start_with(name, &[KeyserverRole::Honest], 1, Some(tdx))
+    }
+
+    /// A loader in a (test) TD without a vTPM: no `tpm` in its
+    /// configuration, TD quotes alone, and a keyserver with `evidence =
+    /// ["tdx"]`. Does not wait for readiness.
+    pub fn start_tdx_only(name: &str) -> System {
+        let tdx = Tdx {
+            provider_args: &[],
+            tpm: false,
+        };
+        Self::start_with(name, &[KeyserverRole::Honest], 1, Some(tdx))
     }
 
     /// A keyserver's audit log (`audit-{i}.jsonl`), one JSON value a line.
@@ -419,8 +443,9 @@ impl System {
         name: &str,
         roles: &[KeyserverRole],
         threshold: u8,
-        tdx: Option<&[&str]>,
+        tdx: Option<Tdx<'_>>,
     ) -> System {
+        let with_tpm = tdx.as_ref().is_none_or(|t| t.tpm);
         let dir = std::env::temp_dir().join(format!("cinfer-e2e-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let (loader_dir, server_dir) = (dir.join("loader"), dir.join("server"));
@@ -539,7 +564,11 @@ impl System {
         let mut children = Vec::new();
         // The test TD's interfaces, up before the loader extends its RTMR.
         let tdx_dir = dir.join("tdx");
-        let tdx_table = if let Some(args) = tdx {
+        let tdx_table = if let Some(Tdx {
+            provider_args: args,
+            ..
+        }) = tdx
+        {
             let mut provider = Command::new(bin("cinfer"))
                 .arg("tdx-test-provider")
                 .arg("--dir")
@@ -571,8 +600,12 @@ impl System {
         std::fs::write(
             l.join("loader.toml"),
             format!(
-                "listen = \"tcp:127.0.0.1:0\"\ntpm = \"{}\"\npolicy = \"policy.toml\"\nmax-in-flight = 8\nkeyservers = [{}]\nkeyserver-threshold = {threshold}\nserver-keys = [\"{}\"]\n{tdx_table}[[model]]\nid = \"{MODEL_ID}\"\npath = \"smollm2.sealed\"\n",
-                swtpm.tcti(),
+                "listen = \"tcp:127.0.0.1:0\"\n{}policy = \"policy.toml\"\nmax-in-flight = 8\nkeyservers = [{}]\nkeyserver-threshold = {threshold}\nserver-keys = [\"{}\"]\n{tdx_table}[[model]]\nid = \"{MODEL_ID}\"\npath = \"smollm2.sealed\"\n",
+                if with_tpm {
+                    format!("tpm = \"{}\"\n", swtpm.tcti())
+                } else {
+                    String::new()
+                },
                 identities
                     .iter()
                     .map(|i| format!("\"{}\"", hex::encode(i)))
@@ -590,15 +623,20 @@ impl System {
             .arg(l.join("loader.toml"))
             .arg("--binary")
             .arg(bin("trusted-loader"))
-            .args(["--tpm", &swtpm.tcti()])
+            .args(if with_tpm {
+                vec!["--tpm".to_owned(), swtpm.tcti()]
+            } else {
+                Vec::new()
+            })
             .args(
-                tdx.map(|_| {
-                    vec![
-                        "--tdx-measurements".to_owned(),
-                        tdx_dir.join("measurements").display().to_string(),
-                    ]
-                })
-                .unwrap_or_default(),
+                tdx.as_ref()
+                    .map(|_| {
+                        vec![
+                            "--tdx-measurements".to_owned(),
+                            tdx_dir.join("measurements").display().to_string(),
+                        ]
+                    })
+                    .unwrap_or_default(),
             ));
         let (before, reference) = measured
             .split_once("# keyserver reference values:\n")
@@ -606,13 +644,14 @@ impl System {
         // The keyserver's [tdx] table, with the provider's trust anchor and
         // collateral.
         let keyserver_tdx = match tdx {
-            Some(_) => {
+            Some(Tdx { tpm, .. }) => {
                 let table = before
                     .split_once("[tdx]\n")
                     .expect("measure-loader printed a [tdx] table")
                     .1;
                 format!(
-                    "[tdx]\nroot-ca = \"{}\"\ncollateral = \"{}\"\n{table}",
+                    "{}[tdx]\nroot-ca = \"{}\"\ncollateral = \"{}\"\n{table}",
+                    if tpm { "" } else { "evidence = [\"tdx\"]\n" },
                     tdx_dir.join("root-ca.der").display(),
                     tdx_dir.join("collateral.json").display()
                 )
@@ -637,10 +676,12 @@ impl System {
                 }
             }
         }
-        assert_ne!(
-            refusing, reference,
-            "the reference pins boot PCR 0: {reference}"
-        );
+        if with_tpm {
+            assert_ne!(
+                refusing, reference,
+                "the reference pins boot PCR 0: {reference}"
+            );
+        }
         std::fs::write(dir.join("refusing.toml"), refusing).expect("reference");
         let mut ks_ports = Vec::new();
         for (i, role) in roles.iter().enumerate() {

@@ -81,3 +81,22 @@ fn a_debug_td_or_an_out_of_date_platform_gets_no_keys() {
         assert_ne!(status, 200, "{name}: {body}");
     }
 }
+
+/// A TD without a vTPM: the loader's configuration has no `tpm`, its
+/// evidence carries the event log and the TD quote only, and a keyserver
+/// with `evidence = ["tdx"]` releases on the TD quote (its RTMR3 replaying
+/// the log, the log's digests allowed) alone.
+#[test]
+fn a_loader_in_a_td_without_a_tpm_is_served_on_its_td_quote_alone() {
+    let system = System::start_tdx_only("tdx-only");
+    system.wait_ready();
+    let r = system
+        .client()
+        .chat("llama-chat", &chat_request("Name a colour.", 4), |_| {})
+        .expect("chat through a loader attested by its TD quote alone");
+    assert_eq!(r.receipt.outcome, "completed");
+    let released = audit_line(&system, "released");
+    assert_eq!(released["tdx_tcb_status"], "UpToDate");
+    assert!(released.get("ak_fingerprint").is_none(), "{released}");
+    assert!(released.get("measured_pcr_value").is_none(), "{released}");
+}

@@ -72,7 +72,7 @@ fn serve(config: &Path) -> Result<ExitCode> {
         dir,
         events,
     } = cinfer_host::measure::measure(config, &binary)?;
-    let tpm = cinfer_tpm::Tpm::open(&cfg.tpm)?;
+    let tpm = cfg.tpm.as_deref().map(cinfer_tpm::Tpm::open).transpose()?;
     let mut attestor =
         cinfer_host::serve::Attestor::measure(tpm, cfg.pcr, events, cfg.quote_pcrs())?
             .pin_keyservers(cfg.pinned_keyservers()?)

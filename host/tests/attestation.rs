@@ -1591,6 +1591,25 @@ fn serve_configuration_refusals_are_typed() {
         matches!(no_keys, Err(ServeError::Config(ConfigError::NoServerKeys))),
         "{no_keys:?}"
     );
+    // Evidence kinds: a TPM, a TD quote provider, or both; never neither.
+    let no_tpm = base.replace("tpm = \"swtpm:host=127.0.0.1,port=1\"\n", "");
+    let nothing = ServeConfig::parse(&no_tpm);
+    assert!(
+        matches!(nothing, Err(ServeError::Config(ConfigError::NoEvidence))),
+        "{nothing:?}"
+    );
+    let td_only = ServeConfig::parse(&format!("{no_tpm}[tdx]\n")).unwrap_or_else(|e| panic!("{e}"));
+    assert!(td_only.tpm.is_none());
+    let tdx = td_only.tdx.expect("[tdx]");
+    assert_eq!(tdx.rtmr, 3);
+    assert_eq!(
+        tdx.report_dir,
+        std::path::Path::new("/sys/kernel/config/tsm/report")
+    );
+    assert!(matches!(
+        refused("[tdx]\nrtmr-index = 3\n"),
+        ConfigError::Toml(m) if m.contains("rtmr-index")
+    ));
 }
 
 /// A keyserver state holding only its identity (and the request key `init`

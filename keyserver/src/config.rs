@@ -165,6 +165,26 @@ pub const TCB_STATUSES: [&str; 7] = [
     "Revoked",
 ];
 
+/// Which kinds of evidence a release needs (`evidence`): a TPM quote, a TD
+/// quote, or both (a TD with a vTPM). At least one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EvidenceKinds {
+    /// A TPM quote over the measured PCR (and the pinned boot PCRs).
+    pub tpm: bool,
+    /// A TD quote (`[tdx]`).
+    pub tdx: bool,
+}
+
+impl EvidenceKinds {
+    /// The kinds as the configuration names them.
+    pub fn names(self) -> Vec<&'static str> {
+        [(self.tpm, "tpm"), (self.tdx, "tdx")]
+            .into_iter()
+            .filter_map(|(on, name)| on.then_some(name))
+            .collect()
+    }
+}
+
 /// The TDX trust the keyserver checks TD quotes against.
 #[derive(Debug, Clone)]
 pub struct TdxTrust {
@@ -209,6 +229,9 @@ pub struct Config {
     pub tls: Option<cinfer_tls::TlsIdentity>,
     /// TD quotes required, and what they must show (`[tdx]`).
     pub tdx: Option<TdxPolicy>,
+    /// The kinds of evidence a release needs (`evidence`; default: `tpm`,
+    /// and `tdx` too when `[tdx]` is given).
+    pub evidence: EvidenceKinds,
 }
 
 #[derive(Debug, Deserialize)]
@@ -240,6 +263,7 @@ struct RawConfig {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tdx: Option<TdxPolicy>,
+    evidence: Option<Vec<String>>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -347,6 +371,41 @@ impl Config {
                 .collect(),
             required: raw.endorsement.required,
         };
+        let evidence = match &raw.evidence {
+            None => EvidenceKinds {
+                tpm: true,
+                tdx: raw.tdx.is_some(),
+            },
+            Some(kinds) => {
+                if let Some(bad) = kinds.iter().find(|k| *k != "tpm" && *k != "tdx") {
+                    return Err(ConfigError::Invalid(format!(
+                        "evidence: unknown kind {bad:?} (tpm, tdx)"
+                    )));
+                }
+                let k = EvidenceKinds {
+                    tpm: kinds.iter().any(|k| k == "tpm"),
+                    tdx: kinds.iter().any(|k| k == "tdx"),
+                };
+                if !k.tpm && !k.tdx {
+                    return Err(ConfigError::Invalid(
+                        "evidence is empty: list tpm, tdx or both".into(),
+                    ));
+                }
+                k
+            }
+        };
+        if evidence.tdx != raw.tdx.is_some() {
+            return Err(ConfigError::Invalid(if evidence.tdx {
+                "evidence lists tdx but there is no [tdx] table (root-ca, collateral, mrtd)".into()
+            } else {
+                "[tdx] is given but evidence does not list tdx".into()
+            }));
+        }
+        if !evidence.tpm && raw.endorsement.required {
+            return Err(ConfigError::Invalid(
+                "endorsement.required needs tpm evidence".into(),
+            ));
+        }
         let tls = match (raw.tls_cert, raw.tls_key) {
             (None, None) => None,
             (Some(cert), Some(key)) => {
@@ -385,6 +444,7 @@ impl Config {
                 collateral: abs(t.collateral),
                 ..t
             }),
+            evidence,
         })
     }
 
@@ -411,6 +471,10 @@ impl Config {
             endorsement: EndorsementPolicy::default(),
             tls: None,
             tdx: None,
+            evidence: EvidenceKinds {
+                tpm: true,
+                tdx: false,
+            },
         }
     }
 
@@ -519,9 +583,14 @@ impl Config {
                 })?
             }
         };
-        // With EK CAs configured, AKs need not be pinned.
-        refs.check_with(self.endorsement.ek_ca_certs.is_empty())
-            .map_err(|e| ConfigError::Invalid(format!("reference values: {e}")))?;
+        // With EK CAs configured, AKs need not be pinned; without TPM
+        // evidence, AKs and PCRs are not used at all.
+        if self.evidence.tpm {
+            refs.check_with(self.endorsement.ek_ca_certs.is_empty())
+        } else {
+            refs.check_events()
+        }
+        .map_err(|e| ConfigError::Invalid(format!("reference values: {e}")))?;
         Ok(refs)
     }
 
@@ -750,5 +819,65 @@ mod tests {
             Config::parse(&format!("{base}mrtdd = \"{m}\"\n"), &fixtures),
             Err(ConfigError::Parse { .. })
         ));
+    }
+
+    /// `evidence`: which kinds a release needs. Default `tpm`, plus `tdx`
+    /// with a `[tdx]` table; TD quotes alone need no pinned AK or PCR.
+    #[test]
+    fn evidence_kinds_default_and_refusals() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../attest/tests/fixtures/tdx");
+        let head = "state-dir = \"s\"\naudit-log = \"a\"\n";
+        let tdx = format!(
+            "[tdx]\nroot-ca = \"intel-sgx-root-ca.der\"\ncollateral = \"tdx_quote_collateral.json\"\nmrtd = \"{}\"\n",
+            "ab".repeat(48)
+        );
+        let kinds = |text: &str| Config::parse(text, &fixtures).map(|c| c.evidence.names());
+        assert_eq!(kinds(&format!("{head}{}", reference())).unwrap(), ["tpm"]);
+        assert_eq!(
+            kinds(&format!("{head}{}{tdx}", reference())).unwrap(),
+            ["tpm", "tdx"]
+        );
+        // TD quotes alone: reference values without AKs or boot PCRs do.
+        let events_only = reference().replace(&format!("[\"{AK}\"]"), "[]").replace(
+            &format!("[reference.pcrs]\n0 = \"{}\"\n", "11".repeat(32)),
+            "",
+        );
+        let td_only = Config::parse(
+            &format!("{head}evidence = [\"tdx\"]\n{events_only}{tdx}"),
+            &fixtures,
+        )
+        .unwrap();
+        assert_eq!(td_only.evidence.names(), ["tdx"]);
+        td_only.reference_values().unwrap();
+        let tpm_too = Config::parse(&format!("{head}{events_only}{tdx}"), &fixtures).unwrap();
+        assert!(tpm_too.reference_values().is_err(), "a TPM needs pins");
+        for (text, expected) in [
+            (
+                format!("{head}evidence = [\"tdx\"]\n{}", reference()),
+                "no [tdx] table",
+            ),
+            (
+                format!("{head}evidence = [\"tpm\"]\n{}{tdx}", reference()),
+                "[tdx] is given but evidence does not list tdx",
+            ),
+            (
+                format!("{head}evidence = []\n{}", reference()),
+                "evidence is empty",
+            ),
+            (
+                format!("{head}evidence = [\"sev\"]\n{}", reference()),
+                "unknown kind \"sev\"",
+            ),
+            (
+                format!(
+                    "{head}evidence = [\"tdx\"]\n{}[endorsement]\nek-ca-certs = [\"x.pem\"]\nrequired = true\n{tdx}",
+                    reference()
+                ),
+                "endorsement.required needs tpm evidence",
+            ),
+        ] {
+            let err = Config::parse(&text, &fixtures).unwrap_err().to_string();
+            assert!(err.contains(expected), "{expected}: {err}");
+        }
     }
 }

@@ -301,7 +301,8 @@ impl KeyServer {
             }
         };
         let nonce = evidence.nonce.as_slice();
-        let ak = Some(cinfer_attest::verify::ak_fingerprint(&evidence.ak_public));
+        let tpm_required = self.inner.config.evidence.tpm;
+        let ak = tpm_required.then(|| cinfer_attest::verify::ak_fingerprint(&evidence.ak_public));
 
         // The nonce is checked (ours, not expired, not spent) before anything
         // else is looked at, and spent only once the evidence verified: the
@@ -317,7 +318,13 @@ impl KeyServer {
         // The AK: endorsed (EK certificate to a configured CA, EK and AK
         // areas consistent; the release is then wrapped under a credential
         // only that TPM can activate) or pinned, unless endorsement is required.
-        let endorsed = match self.check_endorsement(&evidence) {
+        // Without TPM evidence an endorsement is not looked at.
+        let endorsement = if tpm_required {
+            self.check_endorsement(&evidence)
+        } else {
+            Ok(None)
+        };
+        let endorsed = match endorsement {
             Ok(e) => e,
             Err(e) => {
                 return refuse(
@@ -333,17 +340,23 @@ impl KeyServer {
         } else {
             AkTrust::Pinned
         };
-        let verified =
-            match cinfer_attest::verify_with(&evidence, nonce, &self.inner.refs, ak_trust) {
-                Ok(v) => v,
-                Err(e) => {
-                    let status = match e {
-                        EvidenceError::Malformed { .. } => StatusCode::BAD_REQUEST,
-                        _ => StatusCode::FORBIDDEN,
-                    };
-                    return refuse(status, e.to_string(), Some(nonce), ak);
-                }
-            };
+        // The TPM quote (when TPM evidence is required), or else the event
+        // log's checks alone, which the TD quote's RTMR then proves.
+        let checked = if tpm_required {
+            cinfer_attest::verify_with(&evidence, nonce, &self.inner.refs, ak_trust).map(Some)
+        } else {
+            cinfer_attest::verify_event_log(&evidence, nonce, &self.inner.refs).map(|()| None)
+        };
+        let verified = match checked {
+            Ok(v) => v,
+            Err(e) => {
+                let status = match e {
+                    EvidenceError::Malformed { .. } => StatusCode::BAD_REQUEST,
+                    _ => StatusCode::FORBIDDEN,
+                };
+                return refuse(status, e.to_string(), Some(nonce), ak);
+            }
+        };
         // A TD quote, when the reference values require TDX evidence: the
         // quote verified against the collateral at the keyserver's clock, the
         // report data bound to this nonce and key, the event RTMR replayed
@@ -387,14 +400,16 @@ impl KeyServer {
             outcome: "released",
             reason: None,
             nonce: Some(hex::encode(nonce)),
-            ak_fingerprint: Some(verified.ak_fingerprint),
-            measured_pcr_value: Some(hex::encode(verified.measured_value)),
-            tpm_reset_count: Some(verified.clock_info.reset_count),
-            tpm_clock: Some(verified.clock_info.clock),
-            ak_trust: Some(if endorsed.is_some() {
-                "endorsed"
-            } else {
-                "pinned"
+            ak_fingerprint: verified.as_ref().map(|v| v.ak_fingerprint.clone()),
+            measured_pcr_value: verified.as_ref().map(|v| hex::encode(v.measured_value)),
+            tpm_reset_count: verified.as_ref().map(|v| v.clock_info.reset_count),
+            tpm_clock: verified.as_ref().map(|v| v.clock_info.clock),
+            ak_trust: verified.as_ref().map(|_| {
+                if endorsed.is_some() {
+                    "endorsed"
+                } else {
+                    "pinned"
+                }
             }),
             ek_certificate_fingerprint: endorsed.map(|e| e.ek_certificate_fingerprint),
             tdx_mrtd: td.as_ref().map(|v| hex::encode(v.mr_td)),

@@ -123,6 +123,18 @@ impl ReferenceValues {
         self.check_with(true)
     }
 
+    /// The checks of [`Self::check_with`] that concern the event log only:
+    /// for a keyserver that takes its measurements from TD quotes alone (no
+    /// TPM: AKs and PCRs are not used).
+    pub fn check_events(&self) -> Result<(), ReferenceError> {
+        for kind in REQUIRED_EVENT_KINDS {
+            if self.events.get(&kind).is_none_or(BTreeSet::is_empty) {
+                return Err(ReferenceError::NoAllowedDigests(kind));
+            }
+        }
+        Ok(())
+    }
+
     /// [`ReferenceValues::check`], where `trusted-aks` may be empty unless
     /// `pins_required`: a keyserver that trusts AKs through their endorsement
     /// (EK certificate and credential) needs no pins.
@@ -138,11 +150,7 @@ impl ReferenceValues {
         if self.measured_pcr > 23 {
             return Err(ReferenceError::MeasuredPcrOutOfRange(self.measured_pcr));
         }
-        for kind in REQUIRED_EVENT_KINDS {
-            if self.events.get(&kind).is_none_or(BTreeSet::is_empty) {
-                return Err(ReferenceError::NoAllowedDigests(kind));
-            }
-        }
+        self.check_events()?;
         if let Some(p) = self.pcrs.keys().find(|p| **p > 23) {
             return Err(ReferenceError::PcrOutOfRange(*p));
         }

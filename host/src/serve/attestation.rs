@@ -82,7 +82,9 @@ struct Pending {
 /// The attestation side of a serving loader: its TPM, its event log, the
 /// pending attestation and the keys it received.
 pub struct Attestor {
-    tpm: cinfer_tpm::Tpm,
+    /// `None` in a TD without a vTPM: then TD quotes alone attest
+    /// ([`Attestor::with_tdx`]).
+    tpm: Option<cinfer_tpm::Tpm>,
     /// The TPM's EK certificate, EK and AK areas, sent with every evidence;
     /// `None` when the TPM has no EK certificate (then only a keyserver that
     /// pins the AK releases keys).
@@ -148,25 +150,31 @@ struct Installed<'a> {
 }
 
 impl Attestor {
-    /// Resets `pcr` and extends it with `events` (which must all name it).
+    /// Resets `pcr` of the TPM and extends it with `events` (which must all
+    /// name it). Without a TPM the events are only kept: they are extended
+    /// into the TD's RTMR by [`Attestor::with_tdx`], which such a loader
+    /// needs.
     pub fn measure(
-        mut tpm: cinfer_tpm::Tpm,
+        mut tpm: Option<cinfer_tpm::Tpm>,
         pcr: u8,
         events: Vec<Event>,
         quote_pcrs: Vec<u8>,
     ) -> Result<Self, ServeError> {
-        tpm.measure(pcr, &events)?;
-        let endorsement = match tpm.endorsement() {
-            Ok(e) => Some(e),
-            Err(cinfer_tpm::TpmError::NoEkCertificate { nv_index, .. }) => {
-                tracing::info!(
-                    nv_index = format_args!("{nv_index:#010x}"),
-                    "the TPM has no EK certificate: only keyservers that pin the AK will release keys"
-                );
-                None
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let mut endorsement = None;
+        if let Some(tpm) = &mut tpm {
+            tpm.measure(pcr, &events)?;
+            endorsement = match tpm.endorsement() {
+                Ok(e) => Some(e),
+                Err(cinfer_tpm::TpmError::NoEkCertificate { nv_index, .. }) => {
+                    tracing::info!(
+                        nv_index = format_args!("{nv_index:#010x}"),
+                        "the TPM has no EK certificate: only keyservers that pin the AK will release keys"
+                    );
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            };
+        }
         Ok(Self {
             tpm,
             endorsement,
@@ -240,7 +248,7 @@ impl Attestor {
             payload: serde_json::to_vec(&Hello {
                 protocol: cinfer_channel::VERSION,
                 loader: env!("CARGO_PKG_VERSION"),
-                ak_public: self.tpm.ak_public(),
+                ak_public: self.tpm.as_ref().map_or(&[][..], |t| t.ak_public()),
                 pcr,
                 programs,
                 challenge: challenge.map(hex::encode),
@@ -269,12 +277,23 @@ impl Attestor {
             return Err(ServeError::BadNonce(nonce.len()));
         }
         let key = RequestPrivateKey::generate();
-        let mut evidence: Evidence = self.tpm.quote(
-            &self.quote_pcrs,
-            nonce,
-            &key.public_key().to_bytes(),
-            &self.events,
-        )?;
+        let public_key = key.public_key().to_bytes();
+        let mut evidence: Evidence = match &mut self.tpm {
+            Some(tpm) => tpm.quote(&self.quote_pcrs, nonce, &public_key, &self.events)?,
+            None if self.tdx.is_some() => Evidence {
+                version: cinfer_attest::EVIDENCE_VERSION,
+                nonce: nonce.to_vec(),
+                hpke_public_key: public_key,
+                ak_public: Vec::new(),
+                attest: Vec::new(),
+                signature: Vec::new(),
+                pcrs: BTreeMap::new(),
+                event_log: self.events.clone(),
+                endorsement: None,
+                tdx: None,
+            },
+            None => return Err(ServeError::NoEvidence),
+        };
         evidence.endorsement = self.endorsement.clone();
         if let Some(tdx) = &mut self.tdx {
             let report_data = cinfer_attest::tdx_report_data(nonce, &evidence.hpke_public_key);
@@ -326,9 +345,11 @@ impl Attestor {
                 if self.endorsement.is_none() {
                     return Err(ServeError::UnexpectedCredential);
                 }
-                let secret = self
-                    .tpm
-                    .activate_credential(&credential.id_object, &credential.encrypted_secret)?;
+                let Some(tpm) = &mut self.tpm else {
+                    return Err(ServeError::UnexpectedCredential);
+                };
+                let secret =
+                    tpm.activate_credential(&credential.id_object, &credential.encrypted_secret)?;
                 let expected = credential_binding(&secret, &release.nonce);
                 if !constant_time_eq(&expected, &credential.binding) {
                     return Err(ServeError::CredentialNotForThisAttestation);

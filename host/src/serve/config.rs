@@ -9,7 +9,10 @@ pub struct ServeConfig {
     /// Endpoint to listen on: `tcp:HOST:PORT` or `unix:PATH`.
     pub listen: String,
     /// TPM TCTI: `swtpm:host=127.0.0.1,port=2321`, `device:/dev/tpmrm0`.
-    pub tpm: String,
+    /// Absent: no TPM evidence (then `[tdx]` must be given: a TD without a
+    /// vTPM attests with its TD quote alone).
+    #[serde(default)]
+    pub tpm: Option<String>,
     /// Policy TOML, relative to the configuration's directory (and inside it).
     pub policy: String,
     /// PCR the loader resets and measures into (16 or 23).
@@ -202,6 +205,9 @@ pub enum ConfigError {
     /// A peer timeout of zero.
     #[error("peer-auth-timeout-ms and peer-idle-timeout-ms must be positive")]
     ZeroPeerTimeout,
+    /// Neither `tpm` nor `[tdx]`: the loader could prove nothing.
+    #[error("no evidence to attest with: give tpm, [tdx], or both")]
+    NoEvidence,
     /// `keyserver-threshold` is 0, or larger than the keyservers pinned.
     #[error(
         "keyserver-threshold = {threshold} needs at least that many keyservers pinned (keyservers lists {pinned})"
@@ -295,6 +301,9 @@ impl ServeConfig {
             .into());
         }
         c.peer_policy()?;
+        if c.tpm.is_none() && c.tdx.is_none() {
+            return Err(ConfigError::NoEvidence.into());
+        }
         Ok(c)
     }
 

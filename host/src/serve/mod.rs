@@ -64,6 +64,9 @@ pub enum ServeError {
     /// The TPM refused or failed.
     #[error(transparent)]
     Tpm(#[from] cinfer_tpm::TpmError),
+    /// Neither a TPM nor a TD quote provider: nothing to attest with.
+    #[error("no evidence to attest with (no TPM and no [tdx])")]
+    NoEvidence,
     /// The TD's measurement registers or quote provider failed.
     #[error("tdx: {0}")]
     Tdx(#[from] tdx::TdxError),
