@@ -354,7 +354,10 @@ impl KeyServer {
                     EvidenceError::Malformed { .. } => StatusCode::BAD_REQUEST,
                     _ => StatusCode::FORBIDDEN,
                 };
-                return refuse(status, e.to_string(), Some(nonce), ak);
+                // Named by kind: the TPM quote, or (TD quotes alone) the
+                // event log the TD quote is to prove.
+                let kind = if tpm_required { "tpm" } else { "event log" };
+                return refuse(status, format!("{kind}: {e}"), Some(nonce), ak);
             }
         };
         // A TD quote, when the reference values require TDX evidence: the

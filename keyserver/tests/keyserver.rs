@@ -264,7 +264,7 @@ async fn tampered_evidence_is_refused_with_its_reason() {
     assert_eq!(status, 403);
     assert_eq!(
         error_of(&body),
-        "PCR values do not match the quote's pcrDigest"
+        "tpm: PCR values do not match the quote's pcrDigest"
     );
 
     let (ev, _) = evidence(&h).await;
@@ -274,7 +274,7 @@ async fn tampered_evidence_is_refused_with_its_reason() {
     assert_eq!(status, 403);
     assert_eq!(
         error_of(&body),
-        "quote extraData does not bind the nonce and the HPKE public key"
+        "tpm: quote extraData does not bind the nonce and the HPKE public key"
     );
 
     // Signed by a key that is not pinned.
@@ -292,7 +292,7 @@ async fn tampered_evidence_is_refused_with_its_reason() {
     bad.attest.truncate(10);
     let (status, body) = post(h.addr, "/v1/attest", &bad.to_json()).await;
     assert_eq!(status, 400);
-    assert!(error_of(&body).starts_with("malformed evidence"));
+    assert!(error_of(&body).starts_with("tpm: malformed evidence"));
 
     // Not evidence at all.
     let (status, body) = post(h.addr, "/v1/attest", b"{\"version\": 1").await;

@@ -119,6 +119,11 @@ async fn quote(s: &mut Setup, event_log: &[Event]) -> (Evidence, RequestPrivateK
     (ev, loader_key)
 }
 
+/// A TPM evidence refusal as the keyserver words it: the kind, then the check.
+fn tpm(e: EvidenceError) -> String {
+    format!("tpm: {e}")
+}
+
 /// Posts `ev` and asserts it is refused (403) with exactly `reason`.
 async fn assert_refused(h: &Harness, ev: &Evidence, reason: &str) {
     let (status, body) = post(h.addr, "/v1/attest", &ev.to_json()).await;
@@ -208,11 +213,10 @@ async fn changed_policy_file_is_refused() {
     let changed = events_with_policy(b"[[program]]\nname = \"anything\"\nworld = \"compute\"\n");
     s.tpm.measure(PCR, &changed).unwrap();
     let (ev, _) = quote(&mut s, &changed).await;
-    let reason = EvidenceError::EventNotAllowed {
+    let reason = tpm(EvidenceError::EventNotAllowed {
         kind: EventKind::Policy,
         digest: hex::encode(changed[2].digest),
-    }
-    .to_string();
+    });
     assert!(reason.contains("policy event digest"), "{reason}");
     assert_refused(&s.h, &ev, &reason).await;
 
@@ -222,7 +226,7 @@ async fn changed_policy_file_is_refused() {
     assert_refused(
         &s.h,
         &ev,
-        &EvidenceError::EventLogReplayMismatch { pcr: PCR }.to_string(),
+        &tpm(EvidenceError::EventLogReplayMismatch { pcr: PCR }),
     )
     .await;
 
@@ -263,14 +267,14 @@ async fn tampered_quote_byte_is_refused() {
     // TPMS_ATTEST: magic (4), type (2), qualifiedSigner TPM2B_NAME (2 + 34):
     // byte 20 is inside the signer's name digest, signed, and parses the same.
     bad.attest[20] ^= 0x01;
-    assert_refused(&s.h, &bad, &EvidenceError::BadSignature.to_string()).await;
+    assert_refused(&s.h, &bad, &tpm(EvidenceError::BadSignature)).await;
 
     // A flipped byte of the signature itself (inside s).
     let (ev, _) = quote(&mut s, &good_events()).await;
     let mut bad = ev.clone();
     let last = bad.signature.len() - 1;
     bad.signature[last] ^= 0x01;
-    assert_refused(&s.h, &bad, &EvidenceError::BadSignature.to_string()).await;
+    assert_refused(&s.h, &bad, &tpm(EvidenceError::BadSignature)).await;
 }
 
 #[tokio::test]
@@ -292,10 +296,9 @@ async fn quote_from_an_untrusted_ak_is_refused() {
             &good_events(),
         )
         .unwrap();
-    let reason = EvidenceError::UntrustedAk {
+    let reason = tpm(EvidenceError::UntrustedAk {
         fingerprint: ak_fingerprint(other.ak_public()),
-    }
-    .to_string();
+    });
     assert!(reason.contains("is not trusted"), "{reason}");
     assert_refused(&s.h, &ev, &reason).await;
 
@@ -310,7 +313,7 @@ async fn quote_from_an_untrusted_ak_is_refused() {
         )
         .unwrap();
     ev.ak_public = s.tpm.ak_public().to_vec();
-    assert_refused(&s.h, &ev, &EvidenceError::BadSignature.to_string()).await;
+    assert_refused(&s.h, &ev, &tpm(EvidenceError::BadSignature)).await;
 }
 
 #[tokio::test]
@@ -322,13 +325,13 @@ async fn wrong_extra_data_binding_is_refused() {
     let mut bad = ev.clone();
     bad.hpke_public_key = RequestPrivateKey::generate().public_key().to_bytes();
     assert_ne!(bad.hpke_public_key, ev.hpke_public_key);
-    assert_refused(&s.h, &bad, &EvidenceError::BindingMismatch.to_string()).await;
+    assert_refused(&s.h, &bad, &tpm(EvidenceError::BindingMismatch)).await;
 }
 
 #[tokio::test]
 async fn event_log_that_does_not_replay_is_refused() {
     let Some(mut s) = setup().await else { return };
-    let reason = EvidenceError::EventLogReplayMismatch { pcr: PCR }.to_string();
+    let reason = tpm(EvidenceError::EventLogReplayMismatch { pcr: PCR });
 
     // Two events swapped after quoting.
     let (ev, _) = quote(&mut s, &good_events()).await;
