@@ -3,12 +3,14 @@
 //! ```toml
 //! listen = "127.0.0.1:8080"               # default: HTTP API address
 //! loader = "tcp:127.0.0.1:7300"           # default: the trusted loader's channel (tcp:HOST:PORT or unix:PATH)
+//! # loaders = ["tcp:10.0.0.5:7300", "tcp:10.0.0.6:7300"]  # or several loaders (instead of loader): each attested
+//!                                         # on its own; requests go to the least busy ready one
 //! channel-key = "channel.key"             # no default: the key this server signs the loader's challenge with
 //!                                         # (`inference-server keygen`; its public half goes in the loader's server-keys)
 //! keyservers = ["http://127.0.0.1:8740"]  # default: keyserver base URLs, tried in order (plain http:// only)
 //! max-request-bytes = 1048576             # default (1 MiB): largest sealed request body
 //! max-connections = 128                   # default: client connections open at once; more are closed at once
-//! max-in-flight = 8                       # default: requests running on the loader at once (set it to the loader's)
+//! max-in-flight = 8                       # default: requests running on each loader at once (set it to the loader's)
 //! max-queued = 64                         # default: requests waiting for one of those; more are 429 (Retry-After)
 //! header-timeout-ms = 10000               # default: reading a request's headers (or waiting idle for the next one); then the connection is closed
 //! body-timeout-ms = 10000                 # default: reading a request's whole body; then 408
@@ -80,8 +82,9 @@ pub const SUBMIT_OVERHEAD: usize = 8 + 2 + cinfer_channel::Submit::MAX_PROGRAM_L
 pub struct Config {
     /// HTTP API address.
     pub listen: SocketAddr,
-    /// The trusted loader's channel endpoint.
-    pub loader: Endpoint,
+    /// The trusted loaders' channel endpoints (`loader`, or `loaders`): at
+    /// least one, each a separate link with its own attestation.
+    pub loaders: Vec<Endpoint>,
     /// The key this server authenticates itself to the loader with; needed
     /// when the loader asks (a loader whose configuration lists `server-keys`).
     pub channel_key: Option<crate::ChannelKey>,
@@ -167,6 +170,7 @@ struct RawProgram {
 struct RawConfig {
     listen: Option<SocketAddr>,
     loader: Option<String>,
+    loaders: Option<Vec<String>>,
     channel_key: Option<PathBuf>,
     keyservers: Option<Vec<String>>,
     keyserver_ca_cert: Option<PathBuf>,
@@ -222,7 +226,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            loader: Endpoint::Tcp("127.0.0.1:7300".into()),
+            loaders: vec![Endpoint::Tcp("127.0.0.1:7300".into())],
             channel_key: None,
             keyservers: vec![DEFAULT_KEYSERVER.into()],
             keyserver_ca: None,
@@ -334,9 +338,30 @@ impl Config {
         let ms = Duration::from_millis;
         let config = Self {
             listen: raw.listen.unwrap_or(d.listen),
-            loader: match raw.loader {
-                Some(s) => s.parse().map_err(ConfigError::Invalid)?,
-                None => d.loader,
+            loaders: match (raw.loader, raw.loaders) {
+                (Some(s), None) => vec![s.parse().map_err(ConfigError::Invalid)?],
+                (None, Some(list)) if !list.is_empty() => {
+                    let mut out: Vec<Endpoint> = Vec::new();
+                    for s in list {
+                        let e: Endpoint = s.parse().map_err(ConfigError::Invalid)?;
+                        if out.contains(&e) {
+                            return Err(ConfigError::Invalid(format!(
+                                "loaders: {e} is listed twice"
+                            )));
+                        }
+                        out.push(e);
+                    }
+                    out
+                }
+                (None, Some(_)) => {
+                    return Err(ConfigError::Invalid("loaders is empty".into()));
+                }
+                (None, None) => d.loaders,
+                (Some(_), Some(_)) => {
+                    return Err(ConfigError::Invalid(
+                        "give loader or loaders, not both".into(),
+                    ));
+                }
             },
             channel_key: raw
                 .channel_key
@@ -513,7 +538,8 @@ mod tests {
         let c = Config::parse("").unwrap();
         assert_eq!(c, Config::default());
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
-        assert_eq!(c.loader.to_string(), DEFAULT_LOADER);
+        assert_eq!(c.loaders.len(), 1);
+        assert_eq!(c.loaders[0].to_string(), DEFAULT_LOADER);
         assert_eq!(c.max_connections, 128);
         assert_eq!((c.max_in_flight, c.max_queued), (8, 64));
         assert_eq!(c.header_timeout, Duration::from_secs(10));
@@ -539,7 +565,7 @@ max-queued = 0
 "#,
         )
         .unwrap();
-        assert_eq!(c.loader, Endpoint::Unix("/run/l.sock".into()));
+        assert_eq!(c.loaders, [Endpoint::Unix("/run/l.sock".into())]);
         assert_eq!(c.keyservers, ["http://a:1", "http://b:2"]);
         assert_eq!(c.request_timeout, Duration::from_millis(3));
         assert_eq!(c.loader_timeout, Duration::from_millis(5));
@@ -548,6 +574,14 @@ max-queued = 0
         assert_eq!(c.header_timeout, Duration::from_millis(8));
         assert_eq!(c.body_timeout, Duration::from_millis(9));
         assert_eq!((c.max_in_flight, c.max_queued), (2, 0));
+        let two = Config::parse("loaders = [\"tcp:10.0.0.5:7300\", \"unix:/run/b.sock\"]").unwrap();
+        assert_eq!(
+            two.loaders,
+            [
+                Endpoint::Tcp("10.0.0.5:7300".into()),
+                Endpoint::Unix("/run/b.sock".into())
+            ]
+        );
     }
 
     #[test]
@@ -555,6 +589,10 @@ max-queued = 0
         for bad in [
             "nope = 1",
             "loader = \"http://x\"",
+            "loaders = []",
+            "loaders = [\"tcp:a:1\", \"tcp:a:1\"]",
+            "loader = \"tcp:a:1\"\nloaders = [\"tcp:b:1\"]",
+            "loaders = [\"tcp:a:1\", \"ftp:b\"]",
             "keyservers = []",
             "keyservers = [\"k:1\"]",
             "max-request-bytes = 0",

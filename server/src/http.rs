@@ -18,7 +18,7 @@
 
 use crate::config::{Config, ConfigError};
 use crate::keyclient::KeyserverClient;
-use crate::link::{Event, Link, Ticket};
+use crate::link::{Event, Link, LinkStatus, Ticket};
 use crate::metrics::{Metrics, RequestOutcome};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
@@ -224,10 +224,15 @@ pub struct Server {
 #[derive(Debug)]
 struct Inner {
     config: Arc<Config>,
-    link: Arc<Link>,
+    /// One link per configured loader, each attested on its own.
+    links: Vec<Arc<Link>>,
+    /// Notified when any link's status changes.
+    changed: Arc<tokio::sync::Notify>,
     keyservers: KeyserverClient,
     metrics: Arc<Metrics>,
-    /// Places on the loader (`max-in-flight`), handed out in arrival order.
+    /// Places on the loaders (`max-in-flight` each, all loaders together),
+    /// handed out in arrival order; a request then goes to the ready loader
+    /// with the fewest requests running.
     places: Arc<Semaphore>,
     /// TLS on the listener, when configured.
     tls: Option<Arc<rustls::ServerConfig>>,
@@ -244,11 +249,20 @@ impl Server {
                 .map_err(|e| ConfigError::Tls(e.0))?,
         );
         let metrics = Arc::new(Metrics::default());
-        let link = Arc::new(Link::new(
-            config.clone(),
-            keyservers.clone(),
-            metrics.clone(),
-        ));
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let links = config
+            .loaders
+            .iter()
+            .map(|endpoint| {
+                Arc::new(Link::new(
+                    config.clone(),
+                    endpoint.clone(),
+                    keyservers.clone(),
+                    metrics.clone(),
+                    changed.clone(),
+                ))
+            })
+            .collect::<Vec<_>>();
         let tls = match &config.tls {
             Some(id) => Some(
                 id.server_config()
@@ -259,9 +273,12 @@ impl Server {
         Ok(Self {
             inner: Arc::new(Inner {
                 tls,
-                places: Arc::new(Semaphore::new(config.max_in_flight)),
+                places: Arc::new(Semaphore::new(
+                    config.max_in_flight.saturating_mul(links.len().max(1)),
+                )),
                 config,
-                link,
+                links,
+                changed,
                 keyservers,
                 metrics,
             }),
@@ -273,15 +290,83 @@ impl Server {
         &self.inner.config
     }
 
-    /// The loader link (status, for tests and operators).
+    /// The first loader's link (status, for tests and operators).
     pub fn link(&self) -> &Arc<Link> {
-        &self.inner.link
+        &self.inner.links[0]
+    }
+
+    /// Every loader's link, in configuration order.
+    pub fn links(&self) -> &[Arc<Link>] {
+        &self.inner.links
     }
 
     /// The metrics in Prometheus text.
     pub fn metrics_text(&self) -> String {
-        let status = self.inner.link.status();
-        self.inner.metrics.render(status.connected, status.ready())
+        let statuses: Vec<LinkStatus> = self.inner.links.iter().map(|l| l.status()).collect();
+        self.inner.metrics.render(
+            statuses.iter().any(|s| s.connected),
+            statuses.iter().any(LinkStatus::ready),
+        )
+    }
+
+    /// The status of a ready loader (else of the first): what `/v1/models`
+    /// and `/v1/programs` show.
+    fn shown_status(&self) -> LinkStatus {
+        let statuses: Vec<LinkStatus> = self.inner.links.iter().map(|l| l.status()).collect();
+        statuses
+            .iter()
+            .find(|s| s.ready())
+            .or(statuses.first())
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// A ready loader, waiting at most `timeout` for one: of the ready ones,
+    /// the one with the fewest requests running, and not `avoid` while
+    /// another is ready. Its link, connection and status, or why none.
+    async fn pick(
+        &self,
+        timeout: Duration,
+        avoid: Option<&Arc<Link>>,
+    ) -> Result<(Arc<Link>, Arc<crate::link::Conn>, LinkStatus), String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Registered before looking, so a change in between is not missed.
+            let changed = self.inner.changed.notified();
+            let mut ready: Vec<(Arc<Link>, Arc<crate::link::Conn>, LinkStatus)> = self
+                .inner
+                .links
+                .iter()
+                .filter_map(|l| {
+                    let status = l.status();
+                    status.conn.clone().map(|c| (l.clone(), c, status))
+                })
+                .collect();
+            if ready.len() > 1
+                && let Some(avoid) = avoid
+            {
+                ready.retain(|(l, _, _)| !Arc::ptr_eq(l, avoid));
+            }
+            if let Some(best) = ready.into_iter().min_by_key(|(l, _, _)| l.in_flight()) {
+                return Ok(best);
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                let reasons: Vec<String> = self
+                    .inner
+                    .links
+                    .iter()
+                    .map(|l| {
+                        let why = l.status().last_error.unwrap_or_else(|| "not ready".into());
+                        if self.inner.links.len() == 1 {
+                            why
+                        } else {
+                            format!("{}: {why}", l.endpoint())
+                        }
+                    })
+                    .collect();
+                return Err(reasons.join("; "));
+            }
+        }
     }
 
     /// Answers one request.
@@ -296,11 +381,11 @@ impl Server {
             (&Method::GET, "/v1/request-key") => self.request_key().await,
             (&Method::GET, "/v1/request-keys") => self.request_keys().await,
             (&Method::GET, "/v1/models") => {
-                let models = self.inner.link.status().models;
+                let models = self.shown_status().models;
                 json(StatusCode::OK, &serde_json::json!({ "models": *models }))
             }
             (&Method::GET, "/v1/programs") => {
-                let programs = self.inner.link.status().programs.unwrap_or_default();
+                let programs = self.shown_status().programs.unwrap_or_default();
                 json(
                     StatusCode::OK,
                     &serde_json::json!({ "programs": *programs }),
@@ -310,16 +395,46 @@ impl Server {
                 json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
             }
             (&Method::GET, "/readyz") => {
-                let status = self.inner.link.status();
-                if status.ready() {
-                    json(StatusCode::OK, &serde_json::json!({"status": "ready"}))
+                let statuses: Vec<(String, LinkStatus)> = self
+                    .inner
+                    .links
+                    .iter()
+                    .map(|l| (l.endpoint().to_string(), l.status()))
+                    .collect();
+                let loaders: Vec<serde_json::Value> = statuses
+                    .iter()
+                    .map(|(endpoint, s)| {
+                        serde_json::json!({
+                            "loader": endpoint,
+                            "ready": s.ready(),
+                            "connected": s.connected,
+                            "error": if s.ready() { None } else { s.last_error.clone() },
+                        })
+                    })
+                    .collect();
+                if statuses.iter().any(|(_, s)| s.ready()) {
+                    json(
+                        StatusCode::OK,
+                        &serde_json::json!({"status": "ready", "loaders": loaders}),
+                    )
                 } else {
-                    let reason = status.last_error.unwrap_or_else(|| "not ready".into());
+                    let reasons: Vec<String> = statuses
+                        .iter()
+                        .map(|(endpoint, s)| {
+                            let why = s.last_error.clone().unwrap_or_else(|| "not ready".into());
+                            if statuses.len() == 1 {
+                                why
+                            } else {
+                                format!("{endpoint}: {why}")
+                            }
+                        })
+                        .collect();
                     json(
                         StatusCode::SERVICE_UNAVAILABLE,
                         &serde_json::json!({
-                            "error": format!("no attested loader: {reason}"),
-                            "loader_connected": status.connected,
+                            "error": format!("no attested loader: {}", reasons.join("; ")),
+                            "loader_connected": statuses.iter().any(|(_, s)| s.connected),
+                            "loaders": loaders,
                         }),
                     )
                 }
@@ -483,12 +598,7 @@ impl Server {
         };
         let deadline = tokio::time::Instant::now() + self.inner.config.request_timeout;
 
-        let (conn, status) = match self
-            .inner
-            .link
-            .wait_ready(self.inner.config.ready_timeout)
-            .await
-        {
+        let (link, conn, status) = match self.pick(self.inner.config.ready_timeout, None).await {
             Ok(c) => c,
             Err(reason) => {
                 return finish(
@@ -516,16 +626,11 @@ impl Server {
                 return resp;
             }
         };
-        // A request that waited in the queue takes the loader connection as it
-        // is now (it may have been re-established meanwhile).
-        let conn = if waited {
-            match self
-                .inner
-                .link
-                .wait_ready(self.inner.config.ready_timeout)
-                .await
-            {
-                Ok((c, _)) => c,
+        // A request that waited in the queue takes a loader as they are now
+        // (connections may have been re-established meanwhile).
+        let (link, conn) = if waited {
+            match self.pick(self.inner.config.ready_timeout, None).await {
+                Ok((l, c, _)) => (l, c),
                 Err(reason) => {
                     return finish(
                         RequestOutcome::Unavailable,
@@ -535,12 +640,13 @@ impl Server {
                 }
             }
         } else {
-            conn
+            (link, conn)
         };
-        let id = self.inner.link.next_id();
+        let id = link.next_id();
         let span = tracing::info_span!("request", request_id = id, program = %program);
         let run = Submitted {
             server: self,
+            link,
             conn,
             id,
             program: &program,
@@ -595,6 +701,9 @@ impl Server {
 /// A request about to be submitted (runs inside its span).
 struct Submitted<'a> {
     server: &'a Server,
+    /// The loader it goes to first (another if that one is busy or lost
+    /// before the request ran).
+    link: Arc<Link>,
     conn: Arc<crate::link::Conn>,
     id: u64,
     program: &'a str,
@@ -610,7 +719,8 @@ impl Submitted<'_> {
     async fn run(self) -> Response<ApiBody> {
         let Submitted {
             server,
-            conn,
+            mut link,
+            mut conn,
             id,
             program,
             body,
@@ -626,47 +736,70 @@ impl Submitted<'_> {
         let request_bytes = body.len();
         let mut id = id;
         let mut busy_retries = 0;
+        // Moves to another loader after losing one before the request ran.
+        let mut moves = 0;
+        let mut running = link.running();
         let (ticket, first) = loop {
-            let mut ticket = match conn.submit(id, program, body.to_vec()).await {
-                Ok(t) => t,
-                Err(e) => {
-                    return finish(
-                        RequestOutcome::Unavailable,
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        &format!("no attested loader available: {e}"),
-                    );
-                }
-            };
-            tracing::info!(request_bytes, request_id = id, "request submitted");
-            let first = match tokio::time::timeout_at(deadline, ticket.events.recv()).await {
-                Err(_) => {
-                    return finish(
-                        RequestOutcome::Timeout,
-                        StatusCode::GATEWAY_TIMEOUT,
-                        &format!(
-                            "no reply within {} ms",
-                            server.inner.config.request_timeout.as_millis()
+            let submitted = conn.submit(id, program, body.to_vec()).await;
+            let first = match submitted {
+                Ok(mut ticket) => {
+                    tracing::info!(request_bytes, request_id = id, loader = %link.endpoint(), "request submitted");
+                    match tokio::time::timeout_at(deadline, ticket.events.recv()).await {
+                        Err(_) => {
+                            return finish(
+                                RequestOutcome::Timeout,
+                                StatusCode::GATEWAY_TIMEOUT,
+                                &format!(
+                                    "no reply within {} ms",
+                                    server.inner.config.request_timeout.as_millis()
+                                ),
+                            );
+                        }
+                        Ok(None) => (
+                            Some(ticket),
+                            Event::Lost("the loader connection was lost".into()),
                         ),
-                    );
+                        Ok(Some(e)) => (Some(ticket), e),
+                    }
                 }
-                Ok(None) => Event::Lost("the loader connection was lost".into()),
-                Ok(Some(e)) => e,
+                Err(e) => (None, Event::Lost(e.to_string())),
             };
+            let (ticket, first) = first;
             // The loader frees a place a moment after its last reply, so a
             // request given that place here may still find it taken there:
-            // refused before it ran, it is submitted again, a few times.
-            if let Event::Refused(reason) = &first
-                && is_in_flight_busy(reason)
-                && busy_retries < BUSY_RETRIES
-            {
+            // refused before it ran, it is submitted again, a few times (to
+            // another loader when one is ready).
+            let busy = matches!(&first, Event::Refused(reason) if is_in_flight_busy(reason));
+            if busy && busy_retries < BUSY_RETRIES {
                 let backoff = BUSY_BACKOFF * (1 << busy_retries);
                 if tokio::time::Instant::now() + backoff < deadline {
                     busy_retries += 1;
                     drop(ticket);
                     tokio::time::sleep(backoff).await;
-                    id = server.inner.link.next_id();
+                    if let Ok((l, c, _)) = server.pick(Duration::ZERO, Some(&link)).await {
+                        (link, conn) = (l, c);
+                        running = link.running();
+                    }
+                    id = link.next_id();
                     continue;
                 }
+            }
+            // Lost before any reply: the request never reached a program
+            // that answered; another ready loader gets it (each loader has
+            // its own replay window, so it runs there once).
+            if matches!(first, Event::Lost(_)) && moves < server.inner.links.len() {
+                moves += 1;
+                drop(ticket);
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let wait = left.min(server.inner.config.ready_timeout);
+                if let Ok((l, c, _)) = server.pick(wait, Some(&link)).await {
+                    tracing::info!(request_id = id, from = %link.endpoint(), to = %l.endpoint(), "loader lost before the request ran: submitted to another");
+                    (link, conn) = (l, c);
+                    running = link.running();
+                    id = link.next_id();
+                    continue;
+                }
+                break (None, first);
             }
             break (ticket, first);
         };
@@ -697,6 +830,14 @@ impl Submitted<'_> {
                 &reason,
             ),
             first @ (Event::Reply(_) | Event::Done(_)) => {
+                let Some(ticket) = ticket else {
+                    // Replies come only through a ticket.
+                    return finish(
+                        RequestOutcome::Unavailable,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no loader connection",
+                    );
+                };
                 let (tx, rx) = mpsc::channel(STREAM_BUFFER);
                 let pump = Pump {
                     metrics: metrics.clone(),
@@ -707,7 +848,7 @@ impl Submitted<'_> {
                 };
                 tokio::spawn(
                     async move {
-                        let _in_flight = in_flight;
+                        let _in_flight = (in_flight, running);
                         pump.run(first, ticket).await;
                     }
                     .instrument(span),
@@ -887,7 +1028,12 @@ pub async fn serve(
     grace: Duration,
 ) {
     tokio::pin!(shutdown);
-    let link = tokio::spawn(server.inner.link.clone().run());
+    let links: Vec<_> = server
+        .inner
+        .links
+        .iter()
+        .map(|l| tokio::spawn(l.clone().run()))
+        .collect();
     let config = server.inner.config.clone();
     let permits = Arc::new(Semaphore::new(config.max_connections));
     let mut refusals = RefusalLog {
@@ -957,6 +1103,8 @@ pub async fn serve(
         );
     }
     connections.abort_all();
-    link.abort();
-    let _ = link.await;
+    for link in links {
+        link.abort();
+        let _ = link.await;
+    }
 }

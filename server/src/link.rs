@@ -301,6 +301,13 @@ fn error_text(json: &[u8]) -> String {
 #[derive(Debug)]
 pub struct Link {
     config: Arc<Config>,
+    /// The loader this link connects to.
+    endpoint: Endpoint,
+    /// Notified on every status change (the server waits on it for any of
+    /// its loaders to become ready).
+    changed: Arc<tokio::sync::Notify>,
+    /// Requests this server has running on this loader now.
+    in_flight: std::sync::atomic::AtomicUsize,
     keyservers: KeyserverClient,
     metrics: Arc<Metrics>,
     status: watch::Sender<LinkStatus>,
@@ -329,6 +336,16 @@ async fn connect(endpoint: &Endpoint) -> std::io::Result<Box<dyn Stream>> {
     })
 }
 
+/// A request counted on its loader ([`Link::running`]).
+#[derive(Debug)]
+pub struct RunningGuard(Arc<Link>);
+
+impl Drop for RunningGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Why one attestation round failed.
 enum AttestError {
     /// The keyserver refused or could not be reached: try the next one, later again.
@@ -340,19 +357,50 @@ enum AttestError {
 }
 
 impl Link {
-    /// A link for `config` (nothing runs until [`Link::run`]).
-    pub fn new(config: Arc<Config>, keyservers: KeyserverClient, metrics: Arc<Metrics>) -> Self {
+    /// A link to `endpoint` (one of `config`'s loaders; nothing runs until
+    /// [`Link::run`]); `changed` is notified on each status change.
+    pub fn new(
+        config: Arc<Config>,
+        endpoint: Endpoint,
+        keyservers: KeyserverClient,
+        metrics: Arc<Metrics>,
+        changed: Arc<tokio::sync::Notify>,
+    ) -> Self {
         let (status, _) = watch::channel(LinkStatus {
             last_error: Some("not connected to the loader yet".into()),
             ..LinkStatus::default()
         });
         Self {
             config,
+            endpoint,
+            changed,
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
             keyservers,
             metrics,
             status,
             next_id: AtomicU64::new(1),
         }
+    }
+
+    /// The loader this link connects to.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// Requests running on this loader now (through this server).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts a request on this loader until the guard drops.
+    pub fn running(self: &Arc<Self>) -> RunningGuard {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        RunningGuard(self.clone())
+    }
+
+    fn update(&self, f: impl FnOnce(&mut LinkStatus)) {
+        self.status.send_modify(f);
+        self.changed.notify_waiters();
     }
 
     /// The current status.
@@ -365,27 +413,8 @@ impl Link {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Waits at most `timeout` for an attested loader; its connection, or why not.
-    pub async fn wait_ready(&self, timeout: Duration) -> Result<(Arc<Conn>, LinkStatus), String> {
-        let mut rx = self.status.subscribe();
-        let waited = tokio::time::timeout(timeout, rx.wait_for(LinkStatus::ready)).await;
-        match waited {
-            Ok(Ok(status)) => match &status.conn {
-                Some(conn) => Ok((conn.clone(), status.clone())),
-                None => Err("no attested loader".into()),
-            },
-            Ok(Err(_)) => Err("the server is shutting down".into()),
-            Err(_) => Err(self
-                .status
-                .borrow()
-                .last_error
-                .clone()
-                .unwrap_or_else(|| "no attested loader".into())),
-        }
-    }
-
     fn set_error(&self, reason: String) {
-        self.status.send_modify(|s| s.last_error = Some(reason));
+        self.update(|s| s.last_error = Some(reason));
     }
 
     /// Runs forever: connect, attest, serve, reconnect.
@@ -393,21 +422,21 @@ impl Link {
         let first = self.config.reconnect_backoff;
         let mut backoff = first;
         loop {
-            match connect(&self.config.loader).await {
+            match connect(&self.endpoint).await {
                 Ok(stream) => {
-                    tracing::info!(loader = %self.config.loader, "connected to the loader");
+                    tracing::info!(loader = %self.endpoint, "connected to the loader");
                     let (reason, handshook) = self.run_connection(stream).await;
-                    tracing::warn!(loader = %self.config.loader, %reason, "loader connection closed");
+                    tracing::warn!(loader = %self.endpoint, %reason, "loader connection closed");
                     self.set_error(format!("loader connection lost: {reason}"));
                     if handshook {
                         backoff = first;
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(loader = %self.config.loader, error = %e, retry_ms = backoff.as_millis() as u64, "cannot connect to the loader");
+                    tracing::warn!(loader = %self.endpoint, error = %e, retry_ms = backoff.as_millis() as u64, "cannot connect to the loader");
                     self.set_error(format!(
                         "cannot connect to the loader at {}: {e}",
-                        self.config.loader
+                        self.endpoint
                     ));
                 }
             }
@@ -446,7 +475,7 @@ impl Link {
         {
             return (reason, false);
         }
-        self.status.send_modify(|s| {
+        self.update(|s| {
             s.connected = true;
             s.conn = None;
             s.programs = hello.programs.map(Arc::new);
@@ -518,7 +547,7 @@ impl Link {
             r = attester => r,
             r = pinger => r,
         };
-        self.status.send_modify(|s| {
+        self.update(|s| {
             s.connected = false;
             s.conn = None;
             s.programs = None;
@@ -598,7 +627,7 @@ impl Link {
                     let info: Program = serde_json::from_slice(&info)
                         .map_err(|e| format!("malformed Admitted: {e}"))?;
                     tracing::info!(program = %info.name, sha256 = %info.sha256, world = %info.world, "program admitted by the loader");
-                    self.status.send_modify(|s| {
+                    self.update(|s| {
                         let mut list: Vec<Program> =
                             s.programs.as_deref().cloned().unwrap_or_default();
                         list.retain(|q| q.name != info.name);
@@ -655,7 +684,7 @@ impl Link {
             }
             match installed {
                 Some(i) if !i.request_keys.is_empty() => {
-                    self.status.send_modify(|s| {
+                    self.update(|s| {
                         s.conn = Some(conn.clone());
                         s.models = Arc::new(i.models);
                         s.last_error = None;

@@ -134,7 +134,7 @@ fn run(cli: &Cli) -> Result<()> {
             .with_context(|| format!("listening on {listen}"))?;
         tracing::info!(
             listen = %listener.local_addr()?,
-            loader = %server.config().loader,
+            loaders = ?server.config().loaders.iter().map(ToString::to_string).collect::<Vec<_>>(),
             keyservers = ?server.config().keyservers,
             tls = server.config().tls.is_some(),
             "inference server listening"

@@ -852,3 +852,70 @@ async fn the_listener_speaks_tls_to_clients_that_trust_its_ca() {
         "{e}"
     );
 }
+
+/// `loaders`: each loader its own link and attestation; requests go to the
+/// least busy ready loader; with one gone, the other serves alone, and
+/// `/readyz` names each loader's state.
+#[tokio::test]
+async fn requests_spread_over_two_loaders_and_one_down_leaves_the_other_serving() {
+    let second = FakeLoader::start("127.0.0.1:0".parse().unwrap()).await;
+    let second_addr = second.addr;
+    let mut h = start_with(|c| {
+        c.loaders
+            .push(cinfer_channel::Endpoint::Tcp(second_addr.to_string()));
+    })
+    .await;
+    // Both attested (each to the keyserver on its own).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = get(h.addr, "/readyz").await;
+        let v = json(&body);
+        let ready = v["loaders"]
+            .as_array()
+            .is_some_and(|l| l.len() == 2 && l.iter().all(|l| l["ready"] == true));
+        if status == 200 && ready {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(h.ks.attests.load(Ordering::SeqCst), 2);
+    let first = h.loader.take().unwrap();
+    // Four requests held in flight: two on each loader.
+    let bodies: Vec<Vec<u8>> = (0..4)
+        .map(|i| format!("gated request {i}").into_bytes())
+        .collect();
+    let mut replies = Vec::new();
+    for body in &bodies {
+        let mut r = post_request(h.addr, "echo", body).await;
+        assert_eq!(r.status, 200);
+        let head = r.next_record().await.unwrap();
+        replies.push((r, head));
+    }
+    assert_eq!(first.stats.submits.load(Ordering::SeqCst), 2);
+    assert_eq!(second.stats.submits.load(Ordering::SeqCst), 2);
+    first.gate.add_permits(2);
+    second.gate.add_permits(2);
+    for ((mut r, head), body) in replies.into_iter().zip(&bodies) {
+        let mut records = vec![head];
+        records.extend(r.records().await);
+        assert_completed(body, &records);
+    }
+
+    // The first loader goes away: the second serves every request.
+    first.stop().await;
+    for i in 0..3 {
+        let body = format!("after the first loader left {i}");
+        let mut r = post_request(h.addr, "echo", body.as_bytes()).await;
+        assert_eq!(r.status, 200);
+        assert_completed(body.as_bytes(), &r.records().await);
+    }
+    assert_eq!(second.stats.submits.load(Ordering::SeqCst), 5);
+    let (status, body) = get(h.addr, "/readyz").await;
+    assert_eq!(status, 200);
+    let v = json(&body);
+    assert_eq!(v["loaders"][0]["ready"], false, "{v}");
+    assert!(v["loaders"][0]["error"].as_str().is_some(), "{v}");
+    assert_eq!(v["loaders"][1]["ready"], true, "{v}");
+    h.loader = Some(second);
+}

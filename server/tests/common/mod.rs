@@ -397,7 +397,7 @@ impl Drop for Harness {
 
 pub fn test_config(loader: SocketAddr, keyservers: Vec<String>) -> Config {
     Config {
-        loader: cinfer_channel::Endpoint::Tcp(loader.to_string()),
+        loaders: vec![cinfer_channel::Endpoint::Tcp(loader.to_string())],
         keyservers,
         max_request_bytes: 4096,
         max_frame_bytes: MAX_FRAME,
