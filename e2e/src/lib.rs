@@ -345,7 +345,11 @@ pub struct System {
     pub threshold: u8,
     dir: PathBuf,
     children: Vec<Child>,
+    /// Which of `children` are the loaders, in the server's `loaders` order.
+    loader_slots: Vec<usize>,
     _swtpm: cinfer_tpm::swtpm::Swtpm,
+    /// The other loaders' TPMs ([`System::start_loaders`]).
+    _extra_swtpms: Vec<cinfer_tpm::swtpm::Swtpm>,
 }
 
 impl std::fmt::Debug for System {
@@ -364,6 +368,44 @@ impl Drop for System {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Reference values allowing what either allows: the union of
+/// `trusted-aks` and of each event kind's digests (the rest from `a`).
+fn merge_references(a: &str, b: &str) -> String {
+    let mut a: toml::Table = toml::from_str(a).expect("reference TOML");
+    let b: toml::Table = toml::from_str(b).expect("reference TOML");
+    let union = |x: &mut toml::Value, y: &toml::Value| {
+        if let (Some(x), Some(y)) = (x.as_array_mut(), y.as_array()) {
+            for v in y {
+                if !x.contains(v) {
+                    x.push(v.clone());
+                }
+            }
+        }
+    };
+    if let (Some(x), Some(y)) = (a.get_mut("trusted-aks"), b.get("trusted-aks")) {
+        union(x, y);
+    }
+    if let (Some(x), Some(y)) = (
+        a.get_mut("events").and_then(toml::Value::as_table_mut),
+        b.get("events").and_then(toml::Value::as_table),
+    ) {
+        for (kind, digests) in y {
+            match x.get_mut(kind) {
+                Some(have) => union(have, digests),
+                None => {
+                    x.insert(kind.clone(), digests.clone());
+                }
+            }
+        }
+    }
+    assert_eq!(
+        a.get("pcrs"),
+        b.get("pcrs"),
+        "the loaders' boot PCRs differ"
+    );
+    toml::to_string(&a).expect("reference TOML")
 }
 
 /// A loader in a test TD ([`System::start_tdx`]).
@@ -390,7 +432,7 @@ pub enum KeyserverRole {
 impl System {
     /// Starts everything and waits until the server reports an attested loader.
     pub fn start(name: &str) -> System {
-        let system = Self::start_with(name, &[KeyserverRole::Honest], 1, None);
+        let system = Self::start_with(name, &[KeyserverRole::Honest], 1, None, 1);
         system.wait_ready();
         system
     }
@@ -402,7 +444,7 @@ impl System {
     /// ([`System::wait_ready`], [`System::readyz`]). With one role and
     /// threshold 1, the keyserver holds whole keys instead.
     pub fn start_quorum(name: &str, roles: &[KeyserverRole], threshold: u8) -> System {
-        Self::start_with(name, roles, threshold, None)
+        Self::start_with(name, roles, threshold, None, 1)
     }
 
     /// A loader in a (test) TD as well: `cinfer tdx-test-provider` (with
@@ -416,7 +458,7 @@ impl System {
             provider_args,
             tpm: true,
         };
-        Self::start_with(name, &[KeyserverRole::Honest], 1, Some(tdx))
+        Self::start_with(name, &[KeyserverRole::Honest], 1, Some(tdx), 1)
     }
 
     /// A loader in a (test) TD without a vTPM: no `tpm` in its
@@ -427,7 +469,7 @@ impl System {
             provider_args: &[],
             tpm: false,
         };
-        Self::start_with(name, &[KeyserverRole::Honest], 1, Some(tdx))
+        Self::start_with(name, &[KeyserverRole::Honest], 1, Some(tdx), 1)
     }
 
     /// A keyserver's audit log (`audit-{i}.jsonl`), one JSON value a line.
@@ -439,11 +481,37 @@ impl System {
             .collect()
     }
 
+    /// `loaders` trusted loaders, each with its own swtpm and configuration
+    /// (the same but for its TPM), behind one inference server (`loaders =
+    /// [...]`); the keyserver's reference values allow each one's
+    /// configuration digest and AK. Waits until every loader is attested.
+    pub fn start_loaders(name: &str, loaders: usize) -> System {
+        let system = Self::start_with(name, &[KeyserverRole::Honest], 1, None, loaders);
+        system.wait_ready();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (_, body) = system.readyz();
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            let ready = v["loaders"]
+                .as_array()
+                .map_or(0, |l| l.iter().filter(|l| l["ready"] == true).count());
+            if ready == loaders {
+                return system;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not every loader attested: {body}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn start_with(
         name: &str,
         roles: &[KeyserverRole],
         threshold: u8,
         tdx: Option<Tdx<'_>>,
+        loaders: usize,
     ) -> System {
         let with_tpm = tdx.as_ref().is_none_or(|t| t.tpm);
         let dir = std::env::temp_dir().join(format!("cinfer-e2e-{name}-{}", std::process::id()));
@@ -597,26 +665,59 @@ impl System {
             .arg("keygen")
             .arg("--out")
             .arg(sd.join("channel.key")));
-        std::fs::write(
-            l.join("loader.toml"),
+        let loader_toml = |tcti: Option<String>| {
             format!(
                 "listen = \"tcp:127.0.0.1:0\"\n{}policy = \"policy.toml\"\nmax-in-flight = 8\nkeyservers = [{}]\nkeyserver-threshold = {threshold}\nserver-keys = [\"{}\"]\n{tdx_table}[[model]]\nid = \"{MODEL_ID}\"\npath = \"smollm2.sealed\"\n",
-                if with_tpm {
-                    format!("tpm = \"{}\"\n", swtpm.tcti())
-                } else {
-                    String::new()
-                },
+                tcti.map(|t| format!("tpm = \"{t}\"\n")).unwrap_or_default(),
                 identities
                     .iter()
                     .map(|i| format!("\"{}\"", hex::encode(i)))
                     .collect::<Vec<_>>()
                     .join(", "),
                 server_key.trim()
-            ),
+            )
+        };
+        std::fs::write(
+            l.join("loader.toml"),
+            loader_toml(with_tpm.then(|| swtpm.tcti())),
         )
         .expect("loader config");
+        // More loaders: each its own swtpm (the same boot PCRs) and its own
+        // configuration file, differing in the TPM only.
+        let extra_swtpms: Vec<cinfer_tpm::swtpm::Swtpm> = (1..loaders)
+            .map(|_| cinfer_tpm::swtpm::Swtpm::start().expect("swtpm"))
+            .collect();
+        for (i, sw) in extra_swtpms.iter().enumerate() {
+            std::fs::write(
+                l.join(format!("loader-{}.toml", i + 1)),
+                loader_toml(Some(sw.tcti())),
+            )
+            .expect("loader config");
+        }
 
         // Reference values, as an operator computes them.
+        let measure = |config: &str, tcti: Option<String>| {
+            run(Command::new(bin("cinfer"))
+                .arg("measure-loader")
+                .arg("--config")
+                .arg(l.join(config))
+                .arg("--binary")
+                .arg(bin("trusted-loader"))
+                .args(
+                    tcti.map(|t| vec!["--tpm".to_owned(), t])
+                        .unwrap_or_default(),
+                ))
+        };
+        let mut extra_references = Vec::new();
+        for (i, sw) in extra_swtpms.iter().enumerate() {
+            let out = measure(&format!("loader-{}.toml", i + 1), Some(sw.tcti()));
+            extra_references.push(
+                out.split_once("# keyserver reference values:\n")
+                    .expect("reference values")
+                    .1
+                    .to_owned(),
+            );
+        }
         let measured = run(Command::new(bin("cinfer"))
             .arg("measure-loader")
             .arg("--config")
@@ -641,6 +742,10 @@ impl System {
         let (before, reference) = measured
             .split_once("# keyserver reference values:\n")
             .expect("reference values");
+        let merged = extra_references
+            .iter()
+            .fold(reference.to_owned(), |a, b| merge_references(&a, b));
+        let reference = merged.as_str();
         // The keyserver's [tdx] table, with the provider's trust anchor and
         // collateral.
         let keyserver_tdx = match tdx {
@@ -733,7 +838,32 @@ impl System {
             }
         };
         std::thread::spawn(move || for _ in lines {});
+        let mut loader_slots = vec![children.len()];
         children.push(loader);
+        let mut extra_addrs = Vec::new();
+        for i in 1..loaders {
+            let mut loader = Command::new(bin("trusted-loader"))
+                .arg("serve")
+                .arg("--config")
+                .arg(l.join(format!("loader-{i}.toml")))
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("trusted-loader");
+            let mut lines = BufReader::new(loader.stderr.take().expect("stderr")).lines();
+            let addr: SocketAddr = loop {
+                let line = lines
+                    .next()
+                    .expect("loader exited before listening")
+                    .expect("line");
+                if let Some(a) = line.strip_prefix("listening on tcp:") {
+                    break a.parse().expect("addr");
+                }
+            };
+            std::thread::spawn(move || for _ in lines {});
+            loader_slots.push(children.len());
+            children.push(loader);
+            extra_addrs.push(addr);
+        }
 
         let loader_link = Arc::new(Mutex::new(Recording::default()));
         let keyserver_link = Arc::new(Mutex::new(Recording::default()));
@@ -756,7 +886,11 @@ impl System {
         std::fs::write(
             server_dir.join("server.toml"),
             format!(
-                "listen = \"127.0.0.1:{server_port}\"\nloader = \"tcp:{loader_relay}\"\nchannel-key = \"channel.key\"\nkeyservers = [{}]\n[[program]]\npath = \"llama-chat.wasm\"\nsignatures = [\"llama-chat.wasm.sig\"]\n[[program]]\npath = \"evil.wasm\"\nsignatures = [\"evil.wasm.sig\"]\n",
+                "listen = \"127.0.0.1:{server_port}\"\nloaders = [{}]\nchannel-key = \"channel.key\"\nkeyservers = [{}]\n[[program]]\npath = \"llama-chat.wasm\"\nsignatures = [\"llama-chat.wasm.sig\"]\n[[program]]\npath = \"evil.wasm\"\nsignatures = [\"evil.wasm.sig\"]\n",
+                std::iter::once(format!("\"tcp:{loader_relay}\""))
+                    .chain(extra_addrs.iter().map(|a| format!("\"tcp:{a}\"")))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 ks_urls.join(", ")
             ),
         )
@@ -785,7 +919,9 @@ impl System {
             server_direct,
             dir,
             children,
+            loader_slots,
             _swtpm: swtpm,
+            _extra_swtpms: extra_swtpms,
             identities,
             threshold,
         }
@@ -832,6 +968,26 @@ impl System {
 
     /// A client of this system (through the recording client relay); in a
     /// k-of-n system, one that needs `threshold` keyservers to agree.
+    /// Kills loader `i` (in the server's `loaders` order) and waits for it.
+    pub fn kill_loader(&mut self, i: usize) {
+        let child = &mut self.children[self.loader_slots[i]];
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// The loader each request went to, from the server's log (its
+    /// endpoint as the server's `loaders` names it), in submission order.
+    pub fn submitted_to(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.server_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("request submitted"))
+            .filter_map(|l| l.split("loader=").nth(1))
+            .filter_map(|rest| rest.split_whitespace().next())
+            .map(str::to_owned)
+            .collect()
+    }
+
     pub fn client(&self) -> cinfer_client::Client {
         let client =
             cinfer_client::Client::new(&self.server_url, self.identity.clone()).expect("client");
