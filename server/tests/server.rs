@@ -919,3 +919,31 @@ async fn requests_spread_over_two_loaders_and_one_down_leaves_the_other_serving(
     assert_eq!(v["loaders"][1]["ready"], true, "{v}");
     h.loader = Some(second);
 }
+
+/// A loader lost before the request ran (no reply came): the request is
+/// submitted to another ready loader and completes there.
+#[tokio::test]
+async fn a_request_whose_loader_is_lost_before_it_ran_completes_on_another() {
+    let second = FakeLoader::start("127.0.0.1:0".parse().unwrap()).await;
+    let second_addr = second.addr;
+    let mut h = start_with(|c| {
+        c.loaders
+            .push(cinfer_channel::Endpoint::Tcp(second_addr.to_string()));
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !h.server.links().iter().all(|l| l.status().ready()) {
+        assert!(Instant::now() < deadline, "both loaders attested");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first = h.loader.take().unwrap();
+    first.stats.crash_on_submit.store(true, Ordering::SeqCst);
+    let body = b"crash: the first loader dies on this one";
+    let mut r = post_request(h.addr, "echo", body).await;
+    assert_eq!(r.status, 200);
+    assert_completed(body, &r.records().await);
+    assert_eq!(first.stats.submits.load(Ordering::SeqCst), 1, "tried first");
+    assert_eq!(second.stats.submits.load(Ordering::SeqCst), 1, "ran here");
+    h.loader = Some(second);
+    first.stop().await;
+}

@@ -159,6 +159,9 @@ pub async fn black_hole_url() -> String {
 
 #[derive(Default)]
 pub struct LoaderStats {
+    /// When set, a request whose sealed bytes start with `crash` closes the
+    /// connection instead of running.
+    pub crash_on_submit: std::sync::atomic::AtomicBool,
     pub connections: AtomicUsize,
     pub attest_requests: AtomicUsize,
     pub submits: AtomicUsize,
@@ -305,6 +308,10 @@ async fn serve_loader_connection(
             Kind::Submit => {
                 stats.submits.fetch_add(1, Ordering::SeqCst);
                 let s = Submit::decode(&frame.payload).unwrap();
+                if s.sealed.starts_with(b"crash") && stats.crash_on_submit.load(Ordering::SeqCst) {
+                    // Gone before the request ran (like a loader that died).
+                    break;
+                }
                 requests.spawn(run_request(w.clone(), s, gate.clone(), stats.clone()));
             }
             Kind::Cancel => {
