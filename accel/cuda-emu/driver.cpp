@@ -234,6 +234,7 @@ Launcher launcher(void (*k)(A...)) {
 #define KERNEL(name) {#name, launcher(name)}
 const std::map<std::string, Launcher> KERNELS = {
     KERNEL(quantize_act), KERNEL(dequant_act), KERNEL(round_f16_f32), KERNEL(gemv_q),
+    KERNEL(gemv_qx),
     KERNEL(dequant_tile), KERNEL(embedding), KERNEL(binary), KERNEL(silu),
     KERNEL(rmsnorm), KERNEL(softmax), KERNEL(rope), KERNEL(kv_append),
     KERNEL(attention), KERNEL(argmax_rows), KERNEL(top_k),

@@ -27,6 +27,12 @@ pub const KERNELS_CU: &str = include_str!("kernels.cu");
 /// kernel (bit-for-bit the CPU backend's block sums); more rows (prompt
 /// processing) dequantize weight tiles and run cuBLAS SGEMM.
 pub const GEMV_MAX_ROWS: usize = 8;
+/// Largest output width for which a decode matmul quantizes its activation
+/// inside the GEMV (`gemv_qx`, one launch) rather than in a launch of its own:
+/// every thread block (8 output columns) quantizes the whole row again, so
+/// for a wide matmul (a vocabulary head) that repeated work outgrows the
+/// launch it saves; there the separate `quantize_act` runs once.
+pub const GEMV_FUSED_MAX_N: usize = 8192;
 
 /// Bytes of each of the two pinned staging buffers.
 const STAGING_BYTES: usize = 8 << 20;
@@ -533,7 +539,23 @@ impl Device {
                     "quantized matmul needs k a multiple of 32",
                 )?;
                 let blocks = m * k / 32;
-                if m <= GEMV_MAX_ROWS {
+                let kb = u32_of(k / 32, "k")?;
+                if m <= GEMV_MAX_ROWS
+                    && n <= GEMV_FUSED_MAX_N
+                    && ffi::Kernels::gemv_qx_shared_bytes(kb).is_some()
+                {
+                    // One launch: the activation is quantized inside.
+                    self.kernels.gemv_qx(
+                        &self.stream,
+                        wb,
+                        dt.code(),
+                        xs,
+                        &mut out,
+                        u32_of(m, "m")?,
+                        u32_of(n, "n")?,
+                        kb,
+                    )?;
+                } else if m <= GEMV_MAX_ROWS {
                     let mut act = self
                         .act
                         .lock()
@@ -560,7 +582,7 @@ impl Device {
                         &mut out,
                         u32_of(m, "m")?,
                         u32_of(n, "n")?,
-                        u32_of(k / 32, "k")?,
+                        kb,
                     )?;
                 } else {
                     let mut q = self.scratch::<i8>(m * k)?;

@@ -117,11 +117,9 @@ __device__ u64 block_max_u64(u64 v, u64* sh) {
 // One warp per 32-block of x: q = round_ties_even(x * 127/amax), d = f16(amax/127),
 // s = f16(amax/127 * sum q), exactly as quant::quantize_q8_1 / quantize_q8_0.
 // (blockDim.x is a multiple of 32, so the early return is warp-uniform.)
-extern "C" __global__ void quantize_act(const float* x, i8* q, float* d, float* s, u32 blocks) {
-    u64 b = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    int lane = threadIdx.x & 31;
-    if (b >= blocks) return;
-    float v = x[b * 32 + lane];
+// The warp's 32-block (lane = element, value v) quantized: q[lane], and lane 0
+// writes *d and *s.
+__device__ __forceinline__ void quantize_block(float v, int lane, i8* q, float* d, float* s) {
     // Starting from 0 as the CPU's fold: fmaxf drops NaN, so an all-NaN block
     // gets amax 0 (d = s = 0), not NaN.
     float amax = warp_max(fmaxf(0.0f, fabsf(v)));
@@ -129,12 +127,19 @@ extern "C" __global__ void quantize_act(const float* x, i8* q, float* d, float* 
     float id = amax != 0.0f ? 127.0f / amax : 0.0f;
     float r = rintf(v * id);
     int qi = is_nan(r) ? 0 : (int)fmaxf(-128.0f, fminf(127.0f, r));
-    q[(u64)b * 32 + lane] = (i8)qi;
+    q[lane] = (i8)qi;
     int sum = warp_sum_i(qi);
     if (lane == 0) {
-        d[b] = round_f16(dd);
-        s[b] = round_f16(dd * (float)sum);
+        *d = round_f16(dd);
+        *s = round_f16(dd * (float)sum);
     }
+}
+
+extern "C" __global__ void quantize_act(const float* x, i8* q, float* d, float* s, u32 blocks) {
+    u64 b = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (b >= blocks) return;
+    quantize_block(x[b * 32 + lane], lane, q + b * 32, d + b, s + b);
 }
 
 // x' = d * q (exact in f32), and for Q4_1 the block sums s in extra columns
@@ -160,20 +165,18 @@ extern "C" __global__ void round_f16_f32(const float* x, float* out, u32 n) {
 // Decode GEMV: one warp per weight row j and activation row i (blockIdx.y).
 // Lanes compute per-block terms; lane 0 folds them in block order with the
 // CPU's fused multiply-adds, so the sum is the CPU's dot_q4_1_q8_1 /
-// dot_q8_0_q8_0 bit for bit.
-extern "C" __global__ void gemv_q(const u8* w, u32 dtype, const i8* xq, const float* xd,
-                                  const float* xs, float* out, u32 n, u32 kb) {
-    __shared__ float scales[8][32];
-    __shared__ float sums[8][32];
-    __shared__ float wmins[8][32];
-    __shared__ float xsums[8][32];
-    int lane = threadIdx.x & 31, wi = threadIdx.x >> 5;
-    u32 j = blockIdx.x * 8 + wi;
-    u32 i = blockIdx.y;
-    bool active = j < n;
+// dot_q8_0_q8_0 bit for bit. `xr`, `xd`, `xs` are activation row i's
+// quantized values and block scales and sums; `sh` this warp's 128 floats of
+// shared memory. Lane 0 gets the dot product.
+__device__ float gemv_dot(const u8* w, u32 dtype, bool active, u32 j, const i8* xr,
+                          const float* xd, const float* xs, u32 kb, float* sh) {
+    float* scales = sh;
+    float* sums = sh + 32;
+    float* wmins = sh + 64;
+    float* xsums = sh + 96;
+    int lane = threadIdx.x & 31;
     u32 bsz = dtype == DT_Q4_1 ? 20 : 34;
     const u8* row = w + (u64)(active ? j : 0) * kb * bsz;
-    const i8* xr = xq + (u64)i * kb * 32;
     float acc = 0.0f, mins = 0.0f;
     for (u32 c = 0; c < kb; c += 32) {
         u32 b = c + lane;
@@ -188,29 +191,66 @@ extern "C" __global__ void gemv_q(const u8* w, u32 dtype, const i8* xq, const fl
                     sumi += (int)(byte & 0x0f) * (int)xb[e] + (int)(byte >> 4) * (int)xb[e + 16];
                 }
                 mw = h2f(ld_u16(blk + 2));
-                sx = xs[(u64)i * kb + b];
+                sx = xs[b];
             } else {
                 const i8* wq = (const i8*)(blk + 2);
                 for (int e = 0; e < 32; e++) sumi += (int)wq[e] * (int)xb[e];
             }
-            sc = h2f(ld_u16(blk)) * xd[(u64)i * kb + b];
+            sc = h2f(ld_u16(blk)) * xd[b];
             si = (float)sumi;
         }
-        scales[wi][lane] = sc;
-        sums[wi][lane] = si;
-        wmins[wi][lane] = mw;
-        xsums[wi][lane] = sx;
+        scales[lane] = sc;
+        sums[lane] = si;
+        wmins[lane] = mw;
+        xsums[lane] = sx;
         __syncwarp();
         if (lane == 0) {
             u32 lim = kb - c < 32 ? kb - c : 32;
             for (u32 e = 0; e < lim; e++) {
-                acc = fmaf(scales[wi][e], sums[wi][e], acc);
-                mins = fmaf(wmins[wi][e], xsums[wi][e], mins);
+                acc = fmaf(scales[e], sums[e], acc);
+                mins = fmaf(wmins[e], xsums[e], mins);
             }
         }
         __syncwarp();
     }
-    if (active && lane == 0) out[(u64)i * n + j] = dtype == DT_Q4_1 ? acc + mins : acc;
+    return dtype == DT_Q4_1 ? acc + mins : acc;
+}
+
+extern "C" __global__ void gemv_q(const u8* w, u32 dtype, const i8* xq, const float* xd,
+                                  const float* xs, float* out, u32 n, u32 kb) {
+    __shared__ float sh[8][128];
+    int lane = threadIdx.x & 31, wi = threadIdx.x >> 5;
+    u32 j = blockIdx.x * 8 + wi;
+    u32 i = blockIdx.y;
+    bool active = j < n;
+    float r = gemv_dot(w, dtype, active, j, xq + (u64)i * kb * 32, xd + (u64)i * kb,
+                       xs + (u64)i * kb, kb, sh[wi]);
+    if (active && lane == 0) out[(u64)i * n + j] = r;
+}
+
+// gemv_q with the activation's quantization fused in (one launch instead of
+// two): each thread block first quantizes activation row i (f32, kb*32
+// values) into dynamic shared memory with quantize_act's formula, its 8
+// warps taking the 32-blocks in turn, then runs gemv_q on it. Dynamic shared
+// memory: kb floats d, kb floats s, kb*32 int8 q.
+extern "C" __global__ void gemv_qx(const u8* w, u32 dtype, const float* x, float* out, u32 n,
+                                   u32 kb) {
+    __shared__ float sh[8][128];
+    DYNAMIC_SHARED(float, act);
+    float* xd = act;
+    float* xs = act + kb;
+    i8* xq = (i8*)(act + 2 * kb);
+    int lane = threadIdx.x & 31, wi = threadIdx.x >> 5;
+    u32 i = blockIdx.y;
+    const float* xr = x + (u64)i * kb * 32;
+    for (u32 b = wi; b < kb; b += 8) {
+        quantize_block(xr[(u64)b * 32 + lane], lane, xq + b * 32, xd + b, xs + b);
+    }
+    __syncthreads();
+    u32 j = blockIdx.x * 8 + wi;
+    bool active = j < n;
+    float r = gemv_dot(w, dtype, active, j, xq, xd, xs, kb, sh[wi]);
+    if (active && lane == 0) out[(u64)i * n + j] = r;
 }
 
 // Weight tile for the prompt GEMM: rows row0..row0+rows of w as f32 [rows, ld].

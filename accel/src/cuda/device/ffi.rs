@@ -234,11 +234,12 @@ impl std::fmt::Debug for Kernels {
     }
 }
 
-pub(crate) const KERNEL_NAMES: [&str; 15] = [
+pub(crate) const KERNEL_NAMES: [&str; 16] = [
     "quantize_act",
     "dequant_act",
     "round_f16_f32",
     "gemv_q",
+    "gemv_qx",
     "dequant_tile",
     "embedding",
     "binary",
@@ -389,6 +390,57 @@ impl Kernels {
         // SAFETY: types match; weights hold n rows of kb blocks, activations m
         // rows, out m·n (checked); the grid covers exactly m × ceil(n/8)·8 rows
         // and the kernel skips j ≥ n.
+        unsafe { l.launch(cfg) }.map_err(CudaError::driver)?;
+        Ok(())
+    }
+
+    /// Dynamic shared memory `gemv_qx` needs for `kb` blocks a row (the
+    /// row's quantized values, scales and sums), if within the 48 KiB every
+    /// device gives a block without opting in.
+    pub(crate) fn gemv_qx_shared_bytes(kb: u32) -> Option<u32> {
+        let bytes = u64::from(kb) * (32 + 4 + 4);
+        u32::try_from(bytes).ok().filter(|b| *b <= 48 * 1024)
+    }
+
+    /// out [m, n] = quantize(x) [m, kb·32] · wᵀ in one launch: `gemv_q` with
+    /// the activation quantized per thread block in shared memory.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemv_qx(
+        &self,
+        s: &Arc<CudaStream>,
+        w: &CudaSlice<u8>,
+        dtype: u32,
+        x: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+        m: u32,
+        n: u32,
+        kb: u32,
+    ) -> Result<(), CudaError> {
+        let (mm, nn, kbb) = (u64::from(m), u64::from(n), u64::from(kb));
+        if dtype != 2 && dtype != 3 {
+            return Err(CudaError::Shape("gemv_qx takes Q4_1 or Q8_0".into()));
+        }
+        let shared = Self::gemv_qx_shared_bytes(kb)
+            .ok_or_else(|| CudaError::Shape("gemv_qx: row too long for shared memory".into()))?;
+        need(w, dt_bytes(dtype, nn * kbb * 32), "gemv_qx w")?;
+        need(x, mm * kbb * 32, "gemv_qx x")?;
+        need(out, mm * nn, "gemv_qx out")?;
+        if m == 0 || n == 0 || kb == 0 {
+            // Nothing to compute (a one-block grid would read row 0 of empty inputs).
+            return Ok(());
+        }
+        let f = self.get("gemv_qx")?;
+        let mut l = s.launch_builder(f);
+        l.arg(w).arg(&dtype).arg(x).arg(out).arg(&n).arg(&kb);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(8), m, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: shared,
+        };
+        // SAFETY: types match; weights hold n rows of kb blocks, x m rows of
+        // kb·32, out m·n (checked); the dynamic shared memory holds kb·32
+        // int8 and 2·kb floats, all the kernel indexes (b < kb); the grid
+        // covers m × ceil(n/8)·8 rows and the kernel skips j ≥ n.
         unsafe { l.launch(cfg) }.map_err(CudaError::driver)?;
         Ok(())
     }
