@@ -206,16 +206,7 @@ pub fn verify_with(
     ak_trust: AkTrust,
 ) -> Result<Verified, EvidenceError> {
     let expected = Expected::from_refs(refs);
-
-    if evidence.version != EVIDENCE_VERSION {
-        return Err(EvidenceError::UnsupportedVersion(evidence.version));
-    }
-    if !constant_time_eq(&evidence.nonce, expected_nonce) {
-        return Err(EvidenceError::NonceMismatch);
-    }
-    if !expect::is_uncompressed_p256_point(&evidence.hpke_public_key) {
-        return Err(EvidenceError::InvalidHpkeKey);
-    }
+    check_header(evidence, expected_nonce)?;
     let ak_fingerprint = ak_fingerprint(&evidence.ak_public);
     if ak_trust == AkTrust::Pinned && !expected.ak_trusted(&evidence.ak_public) {
         return Err(EvidenceError::UntrustedAk {
@@ -298,6 +289,21 @@ pub fn verify_with(
     })
 }
 
+/// The evidence's version, that it answers `expected_nonce`, and its HPKE
+/// key's form.
+fn check_header(evidence: &Evidence, expected_nonce: &[u8]) -> Result<(), EvidenceError> {
+    if evidence.version != EVIDENCE_VERSION {
+        return Err(EvidenceError::UnsupportedVersion(evidence.version));
+    }
+    if !constant_time_eq(&evidence.nonce, expected_nonce) {
+        return Err(EvidenceError::NonceMismatch);
+    }
+    if !expect::is_uncompressed_p256_point(&evidence.hpke_public_key) {
+        return Err(EvidenceError::InvalidHpkeKey);
+    }
+    Ok(())
+}
+
 /// Every logged event allowed for its kind, and every required kind logged.
 fn check_events(events: &[crate::Event], expected: &Expected<'_>) -> Result<(), EvidenceError> {
     for event in events {
@@ -327,17 +333,8 @@ pub fn verify_event_log(
     expected_nonce: &[u8],
     refs: &ReferenceValues,
 ) -> Result<(), EvidenceError> {
-    let expected = Expected::from_refs(refs);
-    if evidence.version != EVIDENCE_VERSION {
-        return Err(EvidenceError::UnsupportedVersion(evidence.version));
-    }
-    if !constant_time_eq(&evidence.nonce, expected_nonce) {
-        return Err(EvidenceError::NonceMismatch);
-    }
-    if !expect::is_uncompressed_p256_point(&evidence.hpke_public_key) {
-        return Err(EvidenceError::InvalidHpkeKey);
-    }
-    check_events(&evidence.event_log, &expected)
+    check_header(evidence, expected_nonce)?;
+    check_events(&evidence.event_log, &Expected::from_refs(refs))
 }
 
 /// The quote must select the SHA-256 bank only, including the measured PCR and

@@ -370,6 +370,30 @@ impl Drop for System {
     }
 }
 
+/// Starts `trusted-loader serve --config CONFIG`; the process and the
+/// address it listens on (from its log), the rest of its log drained.
+fn spawn_loader(config: &Path) -> (Child, SocketAddr) {
+    let mut loader = Command::new(bin("trusted-loader"))
+        .arg("serve")
+        .arg("--config")
+        .arg(config)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("trusted-loader");
+    let mut lines = BufReader::new(loader.stderr.take().expect("stderr")).lines();
+    let addr: SocketAddr = loop {
+        let line = lines
+            .next()
+            .expect("loader exited before listening")
+            .expect("line");
+        if let Some(a) = line.strip_prefix("listening on tcp:") {
+            break a.parse().expect("addr");
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (loader, addr)
+}
+
 /// Reference values allowing what either allows: the union of
 /// `trusted-aks` and of each event kind's digests (the rest from `a`).
 fn merge_references(a: &str, b: &str) -> String {
@@ -820,46 +844,12 @@ impl System {
             }
         }
 
-        let mut loader = Command::new(bin("trusted-loader"))
-            .arg("serve")
-            .arg("--config")
-            .arg(l.join("loader.toml"))
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("trusted-loader");
-        let mut lines = BufReader::new(loader.stderr.take().expect("stderr")).lines();
-        let loader_addr: SocketAddr = loop {
-            let line = lines
-                .next()
-                .expect("loader exited before listening")
-                .expect("line");
-            if let Some(a) = line.strip_prefix("listening on tcp:") {
-                break a.parse().expect("addr");
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
+        let (loader, loader_addr) = spawn_loader(&l.join("loader.toml"));
         let mut loader_slots = vec![children.len()];
         children.push(loader);
         let mut extra_addrs = Vec::new();
         for i in 1..loaders {
-            let mut loader = Command::new(bin("trusted-loader"))
-                .arg("serve")
-                .arg("--config")
-                .arg(l.join(format!("loader-{i}.toml")))
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("trusted-loader");
-            let mut lines = BufReader::new(loader.stderr.take().expect("stderr")).lines();
-            let addr: SocketAddr = loop {
-                let line = lines
-                    .next()
-                    .expect("loader exited before listening")
-                    .expect("line");
-                if let Some(a) = line.strip_prefix("listening on tcp:") {
-                    break a.parse().expect("addr");
-                }
-            };
-            std::thread::spawn(move || for _ in lines {});
+            let (loader, addr) = spawn_loader(&l.join(format!("loader-{i}.toml")));
             loader_slots.push(children.len());
             children.push(loader);
             extra_addrs.push(addr);

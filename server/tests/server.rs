@@ -853,32 +853,40 @@ async fn the_listener_speaks_tls_to_clients_that_trust_its_ca() {
     );
 }
 
+/// The harness with a second fake loader (`loaders = [first, second]`),
+/// once both links are attested.
+async fn start_two_loaders() -> (Harness, FakeLoader) {
+    let second = FakeLoader::start("127.0.0.1:0".parse().unwrap()).await;
+    let second_addr = second.addr;
+    let h = start_with(|c| {
+        c.loaders
+            .push(cinfer_channel::Endpoint::Tcp(second_addr.to_string()));
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !h.server.links().iter().all(|l| l.status().ready()) {
+        assert!(Instant::now() < deadline, "both loaders attested");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (h, second)
+}
+
 /// `loaders`: each loader its own link and attestation; requests go to the
 /// least busy ready loader; with one gone, the other serves alone, and
 /// `/readyz` names each loader's state.
 #[tokio::test]
 async fn requests_spread_over_two_loaders_and_one_down_leaves_the_other_serving() {
-    let second = FakeLoader::start("127.0.0.1:0".parse().unwrap()).await;
-    let second_addr = second.addr;
-    let mut h = start_with(|c| {
-        c.loaders
-            .push(cinfer_channel::Endpoint::Tcp(second_addr.to_string()));
-    })
-    .await;
-    // Both attested (each to the keyserver on its own).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (status, body) = get(h.addr, "/readyz").await;
-        let v = json(&body);
-        let ready = v["loaders"]
+    let (mut h, second) = start_two_loaders().await;
+    // Both attested (each to the keyserver on its own), as /readyz says.
+    let (status, body) = get(h.addr, "/readyz").await;
+    assert_eq!(status, 200);
+    let v = json(&body);
+    assert!(
+        v["loaders"]
             .as_array()
-            .is_some_and(|l| l.len() == 2 && l.iter().all(|l| l["ready"] == true));
-        if status == 200 && ready {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{v}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+            .is_some_and(|l| l.len() == 2 && l.iter().all(|l| l["ready"] == true)),
+        "{v}"
+    );
     assert_eq!(h.ks.attests.load(Ordering::SeqCst), 2);
     let first = h.loader.take().unwrap();
     // Four requests held in flight: two on each loader.
@@ -924,18 +932,7 @@ async fn requests_spread_over_two_loaders_and_one_down_leaves_the_other_serving(
 /// submitted to another ready loader and completes there.
 #[tokio::test]
 async fn a_request_whose_loader_is_lost_before_it_ran_completes_on_another() {
-    let second = FakeLoader::start("127.0.0.1:0".parse().unwrap()).await;
-    let second_addr = second.addr;
-    let mut h = start_with(|c| {
-        c.loaders
-            .push(cinfer_channel::Endpoint::Tcp(second_addr.to_string()));
-    })
-    .await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !h.server.links().iter().all(|l| l.status().ready()) {
-        assert!(Instant::now() < deadline, "both loaders attested");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (mut h, second) = start_two_loaders().await;
     let first = h.loader.take().unwrap();
     first.stats.crash_on_submit.store(true, Ordering::SeqCst);
     let body = b"crash: the first loader dies on this one";
