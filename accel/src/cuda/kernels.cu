@@ -135,6 +135,26 @@ __device__ __forceinline__ void quantize_block(float v, int lane, i8* q, float* 
     }
 }
 
+// The same quantization of one 32-block by a single thread, in order:
+// max and the integer sum do not depend on the order, so q, d and s are
+// quantize_block's bit for bit. No warp shuffles: cheap where a block only
+// needs a few rows quantized (gemv_qx), and on the CPU emulator.
+__device__ void quantize_block_serial(const float* x, i8* q, float* d, float* s) {
+    float amax = 0.0f;
+    for (int e = 0; e < 32; e++) amax = fmaxf(amax, fabsf(x[e]));
+    float dd = amax / 127.0f;
+    float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    int sum = 0;
+    for (int e = 0; e < 32; e++) {
+        float r = rintf(x[e] * id);
+        int qi = is_nan(r) ? 0 : (int)fmaxf(-128.0f, fminf(127.0f, r));
+        q[e] = (i8)qi;
+        sum += qi;
+    }
+    *d = round_f16(dd);
+    *s = round_f16(dd * (float)sum);
+}
+
 extern "C" __global__ void quantize_act(const float* x, i8* q, float* d, float* s, u32 blocks) {
     u64 b = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     int lane = threadIdx.x & 31;
@@ -230,9 +250,9 @@ extern "C" __global__ void gemv_q(const u8* w, u32 dtype, const i8* xq, const fl
 
 // gemv_q with the activation's quantization fused in (one launch instead of
 // two): each thread block first quantizes activation row i (f32, kb*32
-// values) into dynamic shared memory with quantize_act's formula, its 8
-// warps taking the 32-blocks in turn, then runs gemv_q on it. Dynamic shared
-// memory: kb floats d, kb floats s, kb*32 int8 q.
+// values) into dynamic shared memory with quantize_act's formula, one thread
+// a 32-block, then runs gemv_q on it. Dynamic shared memory: kb floats d, kb
+// floats s, kb*32 int8 q.
 extern "C" __global__ void gemv_qx(const u8* w, u32 dtype, const float* x, float* out, u32 n,
                                    u32 kb) {
     __shared__ float sh[8][128];
@@ -243,8 +263,8 @@ extern "C" __global__ void gemv_qx(const u8* w, u32 dtype, const float* x, float
     int lane = threadIdx.x & 31, wi = threadIdx.x >> 5;
     u32 i = blockIdx.y;
     const float* xr = x + (u64)i * kb * 32;
-    for (u32 b = wi; b < kb; b += 8) {
-        quantize_block(xr[(u64)b * 32 + lane], lane, xq + b * 32, xd + b, xs + b);
+    for (u32 b = threadIdx.x; b < kb; b += blockDim.x) {
+        quantize_block_serial(xr + (u64)b * 32, xq + b * 32, xd + b, xs + b);
     }
     __syncthreads();
     u32 j = blockIdx.x * 8 + wi;
