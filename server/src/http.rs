@@ -302,11 +302,21 @@ impl Server {
 
     /// The metrics in Prometheus text.
     pub fn metrics_text(&self) -> String {
-        let statuses: Vec<LinkStatus> = self.inner.links.iter().map(|l| l.status()).collect();
-        self.inner.metrics.render(
-            statuses.iter().any(|s| s.connected),
-            statuses.iter().any(LinkStatus::ready),
-        )
+        let loaders: Vec<crate::metrics::LoaderState> = self
+            .inner
+            .links
+            .iter()
+            .map(|l| {
+                let status = l.status();
+                crate::metrics::LoaderState {
+                    endpoint: l.endpoint().to_string(),
+                    connected: status.connected,
+                    ready: status.ready(),
+                    running: l.in_flight(),
+                }
+            })
+            .collect();
+        self.inner.metrics.render(&loaders)
     }
 
     /// The status of a ready loader (else of the first): what `/v1/models`

@@ -195,8 +195,10 @@ impl Metrics {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// The Prometheus text exposition.
-    pub fn render(&self, loader_connected: bool, loader_ready: bool) -> String {
+    /// The Prometheus text exposition, with the state of each loader link.
+    pub fn render(&self, loaders: &[LoaderState]) -> String {
+        let loader_connected = loaders.iter().any(|l| l.connected);
+        let loader_ready = loaders.iter().any(|l| l.ready);
         let mut out = String::new();
         let _ = writeln!(
             out,
@@ -254,14 +256,94 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "# HELP cinfer_server_loader_connected Whether the loader channel is connected.\n# TYPE cinfer_server_loader_connected gauge\ncinfer_server_loader_connected {}",
+            "# HELP cinfer_server_loader_connected Whether a loader channel is connected (any loader).\n# TYPE cinfer_server_loader_connected gauge\ncinfer_server_loader_connected {}",
             u8::from(loader_connected)
         );
         let _ = writeln!(
             out,
-            "# HELP cinfer_server_loader_ready Whether the loader is attested and holds keys.\n# TYPE cinfer_server_loader_ready gauge\ncinfer_server_loader_ready {}",
+            "# HELP cinfer_server_loader_ready Whether a loader is attested and holds keys (any loader).\n# TYPE cinfer_server_loader_ready gauge\ncinfer_server_loader_ready {}",
             u8::from(loader_ready)
         );
+        for (name, help, value) in [
+            (
+                "cinfer_server_loader_link_connected",
+                "Whether this loader's channel is connected.",
+                (|l: &LoaderState| u64::from(l.connected)) as fn(&LoaderState) -> u64,
+            ),
+            (
+                "cinfer_server_loader_link_ready",
+                "Whether this loader is attested and holds keys.",
+                |l: &LoaderState| u64::from(l.ready),
+            ),
+            (
+                "cinfer_server_loader_link_requests_running",
+                "Requests this server has running on this loader.",
+                |l: &LoaderState| l.running as u64,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for l in loaders {
+                let _ = writeln!(
+                    out,
+                    "{name}{{loader=\"{}\"}} {}",
+                    label_value(&l.endpoint),
+                    value(l)
+                );
+            }
+        }
         out
+    }
+}
+
+/// One loader link's state, for [`Metrics::render`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoaderState {
+    /// Its endpoint as configured (`tcp:HOST:PORT`, `unix:PATH`).
+    pub endpoint: String,
+    /// Channel connected.
+    pub connected: bool,
+    /// Attested, keys installed.
+    pub ready: bool,
+    /// Requests this server has running on it.
+    pub running: usize,
+}
+
+/// A Prometheus label value: backslash, double quote and newline escaped.
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loader_labels_are_escaped_and_every_loader_has_its_gauges() {
+        let m = Metrics::default();
+        let text = m.render(&[
+            LoaderState {
+                endpoint: "tcp:10.0.0.5:7300".into(),
+                connected: true,
+                ready: false,
+                running: 3,
+            },
+            LoaderState {
+                endpoint: "unix:/run/a\"b\\c".into(),
+                connected: false,
+                ready: false,
+                running: 0,
+            },
+        ]);
+        for line in [
+            "cinfer_server_loader_connected 1",
+            "cinfer_server_loader_ready 0",
+            "cinfer_server_loader_link_connected{loader=\"tcp:10.0.0.5:7300\"} 1",
+            "cinfer_server_loader_link_requests_running{loader=\"tcp:10.0.0.5:7300\"} 3",
+            "cinfer_server_loader_link_ready{loader=\"unix:/run/a\\\"b\\\\c\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
     }
 }

@@ -877,6 +877,7 @@ async fn start_two_loaders() -> (Harness, FakeLoader) {
 #[tokio::test]
 async fn requests_spread_over_two_loaders_and_one_down_leaves_the_other_serving() {
     let (mut h, second) = start_two_loaders().await;
+    let second_addr = second.addr;
     // Both attested (each to the keyserver on its own), as /readyz says.
     let (status, body) = get(h.addr, "/readyz").await;
     assert_eq!(status, 200);
@@ -902,6 +903,16 @@ async fn requests_spread_over_two_loaders_and_one_down_leaves_the_other_serving(
     }
     assert_eq!(first.stats.submits.load(Ordering::SeqCst), 2);
     assert_eq!(second.stats.submits.load(Ordering::SeqCst), 2);
+    // Per-loader gauges: both ready, two requests running on each.
+    let m = String::from_utf8(get(h.addr, "/metrics").await.1).unwrap();
+    for addr in [first.addr, second_addr] {
+        for line in [
+            format!("cinfer_server_loader_link_ready{{loader=\"tcp:{addr}\"}} 1"),
+            format!("cinfer_server_loader_link_requests_running{{loader=\"tcp:{addr}\"}} 2"),
+        ] {
+            assert!(m.contains(&line), "{line} in\n{m}");
+        }
+    }
     first.gate.add_permits(2);
     second.gate.add_permits(2);
     for ((mut r, head), body) in replies.into_iter().zip(&bodies) {
