@@ -249,22 +249,27 @@ extern "C" __global__ void gemv_q(const u8* w, u32 dtype, const i8* xq, const fl
 }
 
 // gemv_q with the activation's quantization fused in (one launch instead of
-// two): each thread block first quantizes activation row i (f32, kb*32
-// values) into dynamic shared memory with quantize_act's formula, one thread
-// a 32-block, then runs gemv_q on it. Dynamic shared memory: kb floats d, kb
-// floats s, kb*32 int8 q.
+// two): each thread block stages activation row i (f32, kb*32 values) in
+// dynamic shared memory with coalesced loads (33 floats a 32-block, so the
+// next step's threads read different banks), quantizes it there with
+// quantize_act's formula, one thread a 32-block, then runs gemv_q on it.
+// Dynamic shared memory: kb floats d, kb floats s, kb*33 floats staged,
+// kb*32 int8 q (172 bytes a 32-block; Kernels::gemv_qx_shared_bytes).
 extern "C" __global__ void gemv_qx(const u8* w, u32 dtype, const float* x, float* out, u32 n,
                                    u32 kb) {
     __shared__ float sh[8][128];
     DYNAMIC_SHARED(float, act);
     float* xd = act;
     float* xs = act + kb;
-    i8* xq = (i8*)(act + 2 * kb);
+    float* xf = act + 2 * kb;
+    i8* xq = (i8*)(xf + kb * 33);
     int lane = threadIdx.x & 31, wi = threadIdx.x >> 5;
     u32 i = blockIdx.y;
     const float* xr = x + (u64)i * kb * 32;
+    for (u32 e = threadIdx.x; e < kb * 32; e += blockDim.x) xf[(e >> 5) * 33 + (e & 31)] = xr[e];
+    __syncthreads();
     for (u32 b = threadIdx.x; b < kb; b += blockDim.x) {
-        quantize_block_serial(xr + (u64)b * 32, xq + b * 32, xd + b, xs + b);
+        quantize_block_serial(xf + b * 33, xq + b * 32, xd + b, xs + b);
     }
     __syncthreads();
     u32 j = blockIdx.x * 8 + wi;

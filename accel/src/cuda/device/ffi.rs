@@ -395,10 +395,11 @@ impl Kernels {
     }
 
     /// Dynamic shared memory `gemv_qx` needs for `kb` blocks a row (the
-    /// row's quantized values, scales and sums), if within the 48 KiB every
-    /// device gives a block without opting in.
+    /// row staged as f32 in 33-float strides, its quantized values, scales
+    /// and sums), if within the 48 KiB every device gives a block without
+    /// opting in.
     pub(crate) fn gemv_qx_shared_bytes(kb: u32) -> Option<u32> {
-        let bytes = u64::from(kb) * (32 + 4 + 4);
+        let bytes = u64::from(kb) * (33 * 4 + 32 + 4 + 4);
         u32::try_from(bytes).ok().filter(|b| *b <= 48 * 1024)
     }
 
@@ -438,9 +439,10 @@ impl Kernels {
             shared_mem_bytes: shared,
         };
         // SAFETY: types match; weights hold n rows of kb blocks, x m rows of
-        // kb·32, out m·n (checked); the dynamic shared memory holds kb·32
-        // int8 and 2·kb floats, all the kernel indexes (b < kb); the grid
-        // covers m × ceil(n/8)·8 rows and the kernel skips j ≥ n.
+        // kb·32, out m·n (checked); the dynamic shared memory holds 2·kb +
+        // 33·kb floats and kb·32 int8, all the kernel indexes (e < kb·32,
+        // b < kb); the grid covers m × ceil(n/8)·8 rows and the kernel skips
+        // j ≥ n.
         unsafe { l.launch(cfg) }.map_err(CudaError::driver)?;
         Ok(())
     }
