@@ -139,6 +139,9 @@ pub fn run(args: &ProviderArgs) -> Result<()> {
                 Err(e) => return Err(e).context("reading the RTMR FIFO"),
             }
         }
+        // The kernel's extend, written here rather than calling
+        // `cinfer_attest::rtmr_extend`: the provider plays the hardware, so a
+        // mistake in the verifier's replay must not be mirrored here.
         while pending.len() >= 48 {
             let value: Vec<u8> = pending.drain(..48).collect();
             let rtmr = &mut fields.rtmrs[event_rtmr];

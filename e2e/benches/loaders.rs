@@ -11,7 +11,7 @@
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use cinfer_e2e::{System, root, start_proxy};
+use cinfer_e2e::{System, start_proxy};
 use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 
@@ -66,15 +66,10 @@ fn stream_chat(base: &str, i: usize) -> (Duration, usize) {
 
 fn run(loaders: usize) {
     let system = System::start_loaders(&format!("bench-loaders-{loaders}"), loaders);
-    let identity = hex::encode(&system.identity);
-    let program = root().join("target/programs/llama-chat.wasm");
-    let args: [&std::ffi::OsStr; 4] = [
-        "--keyserver-identity".as_ref(),
-        identity.as_ref(),
-        "--program-file".as_ref(),
-        program.as_os_str(),
-    ];
-    let (_proxy, _, base) = start_proxy(&format!("http://{}", system.server_direct), &args);
+    let (_proxy, _, base) = start_proxy(
+        &format!("http://{}", system.server_direct),
+        &system.proxy_pins(),
+    );
     stream_chat(&base, 0); // warm-up: request key, weights resident
     let start = Instant::now();
     let results: Vec<(Duration, usize)> = std::thread::scope(|s| {

@@ -397,38 +397,17 @@ fn spawn_loader(config: &Path) -> (Child, SocketAddr) {
 /// Reference values allowing what either allows: the union of
 /// `trusted-aks` and of each event kind's digests (the rest from `a`).
 fn merge_references(a: &str, b: &str) -> String {
-    let mut a: toml::Table = toml::from_str(a).expect("reference TOML");
-    let b: toml::Table = toml::from_str(b).expect("reference TOML");
-    let union = |x: &mut toml::Value, y: &toml::Value| {
-        if let (Some(x), Some(y)) = (x.as_array_mut(), y.as_array()) {
-            for v in y {
-                if !x.contains(v) {
-                    x.push(v.clone());
-                }
-            }
-        }
-    };
-    if let (Some(x), Some(y)) = (a.get_mut("trusted-aks"), b.get("trusted-aks")) {
-        union(x, y);
-    }
-    if let (Some(x), Some(y)) = (
-        a.get_mut("events").and_then(toml::Value::as_table_mut),
-        b.get("events").and_then(toml::Value::as_table),
-    ) {
-        for (kind, digests) in y {
-            match x.get_mut(kind) {
-                Some(have) => union(have, digests),
-                None => {
-                    x.insert(kind.clone(), digests.clone());
-                }
-            }
+    let mut a: cinfer_attest::ReferenceValues = toml::from_str(a).expect("reference TOML");
+    let b: cinfer_attest::ReferenceValues = toml::from_str(b).expect("reference TOML");
+    for ak in b.trusted_aks {
+        if !a.trusted_aks.contains(&ak) {
+            a.trusted_aks.push(ak);
         }
     }
-    assert_eq!(
-        a.get("pcrs"),
-        b.get("pcrs"),
-        "the loaders' boot PCRs differ"
-    );
+    for (kind, digests) in b.events {
+        a.events.entry(kind).or_default().extend(digests);
+    }
+    assert_eq!(a.pcrs, b.pcrs, "the loaders' boot PCRs differ");
     toml::to_string(&a).expect("reference TOML")
 }
 
@@ -720,7 +699,7 @@ impl System {
         }
 
         // Reference values, as an operator computes them.
-        let measure = |config: &str, tcti: Option<String>| {
+        let measure = |config: &str, tcti: Option<String>, more: Vec<String>| {
             run(Command::new(bin("cinfer"))
                 .arg("measure-loader")
                 .arg("--config")
@@ -730,11 +709,16 @@ impl System {
                 .args(
                     tcti.map(|t| vec!["--tpm".to_owned(), t])
                         .unwrap_or_default(),
-                ))
+                )
+                .args(more))
         };
         let mut extra_references = Vec::new();
         for (i, sw) in extra_swtpms.iter().enumerate() {
-            let out = measure(&format!("loader-{}.toml", i + 1), Some(sw.tcti()));
+            let out = measure(
+                &format!("loader-{}.toml", i + 1),
+                Some(sw.tcti()),
+                Vec::new(),
+            );
             extra_references.push(
                 out.split_once("# keyserver reference values:\n")
                     .expect("reference values")
@@ -742,27 +726,18 @@ impl System {
                     .to_owned(),
             );
         }
-        let measured = run(Command::new(bin("cinfer"))
-            .arg("measure-loader")
-            .arg("--config")
-            .arg(l.join("loader.toml"))
-            .arg("--binary")
-            .arg(bin("trusted-loader"))
-            .args(if with_tpm {
-                vec!["--tpm".to_owned(), swtpm.tcti()]
-            } else {
-                Vec::new()
-            })
-            .args(
-                tdx.as_ref()
-                    .map(|_| {
-                        vec![
-                            "--tdx-measurements".to_owned(),
-                            tdx_dir.join("measurements").display().to_string(),
-                        ]
-                    })
-                    .unwrap_or_default(),
-            ));
+        let measured = measure(
+            "loader.toml",
+            with_tpm.then(|| swtpm.tcti()),
+            tdx.as_ref()
+                .map(|_| {
+                    vec![
+                        "--tdx-measurements".to_owned(),
+                        tdx_dir.join("measurements").display().to_string(),
+                    ]
+                })
+                .unwrap_or_default(),
+        );
         let (before, reference) = measured
             .split_once("# keyserver reference values:\n")
             .expect("reference values");
@@ -976,6 +951,17 @@ impl System {
             .filter_map(|rest| rest.split_whitespace().next())
             .map(str::to_owned)
             .collect()
+    }
+
+    /// `cinfer proxy` arguments pinning this system's keyserver identity and
+    /// the built llama-chat program.
+    pub fn proxy_pins(&self) -> Vec<std::ffi::OsString> {
+        vec![
+            "--keyserver-identity".into(),
+            hex::encode(&self.identity).into(),
+            "--program-file".into(),
+            root().join("target/programs/llama-chat.wasm").into(),
+        ]
     }
 
     pub fn client(&self) -> cinfer_client::Client {

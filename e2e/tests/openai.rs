@@ -6,7 +6,7 @@
 //! client-mistake statuses.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use cinfer_e2e::{MODEL_ID, Proxy, System, root};
+use cinfer_e2e::{MODEL_ID, Proxy, System};
 use std::process::{Command, Stdio};
 
 /// A Python with the `openai` package (`pip install openai`), or why there is none.
@@ -38,15 +38,7 @@ fn python_with_openai() -> Result<String, String> {
 
 /// `cinfer proxy` in front of `system`, pinned to the built llama-chat; its base URL.
 fn start_proxy(system: &System) -> (Proxy, String) {
-    let identity = hex::encode(&system.identity);
-    let program = root().join("target/programs/llama-chat.wasm");
-    let args: [&std::ffi::OsStr; 4] = [
-        "--keyserver-identity".as_ref(),
-        identity.as_ref(),
-        "--program-file".as_ref(),
-        program.as_os_str(),
-    ];
-    let (proxy, _, base) = cinfer_e2e::start_proxy(&system.server_url, &args);
+    let (proxy, _, base) = cinfer_e2e::start_proxy(&system.server_url, &system.proxy_pins());
     (proxy, base)
 }
 

@@ -165,26 +165,6 @@ pub const TCB_STATUSES: [&str; 7] = [
     "Revoked",
 ];
 
-/// Which kinds of evidence a release needs (`evidence`): a TPM quote, a TD
-/// quote, or both (a TD with a vTPM). At least one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EvidenceKinds {
-    /// A TPM quote over the measured PCR (and the pinned boot PCRs).
-    pub tpm: bool,
-    /// A TD quote (`[tdx]`).
-    pub tdx: bool,
-}
-
-impl EvidenceKinds {
-    /// The kinds as the configuration names them.
-    pub fn names(self) -> Vec<&'static str> {
-        [(self.tpm, "tpm"), (self.tdx, "tdx")]
-            .into_iter()
-            .filter_map(|(on, name)| on.then_some(name))
-            .collect()
-    }
-}
-
 /// The TDX trust the keyserver checks TD quotes against.
 #[derive(Debug, Clone)]
 pub struct TdxTrust {
@@ -227,11 +207,12 @@ pub struct Config {
     pub endorsement: EndorsementPolicy,
     /// TLS on the listener (`tls-cert` and `tls-key`); plain HTTP without.
     pub tls: Option<cinfer_tls::TlsIdentity>,
-    /// TD quotes required, and what they must show (`[tdx]`).
+    /// TD quotes required, and what they must show (`[tdx]`): a release
+    /// needs a TD quote exactly when this is given.
     pub tdx: Option<TdxPolicy>,
-    /// The kinds of evidence a release needs (`evidence`; default: `tpm`,
-    /// and `tdx` too when `[tdx]` is given).
-    pub evidence: EvidenceKinds,
+    /// Whether a release needs a TPM quote (`evidence` lists `tpm`; the
+    /// default). At least one of this and `tdx`.
+    pub tpm_evidence: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -371,37 +352,35 @@ impl Config {
                 .collect(),
             required: raw.endorsement.required,
         };
-        let evidence = match &raw.evidence {
-            None => EvidenceKinds {
-                tpm: true,
-                tdx: raw.tdx.is_some(),
-            },
+        // (tpm, tdx) as `evidence` lists them; default: tpm, and tdx with [tdx].
+        let (tpm_evidence, tdx_listed) = match &raw.evidence {
+            None => (true, raw.tdx.is_some()),
             Some(kinds) => {
                 if let Some(bad) = kinds.iter().find(|k| *k != "tpm" && *k != "tdx") {
                     return Err(ConfigError::Invalid(format!(
                         "evidence: unknown kind {bad:?} (tpm, tdx)"
                     )));
                 }
-                let k = EvidenceKinds {
-                    tpm: kinds.iter().any(|k| k == "tpm"),
-                    tdx: kinds.iter().any(|k| k == "tdx"),
-                };
-                if !k.tpm && !k.tdx {
+                let (tpm, tdx) = (
+                    kinds.iter().any(|k| k == "tpm"),
+                    kinds.iter().any(|k| k == "tdx"),
+                );
+                if !tpm && !tdx {
                     return Err(ConfigError::Invalid(
                         "evidence is empty: list tpm, tdx or both".into(),
                     ));
                 }
-                k
+                (tpm, tdx)
             }
         };
-        if evidence.tdx != raw.tdx.is_some() {
-            return Err(ConfigError::Invalid(if evidence.tdx {
+        if tdx_listed != raw.tdx.is_some() {
+            return Err(ConfigError::Invalid(if tdx_listed {
                 "evidence lists tdx but there is no [tdx] table (root-ca, collateral, mrtd)".into()
             } else {
                 "[tdx] is given but evidence does not list tdx".into()
             }));
         }
-        if !evidence.tpm && raw.endorsement.required {
+        if !tpm_evidence && raw.endorsement.required {
             return Err(ConfigError::Invalid(
                 "endorsement.required needs tpm evidence".into(),
             ));
@@ -444,7 +423,7 @@ impl Config {
                 collateral: abs(t.collateral),
                 ..t
             }),
-            evidence,
+            tpm_evidence,
         })
     }
 
@@ -471,11 +450,16 @@ impl Config {
             endorsement: EndorsementPolicy::default(),
             tls: None,
             tdx: None,
-            evidence: EvidenceKinds {
-                tpm: true,
-                tdx: false,
-            },
+            tpm_evidence: true,
         }
+    }
+
+    /// The kinds of evidence a release needs, as `evidence` names them.
+    pub fn evidence_kinds(&self) -> Vec<&'static str> {
+        [(self.tpm_evidence, "tpm"), (self.tdx.is_some(), "tdx")]
+            .into_iter()
+            .filter_map(|(on, name)| on.then_some(name))
+            .collect()
     }
 
     /// The TDX trust (`[tdx]`): root CA and collateral read from their files,
@@ -585,7 +569,7 @@ impl Config {
         };
         // With EK CAs configured, AKs need not be pinned; without TPM
         // evidence, AKs and PCRs are not used at all.
-        if self.evidence.tpm {
+        if self.tpm_evidence {
             refs.check_with(self.endorsement.ek_ca_certs.is_empty())
         } else {
             refs.check_events()
@@ -831,7 +815,7 @@ mod tests {
             "[tdx]\nroot-ca = \"intel-sgx-root-ca.der\"\ncollateral = \"tdx_quote_collateral.json\"\nmrtd = \"{}\"\n",
             "ab".repeat(48)
         );
-        let kinds = |text: &str| Config::parse(text, &fixtures).map(|c| c.evidence.names());
+        let kinds = |text: &str| Config::parse(text, &fixtures).map(|c| c.evidence_kinds());
         assert_eq!(kinds(&format!("{head}{}", reference())).unwrap(), ["tpm"]);
         assert_eq!(
             kinds(&format!("{head}{}{tdx}", reference())).unwrap(),
@@ -847,7 +831,7 @@ mod tests {
             &fixtures,
         )
         .unwrap();
-        assert_eq!(td_only.evidence.names(), ["tdx"]);
+        assert_eq!(td_only.evidence_kinds(), ["tdx"]);
         td_only.reference_values().unwrap();
         let tpm_too = Config::parse(&format!("{head}{events_only}{tdx}"), &fixtures).unwrap();
         assert!(tpm_too.reference_values().is_err(), "a TPM needs pins");

@@ -301,7 +301,7 @@ impl KeyServer {
             }
         };
         let nonce = evidence.nonce.as_slice();
-        let tpm_required = self.inner.config.evidence.tpm;
+        let tpm_required = self.inner.config.tpm_evidence;
         let ak = tpm_required.then(|| cinfer_attest::verify::ak_fingerprint(&evidence.ak_public));
 
         // The nonce is checked (ours, not expired, not spent) before anything

@@ -197,6 +197,23 @@ fn percent_decode(s: &str) -> Option<String> {
 }
 
 /// The `program` query parameter.
+/// Why no loader is ready: each loader's last error (named by its endpoint
+/// when there are several), `; `-separated.
+fn not_ready_reasons(statuses: &[(String, LinkStatus)]) -> String {
+    statuses
+        .iter()
+        .map(|(endpoint, s)| {
+            let why = s.last_error.clone().unwrap_or_else(|| "not ready".into());
+            if statuses.len() == 1 {
+                why
+            } else {
+                format!("{endpoint}: {why}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 fn program_param(query: Option<&str>) -> Result<String, &'static str> {
     let value = query
         .unwrap_or("")
@@ -361,22 +378,18 @@ impl Server {
                 return Ok(best);
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                let reasons: Vec<String> = self
-                    .inner
-                    .links
-                    .iter()
-                    .map(|l| {
-                        let why = l.status().last_error.unwrap_or_else(|| "not ready".into());
-                        if self.inner.links.len() == 1 {
-                            why
-                        } else {
-                            format!("{}: {why}", l.endpoint())
-                        }
-                    })
-                    .collect();
-                return Err(reasons.join("; "));
+                return Err(not_ready_reasons(&self.link_statuses()));
             }
         }
+    }
+
+    /// Every loader's endpoint and status, in configuration order.
+    fn link_statuses(&self) -> Vec<(String, LinkStatus)> {
+        self.inner
+            .links
+            .iter()
+            .map(|l| (l.endpoint().to_string(), l.status()))
+            .collect()
     }
 
     /// Answers one request.
@@ -405,12 +418,7 @@ impl Server {
                 json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
             }
             (&Method::GET, "/readyz") => {
-                let statuses: Vec<(String, LinkStatus)> = self
-                    .inner
-                    .links
-                    .iter()
-                    .map(|l| (l.endpoint().to_string(), l.status()))
-                    .collect();
+                let statuses = self.link_statuses();
                 let loaders: Vec<serde_json::Value> = statuses
                     .iter()
                     .map(|(endpoint, s)| {
@@ -428,21 +436,10 @@ impl Server {
                         &serde_json::json!({"status": "ready", "loaders": loaders}),
                     )
                 } else {
-                    let reasons: Vec<String> = statuses
-                        .iter()
-                        .map(|(endpoint, s)| {
-                            let why = s.last_error.clone().unwrap_or_else(|| "not ready".into());
-                            if statuses.len() == 1 {
-                                why
-                            } else {
-                                format!("{endpoint}: {why}")
-                            }
-                        })
-                        .collect();
                     json(
                         StatusCode::SERVICE_UNAVAILABLE,
                         &serde_json::json!({
-                            "error": format!("no attested loader: {}", reasons.join("; ")),
+                            "error": format!("no attested loader: {}", not_ready_reasons(&statuses)),
                             "loader_connected": statuses.iter().any(|(_, s)| s.connected),
                             "loaders": loaders,
                         }),
@@ -750,8 +747,7 @@ impl Submitted<'_> {
         let mut moves = 0;
         let mut running = link.running();
         let (ticket, first) = loop {
-            let submitted = conn.submit(id, program, body.to_vec()).await;
-            let first = match submitted {
+            let (ticket, first) = match conn.submit(id, program, body.to_vec()).await {
                 Ok(mut ticket) => {
                     tracing::info!(request_bytes, request_id = id, loader = %link.endpoint(), "request submitted");
                     match tokio::time::timeout_at(deadline, ticket.events.recv()).await {
@@ -774,7 +770,6 @@ impl Submitted<'_> {
                 }
                 Err(e) => (None, Event::Lost(e.to_string())),
             };
-            let (ticket, first) = first;
             // The loader frees a place a moment after its last reply, so a
             // request given that place here may still find it taken there:
             // refused before it ran, it is submitted again, a few times (to

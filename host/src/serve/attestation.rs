@@ -342,10 +342,8 @@ impl Attestor {
         let psk = match &release.credential {
             None => None,
             Some(credential) => {
-                if self.endorsement.is_none() {
-                    return Err(ServeError::UnexpectedCredential);
-                }
-                let Some(tpm) = &mut self.tpm else {
+                // An endorsement is sent only by a loader with a TPM.
+                let (Some(tpm), Some(_)) = (&mut self.tpm, &self.endorsement) else {
                     return Err(ServeError::UnexpectedCredential);
                 };
                 let secret =

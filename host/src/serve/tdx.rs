@@ -140,14 +140,10 @@ impl TdxQuoter {
             let value = cinfer_attest::rtmr_event_value(event);
             let written = file.write(&value).map_err(io("extending", &path))?;
             if written != value.len() {
-                return Err(TdxError::Io {
-                    action: "extending",
-                    path,
-                    error: std::io::Error::new(
-                        std::io::ErrorKind::WriteZero,
-                        format!("{written} of 48 bytes written"),
-                    ),
-                });
+                return Err(io("extending", &path)(std::io::Error::new(
+                    std::io::ErrorKind::WriteZero,
+                    format!("{written} of 48 bytes written"),
+                )));
             }
         }
         Ok(Self {

@@ -234,6 +234,36 @@ impl std::fmt::Debug for Kernels {
     }
 }
 
+/// What `gemv_q` and `gemv_qx` check alike: a quantized weight type (2:
+/// Q4_1, 3: Q8_0), `w` holding n rows of kb blocks and `out` m·n values.
+#[allow(clippy::too_many_arguments)]
+fn check_gemv(
+    kernel: &str,
+    w: &CudaSlice<u8>,
+    dtype: u32,
+    out: &CudaSlice<f32>,
+    m: u32,
+    n: u32,
+    kb: u32,
+) -> Result<(), CudaError> {
+    if dtype != 2 && dtype != 3 {
+        return Err(CudaError::Shape(format!("{kernel} takes Q4_1 or Q8_0")));
+    }
+    let nn = u64::from(n);
+    need(w, dt_bytes(dtype, nn * u64::from(kb) * 32), "gemv w")?;
+    need(out, u64::from(m) * nn, "gemv out")
+}
+
+/// The GEMV grid: 8 output columns (one a warp) per 256-thread block, one
+/// block row per activation row.
+fn gemv_cfg(m: u32, n: u32, shared_mem_bytes: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(8), m, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes,
+    }
+}
+
 pub(crate) const KERNEL_NAMES: [&str; 16] = [
     "quantize_act",
     "dequant_act",
@@ -359,15 +389,11 @@ impl Kernels {
         n: u32,
         kb: u32,
     ) -> Result<(), CudaError> {
-        let (mm, nn, kbb) = (u64::from(m), u64::from(n), u64::from(kb));
-        if dtype != 2 && dtype != 3 {
-            return Err(CudaError::Shape("gemv_q takes Q4_1 or Q8_0".into()));
-        }
-        need(w, dt_bytes(dtype, nn * kbb * 32), "gemv w")?;
+        let (mm, kbb) = (u64::from(m), u64::from(kb));
+        check_gemv("gemv_q", w, dtype, out, m, n, kb)?;
         need(xq, mm * kbb * 32, "gemv xq")?;
         need(xd, mm * kbb, "gemv xd")?;
         need(xs, mm * kbb, "gemv xs")?;
-        need(out, mm * nn, "gemv out")?;
         if m == 0 || n == 0 {
             // Nothing to compute (a one-block grid would read row 0 of empty inputs).
             return Ok(());
@@ -382,11 +408,7 @@ impl Kernels {
             .arg(out)
             .arg(&n)
             .arg(&kb);
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(8), m, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = gemv_cfg(m, n, 0);
         // SAFETY: types match; weights hold n rows of kb blocks, activations m
         // rows, out m·n (checked); the grid covers exactly m × ceil(n/8)·8 rows
         // and the kernel skips j ≥ n.
@@ -417,15 +439,10 @@ impl Kernels {
         n: u32,
         kb: u32,
     ) -> Result<(), CudaError> {
-        let (mm, nn, kbb) = (u64::from(m), u64::from(n), u64::from(kb));
-        if dtype != 2 && dtype != 3 {
-            return Err(CudaError::Shape("gemv_qx takes Q4_1 or Q8_0".into()));
-        }
+        check_gemv("gemv_qx", w, dtype, out, m, n, kb)?;
         let shared = Self::gemv_qx_shared_bytes(kb)
             .ok_or_else(|| CudaError::Shape("gemv_qx: row too long for shared memory".into()))?;
-        need(w, dt_bytes(dtype, nn * kbb * 32), "gemv_qx w")?;
-        need(x, mm * kbb * 32, "gemv_qx x")?;
-        need(out, mm * nn, "gemv_qx out")?;
+        need(x, u64::from(m) * u64::from(kb) * 32, "gemv_qx x")?;
         if m == 0 || n == 0 || kb == 0 {
             // Nothing to compute (a one-block grid would read row 0 of empty inputs).
             return Ok(());
@@ -433,11 +450,7 @@ impl Kernels {
         let f = self.get("gemv_qx")?;
         let mut l = s.launch_builder(f);
         l.arg(w).arg(&dtype).arg(x).arg(out).arg(&n).arg(&kb);
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(8), m, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: shared,
-        };
+        let cfg = gemv_cfg(m, n, shared);
         // SAFETY: types match; weights hold n rows of kb blocks, x m rows of
         // kb·32, out m·n (checked); the dynamic shared memory holds 2·kb +
         // 33·kb floats and kb·32 int8, all the kernel indexes (e < kb·32,
