@@ -258,9 +258,53 @@ impl Parsed {
 /// loader's default `max-in-flight`).
 pub const MAX_N: i64 = 8;
 
-/// `response_format`: `text` (the default: nothing to ask), or `json_object`
-/// (the program samples only tokens that keep the output one JSON object).
-fn response_format(v: Option<&Value>) -> Result<Option<&'static str>, ApiError> {
+/// `response_format.json_schema` (OpenAI's fields; unknown ones refused).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonSchemaFormat {
+    name: String,
+    #[serde(default, rename = "description")]
+    _description: Option<String>,
+    #[serde(default)]
+    schema: Option<Value>,
+    /// Every schema the program accepts is enforced strictly; a schema it
+    /// cannot enforce is refused, whatever `strict` says.
+    #[serde(default, rename = "strict")]
+    _strict: Option<bool>,
+}
+
+/// The schema's own JSON text in the request body: llama-chat writes
+/// properties in the schema's order, which a parsed `Value` (a sorted map
+/// here) would lose.
+fn raw_schema(body: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Body<'a> {
+        #[serde(borrow, default)]
+        response_format: Option<Format<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Format<'a> {
+        #[serde(borrow, default)]
+        json_schema: Option<Schema<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Schema<'a> {
+        #[serde(borrow, default)]
+        schema: Option<&'a serde_json::value::RawValue>,
+    }
+    let body: Body<'_> = serde_json::from_slice(body).ok()?;
+    Some(body.response_format?.json_schema?.schema?.get().to_owned())
+}
+
+/// `response_format`: `text` (the default: nothing to ask), `json_object`
+/// (the program samples only tokens that keep the output one JSON object), or
+/// `json_schema` (only tokens that keep it a value the schema admits; the
+/// program checks the schema and refuses what it cannot enforce). Returns
+/// llama-chat's `response_format` and, for `json_schema`, the schema's text.
+fn response_format(
+    v: Option<&Value>,
+    body: &[u8],
+) -> Result<Option<(&'static str, Option<String>)>, ApiError> {
     let kind = match v {
         None | Some(Value::Null) => return Ok(None),
         Some(Value::Object(o)) => o.get("type").and_then(Value::as_str),
@@ -268,17 +312,46 @@ fn response_format(v: Option<&Value>) -> Result<Option<&'static str>, ApiError> 
     };
     match kind {
         Some("text") => Ok(None),
-        Some("json_object") => Ok(Some("json_object")),
-        Some("json_schema") => Err(ApiError {
-            code: Some("unsupported_parameter"),
-            ..ApiError::invalid(
-                "response_format",
-                "`response_format` is not supported with type json_schema yet (json_object is)",
-            )
-        }),
+        Some("json_object") => Ok(Some(("json_object", None))),
+        Some("json_schema") => {
+            let spec = v
+                .and_then(|v| v.get("json_schema"))
+                .cloned()
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "response_format",
+                        "response_format json_schema needs `json_schema` ({\"name\": ..., \"schema\": ...})",
+                    )
+                })?;
+            let spec: JsonSchemaFormat = serde_json::from_value(spec).map_err(|e| {
+                ApiError::invalid(
+                    "response_format",
+                    format!("response_format.json_schema: {e}"),
+                )
+            })?;
+            let name_ok = (1..=64).contains(&spec.name.len())
+                && spec
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !name_ok {
+                return Err(ApiError::invalid(
+                    "response_format",
+                    "response_format.json_schema.name must be 1 to 64 of a-z, A-Z, 0-9, _ and -",
+                ));
+            }
+            match spec.schema {
+                // No schema: any JSON object, as json_object.
+                None => Ok(Some(("json_object", None))),
+                Some(schema) => Ok(Some((
+                    "json_schema",
+                    Some(raw_schema(body).unwrap_or_else(|| schema.to_string())),
+                ))),
+            }
+        }
         _ => Err(ApiError::invalid(
             "response_format",
-            "response_format must be {\"type\": \"text\"} or {\"type\": \"json_object\"}",
+            "response_format must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or {\"type\": \"json_schema\", \"json_schema\": {...}}",
         )),
     }
 }
@@ -406,8 +479,11 @@ pub fn parse(body: &[u8], endpoint: Endpoint, seed: u64) -> Result<Parsed, ApiEr
         .map_err(|e| ApiError::malformed(format!("invalid request: {e}")))?;
     refuse_unsupported(&params)?;
     let (want_logprobs, top_logprobs) = logprobs(endpoint, &params)?;
-    if let Some(format) = response_format(params.response_format.as_ref())? {
+    if let Some((format, schema)) = response_format(params.response_format.as_ref(), body)? {
         llama.insert("response_format".into(), format.into());
+        if let Some(schema) = schema {
+            llama.insert("json_schema".into(), schema.into());
+        }
     }
     let stream = params.stream.unwrap_or(false);
     let include_usage = match &params.stream_options {
@@ -671,6 +747,9 @@ impl EventLines {
 /// The OpenAI error for a failure llama-chat reported.
 pub fn program_error(code: &str, message: &str) -> ApiError {
     let (status, kind, param, code) = match code {
+        "invalid_request" if message.starts_with("response_format") => {
+            (400, "invalid_request_error", Some("response_format"), None)
+        }
         "invalid_request" => (400, "invalid_request_error", None, None),
         "context_length_exceeded" => (
             400,
@@ -752,6 +831,56 @@ mod tests {
             chat(json!({"messages": msgs(), "response_format": {"type": "json_object"}})).unwrap();
         assert_eq!(p.llama["response_format"], "json_object");
         let e = chat(json!({"messages": msgs(), "response_format": {"type": "yaml"}})).unwrap_err();
+        assert_eq!((e.status, e.param), (400, Some("response_format")));
+    }
+
+    #[test]
+    fn json_schema_travels_as_its_own_text() {
+        // The schema's text goes to the program as written: `b` before `a`
+        // (a parsed map here would sort them).
+        let body = br#"{"messages": [{"role": "user", "content": "hi"}], "response_format":
+            {"type": "json_schema", "json_schema": {"name": "pair", "strict": true, "description": "d",
+             "schema": {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}}}}}"#;
+        let p = parse(body, Endpoint::Chat, 1).unwrap();
+        assert_eq!(p.llama["response_format"], "json_schema");
+        assert_eq!(
+            p.llama["json_schema"],
+            r#"{"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}}"#
+        );
+        // No schema: any JSON object.
+        let p = chat(json!({"messages": msgs(), "response_format":
+            {"type": "json_schema", "json_schema": {"name": "x"}}}))
+        .unwrap();
+        assert_eq!(p.llama["response_format"], "json_object");
+        assert_eq!(p.llama.get("json_schema"), None);
+        for (format, reason) in [
+            (json!({"type": "json_schema"}), "needs `json_schema`"),
+            (
+                json!({"type": "json_schema", "json_schema": {"schema": {}}}),
+                "missing field `name`",
+            ),
+            (
+                json!({"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}),
+                "must be 1 to 64",
+            ),
+            (
+                json!({"type": "json_schema", "json_schema": {"name": "x", "shema": {}}}),
+                "unknown field `shema`",
+            ),
+        ] {
+            let e = chat(json!({"messages": msgs(), "response_format": format})).unwrap_err();
+            assert_eq!(
+                (e.status, e.param),
+                (400, Some("response_format")),
+                "{format}"
+            );
+            assert!(e.message.contains(reason), "{format}: {}", e.message);
+        }
+        // The program's refusal of a schema it cannot enforce names the parameter.
+        let e = program_error(
+            "invalid_request",
+            "response_format json_schema: #: keyword `pattern` is not supported",
+        );
         assert_eq!((e.status, e.param), (400, Some("response_format")));
         // n choices: choice i samples with seed + i.
         let p = chat(json!({"messages": msgs(), "n": 3, "seed": 10})).unwrap();
@@ -843,10 +972,6 @@ mod tests {
             .unwrap_err();
         assert!(e.message.contains("unknown field `nmae`"), "{e:?}");
         for (field, value) in [
-            (
-                "response_format",
-                json!({"type": "json_schema", "json_schema": {"name": "x"}}),
-            ),
             (
                 "tools",
                 json!([{"type": "function", "function": {"name": "f"}}]),

@@ -933,7 +933,7 @@ tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
 for kw, param in [(dict(temperature=5), "temperature"), (dict(temperature=-1), "temperature"),
                   (dict(max_tokens=0), "max_tokens"), (dict(top_p=0), "top_p"), (dict(n=9), "n"),
                   (dict(logprobs=True, top_logprobs=21), "top_logprobs"), (dict(tools=[tool]), "tools"),
-                  (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}), "response_format")]:
+                  (dict(response_format={"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}), "response_format")]:
     for stream in (False, True):
         st, body = status_of(model=M, messages=msgs, stream=stream, **kw)
         assert st == 400 and body["param"] == param, (kw, st, body)

@@ -95,6 +95,37 @@ r = c.chat.completions.create(model=M, max_tokens=160, temperature=0, response_f
 assert r.choices[0].finish_reason == "stop", r
 assert isinstance(json.loads(r.choices[0].message.content), dict), r
 
+# Structured outputs: a pydantic model as the schema (the SDK's `parse` sends it
+# strict); the program samples only what the schema admits, keys in its order.
+from typing import Annotated, Literal
+from pydantic import BaseModel, Field
+class City(BaseModel):
+    name: str = Field(max_length=24)
+    country: str = Field(max_length=24)
+    population_millions: float
+    landmarks: list[Annotated[str, Field(max_length=40)]] = Field(min_length=1, max_length=3)
+    continent: Literal["Europe", "Asia", "Africa", "America", "Oceania"]
+for stream in (False, True):
+    kw = dict(model=M, max_tokens=200, temperature=0, response_format=City,
+              messages=[{"role": "user", "content": "Describe Paris as JSON."}])
+    if stream:
+        with c.chat.completions.stream(**kw) as s:
+            for _ in s:
+                pass
+            r = s.get_final_completion()
+    else:
+        r = c.chat.completions.parse(**kw)
+    city = r.choices[0].message.parsed
+    assert isinstance(city, City) and r.choices[0].finish_reason == "stop", r
+    assert list(json.loads(r.choices[0].message.content)) == list(City.model_fields), r.choices[0].message.content
+# A schema the program cannot enforce is a 400 naming the keyword, never content.
+try:
+    c.chat.completions.create(model=M, max_tokens=8, messages=q, response_format={"type": "json_schema",
+        "json_schema": {"name": "s", "schema": {"type": "string", "pattern": "^[a-z]+$"}}})
+    raise AssertionError("an unenforceable schema was accepted")
+except openai.BadRequestError as e:
+    assert e.body["param"] == "response_format" and "keyword `pattern` is not supported" in e.body["message"], e.body
+
 # Seeded sampling is reproducible; penalties are accepted.
 ask = lambda seed: c.chat.completions.create(model=M, messages=q, max_tokens=12, temperature=0.9,
                                               seed=seed, frequency_penalty=0.5).choices[0].message.content

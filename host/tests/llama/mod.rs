@@ -683,6 +683,96 @@ fn json_object_output_is_a_json_object_by_construction() {
     );
 }
 
+/// `response_format: json_schema`: the output is a value the schema admits,
+/// greedy or sampled: every required property, in the schema's order, of
+/// the schema's types and lengths (the schema's text is passed as a string,
+/// as the proxy does, so the order survives).
+#[test]
+fn json_schema_output_follows_the_schema_by_construction() {
+    let Some(chat) = chat() else { return };
+    let schema = r#"{"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 24},
+        "country": {"type": "string", "maxLength": 24},
+        "population_millions": {"type": "number"},
+        "is_capital": {"type": "boolean"},
+        "landmarks": {"type": "array", "items": {"type": "string", "maxLength": 40}, "minItems": 1, "maxItems": 3},
+        "continent": {"enum": ["Europe", "Asia", "Africa", "America", "Oceania"]}
+    }, "required": ["name", "country", "population_millions", "is_capital", "landmarks", "continent"],
+    "additionalProperties": false}"#;
+    for extra in [
+        serde_json::json!({}),
+        serde_json::json!({"temperature": 1.0, "seed": 5}),
+    ] {
+        let mut req = serde_json::json!({
+            "messages": [{"role": "user", "content": "Describe Paris as JSON."}],
+            "max_tokens": 200, "format": "events-v1",
+            "response_format": "json_schema", "json_schema": schema,
+        });
+        for (k, v) in extra.as_object().expect("object") {
+            req[k] = v.clone();
+        }
+        let (outcome, text) = chat.ask(&req);
+        assert_eq!(outcome, RunOutcome::Completed, "{text}");
+        let (answer, end) = events(&text);
+        println!("{extra}: {answer}");
+        assert_eq!(end["finish_reason"], "stop", "{answer}");
+        // The keys in the order written (this crate's serde_json sorts maps).
+        assert_eq!(
+            keys_in_order(&answer),
+            [
+                "name",
+                "country",
+                "population_millions",
+                "is_capital",
+                "landmarks",
+                "continent"
+            ],
+            "{answer}"
+        );
+        let v: Value =
+            serde_json::from_str(&answer).unwrap_or_else(|e| panic!("not JSON ({e}): {answer:?}"));
+        let short = |v: &Value, max: usize| v.as_str().is_some_and(|s| s.chars().count() <= max);
+        assert!(short(&v["name"], 24) && short(&v["country"], 24), "{v}");
+        assert!(
+            v["population_millions"].is_number() && v["is_capital"].is_boolean(),
+            "{v}"
+        );
+        let landmarks = v["landmarks"].as_array().expect("landmarks");
+        assert!((1..=3).contains(&landmarks.len()), "{v}");
+        assert!(landmarks.iter().all(|l| short(l, 40)), "{v}");
+        assert!(
+            ["Europe", "Asia", "Africa", "America", "Oceania"]
+                .contains(&v["continent"].as_str().unwrap_or("")),
+            "{v}"
+        );
+    }
+}
+
+/// The keys of a JSON object in the order they are written.
+fn keys_in_order(text: &str) -> Vec<String> {
+    struct Keys(Vec<String>);
+    struct Visit;
+    impl<'de> serde::de::Visitor<'de> for Visit {
+        type Value = Keys;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Keys, A::Error> {
+            let mut keys = Vec::new();
+            while let Some((k, _)) = m.next_entry::<String, serde::de::IgnoredAny>()? {
+                keys.push(k);
+            }
+            Ok(Keys(keys))
+        }
+    }
+    impl<'de> serde::Deserialize<'de> for Keys {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_map(Visit)
+        }
+    }
+    serde_json::from_str::<Keys>(text).map_or_else(|e| panic!("{e}: {text}"), |k| k.0)
+}
+
 /// Failures are typed `error` events a client can map (never an `end`):
 /// a prompt longer than the context, a model the program may not open, and
 /// out-of-range parameters.
@@ -730,6 +820,20 @@ fn events_carry_typed_errors() {
         (
             serde_json::json!({"prompt": "x", "bogus": 1}),
             "unknown field",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "response_format": "json_schema",
+                               "json_schema": {"type": "string", "pattern": "^a"}}),
+            "response_format json_schema: #: keyword `pattern` is not supported",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "response_format": "json_schema",
+                               "json_schema": "{\"type\": "}),
+            "response_format json_schema: not JSON",
+        ),
+        (
+            serde_json::json!({"prompt": "x", "json_schema": {"type": "string"}}),
+            "json_schema goes with response_format json_schema",
         ),
     ] {
         let (code, message) = error(req);

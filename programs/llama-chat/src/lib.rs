@@ -18,7 +18,12 @@
 //! `"stop": ["…"]` ends generation at the first of these strings (text
 //! formats; the string is not emitted); `presence_penalty` and
 //! `frequency_penalty` (OpenAI's, over the generated tokens) apply before
-//! sampling.
+//! sampling. `"response_format": "json_object"` makes the output one JSON
+//! object, and `"response_format": "json_schema"` with `"json_schema":
+//! SCHEMA` one JSON value that SCHEMA admits, by constrained sampling (see
+//! [`schema`]); SCHEMA is a JSON Schema, inline or as a string of JSON text
+//! (which keeps the order of `properties` whatever the sender's JSON
+//! library does).
 //!
 //! Every hyperparameter comes from the GGUF metadata (`{arch}.block_count`,
 //! `.embedding_length`, `.attention.head_count[_kv]`, `.rope.freq_base`,
@@ -32,13 +37,14 @@ use cinfer_guest::{Dtype, Error, Program, output, request};
 use cinfer_tokenizer::{Tokenizer, Utf8Stream};
 use serde::Deserialize;
 
-pub mod json;
 pub mod reply;
 mod sampling;
+pub mod schema;
 pub mod template;
 
 use reply::{Code, Failure, Finish, Reply, StopMatcher};
 use sampling::{Penalties, Rng, Sampling};
+use schema::Schema;
 
 #[derive(Debug, Deserialize)]
 struct Message {
@@ -84,9 +90,12 @@ struct Request {
     /// How many alternatives each `logprobs` event lists (at most 20).
     #[serde(default)]
     top_logprobs: u32,
-    /// `json_object`: the output is one JSON object, by constrained sampling.
+    /// `json_object` or `json_schema`: the output is JSON, by constrained sampling.
     #[serde(default)]
     response_format: ResponseFormat,
+    /// The schema of `json_schema`: a JSON Schema, or a string of its text.
+    #[serde(default)]
+    json_schema: Option<serde_json::Value>,
 }
 
 /// What the generated text must be.
@@ -96,8 +105,10 @@ enum ResponseFormat {
     /// Anything.
     #[default]
     Text,
-    /// One JSON object (see [`json`]).
+    /// One JSON object (see [`schema`]).
     JsonObject,
+    /// One JSON value the request's `json_schema` admits (see [`schema`]).
+    JsonSchema,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq, Eq, Clone, Copy)]
@@ -162,7 +173,30 @@ impl Request {
         if !self.stop.is_empty() && matches!(self.format, Format::Ids | Format::Logprobs) {
             return bad("stop applies to the text formats only".into());
         }
+        if self.json_schema.is_some() != (self.response_format == ResponseFormat::JsonSchema) {
+            return bad(
+                "json_schema goes with response_format json_schema, and only with it".into(),
+            );
+        }
         Ok(())
+    }
+
+    /// The grammar the output must follow, if any.
+    fn schema(&self) -> Result<Option<Schema>, Failure> {
+        let compiled = match (self.response_format, &self.json_schema) {
+            (ResponseFormat::Text, _) => return Ok(None),
+            (ResponseFormat::JsonObject, _) => Schema::any_object(),
+            (ResponseFormat::JsonSchema, Some(serde_json::Value::String(text))) => {
+                serde_json::from_str(text)
+                    .map_err(|e| format!("not JSON: {e}"))
+                    .and_then(|v| Schema::compile(&v))
+            }
+            (ResponseFormat::JsonSchema, Some(v)) => Schema::compile(v),
+            (ResponseFormat::JsonSchema, None) => Err("missing".into()),
+        };
+        compiled
+            .map(Some)
+            .map_err(|e| Failure::invalid(format!("response_format json_schema: {e}")))
     }
 }
 
@@ -442,6 +476,7 @@ fn requested_format(body: &[u8]) -> Format {
 /// Generates the reply to `req`.
 fn generate(req: &Request, reply: Reply) -> Result<(), Failure> {
     req.check()?;
+    let schema = req.schema()?;
     let model = Model::open(&req.model).map_err(|e| Failure::opening_model(&req.model, e))?;
     let meta = metadata(&model)?;
     let g = cinfer_gguf::parse_metadata(&meta)
@@ -484,20 +519,19 @@ fn generate(req: &Request, reply: Reply) -> Result<(), Failure> {
     let mut generated = 0u32;
     let mut finish = Finish::Length;
     let mut stopped_by_sequence = false;
-    let mut json =
-        (req.response_format == ResponseFormat::JsonObject).then(json::JsonPrefix::default);
+    let mut json = schema.as_ref().map(Schema::start);
     // `pos` is the position the sampled token will occupy.
     for (step, pos) in (0..req.max_tokens).zip(prompt_tokens..) {
         let next = match json {
             None => sampling.pick(&logits, &penalties, &mut rng, |id| {
                 req.ignore_eos && tok.is_eog(id)
             })?,
-            // Only tokens that keep the output the start of a JSON object;
-            // never an end of generation before it is complete.
-            Some(prefix) => sampling
+            // Only tokens that keep the output the start of a value the
+            // schema admits; never an end of generation before it is complete.
+            Some(ref prefix) => sampling
                 .pick_allowed(&logits, &penalties, &mut rng, |id| {
                     let bytes = tok.token_bytes(id, false);
-                    !bytes.is_empty() && !tok.is_eog(id) && prefix.after(&bytes).is_some()
+                    !bytes.is_empty() && !tok.is_eog(id) && prefix.allows(&bytes)
                 })?
                 .ok_or_else(|| {
                     Failure::new(
@@ -508,9 +542,9 @@ fn generate(req: &Request, reply: Reply) -> Result<(), Failure> {
         };
         let json_done = match &mut json {
             Some(prefix) => {
-                *prefix = prefix
-                    .after(&tok.token_bytes(next, false))
-                    .unwrap_or(*prefix);
+                if let Some(p) = prefix.after(&tok.token_bytes(next, false)) {
+                    *prefix = p;
+                }
                 prefix.is_done()
             }
             None => false,
