@@ -149,7 +149,7 @@ fn not_served(
     status: StatusCode,
     reason: &str,
 ) -> Response<ApiBody> {
-    metrics.request(outcome);
+    metrics.request(outcome, started.elapsed());
     tracing::info!(
         status = status.as_u16(),
         outcome = outcome.as_str(),
@@ -330,6 +330,7 @@ impl Server {
                     connected: status.connected,
                     ready: status.ready(),
                     running: l.in_flight(),
+                    ready_since: status.ready_since,
                 }
             })
             .collect();
@@ -678,8 +679,10 @@ impl Server {
     ) -> Result<(OwnedSemaphorePermit, bool), (StatusCode, RequestOutcome, String)> {
         let places = self.inner.places.clone();
         if let Ok(p) = places.clone().try_acquire_owned() {
+            self.inner.metrics.queue_wait(Duration::ZERO);
             return Ok((p, false));
         }
+        let waiting = Instant::now();
         let config = &self.inner.config;
         let Some(_queued) = self.inner.metrics.enqueue(config.max_queued) else {
             return Err((
@@ -692,7 +695,10 @@ impl Server {
             ));
         };
         match tokio::time::timeout_at(deadline, places.acquire_owned()).await {
-            Ok(Ok(p)) => Ok((p, true)),
+            Ok(Ok(p)) => {
+                self.inner.metrics.queue_wait(waiting.elapsed());
+                Ok((p, true))
+            }
             Ok(Err(_)) | Err(_) => Err((
                 StatusCode::SERVICE_UNAVAILABLE,
                 RequestOutcome::Timeout,
@@ -903,6 +909,9 @@ impl Pump {
             };
             let (rec, outcome) = match event {
                 Event::Reply(frame) => {
+                    if frames == 0 {
+                        self.metrics.first_frame(self.started.elapsed());
+                    }
                     frames += 1;
                     reply_bytes += frame.len() as u64;
                     self.metrics.reply_frame(frame.len());
@@ -947,7 +956,10 @@ impl Pump {
                 break o;
             }
         };
-        self.metrics.request(outcome);
+        self.metrics.request(outcome, self.started.elapsed());
+        if outcome == RequestOutcome::Completed {
+            self.metrics.reply_frames_of_request(frames);
+        }
         tracing::info!(
             outcome = outcome.as_str(),
             reply_frames = frames,

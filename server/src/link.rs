@@ -97,6 +97,8 @@ pub struct LinkStatus {
     pub models: Arc<Vec<String>>,
     /// Why the link is not ready, for `/readyz` and 503 answers (no payloads).
     pub last_error: Option<String>,
+    /// When it last became ready; `None` while it is not.
+    pub ready_since: Option<std::time::SystemTime>,
 }
 
 impl LinkStatus {
@@ -478,6 +480,7 @@ impl Link {
         self.update(|s| {
             s.connected = true;
             s.conn = None;
+            s.ready_since = None;
             s.programs = hello.programs.map(Arc::new);
             s.models = Arc::default();
             s.last_error = Some("loader connected, attesting".into());
@@ -550,6 +553,7 @@ impl Link {
         self.update(|s| {
             s.connected = false;
             s.conn = None;
+            s.ready_since = None;
             s.programs = None;
             s.models = Arc::default();
         });
@@ -661,22 +665,26 @@ impl Link {
                 let ms = started.elapsed().as_millis() as u64;
                 match result {
                     Ok(i) => {
-                        self.metrics.attestation(AttestOutcome::Released);
+                        self.metrics
+                            .attestation(AttestOutcome::Released, started.elapsed());
                         tracing::info!(keyserver = %ks, models = i.models.len(), request_keys = i.request_keys.len(), waiting = i.waiting.len(), duration_ms = ms, outcome = "released", "attested");
                         installed = Some(i);
                     }
                     Err(AttestError::Keyserver(e)) => {
-                        self.metrics.attestation(AttestOutcome::KeyserverError);
+                        self.metrics
+                            .attestation(AttestOutcome::KeyserverError, started.elapsed());
                         tracing::warn!(keyserver = %ks, duration_ms = ms, outcome = "keyserver_error", error = %e, "attestation failed");
                         errors.push(e);
                     }
                     Err(AttestError::LoaderRefused(e)) => {
-                        self.metrics.attestation(AttestOutcome::LoaderError);
+                        self.metrics
+                            .attestation(AttestOutcome::LoaderError, started.elapsed());
                         tracing::warn!(keyserver = %ks, duration_ms = ms, outcome = "loader_error", error = %e, "loader refused the attestation frame");
                         errors.push(format!("loader refused: {e}"));
                     }
                     Err(AttestError::Loader(e)) => {
-                        self.metrics.attestation(AttestOutcome::LoaderError);
+                        self.metrics
+                            .attestation(AttestOutcome::LoaderError, started.elapsed());
                         tracing::warn!(keyserver = %ks, duration_ms = ms, outcome = "loader_error", error = %e, "attestation failed");
                         return e;
                     }
@@ -686,6 +694,7 @@ impl Link {
                 Some(i) if !i.request_keys.is_empty() => {
                     self.update(|s| {
                         s.conn = Some(conn.clone());
+                        s.ready_since = Some(std::time::SystemTime::now());
                         s.models = Arc::new(i.models);
                         s.last_error = None;
                     });

@@ -1,11 +1,18 @@
-//! Counters and gauges, rendered in the Prometheus text format by hand.
+//! The server's metrics: counters, gauges and histograms kept and rendered
+//! (Prometheus text format 0.0.4) by `prometheus-client`, the Prometheus
+//! project's Rust client library.
 
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
 use std::fmt::Write as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-
+use std::time::{Duration, SystemTime};
 /// How a `POST /v1/requests` ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RequestOutcome {
     /// The loader sent `Done`: every record and the receipt were streamed.
     Completed,
@@ -55,14 +62,10 @@ impl RequestOutcome {
             RequestOutcome::Busy => "busy",
         }
     }
-
-    fn index(self) -> usize {
-        self as usize
-    }
 }
 
 /// How one attestation round with one keyserver ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AttestOutcome {
     /// The keyserver released keys and the loader installed them.
     Released,
@@ -89,17 +92,71 @@ impl AttestOutcome {
     }
 }
 
+/// `{outcome="..."}` of a request.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabel {
+    outcome: RequestOutcome,
+}
+
+/// `{outcome="..."}` of an attestation round.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttestLabel {
+    outcome: AttestOutcome,
+}
+
+impl EncodeLabelValue for RequestOutcome {
+    fn encode(&self, w: &mut LabelValueEncoder) -> std::fmt::Result {
+        w.write_str(self.as_str())
+    }
+}
+
+impl EncodeLabelValue for AttestOutcome {
+    fn encode(&self, w: &mut LabelValueEncoder) -> std::fmt::Result {
+        w.write_str(self.as_str())
+    }
+}
+
+/// `{loader="tcp:HOST:PORT"}`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ByLoader {
+    loader: String,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn seconds_buckets() -> Histogram {
+    // 5 ms to ~82 s.
+    Histogram::new(exponential_buckets(0.005, 2.0, 15))
+}
+
+fn queue_buckets() -> Histogram {
+    // 1 ms to ~33 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
 /// The server's metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
-    requests: [AtomicU64; 9],
-    reply_frames: AtomicU64,
-    reply_bytes: AtomicU64,
-    attestations: [AtomicU64; 3],
-    in_flight: AtomicI64,
-    queued: AtomicI64,
-    connections_open: AtomicI64,
-    connections_refused: AtomicU64,
+    registry: Registry,
+    requests: Family<RequestLabel, Counter>,
+    request_seconds: Histograms<RequestLabel>,
+    first_frame_seconds: Histogram,
+    queue_wait_seconds: Histogram,
+    reply_frames_per_request: Histogram,
+    reply_frames: Counter,
+    reply_bytes: Counter,
+    attestations: Family<AttestLabel, Counter>,
+    attestation_seconds: Histograms<AttestLabel>,
+    in_flight: Gauge,
+    queued: Gauge,
+    connections_open: Gauge,
+    connections_refused: Counter,
+    loader_connected: Gauge,
+    loader_ready: Gauge,
+    link_connected: Family<ByLoader, Gauge>,
+    link_ready: Family<ByLoader, Gauge>,
+    link_running: Family<ByLoader, Gauge>,
+    link_ready_since: Family<ByLoader, Gauge>,
 }
 
 /// Decrements `http_connections_open` when dropped.
@@ -108,7 +165,7 @@ pub struct OpenConnection(Arc<Metrics>);
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        self.0.connections_open.fetch_sub(1, Ordering::Relaxed);
+        self.0.connections_open.dec();
     }
 }
 
@@ -118,7 +175,7 @@ pub struct Queued(Arc<Metrics>);
 
 impl Drop for Queued {
     fn drop(&mut self) {
-        self.0.queued.fetch_sub(1, Ordering::Relaxed);
+        self.0.queued.dec();
     }
 }
 
@@ -128,169 +185,261 @@ pub struct InFlight(Arc<Metrics>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.dec();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let m = Metrics {
+            registry: Registry::with_prefix("cinfer_server"),
+            requests: Family::default(),
+            request_seconds: Family::new_with_constructor(seconds_buckets),
+            first_frame_seconds: seconds_buckets(),
+            queue_wait_seconds: queue_buckets(),
+            // 1 to 4096 frames.
+            reply_frames_per_request: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
+            reply_frames: Counter::default(),
+            reply_bytes: Counter::default(),
+            attestations: Family::default(),
+            attestation_seconds: Family::new_with_constructor(seconds_buckets),
+            in_flight: Gauge::default(),
+            queued: Gauge::default(),
+            connections_open: Gauge::default(),
+            connections_refused: Counter::default(),
+            loader_connected: Gauge::default(),
+            loader_ready: Gauge::default(),
+            link_connected: Family::default(),
+            link_ready: Family::default(),
+            link_running: Family::default(),
+            link_ready_since: Family::default(),
+        };
+        // Every outcome from the start, at zero (a series that appears only
+        // at its first event hides it from rate()).
+        for outcome in RequestOutcome::ALL {
+            let _ = m.requests.get_or_create(&RequestLabel { outcome });
+        }
+        for outcome in AttestOutcome::ALL {
+            let _ = m.attestations.get_or_create(&AttestLabel { outcome });
+        }
+        m.register()
     }
 }
 
 impl Metrics {
-    /// Counts a finished request.
-    pub fn request(&self, outcome: RequestOutcome) {
-        self.requests[outcome.index()].fetch_add(1, Ordering::Relaxed);
+    fn register(mut self) -> Self {
+        let r = &mut self.registry;
+        r.register(
+            "requests",
+            "Inference requests by outcome",
+            self.requests.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Inference requests: from arrival to the last record sent (or the error answer), by outcome",
+            self.request_seconds.clone(),
+        );
+        r.register(
+            "time_to_first_frame_seconds",
+            "From a request's arrival to its first sealed reply frame relayed (time to first token, as the server sees it)",
+            self.first_frame_seconds.clone(),
+        );
+        r.register(
+            "queue_wait_seconds",
+            "How long requests waited for a place on a loader (0 when one was free)",
+            self.queue_wait_seconds.clone(),
+        );
+        r.register(
+            "reply_frames_per_request",
+            "Sealed reply frames of each completed request (about one per generated token for streaming programs)",
+            self.reply_frames_per_request.clone(),
+        );
+        r.register(
+            "reply_frames",
+            "Sealed reply frames relayed",
+            self.reply_frames.clone(),
+        );
+        r.register(
+            "reply_bytes",
+            "Bytes of sealed reply frames relayed",
+            self.reply_bytes.clone(),
+        );
+        r.register(
+            "attestations",
+            "Attestation rounds (one loader, one keyserver) by outcome",
+            self.attestations.clone(),
+        );
+        r.register(
+            "attestation_duration_seconds",
+            "Attestation rounds (one loader, one keyserver): quote, keyserver, key installation, by outcome",
+            self.attestation_seconds.clone(),
+        );
+        r.register(
+            "requests_in_flight",
+            "Requests being served",
+            self.in_flight.clone(),
+        );
+        r.register(
+            "requests_queued",
+            "Requests waiting for a place on the loader (max-in-flight)",
+            self.queued.clone(),
+        );
+        r.register(
+            "http_connections_open",
+            "Client connections open",
+            self.connections_open.clone(),
+        );
+        r.register(
+            "http_connections_refused",
+            "Client connections closed at once because max-connections were open",
+            self.connections_refused.clone(),
+        );
+        r.register(
+            "loader_connected",
+            "Whether a loader channel is connected (any loader)",
+            self.loader_connected.clone(),
+        );
+        r.register(
+            "loader_ready",
+            "Whether a loader is attested and holds keys (any loader)",
+            self.loader_ready.clone(),
+        );
+        r.register(
+            "loader_link_connected",
+            "Whether this loader's channel is connected",
+            self.link_connected.clone(),
+        );
+        r.register(
+            "loader_link_ready",
+            "Whether this loader is attested and holds keys",
+            self.link_ready.clone(),
+        );
+        r.register(
+            "loader_link_requests_running",
+            "Requests this server has running on this loader",
+            self.link_running.clone(),
+        );
+        r.register(
+            "loader_link_ready_since_seconds",
+            "Unix time this loader last became ready (attested, keys installed); 0 while it is not. Attestation age: time() - this",
+            self.link_ready_since.clone(),
+        );
+        self
+    }
+
+    /// Counts a finished request that arrived at `started`.
+    pub fn request(&self, outcome: RequestOutcome, took: Duration) {
+        self.requests.get_or_create(&RequestLabel { outcome }).inc();
+        self.request_seconds
+            .get_or_create(&RequestLabel { outcome })
+            .observe(took.as_secs_f64());
+    }
+
+    /// A completed request's reply frames.
+    pub fn reply_frames_of_request(&self, frames: u64) {
+        self.reply_frames_per_request.observe(frames as f64);
+    }
+
+    /// The first reply frame of a request relayed, `took` after it arrived.
+    pub fn first_frame(&self, took: Duration) {
+        self.first_frame_seconds.observe(took.as_secs_f64());
+    }
+
+    /// A request got a place on a loader after waiting `took`.
+    pub fn queue_wait(&self, took: Duration) {
+        self.queue_wait_seconds.observe(took.as_secs_f64());
     }
 
     /// Counts one relayed reply frame of `len` bytes.
     pub fn reply_frame(&self, len: usize) {
-        self.reply_frames.fetch_add(1, Ordering::Relaxed);
-        self.reply_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        self.reply_frames.inc();
+        self.reply_bytes.inc_by(len as u64);
     }
 
-    /// Counts an attestation round.
-    pub fn attestation(&self, outcome: AttestOutcome) {
-        self.attestations[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    /// Counts an attestation round that took `took`.
+    pub fn attestation(&self, outcome: AttestOutcome, took: Duration) {
+        self.attestations
+            .get_or_create(&AttestLabel { outcome })
+            .inc();
+        self.attestation_seconds
+            .get_or_create(&AttestLabel { outcome })
+            .observe(took.as_secs_f64());
     }
 
     /// Counts a request in flight until the guard is dropped.
     pub fn in_flight(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.inc();
         InFlight(self.clone())
     }
 
     /// Counts a request waiting for a place on the loader until the guard is
     /// dropped; `None` (nothing counted) when `max` are waiting already.
     pub fn enqueue(self: &Arc<Self>, max: usize) -> Option<Queued> {
-        let before = self.queued.fetch_add(1, Ordering::Relaxed);
+        let before = self.queued.inc();
         let guard = Queued(self.clone());
         (usize::try_from(before).unwrap_or(0) < max).then_some(guard)
     }
 
     /// Requests waiting for a place on the loader now.
     pub fn requests_queued(&self) -> i64 {
-        self.queued.load(Ordering::Relaxed)
+        self.queued.get()
     }
 
     /// Counts an open client connection until the guard is dropped.
     pub fn connection(self: &Arc<Self>) -> OpenConnection {
-        self.connections_open.fetch_add(1, Ordering::Relaxed);
+        self.connections_open.inc();
         OpenConnection(self.clone())
     }
 
     /// Client connections open now.
     pub fn connections_open(&self) -> i64 {
-        self.connections_open.load(Ordering::Relaxed)
+        self.connections_open.get()
     }
 
     /// Counts a connection closed at once because `max-connections` were open;
     /// returns the count so far.
     pub fn connection_refused(&self) -> u64 {
-        self.connections_refused.fetch_add(1, Ordering::Relaxed) + 1
+        self.connections_refused.inc() + 1
     }
 
     /// Connections refused so far.
     pub fn connections_refused(&self) -> u64 {
-        self.connections_refused.load(Ordering::Relaxed)
+        self.connections_refused.get()
     }
 
     /// Requests in flight now.
     pub fn requests_in_flight(&self) -> i64 {
-        self.in_flight.load(Ordering::Relaxed)
+        self.in_flight.get()
     }
 
     /// The Prometheus text exposition, with the state of each loader link.
     pub fn render(&self, loaders: &[LoaderState]) -> String {
-        let loader_connected = loaders.iter().any(|l| l.connected);
-        let loader_ready = loaders.iter().any(|l| l.ready);
+        self.loader_connected
+            .set(i64::from(loaders.iter().any(|l| l.connected)));
+        self.loader_ready
+            .set(i64::from(loaders.iter().any(|l| l.ready)));
+        for l in loaders {
+            let label = ByLoader {
+                loader: l.endpoint.clone(),
+            };
+            self.link_connected
+                .get_or_create(&label)
+                .set(i64::from(l.connected));
+            self.link_ready
+                .get_or_create(&label)
+                .set(i64::from(l.ready));
+            self.link_running
+                .get_or_create(&label)
+                .set(i64::try_from(l.running).unwrap_or(i64::MAX));
+            let since = l
+                .ready_since
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+            self.link_ready_since.get_or_create(&label).set(since);
+        }
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP cinfer_server_requests_total Inference requests by outcome.\n# TYPE cinfer_server_requests_total counter"
-        );
-        for o in RequestOutcome::ALL {
-            let _ = writeln!(
-                out,
-                "cinfer_server_requests_total{{outcome=\"{}\"}} {}",
-                o.as_str(),
-                self.requests[o.index()].load(Ordering::Relaxed)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP cinfer_server_reply_frames_total Sealed reply frames relayed.\n# TYPE cinfer_server_reply_frames_total counter\ncinfer_server_reply_frames_total {}",
-            self.reply_frames.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP cinfer_server_reply_bytes_total Bytes of sealed reply frames relayed.\n# TYPE cinfer_server_reply_bytes_total counter\ncinfer_server_reply_bytes_total {}",
-            self.reply_bytes.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP cinfer_server_attestations_total Attestation rounds (one loader, one keyserver) by outcome.\n# TYPE cinfer_server_attestations_total counter"
-        );
-        for o in AttestOutcome::ALL {
-            let _ = writeln!(
-                out,
-                "cinfer_server_attestations_total{{outcome=\"{}\"}} {}",
-                o.as_str(),
-                self.attestations[o as usize].load(Ordering::Relaxed)
-            );
-        }
-        let _ = writeln!(
-            out,
-            "# HELP cinfer_server_requests_in_flight Requests being served.\n# TYPE cinfer_server_requests_in_flight gauge\ncinfer_server_requests_in_flight {}",
-            self.requests_in_flight()
-        );
-        let _ = writeln!(
-            out,
-            "# HELP cinfer_server_requests_queued Requests waiting for a place on the loader (max-in-flight).\n# TYPE cinfer_server_requests_queued gauge\ncinfer_server_requests_queued {}",
-            self.requests_queued()
-        );
-        let _ = writeln!(
-            out,
-            "# HELP cinfer_server_http_connections_open Client connections open.\n# TYPE cinfer_server_http_connections_open gauge\ncinfer_server_http_connections_open {}",
-            self.connections_open()
-        );
-        let _ = writeln!(
-            out,
-            "# HELP cinfer_server_http_connections_refused_total Client connections closed at once because max-connections were open.\n# TYPE cinfer_server_http_connections_refused_total counter\ncinfer_server_http_connections_refused_total {}",
-            self.connections_refused()
-        );
-        let _ = writeln!(
-            out,
-            "# HELP cinfer_server_loader_connected Whether a loader channel is connected (any loader).\n# TYPE cinfer_server_loader_connected gauge\ncinfer_server_loader_connected {}",
-            u8::from(loader_connected)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP cinfer_server_loader_ready Whether a loader is attested and holds keys (any loader).\n# TYPE cinfer_server_loader_ready gauge\ncinfer_server_loader_ready {}",
-            u8::from(loader_ready)
-        );
-        for (name, help, value) in [
-            (
-                "cinfer_server_loader_link_connected",
-                "Whether this loader's channel is connected.",
-                (|l: &LoaderState| u64::from(l.connected)) as fn(&LoaderState) -> u64,
-            ),
-            (
-                "cinfer_server_loader_link_ready",
-                "Whether this loader is attested and holds keys.",
-                |l: &LoaderState| u64::from(l.ready),
-            ),
-            (
-                "cinfer_server_loader_link_requests_running",
-                "Requests this server has running on this loader.",
-                |l: &LoaderState| l.running as u64,
-            ),
-        ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-            for l in loaders {
-                let _ = writeln!(
-                    out,
-                    "{name}{{loader=\"{}\"}} {}",
-                    label_value(&l.endpoint),
-                    value(l)
-                );
-            }
-        }
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
         out
     }
 }
@@ -306,13 +455,8 @@ pub struct LoaderState {
     pub ready: bool,
     /// Requests this server has running on it.
     pub running: usize,
-}
-
-/// A Prometheus label value: backslash, double quote and newline escaped.
-fn label_value(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+    /// When it last became ready; `None` while it is not.
+    pub ready_since: Option<SystemTime>,
 }
 
 #[cfg(test)]
@@ -326,24 +470,61 @@ mod tests {
             LoaderState {
                 endpoint: "tcp:10.0.0.5:7300".into(),
                 connected: true,
-                ready: false,
+                ready: true,
                 running: 3,
+                ready_since: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
             },
             LoaderState {
                 endpoint: "unix:/run/a\"b\\c".into(),
                 connected: false,
                 ready: false,
                 running: 0,
+                ready_since: None,
             },
         ]);
         for line in [
             "cinfer_server_loader_connected 1",
-            "cinfer_server_loader_ready 0",
+            "cinfer_server_loader_ready 1",
             "cinfer_server_loader_link_connected{loader=\"tcp:10.0.0.5:7300\"} 1",
             "cinfer_server_loader_link_requests_running{loader=\"tcp:10.0.0.5:7300\"} 3",
+            "cinfer_server_loader_link_ready_since_seconds{loader=\"tcp:10.0.0.5:7300\"} 1700000000",
             "cinfer_server_loader_link_ready{loader=\"unix:/run/a\\\"b\\\\c\"} 0",
+            "cinfer_server_loader_link_ready_since_seconds{loader=\"unix:/run/a\\\"b\\\\c\"} 0",
         ] {
-            assert!(text.contains(line), "{line} in\n{text}");
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn histograms_count_what_they_observe() {
+        let m = Metrics::default();
+        m.request(RequestOutcome::Completed, Duration::from_millis(125));
+        m.request(RequestOutcome::Completed, Duration::from_millis(250));
+        m.request(RequestOutcome::Busy, Duration::from_millis(1));
+        m.first_frame(Duration::from_millis(7));
+        m.queue_wait(Duration::ZERO);
+        m.reply_frames_of_request(17);
+        m.attestation(AttestOutcome::Released, Duration::from_millis(12));
+        let text = m.render(&[]);
+        for line in [
+            "# TYPE cinfer_server_request_duration_seconds histogram",
+            "cinfer_server_request_duration_seconds_count{outcome=\"completed\"} 2",
+            "cinfer_server_request_duration_seconds_sum{outcome=\"completed\"} 0.375",
+            "cinfer_server_request_duration_seconds_bucket{outcome=\"completed\",le=\"0.08\"} 0",
+            "cinfer_server_request_duration_seconds_bucket{outcome=\"completed\",le=\"0.16\"} 1",
+            "cinfer_server_request_duration_seconds_bucket{outcome=\"completed\",le=\"0.32\"} 2",
+            "cinfer_server_request_duration_seconds_count{outcome=\"busy\"} 1",
+            "cinfer_server_requests_total{outcome=\"completed\"} 2",
+            "cinfer_server_requests_total{outcome=\"timeout\"} 0",
+            "cinfer_server_time_to_first_frame_seconds_bucket{le=\"0.01\"} 1",
+            "cinfer_server_time_to_first_frame_seconds_bucket{le=\"0.005\"} 0",
+            "cinfer_server_queue_wait_seconds_bucket{le=\"0.001\"} 1",
+            "cinfer_server_reply_frames_per_request_bucket{le=\"16\"} 0",
+            "cinfer_server_reply_frames_per_request_bucket{le=\"32\"} 1",
+            "cinfer_server_attestation_duration_seconds_count{outcome=\"released\"} 1",
+            "cinfer_server_attestations_total{outcome=\"loader_error\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }
     }
 }

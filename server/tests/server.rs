@@ -407,9 +407,32 @@ async fn metrics_models_programs_request_key_and_health() {
         "cinfer_server_loader_ready 1",
         "# TYPE cinfer_server_requests_total counter",
         "# TYPE cinfer_server_loader_ready gauge",
+        // Histograms: the completed request's time to its first frame, its
+        // duration, its wait for a place and its frames; the bad request's
+        // duration; the attestation round.
+        "cinfer_server_time_to_first_frame_seconds_count 1",
+        "cinfer_server_request_duration_seconds_count{outcome=\"completed\"} 1",
+        "cinfer_server_request_duration_seconds_count{outcome=\"bad_request\"} 1",
+        "cinfer_server_queue_wait_seconds_count 1",
+        "cinfer_server_reply_frames_per_request_count 1",
+        "cinfer_server_reply_frames_per_request_sum 3.0",
+        "cinfer_server_attestation_duration_seconds_count{outcome=\"released\"} 1",
+        "# TYPE cinfer_server_time_to_first_frame_seconds histogram",
     ] {
         assert!(m.lines().any(|l| l == line), "{line} missing from\n{m}");
     }
+    // The loader became ready at a time the test saw pass.
+    let since: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("cinfer_server_loader_link_ready_since_seconds{"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .expect("ready_since gauge");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(since > now - 600 && since <= now, "{since} vs {now}");
 
     let (status, body) = get(h.addr, "/v1/models").await;
     assert_eq!(
