@@ -15,6 +15,7 @@ mod devrun;
 mod measure;
 mod openai;
 mod proxy;
+mod proxy_metrics;
 mod signing;
 mod split;
 mod tdx_provider;

@@ -18,6 +18,21 @@
 //!   a prompt longer than the context, an unknown model) is an HTTP error
 //!   even when streaming.
 //! * `GET /v1/models`, `GET /v1/models/{id}`: the server's model list.
+//! * `GET /v1/cinfer/attestation`: what the proxy verified, fetched afresh:
+//!   the request-key statement (key id, validity, the pinned keyservers that
+//!   signed it), the program pin, and how many receipts verified so far.
+//! * `GET /healthz` (the process answers), `GET /readyz` (200 only while the
+//!   server relays a statement that verifies against the pinned keyservers;
+//!   else 503 with the reason), `GET /metrics` (Prometheus text: requests by
+//!   route and status, time to first token, duration, token counts,
+//!   receipts verified, verification failures).
+//!
+//! At start it checks what it can before listening: the server answers and
+//! its request-key statement verifies against the pinned keyserver(s)
+//! (waiting up to `--startup-check-ms` for a loader to become ready; a
+//! statement that does not verify fails at once), and, with a program pin,
+//! that the server lists the program with that digest (the server's word:
+//! the receipts remain the proof). `--startup-check-ms 0` skips these.
 //!
 //! A client that hangs up stops its exchange (`Client::chat_until`): the
 //! proxy closes its connection to the server, which cancels the run on the
@@ -43,7 +58,8 @@
 
 use crate::chat::ServerArgs;
 use crate::openai::{self, ApiError, Endpoint, EventLines, ProgramEvent, Usage, total_usage};
-use anyhow::{Context, Result};
+use crate::proxy_metrics::ProxyMetrics;
+use anyhow::{Context, Result, bail};
 use cinfer_client::{ChatResult, Client, ClientError, ReplyStatus};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
@@ -89,6 +105,11 @@ pub struct ProxyArgs {
     /// then its body (then 408), each, in milliseconds.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub read_timeout_ms: u64,
+    /// At start, how long to wait for the server to relay a request-key
+    /// statement that verifies (a loader may still be attesting), in
+    /// milliseconds; 0 skips the startup checks.
+    #[arg(long, default_value_t = 30_000)]
+    pub startup_check_ms: u64,
 }
 
 type ProxyBody = BoxBody<Bytes, Infallible>;
@@ -111,7 +132,10 @@ impl Body for ChannelBody {
 struct State {
     client: Arc<Client>,
     program: String,
+    /// The program's pinned component digest (hex), if pinned.
+    pin: Option<String>,
     read_timeout: Duration,
+    metrics: ProxyMetrics,
 }
 
 fn json_response(status: StatusCode, value: &Value) -> Response<ProxyBody> {
@@ -537,11 +561,56 @@ fn internal_error() -> Response<ProxyBody> {
     ))
 }
 
+/// The metrics route name of `endpoint`.
+fn route_name(endpoint: Endpoint) -> &'static str {
+    match endpoint {
+        Endpoint::Chat => "chat_completions",
+        Endpoint::Completions => "completions",
+    }
+}
+
+/// One completion's clock: its first token, its verdicts, its end.
+struct Timing {
+    state: Arc<State>,
+    route: &'static str,
+    started: Instant,
+    first_token: bool,
+}
+
+impl Timing {
+    /// Pieces of the reply arrived (authenticated).
+    fn saw(&mut self, pieces: &[Piece]) {
+        if !self.first_token && pieces.iter().any(|p| matches!(p, Piece::Text(_))) {
+            self.first_token = true;
+            self.state.metrics.first_token(self.started.elapsed());
+        }
+    }
+
+    /// A choice's verdict, counted.
+    fn verdict(&self, v: Verdict) -> Verdict {
+        self.state
+            .metrics
+            .verdict(v.as_ref().map(|(_, usage)| usage));
+        v
+    }
+}
+
+/// The completion is over: answered, failed, its stream ended or its client
+/// went away.
+impl Drop for Timing {
+    fn drop(&mut self) {
+        self.state
+            .metrics
+            .duration(self.route, self.started.elapsed());
+    }
+}
+
 async fn completions(
     state: Arc<State>,
     req: Request<Incoming>,
     endpoint: Endpoint,
 ) -> Response<ProxyBody> {
+    let started = Instant::now();
     let body = match read_body(&state, req).await {
         Ok(b) => b,
         Err(resp) => return resp,
@@ -553,6 +622,12 @@ async fn completions(
     let n = parsed.n;
     let requests: Vec<Vec<u8>> = (0..n).map(|i| parsed.request_for_choice(i)).collect();
     let mut rx = start_chats(&state, requests);
+    let mut timing = Timing {
+        state: state.clone(),
+        route: route_name(endpoint),
+        started,
+        first_token: false,
+    };
     let shape = Shape {
         endpoint,
         id: completion_id(endpoint),
@@ -569,12 +644,17 @@ async fn completions(
     let mut verdicts: Vec<Option<Verdict>> = (0..n).map(|_| None).collect();
 
     if !parsed.stream {
+        let _in_flight = state.metrics.in_flight();
         let mut pieces: Vec<Vec<Piece>> = (0..n).map(|_| Vec::new()).collect();
         while verdicts.iter().any(Option::is_none) {
             match rx.recv().await {
-                Some((i, Event::Chunk(c))) => pieces[i].extend(runs[i].feed(&c)),
+                Some((i, Event::Chunk(c))) => {
+                    let new = runs[i].feed(&c);
+                    timing.saw(&new);
+                    pieces[i].extend(new);
+                }
                 Some((i, Event::Done(r))) => {
-                    verdicts[i] = Some(std::mem::take(&mut runs[i]).finish(*r));
+                    verdicts[i] = Some(timing.verdict(std::mem::take(&mut runs[i]).finish(*r)));
                 }
                 None => return internal_error(),
             }
@@ -600,6 +680,7 @@ async fn completions(
             .iter()
             .any(|(_, p)| p.iter().any(|p| matches!(p, Piece::Text(_))))
     };
+    let in_flight = state.metrics.in_flight();
     while !has_text(&first) && verdicts.iter().any(Option::is_none) {
         match rx.recv().await {
             Some((i, Event::Chunk(c))) => {
@@ -607,18 +688,26 @@ async fn completions(
                 if runs[i].failed() {
                     continue;
                 }
+                timing.saw(&pieces);
                 first.push((i, pieces));
             }
-            Some((i, Event::Done(r))) => match std::mem::take(&mut runs[i]).finish(*r) {
-                Err(e) => return api_error_response(&e),
-                Ok(v) => verdicts[i] = Some(Ok(v)),
-            },
+            Some((i, Event::Done(r))) => {
+                match timing.verdict(std::mem::take(&mut runs[i]).finish(*r)) {
+                    Err(e) => {
+                        return api_error_response(&e);
+                    }
+                    Ok(v) => verdicts[i] = Some(Ok(v)),
+                }
+            }
             None => return internal_error(),
         }
     }
+    drop(in_flight);
     let (tx, body_rx) = mpsc::channel::<Bytes>(256);
     let client = state.client.clone();
     tokio::spawn(async move {
+        let state = timing.state.clone();
+        let _in_flight = state.metrics.in_flight();
         let mut pending: Vec<Vec<Value>> = (0..n).map(|_| Vec::new()).collect();
         let mut out = shape.opening();
         for (i, pieces) in first {
@@ -639,21 +728,25 @@ async fn completions(
             let bytes = match rx.recv().await {
                 Some((i, Event::Chunk(c))) => {
                     let pieces = runs[i].feed(&c);
+                    timing.saw(&pieces);
                     shape.pieces(i, &mut pending[i], pieces)
                 }
-                Some((i, Event::Done(r))) => match std::mem::take(&mut runs[i]).finish(*r) {
-                    Ok(v) => {
-                        let b = shape.finished(&client, i, &v, std::mem::take(&mut pending[i]));
-                        verdicts[i] = Some(Ok(v));
-                        vec![b]
+                Some((i, Event::Done(r))) => {
+                    match timing.verdict(std::mem::take(&mut runs[i]).finish(*r)) {
+                        Ok(v) => {
+                            let b = shape.finished(&client, i, &v, std::mem::take(&mut pending[i]));
+                            verdicts[i] = Some(Ok(v));
+                            vec![b]
+                        }
+                        Err(e) => {
+                            // One choice failed: the stream ends with its error
+                            // (the others stop when their receiver goes).
+                            timing.state.metrics.stream_error();
+                            let _ = tx.send(shape.failed(&e)).await;
+                            return;
+                        }
                     }
-                    Err(e) => {
-                        // One choice failed: the stream ends with its error
-                        // (the others stop when their receiver goes).
-                        let _ = tx.send(shape.failed(&e)).await;
-                        return;
-                    }
-                },
+                }
                 None => return,
             };
             for b in bytes {
@@ -724,11 +817,17 @@ fn method_not_allowed(method: &Method, path: &str, allow: &'static str) -> Respo
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ProxyBody> {
     let path = req.uri().path().trim_end_matches('/').to_owned();
     let method = req.method().clone();
-    let (allow, is_get) = match path.as_str() {
-        "/v1/chat/completions" | "/v1/completions" => ("POST", false),
-        "/v1/models" | "/healthz" => ("GET", true),
-        p if p.starts_with("/v1/models/") => ("GET", true),
+    let (route, allow) = match path.as_str() {
+        "/v1/chat/completions" => ("chat_completions", "POST"),
+        "/v1/completions" => ("completions", "POST"),
+        "/v1/models" => ("models", "GET"),
+        p if p.starts_with("/v1/models/") => ("model", "GET"),
+        "/v1/cinfer/attestation" => ("attestation", "GET"),
+        "/healthz" => ("healthz", "GET"),
+        "/readyz" => ("readyz", "GET"),
+        "/metrics" => ("metrics", "GET"),
         _ => {
+            state.metrics.request("unknown", 404);
             return api_error_response(&ApiError::new(
                 404,
                 "invalid_request_error",
@@ -736,19 +835,153 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ProxyBody
             ));
         }
     };
-    if method != if is_get { Method::GET } else { Method::POST } {
-        return method_not_allowed(&method, &path, allow);
+    let resp = if method.as_str() != allow {
+        method_not_allowed(&method, &path, allow)
+    } else {
+        match route {
+            "chat_completions" => completions(state.clone(), req, Endpoint::Chat).await,
+            "completions" => completions(state.clone(), req, Endpoint::Completions).await,
+            "models" => models(state.clone(), None).await,
+            "model" => {
+                let id = path.trim_start_matches("/v1/models/").to_owned();
+                models(state.clone(), Some(id)).await
+            }
+            "attestation" => attestation(state.clone()).await,
+            "readyz" => readyz(state.clone()).await,
+            "metrics" => {
+                let mut resp =
+                    Response::new(Full::new(Bytes::from(state.metrics.render())).boxed());
+                resp.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                resp
+            }
+            _ => json_response(StatusCode::OK, &json!({"status": "ok"})),
+        }
+    };
+    state.metrics.request(route, resp.status().as_u16());
+    resp
+}
+
+/// The request-key statement, fetched and verified now (blocking client).
+async fn fresh_statement(state: &State) -> Result<cinfer_client::RequestKeyStatement, String> {
+    let client = state.client.clone();
+    match tokio::task::spawn_blocking(move || client.request_key()).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the client task ended".into()),
     }
-    match path.as_str() {
-        "/v1/chat/completions" => completions(state, req, Endpoint::Chat).await,
-        "/v1/completions" => completions(state, req, Endpoint::Completions).await,
-        "/v1/models" => models(state, None).await,
-        "/healthz" => json_response(StatusCode::OK, &json!({"status": "ok"})),
-        p => {
-            let id = p.trim_start_matches("/v1/models/").to_owned();
-            models(state, Some(id)).await
+}
+
+/// `GET /readyz`: ready while the server relays a statement that verifies.
+async fn readyz(state: Arc<State>) -> Response<ProxyBody> {
+    match fresh_statement(&state).await {
+        Ok(s) => json_response(
+            StatusCode::OK,
+            &json!({"status": "ready", "request_key_id": s.key_id, "not_after": s.not_after}),
+        ),
+        Err(reason) => {
+            let mut resp = json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({"status": "not ready", "reason": reason}),
+            );
+            resp.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+            resp
         }
     }
+}
+
+/// `GET /v1/cinfer/attestation`: what the proxy verifies, checked now.
+async fn attestation(state: Arc<State>) -> Response<ProxyBody> {
+    let client = &state.client;
+    let trust = json!({
+        "server": client.server(),
+        "keyservers": client.identity_fingerprint(),
+        "keyserver_threshold": client.keyserver_threshold(),
+        "program": state.program,
+        "program_sha256": state.pin,
+        "receipts": "every reply's signed receipt is verified before it is returned (502 otherwise)",
+    });
+    match fresh_statement(&state).await {
+        Ok(s) => json_response(
+            StatusCode::OK,
+            &json!({
+                "verified": true,
+                "verified_at": now_secs(),
+                "pins": trust,
+                "request_key": {
+                    "key_id": s.key_id,
+                    "suite": s.suite,
+                    "not_before": s.not_before,
+                    "not_after": s.not_after,
+                    "receipt_key_sha256": cinfer_client::fingerprint(&s.receipt_public_key),
+                },
+            }),
+        ),
+        Err(reason) => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"verified": false, "reason": reason, "pins": trust}),
+        ),
+    }
+}
+
+/// Before listening: the server relays a statement that verifies (waiting up
+/// to `wait` for a loader to become ready), and lists the pinned program
+/// with its digest. Returns what it verified, for the start line.
+fn startup_check(
+    client: &Client,
+    program: &str,
+    pin: Option<&str>,
+    wait: Duration,
+) -> Result<String> {
+    let deadline = Instant::now() + wait;
+    let statement = loop {
+        match client.request_key() {
+            Ok(s) => break s,
+            Err(e) if e.is_verification_failure() => bail!(
+                "startup check: the request-key statement from {} does not verify against the pinned keyserver(s) {}: {e}",
+                client.server(),
+                client.identity_fingerprint()
+            ),
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("cinfer proxy: waiting for the server: {e}");
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Err(e) => bail!(
+                "startup check: no verified request-key statement from {} within {} ms: {e} (--startup-check-ms 0 skips this check)",
+                client.server(),
+                wait.as_millis()
+            ),
+        }
+    };
+    if let Some(pin) = pin {
+        match client.programs() {
+            Ok(programs) => match programs.iter().find(|p| p.name == program) {
+                Some(p) if p.sha256.eq_ignore_ascii_case(pin) => {}
+                Some(p) => bail!(
+                    "startup check: the server says program `{program}` is component sha256 {}, not the pinned {pin}: its replies' receipts would be refused",
+                    p.sha256
+                ),
+                None => bail!(
+                    "startup check: the server lists no program `{program}` (it lists: {})",
+                    programs
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            },
+            Err(e) => eprintln!(
+                "cinfer proxy: could not read the server's program list ({e}); the receipts still check the pin"
+            ),
+        }
+    }
+    Ok(format!(
+        "request key {} verified (valid until {})",
+        statement.key_id, statement.not_after
+    ))
 }
 
 /// Runs `cinfer proxy` until killed.
@@ -758,12 +991,30 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
     if let Some(pin) = &pinned {
         client = client.with_program_pin(&args.program, pin);
     }
+    let checked = if args.startup_check_ms == 0 {
+        "startup checks skipped (--startup-check-ms 0)".to_owned()
+    } else {
+        startup_check(
+            &client,
+            &args.program,
+            pinned.as_deref(),
+            Duration::from_millis(args.startup_check_ms),
+        )?
+    };
+    if !args.listen.ip().is_loopback() {
+        eprintln!(
+            "cinfer proxy: WARNING: listening on {}, not loopback: the proxy handles prompts and replies in cleartext; anyone who reaches it reads them",
+            args.listen
+        );
+    }
     let client = Arc::new(client);
     let read_timeout = Duration::from_millis(args.read_timeout_ms);
     let state = Arc::new(State {
         client,
         program: args.program.clone(),
+        pin: pinned.clone(),
         read_timeout,
+        metrics: ProxyMetrics::default(),
     });
     let max_connections = args.max_connections as usize;
     let permits = Arc::new(Semaphore::new(max_connections));
@@ -777,7 +1028,7 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
             .with_context(|| format!("listening on {}", args.listen))?;
         let local = listener.local_addr()?;
         eprintln!(
-            "cinfer proxy: listening on http://{local}/v1 (OpenAI-compatible), server {}, keyservers: {}, program {} {}",
+            "cinfer proxy: listening on http://{local}/v1 (OpenAI-compatible), server {}, keyservers: {}, program {} {}; {checked}",
             state.client.server(),
             state.client.identity_fingerprint(),
             state.program,

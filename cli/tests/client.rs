@@ -361,6 +361,14 @@ fn serve(ctx: &ServerCtx, mut conn: TcpStream) -> std::io::Result<()> {
     reader.read_exact(&mut body)?;
     match (method.as_str(), target.as_str()) {
         ("GET", "/v1/request-key") => respond(&mut conn, "200 OK", &ctx.signed_statement),
+        ("GET", "/v1/programs") => respond(
+            &mut conn,
+            "200 OK",
+            &serde_json::json!({"programs": [
+                {"name": "llama-chat", "sha256": *FAKE_PROGRAM, "world": "inference"}
+            ]})
+            .to_string(),
+        ),
         ("GET", "/v1/models") => respond(
             &mut conn,
             "200 OK",
@@ -1333,7 +1341,29 @@ fn proxy_refuses_a_reply_from_another_program() {
         String::from_utf8_lossy(&out.stderr)
     );
     let other = "cd".repeat(32);
-    let proxy = start_proxy_with(&fake, &["--program-sha256", &other]);
+    // The server's program list already names another component: the proxy
+    // does not start.
+    let out = cinfer()
+        .args(["proxy", "--listen", "127.0.0.1:0", "--server", &fake.url()])
+        .arg("--keyserver-identity")
+        .arg(fake.identity_hex())
+        .args(["--program-sha256", &other])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!(
+            "the server says program `llama-chat` is component sha256 {}, not the pinned {other}",
+            *FAKE_PROGRAM
+        )),
+        "{stderr}"
+    );
+    // A server that lies in its list is caught by the receipt.
+    let proxy = start_proxy_with(
+        &fake,
+        &["--program-sha256", &other, "--startup-check-ms", "0"],
+    );
     let addr = proxy
         .base
         .trim_start_matches("http://")
@@ -1366,6 +1396,103 @@ fn proxy_refuses_a_reply_from_another_program() {
     );
 }
 
+/// `cinfer proxy` checks the server before it listens, and then says what it
+/// verified (`/v1/cinfer/attestation`), whether it is ready (`/readyz`) and
+/// what it served (`/metrics`).
+#[test]
+fn proxy_checks_the_server_at_start_and_reports_what_it_verified() {
+    // A statement signed by another keyserver: refused at once.
+    let fake = Fake::start(Mode::Honest, StatementMode::OtherIdentity, None);
+    let out = cinfer()
+        .args(["proxy", "--listen", "127.0.0.1:0", "--server", &fake.url()])
+        .arg("--keyserver-identity")
+        .arg(fake.identity_hex())
+        .args(["--program-sha256", &FAKE_PROGRAM])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("does not verify against the pinned keyserver"),
+        "{stderr}"
+    );
+    // No server at all: it waits --startup-check-ms, then gives up saying why.
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let started = std::time::Instant::now();
+    let out = cinfer()
+        .args(["proxy", "--listen", "127.0.0.1:0", "--server", &url])
+        .arg("--keyserver-identity")
+        .arg(fake.identity_hex())
+        .args([
+            "--program-sha256",
+            &FAKE_PROGRAM,
+            "--startup-check-ms",
+            "1500",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("no verified request-key statement from")
+            && stderr.contains("within 1500 ms")
+            && stderr.contains("waiting for the server"),
+        "{stderr}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+
+    let fake = Fake::start(Mode::Honest, StatementMode::Good, None);
+    let proxy = start_proxy(&fake);
+    let (status, _, body) = proxy_http(&proxy, "GET /readyz", "");
+    let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (status, &ready["status"]),
+        (200, &serde_json::json!("ready"))
+    );
+    let (status, _, body) = proxy_http(&proxy, "GET /v1/cinfer/attestation", "");
+    let att: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status, 200, "{att}");
+    assert_eq!(att["verified"], true);
+    assert_eq!(att["pins"]["program_sha256"], *FAKE_PROGRAM);
+    assert_eq!(att["request_key"]["key_id"], ready["request_key_id"]);
+    assert!(
+        att["request_key"]["receipt_key_sha256"]
+            .as_str()
+            .is_some_and(|f| f.starts_with("sha256:"))
+    );
+    let (status, _, _) = proxy_http(
+        &proxy,
+        "POST /v1/chat/completions",
+        r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    assert_eq!(status, 200);
+    let (status, _, _) = proxy_http(&proxy, "GET /v1/nothing", "");
+    assert_eq!(status, 404);
+    let (status, head, metrics) = proxy_http(&proxy, "GET /metrics", "");
+    assert_eq!(status, 200);
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    for line in [
+        "cinfer_proxy_requests_total{route=\"chat_completions\",status=\"200\"} 1",
+        "cinfer_proxy_requests_total{route=\"readyz\",status=\"200\"} 1",
+        "cinfer_proxy_requests_total{route=\"unknown\",status=\"404\"} 1",
+        "cinfer_proxy_receipts_verified_total 1",
+        "cinfer_proxy_time_to_first_token_seconds_count 1",
+        "cinfer_proxy_request_duration_seconds_count{route=\"chat_completions\"} 1",
+        "cinfer_proxy_verification_failures_total 0",
+        "cinfer_proxy_requests_in_flight 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("cinfer_proxy_completion_tokens_total ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}
+
 fn start_proxy_with(fake: &Fake, extra: &[&str]) -> Proxy {
     let mut child = cinfer()
         .args(["proxy", "--listen", "127.0.0.1:0", "--server", &fake.url()])
@@ -1377,14 +1504,18 @@ fn start_proxy_with(fake: &Fake, extra: &[&str]) -> Proxy {
         .spawn()
         .unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    let base = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .trim_end_matches(',')
-        .to_owned();
+    // Lines before the start line (a startup check waiting) are skipped.
+    let mut seen = String::new();
+    let base = loop {
+        let mut line = String::new();
+        if stderr.read_line(&mut line).unwrap() == 0 {
+            panic!("the proxy exited before listening: {seen:?}");
+        }
+        if let Some(w) = line.split_whitespace().find(|w| w.starts_with("http://")) {
+            break w.trim_end_matches(',').to_owned();
+        }
+        seen.push_str(&line);
+    };
     std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
     Proxy { child, base }
 }

@@ -262,6 +262,19 @@ pub fn outcome_name(status: ReplyStatus) -> &'static str {
     }
 }
 
+/// A program the server lists (its word: a name, the component digest, the world).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct ServerProgram {
+    /// The policy name requests use.
+    pub name: String,
+    /// The component's SHA-256, hex.
+    #[serde(default)]
+    pub sha256: String,
+    /// Its capability world.
+    #[serde(default)]
+    pub world: String,
+}
+
 /// A client of one inference server, pinned to one keyserver identity.
 #[derive(Debug)]
 pub struct Client {
@@ -550,6 +563,19 @@ impl Client {
             Some(s) if s.is_valid_at(unix_now()) => Ok(s),
             _ => self.request_key(),
         }
+    }
+
+    /// The programs the server says its loader admitted (`GET /v1/programs`:
+    /// the server's word, not verified — receipts name the component that ran).
+    pub fn programs(&self) -> Result<Vec<ServerProgram>, ClientError> {
+        #[derive(serde::Deserialize)]
+        struct Programs {
+            programs: Vec<ServerProgram>,
+        }
+        let body = self.get_json("/v1/programs")?;
+        let p: Programs = serde_json::from_slice(&body)
+            .map_err(|e| ClientError::MalformedResponse(format!("/v1/programs: {e}")))?;
+        Ok(p.programs)
     }
 
     /// The model ids the server's attested loader holds keys for (`GET /v1/models`;
