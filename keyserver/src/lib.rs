@@ -19,6 +19,7 @@ pub mod audit;
 pub mod clock;
 pub mod config;
 pub mod endorsement;
+pub mod metrics;
 pub mod nonce;
 pub mod server;
 pub mod state;

@@ -18,6 +18,7 @@ use crate::audit::{AuditLog, AuditRecord};
 use crate::clock::Clock;
 use crate::config::{Config, ConfigError};
 use crate::endorsement::{self, EkTrust, EndorsedAk, EndorsementError};
+use crate::metrics::{Metrics, Refusal};
 use crate::nonce::{NonceError, NonceStore};
 use crate::state::{Keys, StateDir, StateError};
 use cinfer_attest::release::{REQUEST_KEY_STATEMENT_TYPE, REQUEST_KEY_SUITE};
@@ -91,6 +92,7 @@ struct Inner {
     nonces: Mutex<NonceStore>,
     audit: AuditLog,
     signed_request_key: Bytes,
+    metrics: Metrics,
 }
 
 impl std::fmt::Debug for KeyServer {
@@ -196,6 +198,7 @@ impl KeyServer {
                 nonces,
                 audit,
                 signed_request_key,
+                metrics: Metrics::default(),
             }),
         })
     }
@@ -221,15 +224,59 @@ impl KeyServer {
             (&Method::GET, "/healthz") => {
                 json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
             }
+            (&Method::GET, "/readyz") => self.readyz(),
+            (&Method::GET, "/metrics") => {
+                let mut resp = respond(
+                    StatusCode::OK,
+                    Bytes::from(self.inner.metrics.render(self.spent_nonces())),
+                );
+                resp.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                resp
+            }
             (&Method::POST, "/v1/nonce") => self.issue_nonce(),
             (&Method::POST, "/v1/attest") => self.attest(req, peer).await,
             (&Method::GET, "/v1/request-key") => {
+                self.inner.metrics.statement();
                 respond(StatusCode::OK, self.inner.signed_request_key.clone())
             }
-            (_, "/healthz" | "/v1/request-key") => method_not_allowed("GET"),
+            (_, "/healthz" | "/readyz" | "/metrics" | "/v1/request-key") => {
+                method_not_allowed("GET")
+            }
             (_, "/v1/nonce" | "/v1/attest") => method_not_allowed("POST"),
             _ => error(StatusCode::NOT_FOUND, "not found"),
         }
+    }
+
+    fn spent_nonces(&self) -> usize {
+        self.inner.nonces.lock().map_or(0, |n| n.len())
+    }
+
+    /// Ready while an attestation can succeed: the spent-nonce table has
+    /// room. Says what it would release (names and counts, no key).
+    fn readyz(&self) -> Response<Full<Bytes>> {
+        let spent = self.spent_nonces();
+        let capacity = self.inner.config.max_outstanding_nonces;
+        let ready = spent < capacity;
+        json(
+            if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            },
+            &serde_json::json!({
+                "status": if ready { "ready" } else { "not ready" },
+                "reason": (!ready).then(|| format!(
+                    "{spent} spent nonces remembered, max-outstanding-nonces is {capacity}: attestations are refused until they expire"
+                )),
+                "models": self.inner.release_models,
+                "request_key_split": self.inner.keys.request_shares.is_some(),
+                "evidence": self.inner.config.evidence_kinds(),
+                "spent_nonces": spent,
+            }),
+        )
     }
 
     fn issue_nonce(&self) -> Response<Full<Bytes>> {
@@ -238,6 +285,7 @@ impl KeyServer {
             Ok(store) => store.issue(now),
             Err(_) => Err(NonceError::NoRandomness),
         };
+        self.inner.metrics.nonce(issued.is_ok());
         match issued {
             Ok((nonce, expires_at)) => json(
                 StatusCode::OK,
@@ -252,31 +300,36 @@ impl KeyServer {
         B: Body<Data = Bytes>,
         B::Error: Into<BoxError>,
     {
-        let refuse =
-            |status: StatusCode, reason: String, nonce: Option<&[u8]>, ak: Option<String>| {
-                self.inner.audit.record(&AuditRecord {
-                    time: self.inner.clock.now_unix(),
-                    peer: peer.to_string(),
-                    outcome: "refused",
-                    reason: Some(reason.clone()),
-                    nonce: nonce.map(hex::encode),
-                    ak_fingerprint: ak,
-                    measured_pcr_value: None,
-                    tpm_reset_count: None,
-                    tpm_clock: None,
-                    ak_trust: None,
-                    ek_certificate_fingerprint: None,
-                    tdx_tcb_status: None,
-                    tdx_mrtd: None,
-                    keys: Vec::new(),
-                });
-                error(status, &reason)
-            };
+        let started = Instant::now();
+        let refuse = |why: Refusal,
+                      status: StatusCode,
+                      reason: String,
+                      nonce: Option<&[u8]>,
+                      ak: Option<String>| {
+            self.inner.metrics.refused(why, started.elapsed());
+            self.inner.audit.record(&AuditRecord {
+                time: self.inner.clock.now_unix(),
+                peer: peer.to_string(),
+                outcome: "refused",
+                reason: Some(reason.clone()),
+                nonce: nonce.map(hex::encode),
+                ak_fingerprint: ak,
+                measured_pcr_value: None,
+                tpm_reset_count: None,
+                tpm_clock: None,
+                ak_trust: None,
+                ek_certificate_fingerprint: None,
+                tdx_tcb_status: None,
+                tdx_mrtd: None,
+                keys: Vec::new(),
+            });
+            error(status, &reason)
+        };
 
         let body = match self.read_body(req).await {
             Ok(b) => b,
             Err((status, reason)) => {
-                let mut resp = refuse(status, reason, None, None);
+                let mut resp = refuse(Refusal::Request, status, reason, None, None);
                 if status == StatusCode::REQUEST_TIMEOUT {
                     // The rest of the body is never read: close, don't wait for it.
                     resp.headers_mut()
@@ -289,6 +342,7 @@ impl KeyServer {
             Ok(e) => e,
             Err(e) => {
                 return refuse(
+                    Refusal::Request,
                     StatusCode::BAD_REQUEST,
                     format!(
                         "malformed evidence JSON at line {} column {}",
@@ -312,7 +366,13 @@ impl KeyServer {
             Err(_) => Err(NonceError::Unknown),
         };
         if let Err(e) = checked {
-            return refuse(StatusCode::FORBIDDEN, e.to_string(), Some(nonce), ak);
+            return refuse(
+                Refusal::Nonce,
+                StatusCode::FORBIDDEN,
+                e.to_string(),
+                Some(nonce),
+                ak,
+            );
         }
 
         // The AK: endorsed (EK certificate to a configured CA, EK and AK
@@ -328,6 +388,7 @@ impl KeyServer {
             Ok(e) => e,
             Err(e) => {
                 return refuse(
+                    Refusal::Endorsement,
                     StatusCode::FORBIDDEN,
                     format!("endorsement: {e}"),
                     Some(nonce),
@@ -356,8 +417,12 @@ impl KeyServer {
                 };
                 // Named by kind: the TPM quote, or (TD quotes alone) the
                 // event log the TD quote is to prove.
-                let kind = if tpm_required { "tpm" } else { "event log" };
-                return refuse(status, format!("{kind}: {e}"), Some(nonce), ak);
+                let (kind, why) = if tpm_required {
+                    ("tpm", Refusal::Tpm)
+                } else {
+                    ("event log", Refusal::EventLog)
+                };
+                return refuse(why, status, format!("{kind}: {e}"), Some(nonce), ak);
             }
         };
         // A TD quote, when the reference values require TDX evidence: the
@@ -374,7 +439,13 @@ impl KeyServer {
             ) {
                 Ok(v) => Some(v),
                 Err(e) => {
-                    return refuse(StatusCode::FORBIDDEN, format!("tdx: {e}"), Some(nonce), ak);
+                    return refuse(
+                        Refusal::Tdx,
+                        StatusCode::FORBIDDEN,
+                        format!("tdx: {e}"),
+                        Some(nonce),
+                        ak,
+                    );
                 }
             },
             None => None,
@@ -390,12 +461,20 @@ impl KeyServer {
                 NonceError::Full => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::FORBIDDEN,
             };
-            return refuse(status, e.to_string(), Some(nonce), ak);
+            return refuse(Refusal::Nonce, status, e.to_string(), Some(nonce), ak);
         }
 
         let release = match self.wrap_keys(&evidence, endorsed.as_ref()) {
             Ok(r) => r,
-            Err(reason) => return refuse(StatusCode::BAD_REQUEST, reason, Some(nonce), ak),
+            Err(reason) => {
+                return refuse(
+                    Refusal::Release,
+                    StatusCode::BAD_REQUEST,
+                    reason,
+                    Some(nonce),
+                    ak,
+                );
+            }
         };
         self.inner.audit.record(&AuditRecord {
             time: self.inner.clock.now_unix(),
@@ -423,6 +502,7 @@ impl KeyServer {
                 .map(|k| format!("{}:{}", k.kind, k.id))
                 .collect(),
         });
+        self.inner.metrics.released(started.elapsed());
         json(StatusCode::OK, &release)
     }
 

@@ -211,6 +211,50 @@ async fn replayed_nonce_is_refused() {
         outcomes,
         ["released", "refused", "refused", "released", "refused"]
     );
+
+    // The same in /metrics: two releases, two refusals by the nonce, one by
+    // the TPM quote; and /readyz: two spent nonces remembered, room for more.
+    let (status, m) = get(h.addr, "/metrics").await;
+    assert_eq!(status, 200);
+    let m = String::from_utf8(m).unwrap();
+    for line in [
+        "cinfer_keyserver_attestations_total{outcome=\"released\",reason=\"none\"} 2",
+        "cinfer_keyserver_attestations_total{outcome=\"refused\",reason=\"nonce\"} 2",
+        "cinfer_keyserver_attestations_total{outcome=\"refused\",reason=\"tpm\"} 1",
+        "cinfer_keyserver_attestations_total{outcome=\"refused\",reason=\"tdx\"} 0",
+        "cinfer_keyserver_attest_duration_seconds_count{outcome=\"refused\"} 3",
+        "cinfer_keyserver_nonces_total{outcome=\"issued\"} 2",
+        "cinfer_keyserver_spent_nonces 2",
+    ] {
+        assert!(m.lines().any(|l| l == line), "{line} in\n{m}");
+    }
+    let (status, body) = get(h.addr, "/readyz").await;
+    let ready = json(&body);
+    assert_eq!(
+        (status, ready["status"].as_str()),
+        (200, Some("ready")),
+        "{ready}"
+    );
+    assert_eq!(ready["spent_nonces"], 2);
+}
+
+/// `/readyz` is 503, saying why, while the spent-nonce table is full.
+#[tokio::test]
+async fn readyz_says_when_attestations_cannot_succeed() {
+    let h = start_with(|c| c.max_outstanding_nonces = 1).await;
+    let (status, body) = get(h.addr, "/readyz").await;
+    assert_eq!(status, 200, "{}", json(&body));
+    let (ev, _) = evidence(&h).await;
+    assert_eq!(post(h.addr, "/v1/attest", &ev.to_json()).await.0, 200);
+    let (status, body) = get(h.addr, "/readyz").await;
+    let ready = json(&body);
+    assert_eq!(status, 503, "{ready}");
+    assert!(
+        ready["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("max-outstanding-nonces is 1")),
+        "{ready}"
+    );
 }
 
 #[tokio::test]
