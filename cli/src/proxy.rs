@@ -574,23 +574,38 @@ struct Timing {
     state: Arc<State>,
     route: &'static str,
     started: Instant,
-    first_token: bool,
+    /// Time to the first text, once it came.
+    first_token: Option<Duration>,
+    /// Choices verified, their tokens, and the first failure's status.
+    verified: usize,
+    completion_tokens: u64,
+    failed: Option<u16>,
 }
 
 impl Timing {
     /// Pieces of the reply arrived (authenticated).
     fn saw(&mut self, pieces: &[Piece]) {
-        if !self.first_token && pieces.iter().any(|p| matches!(p, Piece::Text(_))) {
-            self.first_token = true;
-            self.state.metrics.first_token(self.started.elapsed());
+        if self.first_token.is_none() && pieces.iter().any(|p| matches!(p, Piece::Text(_))) {
+            let took = self.started.elapsed();
+            self.first_token = Some(took);
+            self.state.metrics.first_token(took);
         }
     }
 
     /// A choice's verdict, counted.
-    fn verdict(&self, v: Verdict) -> Verdict {
+    fn verdict(&mut self, v: Verdict) -> Verdict {
         self.state
             .metrics
             .verdict(v.as_ref().map(|(_, usage)| usage));
+        match &v {
+            Ok((_, usage)) => {
+                self.verified += 1;
+                self.completion_tokens += usage.completion_tokens;
+            }
+            Err(e) => {
+                self.failed.get_or_insert(e.status);
+            }
+        }
         v
     }
 }
@@ -599,9 +614,18 @@ impl Timing {
 /// went away.
 impl Drop for Timing {
     fn drop(&mut self) {
-        self.state
-            .metrics
-            .duration(self.route, self.started.elapsed());
+        let took = self.started.elapsed();
+        self.state.metrics.duration(self.route, took);
+        // Counts and times only: never the prompt or the text.
+        tracing::info!(
+            route = self.route,
+            choices_verified = self.verified,
+            completion_tokens = self.completion_tokens,
+            failed_status = self.failed,
+            first_token_ms = self.first_token.map(|d| d.as_millis() as u64),
+            duration_ms = took.as_millis() as u64,
+            "completion"
+        );
     }
 }
 
@@ -626,7 +650,10 @@ async fn completions(
         state: state.clone(),
         route: route_name(endpoint),
         started,
-        first_token: false,
+        first_token: None,
+        verified: 0,
+        completion_tokens: 0,
+        failed: None,
     };
     let shape = Shape {
         endpoint,
@@ -946,7 +973,7 @@ fn startup_check(
                 client.identity_fingerprint()
             ),
             Err(e) if Instant::now() < deadline => {
-                eprintln!("cinfer proxy: waiting for the server: {e}");
+                tracing::warn!(error = %e, "waiting for the server");
                 std::thread::sleep(Duration::from_secs(1));
             }
             Err(e) => bail!(
@@ -973,8 +1000,9 @@ fn startup_check(
                         .join(", ")
                 ),
             },
-            Err(e) => eprintln!(
-                "cinfer proxy: could not read the server's program list ({e}); the receipts still check the pin"
+            Err(e) => tracing::warn!(
+                error = %e,
+                "could not read the server's program list; the receipts still check the pin"
             ),
         }
     }
@@ -986,6 +1014,7 @@ fn startup_check(
 
 /// Runs `cinfer proxy` until killed.
 pub fn run(args: &ProxyArgs) -> Result<()> {
+    cinfer_log::init("cinfer proxy", cinfer_log::LevelFilter::INFO);
     let mut client = args.server.client()?;
     let pinned = args.pin.expected(&args.program)?;
     if let Some(pin) = &pinned {
@@ -1002,9 +1031,9 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
         )?
     };
     if !args.listen.ip().is_loopback() {
-        eprintln!(
-            "cinfer proxy: WARNING: listening on {}, not loopback: the proxy handles prompts and replies in cleartext; anyone who reaches it reads them",
-            args.listen
+        tracing::warn!(
+            listen = %args.listen,
+            "not a loopback address: the proxy handles prompts and replies in cleartext; anyone who reaches it reads them"
         );
     }
     let client = Arc::new(client);
@@ -1027,7 +1056,7 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
             .await
             .with_context(|| format!("listening on {}", args.listen))?;
         let local = listener.local_addr()?;
-        eprintln!(
+        tracing::info!(
             "cinfer proxy: listening on http://{local}/v1 (OpenAI-compatible), server {}, keyservers: {}, program {} {}; {checked}",
             state.client.server(),
             state.client.identity_fingerprint(),
@@ -1042,7 +1071,7 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
             let (stream, _) = match listener.accept().await {
                 Ok(a) => a,
                 Err(e) => {
-                    eprintln!("cinfer proxy: accept: {e}");
+                    tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -1050,8 +1079,9 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
             let Ok(permit) = permits.clone().try_acquire_owned() else {
                 drop(stream);
                 if last_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                    eprintln!(
-                        "cinfer proxy: {max_connections} connections open (--max-connections): closing new ones at once"
+                    tracing::warn!(
+                        max_connections,
+                        "connections open at --max-connections: closing new ones at once"
                     );
                     last_warning = Some(Instant::now());
                 }

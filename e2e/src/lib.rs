@@ -865,7 +865,7 @@ impl System {
             Command::new(bin("inference-server"))
                 .args(["--config", "server.toml"])
                 .current_dir(&server_dir)
-                .env("RUST_LOG", "trace")
+                .env("CINFER_LOG", "trace")
                 .stderr(std::fs::File::create(&server_log).expect("log"))
                 .spawn()
                 .expect("inference-server"),

@@ -28,7 +28,9 @@ Options:
   -V, --version      Print version
 
 Environment:
-  CINFER_LOG  log filter, e.g. `info` or `warn,cinfer_host=debug` (default `warn`)
+  CINFER_LOG         log filter, e.g. `info` or `warn,cinfer_host=debug` (default `warn`;
+                     RUST_LOG is read when it is unset)
+  CINFER_LOG_FORMAT  `text` (default) or `json` (one JSON object per line), to stderr
 ";
 
 /// What the command line asks for.
@@ -159,20 +161,7 @@ fn serve(config: &Path) -> Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
-    let warn = || tracing_subscriber::filter::Targets::new().with_default(tracing::Level::WARN);
-    let filter = match std::env::var("CINFER_LOG") {
-        Ok(f) => f.parse().unwrap_or_else(|e| {
-            eprintln!("trusted-loader: CINFER_LOG {f:?} ignored ({e}); logging warnings");
-            warn()
-        }),
-        Err(_) => warn(),
-    };
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-        .with(filter)
-        .init();
+    cinfer_log::init("trusted-loader", cinfer_log::LevelFilter::WARN);
     let result = match parse_args(std::env::args_os().skip(1)) {
         Ok(Command::Serve { config }) => serve(&config),
         Ok(Command::Help) => {

@@ -31,7 +31,8 @@
 //! tls-key = "server.key"
 //! ```
 //!
-//! Logs go to stderr (`RUST_LOG`, default `info`); SIGINT/SIGTERM stop accepting
+//! Logs go to stderr (`CINFER_LOG`, else `RUST_LOG`, default `info`; `CINFER_LOG_FORMAT=json`
+//! for JSON lines); SIGINT/SIGTERM stop accepting
 //! and let requests in progress finish for up to the grace period.
 
 use anyhow::{Context, Result};
@@ -152,14 +153,7 @@ fn keygen(out: &std::path::Path) -> Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    cinfer_log::init("inference-server", cinfer_log::LevelFilter::INFO);
     let cli = Cli::parse();
     let result = match &cli.command {
         Some(Command::Keygen { out }) => keygen(out),
