@@ -165,7 +165,7 @@ fn main() -> ExitCode {
     let result = match parse_args(std::env::args_os().skip(1)) {
         Ok(Command::Serve { config }) => serve(&config),
         Ok(Command::Help) => {
-            print!("{USAGE}");
+            print!("{USAGE}\n{}", cinfer_host::serve::CONFIG_HELP);
             return ExitCode::SUCCESS;
         }
         Ok(Command::Version) => {

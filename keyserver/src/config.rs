@@ -215,6 +215,46 @@ pub struct Config {
     pub tpm_evidence: bool,
 }
 
+/// Every configuration key, for `keyserver --help` (a test checks that it
+/// names every key the parser accepts).
+pub const HELP: &str = "Configuration (TOML; state-dir and audit-log required):
+  listen = \"127.0.0.1:8740\"                HTTP API address
+  state-dir = \"/var/lib/cinfer-ks\"         identity, request key, model keys and shares (encrypted under the KEK)
+  kek-file = \"/run/credentials/kek\"        the key-encryption key (else --kek or $CINFER_KEYSERVER_KEK_FILE)
+  audit-log = \"audit.jsonl\"                one JSON line per release or refusal (no key bytes)
+  nonce-ttl-secs = 60                      how long a nonce may be used
+  max-outstanding-nonces = 10000           spent nonces remembered until they expire; at the cap attestations are refused (503)
+  max-body-bytes = 262144                  largest evidence body (413 above)
+  request-timeout-secs = 10                to receive a request (and a TLS handshake)
+  max-connections = 64                     connections open at once; more are closed at once
+  request-key-validity-secs = 604800       validity of the signed request-key statement
+  reference-file = \"reference.toml\"        the loader's reference values (`cinfer measure-loader`), or inline:
+  [reference]                              trusted-aks, measured-pcr, [reference.events], [reference.pcrs]
+  tls-cert = \"ks.pem\"                      TLS on the listener: PEM chain, leaf first (with tls-key; else plain HTTP)
+  tls-key = \"ks.key\"                       its PEM private key
+  evidence = [\"tpm\"]                       kinds a release needs: [\"tpm\"] (default), [\"tpm\", \"tdx\"] with [tdx], [\"tdx\"]
+  [release]                                which keys a verified loader gets:
+  models = [\"smollm2-135m-instruct\"]       model ids (default: every stored model key)
+  request-key = true                       the request private key (or this keyserver's share of it)
+  [endorsement]                            trusting AKs through their TPM's EK certificate:
+  ek-ca-certs = [\"ek-ca.pem\"]              manufacturer CA certificates (PEM)
+  ek-intermediate-certs = []               intermediate CA certificates (PEM)
+  required = false                         refuse AKs that are only pinned (trusted-aks)
+  [tdx]                                    TD quotes (Intel TDX), verified offline with dcap-qvl:
+  root-ca = \"intel-sgx-root-ca.der\"        the PCK chain's root (DER or PEM)
+  collateral = \"collateral.json\"           CRLs, TCB info, QE identity; read at start, checked at every attestation
+  mrtd = \"<96 hex>\"                        the TD's firmware (`cinfer measure-loader --tdx-measurements`)
+  rtmr0 = \"<96 hex>\"                       optional pins: rtmr0, rtmr1, rtmr2, mrconfigid, mrowner
+  rtmr1 = \"...\"
+  rtmr2 = \"...\"
+  mrconfigid = \"...\"
+  mrowner = \"...\"
+  event-rtmr = 3                           the RTMR the loader extends its event log into (replayed, not pinned)
+  allowed-tcb-statuses = [\"UpToDate\"]      TCB statuses accepted
+
+Environment: CINFER_KEYSERVER_KEK_FILE (the KEK file), CINFER_LOG (log filter, default info; else RUST_LOG),
+CINFER_LOG_FORMAT (text or json).";
+
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct RawConfig {
@@ -606,6 +646,26 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn help_names_every_key() {
+        use serde_aux::serde_introspection::serde_introspect;
+        let tables = ["release", "endorsement", "tdx", "reference"];
+        for key in serde_introspect::<RawConfig>()
+            .iter()
+            .chain(serde_introspect::<ReleasePolicy>())
+            .chain(serde_introspect::<EndorsementPolicy>())
+            .chain(serde_introspect::<TdxPolicy>())
+        {
+            let listed = if tables.contains(key) {
+                format!("  [{key}]")
+            } else {
+                format!("  {key} = ")
+            };
+            assert!(HELP.contains(&listed), "{key} is not in --help");
+        }
+    }
+
     use super::*;
 
     const AK: &str = "046b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c2964fe342e2fe1a7f9b8ee7eb4a7c0f9e162bce33576b315ececbb6406837bf51f5";

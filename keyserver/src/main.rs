@@ -24,10 +24,15 @@ const KEK_ENV: &str = "CINFER_KEYSERVER_KEK_FILE";
 #[command(
     name = "keyserver",
     version,
-    about = "cinfer keyserver: verifies loader evidence, releases wrapped keys"
+    about = "cinfer keyserver: verifies loader evidence, releases wrapped keys",
+    long_about = format!(
+        "cinfer keyserver: verifies a loader's TPM quote and/or TD quote against pinned reference values, \
+and releases keys wrapped to its attested key.\n\n{}",
+        cinfer_keyserver::config::HELP
+    )
 )]
 struct Cli {
-    /// Configuration file (TOML); see the crate documentation for its keys.
+    /// Configuration file (TOML); `--help` lists its keys.
     #[arg(long, global = true)]
     config: Option<PathBuf>,
     /// State directory (overrides the configuration's state-dir).

@@ -156,6 +156,38 @@ impl std::fmt::Debug for StoredProgram {
     }
 }
 
+/// Every configuration key, for `inference-server --help` (a test checks
+/// that it names every key the parser accepts).
+pub const HELP: &str = "Configuration (TOML, every key optional unless said):
+  listen = \"127.0.0.1:8080\"              HTTP API address
+  loader = \"tcp:127.0.0.1:7300\"          the loader's channel: tcp:HOST:PORT or unix:PATH
+  loaders = [\"tcp:10.0.0.5:7300\", ...]   several loaders instead (not with loader): each connected and attested on its own
+  channel-key = \"channel.key\"            required: the key this server signs the loader's challenge with
+                                         (`inference-server keygen`; the loader lists its public half in server-keys)
+  keyservers = [\"http://127.0.0.1:8740\"] keyserver base URLs, each asked at every attestation; https:// for TLS ones
+  keyserver-ca-cert = \"ks-ca.pem\"        a private CA trusted for https:// keyservers (beside Mozilla's roots)
+  max-request-bytes = 1048576            largest sealed request body (413 above)
+  max-connections = 128                  client connections open at once; more are closed at once
+  max-in-flight = 8                      requests running on each loader at once (set it to the loader's max-in-flight)
+  max-queued = 64                        requests waiting in order for one of those; more are 429 with Retry-After
+  header-timeout-ms = 10000              to receive a request's headers (or idle between requests); then the connection is closed
+  body-timeout-ms = 10000                to receive a request's whole body; then 408
+  ready-timeout-ms = 5000                how long a request waits for an attested loader before 503
+  reconnect-backoff-ms = 200             first retry delay (loader, keyservers); doubles, capped at 5 s
+  max-frame-bytes = 16777216             largest channel frame payload
+  request-timeout-ms = 120000            per request; on expiry the stream ends with an error record
+  keyserver-timeout-ms = 5000            one keyserver HTTP call, connect to last byte
+  loader-timeout-ms = 30000              the loader's answer to Hello/AttestRequest/KeyRelease
+  shutdown-grace-ms = 10000              how long requests in progress may run on after SIGINT/SIGTERM
+  tls-cert = \"server.pem\"                TLS on the listener: PEM certificate chain, leaf first (no default: plain HTTP)
+  tls-key = \"server.key\"                 its PEM private key (tls-cert and tls-key go together)
+  [[program]]                            a program stored here and submitted to every loader on every connection:
+  name = \"llama-chat\"                    its policy name (default: the file name without .wasm)
+  path = \"llama-chat.wasm\"               the component (relative paths: to this file's directory)
+  signatures = [\"llama-chat.wasm.sig\"]   its signatures or Sigstore bundles, submitted with it
+
+Environment: CINFER_LOG (log filter, default info; else RUST_LOG), CINFER_LOG_FORMAT (text or json).";
+
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct RawProgram {
@@ -473,6 +505,23 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn help_names_every_key() {
+        use serde_aux::serde_introspection::serde_introspect;
+        for key in serde_introspect::<RawConfig>()
+            .iter()
+            .chain(serde_introspect::<RawProgram>())
+        {
+            let listed = if *key == "program" {
+                "[[program]]".to_owned()
+            } else {
+                format!("  {key} = ")
+            };
+            assert!(HELP.contains(&listed), "{key} is not in --help");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -45,29 +45,11 @@ use std::path::PathBuf;
     name = "inference-server",
     version,
     about = "cinfer inference server: relays sealed requests to the trusted loader and sealed replies back",
-    long_about = "cinfer inference server: relays sealed requests to the trusted loader and sealed replies back; \
-relays the loader's attestation to keyservers. It never sees cleartext.\n\n\
-Configuration (TOML, every key optional):\n  \
-listen = \"127.0.0.1:8080\"              HTTP API address\n  \
-loader = \"tcp:127.0.0.1:7300\"          loader channel: tcp:HOST:PORT or unix:PATH\n  \
-channel-key = \"channel.key\"            no default: the key this server signs the loader's challenge with \
-(`inference-server keygen`; the loader lists its public half in server-keys)\n  \
-keyservers = [\"http://127.0.0.1:8740\"] keyserver base URLs, tried in order (plain http only in this version)\n  \
-max-request-bytes = 1048576            largest sealed request body (413 above)\n  \
-max-connections = 128                  client connections open at once; more are closed at once\n  \
-max-in-flight = 8                      requests running on the loader at once (set it to the loader's max-in-flight)\n  \
-max-queued = 64                        requests waiting in order for one of those; more are 429 with Retry-After\n  \
-header-timeout-ms = 10000              to receive a request's headers (or idle between requests); then the connection is closed\n  \
-body-timeout-ms = 10000                to receive a request's whole body; then 408\n  \
-ready-timeout-ms = 5000                how long a request waits for an attested loader before 503\n  \
-reconnect-backoff-ms = 200             first retry delay (loader, keyservers); doubles, capped at 5 s\n  \
-max-frame-bytes = 16777216             largest channel frame payload\n  \
-request-timeout-ms = 120000            per request; on expiry the stream ends with an error record\n  \
-keyserver-timeout-ms = 5000            one keyserver HTTP call, connect to last byte\n  \
-loader-timeout-ms = 30000              the loader's answer to Hello/AttestRequest/KeyRelease\n  \
-shutdown-grace-ms = 10000              how long requests in progress may run on after SIGINT/SIGTERM\n  \
-tls-cert = \"server.pem\"                TLS on the listener: PEM certificate chain, leaf first (no default: plain HTTP)\n  \
-tls-key = \"server.key\"                 its PEM private key (tls-cert and tls-key go together)"
+    long_about = format!(
+        "cinfer inference server: relays sealed requests to the trusted loader and sealed replies back; \
+relays the loader's attestation to keyservers. It never sees cleartext.\n\n{}",
+        cinfer_server::config::HELP
+    )
 )]
 struct Cli {
     /// Configuration file (TOML); without it every default applies.

@@ -3,6 +3,36 @@
 use super::*;
 
 /// The serve configuration (`loader.toml`). It is measured as it is on disk.
+/// Every serve configuration key, for `trusted-loader --help` (a test checks
+/// that it names every key the parser accepts).
+pub const HELP: &str = "\
+Configuration (TOML; listen and policy required; measured byte for byte):
+  listen = \"tcp:127.0.0.1:7300\"     the channel: tcp:HOST:PORT or unix:PATH (one peer at a time)
+  policy = \"policy.toml\"            the admission policy (relative paths: to this file)
+  tpm = \"device:/dev/tpmrm0\"        the TPM (device:PATH or swtpm:host=H,port=P); leave out for TD-only evidence
+  pcr = 23                          the PCR the event log is extended into
+  quote-pcrs = [0, 7, 23]           PCRs quoted (default: the measured PCR only)
+  backend = \"cpu\"                   the accelerator: cpu or cuda (when built with it)
+  batching = true                   coalesce concurrent runs' matmuls on shared weights
+  max-in-flight = 8                 requests running at once; more are refused as busy
+  max-frame-bytes = 16777216        largest channel frame payload
+  request-max-age-secs = 300        requests older than this are refused (replay window)
+  request-clock-skew-secs = 5       how far in the future a request's time may be
+  keyservers = [\"<hex SEC1>\"]       keyserver identities keys are accepted from (k-of-n: with shares)
+  keyserver-threshold = 1           how many of them must agree (shares of a split key)
+  server-keys = [\"<hex>\"]           inference servers' channel keys (`inference-server keygen`)
+  allow-unauthenticated-peers = false   serve any peer without server-keys (development only)
+  peer-auth-timeout-ms = 5000       for a peer to answer the challenge
+  peer-idle-timeout-ms = 60000      an authenticated peer silent this long is disconnected
+  [[program]]                       a program stored with the loader: name, path, signatures = [...]
+  [[model]]                         a sealed model: id, path
+  [tdx]                             TD evidence (configfs-tsm), keys below:
+  report-dir = \"/sys/kernel/config/tsm/report\"
+  measurements-dir = \"/sys/class/misc/tdx_guest/measurements\"
+  rtmr = 3                          the RTMR the event log is extended into (2 or 3)
+  quote-timeout-ms = 10000          for the quote provider
+";
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ServeConfig {
@@ -362,5 +392,32 @@ impl ServeConfig {
                     .ok_or_else(|| ConfigError::BadKeyserverKey(k.clone()).into())
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn help_names_every_key() {
+        use serde_aux::serde_introspection::serde_introspect;
+        let tables = ["program", "model", "tdx"];
+        let keys = serde_introspect::<ServeConfig>()
+            .iter()
+            .chain(serde_introspect::<ProgramConfig>())
+            .chain(serde_introspect::<ModelConfig>())
+            .chain(serde_introspect::<super::super::tdx::TdxConfig>());
+        for key in keys {
+            let listed = match *key {
+                "program" => "  [[program]]".to_owned(),
+                "model" => "  [[model]]".to_owned(),
+                k if tables.contains(&k) => format!("  [{k}]"),
+                // [[program]] and [[model]] list their keys on one line.
+                "name" | "path" | "signatures" | "id" => (*key).to_owned(),
+                k => format!("  {k} = "),
+            };
+            assert!(HELP.contains(&listed), "{key} is not in --help");
+        }
     }
 }

@@ -51,7 +51,9 @@ mod service;
 pub mod tdx;
 
 pub use attestation::{Attestor, InstalledKeys, ProgramInfo, RequestKeys, StagedRelease};
-pub use config::{ConfigError, DEFAULT_BOOT_PCRS, ModelConfig, ProgramConfig, ServeConfig};
+pub use config::{
+    ConfigError, DEFAULT_BOOT_PCRS, HELP as CONFIG_HELP, ModelConfig, ProgramConfig, ServeConfig,
+};
 pub use service::{DrainHandle, Service};
 
 /// Why serving failed or a frame was refused. Messages carry no key material.
