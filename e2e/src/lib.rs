@@ -894,10 +894,22 @@ impl System {
 
     /// The server's `/readyz` status and body.
     pub fn readyz(&self) -> (u16, String) {
+        self.server_get("/readyz")
+    }
+
+    /// The server's `/metrics` text.
+    pub fn metrics(&self) -> String {
+        self.server_get("/metrics").1
+    }
+
+    /// `GET path` on the server directly: the status and the body.
+    fn server_get(&self, path: &str) -> (u16, String) {
         let Ok(mut s) = TcpStream::connect(self.server_direct) else {
             return (0, String::new());
         };
-        let _ = s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let _ = s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        );
         let mut r = String::new();
         let _ = s.read_to_string(&mut r);
         let status = r

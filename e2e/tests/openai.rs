@@ -207,4 +207,21 @@ fn the_openai_package_works_through_the_proxy_and_the_sealed_path() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("OK"), "{stdout}");
+    // The server read each run's outcome from its receipt: the answers
+    // completed, the context overflows and unknown models failed in the
+    // program (never counted as completed).
+    let metrics = system.metrics();
+    let count = |outcome: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "cinfer_server_requests_total{{outcome=\"{outcome}\"}} "
+                ))
+            })
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {outcome} count in\n{metrics}"))
+    };
+    assert!(count("completed") > 10, "{metrics}");
+    assert!(count("run_failed") >= 4, "{metrics}");
 }

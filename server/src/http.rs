@@ -873,6 +873,22 @@ impl Submitted<'_> {
     }
 }
 
+/// Longest receipt outcome kept (the loader's words are short; a longer one
+/// is cut, never logged whole).
+const MAX_OUTCOME: usize = 64;
+
+/// The `outcome` a receipt (`SignedReceipt` JSON: the signed `receipt_json`)
+/// states: the loader's account of the run, public like the rest of the
+/// receipt. `None` when it does not parse (the client, which verifies the
+/// receipt, will refuse it).
+fn receipt_outcome(receipt: &[u8]) -> Option<String> {
+    let signed: serde_json::Value = serde_json::from_slice(receipt).ok()?;
+    let inner: serde_json::Value =
+        serde_json::from_str(signed.get("receipt_json")?.as_str()?).ok()?;
+    let outcome = inner.get("outcome")?.as_str()?;
+    Some(outcome.chars().take(MAX_OUTCOME).collect())
+}
+
 /// Moves one request's events into its response body.
 struct Pump {
     metrics: Arc<Metrics>,
@@ -886,6 +902,7 @@ impl Pump {
     async fn run(self, first: Event, mut ticket: Ticket) {
         let mut frames = 0u64;
         let mut reply_bytes = 0u64;
+        let mut run_outcome = None;
         let mut next = Some(first);
         let outcome = loop {
             let event = match next.take() {
@@ -917,10 +934,14 @@ impl Pump {
                     self.metrics.reply_frame(frame.len());
                     (record(RECORD_FRAME, &frame), None)
                 }
-                Event::Done(receipt) => (
-                    record(RECORD_RECEIPT, &receipt),
-                    Some(RequestOutcome::Completed),
-                ),
+                Event::Done(receipt) => {
+                    run_outcome = receipt_outcome(&receipt);
+                    let outcome = match run_outcome.as_deref() {
+                        None | Some("completed") => RequestOutcome::Completed,
+                        Some(_) => RequestOutcome::RunFailed,
+                    };
+                    (record(RECORD_RECEIPT, &receipt), Some(outcome))
+                }
                 Event::Refused(reason) => {
                     tracing::warn!(reason, "refused after the stream started");
                     (
@@ -962,6 +983,7 @@ impl Pump {
         }
         tracing::info!(
             outcome = outcome.as_str(),
+            run_outcome,
             reply_frames = frames,
             reply_bytes,
             duration_ms = self.started.elapsed().as_millis() as u64,
@@ -1123,5 +1145,32 @@ pub async fn serve(
     for link in links {
         link.abort();
         let _ = link.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_receipt_says_how_the_run_ended() {
+        let signed = |outcome: &str| {
+            let inner = serde_json::json!({"outcome": outcome, "reply_frames": 1}).to_string();
+            serde_json::json!({"receipt_json": inner, "signature": "00"}).to_string()
+        };
+        assert_eq!(
+            receipt_outcome(signed("completed").as_bytes()).as_deref(),
+            Some("completed")
+        );
+        assert_eq!(
+            receipt_outcome(signed("program_failed").as_bytes()).as_deref(),
+            Some("program_failed")
+        );
+        assert_eq!(
+            receipt_outcome(signed(&"x".repeat(500)).as_bytes()).map(|o| o.len()),
+            Some(MAX_OUTCOME)
+        );
+        assert_eq!(receipt_outcome(br#"{"receipt":"fake"}"#), None);
+        assert_eq!(receipt_outcome(b"not json"), None);
     }
 }

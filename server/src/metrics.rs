@@ -14,8 +14,12 @@ use std::time::{Duration, SystemTime};
 /// How a `POST /v1/requests` ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RequestOutcome {
-    /// The loader sent `Done`: every record and the receipt were streamed.
+    /// The loader sent `Done` with a receipt whose outcome is `completed`:
+    /// every record and the receipt were streamed.
     Completed,
+    /// The loader sent `Done`, its receipt saying the run did not complete
+    /// (the program failed, the classifier refused, the deadline passed...).
+    RunFailed,
     /// Refused by the loader before it ran (400).
     Refused,
     /// No or unknown program, or an unreadable body (400), or a body not
@@ -36,8 +40,9 @@ pub enum RequestOutcome {
 }
 
 impl RequestOutcome {
-    const ALL: [RequestOutcome; 9] = [
+    const ALL: [RequestOutcome; 10] = [
         RequestOutcome::Completed,
+        RequestOutcome::RunFailed,
         RequestOutcome::Refused,
         RequestOutcome::BadRequest,
         RequestOutcome::TooLarge,
@@ -52,6 +57,7 @@ impl RequestOutcome {
     pub fn as_str(self) -> &'static str {
         match self {
             RequestOutcome::Completed => "completed",
+            RequestOutcome::RunFailed => "run_failed",
             RequestOutcome::Refused => "refused",
             RequestOutcome::BadRequest => "bad_request",
             RequestOutcome::TooLarge => "too_large",
