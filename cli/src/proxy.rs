@@ -60,23 +60,34 @@ use crate::chat::ServerArgs;
 use crate::openai::{self, ApiError, Endpoint, EventLines, ProgramEvent, Usage, total_usage};
 use crate::proxy_metrics::ProxyMetrics;
 use anyhow::{Context, Result, bail};
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{MatchedPath, Path as UrlPath, Request, State as Shared};
+use axum::http::header::{
+    ALLOW, AUTHORIZATION, CONNECTION, CONTENT_TYPE, HeaderMap, HeaderValue, RETRY_AFTER,
+};
+use axum::http::{Method, StatusCode, Uri};
+use axum::middleware::Next;
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodRouter, get, post};
 use cinfer_client::{ChatResult, Client, ClientError, ReplyStatus};
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Body, Bytes, Frame, Incoming};
-use hyper::header::{ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use http_body_util::{BodyExt, Limited};
 use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::normalize_path::NormalizePathLayer;
+use tower_http::trace::TraceLayer;
+use tower_layer::Layer;
 
 /// Largest chat request body accepted.
 const MAX_BODY: usize = 4 * 1024 * 1024;
@@ -110,24 +121,19 @@ pub struct ProxyArgs {
     /// milliseconds; 0 skips the startup checks.
     #[arg(long, default_value_t = 30_000)]
     pub startup_check_ms: u64,
+    /// A file holding an API key: then every `/v1/` request must carry
+    /// `Authorization: Bearer KEY` (else 401). `/healthz`, `/readyz` and
+    /// `/metrics` stay open.
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+    /// An origin (`https://app.example`) whose pages may call the proxy from a
+    /// browser (CORS); repeat for several. None by default: a page of another
+    /// origin cannot read the proxy's cleartext answers.
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    pub cors_origins: Vec<String>,
 }
 
-type ProxyBody = BoxBody<Bytes, Infallible>;
-
-/// A response body fed by a channel (server-sent events as they happen).
-struct ChannelBody(mpsc::Receiver<Bytes>);
-
-impl Body for ChannelBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
-    }
-}
+type ProxyBody = Body;
 
 struct State {
     client: Arc<Client>,
@@ -136,10 +142,12 @@ struct State {
     pin: Option<String>,
     read_timeout: Duration,
     metrics: ProxyMetrics,
+    /// SHA-256 of the API key requests must carry, if one is set.
+    api_key_sha256: Option<[u8; 32]>,
 }
 
 fn json_response(status: StatusCode, value: &Value) -> Response<ProxyBody> {
-    let mut resp = Response::new(Full::new(Bytes::from(value.to_string())).boxed());
+    let mut resp = Response::new(Body::from(value.to_string()));
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -357,7 +365,7 @@ impl Shape {
         }
     }
 
-    fn chunk(&self, choice: Value, extension: Option<Value>) -> Bytes {
+    fn chunk(&self, choice: Value, extension: Option<Value>) -> SseEvent {
         let mut v = json!({
             "id": self.id,
             "object": self.chunk_object(),
@@ -373,7 +381,7 @@ impl Shape {
                 obj.insert("cinfer".into(), extension);
             }
         }
-        Bytes::from(format!("data: {v}\n\n"))
+        SseEvent::default().data(v.to_string())
     }
 
     fn logprobs_of(&self, entries: Vec<Value>) -> Value {
@@ -404,7 +412,7 @@ impl Shape {
     }
 
     /// The first chunks of a chat stream (each choice's role), none for completions.
-    fn opening(&self) -> Vec<Bytes> {
+    fn opening(&self) -> Vec<SseEvent> {
         if self.endpoint != Endpoint::Chat {
             return Vec::new();
         }
@@ -420,7 +428,7 @@ impl Shape {
 
     /// Chunks for choice `index`'s `pieces`: one per text; log-probabilities
     /// go with the text that follows them (`pending` keeps them until it comes).
-    fn pieces(&self, index: usize, pending: &mut Vec<Value>, pieces: Vec<Piece>) -> Vec<Bytes> {
+    fn pieces(&self, index: usize, pending: &mut Vec<Value>, pieces: Vec<Piece>) -> Vec<SseEvent> {
         let mut out = Vec::new();
         for piece in pieces {
             match piece {
@@ -441,7 +449,7 @@ impl Shape {
         index: usize,
         (result, usage): &(ChatResult, Usage),
         pending: Vec<Value>,
-    ) -> Bytes {
+    ) -> SseEvent {
         self.chunk(
             self.choice(index, None, json!(usage.finish_reason), pending),
             Some(receipt_extension(client, result)),
@@ -449,7 +457,7 @@ impl Shape {
     }
 
     /// The end of a stream: the usage chunk when asked for, and `[DONE]`.
-    fn closing(&self, usages: &[&Usage]) -> Bytes {
+    fn closing(&self, usages: &[&Usage]) -> Vec<SseEvent> {
         let mut out = Vec::new();
         if self.include_usage {
             let v = json!({
@@ -460,15 +468,18 @@ impl Shape {
                 "choices": [],
                 "usage": total_usage(usages),
             });
-            out.extend_from_slice(format!("data: {v}\n\n").as_bytes());
+            out.push(SseEvent::default().data(v.to_string()));
         }
-        out.extend_from_slice(b"data: [DONE]\n\n");
-        Bytes::from(out)
+        out.push(SseEvent::default().data("[DONE]"));
+        out
     }
 
     /// A failed stream's end: the error event and `[DONE]`.
-    fn failed(&self, e: &ApiError) -> Bytes {
-        Bytes::from(format!("data: {}\n\ndata: [DONE]\n\n", e.body()))
+    fn failed(&self, e: &ApiError) -> Vec<SseEvent> {
+        vec![
+            SseEvent::default().data(e.body().to_string()),
+            SseEvent::default().data("[DONE]"),
+        ]
     }
 
     /// The whole (non-streamed) answer. One choice carries its receipt in the
@@ -527,7 +538,7 @@ impl Shape {
     }
 }
 
-async fn read_body(state: &State, req: Request<Incoming>) -> Result<Bytes, Response<ProxyBody>> {
+async fn read_body(state: &State, req: Request) -> Result<Bytes, Response<ProxyBody>> {
     let collect = Limited::new(req.into_body(), MAX_BODY).collect();
     match tokio::time::timeout(state.read_timeout, collect).await {
         Ok(Ok(b)) => Ok(b.to_bytes()),
@@ -629,11 +640,7 @@ impl Drop for Timing {
     }
 }
 
-async fn completions(
-    state: Arc<State>,
-    req: Request<Incoming>,
-    endpoint: Endpoint,
-) -> Response<ProxyBody> {
+async fn completions(state: Arc<State>, req: Request, endpoint: Endpoint) -> Response<ProxyBody> {
     let started = Instant::now();
     let body = match read_body(&state, req).await {
         Ok(b) => b,
@@ -730,7 +737,7 @@ async fn completions(
         }
     }
     drop(in_flight);
-    let (tx, body_rx) = mpsc::channel::<Bytes>(256);
+    let (tx, body_rx) = mpsc::channel::<SseEvent>(256);
     let client = state.client.clone();
     tokio::spawn(async move {
         let state = timing.state.clone();
@@ -769,7 +776,9 @@ async fn completions(
                             // One choice failed: the stream ends with its error
                             // (the others stop when their receiver goes).
                             timing.state.metrics.stream_error();
-                            let _ = tx.send(shape.failed(&e)).await;
+                            for event in shape.failed(&e) {
+                                let _ = tx.send(event).await;
+                            }
                             return;
                         }
                     }
@@ -786,14 +795,19 @@ async fn completions(
             .iter()
             .filter_map(|v| v.as_ref().and_then(|v| v.as_ref().ok()).map(|(_, u)| u))
             .collect();
-        let _ = tx.send(shape.closing(&usages)).await;
+        for event in shape.closing(&usages) {
+            if tx.send(event).await.is_err() {
+                return;
+            }
+        }
     });
-    let mut resp = Response::new(ChannelBody(body_rx).boxed());
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    resp.headers_mut()
-        .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    resp
+    // Server-sent events from the framework; the stream ends when the task
+    // drops its sender, and a client that goes away drops the receiver,
+    // which stops the exchange.
+    let events = futures_util::stream::unfold(body_rx, |mut rx| async move {
+        rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
+    });
+    Sse::new(events).into_response()
 }
 
 fn model_object(id: &str) -> Value {
@@ -841,54 +855,143 @@ fn method_not_allowed(method: &Method, path: &str, allow: &'static str) -> Respo
     resp
 }
 
-async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<ProxyBody> {
-    let path = req.uri().path().trim_end_matches('/').to_owned();
-    let method = req.method().clone();
-    let (route, allow) = match path.as_str() {
-        "/v1/chat/completions" => ("chat_completions", "POST"),
-        "/v1/completions" => ("completions", "POST"),
-        "/v1/models" => ("models", "GET"),
-        p if p.starts_with("/v1/models/") => ("model", "GET"),
-        "/v1/cinfer/attestation" => ("attestation", "GET"),
-        "/healthz" => ("healthz", "GET"),
-        "/readyz" => ("readyz", "GET"),
-        "/metrics" => ("metrics", "GET"),
-        _ => {
-            state.metrics.request("unknown", 404);
-            return api_error_response(&ApiError::new(
-                404,
-                "invalid_request_error",
-                format!("no route {method} {path}"),
-            ));
+/// The metrics label of a matched route (`None`: no route matched).
+fn route_label(matched: Option<&str>) -> &'static str {
+    match matched {
+        Some("/v1/chat/completions") => "chat_completions",
+        Some("/v1/completions") => "completions",
+        Some("/v1/models") => "models",
+        Some("/v1/models/{*id}") => "model",
+        Some("/v1/cinfer/attestation") => "attestation",
+        Some("/healthz") => "healthz",
+        Some("/readyz") => "readyz",
+        Some("/metrics") => "metrics",
+        _ => "unknown",
+    }
+}
+
+/// Whether `headers` carry `Authorization: Bearer KEY` for the key whose
+/// SHA-256 is `want` (digests compared, so the comparison's timing says
+/// nothing about the key).
+fn authorized(headers: &HeaderMap, want: &[u8; 32]) -> bool {
+    headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|key| Sha256::digest(key.trim().as_bytes()).as_slice() == want)
+}
+
+/// Around every route: the API key (for `/v1/`), then the request counted by
+/// route and status.
+async fn gate(Shared(state): Shared<Arc<State>>, req: Request, next: Next) -> Response {
+    let route = route_label(
+        req.extensions()
+            .get::<MatchedPath>()
+            .map(MatchedPath::as_str),
+    );
+    let resp = match &state.api_key_sha256 {
+        Some(want) if req.uri().path().starts_with("/v1/") && !authorized(req.headers(), want) => {
+            api_error_response(&ApiError {
+                code: Some("invalid_api_key"),
+                ..ApiError::new(
+                    401,
+                    "invalid_request_error",
+                    "missing or incorrect API key (Authorization: Bearer KEY)",
+                )
+            })
         }
-    };
-    let resp = if method.as_str() != allow {
-        method_not_allowed(&method, &path, allow)
-    } else {
-        match route {
-            "chat_completions" => completions(state.clone(), req, Endpoint::Chat).await,
-            "completions" => completions(state.clone(), req, Endpoint::Completions).await,
-            "models" => models(state.clone(), None).await,
-            "model" => {
-                let id = path.trim_start_matches("/v1/models/").to_owned();
-                models(state.clone(), Some(id)).await
-            }
-            "attestation" => attestation(state.clone()).await,
-            "readyz" => readyz(state.clone()).await,
-            "metrics" => {
-                let mut resp =
-                    Response::new(Full::new(Bytes::from(state.metrics.render())).boxed());
-                resp.headers_mut().insert(
-                    CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-                );
-                resp
-            }
-            _ => json_response(StatusCode::OK, &json!({"status": "ok"})),
-        }
+        _ => next.run(req).await,
     };
     state.metrics.request(route, resp.status().as_u16());
     resp
+}
+
+/// `method` on a route that takes only `allow`: 405 naming it.
+fn only(allow: &'static str, route: MethodRouter<Arc<State>>) -> MethodRouter<Arc<State>> {
+    route.fallback(move |method: Method, uri: Uri| async move {
+        method_not_allowed(&method, uri.path(), allow)
+    })
+}
+
+/// The proxy's routes (axum), its request tracing and, when origins are
+/// given, CORS for them (tower-http).
+fn router(state: Arc<State>, cors_origins: &[HeaderValue]) -> Router {
+    let router = Router::new()
+        .route(
+            "/v1/chat/completions",
+            only(
+                "POST",
+                post(|Shared(s): Shared<Arc<State>>, req: Request| {
+                    completions(s, req, Endpoint::Chat)
+                }),
+            ),
+        )
+        .route(
+            "/v1/completions",
+            only(
+                "POST",
+                post(|Shared(s): Shared<Arc<State>>, req: Request| {
+                    completions(s, req, Endpoint::Completions)
+                }),
+            ),
+        )
+        .route(
+            "/v1/models",
+            only("GET", get(|Shared(s): Shared<Arc<State>>| models(s, None))),
+        )
+        .route(
+            "/v1/models/{*id}",
+            only(
+                "GET",
+                get(
+                    |Shared(s): Shared<Arc<State>>, UrlPath(id): UrlPath<String>| {
+                        models(s, Some(id))
+                    },
+                ),
+            ),
+        )
+        .route("/v1/cinfer/attestation", only("GET", get(attestation)))
+        .route(
+            "/healthz",
+            only(
+                "GET",
+                get(|| async { json_response(StatusCode::OK, &json!({"status": "ok"})) }),
+            ),
+        )
+        .route("/readyz", only("GET", get(readyz)))
+        .route(
+            "/metrics",
+            only(
+                "GET",
+                get(|Shared(s): Shared<Arc<State>>| async move {
+                    let mut resp = Response::new(Body::from(s.metrics.render()));
+                    resp.headers_mut().insert(
+                        CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                    );
+                    resp
+                }),
+            ),
+        )
+        .fallback(|method: Method, uri: Uri| async move {
+            api_error_response(&ApiError::new(
+                404,
+                "invalid_request_error",
+                format!("no route {method} {}", uri.path()),
+            ))
+        })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), gate))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state);
+    if cors_origins.is_empty() {
+        return router;
+    }
+    router.layer(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(cors_origins.iter().cloned()))
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([CONTENT_TYPE, AUTHORIZATION]),
+    )
 }
 
 /// The request-key statement, fetched and verified now (blocking client).
@@ -902,7 +1005,7 @@ async fn fresh_statement(state: &State) -> Result<cinfer_client::RequestKeyState
 }
 
 /// `GET /readyz`: ready while the server relays a statement that verifies.
-async fn readyz(state: Arc<State>) -> Response<ProxyBody> {
+async fn readyz(Shared(state): Shared<Arc<State>>) -> Response<ProxyBody> {
     match fresh_statement(&state).await {
         Ok(s) => json_response(
             StatusCode::OK,
@@ -921,7 +1024,7 @@ async fn readyz(state: Arc<State>) -> Response<ProxyBody> {
 }
 
 /// `GET /v1/cinfer/attestation`: what the proxy verifies, checked now.
-async fn attestation(state: Arc<State>) -> Response<ProxyBody> {
+async fn attestation(Shared(state): Shared<Arc<State>>) -> Response<ProxyBody> {
     let client = &state.client;
     let trust = json!({
         "server": client.server(),
@@ -1036,6 +1139,30 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
             "not a loopback address: the proxy handles prompts and replies in cleartext; anyone who reaches it reads them"
         );
     }
+    let api_key_sha256 = match &args.api_key_file {
+        None => None,
+        Some(path) => {
+            let key = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the API key file {}", path.display()))?;
+            let key = key.trim();
+            if key.is_empty() {
+                bail!("the API key file {} is empty", path.display());
+            }
+            Some(Sha256::digest(key.as_bytes()).into())
+        }
+    };
+    let cors_origins = args
+        .cors_origins
+        .iter()
+        .map(|o| {
+            HeaderValue::from_str(o)
+                .ok()
+                .filter(|_| o.starts_with("http://") || o.starts_with("https://"))
+                .with_context(|| {
+                    format!("--cors-origin {o:?} is not an origin (https://host[:port])")
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
     let client = Arc::new(client);
     let read_timeout = Duration::from_millis(args.read_timeout_ms);
     let state = Arc::new(State {
@@ -1044,7 +1171,10 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
         pin: pinned.clone(),
         read_timeout,
         metrics: ProxyMetrics::default(),
+        api_key_sha256,
     });
+    // Trailing slashes are trimmed before routing (`/v1/models/` is `/v1/models`).
+    let app = NormalizePathLayer::trim_trailing_slash().layer(router(state.clone(), &cors_origins));
     let max_connections = args.max_connections as usize;
     let permits = Arc::new(Semaphore::new(max_connections));
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -1087,13 +1217,9 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
                 }
                 continue;
             };
-            let state = state.clone();
+            let service = TowerToHyperService::new(app.clone());
             tokio::spawn(async move {
                 let _permit = permit;
-                let service = service_fn(move |req: Request<Incoming>| {
-                    let state = state.clone();
-                    async move { Ok::<_, Infallible>(handle(state, req).await) }
-                });
                 let _ = http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(read_timeout)

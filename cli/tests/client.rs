@@ -1032,6 +1032,11 @@ fn proxy_serves_the_openai_client() {
 /// One raw HTTP exchange with the proxy (`Connection: close`); the status,
 /// the head and the de-chunked body.
 fn proxy_http(proxy: &Proxy, head: &str, body: &str) -> (u16, String, String) {
+    proxy_http_with(proxy, head, "", body)
+}
+
+/// [`proxy_http`] with extra header lines (`Name: value\r\n` each).
+fn proxy_http_with(proxy: &Proxy, head: &str, headers: &str, body: &str) -> (u16, String, String) {
     let addr = proxy
         .base
         .trim_start_matches("http://")
@@ -1040,7 +1045,7 @@ fn proxy_http(proxy: &Proxy, head: &str, body: &str) -> (u16, String, String) {
     let mut conn = TcpStream::connect(&addr).unwrap();
     write!(
         conn,
-        "{head} HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{head} HTTP/1.1\r\nHost: proxy\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -1491,6 +1496,107 @@ fn proxy_checks_the_server_at_start_and_reports_what_it_verified() {
             .any(|l| l.starts_with("cinfer_proxy_completion_tokens_total ") && !l.ends_with(" 0")),
         "{metrics}"
     );
+}
+
+/// `--api-key-file`: `/v1/` routes need the key (401 otherwise, in OpenAI's
+/// shape); health and metrics stay open. `--cors-origin`: only the listed
+/// origins get CORS headers, preflights included. Trailing slashes and model
+/// ids with slashes route as expected.
+#[test]
+fn proxy_api_key_and_cors_origins() {
+    let fake = Fake::start(Mode::Honest, StatementMode::Good, None);
+    let dir = std::env::temp_dir().join(format!("cinfer-proxy-key-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key_file = dir.join("api.key");
+    std::fs::write(&key_file, "sk-test-123\n").unwrap();
+    let proxy = start_proxy_with(
+        &fake,
+        &[
+            "--program-sha256",
+            &FAKE_PROGRAM,
+            "--api-key-file",
+            key_file.to_str().unwrap(),
+            "--cors-origin",
+            "https://app.example",
+        ],
+    );
+    let (status, _, body) = proxy_http(&proxy, "GET /v1/models", "");
+    assert_eq!(status, 401, "{body}");
+    let err: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(err["error"]["code"], "invalid_api_key", "{body}");
+    let (status, _, _) = proxy_http_with(
+        &proxy,
+        "GET /v1/models",
+        "Authorization: Bearer sk-wrong\r\n",
+        "",
+    );
+    assert_eq!(status, 401);
+    let key = "Authorization: Bearer sk-test-123\r\n";
+    let (status, _, body) = proxy_http_with(&proxy, "GET /v1/models/", key, "");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(MODEL), "{body}");
+    let (status, _, body) = proxy_http_with(&proxy, "GET /v1/models/org/not-there", key, "");
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("`org/not-there` does not exist"), "{body}");
+    let (status, _, _) = proxy_http_with(
+        &proxy,
+        "POST /v1/chat/completions",
+        key,
+        r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    assert_eq!(status, 200);
+    for open in ["GET /healthz", "GET /metrics"] {
+        assert_eq!(proxy_http(&proxy, open, "").0, 200, "{open}");
+    }
+    // CORS: the listed origin, a preflight, and another origin.
+    let (_, head, _) = proxy_http_with(
+        &proxy,
+        "GET /v1/models",
+        &format!("{key}Origin: https://app.example\r\n"),
+        "",
+    );
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("access-control-allow-origin: https://app.example"),
+        "{head}"
+    );
+    let (status, head, _) = proxy_http_with(
+        &proxy,
+        "OPTIONS /v1/chat/completions",
+        "Origin: https://app.example\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization, content-type\r\n",
+        "",
+    );
+    assert_eq!(status, 200, "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("access-control-allow-methods"),
+        "{head}"
+    );
+    let (_, head, _) = proxy_http_with(
+        &proxy,
+        "GET /v1/models",
+        &format!("{key}Origin: https://evil.example\r\n"),
+        "",
+    );
+    assert!(
+        !head
+            .to_ascii_lowercase()
+            .contains("access-control-allow-origin"),
+        "{head}"
+    );
+    // An empty key file is refused at start.
+    std::fs::write(&key_file, "\n").unwrap();
+    let out = cinfer()
+        .args(["proxy", "--listen", "127.0.0.1:0", "--server", &fake.url()])
+        .arg("--keyserver-identity")
+        .arg(fake.identity_hex())
+        .args(["--program-sha256", &FAKE_PROGRAM, "--api-key-file"])
+        .arg(&key_file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is empty"));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn start_proxy_with(fake: &Fake, extra: &[&str]) -> Proxy {
