@@ -21,6 +21,10 @@ use crate::endorsement::{self, EkTrust, EndorsedAk, EndorsementError};
 use crate::metrics::{Metrics, Refusal};
 use crate::nonce::{NonceError, NonceStore};
 use crate::state::{Keys, StateDir, StateError};
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, State as Shared};
+use axum::routing::{get, post};
 use cinfer_attest::release::{REQUEST_KEY_STATEMENT_TYPE, REQUEST_KEY_SUITE};
 use cinfer_attest::shares::{ShareEntry, SplitManifest};
 use cinfer_attest::{
@@ -31,20 +35,21 @@ use cinfer_attest::{
 use cinfer_envelope::RequestPublicKey;
 use cinfer_envelope::keywrap::{wrap_key, wrap_key_psk};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use hyper::body::{Body, Bytes, Incoming};
+use hyper::body::{Bytes, Incoming};
 use hyper::header::{ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tower_http::trace::TraceLayer;
+use tower_service::Service as _;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -213,40 +218,75 @@ impl KeyServer {
         &self.inner.config
     }
 
-    /// Answers one request from `peer`.
-    pub async fn handle<B>(&self, req: Request<B>, peer: SocketAddr) -> Response<Full<Bytes>>
+    /// The HTTP API's routes (axum), with request tracing (tower-http). The
+    /// peer's address is read from the request's `ConnectInfo` extension.
+    pub fn router(&self) -> Router {
+        let get_only = || || async { method_not_allowed("GET") };
+        let post_only = || || async { method_not_allowed("POST") };
+        Router::new()
+            .route(
+                "/healthz",
+                get(|| async { json(StatusCode::OK, &serde_json::json!({"status": "ok"})) })
+                    .fallback(get_only()),
+            )
+            .route(
+                "/readyz",
+                get(|Shared(s): Shared<KeyServer>| async move { s.readyz() }).fallback(get_only()),
+            )
+            .route(
+                "/metrics",
+                get(|Shared(s): Shared<KeyServer>| async move {
+                    let mut resp = respond(
+                        StatusCode::OK,
+                        Bytes::from(s.inner.metrics.render(s.spent_nonces())),
+                    );
+                    resp.headers_mut().insert(
+                        CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                    );
+                    resp
+                })
+                .fallback(get_only()),
+            )
+            .route(
+                "/v1/nonce",
+                post(|Shared(s): Shared<KeyServer>| async move { s.issue_nonce() })
+                    .fallback(post_only()),
+            )
+            .route(
+                "/v1/attest",
+                post(
+                    |Shared(s): Shared<KeyServer>,
+                     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+                     req: axum::extract::Request| async move {
+                        s.attest(req, peer).await
+                    },
+                )
+                .fallback(post_only()),
+            )
+            .route(
+                "/v1/request-key",
+                get(|Shared(s): Shared<KeyServer>| async move {
+                    s.inner.metrics.statement();
+                    respond(StatusCode::OK, s.inner.signed_request_key.clone())
+                })
+                .fallback(get_only()),
+            )
+            .fallback(|| async { error(StatusCode::NOT_FOUND, "not found") })
+            .layer(TraceLayer::new_for_http())
+            .with_state(self.clone())
+    }
+
+    /// Answers one request from `peer` (what a connection's service does).
+    pub async fn handle<B>(&self, mut req: Request<B>, peer: SocketAddr) -> Response<Body>
     where
-        B: Body<Data = Bytes>,
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        let path = req.uri().path();
-        match (req.method(), path) {
-            (&Method::GET, "/healthz") => {
-                json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
-            }
-            (&Method::GET, "/readyz") => self.readyz(),
-            (&Method::GET, "/metrics") => {
-                let mut resp = respond(
-                    StatusCode::OK,
-                    Bytes::from(self.inner.metrics.render(self.spent_nonces())),
-                );
-                resp.headers_mut().insert(
-                    CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-                );
-                resp
-            }
-            (&Method::POST, "/v1/nonce") => self.issue_nonce(),
-            (&Method::POST, "/v1/attest") => self.attest(req, peer).await,
-            (&Method::GET, "/v1/request-key") => {
-                self.inner.metrics.statement();
-                respond(StatusCode::OK, self.inner.signed_request_key.clone())
-            }
-            (_, "/healthz" | "/readyz" | "/metrics" | "/v1/request-key") => {
-                method_not_allowed("GET")
-            }
-            (_, "/v1/nonce" | "/v1/attest") => method_not_allowed("POST"),
-            _ => error(StatusCode::NOT_FOUND, "not found"),
+        req.extensions_mut().insert(ConnectInfo(peer));
+        match self.router().call(req).await {
+            Ok(resp) => resp,
+            Err(never) => match never {},
         }
     }
 
@@ -297,7 +337,7 @@ impl KeyServer {
 
     async fn attest<B>(&self, req: Request<B>, peer: SocketAddr) -> Response<Full<Bytes>>
     where
-        B: Body<Data = Bytes>,
+        B: hyper::body::Body<Data = Bytes>,
         B::Error: Into<BoxError>,
     {
         let started = Instant::now();
@@ -646,7 +686,7 @@ impl KeyServer {
     /// Reads a body of at most `max-body-bytes` within `request-timeout-secs`.
     async fn read_body<B>(&self, req: Request<B>) -> Result<Bytes, (StatusCode, String)>
     where
-        B: Body<Data = Bytes>,
+        B: hyper::body::Body<Data = Bytes>,
         B::Error: Into<BoxError>,
     {
         let max = self.inner.config.max_body_bytes;
@@ -800,9 +840,11 @@ async fn serve_http<I>(io: I, server: KeyServer, peer: SocketAddr, header_timeou
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let service = service_fn(move |req: Request<Incoming>| {
-        let server = server.clone();
-        async move { Ok::<_, Infallible>(server.handle(req, peer).await) }
+    let router = server.router();
+    let service = service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(peer));
+        let mut router = router.clone();
+        async move { router.call(req).await }
     });
     let mut builder = http1::Builder::new();
     builder
