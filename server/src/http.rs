@@ -20,12 +20,15 @@ use crate::config::{Config, ConfigError};
 use crate::keyclient::KeyserverClient;
 use crate::link::{Event, Link, LinkStatus, Ticket};
 use crate::metrics::{Metrics, RequestOutcome};
+use axum::Router;
+use axum::extract::State as Shared;
+use axum::routing::{get, post};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::header::{ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::future::Future;
@@ -36,6 +39,8 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
+use tower_http::trace::TraceLayer;
+use tower_service::Service as _;
 use tracing::Instrument;
 
 /// Content type of the reply stream.
@@ -393,72 +398,114 @@ impl Server {
             .collect()
     }
 
-    /// Answers one request.
-    pub async fn handle<B>(&self, req: Request<B>) -> Response<ApiBody>
-    where
-        B: Body<Data = Bytes>,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
-        let path = req.uri().path();
-        match (req.method(), path) {
-            (&Method::POST, "/v1/requests") => self.inference(req).await,
-            (&Method::GET, "/v1/request-key") => self.request_key().await,
-            (&Method::GET, "/v1/request-keys") => self.request_keys().await,
-            (&Method::GET, "/v1/models") => {
-                let models = self.shown_status().models;
-                json(StatusCode::OK, &serde_json::json!({ "models": *models }))
-            }
-            (&Method::GET, "/v1/programs") => {
-                let programs = self.shown_status().programs.unwrap_or_default();
-                json(
-                    StatusCode::OK,
-                    &serde_json::json!({ "programs": *programs }),
+    /// The HTTP API's routes (axum) with request tracing (tower-http).
+    pub fn router(&self) -> Router {
+        let get_only = || || async { method_not_allowed("GET") };
+        Router::new()
+            .route(
+                "/v1/requests",
+                post(
+                    |Shared(s): Shared<Server>, req: axum::extract::Request| async move {
+                        s.inference(req).await
+                    },
                 )
-            }
-            (&Method::GET, "/healthz") => {
-                json(StatusCode::OK, &serde_json::json!({"status": "ok"}))
-            }
-            (&Method::GET, "/readyz") => {
-                let statuses = self.link_statuses();
-                let loaders: Vec<serde_json::Value> = statuses
-                    .iter()
-                    .map(|(endpoint, s)| {
-                        serde_json::json!({
-                            "loader": endpoint,
-                            "ready": s.ready(),
-                            "connected": s.connected,
-                            "error": if s.ready() { None } else { s.last_error.clone() },
-                        })
-                    })
-                    .collect();
-                if statuses.iter().any(|(_, s)| s.ready()) {
+                .fallback(|| async { method_not_allowed("POST") }),
+            )
+            .route(
+                "/v1/request-key",
+                get(|Shared(s): Shared<Server>| async move { s.request_key().await })
+                    .fallback(get_only()),
+            )
+            .route(
+                "/v1/request-keys",
+                get(|Shared(s): Shared<Server>| async move { s.request_keys().await })
+                    .fallback(get_only()),
+            )
+            .route(
+                "/v1/models",
+                get(|Shared(s): Shared<Server>| async move {
+                    let models = s.shown_status().models;
+                    json(StatusCode::OK, &serde_json::json!({ "models": *models }))
+                })
+                .fallback(get_only()),
+            )
+            .route(
+                "/v1/programs",
+                get(|Shared(s): Shared<Server>| async move {
+                    let programs = s.shown_status().programs.unwrap_or_default();
                     json(
                         StatusCode::OK,
-                        &serde_json::json!({"status": "ready", "loaders": loaders}),
+                        &serde_json::json!({ "programs": *programs }),
                     )
-                } else {
-                    json(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        &serde_json::json!({
-                            "error": format!("no attested loader: {}", not_ready_reasons(&statuses)),
-                            "loader_connected": statuses.iter().any(|(_, s)| s.connected),
-                            "loaders": loaders,
-                        }),
+                })
+                .fallback(get_only()),
+            )
+            .route(
+                "/healthz",
+                get(|| async { json(StatusCode::OK, &serde_json::json!({"status": "ok"})) })
+                    .fallback(get_only()),
+            )
+            .route(
+                "/readyz",
+                get(|Shared(s): Shared<Server>| async move { s.readyz() }).fallback(get_only()),
+            )
+            .route(
+                "/metrics",
+                get(|Shared(s): Shared<Server>| async move {
+                    respond(
+                        StatusCode::OK,
+                        "text/plain; version=0.0.4",
+                        Bytes::from(s.metrics_text()),
                     )
-                }
-            }
-            (&Method::GET, "/metrics") => respond(
+                })
+                .fallback(get_only()),
+            )
+            .fallback(|| async { error(StatusCode::NOT_FOUND, "not found") })
+            .layer(TraceLayer::new_for_http())
+            .with_state(self.clone())
+    }
+
+    /// Answers one request (what a connection's service does).
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<axum::body::Body>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        match self.router().call(req).await {
+            Ok(resp) => resp,
+            Err(never) => match never {},
+        }
+    }
+
+    /// `GET /readyz`: 200 while a loader is attested and holds keys; each
+    /// loader's state either way.
+    fn readyz(&self) -> Response<ApiBody> {
+        let statuses = self.link_statuses();
+        let loaders: Vec<serde_json::Value> = statuses
+            .iter()
+            .map(|(endpoint, s)| {
+                serde_json::json!({
+                    "loader": endpoint,
+                    "ready": s.ready(),
+                    "connected": s.connected,
+                    "error": if s.ready() { None } else { s.last_error.clone() },
+                })
+            })
+            .collect();
+        if statuses.iter().any(|(_, s)| s.ready()) {
+            json(
                 StatusCode::OK,
-                "text/plain; version=0.0.4",
-                Bytes::from(self.metrics_text()),
-            ),
-            (_, "/v1/requests") => method_not_allowed("POST"),
-            (
-                _,
-                "/v1/request-key" | "/v1/request-keys" | "/v1/models" | "/v1/programs" | "/healthz"
-                | "/readyz" | "/metrics",
-            ) => method_not_allowed("GET"),
-            _ => error(StatusCode::NOT_FOUND, "not found"),
+                &serde_json::json!({"status": "ready", "loaders": loaders}),
+            )
+        } else {
+            json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({
+                    "error": format!("no attested loader: {}", not_ready_reasons(&statuses)),
+                    "loader_connected": statuses.iter().any(|(_, s)| s.connected),
+                    "loaders": loaders,
+                }),
+            )
         }
     }
 
@@ -1028,9 +1075,10 @@ async fn serve_connection<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let router = server.router();
     let service = service_fn(move |req: Request<Incoming>| {
-        let server = server.clone();
-        async move { Ok::<_, Infallible>(server.handle(req).await) }
+        let mut router = router.clone();
+        async move { router.call(req).await }
     });
     let mut builder = http1::Builder::new();
     builder
