@@ -224,4 +224,12 @@ fn the_openai_package_works_through_the_proxy_and_the_sealed_path() {
     };
     assert!(count("completed") > 10, "{metrics}");
     assert!(count("run_failed") >= 4, "{metrics}");
+    // And per loader, by the receipts' own outcomes.
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("cinfer_server_loader_runs_total{")
+                && l.contains("outcome=\"program-failed\"")),
+        "{metrics}"
+    );
 }

@@ -898,6 +898,7 @@ impl Submitted<'_> {
                 };
                 let (tx, rx) = mpsc::channel(STREAM_BUFFER);
                 let pump = Pump {
+                    loader: link.endpoint().to_string(),
                     metrics: metrics.clone(),
                     timeout_ms: server.inner.config.request_timeout.as_millis(),
                     deadline,
@@ -938,6 +939,8 @@ fn receipt_outcome(receipt: &[u8]) -> Option<String> {
 
 /// Moves one request's events into its response body.
 struct Pump {
+    /// The loader it runs on (its endpoint as configured).
+    loader: String,
     metrics: Arc<Metrics>,
     timeout_ms: u128,
     deadline: tokio::time::Instant,
@@ -1025,6 +1028,10 @@ impl Pump {
             }
         };
         self.metrics.request(outcome, self.started.elapsed());
+        if let Some(run) = &run_outcome {
+            self.metrics
+                .loader_run(&self.loader, run, self.started.elapsed());
+        }
         if outcome == RequestOutcome::Completed {
             self.metrics.reply_frames_of_request(frames);
         }
@@ -1211,8 +1218,8 @@ mod tests {
             Some("completed")
         );
         assert_eq!(
-            receipt_outcome(signed("program_failed").as_bytes()).as_deref(),
-            Some("program_failed")
+            receipt_outcome(signed("program-failed").as_bytes()).as_deref(),
+            Some("program-failed")
         );
         assert_eq!(
             receipt_outcome(signed(&"x".repeat(500)).as_bytes()).map(|o| o.len()),

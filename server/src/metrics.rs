@@ -128,6 +128,13 @@ struct ByLoader {
     loader: String,
 }
 
+/// `{loader="...",outcome="..."}`: a run's outcome as its receipt states it.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LoaderRun {
+    loader: String,
+    outcome: String,
+}
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn seconds_buckets() -> Histogram {
@@ -163,6 +170,8 @@ pub struct Metrics {
     link_ready: Family<ByLoader, Gauge>,
     link_running: Family<ByLoader, Gauge>,
     link_ready_since: Family<ByLoader, Gauge>,
+    loader_runs: Family<LoaderRun, Counter>,
+    loader_run_seconds: Histograms<ByLoader>,
 }
 
 /// Decrements `http_connections_open` when dropped.
@@ -219,6 +228,8 @@ impl Default for Metrics {
             link_ready: Family::default(),
             link_running: Family::default(),
             link_ready_since: Family::default(),
+            loader_runs: Family::default(),
+            loader_run_seconds: Family::new_with_constructor(seconds_buckets),
         };
         // Every outcome from the start, at zero (a series that appears only
         // at its first event hides it from rate()).
@@ -330,7 +341,34 @@ impl Metrics {
             "Unix time this loader last became ready (attested, keys installed); 0 while it is not. Attestation age: time() - this",
             self.link_ready_since.clone(),
         );
+        r.register(
+            "loader_runs",
+            "Runs each loader finished, by the outcome its signed receipt states (completed, program-failed, refused, cancelled, aborted)",
+            self.loader_runs.clone(),
+        );
+        r.register(
+            "loader_run_duration_seconds",
+            "Runs each loader finished: from the request's arrival here to the loader's receipt",
+            self.loader_run_seconds.clone(),
+        );
         self
+    }
+
+    /// A run `loader` finished with the receipt's `outcome`, `took` after
+    /// the request arrived. (The loader has no network stack of its own: its
+    /// figures are exported here, labelled by loader.)
+    pub fn loader_run(&self, loader: &str, outcome: &str, took: Duration) {
+        self.loader_runs
+            .get_or_create(&LoaderRun {
+                loader: loader.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+        self.loader_run_seconds
+            .get_or_create(&ByLoader {
+                loader: loader.to_owned(),
+            })
+            .observe(took.as_secs_f64());
     }
 
     /// Counts a finished request that arrived at `started`.
@@ -511,6 +549,8 @@ mod tests {
         m.queue_wait(Duration::ZERO);
         m.reply_frames_of_request(17);
         m.attestation(AttestOutcome::Released, Duration::from_millis(12));
+        m.loader_run("tcp:a:1", "completed", Duration::from_millis(30));
+        m.loader_run("tcp:a:1", "program-failed", Duration::from_millis(3));
         let text = m.render(&[]);
         for line in [
             "# TYPE cinfer_server_request_duration_seconds histogram",
@@ -529,6 +569,9 @@ mod tests {
             "cinfer_server_reply_frames_per_request_bucket{le=\"32\"} 1",
             "cinfer_server_attestation_duration_seconds_count{outcome=\"released\"} 1",
             "cinfer_server_attestations_total{outcome=\"loader_error\"} 0",
+            "cinfer_server_loader_runs_total{loader=\"tcp:a:1\",outcome=\"completed\"} 1",
+            "cinfer_server_loader_runs_total{loader=\"tcp:a:1\",outcome=\"program-failed\"} 1",
+            "cinfer_server_loader_run_duration_seconds_count{loader=\"tcp:a:1\"} 2",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }
