@@ -594,6 +594,20 @@ struct Timing {
 }
 
 impl Timing {
+    /// A completion that arrived at `started` begins (in flight until dropped).
+    fn start(state: Arc<State>, route: &'static str, started: Instant) -> Self {
+        state.metrics.completion_started();
+        Timing {
+            state,
+            route,
+            started,
+            first_token: None,
+            verified: 0,
+            completion_tokens: 0,
+            failed: None,
+        }
+    }
+
     /// Pieces of the reply arrived (authenticated).
     fn saw(&mut self, pieces: &[Piece]) {
         if self.first_token.is_none() && pieces.iter().any(|p| matches!(p, Piece::Text(_))) {
@@ -626,7 +640,7 @@ impl Timing {
 impl Drop for Timing {
     fn drop(&mut self) {
         let took = self.started.elapsed();
-        self.state.metrics.duration(self.route, took);
+        self.state.metrics.completion_done(self.route, took);
         // Counts and times only: never the prompt or the text.
         tracing::info!(
             route = self.route,
@@ -653,15 +667,7 @@ async fn completions(state: Arc<State>, req: Request, endpoint: Endpoint) -> Res
     let n = parsed.n;
     let requests: Vec<Vec<u8>> = (0..n).map(|i| parsed.request_for_choice(i)).collect();
     let mut rx = start_chats(&state, requests);
-    let mut timing = Timing {
-        state: state.clone(),
-        route: route_name(endpoint),
-        started,
-        first_token: None,
-        verified: 0,
-        completion_tokens: 0,
-        failed: None,
-    };
+    let mut timing = Timing::start(state.clone(), route_name(endpoint), started);
     let shape = Shape {
         endpoint,
         id: completion_id(endpoint),
@@ -678,7 +684,6 @@ async fn completions(state: Arc<State>, req: Request, endpoint: Endpoint) -> Res
     let mut verdicts: Vec<Option<Verdict>> = (0..n).map(|_| None).collect();
 
     if !parsed.stream {
-        let _in_flight = state.metrics.in_flight();
         let mut pieces: Vec<Vec<Piece>> = (0..n).map(|_| Vec::new()).collect();
         while verdicts.iter().any(Option::is_none) {
             match rx.recv().await {
@@ -714,7 +719,6 @@ async fn completions(state: Arc<State>, req: Request, endpoint: Endpoint) -> Res
             .iter()
             .any(|(_, p)| p.iter().any(|p| matches!(p, Piece::Text(_))))
     };
-    let in_flight = state.metrics.in_flight();
     while !has_text(&first) && verdicts.iter().any(Option::is_none) {
         match rx.recv().await {
             Some((i, Event::Chunk(c))) => {
@@ -736,12 +740,9 @@ async fn completions(state: Arc<State>, req: Request, endpoint: Endpoint) -> Res
             None => return internal_error(),
         }
     }
-    drop(in_flight);
     let (tx, body_rx) = mpsc::channel::<SseEvent>(256);
     let client = state.client.clone();
     tokio::spawn(async move {
-        let state = timing.state.clone();
-        let _in_flight = state.metrics.in_flight();
         let mut pending: Vec<Vec<Value>> = (0..n).map(|_| Vec::new()).collect();
         let mut out = shape.opening();
         for (i, pieces) in first {
@@ -1123,22 +1124,7 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
     if let Some(pin) = &pinned {
         client = client.with_program_pin(&args.program, pin);
     }
-    let checked = if args.startup_check_ms == 0 {
-        "startup checks skipped (--startup-check-ms 0)".to_owned()
-    } else {
-        startup_check(
-            &client,
-            &args.program,
-            pinned.as_deref(),
-            Duration::from_millis(args.startup_check_ms),
-        )?
-    };
-    if !args.listen.ip().is_loopback() {
-        tracing::warn!(
-            listen = %args.listen,
-            "not a loopback address: the proxy handles prompts and replies in cleartext; anyone who reaches it reads them"
-        );
-    }
+    // Its own settings first: a bad one is reported before any wait for the server.
     let api_key_sha256 = match &args.api_key_file {
         None => None,
         Some(path) => {
@@ -1163,6 +1149,22 @@ pub fn run(args: &ProxyArgs) -> Result<()> {
                 })
         })
         .collect::<Result<Vec<_>>>()?;
+    let checked = if args.startup_check_ms == 0 {
+        "startup checks skipped (--startup-check-ms 0)".to_owned()
+    } else {
+        startup_check(
+            &client,
+            &args.program,
+            pinned.as_deref(),
+            Duration::from_millis(args.startup_check_ms),
+        )?
+    };
+    if !args.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %args.listen,
+            "not a loopback address: the proxy handles prompts and replies in cleartext; anyone who reaches it reads them"
+        );
+    }
     let client = Arc::new(client);
     let read_timeout = Duration::from_millis(args.read_timeout_ms);
     let state = Arc::new(State {

@@ -118,8 +118,15 @@ impl ProxyMetrics {
             .inc();
     }
 
-    /// A completion's whole duration.
-    pub fn duration(&self, route: &'static str, took: Duration) {
+    /// A completion began: in flight until [`ProxyMetrics::completion_done`].
+    pub fn completion_started(&self) {
+        self.in_flight.inc();
+    }
+
+    /// A completion ended (answered, failed, or its client went away),
+    /// `took` after it arrived.
+    pub fn completion_done(&self, route: &'static str, took: Duration) {
+        self.in_flight.dec();
         self.duration
             .get_or_create(&Route { route })
             .observe(took.as_secs_f64());
@@ -150,28 +157,12 @@ impl ProxyMetrics {
         self.stream_errors.inc();
     }
 
-    /// Counts a completion in flight until the guard is dropped.
-    pub fn in_flight(&self) -> InFlight<'_> {
-        self.in_flight.inc();
-        InFlight(self)
-    }
-
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
         out
-    }
-}
-
-/// Decrements `requests_in_flight` when dropped.
-#[derive(Debug)]
-pub struct InFlight<'a>(&'a ProxyMetrics);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.in_flight.dec();
     }
 }
 
@@ -186,7 +177,9 @@ mod tests {
         m.request("chat", 200);
         m.request("chat", 400);
         m.first_token(Duration::from_millis(7));
-        m.duration("chat", Duration::from_millis(250));
+        m.completion_started();
+        assert!(m.render().contains("cinfer_proxy_requests_in_flight 1\n"));
+        m.completion_done("chat", Duration::from_millis(250));
         m.verdict(Ok(&Usage {
             prompt_tokens: 12,
             completion_tokens: 30,
@@ -194,10 +187,6 @@ mod tests {
         }));
         let bad = ApiError::new(502, "cinfer_verification_failed", "x");
         m.verdict(Err(&bad));
-        {
-            let _a = m.in_flight();
-            assert!(m.render().contains("cinfer_proxy_requests_in_flight 1\n"));
-        }
         let text = m.render();
         for line in [
             "cinfer_proxy_requests_total{route=\"chat\",status=\"200\"} 2",

@@ -1449,6 +1449,20 @@ fn proxy_checks_the_server_at_start_and_reports_what_it_verified() {
     assert!(started.elapsed() >= Duration::from_millis(1500));
 
     let fake = Fake::start(Mode::Honest, StatementMode::Good, None);
+    // A pinned program the server does not list: refused before listening.
+    let out = cinfer()
+        .args(["proxy", "--listen", "127.0.0.1:0", "--server", &fake.url()])
+        .arg("--keyserver-identity")
+        .arg(fake.identity_hex())
+        .args(["--program", "other-chat", "--program-sha256", &FAKE_PROGRAM])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("the server lists no program `other-chat` (it lists: llama-chat)"),
+        "{stderr}"
+    );
     let proxy = start_proxy(&fake);
     let (status, _, body) = proxy_http(&proxy, "GET /readyz", "");
     let ready: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -1596,6 +1610,41 @@ fn proxy_api_key_and_cors_origins() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("is empty"));
+    // A missing key file and an origin that is not one are refused too,
+    // before the proxy waits for any server (none listens at this address).
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    for (extra, reason) in [
+        (
+            vec![
+                "--api-key-file".to_owned(),
+                dir.join("missing.key").to_str().unwrap().to_owned(),
+            ],
+            "reading the API key file",
+        ),
+        (
+            vec!["--cors-origin".to_owned(), "app.example".to_owned()],
+            "--cors-origin \"app.example\" is not an origin",
+        ),
+    ] {
+        let started = std::time::Instant::now();
+        let out = cinfer()
+            .args(["proxy", "--listen", "127.0.0.1:0", "--server", &nowhere])
+            .arg("--keyserver-identity")
+            .arg(fake.identity_hex())
+            .args(["--program-sha256", &FAKE_PROGRAM])
+            .args(&extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(stderr.contains(reason), "{stderr}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "it waited for the server"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -221,17 +221,15 @@ impl KeyServer {
     /// The HTTP API's routes (axum), with request tracing (tower-http). The
     /// peer's address is read from the request's `ConnectInfo` extension.
     pub fn router(&self) -> Router {
-        let get_only = || || async { method_not_allowed("GET") };
-        let post_only = || || async { method_not_allowed("POST") };
         Router::new()
             .route(
                 "/healthz",
                 get(|| async { json(StatusCode::OK, &serde_json::json!({"status": "ok"})) })
-                    .fallback(get_only()),
+                    .fallback(get_only),
             )
             .route(
                 "/readyz",
-                get(|Shared(s): Shared<KeyServer>| async move { s.readyz() }).fallback(get_only()),
+                get(|Shared(s): Shared<KeyServer>| async move { s.readyz() }).fallback(get_only),
             )
             .route(
                 "/metrics",
@@ -246,12 +244,12 @@ impl KeyServer {
                     );
                     resp
                 })
-                .fallback(get_only()),
+                .fallback(get_only),
             )
             .route(
                 "/v1/nonce",
                 post(|Shared(s): Shared<KeyServer>| async move { s.issue_nonce() })
-                    .fallback(post_only()),
+                    .fallback(post_only),
             )
             .route(
                 "/v1/attest",
@@ -262,7 +260,7 @@ impl KeyServer {
                         s.attest(req, peer).await
                     },
                 )
-                .fallback(post_only()),
+                .fallback(post_only),
             )
             .route(
                 "/v1/request-key",
@@ -270,7 +268,7 @@ impl KeyServer {
                     s.inner.metrics.statement();
                     respond(StatusCode::OK, s.inner.signed_request_key.clone())
                 })
-                .fallback(get_only()),
+                .fallback(get_only),
             )
             .fallback(|| async { error(StatusCode::NOT_FOUND, "not found") })
             .layer(TraceLayer::new_for_http())
@@ -743,6 +741,16 @@ fn json(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {
 
 fn error(status: StatusCode, reason: &str) -> Response<Full<Bytes>> {
     json(status, &serde_json::json!({ "error": reason }))
+}
+
+/// The 405 of a route that takes only GET.
+async fn get_only() -> Response<Full<Bytes>> {
+    method_not_allowed("GET")
+}
+
+/// The 405 of a route that takes only POST.
+async fn post_only() -> Response<Full<Bytes>> {
+    method_not_allowed("POST")
 }
 
 fn method_not_allowed(allow: &'static str) -> Response<Full<Bytes>> {

@@ -169,6 +169,16 @@ fn error(status: StatusCode, reason: &str) -> Response<ApiBody> {
     respond(status, "application/json", Bytes::from(error_json(reason)))
 }
 
+/// The 405 of a route that takes only GET.
+async fn get_only() -> Response<ApiBody> {
+    method_not_allowed("GET")
+}
+
+/// The 405 of a route that takes only POST.
+async fn post_only() -> Response<ApiBody> {
+    method_not_allowed("POST")
+}
+
 fn method_not_allowed(allow: &'static str) -> Response<ApiBody> {
     let mut resp = error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
     resp.headers_mut()
@@ -400,7 +410,6 @@ impl Server {
 
     /// The HTTP API's routes (axum) with request tracing (tower-http).
     pub fn router(&self) -> Router {
-        let get_only = || || async { method_not_allowed("GET") };
         Router::new()
             .route(
                 "/v1/requests",
@@ -409,17 +418,17 @@ impl Server {
                         s.inference(req).await
                     },
                 )
-                .fallback(|| async { method_not_allowed("POST") }),
+                .fallback(post_only),
             )
             .route(
                 "/v1/request-key",
                 get(|Shared(s): Shared<Server>| async move { s.request_key().await })
-                    .fallback(get_only()),
+                    .fallback(get_only),
             )
             .route(
                 "/v1/request-keys",
                 get(|Shared(s): Shared<Server>| async move { s.request_keys().await })
-                    .fallback(get_only()),
+                    .fallback(get_only),
             )
             .route(
                 "/v1/models",
@@ -427,7 +436,7 @@ impl Server {
                     let models = s.shown_status().models;
                     json(StatusCode::OK, &serde_json::json!({ "models": *models }))
                 })
-                .fallback(get_only()),
+                .fallback(get_only),
             )
             .route(
                 "/v1/programs",
@@ -438,16 +447,16 @@ impl Server {
                         &serde_json::json!({ "programs": *programs }),
                     )
                 })
-                .fallback(get_only()),
+                .fallback(get_only),
             )
             .route(
                 "/healthz",
                 get(|| async { json(StatusCode::OK, &serde_json::json!({"status": "ok"})) })
-                    .fallback(get_only()),
+                    .fallback(get_only),
             )
             .route(
                 "/readyz",
-                get(|Shared(s): Shared<Server>| async move { s.readyz() }).fallback(get_only()),
+                get(|Shared(s): Shared<Server>| async move { s.readyz() }).fallback(get_only),
             )
             .route(
                 "/metrics",
@@ -458,7 +467,7 @@ impl Server {
                         Bytes::from(s.metrics_text()),
                     )
                 })
-                .fallback(get_only()),
+                .fallback(get_only),
             )
             .fallback(|| async { error(StatusCode::NOT_FOUND, "not found") })
             .layer(TraceLayer::new_for_http())
@@ -1027,10 +1036,10 @@ impl Pump {
                 break o;
             }
         };
-        self.metrics.request(outcome, self.started.elapsed());
+        let took = self.started.elapsed();
+        self.metrics.request(outcome, took);
         if let Some(run) = &run_outcome {
-            self.metrics
-                .loader_run(&self.loader, run, self.started.elapsed());
+            self.metrics.loader_run(&self.loader, run, took);
         }
         if outcome == RequestOutcome::Completed {
             self.metrics.reply_frames_of_request(frames);
@@ -1040,7 +1049,7 @@ impl Pump {
             run_outcome,
             reply_frames = frames,
             reply_bytes,
-            duration_ms = self.started.elapsed().as_millis() as u64,
+            duration_ms = took.as_millis() as u64,
             "request finished"
         );
     }
