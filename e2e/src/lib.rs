@@ -16,6 +16,7 @@
 #![allow(clippy::expect_used)]
 
 use cinfer_channel::{Frame, Kind};
+use cinfer_tpm::swtpm::{output_guarded, spawn_guarded};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -60,7 +61,7 @@ pub fn model_path() -> PathBuf {
 }
 
 fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("run a workspace binary");
+    let out = output_guarded(cmd).expect("run a workspace binary");
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}",
@@ -373,13 +374,14 @@ impl Drop for System {
 /// Starts `trusted-loader serve --config CONFIG`; the process and the
 /// address it listens on (from its log), the rest of its log drained.
 fn spawn_loader(config: &Path) -> (Child, SocketAddr) {
-    let mut loader = Command::new(bin("trusted-loader"))
-        .arg("serve")
-        .arg("--config")
-        .arg(config)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("trusted-loader");
+    let mut loader = spawn_guarded(
+        Command::new(bin("trusted-loader"))
+            .arg("serve")
+            .arg("--config")
+            .arg(config)
+            .stderr(Stdio::piped()),
+    )
+    .expect("trusted-loader");
     let mut lines = BufReader::new(loader.stderr.take().expect("stderr")).lines();
     let addr: SocketAddr = loop {
         let line = lines
@@ -640,14 +642,15 @@ impl System {
             ..
         }) = tdx
         {
-            let mut provider = Command::new(bin("cinfer"))
-                .arg("tdx-test-provider")
-                .arg("--dir")
-                .arg(&tdx_dir)
-                .args(args)
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("cinfer tdx-test-provider");
+            let mut provider = spawn_guarded(
+                Command::new(bin("cinfer"))
+                    .arg("tdx-test-provider")
+                    .arg("--dir")
+                    .arg(&tdx_dir)
+                    .args(args)
+                    .stdout(Stdio::piped()),
+            )
+            .expect("cinfer tdx-test-provider");
             let mut ready = String::new();
             BufReader::new(provider.stdout.take().expect("stdout"))
                 .read_line(&mut ready)
@@ -808,13 +811,14 @@ impl System {
             .expect("keyserver config");
             if *role != KeyserverRole::Down {
                 children.push(
-                    Command::new(bin("keyserver"))
-                        .arg("--config")
-                        .arg(dir.join(format!("keyserver-{i}.toml")))
-                        .arg("serve")
-                        .stderr(Stdio::null())
-                        .spawn()
-                        .expect("keyserver"),
+                    spawn_guarded(
+                        Command::new(bin("keyserver"))
+                            .arg("--config")
+                            .arg(dir.join(format!("keyserver-{i}.toml")))
+                            .arg("serve")
+                            .stderr(Stdio::null()),
+                    )
+                    .expect("keyserver"),
                 );
             }
         }
@@ -862,13 +866,14 @@ impl System {
         .expect("server config");
         let server_log = dir.join("server.log");
         children.push(
-            Command::new(bin("inference-server"))
-                .args(["--config", "server.toml"])
-                .current_dir(&server_dir)
-                .env("CINFER_LOG", "trace")
-                .stderr(std::fs::File::create(&server_log).expect("log"))
-                .spawn()
-                .expect("inference-server"),
+            spawn_guarded(
+                Command::new(bin("inference-server"))
+                    .args(["--config", "server.toml"])
+                    .current_dir(&server_dir)
+                    .env("CINFER_LOG", "trace")
+                    .stderr(std::fs::File::create(&server_log).expect("log")),
+            )
+            .expect("inference-server"),
         );
         let server_direct = SocketAddr::from(([127, 0, 0, 1], server_port));
         let client_relay = tcp_relay(server_direct, client_link.clone());
@@ -1055,13 +1060,14 @@ pub fn start_proxy<S: AsRef<std::ffi::OsStr>>(
     server_url: &str,
     args: &[S],
 ) -> (Proxy, String, String) {
-    let mut child = Command::new(bin("cinfer"))
-        .args(["proxy", "--listen", "127.0.0.1:0", "--server", server_url])
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("cinfer proxy");
+    let mut child = spawn_guarded(
+        Command::new(bin("cinfer"))
+            .args(["proxy", "--listen", "127.0.0.1:0", "--server", server_url])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    )
+    .expect("cinfer proxy");
     let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
     let mut line = String::new();
     stderr.read_line(&mut line).expect("the proxy's first line");

@@ -247,6 +247,24 @@ pub mod accel {
                 .map(Tensor)
         }
 
+        /// Llama decoder layers in one call (see `decoder-stack` in
+        /// `wit/loader.wit`): layer i takes `ws[9i..9i+9]` (as
+        /// [`decoder_layer`](Self::decoder_layer)) and the caches
+        /// `caches[2i]`, `caches[2i+1]`; the last layer's output, bit for bit
+        /// what the layers give one by one.
+        pub fn decoder_stack(
+            &self,
+            ws: &[&Tensor],
+            caches: &[&Tensor],
+            pos: u32,
+            eps: f32,
+            theta: f32,
+        ) -> Result<Tensor, AccelError> {
+            let ws: Vec<&raw_accel::Tensor> = ws.iter().map(|t| &t.0).collect();
+            let caches: Vec<&raw_accel::Tensor> = caches.iter().map(|t| &t.0).collect();
+            raw_accel::decoder_stack(&self.0, &ws, &caches, pos, eps, theta).map(Tensor)
+        }
+
         /// The `k` largest (index, value) pairs of the last row, largest first.
         pub fn top_k(&self, k: u32) -> Result<Vec<(u32, f32)>, AccelError> {
             raw_accel::top_k(&self.0, k)

@@ -103,10 +103,7 @@ fn main() {
     };
     // CINFER_BENCH_OPS=P: the native forward pass of a P-token prompt (and one
     // new token), 10 times, with the wall time of each kind of launch.
-    if let Some(p) = std::env::var("CINFER_BENCH_OPS")
-        .ok()
-        .and_then(|p| p.parse::<usize>().ok())
-    {
+    if let Some(p) = env_num::<usize>("CINFER_BENCH_OPS") {
         let prompt: Vec<u32> = (0..p.max(1)).map(|i| 6403 + (i % 7) as u32).collect();
         native.generate(&prompt, 1, |_| false);
         let mut times = native_llama::OpTimes::default();
@@ -128,33 +125,28 @@ fn main() {
         }
         return;
     }
+    // CINFER_BENCH_NATIVE_ONLY=N: only N native runs of a 1-token prompt and
+    // CINFER_BENCH_NEW (default 1) new tokens, then their median (to profile
+    // beside CINFER_BENCH_SHORT_ONLY, the same work on the confidential path).
+    if let Some(n) = env_num::<usize>("CINFER_BENCH_NATIVE_ONLY") {
+        let new: usize = env_num("CINFER_BENCH_NEW").unwrap_or(1);
+        let t = (0..n.max(1)).map(|_| native_time(new)).collect();
+        print_median(&format!("native, 1-token prompt, {new} new token(s)"), t);
+        return;
+    }
     // CINFER_BENCH_SHORT_ONLY=N: only N requests of a 1-token prompt and
     // CINFER_BENCH_NEW (default 1) new tokens, then their median (for
     // profiling the per-request overhead, or decode alone).
-    if let Some(n) = std::env::var("CINFER_BENCH_SHORT_ONLY")
-        .ok()
-        .and_then(|n| n.parse::<usize>().ok())
-    {
-        let new: u32 = std::env::var("CINFER_BENCH_NEW")
-            .ok()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(1);
+    if let Some(n) = env_num::<usize>("CINFER_BENCH_SHORT_ONLY") {
+        let new: u32 = env_num("CINFER_BENCH_NEW").unwrap_or(1);
         // CINFER_BENCH_PROMPT=P: a P-token prompt instead (prefill profiling).
-        let prompt = match std::env::var("CINFER_BENCH_PROMPT")
-            .ok()
-            .and_then(|p| p.parse::<usize>().ok())
-        {
+        let prompt = match env_num::<usize>("CINFER_BENCH_PROMPT") {
             Some(p) if p > 1 => format!("a{}", " a".repeat(p - 1)),
             _ => "Once".to_owned(),
         };
-        let mut t: Vec<Duration> = (0..n.max(1)).map(|_| run(req(&prompt, new))).collect();
-        t.sort();
-        println!(
-            "{}-byte prompt, {new} new token(s): median {:?}, min {:?} of {n}",
-            prompt.len(),
-            t[t.len() / 2],
-            t[0]
-        );
+        let t = (0..n.max(1)).map(|_| run(req(&prompt, new))).collect();
+        let label = format!("{}-byte prompt, {new} new token(s)", prompt.len());
+        print_median(&label, t);
         return;
     }
     // Rounds interleave the confidential and the native runs, so drift in the
@@ -168,11 +160,7 @@ fn main() {
     let mut short_r = Vec::new();
     // CINFER_BENCH_ROUNDS: fewer rounds when a script interleaves this bench
     // with another engine's.
-    let rounds: usize = std::env::var("CINFER_BENCH_ROUNDS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(7)
-        .max(1);
+    let rounds: usize = env_num("CINFER_BENCH_ROUNDS").unwrap_or(7).max(1);
     for _ in 0..rounds {
         let t_short_1 = run(req("Once", 1));
         let t_decode = run(req("Once", 65));
@@ -262,10 +250,7 @@ fn main() {
     // Concurrent streams through one Loader (CINFER_BENCH_STREAMS, default
     // 8): each a 1-token prompt and 64 new tokens, all started at once;
     // aggregate tokens/s over the wall time, cross-request batching off and on.
-    let streams: usize = std::env::var("CINFER_BENCH_STREAMS")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(8);
+    let streams: usize = env_num("CINFER_BENCH_STREAMS").unwrap_or(8);
     let mut aggregate = [0f64; 2];
     let mut stats = Default::default();
     for (slot, batching) in [(0usize, false), (1, true)] {
@@ -321,6 +306,22 @@ fn main() {
         t_short_1.as_secs_f64() * 1e3,
         aggregate[1],
         aggregate[0]
+    );
+}
+
+/// The environment variable `name` parsed as a `T`, if set and valid.
+fn env_num<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+/// Prints the median and the minimum of `t`, after `label`.
+fn print_median(label: &str, mut t: Vec<Duration>) {
+    t.sort();
+    println!(
+        "{label}: median {:?}, min {:?} of {}",
+        t[t.len() / 2],
+        t[0],
+        t.len()
     );
 }
 

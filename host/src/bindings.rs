@@ -14,6 +14,7 @@ wasmtime::component::bindgen!({
         "cinfer:loader/accelerator.norm-matmul-many": async | trappable,
         "cinfer:loader/accelerator.matmul-add": async | trappable,
         "cinfer:loader/accelerator.decoder-layer": async | trappable,
+        "cinfer:loader/accelerator.decoder-stack": async | trappable,
         // A paced reply frame waits for its egress bytes (`crate::egress`).
         "cinfer:loader/output.emit": async | trappable,
         default: trappable,

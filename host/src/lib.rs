@@ -26,6 +26,7 @@ pub mod admission;
 pub use cinfer_accel as backend;
 mod bindings;
 pub mod caps;
+pub mod dir;
 mod driver;
 mod egress;
 pub mod loader;
@@ -52,7 +53,7 @@ pub use policy::{
 /// the file's name inside it. The loader's only ambient file access (its
 /// command-line files, at start-up) goes through here; everything after is
 /// relative to the returned capability, which cannot reach outside it.
-pub fn open_parent_dir(path: &std::path::Path) -> std::io::Result<(cap_std::fs::Dir, &str)> {
+pub fn open_parent_dir(path: &std::path::Path) -> std::io::Result<(dir::Dir, &str)> {
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => std::path::Path::new("."),
@@ -60,7 +61,7 @@ pub fn open_parent_dir(path: &std::path::Path) -> std::io::Result<(cap_std::fs::
     let name = path.file_name().and_then(|f| f.to_str()).ok_or_else(|| {
         std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a UTF-8 file path")
     })?;
-    let dir = cap_std::fs::Dir::open_ambient_dir(parent, cap_std::ambient_authority())?;
+    let dir = dir::Dir::open_ambient(parent)?;
     Ok((dir, name))
 }
 

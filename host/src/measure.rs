@@ -21,7 +21,7 @@ pub struct Measured {
     /// The policy it names.
     pub policy: Policy,
     /// The configuration's directory (policy files are read through it).
-    pub dir: cap_std::fs::Dir,
+    pub dir: crate::dir::Dir,
     /// The event log, in the order the loader extends it.
     pub events: Vec<Event>,
 }

@@ -19,7 +19,7 @@
 //! limits = { egress-bytes = 65536 }
 //! ```
 //!
-//! Files are read through a `cap_std` directory handle: a policy can only name
+//! Files are read through a [`crate::dir::Dir`] handle: a policy can only name
 //! files beside it or below it, never `..` or an absolute path.
 
 use crate::LOADER_WIT;
@@ -842,7 +842,7 @@ impl Policy {
 
     /// Loads `file` (a policy TOML) from `dir`; the worlds file it names is
     /// read from the same directory handle, so it cannot escape it.
-    pub fn load(dir: &cap_std::fs::Dir, file: &str) -> Result<Self, PolicyError> {
+    pub fn load(dir: &crate::dir::Dir, file: &str) -> Result<Self, PolicyError> {
         let read = |path: &str| {
             dir.read_to_string(path)
                 .map_err(|source| PolicyError::Read {
@@ -1096,11 +1096,14 @@ mod tests {
     #[test]
     fn policy_files_cannot_escape_their_directory() {
         let tmp = std::env::temp_dir().join(format!("cinfer-policy-{}", std::process::id()));
-        std::fs::create_dir_all(&tmp).expect("tmp");
-        std::fs::write(tmp.join("p.toml"), "worlds = \"../outside.wit\"\n").expect("write");
-        let err = Policy::load_path(&tmp.join("p.toml")).unwrap_err();
+        std::fs::create_dir_all(tmp.join("policy")).expect("tmp");
+        // The file exists, next to the policy's directory: still not readable.
+        std::fs::write(tmp.join("outside.wit"), "package a:b;\nworld w {}\n").expect("write");
+        std::fs::write(tmp.join("policy/p.toml"), "worlds = \"../outside.wit\"\n").expect("write");
+        let err = Policy::load_path(&tmp.join("policy/p.toml")).unwrap_err();
         assert!(
-            matches!(err, PolicyError::Read { ref path, .. } if path == "../outside.wit"),
+            matches!(err, PolicyError::Read { ref path, ref source }
+                if path == "../outside.wit" && source.raw_os_error() == Some(rustix::io::Errno::XDEV.raw_os_error())),
             "{err}"
         );
         std::fs::remove_dir_all(&tmp).ok();

@@ -164,12 +164,15 @@ impl Drop for Served {
 }
 
 fn serve(config: &Path) -> Served {
-    let mut child = Command::new(loader_bin())
-        .args(["serve", "--config"])
-        .arg(config)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    // Started when no TSS context of this process is open (they are not
+    // close-on-exec: the loader would keep another test's swtpm connection).
+    let mut child = cinfer_tpm::swtpm::spawn_guarded(
+        Command::new(loader_bin())
+            .args(["serve", "--config"])
+            .arg(config)
+            .stderr(Stdio::piped()),
+    )
+    .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let addr = loop {
         let line = lines

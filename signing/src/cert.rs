@@ -213,7 +213,7 @@ fn precert_tbs_der(leaf_der: &[u8]) -> x509_cert::der::Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sigstore_protobuf_specs::dev::sigstore::bundle::v1::{Bundle, verification_material};
+    use crate::bundle::Bundle;
 
     fn fixture(name: &str) -> Vec<u8> {
         let path = format!(
@@ -225,10 +225,10 @@ mod tests {
 
     /// The reference bundle's leaf, its signing time and the trust root.
     fn reference() -> (Vec<u8>, Certificate, i64, TrustRoot) {
-        let bundle: Bundle = serde_json::from_slice(&fixture("artifact.sigstore.json"))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let bundle =
+            Bundle::from_json(&fixture("artifact.sigstore.json")).unwrap_or_else(|e| panic!("{e}"));
         let material = bundle.verification_material.unwrap_or_default();
-        let Some(verification_material::Content::Certificate(c)) = material.content else {
+        let Some(c) = material.certificate else {
             panic!("reference bundle has no certificate");
         };
         let t = material.tlog_entries[0].integrated_time;

@@ -20,12 +20,13 @@
 //! # Who checks what
 //!
 //! Nothing here comes from sigstore-rs: its verification feature pulls in its Fulcio and Rekor
-//! clients (reqwest, hyper, tokio, a TLS stack), and the loader has no network stack. The
-//! bundle and trust-root *data types* are the Sigstore project's own (`sigstore_protobuf_specs`,
-//! the protobuf-specs JSON mapping); certificate path validation is rustls-webpki's; ECDSA is
-//! RustCrypto's (`p256`, `p384`); X.509 and the SCT list are parsed by `x509-cert`. Written here
-//! (each a published algorithm of a few lines, cross-checked against sigstore-python and
-//! sigstore-js on every fixture of `tests/sigstore`):
+//! clients (reqwest, hyper, tokio, a TLS stack), and the loader has no network stack.
+//! Certificate path validation is rustls-webpki's; ECDSA is RustCrypto's (`p256`, `p384`); X.509
+//! and the SCT list are parsed by `x509-cert`. Written here (each a published algorithm of a few
+//! lines, cross-checked against sigstore-python and sigstore-js on every fixture of
+//! `tests/sigstore`):
+//! - reading the bundle and trust root: serde types for the fields this crate uses, by the
+//!   protobuf JSON mapping of Sigstore's protobuf-specs (`bundle.rs`; unknown fields ignored);
 //! - bundle shape: media type v0.1–v0.3, a message signature (DSSE refused), exactly one tlog
 //!   entry with a SET, an inclusion proof and a checkpoint, no root certificate in a chain;
 //! - the leaf's code-signing profile (v3, not a CA, `digitalSignature`, `codeSigning`);
@@ -56,6 +57,7 @@
 
 #![forbid(unsafe_code)]
 
+mod bundle;
 mod cert;
 mod crypto;
 mod error;
@@ -66,7 +68,6 @@ mod trust;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use sha2::{Digest as _, Sha256};
-use sigstore_protobuf_specs::dev::sigstore::bundle::v1::{Bundle, bundle, verification_material};
 use x509_cert::Certificate;
 use x509_cert::der::Decode;
 
@@ -76,6 +77,7 @@ pub use error::{CertValidity, ChainCert, SigningError, TransparencyError};
 pub use identity::{IdentityRule, Matcher};
 pub use trust::TrustRoot;
 
+use bundle::{Bundle, MessageSignature, TransparencyLogEntry, VerificationMaterial};
 use crypto::{EcKey, Hash};
 use identity::FoundIdentity;
 
@@ -112,15 +114,15 @@ pub fn verify_bundle(
     trust: &TrustRoot,
     identities: &[IdentityRule],
 ) -> Result<VerifiedSigner, SigningError> {
-    let bundle = parse_bundle(bundle_json)?;
+    let bundle = Bundle::from_json(bundle_json)?;
     let digest: [u8; 32] = Sha256::digest(artifact).into();
 
     let message = signed_message(&bundle)?;
     check_message_digest(message, &digest)?;
     let material = verification_material(&bundle)?;
-    let leaf_der = match &material.content {
-        Some(verification_material::Content::Certificate(c)) => c.raw_bytes.as_slice(),
-        Some(verification_material::Content::X509CertificateChain(ch)) => {
+    let leaf_der = match (&material.certificate, &material.x509_certificate_chain) {
+        (Some(c), _) => c.raw_bytes.as_slice(),
+        (None, Some(ch)) => {
             let (leaf, rest) = ch.certificates.split_first().ok_or_else(|| {
                 SigningError::MalformedBundle("empty certificate chain".to_owned())
             })?;
@@ -137,12 +139,12 @@ pub fn verify_bundle(
             }
             leaf.raw_bytes.as_slice()
         }
-        Some(verification_material::Content::PublicKey(_)) => {
+        (None, None) if material.public_key.is_some() => {
             return Err(SigningError::MalformedBundle(
                 "key-based bundle (public-key hint): use verify_key_bundle".to_owned(),
             ));
         }
-        None => return Err(SigningError::MalformedBundle("no certificate".to_owned())),
+        (None, None) => return Err(SigningError::MalformedBundle("no certificate".to_owned())),
     };
     let leaf = Certificate::from_der(leaf_der)
         .map_err(|e| SigningError::MalformedBundle(format!("certificate: {e}")))?;
@@ -234,14 +236,11 @@ pub fn verify_logged_key_bundle(
     bundle_json: &[u8],
     trust: &TrustRoot,
 ) -> Result<VerifiedSigner, SigningError> {
-    let bundle = parse_bundle(bundle_json)?;
+    let bundle = Bundle::from_json(bundle_json)?;
     let digest: [u8; 32] = Sha256::digest(artifact).into();
     let message = signed_message(&bundle)?;
     let material = verification_material(&bundle)?;
-    if !matches!(
-        material.content,
-        Some(verification_material::Content::PublicKey(_))
-    ) {
+    if material.public_key.is_none() {
         return Err(SigningError::MalformedBundle(
             "not a key-based bundle: use verify_bundle".to_owned(),
         ));
@@ -313,11 +312,13 @@ pub fn signature_kind(bytes: &[u8]) -> Result<SignatureKind, SigningError> {
     if bytes.trim_ascii_start().first() != Some(&b'{') {
         return Ok(SignatureKind::Detached);
     }
-    let bundle = parse_bundle(bytes)?;
-    Ok(match bundle.verification_material.and_then(|m| m.content) {
-        Some(verification_material::Content::PublicKey(_)) => SignatureKind::KeyBundle,
-        _ => SignatureKind::KeylessBundle,
-    })
+    let bundle = Bundle::from_json(bytes)?;
+    Ok(
+        match bundle.verification_material.and_then(|m| m.public_key) {
+            Some(_) => SignatureKind::KeyBundle,
+            None => SignatureKind::KeylessBundle,
+        },
+    )
 }
 
 /// Hex SHA-256 of a P-256 public key's DER SubjectPublicKeyInfo: how key-based signers are
@@ -339,22 +340,20 @@ pub fn parse_detached(signature_b64_der: &[u8]) -> Result<Vec<u8>, SigningError>
 }
 
 /// The bundle's message signature over the artifact (programs are never DSSE envelopes).
-fn message_signature(
-    bundle: &Bundle,
-) -> Result<&sigstore_protobuf_specs::dev::sigstore::common::v1::MessageSignature, SigningError> {
-    match &bundle.content {
-        Some(bundle::Content::MessageSignature(m)) if !m.signature.is_empty() => Ok(m),
-        Some(bundle::Content::MessageSignature(_)) | None => Err(SigningError::Unsigned),
-        Some(bundle::Content::DsseEnvelope(_)) => Err(SigningError::MalformedBundle(
+fn message_signature(bundle: &Bundle) -> Result<&MessageSignature, SigningError> {
+    if bundle.dsse_envelope.is_some() {
+        return Err(SigningError::MalformedBundle(
             "DSSE envelopes are not accepted for programs".to_owned(),
-        )),
+        ));
     }
+    bundle
+        .message_signature
+        .as_ref()
+        .filter(|m| !m.signature.is_empty())
+        .ok_or(SigningError::Unsigned)
 }
 
-fn verification_material(
-    bundle: &Bundle,
-) -> Result<&sigstore_protobuf_specs::dev::sigstore::bundle::v1::VerificationMaterial, SigningError>
-{
+fn verification_material(bundle: &Bundle) -> Result<&VerificationMaterial, SigningError> {
     bundle
         .verification_material
         .as_ref()
@@ -363,9 +362,8 @@ fn verification_material(
 
 /// The bundle's one transparency-log entry.
 fn single_tlog_entry(
-    material: &sigstore_protobuf_specs::dev::sigstore::bundle::v1::VerificationMaterial,
-) -> Result<&sigstore_protobuf_specs::dev::sigstore::rekor::v1::TransparencyLogEntry, SigningError>
-{
+    material: &VerificationMaterial,
+) -> Result<&TransparencyLogEntry, SigningError> {
     match material.tlog_entries.as_slice() {
         [entry] => Ok(entry),
         other => Err(TransparencyError::Malformed(format!(
@@ -385,16 +383,9 @@ const BUNDLE_MEDIA_TYPES: [&str; 4] = [
     "application/vnd.dev.sigstore.bundle.v0.3+json",
 ];
 
-fn parse_bundle(json: &[u8]) -> Result<Bundle, SigningError> {
-    serde_json::from_slice::<Bundle>(json)
-        .map_err(|e| SigningError::MalformedBundle(format!("not a Sigstore bundle: {e}")))
-}
-
 /// The bundle's message signature over the artifact, in a bundle of a known version (a
 /// bundle without a signature is [`SigningError::Unsigned`] whatever else it lacks).
-fn signed_message(
-    bundle: &Bundle,
-) -> Result<&sigstore_protobuf_specs::dev::sigstore::common::v1::MessageSignature, SigningError> {
+fn signed_message(bundle: &Bundle) -> Result<&MessageSignature, SigningError> {
     let message = message_signature(bundle)?;
     if !BUNDLE_MEDIA_TYPES.contains(&bundle.media_type.as_str()) {
         return Err(SigningError::MalformedBundle(format!(
@@ -406,10 +397,7 @@ fn signed_message(
 }
 
 /// The bundle's `messageDigest`, where present, must be SHA-256 of the artifact.
-fn check_message_digest(
-    message: &sigstore_protobuf_specs::dev::sigstore::common::v1::MessageSignature,
-    digest: &[u8; 32],
-) -> Result<(), SigningError> {
+fn check_message_digest(message: &MessageSignature, digest: &[u8; 32]) -> Result<(), SigningError> {
     match &message.message_digest {
         Some(d) if d.digest.as_slice() != digest.as_slice() => Err(SigningError::SignatureMismatch),
         _ => Ok(()),

@@ -28,8 +28,8 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use sha2::{Digest as _, Sha256};
-use sigstore_protobuf_specs::dev::sigstore::rekor::v1::TransparencyLogEntry;
 
+use crate::bundle::TransparencyLogEntry;
 use crate::crypto::EcKey;
 use crate::error::TransparencyError as T;
 use crate::trust::TrustRoot;
@@ -77,15 +77,8 @@ pub(crate) fn check_entry(
         .map(|p| p.signed_entry_timestamp.as_slice())
         .filter(|s| !s.is_empty())
         .ok_or_else(|| T::Malformed("inclusionPromise (SET)".to_owned()))?;
-    let payload = serde_json::json!({
-        "body": B64.encode(&entry.canonicalized_body),
-        "integratedTime": entry.integrated_time,
-        "logID": hex::encode(log_id),
-        "logIndex": entry.log_index,
-    });
-    let payload = serde_json_canonicalizer::to_vec(&payload)
-        .map_err(|_| T::Malformed("SET payload".to_owned()))?;
-    if !key.verify(key.natural_hash(), &payload, set) {
+    let payload = set_payload(entry, log_id);
+    if !key.verify(key.natural_hash(), payload.as_bytes(), set) {
         return Err(T::SignedEntryTimestamp);
     }
 
@@ -146,6 +139,20 @@ pub(crate) fn check_entry(
         log_id: log_id.to_vec(),
         log_url: log.base_url.clone(),
     })
+}
+
+/// What the SET signs: the RFC 8785 canonical JSON of `{body, integratedTime, logID, logIndex}`
+/// (keys in UTF-16 order, no whitespace, integers in decimal; the base64 and hex strings need
+/// no escaping, and are escaped all the same).
+fn set_payload(entry: &TransparencyLogEntry, log_id: &[u8]) -> String {
+    let string = |s: String| serde_json::Value::String(s).to_string();
+    format!(
+        r#"{{"body":{},"integratedTime":{},"logID":{},"logIndex":{}}}"#,
+        string(B64.encode(&entry.canonicalized_body)),
+        entry.integrated_time,
+        string(hex::encode(log_id)),
+        entry.log_index,
+    )
 }
 
 /// A signed note (checkpoint): its signed text, the tree size and root hash it states, and its
@@ -287,6 +294,30 @@ mod tests {
         assert!(!inclusion_proof_verifies(5, 5, e, &[abcd], &root));
         // A single-leaf tree: the leaf is the root, with an empty proof.
         assert!(inclusion_proof_verifies(0, 1, a, &[], &a));
+    }
+
+    #[test]
+    fn set_payload_is_rfc8785_canonical_json() {
+        // As serde_json_canonicalizer (RFC 8785) wrote these before it was replaced.
+        let mut entry = TransparencyLogEntry {
+            canonicalized_body: br#"{"a":1}"#.to_vec(),
+            integrated_time: 1_700_000_000,
+            ..Default::default()
+        };
+        assert_eq!(
+            set_payload(&entry, &[0, 1, 0xab]),
+            r#"{"body":"eyJhIjoxfQ==","integratedTime":1700000000,"logID":"0001ab","logIndex":0}"#
+        );
+        entry = TransparencyLogEntry {
+            canonicalized_body: vec![0xff; 4],
+            integrated_time: 1,
+            log_index: 9_007_199_254_740_991,
+            ..Default::default()
+        };
+        assert_eq!(
+            set_payload(&entry, &[]),
+            r#"{"body":"/////w==","integratedTime":1,"logID":"","logIndex":9007199254740991}"#
+        );
     }
 
     #[test]

@@ -1,15 +1,11 @@
 //! The trust root: `trusted_root.json` (protobuf-specs `TrustedRoot`, JSON mapping).
 
 use rustls_pki_types::CertificateDer;
-use sigstore_protobuf_specs::dev::sigstore::common::v1::TimeRange;
-use sigstore_protobuf_specs::dev::sigstore::trustroot::v1::{
-    TransparencyLogInstance, TrustedRoot as ProtoTrustedRoot,
-};
-
 use x509_cert::Certificate;
 use x509_cert::der::Decode;
 use x509_cert::ext::pkix::{AuthorityKeyIdentifier, SubjectKeyIdentifier};
 
+use crate::bundle::{TimeRange, TransparencyLogInstance, TrustedRoot as ProtoTrustedRoot};
 use crate::cert::unix;
 use crate::crypto::EcKey;
 use crate::{CertValidity, ChainCert, SigningError};
@@ -24,8 +20,8 @@ pub(crate) struct Window {
 impl Window {
     fn from_proto(range: Option<&TimeRange>) -> Self {
         Self {
-            start: range.and_then(|r| r.start.as_ref()).map(|t| t.seconds),
-            end: range.and_then(|r| r.end.as_ref()).map(|t| t.seconds),
+            start: range.and_then(|r| r.start),
+            end: range.and_then(|r| r.end),
         }
     }
 

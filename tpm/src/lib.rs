@@ -289,6 +289,9 @@ pub struct Tpm {
     ak_public_area: Vec<u8>,
     /// The EK's transient handle, once [`Tpm::endorsement`] created it.
     ek: Option<KeyHandle>,
+    /// Counts this context for test harnesses (see `swtpm::spawn_guarded`).
+    #[cfg(feature = "swtpm")]
+    _counted: swtpm::TssContext,
 }
 
 impl fmt::Debug for Tpm {
@@ -309,11 +312,18 @@ impl Tpm {
             tcti: tcti.to_owned(),
             source,
         })?;
-        let context = Context::new(conf).map_err(|source| TpmError::Unreachable {
+        let unreachable = |source| TpmError::Unreachable {
             tcti: tcti.to_owned(),
             source,
-        })?;
+        };
+        #[cfg(feature = "swtpm")]
+        let (context, counted) =
+            swtpm::TssContext::counted(|| Context::new(conf)).map_err(unreachable)?;
+        #[cfg(not(feature = "swtpm"))]
+        let context = Context::new(conf).map_err(unreachable)?;
         let mut tpm = Tpm {
+            #[cfg(feature = "swtpm")]
+            _counted: counted,
             context,
             tcti: tcti.to_owned(),
             ak: None,

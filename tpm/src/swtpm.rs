@@ -16,11 +16,84 @@ use std::fs::File;
 use std::io::Read;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 /// How many port pairs to try before giving up.
 const ATTEMPTS: usize = 5;
+
+/// TSS contexts ([`crate::Tpm`]s) open in this process, counted when the
+/// `swtpm` feature is on. libtss2's sockets are not close-on-exec, so a child
+/// started while one is open inherits its connection to a swtpm and keeps it
+/// for its whole life; swtpm serves one client at a time on each port, so that
+/// TPM's next client then waits forever (seen in CI: two e2e tests in
+/// parallel, `cinfer measure-loader` hung on the other test's swtpm). Test
+/// harnesses therefore start children with [`spawn_guarded`], which waits
+/// until no context is open.
+static TSS_OPEN: Mutex<usize> = Mutex::new(0);
+static TSS_CLOSED: Condvar = Condvar::new();
+
+/// How long [`spawn_guarded`] waits for open TSS contexts to close before it
+/// starts the child anyway (a thread holding a `Tpm` for long, or the calling
+/// thread itself: never a deadlock, at worst the old race).
+const FORK_WAIT: Duration = Duration::from_secs(10);
+
+fn tss_open() -> MutexGuard<'static, usize> {
+    TSS_OPEN.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One open TSS context, counted in [`TSS_OPEN`] until dropped.
+#[derive(Debug)]
+pub(crate) struct TssContext(());
+
+impl TssContext {
+    /// Creates a context with `open` and counts it; `open` runs while no
+    /// child can be starting.
+    pub(crate) fn counted<T, E>(open: impl FnOnce() -> Result<T, E>) -> Result<(T, Self), E> {
+        let mut n = tss_open();
+        let context = open()?;
+        *n += 1;
+        Ok((context, TssContext(())))
+    }
+}
+
+impl Drop for TssContext {
+    fn drop(&mut self) {
+        let mut n = tss_open();
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            TSS_CLOSED.notify_all();
+        }
+    }
+}
+
+/// Starts `cmd` when no TSS context is open in this process (see
+/// [`TSS_OPEN`]; after [`FORK_WAIT`] at most), none opening meanwhile.
+pub fn spawn_guarded(cmd: &mut Command) -> std::io::Result<Child> {
+    let deadline = Instant::now() + FORK_WAIT;
+    let mut open = tss_open();
+    while *open > 0 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        open = match TSS_CLOSED.wait_timeout(open, left) {
+            Ok((g, _)) => g,
+            Err(e) => e.into_inner().0,
+        };
+    }
+    cmd.spawn()
+}
+
+/// `cmd.output()` (stdin null, stdout and stderr captured), started under
+/// [`spawn_guarded`] (the wait is not).
+pub fn output_guarded(cmd: &mut Command) -> std::io::Result<std::process::Output> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    spawn_guarded(cmd)?.wait_with_output()
+}
 
 /// The boot PCRs the harness measures at start.
 pub const BOOT_PCRS: std::ops::RangeInclusive<u8> = 0..=7;
@@ -125,17 +198,16 @@ impl LocalCa {
 
     /// Runs `swtpm_setup --create-ek-cert` on the state directory `state`.
     fn manufacture(&self, state: &std::path::Path) -> Result<(), String> {
-        let out = Command::new("swtpm_setup")
+        let mut setup = Command::new("swtpm_setup");
+        setup
             .arg("--tpm2")
             .arg("--tpmstate")
             .arg(state)
             .arg("--create-ek-cert")
             .arg("--overwrite")
             .arg("--config")
-            .arg(self.dir.path().join("swtpm_setup.conf"))
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("running swtpm_setup: {e}"))?;
+            .arg(self.dir.path().join("swtpm_setup.conf"));
+        let out = output_guarded(&mut setup).map_err(|e| format!("running swtpm_setup: {e}"))?;
         if !out.status.success() {
             return Err(format!(
                 "swtpm_setup failed ({}): {}{}",
@@ -214,8 +286,8 @@ impl Swtpm {
                 what: "creating the log file",
                 source,
             })?;
-            let spawned = Command::new("swtpm")
-                .arg("socket")
+            let mut cmd = Command::new("swtpm");
+            cmd.arg("socket")
                 .arg("--tpm2")
                 .arg("--tpmstate")
                 .arg(format!("dir={}", state.path().display()))
@@ -227,9 +299,8 @@ impl Swtpm {
                 .arg("not-need-init,startup-clear")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(log)
-                .spawn();
-            let child = match spawned {
+                .stderr(log);
+            let child = match spawn_guarded(&mut cmd) {
                 Ok(c) => c,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     return Err(SwtpmError::NotInstalled);

@@ -84,6 +84,19 @@ pub struct AccelCtx {
     deadline: Option<std::time::Instant>,
 }
 
+/// The sizes of one checked `decoder-layer` launch.
+struct LayerPlan {
+    m: usize,
+    dim: usize,
+    ffn: usize,
+    shape: AttentionShape,
+    /// Multiply-adds of the whole layer.
+    work: u128,
+}
+
+/// Most layers one `decoder-stack` launch takes.
+const MAX_STACK_LAYERS: usize = 256;
+
 /// WIT dtype ↔ backend element type.
 pub fn elem_type(d: Dtype) -> ElemType {
     match d {
@@ -243,6 +256,36 @@ impl AccelCtx {
         match pairs.as_slice() {
             [(w, n)] => self.backend.matmul(x, w, m, k, *n).map(|o| vec![o]),
             _ => self.backend.matmul_many(x, &pairs, m, k),
+        }
+    }
+
+    /// `x · wᵀ + r` on checked buffers: through the next round when the run
+    /// is batched and the launch is decode-sized (the product from the round,
+    /// then the residual add: what the fused kernel computes, bit for bit,
+    /// tested), else the backend's fused kernel.
+    async fn matmul_add_launch(
+        &mut self,
+        x: &DeviceBuffer,
+        w: Arc<DeviceBuffer>,
+        r: &DeviceBuffer,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<DeviceBuffer, BackendError> {
+        self.launches += 1;
+        if self
+            .rounds
+            .as_ref()
+            .is_some_and(|rounds| rounds.takes(x, m))
+        {
+            let p = self.multiply(x, vec![(w, n)], m, k).await?;
+            let [p] = <[DeviceBuffer; 1]>::try_from(p).map_err(|_| {
+                BackendError::Device("matmul returned another number of results".to_owned())
+            })?;
+            self.backend.binary(BinaryOp::Add, r, &p, n)
+        } else {
+            self.matmul_steps += 1;
+            self.backend.matmul_add(x, &w, r, m, k, n)
         }
     }
 
@@ -536,22 +579,21 @@ impl AccelCtx {
         Ok(Ok((sq, sk, skc)))
     }
 
-    /// Runs `attention` on checked operands `[q, k, v, k-cache, v-cache]`
-    /// (caches of `ctx` rows), rotating q and k first when `rope` gives a
-    /// theta: the cache checks, the work cap and the launch.
-    fn attention_launch(
-        &mut self,
-        operands: [Resource<Tensor>; 5],
+    /// The cache checks of an attention launch on caches of `ctx` rows:
+    /// neither cache aliases the other or an operand (`inputs`, handle
+    /// numbers), both writable, the visible rows within the caches and
+    /// [`MAX_CONTEXT`], the work cap. Returns the launch's work.
+    fn cache_args(
+        &self,
+        inputs: &[u32],
+        k_cache: &Resource<Tensor>,
+        v_cache: &Resource<Tensor>,
         ctx: u32,
-        shape: AttentionShape,
-        rope: Option<f32>,
-        out_shape: Vec<u32>,
-    ) -> OpResult<Resource<Tensor>> {
-        let [q, k, v, k_cache, v_cache] = operands;
-        let reps = [q.rep(), k.rep(), v.rep(), k_cache.rep(), v_cache.rep()];
-        let caches_aliased =
-            reps[3] == reps[4] || reps[..3].contains(&reps[3]) || reps[..3].contains(&reps[4]);
-        let caches_writable = self.get(&k_cache)?.downloadable && self.get(&v_cache)?.downloadable;
+        shape: &AttentionShape,
+    ) -> OpResult<u128> {
+        let (kr, vr) = (k_cache.rep(), v_cache.rep());
+        let caches_aliased = kr == vr || inputs.contains(&kr) || inputs.contains(&vr);
+        let caches_writable = self.get(k_cache)?.downloadable && self.get(v_cache)?.downloadable;
         let (seq, pos) = (shape.seq as u32, shape.pos as u32);
         let visible = pos.checked_add(seq);
         if caches_aliased
@@ -569,6 +611,23 @@ impl AccelCtx {
         if work > u128::from(MAX_LAUNCH_WORK) {
             return Ok(Err(AccelError::InvalidArgument));
         }
+        Ok(Ok(work))
+    }
+
+    /// Runs `attention` on checked operands `[q, k, v, k-cache, v-cache]`
+    /// (caches of `ctx` rows), rotating q and k first when `rope` gives a
+    /// theta: the cache checks, the work cap and the launch.
+    fn attention_launch(
+        &mut self,
+        operands: [Resource<Tensor>; 5],
+        ctx: u32,
+        shape: AttentionShape,
+        rope: Option<f32>,
+        out_shape: Vec<u32>,
+    ) -> OpResult<Resource<Tensor>> {
+        let [q, k, v, k_cache, v_cache] = operands;
+        let inputs = [q.rep(), k.rep(), v.rep()];
+        let work = guest_try!(self.cache_args(&inputs, &k_cache, &v_cache, ctx, &shape)?);
         self.check_deadline(work)?;
         guest_try!(self.check_alloc(&out_shape, ElemType::F32));
         if rope.is_some() {
@@ -577,31 +636,168 @@ impl AccelCtx {
             let k_elems = (shape.seq * shape.kv_heads * shape.head_dim) as u64;
             guest_try!(self.reserve(ElemType::F32.bytes(2 * q_elems + k_elems)));
         }
+        let [qb, kb, vb] = [&q, &k, &v].map(|t| self.get(t).map(|t| t.buf.clone()));
+        let (qb, kb, vb) = (qb?, kb?, vb?);
+        let out = backend_try!(self.attend(&qb, &kb, &vb, &k_cache, &v_cache, shape, rope)?);
+        self.insert(out_shape, out, true)
+    }
+
+    /// Attention on checked buffers, after RoPE on q and k when `rope` gives
+    /// a theta, writing k and v into the caches.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &mut self,
+        q: &DeviceBuffer,
+        k: &DeviceBuffer,
+        v: &DeviceBuffer,
+        k_cache: &Resource<Tensor>,
+        v_cache: &Resource<Tensor>,
+        shape: AttentionShape,
+        rope: Option<f32>,
+    ) -> wasmtime::Result<Result<DeviceBuffer, BackendError>> {
         // Take the caches out of the table while the kernel writes them
         // (they are activations, never shared, so make_mut does not copy).
         let empty = || Arc::new(DeviceBuffer::F32(Vec::new()));
-        let mut kc = std::mem::replace(&mut self.get_mut(&k_cache)?.buf, empty());
-        let mut vc = std::mem::replace(&mut self.get_mut(&v_cache)?.buf, empty());
+        let mut kc = std::mem::replace(&mut self.get_mut(k_cache)?.buf, empty());
+        let mut vc = std::mem::replace(&mut self.get_mut(v_cache)?.buf, empty());
         self.launches += 1;
-        let (qb, kb, vb) = (
-            self.buf_by_rep(reps[0]),
-            self.buf_by_rep(reps[1]),
-            self.buf_by_rep(reps[2]),
-        );
         let (kcb, vcb) = (Arc::make_mut(&mut kc), Arc::make_mut(&mut vc));
         let result = match rope {
-            None => self.backend.attention(qb, kb, vb, kcb, vcb, shape),
+            None => self.backend.attention(q, k, v, kcb, vcb, shape),
             Some(theta) => (|| {
                 let (hd, p) = (shape.head_dim, shape.pos as u32);
-                let qr = self.backend.rope(qb, shape.heads, hd, p, theta)?;
-                let kr = self.backend.rope(kb, shape.kv_heads, hd, p, theta)?;
-                self.backend.attention(&qr, &kr, vb, kcb, vcb, shape)
+                let qr = self.backend.rope(q, shape.heads, hd, p, theta)?;
+                let kr = self.backend.rope(k, shape.kv_heads, hd, p, theta)?;
+                self.backend.attention(&qr, &kr, v, kcb, vcb, shape)
             })(),
         };
-        self.get_mut(&k_cache)?.buf = kc;
-        self.get_mut(&v_cache)?.buf = vc;
-        let out = backend_try!(result);
-        self.insert(out_shape, out, true)
+        self.get_mut(k_cache)?.buf = kc;
+        self.get_mut(v_cache)?.buf = vc;
+        Ok(result)
+    }
+
+    /// Every check the six launches of `decoder-layer` make one by one,
+    /// made before any of them runs, so that a refused layer changes nothing
+    /// (its caches included), and room for every intermediate at once (a
+    /// bound on the peak) and the output. The caller checks the deadline
+    /// against the plan's `work`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_plan(
+        &self,
+        x: &Resource<Tensor>,
+        ws: &[Resource<Tensor>; 9],
+        k_cache: &Resource<Tensor>,
+        v_cache: &Resource<Tensor>,
+        pos: u32,
+        eps: f32,
+        theta: f32,
+    ) -> OpResult<LayerPlan> {
+        let [attn_norm, wq, wk, wv, wo, ffn_norm, gate, up, down] = ws;
+        let sx = guest_try!(self.f32_operand(x)?);
+        guest_try!(self.norm_args(&sx, attn_norm, eps)?);
+        let (m, dim, nq) = guest_try!(self.matmul_shape(&sx, wq)?);
+        let (_, _, nk) = guest_try!(self.matmul_shape(&sx, wk)?);
+        let (_, _, nv) = guest_try!(self.matmul_shape(&sx, wv)?);
+        let (skc, kty) = guest_try!(self.operand(k_cache, &[ElemType::F32, ElemType::F16])?);
+        let (svc, vty) = guest_try!(self.operand(v_cache, &[ElemType::F32, ElemType::F16])?);
+        let [ctx, kvh, hd] = skc.as_slice() else {
+            return Ok(Err(AccelError::ShapeMismatch));
+        };
+        let (ctx, kvh, hd) = (*ctx, *kvh as usize, *hd as usize);
+        if nv != nk
+            || svc != skc
+            || kty != vty
+            || hd % 2 != 0
+            || nq % hd != 0
+            || nk != kvh * hd
+            || (nq / hd) % kvh != 0
+        {
+            return Ok(Err(AccelError::ShapeMismatch));
+        }
+        if !rope_theta_ok(theta) {
+            return Ok(Err(AccelError::InvalidArgument));
+        }
+        let shape = AttentionShape {
+            seq: m,
+            heads: nq / hd,
+            kv_heads: kvh,
+            head_dim: hd,
+            pos: pos as usize,
+        };
+        let attention = guest_try!(self.cache_args(&[], k_cache, v_cache, ctx, &shape)?);
+        let (_, _, no) = guest_try!(self.matmul_shape(&[m as u32, nq as u32], wo)?);
+        guest_try!(self.norm_args(&sx, ffn_norm, eps)?);
+        let (_, _, ffn) = guest_try!(self.matmul_shape(&sx, gate)?);
+        let (_, _, nu) = guest_try!(self.matmul_shape(&sx, up)?);
+        let (_, _, nd) = guest_try!(self.matmul_shape(&[m as u32, ffn as u32], down)?);
+        // The residuals have x's shape; silu-mul takes gate and up alike.
+        if no != dim || nu != ffn || nd != dim {
+            return Ok(Err(AccelError::ShapeMismatch));
+        }
+        let [m, d, q, kv, f] = [m, dim, nq, nk, ffn].map(|n| n as u64);
+        // normed x, q k v, rotated q k, attention, h and its product, normed
+        // h, gate and up, silu-mul, the output and its product.
+        let elems = m * (d + (q + 2 * kv) + (q + kv) + q + 2 * d + d + 2 * f + f + 2 * d);
+        guest_try!(self.reserve(ElemType::F32.bytes(elems)));
+        let [m, d, q, kv, f] = [m, d, q, kv, f].map(u128::from);
+        let matmuls = m * d * (q + 2 * kv) + m * q * d + m * d * 2 * f + m * f * d;
+        Ok(Ok(LayerPlan {
+            m: m as usize,
+            dim,
+            ffn,
+            shape,
+            work: matmuls + attention + 2 * m * d,
+        }))
+    }
+
+    /// The six launches of a planned decoder layer on `x`, on buffers:
+    /// norm-matmul-many (Q, K, V), rope-attention, matmul-add (output +
+    /// residual), norm-matmul-many (gate, up), silu-mul, matmul-add (down +
+    /// residual). Intermediates never enter the tensor table; the plan
+    /// checked room for them. A backend failure is the guest's out-of-memory
+    /// or a trap, as for any launch (`backend_err`).
+    async fn layer_run(
+        &mut self,
+        x: &DeviceBuffer,
+        ws: &[Resource<Tensor>; 9],
+        [k_cache, v_cache]: [&Resource<Tensor>; 2],
+        l: &LayerPlan,
+        eps: f32,
+        theta: f32,
+    ) -> OpResult<DeviceBuffer> {
+        let (m, dim, ffn) = (l.m, l.dim, l.ffn);
+        let (nq, nkv) = (
+            l.shape.heads * l.shape.head_dim,
+            l.shape.kv_heads * l.shape.head_dim,
+        );
+        let [attn_norm, wq, wk, wv, wo, ffn_norm, gate, up, down] =
+            ws.each_ref().map(|w| self.get(w).map(|t| t.buf.clone()));
+        let (attn_norm, ffn_norm) = (attn_norm?, ffn_norm?);
+        let results = |n: usize| {
+            wasmtime::Error::msg(format!(
+                "accelerator: matmul_many returned another number of results than {n}"
+            ))
+        };
+        self.launches += 1;
+        let h = backend_try!(self.backend.rmsnorm(x, &attn_norm, dim, eps));
+        let qkv = vec![(wq?, nq), (wk?, nkv), (wv?, nkv)];
+        let qkv = backend_try!(self.multiply(&h, qkv, m, dim).await);
+        let [q, k, v] = <[DeviceBuffer; 3]>::try_from(qkv).map_err(|_| results(3))?;
+        let a = backend_try!(self.attend(&q, &k, &v, k_cache, v_cache, l.shape, Some(theta))?);
+        let h = backend_try!(self.matmul_add_launch(&a, wo?, x, m, nq, dim).await);
+        self.launches += 1;
+        let n = backend_try!(self.backend.rmsnorm(&h, &ffn_norm, dim, eps));
+        let gu = backend_try!(
+            self.multiply(&n, vec![(gate?, ffn), (up?, ffn)], m, dim)
+                .await
+        );
+        let [g, u] = gu.as_slice() else {
+            return Err(results(2));
+        };
+        self.launches += 1;
+        let s = backend_try!(self.backend.silu_mul(g, u));
+        let out = backend_try!(self.matmul_add_launch(&s, down?, &h, m, ffn, dim).await);
+        Ok(Ok(out))
     }
 
     /// The buffer of a live tensor by handle number (validated by the caller).
@@ -768,21 +964,7 @@ impl Host for AccelCtx {
             self.get(&w)?.buf.clone(),
             self.get(&r)?.buf.clone(),
         );
-        self.launches += 1;
-        let buf = if self.rounds.as_ref().is_some_and(|r| r.takes(&xb, m)) {
-            // Batched: the product comes from the round, then the residual
-            // add (what the fused kernel computes, bit for bit: tested).
-            let mut p = backend_try!(self.multiply(&xb, vec![(wb, n)], m, k).await);
-            let Some(p) = p.pop() else {
-                return Err(wasmtime::Error::msg(
-                    "accelerator: matmul returned no result",
-                ));
-            };
-            backend_try!(self.backend.binary(BinaryOp::Add, &rb, &p, n))
-        } else {
-            self.matmul_steps += 1;
-            backend_try!(self.backend.matmul_add(&xb, &wb, &rb, m, k, n))
-        };
+        let buf = backend_try!(self.matmul_add_launch(&xb, wb, &rb, m, k, n).await);
         self.insert(sr, buf, true)
     }
 
@@ -796,61 +978,57 @@ impl Host for AccelCtx {
         eps: f32,
         theta: f32,
     ) -> OpResult<Resource<Tensor>> {
-        let Ok([attn_norm, wq, wk, wv, wo, ffn_norm, gate, up, down]) =
-            <[Resource<Tensor>; 9]>::try_from(ws)
-        else {
+        let Ok(ws) = <[Resource<Tensor>; 9]>::try_from(ws) else {
             return Ok(Err(AccelError::InvalidArgument));
         };
-        let b = |t: &Resource<Tensor>| Resource::<Tensor>::new_borrow(t.rep());
-        // Intermediates live in this context's table like any tensor (so the
-        // budget counts them) and are dropped here, whatever happens.
-        let mut temps: Vec<Resource<Tensor>> = Vec::with_capacity(8);
-        let out = async {
-            let qkv = guest_try!(
-                self.matmul_many_launch(b(&x), Some((attn_norm, eps)), vec![wq, wk, wv])
-                    .await?
-            );
-            let qkv_reps: Vec<u32> = qkv.iter().map(Resource::rep).collect();
-            temps.extend(qkv);
-            let [q, k, v] = [0, 1, 2].map(|i| Resource::<Tensor>::new_borrow(qkv_reps[i]));
-            let a =
-                guest_try!(self.rope_attention(q, k, v, b(&k_cache), b(&v_cache), pos, theta)?);
-            let a_rep = a.rep();
-            temps.push(a);
-            let h =
-                guest_try!(Host::matmul_add(self, Resource::new_borrow(a_rep), wo, b(&x)).await?);
-            let h_rep = h.rep();
-            temps.push(h);
-            let gu = guest_try!(
-                self.matmul_many_launch(
-                    Resource::new_borrow(h_rep),
-                    Some((ffn_norm, eps)),
-                    vec![gate, up]
-                )
+        let l = guest_try!(self.layer_plan(&x, &ws, &k_cache, &v_cache, pos, eps, theta)?);
+        self.check_deadline(l.work)?;
+        let xb = self.get(&x)?.buf.clone();
+        let out = guest_try!(
+            self.layer_run(&xb, &ws, [&k_cache, &v_cache], &l, eps, theta)
                 .await?
-            );
-            let gu_reps: Vec<u32> = gu.iter().map(Resource::rep).collect();
-            temps.extend(gu);
-            let s = guest_try!(Host::silu_mul(
-                self,
-                Resource::new_borrow(gu_reps[0]),
-                Resource::new_borrow(gu_reps[1])
-            )?);
-            let s_rep = s.rep();
-            temps.push(s);
-            Host::matmul_add(
-                self,
-                Resource::new_borrow(s_rep),
-                down,
-                Resource::new_borrow(h_rep),
-            )
-            .await
+        );
+        self.insert(vec![l.m as u32, l.dim as u32], out, true)
+    }
+
+    async fn decoder_stack(
+        &mut self,
+        x: Resource<Tensor>,
+        ws: Vec<Resource<Tensor>>,
+        caches: Vec<Resource<Tensor>>,
+        pos: u32,
+        eps: f32,
+        theta: f32,
+    ) -> OpResult<Resource<Tensor>> {
+        let layers = caches.len() / 2;
+        if layers == 0
+            || layers > MAX_STACK_LAYERS
+            || caches.len() != 2 * layers
+            || ws.len() != 9 * layers
+        {
+            return Ok(Err(AccelError::InvalidArgument));
         }
-        .await;
-        for t in temps {
-            HostTensor::drop(self, t)?;
+        let layer = |i: usize| -> (&[Resource<Tensor>; 9], [&Resource<Tensor>; 2]) {
+            let w = ws[9 * i..9 * i + 9]
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("9 weights"));
+            (w, [&caches[2 * i], &caches[2 * i + 1]])
+        };
+        // Every layer checked (against x's shape, which each layer keeps)
+        // before any launch runs; the deadline against the whole stack.
+        let mut plans = Vec::with_capacity(layers);
+        for i in 0..layers {
+            let (w, [kc, vc]) = layer(i);
+            plans.push(guest_try!(self.layer_plan(&x, w, kc, vc, pos, eps, theta)?));
         }
-        out
+        self.check_deadline(plans.iter().map(|l| l.work).sum())?;
+        let mut xb = self.get(&x)?.buf.clone();
+        for (i, l) in plans.iter().enumerate() {
+            let (w, c) = layer(i);
+            xb = Arc::new(guest_try!(self.layer_run(&xb, w, c, l, eps, theta).await?));
+        }
+        let shape = vec![plans[0].m as u32, plans[0].dim as u32];
+        self.insert_shared(shape, xb, true)
     }
 
     fn embedding(&mut self, table: Resource<Tensor>, ids: Vec<u32>) -> OpResult<Resource<Tensor>> {
@@ -1101,16 +1279,9 @@ mod tests {
         Resource::new_borrow(r.rep())
     }
 
-    /// `decoder-layer` is the six launches made one by one, bit for bit, on
-    /// random weights of a small GQA layer, at two positions (the caches
-    /// updated the same); it drops every intermediate; a wrong weight list
-    /// or shape is refused with the reason a single launch gives.
-    #[test]
-    fn a_decoder_layer_is_its_six_launches_bit_for_bit() {
-        // 4 query heads and 2 KV heads of 16.
-        let (dim, kvh, hd, ffn, ctxlen) = (64u32, 2u32, 16u32, 96u32, 8u32);
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut rnd = |n: u32| -> Vec<f32> {
+    /// A xorshift stream of values in [-1, 1] (deterministic test data).
+    fn xorshift(mut seed: u64) -> impl FnMut(u32) -> Vec<f32> {
+        move |n| {
             (0..n)
                 .map(|_| {
                     seed ^= seed << 13;
@@ -1119,20 +1290,37 @@ mod tests {
                     (seed % 2001) as f32 / 1000.0 - 1.0
                 })
                 .collect()
-        };
+        }
+    }
+
+    /// The shapes of a decoder layer's nine weights (`decoder-layer`'s order)
+    /// for width `dim`, `kv` key/value columns and `ffn` hidden units.
+    fn layer_shapes(dim: u32, kv: u32, ffn: u32) -> [Vec<u32>; 9] {
+        [
+            vec![dim],
+            vec![dim, dim],
+            vec![kv, dim],
+            vec![kv, dim],
+            vec![dim, dim],
+            vec![dim],
+            vec![ffn, dim],
+            vec![ffn, dim],
+            vec![dim, ffn],
+        ]
+    }
+
+    /// `decoder-layer` is the six launches made one by one, bit for bit, on
+    /// random weights of a small GQA layer, at two positions (the caches
+    /// updated the same); it drops every intermediate; a wrong weight list
+    /// or shape is refused with the reason a single launch gives.
+    #[test]
+    fn a_decoder_layer_is_its_six_launches_bit_for_bit() {
+        // 4 query heads and 2 KV heads of 16.
+        let (dim, kvh, hd, ffn, ctxlen) = (64u32, 2u32, 16u32, 96u32, 8u32);
+        let mut rnd = xorshift(0x2545_f491_4f6c_dd1d);
         let mut one = ctx(64 << 20);
         let mut six = ctx(64 << 20);
-        let shapes: [&[u32]; 9] = [
-            &[dim],
-            &[dim, dim],
-            &[kvh * hd, dim],
-            &[kvh * hd, dim],
-            &[dim, dim],
-            &[dim],
-            &[ffn, dim],
-            &[ffn, dim],
-            &[dim, ffn],
-        ];
+        let shapes = layer_shapes(dim, kvh * hd, ffn);
         let data: Vec<Vec<f32>> = shapes.iter().map(|s| rnd(s.iter().product())).collect();
         let load = |c: &mut AccelCtx| -> Vec<Resource<Tensor>> {
             shapes.iter().zip(&data).map(|(s, d)| t(c, s, d)).collect()
@@ -1214,6 +1402,9 @@ mod tests {
             ))),
             AccelError::InvalidArgument
         );
+        // The wrong weight is the gate, checked after attention would have
+        // run: the layer is refused before any launch, its caches unchanged.
+        let caches_before = [&k1, &v1].map(|c| ok(one.download(borrow(c))));
         let mut swapped: Vec<Resource<Tensor>> = w1.iter().map(borrow).collect();
         swapped.swap(6, 8);
         assert_eq!(
@@ -1229,6 +1420,121 @@ mod tests {
             AccelError::ShapeMismatch
         );
         assert_eq!(one.live, live, "a refused layer leaves no tensor behind");
+        assert_eq!(
+            [&k1, &v1].map(|c| ok(one.download(borrow(c)))),
+            caches_before,
+            "a refused layer writes nothing into its caches"
+        );
+    }
+
+    /// `decoder-stack` over three layers is `decoder-layer` three times, bit
+    /// for bit (outputs and caches), at two positions; a stack with one bad
+    /// layer, or lists of the wrong lengths, is refused before anything runs.
+    #[test]
+    fn a_decoder_stack_is_its_layers_one_by_one_bit_for_bit() {
+        let (dim, kvh, hd, ffn, ctxlen, layers) = (64u32, 2u32, 16u32, 96u32, 8u32, 3usize);
+        let mut rnd = xorshift(0x9e37_79b9_7f4a_7c15);
+        let shapes = layer_shapes(dim, kvh * hd, ffn);
+        let data: Vec<Vec<f32>> = (0..layers)
+            .flat_map(|_| shapes.iter().map(|s| s.iter().product::<u32>()))
+            .map(&mut rnd)
+            .collect();
+        let (mut stack, mut each) = (ctx(64 << 20), ctx(64 << 20));
+        let load = |c: &mut AccelCtx| -> (Vec<Resource<Tensor>>, Vec<Resource<Tensor>>) {
+            let ws = data
+                .iter()
+                .enumerate()
+                .map(|(i, d)| t(c, &shapes[i % 9], d))
+                .collect();
+            let caches = (0..2 * layers)
+                .map(|_| ok(c.zeros(Dtype::F16, vec![ctxlen, kvh, hd])))
+                .collect();
+            (ws, caches)
+        };
+        let ((ws, caches), (ws1, caches1)) = (load(&mut stack), load(&mut each));
+        let (eps, theta) = (1e-5f32, 10000.0f32);
+        let bits = |c: &mut AccelCtx, r: &Resource<Tensor>| -> Vec<u32> {
+            ok(c.download(borrow(r)))
+                .iter()
+                .map(|f| f.to_bits())
+                .collect()
+        };
+        for (pos, seq) in [(0u32, 3u32), (3, 1)] {
+            let x0 = rnd(seq * dim);
+            let (x, x1) = (
+                t(&mut stack, &[seq, dim], &x0),
+                t(&mut each, &[seq, dim], &x0),
+            );
+            let live = stack.live;
+            let got = ok(now(stack.decoder_stack(
+                borrow(&x),
+                ws.iter().map(borrow).collect(),
+                caches.iter().map(borrow).collect(),
+                pos,
+                eps,
+                theta,
+            )));
+            assert_eq!(stack.live, live + 1, "only the output stays");
+            let mut want = borrow(&x1);
+            for l in 0..layers {
+                want = ok(now(each.decoder_layer(
+                    want,
+                    ws1[9 * l..9 * l + 9].iter().map(borrow).collect(),
+                    borrow(&caches1[2 * l]),
+                    borrow(&caches1[2 * l + 1]),
+                    pos,
+                    eps,
+                    theta,
+                )));
+            }
+            assert_eq!(bits(&mut stack, &got), bits(&mut each, &want), "pos {pos}");
+        }
+        for (a, b) in caches.iter().zip(&caches1) {
+            assert_eq!(
+                bits(&mut stack, a),
+                bits(&mut each, b),
+                "the caches hold the same"
+            );
+        }
+        // The last layer's down weight swapped for its gate: refused before
+        // the first layer runs, no cache written, no tensor left.
+        let x = t(&mut stack, &[1, dim], &rnd(dim));
+        let before: Vec<Vec<u32>> = caches.iter().map(|c| bits(&mut stack, c)).collect();
+        let live = stack.live;
+        let mut bad: Vec<Resource<Tensor>> = ws.iter().map(borrow).collect();
+        bad.swap(9 * (layers - 1) + 6, 9 * (layers - 1) + 8);
+        let call = |c: &mut AccelCtx, ws: Vec<Resource<Tensor>>, caches: Vec<Resource<Tensor>>| {
+            guest_err(now(c.decoder_stack(borrow(&x), ws, caches, 4, eps, theta)))
+        };
+        let all =
+            |v: &[Resource<Tensor>]| -> Vec<Resource<Tensor>> { v.iter().map(borrow).collect() };
+        assert_eq!(
+            call(&mut stack, bad, all(&caches)),
+            AccelError::ShapeMismatch
+        );
+        // Lists of the wrong lengths, or none at all.
+        assert_eq!(
+            call(&mut stack, all(&ws[..26]), all(&caches)),
+            AccelError::InvalidArgument
+        );
+        assert_eq!(
+            call(&mut stack, all(&ws), all(&caches[..5])),
+            AccelError::InvalidArgument
+        );
+        assert_eq!(
+            call(&mut stack, Vec::new(), Vec::new()),
+            AccelError::InvalidArgument
+        );
+        // A layer whose caches are one tensor.
+        let mut same = all(&caches);
+        same[3] = borrow(&caches[2]);
+        assert_eq!(
+            call(&mut stack, all(&ws), same),
+            AccelError::InvalidArgument
+        );
+        assert_eq!(stack.live, live, "a refused stack leaves no tensor behind");
+        let after: Vec<Vec<u32>> = caches.iter().map(|c| bits(&mut stack, c)).collect();
+        assert_eq!(after, before, "a refused stack writes no cache");
     }
 
     #[test]

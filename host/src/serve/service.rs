@@ -153,7 +153,7 @@ impl Service {
         attestor: Attestor,
         policy: Policy,
         config: &ServeConfig,
-        dir: &cap_std::fs::Dir,
+        dir: &crate::dir::Dir,
     ) -> Result<Self, ServeError> {
         let policy_sha256 = hex::encode(policy.digest());
         policy
@@ -220,7 +220,7 @@ impl Service {
                 path: m.path.clone(),
                 source,
             })?;
-            sealed_models.push((m.id.clone(), f.into_std()));
+            sealed_models.push((m.id.clone(), f));
         }
         Ok(Self {
             attestor,

@@ -161,9 +161,14 @@ impl NativeLlama {
                     b.matmul_add(&f, &l[8], &x, seq, ffn, dim).expect("down")
                 );
             }
-            let last = b
-                .copy_range(&x, (seq - 1) * dim..seq * dim)
-                .expect("last row");
+            // As llama-chat: the last row (x itself for one token), then the
+            // head's rmsnorm and matmul.
+            let last = if seq == 1 {
+                x
+            } else {
+                b.copy_range(&x, (seq - 1) * dim..seq * dim)
+                    .expect("last row")
+            };
             let h = b.rmsnorm(&last, &self.out_norm, dim, eps).expect("norm");
             let logits = timed!(
                 "matmul logits",

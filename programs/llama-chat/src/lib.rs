@@ -33,7 +33,7 @@
 use cinfer_gguf::Gguf;
 use cinfer_guest::accel::Tensor;
 use cinfer_guest::model::Model;
-use cinfer_guest::{Dtype, Error, Program, output, request};
+use cinfer_guest::{AccelError, Dtype, Error, Program, output, request};
 use cinfer_tokenizer::{Tokenizer, Utf8Stream};
 use serde::Deserialize;
 
@@ -387,13 +387,15 @@ impl Llama {
     fn forward(&self, ids: &[u32], pos: u32) -> Result<Tensor, Error> {
         let hp = &self.hp;
         let seq = ids.len() as u32;
-        let mut x = self.embd.embedding(ids)?;
+        let x = self.embd.embedding(ids)?;
+        // Every layer in one call: per layer exactly norm-matmul-many (Q/K/V),
+        // rope-attention, matmul-add (output + residual), norm-matmul-many
+        // (gate/up), silu-mul and matmul-add (down + residual), launched by
+        // the accelerator without a round trip through this program.
+        let mut ws = Vec::with_capacity(9 * self.layers.len());
+        let mut caches = Vec::with_capacity(2 * self.layers.len());
         for l in &self.layers {
-            // The whole layer in one call: exactly norm-matmul-many (Q/K/V),
-            // rope-attention, matmul-add (output + residual), norm-matmul-many
-            // (gate/up), silu-mul and matmul-add (down + residual), launched
-            // by the accelerator without a round trip through this program.
-            let ws = [
+            ws.extend([
                 &l.attn_norm,
                 &l.wq,
                 &l.wk,
@@ -403,11 +405,16 @@ impl Llama {
                 &l.gate,
                 &l.up,
                 &l.down,
-            ];
-            x = x.decoder_layer(&ws, &l.k_cache, &l.v_cache, pos, hp.eps, hp.rope_theta)?;
+            ]);
+            caches.extend([&l.k_cache, &l.v_cache]);
         }
-        let last = x.rows(seq - 1, 1)?.rmsnorm(&self.out_norm, hp.eps)?;
-        Ok(last.matmul(self.output.as_ref().unwrap_or(&self.embd))?)
+        let x = x.decoder_stack(&ws, &caches, pos, hp.eps, hp.rope_theta)?;
+        // The head on the last row: rmsnorm and matmul in one launch.
+        let last = if seq == 1 { x } else { x.rows(seq - 1, 1)? };
+        let head = self.output.as_ref().unwrap_or(&self.embd);
+        let mut logits = last.norm_matmul_many(&self.out_norm, hp.eps, &[head])?;
+        // One result for one matrix (the WIT's contract).
+        Ok(logits.pop().ok_or(AccelError::InvalidArgument)?)
     }
 }
 
