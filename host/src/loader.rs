@@ -975,6 +975,10 @@ impl RunJob {
         };
         let mut store = Store::new(&engine, state);
         store.limiter(|s| &mut s.limiter);
+        // Bounds what one call's arguments may make the host allocate (a
+        // list of borrowed handles lifts to several times its guest bytes);
+        // wasmtime checks it before lifting a list's first element.
+        store.set_hostcall_fuel(usize::try_from(limits.hostcall_bytes).unwrap_or(usize::MAX));
         // The deadline is a wall-clock instant: at every check (each
         // CHECK_TICKS epochs, or later when a host call ran long) the run is
         // stopped if it was cancelled or the instant has passed; otherwise the

@@ -128,6 +128,12 @@ pub struct Limits {
     pub accelerator_bytes: u64,
     /// Largest sealed request accepted for this program, in bytes.
     pub request_bytes: u64,
+    /// Host memory one call from the program may make the loader allocate
+    /// for its arguments (wasmtime's hostcall fuel: a list of `n` values
+    /// costs `n` times their size on the host, so a list of borrowed handles
+    /// costs more than its bytes in the guest). Checked before any element is
+    /// lifted; a call past it traps the run.
+    pub hostcall_bytes: u64,
     /// Sustained rate and burst of sealed bytes all runs of this grant may
     /// emit together (none: only the loader-wide rate applies).
     pub egress_rate: Option<EgressRate>,
@@ -154,6 +160,7 @@ impl Default for Limits {
             egress_bytes: 1 << 20,
             accelerator_bytes: 256 << 20,
             request_bytes: 1 << 20,
+            hostcall_bytes: 16 << 20,
             egress_rate: None,
         }
     }
@@ -169,6 +176,8 @@ pub mod ceilings {
     pub const ACCELERATOR_BYTES: u64 = 16 << 30;
     /// Sealed request size.
     pub const REQUEST_BYTES: u64 = 64 << 20;
+    /// Host bytes one host call's arguments may take (wasmtime's own default).
+    pub const HOSTCALL_BYTES: u64 = 128 << 20;
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -179,6 +188,7 @@ struct LimitsToml {
     egress_bytes: Option<u64>,
     accelerator_bytes: Option<u64>,
     request_bytes: Option<u64>,
+    hostcall_bytes: Option<u64>,
     egress_rate_bytes_per_sec: Option<u64>,
     egress_burst_bytes: Option<u64>,
 }
@@ -485,6 +495,9 @@ fn apply_limits(base: &Limits, t: &LimitsToml) -> Result<Limits, PolicyError> {
     }
     if let Some(v) = t.request_bytes {
         l.request_bytes = check_limit("request-bytes", v, ceilings::REQUEST_BYTES)?;
+    }
+    if let Some(v) = t.hostcall_bytes {
+        l.hostcall_bytes = check_limit("hostcall-bytes", v, ceilings::HOSTCALL_BYTES)?;
     }
     match (t.egress_rate_bytes_per_sec, t.egress_burst_bytes) {
         (None, None) => {}
@@ -1037,6 +1050,24 @@ mod tests {
                 err,
                 PolicyError::LimitOutOfRange {
                     limit: "deadline-ms",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(l.hostcall_bytes, 16 << 20, "the default");
+        let p = parse(&format!(
+            "worlds = \"w\"\n[limits]\nhostcall-bytes = 4096\n[[program]]\nname = \"a\"\nsha256 = \"{D}\"\nworld = \"request-reply\"\n"
+        ))
+        .expect("policy");
+        assert_eq!(p.programs()[0].limits.hostcall_bytes, 4096);
+        let err = parse("worlds = \"w\"\n[limits]\nhostcall-bytes = 134217729\n").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PolicyError::LimitOutOfRange {
+                    limit: "hostcall-bytes",
+                    max: 134217728,
                     ..
                 }
             ),

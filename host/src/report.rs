@@ -64,12 +64,13 @@ pub fn admission(loader: &Loader, bytes: &[u8], signatures: &[&[u8]]) -> (bool, 
     );
     let _ = writeln!(
         out,
-        "limits:   memory {} B, deadline {} ms, egress {} B, accelerator {} B, request {} B",
+        "limits:   memory {} B, deadline {} ms, egress {} B, accelerator {} B, request {} B, host call {} B",
         g.limits.memory_bytes,
         g.limits.deadline.as_millis(),
         g.limits.egress_bytes,
         g.limits.accelerator_bytes,
-        g.limits.request_bytes
+        g.limits.request_bytes,
+        g.limits.hostcall_bytes
     );
     if !g.models.is_empty() {
         let _ = writeln!(out, "models:   {}", g.models.join(", "));

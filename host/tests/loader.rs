@@ -1579,3 +1579,53 @@ fn model_open_and_chunk_errors_are_clear_and_logged() {
         "{text}"
     );
 }
+
+/// A list of borrowed handles lifts to several times its guest bytes on the
+/// host (each `Resource` plus a lender record), before the host function sees
+/// it. A program filling its memory with one is trapped by the run's
+/// `hostcall-bytes` before a single element is lifted, and the same loader
+/// runs the next request; a list within the limit reaches the op, which
+/// refuses it by its own rule.
+#[test]
+fn handle_lists_past_hostcall_bytes_trap_before_lifting() {
+    let limits = "limits = { memory-bytes = 268435456, hostcall-bytes = 1048576 }";
+    let l = loader(policy_for(&[
+        ("fixtures/handle-bomb", "compute", limits),
+        ("echo", "request-reply", ""),
+    ]));
+    let key = RequestPrivateKey::generate();
+    let exhausted = AbortReason::Interface(
+        "too much data is being copied between the host and the guest: \
+         fuel allocated for hostcalls has been exhausted"
+            .into(),
+    );
+    // 8 Mi handles: 32 MiB of the guest's memory, 96 MiB of the host's (12 B a
+    // handle), past the 1 MiB limit; without it wasmtime's defaults would lift
+    // 100,000 of them before its handle limit stopped the run.
+    for op in ["stack", "many", "norm"] {
+        let started = std::time::Instant::now();
+        let (outcome, opened, _) = round_trip(
+            &l,
+            "fixtures/handle-bomb",
+            &key,
+            format!("{op} 8388608").as_bytes(),
+        );
+        assert_eq!(outcome, RunOutcome::Aborted(exhausted.clone()), "{op}");
+        assert_eq!(opened.expect("sealed abort").1, ReplyStatus::Aborted);
+        eprintln!("{op}: 8 Mi handles trapped in {:?}", started.elapsed());
+        let (outcome, opened, _) = round_trip(&l, "echo", &key, b"next");
+        assert_eq!(outcome, RunOutcome::Completed, "echo after {op}");
+        assert_eq!(opened.expect("echo").0, b"next");
+    }
+    // 4,096 handles (64 KiB of host memory) reach each op, which refuses them.
+    for op in ["stack", "many", "norm"] {
+        let (outcome, opened, _) = round_trip(
+            &l,
+            "fixtures/handle-bomb",
+            &key,
+            format!("{op} 4096").as_bytes(),
+        );
+        assert_eq!(outcome, RunOutcome::Completed, "{op}");
+        assert_eq!(opened.expect("reply").0, b"invalid-argument", "{op}");
+    }
+}

@@ -30,6 +30,7 @@ const CRATES: &[(&str, &str, bool)] = &[
     ("llama-chat", "llama-chat", false),
     ("keyword-classifier", "keyword-classifier", false),
     ("fixtures/egress-bomb", "egress-bomb", true),
+    ("fixtures/handle-bomb", "handle-bomb", true),
     ("fixtures/model-user", "model-user", true),
 ];
 
