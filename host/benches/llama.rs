@@ -296,10 +296,12 @@ fn main() {
         launches,
         fused,
     } = stats;
-    println!(
-        "| {streams} concurrent streams (1-token prompt, 64 new tokens each), aggregate | {:.1} tok/s | batching off; on: {:.1} tok/s ({batch_rounds} rounds carrying {launches} launches, {fused} fused) |",
-        aggregate[0], aggregate[1]
-    );
+    if streams > 0 {
+        println!(
+            "| {streams} concurrent streams (1-token prompt, 64 new tokens each), aggregate | {:.1} tok/s | batching off; on: {:.1} tok/s ({batch_rounds} rounds carrying {launches} launches, {fused} fused) |",
+            aggregate[0], aggregate[1]
+        );
+    }
     // One line for scripts (scripts/bench-vs-llamacpp).
     println!(
         "bench-llama: decode_tok_s={decode:.2} prefill_tok_s={prefill:.2} short_ms={:.2} native_decode_tok_s={native_decode:.2} streams={streams} aggregate_tok_s={:.2} aggregate_unbatched_tok_s={:.2}",

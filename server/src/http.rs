@@ -463,7 +463,7 @@ impl Server {
                 get(|Shared(s): Shared<Server>| async move {
                     respond(
                         StatusCode::OK,
-                        "text/plain; version=0.0.4",
+                        "text/plain; version=0.0.4; charset=utf-8",
                         Bytes::from(s.metrics_text()),
                     )
                 })

@@ -388,9 +388,14 @@ async fn metrics_models_programs_request_key_and_health() {
     assert_completed(b"counted", &r.records().await);
     assert_eq!(post_request(h.addr, "nope", b"x").await.status, 400);
 
-    let (status, m) = get(h.addr, "/metrics").await;
-    assert_eq!(status, 200);
-    let m = String::from_utf8(m).unwrap();
+    let r = Reply::send(h.addr, "GET /metrics HTTP/1.1", b"").await;
+    assert_eq!(r.status, 200);
+    // The same exposition type as the keyserver's and the proxy's.
+    assert_eq!(
+        r.header("content-type").as_deref(),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let m = String::from_utf8(r.body().await).unwrap();
     for line in [
         "cinfer_server_requests_total{outcome=\"completed\"} 1",
         "cinfer_server_requests_total{outcome=\"bad_request\"} 1",
