@@ -120,6 +120,7 @@ fn committed_policies_admit_the_built_programs() {
         "memory-bomb",
         "deep-recursion",
         "egress-bomb",
+        "handle-bomb",
         "model-user",
         "wasi-filesystem",
     ] {
