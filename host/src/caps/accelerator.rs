@@ -97,6 +97,12 @@ struct LayerPlan {
 /// Most layers one `decoder-stack` launch takes.
 const MAX_STACK_LAYERS: usize = 256;
 
+/// A backend that returned another number of products than matrices it was
+/// given (a loader bug: the run traps, as for any backend failure).
+fn miscounted(want: usize, got: usize) -> BackendError {
+    BackendError::Device(format!("{got} products for {want} matrices"))
+}
+
 /// WIT dtype ↔ backend element type.
 pub fn elem_type(d: Dtype) -> ElemType {
     match d {
@@ -246,17 +252,36 @@ impl AccelCtx {
     ) -> Result<Vec<DeviceBuffer>, BackendError> {
         let step = self.matmul_steps;
         self.matmul_steps += 1;
-        if let Some(rounds) = &self.rounds
+        let want = ws.len();
+        let out = if let Some(rounds) = &self.rounds
             && let DeviceBuffer::F32(xs) = x
             && rounds.takes(x, m)
         {
-            return rounds.launch(xs.clone(), ws, m, k, step).await;
+            rounds.launch(xs.clone(), ws, m, k, step).await?
+        } else {
+            let pairs: Vec<(&DeviceBuffer, usize)> = ws.iter().map(|(w, n)| (&**w, *n)).collect();
+            match pairs.as_slice() {
+                [(w, n)] => vec![self.backend.matmul(x, w, m, k, *n)?],
+                _ => self.backend.matmul_many(x, &pairs, m, k)?,
+            }
+        };
+        // One result per matrix, whoever computed them.
+        if out.len() != want {
+            return Err(miscounted(want, out.len()));
         }
-        let pairs: Vec<(&DeviceBuffer, usize)> = ws.iter().map(|(w, n)| (&**w, *n)).collect();
-        match pairs.as_slice() {
-            [(w, n)] => self.backend.matmul(x, w, m, k, *n).map(|o| vec![o]),
-            _ => self.backend.matmul_many(x, &pairs, m, k),
-        }
+        Ok(out)
+    }
+
+    /// [`multiply`](Self::multiply) by exactly `N` matrices, as an array.
+    async fn multiply_n<const N: usize>(
+        &mut self,
+        x: &DeviceBuffer,
+        ws: [(Arc<DeviceBuffer>, usize); N],
+        m: usize,
+        k: usize,
+    ) -> Result<[DeviceBuffer; N], BackendError> {
+        let out = self.multiply(x, ws.into(), m, k).await?;
+        <[DeviceBuffer; N]>::try_from(out).map_err(|out| miscounted(N, out.len()))
     }
 
     /// `x · wᵀ + r` on checked buffers: through the next round when the run
@@ -278,10 +303,7 @@ impl AccelCtx {
             .as_ref()
             .is_some_and(|rounds| rounds.takes(x, m))
         {
-            let p = self.multiply(x, vec![(w, n)], m, k).await?;
-            let [p] = <[DeviceBuffer; 1]>::try_from(p).map_err(|_| {
-                BackendError::Device("matmul returned another number of results".to_owned())
-            })?;
+            let [p] = self.multiply_n(x, [(w, n)], m, k).await?;
             self.backend.binary(BinaryOp::Add, r, &p, n)
         } else {
             self.matmul_steps += 1;
@@ -524,11 +546,6 @@ impl AccelCtx {
                 }
             }
         };
-        if bufs.len() != ns.len() {
-            return Err(wasmtime::Error::msg(
-                "accelerator: matmul_many returned another number of results",
-            ));
-        }
         let mut out = Vec::with_capacity(ns.len());
         for (buf, n) in bufs.into_iter().zip(ns) {
             match self.insert(vec![m as u32, n as u32], buf, true)? {
@@ -773,29 +790,20 @@ impl AccelCtx {
         let [attn_norm, wq, wk, wv, wo, ffn_norm, gate, up, down] =
             ws.each_ref().map(|w| self.get(w).map(|t| t.buf.clone()));
         let (attn_norm, ffn_norm) = (attn_norm?, ffn_norm?);
-        let results = |n: usize| {
-            wasmtime::Error::msg(format!(
-                "accelerator: matmul_many returned another number of results than {n}"
-            ))
-        };
         self.launches += 1;
         let h = backend_try!(self.backend.rmsnorm(x, &attn_norm, dim, eps));
-        let qkv = vec![(wq?, nq), (wk?, nkv), (wv?, nkv)];
-        let qkv = backend_try!(self.multiply(&h, qkv, m, dim).await);
-        let [q, k, v] = <[DeviceBuffer; 3]>::try_from(qkv).map_err(|_| results(3))?;
+        let qkv = [(wq?, nq), (wk?, nkv), (wv?, nkv)];
+        let [q, k, v] = backend_try!(self.multiply_n(&h, qkv, m, dim).await);
         let a = backend_try!(self.attend(&q, &k, &v, k_cache, v_cache, l.shape, Some(theta))?);
         let h = backend_try!(self.matmul_add_launch(&a, wo?, x, m, nq, dim).await);
         self.launches += 1;
         let n = backend_try!(self.backend.rmsnorm(&h, &ffn_norm, dim, eps));
-        let gu = backend_try!(
-            self.multiply(&n, vec![(gate?, ffn), (up?, ffn)], m, dim)
+        let [g, u] = backend_try!(
+            self.multiply_n(&n, [(gate?, ffn), (up?, ffn)], m, dim)
                 .await
         );
-        let [g, u] = gu.as_slice() else {
-            return Err(results(2));
-        };
         self.launches += 1;
-        let s = backend_try!(self.backend.silu_mul(g, u));
+        let s = backend_try!(self.backend.silu_mul(&g, &u));
         let out = backend_try!(self.matmul_add_launch(&s, down?, &h, m, ffn, dim).await);
         Ok(Ok(out))
     }
@@ -917,13 +925,8 @@ impl Host for AccelCtx {
         guest_try!(self.check_alloc(&shape, ElemType::F32));
         let (xb, wb) = (self.get(&x)?.buf.clone(), self.get(&w)?.buf.clone());
         self.launches += 1;
-        let mut out = backend_try!(self.multiply(&xb, vec![(wb, n)], m, k).await);
-        match (out.pop(), out.is_empty()) {
-            (Some(buf), true) => self.insert(shape, buf, true),
-            _ => Err(wasmtime::Error::msg(
-                "accelerator: matmul returned another number of results",
-            )),
-        }
+        let [buf] = backend_try!(self.multiply_n(&xb, [(wb, n)], m, k).await);
+        self.insert(shape, buf, true)
     }
 
     async fn matmul_many(
@@ -1000,31 +1003,28 @@ impl Host for AccelCtx {
         eps: f32,
         theta: f32,
     ) -> OpResult<Resource<Tensor>> {
-        let layers = caches.len() / 2;
+        // Layer i: the weights ws[9i..9i+9], the caches caches[2i..2i+2].
+        let (layer_ws, ws_rest) = ws.as_chunks::<9>();
+        let (layer_caches, caches_rest) = caches.as_chunks::<2>();
+        let layers = layer_caches.len();
         if layers == 0
             || layers > MAX_STACK_LAYERS
-            || caches.len() != 2 * layers
-            || ws.len() != 9 * layers
+            || layer_ws.len() != layers
+            || !ws_rest.is_empty()
+            || !caches_rest.is_empty()
         {
             return Ok(Err(AccelError::InvalidArgument));
         }
-        let layer = |i: usize| -> (&[Resource<Tensor>; 9], [&Resource<Tensor>; 2]) {
-            let w = ws[9 * i..9 * i + 9]
-                .try_into()
-                .unwrap_or_else(|_| unreachable!("9 weights"));
-            (w, [&caches[2 * i], &caches[2 * i + 1]])
-        };
         // Every layer checked (against x's shape, which each layer keeps)
         // before any launch runs; the deadline against the whole stack.
         let mut plans = Vec::with_capacity(layers);
-        for i in 0..layers {
-            let (w, [kc, vc]) = layer(i);
+        for (w, [kc, vc]) in layer_ws.iter().zip(layer_caches) {
             plans.push(guest_try!(self.layer_plan(&x, w, kc, vc, pos, eps, theta)?));
         }
         self.check_deadline(plans.iter().map(|l| l.work).sum())?;
         let mut xb = self.get(&x)?.buf.clone();
-        for (i, l) in plans.iter().enumerate() {
-            let (w, c) = layer(i);
+        for ((w, c), l) in layer_ws.iter().zip(layer_caches).zip(&plans) {
+            let c = c.each_ref();
             xb = Arc::new(guest_try!(self.layer_run(&xb, w, c, l, eps, theta).await?));
         }
         let shape = vec![plans[0].m as u32, plans[0].dim as u32];
